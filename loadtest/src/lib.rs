@@ -1,0 +1,1 @@
+//! rki-loadtest

@@ -1,0 +1,1 @@
+//! TR-31 key blocks (to be written).
