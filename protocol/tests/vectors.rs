@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use serde_json::Value;
 
 use rki_protocol::dukpt::{self, AesKsn, InitialKeyId, Ksn, WorkingKeyUsage};
+use rki_protocol::tr31::{self, Version};
 use rki_protocol::{KcvLen, KeyAlgorithm, SecretBytes, SymmetricKey};
 
 fn load(name: &str) -> Vec<Value> {
@@ -138,5 +139,96 @@ fn hmac_sha256_vectors_are_reproduced() {
         mac.update(&message);
         let tag = mac.finalize().into_bytes();
         assert_eq!(hex::encode_upper(tag), field(&row, "tag"), "{row}");
+    }
+}
+
+fn kbpk_for(version: Version, hex: &str) -> SymmetricKey {
+    match version {
+        Version::A | Version::B | Version::C => tdes(hex),
+        Version::D => aes(hex),
+    }
+}
+
+fn version_of(block: &str) -> Version {
+    Version::from_byte(block.as_bytes()[0]).expect("vector block version")
+}
+
+/// A fixed, visible padding source: the vectors prove the format, not the randomness.
+fn counting_rng() -> impl FnMut(&mut [u8]) {
+    let mut next = 0u8;
+    move |buf: &mut [u8]| {
+        for byte in buf {
+            next = next.wrapping_add(0x3B);
+            *byte = next;
+        }
+    }
+}
+
+/// Valid blocks unwrap to exactly the vector's key and header fields, and our own wrap of that
+/// key under the same header unwraps again; invalid blocks are refused.
+#[test]
+fn tr31_vectors_are_unwrapped_and_rewrapped() {
+    let (mut valid, mut invalid) = (0, 0);
+    for row in load("tr31.json") {
+        let block = field(&row, "key_block");
+        let version = version_of(block);
+        let kbpk = kbpk_for(version, field(&row, "kbpk"));
+        if !row["valid"].as_bool().expect("valid flag") {
+            invalid += 1;
+            let refused = tr31::unwrap(&kbpk, block).map(|_| ());
+            if optional(&row, "why").is_some_and(|why| why.contains("payload or MAC")) {
+                assert_eq!(refused, Err(tr31::Tr31Error::MacMismatch), "{row}");
+            } else {
+                assert!(refused.is_err(), "invalid vector accepted: {row}");
+            }
+            continue;
+        }
+        valid += 1;
+        let (header, key) = tr31::unwrap(&kbpk, block).unwrap_or_else(|e| panic!("{e}: {row}"));
+        check_vector_fields(&row, &header, &key);
+
+        if matches!(version, Version::B | Version::D) {
+            let wrapped = tr31::wrap(&kbpk, &header, &key, &mut counting_rng())
+                .unwrap_or_else(|e| panic!("wrap: {e}: {row}"));
+            assert_eq!(&wrapped[..1], &block[..1], "{row}");
+            assert_eq!(&wrapped[5..16], &block[5..16], "header fields kept: {row}");
+            let (again, key_again) = tr31::unwrap(&kbpk, &wrapped).expect("own block unwraps");
+            assert_eq!(again, header, "{row}");
+            assert_eq!(key_again, key, "{row}");
+        }
+    }
+    assert!(valid >= 10 && invalid >= 10, "{valid} valid, {invalid} invalid vectors");
+}
+
+fn check_vector_fields(row: &Value, header: &tr31::Header, key: &SecretBytes) {
+    assert_eq!(key.to_hex_upper().as_str(), field(row, "key"), "{row}");
+    if let Some(version) = optional(row, "version") {
+        assert_eq!(header.version().to_string(), version, "{row}");
+    }
+    if let Some(usage) = optional(row, "key_usage") {
+        assert_eq!(header.key_usage_str(), usage, "{row}");
+    }
+    let char_field = |name: &str, actual: u8| {
+        if let Some(expected) = optional(row, name) {
+            assert_eq!(char::from(actual).to_string(), expected, "{name} of {row}");
+        }
+    };
+    char_field("algorithm", header.algorithm());
+    char_field("mode_of_use", header.mode_of_use());
+    char_field("exportability", header.exportability());
+    if let Some(kcv) = optional(row, "kcv") {
+        let typed = match header.algorithm() {
+            b'T' => SymmetricKey::tdes(key.clone_secret()),
+            b'A' => SymmetricKey::aes(key.clone_secret()),
+            other => panic!("vector KCV for algorithm {}", char::from(other)),
+        }
+        .expect("key of its algorithm");
+        assert_eq!(typed.kcv(KcvLen::Three).to_hex(), kcv, "{row}");
+    }
+    if let Some(blocks) = row.get("optional_blocks").and_then(Value::as_object) {
+        for (id, data) in blocks {
+            let id: [u8; 2] = id.as_bytes().try_into().expect("two-character ID");
+            assert_eq!(header.optional_block(id), data.as_str(), "{row}");
+        }
     }
 }

@@ -1,0 +1,317 @@
+//! The block-cipher machinery of TR-31: one keyed cipher per key, CBC in place, CMAC, and the two
+//! ways of turning a KBPK into a key block encryption key (KBEK) and authentication key (KBAK).
+//!
+//! Each key is scheduled once per wrap or unwrap: the KBPK once for the derivation, the KBEK and
+//! the KBAK once each, however many blocks they then process.
+
+use aes::{Aes128, Aes192, Aes256};
+use des::cipher::generic_array::GenericArray;
+use des::cipher::{BlockDecrypt, BlockEncrypt, KeyInit};
+use des::{TdesEde2, TdesEde3};
+use zeroize::Zeroizing;
+
+use super::Version;
+use crate::keys::{KeyAlgorithm, SymmetricKey};
+
+/// The largest cipher block (AES); TDES uses the first 8 bytes of a buffer this size.
+pub(super) const BLOCK_LEN_MAX: usize = 16;
+
+/// A scheduled block cipher.
+pub(super) enum Cipher {
+    Tdes2(TdesEde2),
+    Tdes3(TdesEde3),
+    Aes128(Aes128),
+    Aes192(Aes192),
+    Aes256(Aes256),
+}
+
+impl Cipher {
+    /// Schedules `key` as `algorithm`; `None` if the length does not fit the algorithm.
+    pub(super) fn new(algorithm: KeyAlgorithm, key: &[u8]) -> Option<Self> {
+        Some(match algorithm {
+            KeyAlgorithm::Tdes2 => Cipher::Tdes2(TdesEde2::new_from_slice(key).ok()?),
+            KeyAlgorithm::Tdes3 => Cipher::Tdes3(TdesEde3::new_from_slice(key).ok()?),
+            KeyAlgorithm::Aes128 => Cipher::Aes128(Aes128::new_from_slice(key).ok()?),
+            KeyAlgorithm::Aes192 => Cipher::Aes192(Aes192::new_from_slice(key).ok()?),
+            KeyAlgorithm::Aes256 => Cipher::Aes256(Aes256::new_from_slice(key).ok()?),
+        })
+    }
+
+    pub(super) fn from_key(key: &SymmetricKey) -> Option<Self> {
+        Self::new(key.algorithm(), key.expose_secret())
+    }
+
+    pub(super) fn block_len(&self) -> usize {
+        match self {
+            Cipher::Tdes2(_) | Cipher::Tdes3(_) => 8,
+            Cipher::Aes128(_) | Cipher::Aes192(_) | Cipher::Aes256(_) => 16,
+        }
+    }
+
+    /// Encrypts one block in place; a slice of any other length is left alone (callers iterate
+    /// with `chunks_exact(block_len)`, so that never happens).
+    pub(super) fn encrypt(&self, block: &mut [u8]) {
+        if block.len() != self.block_len() {
+            debug_assert!(false, "encrypt of a {}-byte block", block.len());
+            return;
+        }
+        match self {
+            Cipher::Tdes2(c) => c.encrypt_block(GenericArray::from_mut_slice(block)),
+            Cipher::Tdes3(c) => c.encrypt_block(GenericArray::from_mut_slice(block)),
+            Cipher::Aes128(c) => c.encrypt_block(GenericArray::from_mut_slice(block)),
+            Cipher::Aes192(c) => c.encrypt_block(GenericArray::from_mut_slice(block)),
+            Cipher::Aes256(c) => c.encrypt_block(GenericArray::from_mut_slice(block)),
+        }
+    }
+
+    pub(super) fn decrypt(&self, block: &mut [u8]) {
+        if block.len() != self.block_len() {
+            debug_assert!(false, "decrypt of a {}-byte block", block.len());
+            return;
+        }
+        match self {
+            Cipher::Tdes2(c) => c.decrypt_block(GenericArray::from_mut_slice(block)),
+            Cipher::Tdes3(c) => c.decrypt_block(GenericArray::from_mut_slice(block)),
+            Cipher::Aes128(c) => c.decrypt_block(GenericArray::from_mut_slice(block)),
+            Cipher::Aes192(c) => c.decrypt_block(GenericArray::from_mut_slice(block)),
+            Cipher::Aes256(c) => c.decrypt_block(GenericArray::from_mut_slice(block)),
+        }
+    }
+
+    /// CBC encryption in place; `data` is a whole number of blocks, `iv` one block.
+    pub(super) fn cbc_encrypt(&self, iv: &[u8], data: &mut [u8]) {
+        let len = self.block_len();
+        let mut chain = [0u8; BLOCK_LEN_MAX];
+        chain[..len].copy_from_slice(&iv[..len]);
+        for block in data.chunks_exact_mut(len) {
+            xor_into(block, &chain[..len]);
+            self.encrypt(block);
+            chain[..len].copy_from_slice(block);
+        }
+    }
+
+    /// CBC decryption in place; `data` is a whole number of blocks, `iv` one block.
+    pub(super) fn cbc_decrypt(&self, iv: &[u8], data: &mut [u8]) {
+        let len = self.block_len();
+        let mut chain = [0u8; BLOCK_LEN_MAX];
+        chain[..len].copy_from_slice(&iv[..len]);
+        let mut cipher_text = [0u8; BLOCK_LEN_MAX];
+        for block in data.chunks_exact_mut(len) {
+            cipher_text[..len].copy_from_slice(block);
+            self.decrypt(block);
+            xor_into(block, &chain[..len]);
+            chain[..len].copy_from_slice(&cipher_text[..len]);
+        }
+    }
+}
+
+fn xor_into(target: &mut [u8], mask: &[u8]) {
+    for (t, m) in target.iter_mut().zip(mask) {
+        *t ^= m;
+    }
+}
+
+/// CMAC (NIST SP 800-38B) under one scheduled cipher, with its subkeys computed once.
+pub(super) struct Cmac {
+    cipher: Cipher,
+    k1: Zeroizing<[u8; BLOCK_LEN_MAX]>,
+    k2: Zeroizing<[u8; BLOCK_LEN_MAX]>,
+}
+
+impl Cmac {
+    pub(super) fn new(cipher: Cipher) -> Self {
+        let len = cipher.block_len();
+        let mut k1 = Zeroizing::new([0u8; BLOCK_LEN_MAX]);
+        cipher.encrypt(&mut k1[..len]);
+        double(&mut k1[..len]);
+        let mut k2 = k1.clone();
+        double(&mut k2[..len]);
+        Self { cipher, k1, k2 }
+    }
+
+    pub(super) fn block_len(&self) -> usize {
+        self.cipher.block_len()
+    }
+
+    /// The full-length tag of the concatenation of `parts`, in the first `block_len` bytes.
+    pub(super) fn tag(&self, parts: &[&[u8]]) -> [u8; BLOCK_LEN_MAX] {
+        let len = self.block_len();
+        let mut state = [0u8; BLOCK_LEN_MAX];
+        let mut pending = Zeroizing::new([0u8; BLOCK_LEN_MAX]);
+        let mut filled = 0;
+        for part in parts {
+            for &byte in *part {
+                // A full block is only processed once more data follows: the last block is
+                // treated differently.
+                if filled == len {
+                    xor_into(&mut state[..len], &pending[..len]);
+                    self.cipher.encrypt(&mut state[..len]);
+                    filled = 0;
+                }
+                pending[filled] = byte;
+                filled += 1;
+            }
+        }
+        if filled == len {
+            xor_into(&mut pending[..len], &self.k1[..len]);
+        } else {
+            pending[filled] = 0x80;
+            pending[filled + 1..len].fill(0);
+            xor_into(&mut pending[..len], &self.k2[..len]);
+        }
+        xor_into(&mut state[..len], &pending[..len]);
+        self.cipher.encrypt(&mut state[..len]);
+        state
+    }
+}
+
+/// Multiplication by x in GF(2^64) or GF(2^128), the CMAC subkey step.
+fn double(block: &mut [u8]) {
+    let carry = block.first().map_or(0, |b| b >> 7);
+    let mut next_bit = 0;
+    for byte in block.iter_mut().rev() {
+        let out = *byte >> 7;
+        *byte = (*byte << 1) | next_bit;
+        next_bit = out;
+    }
+    let polynomial = if block.len() == 8 { 0x1B } else { 0x87 };
+    if let Some(last) = block.last_mut() {
+        *last ^= polynomial * carry;
+    }
+}
+
+/// The KBEK and KBAK of one wrap or unwrap, scheduled.
+pub(super) struct BlockKeys {
+    pub(super) encryption: Cipher,
+    pub(super) authentication: Cmac,
+}
+
+impl BlockKeys {
+    /// TR-31:2018 §5.3.2.1 (version B, TDES) and §5.3.2.3 (version D, AES), the key derivation
+    /// binding method: each key is CMAC under the KBPK of 8 bytes of derivation data per cipher
+    /// block of output: counter (from 1), key usage (`0000` KBEK, `0001` KBAK), separator `00`,
+    /// algorithm (`0000` 2TDEA, `0001` 3TDEA, `0002`-`0004` AES-128/192/256) and length in bits.
+    /// The KBEK and KBAK have the KBPK's algorithm and length. `None` for a variant version.
+    pub(super) fn derive(kbpk: &SymmetricKey) -> Option<Self> {
+        let algorithm = kbpk.algorithm();
+        let indicator: u8 = match algorithm {
+            KeyAlgorithm::Tdes2 => 0,
+            KeyAlgorithm::Tdes3 => 1,
+            KeyAlgorithm::Aes128 => 2,
+            KeyAlgorithm::Aes192 => 3,
+            KeyAlgorithm::Aes256 => 4,
+        };
+        let bits = u16::try_from(algorithm.key_len() * 8).ok()?.to_be_bytes();
+        let cmac = Cmac::new(Cipher::from_key(kbpk)?);
+        let block_len = cmac.block_len();
+
+        let derive_one = |usage: u8| -> Option<Cipher> {
+            let mut key = Zeroizing::new([0u8; 32]);
+            let key_len = algorithm.key_len();
+            for (index, chunk) in key[..key_len].chunks_mut(block_len).enumerate() {
+                let counter = u8::try_from(index + 1).ok()?;
+                let data = [counter, 0, usage, 0, 0, indicator, bits[0], bits[1]];
+                let tag = Zeroizing::new(cmac.tag(&[&data]));
+                chunk.copy_from_slice(&tag[..chunk.len()]);
+            }
+            Cipher::new(algorithm, &key[..key_len])
+        };
+        let encryption = derive_one(0)?;
+        let authentication = Cmac::new(derive_one(1)?);
+        Some(Self { encryption, authentication })
+    }
+}
+
+/// The KBEK and KBAK of the variant binding method (versions A and C, TR-31:2018 §5.3.1): the
+/// KBPK with every byte XORed with `E` (0x45) and `M` (0x4D), and its MAC, TDES CBC-MAC
+/// (ISO 9797-1 algorithm 1, zero IV) over the header text and the encrypted payload bytes,
+/// truncated to four bytes.
+pub(super) struct VariantKeys {
+    pub(super) encryption: Cipher,
+    authentication: Cipher,
+}
+
+impl VariantKeys {
+    const ENCRYPTION_VARIANT: u8 = b'E';
+    const AUTHENTICATION_VARIANT: u8 = b'M';
+
+    pub(super) fn derive(kbpk: &SymmetricKey) -> Option<Self> {
+        let variant = |mask: u8| -> Option<Cipher> {
+            let mut key = Zeroizing::new([0u8; 24]);
+            let len = kbpk.len();
+            for (k, b) in key.iter_mut().zip(kbpk.expose_secret()) {
+                *k = b ^ mask;
+            }
+            Cipher::new(kbpk.algorithm(), key.get(..len)?)
+        };
+        Some(Self {
+            encryption: variant(Self::ENCRYPTION_VARIANT)?,
+            authentication: variant(Self::AUTHENTICATION_VARIANT)?,
+        })
+    }
+
+    /// CBC-MAC with a zero IV of the concatenation of `parts`, each a whole number of blocks.
+    pub(super) fn tag(&self, parts: &[&[u8]]) -> [u8; 8] {
+        let mut state = [0u8; 8];
+        for part in parts {
+            for block in part.chunks_exact(8) {
+                xor_into(&mut state, block);
+                self.authentication.encrypt(&mut state);
+            }
+        }
+        state
+    }
+}
+
+/// The version a KBPK algorithm can protect, for error messages and checks.
+pub(super) fn kbpk_fits(version: Version, kbpk: &SymmetricKey) -> bool {
+    match version {
+        Version::A | Version::B | Version::C => kbpk.algorithm().is_tdes(),
+        Version::D => kbpk.algorithm().is_aes(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cmac::Mac;
+
+    #[test]
+    fn cmac_agrees_with_the_cmac_crate_on_every_length() {
+        let key = [0x2Bu8; 16];
+        let message: Vec<u8> = (0u8..70).collect();
+        let ours = Cmac::new(Cipher::new(KeyAlgorithm::Aes128, &key).expect("aes"));
+        for len in 0..message.len() {
+            let mut theirs =
+                <cmac::Cmac<Aes128> as cmac::digest::KeyInit>::new_from_slice(&key).expect("key");
+            theirs.update(&message[..len]);
+            let expected = theirs.finalize().into_bytes();
+            let (a, b) = message[..len].split_at(len / 3);
+            assert_eq!(&ours.tag(&[a, b])[..16], expected.as_slice(), "length {len}");
+        }
+    }
+
+    #[test]
+    fn tdes_cmac_agrees_with_the_cmac_crate() {
+        let key: Vec<u8> = (1u8..=24).collect();
+        let ours = Cmac::new(Cipher::new(KeyAlgorithm::Tdes3, &key).expect("tdes"));
+        for len in [0usize, 1, 7, 8, 9, 16, 23] {
+            let message = vec![0xA5u8; len];
+            let mut theirs =
+                <cmac::Cmac<TdesEde3> as cmac::digest::KeyInit>::new_from_slice(&key).expect("key");
+            theirs.update(&message);
+            let expected = theirs.finalize().into_bytes();
+            assert_eq!(&ours.tag(&[&message])[..8], expected.as_slice(), "length {len}");
+        }
+    }
+
+    #[test]
+    fn cbc_decrypt_inverts_cbc_encrypt() {
+        let cipher = Cipher::new(KeyAlgorithm::Tdes2, &[7u8; 16]).expect("tdes");
+        let mut data: Vec<u8> = (0u8..32).collect();
+        cipher.cbc_encrypt(&[9u8; 8], &mut data);
+        assert_ne!(data, (0u8..32).collect::<Vec<u8>>());
+        cipher.cbc_decrypt(&[9u8; 8], &mut data);
+        assert_eq!(data, (0u8..32).collect::<Vec<u8>>());
+    }
+}
