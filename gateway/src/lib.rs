@@ -1,1 +1,31 @@
-//! rki-gateway
+//! # rki-gateway
+//!
+//! The RKI service: an embedded MQTT broker, a durable task engine that derives, wraps and delivers
+//! one DUKPT initial key per terminal, verifies each signed ack and records it for good, an admin
+//! API and Prometheus metrics.
+//!
+//! ## Layout
+//! - [`config`]: defaults, TOML file, `RKI_…` environment, flags.
+//! - [`clock`]: the injected clock (system, or adjustable in tests).
+//! - [`domain`]: execution states and their transitions, task expiry bounds, readiness reasons.
+//! - [`store`]: the [`store::Store`] interface and its SQLite implementation: the source of truth.
+//! - [`keyservice`]: the narrow key-service interface; every clear key lives behind it.
+//! - [`engine`]: inbound device messages, delivery, ack verification, the batched committer,
+//!   retry and expiry sweeps, operator actions.
+//! - [`broker`]: rumqttd embedded in the process, reached through local links.
+//! - [`api`]: the axum admin API, `/metrics`, `/healthz`.
+//! - [`metrics`]: every metric name, once.
+//! - [`bootstrap`]: creating organizations and tokens.
+//! - [`server`]: wiring it all together, and graceful shutdown.
+
+pub mod api;
+pub mod bootstrap;
+pub mod broker;
+pub mod clock;
+pub mod config;
+pub mod domain;
+pub mod engine;
+pub mod keyservice;
+pub mod metrics;
+pub mod server;
+pub mod store;

@@ -1,0 +1,910 @@
+//! The admin HTTP API (`/v1`, JSON), `/metrics` and `/healthz`.
+//!
+//! Every `/v1` route needs `Authorization: Bearer <token>`. An organization's token sees and acts
+//! on that organization's objects only; the key owner's token authorizes BDKs and creates
+//! organizations. Errors are problem+json bodies with a stable `code`. Every action that changes
+//! state is written to the append-only audit log.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use metrics_exporter_prometheus::PrometheusHandle;
+use rki_protocol::{KcvLen, KeyAlgorithm, SecretBytes, SymmetricKey};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use crate::engine::{Engine, EngineError, Target, TaskSpec};
+use crate::metrics as m;
+use crate::store::*;
+
+pub struct AppState {
+    pub engine: Arc<Engine>,
+    pub prometheus: PrometheusHandle,
+}
+
+type St = State<Arc<AppState>>;
+
+/// Largest request body: a CSV of 100,000 SNs fits.
+pub const BODY_BYTES_MAX: usize = 4 * 1024 * 1024;
+/// Longest names of organizations, groups and key sources.
+const NAME_LEN_MAX: usize = 64;
+
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics_page))
+        .route("/v1/orgs", post(create_org).get(list_orgs))
+        .route("/v1/orgs/{org}/key-sources", post(authorize_key_source))
+        .route("/v1/key-sources", get(list_key_sources))
+        .route("/v1/devices", get(list_devices))
+        .route("/v1/devices/import", post(import_devices))
+        .route("/v1/devices/{sn}", get(get_device))
+        .route("/v1/devices/{sn}/unlock", post(unlock_device))
+        .route("/v1/groups", post(create_group).get(list_groups))
+        .route("/v1/groups/{name}/devices", post(add_group_devices))
+        .route("/v1/assignments", post(assign))
+        .route("/v1/tasks/preview", post(preview_task))
+        .route("/v1/tasks", post(create_task).get(list_tasks))
+        .route("/v1/tasks/{id}", get(get_task))
+        .route("/v1/tasks/{id}/stop", post(stop_task))
+        .route("/v1/records", get(list_records))
+        .route("/v1/billing", get(billing))
+        .route("/v1/gudids", post(provision_gudids).get(list_gudids))
+        .route("/v1/audit", get(list_audit))
+        .route("/v1/admin/clock", post(advance_clock))
+        .route("/v1/admin/expire", post(expire_now))
+        .layer(axum::extract::DefaultBodyLimit::max(BODY_BYTES_MAX))
+        .with_state(state)
+}
+
+// ------------------------------------------------------------------ errors
+
+/// A problem+json error with a stable code.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    detail: String,
+    extra: Option<Value>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, detail: impl Into<String>) -> Self {
+        Self { status, code, detail: detail.into(), extra: None }
+    }
+    fn bad(code: &'static str, detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, detail)
+    }
+    fn with(mut self, extra: Value) -> Self {
+        self.extra = Some(extra);
+        self
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        match e {
+            EngineError::NotFound(d) => ApiError::new(StatusCode::NOT_FOUND, "not_found", d),
+            EngineError::Invalid(d) => ApiError::bad("invalid", d),
+            EngineError::Conflict(d) => ApiError::new(StatusCode::CONFLICT, "conflict", d),
+            EngineError::Internal(d) => {
+                tracing::error!(error = %d, "internal error");
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error; see the gateway log")
+            }
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        EngineError::from(e).into()
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        metrics::counter!(m::API_ERRORS_TOTAL, "code" => self.code).increment(1);
+        let mut body = json!({
+            "type": format!("https://rki-gateway/errors/{}", self.code),
+            "title": self.status.canonical_reason().unwrap_or("error"),
+            "status": self.status.as_u16(),
+            "code": self.code,
+            "detail": self.detail,
+        });
+        if let (Some(extra), Some(map)) = (self.extra, body.as_object_mut()) {
+            if let Some(extra) = extra.as_object() {
+                for (k, v) in extra {
+                    map.insert(k.clone(), v.clone());
+                }
+            }
+        }
+        (self.status, [(header::CONTENT_TYPE, "application/problem+json")], body.to_string()).into_response()
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+// ------------------------------------------------------------------ authentication
+
+/// The authenticated caller.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub token_id: i64,
+    pub org_id: Option<i64>,
+    pub role: Role,
+    pub label: String,
+}
+
+impl Caller {
+    fn org(&self) -> ApiResult<i64> {
+        match (self.role, self.org_id) {
+            (Role::Admin, Some(org)) => Ok(org),
+            _ => Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", "this call needs an organization's token")),
+        }
+    }
+
+    fn key_owner(&self) -> ApiResult<()> {
+        match self.role {
+            Role::KeyOwner => Ok(()),
+            _ => Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", "this call needs the key owner's token")),
+        }
+    }
+}
+
+pub fn token_hash(token: &str) -> Vec<u8> {
+    let mut h = Sha256::new();
+    h.update(b"rki/v1 api token");
+    h.update(token.as_bytes());
+    h.finalize().to_vec()
+}
+
+/// A new random API token (256 bits, hex).
+pub fn new_token(prefix: &str) -> Result<String, String> {
+    let secret = SecretBytes::random(32).map_err(|e| e.to_string())?;
+    Ok(format!("{prefix}_{}", secret.to_hex_upper().to_lowercase()))
+}
+
+impl FromRequestParts<Arc<AppState>> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Self, Self::Rejection> {
+        let unauthorized = || ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "missing or invalid bearer token");
+        let value = parts.headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).ok_or_else(unauthorized)?;
+        let token = value.strip_prefix("Bearer ").ok_or_else(unauthorized)?.trim();
+        if token.is_empty() || token.len() > 200 {
+            return Err(unauthorized());
+        }
+        let hash = token_hash(token);
+        let store = state.engine.store.clone();
+        let row = tokio::task::spawn_blocking(move || store.token_by_hash(&hash))
+            .await
+            .map_err(|e| ApiError::from(EngineError::Internal(e.to_string())))??;
+        let row = row.ok_or_else(unauthorized)?;
+        Ok(Caller { token_id: row.id, org_id: row.org_id, role: row.role, label: row.label })
+    }
+}
+
+async fn blocking<T: Send + 'static>(state: &AppState, f: impl FnOnce(&dyn Store) -> StoreResult<T> + Send + 'static) -> ApiResult<T> {
+    let store = state.engine.store.clone();
+    tokio::task::spawn_blocking(move || f(store.as_ref()))
+        .await
+        .map_err(|e| ApiError::from(EngineError::Internal(e.to_string())))?
+        .map_err(ApiError::from)
+}
+
+async fn audit(state: &AppState, caller: &Caller, org_id: Option<i64>, action: &str, object: String, details: Value) -> ApiResult<()> {
+    let entry = AuditEntry {
+        id: 0,
+        at: state.engine.clock.now_ms(),
+        org_id,
+        actor: caller.label.clone(),
+        token_id: Some(caller.token_id),
+        action: action.to_string(),
+        object,
+        details,
+    };
+    blocking(state, move |s| s.append_audit(&entry)).await
+}
+
+fn check_name(field: &str, name: &str) -> ApiResult<()> {
+    if name.trim().is_empty() || name.len() > NAME_LEN_MAX || name.chars().any(|c| c.is_control()) {
+        return Err(ApiError::bad("invalid_name", format!("{field} must be 1 to {NAME_LEN_MAX} printable characters")));
+    }
+    Ok(())
+}
+
+fn json_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
+    serde_json::from_slice(body).map_err(|e| ApiError::bad("bad_json", format!("request body: {e}")))
+}
+
+// ------------------------------------------------------------------ health and metrics
+
+async fn healthz(State(state): St) -> Response {
+    let store = state.engine.store.clone();
+    let ok = tokio::task::spawn_blocking(move || store.list_orgs().is_ok()).await.unwrap_or(false);
+    if ok {
+        (StatusCode::OK, Json(json!({"status": "ok"}))).into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "store unavailable"}))).into_response()
+    }
+}
+
+async fn metrics_page(State(state): St) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.prometheus.render()).into_response()
+}
+
+// ------------------------------------------------------------------ organizations and key sources
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateOrg {
+    name: String,
+}
+
+async fn create_org(State(state): St, caller: Caller, body: Bytes) -> ApiResult<Response> {
+    caller.key_owner()?;
+    let req: CreateOrg = json_body(&body)?;
+    check_name("name", &req.name)?;
+    let (org, token) = crate::bootstrap::create_org(state.engine.store.as_ref(), &req.name, state.engine.clock.now_ms())
+        .map_err(|e| match e {
+            StoreError::Conflict(d) => ApiError::new(StatusCode::CONFLICT, "conflict", d),
+            other => other.into(),
+        })?;
+    audit(&state, &caller, Some(org.id), "org.create", format!("org:{}", org.name), json!({})).await?;
+    Ok((StatusCode::CREATED, Json(json!({"org": org, "admin_token": token}))).into_response())
+}
+
+async fn list_orgs(State(state): St, caller: Caller) -> ApiResult<Json<Value>> {
+    caller.key_owner()?;
+    let orgs = blocking(&state, |s| s.list_orgs()).await?;
+    Ok(Json(json!({ "orgs": orgs })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Component {
+    /// Clear component, hex. Entered by one custodian.
+    key: String,
+    /// The component's own check value, hex.
+    kcv: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuthorizeKeySource {
+    name: String,
+    /// `tdes` or `aes`.
+    algorithm: String,
+    /// 2 or 3 components, XORed into the BDK.
+    components: Vec<Component>,
+    /// The KCV of the combined BDK, if the key owner wants it checked.
+    kcv: Option<String>,
+}
+
+/// Combines clear components into a BDK at a key ceremony: each component is checked against its
+/// own KCV, then all are XORed. Nothing here is logged.
+fn combine_components(algorithm: &str, components: &[Component]) -> ApiResult<SymmetricKey> {
+    if !(2..=3).contains(&components.len()) {
+        return Err(ApiError::bad("bad_components", "a BDK is entered as 2 or 3 components"));
+    }
+    let mut combined: Option<SecretBytes> = None;
+    for (i, c) in components.iter().enumerate() {
+        let bytes = SecretBytes::from_hex(c.key.trim()).map_err(|_| ApiError::bad("bad_component", format!("component {} is not hex", i + 1)))?;
+        let key = match algorithm {
+            "tdes" => SymmetricKey::tdes(bytes),
+            "aes" => SymmetricKey::aes(bytes),
+            _ => return Err(ApiError::bad("bad_algorithm", "algorithm must be tdes or aes")),
+        }
+        .map_err(|e| ApiError::bad("bad_component", format!("component {}: {e}", i + 1)))?;
+        let kcv = rki_protocol::Kcv::from_hex(c.kcv.trim()).ok_or_else(|| ApiError::bad("bad_kcv", format!("component {} KCV is not 3 to 5 bytes of hex", i + 1)))?;
+        let actual = key.kcv(KcvLen::Five);
+        if !rki_protocol::secret::ct_eq(&actual.as_bytes()[..kcv.as_bytes().len()], kcv.as_bytes()) {
+            return Err(ApiError::bad("component_kcv_mismatch", format!("component {} does not match its KCV", i + 1)));
+        }
+        combined = Some(match combined {
+            None => key.into_secret(),
+            Some(mut acc) => {
+                if acc.len() != key.len() {
+                    return Err(ApiError::bad("bad_component", "components differ in length"));
+                }
+                for (a, b) in acc.expose_secret_mut().iter_mut().zip(key.expose_secret()) {
+                    *a ^= b;
+                }
+                acc
+            }
+        });
+    }
+    let bytes = combined.ok_or_else(|| ApiError::bad("bad_components", "no component"))?;
+    let key = if algorithm == "tdes" { SymmetricKey::tdes(bytes) } else { SymmetricKey::aes(bytes) };
+    key.map_err(|e| ApiError::bad("bad_component", e.to_string()))
+}
+
+async fn authorize_key_source(State(state): St, caller: Caller, Path(org_name): Path<String>, body: Bytes) -> ApiResult<Response> {
+    caller.key_owner()?;
+    let req: AuthorizeKeySource = json_body(&body)?;
+    check_name("name", &req.name)?;
+    let name = org_name.clone();
+    let org = blocking(&state, move |s| s.org_by_name(&name))
+        .await?
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("organization {org_name:?}")))?;
+    let bdk = combine_components(&req.algorithm, &req.components)?;
+    let kcv = bdk.kcv(KcvLen::Three);
+    if let Some(expected) = &req.kcv {
+        let expected = rki_protocol::Kcv::from_hex(expected.trim()).ok_or_else(|| ApiError::bad("bad_kcv", "kcv is not hex"))?;
+        if expected.short() != kcv {
+            return Err(ApiError::bad("kcv_mismatch", "the combined key does not match the given KCV"));
+        }
+    }
+    let sealed = state.engine.keys.seal_bdk(&bdk).map_err(|e| ApiError::from(EngineError::Internal(e.to_string())))?;
+    let algorithm: KeyAlgorithm = sealed.algorithm;
+    let key_set_len = if algorithm.is_tdes() { 5 } else { 4 };
+    let key_set_id = SecretBytes::random(key_set_len).map_err(|e| ApiError::from(EngineError::Internal(e.to_string())))?;
+    let row = KeySourceRow {
+        id: 0,
+        org_id: org.id,
+        name: req.name.clone(),
+        algorithm: algorithm.as_str().into(),
+        kcv: sealed.kcv.to_hex(),
+        sealed: sealed.sealed,
+        // The key set ID is public (it is part of every KSN).
+        key_set_id: hex::encode_upper(key_set_id.expose_secret()),
+        created_at: state.engine.clock.now_ms(),
+    };
+    let row = blocking(&state, move |s| s.insert_key_source(&row)).await?;
+    audit(&state, &caller, Some(org.id), "key_source.authorize", format!("key_source:{}", row.name), json!({"algorithm": row.algorithm, "kcv": row.kcv})).await?;
+    Ok((StatusCode::CREATED, Json(json!({"key_source": row}))).into_response())
+}
+
+async fn list_key_sources(State(state): St, caller: Caller) -> ApiResult<Json<Value>> {
+    let org = caller.org()?;
+    let rows = blocking(&state, move |s| s.list_key_sources(org)).await?;
+    Ok(Json(json!({ "key_sources": rows })))
+}
+
+// ------------------------------------------------------------------ devices and groups
+
+#[derive(Deserialize, Default)]
+struct DeviceQuery {
+    sn: Option<String>,
+    group: Option<String>,
+    limit: Option<i64>,
+    offset: Option<i64>,
+}
+
+fn device_json(state: &AppState, d: &DeviceRow, pending: bool) -> Value {
+    let online = state.engine.is_online(&d.sn);
+    let slots: Value = serde_json::from_str(&d.slots_json).unwrap_or(Value::Array(vec![]));
+    json!({
+        "sn": d.sn,
+        "model": d.model,
+        "rom_version": d.rom_version,
+        "app_version": d.app_version,
+        "region": d.region,
+        "online": online,
+        "last_seen": d.last_seen,
+        "locked": d.locked,
+        "lock": if d.locked { "locked" } else { "ready" },
+        "unlock_pending": d.unlock_pending,
+        "debug_mode": d.debug_mode,
+        "debug_key_present": d.debug_key_present,
+        "assigned_key_source": d.assigned_key_source,
+        "initialised": d.initialised,
+        "task": if pending { "pending" } else { "none" },
+        "slots": slots,
+    })
+}
+
+async fn list_devices(State(state): St, caller: Caller, Query(q): Query<DeviceQuery>) -> ApiResult<Json<Value>> {
+    let org = caller.org()?;
+    let group = match q.group {
+        Some(name) => Some(blocking(&state, move |s| s.group_by_name(org, &name)).await?.id),
+        None => None,
+    };
+    let filter = DeviceFilter { sn_contains: q.sn, group, limit: q.limit.unwrap_or(1000).clamp(1, 100_000), offset: q.offset.unwrap_or(0).max(0) };
+    let rows = blocking(&state, move |s| s.list_devices(org, &filter)).await?;
+    let pending: std::collections::HashSet<i64> = blocking(&state, move |s| s.open_execution_device_ids(org)).await?.into_iter().collect();
+    let total = blocking(&state, move |s| s.count_devices(org)).await?;
+    let key_sources: std::collections::HashMap<i64, String> =
+        blocking(&state, move |s| s.list_key_sources(org)).await?.into_iter().map(|k| (k.id, k.name)).collect();
+    let devices: Vec<Value> = rows
+        .iter()
+        .map(|d| {
+            let mut v = device_json(&state, d, pending.contains(&d.id));
+            v["assigned_key_source"] = json!(d.assigned_key_source.and_then(|id| key_sources.get(&id).cloned()));
+            v
+        })
+        .collect();
+    Ok(Json(json!({ "devices": devices, "total": total })))
+}
+
+async fn get_device(State(state): St, caller: Caller, Path(sn): Path<String>) -> ApiResult<Json<Value>> {
+    let org = caller.org()?;
+    let d = state.engine.device(org, &sn).await?;
+    let pending = blocking(&state, move |s| s.open_execution_device_ids(org)).await?.contains(&d.id);
+    Ok(Json(json!({ "device": device_json(&state, &d, pending) })))
+}
+
+/// Parses a device CSV: one SN per line, optionally `sn,model`; a header line `sn[,model]`, blank
+/// lines and `#` comments are skipped. Every bad line is reported; nothing is imported if any is bad.
+pub fn parse_device_csv(text: &str) -> Result<Vec<ImportRow>, Vec<Value>> {
+    let mut rows = Vec::new();
+    let mut errors = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for (i, raw) in text.lines().enumerate() {
+        let line = i + 1;
+        let trimmed = raw.trim().trim_start_matches('\u{feff}');
+        if trimmed.is_empty() || trimmed.starts_with('#') {
+            continue;
+        }
+        let fields: Vec<&str> = trimmed.split(',').map(|f| f.trim().trim_matches('"')).collect();
+        if line == 1 && fields[0].eq_ignore_ascii_case("sn") {
+            continue;
+        }
+        if fields.len() > 2 {
+            errors.push(json!({"line": line, "reason": "expected `sn` or `sn,model`"}));
+            continue;
+        }
+        let sn = fields[0];
+        if let Err(e) = rki_protocol::topic::validate_name(sn) {
+            errors.push(json!({"line": line, "sn": sn, "reason": format!("invalid SN: {e}")}));
+            continue;
+        }
+        if !seen.insert(sn.to_string()) {
+            errors.push(json!({"line": line, "sn": sn, "reason": "duplicate SN in this file"}));
+            continue;
+        }
+        let model = fields.get(1).filter(|m| !m.is_empty()).map(|m| m.to_string());
+        if let Some(model) = &model {
+            if rki_protocol::terminal::Model::parse(model).is_none() {
+                errors.push(json!({"line": line, "sn": sn, "reason": format!("unknown model {model:?}")}));
+                continue;
+            }
+        }
+        rows.push(ImportRow { line, sn: sn.to_string(), model });
+    }
+    if rows.is_empty() && errors.is_empty() {
+        errors.push(json!({"line": 0, "reason": "no device in the file"}));
+    }
+    if errors.is_empty() {
+        Ok(rows)
+    } else {
+        Err(errors)
+    }
+}
+
+#[derive(Deserialize, Default)]
+struct ImportQuery {
+    group: Option<String>,
+    /// Only validate and report; import nothing.
+    dry_run: Option<bool>,
+}
+
+async fn import_devices(State(state): St, caller: Caller, Query(q): Query<ImportQuery>, body: Bytes) -> ApiResult<Response> {
+    let org = caller.org()?;
+    let text = std::str::from_utf8(&body).map_err(|_| ApiError::bad("bad_csv", "the CSV is not UTF-8"))?;
+    let rows = parse_device_csv(text).map_err(|errors| {
+        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_csv", format!("{} invalid line(s); nothing was imported", errors.len()))
+            .with(json!({ "errors": errors }))
+    })?;
+    if q.dry_run.unwrap_or(false) {
+        return Ok(Json(json!({"valid": rows.len(), "imported": 0, "dry_run": true})).into_response());
+    }
+    let group = match &q.group {
+        Some(name) => {
+            let name = name.clone();
+            Some(blocking(&state, move |s| s.group_by_name(org, &name)).await?)
+        }
+        None => None,
+    };
+    let now = state.engine.clock.now_ms();
+    let rows_for_store = rows.clone();
+    let imported = blocking(&state, move |s| s.import_devices(org, &rows_for_store, now)).await.map_err(|e| match e {
+        ApiError { status: StatusCode::CONFLICT, detail, .. } => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_csv", "nothing was imported")
+            .with(json!({ "errors": detail.split("; ").map(|d| json!({"reason": d})).collect::<Vec<_>>() })),
+        other => other,
+    })?;
+    let mut added_to_group = 0;
+    if let Some(group) = &group {
+        let sns: Vec<String> = rows.iter().map(|r| r.sn.clone()).collect();
+        let ids: Vec<i64> = blocking(&state, move |s| s.device_ids_by_sn(org, &sns)).await?.into_iter().filter_map(|(_, id)| id).collect();
+        let gid = group.id;
+        added_to_group = blocking(&state, move |s| s.add_group_members(gid, &ids)).await?;
+    }
+    audit(&state, &caller, Some(org), "devices.import", format!("devices:{}", rows.len()), json!({"imported": imported, "group": q.group})).await?;
+    Ok(Json(json!({"valid": rows.len(), "imported": imported, "already_registered": rows.len() - imported, "added_to_group": added_to_group})).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateGroup {
+    name: String,
+    #[serde(default)]
+    description: String,
+}
+
+async fn create_group(State(state): St, caller: Caller, body: Bytes) -> ApiResult<Response> {
+    let org = caller.org()?;
+    let req: CreateGroup = json_body(&body)?;
+    check_name("name", &req.name)?;
+    if req.description.len() > 256 {
+        return Err(ApiError::bad("invalid", "description is longer than 256 characters"));
+    }
+    let (name, description) = (req.name.clone(), req.description.clone());
+    let group = blocking(&state, move |s| s.create_group(org, &name, &description)).await?;
+    audit(&state, &caller, Some(org), "group.create", format!("group:{}", group.name), json!({})).await?;
+    Ok((StatusCode::CREATED, Json(json!({ "group": group }))).into_response())
+}
+
+async fn list_groups(State(state): St, caller: Caller) -> ApiResult<Json<Value>> {
+    let org = caller.org()?;
+    let groups = blocking(&state, move |s| s.list_groups(org)).await?;
+    Ok(Json(json!({ "groups": groups })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Sns {
+    sns: Vec<String>,
+}
+
+async fn add_group_devices(State(state): St, caller: Caller, Path(name): Path<String>, body: Bytes) -> ApiResult<Json<Value>> {
+    let org = caller.org()?;
+    let req: Sns = json_body(&body)?;
+    let n = name.clone();
+    let group = blocking(&state, move |s| s.group_by_name(org, &n)).await?;
+    let ids = state.engine.resolve_target(org, &Target::Devices(req.sns.clone())).await?;
+    let gid = group.id;
+    let added = blocking(&state, move |s| s.add_group_members(gid, &ids)).await?;
+    audit(&state, &caller, Some(org), "group.add_devices", format!("group:{name}"), json!({"sns": req.sns.len(), "added": added})).await?;
+    Ok(Json(json!({ "added": added })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AssignRequest {
+    key_source: Option<String>,
+    sns: Option<Vec<String>>,
+    group: Option<String>,
+}
+
+fn target_of(sns: Option<Vec<String>>, group: Option<String>) -> ApiResult<Target> {
+    match (sns, group) {
+        (Some(sns), None) => Ok(Target::Devices(sns)),
+        (None, Some(group)) => Ok(Target::Group(group)),
+        _ => Err(ApiError::bad("bad_target", "name either `sns` or `group`")),
+    }
+}
+
+async fn assign(State(state): St, caller: Caller, body: Bytes) -> ApiResult<Json<Value>> {
+    let org = caller.org()?;
+    let req: AssignRequest = json_body(&body)?;
+    let target = target_of(req.sns, req.group)?;
+    let key_source = match &req.key_source {
+        Some(name) => {
+            let name = name.clone();
+            Some(blocking(&state, move |s| s.key_source_by_name(org, &name)).await?)
+        }
+        None => None,
+    };
+    let ids = state.engine.resolve_target(org, &target).await?;
+    let ks = key_source.as_ref().map(|k| k.id);
+    let n = blocking(&state, move |s| s.assign(org, &ids, ks)).await?;
+    audit(&state, &caller, Some(org), "assignment.set", format!("{target:?}"), json!({"key_source": req.key_source, "devices": n})).await?;
+    Ok(Json(json!({ "assigned": n, "key_source": req.key_source })))
+}
+
+// ------------------------------------------------------------------ tasks
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TaskRequest {
+    sns: Option<Vec<String>>,
+    group: Option<String>,
+    key_source: Option<String>,
+    slot: Option<u16>,
+    expiry_days: Option<u16>,
+    request_id: Option<i64>,
+}
+
+fn task_spec(req: TaskRequest) -> ApiResult<TaskSpec> {
+    Ok(TaskSpec {
+        target: target_of(req.sns, req.group)?,
+        key_source: req.key_source,
+        slot: req.slot.unwrap_or(1),
+        expiry_days: req.expiry_days,
+        request_id: req.request_id,
+    })
+}
+
+async fn preview_task(State(state): St, caller: Caller, body: Bytes) -> ApiResult<Json<Value>> {
+    let org = caller.org()?;
+    let spec = task_spec(json_body(&body)?)?;
+    let preview = state.engine.preview(org, &spec).await?;
+    Ok(Json(json!({ "preview": preview })))
+}
+
+async fn create_task(State(state): St, caller: Caller, body: Bytes) -> ApiResult<Response> {
+    let org = caller.org()?;
+    let spec = task_spec(json_body(&body)?)?;
+    let (task, preview) = state.engine.create_task(org, &spec, &caller.label).await?;
+    audit(&state, &caller, Some(org), "task.create", format!("task:{}", task.id), json!({"executions": task.counts.total, "key_source": task.key_source, "slot": task.slot})).await?;
+    Ok((StatusCode::CREATED, Json(json!({ "task": task, "preview": preview }))).into_response())
+}
+
+#[derive(Deserialize, Default)]
+struct TaskQuery {
+    status: Option<String>,
+    limit: Option<i64>,
+}
+
+async fn list_tasks(State(state): St, caller: Caller, Query(q): Query<TaskQuery>) -> ApiResult<Json<Value>> {
+    let org = caller.org()?;
+    let unfinished = match q.status.as_deref() {
+        None | Some("all") => None,
+        Some("unfinished") => Some(true),
+        Some("done") => Some(false),
+        Some(other) => return Err(ApiError::bad("bad_status", format!("status {other:?}: use unfinished, done or all"))),
+    };
+    let limit = q.limit.unwrap_or(100).clamp(1, 10_000);
+    let tasks = blocking(&state, move |s| s.list_tasks(org, unfinished, limit)).await?;
+    let mut summary = json!({"unfinished": 0, "done": 0, "succeeded": 0, "failed": 0, "expired": 0, "terminated": 0, "open": 0});
+    let all = blocking(&state, move |s| s.list_tasks(org, None, i64::MAX)).await?;
+    for t in &all {
+        let key = if t.counts.open() > 0 { "unfinished" } else { "done" };
+        summary[key] = json!(summary[key].as_i64().unwrap_or(0) + 1);
+        for (k, v) in [("succeeded", t.counts.succeeded), ("failed", t.counts.failed), ("expired", t.counts.expired), ("terminated", t.counts.terminated), ("open", t.counts.open())] {
+            summary[k] = json!(summary[k].as_i64().unwrap_or(0) + v);
+        }
+    }
+    let tasks: Vec<Value> = tasks.iter().map(task_json).collect();
+    Ok(Json(json!({ "tasks": tasks, "summary": summary })))
+}
+
+fn task_json(t: &TaskRow) -> Value {
+    let status = if t.counts.open() > 0 { "unfinished" } else { "done" };
+    let outcome = if t.counts.open() > 0 {
+        "in progress"
+    } else if t.stopped_at.is_some() {
+        "manually terminated"
+    } else if t.counts.succeeded == t.counts.total {
+        "succeeded"
+    } else {
+        "finished with failures"
+    };
+    let mut v = serde_json::to_value(t).unwrap_or(Value::Null);
+    v["status"] = json!(status);
+    v["outcome"] = json!(outcome);
+    v
+}
+
+async fn get_task(State(state): St, caller: Caller, Path(id): Path<i64>) -> ApiResult<Json<Value>> {
+    let org = caller.org()?;
+    let task = blocking(&state, move |s| s.task(org, id)).await?;
+    let executions = blocking(&state, move |s| s.task_executions(id)).await?;
+    let executions: Vec<Value> = executions
+        .iter()
+        .map(|e| {
+            let mut v = serde_json::to_value(e).unwrap_or(Value::Null);
+            v["result_meaning"] = json!(e.result.map(rki_protocol::terminal::result_meaning));
+            v["online"] = json!(state.engine.is_online(&e.sn));
+            v
+        })
+        .collect();
+    Ok(Json(json!({ "task": task_json(&task), "executions": executions })))
+}
+
+async fn stop_task(State(state): St, caller: Caller, Path(id): Path<i64>) -> ApiResult<Json<Value>> {
+    let org = caller.org()?;
+    let terminated = state.engine.stop_task(org, id).await?;
+    audit(&state, &caller, Some(org), "task.stop", format!("task:{id}"), json!({"terminated": terminated})).await?;
+    let task = blocking(&state, move |s| s.task(org, id)).await?;
+    Ok(Json(json!({ "terminated": terminated, "task": task_json(&task) })))
+}
+
+async fn unlock_device(State(state): St, caller: Caller, Path(sn): Path<String>) -> ApiResult<Json<Value>> {
+    let org = caller.org()?;
+    let sent_now = state.engine.unlock(org, &sn).await?;
+    audit(&state, &caller, Some(org), "device.unlock", format!("device:{sn}"), json!({"sent_now": sent_now})).await?;
+    Ok(Json(json!({ "sn": sn, "unlock": if sent_now { "sent" } else { "pending until the device connects" } })))
+}
+
+// ------------------------------------------------------------------ records, billing, GUDIDs, audit
+
+#[derive(Deserialize, Default)]
+struct RecordQuery {
+    sn: Option<String>,
+    task: Option<i64>,
+    format: Option<String>,
+    limit: Option<i64>,
+    offset: Option<i64>,
+}
+
+async fn list_records(State(state): St, caller: Caller, Query(q): Query<RecordQuery>) -> ApiResult<Response> {
+    let org = caller.org()?;
+    let filter = RecordFilter { sn: q.sn, task_id: q.task, limit: q.limit.unwrap_or(0), offset: q.offset.unwrap_or(0).max(0) };
+    let rows = blocking(&state, move |s| s.list_records(org, &filter)).await?;
+    match q.format.as_deref() {
+        Some("csv") => {
+            let mut out = String::from("sn,key_source,key_type,injection,result,error_code,error_meaning,time,key_id,kcv,task_id,execution_id\n");
+            for r in &rows {
+                let meaning = r.error_code.map(rki_protocol::terminal::result_meaning).unwrap_or("");
+                out.push_str(&format!(
+                    "{},{},{},{},{},{},{},{},{},{},{},{}\n",
+                    csv_field(&r.sn),
+                    csv_field(&r.key_source),
+                    r.key_type,
+                    r.injection,
+                    r.result,
+                    r.error_code.map(|c| c.to_string()).unwrap_or_default(),
+                    csv_field(meaning),
+                    r.at,
+                    r.key_id,
+                    r.kcv,
+                    r.task_id,
+                    r.execution_id
+                ));
+            }
+            Ok(([(header::CONTENT_TYPE, "text/csv")], out).into_response())
+        }
+        None | Some("json") => {
+            let records: Vec<Value> = rows
+                .iter()
+                .map(|r| {
+                    let mut v = serde_json::to_value(r).unwrap_or(Value::Null);
+                    v["error_meaning"] = json!(r.error_code.map(rki_protocol::terminal::result_meaning));
+                    v
+                })
+                .collect();
+            Ok(Json(json!({ "records": records })).into_response())
+        }
+        Some(other) => Err(ApiError::bad("bad_format", format!("format {other:?}: use json or csv"))),
+    }
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+async fn billing(State(state): St, caller: Caller) -> ApiResult<Json<Value>> {
+    let org = caller.org()?;
+    let rows = blocking(&state, move |s| s.billing(org)).await?;
+    Ok(Json(json!({ "billing": rows })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GudidRequest {
+    sn: Option<String>,
+    sns: Option<Vec<String>>,
+}
+
+/// Provisions one GUDID per named SN (never spares). Each GUDID is shown once, here.
+async fn provision_gudids(State(state): St, caller: Caller, body: Bytes) -> ApiResult<Response> {
+    let org = caller.org()?;
+    let req: GudidRequest = json_body(&body)?;
+    let sns = match (req.sn, req.sns) {
+        (Some(sn), None) => vec![sn],
+        (None, Some(sns)) if !sns.is_empty() && sns.len() <= 10_000 => sns,
+        _ => return Err(ApiError::bad("bad_target", "name `sn`, or `sns` with 1 to 10000 SNs")),
+    };
+    let mut out = Vec::new();
+    for sn in &sns {
+        let (gudid, row) = state.engine.provision_gudid(org, sn, &caller.label).await?;
+        out.push(json!({"sn": sn, "gudid": gudid, "expires_at": row.expires_at}));
+    }
+    audit(&state, &caller, Some(org), "gudid.provision", format!("devices:{}", sns.len()), json!({"sns": sns})).await?;
+    Ok((StatusCode::CREATED, Json(json!({ "gudids": out }))).into_response())
+}
+
+#[derive(Deserialize, Default)]
+struct GudidQuery {
+    sn: Option<String>,
+}
+
+async fn list_gudids(State(state): St, caller: Caller, Query(q): Query<GudidQuery>) -> ApiResult<Json<Value>> {
+    let org = caller.org()?;
+    let now = state.engine.clock.now_ms();
+    let rows = blocking(&state, move |s| s.list_gudids(org, q.sn.as_deref())).await?;
+    let out: Vec<Value> = rows
+        .iter()
+        .map(|g| {
+            let status = if g.used_at.is_some() {
+                "used"
+            } else if now >= g.expires_at {
+                "expired"
+            } else {
+                "unused"
+            };
+            let mut v = serde_json::to_value(g).unwrap_or(Value::Null);
+            v["status"] = json!(status);
+            v
+        })
+        .collect();
+    Ok(Json(json!({ "gudids": out })))
+}
+
+#[derive(Deserialize, Default)]
+struct AuditQuery {
+    limit: Option<i64>,
+}
+
+async fn list_audit(State(state): St, caller: Caller, Query(q): Query<AuditQuery>) -> ApiResult<Json<Value>> {
+    let org = match caller.role {
+        Role::KeyOwner => None,
+        Role::Admin => Some(caller.org()?),
+    };
+    let limit = q.limit.unwrap_or(200).clamp(1, 10_000);
+    let rows = blocking(&state, move |s| s.list_audit(org, limit)).await?;
+    Ok(Json(json!({ "audit": rows })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClockRequest {
+    advance_seconds: i64,
+}
+
+/// Test-only: moves the adjustable clock forward, then runs the expiry sweep.
+async fn advance_clock(State(state): St, caller: Caller, headers: HeaderMap, body: Bytes) -> ApiResult<Json<Value>> {
+    caller.key_owner()?;
+    let _ = headers;
+    let req: ClockRequest = json_body(&body)?;
+    let now = state
+        .engine
+        .clock
+        .advance(req.advance_seconds.saturating_mul(1000))
+        .map_err(|e| ApiError::new(StatusCode::CONFLICT, "clock_not_adjustable", e))?;
+    let expired = state.engine.expire_now().await?;
+    audit(&state, &caller, None, "clock.advance", "clock".into(), json!({"seconds": req.advance_seconds})).await?;
+    Ok(Json(json!({ "now": now, "expired": expired })))
+}
+
+async fn expire_now(State(state): St, caller: Caller) -> ApiResult<Json<Value>> {
+    caller.key_owner()?;
+    let expired = state.engine.expire_now().await?;
+    Ok(Json(json!({ "expired": expired })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_csv_with_one_bad_line_is_refused_whole_with_its_line_number() {
+        let errors = parse_device_csv("sn,model\nSN1,P3\nbad/sn,P3\nSN1,P3\nSN4,P9\n").expect_err("bad");
+        let lines: Vec<i64> = errors.iter().filter_map(|e| e["line"].as_i64()).collect();
+        assert_eq!(lines, vec![3, 4, 5]);
+    }
+
+    #[test]
+    fn a_clean_csv_parses() {
+        let rows = parse_device_csv("SN1\n\n# comment\nSN2,P3\n").expect("ok");
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[1].model.as_deref(), Some("P3"));
+        assert!(parse_device_csv("").is_err());
+    }
+
+    #[test]
+    fn components_are_checked_and_combined() {
+        let c1 = Component { key: "0123456789ABCDEFFEDCBA9876543210".into(), kcv: String::new() };
+        let key = SymmetricKey::tdes_from_hex(&c1.key).expect("k");
+        let c1 = Component { kcv: key.kcv(KcvLen::Three).to_hex(), ..c1 };
+        let c2 = Component { key: "00000000000000000000000000000000".into(), kcv: "8CA64D".into() };
+        let combined = combine_components("tdes", &[c1, c2]).expect("combined");
+        assert_eq!(combined.kcv(KcvLen::Three).to_hex(), key.kcv(KcvLen::Three).to_hex());
+        let bad = Component { key: "00000000000000000000000000000000".into(), kcv: "000000".into() };
+        let good = Component { key: "00000000000000000000000000000000".into(), kcv: "8CA64D".into() };
+        assert!(combine_components("tdes", &[good, bad]).is_err());
+    }
+}

@@ -1,0 +1,184 @@
+//! The embedded broker: rumqttd in this process, reached through local links.
+//!
+//! Known rumqttd behaviour this module designs around:
+//! - sessions live in memory only: delivery never depends on them (the store and the device's
+//!   hello drive it);
+//! - a local link publishes at QoS 0, so a download reaches the device at QoS 0 even though the
+//!   device subscribes at QoS 1: a lost download is re-published by the retry timer or the next
+//!   hello;
+//! - every subscription filter has its own in-memory commitlog: device filters are sized small,
+//!   the gateway's wildcard filters large enough for a fleet-wide burst; a slow consumer that is
+//!   overtaken loses messages (`CursorJump`), which the retry design makes harmless;
+//! - the accept loop sleeps `next_connection_delay_ms` after each accept: 0 here;
+//! - over `max_connections` a client gets no CONNACK: the limit is derived from the open-file limit.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+
+use rki_protocol::topic;
+use rumqttd::local::{LinkRx, LinkTx};
+use rumqttd::{Broker, Config, ConnectionSettings, Notification, RouterConfig, SegmentConfig, ServerSettings};
+use tracing::{error, info, warn};
+
+use crate::engine::{Engine, InboundMessage, Outbound};
+use crate::metrics as m;
+
+/// Segment size of a device's own topic filter: a handful of frames.
+const DEVICE_SEGMENT_BYTES: usize = 16 * 1024;
+/// Segment size of the gateway's wildcard filters: a fleet-wide burst of acks (19,000 × ~130 B).
+const FLEET_SEGMENT_BYTES: usize = 8 * 1024 * 1024;
+/// Largest MQTT payload accepted: a frame is at most 4 KiB.
+pub const MAX_PAYLOAD_BYTES: usize = 8 * 1024;
+/// File descriptors kept for the store, the HTTP listener and logs.
+const FD_RESERVE: u64 = 300;
+
+/// The connection limit for this process: the open-file hard limit, less a reserve.
+pub fn max_connections_from_fd_limit() -> usize {
+    match rlimit::getrlimit(rlimit::Resource::NOFILE) {
+        Ok((_, hard)) if hard > FD_RESERVE + 100 => (hard - FD_RESERVE).min(1_000_000) as usize,
+        _ => 1000,
+    }
+}
+
+fn router_config(max_connections: usize) -> RouterConfig {
+    let mut custom = HashMap::new();
+    for filter in [topic::FILTER_DEVICE_UP, topic::FILTER_INIT, topic::FILTER_BACKEND_TASKS] {
+        custom.insert(
+            filter.to_string(),
+            SegmentConfig { max_segment_size: FLEET_SEGMENT_BYTES, max_segment_count: 4 },
+        );
+    }
+    RouterConfig {
+        max_connections,
+        max_outgoing_packet_count: 200,
+        max_segment_size: DEVICE_SEGMENT_BYTES,
+        max_segment_count: 2,
+        custom_segment: Some(custom),
+        ..Default::default()
+    }
+}
+
+/// Publishes through the broker's local link from a dedicated thread, so the engine never blocks
+/// on the router's channel.
+struct LinkOutbound {
+    tx: std::sync::mpsc::Sender<(String, Vec<u8>)>,
+}
+
+impl Outbound for LinkOutbound {
+    fn publish(&self, topic: String, payload: Vec<u8>) {
+        if self.tx.send((topic, payload)).is_err() {
+            error!("broker link closed; publish dropped (the retry timer will re-deliver)");
+        }
+    }
+}
+
+/// The engine, once built; the broker's auth handler refuses everyone until then.
+pub type EngineCell = Arc<OnceLock<Arc<Engine>>>;
+
+pub struct EmbeddedBroker {
+    pub outbound: Arc<dyn Outbound>,
+    link_rx: Option<LinkRx>,
+    pub max_connections: usize,
+}
+
+impl EmbeddedBroker {
+    /// Starts rumqttd on `addr` on its own threads.
+    pub fn start(addr: SocketAddr, max_connections: usize, engine: EngineCell) -> Result<Self, String> {
+        let mut connections = ConnectionSettings {
+            connection_timeout_ms: 10_000,
+            max_payload_size: MAX_PAYLOAD_BYTES,
+            max_inflight_count: 100,
+            auth: None,
+            external_auth: None,
+            dynamic_filters: false,
+        };
+        connections.set_auth_handler(move |client_id: String, username: String, password: String| {
+            let engine = engine.clone();
+            async move {
+                let Some(engine) = engine.get() else {
+                    metrics::counter!(m::MQTT_CONNECT_REFUSED_TOTAL, "reason" => "starting").increment(1);
+                    return false;
+                };
+                match engine.authenticate(&client_id, &username, &password) {
+                    Ok(()) => true,
+                    Err(reason) => {
+                        metrics::counter!(m::MQTT_CONNECT_REFUSED_TOTAL, "reason" => reason).increment(1);
+                        false
+                    }
+                }
+            }
+        });
+        let server = ServerSettings {
+            name: "v4".into(),
+            listen: addr,
+            tls: None,
+            next_connection_delay_ms: 0,
+            connections,
+        };
+        let config = Config {
+            id: 0,
+            router: router_config(max_connections),
+            v4: Some(HashMap::from([("1".to_string(), server)])),
+            ..Default::default()
+        };
+        let mut broker = Broker::new(config);
+        let (mut link_tx, link_rx) = broker.link("rki-gateway").map_err(|e| format!("broker link: {e}"))?;
+        for filter in [topic::FILTER_DEVICE_UP, topic::FILTER_INIT, topic::FILTER_BACKEND_TASKS] {
+            link_tx.subscribe(filter).map_err(|e| format!("subscribe {filter}: {e}"))?;
+        }
+        std::thread::Builder::new()
+            .name("rumqttd".into())
+            .spawn(move || {
+                if let Err(e) = broker.start() {
+                    error!(error = %e, "embedded broker stopped");
+                    metrics::gauge!(m::BROKER_UP).set(0.0);
+                }
+            })
+            .map_err(|e| e.to_string())?;
+        let (tx, rx) = std::sync::mpsc::channel::<(String, Vec<u8>)>();
+        std::thread::Builder::new()
+            .name("broker-publish".into())
+            .spawn(move || publish_loop(link_tx, rx))
+            .map_err(|e| e.to_string())?;
+        metrics::gauge!(m::BROKER_UP).set(1.0);
+        metrics::gauge!(m::MQTT_CONNECTIONS_MAX).set(max_connections as f64);
+        info!(%addr, max_connections, "embedded MQTT broker listening");
+        Ok(Self { outbound: Arc::new(LinkOutbound { tx }), link_rx: Some(link_rx), max_connections })
+    }
+
+    /// Feeds every message the gateway's filters receive to the engine. Runs until the link closes.
+    pub fn run_inbound(&mut self, engine: Arc<Engine>) -> Result<tokio::task::JoinHandle<()>, String> {
+        let mut link_rx = self.link_rx.take().ok_or("inbound already running")?;
+        Ok(tokio::spawn(async move {
+            loop {
+                match link_rx.next().await {
+                    Ok(Some(Notification::Forward(forward))) => {
+                        let topic = String::from_utf8_lossy(&forward.publish.topic).into_owned();
+                        let payload = forward.publish.payload.to_vec();
+                        engine.submit(InboundMessage { topic, payload }).await;
+                    }
+                    Ok(Some(Notification::Unschedule)) => {
+                        if let Err(e) = link_rx.wake().await {
+                            warn!(error = %e, "broker link wake failed");
+                        }
+                    }
+                    Ok(Some(_)) | Ok(None) => {}
+                    Err(e) => {
+                        error!(error = %e, "broker link closed");
+                        metrics::gauge!(m::BROKER_UP).set(0.0);
+                        return;
+                    }
+                }
+            }
+        }))
+    }
+}
+
+fn publish_loop(mut link_tx: LinkTx, rx: std::sync::mpsc::Receiver<(String, Vec<u8>)>) {
+    while let Ok((topic, payload)) = rx.recv() {
+        if let Err(e) = link_tx.publish(topic, payload) {
+            error!(error = %e, "broker publish failed");
+        }
+    }
+}

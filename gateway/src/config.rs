@@ -1,0 +1,139 @@
+//! Configuration: defaults, then a TOML file, then `RKI_…` environment variables, then command-line
+//! flags; each later source wins. `deploy/rki-gateway.toml` is the commented sample.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Directory of the store (`rki.sqlite` and its WAL).
+    pub data_dir: PathBuf,
+    /// The master key file. Default: `<data_dir>.master.key`, beside the data directory and
+    /// outside it, so a backup of the data directory does not carry the key that opens it.
+    pub master_key_file: Option<PathBuf>,
+    /// MQTT listener of the embedded broker.
+    pub mqtt_addr: SocketAddr,
+    /// Admin API, `/metrics` and `/healthz`.
+    pub http_addr: SocketAddr,
+    /// `system`, or `adjustable` (tests only: enables `POST /v1/admin/clock`).
+    pub clock: String,
+    /// `text` or `json`.
+    pub log_format: String,
+    /// Broker connection limit; 0 = derived from the open-file limit.
+    pub max_connections: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("./rki-data"),
+            master_key_file: None,
+            mqtt_addr: "127.0.0.1:1883".parse().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 1883))),
+            http_addr: "127.0.0.1:8080".parse().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 8080))),
+            clock: "system".into(),
+            log_format: "text".into(),
+            max_connections: 0,
+        }
+    }
+}
+
+impl Config {
+    /// Reads the file (if any), then applies environment overrides.
+    pub fn load(file: Option<&Path>) -> Result<Config, String> {
+        let mut config = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| format!("config file {}: {e}", path.display()))?;
+                toml::from_str::<Config>(&text).map_err(|e| format!("config file {}: {e}", path.display()))?
+            }
+            None => Config::default(),
+        };
+        config.apply_env(|name| std::env::var(name).ok())?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), String> {
+        let addr = |name: &str, value: String| value.parse::<SocketAddr>().map_err(|e| format!("{name}={value:?}: {e}"));
+        if let Some(v) = get("RKI_DATA_DIR") {
+            self.data_dir = v.into();
+        }
+        if let Some(v) = get("RKI_MASTER_KEY_FILE") {
+            self.master_key_file = Some(v.into());
+        }
+        if let Some(v) = get("RKI_MQTT_ADDR") {
+            self.mqtt_addr = addr("RKI_MQTT_ADDR", v)?;
+        }
+        if let Some(v) = get("RKI_HTTP_ADDR") {
+            self.http_addr = addr("RKI_HTTP_ADDR", v)?;
+        }
+        if let Some(v) = get("RKI_CLOCK") {
+            self.clock = v;
+        }
+        if let Some(v) = get("RKI_LOG_FORMAT") {
+            self.log_format = v;
+        }
+        if let Some(v) = get("RKI_MAX_CONNECTIONS") {
+            self.max_connections = v.parse().map_err(|e| format!("RKI_MAX_CONNECTIONS={v:?}: {e}"))?;
+        }
+        Ok(())
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if !matches!(self.clock.as_str(), "system" | "adjustable") {
+            return Err(format!("clock = {:?}: expected \"system\" or \"adjustable\"", self.clock));
+        }
+        if !matches!(self.log_format.as_str(), "text" | "json") {
+            return Err(format!("log_format = {:?}: expected \"text\" or \"json\"", self.log_format));
+        }
+        Ok(())
+    }
+
+    pub fn master_key_path(&self) -> PathBuf {
+        match &self.master_key_file {
+            Some(path) => path.clone(),
+            None => {
+                let mut name = self.data_dir.file_name().map(|n| n.to_os_string()).unwrap_or_else(|| "rki-data".into());
+                name.push(".master.key");
+                self.data_dir.with_file_name(name)
+            }
+        }
+    }
+
+    pub fn store_path(&self) -> PathBuf {
+        self.data_dir.join("rki.sqlite")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let c = Config::default();
+        assert_eq!(c.mqtt_addr.to_string(), "127.0.0.1:1883");
+        assert_eq!(c.http_addr.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.data_dir, PathBuf::from("./rki-data"));
+        assert_eq!(c.master_key_path(), PathBuf::from("./rki-data.master.key"));
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let mut c: Config = toml::from_str("mqtt_addr = \"127.0.0.1:1\"").expect("toml");
+        c.apply_env(|n| (n == "RKI_MQTT_ADDR").then(|| "127.0.0.1:2".to_string())).expect("env");
+        assert_eq!(c.mqtt_addr.port(), 2);
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_their_name() {
+        let mut c = Config::default();
+        let err = c.apply_env(|n| (n == "RKI_HTTP_ADDR").then(|| "nope".to_string())).expect_err("bad");
+        assert!(err.contains("RKI_HTTP_ADDR"));
+        assert!(toml::from_str::<Config>("unknown_option = 1").is_err());
+        c.clock = "fast".into();
+        assert!(c.validate().is_err());
+    }
+}

@@ -1,0 +1,1481 @@
+//! The task engine: device messages in, downloads out, every outcome durable.
+//!
+//! - Inbound device messages are sharded by SN over [`SHARDS`] workers, so one device's messages
+//!   are handled in order (its counter only goes up) while devices proceed in parallel.
+//! - Hot state lives in concurrent maps: per device its credentials (the signing key is unsealed
+//!   on first use and cached), its last counter, its online flag and its open executions. The
+//!   store is the truth; the maps are rebuilt from it at start.
+//! - Writes go through the committer: it gathers many writes into one [`Store::apply_batch`]
+//!   (one transaction, one fsync). Metrics for an ack are updated only once its batch is durable.
+//! - Delivery is driven by the device's signed hello and by retry timers with doubling backoff;
+//!   it never relies on the broker remembering a session.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use rki_protocol::frame::{self, MacKey, MacVerified};
+use rki_protocol::init::{self, Ephemeral, GUDID_VALIDITY_SECONDS};
+use rki_protocol::message::{self, Body, CreateKey, Message, RefusalCode};
+use rki_protocol::terminal::{firmware_refusal, InjectionType, KeySlot, KeyType, Region, TerminalError};
+use rki_protocol::{topic, Kcv, KeyAlgorithm};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, error, info, warn};
+
+use crate::clock::{Clock, Millis};
+use crate::domain::{ExecutionState, NotReady, EXPIRY_DAYS_DEFAULT, EXPIRY_DAYS_MAX, SECONDS_PER_DAY};
+use crate::keyservice::{aes_initial_key_id, tdes_initial_ksn, DeriveRequest, KeyService};
+use crate::metrics as m;
+use crate::store::*;
+
+/// Inbound workers. Each handles the devices whose SN hashes to it, in arrival order.
+pub const SHARDS: usize = 8;
+/// Messages queued per shard before the broker link is slowed down.
+const SHARD_QUEUE_LEN: usize = 16_384;
+/// Writes in one store transaction at most.
+const BATCH_WRITES_MAX: usize = 8_192;
+/// Writes queued for the committer before producers wait.
+const COMMIT_QUEUE_LEN: usize = 65_536;
+/// First re-delivery of an unacked download to an online device, then doubling.
+pub const RETRY_INITIAL_MS: i64 = 15_000;
+/// Longest pause between re-deliveries to an online device.
+pub const RETRY_MAX_MS: i64 = 600_000;
+/// How often the retry and expiry sweeps run.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// Largest number of devices one task may target (the engine benchmark uses 1,000,000).
+pub const TASK_DEVICES_MAX: usize = 2_000_000;
+
+/// Publishes to the broker. Non-blocking: implementations queue.
+pub trait Outbound: Send + Sync + 'static {
+    fn publish(&self, topic: String, payload: Vec<u8>);
+}
+
+/// One open execution, as the message path needs it.
+#[derive(Debug, Clone)]
+struct OpenExecution {
+    id: i64,
+    org_id: i64,
+    key_source_id: i64,
+    slot: u16,
+    key_type: String,
+    key_block: String,
+    key_id: Vec<u8>,
+    kcv: String,
+    generation: i64,
+    created_at: Millis,
+    deadline: Millis,
+    /// Wall time of the last publish, for the retry backoff.
+    last_sent: Option<Instant>,
+    sends: u32,
+    /// The hello that triggered the latest delivery, for the hello→ack latency.
+    hello_at: Option<Instant>,
+}
+
+/// The hot state of one device.
+struct DeviceHot {
+    device_id: i64,
+    sealed_signing_key: String,
+    /// Unsealed on first use.
+    signing_key: Option<MacKey>,
+    generation: i64,
+    sealed_kbpk_aes: String,
+    sealed_kbpk_tdes: String,
+    last_counter: u64,
+    online: bool,
+    unlock_pending: bool,
+    open: Vec<OpenExecution>,
+}
+
+impl DeviceHot {
+    fn from_credentials(c: &DeviceCredentials) -> Self {
+        Self {
+            device_id: c.device_id,
+            sealed_signing_key: c.signing_key.clone(),
+            signing_key: None,
+            generation: c.generation,
+            sealed_kbpk_aes: c.kbpk_aes.clone(),
+            sealed_kbpk_tdes: c.kbpk_tdes.clone(),
+            last_counter: c.last_counter,
+            online: false,
+            unlock_pending: c.unlock_pending,
+            open: Vec::new(),
+        }
+    }
+}
+
+/// Proof that an ack's KCV, key ID and slot match the execution's derivation. Only
+/// [`check_ack`] creates one; recording a success requires it.
+#[derive(Debug, Clone, Copy)]
+struct KcvMatched(());
+
+/// Why a device message was rejected: the metrics label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    Frame(&'static str),
+    PartyMismatch,
+    UnknownDevice,
+    NotInitialised,
+    BadMac,
+    Replay,
+    WrongTopic,
+    UnknownExecution,
+    ForeignExecution,
+    KcvMismatch,
+    SlotMismatch,
+    KeyIdMismatch,
+    NotOpen,
+}
+
+impl Rejection {
+    pub fn reason(self) -> &'static str {
+        match self {
+            Rejection::Frame(r) => r,
+            Rejection::PartyMismatch => "party_mismatch",
+            Rejection::UnknownDevice => "unknown_device",
+            Rejection::NotInitialised => "not_initialised",
+            Rejection::BadMac => "bad_mac",
+            Rejection::Replay => "replay",
+            Rejection::WrongTopic => "wrong_topic",
+            Rejection::UnknownExecution => "unknown_execution",
+            Rejection::ForeignExecution => "foreign_execution",
+            Rejection::KcvMismatch => "kcv_mismatch",
+            Rejection::SlotMismatch => "slot_mismatch",
+            Rejection::KeyIdMismatch => "key_id_mismatch",
+            Rejection::NotOpen => "not_open",
+        }
+    }
+}
+
+fn reject(kind: &'static str, why: Rejection) {
+    metrics::counter!(m::REJECTED_MESSAGES_TOTAL, "kind" => kind, "reason" => why.reason()).increment(1);
+    debug!(kind, reason = why.reason(), "message rejected");
+}
+
+/// What an ack that became durable did, for metrics.
+struct AckDone {
+    org: Arc<str>,
+    created_at: Millis,
+    hello_at: Option<Instant>,
+    succeeded: bool,
+}
+
+struct Pending {
+    write: Write,
+    ack: Option<AckDone>,
+    reply: Option<oneshot::Sender<Result<(), String>>>,
+}
+
+/// An inbound MQTT message.
+pub struct InboundMessage {
+    pub topic: String,
+    pub payload: Vec<u8>,
+}
+
+/// Operator-facing errors of the engine, each with a stable code for the API.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<StoreError> for EngineError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound(s) => EngineError::NotFound(s),
+            StoreError::Conflict(s) => EngineError::Conflict(s),
+            StoreError::Invalid(s) => EngineError::Invalid(s),
+            StoreError::Backend(s) => EngineError::Internal(s),
+        }
+    }
+}
+
+pub type EngineResult<T> = Result<T, EngineError>;
+
+/// Which devices a task targets.
+#[derive(Debug, Clone)]
+pub enum Target {
+    Devices(Vec<String>),
+    Group(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct TaskSpec {
+    pub target: Target,
+    /// Defaults to the key source assigned to the devices.
+    pub key_source: Option<String>,
+    pub slot: u16,
+    pub expiry_days: Option<u16>,
+    pub request_id: Option<i64>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct NotReadyDevice {
+    pub sn: String,
+    pub reasons: Vec<&'static str>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Preview {
+    pub key_source: Option<String>,
+    pub slot: u16,
+    pub expiry_days: u16,
+    pub ready: Vec<String>,
+    pub not_ready: Vec<NotReadyDevice>,
+    /// Devices that are ready but have never reported their firmware.
+    pub never_seen: Vec<String>,
+    #[serde(skip)]
+    ready_ids: Vec<i64>,
+    #[serde(skip)]
+    key_source_id: Option<i64>,
+}
+
+pub struct Engine {
+    pub store: Arc<dyn Store>,
+    pub keys: Arc<dyn KeyService>,
+    pub clock: Arc<Clock>,
+    outbound: Arc<dyn Outbound>,
+    /// Hot device state by SN.
+    devices: DashMap<String, Arc<Mutex<DeviceHot>>>,
+    /// Open execution → SN, to route acks and stops.
+    execution_sn: DashMap<i64, String>,
+    /// CONNECT authentication cache: SN → password hash.
+    passwords: DashMap<String, [u8; 32]>,
+    /// Organization names for metric labels.
+    org_names: DashMap<i64, Arc<str>>,
+    commits: mpsc::Sender<Pending>,
+    shards: Vec<mpsc::Sender<InboundMessage>>,
+    /// Last counter used on a gateway → device frame: microseconds since the epoch, strictly
+    /// increasing, so it needs no store write and survives restarts.
+    down_counter: AtomicU64,
+    online: AtomicI64,
+}
+
+impl Engine {
+    /// Builds the engine, loads open executions from the store and starts its workers.
+    pub async fn start(
+        store: Arc<dyn Store>,
+        keys: Arc<dyn KeyService>,
+        clock: Arc<Clock>,
+        outbound: Arc<dyn Outbound>,
+    ) -> EngineResult<Arc<Engine>> {
+        let (commit_tx, commit_rx) = mpsc::channel(COMMIT_QUEUE_LEN);
+        let mut shard_rx = Vec::new();
+        let mut shards = Vec::new();
+        for _ in 0..SHARDS {
+            let (tx, rx) = mpsc::channel(SHARD_QUEUE_LEN);
+            shards.push(tx);
+            shard_rx.push(rx);
+        }
+        let engine = Arc::new(Engine {
+            store,
+            keys,
+            clock,
+            outbound,
+            devices: DashMap::new(),
+            execution_sn: DashMap::new(),
+            passwords: DashMap::new(),
+            org_names: DashMap::new(),
+            commits: commit_tx,
+            shards,
+            down_counter: AtomicU64::new(0),
+            online: AtomicI64::new(0),
+        });
+        engine.load().await?;
+        tokio::spawn(committer(engine.clone(), commit_rx));
+        for rx in shard_rx {
+            tokio::spawn(shard_worker(engine.clone(), rx));
+        }
+        tokio::spawn(sweeper(engine.clone()));
+        Ok(engine)
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn Store) -> StoreResult<T> + Send + 'static,
+    ) -> EngineResult<T> {
+        let store = self.store.clone();
+        let out = tokio::task::spawn_blocking(move || f(store.as_ref()))
+            .await
+            .map_err(|e| EngineError::Internal(format!("store task: {e}")))?;
+        metrics::gauge!(m::STORE_UP).set(if matches!(out, Err(StoreError::Backend(_))) { 0.0 } else { 1.0 });
+        Ok(out?)
+    }
+
+    /// Rebuilds the hot maps from the store.
+    async fn load(&self) -> EngineResult<()> {
+        let hashes = self.blocking(|s| s.all_password_hashes()).await?;
+        for (sn, hash) in hashes {
+            if let Ok(hash) = <[u8; 32]>::try_from(hash.as_slice()) {
+                self.passwords.insert(sn, hash);
+            }
+        }
+        for org in self.blocking(|s| s.list_orgs()).await? {
+            self.org_names.insert(org.id, Arc::from(org.name.as_str()));
+        }
+        let open = self.blocking(|s| s.open_executions()).await?;
+        let ids: Vec<i64> = open.iter().map(|e| e.device_id).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+        let creds = self.blocking(move |s| s.credentials_for(&ids)).await?;
+        for c in &creds {
+            self.devices.insert(c.sn.clone(), Arc::new(Mutex::new(DeviceHot::from_credentials(c))));
+        }
+        let count = open.len();
+        for e in open {
+            self.insert_open(&e);
+        }
+        info!(open_executions = count, devices = creds.len(), "engine state loaded");
+        Ok(())
+    }
+
+    fn insert_open(&self, e: &ExecutionRow) {
+        let Some(hot) = self.devices.get(&e.sn).map(|h| h.clone()) else {
+            // A device without credentials cannot receive keys; its execution waits for an
+            // initialisation, which loads it.
+            return;
+        };
+        let mut hot = lock(&hot);
+        if hot.open.iter().any(|o| o.id == e.id) {
+            return;
+        }
+        hot.open.push(OpenExecution {
+            id: e.id,
+            org_id: e.org_id,
+            key_source_id: e.key_source_id,
+            slot: e.slot,
+            key_type: e.key_type.clone(),
+            key_block: e.key_block.clone(),
+            key_id: e.key_id.clone(),
+            kcv: e.kcv.clone(),
+            generation: e.generation,
+            created_at: e.created_at,
+            deadline: e.deadline,
+            last_sent: None,
+            sends: 0,
+            hello_at: None,
+        });
+        self.execution_sn.insert(e.id, e.sn.clone());
+    }
+
+    fn org_label(&self, org_id: i64) -> Arc<str> {
+        if let Some(name) = self.org_names.get(&org_id) {
+            return name.clone();
+        }
+        let name: Arc<str> = match self.store.org(org_id) {
+            Ok(org) => Arc::from(org.name.as_str()),
+            Err(_) => Arc::from("unknown"),
+        };
+        self.org_names.insert(org_id, name.clone());
+        name
+    }
+
+    /// The next gateway → device counter.
+    fn next_down_counter(&self) -> u64 {
+        let now_us = (self.clock.now_ms().max(0) as u64).saturating_mul(1000);
+        let mut last = self.down_counter.load(Ordering::Relaxed);
+        loop {
+            let next = now_us.max(last + 1);
+            match self.down_counter.compare_exchange_weak(last, next, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => return next,
+                Err(actual) => last = actual,
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- MQTT authentication
+
+    /// CONNECT check: `client_id == username == SN` with that device's password, or the bootstrap
+    /// identity `init:{SN}` / password `bootstrap` of a registered device.
+    pub fn authenticate(&self, client_id: &str, username: &str, password: &str) -> Result<(), &'static str> {
+        if client_id != username {
+            return Err("client_id_mismatch");
+        }
+        if let Some(sn) = client_id.strip_prefix("init:") {
+            if password != "bootstrap" {
+                return Err("bad_bootstrap");
+            }
+            if topic::validate_name(sn).is_err() {
+                return Err("bad_sn");
+            }
+            return match self.store.device_org_by_sn(sn) {
+                Ok(Some(_)) => Ok(()),
+                Ok(None) => Err("unknown_sn"),
+                Err(_) => Err("store"),
+            };
+        }
+        if topic::validate_name(client_id).is_err() {
+            return Err("bad_sn");
+        }
+        match self.passwords.get(client_id) {
+            Some(expected) => {
+                let given = init::password_hash(password.as_bytes());
+                if rki_protocol::secret::ct_eq(&given, expected.value()) {
+                    Ok(())
+                } else {
+                    Err("bad_password")
+                }
+            }
+            None => match self.store.device_org_by_sn(client_id) {
+                Ok(Some(_)) => Err("not_initialised"),
+                Ok(None) => Err("unknown_sn"),
+                Err(_) => Err("store"),
+            },
+        }
+    }
+
+    // ---------------------------------------------------------------- inbound
+
+    /// Queues an inbound message on its device's shard. Waits when the shard is full, which
+    /// slows the broker link down rather than dropping.
+    pub async fn submit(&self, message: InboundMessage) {
+        let shard = shard_of(&message.topic);
+        if self.shards[shard].send(message).await.is_err() {
+            warn!("inbound shard closed");
+        }
+    }
+
+    async fn handle(&self, msg: InboundMessage) {
+        match topic::parse_inbound(&msg.topic) {
+            Some(topic::Inbound::DeviceUp { sn }) => self.handle_device_up(sn, &msg.payload).await,
+            Some(topic::Inbound::Init { sn }) => self.handle_init(sn, &msg.payload).await,
+            Some(topic::Inbound::BackendTasks { .. }) => reject("task_request", Rejection::WrongTopic),
+            None => reject("unknown", Rejection::WrongTopic),
+        }
+    }
+
+    async fn hot_device(&self, sn: &str) -> Result<Arc<Mutex<DeviceHot>>, Rejection> {
+        if let Some(hot) = self.devices.get(sn) {
+            return Ok(hot.clone());
+        }
+        let owned = sn.to_string();
+        let creds = self.blocking(move |s| s.credentials(&owned)).await.map_err(|_| Rejection::UnknownDevice)?;
+        let Some(creds) = creds else {
+            let owned = sn.to_string();
+            let known = self.blocking(move |s| s.device_org_by_sn(&owned)).await.ok().flatten().is_some();
+            return Err(if known { Rejection::NotInitialised } else { Rejection::UnknownDevice });
+        };
+        let hot = self
+            .devices
+            .entry(sn.to_string())
+            .or_insert_with(|| Arc::new(Mutex::new(DeviceHot::from_credentials(&creds))))
+            .clone();
+        Ok(hot)
+    }
+
+    fn signing_key(&self, hot: &mut DeviceHot) -> Option<MacKey> {
+        if hot.signing_key.is_none() {
+            match self.keys.open_signing_key(&hot.sealed_signing_key) {
+                Ok(key) => hot.signing_key = Some(key),
+                Err(e) => {
+                    error!(device_id = hot.device_id, error = %e, "cannot open a device signing key");
+                    return None;
+                }
+            }
+        }
+        hot.signing_key.as_ref().map(MacKey::clone_secret)
+    }
+
+    async fn handle_device_up(&self, sn: &str, payload: &[u8]) {
+        let unverified = match frame::open(payload) {
+            Ok(u) => u,
+            Err(e) => return reject("device", Rejection::Frame(e.reason())),
+        };
+        let kind = unverified.peek().message.kind().as_str();
+        if unverified.peek().party != sn {
+            return reject(kind, Rejection::PartyMismatch);
+        }
+        let hot = match self.hot_device(sn).await {
+            Ok(hot) => hot,
+            Err(why) => return reject(kind, why),
+        };
+        let (key, last_counter) = {
+            let mut guard = lock(&hot);
+            let Some(key) = self.signing_key(&mut guard) else { return reject(kind, Rejection::NotInitialised) };
+            (key, guard.last_counter)
+        };
+        let verified = match unverified.verify(&key) {
+            Ok(v) => v,
+            Err(_) => return reject(kind, Rejection::BadMac),
+        };
+        let proof = verified.proof;
+        let body = verified.body;
+        match body.message {
+            Message::Bye => self.on_bye(&hot),
+            Message::Hello(hello) if body.counter > last_counter => {
+                self.on_hello(sn, &hot, &key, body.counter, hello, proof).await
+            }
+            Message::Ack(ack) if body.counter > last_counter => self.on_ack(sn, &hot, body.counter, ack, proof).await,
+            Message::Hello(_) | Message::Ack(_) => reject(kind, Rejection::Replay),
+            _ => reject(kind, Rejection::WrongTopic),
+        }
+    }
+
+    fn on_bye(&self, hot: &Arc<Mutex<DeviceHot>>) {
+        let mut h = lock(hot);
+        if h.online {
+            h.online = false;
+            self.online.fetch_sub(1, Ordering::Relaxed);
+            metrics::gauge!(m::DEVICES_CONNECTED).set(self.online.load(Ordering::Relaxed) as f64);
+        }
+    }
+
+    async fn on_hello(
+        &self,
+        sn: &str,
+        hot: &Arc<Mutex<DeviceHot>>,
+        key: &MacKey,
+        counter: u64,
+        hello: message::Hello,
+        _proof: MacVerified,
+    ) {
+        let now = self.clock.now_ms();
+        let hello_at = Instant::now();
+        let debug_key_present = hello.slots.iter().any(|s| s.slot == KeySlot::DEBUG);
+        let slots_json = serde_json::to_string(
+            &hello
+                .slots
+                .iter()
+                .map(|s| {
+                    serde_json::json!({
+                        "slot": s.slot.0,
+                        "key_type": s.key_type.as_str(),
+                        "key_id": hex::encode_upper(&s.key_id),
+                        "kcv": hex::encode_upper(&s.kcv),
+                    })
+                })
+                .collect::<Vec<_>>(),
+        )
+        .unwrap_or_else(|_| "[]".into());
+        let (device_id, stale, unlock) = {
+            let mut h = lock(hot);
+            h.last_counter = counter;
+            if !h.online {
+                h.online = true;
+                self.online.fetch_add(1, Ordering::Relaxed);
+                metrics::gauge!(m::DEVICES_CONNECTED).set(self.online.load(Ordering::Relaxed) as f64);
+            }
+            if !hello.locked {
+                h.unlock_pending = false;
+            }
+            let generation = h.generation;
+            let stale: Vec<OpenExecution> = h.open.iter().filter(|e| e.generation != generation).cloned().collect();
+            (h.device_id, stale, h.unlock_pending && hello.locked)
+        };
+        self.queue(Write::Counter { device_id, counter }, None).await;
+        self.queue(
+            Write::Report(DeviceReport {
+                device_id,
+                model: hello.model.clone(),
+                rom_version: hello.rom_version.clone(),
+                app_version: hello.app_version.clone(),
+                region: hello.region.as_str().into(),
+                debug_mode: hello.debug_mode,
+                debug_key_present,
+                locked: hello.locked,
+                slots_json,
+                at: now,
+            }),
+            None,
+        )
+        .await;
+        if !stale.is_empty() {
+            self.rewrap(sn, hot, stale).await;
+        }
+        if unlock {
+            self.send_unlock(sn, key, device_id);
+        }
+        self.deliver_open(sn, hot, key, Some(hello_at), true).await;
+    }
+
+    /// Publishes every open execution of the device that is due: all of them on a hello, the
+    /// ones whose backoff elapsed on a retry sweep.
+    async fn deliver_open(&self, sn: &str, hot: &Arc<Mutex<DeviceHot>>, key: &MacKey, hello_at: Option<Instant>, on_hello: bool) {
+        let now = self.clock.now_ms();
+        let mut delivered = Vec::new();
+        {
+            let mut h = lock(hot);
+            let generation = h.generation;
+            for e in h.open.iter_mut() {
+                if e.deadline <= now || e.generation != generation {
+                    continue;
+                }
+                if !on_hello {
+                    let backoff = retry_backoff_ms(e.sends);
+                    match e.last_sent {
+                        Some(at) if (at.elapsed().as_millis() as i64) < backoff => continue,
+                        _ => {}
+                    }
+                }
+                let body = Body {
+                    party: sn.to_string(),
+                    counter: self.next_down_counter(),
+                    message: Message::Download(message::Download {
+                        execution_id: e.id as u64,
+                        slot: KeySlot(e.slot),
+                        key_type: KeyType::parse(&e.key_type).unwrap_or(KeyType::Ipek),
+                        key_block: e.key_block.clone(),
+                        key_id: e.key_id.clone(),
+                        kcv: hex::decode(&e.kcv).unwrap_or_default(),
+                    }),
+                };
+                match frame::seal(key, &body) {
+                    Ok(bytes) => {
+                        self.outbound.publish(topic::device_down(sn), bytes);
+                        e.last_sent = Some(Instant::now());
+                        e.sends = e.sends.saturating_add(1);
+                        if hello_at.is_some() {
+                            e.hello_at = hello_at;
+                        }
+                        delivered.push(e.id);
+                    }
+                    Err(err) => error!(execution = e.id, error = %err, "cannot seal a download"),
+                }
+            }
+        }
+        for id in delivered {
+            metrics::counter!(m::DELIVERIES_TOTAL).increment(1);
+            self.queue(Write::Delivered { execution_id: id, at: now }, None).await;
+        }
+    }
+
+    /// Re-wraps executions whose key block was made for an older initialisation of the device.
+    async fn rewrap(&self, sn: &str, hot: &Arc<Mutex<DeviceHot>>, stale: Vec<OpenExecution>) {
+        let (generation, kbpk_aes, kbpk_tdes) = {
+            let h = lock(hot);
+            (h.generation, h.sealed_kbpk_aes.clone(), h.sealed_kbpk_tdes.clone())
+        };
+        for e in stale {
+            let (org, ks) = (e.org_id, e.key_source_id);
+            let source = match self.blocking(move |s| s.key_source(org, ks)).await {
+                Ok(s) => s,
+                Err(err) => {
+                    error!(execution = e.id, error = %err, "re-wrap: key source missing");
+                    continue;
+                }
+            };
+            let algorithm = KeyAlgorithm::parse(&source.algorithm).unwrap_or(KeyAlgorithm::Tdes2);
+            let kbpk = if algorithm.is_aes() { kbpk_aes.clone() } else { kbpk_tdes.clone() };
+            let keys = self.keys.clone();
+            let key_id = e.key_id.clone();
+            let sealed_bdk = source.sealed.clone();
+            let wrapped = tokio::task::spawn_blocking(move || {
+                keys.derive_and_wrap(&sealed_bdk, &[DeriveRequest { key_id: &key_id, sealed_kbpk: &kbpk }])
+            })
+            .await;
+            let Ok(Ok(mut results)) = wrapped else {
+                error!(execution = e.id, "re-wrap failed");
+                continue;
+            };
+            let Some(Ok(w)) = results.pop() else {
+                error!(execution = e.id, "re-wrap failed");
+                continue;
+            };
+            let block = w.key_block.clone();
+            let id = e.id;
+            if let Err(err) = self.blocking(move |s| s.rewrap_execution(id, &block, generation)).await {
+                error!(execution = e.id, error = %err, "re-wrap not stored");
+                continue;
+            }
+            let mut h = lock(hot);
+            if let Some(open) = h.open.iter_mut().find(|o| o.id == e.id) {
+                open.key_block = w.key_block;
+                open.generation = generation;
+            }
+            info!(sn, execution = e.id, "re-wrapped for the device's new initialisation");
+        }
+    }
+
+    fn send_unlock(&self, sn: &str, key: &MacKey, device_id: i64) {
+        let body = Body {
+            party: sn.to_string(),
+            counter: self.next_down_counter(),
+            message: Message::Unlock(message::Unlock { unlock_id: device_id as u64 }),
+        };
+        match frame::seal(key, &body) {
+            Ok(bytes) => self.outbound.publish(topic::device_down(sn), bytes),
+            Err(e) => error!(error = %e, "cannot seal an unlock"),
+        }
+    }
+
+    async fn on_ack(&self, sn: &str, hot: &Arc<Mutex<DeviceHot>>, counter: u64, ack: message::Ack, _proof: MacVerified) {
+        let now = self.clock.now_ms();
+        let id = ack.execution_id as i64;
+        // Every check first; only a fully valid ack changes state (the counter included).
+        let outcome = {
+            let mut h = lock(hot);
+            let position = h.open.iter().position(|e| e.id == id);
+            match position {
+                None => Err(()),
+                Some(i) => {
+                    let e = &h.open[i];
+                    match check_ack(e, &ack) {
+                        Err(why) => {
+                            drop(h);
+                            return reject("ack", why);
+                        }
+                        Ok(matched) => {
+                            let e = h.open.swap_remove(i);
+                            h.last_counter = counter;
+                            Ok((h.device_id, e, matched))
+                        }
+                    }
+                }
+            }
+        };
+        let (device_id, execution, matched) = match outcome {
+            Ok(found) => found,
+            Err(()) => return self.on_ack_for_closed(sn, hot, counter, &ack, _proof).await,
+        };
+        self.execution_sn.remove(&id);
+        let succeeded = matched.is_some();
+        let state = if succeeded { ExecutionState::Succeeded } else { ExecutionState::Failed };
+        let injection = match ack.injection {
+            InjectionType::Auto => "auto",
+            InjectionType::Manual => "manual",
+        };
+        self.queue(Write::Counter { device_id, counter }, None).await;
+        self.queue(
+            Write::End(Ending {
+                execution_id: id,
+                state,
+                result: Some(ack.result),
+                injection: injection.into(),
+                at: now,
+                lock_device: succeeded,
+            }),
+            Some(AckDone {
+                org: self.org_label(execution.org_id),
+                created_at: execution.created_at,
+                hello_at: execution.hello_at,
+                succeeded,
+            }),
+        )
+        .await;
+        if ack.result != 0 {
+            let meaning = rki_protocol::terminal::result_meaning(ack.result);
+            info!(sn, execution = id, code = ack.result, meaning, "device reported an error");
+        }
+    }
+
+    /// An ack whose execution is not open here: a duplicate of a recorded ack, another device's
+    /// execution, or an unknown one.
+    async fn on_ack_for_closed(&self, sn: &str, hot: &Arc<Mutex<DeviceHot>>, counter: u64, ack: &message::Ack, proof: MacVerified) {
+        let id = ack.execution_id as i64;
+        let device_id = lock(hot).device_id;
+        let row = self.blocking(move |s| s.execution(id)).await;
+        match row {
+            Err(_) => reject("ack", Rejection::UnknownExecution),
+            Ok(row) if row.device_id != device_id || row.sn != sn => reject("ack", Rejection::ForeignExecution),
+            Ok(row) if row.state.is_open() => {
+                // Open in the store but not in this node's cache: load it and retry once.
+                self.insert_open(&row);
+                let again = lock(hot).open.iter().any(|e| e.id == id);
+                if again {
+                    Box::pin(self.on_ack(sn, hot, counter, ack.clone(), proof)).await;
+                } else {
+                    reject("ack", Rejection::NotOpen);
+                }
+            }
+            Ok(_) => {
+                // Already ended: an idempotent re-ack. Not an error; nothing changes but the
+                // counter.
+                metrics::counter!(m::DUPLICATE_ACKS_TOTAL).increment(1);
+                lock(hot).last_counter = counter;
+                self.queue(Write::Counter { device_id, counter }, None).await;
+            }
+        }
+    }
+
+    async fn queue(&self, write: Write, ack: Option<AckDone>) {
+        if self.commits.send(Pending { write, ack, reply: None }).await.is_err() {
+            error!("committer stopped");
+        }
+    }
+
+    /// Queues writes and waits until they are durable.
+    async fn write_durably(&self, writes: Vec<Write>) -> EngineResult<()> {
+        let mut last = None;
+        let n = writes.len();
+        for (i, write) in writes.into_iter().enumerate() {
+            let reply = if i + 1 == n {
+                let (tx, rx) = oneshot::channel();
+                last = Some(rx);
+                Some(tx)
+            } else {
+                None
+            };
+            self.commits.send(Pending { write, ack: None, reply }).await.map_err(|_| EngineError::Internal("committer stopped".into()))?;
+        }
+        if let Some(rx) = last {
+            rx.await.map_err(|_| EngineError::Internal("committer stopped".into()))?.map_err(EngineError::Internal)?;
+        }
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- initialisation
+
+    async fn handle_init(&self, sn: &str, payload: &[u8]) {
+        let unverified = match frame::open(payload) {
+            Ok(u) => u,
+            Err(e) => {
+                metrics::counter!(m::GUDID_REFUSALS_TOTAL, "reason" => e.reason()).increment(1);
+                return reject("create_key", Rejection::Frame(e.reason()));
+            }
+        };
+        let counter = unverified.peek().counter;
+        let refuse = |code: RefusalCode| {
+            metrics::counter!(m::GUDID_REFUSALS_TOTAL, "reason" => code.as_str()).increment(1);
+            metrics::counter!(m::REJECTED_MESSAGES_TOTAL, "kind" => "create_key", "reason" => code.as_str()).increment(1);
+            info!(sn, reason = code.as_str(), "CreateKey refused");
+            self.publish_refusal(sn, counter, code);
+        };
+        if unverified.peek().party != sn {
+            return refuse(RefusalCode::Malformed);
+        }
+        let Message::CreateKey(request) = unverified.peek().message.clone() else {
+            return refuse(RefusalCode::Malformed);
+        };
+        let gudid_id = request.gudid_id.to_vec();
+        let gudid = match self.blocking(move |s| s.gudid_by_id(&gudid_id)).await {
+            Ok(Some(g)) => g,
+            Ok(None) => return refuse(RefusalCode::UnknownGudid),
+            Err(_) => return refuse(RefusalCode::UnknownGudid),
+        };
+        let Ok(mac_key) = MacKey::new(rki_protocol::SecretBytes::from_slice(&gudid.mac_key)) else {
+            return refuse(RefusalCode::UnknownGudid);
+        };
+        let create_key_body = unverified.body_bytes().to_vec();
+        if unverified.verify(&mac_key).is_err() {
+            return refuse(RefusalCode::BadTag);
+        }
+        let owned = sn.to_string();
+        let device = match self.blocking(move |s| s.device_org_by_sn(&owned)).await {
+            Ok(Some(d)) => d,
+            _ => return refuse(RefusalCode::UnknownDevice),
+        };
+        if gudid.device_id != device.0 {
+            return refuse(RefusalCode::GudidWrongDevice);
+        }
+        if gudid.used_at.is_some() {
+            return refuse(RefusalCode::GudidUsed);
+        }
+        if self.clock.now_ms() >= gudid.expires_at {
+            return refuse(RefusalCode::GudidExpired);
+        }
+        if let Err(code) = self.answer_create_key(sn, &gudid, device.0, &mac_key, &request, counter, &create_key_body).await {
+            refuse(code)
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn answer_create_key(
+        &self,
+        sn: &str,
+        gudid: &GudidRow,
+        device_id: i64,
+        mac_key: &MacKey,
+        request: &CreateKey,
+        counter: u64,
+        create_key_body: &[u8],
+    ) -> Result<(), RefusalCode> {
+        let ephemeral = Ephemeral::random().map_err(|_| RefusalCode::Malformed)?;
+        let answer = Body {
+            party: sn.to_string(),
+            counter: self.next_down_counter(),
+            message: Message::CreateKeyAnswer(message::CreateKeyAnswer {
+                gudid_id: request.gudid_id,
+                gateway_public: ephemeral.public(),
+            }),
+        };
+        let answer_frame = frame::seal(mac_key, &answer).map_err(|_| RefusalCode::Malformed)?;
+        let answer_body = frame::body_bytes_of(&answer_frame).ok_or(RefusalCode::Malformed)?.to_vec();
+        let secrets = init::derive_device_secrets(ephemeral, &request.device_public, mac_key, create_key_body, &answer_body)
+            .map_err(|_| RefusalCode::Malformed)?;
+        let sealed = self.keys.seal_device_secrets(&secrets).map_err(|_| RefusalCode::Malformed)?;
+        let password_hash = init::password_hash(secrets.mqtt_password.expose_secret());
+        let creds = NewCredentials {
+            signing_key: sealed.signing_key,
+            kbpk_aes: sealed.kbpk_aes,
+            kbpk_tdes: sealed.kbpk_tdes,
+            password_hash: password_hash.to_vec(),
+            counter,
+            x_pos_device_id: request.x_pos_device_id.clone(),
+        };
+        let now = self.clock.now_ms();
+        let row_id = gudid.id;
+        let stored = self.blocking(move |s| s.spend_gudid(row_id, device_id, &creds, now)).await.map_err(|e| match e {
+            EngineError::Conflict(_) => RefusalCode::GudidUsed,
+            _ => RefusalCode::Malformed,
+        })?;
+        // The old signing key is invalid from here on.
+        let hot = Arc::new(Mutex::new(DeviceHot::from_credentials(&stored)));
+        let previous = self.devices.insert(sn.to_string(), hot.clone());
+        if let Some(previous) = previous {
+            let previous = lock(&previous);
+            let mut h = lock(&hot);
+            h.open = previous.open.clone();
+            h.online = previous.online;
+            if previous.online {
+                // Keep the online count: the device reconnects under its new identity.
+            }
+        } else {
+            // Executions created before this device ever initialised wait in the store.
+            let id = device_id;
+            if let Ok(rows) = self.blocking(move |s| s.open_executions().map(|all| all.into_iter().filter(|e| e.device_id == id).collect::<Vec<_>>())).await {
+                for row in rows {
+                    self.insert_open(&row);
+                }
+            }
+        }
+        {
+            let mut h = lock(&hot);
+            h.signing_key = Some(secrets.signing_key.clone_secret());
+        }
+        self.passwords.insert(sn.to_string(), password_hash);
+        self.outbound.publish(topic::device_down(sn), answer_frame);
+        metrics::counter!(m::INITIALISATIONS_TOTAL).increment(1);
+        info!(sn, "device initialised");
+        Ok(())
+    }
+
+    fn publish_refusal(&self, sn: &str, request_counter: u64, code: RefusalCode) {
+        let body = Body {
+            party: sn.to_string(),
+            counter: self.next_down_counter(),
+            message: Message::Refusal(message::Refusal { request_counter, code }),
+        };
+        if let Ok(bytes) = frame::seal(&MacKey::public_refusal_key(), &body) {
+            self.outbound.publish(topic::device_down(sn), bytes);
+        }
+    }
+
+    // ---------------------------------------------------------------- operator actions
+
+    /// GUDID provisioning: a fresh GUDID for the SN, shown once.
+    pub async fn provision_gudid(&self, org_id: i64, sn: &str, actor: &str) -> EngineResult<(String, GudidRow)> {
+        let device = self.device(org_id, sn).await?;
+        let gudid = init::Gudid::random().map_err(|_| EngineError::Internal("no randomness".into()))?;
+        let now = self.clock.now_ms();
+        let row = GudidRow {
+            id: 0,
+            org_id,
+            device_id: device.id,
+            sn: sn.to_string(),
+            gudid_id: gudid.id().to_vec(),
+            mac_key: gudid.mac_key().expose_secret().to_vec(),
+            provisioned_by: actor.to_string(),
+            provisioned_at: now,
+            expires_at: now + (GUDID_VALIDITY_SECONDS as i64) * 1000,
+            used_at: None,
+        };
+        let row = self.blocking(move |s| s.insert_gudid(&row)).await?;
+        Ok((gudid.expose_text().to_string(), row))
+    }
+
+    pub async fn device(&self, org_id: i64, sn: &str) -> EngineResult<DeviceRow> {
+        let owned = sn.to_string();
+        self.blocking(move |s| s.device(org_id, &owned)).await
+    }
+
+    /// Whether the device is online (its last presence message was a hello).
+    pub fn is_online(&self, sn: &str) -> bool {
+        self.devices.get(sn).map(|h| lock(&h).online).unwrap_or(false)
+    }
+
+    pub fn online_count(&self) -> i64 {
+        self.online.load(Ordering::Relaxed)
+    }
+
+    /// Resolves a target to device ids of the organization; unknown SNs are an error naming them.
+    pub async fn resolve_target(&self, org_id: i64, target: &Target) -> EngineResult<Vec<i64>> {
+        match target {
+            Target::Group(name) => {
+                let name = name.clone();
+                let group = self.blocking(move |s| s.group_by_name(org_id, &name)).await?;
+                self.blocking(move |s| s.group_member_ids(group.id)).await
+            }
+            Target::Devices(sns) => {
+                if sns.is_empty() {
+                    return Err(EngineError::Invalid("no device named".into()));
+                }
+                let sns = sns.clone();
+                let found = self.blocking(move |s| s.device_ids_by_sn(org_id, &sns)).await?;
+                let unknown: Vec<String> = found.iter().filter(|(_, id)| id.is_none()).map(|(sn, _)| sn.clone()).collect();
+                if !unknown.is_empty() {
+                    return Err(EngineError::NotFound(format!("unknown SN(s): {}", unknown.join(", "))));
+                }
+                Ok(found.into_iter().filter_map(|(_, id)| id).collect())
+            }
+        }
+    }
+
+    /// Which devices are ready for a task, and why the others are not.
+    pub async fn preview(&self, org_id: i64, spec: &TaskSpec) -> EngineResult<Preview> {
+        if !KeySlot(spec.slot).is_writable_by_rki() {
+            return Err(EngineError::Invalid(format!("slot {} cannot be written by RKI (use 1, 4 or 8)", spec.slot)));
+        }
+        let expiry_days = spec.expiry_days.unwrap_or(EXPIRY_DAYS_DEFAULT);
+        if expiry_days == 0 || expiry_days > EXPIRY_DAYS_MAX {
+            return Err(EngineError::Invalid(format!("expiry_days must be 1 to {EXPIRY_DAYS_MAX}")));
+        }
+        let ids = self.resolve_target(org_id, &spec.target).await?;
+        if ids.len() > TASK_DEVICES_MAX {
+            return Err(EngineError::Invalid(format!("a task may target at most {TASK_DEVICES_MAX} devices")));
+        }
+        let key_source = match &spec.key_source {
+            Some(name) => {
+                let name = name.clone();
+                Some(self.blocking(move |s| s.key_source_by_name(org_id, &name)).await?)
+            }
+            None => None,
+        };
+        let devices = self.blocking(move |s| s.devices_by_ids(&ids)).await?;
+        let pending: std::collections::HashSet<i64> = self.blocking(move |s| s.open_execution_device_ids(org_id)).await?.into_iter().collect();
+        // Without an explicit key source, the devices' common assignment is used.
+        let chosen = match &key_source {
+            Some(k) => Some(k.id),
+            None => {
+                let assigned: std::collections::BTreeSet<i64> = devices.iter().filter_map(|d| d.assigned_key_source).collect();
+                if assigned.len() > 1 {
+                    return Err(EngineError::Invalid(
+                        "the devices are assigned to different key sources; name one with key_source".into(),
+                    ));
+                }
+                assigned.into_iter().next()
+            }
+        };
+        let mut preview = Preview {
+            key_source: None,
+            slot: spec.slot,
+            expiry_days,
+            ready: Vec::new(),
+            not_ready: Vec::new(),
+            never_seen: Vec::new(),
+            ready_ids: Vec::new(),
+            key_source_id: chosen,
+        };
+        if let Some(id) = chosen {
+            preview.key_source = Some(self.blocking(move |s| s.key_source(org_id, id)).await?.name);
+        }
+        for d in devices {
+            let reasons = readiness(&d, chosen, pending.contains(&d.id));
+            if reasons.iter().any(|r| r.blocks()) {
+                preview.not_ready.push(NotReadyDevice { sn: d.sn, reasons: reasons.iter().map(|r| r.as_str()).collect() });
+            } else {
+                if reasons.contains(&NotReady::NeverSeen) {
+                    preview.never_seen.push(d.sn.clone());
+                }
+                preview.ready.push(d.sn);
+                preview.ready_ids.push(d.id);
+            }
+        }
+        Ok(preview)
+    }
+
+    /// Creates a task for every ready device of the preview: derives and wraps one key per
+    /// device, persists the task and its executions, then delivers to the online devices.
+    pub async fn create_task(&self, org_id: i64, spec: &TaskSpec, actor: &str) -> EngineResult<(TaskRow, Preview)> {
+        if let Some(request_id) = spec.request_id {
+            if let Some(task) = self.blocking(move |s| s.task_by_request_id(org_id, request_id)).await? {
+                let preview = self.preview(org_id, spec).await.unwrap_or_else(|_| Preview {
+                    key_source: Some(task.key_source.clone()),
+                    slot: task.slot,
+                    expiry_days: 0,
+                    ready: vec![],
+                    not_ready: vec![],
+                    never_seen: vec![],
+                    ready_ids: vec![],
+                    key_source_id: Some(task.key_source_id),
+                });
+                return Ok((task, preview));
+            }
+        }
+        let preview = self.preview(org_id, spec).await?;
+        let Some(key_source_id) = preview.key_source_id else {
+            return Err(EngineError::Conflict("no key source: assign one to the devices or name it".into()));
+        };
+        if preview.ready_ids.is_empty() {
+            return Err(EngineError::Conflict(format!(
+                "no device is ready ({} not ready); see the preview for the reasons",
+                preview.not_ready.len()
+            )));
+        }
+        let source = self.blocking(move |s| s.key_source(org_id, key_source_id)).await?;
+        let algorithm = KeyAlgorithm::parse(&source.algorithm)
+            .ok_or_else(|| EngineError::Internal(format!("key source algorithm {}", source.algorithm)))?;
+        let count = preview.ready_ids.len() as i64;
+        let first_serial = self.blocking(move |s| s.allocate_serials(key_source_id, count)).await?;
+        let ids = preview.ready_ids.clone();
+        let creds = self.blocking(move |s| s.credentials_for(&ids)).await?;
+        let by_id: HashMap<i64, &DeviceCredentials> = creds.iter().map(|c| (c.device_id, c)).collect();
+        let key_set_id = hex::decode(&source.key_set_id).map_err(|_| EngineError::Internal("key set id".into()))?;
+        let mut key_ids = Vec::with_capacity(preview.ready_ids.len());
+        let mut device_order = Vec::with_capacity(preview.ready_ids.len());
+        for (i, id) in preview.ready_ids.iter().enumerate() {
+            let Some(c) = by_id.get(id) else { continue };
+            let serial = first_serial as u64 + i as u64;
+            let key_id = if algorithm.is_tdes() {
+                tdes_initial_ksn(&key_set_id, serial).map(|k| k.as_bytes().to_vec())
+            } else {
+                aes_initial_key_id(&key_set_id, serial).map(|k| k.as_bytes().to_vec())
+            }
+            .map_err(|e| EngineError::Internal(e.to_string()))?;
+            key_ids.push(key_id);
+            device_order.push((*id, c.generation, if algorithm.is_aes() { c.kbpk_aes.clone() } else { c.kbpk_tdes.clone() }));
+        }
+        let keys = self.keys.clone();
+        let sealed_bdk = source.sealed.clone();
+        let started = Instant::now();
+        let (wrapped, key_ids, device_order) = tokio::task::spawn_blocking(move || {
+            let requests: Vec<DeriveRequest<'_>> = key_ids
+                .iter()
+                .zip(device_order.iter())
+                .map(|(key_id, (_, _, kbpk))| DeriveRequest { key_id, sealed_kbpk: kbpk })
+                .collect();
+            let out = keys.derive_and_wrap(&sealed_bdk, &requests);
+            drop(requests);
+            (out, key_ids, device_order)
+        })
+        .await
+        .map_err(|e| EngineError::Internal(e.to_string()))?;
+        let wrapped = wrapped.map_err(|e| EngineError::Internal(e.to_string()))?;
+        let mut executions = Vec::with_capacity(wrapped.len());
+        for ((w, key_id), (device_id, generation, _)) in wrapped.into_iter().zip(key_ids).zip(device_order) {
+            let w = w.map_err(|e| EngineError::Internal(format!("derivation failed: {e}")))?;
+            debug_assert_eq!(w.key_id, key_id);
+            executions.push(NewExecution { device_id, key_block: w.key_block, key_id, kcv: w.kcv.to_hex(), generation });
+        }
+        let derive_ms = started.elapsed().as_millis();
+        let now = self.clock.now_ms();
+        let new_task = NewTask {
+            org_id,
+            key_source_id,
+            slot: spec.slot,
+            key_type: KeyType::Ipek.as_str().into(),
+            created_at: now,
+            expires_at: now + i64::from(preview.expiry_days) * (SECONDS_PER_DAY as i64) * 1000,
+            created_by: actor.to_string(),
+            request_id: spec.request_id,
+            executions,
+        };
+        let (task, rows) = self.blocking(move |s| s.create_task(&new_task)).await?;
+        info!(task = task.id, executions = rows.len(), derive_ms, "download task created");
+        metrics::counter!(m::TASKS_CREATED_TOTAL, "org" => self.org_label(org_id).to_string()).increment(1);
+        // Credentials for devices not yet hot, then deliver to those online.
+        for c in &creds {
+            self.devices.entry(c.sn.clone()).or_insert_with(|| Arc::new(Mutex::new(DeviceHot::from_credentials(c))));
+        }
+        for row in &rows {
+            self.insert_open(row);
+        }
+        let online: Vec<String> = rows.iter().filter(|r| self.is_online(&r.sn)).map(|r| r.sn.clone()).collect();
+        for sn in online {
+            if let Some(hot) = self.devices.get(&sn).map(|h| h.clone()) {
+                let key = { self.signing_key(&mut lock(&hot)) };
+                if let Some(key) = key {
+                    self.deliver_open(&sn, &hot, &key, None, true).await;
+                }
+            }
+        }
+        Ok((task, preview))
+    }
+
+    /// Stops a task: its open executions end as terminated ("manually terminated").
+    pub async fn stop_task(&self, org_id: i64, task_id: i64) -> EngineResult<usize> {
+        let now = self.clock.now_ms();
+        let ended = self.blocking(move |s| s.stop_task(org_id, task_id, now)).await?;
+        self.forget(&ended);
+        metrics::counter!(m::EXECUTIONS_ENDED_TOTAL, "state" => "terminated").increment(ended.len() as u64);
+        Ok(ended.len())
+    }
+
+    /// Asks a device to unlock: the signed unlock goes out now if the device is online, else on
+    /// its next hello. The device confirms by reporting itself unlocked.
+    pub async fn unlock(&self, org_id: i64, sn: &str) -> EngineResult<bool> {
+        let device = self.device(org_id, sn).await?;
+        if !device.initialised {
+            return Err(EngineError::Conflict(format!("device {sn} is not initialised")));
+        }
+        let id = device.id;
+        self.blocking(move |s| s.set_unlock_pending(id, true)).await?;
+        let hot = self.hot_device(sn).await.map_err(|r| EngineError::Internal(r.reason().into()))?;
+        let (online, key) = {
+            let mut h = lock(&hot);
+            h.unlock_pending = true;
+            (h.online, self.signing_key(&mut h))
+        };
+        if let (true, Some(key)) = (online, key) {
+            self.send_unlock(sn, &key, device.id);
+        }
+        Ok(online)
+    }
+
+    fn forget(&self, execution_ids: &[i64]) {
+        for id in execution_ids {
+            if let Some((_, sn)) = self.execution_sn.remove(id) {
+                if let Some(hot) = self.devices.get(&sn) {
+                    lock(&hot).open.retain(|e| e.id != *id);
+                }
+            }
+        }
+    }
+
+    /// Expires every open execution past its deadline (on the injected clock).
+    pub async fn expire_now(&self) -> EngineResult<usize> {
+        let now = self.clock.now_ms();
+        let due = self.blocking(move |s| s.expire_due(now)).await?;
+        let ids: Vec<i64> = due.iter().map(|(id, _)| *id).collect();
+        self.forget(&ids);
+        if !ids.is_empty() {
+            metrics::counter!(m::EXECUTIONS_ENDED_TOTAL, "state" => "expired").increment(ids.len() as u64);
+            info!(expired = ids.len(), "executions expired");
+        }
+        Ok(ids.len())
+    }
+
+    /// Re-publishes unacked downloads to online devices whose backoff elapsed.
+    async fn retry_sweep(&self) {
+        let due: Vec<(String, Arc<Mutex<DeviceHot>>)> = self
+            .devices
+            .iter()
+            .filter(|entry| {
+                let h = lock(entry.value());
+                h.online && h.open.iter().any(|e| e.last_sent.is_some_and(|at| at.elapsed().as_millis() as i64 >= retry_backoff_ms(e.sends)))
+            })
+            .map(|entry| (entry.key().clone(), entry.value().clone()))
+            .collect();
+        for (sn, hot) in due {
+            let key = { self.signing_key(&mut lock(&hot)) };
+            if let Some(key) = key {
+                self.deliver_open(&sn, &hot, &key, None, false).await;
+            }
+        }
+    }
+
+    /// Waits until every write queued so far is durable.
+    pub async fn flush(&self) -> EngineResult<()> {
+        self.write_durably(vec![Write::Seen { device_id: -1, at: 0 }]).await
+    }
+}
+
+/// The checks of a verified ack against its execution. Success needs the slot, the key ID and
+/// the KCV to match the derivation; an error code needs only the slot.
+fn check_ack(e: &OpenExecution, ack: &message::Ack) -> Result<Option<KcvMatched>, Rejection> {
+    if ack.slot.0 != e.slot {
+        return Err(Rejection::SlotMismatch);
+    }
+    if ack.result != 0 {
+        return Ok(None);
+    }
+    if !rki_protocol::secret::ct_eq(&ack.key_id, &e.key_id) {
+        return Err(Rejection::KeyIdMismatch);
+    }
+    let expected = Kcv::from_hex(&e.kcv);
+    let given = Kcv::from_slice(&ack.kcv);
+    match (expected, given) {
+        (Some(expected), Some(given)) if expected.short() == given.short() => Ok(Some(KcvMatched(()))),
+        _ => Err(Rejection::KcvMismatch),
+    }
+}
+
+/// Doubling backoff for re-delivery to an online device: 15 s, 30 s, … up to 10 min.
+fn retry_backoff_ms(sends: u32) -> i64 {
+    let doublings = sends.saturating_sub(1).min(16);
+    (RETRY_INITIAL_MS << doublings).min(RETRY_MAX_MS)
+}
+
+/// Why a device is not ready, in the order the portal shows them.
+fn readiness(d: &DeviceRow, key_source: Option<i64>, pending: bool) -> Vec<NotReady> {
+    let mut reasons = Vec::new();
+    if !d.initialised {
+        reasons.push(NotReady::NotInitialised);
+    }
+    if d.locked {
+        reasons.push(NotReady::Locked);
+    }
+    match (d.assigned_key_source, key_source) {
+        (None, _) => reasons.push(NotReady::Unassigned),
+        (Some(a), Some(k)) if a != k => reasons.push(NotReady::Unassigned),
+        _ => {}
+    }
+    if pending {
+        reasons.push(NotReady::TaskPending);
+    }
+    if d.debug_mode || d.debug_key_present {
+        reasons.push(NotReady::DebugKeyPresent);
+    }
+    match (&d.model, &d.rom_version, &d.app_version, &d.region) {
+        (Some(model), Some(rom), Some(app), Some(region)) => {
+            let region = Region::parse(region).unwrap_or(Region::Eu);
+            match firmware_refusal(model, rom, app, region) {
+                Some(TerminalError::RomTooOld) => reasons.push(NotReady::RomTooOld),
+                Some(TerminalError::AppTooOld) => reasons.push(NotReady::AppTooOld),
+                _ => {}
+            }
+        }
+        _ => reasons.push(NotReady::NeverSeen),
+    }
+    reasons
+}
+
+fn shard_of(topic: &str) -> usize {
+    // FNV-1a over the topic: the SN is its only varying part.
+    let mut hash: u64 = 0xcbf29ce484222325;
+    for b in topic.bytes() {
+        hash ^= u64::from(b);
+        hash = hash.wrapping_mul(0x100000001b3);
+    }
+    (hash % SHARDS as u64) as usize
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+async fn shard_worker(engine: Arc<Engine>, mut rx: mpsc::Receiver<InboundMessage>) {
+    while let Some(message) = rx.recv().await {
+        engine.handle(message).await;
+    }
+}
+
+/// Gathers queued writes into batches: one transaction, one fsync per batch.
+async fn committer(engine: Arc<Engine>, mut rx: mpsc::Receiver<Pending>) {
+    let mut batch: Vec<Pending> = Vec::with_capacity(BATCH_WRITES_MAX);
+    loop {
+        let Some(first) = rx.recv().await else { return };
+        batch.push(first);
+        while batch.len() < BATCH_WRITES_MAX {
+            match rx.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
+            }
+        }
+        let writes: Vec<Write> = batch
+            .iter()
+            .filter(|p| !matches!(p.write, Write::Seen { device_id: -1, .. }))
+            .map(|p| p.write.clone())
+            .collect();
+        let started = Instant::now();
+        let store = engine.store.clone();
+        let n = writes.len();
+        let result = tokio::task::spawn_blocking(move || store.apply_batch(&writes)).await;
+        let result = match result {
+            Ok(Ok(outcome)) => Ok(outcome),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        metrics::histogram!(m::STORE_COMMIT_SECONDS).record(started.elapsed().as_secs_f64());
+        metrics::histogram!(m::STORE_BATCH_WRITES).record(n as f64);
+        metrics::gauge!(m::STORE_UP).set(if result.is_ok() { 1.0 } else { 0.0 });
+        let ended: std::collections::HashSet<i64> = match &result {
+            Ok(outcome) => outcome.ended.iter().map(|(id, _)| *id).collect(),
+            Err(e) => {
+                error!(error = %e, writes = n, "store batch failed");
+                Default::default()
+            }
+        };
+        let now = engine.clock.now_ms();
+        for p in batch.drain(..) {
+            if let (Some(done), Write::End(ending)) = (&p.ack, &p.write) {
+                if ended.contains(&ending.execution_id) {
+                    let result = if done.succeeded { "succeeded" } else { "failed" };
+                    metrics::counter!(m::ACKS_TOTAL, "result" => result).increment(1);
+                    metrics::counter!(m::EXECUTIONS_ENDED_TOTAL, "state" => result).increment(1);
+                    if done.succeeded {
+                        metrics::counter!(m::KEYS_INJECTED_TOTAL, "org" => done.org.to_string()).increment(1);
+                    }
+                    let since_creation = ((now - done.created_at).max(0) as f64) / 1000.0;
+                    metrics::histogram!(m::DELIVERY_LATENCY_SECONDS, "from" => "creation").record(since_creation);
+                    if let Some(hello) = done.hello_at {
+                        metrics::histogram!(m::DELIVERY_LATENCY_SECONDS, "from" => "hello").record(hello.elapsed().as_secs_f64());
+                    }
+                } else if result.is_ok() {
+                    metrics::counter!(m::DUPLICATE_ACKS_TOTAL).increment(1);
+                }
+            }
+            if let Some(reply) = p.reply {
+                let _ = reply.send(result.as_ref().map(|_| ()).map_err(Clone::clone));
+            }
+        }
+    }
+}
+
+/// Runs the retry and expiry sweeps.
+async fn sweeper(engine: Arc<Engine>) {
+    let mut ticker = tokio::time::interval(SWEEP_INTERVAL);
+    let mut ticks: u64 = 0;
+    loop {
+        ticker.tick().await;
+        ticks += 1;
+        engine.retry_sweep().await;
+        if ticks % 5 == 0 {
+            if let Err(e) = engine.expire_now().await {
+                warn!(error = %e, "expiry sweep failed");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(kcv: &str) -> OpenExecution {
+        OpenExecution {
+            id: 1,
+            org_id: 1,
+            key_source_id: 1,
+            slot: 1,
+            key_type: "IPEK".into(),
+            key_block: String::new(),
+            key_id: vec![1; 10],
+            kcv: kcv.into(),
+            generation: 1,
+            created_at: 0,
+            deadline: i64::MAX,
+            last_sent: None,
+            sends: 0,
+            hello_at: None,
+        }
+    }
+
+    fn ack(kcv: Vec<u8>, result: i32) -> message::Ack {
+        message::Ack { execution_id: 1, result, slot: KeySlot(1), key_id: vec![1; 10], kcv, injection: InjectionType::Auto }
+    }
+
+    #[test]
+    fn ack_with_matching_kcv_is_accepted() {
+        assert!(matches!(check_ack(&open("AABBCC"), &ack(vec![0xAA, 0xBB, 0xCC], 0)), Ok(Some(_))));
+    }
+
+    #[test]
+    fn ack_with_wrong_kcv_is_rejected() {
+        assert_eq!(check_ack(&open("AABBCC"), &ack(vec![0xAA, 0xBB, 0xCD], 0)).err(), Some(Rejection::KcvMismatch));
+        assert_eq!(check_ack(&open("AABBCC"), &ack(vec![], 0)).err(), Some(Rejection::KcvMismatch));
+    }
+
+    #[test]
+    fn ack_with_an_error_code_needs_no_kcv() {
+        assert!(matches!(check_ack(&open("AABBCC"), &ack(vec![], -11208)), Ok(None)));
+    }
+
+    #[test]
+    fn ack_for_another_slot_is_rejected() {
+        let mut a = ack(vec![0xAA, 0xBB, 0xCC], 0);
+        a.slot = KeySlot(4);
+        assert_eq!(check_ack(&open("AABBCC"), &a).err(), Some(Rejection::SlotMismatch));
+    }
+
+    #[test]
+    fn retry_backoff_doubles_up_to_the_cap() {
+        assert_eq!(retry_backoff_ms(1), RETRY_INITIAL_MS);
+        assert_eq!(retry_backoff_ms(2), 2 * RETRY_INITIAL_MS);
+        assert_eq!(retry_backoff_ms(100), RETRY_MAX_MS);
+    }
+}

@@ -1,0 +1,330 @@
+//! The key service: the one narrow interface behind which key material lives.
+//!
+//! Everything that touches a clear key (a BDK, a derived IPEK, a device's signing key or key-block
+//! protection keys) happens behind [`KeyService`]. The rest of the gateway only ever handles sealed
+//! keys (TR-31 key blocks under the master key, as stored), KCVs and key blocks wrapped for a
+//! device. [`SoftwareKeyService`] is the implementation in this process; an HSM implementation
+//! (PKCS#11) replaces it without touching the engine.
+//!
+//! At rest every key is a TR-31 version D key block under the master key (AES-256): BDKs with
+//! usage `B0`, key-block protection keys with `K1`, device signing keys with `M7` (HMAC).
+
+use std::fs;
+use std::io::Write as _;
+use std::path::Path;
+
+use rki_protocol::dukpt;
+use rki_protocol::frame::MacKey;
+use rki_protocol::init::DeviceSecrets;
+use rki_protocol::tr31::{self, DukptInitialKeyId, Header, Version};
+use rki_protocol::{Kcv, KcvLen, KeyAlgorithm, SecretBytes, SymmetricKey};
+use zeroize::Zeroizing;
+
+/// Errors of the key service. Messages never contain key bytes.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyServiceError {
+    #[error("master key file {path}: {reason}")]
+    MasterKeyFile { path: String, reason: String },
+    #[error("sealed key does not open under this master key (wrong master key, or tampered store)")]
+    Unseal,
+    #[error("key block: {0}")]
+    Tr31(String),
+    #[error("derivation: {0}")]
+    Derivation(String),
+    #[error("no randomness available")]
+    Random,
+    #[error("key: {0}")]
+    Key(String),
+}
+
+/// The master key: AES-256, kept in a file outside the store, never logged.
+pub struct MasterKey(SymmetricKey);
+
+impl std::fmt::Debug for MasterKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MasterKey([REDACTED])")
+    }
+}
+
+impl MasterKey {
+    /// Loads the master key from `path`, or creates one (mode 0600) if the file does not exist.
+    /// Returns whether it was created.
+    pub fn load_or_create(path: &Path) -> Result<(MasterKey, bool), KeyServiceError> {
+        let err = |reason: String| KeyServiceError::MasterKeyFile { path: path.display().to_string(), reason };
+        if path.exists() {
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                let mode = fs::metadata(path).map_err(|e| err(e.to_string()))?.permissions().mode();
+                if mode & 0o077 != 0 {
+                    return Err(err(format!("permissions {:o} are too open; run chmod 600 on it", mode & 0o777)));
+                }
+            }
+            let text = Zeroizing::new(fs::read_to_string(path).map_err(|e| err(e.to_string()))?);
+            let bytes = SecretBytes::from_hex(text.trim()).map_err(|_| err("not hex".into()))?;
+            let key = SymmetricKey::new(KeyAlgorithm::Aes256, bytes).map_err(|_| err("must be 64 hex digits (AES-256)".into()))?;
+            return Ok((MasterKey(key), false));
+        }
+        if let Some(dir) = path.parent() {
+            if !dir.as_os_str().is_empty() {
+                fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
+            }
+        }
+        let key = SymmetricKey::random(KeyAlgorithm::Aes256).map_err(|_| KeyServiceError::Random)?;
+        let mut options = fs::OpenOptions::new();
+        options.write(true).create_new(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            options.mode(0o600);
+        }
+        let mut file = options.open(path).map_err(|e| err(e.to_string()))?;
+        let text = key.secret().to_hex_upper();
+        file.write_all(text.as_bytes()).and_then(|_| file.write_all(b"\n")).and_then(|_| file.sync_all()).map_err(|e| err(e.to_string()))?;
+        Ok((MasterKey(key), true))
+    }
+
+    /// KCV of the master key, stored in the database to detect a wrong master key at start.
+    pub fn kcv(&self) -> Kcv {
+        self.0.kcv(KcvLen::Three)
+    }
+}
+
+/// A BDK sealed for storage, with its public facts.
+#[derive(Debug, Clone)]
+pub struct SealedKey {
+    pub sealed: String,
+    pub algorithm: KeyAlgorithm,
+    pub kcv: Kcv,
+}
+
+/// A device's secrets, sealed for storage.
+#[derive(Debug, Clone)]
+pub struct SealedDeviceSecrets {
+    pub signing_key: String,
+    pub kbpk_aes: String,
+    pub kbpk_tdes: String,
+}
+
+/// One key to derive and wrap for one device.
+#[derive(Debug, Clone, Copy)]
+pub struct DeriveRequest<'a> {
+    /// KSN (TDES, counter zero) or initial key ID (AES) of the key to derive: unique per device
+    /// (see [`tdes_initial_ksn`] and [`aes_initial_key_id`]).
+    pub key_id: &'a [u8],
+    /// The device's sealed key-block protection key for the BDK's family (AES or TDES).
+    pub sealed_kbpk: &'a str,
+}
+
+/// A derived initial key, wrapped for one device. Contains no clear key.
+#[derive(Debug, Clone)]
+pub struct WrappedKey {
+    pub key_block: String,
+    /// KSN (TDES, 10 bytes, counter zero) or initial key ID (AES, 8 bytes).
+    pub key_id: Vec<u8>,
+    pub kcv: Kcv,
+}
+
+pub trait KeyService: Send + Sync {
+    /// Seals a BDK entered at a key ceremony.
+    fn seal_bdk(&self, bdk: &SymmetricKey) -> Result<SealedKey, KeyServiceError>;
+    /// Seals a device's new secrets.
+    fn seal_device_secrets(&self, secrets: &DeviceSecrets) -> Result<SealedDeviceSecrets, KeyServiceError>;
+    /// Opens a device signing key, for verifying its messages and signing those sent to it.
+    fn open_signing_key(&self, sealed: &str) -> Result<MacKey, KeyServiceError>;
+    /// Derives the DUKPT initial key of each request from the sealed BDK and wraps it under the
+    /// device's KBPK: TR-31 version B for TDES, version D for AES. Spreads the work over the
+    /// machine's cores. Used at task creation and to re-wrap after a re-initialisation.
+    fn derive_and_wrap(
+        &self,
+        sealed_bdk: &str,
+        requests: &[DeriveRequest<'_>],
+    ) -> Result<Vec<Result<WrappedKey, KeyServiceError>>, KeyServiceError>;
+}
+
+/// Key service with keys in this process's memory, sealed at rest under the master key.
+pub struct SoftwareKeyService {
+    master: MasterKey,
+    /// Worker threads for bulk derivation.
+    threads: usize,
+}
+
+impl SoftwareKeyService {
+    pub fn new(master: MasterKey) -> Self {
+        let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        Self { master, threads }
+    }
+
+    fn seal(&self, usage: [u8; 2], algorithm: u8, mode: u8, key: &SymmetricKey) -> Result<String, KeyServiceError> {
+        let header = Header::builder(Version::D, usage, algorithm, mode)
+            .exportability(b'N')
+            .build()
+            .map_err(|e| KeyServiceError::Tr31(e.to_string()))?;
+        tr31::wrap(&self.master.0, &header, key.secret(), &mut os_random).map_err(|e| KeyServiceError::Tr31(e.to_string()))
+    }
+
+    fn unseal(&self, sealed: &str) -> Result<(Header, SecretBytes), KeyServiceError> {
+        tr31::unwrap(&self.master.0, sealed).map_err(|_| KeyServiceError::Unseal)
+    }
+
+    fn unseal_key(&self, sealed: &str) -> Result<SymmetricKey, KeyServiceError> {
+        let (header, bytes) = self.unseal(sealed)?;
+        let key = match header.algorithm() {
+            b'T' => SymmetricKey::tdes(bytes),
+            b'A' => SymmetricKey::aes(bytes),
+            _ => return Err(KeyServiceError::Unseal),
+        };
+        key.map_err(|e| KeyServiceError::Key(e.to_string()))
+    }
+
+    fn derive_one(&self, bdk: &SymmetricKey, request: &DeriveRequest<'_>) -> Result<WrappedKey, KeyServiceError> {
+        let kbpk = self.unseal_key(request.sealed_kbpk)?;
+        let id_error = |e: rki_protocol::dukpt::DukptError| KeyServiceError::Derivation(e.to_string());
+        if bdk.algorithm().is_tdes() {
+            let ksn = dukpt::tdes::Ksn::from_hex(&hex::encode(request.key_id)).map_err(id_error)?;
+            let ipek = dukpt::tdes::derive_ipek(bdk, &ksn).map_err(|e| KeyServiceError::Derivation(e.to_string()))?;
+            let kcv = ipek.kcv(KcvLen::Three);
+            if !kbpk.algorithm().is_tdes() {
+                return Err(KeyServiceError::Key("a TDES key needs a TDES key-block protection key".into()));
+            }
+            let header = Header::dukpt_initial_key(Version::B, DukptInitialKeyId::Tdes(ksn), Some(&kcv))
+                .map_err(|e| KeyServiceError::Tr31(e.to_string()))?;
+            let key_block = tr31::wrap(&kbpk, &header, ipek.secret(), &mut os_random).map_err(|e| KeyServiceError::Tr31(e.to_string()))?;
+            Ok(WrappedKey { key_block, key_id: ksn.as_bytes().to_vec(), kcv })
+        } else {
+            let id = dukpt::aes::InitialKeyId::from_hex(&hex::encode(request.key_id)).map_err(id_error)?;
+            let initial = dukpt::aes::derive_initial_key(bdk, &id).map_err(|e| KeyServiceError::Derivation(e.to_string()))?;
+            let kcv = initial.kcv(KcvLen::Three);
+            if !kbpk.algorithm().is_aes() {
+                return Err(KeyServiceError::Key("an AES key needs an AES key-block protection key".into()));
+            }
+            let header = Header::dukpt_initial_key(Version::D, DukptInitialKeyId::Aes(id), Some(&kcv))
+                .map_err(|e| KeyServiceError::Tr31(e.to_string()))?;
+            let key_block = tr31::wrap(&kbpk, &header, initial.secret(), &mut os_random).map_err(|e| KeyServiceError::Tr31(e.to_string()))?;
+            Ok(WrappedKey { key_block, key_id: id.as_bytes().to_vec(), kcv })
+        }
+    }
+}
+
+/// Fills `buf` from the OS CSPRNG (TR-31 padding).
+fn os_random(buf: &mut [u8]) {
+    if getrandom::getrandom(buf).is_err() {
+        // Padding randomness is not a secret; a zero pad is still a valid key block.
+        buf.fill(0);
+    }
+}
+
+/// The initial KSN of serial `serial` under a 5-byte key set ID: the 59 leading bits are
+/// `key_set_id << 19 | serial` (serial overflowing 19 bits carries into the key set ID's low
+/// bits, still unique per key source), the 21-bit counter is zero.
+pub fn tdes_initial_ksn(key_set_id: &[u8], serial: u64) -> Result<dukpt::tdes::Ksn, KeyServiceError> {
+    if key_set_id.len() != 5 {
+        return Err(KeyServiceError::Derivation("a TDES key set ID is 5 bytes".into()));
+    }
+    let mut ksi = [0u8; 8];
+    ksi[3..].copy_from_slice(key_set_id);
+    let upper59 = (u128::from(u64::from_be_bytes(ksi)) << 19) + u128::from(serial);
+    let value = (upper59 & ((1u128 << 59) - 1)) << 21;
+    let bytes = value.to_be_bytes();
+    let mut ksn = [0u8; 10];
+    ksn.copy_from_slice(&bytes[6..]);
+    dukpt::tdes::Ksn::from_hex(&hex::encode(ksn)).map_err(|e| KeyServiceError::Derivation(e.to_string()))
+}
+
+/// The AES DUKPT initial key ID of serial `serial`: 4-byte BDK ID, then the serial as the 4-byte
+/// derivation ID.
+pub fn aes_initial_key_id(key_set_id: &[u8], serial: u64) -> Result<dukpt::aes::InitialKeyId, KeyServiceError> {
+    if key_set_id.len() != 4 {
+        return Err(KeyServiceError::Derivation("an AES BDK ID is 4 bytes".into()));
+    }
+    let derivation_id = u32::try_from(serial).map_err(|_| KeyServiceError::Derivation("serials exhausted for this BDK".into()))?;
+    let mut id = [0u8; 8];
+    id[..4].copy_from_slice(key_set_id);
+    id[4..].copy_from_slice(&derivation_id.to_be_bytes());
+    dukpt::aes::InitialKeyId::from_hex(&hex::encode(id)).map_err(|e| KeyServiceError::Derivation(e.to_string()))
+}
+
+impl KeyService for SoftwareKeyService {
+    fn seal_bdk(&self, bdk: &SymmetricKey) -> Result<SealedKey, KeyServiceError> {
+        let algorithm = if bdk.algorithm().is_tdes() { b'T' } else { b'A' };
+        let sealed = self.seal(*b"B0", algorithm, b'X', bdk)?;
+        Ok(SealedKey { sealed, algorithm: bdk.algorithm(), kcv: bdk.kcv(KcvLen::Three) })
+    }
+
+    fn seal_device_secrets(&self, s: &DeviceSecrets) -> Result<SealedDeviceSecrets, KeyServiceError> {
+        let signing = SymmetricKey::aes(SecretBytes::from_slice(s.signing_key.expose_secret())).map_err(|e| KeyServiceError::Key(e.to_string()))?;
+        Ok(SealedDeviceSecrets {
+            // The signing key is an HMAC key; it is 32 bytes, so it is carried as key material of
+            // that length under usage M7 / algorithm H.
+            signing_key: self.seal_hmac(&signing)?,
+            kbpk_aes: self.seal(*b"K1", b'A', b'B', &s.kbpk_aes)?,
+            kbpk_tdes: self.seal(*b"K1", b'T', b'B', &s.kbpk_tdes)?,
+        })
+    }
+
+    fn open_signing_key(&self, sealed: &str) -> Result<MacKey, KeyServiceError> {
+        let (header, bytes) = self.unseal(sealed)?;
+        if header.key_usage() != *b"M7" {
+            return Err(KeyServiceError::Unseal);
+        }
+        MacKey::new(bytes).map_err(|_| KeyServiceError::Unseal)
+    }
+
+    fn derive_and_wrap(
+        &self,
+        sealed_bdk: &str,
+        requests: &[DeriveRequest<'_>],
+    ) -> Result<Vec<Result<WrappedKey, KeyServiceError>>, KeyServiceError> {
+        let bdk = self.unseal_key(sealed_bdk)?;
+        if requests.len() < 64 || self.threads == 1 {
+            return Ok(requests.iter().map(|r| self.derive_one(&bdk, r)).collect());
+        }
+        let chunk = requests.len().div_ceil(self.threads);
+        let bdk = &bdk;
+        let results = std::thread::scope(|scope| {
+            let handles: Vec<_> = requests
+                .chunks(chunk)
+                .map(|part| scope.spawn(move || part.iter().map(|r| self.derive_one(bdk, r)).collect::<Vec<_>>()))
+                .collect();
+            handles.into_iter().flat_map(|h| h.join().unwrap_or_default()).collect::<Vec<_>>()
+        });
+        if results.len() != requests.len() {
+            return Err(KeyServiceError::Derivation("a derivation worker failed".into()));
+        }
+        Ok(results)
+    }
+}
+
+impl SoftwareKeyService {
+    fn seal_hmac(&self, key: &SymmetricKey) -> Result<String, KeyServiceError> {
+        let header = Header::builder(Version::D, *b"M7", b'H', b'C')
+            .exportability(b'N')
+            .build()
+            .map_err(|e| KeyServiceError::Tr31(e.to_string()))?;
+        tr31::wrap(&self.master.0, &header, key.secret(), &mut os_random).map_err(|e| KeyServiceError::Tr31(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn initial_ksns_are_unique_per_serial_and_have_a_zero_counter() {
+        let ksi = [0xFF, 0xFF, 0x98, 0x76, 0x54];
+        let a = tdes_initial_ksn(&ksi, 0).expect("ksn");
+        let b = tdes_initial_ksn(&ksi, 1).expect("ksn");
+        assert_ne!(a, b);
+        assert_eq!(a.counter(), 0);
+        assert_eq!(b.counter(), 0);
+        assert_eq!(a.to_hex(), "FFFF9876540000000000");
+        assert_eq!(b.to_hex(), "FFFF9876540000200000");
+    }
+
+    #[test]
+    fn aes_initial_key_ids_carry_the_bdk_id_and_serial() {
+        let id = aes_initial_key_id(&[0x12, 0x34, 0x56, 0x78], 0x90123456).expect("id");
+        assert_eq!(id.to_hex(), "1234567890123456");
+        assert!(aes_initial_key_id(&[1, 2, 3], 0).is_err());
+    }
+}

@@ -1,0 +1,105 @@
+//! `rki-gateway`: run the gateway (the default), or bootstrap an organization or the key owner.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use rki_gateway::config::Config;
+use rki_gateway::{bootstrap, server};
+
+#[derive(Parser)]
+#[command(name = "rki-gateway", version, about = "Remote key injection gateway: embedded MQTT broker, task engine, admin API")]
+struct Cli {
+    /// TOML configuration file.
+    #[arg(long, global = true, env = "RKI_CONFIG")]
+    config: Option<PathBuf>,
+    /// Data directory (store). Default ./rki-data.
+    #[arg(long, global = true)]
+    data_dir: Option<PathBuf>,
+    /// MQTT listen address. Default 127.0.0.1:1883.
+    #[arg(long)]
+    mqtt_addr: Option<std::net::SocketAddr>,
+    /// Admin API and /metrics listen address. Default 127.0.0.1:8080.
+    #[arg(long)]
+    http_addr: Option<std::net::SocketAddr>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway (the default).
+    Run,
+    /// Create an organization and print its admin token once.
+    InitOrg {
+        name: String,
+    },
+    /// Create a key-owner token (authorizes BDKs) and print it once.
+    InitKeyOwner {
+        #[arg(long, default_value = "key-owner")]
+        label: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let mut config = match Config::load(cli.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("rki-gateway: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(d) = cli.data_dir {
+        config.data_dir = d;
+    }
+    if let Some(a) = cli.mqtt_addr {
+        config.mqtt_addr = a;
+    }
+    if let Some(a) = cli.http_addr {
+        config.http_addr = a;
+    }
+    let result = match cli.command.unwrap_or(Command::Run) {
+        Command::Run => run(config),
+        Command::InitOrg { name } => init_org(&config, &name),
+        Command::InitKeyOwner { label } => init_key_owner(&config, &label),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("rki-gateway: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+fn init_org(config: &Config, name: &str) -> Result<(), String> {
+    let store = server::open_store(config)?;
+    let (org, token) = bootstrap::create_org(store.as_ref(), name, now_ms()).map_err(|e| e.to_string())?;
+    println!("organization {} created (id {})", org.name, org.id);
+    println!("admin token (shown once; keep it secret): {token}");
+    Ok(())
+}
+
+fn init_key_owner(config: &Config, label: &str) -> Result<(), String> {
+    let store = server::open_store(config)?;
+    let token = bootstrap::create_key_owner_token(store.as_ref(), label, now_ms()).map_err(|e| e.to_string())?;
+    println!("key owner token (shown once; keep it secret): {token}");
+    Ok(())
+}
+
+fn run(config: Config) -> Result<(), String> {
+    let json = config.log_format == "json";
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RKI_LOG").unwrap_or_else(|_| "info,rumqttd=warn".into());
+    if json {
+        tracing_subscriber::fmt().with_env_filter(filter).json().init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;
+    runtime.block_on(server::run(config))
+}

@@ -1,0 +1,108 @@
+//! Wiring: store, key service, engine, broker and HTTP, started in that order; stopped in reverse
+//! on SIGTERM or Ctrl-C, with the store flushed.
+
+use std::sync::{Arc, OnceLock};
+
+use tracing::{info, warn};
+
+use crate::api::{self, AppState};
+use crate::broker::{self, EmbeddedBroker};
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::engine::Engine;
+use crate::keyservice::{MasterKey, SoftwareKeyService};
+use crate::store::sqlite::SqliteStore;
+use crate::store::Store;
+
+/// Raises the open-file soft limit to the hard limit: every MQTT connection is a descriptor.
+pub fn raise_fd_limit() -> u64 {
+    match rlimit::getrlimit(rlimit::Resource::NOFILE) {
+        Ok((soft, hard)) => {
+            if soft < hard && rlimit::setrlimit(rlimit::Resource::NOFILE, hard, hard).is_ok() {
+                hard
+            } else {
+                soft
+            }
+        }
+        Err(_) => 0,
+    }
+}
+
+/// Opens the store, creating the data directory. Used by `run` and by the offline commands.
+pub fn open_store(config: &Config) -> Result<Arc<SqliteStore>, String> {
+    std::fs::create_dir_all(&config.data_dir).map_err(|e| format!("data dir {}: {e}", config.data_dir.display()))?;
+    let store = SqliteStore::open(&config.store_path()).map_err(|e| format!("store {}: {e}", config.store_path().display()))?;
+    Ok(Arc::new(store))
+}
+
+/// Runs the gateway until SIGTERM or Ctrl-C.
+pub async fn run(config: Config) -> Result<(), String> {
+    let fd_limit = raise_fd_limit();
+    let store = open_store(&config)?;
+    let master_path = config.master_key_path();
+    let (master, created) = MasterKey::load_or_create(&master_path).map_err(|e| e.to_string())?;
+    if created {
+        warn!(
+            path = %master_path.display(),
+            "generated a new master key (mode 0600). It encrypts every key in the store: back it up \
+             separately from the data directory, keep it offline, and never store it beside the backups"
+        );
+    }
+    check_master_key(store.as_ref(), &master)?;
+    let keys = Arc::new(SoftwareKeyService::new(master));
+    let clock = Arc::new(if config.clock == "adjustable" {
+        warn!("the clock is adjustable (tests only)");
+        Clock::adjustable()
+    } else {
+        Clock::system()
+    });
+    let prometheus = crate::metrics::install()?;
+    let max_connections = if config.max_connections > 0 { config.max_connections } else { broker::max_connections_from_fd_limit() };
+    let cell: broker::EngineCell = Arc::new(OnceLock::new());
+    let mut broker = EmbeddedBroker::start(config.mqtt_addr, max_connections, cell.clone())?;
+    let store_dyn: Arc<dyn Store> = store.clone();
+    let engine = Engine::start(store_dyn, keys, clock, broker.outbound.clone()).await.map_err(|e| e.to_string())?;
+    let _ = cell.set(engine.clone());
+    broker.run_inbound(engine.clone())?;
+    let state = Arc::new(AppState { engine: engine.clone(), prometheus });
+    let listener = tokio::net::TcpListener::bind(config.http_addr).await.map_err(|e| format!("http {}: {e}", config.http_addr))?;
+    info!(http = %config.http_addr, mqtt = %config.mqtt_addr, fd_limit, data_dir = %config.data_dir.display(), "rki-gateway ready");
+    axum::serve(listener, api::router(state)).with_graceful_shutdown(shutdown_signal()).await.map_err(|e| e.to_string())?;
+    info!("shutting down: flushing the store");
+    engine.flush().await.map_err(|e| e.to_string())?;
+    info!("stopped");
+    Ok(())
+}
+
+/// Refuses to start with a master key other than the one the store was sealed under.
+fn check_master_key(store: &SqliteStore, master: &MasterKey) -> Result<(), String> {
+    let kcv = master.kcv().to_hex();
+    match store.meta("master_key_kcv").map_err(|e| e.to_string())? {
+        Some(stored) if stored != kcv => Err(format!(
+            "the master key (KCV {kcv}) is not the one this store was sealed under (KCV {stored}); point master_key_file at the right key"
+        )),
+        Some(_) => Ok(()),
+        None => store.set_meta("master_key_kcv", &kcv).map_err(|e| e.to_string()),
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

@@ -1,0 +1,460 @@
+//! The durable store: the source of truth. The broker's sessions are only a fast path; everything
+//! that must survive a crash is here.
+//!
+//! [`Store`] is the narrow interface the engine and the API use. It is synchronous and
+//! object-safe, so the engine holds an `Arc<dyn Store>` and calls it from blocking threads; a
+//! PostgreSQL implementation can follow without touching the engine. [`sqlite::SqliteStore`] is the
+//! embedded default (SQLite in WAL mode with `synchronous = FULL`).
+//!
+//! Batching of commits is the engine's job (`engine::committer`): it gathers the writes of many
+//! acks and hellos and hands them to [`Store::apply_batch`], one transaction, one fsync.
+//!
+//! Row types here are storage types: they may derive `Serialize`, and hold key material only as
+//! sealed key blocks (TR-31 under the master key), never in the clear.
+
+pub mod sqlite;
+
+use serde::Serialize;
+
+use crate::clock::Millis;
+use crate::domain::ExecutionState;
+
+/// Errors of the store. `Conflict` and `NotFound` are the caller's fault and map to 409 / 404;
+/// `Backend` is ours.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("not found: {0}")]
+    NotFound(String),
+    #[error("conflict: {0}")]
+    Conflict(String),
+    #[error("invalid: {0}")]
+    Invalid(String),
+    #[error("store backend: {0}")]
+    Backend(String),
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// The platform-level key owner: authorizes BDKs for organizations. Belongs to no organization.
+    KeyOwner,
+    /// An organization's operator (fleet manager).
+    Admin,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::KeyOwner => "key_owner",
+            Role::Admin => "admin",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Role> {
+        match text {
+            "key_owner" => Some(Role::KeyOwner),
+            "admin" => Some(Role::Admin),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct OrgRow {
+    pub id: i64,
+    pub name: String,
+    pub created_at: Millis,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TokenRow {
+    pub id: i64,
+    pub org_id: Option<i64>,
+    pub role: Role,
+    pub label: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AuditEntry {
+    pub id: i64,
+    pub at: Millis,
+    pub org_id: Option<i64>,
+    pub actor: String,
+    pub token_id: Option<i64>,
+    pub action: String,
+    pub object: String,
+    pub details: serde_json::Value,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct KeySourceRow {
+    pub id: i64,
+    pub org_id: i64,
+    pub name: String,
+    /// `KeyAlgorithm::as_str` of the BDK.
+    pub algorithm: String,
+    /// KCV of the BDK, 3 bytes hex.
+    pub kcv: String,
+    /// The BDK, sealed under the master key. Never leaves the key service.
+    #[serde(skip)]
+    pub sealed: String,
+    /// Key set identifier: the fixed leading bytes of every KSN (TDES, 5 bytes) or the BDK ID of
+    /// every initial key ID (AES, 4 bytes).
+    pub key_set_id: String,
+    pub created_at: Millis,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DeviceRow {
+    pub id: i64,
+    pub org_id: i64,
+    pub sn: String,
+    pub model: Option<String>,
+    pub rom_version: Option<String>,
+    pub app_version: Option<String>,
+    pub region: Option<String>,
+    pub debug_mode: bool,
+    pub debug_key_present: bool,
+    pub locked: bool,
+    pub last_seen: Option<Millis>,
+    pub assigned_key_source: Option<i64>,
+    pub initialised: bool,
+    pub x_pos_device_id: Option<String>,
+    pub created_at: Millis,
+    /// An unlock was requested and the device has not yet reported itself unlocked.
+    pub unlock_pending: bool,
+    /// The key slots the device last reported (JSON).
+    #[serde(skip)]
+    pub slots_json: String,
+}
+
+/// A device's sealed secrets and replay counter: what the message path needs.
+#[derive(Debug, Clone)]
+pub struct DeviceCredentials {
+    pub device_id: i64,
+    pub org_id: i64,
+    pub sn: String,
+    pub signing_key: String,
+    pub kbpk_aes: String,
+    pub kbpk_tdes: String,
+    pub password_hash: Vec<u8>,
+    pub last_counter: u64,
+    /// Bumped on every (re)initialisation, so stale cached keys are recognised.
+    pub generation: i64,
+    pub unlock_pending: bool,
+}
+
+/// The new secrets of a device, sealed, as written by an initialisation.
+#[derive(Debug, Clone)]
+pub struct NewCredentials {
+    pub signing_key: String,
+    pub kbpk_aes: String,
+    pub kbpk_tdes: String,
+    pub password_hash: Vec<u8>,
+    pub counter: u64,
+    pub x_pos_device_id: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct GroupRow {
+    pub id: i64,
+    pub org_id: i64,
+    pub name: String,
+    pub description: String,
+    pub members: i64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct GudidRow {
+    pub id: i64,
+    pub org_id: i64,
+    pub device_id: i64,
+    pub sn: String,
+    #[serde(skip)]
+    pub gudid_id: Vec<u8>,
+    #[serde(skip)]
+    pub mac_key: Vec<u8>,
+    pub provisioned_by: String,
+    pub provisioned_at: Millis,
+    pub expires_at: Millis,
+    pub used_at: Option<Millis>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TaskRow {
+    pub id: i64,
+    pub org_id: i64,
+    pub key_source_id: i64,
+    pub key_source: String,
+    pub slot: u16,
+    pub key_type: String,
+    pub created_at: Millis,
+    pub expires_at: Millis,
+    pub created_by: String,
+    pub stopped_at: Option<Millis>,
+    pub request_id: Option<i64>,
+    pub counts: TaskCounts,
+}
+
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct TaskCounts {
+    pub total: i64,
+    pub queued: i64,
+    pub delivered: i64,
+    pub succeeded: i64,
+    pub failed: i64,
+    pub expired: i64,
+    pub terminated: i64,
+}
+
+impl TaskCounts {
+    pub fn open(&self) -> i64 {
+        self.queued + self.delivered
+    }
+
+    pub fn add(&mut self, state: ExecutionState, n: i64) {
+        match state {
+            ExecutionState::Queued => self.queued += n,
+            ExecutionState::Delivered => self.delivered += n,
+            ExecutionState::Succeeded => self.succeeded += n,
+            ExecutionState::Failed => self.failed += n,
+            ExecutionState::Expired => self.expired += n,
+            ExecutionState::Terminated => self.terminated += n,
+        }
+        self.total += n;
+    }
+}
+
+/// A new task and its executions, written in one transaction.
+#[derive(Debug, Clone)]
+pub struct NewTask {
+    pub org_id: i64,
+    pub key_source_id: i64,
+    pub slot: u16,
+    pub key_type: String,
+    pub created_at: Millis,
+    pub expires_at: Millis,
+    pub created_by: String,
+    pub request_id: Option<i64>,
+    pub executions: Vec<NewExecution>,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewExecution {
+    pub device_id: i64,
+    pub key_block: String,
+    pub key_id: Vec<u8>,
+    pub kcv: String,
+    /// The device's credential generation the block was wrapped for.
+    pub generation: i64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ExecutionRow {
+    pub id: i64,
+    pub task_id: i64,
+    pub org_id: i64,
+    pub device_id: i64,
+    pub sn: String,
+    #[serde(serialize_with = "ser_state")]
+    pub state: ExecutionState,
+    pub slot: u16,
+    pub key_type: String,
+    #[serde(skip)]
+    pub key_block: String,
+    #[serde(serialize_with = "ser_hex")]
+    pub key_id: Vec<u8>,
+    pub kcv: String,
+    pub generation: i64,
+    pub created_at: Millis,
+    pub deadline: Millis,
+    pub delivered_at: Option<Millis>,
+    pub delivery_count: i64,
+    pub ended_at: Option<Millis>,
+    pub result: Option<i32>,
+    pub key_source_id: i64,
+}
+
+fn ser_state<S: serde::Serializer>(state: &ExecutionState, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(state.as_str())
+}
+
+fn ser_hex<S: serde::Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&hex::encode_upper(bytes))
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RecordRow {
+    pub id: i64,
+    pub org_id: i64,
+    pub execution_id: i64,
+    pub task_id: i64,
+    pub sn: String,
+    pub key_source: String,
+    pub key_type: String,
+    pub injection: String,
+    pub result: String,
+    pub error_code: Option<i32>,
+    pub at: Millis,
+    pub key_id: String,
+    pub kcv: String,
+}
+
+/// How an execution ended, to be written with its record.
+#[derive(Debug, Clone)]
+pub struct Ending {
+    pub execution_id: i64,
+    pub state: ExecutionState,
+    pub result: Option<i32>,
+    pub injection: String,
+    pub at: Millis,
+    /// On success: the device is locked in the same transaction.
+    pub lock_device: bool,
+}
+
+/// What a device last reported in its hello.
+#[derive(Debug, Clone)]
+pub struct DeviceReport {
+    pub device_id: i64,
+    pub model: String,
+    pub rom_version: String,
+    pub app_version: String,
+    pub region: String,
+    pub debug_mode: bool,
+    pub debug_key_present: bool,
+    pub locked: bool,
+    pub slots_json: String,
+    pub at: Millis,
+}
+
+/// One write of a batch. A batch is applied in one transaction, in order.
+#[derive(Debug, Clone)]
+pub enum Write {
+    Report(DeviceReport),
+    Counter { device_id: i64, counter: u64 },
+    Seen { device_id: i64, at: Millis },
+    Delivered { execution_id: i64, at: Millis },
+    End(Ending),
+}
+
+/// What `apply_batch` did, so the caller can update its caches and metrics only for what is
+/// durable.
+#[derive(Debug, Clone, Default)]
+pub struct BatchOutcome {
+    /// Executions ended by this batch (an ending for an execution that was no longer open is
+    /// skipped, so it is not counted twice).
+    pub ended: Vec<(i64, ExecutionState)>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct DeviceFilter {
+    pub sn_contains: Option<String>,
+    pub group: Option<i64>,
+    pub limit: i64,
+    pub offset: i64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct RecordFilter {
+    pub sn: Option<String>,
+    pub task_id: Option<i64>,
+    pub limit: i64,
+    pub offset: i64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BillingRow {
+    pub key_source: String,
+    pub month: String,
+    pub keys: i64,
+}
+
+/// A row of a device import.
+#[derive(Debug, Clone)]
+pub struct ImportRow {
+    pub line: usize,
+    pub sn: String,
+    pub model: Option<String>,
+}
+
+/// The store interface. Every method is one transaction.
+pub trait Store: Send + Sync {
+    // organizations and tokens
+    fn create_org(&self, name: &str, at: Millis) -> StoreResult<OrgRow>;
+    fn org_by_name(&self, name: &str) -> StoreResult<Option<OrgRow>>;
+    fn org(&self, id: i64) -> StoreResult<OrgRow>;
+    fn list_orgs(&self) -> StoreResult<Vec<OrgRow>>;
+    fn insert_token(&self, org_id: Option<i64>, role: Role, label: &str, hash: &[u8], at: Millis) -> StoreResult<TokenRow>;
+    fn token_by_hash(&self, hash: &[u8]) -> StoreResult<Option<TokenRow>>;
+    fn has_key_owner(&self) -> StoreResult<bool>;
+
+    // audit
+    fn append_audit(&self, entry: &AuditEntry) -> StoreResult<()>;
+    fn list_audit(&self, org_id: Option<i64>, limit: i64) -> StoreResult<Vec<AuditEntry>>;
+
+    // key sources
+    fn insert_key_source(&self, row: &KeySourceRow) -> StoreResult<KeySourceRow>;
+    fn list_key_sources(&self, org_id: i64) -> StoreResult<Vec<KeySourceRow>>;
+    fn key_source(&self, org_id: i64, id: i64) -> StoreResult<KeySourceRow>;
+    fn key_source_by_name(&self, org_id: i64, name: &str) -> StoreResult<KeySourceRow>;
+    /// Reserves `count` consecutive serials of the key source; returns the first.
+    fn allocate_serials(&self, key_source_id: i64, count: i64) -> StoreResult<i64>;
+
+    // devices and groups
+    /// All or nothing: on any conflict, nothing is imported and every conflicting line is named.
+    fn import_devices(&self, org_id: i64, rows: &[ImportRow], at: Millis) -> StoreResult<usize>;
+    fn list_devices(&self, org_id: i64, filter: &DeviceFilter) -> StoreResult<Vec<DeviceRow>>;
+    fn count_devices(&self, org_id: i64) -> StoreResult<i64>;
+    fn device(&self, org_id: i64, sn: &str) -> StoreResult<DeviceRow>;
+    fn device_by_id(&self, id: i64) -> StoreResult<DeviceRow>;
+    fn devices_by_ids(&self, ids: &[i64]) -> StoreResult<Vec<DeviceRow>>;
+    fn device_org_by_sn(&self, sn: &str) -> StoreResult<Option<(i64, i64)>>;
+    fn credentials(&self, sn: &str) -> StoreResult<Option<DeviceCredentials>>;
+    fn credentials_for(&self, device_ids: &[i64]) -> StoreResult<Vec<DeviceCredentials>>;
+    /// Every initialised device's SN and password hash (CONNECT authentication cache).
+    fn all_password_hashes(&self) -> StoreResult<Vec<(String, Vec<u8>)>>;
+    fn assign(&self, org_id: i64, device_ids: &[i64], key_source_id: Option<i64>) -> StoreResult<usize>;
+    fn set_unlock_pending(&self, device_id: i64, pending: bool) -> StoreResult<()>;
+    fn create_group(&self, org_id: i64, name: &str, description: &str) -> StoreResult<GroupRow>;
+    fn list_groups(&self, org_id: i64) -> StoreResult<Vec<GroupRow>>;
+    fn group_by_name(&self, org_id: i64, name: &str) -> StoreResult<GroupRow>;
+    fn add_group_members(&self, group_id: i64, device_ids: &[i64]) -> StoreResult<usize>;
+    fn group_member_ids(&self, group_id: i64) -> StoreResult<Vec<i64>>;
+    fn device_ids_by_sn(&self, org_id: i64, sns: &[String]) -> StoreResult<Vec<(String, Option<i64>)>>;
+
+    // GUDIDs and initialisation
+    fn insert_gudid(&self, row: &GudidRow) -> StoreResult<GudidRow>;
+    fn gudid_by_id(&self, gudid_id: &[u8]) -> StoreResult<Option<GudidRow>>;
+    fn list_gudids(&self, org_id: i64, sn: Option<&str>) -> StoreResult<Vec<GudidRow>>;
+    /// Spends the GUDID and installs the device's new credentials, atomically. Fails with
+    /// `Conflict` if the GUDID was spent meanwhile.
+    fn spend_gudid(&self, gudid_row: i64, device_id: i64, creds: &NewCredentials, at: Millis) -> StoreResult<DeviceCredentials>;
+
+    // tasks and executions
+    fn create_task(&self, task: &NewTask) -> StoreResult<(TaskRow, Vec<ExecutionRow>)>;
+    fn task_by_request_id(&self, org_id: i64, request_id: i64) -> StoreResult<Option<TaskRow>>;
+    fn list_tasks(&self, org_id: i64, unfinished: Option<bool>, limit: i64) -> StoreResult<Vec<TaskRow>>;
+    fn task(&self, org_id: i64, id: i64) -> StoreResult<TaskRow>;
+    fn task_executions(&self, task_id: i64) -> StoreResult<Vec<ExecutionRow>>;
+    fn open_executions(&self) -> StoreResult<Vec<ExecutionRow>>;
+    fn open_execution_device_ids(&self, org_id: i64) -> StoreResult<Vec<i64>>;
+    fn execution(&self, id: i64) -> StoreResult<ExecutionRow>;
+    /// Replaces the key block of an open execution (re-wrap after re-initialisation).
+    fn rewrap_execution(&self, id: i64, key_block: &str, generation: i64) -> StoreResult<()>;
+    /// Terminates every open execution of the task, with records. Returns the ended ids.
+    fn stop_task(&self, org_id: i64, task_id: i64, at: Millis) -> StoreResult<Vec<i64>>;
+    /// Expires every open execution whose deadline is at or before `now`, with records.
+    fn expire_due(&self, now: Millis) -> StoreResult<Vec<(i64, i64)>>;
+    fn apply_batch(&self, writes: &[Write]) -> StoreResult<BatchOutcome>;
+
+    // records
+    fn list_records(&self, org_id: i64, filter: &RecordFilter) -> StoreResult<Vec<RecordRow>>;
+    fn billing(&self, org_id: i64) -> StoreResult<Vec<BillingRow>>;
+    fn count_records_for_execution(&self, execution_id: i64) -> StoreResult<i64>;
+
+    // metrics snapshots
+    fn execution_state_counts(&self) -> StoreResult<Vec<(i64, ExecutionState, i64)>>;
+    fn expiring_within(&self, now: Millis, within_ms: i64) -> StoreResult<i64>;
+}

@@ -1,0 +1,1090 @@
+//! SQLite implementation of [`Store`]: WAL mode, `synchronous = FULL`, one writer connection and a
+//! few reader connections. Chosen over redb because the schema is relational (tasks, executions,
+//! records, groups), SQL carries over to the PostgreSQL store unchanged in spirit, and SQLite's
+//! crash safety is the most tested there is.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use rusqlite::{params, Connection, OptionalExtension, Row, Transaction};
+
+use super::*;
+
+/// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
+const MIGRATIONS: &[&str] = &[include_str!("schema.sql")];
+
+/// Reader connections: the admin API and the metrics sampler read while the writer commits.
+const READERS: usize = 3;
+/// Rows per multi-row statement when a long list of ids is bound.
+const IDS_PER_STATEMENT: usize = 500;
+
+pub struct SqliteStore {
+    /// The only connection that writes; SQLite allows one writer at a time anyway.
+    writer: Mutex<Connection>,
+    /// WAL readers never block the writer nor each other.
+    readers: Vec<Mutex<Connection>>,
+    next_reader: AtomicUsize,
+}
+
+fn backend(e: rusqlite::Error) -> StoreError {
+    match e {
+        rusqlite::Error::QueryReturnedNoRows => StoreError::NotFound("no such row".into()),
+        rusqlite::Error::SqliteFailure(code, ref msg)
+            if code.code == rusqlite::ErrorCode::ConstraintViolation =>
+        {
+            StoreError::Conflict(msg.clone().unwrap_or_else(|| "constraint violated".into()))
+        }
+        other => StoreError::Backend(other.to_string()),
+    }
+}
+
+fn open_connection(path: &Path) -> StoreResult<Connection> {
+    let conn = Connection::open(path).map_err(backend)?;
+    conn.execute_batch(
+        "PRAGMA journal_mode = WAL;
+         PRAGMA synchronous = FULL;
+         PRAGMA foreign_keys = ON;
+         PRAGMA busy_timeout = 10000;
+         PRAGMA cache_size = -65536;",
+    )
+    .map_err(backend)?;
+    Ok(conn)
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path` and runs pending migrations.
+    pub fn open(path: &Path) -> StoreResult<Self> {
+        let mut writer = open_connection(path)?;
+        migrate(&mut writer)?;
+        let readers = (0..READERS).map(|_| open_connection(path).map(Mutex::new)).collect::<StoreResult<Vec<_>>>()?;
+        Ok(Self { writer: Mutex::new(writer), readers, next_reader: AtomicUsize::new(0) })
+    }
+
+    fn write<T>(&self, f: impl FnOnce(&Transaction<'_>) -> StoreResult<T>) -> StoreResult<T> {
+        let mut conn = self.writer.lock().map_err(|_| StoreError::Backend("writer lock poisoned".into()))?;
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(backend)?;
+        let out = f(&tx)?;
+        tx.commit().map_err(backend)?;
+        Ok(out)
+    }
+
+    fn read<T>(&self, f: impl FnOnce(&Connection) -> StoreResult<T>) -> StoreResult<T> {
+        let i = self.next_reader.fetch_add(1, Ordering::Relaxed) % self.readers.len();
+        let conn = self.readers[i].lock().map_err(|_| StoreError::Backend("reader lock poisoned".into()))?;
+        f(&conn)
+    }
+
+    pub fn meta(&self, key: &str) -> StoreResult<Option<String>> {
+        self.read(|c| c.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0)).optional().map_err(backend))
+    }
+
+    pub fn set_meta(&self, key: &str, value: &str) -> StoreResult<()> {
+        self.write(|tx| {
+            tx.execute("INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = ?2", params![key, value])
+                .map_err(backend)?;
+            Ok(())
+        })
+    }
+
+    /// The schema version after migrations.
+    pub fn schema_version(&self) -> StoreResult<i64> {
+        self.read(|c| c.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(backend))
+    }
+}
+
+fn migrate(conn: &mut Connection) -> StoreResult<()> {
+    let current: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(backend)?;
+    let known = MIGRATIONS.len() as i64;
+    if current > known {
+        return Err(StoreError::Backend(format!(
+            "database schema version {current} is newer than this gateway knows ({known}); upgrade the gateway"
+        )));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+        let tx = conn.transaction().map_err(backend)?;
+        tx.execute_batch(sql).map_err(backend)?;
+        tx.execute_batch(&format!("PRAGMA user_version = {}", i + 1)).map_err(backend)?;
+        tx.commit().map_err(backend)?;
+    }
+    Ok(())
+}
+
+const DEVICE_COLUMNS: &str = "id, org_id, sn, model, rom_version, app_version, region, debug_mode, debug_key_present, locked, last_seen, assigned_key_source, signing_key IS NOT NULL, x_pos_device_id, created_at, unlock_pending, slots";
+
+fn device_row(r: &Row<'_>) -> rusqlite::Result<DeviceRow> {
+    Ok(DeviceRow {
+        id: r.get(0)?,
+        org_id: r.get(1)?,
+        sn: r.get(2)?,
+        model: r.get(3)?,
+        rom_version: r.get(4)?,
+        app_version: r.get(5)?,
+        region: r.get(6)?,
+        debug_mode: r.get(7)?,
+        debug_key_present: r.get(8)?,
+        locked: r.get(9)?,
+        last_seen: r.get(10)?,
+        assigned_key_source: r.get(11)?,
+        initialised: r.get(12)?,
+        x_pos_device_id: r.get(13)?,
+        created_at: r.get(14)?,
+        unlock_pending: r.get(15)?,
+        slots_json: r.get(16)?,
+    })
+}
+
+const CREDENTIAL_COLUMNS: &str =
+    "id, org_id, sn, signing_key, kbpk_aes, kbpk_tdes, password_hash, last_counter, generation, unlock_pending";
+
+fn credentials_row(r: &Row<'_>) -> rusqlite::Result<DeviceCredentials> {
+    Ok(DeviceCredentials {
+        device_id: r.get(0)?,
+        org_id: r.get(1)?,
+        sn: r.get(2)?,
+        signing_key: r.get(3)?,
+        kbpk_aes: r.get(4)?,
+        kbpk_tdes: r.get(5)?,
+        password_hash: r.get(6)?,
+        last_counter: r.get::<_, i64>(7)? as u64,
+        generation: r.get(8)?,
+        unlock_pending: r.get(9)?,
+    })
+}
+
+const KEY_SOURCE_COLUMNS: &str = "id, org_id, name, algorithm, kcv, sealed, key_set_id, created_at";
+
+fn key_source_row(r: &Row<'_>) -> rusqlite::Result<KeySourceRow> {
+    Ok(KeySourceRow {
+        id: r.get(0)?,
+        org_id: r.get(1)?,
+        name: r.get(2)?,
+        algorithm: r.get(3)?,
+        kcv: r.get(4)?,
+        sealed: r.get(5)?,
+        key_set_id: r.get(6)?,
+        created_at: r.get(7)?,
+    })
+}
+
+const GUDID_COLUMNS: &str = "g.id, g.org_id, g.device_id, d.sn, g.gudid_id, g.mac_key, g.provisioned_by, g.provisioned_at, g.expires_at, g.used_at";
+
+fn gudid_row(r: &Row<'_>) -> rusqlite::Result<GudidRow> {
+    Ok(GudidRow {
+        id: r.get(0)?,
+        org_id: r.get(1)?,
+        device_id: r.get(2)?,
+        sn: r.get(3)?,
+        gudid_id: r.get(4)?,
+        mac_key: r.get(5)?,
+        provisioned_by: r.get(6)?,
+        provisioned_at: r.get(7)?,
+        expires_at: r.get(8)?,
+        used_at: r.get(9)?,
+    })
+}
+
+const TASK_COLUMNS: &str = "t.id, t.org_id, t.key_source_id, k.name, t.slot, t.key_type, t.created_at, t.expires_at, t.created_by, t.stopped_at, t.request_id";
+
+fn task_row(r: &Row<'_>) -> rusqlite::Result<TaskRow> {
+    Ok(TaskRow {
+        id: r.get(0)?,
+        org_id: r.get(1)?,
+        key_source_id: r.get(2)?,
+        key_source: r.get(3)?,
+        slot: r.get(4)?,
+        key_type: r.get(5)?,
+        created_at: r.get(6)?,
+        expires_at: r.get(7)?,
+        created_by: r.get(8)?,
+        stopped_at: r.get(9)?,
+        request_id: r.get(10)?,
+        counts: TaskCounts::default(),
+    })
+}
+
+const EXECUTION_COLUMNS: &str = "e.id, e.task_id, e.org_id, e.device_id, d.sn, e.state, t.slot, t.key_type, e.key_block, e.key_id, e.kcv, e.generation, e.created_at, e.deadline, e.delivered_at, e.delivery_count, e.ended_at, e.result, t.key_source_id";
+const EXECUTION_FROM: &str = "executions e JOIN devices d ON d.id = e.device_id JOIN tasks t ON t.id = e.task_id";
+
+fn execution_row(r: &Row<'_>) -> rusqlite::Result<ExecutionRow> {
+    let state: String = r.get(5)?;
+    Ok(ExecutionRow {
+        id: r.get(0)?,
+        task_id: r.get(1)?,
+        org_id: r.get(2)?,
+        device_id: r.get(3)?,
+        sn: r.get(4)?,
+        state: ExecutionState::parse(&state).ok_or_else(|| {
+            rusqlite::Error::FromSqlConversionFailure(5, rusqlite::types::Type::Text, format!("bad state {state}").into())
+        })?,
+        slot: r.get(6)?,
+        key_type: r.get(7)?,
+        key_block: r.get(8)?,
+        key_id: r.get(9)?,
+        kcv: r.get(10)?,
+        generation: r.get(11)?,
+        created_at: r.get(12)?,
+        deadline: r.get(13)?,
+        delivered_at: r.get(14)?,
+        delivery_count: r.get(15)?,
+        ended_at: r.get(16)?,
+        result: r.get(17)?,
+        key_source_id: r.get(18)?,
+    })
+}
+
+const RECORD_COLUMNS: &str =
+    "id, org_id, execution_id, task_id, sn, key_source, key_type, injection, result, error_code, at, key_id, kcv";
+
+fn record_row(r: &Row<'_>) -> rusqlite::Result<RecordRow> {
+    Ok(RecordRow {
+        id: r.get(0)?,
+        org_id: r.get(1)?,
+        execution_id: r.get(2)?,
+        task_id: r.get(3)?,
+        sn: r.get(4)?,
+        key_source: r.get(5)?,
+        key_type: r.get(6)?,
+        injection: r.get(7)?,
+        result: r.get(8)?,
+        error_code: r.get(9)?,
+        at: r.get(10)?,
+        key_id: r.get(11)?,
+        kcv: r.get(12)?,
+    })
+}
+
+fn task_counts(conn: &Connection, task_id: i64) -> StoreResult<TaskCounts> {
+    let mut stmt = conn
+        .prepare_cached("SELECT state, COUNT(*) FROM executions WHERE task_id = ?1 GROUP BY state")
+        .map_err(backend)?;
+    let mut counts = TaskCounts::default();
+    let rows = stmt
+        .query_map([task_id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+        .map_err(backend)?;
+    for row in rows {
+        let (state, n) = row.map_err(backend)?;
+        if let Some(state) = ExecutionState::parse(&state) {
+            counts.add(state, n);
+        }
+    }
+    Ok(counts)
+}
+
+/// Ends one open execution and writes its record, in the caller's transaction. Returns false
+/// (and writes nothing) if the execution is no longer open or the transition is not allowed.
+fn end_execution(tx: &Transaction<'_>, ending: &Ending) -> StoreResult<bool> {
+    let current: Option<(String, i64)> = tx
+        .prepare_cached("SELECT state, device_id FROM executions WHERE id = ?1")
+        .map_err(backend)?
+        .query_row([ending.execution_id], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()
+        .map_err(backend)?;
+    let Some((state, device_id)) = current else { return Ok(false) };
+    let Some(state) = ExecutionState::parse(&state) else { return Ok(false) };
+    if !state.can_become(ending.state) {
+        return Ok(false);
+    }
+    tx.prepare_cached("UPDATE executions SET state = ?2, ended_at = ?3, result = ?4 WHERE id = ?1")
+        .map_err(backend)?
+        .execute(params![ending.execution_id, ending.state.as_str(), ending.at, ending.result])
+        .map_err(backend)?;
+    tx.prepare_cached(
+        "INSERT INTO records (org_id, execution_id, task_id, device_id, sn, key_source, key_source_id, key_type, injection, result, error_code, at, key_id, kcv)
+         SELECT e.org_id, e.id, e.task_id, e.device_id, d.sn, k.name, k.id, t.key_type, ?2, ?3, ?4, ?5, upper(hex(e.key_id)),
+                CASE WHEN ?3 = 'succeeded' THEN e.kcv ELSE '' END
+         FROM executions e JOIN devices d ON d.id = e.device_id JOIN tasks t ON t.id = e.task_id JOIN key_sources k ON k.id = t.key_source_id
+         WHERE e.id = ?1",
+    )
+    .map_err(backend)?
+    .execute(params![
+        ending.execution_id,
+        ending.injection,
+        ending.state.as_str(),
+        ending.result.filter(|code| *code != 0),
+        ending.at
+    ])
+    .map_err(backend)?;
+    if ending.lock_device {
+        tx.prepare_cached("UPDATE devices SET locked = 1 WHERE id = ?1")
+            .map_err(backend)?
+            .execute([device_id])
+            .map_err(backend)?;
+    }
+    Ok(true)
+}
+
+fn in_list(n: usize) -> String {
+    let mut s = String::with_capacity(n * 2);
+    for i in 0..n {
+        if i > 0 {
+            s.push(',');
+        }
+        s.push('?');
+    }
+    s
+}
+
+impl Store for SqliteStore {
+    fn create_org(&self, name: &str, at: Millis) -> StoreResult<OrgRow> {
+        self.write(|tx| {
+            tx.execute("INSERT INTO organizations (name, created_at) VALUES (?1, ?2)", params![name, at])
+                .map_err(|e| match backend(e) {
+                    StoreError::Conflict(_) => StoreError::Conflict(format!("organization {name:?} exists")),
+                    other => other,
+                })?;
+            Ok(OrgRow { id: tx.last_insert_rowid(), name: name.to_string(), created_at: at })
+        })
+    }
+
+    fn org_by_name(&self, name: &str) -> StoreResult<Option<OrgRow>> {
+        self.read(|c| {
+            c.query_row("SELECT id, name, created_at FROM organizations WHERE name = ?1", [name], |r| {
+                Ok(OrgRow { id: r.get(0)?, name: r.get(1)?, created_at: r.get(2)? })
+            })
+            .optional()
+            .map_err(backend)
+        })
+    }
+
+    fn org(&self, id: i64) -> StoreResult<OrgRow> {
+        self.read(|c| {
+            c.query_row("SELECT id, name, created_at FROM organizations WHERE id = ?1", [id], |r| {
+                Ok(OrgRow { id: r.get(0)?, name: r.get(1)?, created_at: r.get(2)? })
+            })
+            .map_err(backend)
+        })
+    }
+
+    fn list_orgs(&self) -> StoreResult<Vec<OrgRow>> {
+        self.read(|c| {
+            let mut stmt = c.prepare("SELECT id, name, created_at FROM organizations ORDER BY id").map_err(backend)?;
+            let rows = stmt
+                .query_map([], |r| Ok(OrgRow { id: r.get(0)?, name: r.get(1)?, created_at: r.get(2)? }))
+                .map_err(backend)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(backend)
+        })
+    }
+
+    fn insert_token(&self, org_id: Option<i64>, role: Role, label: &str, hash: &[u8], at: Millis) -> StoreResult<TokenRow> {
+        self.write(|tx| {
+            tx.execute(
+                "INSERT INTO tokens (org_id, role, label, token_hash, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![org_id, role.as_str(), label, hash, at],
+            )
+            .map_err(backend)?;
+            Ok(TokenRow { id: tx.last_insert_rowid(), org_id, role, label: label.to_string() })
+        })
+    }
+
+    fn token_by_hash(&self, hash: &[u8]) -> StoreResult<Option<TokenRow>> {
+        self.read(|c| {
+            c.query_row("SELECT id, org_id, role, label FROM tokens WHERE token_hash = ?1", [hash], |r| {
+                let role: String = r.get(2)?;
+                Ok(TokenRow { id: r.get(0)?, org_id: r.get(1)?, role: Role::parse(&role).unwrap_or(Role::Admin), label: r.get(3)? })
+            })
+            .optional()
+            .map_err(backend)
+        })
+    }
+
+    fn has_key_owner(&self) -> StoreResult<bool> {
+        self.read(|c| {
+            c.query_row("SELECT COUNT(*) FROM tokens WHERE role = 'key_owner'", [], |r| r.get::<_, i64>(0))
+                .map(|n| n > 0)
+                .map_err(backend)
+        })
+    }
+
+    fn append_audit(&self, e: &AuditEntry) -> StoreResult<()> {
+        self.write(|tx| {
+            tx.execute(
+                "INSERT INTO audit (at, org_id, actor, token_id, action, object, details) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![e.at, e.org_id, e.actor, e.token_id, e.action, e.object, e.details.to_string()],
+            )
+            .map_err(backend)?;
+            Ok(())
+        })
+    }
+
+    fn list_audit(&self, org_id: Option<i64>, limit: i64) -> StoreResult<Vec<AuditEntry>> {
+        self.read(|c| {
+            let sql = "SELECT id, at, org_id, actor, token_id, action, object, details FROM audit
+                       WHERE (?1 IS NULL OR org_id = ?1) ORDER BY id DESC LIMIT ?2";
+            let mut stmt = c.prepare(sql).map_err(backend)?;
+            let rows = stmt
+                .query_map(params![org_id, limit], |r| {
+                    let details: String = r.get(7)?;
+                    Ok(AuditEntry {
+                        id: r.get(0)?,
+                        at: r.get(1)?,
+                        org_id: r.get(2)?,
+                        actor: r.get(3)?,
+                        token_id: r.get(4)?,
+                        action: r.get(5)?,
+                        object: r.get(6)?,
+                        details: serde_json::from_str(&details).unwrap_or(serde_json::Value::Null),
+                    })
+                })
+                .map_err(backend)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(backend)
+        })
+    }
+
+    fn insert_key_source(&self, row: &KeySourceRow) -> StoreResult<KeySourceRow> {
+        self.write(|tx| {
+            tx.execute(
+                "INSERT INTO key_sources (org_id, name, algorithm, kcv, sealed, key_set_id, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![row.org_id, row.name, row.algorithm, row.kcv, row.sealed, row.key_set_id, row.created_at],
+            )
+            .map_err(|e| match backend(e) {
+                StoreError::Conflict(_) => StoreError::Conflict(format!("key source {:?} exists", row.name)),
+                other => other,
+            })?;
+            Ok(KeySourceRow { id: tx.last_insert_rowid(), ..row.clone() })
+        })
+    }
+
+    fn list_key_sources(&self, org_id: i64) -> StoreResult<Vec<KeySourceRow>> {
+        self.read(|c| {
+            let mut stmt = c
+                .prepare(&format!("SELECT {KEY_SOURCE_COLUMNS} FROM key_sources WHERE org_id = ?1 ORDER BY id"))
+                .map_err(backend)?;
+            let rows = stmt.query_map([org_id], key_source_row).map_err(backend)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(backend)
+        })
+    }
+
+    fn key_source(&self, org_id: i64, id: i64) -> StoreResult<KeySourceRow> {
+        self.read(|c| {
+            c.query_row(
+                &format!("SELECT {KEY_SOURCE_COLUMNS} FROM key_sources WHERE org_id = ?1 AND id = ?2"),
+                params![org_id, id],
+                key_source_row,
+            )
+            .map_err(|_| StoreError::NotFound(format!("key source {id}")))
+        })
+    }
+
+    fn key_source_by_name(&self, org_id: i64, name: &str) -> StoreResult<KeySourceRow> {
+        self.read(|c| {
+            c.query_row(
+                &format!("SELECT {KEY_SOURCE_COLUMNS} FROM key_sources WHERE org_id = ?1 AND name = ?2"),
+                params![org_id, name],
+                key_source_row,
+            )
+            .map_err(|_| StoreError::NotFound(format!("key source {name:?}")))
+        })
+    }
+
+    fn allocate_serials(&self, key_source_id: i64, count: i64) -> StoreResult<i64> {
+        self.write(|tx| {
+            let first: i64 = tx
+                .query_row("SELECT next_serial FROM key_sources WHERE id = ?1", [key_source_id], |r| r.get(0))
+                .map_err(backend)?;
+            tx.execute("UPDATE key_sources SET next_serial = next_serial + ?2 WHERE id = ?1", params![key_source_id, count])
+                .map_err(backend)?;
+            Ok(first)
+        })
+    }
+
+    fn import_devices(&self, org_id: i64, rows: &[ImportRow], at: Millis) -> StoreResult<usize> {
+        self.write(|tx| {
+            let mut conflicts = Vec::new();
+            {
+                let mut owner = tx.prepare_cached("SELECT org_id FROM devices WHERE sn = ?1").map_err(backend)?;
+                for row in rows {
+                    let existing: Option<i64> = owner.query_row([&row.sn], |r| r.get(0)).optional().map_err(backend)?;
+                    if let Some(existing) = existing {
+                        if existing != org_id {
+                            conflicts.push(format!("line {}: SN {} is registered to another organization", row.line, row.sn));
+                        }
+                    }
+                }
+            }
+            if !conflicts.is_empty() {
+                return Err(StoreError::Conflict(conflicts.join("; ")));
+            }
+            let mut insert = tx
+                .prepare_cached("INSERT INTO devices (org_id, sn, model, created_at) VALUES (?1, ?2, ?3, ?4) ON CONFLICT(sn) DO NOTHING")
+                .map_err(backend)?;
+            let mut added = 0;
+            for row in rows {
+                added += insert.execute(params![org_id, row.sn, row.model, at]).map_err(backend)?;
+            }
+            Ok(added)
+        })
+    }
+
+    fn list_devices(&self, org_id: i64, f: &DeviceFilter) -> StoreResult<Vec<DeviceRow>> {
+        self.read(|c| {
+            let pattern = f.sn_contains.as_ref().map(|s| format!("%{}%", s.replace('%', "").replace('_', "\\_")));
+            let sql = format!(
+                "SELECT {DEVICE_COLUMNS} FROM devices WHERE org_id = ?1
+                 AND (?2 IS NULL OR sn LIKE ?2 ESCAPE '\\')
+                 AND (?3 IS NULL OR id IN (SELECT device_id FROM group_members WHERE group_id = ?3))
+                 ORDER BY sn LIMIT ?4 OFFSET ?5"
+            );
+            let mut stmt = c.prepare_cached(&sql).map_err(backend)?;
+            let limit = if f.limit <= 0 { i64::MAX } else { f.limit };
+            let rows = stmt.query_map(params![org_id, pattern, f.group, limit, f.offset], device_row).map_err(backend)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(backend)
+        })
+    }
+
+    fn count_devices(&self, org_id: i64) -> StoreResult<i64> {
+        self.read(|c| c.query_row("SELECT COUNT(*) FROM devices WHERE org_id = ?1", [org_id], |r| r.get(0)).map_err(backend))
+    }
+
+    fn device(&self, org_id: i64, sn: &str) -> StoreResult<DeviceRow> {
+        self.read(|c| {
+            c.query_row(&format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE org_id = ?1 AND sn = ?2"), params![org_id, sn], device_row)
+                .map_err(|_| StoreError::NotFound(format!("device {sn}")))
+        })
+    }
+
+    fn device_by_id(&self, id: i64) -> StoreResult<DeviceRow> {
+        self.read(|c| {
+            c.query_row(&format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE id = ?1"), [id], device_row)
+                .map_err(|_| StoreError::NotFound(format!("device #{id}")))
+        })
+    }
+
+    fn devices_by_ids(&self, ids: &[i64]) -> StoreResult<Vec<DeviceRow>> {
+        self.read(|c| {
+            let mut out = Vec::with_capacity(ids.len());
+            for chunk in ids.chunks(IDS_PER_STATEMENT) {
+                let sql = format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE id IN ({})", in_list(chunk.len()));
+                let mut stmt = c.prepare_cached(&sql).map_err(backend)?;
+                let rows = stmt.query_map(rusqlite::params_from_iter(chunk.iter()), device_row).map_err(backend)?;
+                for row in rows {
+                    out.push(row.map_err(backend)?);
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn device_org_by_sn(&self, sn: &str) -> StoreResult<Option<(i64, i64)>> {
+        self.read(|c| {
+            c.query_row("SELECT id, org_id FROM devices WHERE sn = ?1", [sn], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()
+                .map_err(backend)
+        })
+    }
+
+    fn credentials(&self, sn: &str) -> StoreResult<Option<DeviceCredentials>> {
+        self.read(|c| {
+            c.query_row(
+                &format!("SELECT {CREDENTIAL_COLUMNS} FROM devices WHERE sn = ?1 AND signing_key IS NOT NULL"),
+                [sn],
+                credentials_row,
+            )
+            .optional()
+            .map_err(backend)
+        })
+    }
+
+    fn credentials_for(&self, ids: &[i64]) -> StoreResult<Vec<DeviceCredentials>> {
+        self.read(|c| {
+            let mut out = Vec::with_capacity(ids.len());
+            for chunk in ids.chunks(IDS_PER_STATEMENT) {
+                let sql = format!(
+                    "SELECT {CREDENTIAL_COLUMNS} FROM devices WHERE signing_key IS NOT NULL AND id IN ({})",
+                    in_list(chunk.len())
+                );
+                let mut stmt = c.prepare_cached(&sql).map_err(backend)?;
+                let rows = stmt.query_map(rusqlite::params_from_iter(chunk.iter()), credentials_row).map_err(backend)?;
+                for row in rows {
+                    out.push(row.map_err(backend)?);
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn all_password_hashes(&self) -> StoreResult<Vec<(String, Vec<u8>)>> {
+        self.read(|c| {
+            let mut stmt = c.prepare("SELECT sn, password_hash FROM devices WHERE password_hash IS NOT NULL").map_err(backend)?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).map_err(backend)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(backend)
+        })
+    }
+
+    fn assign(&self, org_id: i64, ids: &[i64], key_source_id: Option<i64>) -> StoreResult<usize> {
+        self.write(|tx| {
+            let mut stmt = tx
+                .prepare_cached("UPDATE devices SET assigned_key_source = ?3 WHERE org_id = ?1 AND id = ?2")
+                .map_err(backend)?;
+            let mut n = 0;
+            for id in ids {
+                n += stmt.execute(params![org_id, id, key_source_id]).map_err(backend)?;
+            }
+            Ok(n)
+        })
+    }
+
+    fn set_unlock_pending(&self, device_id: i64, pending: bool) -> StoreResult<()> {
+        self.write(|tx| {
+            tx.execute("UPDATE devices SET unlock_pending = ?2 WHERE id = ?1", params![device_id, pending]).map_err(backend)?;
+            Ok(())
+        })
+    }
+
+    fn create_group(&self, org_id: i64, name: &str, description: &str) -> StoreResult<GroupRow> {
+        self.write(|tx| {
+            tx.execute("INSERT INTO groups (org_id, name, description) VALUES (?1, ?2, ?3)", params![org_id, name, description])
+                .map_err(|e| match backend(e) {
+                    StoreError::Conflict(_) => StoreError::Conflict(format!("group {name:?} exists")),
+                    other => other,
+                })?;
+            Ok(GroupRow { id: tx.last_insert_rowid(), org_id, name: name.into(), description: description.into(), members: 0 })
+        })
+    }
+
+    fn list_groups(&self, org_id: i64) -> StoreResult<Vec<GroupRow>> {
+        self.read(|c| {
+            let mut stmt = c
+                .prepare(
+                    "SELECT g.id, g.org_id, g.name, g.description, (SELECT COUNT(*) FROM group_members m WHERE m.group_id = g.id)
+                     FROM groups g WHERE g.org_id = ?1 ORDER BY g.name",
+                )
+                .map_err(backend)?;
+            let rows = stmt
+                .query_map([org_id], |r| {
+                    Ok(GroupRow { id: r.get(0)?, org_id: r.get(1)?, name: r.get(2)?, description: r.get(3)?, members: r.get(4)? })
+                })
+                .map_err(backend)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(backend)
+        })
+    }
+
+    fn group_by_name(&self, org_id: i64, name: &str) -> StoreResult<GroupRow> {
+        self.read(|c| {
+            c.query_row(
+                "SELECT g.id, g.org_id, g.name, g.description, (SELECT COUNT(*) FROM group_members m WHERE m.group_id = g.id)
+                 FROM groups g WHERE g.org_id = ?1 AND g.name = ?2",
+                params![org_id, name],
+                |r| Ok(GroupRow { id: r.get(0)?, org_id: r.get(1)?, name: r.get(2)?, description: r.get(3)?, members: r.get(4)? }),
+            )
+            .map_err(|_| StoreError::NotFound(format!("group {name:?}")))
+        })
+    }
+
+    fn add_group_members(&self, group_id: i64, ids: &[i64]) -> StoreResult<usize> {
+        self.write(|tx| {
+            let mut stmt = tx
+                .prepare_cached("INSERT INTO group_members (group_id, device_id) VALUES (?1, ?2) ON CONFLICT DO NOTHING")
+                .map_err(backend)?;
+            let mut n = 0;
+            for id in ids {
+                n += stmt.execute(params![group_id, id]).map_err(backend)?;
+            }
+            Ok(n)
+        })
+    }
+
+    fn group_member_ids(&self, group_id: i64) -> StoreResult<Vec<i64>> {
+        self.read(|c| {
+            let mut stmt = c.prepare_cached("SELECT device_id FROM group_members WHERE group_id = ?1 ORDER BY device_id").map_err(backend)?;
+            let rows = stmt.query_map([group_id], |r| r.get(0)).map_err(backend)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(backend)
+        })
+    }
+
+    fn device_ids_by_sn(&self, org_id: i64, sns: &[String]) -> StoreResult<Vec<(String, Option<i64>)>> {
+        self.read(|c| {
+            let mut stmt = c.prepare_cached("SELECT id FROM devices WHERE org_id = ?1 AND sn = ?2").map_err(backend)?;
+            sns.iter()
+                .map(|sn| {
+                    let id: Option<i64> = stmt.query_row(params![org_id, sn], |r| r.get(0)).optional().map_err(backend)?;
+                    Ok((sn.clone(), id))
+                })
+                .collect()
+        })
+    }
+
+    fn insert_gudid(&self, row: &GudidRow) -> StoreResult<GudidRow> {
+        self.write(|tx| {
+            tx.execute(
+                "INSERT INTO gudids (org_id, device_id, gudid_id, mac_key, provisioned_by, provisioned_at, expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![row.org_id, row.device_id, row.gudid_id, row.mac_key, row.provisioned_by, row.provisioned_at, row.expires_at],
+            )
+            .map_err(backend)?;
+            Ok(GudidRow { id: tx.last_insert_rowid(), ..row.clone() })
+        })
+    }
+
+    fn gudid_by_id(&self, gudid_id: &[u8]) -> StoreResult<Option<GudidRow>> {
+        self.read(|c| {
+            c.query_row(
+                &format!("SELECT {GUDID_COLUMNS} FROM gudids g JOIN devices d ON d.id = g.device_id WHERE g.gudid_id = ?1"),
+                [gudid_id],
+                gudid_row,
+            )
+            .optional()
+            .map_err(backend)
+        })
+    }
+
+    fn list_gudids(&self, org_id: i64, sn: Option<&str>) -> StoreResult<Vec<GudidRow>> {
+        self.read(|c| {
+            let mut stmt = c
+                .prepare(&format!(
+                    "SELECT {GUDID_COLUMNS} FROM gudids g JOIN devices d ON d.id = g.device_id
+                     WHERE g.org_id = ?1 AND (?2 IS NULL OR d.sn = ?2) ORDER BY g.id DESC"
+                ))
+                .map_err(backend)?;
+            let rows = stmt.query_map(params![org_id, sn], gudid_row).map_err(backend)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(backend)
+        })
+    }
+
+    fn spend_gudid(&self, gudid_row_id: i64, device_id: i64, creds: &NewCredentials, at: Millis) -> StoreResult<DeviceCredentials> {
+        self.write(|tx| {
+            let spent = tx
+                .execute("UPDATE gudids SET used_at = ?2 WHERE id = ?1 AND used_at IS NULL", params![gudid_row_id, at])
+                .map_err(backend)?;
+            if spent != 1 {
+                return Err(StoreError::Conflict("GUDID already used".into()));
+            }
+            tx.execute(
+                "UPDATE devices SET signing_key = ?2, kbpk_aes = ?3, kbpk_tdes = ?4, password_hash = ?5, last_counter = ?6,
+                        x_pos_device_id = ?7, generation = generation + 1 WHERE id = ?1",
+                params![
+                    device_id,
+                    creds.signing_key,
+                    creds.kbpk_aes,
+                    creds.kbpk_tdes,
+                    creds.password_hash,
+                    creds.counter as i64,
+                    creds.x_pos_device_id
+                ],
+            )
+            .map_err(backend)?;
+            tx.query_row(&format!("SELECT {CREDENTIAL_COLUMNS} FROM devices WHERE id = ?1"), [device_id], credentials_row)
+                .map_err(backend)
+        })
+    }
+
+    fn create_task(&self, task: &NewTask) -> StoreResult<(TaskRow, Vec<ExecutionRow>)> {
+        let task_id = self.write(|tx| {
+            tx.execute(
+                "INSERT INTO tasks (org_id, key_source_id, slot, key_type, created_at, expires_at, created_by, request_id)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![
+                    task.org_id,
+                    task.key_source_id,
+                    task.slot,
+                    task.key_type,
+                    task.created_at,
+                    task.expires_at,
+                    task.created_by,
+                    task.request_id
+                ],
+            )
+            .map_err(backend)?;
+            let task_id = tx.last_insert_rowid();
+            let mut insert = tx
+                .prepare_cached(
+                    "INSERT INTO executions (task_id, org_id, device_id, state, key_block, key_id, kcv, generation, created_at, deadline)
+                     VALUES (?1, ?2, ?3, 'queued', ?4, ?5, ?6, ?7, ?8, ?9)",
+                )
+                .map_err(backend)?;
+            for e in &task.executions {
+                insert
+                    .execute(params![
+                        task_id,
+                        task.org_id,
+                        e.device_id,
+                        e.key_block,
+                        e.key_id,
+                        e.kcv,
+                        e.generation,
+                        task.created_at,
+                        task.expires_at
+                    ])
+                    .map_err(backend)?;
+            }
+            Ok(task_id)
+        })?;
+        // Read back what was committed: the pair of assertions around the write.
+        let row = self.task(task.org_id, task_id)?;
+        assert_eq!(row.counts.total as usize, task.executions.len(), "task executions persisted");
+        let executions = self.task_executions(task_id)?;
+        Ok((row, executions))
+    }
+
+    fn task_by_request_id(&self, org_id: i64, request_id: i64) -> StoreResult<Option<TaskRow>> {
+        let id: Option<i64> = self.read(|c| {
+            c.query_row("SELECT id FROM tasks WHERE org_id = ?1 AND request_id = ?2", params![org_id, request_id], |r| r.get(0))
+                .optional()
+                .map_err(backend)
+        })?;
+        id.map(|id| self.task(org_id, id)).transpose()
+    }
+
+    fn list_tasks(&self, org_id: i64, unfinished: Option<bool>, limit: i64) -> StoreResult<Vec<TaskRow>> {
+        self.read(|c| {
+            let sql = format!(
+                "SELECT {TASK_COLUMNS} FROM tasks t JOIN key_sources k ON k.id = t.key_source_id
+                 WHERE t.org_id = ?1 AND (?2 IS NULL OR
+                    (EXISTS (SELECT 1 FROM executions e WHERE e.task_id = t.id AND e.state IN ('queued','delivered'))) = ?2)
+                 ORDER BY t.id DESC LIMIT ?3"
+            );
+            let mut stmt = c.prepare_cached(&sql).map_err(backend)?;
+            let rows = stmt.query_map(params![org_id, unfinished, limit], task_row).map_err(backend)?;
+            let mut tasks = rows.collect::<Result<Vec<_>, _>>().map_err(backend)?;
+            for t in &mut tasks {
+                t.counts = task_counts(c, t.id)?;
+            }
+            Ok(tasks)
+        })
+    }
+
+    fn task(&self, org_id: i64, id: i64) -> StoreResult<TaskRow> {
+        self.read(|c| {
+            let mut t = c
+                .query_row(
+                    &format!("SELECT {TASK_COLUMNS} FROM tasks t JOIN key_sources k ON k.id = t.key_source_id WHERE t.org_id = ?1 AND t.id = ?2"),
+                    params![org_id, id],
+                    task_row,
+                )
+                .map_err(|_| StoreError::NotFound(format!("task {id}")))?;
+            t.counts = task_counts(c, id)?;
+            Ok(t)
+        })
+    }
+
+    fn task_executions(&self, task_id: i64) -> StoreResult<Vec<ExecutionRow>> {
+        self.read(|c| {
+            let mut stmt = c
+                .prepare_cached(&format!("SELECT {EXECUTION_COLUMNS} FROM {EXECUTION_FROM} WHERE e.task_id = ?1 ORDER BY e.id"))
+                .map_err(backend)?;
+            let rows = stmt.query_map([task_id], execution_row).map_err(backend)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(backend)
+        })
+    }
+
+    fn open_executions(&self) -> StoreResult<Vec<ExecutionRow>> {
+        self.read(|c| {
+            let mut stmt = c
+                .prepare(&format!(
+                    "SELECT {EXECUTION_COLUMNS} FROM {EXECUTION_FROM} WHERE e.state IN ('queued','delivered') ORDER BY e.id"
+                ))
+                .map_err(backend)?;
+            let rows = stmt.query_map([], execution_row).map_err(backend)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(backend)
+        })
+    }
+
+    fn open_execution_device_ids(&self, org_id: i64) -> StoreResult<Vec<i64>> {
+        self.read(|c| {
+            let mut stmt = c
+                .prepare_cached("SELECT DISTINCT device_id FROM executions WHERE org_id = ?1 AND state IN ('queued','delivered')")
+                .map_err(backend)?;
+            let rows = stmt.query_map([org_id], |r| r.get(0)).map_err(backend)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(backend)
+        })
+    }
+
+    fn execution(&self, id: i64) -> StoreResult<ExecutionRow> {
+        self.read(|c| {
+            c.query_row(&format!("SELECT {EXECUTION_COLUMNS} FROM {EXECUTION_FROM} WHERE e.id = ?1"), [id], execution_row)
+                .map_err(|_| StoreError::NotFound(format!("execution {id}")))
+        })
+    }
+
+    fn rewrap_execution(&self, id: i64, key_block: &str, generation: i64) -> StoreResult<()> {
+        self.write(|tx| {
+            tx.execute(
+                "UPDATE executions SET key_block = ?2, generation = ?3 WHERE id = ?1 AND state IN ('queued','delivered')",
+                params![id, key_block, generation],
+            )
+            .map_err(backend)?;
+            Ok(())
+        })
+    }
+
+    fn stop_task(&self, org_id: i64, task_id: i64, at: Millis) -> StoreResult<Vec<i64>> {
+        self.write(|tx| {
+            let owned: Option<i64> = tx
+                .query_row("SELECT id FROM tasks WHERE org_id = ?1 AND id = ?2", params![org_id, task_id], |r| r.get(0))
+                .optional()
+                .map_err(backend)?;
+            if owned.is_none() {
+                return Err(StoreError::NotFound(format!("task {task_id}")));
+            }
+            let ids: Vec<i64> = {
+                let mut stmt = tx
+                    .prepare("SELECT id FROM executions WHERE task_id = ?1 AND state IN ('queued','delivered')")
+                    .map_err(backend)?;
+                let rows = stmt.query_map([task_id], |r| r.get(0)).map_err(backend)?;
+                rows.collect::<Result<Vec<_>, _>>().map_err(backend)?
+            };
+            for id in &ids {
+                end_execution(
+                    tx,
+                    &Ending {
+                        execution_id: *id,
+                        state: ExecutionState::Terminated,
+                        result: None,
+                        injection: "auto".into(),
+                        at,
+                        lock_device: false,
+                    },
+                )?;
+            }
+            tx.execute("UPDATE tasks SET stopped_at = COALESCE(stopped_at, ?2) WHERE id = ?1", params![task_id, at])
+                .map_err(backend)?;
+            Ok(ids)
+        })
+    }
+
+    fn expire_due(&self, now: Millis) -> StoreResult<Vec<(i64, i64)>> {
+        self.write(|tx| {
+            let due: Vec<(i64, i64)> = {
+                let mut stmt = tx
+                    .prepare_cached("SELECT id, org_id FROM executions WHERE state IN ('queued','delivered') AND deadline <= ?1")
+                    .map_err(backend)?;
+                let rows = stmt.query_map([now], |r| Ok((r.get(0)?, r.get(1)?))).map_err(backend)?;
+                rows.collect::<Result<Vec<_>, _>>().map_err(backend)?
+            };
+            for (id, _) in &due {
+                end_execution(
+                    tx,
+                    &Ending {
+                        execution_id: *id,
+                        state: ExecutionState::Expired,
+                        result: None,
+                        injection: "auto".into(),
+                        at: now,
+                        lock_device: false,
+                    },
+                )?;
+            }
+            Ok(due)
+        })
+    }
+
+    fn apply_batch(&self, writes: &[Write]) -> StoreResult<BatchOutcome> {
+        self.write(|tx| {
+            let mut outcome = BatchOutcome::default();
+            for w in writes {
+                match w {
+                    Write::Report(r) => {
+                        tx.prepare_cached(
+                            "UPDATE devices SET model = ?2, rom_version = ?3, app_version = ?4, region = ?5, debug_mode = ?6,
+                                    debug_key_present = ?7, locked = ?8, slots = ?9, last_seen = ?10,
+                                    unlock_pending = CASE WHEN ?8 THEN unlock_pending ELSE 0 END WHERE id = ?1",
+                        )
+                        .map_err(backend)?
+                        .execute(params![
+                            r.device_id,
+                            r.model,
+                            r.rom_version,
+                            r.app_version,
+                            r.region,
+                            r.debug_mode,
+                            r.debug_key_present,
+                            r.locked,
+                            r.slots_json,
+                            r.at
+                        ])
+                        .map_err(backend)?;
+                    }
+                    Write::Counter { device_id, counter } => {
+                        tx.prepare_cached("UPDATE devices SET last_counter = MAX(last_counter, ?2) WHERE id = ?1")
+                            .map_err(backend)?
+                            .execute(params![device_id, *counter as i64])
+                            .map_err(backend)?;
+                    }
+                    Write::Seen { device_id, at } => {
+                        tx.prepare_cached("UPDATE devices SET last_seen = ?2 WHERE id = ?1")
+                            .map_err(backend)?
+                            .execute(params![device_id, at])
+                            .map_err(backend)?;
+                    }
+                    Write::Delivered { execution_id, at } => {
+                        tx.prepare_cached(
+                            "UPDATE executions SET state = 'delivered', delivered_at = COALESCE(delivered_at, ?2),
+                                    delivery_count = delivery_count + 1
+                             WHERE id = ?1 AND state IN ('queued','delivered')",
+                        )
+                        .map_err(backend)?
+                        .execute(params![execution_id, at])
+                        .map_err(backend)?;
+                    }
+                    Write::End(ending) => {
+                        if end_execution(tx, ending)? {
+                            outcome.ended.push((ending.execution_id, ending.state));
+                        }
+                    }
+                }
+            }
+            Ok(outcome)
+        })
+    }
+
+    fn list_records(&self, org_id: i64, f: &RecordFilter) -> StoreResult<Vec<RecordRow>> {
+        self.read(|c| {
+            let sql = format!(
+                "SELECT {RECORD_COLUMNS} FROM records WHERE org_id = ?1 AND (?2 IS NULL OR sn = ?2) AND (?3 IS NULL OR task_id = ?3)
+                 ORDER BY id DESC LIMIT ?4 OFFSET ?5"
+            );
+            let mut stmt = c.prepare_cached(&sql).map_err(backend)?;
+            let limit = if f.limit <= 0 { i64::MAX } else { f.limit };
+            let rows = stmt.query_map(params![org_id, f.sn, f.task_id, limit, f.offset], record_row).map_err(backend)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(backend)
+        })
+    }
+
+    fn billing(&self, org_id: i64) -> StoreResult<Vec<BillingRow>> {
+        self.read(|c| {
+            let mut stmt = c
+                .prepare(
+                    "SELECT key_source, strftime('%Y-%m', at / 1000, 'unixepoch') AS month, COUNT(*) FROM records
+                     WHERE org_id = ?1 AND result = 'succeeded' GROUP BY key_source, month ORDER BY month, key_source",
+                )
+                .map_err(backend)?;
+            let rows = stmt
+                .query_map([org_id], |r| Ok(BillingRow { key_source: r.get(0)?, month: r.get(1)?, keys: r.get(2)? }))
+                .map_err(backend)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(backend)
+        })
+    }
+
+    fn count_records_for_execution(&self, execution_id: i64) -> StoreResult<i64> {
+        self.read(|c| {
+            c.query_row("SELECT COUNT(*) FROM records WHERE execution_id = ?1", [execution_id], |r| r.get(0)).map_err(backend)
+        })
+    }
+
+    fn execution_state_counts(&self) -> StoreResult<Vec<(i64, ExecutionState, i64)>> {
+        self.read(|c| {
+            let mut stmt = c.prepare_cached("SELECT org_id, state, COUNT(*) FROM executions GROUP BY org_id, state").map_err(backend)?;
+            let rows = stmt
+                .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?)))
+                .map_err(backend)?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (org, state, n) = row.map_err(backend)?;
+                if let Some(state) = ExecutionState::parse(&state) {
+                    out.push((org, state, n));
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn expiring_within(&self, now: Millis, within_ms: i64) -> StoreResult<i64> {
+        self.read(|c| {
+            c.query_row(
+                "SELECT COUNT(*) FROM executions WHERE state IN ('queued','delivered') AND deadline <= ?1",
+                [now + within_ms],
+                |r| r.get(0),
+            )
+            .map_err(backend)
+        })
+    }
+}
