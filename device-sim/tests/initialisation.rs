@@ -1,0 +1,198 @@
+//! Device initialisation against a real broker and a fake gateway: the bootstrap identity, the
+//! CreateKey key agreement, refusals, re-initialisation.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{FakeGateway, Tag, TestBroker, TestNet};
+use rki_device_sim::{Device, DeviceError};
+use rki_protocol::init::Gudid;
+use rki_protocol::message::{Message, Unlock};
+
+#[tokio::test]
+async fn an_initialised_terminal_connects_under_its_device_identity_and_says_hello() {
+    let net = TestNet::start().await;
+    let device = Device::spawn(net.config(TestNet::profile("INIT0001")))
+        .await
+        .expect("spawn");
+    let before = device.status();
+    assert!(!before.initialised && !before.connected);
+
+    let gudid = net.gateway.provision("INIT0001");
+    device.initialise(&gudid).await.expect("initialise");
+    let hello = net.gateway.wait_hellos("INIT0001", 1).await;
+
+    assert_eq!(hello.model, "P3");
+    assert_eq!(hello.rom_version, "3.0.15");
+    assert_eq!(hello.app_version, "2.0.0");
+    assert!(!hello.locked && !hello.debug_mode && hello.slots.is_empty());
+    let status = device
+        .wait_for("connected", common::WAIT, |s| s.connected)
+        .await
+        .expect("connected");
+    assert!(status.initialised);
+    let connects = net.broker.connects.lock().expect("log").clone();
+    let own: Vec<_> = connects
+        .iter()
+        .filter(|(id, _, _)| id.ends_with("INIT0001"))
+        .collect();
+    assert_eq!(own[0].0, "init:INIT0001", "bootstrap first");
+    assert_eq!(
+        (own[0].1.as_str(), own[0].2.as_str()),
+        ("init:INIT0001", "bootstrap")
+    );
+    let device_connect = own
+        .iter()
+        .find(|(id, _, _)| id == "INIT0001")
+        .expect("device identity");
+    assert_eq!(device_connect.1, "INIT0001");
+    assert_eq!(
+        device_connect.2.len(),
+        64,
+        "the password is 64 hex characters"
+    );
+    assert!(device_connect.2.bytes().all(|b| b.is_ascii_hexdigit()));
+    net.gateway.assert_clean_up_channel("INIT0001");
+}
+
+#[tokio::test]
+async fn a_gudid_in_the_configuration_initialises_the_terminal_at_power_on() {
+    let net = TestNet::start().await;
+    let mut config = net.config(TestNet::profile("INIT0002"));
+    config.gudid = Some(net.gateway.provision("INIT0002"));
+    let device = Device::spawn(config).await.expect("spawn");
+    net.gateway.wait_hellos("INIT0002", 1).await;
+    assert!(device.status().initialised);
+}
+
+#[tokio::test]
+async fn an_unknown_gudid_is_refused_with_its_code_and_the_terminal_stays_uninitialised() {
+    let net = TestNet::start().await;
+    let device = Device::spawn(net.config(TestNet::profile("INIT0003")))
+        .await
+        .expect("spawn");
+    let never_provisioned = Gudid::random().expect("gudid").expose_text().to_string();
+    match device.initialise(&never_provisioned).await {
+        Err(DeviceError::InitRefused(code)) => assert_eq!(code, "unknown_gudid"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    let status = device.status();
+    assert!(!status.initialised && !status.connected);
+    assert!(status
+        .last_error
+        .is_some_and(|e| e.contains("unknown_gudid")));
+}
+
+#[tokio::test]
+async fn a_spent_gudid_is_refused_and_a_gudid_of_another_terminal_too() {
+    let net = TestNet::start().await;
+    let gudid = net.gateway.provision("INIT0004");
+    let device = net
+        .initialised_device(net.config(TestNet::profile("INIT0004")))
+        .await;
+    // The helper spent a fresh GUDID; spend this one too, then try it again.
+    device.initialise(&gudid).await.expect("first use");
+    match device.initialise(&gudid).await {
+        Err(DeviceError::InitRefused(code)) => assert_eq!(code, "gudid_used"),
+        other => panic!("expected gudid_used, got {other:?}"),
+    }
+    let other = Device::spawn(net.config(TestNet::profile("INIT0005")))
+        .await
+        .expect("spawn");
+    let not_for_it = net.gateway.provision("INIT0004");
+    match other.initialise(&not_for_it).await {
+        Err(DeviceError::InitRefused(code)) => assert_eq!(code, "gudid_wrong_device"),
+        other => panic!("expected gudid_wrong_device, got {other:?}"),
+    }
+    // The refused re-initialisation left the terminal working under its last secrets.
+    device
+        .wait_for("reconnected", common::WAIT, |s| s.connected)
+        .await
+        .expect("connected");
+}
+
+#[tokio::test]
+async fn re_initialisation_replaces_the_signing_key_at_once() {
+    let net = TestNet::start().await;
+    let sn = "INIT0006";
+    let device = net
+        .initialised_device(net.config(TestNet::profile(sn)))
+        .await;
+    // A frame prepared under the first signing key...
+    let old_unlock = net
+        .gateway
+        .seal(sn, Message::Unlock(Unlock { unlock_id: 1 }), Tag::Device);
+
+    let gudid = net.gateway.provision(sn);
+    device.initialise(&gudid).await.expect("re-initialise");
+    let hellos = net.gateway.hellos(sn);
+    net.gateway.wait_hellos(sn, hellos.max(2)).await;
+
+    // ...is refused under the new one.
+    net.gateway.send_raw(sn, old_unlock);
+    let status = device
+        .wait_for("the old-key frame refused", common::WAIT, |s| {
+            s.rejected.bad_tag == 1
+        })
+        .await;
+    assert!(status.is_ok(), "{status:?}");
+    net.gateway.assert_clean_up_channel(sn);
+}
+
+#[tokio::test]
+async fn a_gudid_that_is_not_32_hex_digits_is_refused_before_anything_is_sent() {
+    let net = TestNet::start().await;
+    let device = Device::spawn(net.config(TestNet::profile("INIT0007")))
+        .await
+        .expect("spawn");
+    assert!(matches!(
+        device.initialise("1234-ABCD").await,
+        Err(DeviceError::BadGudid)
+    ));
+    assert!(!net
+        .broker
+        .connects
+        .lock()
+        .expect("log")
+        .iter()
+        .any(|(id, _, _)| id.contains("INIT0007")));
+}
+
+#[tokio::test]
+async fn an_initialisation_nobody_answers_times_out_with_a_clear_error() {
+    // A broker without a gateway behind it.
+    let lonely = TestBroker::start(Default::default(), 8);
+    let mut config = rki_device_sim::DeviceConfig::new(
+        TestNet::profile("INIT0008"),
+        lonely.addr.clone(),
+        rki_device_sim::StateStore::Memory,
+    );
+    config.knobs.init_timeout = Duration::from_millis(500);
+    let device = Device::spawn(config).await.expect("spawn");
+    let gudid = Gudid::random().expect("gudid").expose_text().to_string();
+    assert!(matches!(
+        device.initialise(&gudid).await,
+        Err(DeviceError::InitTimeout(_))
+    ));
+    assert!(!device.status().initialised);
+    let _ = FakeGateway::CLIENT_ID;
+}
+
+#[tokio::test]
+async fn an_initialisation_while_powered_off_is_refused() {
+    let net = TestNet::start().await;
+    let mut config = net.config(TestNet::profile("INIT0009"));
+    config.knobs.start_powered = false;
+    let device = Device::spawn(config).await.expect("spawn");
+    let gudid = net.gateway.provision("INIT0009");
+    assert!(matches!(
+        device.initialise(&gudid).await,
+        Err(DeviceError::PoweredOff)
+    ));
+    device.power_on().await.expect("power on");
+    device
+        .initialise(&gudid)
+        .await
+        .expect("initialise once powered");
+}
