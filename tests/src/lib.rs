@@ -1,1 +1,557 @@
-//! rki-tests
+//! # rki-tests
+//!
+//! The end-to-end harness. It starts the real `rki-gateway` binary as a child process (its own
+//! data directory, free loopback ports, optionally an adjustable clock), bootstraps the key owner
+//! and an organization with the binary's own offline commands, and drives the admin API over HTTP
+//! and devices over real MQTT, with `rki-device-sim` terminals or a [`RawDevice`] that crafts
+//! frames by hand for hostile tests.
+//!
+//! ## Layout
+//! - [`GatewayProcess`]: start, SIGKILL, SIGTERM, restart; `/metrics` readings.
+//! - [`Api`]: a tiny JSON client with a bearer token.
+//! - [`provision`]: key ceremony, device import, group, assignment, GUDIDs in one call.
+//! - [`RawDevice`]: a hand-driven terminal for forged, replayed and malformed messages.
+//! - [`expected_kcv`]: the KCV of an IPEK derived independently from the BDK and a KSN.
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use rki_protocol::frame::{self, MacKey};
+use rki_protocol::init::{self, DeviceSecrets, Ephemeral, Gudid};
+use rki_protocol::message::{Body, CreateKey, Message};
+use rki_protocol::{topic, KcvLen, SymmetricKey};
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
+use serde_json::{json, Value};
+
+pub type TestResult<T = ()> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+/// The test BDK (ANSI X9.24-1 sample BDK), entered as two components.
+pub const TEST_BDK: &str = "0123456789ABCDEFFEDCBA9876543210";
+const COMPONENT_2: &str = "1111111111111111EEEEEEEEEEEEEEEE";
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(0)
+}
+
+/// The directory of the workspace's built binaries (next to this test executable's `deps/`).
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir.join(name)
+}
+
+static DIRS: AtomicU64 = AtomicU64::new(0);
+
+/// A fresh, empty directory under the system temp dir.
+pub fn temp_dir(label: &str) -> PathBuf {
+    let n = DIRS.fetch_add(1, Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("rki-{label}-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::create_dir_all(&dir);
+    dir
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct GatewayOptions {
+    /// Use the adjustable clock (`POST /v1/admin/clock`).
+    pub adjustable_clock: bool,
+    /// Extra environment variables.
+    pub env: Vec<(String, String)>,
+}
+
+/// A running `rki-gateway` child process with its own data directory.
+pub struct GatewayProcess {
+    child: Option<Child>,
+    pub dir: PathBuf,
+    pub mqtt_port: u16,
+    pub http_port: u16,
+    pub key_owner_token: String,
+    pub org_token: String,
+    options: GatewayOptions,
+    starts: u32,
+}
+
+fn token_from(output: &str) -> TestResult<String> {
+    output
+        .lines()
+        .find_map(|l| l.split("): ").nth(1).map(|t| t.trim().to_string()))
+        .ok_or_else(|| format!("no token in {output:?}").into())
+}
+
+impl GatewayProcess {
+    /// Bootstraps a key owner and the organization `acme`, then starts the gateway.
+    pub fn start(options: GatewayOptions) -> TestResult<Self> {
+        let exe = binary("rki-gateway");
+        if !exe.exists() {
+            return Err(format!("{} is not built: run `cargo build --workspace --release` first", exe.display()).into());
+        }
+        let dir = temp_dir("gw");
+        let data = dir.join("data");
+        let run = |args: &[&str]| -> TestResult<String> {
+            let out = Command::new(&exe).args(args).arg("--data-dir").arg(&data).output()?;
+            if !out.status.success() {
+                return Err(format!("{args:?}: {}", String::from_utf8_lossy(&out.stderr)).into());
+            }
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        };
+        let key_owner_token = token_from(&run(&["init-key-owner"])?)?;
+        let org_token = token_from(&run(&["init-org", "acme"])?)?;
+        let mut gw = GatewayProcess {
+            child: None,
+            dir,
+            mqtt_port: free_port(),
+            http_port: free_port(),
+            key_owner_token,
+            org_token,
+            options,
+            starts: 0,
+        };
+        gw.spawn()?;
+        Ok(gw)
+    }
+
+    /// Creates another organization offline (works while the gateway runs) and returns its token.
+    pub fn init_org(&self, name: &str) -> TestResult<String> {
+        let out = Command::new(binary("rki-gateway")).args(["init-org", name, "--data-dir"]).arg(self.dir.join("data")).output()?;
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned().into());
+        }
+        token_from(&String::from_utf8_lossy(&out.stdout))
+    }
+
+    fn spawn(&mut self) -> TestResult {
+        self.starts += 1;
+        let log = std::fs::File::create(self.dir.join(format!("gateway-{}.log", self.starts)))?;
+        let mut cmd = Command::new(binary("rki-gateway"));
+        cmd.arg("--data-dir")
+            .arg(self.dir.join("data"))
+            .arg("--mqtt-addr")
+            .arg(format!("127.0.0.1:{}", self.mqtt_port))
+            .arg("--http-addr")
+            .arg(format!("127.0.0.1:{}", self.http_port))
+            .env("RKI_LOG", "info,rumqttd=error")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        if self.options.adjustable_clock {
+            cmd.env("RKI_CLOCK", "adjustable");
+        }
+        for (k, v) in &self.options.env {
+            cmd.env(k, v);
+        }
+        self.child = Some(cmd.spawn()?);
+        self.wait_healthy(Duration::from_secs(30))
+    }
+
+    fn wait_healthy(&mut self, timeout: Duration) -> TestResult {
+        let started = Instant::now();
+        let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(2)).build();
+        loop {
+            if let Some(child) = self.child.as_mut() {
+                if let Some(status) = child.try_wait()? {
+                    return Err(format!("gateway exited with {status}; log: {}", self.log_tail()).into());
+                }
+            }
+            if agent.get(&format!("{}/healthz", self.url())).call().is_ok() {
+                return Ok(());
+            }
+            if started.elapsed() > timeout {
+                return Err(format!("gateway not healthy after {timeout:?}; log: {}", self.log_tail()).into());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The last lines of the current log, for failure messages.
+    pub fn log_tail(&self) -> String {
+        let path = self.dir.join(format!("gateway-{}.log", self.starts));
+        let lines: Vec<String> = std::fs::File::open(path).map(|f| BufReader::new(f).lines().map_while(Result::ok).collect()).unwrap_or_default();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.http_port)
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// The admin API with the organization's token.
+    pub fn api(&self) -> Api {
+        Api::new(&self.url(), &self.org_token)
+    }
+
+    /// The admin API with the key owner's token.
+    pub fn key_owner(&self) -> Api {
+        Api::new(&self.url(), &self.key_owner_token)
+    }
+
+    /// SIGKILL: no flush, no goodbye.
+    pub fn kill(&mut self) -> TestResult {
+        if let Some(mut child) = self.child.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// SIGTERM, then waits for a graceful exit.
+    pub fn terminate(&mut self) -> TestResult<std::process::ExitStatus> {
+        let mut child = self.child.take().ok_or("not running")?;
+        Command::new("kill").arg("-TERM").arg(child.id().to_string()).status()?;
+        let started = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status);
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                child.kill()?;
+                return Err("gateway did not stop within 30 s of SIGTERM".into());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts the process again on the same data directory and ports.
+    pub fn restart(&mut self) -> TestResult {
+        self.kill()?;
+        self.spawn()
+    }
+
+    /// The value of one sample of `/metrics`, e.g. `rki_acks_total{result="succeeded"}`; 0 if absent.
+    pub fn metric(&self, sample: &str) -> f64 {
+        let text = ureq::get(&format!("{}/metrics", self.url())).call().ok().and_then(|r| r.into_string().ok()).unwrap_or_default();
+        metric_value(&text, sample)
+    }
+
+    /// Moves the adjustable clock forward by `days`, which also runs the expiry sweep.
+    pub fn advance_days(&self, days: i64) -> TestResult<Value> {
+        let (status, v) = self.key_owner().post("/v1/admin/clock", &json!({"advance_seconds": days * 86_400}));
+        if status != 200 {
+            return Err(format!("clock advance: {status} {v}").into());
+        }
+        Ok(v)
+    }
+}
+
+/// Reads one sample from a Prometheus text page; the labels must match exactly as rendered.
+pub fn metric_value(text: &str, sample: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            (name == sample).then(|| value.parse().ok()).flatten()
+        })
+        .unwrap_or(0.0)
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        let _ = self.kill();
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// A minimal JSON client for the admin API.
+#[derive(Clone)]
+pub struct Api {
+    url: String,
+    token: String,
+    agent: ureq::Agent,
+}
+
+impl Api {
+    pub fn new(url: &str, token: &str) -> Self {
+        Self { url: url.to_string(), token: token.to_string(), agent: ureq::AgentBuilder::new().timeout(Duration::from_secs(600)).build() }
+    }
+
+    fn answer(result: Result<ureq::Response, ureq::Error>) -> (u16, Value) {
+        match result {
+            Ok(r) => {
+                let status = r.status();
+                let text = r.into_string().unwrap_or_default();
+                (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+            }
+            Err(ureq::Error::Status(status, r)) => {
+                let text = r.into_string().unwrap_or_default();
+                (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+            }
+            Err(e) => (0, Value::String(e.to_string())),
+        }
+    }
+
+    pub fn get(&self, path: &str) -> (u16, Value) {
+        Self::answer(self.agent.get(&format!("{}{path}", self.url)).set("Authorization", &format!("Bearer {}", self.token)).call())
+    }
+
+    pub fn get_text(&self, path: &str) -> (u16, String) {
+        match self.agent.get(&format!("{}{path}", self.url)).set("Authorization", &format!("Bearer {}", self.token)).call() {
+            Ok(r) => (r.status(), r.into_string().unwrap_or_default()),
+            Err(ureq::Error::Status(s, r)) => (s, r.into_string().unwrap_or_default()),
+            Err(e) => (0, e.to_string()),
+        }
+    }
+
+    pub fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        Self::answer(self.agent.post(&format!("{}{path}", self.url)).set("Authorization", &format!("Bearer {}", self.token)).send_json(body.clone()))
+    }
+
+    pub fn post_csv(&self, path: &str, csv: &str) -> (u16, Value) {
+        Self::answer(
+            self.agent
+                .post(&format!("{}{path}", self.url))
+                .set("Authorization", &format!("Bearer {}", self.token))
+                .set("Content-Type", "text/csv")
+                .send_string(csv),
+        )
+    }
+
+    /// GET that must answer 200.
+    pub fn ok(&self, path: &str) -> TestResult<Value> {
+        match self.get(path) {
+            (200, v) => Ok(v),
+            (s, v) => Err(format!("GET {path}: {s} {v}").into()),
+        }
+    }
+
+    /// POST that must answer 200 or 201.
+    pub fn ok_post(&self, path: &str, body: &Value) -> TestResult<Value> {
+        match self.post(path, body) {
+            (200 | 201, v) => Ok(v),
+            (s, v) => Err(format!("POST {path}: {s} {v}").into()),
+        }
+    }
+}
+
+/// What [`provision`] set up.
+pub struct Provisioned {
+    pub sns: Vec<String>,
+    /// SN → GUDID text.
+    pub gudids: Vec<(String, String)>,
+}
+
+/// The key ceremony (the test BDK as two components, `bdk-test` authorized for `acme`) if not done
+/// yet, then: import `sns` into `group`, assign `bdk-test`, and provision one GUDID per SN.
+pub fn provision(gw: &GatewayProcess, sns: &[String], group: &str) -> TestResult<Provisioned> {
+    let api = gw.api();
+    let sources = api.ok("/v1/key-sources")?;
+    if !sources["key_sources"].as_array().is_some_and(|a| a.iter().any(|k| k["name"] == "bdk-test")) {
+        authorize_test_bdk(gw, "acme", "bdk-test")?;
+    }
+    let csv = std::iter::once("sn,model".to_string()).chain(sns.iter().map(|sn| format!("{sn},P3"))).collect::<Vec<_>>().join("\n");
+    let _ = api.post("/v1/groups", &json!({"name": group}));
+    let (status, v) = api.post_csv(&format!("/v1/devices/import?group={group}"), &csv);
+    if status != 200 {
+        return Err(format!("import: {status} {v}").into());
+    }
+    api.ok_post("/v1/assignments", &json!({"group": group, "key_source": "bdk-test"}))?;
+    let mut gudids = Vec::with_capacity(sns.len());
+    for chunk in sns.chunks(5000) {
+        let v = api.ok_post("/v1/gudids", &json!({"sns": chunk}))?;
+        for g in v["gudids"].as_array().cloned().unwrap_or_default() {
+            gudids.push((g["sn"].as_str().unwrap_or_default().to_string(), g["gudid"].as_str().unwrap_or_default().to_string()));
+        }
+    }
+    Ok(Provisioned { sns: sns.to_vec(), gudids })
+}
+
+/// Authorizes the test BDK for `org` under `name`, as the key owner.
+pub fn authorize_test_bdk(gw: &GatewayProcess, org: &str, name: &str) -> TestResult<Value> {
+    let bdk = SymmetricKey::tdes_from_hex(TEST_BDK)?;
+    let c2 = SymmetricKey::tdes_from_hex(COMPONENT_2)?;
+    let mut c1 = hex::decode(TEST_BDK)?;
+    for (a, b) in c1.iter_mut().zip(hex::decode(COMPONENT_2)?) {
+        *a ^= b;
+    }
+    let c1_key = SymmetricKey::tdes_from_hex(&hex::encode(&c1))?;
+    let body = json!({
+        "name": name,
+        "algorithm": "tdes",
+        "components": [
+            {"key": hex::encode_upper(&c1), "kcv": c1_key.kcv(KcvLen::Three).to_hex()},
+            {"key": COMPONENT_2, "kcv": c2.kcv(KcvLen::Three).to_hex()},
+        ],
+        "kcv": bdk.kcv(KcvLen::Three).to_hex(),
+    });
+    gw.key_owner().ok_post(&format!("/v1/orgs/{org}/key-sources"), &body)
+}
+
+/// The KCV of the IPEK derived from the test BDK and `ksn_hex`, computed here, independently of
+/// the gateway.
+pub fn expected_kcv(ksn_hex: &str) -> TestResult<String> {
+    let bdk = SymmetricKey::tdes_from_hex(TEST_BDK)?;
+    let ksn = rki_protocol::dukpt::tdes::Ksn::from_hex(ksn_hex)?;
+    let ipek = rki_protocol::dukpt::tdes::derive_ipek(&bdk, &ksn)?;
+    Ok(ipek.kcv(KcvLen::Three).to_hex())
+}
+
+/// Creates a task and returns its id.
+pub fn create_task(api: &Api, body: &Value) -> TestResult<i64> {
+    let v = api.ok_post("/v1/tasks", body)?;
+    v["task"]["id"].as_i64().ok_or_else(|| format!("no task id in {v}").into())
+}
+
+/// Polls a task until no execution is open, or the timeout.
+pub fn wait_task_done(api: &Api, task: i64, timeout: Duration) -> TestResult<Value> {
+    let started = Instant::now();
+    loop {
+        let v = api.ok(&format!("/v1/tasks/{task}"))?;
+        if v["task"]["status"] == "done" {
+            return Ok(v);
+        }
+        if started.elapsed() > timeout {
+            return Err(format!("task {task} not done after {timeout:?}: {}", v["task"]["counts"]).into());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A hand-driven terminal: initialises with a GUDID like a real one, then sends whatever frames a
+/// test wants, forged or not.
+pub struct RawDevice {
+    pub sn: String,
+    pub secrets: DeviceSecrets,
+    pub client: AsyncClient,
+    events: tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>)>,
+    counter: u64,
+}
+
+/// Connects an MQTT client and forwards received publishes to a channel.
+pub async fn mqtt_connect(
+    port: u16,
+    client_id: &str,
+    password: &str,
+    clean: bool,
+) -> TestResult<(AsyncClient, tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>)>)> {
+    let mut options = MqttOptions::new(client_id, "127.0.0.1", port);
+    options.set_credentials(client_id, password);
+    options.set_clean_session(clean);
+    options.set_keep_alive(Duration::from_secs(30));
+    options.set_max_packet_size(16 * 1024, 16 * 1024);
+    let (client, mut eventloop): (AsyncClient, EventLoop) = AsyncClient::new(options, 64);
+    // Wait for the CONNACK (or the refusal) before returning.
+    let first = tokio::time::timeout(Duration::from_secs(10), eventloop.poll()).await.map_err(|_| "CONNECT timed out")?;
+    match first {
+        Ok(Event::Incoming(Packet::ConnAck(ack))) if ack.code == rumqttc::ConnectReturnCode::Success => {}
+        Ok(other) => return Err(format!("CONNECT refused: {other:?}").into()),
+        Err(e) => return Err(format!("CONNECT failed: {e}").into()),
+    }
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let _ = tx.send((p.topic.clone(), p.payload.to_vec()));
+                }
+                Ok(_) => {}
+                Err(_) => return,
+            }
+        }
+    });
+    Ok((client, rx))
+}
+
+impl RawDevice {
+    /// Initialises `sn` with `gudid` over the bootstrap identity, then connects as the device.
+    pub async fn initialise(port: u16, sn: &str, gudid: &str) -> TestResult<RawDevice> {
+        let gudid = Gudid::parse(gudid)?;
+        let (boot, mut rx) = mqtt_connect(port, &format!("init:{sn}"), "bootstrap", true).await?;
+        boot.subscribe(topic::device_down(sn), QoS::AtLeastOnce).await?;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let ephemeral = Ephemeral::random()?;
+        let counter = now_us();
+        let request = Body {
+            party: sn.to_string(),
+            counter,
+            message: Message::CreateKey(CreateKey { gudid_id: gudid.id(), x_pos_device_id: format!("RAW-{sn}"), device_public: ephemeral.public() }),
+        };
+        let request_frame = frame::seal(&gudid.mac_key(), &request)?;
+        boot.publish(topic::init(sn), QoS::AtLeastOnce, false, request_frame.clone()).await?;
+        let (_, answer) = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await?.ok_or("no answer")?;
+        let opened = frame::open(&answer)?;
+        let answer_body = opened.body_bytes().to_vec();
+        let verified = opened.verify(&gudid.mac_key()).map_err(|e| format!("answer: {e}"))?;
+        let Message::CreateKeyAnswer(a) = verified.body.message else { return Err(format!("not an answer: {:?}", verified.body.message).into()) };
+        let secrets = init::derive_device_secrets(
+            ephemeral,
+            &a.gateway_public,
+            &gudid.mac_key(),
+            frame::body_bytes_of(&request_frame).ok_or("request body")?,
+            &answer_body,
+        )?;
+        let _ = boot.disconnect().await;
+        let password = String::from_utf8(secrets.mqtt_password.expose_secret().to_vec())?;
+        let (client, events) = mqtt_connect(port, sn, &password, false).await?;
+        client.subscribe(topic::device_down(sn), QoS::AtLeastOnce).await?;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        Ok(RawDevice { sn: sn.to_string(), secrets, client, events, counter })
+    }
+
+    pub fn next_counter(&mut self) -> u64 {
+        self.counter = self.counter.max(now_us()) + 1;
+        self.counter
+    }
+
+    /// Seals `message` under `key` with a fresh counter and publishes it on this device's up topic.
+    pub async fn send_with(&mut self, key: &MacKey, message: Message) -> TestResult<Vec<u8>> {
+        let body = Body { party: self.sn.clone(), counter: self.next_counter(), message };
+        let bytes = frame::seal(key, &body)?;
+        self.publish_raw(&topic::device_up(&self.sn), bytes.clone()).await?;
+        Ok(bytes)
+    }
+
+    pub async fn send(&mut self, message: Message) -> TestResult<Vec<u8>> {
+        let key = self.secrets.signing_key.clone_secret();
+        self.send_with(&key, message).await
+    }
+
+    pub async fn publish_raw(&self, topic: &str, bytes: Vec<u8>) -> TestResult {
+        self.client.publish(topic, QoS::AtLeastOnce, false, bytes).await?;
+        Ok(())
+    }
+
+    /// The next message on the down topic that verifies under the signing key.
+    pub async fn next_down(&mut self, timeout: Duration) -> TestResult<Message> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let (_, bytes) = tokio::time::timeout(left, self.events.recv()).await?.ok_or("disconnected")?;
+            if let Ok(v) = frame::open(&bytes).and_then(|u| u.verify(&self.secrets.signing_key)) {
+                return Ok(v.body.message);
+            }
+        }
+    }
+
+    /// A signed hello with a P3 at its minimum firmware.
+    pub fn hello(locked: bool) -> Message {
+        Message::Hello(rki_protocol::message::Hello {
+            model: "P3".into(),
+            rom_version: "3.0.15".into(),
+            app_version: "2.0.0".into(),
+            region: rki_protocol::terminal::Region::Eu,
+            debug_mode: false,
+            locked,
+            slots: vec![],
+        })
+    }
+}
+
+fn now_us() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
+}
+
+/// SNs `PREFIX000001`… `PREFIX{n}`.
+pub fn sns(prefix: &str, n: usize) -> Vec<String> {
+    (1..=n).map(|i| format!("{prefix}{i:06}")).collect()
+}
