@@ -276,13 +276,11 @@ fn derive(key: &SymmetricKey, usage: u16, derived: KeyAlgorithm, tail: [u8; 8]) 
     data[8..].copy_from_slice(&tail);
 
     let mut out = SecretBytes::zeroed(derived.key_len());
-    let mut block = Zeroizing::new([0u8; 16]);
-    for (index, chunk) in out.expose_secret_mut().chunks_mut(16).enumerate() {
-        // At most two blocks: a derived key is at most 256 bits.
-        data[1] = index as u8 + 1;
-        block.copy_from_slice(&data);
-        aes_encrypt_block(key, &mut block);
-        chunk.copy_from_slice(&block[..chunk.len()]);
+    match key.algorithm() {
+        KeyAlgorithm::Aes128 => encrypt_blocks::<aes::Aes128>(key, &mut data, &mut out),
+        KeyAlgorithm::Aes192 => encrypt_blocks::<aes::Aes192>(key, &mut data, &mut out),
+        KeyAlgorithm::Aes256 => encrypt_blocks::<aes::Aes256>(key, &mut data, &mut out),
+        KeyAlgorithm::Tdes2 | KeyAlgorithm::Tdes3 => debug_assert!(false, "AES DUKPT key is AES"),
     }
     match SymmetricKey::new(derived, out) {
         Ok(key) => key,
@@ -290,17 +288,23 @@ fn derive(key: &SymmetricKey, usage: u16, derived: KeyAlgorithm, tail: [u8; 8]) 
     }
 }
 
-fn aes_encrypt_block(key: &SymmetricKey, block: &mut [u8; 16]) {
-    fn run<C: BlockEncrypt + KeyInit>(key: &[u8], block: &mut [u8; 16]) {
-        if let Ok(cipher) = C::new_from_slice(key) {
-            cipher.encrypt_block(GenericArray::from_mut_slice(block));
-        }
-    }
-    match key.algorithm() {
-        KeyAlgorithm::Aes128 => run::<aes::Aes128>(key.expose_secret(), block),
-        KeyAlgorithm::Aes192 => run::<aes::Aes192>(key.expose_secret(), block),
-        KeyAlgorithm::Aes256 => run::<aes::Aes256>(key.expose_secret(), block),
-        KeyAlgorithm::Tdes2 | KeyAlgorithm::Tdes3 => debug_assert!(false, "AES DUKPT key is AES"),
+/// Fills `out` with the encryption of `data` under `key`, scheduled once, for key block counters
+/// 1, 2, … (at most two blocks: a derived key is at most 256 bits).
+fn encrypt_blocks<C: BlockEncrypt + KeyInit>(
+    key: &SymmetricKey,
+    data: &mut [u8; 16],
+    out: &mut SecretBytes,
+) {
+    let Ok(cipher) = C::new_from_slice(key.expose_secret()) else {
+        debug_assert!(false, "an AES key of its own algorithm's length");
+        return;
+    };
+    let mut block = Zeroizing::new([0u8; 16]);
+    for (counter, chunk) in (1u8..).zip(out.expose_secret_mut().chunks_mut(16)) {
+        data[1] = counter;
+        block.copy_from_slice(data);
+        cipher.encrypt_block(GenericArray::from_mut_slice(&mut block[..]));
+        chunk.copy_from_slice(&block[..chunk.len()]);
     }
 }
 
