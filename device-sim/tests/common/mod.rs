@@ -693,3 +693,14 @@ pub fn temporary_state_dir(test: &str) -> std::path::PathBuf {
 pub fn random_secret(len: usize) -> SecretBytes {
     SecretBytes::random(len).expect("random")
 }
+
+/// Device secrets from a key agreement nobody else took part in, for terminals preset as if
+/// initialised at the factory.
+pub fn random_device_secrets() -> DeviceSecrets {
+    let gudid = Gudid::random().expect("gudid");
+    let (a, b) = (
+        Ephemeral::random().expect("a"),
+        Ephemeral::random().expect("b"),
+    );
+    derive_device_secrets(a, &b.public(), &gudid.mac_key(), b"factory", b"preset").expect("secrets")
+}
