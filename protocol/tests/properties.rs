@@ -142,7 +142,11 @@ proptest! {
     }
 
     #[test]
-    fn truncated_or_extended_blocks_are_refused(case in case(), cut in any::<prop::sample::Index>(), extra in "[0-9A-F]{1,32}") {
+    fn truncated_or_extended_blocks_are_refused(
+        case in case(),
+        cut in any::<prop::sample::Index>(),
+        extra in "[0-9A-F]{1,32}",
+    ) {
         let at = cut.index(case.block.len());
         prop_assert!(tr31::unwrap(&case.kbpk, &case.block[..at]).is_err());
         let extended = format!("{}{}", case.block, extra);
@@ -163,7 +167,11 @@ proptest! {
 
     #[test]
     fn header_shaped_text_never_panics_unwrap_or_parse(
-        prefix in "[ABCD][0-9]{4}(B1TX|B0AX|K0TB|K1AE|P0AE|D0TD|M3TC|[A-Z0-9]{2}[A-Z]{2})[0-9]{2}[ENS]0[0-3]00",
+        prefix in concat!(
+            "[ABCD][0-9]{4}",
+            "(B1TX|B0AX|K0TB|K1AE|P0AE|D0TD|M3TC|[A-Z0-9]{2}[A-Z]{2})",
+            "[0-9]{2}[ENS]0[0-3]00",
+        ),
         rest in "([A-Z]{2}(00)?[0-9A-F]{2}[ -~]{0,24}){0,3}[0-9A-F]{0,160}",
     ) {
         let text = format!("{prefix}{rest}");

@@ -1,8 +1,8 @@
 //! AES DUKPT, ANSI X9.24-3-2017.
 //!
-//! Every key is derived the same way (§6.3, "Derive Key"): AES-ECB encryption, under the deriving
-//! key, of a 16-byte derivation data block per 128 bits of output, truncated to the derived key's
-//! length. The derivation data (§6.3.2, Table 2) is:
+//! Every key is derived the same way (the standard's "Derive Key"): AES-ECB encryption, under
+//! the deriving key, of a 16-byte derivation data block per 128 bits of output, truncated to the
+//! derived key's length. The derivation data is:
 //!
 //! | bytes | field                                                                    |
 //! |-------|--------------------------------------------------------------------------|
@@ -15,9 +15,9 @@
 //!
 //! - [`derive_initial_key`]: the initial key from the BDK and the initial key ID (usage `8001`).
 //! - [`derivation_key`]: the terminal's intermediate derivation key for a counter, walking the
-//!   counter's one-bits from the most significant (usage `8000`), §6.4.
+//!   counter's one-bits from the most significant (usage `8000`).
 //! - [`working_key`]: a working key (PIN, MAC, data, KEK) from the derivation key for the same
-//!   KSN, §6.5.
+//!   KSN.
 
 use std::fmt;
 
@@ -29,7 +29,7 @@ use super::{identifier_from_hex, DukptError};
 use crate::keys::{KeyAlgorithm, SymmetricKey};
 use crate::secret::SecretBytes;
 
-/// X9.24-3-2017 §6.1: a terminal never uses a counter with more than sixteen one-bits.
+/// X9.24-3-2017: a terminal never uses a counter with more than sixteen one-bits.
 const COUNTER_ONE_BITS_MAX: u32 = 16;
 const USAGE_KEY_DERIVATION: u16 = 0x8000;
 const USAGE_INITIAL_KEY: u16 = 0x8001;
@@ -130,7 +130,7 @@ impl fmt::Display for AesKsn {
     }
 }
 
-/// What a working key is for: the key usage indicator of X9.24-3-2017 Table 2.
+/// What a working key is for: the key usage indicator of the X9.24-3-2017 derivation data.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum WorkingKeyUsage {
     /// `0002`
@@ -190,7 +190,7 @@ fn algorithm_indicator(algorithm: KeyAlgorithm) -> u16 {
 }
 
 /// Security strength order, for "a working key is never stronger than its derivation key"
-/// (X9.24-3-2017 §6.5).
+/// (X9.24-3-2017).
 fn strength_rank(algorithm: KeyAlgorithm) -> u8 {
     match algorithm {
         KeyAlgorithm::Tdes2 => 0,
@@ -201,7 +201,7 @@ fn strength_rank(algorithm: KeyAlgorithm) -> u8 {
     }
 }
 
-/// The initial key for `id` (X9.24-3-2017 §6.3.3): same type and length as the BDK.
+/// The initial key for `id` (X9.24-3-2017, usage `8001`): same type and length as the BDK.
 pub fn derive_initial_key(
     bdk: &SymmetricKey,
     id: &InitialKeyId,
@@ -212,7 +212,7 @@ pub fn derive_initial_key(
     Ok(derive(bdk, USAGE_INITIAL_KEY, bdk.algorithm(), id.0))
 }
 
-/// The terminal's intermediate derivation key for the counter of `ksn` (X9.24-3-2017 §6.4): from
+/// The terminal's intermediate derivation key for the counter of `ksn` (X9.24-3-2017): from
 /// the initial key, one derivation per one-bit of the counter, most significant first, each with
 /// the counter's bits so far. Same type as the initial key. Refuses counter 0 (that is the
 /// initial key itself) and counters with more than sixteen one-bits.
@@ -245,7 +245,7 @@ pub fn derivation_key(
 }
 
 /// A working key of `key_type` for `usage` from the derivation key of the same `ksn`
-/// (X9.24-3-2017 §6.5). Refuses a working key stronger than the derivation key.
+/// (X9.24-3-2017). Refuses a working key stronger than the derivation key.
 pub fn working_key(
     derivation_key: &SymmetricKey,
     ksn: &AesKsn,
@@ -265,7 +265,7 @@ pub fn working_key(
     Ok(derive(derivation_key, usage.indicator(), key_type, ksn.derivation_tail(ksn.counter())))
 }
 
-/// X9.24-3-2017 §6.3 "Derive Key": `key` is an AES key (checked by every caller).
+/// X9.24-3-2017 "Derive Key": `key` is an AES key (checked by every caller).
 fn derive(key: &SymmetricKey, usage: u16, derived: KeyAlgorithm, tail: [u8; 8]) -> SymmetricKey {
     let mut data = [0u8; 16];
     data[0] = 0x01;

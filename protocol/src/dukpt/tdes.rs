@@ -1,11 +1,11 @@
 //! TDES DUKPT, ANSI X9.24-1-2009.
 //!
 //! - [`derive_ipek`]: the Initial PIN Encryption Key (IPEK) from the BDK and the initial KSN
-//!   (X9.24-1-2009 A.6, "Derivation of the Initial Key").
+//!   (X9.24-1-2009 Annex A, "Derivation of the Initial Key").
 //! - [`transaction_key`]: the terminal's current key for a KSN, by the non-reversible key
-//!   generation process over the one-bits of the 21-bit transaction counter (A.2, A.4).
+//!   generation process over the one-bits of the 21-bit transaction counter (Annex A).
 //! - [`pin_key`], [`mac_key`], [`mac_response_key`], [`data_key`]: the variants of a transaction
-//!   key (A.4 and Table A-1).
+//!   key (Annex A; the PIN variant is checked against the A.4 test data).
 //!
 //! Extension, not in the standard: [`derive_ipek`] also accepts a three-key BDK. The mask
 //! `C0C0C0C0 00000000` is then applied to all three key parts, and the IPEK is still two-key.
@@ -21,7 +21,7 @@ use crate::secret::SecretBytes;
 /// Bits of the transaction counter in the KSN.
 const COUNTER_BITS: u32 = 21;
 const COUNTER_MASK: u32 = (1 << COUNTER_BITS) - 1;
-/// X9.24-1-2009 A.2: a terminal never uses a counter with more than ten one-bits.
+/// X9.24-1-2009: a terminal never uses a counter with more than ten one-bits.
 const COUNTER_ONE_BITS_MAX: u32 = 10;
 /// The key-part mask of the IPEK derivation and the non-reversible key generation process.
 const KEY_PART_MASK: [u8; 8] = [0xC0, 0xC0, 0xC0, 0xC0, 0x00, 0x00, 0x00, 0x00];
@@ -91,7 +91,7 @@ impl fmt::Display for Ksn {
     }
 }
 
-/// The IPEK for `ksn` (its counter is ignored), X9.24-1-2009 A.6: the leftmost 8 bytes of the
+/// The IPEK for `ksn` (its counter is ignored), X9.24-1-2009 Annex A: the leftmost 8 bytes of the
 /// initial KSN encrypted under the BDK give the left half, and under the BDK XOR
 /// `C0C0C0C0 00000000 C0C0C0C0 00000000` the right half.
 ///
@@ -124,7 +124,7 @@ pub fn derive_ipek(bdk: &SymmetricKey, ksn: &Ksn) -> Result<SymmetricKey, DukptE
 
 /// The terminal's transaction key for `ksn`, derived from the IPEK by the non-reversible key
 /// generation process once for each one-bit of the counter, most significant first
-/// (X9.24-1-2009 A.2 and A.4). Refuses counter 0 (the IPEK is not a transaction key) and counters
+/// (X9.24-1-2009 Annex A). Refuses counter 0 (the IPEK is not a transaction key) and counters
 /// with more than ten one-bits, which a conforming terminal never reaches.
 pub fn transaction_key(ipek: &SymmetricKey, ksn: &Ksn) -> Result<SymmetricKey, DukptError> {
     if ipek.algorithm() != KeyAlgorithm::Tdes2 {
@@ -161,7 +161,7 @@ fn check_counter(counter: u32) -> Result<(), DukptError> {
     Ok(())
 }
 
-/// X9.24-1-2009 A.2 "Non-reversible Key Generation Process", replacing `key` in place.
+/// X9.24-1-2009 "Non-reversible Key Generation Process", replacing `key` in place.
 fn non_reversible_key_generation(key: &mut [u8; 16], register: [u8; 8]) {
     let right = half_generation(key, register);
     for (byte, mask) in key.iter_mut().zip(KEY_PART_MASK.iter().cycle()) {

@@ -187,11 +187,11 @@ pub(super) struct BlockKeys {
 }
 
 impl BlockKeys {
-    /// TR-31:2018 §5.3.2.1 (version B, TDES) and §5.3.2.3 (version D, AES), the key derivation
-    /// binding method: each key is CMAC under the KBPK of 8 bytes of derivation data per cipher
-    /// block of output: counter (from 1), key usage (`0000` KBEK, `0001` KBAK), separator `00`,
-    /// algorithm (`0000` 2TDEA, `0001` 3TDEA, `0002`-`0004` AES-128/192/256) and length in bits.
-    /// The KBEK and KBAK have the KBPK's algorithm and length. `None` for a variant version.
+    /// The key derivation binding method of TR-31:2018 §5.3.2, for versions B (TDES) and D
+    /// (AES): each key is CMAC under the KBPK of 8 bytes of derivation data per cipher block of
+    /// output: counter (from 1), key usage (`0000` KBEK, `0001` KBAK), separator `00`, algorithm
+    /// (`0000` 2TDEA, `0001` 3TDEA, `0002`-`0004` AES-128/192/256) and length in bits. The KBEK
+    /// and KBAK have the KBPK's algorithm and length.
     pub(super) fn derive(kbpk: &SymmetricKey) -> Option<Self> {
         let algorithm = kbpk.algorithm();
         let indicator: u8 = match algorithm {
@@ -222,7 +222,7 @@ impl BlockKeys {
     }
 }
 
-/// The KBEK and KBAK of the variant binding method (versions A and C, TR-31:2018 §5.3.1): the
+/// The KBEK and KBAK of the key variant binding method (versions A and C): the
 /// KBPK with every byte XORed with `E` (0x45) and `M` (0x4D), and its MAC, TDES CBC-MAC
 /// (ISO 9797-1 algorithm 1, zero IV) over the header text and the encrypted payload bytes,
 /// truncated to four bytes.

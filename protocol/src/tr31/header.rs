@@ -107,11 +107,11 @@ pub const USAGE_RULES: &[UsageRule] = &[
     UsageRule { usage: *b"V4", algorithms: b"AT", modes: MAC },
 ];
 
-/// TR-31:2018 Table 8: A AES, D DEA, E elliptic curve, H HMAC, R RSA, S DSA, T TDES.
+/// TR-31:2018 algorithms: A AES, D DEA, E elliptic curve, H HMAC, R RSA, S DSA, T TDES.
 const ALGORITHMS: &[u8] = b"ADEHRST";
-/// TR-31:2018 Table 7.
+/// TR-31:2018 modes of use.
 const MODES_OF_USE: &[u8] = b"BCDEGNSTVXY";
-/// TR-31:2018 Table 9: exportable under a trusted key, non-exportable, sensitive.
+/// TR-31:2018 exportability: exportable under a trusted key, non-exportable, sensitive.
 const EXPORTABILITY: &[u8] = b"ENS";
 
 /// One optional block: a two-character ID and printable ASCII data.

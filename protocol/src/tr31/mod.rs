@@ -7,12 +7,12 @@
 //! - this module: [`wrap`], [`unwrap`], [`Version`], [`Tr31Error`].
 //!
 //! ## Versions
-//! | version | KBPK     | binding                                   | MAC                         | wrap |
-//! |---------|----------|-------------------------------------------|-----------------------------|------|
-//! | `A`     | TDES     | variant: KBPK XOR `E`/`M` (§5.3.1)          | CBC-MAC, 4 bytes            | no   |
-//! | `B`     | TDES     | CMAC-TDES derivation (§5.3.2.1)            | CMAC, 8 bytes, the CBC IV   | yes  |
-//! | `C`     | TDES     | variant: KBPK XOR `0x45`/`0x4D` (§5.3.1)    | CBC-MAC, 4 bytes            | no   |
-//! | `D`     | AES      | CMAC-AES derivation (§5.3.2.3)             | CMAC, 16 bytes, the CBC IV  | yes  |
+//! | version | KBPK | binding                          | MAC                        | wrap |
+//! |---------|------|----------------------------------|----------------------------|------|
+//! | `A`     | TDES | variant: KBPK XOR `E`/`M`        | CBC-MAC, 4 bytes           | no   |
+//! | `B`     | TDES | CMAC-TDES derivation (§5.3.2)    | CMAC, 8 bytes, the CBC IV  | yes  |
+//! | `C`     | TDES | variant: KBPK XOR `0x45`/`0x4D`  | CBC-MAC, 4 bytes           | no   |
+//! | `D`     | AES  | CMAC-AES derivation (§5.3.2)     | CMAC, 16 bytes, the CBC IV | yes  |
 //!
 //! Versions A and C are read for legacy blocks only: [`wrap`] refuses them
 //! ([`Tr31Error::WrapVersionUnsupported`]), as TR-31:2018 deprecates A and the gateway ships B
