@@ -155,6 +155,7 @@ impl Device {
             counters: counters.clone(),
             reconnect_delay: None,
             jitter: Jitter::seeded(&sn),
+            shutdown_reply: None,
         };
         if fresh {
             terminal.persist().await?;
@@ -503,6 +504,8 @@ struct Terminal {
     /// The next reconnect delay; `None` after a session that got ready.
     reconnect_delay: Option<Duration>,
     jitter: Jitter,
+    /// The caller of a shutdown, answered once the task has cleaned up.
+    shutdown_reply: Option<oneshot::Sender<()>>,
 }
 
 impl Terminal {
@@ -580,6 +583,10 @@ impl Terminal {
             s.powered = false;
             s.connected = false;
         });
+        // Answered last, so that a caller sees the counters settled.
+        if let Some(reply) = self.shutdown_reply.take() {
+            let _ = reply.send(());
+        }
     }
 
     /// Waits `duration` while powered and offline; `None` if it elapsed undisturbed.
@@ -647,7 +654,7 @@ impl Terminal {
                     }
                     Command::Initialise(gudid, reply) => return IdleEnd::Initialise(gudid, reply),
                     Command::Shutdown(reply) => {
-                        let _ = reply.send(());
+                        self.shutdown_reply = Some(reply);
                         return IdleEnd::Shutdown;
                     }
                     _ => {}
@@ -967,7 +974,7 @@ impl Terminal {
             }
             Command::Initialise(gudid, reply) => Some(SessionEnd::Reinitialise(gudid, reply)),
             Command::Shutdown(reply) => {
-                let _ = reply.send(());
+                self.shutdown_reply = Some(reply);
                 Some(SessionEnd::Shutdown)
             }
             // Local commands never come back as control.
