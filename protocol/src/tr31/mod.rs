@@ -26,7 +26,7 @@
 //!
 //! ## Unwrap order
 //! Structure first (length digits, header, hex), then the KBPK against the version, then the
-//! MAC, compared in constant time; only a [`MacVerified`] proof lets the decrypted length field and
+//! MAC, compared in constant time; only a `MacVerified` proof lets the decrypted length field and
 //! key be read.
 
 mod cipher;
