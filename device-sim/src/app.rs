@@ -252,3 +252,215 @@ pub fn force_manual(state: &mut TerminalState) -> Result<Ack, ForceError> {
     state.record_answer(ack.clone());
     Ok(ack)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::DeviceProfile;
+    use rki_protocol::dukpt::derive_ipek;
+    use rki_protocol::dukpt::tdes::Ksn;
+    use rki_protocol::init::{derive_device_secrets, Ephemeral, Gudid};
+    use rki_protocol::message::Body;
+    use rki_protocol::terminal::{KeySlot, KeyType, Model};
+    use rki_protocol::tr31::{DukptInitialKeyId, Header};
+
+    fn terminal() -> TerminalState {
+        let profile = DeviceProfile::new("APP0001", Model::P3).expect("profile");
+        let mut state = TerminalState::factory(&profile);
+        let gudid = Gudid::random().expect("gudid");
+        let (a, b) = (
+            Ephemeral::random().expect("a"),
+            Ephemeral::random().expect("b"),
+        );
+        state.secrets = Some(
+            derive_device_secrets(a, &b.public(), &gudid.mac_key(), b"c", b"a").expect("secrets"),
+        );
+        state
+    }
+
+    fn download(state: &TerminalState, execution_id: u64, slot: KeySlot) -> Download {
+        let bdk = SymmetricKey::tdes_from_hex("0123456789ABCDEFFEDCBA9876543210").expect("bdk");
+        let ksn = Ksn::from_hex("FFFF9876543210E00000").expect("ksn");
+        let ipek = derive_ipek(&bdk, &ksn).expect("ipek");
+        let kcv = ipek.kcv(KcvLen::Three);
+        let header =
+            Header::dukpt_initial_key(Version::B, DukptInitialKeyId::Tdes(ksn), Some(&kcv))
+                .expect("header");
+        let kbpk = &state.secrets.as_ref().expect("secrets").kbpk_tdes;
+        let block = tr31::wrap(kbpk, &header, ipek.secret(), &mut |b| b.fill(0x5A)).expect("wrap");
+        Download {
+            execution_id,
+            slot,
+            key_type: KeyType::Ipek,
+            key_block: block,
+            key_id: ksn.as_bytes().to_vec(),
+            kcv: kcv.as_bytes().to_vec(),
+        }
+    }
+
+    /// The terminal checks in a fixed order; with several causes present, the first one wins.
+    #[test]
+    fn refusals_follow_the_terminals_order_slot_firmware_debug_lock_key() {
+        type Setup = fn(&mut TerminalState, &mut Download);
+        let cases: [(&str, Setup, Option<TerminalError>); 9] = [
+            ("all fine", |_, _| {}, None),
+            (
+                "reserved slot, with everything else wrong too",
+                |s, d| {
+                    d.slot = KeySlot::HARDWARE_CERTIFICATE;
+                    s.rom_version = "1.0.0".into();
+                    s.debug_mode = true;
+                    s.locked = true;
+                    d.kcv[0] ^= 1;
+                },
+                Some(TerminalError::SlotNotWritable),
+            ),
+            (
+                "old ROM before debug and lock",
+                |s, _| {
+                    s.rom_version = "3.0.14".into();
+                    s.debug_mode = true;
+                    s.locked = true;
+                },
+                Some(TerminalError::RomTooOld),
+            ),
+            (
+                "old app before debug",
+                |s, _| {
+                    s.app_version = "1.5.0".into();
+                    s.debug_mode = true;
+                },
+                Some(TerminalError::AppTooOld),
+            ),
+            (
+                "unparsable ROM is too old",
+                |s, _| s.rom_version = "latest".into(),
+                Some(TerminalError::RomTooOld),
+            ),
+            (
+                "debug before lock",
+                |s, _| {
+                    s.debug_mode = true;
+                    s.locked = true;
+                },
+                Some(TerminalError::DebugKeyPresent),
+            ),
+            (
+                "lock before the key block",
+                |s, d| {
+                    s.locked = true;
+                    d.kcv[0] ^= 1;
+                },
+                Some(TerminalError::DeviceLocked),
+            ),
+            (
+                "legacy version A block",
+                |_, d| d.key_block.replace_range(0..1, "A"),
+                Some(TerminalError::KeyRecordNotFound),
+            ),
+            (
+                "short KCV",
+                |_, d| d.kcv.truncate(2),
+                Some(TerminalError::KeyRecordNotFound),
+            ),
+        ];
+        for (name, setup, expected) in cases {
+            let mut state = terminal();
+            let mut download = download(&state, 1, KeySlot::PRODUCTION);
+            setup(&mut state, &mut download);
+            let decision = decide(&state, &download, None);
+            match expected {
+                None => assert!(
+                    matches!(decision, Decision::Install(_)),
+                    "{name}: {decision:?}"
+                ),
+                Some(error) => assert_eq!(decision, Decision::Refused(error), "{name}"),
+            }
+        }
+    }
+
+    #[test]
+    fn an_installed_key_locks_the_terminal_and_a_redelivery_is_a_duplicate() {
+        let mut state = terminal();
+        let download = download(&state, 7, KeySlot::PRODUCTION);
+        let decision = decide(&state, &download, None);
+        let ack = apply(&mut state, download.clone(), &decision);
+        assert_eq!(ack.result, 0);
+        assert_eq!(ack.kcv, download.kcv);
+        assert!(state.locked);
+        // Locked now, but the same execution is answered as before, not refused.
+        assert_eq!(
+            decide(&state, &download, None),
+            Decision::Duplicate(ack.clone())
+        );
+        assert_eq!(
+            decide(&state, &download, Some(TerminalError::DeviceLocked)),
+            Decision::Duplicate(ack)
+        );
+        let mut other = download;
+        other.execution_id = 8;
+        assert_eq!(
+            decide(&state, &other, None),
+            Decision::Refused(TerminalError::DeviceLocked)
+        );
+    }
+
+    #[test]
+    fn a_refused_download_is_kept_and_forcing_it_needs_the_cause_gone() {
+        let mut state = terminal();
+        state.debug_mode = true;
+        let download = download(&state, 9, KeySlot::PRODUCTION);
+        let decision = decide(&state, &download, None);
+        apply(&mut state, download, &decision);
+        assert_eq!(
+            force_manual(&mut state),
+            Err(ForceError::Refused(TerminalError::DebugKeyPresent))
+        );
+        state.debug_mode = false;
+        let ack = force_manual(&mut state).expect("forced");
+        assert_eq!((ack.result, ack.injection), (0, InjectionType::Manual));
+        assert_eq!(state.answered(9).map(|a| a.ack.clone()), Some(ack));
+        assert_eq!(force_manual(&mut state), Err(ForceError::NothingToForce));
+    }
+
+    #[test]
+    fn down_frames_need_the_signing_key_the_own_party_and_a_fresh_counter() {
+        let mut state = terminal();
+        let key = state
+            .secrets
+            .as_ref()
+            .expect("secrets")
+            .signing_key
+            .clone_secret();
+        let body = |party: &str, counter| Body {
+            party: party.into(),
+            counter,
+            message: Message::Unlock(Unlock { unlock_id: 1 }),
+        };
+        let seal = |key: &MacKey, body: &Body| frame::seal(key, body).expect("seal");
+        state.last_down_counter = 10;
+        let good = seal(&key, &body("APP0001", 11));
+        assert!(matches!(
+            accept_down_frame(&state, &good),
+            Ok((DownCommand::Unlock(_), Some(11)))
+        ));
+        let cases = [
+            (seal(&key, &body("APP0001", 10)), Rejection::Replay),
+            (seal(&key, &body("APP0002", 11)), Rejection::ForeignParty),
+            (
+                seal(&MacKey::public_refusal_key(), &body("APP0001", 11)),
+                Rejection::BadTag,
+            ),
+            (vec![1, 2, 3], Rejection::Malformed),
+        ];
+        for (bytes, rejection) in cases {
+            assert_eq!(accept_down_frame(&state, &bytes).err(), Some(rejection));
+        }
+        // Before initialisation there is no key a download or unlock could verify under.
+        state.secrets = None;
+        assert_eq!(
+            accept_down_frame(&state, &good).err(),
+            Some(Rejection::BadTag)
+        );
+    }
+}

@@ -530,7 +530,7 @@ impl Terminal {
             if self.state.secrets.is_none() {
                 let next = match self.pending_gudid.take() {
                     Some(gudid) => {
-                        let _ = self.initialise(gudid).await;
+                        let _ = Box::pin(self.initialise(gudid)).await;
                         continue;
                     }
                     None => self.idle(None).await,
@@ -538,14 +538,15 @@ impl Terminal {
                 match next {
                     IdleEnd::Shutdown => break,
                     IdleEnd::Initialise(gudid, reply) => {
-                        let outcome = self.initialise(gudid).await;
+                        let outcome = Box::pin(self.initialise(gudid)).await;
                         let _ = reply.send(outcome);
                     }
                     IdleEnd::Elapsed | IdleEnd::Changed => {}
                 }
                 continue;
             }
-            match self.session().await {
+            // Boxed: the session's future is large, and a powered-off terminal should not carry it.
+            match Box::pin(self.session()).await {
                 SessionEnd::Shutdown => break,
                 SessionEnd::PowerOff => self.powered = false,
                 SessionEnd::Crash => {
@@ -570,7 +571,7 @@ impl Terminal {
                     }
                 }
                 SessionEnd::Reinitialise(gudid, reply) => {
-                    let outcome = self.initialise(gudid).await;
+                    let outcome = Box::pin(self.initialise(gudid)).await;
                     let _ = reply.send(outcome);
                 }
             }
@@ -602,7 +603,7 @@ impl Terminal {
         match end {
             IdleEnd::Shutdown => return true,
             IdleEnd::Initialise(gudid, reply) => {
-                let outcome = self.initialise(gudid).await;
+                let outcome = Box::pin(self.initialise(gudid)).await;
                 let _ = reply.send(outcome);
             }
             IdleEnd::Elapsed | IdleEnd::Changed => {}
