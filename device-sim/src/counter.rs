@@ -21,7 +21,7 @@ impl UpCounter {
     }
 
     /// The next counter: now in microseconds, or `last + 1` if the clock has not moved past it.
-    pub fn next(&mut self) -> u64 {
+    pub fn next_counter(&mut self) -> u64 {
         let now = now_micros();
         self.last = if now > self.last {
             now
@@ -53,7 +53,7 @@ mod tests {
         let mut counter = UpCounter::default();
         let mut previous = 0;
         for _ in 0..10_000 {
-            let next = counter.next();
+            let next = counter.next_counter();
             assert!(next > previous);
             previous = next;
         }
@@ -63,13 +63,13 @@ mod tests {
     fn a_counter_resumed_in_the_future_keeps_counting_up() {
         let far = u64::MAX / 2;
         let mut counter = UpCounter::resume_after(far);
-        assert_eq!(counter.next(), far + 1);
-        assert_eq!(counter.next(), far + 2);
+        assert_eq!(counter.next_counter(), far + 1);
+        assert_eq!(counter.next_counter(), far + 2);
     }
 
     #[test]
     fn a_counter_resumed_in_the_past_jumps_to_now() {
         let mut counter = UpCounter::resume_after(5);
-        assert!(counter.next() > 1_600_000_000_000_000);
+        assert!(counter.next_counter() > 1_600_000_000_000_000);
     }
 }

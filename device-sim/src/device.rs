@@ -47,8 +47,8 @@ const PACKET_LEN_MAX: usize = frame::FRAME_LEN_MAX + 512;
 const COMMAND_CHANNEL_CAP: usize = 4;
 /// How long a TCP connect plus CONNACK may take.
 const CONNECT_TIMEOUT_SECONDS: u64 = 10;
-/// How long the bootstrap connection may take to close after initialisation.
-const BOOTSTRAP_CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a polite DISCONNECT may take to go out.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// The bootstrap identity's MQTT password: it proves nothing, the GUDID's tag does.
 const BOOTSTRAP_PASSWORD: &str = "bootstrap";
 
@@ -782,7 +782,7 @@ impl Terminal {
         let secrets = self.state.secrets.as_ref()?;
         let body = Body {
             party: self.state.sn.clone(),
-            counter: self.up.next(),
+            counter: self.up.next_counter(),
             message,
         };
         match frame::seal(&secrets.signing_key, &body) {
@@ -951,6 +951,11 @@ impl Terminal {
             }
             link.flush();
         };
+        if matches!(end, SessionEnd::Reinitialise(..)) {
+            // Leaving on purpose, to come back under new secrets: a DISCONNECT keeps the broker
+            // from publishing the last will, a bye signed with the key about to be replaced.
+            close_politely(&link.client, &mut event_loop).await;
+        }
         if connected {
             self.counters.sub(&self.counters.connected, 1);
         }
@@ -1142,7 +1147,7 @@ impl Terminal {
                     let own = Ephemeral::random()?;
                     let body = Body {
                         party: sn.clone(),
-                        counter: self.up.next(),
+                        counter: self.up.next_counter(),
                         message: Message::CreateKey(CreateKey {
                             gudid_id: gudid.id(),
                             x_pos_device_id: self.state.x_pos_device_id.clone(),
@@ -1184,18 +1189,8 @@ impl Terminal {
                 _ => {}
             }
         };
-        // Leave politely: the bootstrap identity has nothing more to say.
-        if client.try_disconnect().is_ok() {
-            let _ = tokio::time::timeout(BOOTSTRAP_CLOSE_TIMEOUT, async {
-                loop {
-                    match event_loop.poll().await {
-                        Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
-                        Ok(_) => {}
-                    }
-                }
-            })
-            .await;
-        }
+        // The bootstrap identity has nothing more to say.
+        close_politely(&client, &mut event_loop).await;
         Ok(secrets)
     }
 
@@ -1248,6 +1243,22 @@ enum Answer {
     },
     Refused(&'static str),
     Ignored(Rejection),
+}
+
+/// Sends a DISCONNECT and waits (briefly) until it is written.
+async fn close_politely(client: &AsyncClient, event_loop: &mut EventLoop) {
+    if client.try_disconnect().is_err() {
+        return;
+    }
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+        loop {
+            match event_loop.poll().await {
+                Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
 }
 
 async fn sleep_until(deadline: Option<Instant>) {
