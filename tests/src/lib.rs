@@ -257,8 +257,11 @@ pub fn metric_value(text: &str, sample: &str) -> f64 {
 impl Drop for GatewayProcess {
     fn drop(&mut self) {
         let _ = self.kill();
-        if !std::thread::panicking() {
+        // Kept for diagnosis when a test panics or RKI_TEST_KEEP is set.
+        if !std::thread::panicking() && std::env::var_os("RKI_TEST_KEEP").is_none() {
             let _ = std::fs::remove_dir_all(&self.dir);
+        } else {
+            eprintln!("gateway files kept in {}", self.dir.display());
         }
     }
 }
@@ -400,6 +403,21 @@ pub fn expected_kcv(ksn_hex: &str) -> TestResult<String> {
 pub fn create_task(api: &Api, body: &Value) -> TestResult<i64> {
     let v = api.ok_post("/v1/tasks", body)?;
     v["task"]["id"].as_i64().ok_or_else(|| format!("no task id in {v}").into())
+}
+
+/// Polls a task until `condition` holds for its counts, or the timeout.
+pub fn wait_task(api: &Api, task: i64, timeout: Duration, condition: impl Fn(&Value) -> bool) -> TestResult<Value> {
+    let started = Instant::now();
+    loop {
+        let v = api.ok(&format!("/v1/tasks/{task}"))?;
+        if condition(&v["task"]["counts"]) {
+            return Ok(v);
+        }
+        if started.elapsed() > timeout {
+            return Err(format!("task {task}: condition not met after {timeout:?}: {}", v["task"]["counts"]).into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Polls a task until no execution is open, or the timeout.

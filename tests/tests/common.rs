@@ -21,13 +21,19 @@ pub fn fleet_config(port: u16, provisioned: &Provisioned, knobs: Knobs) -> TestR
         .collect::<TestResult<Vec<_>>>()?;
     let mut config = FleetConfig::new(members, Brokers::one(BrokerAddr::new("127.0.0.1", port)));
     config.knobs = knobs;
+    // Terminals are switched on over a few seconds, as a warehouse does, not in one instant: the
+    // embedded broker accepts connections on one thread (see docs/BENCHMARKS.md).
+    config.spawn_interval = Duration::from_micros(1500);
     Ok(config)
 }
 
 pub async fn spawn_fleet(config: FleetConfig, initialised_timeout: Duration) -> TestResult<Fleet> {
     let n = config.members.len() as u64;
     let fleet = Fleet::spawn(config).await?;
-    fleet.wait_initialised(n, initialised_timeout).await.map_err(|e| format!("{e:?}: {}", fleet.snapshot().status_line()))?;
+    if let Err(e) = fleet.wait_initialised(n, initialised_timeout).await {
+        let errors: Vec<String> = fleet.devices().iter().filter(|d| !d.status().initialised).filter_map(|d| d.status().last_error.map(|e| format!("{}: {e}", d.sn()))).take(5).collect();
+        return Err(format!("{e:?}: {}; first errors: {errors:?}", fleet.snapshot().status_line()).into());
+    }
     fleet.wait_connected(n, initialised_timeout).await.map_err(|e| format!("{e:?}: {}", fleet.snapshot().status_line()))?;
     Ok(fleet)
 }

@@ -1,0 +1,97 @@
+//! Offline devices, power-on delivery and expiry on the injected clock.
+
+mod common;
+
+use std::time::Duration;
+
+use rki_device_sim::Knobs;
+use rki_protocol::message::Message;
+use rki_tests::{create_task, provision, sns, wait_task, wait_task_done, GatewayOptions, GatewayProcess, RawDevice, TestResult};
+use serde_json::json;
+
+#[test]
+fn a_device_powered_off_at_task_creation_gets_its_key_at_power_on() -> TestResult {
+    let rt = common::runtime();
+    let gw = GatewayProcess::start(GatewayOptions::default())?;
+    let api = gw.api();
+    let provisioned = provision(&gw, &sns("OFF", 3), "shelf")?;
+    let fleet = rt.block_on(common::spawn_fleet(common::fleet_config(gw.mqtt_port, &provisioned, Knobs::default())?, Duration::from_secs(30)))?;
+    let sleeper = &fleet.devices()[0];
+    rt.block_on(sleeper.power_off())?;
+    std::thread::sleep(Duration::from_millis(300));
+    let task = create_task(&api, &json!({"group": "shelf"}))?;
+    let t = wait_task(&api, task, Duration::from_secs(20), |c| c["succeeded"] == 2)?;
+    assert_eq!(t["task"]["status"], "unfinished", "the powered-off device is still pending");
+    assert_eq!(t["task"]["counts"]["succeeded"], 2);
+    assert_eq!(sleeper.status().injections, 0);
+    rt.block_on(sleeper.power_on())?;
+    let done = wait_task_done(&api, task, Duration::from_secs(30))?;
+    assert_eq!(done["task"]["counts"]["succeeded"], 3);
+    assert_eq!(sleeper.status().injections, 1);
+    rt.block_on(fleet.shutdown());
+    Ok(())
+}
+
+#[test]
+fn a_device_never_seen_before_expiry_ends_expired_and_gets_nothing_afterwards() -> TestResult {
+    let rt = common::runtime();
+    let gw = GatewayProcess::start(GatewayOptions { adjustable_clock: true, ..Default::default() })?;
+    let api = gw.api();
+    let provisioned = provision(&gw, &sns("NEVER", 1), "late")?;
+    let (sn, gudid) = provisioned.gudids[0].clone();
+    // Initialised (it has its keys) but it never says hello: the gateway has never seen it online.
+    let mut device = rt.block_on(RawDevice::initialise(gw.mqtt_port, &sn, &gudid))?;
+    let preview = api.ok_post("/v1/tasks/preview", &json!({"group": "late"}))?;
+    assert_eq!(preview["preview"]["never_seen"][0], sn.as_str(), "{preview}");
+    let task = create_task(&api, &json!({"group": "late"}))?;
+    gw.advance_days(29)?;
+    assert_eq!(api.ok(&format!("/v1/tasks/{task}"))?["task"]["status"], "unfinished", "still open on day 29");
+    let expired = gw.advance_days(2)?;
+    assert_eq!(expired["expired"], 1, "{expired}");
+    let t = api.ok(&format!("/v1/tasks/{task}"))?;
+    assert_eq!(t["task"]["counts"]["expired"], 1, "{t}");
+    assert_eq!(t["executions"][0]["state"], "expired");
+    let records = api.ok(&format!("/v1/records?task={task}"))?;
+    assert_eq!(records["records"][0]["result"], "expired");
+    // The device shows up after expiry: nothing is delivered.
+    let deliveries = gw.metric("rki_deliveries_total");
+    rt.block_on(device.send(RawDevice::hello(false)))?;
+    let next = rt.block_on(device.next_down(Duration::from_secs(2)));
+    assert!(next.is_err(), "expected no delivery after expiry, got {next:?}");
+    assert_eq!(gw.metric("rki_deliveries_total"), deliveries);
+    Ok(())
+}
+
+#[test]
+fn a_180_day_task_survives_day_179_and_delivers_then() -> TestResult {
+    let rt = common::runtime();
+    let gw = GatewayProcess::start(GatewayOptions { adjustable_clock: true, ..Default::default() })?;
+    let api = gw.api();
+    let provisioned = provision(&gw, &sns("LONG", 1), "long")?;
+    let (sn, gudid) = provisioned.gudids[0].clone();
+    let mut device = rt.block_on(RawDevice::initialise(gw.mqtt_port, &sn, &gudid))?;
+    let (status, refused) = api.post("/v1/tasks", &json!({"group": "long", "expiry_days": 181}));
+    assert_eq!(status, 400, "181 days is over the maximum: {refused}");
+    let task = create_task(&api, &json!({"group": "long", "expiry_days": 180}))?;
+    let expired = gw.advance_days(179)?;
+    assert_eq!(expired["expired"], 0);
+    rt.block_on(device.send(RawDevice::hello(false)))?;
+    let Message::Download(download) = rt.block_on(device.next_down(Duration::from_secs(5)))? else {
+        return Err("expected a download".into());
+    };
+    assert_eq!(api.ok(&format!("/v1/tasks/{task}"))?["executions"][0]["state"], "delivered");
+    let ack = rki_protocol::message::Ack {
+        execution_id: download.execution_id,
+        result: 0,
+        slot: download.slot,
+        key_id: download.key_id.clone(),
+        kcv: download.kcv.clone(),
+        injection: rki_protocol::terminal::InjectionType::Auto,
+    };
+    rt.block_on(device.send(Message::Ack(ack)))?;
+    let done = wait_task_done(&api, task, Duration::from_secs(10))?;
+    assert_eq!(done["task"]["counts"]["succeeded"], 1);
+    gw.advance_days(2)?;
+    assert_eq!(api.ok(&format!("/v1/tasks/{task}"))?["task"]["counts"]["succeeded"], 1, "a recorded success never expires");
+    Ok(())
+}
