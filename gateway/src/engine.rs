@@ -44,6 +44,8 @@ pub const RETRY_INITIAL_MS: i64 = 15_000;
 pub const RETRY_MAX_MS: i64 = 600_000;
 /// How often the retry and expiry sweeps run.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// Initialisations handled at once.
+const INIT_CONCURRENCY_MAX: usize = 256;
 /// Largest number of devices one task may target (the engine benchmark uses 1,000,000).
 pub const TASK_DEVICES_MAX: usize = 2_000_000;
 
@@ -164,7 +166,7 @@ struct AckDone {
 struct Pending {
     write: Write,
     ack: Option<AckDone>,
-    reply: Option<oneshot::Sender<Result<(), String>>>,
+    reply: Option<oneshot::Sender<Result<BatchOutcome, String>>>,
 }
 
 /// An inbound MQTT message.
@@ -256,6 +258,10 @@ pub struct Engine {
     /// increasing, so it needs no store write and survives restarts.
     down_counter: AtomicU64,
     online: AtomicI64,
+    /// Bounds initialisations in flight (each holds an X25519 exchange and a pending commit).
+    init_permits: Arc<tokio::sync::Semaphore>,
+    /// A weak handle to itself, to spawn initialisations.
+    me: std::sync::OnceLock<std::sync::Weak<Engine>>,
 }
 
 impl Engine {
@@ -287,7 +293,10 @@ impl Engine {
             shards,
             down_counter: AtomicU64::new(0),
             online: AtomicI64::new(0),
+            init_permits: Arc::new(tokio::sync::Semaphore::new(INIT_CONCURRENCY_MAX)),
+            me: std::sync::OnceLock::new(),
         });
+        let _ = engine.me.set(Arc::downgrade(&engine));
         engine.load().await?;
         tokio::spawn(committer(engine.clone(), commit_rx));
         for rx in shard_rx {
@@ -443,7 +452,17 @@ impl Engine {
     async fn handle(&self, msg: InboundMessage) {
         match topic::parse_inbound(&msg.topic) {
             Some(topic::Inbound::DeviceUp { sn }) => self.handle_device_up(sn, &msg.payload).await,
-            Some(topic::Inbound::Init { sn }) => self.handle_init(sn, &msg.payload).await,
+            Some(topic::Inbound::Init { sn }) => {
+                // Initialisations are independent of the device's other messages and wait for a
+                // durable commit: run them beside the shard, bounded by INIT_CONCURRENCY_MAX.
+                let Some(engine) = self.me.get().and_then(std::sync::Weak::upgrade) else { return };
+                let Ok(permit) = self.init_permits.clone().acquire_owned().await else { return };
+                let sn = sn.to_string();
+                tokio::spawn(async move {
+                    engine.handle_init(&sn, &msg.payload).await;
+                    drop(permit);
+                });
+            }
             Some(topic::Inbound::BackendTasks { .. }) => reject("task_request", Rejection::WrongTopic),
             None => reject("unknown", Rejection::WrongTopic),
         }
@@ -798,8 +817,9 @@ impl Engine {
         }
     }
 
-    /// Queues writes and waits until they are durable.
-    async fn write_durably(&self, writes: Vec<Write>) -> EngineResult<()> {
+    /// Queues writes and waits until they are durable; returns the outcome of the batch that
+    /// carried the last one.
+    async fn write_durably(&self, writes: Vec<Write>) -> EngineResult<BatchOutcome> {
         let mut last = None;
         let n = writes.len();
         for (i, write) in writes.into_iter().enumerate() {
@@ -812,10 +832,10 @@ impl Engine {
             };
             self.commits.send(Pending { write, ack: None, reply }).await.map_err(|_| EngineError::Internal("committer stopped".into()))?;
         }
-        if let Some(rx) = last {
-            rx.await.map_err(|_| EngineError::Internal("committer stopped".into()))?.map_err(EngineError::Internal)?;
+        match last {
+            Some(rx) => rx.await.map_err(|_| EngineError::Internal("committer stopped".into()))?.map_err(EngineError::Internal),
+            None => Ok(BatchOutcome::default()),
         }
-        Ok(())
     }
 
     // ---------------------------------------------------------------- initialisation
@@ -909,10 +929,17 @@ impl Engine {
         };
         let now = self.clock.now_ms();
         let row_id = gudid.id;
-        let stored = self.blocking(move |s| s.spend_gudid(row_id, device_id, &creds, now)).await.map_err(|e| match e {
-            EngineError::Conflict(_) => RefusalCode::GudidUsed,
-            _ => RefusalCode::Malformed,
-        })?;
+        // Through the committer, so a storm of initialisations shares fsyncs.
+        let outcome = self
+            .write_durably(vec![Write::Initialise { gudid_row: row_id, device_id, creds, at: now }])
+            .await
+            .map_err(|_| RefusalCode::Malformed)?;
+        let stored = outcome
+            .initialised
+            .into_iter()
+            .find(|(row, _)| *row == row_id)
+            .and_then(|(_, creds)| creds)
+            .ok_or(RefusalCode::GudidUsed)?;
         // The old signing key is invalid from here on.
         let hot = Arc::new(Mutex::new(DeviceHot::from_credentials(&stored)));
         let previous = self.devices.insert(sn.to_string(), hot.clone());
@@ -1260,7 +1287,7 @@ impl Engine {
 
     /// Waits until every write queued so far is durable.
     pub async fn flush(&self) -> EngineResult<()> {
-        self.write_durably(vec![Write::Seen { device_id: -1, at: 0 }]).await
+        self.write_durably(vec![Write::Seen { device_id: -1, at: 0 }]).await.map(|_| ())
     }
 }
 
@@ -1400,7 +1427,7 @@ async fn committer(engine: Arc<Engine>, mut rx: mpsc::Receiver<Pending>) {
                 }
             }
             if let Some(reply) = p.reply {
-                let _ = reply.send(result.as_ref().map(|_| ()).map_err(Clone::clone));
+                let _ = reply.send(result.clone());
             }
         }
     }

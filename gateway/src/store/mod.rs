@@ -337,6 +337,9 @@ pub enum Write {
     Seen { device_id: i64, at: Millis },
     Delivered { execution_id: i64, at: Millis },
     End(Ending),
+    /// Spends a GUDID and installs the device's new credentials, atomically; skipped (and
+    /// reported as such) if the GUDID was spent meanwhile.
+    Initialise { gudid_row: i64, device_id: i64, creds: NewCredentials, at: Millis },
 }
 
 /// What `apply_batch` did, so the caller can update its caches and metrics only for what is
@@ -346,6 +349,8 @@ pub struct BatchOutcome {
     /// Executions ended by this batch (an ending for an execution that was no longer open is
     /// skipped, so it is not counted twice).
     pub ended: Vec<(i64, ExecutionState)>,
+    /// GUDID row → the device's new credentials, or `None` if the GUDID was already spent.
+    pub initialised: Vec<(i64, Option<DeviceCredentials>)>,
 }
 
 #[derive(Debug, Clone, Default)]

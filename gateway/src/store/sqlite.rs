@@ -314,6 +314,38 @@ fn end_execution(tx: &Transaction<'_>, ending: &Ending) -> StoreResult<bool> {
     Ok(true)
 }
 
+/// Spends the GUDID if unused and installs the credentials; `None` if it was already spent.
+fn spend_gudid_in(tx: &Transaction<'_>, gudid_row_id: i64, device_id: i64, creds: &NewCredentials, at: Millis) -> StoreResult<Option<DeviceCredentials>> {
+    let spent = tx
+        .prepare_cached("UPDATE gudids SET used_at = ?2 WHERE id = ?1 AND used_at IS NULL")
+        .map_err(backend)?
+        .execute(params![gudid_row_id, at])
+        .map_err(backend)?;
+    if spent != 1 {
+        return Ok(None);
+    }
+    tx.prepare_cached(
+        "UPDATE devices SET signing_key = ?2, kbpk_aes = ?3, kbpk_tdes = ?4, password_hash = ?5, last_counter = ?6,
+                x_pos_device_id = ?7, generation = generation + 1 WHERE id = ?1",
+    )
+    .map_err(backend)?
+    .execute(params![
+        device_id,
+        creds.signing_key,
+        creds.kbpk_aes,
+        creds.kbpk_tdes,
+        creds.password_hash,
+        creds.counter as i64,
+        creds.x_pos_device_id
+    ])
+    .map_err(backend)?;
+    tx.prepare_cached(&format!("SELECT {CREDENTIAL_COLUMNS} FROM devices WHERE id = ?1"))
+        .map_err(backend)?
+        .query_row([device_id], credentials_row)
+        .map(Some)
+        .map_err(backend)
+}
+
 fn in_list(n: usize) -> String {
     let mut s = String::with_capacity(n * 2);
     for i in 0..n {
@@ -741,30 +773,7 @@ impl Store for SqliteStore {
     }
 
     fn spend_gudid(&self, gudid_row_id: i64, device_id: i64, creds: &NewCredentials, at: Millis) -> StoreResult<DeviceCredentials> {
-        self.write(|tx| {
-            let spent = tx
-                .execute("UPDATE gudids SET used_at = ?2 WHERE id = ?1 AND used_at IS NULL", params![gudid_row_id, at])
-                .map_err(backend)?;
-            if spent != 1 {
-                return Err(StoreError::Conflict("GUDID already used".into()));
-            }
-            tx.execute(
-                "UPDATE devices SET signing_key = ?2, kbpk_aes = ?3, kbpk_tdes = ?4, password_hash = ?5, last_counter = ?6,
-                        x_pos_device_id = ?7, generation = generation + 1 WHERE id = ?1",
-                params![
-                    device_id,
-                    creds.signing_key,
-                    creds.kbpk_aes,
-                    creds.kbpk_tdes,
-                    creds.password_hash,
-                    creds.counter as i64,
-                    creds.x_pos_device_id
-                ],
-            )
-            .map_err(backend)?;
-            tx.query_row(&format!("SELECT {CREDENTIAL_COLUMNS} FROM devices WHERE id = ?1"), [device_id], credentials_row)
-                .map_err(backend)
-        })
+        self.write(|tx| spend_gudid_in(tx, gudid_row_id, device_id, creds, at)?.ok_or_else(|| StoreError::Conflict("GUDID already used".into())))
     }
 
     fn create_task(&self, task: &NewTask) -> StoreResult<(TaskRow, Vec<ExecutionRow>)> {
@@ -1019,6 +1028,10 @@ impl Store for SqliteStore {
                         if end_execution(tx, ending)? {
                             outcome.ended.push((ending.execution_id, ending.state));
                         }
+                    }
+                    Write::Initialise { gudid_row, device_id, creds, at } => {
+                        let installed = spend_gudid_in(tx, *gudid_row, *device_id, creds, *at)?;
+                        outcome.initialised.push((*gudid_row, installed));
                     }
                 }
             }

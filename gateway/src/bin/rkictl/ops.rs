@@ -1,0 +1,1034 @@
+//! `rkictl` subcommands over the admin API: every flow an operator or the key owner drives.
+//! Each prints a readable table by default and the API's JSON with `--json`; every error is one
+//! line on stderr and a non-zero exit.
+
+use std::io::{BufRead, IsTerminal, Write as _};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use clap::{Args, Subcommand};
+use serde_json::{json, Value};
+
+/// Where the API is and who is calling.
+#[derive(Args, Debug, Clone)]
+pub struct ApiArgs {
+    /// Admin API base URL.
+    #[arg(long, global = true, env = "RKI_URL", default_value = "http://127.0.0.1:8080")]
+    pub url: String,
+    /// Bearer token: an organization's admin token, or the key owner's.
+    #[arg(long, global = true, env = "RKI_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DevicesCommand {
+    /// Import devices from a CSV (`sn[,model]` per line). All or nothing: every bad line is reported.
+    Import {
+        file: PathBuf,
+        /// Also add the devices to this group.
+        #[arg(long)]
+        group: Option<String>,
+        /// Validate only.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// List devices with their states (online, lock, assignment, task).
+    List {
+        /// Only SNs containing this text.
+        #[arg(long)]
+        sn: Option<String>,
+        #[arg(long)]
+        group: Option<String>,
+        #[arg(long, default_value_t = 1000)]
+        limit: i64,
+    },
+    /// Show one device, with its key slots.
+    Show { sn: String },
+    /// Send a signed unlock so another key can go on.
+    Unlock { sn: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum GroupsCommand {
+    Create {
+        name: String,
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    List,
+    /// Add devices to a group by SN.
+    Add {
+        name: String,
+        #[arg(required = true)]
+        sns: Vec<String>,
+    },
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct TargetArgs {
+    /// Target a group.
+    #[arg(long, conflicts_with = "sn")]
+    pub group: Option<String>,
+    /// Target devices by SN (repeatable).
+    #[arg(long)]
+    pub sn: Vec<String>,
+}
+
+impl TargetArgs {
+    fn into_json(self, mut body: Value) -> Result<Value, String> {
+        match (self.group, self.sn.is_empty()) {
+            (Some(g), true) => body["group"] = json!(g),
+            (None, false) => body["sns"] = json!(self.sn),
+            _ => return Err("name a target: --group NAME or --sn SN (repeatable)".into()),
+        }
+        Ok(body)
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct TaskArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+    /// Key source; defaults to the one assigned to the devices.
+    #[arg(long)]
+    pub key_source: Option<String>,
+    /// Key slot: 1 production (default), 4 development, 8 debug.
+    #[arg(long, default_value_t = 1)]
+    pub slot: u16,
+    /// Days until unacknowledged executions expire (1 to 180; default 30).
+    #[arg(long)]
+    pub expiry_days: Option<u16>,
+}
+
+impl TaskArgs {
+    fn into_json(self) -> Result<Value, String> {
+        let mut body = json!({"slot": self.slot});
+        if let Some(k) = self.key_source {
+            body["key_source"] = json!(k);
+        }
+        if let Some(d) = self.expiry_days {
+            body["expiry_days"] = json!(d);
+        }
+        self.target.into_json(body)
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TasksCommand {
+    /// Which devices are ready, and why the others are not.
+    Preview(TaskArgs),
+    /// Create a download task for the ready devices.
+    Create(TaskArgs),
+    /// List tasks: unfinished, done, or all; with the compact dashboard.
+    List {
+        #[arg(long, default_value = "all", value_parser = ["unfinished", "done", "all"])]
+        status: String,
+    },
+    /// Show a task with each device's state and error code.
+    Show { id: i64 },
+    /// Stop a task: its open executions end as manually terminated.
+    Stop {
+        id: i64,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Follow a task's progress until it is done (or the timeout).
+    Watch {
+        id: i64,
+        #[arg(long, default_value_t = 0)]
+        timeout_seconds: u64,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum GudidsCommand {
+    /// Provision one GUDID per SN (shown once; expires after 72 h; single use).
+    Provision {
+        #[arg(required = true)]
+        sns: Vec<String>,
+    },
+    /// List GUDIDs as unused, used or expired.
+    List {
+        #[arg(long)]
+        sn: Option<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum OrgsCommand {
+    /// Create an organization (key owner token); prints its admin token once.
+    Create {
+        name: String,
+    },
+    List,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KeySourcesCommand {
+    /// Authorize a BDK for an organization (key owner token), entered as 2 or 3 clear components
+    /// with their KCVs. Components come from a file (`KEY KCV` per line) or are typed at a prompt;
+    /// never from the command line.
+    Authorize {
+        #[arg(long)]
+        org: String,
+        #[arg(long)]
+        name: String,
+        #[arg(long, value_parser = ["tdes", "aes"])]
+        algorithm: String,
+        /// File with one component per line: `HEXKEY KCV`.
+        #[arg(long)]
+        components_file: Option<PathBuf>,
+        /// KCV the combined key must have.
+        #[arg(long)]
+        kcv: Option<String>,
+    },
+    /// Key sources authorized for the organization: name, algorithm, KCV.
+    List,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ClockCommand {
+    /// Test only: move the gateway's adjustable clock forward, then expire what is due.
+    Advance { seconds: i64 },
+}
+
+pub struct Client {
+    url: String,
+    token: Option<String>,
+    agent: ureq::Agent,
+}
+
+impl Client {
+    pub fn new(api: &ApiArgs) -> Self {
+        let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(300)).build();
+        Self { url: api.url.trim_end_matches('/').to_string(), token: api.token.clone(), agent }
+    }
+
+    fn request(&self, method: &str, path: &str) -> Result<ureq::Request, String> {
+        let token = self.token.as_ref().ok_or("no token: pass --token or set RKI_TOKEN")?;
+        Ok(self
+            .agent
+            .request(method, &format!("{}{path}", self.url))
+            .set("Authorization", &format!("Bearer {token}")))
+    }
+
+    fn answer(result: Result<ureq::Response, ureq::Error>) -> Result<String, String> {
+        match result {
+            Ok(r) => r.into_string().map_err(|e| format!("reading the answer: {e}")),
+            Err(ureq::Error::Status(code, r)) => {
+                let text = r.into_string().unwrap_or_default();
+                let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+                let detail = v["detail"].as_str().unwrap_or(text.trim());
+                let mut line =
+                    format!("{code} {}: {detail}", v["code"].as_str().unwrap_or("error"));
+                if let Some(errors) = v["errors"].as_array() {
+                    for e in errors {
+                        let at =
+                            e["line"].as_i64().map(|l| format!("line {l}: ")).unwrap_or_default();
+                        line.push_str(&format!("\n  {at}{}", e["reason"].as_str().unwrap_or("")));
+                    }
+                }
+                Err(line)
+            }
+            Err(e) => Err(format!("cannot reach the gateway: {e}")),
+        }
+    }
+
+    pub fn get(&self, path: &str) -> Result<Value, String> {
+        let text = Self::answer(self.request("GET", path)?.call())?;
+        serde_json::from_str(&text).map_err(|e| format!("bad JSON from the gateway: {e}"))
+    }
+
+    pub fn get_text(&self, path: &str) -> Result<String, String> {
+        Self::answer(self.request("GET", path)?.call())
+    }
+
+    pub fn post(&self, path: &str, body: &Value) -> Result<Value, String> {
+        let text = Self::answer(self.request("POST", path)?.send_json(body.clone()))?;
+        serde_json::from_str(&text).map_err(|e| format!("bad JSON from the gateway: {e}"))
+    }
+
+    pub fn post_text(&self, path: &str, body: &str) -> Result<Value, String> {
+        let text = Self::answer(
+            self.request("POST", path)?.set("Content-Type", "text/csv").send_string(body),
+        )?;
+        serde_json::from_str(&text).map_err(|e| format!("bad JSON from the gateway: {e}"))
+    }
+}
+
+fn enc(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// Output: the JSON value with `--json`, else a human rendering.
+pub enum Output {
+    Json(Value),
+    Text(String),
+}
+
+fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for row in &rows {
+        for (i, cell) in row.iter().enumerate() {
+            widths[i] = widths[i].max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let line = |cells: Vec<String>, out: &mut String| {
+        let parts: Vec<String> =
+            cells.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = widths[i])).collect();
+        out.push_str(parts.join("  ").trim_end());
+        out.push('\n');
+    };
+    line(headers.iter().map(|h| h.to_string()).collect(), &mut out);
+    for row in rows {
+        line(row, &mut out);
+    }
+    out
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn time(v: &Value) -> String {
+    match v.as_i64() {
+        Some(ms) => {
+            let secs = ms / 1000;
+            let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+            let (y, m, d) = civil_from_days(days);
+            format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
+        }
+        None => "-".into(),
+    }
+}
+
+/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+pub fn devices(c: &Client, cmd: DevicesCommand, json_out: bool) -> Result<Output, String> {
+    match cmd {
+        DevicesCommand::Import { file, group, dry_run } => {
+            let text =
+                std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+            let mut path = format!("/v1/devices/import?dry_run={dry_run}");
+            if let Some(g) = group {
+                path.push_str(&format!("&group={}", enc(&g)));
+            }
+            let v = c.post_text(&path, &text)?;
+            Ok(if json_out {
+                Output::Json(v)
+            } else {
+                Output::Text(format!(
+                    "{} valid, {} imported, {} already registered{}",
+                    s(&v["valid"]),
+                    s(&v["imported"]),
+                    s(&v["already_registered"]),
+                    v.get("added_to_group")
+                        .map(|n| format!(", {} added to the group", s(n)))
+                        .unwrap_or_default()
+                ))
+            })
+        }
+        DevicesCommand::List { sn, group, limit } => {
+            let mut path = format!("/v1/devices?limit={limit}");
+            if let Some(sn) = sn {
+                path.push_str(&format!("&sn={}", enc(&sn)));
+            }
+            if let Some(g) = group {
+                path.push_str(&format!("&group={}", enc(&g)));
+            }
+            let v = c.get(&path)?;
+            if json_out {
+                return Ok(Output::Json(v));
+            }
+            let rows = v["devices"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|d| {
+                            vec![
+                                s(&d["sn"]),
+                                s(&d["model"]),
+                                s(&d["rom_version"]),
+                                s(&d["app_version"]),
+                                if d["online"].as_bool() == Some(true) {
+                                    "online".into()
+                                } else {
+                                    "offline".into()
+                                },
+                                time(&d["last_seen"]),
+                                s(&d["lock"]),
+                                d["assigned_key_source"]
+                                    .as_str()
+                                    .map(|k| format!("assigned ({k})"))
+                                    .unwrap_or("unassigned".into()),
+                                s(&d["task"]),
+                            ]
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            let mut out = table(
+                &[
+                    "SN",
+                    "MODEL",
+                    "ROM",
+                    "APP",
+                    "CONNECTION",
+                    "LAST SEEN",
+                    "LOCK",
+                    "ASSIGNMENT",
+                    "TASK",
+                ],
+                rows,
+            );
+            out.push_str(&format!("{} device(s) in the organization", s(&v["total"])));
+            Ok(Output::Text(out))
+        }
+        DevicesCommand::Show { sn } => {
+            let v = c.get(&format!("/v1/devices/{}", enc(&sn)))?;
+            if json_out {
+                return Ok(Output::Json(v));
+            }
+            let d = &v["device"];
+            let mut out = String::new();
+            for k in [
+                "sn",
+                "model",
+                "rom_version",
+                "app_version",
+                "region",
+                "online",
+                "lock",
+                "unlock_pending",
+                "debug_mode",
+                "initialised",
+                "task",
+            ] {
+                out.push_str(&format!("{k:<16} {}\n", s(&d[k])));
+            }
+            out.push_str(&format!("{:<16} {}\n", "last_seen", time(&d["last_seen"])));
+            let slots: Vec<Vec<String>> = d["slots"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|x| {
+                            vec![s(&x["slot"]), s(&x["key_type"]), s(&x["key_id"]), s(&x["kcv"])]
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            out.push_str("\nkey slots (as the device last reported them)\n");
+            out.push_str(&table(&["INDEX", "KEY TYPE", "KSN / KEY ID", "KCV"], slots));
+            Ok(Output::Text(out))
+        }
+        DevicesCommand::Unlock { sn } => {
+            let v = c.post(&format!("/v1/devices/{}/unlock", enc(&sn)), &json!({}))?;
+            Ok(if json_out {
+                Output::Json(v)
+            } else {
+                Output::Text(format!("unlock for {sn}: {}", s(&v["unlock"])))
+            })
+        }
+    }
+}
+
+pub fn groups(c: &Client, cmd: GroupsCommand, json_out: bool) -> Result<Output, String> {
+    match cmd {
+        GroupsCommand::Create { name, description } => {
+            let v = c.post("/v1/groups", &json!({"name": name, "description": description}))?;
+            Ok(if json_out {
+                Output::Json(v)
+            } else {
+                Output::Text(format!("group {name} created"))
+            })
+        }
+        GroupsCommand::List => {
+            let v = c.get("/v1/groups")?;
+            if json_out {
+                return Ok(Output::Json(v));
+            }
+            let rows = v["groups"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|g| vec![s(&g["name"]), s(&g["members"]), s(&g["description"])])
+                        .collect()
+                })
+                .unwrap_or_default();
+            Ok(Output::Text(table(&["GROUP", "DEVICES", "DESCRIPTION"], rows)))
+        }
+        GroupsCommand::Add { name, sns } => {
+            let v = c.post(&format!("/v1/groups/{}/devices", enc(&name)), &json!({"sns": sns}))?;
+            Ok(if json_out {
+                Output::Json(v)
+            } else {
+                Output::Text(format!("{} device(s) added to {name}", s(&v["added"])))
+            })
+        }
+    }
+}
+
+pub fn assign(
+    c: &Client,
+    key_source: Option<String>,
+    target: TargetArgs,
+    json_out: bool,
+) -> Result<Output, String> {
+    let body = target.into_json(json!({"key_source": key_source}))?;
+    let v = c.post("/v1/assignments", &body)?;
+    Ok(if json_out {
+        Output::Json(v)
+    } else {
+        Output::Text(format!(
+            "{} device(s) assigned to {}",
+            s(&v["assigned"]),
+            key_source.unwrap_or("nothing (unassigned)".into())
+        ))
+    })
+}
+
+fn preview_text(p: &Value) -> String {
+    let mut out = format!(
+        "key source {}, slot {}, expires after {} days\nready: {}\n",
+        s(&p["key_source"]),
+        s(&p["slot"]),
+        s(&p["expiry_days"]),
+        p["ready"].as_array().map(|a| a.len()).unwrap_or(0)
+    );
+    if let Some(never) = p["never_seen"].as_array().filter(|a| !a.is_empty()) {
+        out.push_str(&format!(
+            "  of which never seen online (firmware unknown): {}\n",
+            never.len()
+        ));
+    }
+    let not_ready = p["not_ready"].as_array().cloned().unwrap_or_default();
+    out.push_str(&format!("not ready: {}\n", not_ready.len()));
+    for d in not_ready.iter().take(50) {
+        let reasons: Vec<String> =
+            d["reasons"].as_array().map(|r| r.iter().map(s).collect()).unwrap_or_default();
+        out.push_str(&format!("  {:<20} {}\n", s(&d["sn"]), reasons.join(", ")));
+    }
+    if not_ready.len() > 50 {
+        out.push_str(&format!("  … and {} more (use --json for all)\n", not_ready.len() - 50));
+    }
+    out
+}
+
+fn task_line(t: &Value) -> Vec<String> {
+    let c = &t["counts"];
+    vec![
+        s(&t["id"]),
+        s(&t["key_source"]),
+        s(&t["slot"]),
+        s(&t["status"]),
+        s(&t["outcome"]),
+        format!("{}/{}", c["succeeded"].as_i64().unwrap_or(0), c["total"].as_i64().unwrap_or(0)),
+        s(&c["failed"]),
+        s(&c["expired"]),
+        s(&c["terminated"]),
+        format!("{}", c["queued"].as_i64().unwrap_or(0) + c["delivered"].as_i64().unwrap_or(0)),
+        time(&t["created_at"]),
+        time(&t["expires_at"]),
+    ]
+}
+
+const TASK_HEADERS: [&str; 12] = [
+    "TASK",
+    "KEY SOURCE",
+    "SLOT",
+    "STATUS",
+    "OUTCOME",
+    "SUCCEEDED",
+    "FAILED",
+    "EXPIRED",
+    "TERMINATED",
+    "OPEN",
+    "CREATED",
+    "EXPIRES",
+];
+
+pub fn tasks(c: &Client, cmd: TasksCommand, json_out: bool) -> Result<Output, String> {
+    match cmd {
+        TasksCommand::Preview(args) => {
+            let v = c.post("/v1/tasks/preview", &args.into_json()?)?;
+            Ok(if json_out { Output::Json(v) } else { Output::Text(preview_text(&v["preview"])) })
+        }
+        TasksCommand::Create(args) => {
+            let v = c.post("/v1/tasks", &args.into_json()?)?;
+            if json_out {
+                return Ok(Output::Json(v));
+            }
+            let mut out = preview_text(&v["preview"]);
+            out.push_str(&format!(
+                "task {} created with {} execution(s)",
+                s(&v["task"]["id"]),
+                s(&v["task"]["counts"]["total"])
+            ));
+            Ok(Output::Text(out))
+        }
+        TasksCommand::List { status } => {
+            let v = c.get(&format!("/v1/tasks?status={status}"))?;
+            if json_out {
+                return Ok(Output::Json(v));
+            }
+            let sm = &v["summary"];
+            let mut out = format!(
+                "unfinished {}  done {}  |  succeeded {}  failed {}  expired {}  terminated {}  open {}\n\n",
+                s(&sm["unfinished"]),
+                s(&sm["done"]),
+                s(&sm["succeeded"]),
+                s(&sm["failed"]),
+                s(&sm["expired"]),
+                s(&sm["terminated"]),
+                s(&sm["open"])
+            );
+            let rows = v["tasks"]
+                .as_array()
+                .map(|a| a.iter().map(task_line).collect())
+                .unwrap_or_default();
+            out.push_str(&table(&TASK_HEADERS, rows));
+            Ok(Output::Text(out))
+        }
+        TasksCommand::Show { id } => {
+            let v = c.get(&format!("/v1/tasks/{id}"))?;
+            if json_out {
+                return Ok(Output::Json(v));
+            }
+            let mut out = table(&TASK_HEADERS, vec![task_line(&v["task"])]);
+            out.push('\n');
+            let rows = v["executions"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|e| {
+                            vec![
+                                s(&e["sn"]),
+                                s(&e["state"]),
+                                e["result"]
+                                    .as_i64()
+                                    .filter(|r| *r != 0)
+                                    .map(|r| format!("{r} ({})", s(&e["result_meaning"])))
+                                    .unwrap_or_default(),
+                                if e["online"].as_bool() == Some(true) {
+                                    "online".into()
+                                } else {
+                                    "offline".into()
+                                },
+                                s(&e["delivery_count"]),
+                                s(&e["key_id"]),
+                                s(&e["kcv"]),
+                                time(&e["deadline"]),
+                            ]
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            out.push_str(&table(
+                &["SN", "STATE", "ERROR", "CONNECTION", "SENT", "KSN / KEY ID", "KCV", "EXPIRES"],
+                rows,
+            ));
+            Ok(Output::Text(out))
+        }
+        TasksCommand::Stop { id, yes } => {
+            if !yes {
+                if !std::io::stdin().is_terminal() {
+                    return Err("refusing to stop without confirmation: pass --yes".into());
+                }
+                eprint!("stop task {id}? its open executions end as manually terminated [y/N] ");
+                let mut answer = String::new();
+                std::io::stdin().lock().read_line(&mut answer).map_err(|e| e.to_string())?;
+                if !answer.trim().eq_ignore_ascii_case("y") {
+                    return Err("not stopped".into());
+                }
+            }
+            let v = c.post(&format!("/v1/tasks/{id}/stop"), &json!({}))?;
+            Ok(if json_out {
+                Output::Json(v)
+            } else {
+                Output::Text(format!(
+                    "task {id}: {} execution(s) terminated; {}",
+                    s(&v["terminated"]),
+                    s(&v["task"]["outcome"])
+                ))
+            })
+        }
+        TasksCommand::Watch { id, timeout_seconds } => {
+            let started = Instant::now();
+            loop {
+                let v = c.get(&format!("/v1/tasks/{id}"))?;
+                let t = &v["task"];
+                let cn = &t["counts"];
+                let open =
+                    cn["queued"].as_i64().unwrap_or(0) + cn["delivered"].as_i64().unwrap_or(0);
+                eprint!(
+                    "\rtask {id}: {}/{} succeeded, {} failed, {} expired, {} terminated, {} open ({:.0}s)   ",
+                    cn["succeeded"].as_i64().unwrap_or(0),
+                    cn["total"].as_i64().unwrap_or(0),
+                    s(&cn["failed"]),
+                    s(&cn["expired"]),
+                    s(&cn["terminated"]),
+                    open,
+                    started.elapsed().as_secs_f64()
+                );
+                if open == 0 {
+                    eprintln!();
+                    return Ok(if json_out {
+                        Output::Json(v)
+                    } else {
+                        Output::Text(format!("task {id} done: {}", s(&t["outcome"])))
+                    });
+                }
+                if timeout_seconds > 0 && started.elapsed() > Duration::from_secs(timeout_seconds) {
+                    eprintln!();
+                    return Err(format!(
+                        "task {id} still has {open} open execution(s) after {timeout_seconds}s"
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        }
+    }
+}
+
+pub fn records(
+    c: &Client,
+    sn: Option<String>,
+    task: Option<i64>,
+    format: &str,
+    json_out: bool,
+) -> Result<Output, String> {
+    let mut path = String::from("/v1/records?");
+    if let Some(sn) = sn {
+        path.push_str(&format!("sn={}&", enc(&sn)));
+    }
+    if let Some(t) = task {
+        path.push_str(&format!("task={t}&"));
+    }
+    if format == "csv" && !json_out {
+        return c
+            .get_text(&format!("{path}format=csv"))
+            .map(|t| Output::Text(t.trim_end().to_string()));
+    }
+    let v = c.get(&path)?;
+    if json_out || format == "json" {
+        return Ok(Output::Json(v));
+    }
+    let rows = v["records"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|r| {
+                    vec![
+                        s(&r["sn"]),
+                        s(&r["key_source"]),
+                        s(&r["key_type"]),
+                        s(&r["injection"]),
+                        s(&r["result"]),
+                        r["error_code"]
+                            .as_i64()
+                            .map(|e| format!("{e} ({})", s(&r["error_meaning"])))
+                            .unwrap_or_default(),
+                        time(&r["at"]),
+                        s(&r["key_id"]),
+                        s(&r["kcv"]),
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(Output::Text(table(
+        &[
+            "SN",
+            "KEY SOURCE",
+            "KEY TYPE",
+            "INJECTION",
+            "RESULT",
+            "ERROR",
+            "TIME",
+            "KSN / KEY ID",
+            "KCV",
+        ],
+        rows,
+    )))
+}
+
+pub fn billing(c: &Client, json_out: bool) -> Result<Output, String> {
+    let v = c.get("/v1/billing")?;
+    if json_out {
+        return Ok(Output::Json(v));
+    }
+    let rows = v["billing"]
+        .as_array()
+        .map(|a| {
+            a.iter().map(|b| vec![s(&b["month"]), s(&b["key_source"]), s(&b["keys"])]).collect()
+        })
+        .unwrap_or_default();
+    Ok(Output::Text(table(&["MONTH", "KEY SOURCE", "KEYS INJECTED"], rows)))
+}
+
+pub fn gudids(c: &Client, cmd: GudidsCommand, json_out: bool) -> Result<Output, String> {
+    match cmd {
+        GudidsCommand::Provision { sns } => {
+            let v = c.post("/v1/gudids", &json!({"sns": sns}))?;
+            if json_out {
+                return Ok(Output::Json(v));
+            }
+            let rows = v["gudids"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|g| vec![s(&g["sn"]), s(&g["gudid"]), time(&g["expires_at"])])
+                        .collect()
+                })
+                .unwrap_or_default();
+            let mut out = table(&["SN", "GUDID (shown once)", "EXPIRES"], rows);
+            out.push_str("type each GUDID into its terminal; each works once, within 72 hours");
+            Ok(Output::Text(out))
+        }
+        GudidsCommand::List { sn } => {
+            let path = match sn {
+                Some(sn) => format!("/v1/gudids?sn={}", enc(&sn)),
+                None => "/v1/gudids".into(),
+            };
+            let v = c.get(&path)?;
+            if json_out {
+                return Ok(Output::Json(v));
+            }
+            let rows = v["gudids"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|g| {
+                            vec![
+                                s(&g["sn"]),
+                                s(&g["status"]),
+                                s(&g["provisioned_by"]),
+                                time(&g["provisioned_at"]),
+                                time(&g["expires_at"]),
+                                time(&g["used_at"]),
+                            ]
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            Ok(Output::Text(table(
+                &["SN", "STATUS", "PROVISIONED BY", "PROVISIONED", "EXPIRES", "USED"],
+                rows,
+            )))
+        }
+    }
+}
+
+pub fn orgs(c: &Client, cmd: OrgsCommand, json_out: bool) -> Result<Output, String> {
+    match cmd {
+        OrgsCommand::Create { name } => {
+            let v = c.post("/v1/orgs", &json!({"name": name}))?;
+            Ok(if json_out {
+                Output::Json(v)
+            } else {
+                Output::Text(format!(
+                    "organization {name} created\nadmin token (shown once; keep it secret): {}",
+                    s(&v["admin_token"])
+                ))
+            })
+        }
+        OrgsCommand::List => {
+            let v = c.get("/v1/orgs")?;
+            if json_out {
+                return Ok(Output::Json(v));
+            }
+            let rows = v["orgs"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|o| vec![s(&o["id"]), s(&o["name"]), time(&o["created_at"])])
+                        .collect()
+                })
+                .unwrap_or_default();
+            Ok(Output::Text(table(&["ID", "NAME", "CREATED"], rows)))
+        }
+    }
+}
+
+/// Reads components: from the file, or typed at a prompt with echo off.
+fn read_components(file: Option<PathBuf>) -> Result<Vec<Value>, String> {
+    let lines: Vec<String> = match file {
+        Some(path) => {
+            let text =
+                std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            text.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(String::from)
+                .collect()
+        }
+        None => {
+            if !std::io::stdin().is_terminal() {
+                return Err("components come from --components-file or a terminal prompt".into());
+            }
+            let mut lines = Vec::new();
+            for i in 1..=3 {
+                eprint!("component {i} as `HEXKEY KCV` (empty line to finish after 2): ");
+                let _ = std::io::stderr().flush();
+                let line = read_hidden()?;
+                eprintln!();
+                if line.trim().is_empty() {
+                    break;
+                }
+                lines.push(line.trim().to_string());
+            }
+            lines
+        }
+    };
+    lines
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            let mut parts = l.split_whitespace();
+            match (parts.next(), parts.next(), parts.next()) {
+                (Some(key), Some(kcv), None) => Ok(json!({"key": key, "kcv": kcv})),
+                _ => Err(format!("component {}: expected `HEXKEY KCV`", i + 1)),
+            }
+        })
+        .collect()
+}
+
+/// Reads one line from the terminal without echo (stty), so a component is not shown.
+fn read_hidden() -> Result<String, String> {
+    let stty = |arg: &str| {
+        std::process::Command::new("stty").arg(arg).stdin(std::process::Stdio::inherit()).status()
+    };
+    let echo_off = stty("-echo").map(|s| s.success()).unwrap_or(false);
+    let mut line = String::new();
+    let read = std::io::stdin().lock().read_line(&mut line);
+    if echo_off {
+        let _ = stty("echo");
+    }
+    read.map_err(|e| e.to_string())?;
+    Ok(line)
+}
+
+pub fn key_sources(c: &Client, cmd: KeySourcesCommand, json_out: bool) -> Result<Output, String> {
+    match cmd {
+        KeySourcesCommand::Authorize { org, name, algorithm, components_file, kcv } => {
+            let components = read_components(components_file)?;
+            let mut body = json!({"name": name, "algorithm": algorithm, "components": components});
+            if let Some(k) = kcv {
+                body["kcv"] = json!(k);
+            }
+            let v = c.post(&format!("/v1/orgs/{}/key-sources", enc(&org)), &body)?;
+            Ok(if json_out {
+                Output::Json(v)
+            } else {
+                let k = &v["key_source"];
+                Output::Text(format!(
+                    "key source {} authorized for {org}: {} KCV {}",
+                    s(&k["name"]),
+                    s(&k["algorithm"]),
+                    s(&k["kcv"])
+                ))
+            })
+        }
+        KeySourcesCommand::List => {
+            let v = c.get("/v1/key-sources")?;
+            if json_out {
+                return Ok(Output::Json(v));
+            }
+            let rows = v["key_sources"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|k| {
+                            vec![
+                                s(&k["name"]),
+                                s(&k["algorithm"]),
+                                s(&k["kcv"]),
+                                time(&k["created_at"]),
+                            ]
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            Ok(Output::Text(table(&["KEY SOURCE", "ALGORITHM", "KCV", "AUTHORIZED"], rows)))
+        }
+    }
+}
+
+pub fn audit(c: &Client, limit: i64, json_out: bool) -> Result<Output, String> {
+    let v = c.get(&format!("/v1/audit?limit={limit}"))?;
+    if json_out {
+        return Ok(Output::Json(v));
+    }
+    let rows = v["audit"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|e| {
+                    vec![
+                        time(&e["at"]),
+                        s(&e["actor"]),
+                        s(&e["token_id"]),
+                        s(&e["action"]),
+                        s(&e["object"]),
+                        e["details"].to_string(),
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(Output::Text(table(&["TIME", "WHO", "TOKEN", "ACTION", "OBJECT", "DETAILS"], rows)))
+}
+
+pub fn clock(c: &Client, cmd: ClockCommand, json_out: bool) -> Result<Output, String> {
+    match cmd {
+        ClockCommand::Advance { seconds } => {
+            let v = c.post("/v1/admin/clock", &json!({"advance_seconds": seconds}))?;
+            Ok(if json_out {
+                Output::Json(v)
+            } else {
+                Output::Text(format!(
+                    "clock now {}; {} execution(s) expired",
+                    time(&v["now"]),
+                    s(&v["expired"])
+                ))
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn civil_dates_are_right() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(20_454), (2026, 1, 1));
+        assert_eq!(time(&json!(1_795_604_341_670_i64)), "2026-11-25 10:59:01");
+    }
+}
