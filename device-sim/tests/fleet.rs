@@ -41,8 +41,16 @@ async fn a_fleet_of_500_terminals_initialises_connects_and_installs_one_key_each
             |s| s.keys_installed >= n && s.acks_confirmed >= n,
             FLEET_TIMEOUT,
         )
-        .await
-        .expect("every terminal took its key");
+        .await;
+    let troubled: Vec<String> = fleet
+        .devices()
+        .iter()
+        .map(|d| (d.sn().to_string(), d.status()))
+        .filter(|(_, s)| s.last_error.is_some() || s.injections == 0)
+        .map(|(sn, s)| format!("{sn}: {s:?}"))
+        .collect();
+    let done = done.unwrap_or_else(|e| panic!("{e}\n{}", troubled.join("\n")));
+    assert!(troubled.is_empty(), "{}", troubled.join("\n"));
     assert_eq!(
         (done.initialised, done.connected, done.keys_installed),
         (n, n, n)

@@ -79,7 +79,7 @@ fn a_180_day_task_survives_day_179_and_delivers_then() -> TestResult {
     let Message::Download(download) = rt.block_on(device.next_down(Duration::from_secs(5)))? else {
         return Err("expected a download".into());
     };
-    assert_eq!(api.ok(&format!("/v1/tasks/{task}"))?["executions"][0]["state"], "delivered");
+    wait_task(&api, task, Duration::from_secs(5), |c| c["delivered"] == 1)?;
     let ack = rki_protocol::message::Ack {
         execution_id: download.execution_id,
         result: 0,
