@@ -1,0 +1,149 @@
+//! Hostile input changes nothing and is counted: forged, replayed, foreign and wrong-KCV acks,
+//! garbage, oversized payloads, unknown SNs at CONNECT, bad CSVs, another organization's token.
+
+mod common;
+
+use std::time::Duration;
+
+use rki_protocol::frame::MacKey;
+use rki_protocol::message::{Ack, Download, Message};
+use rki_protocol::terminal::InjectionType;
+use rki_protocol::{topic, SecretBytes};
+use rki_tests::{create_task, mqtt_connect, provision, sns, wait_task, GatewayOptions, GatewayProcess, RawDevice, TestResult};
+use serde_json::json;
+
+fn ack_for(d: &Download, kcv: Vec<u8>) -> Message {
+    Message::Ack(Ack { execution_id: d.execution_id, result: 0, slot: d.slot, key_id: d.key_id.clone(), kcv, injection: InjectionType::Auto })
+}
+
+fn rejected(gw: &GatewayProcess, kind: &str, reason: &str) -> f64 {
+    gw.metric(&format!("rki_rejected_messages_total{{kind=\"{kind}\",reason=\"{reason}\"}}"))
+}
+
+/// Polls until the rejection counter reaches `at_least`.
+fn wait_rejected(gw: &GatewayProcess, kind: &str, reason: &str, at_least: f64) -> TestResult {
+    for _ in 0..100 {
+        if rejected(gw, kind, reason) >= at_least {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Err(format!("rki_rejected_messages_total{{kind={kind},reason={reason}}} stayed at {}", rejected(gw, kind, reason)).into())
+}
+
+async fn download(device: &mut RawDevice) -> TestResult<Download> {
+    match device.next_down(Duration::from_secs(10)).await? {
+        Message::Download(d) => Ok(d),
+        other => Err(format!("expected a download, got {other:?}").into()),
+    }
+}
+
+#[test]
+fn hostile_acks_change_nothing_and_are_counted_then_the_honest_ack_succeeds() -> TestResult {
+    let rt = common::runtime();
+    let gw = GatewayProcess::start(GatewayOptions::default())?;
+    let api = gw.api();
+    let provisioned = provision(&gw, &sns("HOST", 2), "pair")?;
+    let (sn_a, gudid_a) = provisioned.gudids[0].clone();
+    let (sn_b, gudid_b) = provisioned.gudids[1].clone();
+    let mut a = rt.block_on(RawDevice::initialise(gw.mqtt_port, &sn_a, &gudid_a))?;
+    let mut b = rt.block_on(RawDevice::initialise(gw.mqtt_port, &sn_b, &gudid_b))?;
+    rt.block_on(a.send(RawDevice::hello(false)))?;
+    rt.block_on(b.send(RawDevice::hello(false)))?;
+    std::thread::sleep(Duration::from_millis(300));
+    let task = create_task(&api, &json!({"group": "pair"}))?;
+    let da = rt.block_on(download(&mut a))?;
+    let db = rt.block_on(download(&mut b))?;
+    let open = |c: &serde_json::Value| c["succeeded"] == 0 && c["failed"] == 0;
+
+    // A forged ack: right content, wrong key.
+    let forger = MacKey::new(SecretBytes::from_slice(&[7u8; 32]))?;
+    rt.block_on(a.send_with(&forger, ack_for(&da, da.kcv.clone())))?;
+    wait_rejected(&gw, "ack", "bad_mac", 1.0)?;
+    // A wrong KCV, properly signed.
+    rt.block_on(a.send(ack_for(&da, vec![0, 0, 0])))?;
+    wait_rejected(&gw, "ack", "kcv_mismatch", 1.0)?;
+    // B acks A's execution with B's own valid signature.
+    rt.block_on(b.send(ack_for(&da, da.kcv.clone())))?;
+    wait_rejected(&gw, "ack", "foreign_execution", 1.0)?;
+    // B publishes on A's topic, signed by B: refused as a bad MAC under A's key.
+    let body = rki_protocol::message::Body { party: sn_a.clone(), counter: b.next_counter(), message: ack_for(&da, da.kcv.clone()) };
+    let frame = rki_protocol::frame::seal(&b.secrets.signing_key, &body)?;
+    rt.block_on(b.publish_raw(&topic::device_up(&sn_a), frame))?;
+    wait_rejected(&gw, "ack", "bad_mac", 2.0)?;
+    // Garbage and an oversized payload.
+    rt.block_on(a.publish_raw(&topic::device_up(&sn_a), b"\x01\xff\xff\xff garbage".to_vec()))?;
+    wait_rejected(&gw, "device", "malformed", 1.0)?;
+    rt.block_on(a.publish_raw(&topic::device_up(&sn_a), vec![1u8; 5000]))?;
+    wait_rejected(&gw, "device", "oversized", 1.0)?;
+    let counts = api.ok(&format!("/v1/tasks/{task}"))?["task"]["counts"].clone();
+    assert!(open(&counts), "a rejected ack changed state: {counts}");
+    assert_eq!(api.ok("/v1/records")?["records"].as_array().map(Vec::len), Some(0));
+
+    // The honest ack succeeds; replaying its exact bytes is refused and changes nothing.
+    let honest = rt.block_on(a.send(ack_for(&da, da.kcv.clone())))?;
+    wait_task(&api, task, Duration::from_secs(5), |c| c["succeeded"] == 1)?;
+    rt.block_on(a.publish_raw(&topic::device_up(&sn_a), honest))?;
+    wait_rejected(&gw, "ack", "replay", 1.0)?;
+    rt.block_on(b.send(ack_for(&db, db.kcv.clone())))?;
+    wait_task(&api, task, Duration::from_secs(5), |c| c["succeeded"] == 2)?;
+    let records = api.ok(&format!("/v1/records?task={task}"))?;
+    assert_eq!(records["records"].as_array().map(Vec::len), Some(2), "exactly one record per device");
+    Ok(())
+}
+
+#[test]
+fn unknown_sns_and_wrong_passwords_are_refused_at_connect_and_counted() -> TestResult {
+    let rt = common::runtime();
+    let gw = GatewayProcess::start(GatewayOptions::default())?;
+    provision(&gw, &sns("CONN", 1), "one")?;
+    let unknown = rt.block_on(mqtt_connect(gw.mqtt_port, "NOSUCHSN", "x", false));
+    assert!(unknown.is_err(), "an unknown SN was let in");
+    let wrong = rt.block_on(mqtt_connect(gw.mqtt_port, "CONN000001", "not-the-password", false));
+    assert!(wrong.is_err(), "a device that never initialised was let in with a made-up password");
+    let boot_unknown = rt.block_on(mqtt_connect(gw.mqtt_port, "init:NOSUCHSN", "bootstrap", true));
+    assert!(boot_unknown.is_err(), "bootstrap for an unregistered SN was let in");
+    assert!(gw.metric("rki_mqtt_connect_refused_total{reason=\"unknown_sn\"}") >= 2.0);
+    assert!(gw.metric("rki_mqtt_connect_refused_total{reason=\"not_initialised\"}") >= 1.0);
+    let boot = rt.block_on(mqtt_connect(gw.mqtt_port, "init:CONN000001", "bootstrap", true));
+    assert!(boot.is_ok(), "a registered device may bootstrap");
+    Ok(())
+}
+
+#[test]
+fn a_bad_csv_imports_nothing_and_names_each_bad_line() -> TestResult {
+    let gw = GatewayProcess::start(GatewayOptions::default())?;
+    let api = gw.api();
+    let (status, v) = api.post_csv("/v1/devices/import", "sn,model\nGOOD1,P3\nbad sn,P3\nGOOD2,P99\nGOOD1,P3\n");
+    assert_eq!(status, 422, "{v}");
+    let lines: Vec<i64> = v["errors"].as_array().map(|e| e.iter().filter_map(|x| x["line"].as_i64()).collect()).unwrap_or_default();
+    assert_eq!(lines, vec![3, 4, 5]);
+    assert_eq!(api.ok("/v1/devices")?["total"], 0, "nothing half-imported");
+    assert!(gw.metric("rki_api_errors_total{code=\"invalid_csv\"}") >= 1.0);
+    Ok(())
+}
+
+#[test]
+fn another_organizations_token_sees_and_touches_nothing() -> TestResult {
+    let gw = GatewayProcess::start(GatewayOptions::default())?;
+    let api = gw.api();
+    provision(&gw, &sns("MINE", 2), "mine")?;
+    let other = rki_tests::Api::new(&gw.url(), &gw.init_org("rival")?);
+    assert_eq!(other.ok("/v1/devices")?["total"], 0);
+    assert_eq!(other.get("/v1/devices/MINE000001").0, 404);
+    assert_eq!(other.ok("/v1/groups")?["groups"].as_array().map(Vec::len), Some(0));
+    assert_eq!(other.ok("/v1/key-sources")?["key_sources"].as_array().map(Vec::len), Some(0));
+    assert_eq!(other.post("/v1/assignments", &json!({"sns": ["MINE000001"], "key_source": "bdk-test"})).0, 404);
+    assert_eq!(other.post("/v1/devices/MINE000001/unlock", &json!({})).0, 404);
+    assert_eq!(other.post("/v1/gudids", &json!({"sn": "MINE000001"})).0, 404);
+    assert_eq!(other.post("/v1/tasks/preview", &json!({"group": "mine"})).0, 404);
+    // Its import of the same SNs is refused: an SN belongs to one organization.
+    let (status, v) = other.post_csv("/v1/devices/import", "MINE000001\n");
+    assert_eq!(status, 422, "{v}");
+    // The key owner's token is not an organization's token, and no token is no access.
+    assert_eq!(gw.key_owner().get("/v1/devices").0, 403);
+    assert_eq!(rki_tests::Api::new(&gw.url(), "rki_org_forged").get("/v1/devices").0, 401);
+    // Nothing changed for the owner.
+    assert_eq!(api.ok("/v1/devices")?["total"], 2);
+    Ok(())
+}
