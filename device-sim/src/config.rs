@@ -318,6 +318,9 @@ pub struct Knobs {
     pub start_powered: bool,
     /// MQTT keep-alive.
     pub keep_alive: Duration,
+    /// How long a TCP connect plus CONNACK may take (whole seconds, at least one). A broker
+    /// swamped by a connection storm answers late; the terminal then backs off and retries.
+    pub connect_timeout: Duration,
     /// How long an initialisation may wait for the gateway's answer.
     pub init_timeout: Duration,
     /// First reconnect delay after a lost connection; doubles up to [`Knobs::reconnect_delay_max`].
@@ -334,6 +337,7 @@ impl Default for Knobs {
             flapping: None,
             start_powered: true,
             keep_alive: Duration::from_secs(60),
+            connect_timeout: Duration::from_secs(10),
             init_timeout: Duration::from_secs(10),
             reconnect_delay: Duration::from_millis(200),
             reconnect_delay_max: Duration::from_secs(10),

@@ -45,8 +45,6 @@ const INFLIGHT_MAX: u16 = 8;
 const PACKET_LEN_MAX: usize = frame::FRAME_LEN_MAX + 512;
 /// Commands a handle may queue before it waits.
 const COMMAND_CHANNEL_CAP: usize = 4;
-/// How long a TCP connect plus CONNACK may take.
-const CONNECT_TIMEOUT_SECONDS: u64 = 10;
 /// How long a polite DISCONNECT may take to go out.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// The bootstrap identity's MQTT password: it proves nothing, the GUDID's tag does.
@@ -79,6 +77,13 @@ pub enum DeviceError {
     Force(#[from] ForceError),
     #[error("timed out after {waited:?} waiting for {what}")]
     Timeout { what: String, waited: Duration },
+}
+
+impl DeviceError {
+    /// A failure of the network or the broker, worth retrying; not a refusal or a bad input.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, DeviceError::Mqtt(_) | DeviceError::InitTimeout(_))
+    }
 }
 
 /// A change to the knobs, applied inside the device task.
@@ -530,7 +535,15 @@ impl Terminal {
             if self.state.secrets.is_none() {
                 let next = match self.pending_gudid.take() {
                     Some(gudid) => {
-                        let _ = Box::pin(self.initialise(gudid)).await;
+                        // A GUDID from the configuration is retried, with a backoff, while the
+                        // failure is the network's; a refusal by the gateway is final.
+                        let outcome = Box::pin(self.initialise(&gudid)).await;
+                        if outcome.as_ref().is_err_and(DeviceError::is_transient) {
+                            self.pending_gudid = Some(gudid);
+                            if self.back_off().await {
+                                break;
+                            }
+                        }
                         continue;
                     }
                     None => self.idle(None).await,
@@ -538,7 +551,7 @@ impl Terminal {
                 match next {
                     IdleEnd::Shutdown => break,
                     IdleEnd::Initialise(gudid, reply) => {
-                        let outcome = Box::pin(self.initialise(gudid)).await;
+                        let outcome = Box::pin(self.initialise(&gudid)).await;
                         let _ = reply.send(outcome);
                     }
                     IdleEnd::Elapsed | IdleEnd::Changed => {}
@@ -561,17 +574,12 @@ impl Terminal {
                     }
                 }
                 SessionEnd::Lost => {
-                    let base = self.reconnect_delay.unwrap_or(self.knobs.reconnect_delay);
-                    self.reconnect_delay = Some((base * 2).min(self.knobs.reconnect_delay_max));
-                    let delay = self.jitter.spread(base);
-                    if let Some(end) = self.wait_powered(delay).await {
-                        if self.end_wait(end).await {
-                            break;
-                        }
+                    if self.back_off().await {
+                        break;
                     }
                 }
                 SessionEnd::Reinitialise(gudid, reply) => {
-                    let outcome = Box::pin(self.initialise(gudid)).await;
+                    let outcome = Box::pin(self.initialise(&gudid)).await;
                     let _ = reply.send(outcome);
                 }
             }
@@ -590,6 +598,18 @@ impl Terminal {
         }
     }
 
+    /// Waits the next reconnect delay (doubling, with jitter), serving commands; whether the
+    /// task must stop.
+    async fn back_off(&mut self) -> bool {
+        let base = self.reconnect_delay.unwrap_or(self.knobs.reconnect_delay);
+        self.reconnect_delay = Some((base * 2).min(self.knobs.reconnect_delay_max));
+        let delay = self.jitter.spread(base);
+        match self.wait_powered(delay).await {
+            Some(end) => self.end_wait(end).await,
+            None => false,
+        }
+    }
+
     /// Waits `duration` while powered and offline; `None` if it elapsed undisturbed.
     async fn wait_powered(&mut self, duration: Duration) -> Option<IdleEnd> {
         match self.idle(Some(Instant::now() + duration)).await {
@@ -603,7 +623,7 @@ impl Terminal {
         match end {
             IdleEnd::Shutdown => return true,
             IdleEnd::Initialise(gudid, reply) => {
-                let outcome = Box::pin(self.initialise(gudid)).await;
+                let outcome = Box::pin(self.initialise(&gudid)).await;
                 let _ = reply.send(outcome);
             }
             IdleEnd::Elapsed | IdleEnd::Changed => {}
@@ -844,10 +864,10 @@ impl Terminal {
         options
     }
 
-    fn event_loop(options: MqttOptions) -> (AsyncClient, EventLoop) {
+    fn event_loop(&self, options: MqttOptions) -> (AsyncClient, EventLoop) {
         let (client, mut event_loop) = AsyncClient::new(options, REQUEST_CHANNEL_CAP);
         let mut network = event_loop.network_options();
-        network.set_connection_timeout(CONNECT_TIMEOUT_SECONDS);
+        network.set_connection_timeout(self.knobs.connect_timeout.as_secs().max(1));
         event_loop.set_network_options(network);
         (client, event_loop)
     }
@@ -869,7 +889,7 @@ impl Terminal {
                 false,
             ));
         }
-        let (client, mut event_loop) = Self::event_loop(options);
+        let (client, mut event_loop) = self.event_loop(options);
         let mut link = Link::new(client, &sn);
         let down_topic = topic::device_down(&sn);
         let mut connected = false;
@@ -1085,9 +1105,9 @@ impl Terminal {
     }
 
     /// The bootstrap exchange, within the initialisation timeout, then persisting the secrets.
-    async fn initialise(&mut self, gudid: Gudid) -> Result<(), DeviceError> {
+    async fn initialise(&mut self, gudid: &Gudid) -> Result<(), DeviceError> {
         let timeout = self.knobs.init_timeout;
-        let outcome = match tokio::time::timeout(timeout, self.create_key(&gudid)).await {
+        let outcome = match tokio::time::timeout(timeout, self.create_key(gudid)).await {
             Ok(outcome) => outcome,
             Err(_) => Err(DeviceError::InitTimeout(timeout)),
         };
@@ -1118,7 +1138,7 @@ impl Terminal {
         let sn = self.state.sn.clone();
         let client_id = format!("init:{sn}");
         let options = self.mqtt_options(&client_id, BOOTSTRAP_PASSWORD, true);
-        let (client, mut event_loop) = Self::event_loop(options);
+        let (client, mut event_loop) = self.event_loop(options);
         let down_topic = topic::device_down(&sn);
         let mac_key = gudid.mac_key();
         let mut ephemeral = None;

@@ -153,6 +153,9 @@ struct RunArgs {
     flap_offline_ms: Option<u64>,
     #[arg(long, default_value_t = 60)]
     keep_alive_s: u64,
+    /// How long a connection (TCP plus CONNACK) may take before a retry.
+    #[arg(long, default_value_t = 10)]
+    connect_timeout_s: u64,
     /// Stop after this many seconds (default: until Ctrl-C).
     #[arg(long)]
     duration_s: Option<u64>,
@@ -464,6 +467,7 @@ fn knobs(args: &RunArgs) -> Knobs {
             _ => None,
         },
         keep_alive: Duration::from_secs(args.keep_alive_s.max(5)),
+        connect_timeout: Duration::from_secs(args.connect_timeout_s.max(1)),
         ..Knobs::default()
     }
 }

@@ -196,3 +196,53 @@ async fn an_initialisation_while_powered_off_is_refused() {
         .await
         .expect("initialise once powered");
 }
+
+#[tokio::test]
+async fn a_gudid_in_the_configuration_is_retried_until_the_broker_can_be_reached() {
+    let port = common::free_port();
+    let sn = "INIT0010";
+    let gudid = Gudid::random().expect("gudid").expose_text().to_string();
+    let mut config = rki_device_sim::DeviceConfig::new(
+        TestNet::profile(sn),
+        rki_device_sim::BrokerAddr::new("127.0.0.1", port),
+        rki_device_sim::StateStore::Memory,
+    );
+    config.gudid = Some(gudid.clone());
+    config.knobs.reconnect_delay = Duration::from_millis(50);
+    config.knobs.reconnect_delay_max = Duration::from_millis(200);
+    let device = Device::spawn(config).await.expect("spawn");
+    device
+        .wait_for("a failed attempt", common::WAIT, |s| s.last_error.is_some())
+        .await
+        .expect("the broker is not there yet");
+
+    let net = TestNet::start_on(port, 8).await;
+    net.gateway.provision_text(sn, &gudid);
+    net.gateway.wait_hellos(sn, 1).await;
+    assert!(device.status().initialised);
+    assert!(device.counters().snapshot().errors >= 1);
+}
+
+#[tokio::test]
+async fn a_refused_gudid_in_the_configuration_is_not_retried() {
+    let net = TestNet::start().await;
+    let mut config = net.config(TestNet::profile("INIT0011"));
+    config.gudid = Some(Gudid::random().expect("gudid").expose_text().to_string());
+    config.knobs.reconnect_delay = Duration::from_millis(10);
+    let device = Device::spawn(config).await.expect("spawn");
+    device
+        .wait_for("the refusal", common::WAIT, |s| s.last_error.is_some())
+        .await
+        .expect("refused");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let attempts = net
+        .broker
+        .connects
+        .lock()
+        .expect("log")
+        .iter()
+        .filter(|(id, _, _)| id == "init:INIT0011")
+        .count();
+    assert_eq!(attempts, 1);
+    assert_eq!(device.counters().snapshot().errors, 1);
+}

@@ -45,7 +45,11 @@ pub struct TestBroker {
 
 impl TestBroker {
     pub fn start(credentials: CredentialBook, max_connections: usize) -> Self {
-        let port = free_port();
+        Self::start_on(free_port(), credentials, max_connections)
+    }
+
+    /// The broker on a chosen port.
+    pub fn start_on(port: u16, credentials: CredentialBook, max_connections: usize) -> Self {
         let connects: ConnectLog = Arc::default();
         let log = connects.clone();
         let mut connections = rumqttd::ConnectionSettings {
@@ -122,7 +126,7 @@ fn test_broker_accepts(
         .is_some_and(|hash| *hash == password_hash(password.as_bytes()))
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -264,6 +268,14 @@ impl FakeGateway {
         book.gudids
             .insert(gudid.id(), (sn.to_string(), gudid.mac_key(), false));
         gudid.expose_text().to_string()
+    }
+
+    /// Provisions a GUDID made elsewhere (its text form) for `sn`.
+    pub fn provision_text(&self, sn: &str, text: &str) {
+        let gudid = Gudid::parse(text).expect("gudid");
+        let mut book = self.book.lock().expect("book");
+        book.gudids
+            .insert(gudid.id(), (sn.to_string(), gudid.mac_key(), false));
     }
 
     /// Pushes a download on every hello to terminals that have none pending or acked.
@@ -654,8 +666,13 @@ impl TestNet {
 
     /// A broker sized for `devices` terminals.
     pub async fn start_for(devices: usize) -> Self {
+        Self::start_on(free_port(), devices).await
+    }
+
+    /// A broker on a chosen port, sized for `devices` terminals.
+    pub async fn start_on(port: u16, devices: usize) -> Self {
         let credentials: CredentialBook = Arc::default();
-        let broker = TestBroker::start(credentials.clone(), devices * 2 + 16);
+        let broker = TestBroker::start_on(port, credentials.clone(), devices * 2 + 16);
         let gateway = FakeGateway::connect(&broker.addr, credentials).await;
         Self { broker, gateway }
     }
