@@ -120,7 +120,11 @@ impl SymmetricKey {
 
     /// A key of the given algorithm; the length must match it exactly.
     pub fn new(algorithm: KeyAlgorithm, bytes: SecretBytes) -> Result<Self, KeyError> {
-        let key = if algorithm.is_tdes() { Self::tdes(bytes)? } else { Self::aes(bytes)? };
+        let key = if algorithm.is_tdes() {
+            Self::tdes(bytes)?
+        } else {
+            Self::aes(bytes)?
+        };
         if key.algorithm != algorithm {
             return Err(if algorithm.is_tdes() {
                 KeyError::TdesLength(key.bytes.len())
@@ -170,7 +174,10 @@ impl SymmetricKey {
     }
 
     pub fn clone_secret(&self) -> Self {
-        Self { algorithm: self.algorithm, bytes: self.bytes.clone_secret() }
+        Self {
+            algorithm: self.algorithm,
+            bytes: self.bytes.clone_secret(),
+        }
     }
 
     /// The key check value: TDES-ECB of eight zero bytes for TDES, AES-CMAC of sixteen zero bytes for
@@ -179,14 +186,21 @@ impl SymmetricKey {
         let full = match self.algorithm {
             KeyAlgorithm::Tdes2 | KeyAlgorithm::Tdes3 => {
                 let mut block = [0u8; 8];
-                crate::tdes::encrypt_block(self, &mut block);
+                if crate::tdes::encrypt_block(self, &mut block).is_err() {
+                    unreachable!("this arm holds a TDES key, which encrypt_block accepts");
+                }
                 let mut out = [0u8; 16];
                 out[..8].copy_from_slice(&block);
                 out
             }
-            KeyAlgorithm::Aes128 | KeyAlgorithm::Aes192 | KeyAlgorithm::Aes256 => aes_cmac_zero(self),
+            KeyAlgorithm::Aes128 | KeyAlgorithm::Aes192 | KeyAlgorithm::Aes256 => {
+                aes_cmac_zero(self)
+            }
         };
-        Kcv::from_slice(&full[..len.bytes()]).unwrap_or(Kcv { bytes: [0; 5], len: 0 })
+        Kcv::from_slice(&full[..len.bytes()]).unwrap_or(Kcv {
+            bytes: [0; 5],
+            len: 0,
+        })
     }
 }
 
@@ -234,7 +248,7 @@ impl KcvLen {
 }
 
 /// A key check value of 3 or 5 bytes. Not secret, but compared in constant time all the same.
-#[derive(Clone, Copy, Debug, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Eq)]
 pub struct Kcv {
     bytes: [u8; 5],
     len: u8,
@@ -248,7 +262,10 @@ impl Kcv {
         }
         let mut out = [0u8; 5];
         out[..bytes.len()].copy_from_slice(bytes);
-        Some(Self { bytes: out, len: bytes.len() as u8 })
+        Some(Self {
+            bytes: out,
+            len: bytes.len() as u8,
+        })
     }
 
     pub fn from_hex(text: &str) -> Option<Self> {
@@ -274,6 +291,14 @@ impl Kcv {
 impl PartialEq for Kcv {
     fn eq(&self, other: &Self) -> bool {
         crate::secret::ct_eq(self.as_bytes(), other.as_bytes())
+    }
+}
+
+/// By hand, over the same bytes [`PartialEq`] compares, so that equal KCVs hash equally: a derive
+/// would also hash the unused tail of the buffer.
+impl std::hash::Hash for Kcv {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_bytes().hash(state);
     }
 }
 

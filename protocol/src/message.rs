@@ -1,4 +1,4 @@
-//! Every wire message. Postcard-encoded inside a [`crate::frame::Frame`].
+//! Every wire message. Postcard-encoded, then sealed in a frame ([`crate::frame::seal`]).
 //!
 //! The encoding is postcard 1.x: integers are LEB128 varints (signed ones zigzag-encoded first),
 //! `String`/`Vec<u8>` are a varint length then the bytes, fixed arrays are the raw bytes, `bool` and
@@ -60,7 +60,7 @@ pub enum Message {
     /// 6. gateway → terminal, signed with the device signing key.
     Unlock(Unlock),
     /// 7. gateway → terminal: a request was refused. Informational; changes no state on the
-    /// terminal, so it may be tagged under the public refusal key when no shared key exists.
+    ///    terminal, so it may be tagged under the public refusal key when no shared key exists.
     Refusal(Refusal),
     /// 8. RKI backend → gateway, signed with the organization's backend key.
     TaskRequest(TaskRequest),
@@ -251,9 +251,23 @@ pub enum TaskTarget {
 /// The gateway tells the backend what happened.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum TaskEvent {
-    Created { request_id: u64, task_id: u64, executions: u32 },
-    Rejected { request_id: u64, reason: String },
-    ExecutionEnded { task_id: u64, execution_id: u64, sn: String, state: String, result: i32, kcv: Vec<u8> },
+    Created {
+        request_id: u64,
+        task_id: u64,
+        executions: u32,
+    },
+    Rejected {
+        request_id: u64,
+        reason: String,
+    },
+    ExecutionEnded {
+        task_id: u64,
+        execution_id: u64,
+        sn: String,
+        state: String,
+        result: i32,
+        kcv: Vec<u8>,
+    },
 }
 
 /// Why a decoded body is not acceptable.
@@ -286,7 +300,10 @@ impl Body {
         debug_assert!(self.party.len() <= SN_LEN_MAX);
         match &self.message {
             Message::CreateKey(m) => short("x_pos_device_id", &m.x_pos_device_id),
-            Message::CreateKeyAnswer(_) | Message::Bye | Message::Unlock(_) | Message::Refusal(_) => Ok(()),
+            Message::CreateKeyAnswer(_)
+            | Message::Bye
+            | Message::Unlock(_)
+            | Message::Refusal(_) => Ok(()),
             Message::Hello(m) => {
                 short("model", &m.model)?;
                 short("rom_version", &m.rom_version)?;

@@ -97,7 +97,7 @@ fn check_tdes_transaction(row: &Value) {
     {
         let mut block = [0u8; 8];
         hex::decode_to_slice(clear, &mut block).expect("clear PIN block");
-        rki_protocol::tdes::encrypt_block(&pin, &mut block);
+        rki_protocol::tdes::encrypt_block(&pin, &mut block).expect("a PIN key is TDES");
         assert_eq!(hex::encode_upper(block), encrypted, "{row}");
     }
 }

@@ -58,7 +58,10 @@ impl Ksn {
     /// The same KSN with the counter replaced; refused if `counter` does not fit in 21 bits.
     pub fn with_counter(&self, counter: u32) -> Result<Self, DukptError> {
         if counter > COUNTER_MASK {
-            return Err(DukptError::CounterTooLarge { counter, bits: COUNTER_BITS });
+            return Err(DukptError::CounterTooLarge {
+                counter,
+                bits: COUNTER_BITS,
+            });
         }
         let mut bytes = self.0;
         let low = u32::from_be_bytes([0, bytes[7], bytes[8], bytes[9]]) & !COUNTER_MASK;
@@ -105,7 +108,11 @@ pub fn derive_ipek(bdk: &SymmetricKey, ksn: &Ksn) -> Result<SymmetricKey, DukptE
     serial.copy_from_slice(&ksn.initial().0[..8]);
 
     let mut masked = SecretBytes::from_slice(bdk.expose_secret());
-    for (byte, mask) in masked.expose_secret_mut().iter_mut().zip(KEY_PART_MASK.iter().cycle()) {
+    for (byte, mask) in masked
+        .expose_secret_mut()
+        .iter_mut()
+        .zip(KEY_PART_MASK.iter().cycle())
+    {
         *byte ^= mask;
     }
     let masked = SymmetricKey::new(bdk.algorithm(), masked)
@@ -113,9 +120,12 @@ pub fn derive_ipek(bdk: &SymmetricKey, ksn: &Ksn) -> Result<SymmetricKey, DukptE
 
     let mut ipek = SecretBytes::zeroed(16);
     let mut left = serial;
-    crate::tdes::encrypt_block(bdk, &mut left);
+    let not_tdes = |e: crate::tdes::TdesError| match e {
+        crate::tdes::TdesError::NotTdes(algorithm) => DukptError::BdkNotTdes(algorithm),
+    };
+    crate::tdes::encrypt_block(bdk, &mut left).map_err(not_tdes)?;
     let mut right = serial;
-    crate::tdes::encrypt_block(&masked, &mut right);
+    crate::tdes::encrypt_block(&masked, &mut right).map_err(not_tdes)?;
     ipek.expose_secret_mut()[..8].copy_from_slice(&left);
     ipek.expose_secret_mut()[8..].copy_from_slice(&right);
     SymmetricKey::new(KeyAlgorithm::Tdes2, ipek)
@@ -156,7 +166,11 @@ fn check_counter(counter: u32) -> Result<(), DukptError> {
     }
     let ones = counter.count_ones();
     if ones > COUNTER_ONE_BITS_MAX {
-        return Err(DukptError::CounterTooManyOneBits { counter, ones, max: COUNTER_ONE_BITS_MAX });
+        return Err(DukptError::CounterTooManyOneBits {
+            counter,
+            ones,
+            max: COUNTER_ONE_BITS_MAX,
+        });
     }
     Ok(())
 }
@@ -248,7 +262,10 @@ mod tests {
         let ksn = Ksn::from_hex("FFFF9876543210FFFFFF").expect("ksn");
         assert_eq!(ksn.counter(), 0x1F_FFFF);
         assert_eq!(ksn.initial().to_hex(), "FFFF9876543210E00000");
-        assert_eq!(ksn.with_counter(0x12345).expect("fits").to_hex(), "FFFF9876543210E12345");
+        assert_eq!(
+            ksn.with_counter(0x12345).expect("fits").to_hex(),
+            "FFFF9876543210E12345"
+        );
     }
 
     #[test]
@@ -256,13 +273,19 @@ mod tests {
         let ksn = Ksn::from_hex("FFFF9876543210E00000").expect("ksn");
         assert_eq!(
             ksn.with_counter(1 << 21),
-            Err(DukptError::CounterTooLarge { counter: 1 << 21, bits: 21 })
+            Err(DukptError::CounterTooLarge {
+                counter: 1 << 21,
+                bits: 21
+            })
         );
     }
 
     #[test]
     fn ksn_of_wrong_length_or_not_hex_is_refused() {
-        assert!(matches!(Ksn::from_hex("FFFF"), Err(DukptError::IdentifierLength { .. })));
+        assert!(matches!(
+            Ksn::from_hex("FFFF"),
+            Err(DukptError::IdentifierLength { .. })
+        ));
         assert!(matches!(
             Ksn::from_hex("FFFF9876543210E0000G"),
             Err(DukptError::IdentifierHex { .. })
@@ -288,7 +311,11 @@ mod tests {
         let ipek = derive_ipek(&key(BDK), &ksn).expect("ipek");
         assert_eq!(
             transaction_key(&ipek, &ksn),
-            Err(DukptError::CounterTooManyOneBits { counter: 0x7FF, ones: 11, max: 10 })
+            Err(DukptError::CounterTooManyOneBits {
+                counter: 0x7FF,
+                ones: 11,
+                max: 10
+            })
         );
         let ten = ksn.with_counter(0x3FF).expect("fits");
         assert!(transaction_key(&ipek, &ten).is_ok());
@@ -298,7 +325,10 @@ mod tests {
     fn ipek_from_an_aes_bdk_is_refused() {
         let bdk = SymmetricKey::aes_from_hex(BDK).expect("aes");
         let ksn = Ksn::from_hex("FFFF9876543210E00000").expect("ksn");
-        assert_eq!(derive_ipek(&bdk, &ksn), Err(DukptError::BdkNotTdes(KeyAlgorithm::Aes128)));
+        assert_eq!(
+            derive_ipek(&bdk, &ksn),
+            Err(DukptError::BdkNotTdes(KeyAlgorithm::Aes128))
+        );
     }
 
     #[test]
@@ -318,7 +348,10 @@ mod tests {
         let hex = |k: SymmetricKey| k.secret().to_hex_upper().to_string();
         assert_eq!(hex(pin_key(&tk)), "042666B49184CF5C68DE9628D0397B36");
         assert_eq!(hex(mac_key(&tk)), "042666B4918430A368DE9628D03984C9");
-        assert_eq!(hex(mac_response_key(&tk)), "042666B46E84CFA368DE96282F397BC9");
+        assert_eq!(
+            hex(mac_response_key(&tk)),
+            "042666B46E84CFA368DE96282F397BC9"
+        );
         assert_eq!(hex(data_key(&tk)), "042666B4917BCFA368DE9628D0C67BC9");
     }
 }
