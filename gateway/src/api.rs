@@ -175,7 +175,8 @@ impl FromRequestParts<Arc<AppState>> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Self, Self::Rejection> {
-        let unauthorized = || ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "missing or invalid bearer token");
+        let unauthorized =
+            || ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "missing or invalid bearer token");
         let value = parts.headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).ok_or_else(unauthorized)?;
         let token = value.strip_prefix("Bearer ").ok_or_else(unauthorized)?.trim();
         if token.is_empty() || token.len() > 200 {
@@ -191,7 +192,10 @@ impl FromRequestParts<Arc<AppState>> for Caller {
     }
 }
 
-async fn blocking<T: Send + 'static>(state: &AppState, f: impl FnOnce(&dyn Store) -> StoreResult<T> + Send + 'static) -> ApiResult<T> {
+async fn blocking<T: Send + 'static>(
+    state: &AppState,
+    f: impl FnOnce(&dyn Store) -> StoreResult<T> + Send + 'static,
+) -> ApiResult<T> {
     let store = state.engine.store.clone();
     tokio::task::spawn_blocking(move || f(store.as_ref()))
         .await
@@ -199,7 +203,14 @@ async fn blocking<T: Send + 'static>(state: &AppState, f: impl FnOnce(&dyn Store
         .map_err(ApiError::from)
 }
 
-async fn audit(state: &AppState, caller: &Caller, org_id: Option<i64>, action: &str, object: String, details: Value) -> ApiResult<()> {
+async fn audit(
+    state: &AppState,
+    caller: &Caller,
+    org_id: Option<i64>,
+    action: &str,
+    object: String,
+    details: Value,
+) -> ApiResult<()> {
     let entry = AuditEntry {
         id: 0,
         at: state.engine.clock.now_ms(),
@@ -252,11 +263,13 @@ async fn create_org(State(state): St, caller: Caller, body: Bytes) -> ApiResult<
     caller.key_owner()?;
     let req: CreateOrg = json_body(&body)?;
     check_name("name", &req.name)?;
-    let (org, token) = crate::bootstrap::create_org(state.engine.store.as_ref(), &req.name, state.engine.clock.now_ms())
-        .map_err(|e| match e {
-            StoreError::Conflict(d) => ApiError::new(StatusCode::CONFLICT, "conflict", d),
-            other => other.into(),
-        })?;
+    let (org, token) =
+        crate::bootstrap::create_org(state.engine.store.as_ref(), &req.name, state.engine.clock.now_ms()).map_err(
+            |e| match e {
+                StoreError::Conflict(d) => ApiError::new(StatusCode::CONFLICT, "conflict", d),
+                other => other.into(),
+            },
+        )?;
     audit(&state, &caller, Some(org.id), "org.create", format!("org:{}", org.name), json!({})).await?;
     Ok((StatusCode::CREATED, Json(json!({"org": org, "admin_token": token}))).into_response())
 }
@@ -296,14 +309,16 @@ fn combine_components(algorithm: &str, components: &[Component]) -> ApiResult<Sy
     }
     let mut combined: Option<SecretBytes> = None;
     for (i, c) in components.iter().enumerate() {
-        let bytes = SecretBytes::from_hex(c.key.trim()).map_err(|_| ApiError::bad("bad_component", format!("component {} is not hex", i + 1)))?;
+        let bytes = SecretBytes::from_hex(c.key.trim())
+            .map_err(|_| ApiError::bad("bad_component", format!("component {} is not hex", i + 1)))?;
         let key = match algorithm {
             "tdes" => SymmetricKey::tdes(bytes),
             "aes" => SymmetricKey::aes(bytes),
             _ => return Err(ApiError::bad("bad_algorithm", "algorithm must be tdes or aes")),
         }
         .map_err(|e| ApiError::bad("bad_component", format!("component {}: {e}", i + 1)))?;
-        let kcv = rki_protocol::Kcv::from_hex(c.kcv.trim()).ok_or_else(|| ApiError::bad("bad_kcv", format!("component {} KCV is not 3 to 5 bytes of hex", i + 1)))?;
+        let kcv = rki_protocol::Kcv::from_hex(c.kcv.trim())
+            .ok_or_else(|| ApiError::bad("bad_kcv", format!("component {} KCV is not 3 to 5 bytes of hex", i + 1)))?;
         let actual = key.kcv(KcvLen::Five);
         if !rki_protocol::secret::ct_eq(&actual.as_bytes()[..kcv.as_bytes().len()], kcv.as_bytes()) {
             return Err(ApiError::bad("component_kcv_mismatch", format!("component {} does not match its KCV", i + 1)));
@@ -326,7 +341,12 @@ fn combine_components(algorithm: &str, components: &[Component]) -> ApiResult<Sy
     key.map_err(|e| ApiError::bad("bad_component", e.to_string()))
 }
 
-async fn authorize_key_source(State(state): St, caller: Caller, Path(org_name): Path<String>, body: Bytes) -> ApiResult<Response> {
+async fn authorize_key_source(
+    State(state): St,
+    caller: Caller,
+    Path(org_name): Path<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
     caller.key_owner()?;
     let req: AuthorizeKeySource = json_body(&body)?;
     check_name("name", &req.name)?;
@@ -337,7 +357,8 @@ async fn authorize_key_source(State(state): St, caller: Caller, Path(org_name): 
     let bdk = combine_components(&req.algorithm, &req.components)?;
     let kcv = bdk.kcv(KcvLen::Three);
     if let Some(expected) = &req.kcv {
-        let expected = rki_protocol::Kcv::from_hex(expected.trim()).ok_or_else(|| ApiError::bad("bad_kcv", "kcv is not hex"))?;
+        let expected =
+            rki_protocol::Kcv::from_hex(expected.trim()).ok_or_else(|| ApiError::bad("bad_kcv", "kcv is not hex"))?;
         if expected.short() != kcv {
             return Err(ApiError::bad("kcv_mismatch", "the combined key does not match the given KCV"));
         }
@@ -345,7 +366,8 @@ async fn authorize_key_source(State(state): St, caller: Caller, Path(org_name): 
     let sealed = state.engine.keys.seal_bdk(&bdk).map_err(|e| ApiError::from(EngineError::Internal(e.to_string())))?;
     let algorithm: KeyAlgorithm = sealed.algorithm;
     let key_set_len = if algorithm.is_tdes() { 5 } else { 4 };
-    let key_set_id = SecretBytes::random(key_set_len).map_err(|e| ApiError::from(EngineError::Internal(e.to_string())))?;
+    let key_set_id =
+        SecretBytes::random(key_set_len).map_err(|e| ApiError::from(EngineError::Internal(e.to_string())))?;
     let row = KeySourceRow {
         id: 0,
         org_id: org.id,
@@ -358,7 +380,15 @@ async fn authorize_key_source(State(state): St, caller: Caller, Path(org_name): 
         created_at: state.engine.clock.now_ms(),
     };
     let row = blocking(&state, move |s| s.insert_key_source(&row)).await?;
-    audit(&state, &caller, Some(org.id), "key_source.authorize", format!("key_source:{}", row.name), json!({"algorithm": row.algorithm, "kcv": row.kcv})).await?;
+    audit(
+        &state,
+        &caller,
+        Some(org.id),
+        "key_source.authorize",
+        format!("key_source:{}", row.name),
+        json!({"algorithm": row.algorithm, "kcv": row.kcv}),
+    )
+    .await?;
     Ok((StatusCode::CREATED, Json(json!({"key_source": row}))).into_response())
 }
 
@@ -407,9 +437,15 @@ async fn list_devices(State(state): St, caller: Caller, Query(q): Query<DeviceQu
         Some(name) => Some(blocking(&state, move |s| s.group_by_name(org, &name)).await?.id),
         None => None,
     };
-    let filter = DeviceFilter { sn_contains: q.sn, group, limit: q.limit.unwrap_or(1000).clamp(1, 100_000), offset: q.offset.unwrap_or(0).max(0) };
+    let filter = DeviceFilter {
+        sn_contains: q.sn,
+        group,
+        limit: q.limit.unwrap_or(1000).clamp(1, 100_000),
+        offset: q.offset.unwrap_or(0).max(0),
+    };
     let rows = blocking(&state, move |s| s.list_devices(org, &filter)).await?;
-    let pending: std::collections::HashSet<i64> = blocking(&state, move |s| s.open_execution_device_ids(org)).await?.into_iter().collect();
+    let pending: std::collections::HashSet<i64> =
+        blocking(&state, move |s| s.open_execution_device_ids(org)).await?.into_iter().collect();
     let total = blocking(&state, move |s| s.count_devices(org)).await?;
     let key_sources: std::collections::HashMap<i64, String> =
         blocking(&state, move |s| s.list_key_sources(org)).await?.into_iter().map(|k| (k.id, k.name)).collect();
@@ -486,12 +522,21 @@ struct ImportQuery {
     dry_run: Option<bool>,
 }
 
-async fn import_devices(State(state): St, caller: Caller, Query(q): Query<ImportQuery>, body: Bytes) -> ApiResult<Response> {
+async fn import_devices(
+    State(state): St,
+    caller: Caller,
+    Query(q): Query<ImportQuery>,
+    body: Bytes,
+) -> ApiResult<Response> {
     let org = caller.org()?;
     let text = std::str::from_utf8(&body).map_err(|_| ApiError::bad("bad_csv", "the CSV is not UTF-8"))?;
     let rows = parse_device_csv(text).map_err(|errors| {
-        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_csv", format!("{} invalid line(s); nothing was imported", errors.len()))
-            .with(json!({ "errors": errors }))
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_csv",
+            format!("{} invalid line(s); nothing was imported", errors.len()),
+        )
+        .with(json!({ "errors": errors }))
     })?;
     if q.dry_run.unwrap_or(false) {
         return Ok(Json(json!({"valid": rows.len(), "imported": 0, "dry_run": true})).into_response());
@@ -505,19 +550,34 @@ async fn import_devices(State(state): St, caller: Caller, Query(q): Query<Import
     };
     let now = state.engine.clock.now_ms();
     let rows_for_store = rows.clone();
-    let imported = blocking(&state, move |s| s.import_devices(org, &rows_for_store, now)).await.map_err(|e| match e {
-        ApiError { status: StatusCode::CONFLICT, detail, .. } => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_csv", "nothing was imported")
-            .with(json!({ "errors": detail.split("; ").map(|d| json!({"reason": d})).collect::<Vec<_>>() })),
-        other => other,
-    })?;
+    let imported =
+        blocking(&state, move |s| s.import_devices(org, &rows_for_store, now)).await.map_err(|e| match e {
+            ApiError { status: StatusCode::CONFLICT, detail, .. } => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_csv", "nothing was imported")
+                    .with(json!({ "errors": detail.split("; ").map(|d| json!({"reason": d})).collect::<Vec<_>>() }))
+            }
+            other => other,
+        })?;
     let mut added_to_group = 0;
     if let Some(group) = &group {
         let sns: Vec<String> = rows.iter().map(|r| r.sn.clone()).collect();
-        let ids: Vec<i64> = blocking(&state, move |s| s.device_ids_by_sn(org, &sns)).await?.into_iter().filter_map(|(_, id)| id).collect();
+        let ids: Vec<i64> = blocking(&state, move |s| s.device_ids_by_sn(org, &sns))
+            .await?
+            .into_iter()
+            .filter_map(|(_, id)| id)
+            .collect();
         let gid = group.id;
         added_to_group = blocking(&state, move |s| s.add_group_members(gid, &ids)).await?;
     }
-    audit(&state, &caller, Some(org), "devices.import", format!("devices:{}", rows.len()), json!({"imported": imported, "group": q.group})).await?;
+    audit(
+        &state,
+        &caller,
+        Some(org),
+        "devices.import",
+        format!("devices:{}", rows.len()),
+        json!({"imported": imported, "group": q.group}),
+    )
+    .await?;
     Ok(Json(json!({"valid": rows.len(), "imported": imported, "already_registered": rows.len() - imported, "added_to_group": added_to_group})).into_response())
 }
 
@@ -554,7 +614,12 @@ struct Sns {
     sns: Vec<String>,
 }
 
-async fn add_group_devices(State(state): St, caller: Caller, Path(name): Path<String>, body: Bytes) -> ApiResult<Json<Value>> {
+async fn add_group_devices(
+    State(state): St,
+    caller: Caller,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<Json<Value>> {
     let org = caller.org()?;
     let req: Sns = json_body(&body)?;
     let n = name.clone();
@@ -562,7 +627,15 @@ async fn add_group_devices(State(state): St, caller: Caller, Path(name): Path<St
     let ids = state.engine.resolve_target(org, &Target::Devices(req.sns.clone())).await?;
     let gid = group.id;
     let added = blocking(&state, move |s| s.add_group_members(gid, &ids)).await?;
-    audit(&state, &caller, Some(org), "group.add_devices", format!("group:{name}"), json!({"sns": req.sns.len(), "added": added})).await?;
+    audit(
+        &state,
+        &caller,
+        Some(org),
+        "group.add_devices",
+        format!("group:{name}"),
+        json!({"sns": req.sns.len(), "added": added}),
+    )
+    .await?;
     Ok(Json(json!({ "added": added })))
 }
 
@@ -596,7 +669,15 @@ async fn assign(State(state): St, caller: Caller, body: Bytes) -> ApiResult<Json
     let ids = state.engine.resolve_target(org, &target).await?;
     let ks = key_source.as_ref().map(|k| k.id);
     let n = blocking(&state, move |s| s.assign(org, &ids, ks)).await?;
-    audit(&state, &caller, Some(org), "assignment.set", format!("{target:?}"), json!({"key_source": req.key_source, "devices": n})).await?;
+    audit(
+        &state,
+        &caller,
+        Some(org),
+        "assignment.set",
+        format!("{target:?}"),
+        json!({"key_source": req.key_source, "devices": n}),
+    )
+    .await?;
     Ok(Json(json!({ "assigned": n, "key_source": req.key_source })))
 }
 
@@ -634,7 +715,15 @@ async fn create_task(State(state): St, caller: Caller, body: Bytes) -> ApiResult
     let org = caller.org()?;
     let spec = task_spec(json_body(&body)?)?;
     let (task, preview) = state.engine.create_task(org, &spec, &caller.label).await?;
-    audit(&state, &caller, Some(org), "task.create", format!("task:{}", task.id), json!({"executions": task.counts.total, "key_source": task.key_source, "slot": task.slot})).await?;
+    audit(
+        &state,
+        &caller,
+        Some(org),
+        "task.create",
+        format!("task:{}", task.id),
+        json!({"executions": task.counts.total, "key_source": task.key_source, "slot": task.slot}),
+    )
+    .await?;
     Ok((StatusCode::CREATED, Json(json!({ "task": task, "preview": preview }))).into_response())
 }
 
@@ -650,16 +739,25 @@ async fn list_tasks(State(state): St, caller: Caller, Query(q): Query<TaskQuery>
         None | Some("all") => None,
         Some("unfinished") => Some(true),
         Some("done") => Some(false),
-        Some(other) => return Err(ApiError::bad("bad_status", format!("status {other:?}: use unfinished, done or all"))),
+        Some(other) => {
+            return Err(ApiError::bad("bad_status", format!("status {other:?}: use unfinished, done or all")))
+        }
     };
     let limit = q.limit.unwrap_or(100).clamp(1, 10_000);
     let tasks = blocking(&state, move |s| s.list_tasks(org, unfinished, limit)).await?;
-    let mut summary = json!({"unfinished": 0, "done": 0, "succeeded": 0, "failed": 0, "expired": 0, "terminated": 0, "open": 0});
+    let mut summary =
+        json!({"unfinished": 0, "done": 0, "succeeded": 0, "failed": 0, "expired": 0, "terminated": 0, "open": 0});
     let all = blocking(&state, move |s| s.list_tasks(org, None, i64::MAX)).await?;
     for t in &all {
         let key = if t.counts.open() > 0 { "unfinished" } else { "done" };
         summary[key] = json!(summary[key].as_i64().unwrap_or(0) + 1);
-        for (k, v) in [("succeeded", t.counts.succeeded), ("failed", t.counts.failed), ("expired", t.counts.expired), ("terminated", t.counts.terminated), ("open", t.counts.open())] {
+        for (k, v) in [
+            ("succeeded", t.counts.succeeded),
+            ("failed", t.counts.failed),
+            ("expired", t.counts.expired),
+            ("terminated", t.counts.terminated),
+            ("open", t.counts.open()),
+        ] {
             summary[k] = json!(summary[k].as_i64().unwrap_or(0) + v);
         }
     }
@@ -728,7 +826,8 @@ struct RecordQuery {
 
 async fn list_records(State(state): St, caller: Caller, Query(q): Query<RecordQuery>) -> ApiResult<Response> {
     let org = caller.org()?;
-    let filter = RecordFilter { sn: q.sn, task_id: q.task, limit: q.limit.unwrap_or(0), offset: q.offset.unwrap_or(0).max(0) };
+    let filter =
+        RecordFilter { sn: q.sn, task_id: q.task, limit: q.limit.unwrap_or(0), offset: q.offset.unwrap_or(0).max(0) };
     let rows = blocking(&state, move |s| s.list_records(org, &filter)).await?;
     match q.format.as_deref() {
         Some("csv") => {

@@ -44,10 +44,8 @@ pub fn max_connections_from_fd_limit() -> usize {
 fn router_config(max_connections: usize) -> RouterConfig {
     let mut custom = HashMap::new();
     for filter in [topic::FILTER_DEVICE_UP, topic::FILTER_INIT, topic::FILTER_BACKEND_TASKS] {
-        custom.insert(
-            filter.to_string(),
-            SegmentConfig { max_segment_size: FLEET_SEGMENT_BYTES, max_segment_count: 4 },
-        );
+        custom
+            .insert(filter.to_string(), SegmentConfig { max_segment_size: FLEET_SEGMENT_BYTES, max_segment_count: 4 });
     }
     RouterConfig {
         max_connections,
@@ -109,13 +107,8 @@ impl EmbeddedBroker {
                 }
             }
         });
-        let server = ServerSettings {
-            name: "v4".into(),
-            listen: addr,
-            tls: None,
-            next_connection_delay_ms: 0,
-            connections,
-        };
+        let server =
+            ServerSettings { name: "v4".into(), listen: addr, tls: None, next_connection_delay_ms: 0, connections };
         let config = Config {
             id: 0,
             router: router_config(max_connections),

@@ -56,7 +56,8 @@ impl Config {
     }
 
     fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), String> {
-        let addr = |name: &str, value: String| value.parse::<SocketAddr>().map_err(|e| format!("{name}={value:?}: {e}"));
+        let addr =
+            |name: &str, value: String| value.parse::<SocketAddr>().map_err(|e| format!("{name}={value:?}: {e}"));
         if let Some(v) = get("RKI_DATA_DIR") {
             self.data_dir = v.into();
         }

@@ -330,7 +330,8 @@ impl Engine {
             self.org_names.insert(org.id, Arc::from(org.name.as_str()));
         }
         let open = self.blocking(|s| s.open_executions()).await?;
-        let ids: Vec<i64> = open.iter().map(|e| e.device_id).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+        let ids: Vec<i64> =
+            open.iter().map(|e| e.device_id).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
         let creds = self.blocking(move |s| s.credentials_for(&ids)).await?;
         for c in &creds {
             self.devices.insert(c.sn.clone(), Arc::new(Mutex::new(DeviceHot::from_credentials(c))));
@@ -614,7 +615,14 @@ impl Engine {
 
     /// Publishes every open execution of the device that is due: all of them on a hello, the
     /// ones whose backoff elapsed on a retry sweep.
-    async fn deliver_open(&self, sn: &str, hot: &Arc<Mutex<DeviceHot>>, key: &MacKey, hello_at: Option<Instant>, on_hello: bool) {
+    async fn deliver_open(
+        &self,
+        sn: &str,
+        hot: &Arc<Mutex<DeviceHot>>,
+        key: &MacKey,
+        hello_at: Option<Instant>,
+        on_hello: bool,
+    ) {
         let now = self.clock.now_ms();
         let mut delivered = Vec::new();
         {
@@ -722,7 +730,14 @@ impl Engine {
         }
     }
 
-    async fn on_ack(&self, sn: &str, hot: &Arc<Mutex<DeviceHot>>, counter: u64, ack: message::Ack, _proof: MacVerified) {
+    async fn on_ack(
+        &self,
+        sn: &str,
+        hot: &Arc<Mutex<DeviceHot>>,
+        counter: u64,
+        ack: message::Ack,
+        _proof: MacVerified,
+    ) {
         let now = self.clock.now_ms();
         let id = ack.execution_id as i64;
         // Every check first; only a fully valid ack changes state (the counter included).
@@ -784,7 +799,14 @@ impl Engine {
 
     /// An ack whose execution is not open here: a duplicate of a recorded ack, another device's
     /// execution, or an unknown one.
-    async fn on_ack_for_closed(&self, sn: &str, hot: &Arc<Mutex<DeviceHot>>, counter: u64, ack: &message::Ack, proof: MacVerified) {
+    async fn on_ack_for_closed(
+        &self,
+        sn: &str,
+        hot: &Arc<Mutex<DeviceHot>>,
+        counter: u64,
+        ack: &message::Ack,
+        proof: MacVerified,
+    ) {
         let id = ack.execution_id as i64;
         let device_id = lock(hot).device_id;
         let row = self.blocking(move |s| s.execution(id)).await;
@@ -830,10 +852,15 @@ impl Engine {
             } else {
                 None
             };
-            self.commits.send(Pending { write, ack: None, reply }).await.map_err(|_| EngineError::Internal("committer stopped".into()))?;
+            self.commits
+                .send(Pending { write, ack: None, reply })
+                .await
+                .map_err(|_| EngineError::Internal("committer stopped".into()))?;
         }
         match last {
-            Some(rx) => rx.await.map_err(|_| EngineError::Internal("committer stopped".into()))?.map_err(EngineError::Internal),
+            Some(rx) => {
+                rx.await.map_err(|_| EngineError::Internal("committer stopped".into()))?.map_err(EngineError::Internal)
+            }
             None => Ok(BatchOutcome::default()),
         }
     }
@@ -851,7 +878,8 @@ impl Engine {
         let counter = unverified.peek().counter;
         let refuse = |code: RefusalCode| {
             metrics::counter!(m::GUDID_REFUSALS_TOTAL, "reason" => code.as_str()).increment(1);
-            metrics::counter!(m::REJECTED_MESSAGES_TOTAL, "kind" => "create_key", "reason" => code.as_str()).increment(1);
+            metrics::counter!(m::REJECTED_MESSAGES_TOTAL, "kind" => "create_key", "reason" => code.as_str())
+                .increment(1);
             info!(sn, reason = code.as_str(), "CreateKey refused");
             self.publish_refusal(sn, counter, code);
         };
@@ -888,7 +916,9 @@ impl Engine {
         if self.clock.now_ms() >= gudid.expires_at {
             return refuse(RefusalCode::GudidExpired);
         }
-        if let Err(code) = self.answer_create_key(sn, &gudid, device.0, &mac_key, &request, counter, &create_key_body).await {
+        if let Err(code) =
+            self.answer_create_key(sn, &gudid, device.0, &mac_key, &request, counter, &create_key_body).await
+        {
             refuse(code)
         }
     }
@@ -915,8 +945,9 @@ impl Engine {
         };
         let answer_frame = frame::seal(mac_key, &answer).map_err(|_| RefusalCode::Malformed)?;
         let answer_body = frame::body_bytes_of(&answer_frame).ok_or(RefusalCode::Malformed)?.to_vec();
-        let secrets = init::derive_device_secrets(ephemeral, &request.device_public, mac_key, create_key_body, &answer_body)
-            .map_err(|_| RefusalCode::Malformed)?;
+        let secrets =
+            init::derive_device_secrets(ephemeral, &request.device_public, mac_key, create_key_body, &answer_body)
+                .map_err(|_| RefusalCode::Malformed)?;
         let sealed = self.keys.seal_device_secrets(&secrets).map_err(|_| RefusalCode::Malformed)?;
         let password_hash = init::password_hash(secrets.mqtt_password.expose_secret());
         let creds = NewCredentials {
@@ -954,7 +985,12 @@ impl Engine {
         } else {
             // Executions created before this device ever initialised wait in the store.
             let id = device_id;
-            if let Ok(rows) = self.blocking(move |s| s.open_executions().map(|all| all.into_iter().filter(|e| e.device_id == id).collect::<Vec<_>>())).await {
+            if let Ok(rows) = self
+                .blocking(move |s| {
+                    s.open_executions().map(|all| all.into_iter().filter(|e| e.device_id == id).collect::<Vec<_>>())
+                })
+                .await
+            {
                 for row in rows {
                     self.insert_open(&row);
                 }
@@ -1033,7 +1069,8 @@ impl Engine {
                 }
                 let sns = sns.clone();
                 let found = self.blocking(move |s| s.device_ids_by_sn(org_id, &sns)).await?;
-                let unknown: Vec<String> = found.iter().filter(|(_, id)| id.is_none()).map(|(sn, _)| sn.clone()).collect();
+                let unknown: Vec<String> =
+                    found.iter().filter(|(_, id)| id.is_none()).map(|(sn, _)| sn.clone()).collect();
                 if !unknown.is_empty() {
                     return Err(EngineError::NotFound(format!("unknown SN(s): {}", unknown.join(", "))));
                 }
@@ -1063,12 +1100,14 @@ impl Engine {
             None => None,
         };
         let devices = self.blocking(move |s| s.devices_by_ids(&ids)).await?;
-        let pending: std::collections::HashSet<i64> = self.blocking(move |s| s.open_execution_device_ids(org_id)).await?.into_iter().collect();
+        let pending: std::collections::HashSet<i64> =
+            self.blocking(move |s| s.open_execution_device_ids(org_id)).await?.into_iter().collect();
         // Without an explicit key source, the devices' common assignment is used.
         let chosen = match &key_source {
             Some(k) => Some(k.id),
             None => {
-                let assigned: std::collections::BTreeSet<i64> = devices.iter().filter_map(|d| d.assigned_key_source).collect();
+                let assigned: std::collections::BTreeSet<i64> =
+                    devices.iter().filter_map(|d| d.assigned_key_source).collect();
                 if assigned.len() > 1 {
                     return Err(EngineError::Invalid(
                         "the devices are assigned to different key sources; name one with key_source".into(),
@@ -1093,7 +1132,9 @@ impl Engine {
         for d in devices {
             let reasons = readiness(&d, chosen, pending.contains(&d.id));
             if reasons.iter().any(|r| r.blocks()) {
-                preview.not_ready.push(NotReadyDevice { sn: d.sn, reasons: reasons.iter().map(|r| r.as_str()).collect() });
+                preview
+                    .not_ready
+                    .push(NotReadyDevice { sn: d.sn, reasons: reasons.iter().map(|r| r.as_str()).collect() });
             } else {
                 if reasons.contains(&NotReady::NeverSeen) {
                     preview.never_seen.push(d.sn.clone());
@@ -1154,7 +1195,11 @@ impl Engine {
             }
             .map_err(|e| EngineError::Internal(e.to_string()))?;
             key_ids.push(key_id);
-            device_order.push((*id, c.generation, if algorithm.is_aes() { c.kbpk_aes.clone() } else { c.kbpk_tdes.clone() }));
+            device_order.push((
+                *id,
+                c.generation,
+                if algorithm.is_aes() { c.kbpk_aes.clone() } else { c.kbpk_tdes.clone() },
+            ));
         }
         let keys = self.keys.clone();
         let sealed_bdk = source.sealed.clone();
@@ -1176,7 +1221,13 @@ impl Engine {
         for ((w, key_id), (device_id, generation, _)) in wrapped.into_iter().zip(key_ids).zip(device_order) {
             let w = w.map_err(|e| EngineError::Internal(format!("derivation failed: {e}")))?;
             debug_assert_eq!(w.key_id, key_id);
-            executions.push(NewExecution { device_id, key_block: w.key_block, key_id, kcv: w.kcv.to_hex(), generation });
+            executions.push(NewExecution {
+                device_id,
+                key_block: w.key_block,
+                key_id,
+                kcv: w.kcv.to_hex(),
+                generation,
+            });
         }
         let derive_ms = started.elapsed().as_millis();
         let now = self.clock.now_ms();
@@ -1273,7 +1324,10 @@ impl Engine {
             .iter()
             .filter(|entry| {
                 let h = lock(entry.value());
-                h.online && h.open.iter().any(|e| e.last_sent.is_some_and(|at| at.elapsed().as_millis() as i64 >= retry_backoff_ms(e.sends)))
+                h.online
+                    && h.open.iter().any(|e| {
+                        e.last_sent.is_some_and(|at| at.elapsed().as_millis() as i64 >= retry_backoff_ms(e.sends))
+                    })
             })
             .map(|entry| (entry.key().clone(), entry.value().clone()))
             .collect();
@@ -1420,7 +1474,8 @@ async fn committer(engine: Arc<Engine>, mut rx: mpsc::Receiver<Pending>) {
                     let since_creation = ((now - done.created_at).max(0) as f64) / 1000.0;
                     metrics::histogram!(m::DELIVERY_LATENCY_SECONDS, "from" => "creation").record(since_creation);
                     if let Some(hello) = done.hello_at {
-                        metrics::histogram!(m::DELIVERY_LATENCY_SECONDS, "from" => "hello").record(hello.elapsed().as_secs_f64());
+                        metrics::histogram!(m::DELIVERY_LATENCY_SECONDS, "from" => "hello")
+                            .record(hello.elapsed().as_secs_f64());
                     }
                 } else if result.is_ok() {
                     metrics::counter!(m::DUPLICATE_ACKS_TOTAL).increment(1);
@@ -1473,7 +1528,14 @@ mod tests {
     }
 
     fn ack(kcv: Vec<u8>, result: i32) -> message::Ack {
-        message::Ack { execution_id: 1, result, slot: KeySlot(1), key_id: vec![1; 10], kcv, injection: InjectionType::Auto }
+        message::Ack {
+            execution_id: 1,
+            result,
+            slot: KeySlot(1),
+            key_id: vec![1; 10],
+            kcv,
+            injection: InjectionType::Auto,
+        }
     }
 
     #[test]

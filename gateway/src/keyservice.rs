@@ -62,7 +62,8 @@ impl MasterKey {
             }
             let text = Zeroizing::new(fs::read_to_string(path).map_err(|e| err(e.to_string()))?);
             let bytes = SecretBytes::from_hex(text.trim()).map_err(|_| err("not hex".into()))?;
-            let key = SymmetricKey::new(KeyAlgorithm::Aes256, bytes).map_err(|_| err("must be 64 hex digits (AES-256)".into()))?;
+            let key = SymmetricKey::new(KeyAlgorithm::Aes256, bytes)
+                .map_err(|_| err("must be 64 hex digits (AES-256)".into()))?;
             return Ok((MasterKey(key), false));
         }
         if let Some(dir) = path.parent() {
@@ -80,7 +81,10 @@ impl MasterKey {
         }
         let mut file = options.open(path).map_err(|e| err(e.to_string()))?;
         let text = key.secret().to_hex_upper();
-        file.write_all(text.as_bytes()).and_then(|_| file.write_all(b"\n")).and_then(|_| file.sync_all()).map_err(|e| err(e.to_string()))?;
+        file.write_all(text.as_bytes())
+            .and_then(|_| file.write_all(b"\n"))
+            .and_then(|_| file.sync_all())
+            .map_err(|e| err(e.to_string()))?;
         Ok((MasterKey(key), true))
     }
 
@@ -160,7 +164,8 @@ impl SoftwareKeyService {
             .exportability(b'N')
             .build()
             .map_err(|e| KeyServiceError::Tr31(e.to_string()))?;
-        tr31::wrap(&self.master.0, &header, key.secret(), &mut os_random).map_err(|e| KeyServiceError::Tr31(e.to_string()))
+        tr31::wrap(&self.master.0, &header, key.secret(), &mut os_random)
+            .map_err(|e| KeyServiceError::Tr31(e.to_string()))
     }
 
     fn unseal(&self, sealed: &str) -> Result<(Header, SecretBytes), KeyServiceError> {
@@ -189,18 +194,21 @@ impl SoftwareKeyService {
             }
             let header = Header::dukpt_initial_key(Version::B, DukptInitialKeyId::Tdes(ksn), Some(&kcv))
                 .map_err(|e| KeyServiceError::Tr31(e.to_string()))?;
-            let key_block = tr31::wrap(&kbpk, &header, ipek.secret(), &mut os_random).map_err(|e| KeyServiceError::Tr31(e.to_string()))?;
+            let key_block = tr31::wrap(&kbpk, &header, ipek.secret(), &mut os_random)
+                .map_err(|e| KeyServiceError::Tr31(e.to_string()))?;
             Ok(WrappedKey { key_block, key_id: ksn.as_bytes().to_vec(), kcv })
         } else {
             let id = dukpt::aes::InitialKeyId::from_hex(&hex::encode(request.key_id)).map_err(id_error)?;
-            let initial = dukpt::aes::derive_initial_key(bdk, &id).map_err(|e| KeyServiceError::Derivation(e.to_string()))?;
+            let initial =
+                dukpt::aes::derive_initial_key(bdk, &id).map_err(|e| KeyServiceError::Derivation(e.to_string()))?;
             let kcv = initial.kcv(KcvLen::Three);
             if !kbpk.algorithm().is_aes() {
                 return Err(KeyServiceError::Key("an AES key needs an AES key-block protection key".into()));
             }
             let header = Header::dukpt_initial_key(Version::D, DukptInitialKeyId::Aes(id), Some(&kcv))
                 .map_err(|e| KeyServiceError::Tr31(e.to_string()))?;
-            let key_block = tr31::wrap(&kbpk, &header, initial.secret(), &mut os_random).map_err(|e| KeyServiceError::Tr31(e.to_string()))?;
+            let key_block = tr31::wrap(&kbpk, &header, initial.secret(), &mut os_random)
+                .map_err(|e| KeyServiceError::Tr31(e.to_string()))?;
             Ok(WrappedKey { key_block, key_id: id.as_bytes().to_vec(), kcv })
         }
     }
@@ -237,7 +245,8 @@ pub fn aes_initial_key_id(key_set_id: &[u8], serial: u64) -> Result<dukpt::aes::
     if key_set_id.len() != 4 {
         return Err(KeyServiceError::Derivation("an AES BDK ID is 4 bytes".into()));
     }
-    let derivation_id = u32::try_from(serial).map_err(|_| KeyServiceError::Derivation("serials exhausted for this BDK".into()))?;
+    let derivation_id =
+        u32::try_from(serial).map_err(|_| KeyServiceError::Derivation("serials exhausted for this BDK".into()))?;
     let mut id = [0u8; 8];
     id[..4].copy_from_slice(key_set_id);
     id[4..].copy_from_slice(&derivation_id.to_be_bytes());
@@ -252,7 +261,8 @@ impl KeyService for SoftwareKeyService {
     }
 
     fn seal_device_secrets(&self, s: &DeviceSecrets) -> Result<SealedDeviceSecrets, KeyServiceError> {
-        let signing = SymmetricKey::aes(SecretBytes::from_slice(s.signing_key.expose_secret())).map_err(|e| KeyServiceError::Key(e.to_string()))?;
+        let signing = SymmetricKey::aes(SecretBytes::from_slice(s.signing_key.expose_secret()))
+            .map_err(|e| KeyServiceError::Key(e.to_string()))?;
         Ok(SealedDeviceSecrets {
             // The signing key is an HMAC key; it is 32 bytes, so it is carried as key material of
             // that length under usage M7 / algorithm H.
@@ -301,7 +311,8 @@ impl SoftwareKeyService {
             .exportability(b'N')
             .build()
             .map_err(|e| KeyServiceError::Tr31(e.to_string()))?;
-        tr31::wrap(&self.master.0, &header, key.secret(), &mut os_random).map_err(|e| KeyServiceError::Tr31(e.to_string()))
+        tr31::wrap(&self.master.0, &header, key.secret(), &mut os_random)
+            .map_err(|e| KeyServiceError::Tr31(e.to_string()))
     }
 }
 

@@ -8,7 +8,11 @@ use rki_gateway::config::Config;
 use rki_gateway::{bootstrap, server};
 
 #[derive(Parser)]
-#[command(name = "rki-gateway", version, about = "Remote key injection gateway: embedded MQTT broker, task engine, admin API")]
+#[command(
+    name = "rki-gateway",
+    version,
+    about = "Remote key injection gateway: embedded MQTT broker, task engine, admin API"
+)]
 struct Cli {
     /// TOML configuration file.
     #[arg(long, global = true, env = "RKI_CONFIG")]
@@ -31,9 +35,7 @@ enum Command {
     /// Run the gateway (the default).
     Run,
     /// Create an organization and print its admin token once.
-    InitOrg {
-        name: String,
-    },
+    InitOrg { name: String },
     /// Create a key-owner token (authorizes BDKs) and print it once.
     InitKeyOwner {
         #[arg(long, default_value = "key-owner")]

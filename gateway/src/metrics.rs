@@ -30,9 +30,8 @@ pub const TASK_EXECUTIONS: &str = "rki_task_executions";
 
 /// Histogram buckets for delivery latency (creation → durable ack, hello → durable ack): from a
 /// few milliseconds on a live push to days for devices that come online late.
-const DELIVERY_BUCKETS: &[f64] = &[
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0, 86400.0, 604800.0,
-];
+const DELIVERY_BUCKETS: &[f64] =
+    &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0, 86400.0, 604800.0];
 /// Store commit latency: a batched SQLite commit with fsync takes about a millisecond here.
 const COMMIT_BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0];
 const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 5.0, 10.0, 50.0, 100.0, 500.0, 1000.0, 5000.0];
@@ -59,11 +58,18 @@ fn describe() {
     describe_gauge!(EXECUTIONS_EXPIRING, "Open executions whose deadline falls within the window (24h, 7d).");
     describe_counter!(DELIVERIES_TOTAL, "Download messages published to devices (first and repeated).");
     describe_counter!(ACKS_TOTAL, "Verified, durable acks by result (succeeded, failed).");
-    describe_counter!(REJECTED_MESSAGES_TOTAL, "Device and backend messages rejected, by kind and reason. A rejected message changes no state.");
+    describe_counter!(
+        REJECTED_MESSAGES_TOTAL,
+        "Device and backend messages rejected, by kind and reason. A rejected message changes no state."
+    );
     describe_counter!(DUPLICATE_ACKS_TOTAL, "Valid acks for executions that had already ended (idempotent re-acks).");
     describe_counter!(EXECUTIONS_ENDED_TOTAL, "Executions ended, by final state.");
     describe_counter!(KEYS_INJECTED_TOTAL, "Keys injected (succeeded executions), by organization: the billing count.");
-    describe_histogram!(DELIVERY_LATENCY_SECONDS, Unit::Seconds, "Time to a durable verified ack, from task creation or from the device's hello.");
+    describe_histogram!(
+        DELIVERY_LATENCY_SECONDS,
+        Unit::Seconds,
+        "Time to a durable verified ack, from task creation or from the device's hello."
+    );
     describe_histogram!(STORE_COMMIT_SECONDS, Unit::Seconds, "Latency of one batched store commit.");
     describe_histogram!(STORE_BATCH_WRITES, "Writes per batched store commit.");
     describe_gauge!(STORE_UP, "1 when the last store operation succeeded.");

@@ -31,7 +31,8 @@ pub fn raise_fd_limit() -> u64 {
 /// Opens the store, creating the data directory. Used by `run` and by the offline commands.
 pub fn open_store(config: &Config) -> Result<Arc<SqliteStore>, String> {
     std::fs::create_dir_all(&config.data_dir).map_err(|e| format!("data dir {}: {e}", config.data_dir.display()))?;
-    let store = SqliteStore::open(&config.store_path()).map_err(|e| format!("store {}: {e}", config.store_path().display()))?;
+    let store =
+        SqliteStore::open(&config.store_path()).map_err(|e| format!("store {}: {e}", config.store_path().display()))?;
     Ok(Arc::new(store))
 }
 
@@ -57,7 +58,8 @@ pub async fn run(config: Config) -> Result<(), String> {
         Clock::system()
     });
     let prometheus = crate::metrics::install()?;
-    let max_connections = if config.max_connections > 0 { config.max_connections } else { broker::max_connections_from_fd_limit() };
+    let max_connections =
+        if config.max_connections > 0 { config.max_connections } else { broker::max_connections_from_fd_limit() };
     let cell: broker::EngineCell = Arc::new(OnceLock::new());
     let mut broker = EmbeddedBroker::start(config.mqtt_addr, max_connections, cell.clone())?;
     let store_dyn: Arc<dyn Store> = store.clone();
@@ -65,9 +67,13 @@ pub async fn run(config: Config) -> Result<(), String> {
     let _ = cell.set(engine.clone());
     broker.run_inbound(engine.clone())?;
     let state = Arc::new(AppState { engine: engine.clone(), prometheus });
-    let listener = tokio::net::TcpListener::bind(config.http_addr).await.map_err(|e| format!("http {}: {e}", config.http_addr))?;
+    let listener =
+        tokio::net::TcpListener::bind(config.http_addr).await.map_err(|e| format!("http {}: {e}", config.http_addr))?;
     info!(http = %config.http_addr, mqtt = %config.mqtt_addr, fd_limit, data_dir = %config.data_dir.display(), "rki-gateway ready");
-    axum::serve(listener, api::router(state)).with_graceful_shutdown(shutdown_signal()).await.map_err(|e| e.to_string())?;
+    axum::serve(listener, api::router(state))
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .map_err(|e| e.to_string())?;
     info!("shutting down: flushing the store");
     engine.flush().await.map_err(|e| e.to_string())?;
     info!("stopped");

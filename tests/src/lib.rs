@@ -120,7 +120,10 @@ impl GatewayProcess {
 
     /// Creates another organization offline (works while the gateway runs) and returns its token.
     pub fn init_org(&self, name: &str) -> TestResult<String> {
-        let out = Command::new(binary("rki-gateway")).args(["init-org", name, "--data-dir"]).arg(self.dir.join("data")).output()?;
+        let out = Command::new(binary("rki-gateway"))
+            .args(["init-org", name, "--data-dir"])
+            .arg(self.dir.join("data"))
+            .output()?;
         if !out.status.success() {
             return Err(String::from_utf8_lossy(&out.stderr).into_owned().into());
         }
@@ -173,7 +176,9 @@ impl GatewayProcess {
     /// The last lines of the current log, for failure messages.
     pub fn log_tail(&self) -> String {
         let path = self.dir.join(format!("gateway-{}.log", self.starts));
-        let lines: Vec<String> = std::fs::File::open(path).map(|f| BufReader::new(f).lines().map_while(Result::ok).collect()).unwrap_or_default();
+        let lines: Vec<String> = std::fs::File::open(path)
+            .map(|f| BufReader::new(f).lines().map_while(Result::ok).collect())
+            .unwrap_or_default();
         lines[lines.len().saturating_sub(30)..].join("\n")
     }
 
@@ -229,7 +234,11 @@ impl GatewayProcess {
 
     /// The value of one sample of `/metrics`, e.g. `rki_acks_total{result="succeeded"}`; 0 if absent.
     pub fn metric(&self, sample: &str) -> f64 {
-        let text = ureq::get(&format!("{}/metrics", self.url())).call().ok().and_then(|r| r.into_string().ok()).unwrap_or_default();
+        let text = ureq::get(&format!("{}/metrics", self.url()))
+            .call()
+            .ok()
+            .and_then(|r| r.into_string().ok())
+            .unwrap_or_default();
         metric_value(&text, sample)
     }
 
@@ -276,7 +285,11 @@ pub struct Api {
 
 impl Api {
     pub fn new(url: &str, token: &str) -> Self {
-        Self { url: url.to_string(), token: token.to_string(), agent: ureq::AgentBuilder::new().timeout(Duration::from_secs(600)).build() }
+        Self {
+            url: url.to_string(),
+            token: token.to_string(),
+            agent: ureq::AgentBuilder::new().timeout(Duration::from_secs(600)).build(),
+        }
     }
 
     fn answer(result: Result<ureq::Response, ureq::Error>) -> (u16, Value) {
@@ -295,11 +308,21 @@ impl Api {
     }
 
     pub fn get(&self, path: &str) -> (u16, Value) {
-        Self::answer(self.agent.get(&format!("{}{path}", self.url)).set("Authorization", &format!("Bearer {}", self.token)).call())
+        Self::answer(
+            self.agent
+                .get(&format!("{}{path}", self.url))
+                .set("Authorization", &format!("Bearer {}", self.token))
+                .call(),
+        )
     }
 
     pub fn get_text(&self, path: &str) -> (u16, String) {
-        match self.agent.get(&format!("{}{path}", self.url)).set("Authorization", &format!("Bearer {}", self.token)).call() {
+        match self
+            .agent
+            .get(&format!("{}{path}", self.url))
+            .set("Authorization", &format!("Bearer {}", self.token))
+            .call()
+        {
             Ok(r) => (r.status(), r.into_string().unwrap_or_default()),
             Err(ureq::Error::Status(s, r)) => (s, r.into_string().unwrap_or_default()),
             Err(e) => (0, e.to_string()),
@@ -307,7 +330,12 @@ impl Api {
     }
 
     pub fn post(&self, path: &str, body: &Value) -> (u16, Value) {
-        Self::answer(self.agent.post(&format!("{}{path}", self.url)).set("Authorization", &format!("Bearer {}", self.token)).send_json(body.clone()))
+        Self::answer(
+            self.agent
+                .post(&format!("{}{path}", self.url))
+                .set("Authorization", &format!("Bearer {}", self.token))
+                .send_json(body.clone()),
+        )
     }
 
     pub fn post_csv(&self, path: &str, csv: &str) -> (u16, Value) {
@@ -352,7 +380,10 @@ pub fn provision(gw: &GatewayProcess, sns: &[String], group: &str) -> TestResult
     if !sources["key_sources"].as_array().is_some_and(|a| a.iter().any(|k| k["name"] == "bdk-test")) {
         authorize_test_bdk(gw, "acme", "bdk-test")?;
     }
-    let csv = std::iter::once("sn,model".to_string()).chain(sns.iter().map(|sn| format!("{sn},P3"))).collect::<Vec<_>>().join("\n");
+    let csv = std::iter::once("sn,model".to_string())
+        .chain(sns.iter().map(|sn| format!("{sn},P3")))
+        .collect::<Vec<_>>()
+        .join("\n");
     let _ = api.post("/v1/groups", &json!({"name": group}));
     let (status, v) = api.post_csv(&format!("/v1/devices/import?group={group}"), &csv);
     if status != 200 {
@@ -363,7 +394,10 @@ pub fn provision(gw: &GatewayProcess, sns: &[String], group: &str) -> TestResult
     for chunk in sns.chunks(5000) {
         let v = api.ok_post("/v1/gudids", &json!({"sns": chunk}))?;
         for g in v["gudids"].as_array().cloned().unwrap_or_default() {
-            gudids.push((g["sn"].as_str().unwrap_or_default().to_string(), g["gudid"].as_str().unwrap_or_default().to_string()));
+            gudids.push((
+                g["sn"].as_str().unwrap_or_default().to_string(),
+                g["gudid"].as_str().unwrap_or_default().to_string(),
+            ));
         }
     }
     Ok(Provisioned { sns: sns.to_vec(), gudids })
@@ -459,7 +493,8 @@ pub async fn mqtt_connect(
     options.set_max_packet_size(16 * 1024, 16 * 1024);
     let (client, mut eventloop): (AsyncClient, EventLoop) = AsyncClient::new(options, 64);
     // Wait for the CONNACK (or the refusal) before returning.
-    let first = tokio::time::timeout(Duration::from_secs(10), eventloop.poll()).await.map_err(|_| "CONNECT timed out")?;
+    let first =
+        tokio::time::timeout(Duration::from_secs(10), eventloop.poll()).await.map_err(|_| "CONNECT timed out")?;
     match first {
         Ok(Event::Incoming(Packet::ConnAck(ack))) if ack.code == rumqttc::ConnectReturnCode::Success => {}
         Ok(other) => return Err(format!("CONNECT refused: {other:?}").into()),
@@ -492,7 +527,11 @@ impl RawDevice {
         let request = Body {
             party: sn.to_string(),
             counter,
-            message: Message::CreateKey(CreateKey { gudid_id: gudid.id(), x_pos_device_id: format!("RAW-{sn}"), device_public: ephemeral.public() }),
+            message: Message::CreateKey(CreateKey {
+                gudid_id: gudid.id(),
+                x_pos_device_id: format!("RAW-{sn}"),
+                device_public: ephemeral.public(),
+            }),
         };
         let request_frame = frame::seal(&gudid.mac_key(), &request)?;
         boot.publish(topic::init(sn), QoS::AtLeastOnce, false, request_frame.clone()).await?;
@@ -500,7 +539,9 @@ impl RawDevice {
         let opened = frame::open(&answer)?;
         let answer_body = opened.body_bytes().to_vec();
         let verified = opened.verify(&gudid.mac_key()).map_err(|e| format!("answer: {e}"))?;
-        let Message::CreateKeyAnswer(a) = verified.body.message else { return Err(format!("not an answer: {:?}", verified.body.message).into()) };
+        let Message::CreateKeyAnswer(a) = verified.body.message else {
+            return Err(format!("not an answer: {:?}", verified.body.message).into());
+        };
         let secrets = init::derive_device_secrets(
             ephemeral,
             &a.gateway_public,

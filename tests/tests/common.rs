@@ -31,9 +31,18 @@ pub async fn spawn_fleet(config: FleetConfig, initialised_timeout: Duration) -> 
     let n = config.members.len() as u64;
     let fleet = Fleet::spawn(config).await?;
     if let Err(e) = fleet.wait_initialised(n, initialised_timeout).await {
-        let errors: Vec<String> = fleet.devices().iter().filter(|d| !d.status().initialised).filter_map(|d| d.status().last_error.map(|e| format!("{}: {e}", d.sn()))).take(5).collect();
+        let errors: Vec<String> = fleet
+            .devices()
+            .iter()
+            .filter(|d| !d.status().initialised)
+            .filter_map(|d| d.status().last_error.map(|e| format!("{}: {e}", d.sn())))
+            .take(5)
+            .collect();
         return Err(format!("{e:?}: {}; first errors: {errors:?}", fleet.snapshot().status_line()).into());
     }
-    fleet.wait_connected(n, initialised_timeout).await.map_err(|e| format!("{e:?}: {}", fleet.snapshot().status_line()))?;
+    fleet
+        .wait_connected(n, initialised_timeout)
+        .await
+        .map_err(|e| format!("{e:?}: {}", fleet.snapshot().status_line()))?;
     Ok(fleet)
 }

@@ -6,7 +6,9 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use rki_device_sim::Knobs;
-use rki_tests::{create_task, expected_kcv, provision, sns, wait_task_done, GatewayOptions, GatewayProcess, TestResult};
+use rki_tests::{
+    create_task, expected_kcv, provision, sns, wait_task_done, GatewayOptions, GatewayProcess, TestResult,
+};
 use serde_json::json;
 
 #[test]
@@ -17,7 +19,10 @@ fn sigkill_mid_push_of_2000_devices_loses_nothing_and_records_each_device_once()
     let provisioned = provision(&gw, &sns("CRASH", 2000), "fleet")?;
     // Acks take a while, so the kill lands while most are in flight.
     let knobs = Knobs { ack_delay: Duration::from_millis(1500), ..Knobs::default() };
-    let fleet = rt.block_on(common::spawn_fleet(common::fleet_config(gw.mqtt_port, &provisioned, knobs)?, Duration::from_secs(120)))?;
+    let fleet = rt.block_on(common::spawn_fleet(
+        common::fleet_config(gw.mqtt_port, &provisioned, knobs)?,
+        Duration::from_secs(120),
+    ))?;
     let task = create_task(&api, &json!({"group": "fleet"}))?;
     let started = Instant::now();
     // Kill once some acks are durable and many are not.

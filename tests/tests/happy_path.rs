@@ -5,7 +5,9 @@ mod common;
 use std::time::Duration;
 
 use rki_device_sim::Knobs;
-use rki_tests::{create_task, expected_kcv, provision, sns, wait_task_done, GatewayOptions, GatewayProcess, TestResult};
+use rki_tests::{
+    create_task, expected_kcv, provision, sns, wait_task_done, GatewayOptions, GatewayProcess, TestResult,
+};
 use serde_json::json;
 
 #[test]
@@ -15,7 +17,10 @@ fn a_group_of_200_devices_gets_one_verified_key_each_and_ends_locked() -> TestRe
     let api = gw.api();
     let devices = sns("HAPPY", 200);
     let provisioned = provision(&gw, &devices, "warehouse")?;
-    let fleet = rt.block_on(common::spawn_fleet(common::fleet_config(gw.mqtt_port, &provisioned, Knobs::default())?, Duration::from_secs(60)))?;
+    let fleet = rt.block_on(common::spawn_fleet(
+        common::fleet_config(gw.mqtt_port, &provisioned, Knobs::default())?,
+        Duration::from_secs(60),
+    ))?;
     // Every device reported its firmware through its hello: all are ready.
     let preview = api.ok_post("/v1/tasks/preview", &json!({"group": "warehouse"}))?;
     assert_eq!(preview["preview"]["ready"].as_array().map(Vec::len), Some(200), "{preview}");

@@ -9,11 +9,20 @@ use rki_protocol::frame::MacKey;
 use rki_protocol::message::{Ack, Download, Message};
 use rki_protocol::terminal::InjectionType;
 use rki_protocol::{topic, SecretBytes};
-use rki_tests::{create_task, mqtt_connect, provision, sns, wait_task, GatewayOptions, GatewayProcess, RawDevice, TestResult};
+use rki_tests::{
+    create_task, mqtt_connect, provision, sns, wait_task, GatewayOptions, GatewayProcess, RawDevice, TestResult,
+};
 use serde_json::json;
 
 fn ack_for(d: &Download, kcv: Vec<u8>) -> Message {
-    Message::Ack(Ack { execution_id: d.execution_id, result: 0, slot: d.slot, key_id: d.key_id.clone(), kcv, injection: InjectionType::Auto })
+    Message::Ack(Ack {
+        execution_id: d.execution_id,
+        result: 0,
+        slot: d.slot,
+        key_id: d.key_id.clone(),
+        kcv,
+        injection: InjectionType::Auto,
+    })
 }
 
 fn rejected(gw: &GatewayProcess, kind: &str, reason: &str) -> f64 {
@@ -28,7 +37,8 @@ fn wait_rejected(gw: &GatewayProcess, kind: &str, reason: &str, at_least: f64) -
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    Err(format!("rki_rejected_messages_total{{kind={kind},reason={reason}}} stayed at {}", rejected(gw, kind, reason)).into())
+    Err(format!("rki_rejected_messages_total{{kind={kind},reason={reason}}} stayed at {}", rejected(gw, kind, reason))
+        .into())
 }
 
 async fn download(device: &mut RawDevice) -> TestResult<Download> {
@@ -67,7 +77,11 @@ fn hostile_acks_change_nothing_and_are_counted_then_the_honest_ack_succeeds() ->
     rt.block_on(b.send(ack_for(&da, da.kcv.clone())))?;
     wait_rejected(&gw, "ack", "foreign_execution", 1.0)?;
     // B publishes on A's topic, signed by B: refused as a bad MAC under A's key.
-    let body = rki_protocol::message::Body { party: sn_a.clone(), counter: b.next_counter(), message: ack_for(&da, da.kcv.clone()) };
+    let body = rki_protocol::message::Body {
+        party: sn_a.clone(),
+        counter: b.next_counter(),
+        message: ack_for(&da, da.kcv.clone()),
+    };
     let frame = rki_protocol::frame::seal(&b.secrets.signing_key, &body)?;
     rt.block_on(b.publish_raw(&topic::device_up(&sn_a), frame))?;
     wait_rejected(&gw, "ack", "bad_mac", 2.0)?;
@@ -116,7 +130,8 @@ fn a_bad_csv_imports_nothing_and_names_each_bad_line() -> TestResult {
     let api = gw.api();
     let (status, v) = api.post_csv("/v1/devices/import", "sn,model\nGOOD1,P3\nbad sn,P3\nGOOD2,P99\nGOOD1,P3\n");
     assert_eq!(status, 422, "{v}");
-    let lines: Vec<i64> = v["errors"].as_array().map(|e| e.iter().filter_map(|x| x["line"].as_i64()).collect()).unwrap_or_default();
+    let lines: Vec<i64> =
+        v["errors"].as_array().map(|e| e.iter().filter_map(|x| x["line"].as_i64()).collect()).unwrap_or_default();
     assert_eq!(lines, vec![3, 4, 5]);
     assert_eq!(api.ok("/v1/devices")?["total"], 0, "nothing half-imported");
     assert!(gw.metric("rki_api_errors_total{code=\"invalid_csv\"}") >= 1.0);

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use rki_device_sim::Knobs;
 use rki_protocol::message::Message;
-use rki_tests::{create_task, provision, sns, wait_task, wait_task_done, GatewayOptions, GatewayProcess, RawDevice, TestResult};
+use rki_tests::{
+    create_task, provision, sns, wait_task, wait_task_done, GatewayOptions, GatewayProcess, RawDevice, TestResult,
+};
 use serde_json::json;
 
 #[test]
@@ -15,7 +17,10 @@ fn a_device_powered_off_at_task_creation_gets_its_key_at_power_on() -> TestResul
     let gw = GatewayProcess::start(GatewayOptions::default())?;
     let api = gw.api();
     let provisioned = provision(&gw, &sns("OFF", 3), "shelf")?;
-    let fleet = rt.block_on(common::spawn_fleet(common::fleet_config(gw.mqtt_port, &provisioned, Knobs::default())?, Duration::from_secs(30)))?;
+    let fleet = rt.block_on(common::spawn_fleet(
+        common::fleet_config(gw.mqtt_port, &provisioned, Knobs::default())?,
+        Duration::from_secs(30),
+    ))?;
     let sleeper = &fleet.devices()[0];
     rt.block_on(sleeper.power_off())?;
     std::thread::sleep(Duration::from_millis(300));
@@ -92,6 +97,10 @@ fn a_180_day_task_survives_day_179_and_delivers_then() -> TestResult {
     let done = wait_task_done(&api, task, Duration::from_secs(10))?;
     assert_eq!(done["task"]["counts"]["succeeded"], 1);
     gw.advance_days(2)?;
-    assert_eq!(api.ok(&format!("/v1/tasks/{task}"))?["task"]["counts"]["succeeded"], 1, "a recorded success never expires");
+    assert_eq!(
+        api.ok(&format!("/v1/tasks/{task}"))?["task"]["counts"]["succeeded"],
+        1,
+        "a recorded success never expires"
+    );
     Ok(())
 }

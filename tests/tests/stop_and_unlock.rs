@@ -7,7 +7,9 @@ use std::time::Duration;
 use rki_device_sim::Knobs;
 use rki_protocol::message::{Ack, Message};
 use rki_protocol::terminal::InjectionType;
-use rki_tests::{create_task, provision, sns, wait_task, wait_task_done, GatewayOptions, GatewayProcess, RawDevice, TestResult};
+use rki_tests::{
+    create_task, provision, sns, wait_task, wait_task_done, GatewayOptions, GatewayProcess, RawDevice, TestResult,
+};
 use serde_json::json;
 
 #[test]
@@ -16,7 +18,10 @@ fn stopping_a_task_mid_push_terminates_the_rest_as_manually_terminated() -> Test
     let gw = GatewayProcess::start(GatewayOptions::default())?;
     let api = gw.api();
     let provisioned = provision(&gw, &sns("STOP", 6), "stop")?;
-    let fleet = rt.block_on(common::spawn_fleet(common::fleet_config(gw.mqtt_port, &provisioned, Knobs::default())?, Duration::from_secs(30)))?;
+    let fleet = rt.block_on(common::spawn_fleet(
+        common::fleet_config(gw.mqtt_port, &provisioned, Knobs::default())?,
+        Duration::from_secs(30),
+    ))?;
     for device in &fleet.devices()[3..] {
         rt.block_on(device.power_off())?;
     }
@@ -54,7 +59,10 @@ fn unlock_then_a_new_task_injects_again() -> TestResult {
     let gw = GatewayProcess::start(GatewayOptions::default())?;
     let api = gw.api();
     let provisioned = provision(&gw, &sns("UNLK", 1), "u")?;
-    let fleet = rt.block_on(common::spawn_fleet(common::fleet_config(gw.mqtt_port, &provisioned, Knobs::default())?, Duration::from_secs(30)))?;
+    let fleet = rt.block_on(common::spawn_fleet(
+        common::fleet_config(gw.mqtt_port, &provisioned, Knobs::default())?,
+        Duration::from_secs(30),
+    ))?;
     let device = &fleet.devices()[0];
     let first = create_task(&api, &json!({"group": "u"}))?;
     wait_task_done(&api, first, Duration::from_secs(20))?;
@@ -94,8 +102,17 @@ fn an_injection_over_a_locked_device_is_recorded_as_minus_11208_with_its_meaning
     let mut device = rt.block_on(RawDevice::initialise(gw.mqtt_port, &sn, &gudid))?;
     let task = create_task(&api, &json!({"group": "l"}))?;
     rt.block_on(device.send(RawDevice::hello(true)))?;
-    let Message::Download(d) = rt.block_on(device.next_down(Duration::from_secs(10)))? else { return Err("no download".into()) };
-    let ack = Ack { execution_id: d.execution_id, result: -11208, slot: d.slot, key_id: vec![], kcv: vec![], injection: InjectionType::Auto };
+    let Message::Download(d) = rt.block_on(device.next_down(Duration::from_secs(10)))? else {
+        return Err("no download".into());
+    };
+    let ack = Ack {
+        execution_id: d.execution_id,
+        result: -11208,
+        slot: d.slot,
+        key_id: vec![],
+        kcv: vec![],
+        injection: InjectionType::Auto,
+    };
     rt.block_on(device.send(Message::Ack(ack)))?;
     let done = wait_task_done(&api, task, Duration::from_secs(10))?;
     assert_eq!(done["task"]["counts"]["failed"], 1);

@@ -333,13 +333,27 @@ pub struct DeviceReport {
 #[derive(Debug, Clone)]
 pub enum Write {
     Report(DeviceReport),
-    Counter { device_id: i64, counter: u64 },
-    Seen { device_id: i64, at: Millis },
-    Delivered { execution_id: i64, at: Millis },
+    Counter {
+        device_id: i64,
+        counter: u64,
+    },
+    Seen {
+        device_id: i64,
+        at: Millis,
+    },
+    Delivered {
+        execution_id: i64,
+        at: Millis,
+    },
     End(Ending),
     /// Spends a GUDID and installs the device's new credentials, atomically; skipped (and
     /// reported as such) if the GUDID was spent meanwhile.
-    Initialise { gudid_row: i64, device_id: i64, creds: NewCredentials, at: Millis },
+    Initialise {
+        gudid_row: i64,
+        device_id: i64,
+        creds: NewCredentials,
+        at: Millis,
+    },
 }
 
 /// What `apply_batch` did, so the caller can update its caches and metrics only for what is
@@ -391,7 +405,14 @@ pub trait Store: Send + Sync {
     fn org_by_name(&self, name: &str) -> StoreResult<Option<OrgRow>>;
     fn org(&self, id: i64) -> StoreResult<OrgRow>;
     fn list_orgs(&self) -> StoreResult<Vec<OrgRow>>;
-    fn insert_token(&self, org_id: Option<i64>, role: Role, label: &str, hash: &[u8], at: Millis) -> StoreResult<TokenRow>;
+    fn insert_token(
+        &self,
+        org_id: Option<i64>,
+        role: Role,
+        label: &str,
+        hash: &[u8],
+        at: Millis,
+    ) -> StoreResult<TokenRow>;
     fn token_by_hash(&self, hash: &[u8]) -> StoreResult<Option<TokenRow>>;
     fn has_key_owner(&self) -> StoreResult<bool>;
 
@@ -435,7 +456,13 @@ pub trait Store: Send + Sync {
     fn list_gudids(&self, org_id: i64, sn: Option<&str>) -> StoreResult<Vec<GudidRow>>;
     /// Spends the GUDID and installs the device's new credentials, atomically. Fails with
     /// `Conflict` if the GUDID was spent meanwhile.
-    fn spend_gudid(&self, gudid_row: i64, device_id: i64, creds: &NewCredentials, at: Millis) -> StoreResult<DeviceCredentials>;
+    fn spend_gudid(
+        &self,
+        gudid_row: i64,
+        device_id: i64,
+        creds: &NewCredentials,
+        at: Millis,
+    ) -> StoreResult<DeviceCredentials>;
 
     // tasks and executions
     fn create_task(&self, task: &NewTask) -> StoreResult<(TaskRow, Vec<ExecutionRow>)>;

@@ -30,9 +30,7 @@ pub struct SqliteStore {
 fn backend(e: rusqlite::Error) -> StoreError {
     match e {
         rusqlite::Error::QueryReturnedNoRows => StoreError::NotFound("no such row".into()),
-        rusqlite::Error::SqliteFailure(code, ref msg)
-            if code.code == rusqlite::ErrorCode::ConstraintViolation =>
-        {
+        rusqlite::Error::SqliteFailure(code, ref msg) if code.code == rusqlite::ErrorCode::ConstraintViolation => {
             StoreError::Conflict(msg.clone().unwrap_or_else(|| "constraint violated".into()))
         }
         other => StoreError::Backend(other.to_string()),
@@ -76,13 +74,18 @@ impl SqliteStore {
     }
 
     pub fn meta(&self, key: &str) -> StoreResult<Option<String>> {
-        self.read(|c| c.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0)).optional().map_err(backend))
+        self.read(|c| {
+            c.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0)).optional().map_err(backend)
+        })
     }
 
     pub fn set_meta(&self, key: &str, value: &str) -> StoreResult<()> {
         self.write(|tx| {
-            tx.execute("INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = ?2", params![key, value])
-                .map_err(backend)?;
+            tx.execute(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = ?2",
+                params![key, value],
+            )
+            .map_err(backend)?;
             Ok(())
         })
     }
@@ -215,7 +218,11 @@ fn execution_row(r: &Row<'_>) -> rusqlite::Result<ExecutionRow> {
         device_id: r.get(3)?,
         sn: r.get(4)?,
         state: ExecutionState::parse(&state).ok_or_else(|| {
-            rusqlite::Error::FromSqlConversionFailure(5, rusqlite::types::Type::Text, format!("bad state {state}").into())
+            rusqlite::Error::FromSqlConversionFailure(
+                5,
+                rusqlite::types::Type::Text,
+                format!("bad state {state}").into(),
+            )
         })?,
         slot: r.get(6)?,
         key_type: r.get(7)?,
@@ -259,9 +266,7 @@ fn task_counts(conn: &Connection, task_id: i64) -> StoreResult<TaskCounts> {
         .prepare_cached("SELECT state, COUNT(*) FROM executions WHERE task_id = ?1 GROUP BY state")
         .map_err(backend)?;
     let mut counts = TaskCounts::default();
-    let rows = stmt
-        .query_map([task_id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
-        .map_err(backend)?;
+    let rows = stmt.query_map([task_id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))).map_err(backend)?;
     for row in rows {
         let (state, n) = row.map_err(backend)?;
         if let Some(state) = ExecutionState::parse(&state) {
@@ -315,7 +320,13 @@ fn end_execution(tx: &Transaction<'_>, ending: &Ending) -> StoreResult<bool> {
 }
 
 /// Spends the GUDID if unused and installs the credentials; `None` if it was already spent.
-fn spend_gudid_in(tx: &Transaction<'_>, gudid_row_id: i64, device_id: i64, creds: &NewCredentials, at: Millis) -> StoreResult<Option<DeviceCredentials>> {
+fn spend_gudid_in(
+    tx: &Transaction<'_>,
+    gudid_row_id: i64,
+    device_id: i64,
+    creds: &NewCredentials,
+    at: Millis,
+) -> StoreResult<Option<DeviceCredentials>> {
     let spent = tx
         .prepare_cached("UPDATE gudids SET used_at = ?2 WHERE id = ?1 AND used_at IS NULL")
         .map_err(backend)?
@@ -360,11 +371,12 @@ fn in_list(n: usize) -> String {
 impl Store for SqliteStore {
     fn create_org(&self, name: &str, at: Millis) -> StoreResult<OrgRow> {
         self.write(|tx| {
-            tx.execute("INSERT INTO organizations (name, created_at) VALUES (?1, ?2)", params![name, at])
-                .map_err(|e| match backend(e) {
+            tx.execute("INSERT INTO organizations (name, created_at) VALUES (?1, ?2)", params![name, at]).map_err(
+                |e| match backend(e) {
                     StoreError::Conflict(_) => StoreError::Conflict(format!("organization {name:?} exists")),
                     other => other,
-                })?;
+                },
+            )?;
             Ok(OrgRow { id: tx.last_insert_rowid(), name: name.to_string(), created_at: at })
         })
     }
@@ -398,7 +410,14 @@ impl Store for SqliteStore {
         })
     }
 
-    fn insert_token(&self, org_id: Option<i64>, role: Role, label: &str, hash: &[u8], at: Millis) -> StoreResult<TokenRow> {
+    fn insert_token(
+        &self,
+        org_id: Option<i64>,
+        role: Role,
+        label: &str,
+        hash: &[u8],
+        at: Millis,
+    ) -> StoreResult<TokenRow> {
         self.write(|tx| {
             tx.execute(
                 "INSERT INTO tokens (org_id, role, label, token_hash, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -413,7 +432,12 @@ impl Store for SqliteStore {
         self.read(|c| {
             c.query_row("SELECT id, org_id, role, label FROM tokens WHERE token_hash = ?1", [hash], |r| {
                 let role: String = r.get(2)?;
-                Ok(TokenRow { id: r.get(0)?, org_id: r.get(1)?, role: Role::parse(&role).unwrap_or(Role::Admin), label: r.get(3)? })
+                Ok(TokenRow {
+                    id: r.get(0)?,
+                    org_id: r.get(1)?,
+                    role: Role::parse(&role).unwrap_or(Role::Admin),
+                    label: r.get(3)?,
+                })
             })
             .optional()
             .map_err(backend)
@@ -514,8 +538,11 @@ impl Store for SqliteStore {
             let first: i64 = tx
                 .query_row("SELECT next_serial FROM key_sources WHERE id = ?1", [key_source_id], |r| r.get(0))
                 .map_err(backend)?;
-            tx.execute("UPDATE key_sources SET next_serial = next_serial + ?2 WHERE id = ?1", params![key_source_id, count])
-                .map_err(backend)?;
+            tx.execute(
+                "UPDATE key_sources SET next_serial = next_serial + ?2 WHERE id = ?1",
+                params![key_source_id, count],
+            )
+            .map_err(backend)?;
             Ok(first)
         })
     }
@@ -559,19 +586,26 @@ impl Store for SqliteStore {
             );
             let mut stmt = c.prepare_cached(&sql).map_err(backend)?;
             let limit = if f.limit <= 0 { i64::MAX } else { f.limit };
-            let rows = stmt.query_map(params![org_id, pattern, f.group, limit, f.offset], device_row).map_err(backend)?;
+            let rows =
+                stmt.query_map(params![org_id, pattern, f.group, limit, f.offset], device_row).map_err(backend)?;
             rows.collect::<Result<Vec<_>, _>>().map_err(backend)
         })
     }
 
     fn count_devices(&self, org_id: i64) -> StoreResult<i64> {
-        self.read(|c| c.query_row("SELECT COUNT(*) FROM devices WHERE org_id = ?1", [org_id], |r| r.get(0)).map_err(backend))
+        self.read(|c| {
+            c.query_row("SELECT COUNT(*) FROM devices WHERE org_id = ?1", [org_id], |r| r.get(0)).map_err(backend)
+        })
     }
 
     fn device(&self, org_id: i64, sn: &str) -> StoreResult<DeviceRow> {
         self.read(|c| {
-            c.query_row(&format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE org_id = ?1 AND sn = ?2"), params![org_id, sn], device_row)
-                .map_err(|_| StoreError::NotFound(format!("device {sn}")))
+            c.query_row(
+                &format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE org_id = ?1 AND sn = ?2"),
+                params![org_id, sn],
+                device_row,
+            )
+            .map_err(|_| StoreError::NotFound(format!("device {sn}")))
         })
     }
 
@@ -626,7 +660,8 @@ impl Store for SqliteStore {
                     in_list(chunk.len())
                 );
                 let mut stmt = c.prepare_cached(&sql).map_err(backend)?;
-                let rows = stmt.query_map(rusqlite::params_from_iter(chunk.iter()), credentials_row).map_err(backend)?;
+                let rows =
+                    stmt.query_map(rusqlite::params_from_iter(chunk.iter()), credentials_row).map_err(backend)?;
                 for row in rows {
                     out.push(row.map_err(backend)?);
                 }
@@ -637,7 +672,8 @@ impl Store for SqliteStore {
 
     fn all_password_hashes(&self) -> StoreResult<Vec<(String, Vec<u8>)>> {
         self.read(|c| {
-            let mut stmt = c.prepare("SELECT sn, password_hash FROM devices WHERE password_hash IS NOT NULL").map_err(backend)?;
+            let mut stmt =
+                c.prepare("SELECT sn, password_hash FROM devices WHERE password_hash IS NOT NULL").map_err(backend)?;
             let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).map_err(backend)?;
             rows.collect::<Result<Vec<_>, _>>().map_err(backend)
         })
@@ -658,19 +694,29 @@ impl Store for SqliteStore {
 
     fn set_unlock_pending(&self, device_id: i64, pending: bool) -> StoreResult<()> {
         self.write(|tx| {
-            tx.execute("UPDATE devices SET unlock_pending = ?2 WHERE id = ?1", params![device_id, pending]).map_err(backend)?;
+            tx.execute("UPDATE devices SET unlock_pending = ?2 WHERE id = ?1", params![device_id, pending])
+                .map_err(backend)?;
             Ok(())
         })
     }
 
     fn create_group(&self, org_id: i64, name: &str, description: &str) -> StoreResult<GroupRow> {
         self.write(|tx| {
-            tx.execute("INSERT INTO groups (org_id, name, description) VALUES (?1, ?2, ?3)", params![org_id, name, description])
-                .map_err(|e| match backend(e) {
-                    StoreError::Conflict(_) => StoreError::Conflict(format!("group {name:?} exists")),
-                    other => other,
-                })?;
-            Ok(GroupRow { id: tx.last_insert_rowid(), org_id, name: name.into(), description: description.into(), members: 0 })
+            tx.execute(
+                "INSERT INTO groups (org_id, name, description) VALUES (?1, ?2, ?3)",
+                params![org_id, name, description],
+            )
+            .map_err(|e| match backend(e) {
+                StoreError::Conflict(_) => StoreError::Conflict(format!("group {name:?} exists")),
+                other => other,
+            })?;
+            Ok(GroupRow {
+                id: tx.last_insert_rowid(),
+                org_id,
+                name: name.into(),
+                description: description.into(),
+                members: 0,
+            })
         })
     }
 
@@ -706,7 +752,9 @@ impl Store for SqliteStore {
     fn add_group_members(&self, group_id: i64, ids: &[i64]) -> StoreResult<usize> {
         self.write(|tx| {
             let mut stmt = tx
-                .prepare_cached("INSERT INTO group_members (group_id, device_id) VALUES (?1, ?2) ON CONFLICT DO NOTHING")
+                .prepare_cached(
+                    "INSERT INTO group_members (group_id, device_id) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
+                )
                 .map_err(backend)?;
             let mut n = 0;
             for id in ids {
@@ -718,7 +766,9 @@ impl Store for SqliteStore {
 
     fn group_member_ids(&self, group_id: i64) -> StoreResult<Vec<i64>> {
         self.read(|c| {
-            let mut stmt = c.prepare_cached("SELECT device_id FROM group_members WHERE group_id = ?1 ORDER BY device_id").map_err(backend)?;
+            let mut stmt = c
+                .prepare_cached("SELECT device_id FROM group_members WHERE group_id = ?1 ORDER BY device_id")
+                .map_err(backend)?;
             let rows = stmt.query_map([group_id], |r| r.get(0)).map_err(backend)?;
             rows.collect::<Result<Vec<_>, _>>().map_err(backend)
         })
@@ -729,7 +779,8 @@ impl Store for SqliteStore {
             let mut stmt = c.prepare_cached("SELECT id FROM devices WHERE org_id = ?1 AND sn = ?2").map_err(backend)?;
             sns.iter()
                 .map(|sn| {
-                    let id: Option<i64> = stmt.query_row(params![org_id, sn], |r| r.get(0)).optional().map_err(backend)?;
+                    let id: Option<i64> =
+                        stmt.query_row(params![org_id, sn], |r| r.get(0)).optional().map_err(backend)?;
                     Ok((sn.clone(), id))
                 })
                 .collect()
@@ -750,7 +801,9 @@ impl Store for SqliteStore {
     fn gudid_by_id(&self, gudid_id: &[u8]) -> StoreResult<Option<GudidRow>> {
         self.read(|c| {
             c.query_row(
-                &format!("SELECT {GUDID_COLUMNS} FROM gudids g JOIN devices d ON d.id = g.device_id WHERE g.gudid_id = ?1"),
+                &format!(
+                    "SELECT {GUDID_COLUMNS} FROM gudids g JOIN devices d ON d.id = g.device_id WHERE g.gudid_id = ?1"
+                ),
                 [gudid_id],
                 gudid_row,
             )
@@ -772,8 +825,17 @@ impl Store for SqliteStore {
         })
     }
 
-    fn spend_gudid(&self, gudid_row_id: i64, device_id: i64, creds: &NewCredentials, at: Millis) -> StoreResult<DeviceCredentials> {
-        self.write(|tx| spend_gudid_in(tx, gudid_row_id, device_id, creds, at)?.ok_or_else(|| StoreError::Conflict("GUDID already used".into())))
+    fn spend_gudid(
+        &self,
+        gudid_row_id: i64,
+        device_id: i64,
+        creds: &NewCredentials,
+        at: Millis,
+    ) -> StoreResult<DeviceCredentials> {
+        self.write(|tx| {
+            spend_gudid_in(tx, gudid_row_id, device_id, creds, at)?
+                .ok_or_else(|| StoreError::Conflict("GUDID already used".into()))
+        })
     }
 
     fn create_task(&self, task: &NewTask) -> StoreResult<(TaskRow, Vec<ExecutionRow>)> {
@@ -826,9 +888,13 @@ impl Store for SqliteStore {
 
     fn task_by_request_id(&self, org_id: i64, request_id: i64) -> StoreResult<Option<TaskRow>> {
         let id: Option<i64> = self.read(|c| {
-            c.query_row("SELECT id FROM tasks WHERE org_id = ?1 AND request_id = ?2", params![org_id, request_id], |r| r.get(0))
-                .optional()
-                .map_err(backend)
+            c.query_row(
+                "SELECT id FROM tasks WHERE org_id = ?1 AND request_id = ?2",
+                params![org_id, request_id],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(backend)
         })?;
         id.map(|id| self.task(org_id, id)).transpose()
     }
@@ -868,7 +934,9 @@ impl Store for SqliteStore {
     fn task_executions(&self, task_id: i64) -> StoreResult<Vec<ExecutionRow>> {
         self.read(|c| {
             let mut stmt = c
-                .prepare_cached(&format!("SELECT {EXECUTION_COLUMNS} FROM {EXECUTION_FROM} WHERE e.task_id = ?1 ORDER BY e.id"))
+                .prepare_cached(&format!(
+                    "SELECT {EXECUTION_COLUMNS} FROM {EXECUTION_FROM} WHERE e.task_id = ?1 ORDER BY e.id"
+                ))
                 .map_err(backend)?;
             let rows = stmt.query_map([task_id], execution_row).map_err(backend)?;
             rows.collect::<Result<Vec<_>, _>>().map_err(backend)
@@ -890,7 +958,9 @@ impl Store for SqliteStore {
     fn open_execution_device_ids(&self, org_id: i64) -> StoreResult<Vec<i64>> {
         self.read(|c| {
             let mut stmt = c
-                .prepare_cached("SELECT DISTINCT device_id FROM executions WHERE org_id = ?1 AND state IN ('queued','delivered')")
+                .prepare_cached(
+                    "SELECT DISTINCT device_id FROM executions WHERE org_id = ?1 AND state IN ('queued','delivered')",
+                )
                 .map_err(backend)?;
             let rows = stmt.query_map([org_id], |r| r.get(0)).map_err(backend)?;
             rows.collect::<Result<Vec<_>, _>>().map_err(backend)
@@ -899,8 +969,12 @@ impl Store for SqliteStore {
 
     fn execution(&self, id: i64) -> StoreResult<ExecutionRow> {
         self.read(|c| {
-            c.query_row(&format!("SELECT {EXECUTION_COLUMNS} FROM {EXECUTION_FROM} WHERE e.id = ?1"), [id], execution_row)
-                .map_err(|_| StoreError::NotFound(format!("execution {id}")))
+            c.query_row(
+                &format!("SELECT {EXECUTION_COLUMNS} FROM {EXECUTION_FROM} WHERE e.id = ?1"),
+                [id],
+                execution_row,
+            )
+            .map_err(|_| StoreError::NotFound(format!("execution {id}")))
         })
     }
 
@@ -954,7 +1028,9 @@ impl Store for SqliteStore {
         self.write(|tx| {
             let due: Vec<(i64, i64)> = {
                 let mut stmt = tx
-                    .prepare_cached("SELECT id, org_id FROM executions WHERE state IN ('queued','delivered') AND deadline <= ?1")
+                    .prepare_cached(
+                        "SELECT id, org_id FROM executions WHERE state IN ('queued','delivered') AND deadline <= ?1",
+                    )
                     .map_err(backend)?;
                 let rows = stmt.query_map([now], |r| Ok((r.get(0)?, r.get(1)?))).map_err(backend)?;
                 rows.collect::<Result<Vec<_>, _>>().map_err(backend)?
@@ -1069,13 +1145,16 @@ impl Store for SqliteStore {
 
     fn count_records_for_execution(&self, execution_id: i64) -> StoreResult<i64> {
         self.read(|c| {
-            c.query_row("SELECT COUNT(*) FROM records WHERE execution_id = ?1", [execution_id], |r| r.get(0)).map_err(backend)
+            c.query_row("SELECT COUNT(*) FROM records WHERE execution_id = ?1", [execution_id], |r| r.get(0))
+                .map_err(backend)
         })
     }
 
     fn execution_state_counts(&self) -> StoreResult<Vec<(i64, ExecutionState, i64)>> {
         self.read(|c| {
-            let mut stmt = c.prepare_cached("SELECT org_id, state, COUNT(*) FROM executions GROUP BY org_id, state").map_err(backend)?;
+            let mut stmt = c
+                .prepare_cached("SELECT org_id, state, COUNT(*) FROM executions GROUP BY org_id, state")
+                .map_err(backend)?;
             let rows = stmt
                 .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?)))
                 .map_err(backend)?;

@@ -86,10 +86,7 @@ fn ipek(bdk: &str, ksn: &str) -> Result<Output, String> {
     let bdk = tdes_key("--bdk", bdk)?;
     let ksn = Ksn::from_hex(ksn).map_err(|e| format!("--ksn: {e}"))?;
     let ipek = dukpt::derive_ipek(&bdk, &ksn).map_err(|e| e.to_string())?;
-    Ok(vec![
-        ("ipek", json!(ipek.secret().to_hex_upper().as_str())),
-        ("kcv", json!(ipek.kcv(KcvLen::Three).to_hex())),
-    ])
+    Ok(vec![("ipek", json!(ipek.secret().to_hex_upper().as_str())), ("kcv", json!(ipek.kcv(KcvLen::Three).to_hex()))])
 }
 
 fn aes_initial_key(bdk: &str, id: &str) -> Result<Output, String> {
@@ -107,8 +104,7 @@ fn kcv(key: &str, algorithm: KcvAlgorithm, len: u8) -> Result<Output, String> {
         KcvAlgorithm::Tdes => tdes_key("--key", key)?,
         KcvAlgorithm::Aes => aes_key("--key", key)?,
     };
-    let len = KcvLen::from_bytes(usize::from(len))
-        .ok_or_else(|| format!("--len: a KCV is 3 or 5 bytes, not {len}"))?;
+    let len = KcvLen::from_bytes(usize::from(len)).ok_or_else(|| format!("--len: a KCV is 3 or 5 bytes, not {len}"))?;
     Ok(vec![("kcv", json!(key.kcv(len).to_hex()))])
 }
 
@@ -141,9 +137,7 @@ fn tr31_unwrap(kbpk: &str, block: &str) -> Result<Output, String> {
     if let (Some(computed), Some(declared)) = (kcv, declared_kcv(&header)) {
         let shown = Kcv::from_slice(&computed.as_bytes()[..declared.as_bytes().len()]);
         if shown != Some(declared) {
-            return Err(format!(
-                "the KC block says KCV {declared} but the unwrapped key's is {computed}"
-            ));
+            return Err(format!("the KC block says KCV {declared} but the unwrapped key's is {computed}"));
         }
     }
     Ok(vec![

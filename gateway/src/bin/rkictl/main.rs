@@ -4,6 +4,7 @@
 //! Exit codes: 0 done, 1 refused input or failed command (one line on stderr), 2 bad usage.
 
 mod key;
+mod ops;
 
 use std::io::{self, Write};
 use std::process::ExitCode;
@@ -17,6 +18,8 @@ struct Cli {
     /// Print the result as one JSON object.
     #[arg(long, global = true)]
     json: bool,
+    #[command(flatten)]
+    api: ops::ApiArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -26,6 +29,50 @@ enum Command {
     /// Offline key calculator: DUKPT initial keys, check values, TR-31 key blocks.
     #[command(subcommand)]
     Key(key::KeyCommand),
+    /// Devices: import from CSV, list with their states, show, unlock.
+    #[command(subcommand)]
+    Devices(ops::DevicesCommand),
+    /// Device groups.
+    #[command(subcommand)]
+    Groups(ops::GroupsCommand),
+    /// Assign a key source to devices or a group (without --key-source: unassign).
+    Assign {
+        #[arg(long)]
+        key_source: Option<String>,
+        #[command(flatten)]
+        target: ops::TargetArgs,
+    },
+    /// Download tasks: preview, create, list (unfinished/done), show, stop, watch.
+    #[command(subcommand)]
+    Tasks(ops::TasksCommand),
+    /// Download records: SN, key source, key type, auto/manual, result, time, KSN, KCV.
+    Records {
+        #[arg(long)]
+        sn: Option<String>,
+        #[arg(long)]
+        task: Option<i64>,
+        #[arg(long, default_value = "table", value_parser = ["table", "csv", "json"])]
+        format: String,
+    },
+    /// Keys injected per key source and month (billing).
+    Billing,
+    /// GUDIDs for device initialisation.
+    #[command(subcommand)]
+    Gudids(ops::GudidsCommand),
+    /// Organizations (key owner).
+    #[command(subcommand)]
+    Orgs(ops::OrgsCommand),
+    /// Key sources (BDKs): authorize (key owner), list.
+    #[command(subcommand)]
+    KeySources(ops::KeySourcesCommand),
+    /// The audit log of operator and key-owner actions.
+    Audit {
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+    },
+    /// Test only: the gateway's adjustable clock.
+    #[command(subcommand)]
+    Clock(ops::ClockCommand),
 }
 
 /// What a command prints: named values in order; one JSON object with `--json`, otherwise
@@ -44,13 +91,43 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let result = match cli.command {
-        Command::Key(command) => key::run(command),
+    let client = ops::Client::new(&cli.api);
+    let json = cli.json;
+    let api_result = match cli.command {
+        Command::Key(command) => {
+            return match key::run(command) {
+                Ok(output) => exit_after(print(&output, json), ExitCode::SUCCESS),
+                Err(reason) => {
+                    eprintln!("rkictl: {}", one_line(&reason));
+                    ExitCode::from(1)
+                }
+            };
+        }
+        Command::Devices(c) => ops::devices(&client, c, json),
+        Command::Groups(c) => ops::groups(&client, c, json),
+        Command::Assign { key_source, target } => ops::assign(&client, key_source, target, json),
+        Command::Tasks(c) => ops::tasks(&client, c, json),
+        Command::Records { sn, task, format } => ops::records(&client, sn, task, &format, json),
+        Command::Billing => ops::billing(&client, json),
+        Command::Gudids(c) => ops::gudids(&client, c, json),
+        Command::Orgs(c) => ops::orgs(&client, c, json),
+        Command::KeySources(c) => ops::key_sources(&client, c, json),
+        Command::Audit { limit } => ops::audit(&client, limit, json),
+        Command::Clock(c) => ops::clock(&client, c, json),
     };
+    let result: Result<(), String> = api_result.and_then(|output| {
+        let mut out = io::stdout().lock();
+        match output {
+            ops::Output::Json(v) => writeln!(out, "{v}"),
+            ops::Output::Text(t) => writeln!(out, "{t}"),
+        }
+        .map_err(|e| e.to_string())
+    });
     match result {
-        Ok(output) => exit_after(print(&output, cli.json), ExitCode::SUCCESS),
+        Ok(()) => ExitCode::SUCCESS,
         Err(reason) => {
-            eprintln!("rkictl: {}", one_line(&reason));
+            // API errors may carry one line per bad CSV line after the first.
+            eprintln!("rkictl: {reason}");
             ExitCode::from(1)
         }
     }

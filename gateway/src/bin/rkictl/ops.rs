@@ -207,10 +207,7 @@ impl Client {
 
     fn request(&self, method: &str, path: &str) -> Result<ureq::Request, String> {
         let token = self.token.as_ref().ok_or("no token: pass --token or set RKI_TOKEN")?;
-        Ok(self
-            .agent
-            .request(method, &format!("{}{path}", self.url))
-            .set("Authorization", &format!("Bearer {token}")))
+        Ok(self.agent.request(method, &format!("{}{path}", self.url)).set("Authorization", &format!("Bearer {token}")))
     }
 
     fn answer(result: Result<ureq::Response, ureq::Error>) -> Result<String, String> {
@@ -220,12 +217,10 @@ impl Client {
                 let text = r.into_string().unwrap_or_default();
                 let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
                 let detail = v["detail"].as_str().unwrap_or(text.trim());
-                let mut line =
-                    format!("{code} {}: {detail}", v["code"].as_str().unwrap_or("error"));
+                let mut line = format!("{code} {}: {detail}", v["code"].as_str().unwrap_or("error"));
                 if let Some(errors) = v["errors"].as_array() {
                     for e in errors {
-                        let at =
-                            e["line"].as_i64().map(|l| format!("line {l}: ")).unwrap_or_default();
+                        let at = e["line"].as_i64().map(|l| format!("line {l}: ")).unwrap_or_default();
                         line.push_str(&format!("\n  {at}{}", e["reason"].as_str().unwrap_or("")));
                     }
                 }
@@ -250,9 +245,7 @@ impl Client {
     }
 
     pub fn post_text(&self, path: &str, body: &str) -> Result<Value, String> {
-        let text = Self::answer(
-            self.request("POST", path)?.set("Content-Type", "text/csv").send_string(body),
-        )?;
+        let text = Self::answer(self.request("POST", path)?.set("Content-Type", "text/csv").send_string(body))?;
         serde_json::from_str(&text).map_err(|e| format!("bad JSON from the gateway: {e}"))
     }
 }
@@ -284,8 +277,7 @@ fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
     }
     let mut out = String::new();
     let line = |cells: Vec<String>, out: &mut String| {
-        let parts: Vec<String> =
-            cells.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = widths[i])).collect();
+        let parts: Vec<String> = cells.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = widths[i])).collect();
         out.push_str(parts.join("  ").trim_end());
         out.push('\n');
     };
@@ -332,8 +324,7 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 pub fn devices(c: &Client, cmd: DevicesCommand, json_out: bool) -> Result<Output, String> {
     match cmd {
         DevicesCommand::Import { file, group, dry_run } => {
-            let text =
-                std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+            let text = std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
             let mut path = format!("/v1/devices/import?dry_run={dry_run}");
             if let Some(g) = group {
                 path.push_str(&format!("&group={}", enc(&g)));
@@ -347,9 +338,7 @@ pub fn devices(c: &Client, cmd: DevicesCommand, json_out: bool) -> Result<Output
                     s(&v["valid"]),
                     s(&v["imported"]),
                     s(&v["already_registered"]),
-                    v.get("added_to_group")
-                        .map(|n| format!(", {} added to the group", s(n)))
-                        .unwrap_or_default()
+                    v.get("added_to_group").map(|n| format!(", {} added to the group", s(n))).unwrap_or_default()
                 ))
             })
         }
@@ -375,11 +364,7 @@ pub fn devices(c: &Client, cmd: DevicesCommand, json_out: bool) -> Result<Output
                                 s(&d["model"]),
                                 s(&d["rom_version"]),
                                 s(&d["app_version"]),
-                                if d["online"].as_bool() == Some(true) {
-                                    "online".into()
-                                } else {
-                                    "offline".into()
-                                },
+                                if d["online"].as_bool() == Some(true) { "online".into() } else { "offline".into() },
                                 time(&d["last_seen"]),
                                 s(&d["lock"]),
                                 d["assigned_key_source"]
@@ -392,20 +377,8 @@ pub fn devices(c: &Client, cmd: DevicesCommand, json_out: bool) -> Result<Output
                         .collect()
                 })
                 .unwrap_or_default();
-            let mut out = table(
-                &[
-                    "SN",
-                    "MODEL",
-                    "ROM",
-                    "APP",
-                    "CONNECTION",
-                    "LAST SEEN",
-                    "LOCK",
-                    "ASSIGNMENT",
-                    "TASK",
-                ],
-                rows,
-            );
+            let mut out =
+                table(&["SN", "MODEL", "ROM", "APP", "CONNECTION", "LAST SEEN", "LOCK", "ASSIGNMENT", "TASK"], rows);
             out.push_str(&format!("{} device(s) in the organization", s(&v["total"])));
             Ok(Output::Text(out))
         }
@@ -435,11 +408,7 @@ pub fn devices(c: &Client, cmd: DevicesCommand, json_out: bool) -> Result<Output
             let slots: Vec<Vec<String>> = d["slots"]
                 .as_array()
                 .map(|a| {
-                    a.iter()
-                        .map(|x| {
-                            vec![s(&x["slot"]), s(&x["key_type"]), s(&x["key_id"]), s(&x["kcv"])]
-                        })
-                        .collect()
+                    a.iter().map(|x| vec![s(&x["slot"]), s(&x["key_type"]), s(&x["key_id"]), s(&x["kcv"])]).collect()
                 })
                 .unwrap_or_default();
             out.push_str("\nkey slots (as the device last reported them)\n");
@@ -448,11 +417,7 @@ pub fn devices(c: &Client, cmd: DevicesCommand, json_out: bool) -> Result<Output
         }
         DevicesCommand::Unlock { sn } => {
             let v = c.post(&format!("/v1/devices/{}/unlock", enc(&sn)), &json!({}))?;
-            Ok(if json_out {
-                Output::Json(v)
-            } else {
-                Output::Text(format!("unlock for {sn}: {}", s(&v["unlock"])))
-            })
+            Ok(if json_out { Output::Json(v) } else { Output::Text(format!("unlock for {sn}: {}", s(&v["unlock"]))) })
         }
     }
 }
@@ -461,11 +426,7 @@ pub fn groups(c: &Client, cmd: GroupsCommand, json_out: bool) -> Result<Output, 
     match cmd {
         GroupsCommand::Create { name, description } => {
             let v = c.post("/v1/groups", &json!({"name": name, "description": description}))?;
-            Ok(if json_out {
-                Output::Json(v)
-            } else {
-                Output::Text(format!("group {name} created"))
-            })
+            Ok(if json_out { Output::Json(v) } else { Output::Text(format!("group {name} created")) })
         }
         GroupsCommand::List => {
             let v = c.get("/v1/groups")?;
@@ -474,11 +435,7 @@ pub fn groups(c: &Client, cmd: GroupsCommand, json_out: bool) -> Result<Output, 
             }
             let rows = v["groups"]
                 .as_array()
-                .map(|a| {
-                    a.iter()
-                        .map(|g| vec![s(&g["name"]), s(&g["members"]), s(&g["description"])])
-                        .collect()
-                })
+                .map(|a| a.iter().map(|g| vec![s(&g["name"]), s(&g["members"]), s(&g["description"])]).collect())
                 .unwrap_or_default();
             Ok(Output::Text(table(&["GROUP", "DEVICES", "DESCRIPTION"], rows)))
         }
@@ -493,12 +450,7 @@ pub fn groups(c: &Client, cmd: GroupsCommand, json_out: bool) -> Result<Output, 
     }
 }
 
-pub fn assign(
-    c: &Client,
-    key_source: Option<String>,
-    target: TargetArgs,
-    json_out: bool,
-) -> Result<Output, String> {
+pub fn assign(c: &Client, key_source: Option<String>, target: TargetArgs, json_out: bool) -> Result<Output, String> {
     let body = target.into_json(json!({"key_source": key_source}))?;
     let v = c.post("/v1/assignments", &body)?;
     Ok(if json_out {
@@ -521,16 +473,12 @@ fn preview_text(p: &Value) -> String {
         p["ready"].as_array().map(|a| a.len()).unwrap_or(0)
     );
     if let Some(never) = p["never_seen"].as_array().filter(|a| !a.is_empty()) {
-        out.push_str(&format!(
-            "  of which never seen online (firmware unknown): {}\n",
-            never.len()
-        ));
+        out.push_str(&format!("  of which never seen online (firmware unknown): {}\n", never.len()));
     }
     let not_ready = p["not_ready"].as_array().cloned().unwrap_or_default();
     out.push_str(&format!("not ready: {}\n", not_ready.len()));
     for d in not_ready.iter().take(50) {
-        let reasons: Vec<String> =
-            d["reasons"].as_array().map(|r| r.iter().map(s).collect()).unwrap_or_default();
+        let reasons: Vec<String> = d["reasons"].as_array().map(|r| r.iter().map(s).collect()).unwrap_or_default();
         out.push_str(&format!("  {:<20} {}\n", s(&d["sn"]), reasons.join(", ")));
     }
     if not_ready.len() > 50 {
@@ -607,10 +555,7 @@ pub fn tasks(c: &Client, cmd: TasksCommand, json_out: bool) -> Result<Output, St
                 s(&sm["terminated"]),
                 s(&sm["open"])
             );
-            let rows = v["tasks"]
-                .as_array()
-                .map(|a| a.iter().map(task_line).collect())
-                .unwrap_or_default();
+            let rows = v["tasks"].as_array().map(|a| a.iter().map(task_line).collect()).unwrap_or_default();
             out.push_str(&table(&TASK_HEADERS, rows));
             Ok(Output::Text(out))
         }
@@ -634,11 +579,7 @@ pub fn tasks(c: &Client, cmd: TasksCommand, json_out: bool) -> Result<Output, St
                                     .filter(|r| *r != 0)
                                     .map(|r| format!("{r} ({})", s(&e["result_meaning"])))
                                     .unwrap_or_default(),
-                                if e["online"].as_bool() == Some(true) {
-                                    "online".into()
-                                } else {
-                                    "offline".into()
-                                },
+                                if e["online"].as_bool() == Some(true) { "online".into() } else { "offline".into() },
                                 s(&e["delivery_count"]),
                                 s(&e["key_id"]),
                                 s(&e["kcv"]),
@@ -683,8 +624,7 @@ pub fn tasks(c: &Client, cmd: TasksCommand, json_out: bool) -> Result<Output, St
                 let v = c.get(&format!("/v1/tasks/{id}"))?;
                 let t = &v["task"];
                 let cn = &t["counts"];
-                let open =
-                    cn["queued"].as_i64().unwrap_or(0) + cn["delivered"].as_i64().unwrap_or(0);
+                let open = cn["queued"].as_i64().unwrap_or(0) + cn["delivered"].as_i64().unwrap_or(0);
                 eprint!(
                     "\rtask {id}: {}/{} succeeded, {} failed, {} expired, {} terminated, {} open ({:.0}s)   ",
                     cn["succeeded"].as_i64().unwrap_or(0),
@@ -705,9 +645,7 @@ pub fn tasks(c: &Client, cmd: TasksCommand, json_out: bool) -> Result<Output, St
                 }
                 if timeout_seconds > 0 && started.elapsed() > Duration::from_secs(timeout_seconds) {
                     eprintln!();
-                    return Err(format!(
-                        "task {id} still has {open} open execution(s) after {timeout_seconds}s"
-                    ));
+                    return Err(format!("task {id} still has {open} open execution(s) after {timeout_seconds}s"));
                 }
                 std::thread::sleep(Duration::from_millis(500));
             }
@@ -730,9 +668,7 @@ pub fn records(
         path.push_str(&format!("task={t}&"));
     }
     if format == "csv" && !json_out {
-        return c
-            .get_text(&format!("{path}format=csv"))
-            .map(|t| Output::Text(t.trim_end().to_string()));
+        return c.get_text(&format!("{path}format=csv")).map(|t| Output::Text(t.trim_end().to_string()));
     }
     let v = c.get(&path)?;
     if json_out || format == "json" {
@@ -762,17 +698,7 @@ pub fn records(
         })
         .unwrap_or_default();
     Ok(Output::Text(table(
-        &[
-            "SN",
-            "KEY SOURCE",
-            "KEY TYPE",
-            "INJECTION",
-            "RESULT",
-            "ERROR",
-            "TIME",
-            "KSN / KEY ID",
-            "KCV",
-        ],
+        &["SN", "KEY SOURCE", "KEY TYPE", "INJECTION", "RESULT", "ERROR", "TIME", "KSN / KEY ID", "KCV"],
         rows,
     )))
 }
@@ -784,9 +710,7 @@ pub fn billing(c: &Client, json_out: bool) -> Result<Output, String> {
     }
     let rows = v["billing"]
         .as_array()
-        .map(|a| {
-            a.iter().map(|b| vec![s(&b["month"]), s(&b["key_source"]), s(&b["keys"])]).collect()
-        })
+        .map(|a| a.iter().map(|b| vec![s(&b["month"]), s(&b["key_source"]), s(&b["keys"])]).collect())
         .unwrap_or_default();
     Ok(Output::Text(table(&["MONTH", "KEY SOURCE", "KEYS INJECTED"], rows)))
 }
@@ -800,11 +724,7 @@ pub fn gudids(c: &Client, cmd: GudidsCommand, json_out: bool) -> Result<Output, 
             }
             let rows = v["gudids"]
                 .as_array()
-                .map(|a| {
-                    a.iter()
-                        .map(|g| vec![s(&g["sn"]), s(&g["gudid"]), time(&g["expires_at"])])
-                        .collect()
-                })
+                .map(|a| a.iter().map(|g| vec![s(&g["sn"]), s(&g["gudid"]), time(&g["expires_at"])]).collect())
                 .unwrap_or_default();
             let mut out = table(&["SN", "GUDID (shown once)", "EXPIRES"], rows);
             out.push_str("type each GUDID into its terminal; each works once, within 72 hours");
@@ -836,10 +756,7 @@ pub fn gudids(c: &Client, cmd: GudidsCommand, json_out: bool) -> Result<Output, 
                         .collect()
                 })
                 .unwrap_or_default();
-            Ok(Output::Text(table(
-                &["SN", "STATUS", "PROVISIONED BY", "PROVISIONED", "EXPIRES", "USED"],
-                rows,
-            )))
+            Ok(Output::Text(table(&["SN", "STATUS", "PROVISIONED BY", "PROVISIONED", "EXPIRES", "USED"], rows)))
         }
     }
 }
@@ -864,11 +781,7 @@ pub fn orgs(c: &Client, cmd: OrgsCommand, json_out: bool) -> Result<Output, Stri
             }
             let rows = v["orgs"]
                 .as_array()
-                .map(|a| {
-                    a.iter()
-                        .map(|o| vec![s(&o["id"]), s(&o["name"]), time(&o["created_at"])])
-                        .collect()
-                })
+                .map(|a| a.iter().map(|o| vec![s(&o["id"]), s(&o["name"]), time(&o["created_at"])]).collect())
                 .unwrap_or_default();
             Ok(Output::Text(table(&["ID", "NAME", "CREATED"], rows)))
         }
@@ -879,13 +792,8 @@ pub fn orgs(c: &Client, cmd: OrgsCommand, json_out: bool) -> Result<Output, Stri
 fn read_components(file: Option<PathBuf>) -> Result<Vec<Value>, String> {
     let lines: Vec<String> = match file {
         Some(path) => {
-            let text =
-                std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-            text.lines()
-                .map(str::trim)
-                .filter(|l| !l.is_empty() && !l.starts_with('#'))
-                .map(String::from)
-                .collect()
+            let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(String::from).collect()
         }
         None => {
             if !std::io::stdin().is_terminal() {
@@ -920,9 +828,7 @@ fn read_components(file: Option<PathBuf>) -> Result<Vec<Value>, String> {
 
 /// Reads one line from the terminal without echo (stty), so a component is not shown.
 fn read_hidden() -> Result<String, String> {
-    let stty = |arg: &str| {
-        std::process::Command::new("stty").arg(arg).stdin(std::process::Stdio::inherit()).status()
-    };
+    let stty = |arg: &str| std::process::Command::new("stty").arg(arg).stdin(std::process::Stdio::inherit()).status();
     let echo_off = stty("-echo").map(|s| s.success()).unwrap_or(false);
     let mut line = String::new();
     let read = std::io::stdin().lock().read_line(&mut line);
@@ -963,14 +869,7 @@ pub fn key_sources(c: &Client, cmd: KeySourcesCommand, json_out: bool) -> Result
                 .as_array()
                 .map(|a| {
                     a.iter()
-                        .map(|k| {
-                            vec![
-                                s(&k["name"]),
-                                s(&k["algorithm"]),
-                                s(&k["kcv"]),
-                                time(&k["created_at"]),
-                            ]
-                        })
+                        .map(|k| vec![s(&k["name"]), s(&k["algorithm"]), s(&k["kcv"]), time(&k["created_at"])])
                         .collect()
                 })
                 .unwrap_or_default();
@@ -1011,11 +910,7 @@ pub fn clock(c: &Client, cmd: ClockCommand, json_out: bool) -> Result<Output, St
             Ok(if json_out {
                 Output::Json(v)
             } else {
-                Output::Text(format!(
-                    "clock now {}; {} execution(s) expired",
-                    time(&v["now"]),
-                    s(&v["expired"])
-                ))
+                Output::Text(format!("clock now {}; {} execution(s) expired", time(&v["now"]), s(&v["expired"])))
             })
         }
     }
