@@ -17,9 +17,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rki_device_sim::{
-    BrokerAddr, Device, DeviceConfig, DeviceProfile, Fleet, FleetCounters, StateStore,
-};
+use rki_device_sim::{BrokerAddr, Device, DeviceConfig, DeviceProfile, Fleet, FleetCounters, StateStore};
 use rki_protocol::frame::MacKey;
 use rki_protocol::init::DeviceSecrets;
 use rki_protocol::terminal::Model;
@@ -57,29 +55,16 @@ fn options() -> Result<Options, String> {
     while let Some(arg) = args.next() {
         let mut value = |name: &str| args.next().ok_or_else(|| format!("{name} needs a value"));
         match arg.as_str() {
-            "--devices" => {
-                options.devices = value("--devices")?
-                    .parse()
-                    .map_err(|e| format!("--devices: {e}"))?
-            }
+            "--devices" => options.devices = value("--devices")?.parse().map_err(|e| format!("--devices: {e}"))?,
             "--addresses" => {
-                options.addresses = value("--addresses")?
-                    .parse()
-                    .map_err(|e| format!("--addresses: {e}"))?
+                options.addresses = value("--addresses")?.parse().map_err(|e| format!("--addresses: {e}"))?
             }
             "--spawn-interval-us" => {
-                let micros: u64 = value("--spawn-interval-us")?
-                    .parse()
-                    .map_err(|e| format!("--spawn-interval-us: {e}"))?;
+                let micros: u64 =
+                    value("--spawn-interval-us")?.parse().map_err(|e| format!("--spawn-interval-us: {e}"))?;
                 options.spawn_interval = Duration::from_micros(micros);
             }
-            "--port" => {
-                options.port = Some(
-                    value("--port")?
-                        .parse()
-                        .map_err(|e| format!("--port: {e}"))?,
-                )
-            }
+            "--port" => options.port = Some(value("--port")?.parse().map_err(|e| format!("--port: {e}"))?),
             "--broker-only" => options.broker_only = true,
             "--powered-off" => options.powered_off = true,
             other => return Err(format!("unknown argument {other:?}")),
@@ -104,10 +89,7 @@ fn main() {
         run_broker(options.port.unwrap_or(1883), options.devices);
         return;
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
     if let Err(reason) = runtime.block_on(measure(options)) {
         eprintln!("idle_fleet_memory: {reason}");
         std::process::exit(1);
@@ -148,10 +130,7 @@ fn run_broker(port: u16, devices: usize) {
 }
 
 fn vm_rss_kib(pid: Option<u32>) -> u64 {
-    let path = pid.map_or_else(
-        || "/proc/self/status".to_string(),
-        |p| format!("/proc/{p}/status"),
-    );
+    let path = pid.map_or_else(|| "/proc/self/status".to_string(), |p| format!("/proc/{p}/status"));
     std::fs::read_to_string(path)
         .ok()
         .and_then(|text| {
@@ -186,20 +165,11 @@ impl Drop for BrokerChild {
 async fn measure(options: Options) -> Result<(), String> {
     let port = match options.port {
         Some(port) => port,
-        None => TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(|e| e.to_string())?
-            .port(),
+        None => TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map_err(|e| e.to_string())?.port(),
     };
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let child = Command::new(exe)
-        .args([
-            "--broker-only",
-            "--port",
-            &port.to_string(),
-            "--devices",
-            &options.devices.to_string(),
-        ])
+        .args(["--broker-only", "--port", &port.to_string(), "--devices", &options.devices.to_string()])
         .stdout(Stdio::null())
         .spawn()
         .map_err(|e| format!("starting the broker: {e}"))?;
@@ -212,9 +182,8 @@ async fn measure(options: Options) -> Result<(), String> {
         std::thread::sleep(Duration::from_millis(20));
     }
     let broker_pid = broker.0.id();
-    let addresses: Vec<BrokerAddr> = (1..=options.addresses)
-        .map(|last| BrokerAddr::new(format!("127.0.0.{last}"), port))
-        .collect();
+    let addresses: Vec<BrokerAddr> =
+        (1..=options.addresses).map(|last| BrokerAddr::new(format!("127.0.0.{last}"), port)).collect();
 
     let mut fleet = Fleet::empty();
     let counters: Arc<FleetCounters> = fleet.counters().clone();
@@ -232,11 +201,7 @@ async fn measure(options: Options) -> Result<(), String> {
         for index in fleet.len()..target {
             let sn = format!("MEM{index:06}");
             let profile = DeviceProfile::new(&sn, Model::P3).map_err(|e| e.to_string())?;
-            let mut config = DeviceConfig::new(
-                profile,
-                addresses[index % addresses.len()].clone(),
-                StateStore::Memory,
-            );
+            let mut config = DeviceConfig::new(profile, addresses[index % addresses.len()].clone(), StateStore::Memory);
             config.preset_secrets = Some(preset_secrets());
             config.counters = Some(counters.clone());
             config.knobs.start_powered = !options.powered_off;
@@ -245,11 +210,7 @@ async fn measure(options: Options) -> Result<(), String> {
                 tokio::time::sleep(options.spawn_interval).await;
             }
         }
-        let wanted = if options.powered_off {
-            0
-        } else {
-            target as u64
-        };
+        let wanted = if options.powered_off { 0 } else { target as u64 };
         let snapshot = fleet
             .wait_connected(wanted, BATCH_TIMEOUT)
             .await
@@ -260,10 +221,7 @@ async fn measure(options: Options) -> Result<(), String> {
         let brk = vm_rss_kib(Some(broker_pid));
         let per_device = (sim.saturating_sub(rss_start_kib)) as f64 / target as f64;
         let broker_per_device = (brk.saturating_sub(broker_start_kib)) as f64 / target as f64;
-        println!(
-            "{target},{},{sim},{per_device:.1},{brk},{broker_per_device:.1},{connect_s:.2}",
-            snapshot.connected
-        );
+        println!("{target},{},{sim},{per_device:.1},{brk},{broker_per_device:.1},{connect_s:.2}", snapshot.connected);
         steps.push(serde_json::json!({
             "devices": target,
             "connected": snapshot.connected,
@@ -279,10 +237,7 @@ async fn measure(options: Options) -> Result<(), String> {
     for device in fleet.devices() {
         if let Some(error) = device.status().last_error {
             // Drop the address, keep the kind of error.
-            let kind = error
-                .split_once(": ")
-                .map_or(error.as_str(), |(_, kind)| kind)
-                .to_string();
+            let kind = error.split_once(": ").map_or(error.as_str(), |(_, kind)| kind).to_string();
             *error_kinds.entry(kind).or_default() += 1;
         }
     }

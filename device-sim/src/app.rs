@@ -42,10 +42,7 @@ pub enum DownCommand {
 
 /// Decodes and checks a frame from the down topic. On success the caller must record the
 /// returned counter (for a download or an unlock) as the last accepted down counter.
-pub fn accept_down_frame(
-    state: &TerminalState,
-    bytes: &[u8],
-) -> Result<(DownCommand, Option<u64>), Rejection> {
+pub fn accept_down_frame(state: &TerminalState, bytes: &[u8]) -> Result<(DownCommand, Option<u64>), Rejection> {
     let unverified = frame::open(bytes).map_err(|_| Rejection::Malformed)?;
     if unverified.peek().party != state.sn {
         return Err(Rejection::ForeignParty);
@@ -55,16 +52,11 @@ pub fn accept_down_frame(
         Message::Refusal(_) => {
             // Under the signing key if the gateway knows us, else under the public refusal key.
             // `verify` consumes the frame, so the signing-key trial opens the bytes a second time.
-            let by_signing_key = secrets.and_then(|s| {
-                frame::open(bytes)
-                    .ok()
-                    .and_then(|u| u.verify(&s.signing_key).ok())
-            });
+            let by_signing_key =
+                secrets.and_then(|s| frame::open(bytes).ok().and_then(|u| u.verify(&s.signing_key).ok()));
             let verified = match by_signing_key {
                 Some(verified) => verified,
-                None => unverified
-                    .verify(&MacKey::public_refusal_key())
-                    .map_err(|_| Rejection::BadTag)?,
+                None => unverified.verify(&MacKey::public_refusal_key()).map_err(|_| Rejection::BadTag)?,
             };
             match verified.body.message {
                 Message::Refusal(refusal) => Ok((DownCommand::Refusal(refusal), None)),
@@ -73,9 +65,7 @@ pub fn accept_down_frame(
         }
         Message::Download(_) | Message::Unlock(_) => {
             let secrets = secrets.ok_or(Rejection::BadTag)?;
-            let verified = unverified
-                .verify(&secrets.signing_key)
-                .map_err(|_| Rejection::BadTag)?;
+            let verified = unverified.verify(&secrets.signing_key).map_err(|_| Rejection::BadTag)?;
             let counter = verified.body.counter;
             if counter <= state.last_down_counter {
                 return Err(Rejection::Replay);
@@ -129,11 +119,7 @@ impl Decision {
 /// Decides on a download, in the terminal's order: a duplicate is answered as before; then the
 /// slot, the firmware, debug mode or a debug key, the lock, and finally the key block itself.
 /// `forced_failure` (a test knob) overrides everything but the duplicate check.
-pub fn decide(
-    state: &TerminalState,
-    download: &Download,
-    forced_failure: Option<TerminalError>,
-) -> Decision {
+pub fn decide(state: &TerminalState, download: &Download, forced_failure: Option<TerminalError>) -> Decision {
     if let Some(answer) = state.answered(download.execution_id) {
         return Decision::Duplicate(answer.ack.clone());
     }
@@ -147,19 +133,11 @@ pub fn decide(
 }
 
 /// Every check a download (auto or forced) must pass, in order, ending with the key block.
-fn check_and_unwrap(
-    state: &TerminalState,
-    download: &Download,
-) -> Result<SlotStatus, TerminalError> {
+fn check_and_unwrap(state: &TerminalState, download: &Download) -> Result<SlotStatus, TerminalError> {
     if !download.slot.is_writable_by_rki() {
         return Err(TerminalError::SlotNotWritable);
     }
-    if let Some(error) = firmware_refusal(
-        state.model.name(),
-        &state.rom_version,
-        &state.app_version,
-        state.region,
-    ) {
+    if let Some(error) = firmware_refusal(state.model.name(), &state.rom_version, &state.app_version, state.region) {
         return Err(error);
     }
     if state.debug_mode || state.has_debug_key() {
@@ -168,28 +146,16 @@ fn check_and_unwrap(
     if state.locked {
         return Err(TerminalError::DeviceLocked);
     }
-    let secrets = state
-        .secrets
-        .as_ref()
-        .ok_or(TerminalError::KeyRecordNotFound)?;
+    let secrets = state.secrets.as_ref().ok_or(TerminalError::KeyRecordNotFound)?;
     let kcv = unwrap_and_check(secrets, download).ok_or(TerminalError::KeyRecordNotFound)?;
-    Ok(SlotStatus {
-        slot: download.slot,
-        key_type: download.key_type,
-        key_id: download.key_id.clone(),
-        kcv,
-    })
+    Ok(SlotStatus { slot: download.slot, key_type: download.key_type, key_id: download.key_id.clone(), kcv })
 }
 
 /// Unwraps the key block under the KBPK its version calls for, checks the usage is a DUKPT
 /// initial key and that the key's check value is the one announced (in constant time). Returns
 /// the 3-byte KCV; the clear key is dropped (and zeroized) here.
 fn unwrap_and_check(secrets: &DeviceSecrets, download: &Download) -> Option<Vec<u8>> {
-    let version = download
-        .key_block
-        .bytes()
-        .next()
-        .and_then(Version::from_byte)?;
+    let version = download.key_block.bytes().next().and_then(Version::from_byte)?;
     let kbpk = match version {
         Version::D => &secrets.kbpk_aes,
         Version::B => &secrets.kbpk_tdes,
@@ -239,10 +205,7 @@ pub enum ForceError {
 /// On success the key is installed, the terminal locked, and the execution's ack replaced by a
 /// manual one, to be sent; on failure nothing changes.
 pub fn force_manual(state: &mut TerminalState) -> Result<Ack, ForceError> {
-    let download = state
-        .kept_download
-        .clone()
-        .ok_or(ForceError::NothingToForce)?;
+    let download = state.kept_download.clone().ok_or(ForceError::NothingToForce)?;
     let record = check_and_unwrap(state, &download).map_err(ForceError::Refused)?;
     let decision = Decision::Install(record.clone());
     let ack = decision.ack(&download, InjectionType::Manual);
@@ -268,13 +231,8 @@ mod tests {
         let profile = DeviceProfile::new("APP0001", Model::P3).expect("profile");
         let mut state = TerminalState::factory(&profile);
         let gudid = Gudid::random().expect("gudid");
-        let (a, b) = (
-            Ephemeral::random().expect("a"),
-            Ephemeral::random().expect("b"),
-        );
-        state.secrets = Some(
-            derive_device_secrets(a, &b.public(), &gudid.mac_key(), b"c", b"a").expect("secrets"),
-        );
+        let (a, b) = (Ephemeral::random().expect("a"), Ephemeral::random().expect("b"));
+        state.secrets = Some(derive_device_secrets(a, &b.public(), &gudid.mac_key(), b"c", b"a").expect("secrets"));
         state
     }
 
@@ -283,9 +241,7 @@ mod tests {
         let ksn = Ksn::from_hex("FFFF9876543210E00000").expect("ksn");
         let ipek = derive_ipek(&bdk, &ksn).expect("ipek");
         let kcv = ipek.kcv(KcvLen::Three);
-        let header =
-            Header::dukpt_initial_key(Version::B, DukptInitialKeyId::Tdes(ksn), Some(&kcv))
-                .expect("header");
+        let header = Header::dukpt_initial_key(Version::B, DukptInitialKeyId::Tdes(ksn), Some(&kcv)).expect("header");
         let kbpk = &state.secrets.as_ref().expect("secrets").kbpk_tdes;
         let block = tr31::wrap(kbpk, &header, ipek.secret(), &mut |b| b.fill(0x5A)).expect("wrap");
         Download {
@@ -332,11 +288,7 @@ mod tests {
                 },
                 Some(TerminalError::AppTooOld),
             ),
-            (
-                "unparsable ROM is too old",
-                |s, _| s.rom_version = "latest".into(),
-                Some(TerminalError::RomTooOld),
-            ),
+            ("unparsable ROM is too old", |s, _| s.rom_version = "latest".into(), Some(TerminalError::RomTooOld)),
             (
                 "debug before lock",
                 |s, _| {
@@ -358,11 +310,7 @@ mod tests {
                 |_, d| d.key_block.replace_range(0..1, "A"),
                 Some(TerminalError::KeyRecordNotFound),
             ),
-            (
-                "short KCV",
-                |_, d| d.kcv.truncate(2),
-                Some(TerminalError::KeyRecordNotFound),
-            ),
+            ("short KCV", |_, d| d.kcv.truncate(2), Some(TerminalError::KeyRecordNotFound)),
         ];
         for (name, setup, expected) in cases {
             let mut state = terminal();
@@ -370,10 +318,7 @@ mod tests {
             setup(&mut state, &mut download);
             let decision = decide(&state, &download, None);
             match expected {
-                None => assert!(
-                    matches!(decision, Decision::Install(_)),
-                    "{name}: {decision:?}"
-                ),
+                None => assert!(matches!(decision, Decision::Install(_)), "{name}: {decision:?}"),
                 Some(error) => assert_eq!(decision, Decision::Refused(error), "{name}"),
             }
         }
@@ -389,20 +334,11 @@ mod tests {
         assert_eq!(ack.kcv, download.kcv);
         assert!(state.locked);
         // Locked now, but the same execution is answered as before, not refused.
-        assert_eq!(
-            decide(&state, &download, None),
-            Decision::Duplicate(ack.clone())
-        );
-        assert_eq!(
-            decide(&state, &download, Some(TerminalError::DeviceLocked)),
-            Decision::Duplicate(ack)
-        );
+        assert_eq!(decide(&state, &download, None), Decision::Duplicate(ack.clone()));
+        assert_eq!(decide(&state, &download, Some(TerminalError::DeviceLocked)), Decision::Duplicate(ack));
         let mut other = download;
         other.execution_id = 8;
-        assert_eq!(
-            decide(&state, &other, None),
-            Decision::Refused(TerminalError::DeviceLocked)
-        );
+        assert_eq!(decide(&state, &other, None), Decision::Refused(TerminalError::DeviceLocked));
     }
 
     #[test]
@@ -412,10 +348,7 @@ mod tests {
         let download = download(&state, 9, KeySlot::PRODUCTION);
         let decision = decide(&state, &download, None);
         apply(&mut state, download, &decision);
-        assert_eq!(
-            force_manual(&mut state),
-            Err(ForceError::Refused(TerminalError::DebugKeyPresent))
-        );
+        assert_eq!(force_manual(&mut state), Err(ForceError::Refused(TerminalError::DebugKeyPresent)));
         state.debug_mode = false;
         let ack = force_manual(&mut state).expect("forced");
         assert_eq!((ack.result, ack.injection), (0, InjectionType::Manual));
@@ -426,12 +359,7 @@ mod tests {
     #[test]
     fn down_frames_need_the_signing_key_the_own_party_and_a_fresh_counter() {
         let mut state = terminal();
-        let key = state
-            .secrets
-            .as_ref()
-            .expect("secrets")
-            .signing_key
-            .clone_secret();
+        let key = state.secrets.as_ref().expect("secrets").signing_key.clone_secret();
         let body = |party: &str, counter| Body {
             party: party.into(),
             counter,
@@ -440,17 +368,11 @@ mod tests {
         let seal = |key: &MacKey, body: &Body| frame::seal(key, body).expect("seal");
         state.last_down_counter = 10;
         let good = seal(&key, &body("APP0001", 11));
-        assert!(matches!(
-            accept_down_frame(&state, &good),
-            Ok((DownCommand::Unlock(_), Some(11)))
-        ));
+        assert!(matches!(accept_down_frame(&state, &good), Ok((DownCommand::Unlock(_), Some(11)))));
         let cases = [
             (seal(&key, &body("APP0001", 10)), Rejection::Replay),
             (seal(&key, &body("APP0002", 11)), Rejection::ForeignParty),
-            (
-                seal(&MacKey::public_refusal_key(), &body("APP0001", 11)),
-                Rejection::BadTag,
-            ),
+            (seal(&MacKey::public_refusal_key(), &body("APP0001", 11)), Rejection::BadTag),
             (vec![1, 2, 3], Rejection::Malformed),
         ];
         for (bytes, rejection) in cases {
@@ -458,9 +380,6 @@ mod tests {
         }
         // Before initialisation there is no key a download or unlock could verify under.
         state.secrets = None;
-        assert_eq!(
-            accept_down_frame(&state, &good).err(),
-            Some(Rejection::BadTag)
-        );
+        assert_eq!(accept_down_frame(&state, &good).err(), Some(Rejection::BadTag));
     }
 }

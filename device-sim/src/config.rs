@@ -61,20 +61,14 @@ impl DeviceProfile {
     /// A terminal of `model` with the minimum ROM for it, the EU portal and key-injection app
     /// 2.0.0, unlocked, out of debug mode, with empty slots.
     pub fn new(sn: &str, model: Model) -> Result<Self, ConfigError> {
-        validate_name(sn).map_err(|reason| ConfigError::BadSn {
-            sn: sn.to_string(),
-            reason,
-        })?;
+        validate_name(sn).map_err(|reason| ConfigError::BadSn { sn: sn.to_string(), reason })?;
         Ok(Self {
             sn: sn.to_string(),
             model,
             rom_version: model.minimum_rom().to_string(),
             app_version: Region::Eu.minimum_app().to_string(),
             region: Region::Eu,
-            x_pos_device_id: format!("XPOS-{sn}")
-                .chars()
-                .take(X_POS_DEVICE_ID_LEN_MAX)
-                .collect(),
+            x_pos_device_id: format!("XPOS-{sn}").chars().take(X_POS_DEVICE_ID_LEN_MAX).collect(),
             debug_mode: false,
             locked: false,
             debug_key: false,
@@ -166,10 +160,7 @@ impl DeviceProfile {
 
 fn short(field: &'static str, value: &str) -> Result<String, ConfigError> {
     if value.len() > X_POS_DEVICE_ID_LEN_MAX {
-        return Err(ConfigError::TooLong {
-            field,
-            value: value.to_string(),
-        });
+        return Err(ConfigError::TooLong { field, value: value.to_string() });
     }
     Ok(value.to_string())
 }
@@ -193,10 +184,7 @@ pub struct BrokerAddr {
 
 impl BrokerAddr {
     pub fn new(host: impl Into<String>, port: u16) -> Self {
-        Self {
-            host: host.into(),
-            port,
-        }
+        Self { host: host.into(), port }
     }
 }
 
@@ -210,10 +198,7 @@ impl FromStr for BrokerAddr {
         if host.is_empty() || port == 0 {
             return Err(bad());
         }
-        Ok(Self {
-            host: host.to_string(),
-            port,
-        })
+        Ok(Self { host: host.to_string(), port })
     }
 }
 
@@ -255,9 +240,7 @@ impl Brokers {
         if first > last || last - first >= RANGE_LEN_MAX || port == 0 {
             return Err(bad());
         }
-        let addresses = (first..=last)
-            .map(|ip| BrokerAddr::new(Ipv4Addr::from(ip).to_string(), port))
-            .collect();
+        let addresses = (first..=last).map(|ip| BrokerAddr::new(Ipv4Addr::from(ip).to_string(), port)).collect();
         Self::new(addresses)
     }
 
@@ -286,10 +269,7 @@ pub enum StateStore {
 
 impl StateStore {
     pub fn directory(path: impl Into<PathBuf>) -> Self {
-        StateStore::Directory {
-            path: path.into(),
-            fsync: true,
-        }
+        StateStore::Directory { path: path.into(), fsync: true }
     }
 }
 
@@ -385,14 +365,8 @@ mod tests {
 
     #[test]
     fn broker_addresses_parse_and_bad_ones_are_refused() {
-        assert_eq!(
-            "127.0.0.1:1883".parse(),
-            Ok(BrokerAddr::new("127.0.0.1", 1883))
-        );
-        assert_eq!(
-            "broker.local:8883".parse(),
-            Ok(BrokerAddr::new("broker.local", 8883))
-        );
+        assert_eq!("127.0.0.1:1883".parse(), Ok(BrokerAddr::new("127.0.0.1", 1883)));
+        assert_eq!("broker.local:8883".parse(), Ok(BrokerAddr::new("broker.local", 8883)));
         for bad in ["", "127.0.0.1", ":1883", "host:0", "host:99999", "host:x"] {
             assert!(bad.parse::<BrokerAddr>().is_err(), "{bad}");
         }
@@ -404,12 +378,7 @@ mod tests {
         assert_eq!(brokers.addresses().len(), 4);
         assert_eq!(brokers.for_index(0), &BrokerAddr::new("127.0.0.1", 1883));
         assert_eq!(brokers.for_index(5), &BrokerAddr::new("127.0.0.2", 1883));
-        for bad in [
-            "127.0.0.4-127.0.0.1:1883",
-            "127.0.0.1-127.0.2.1:1",
-            "a-b:1",
-            "127.0.0.1:1",
-        ] {
+        for bad in ["127.0.0.4-127.0.0.1:1883", "127.0.0.1-127.0.2.1:1", "a-b:1", "127.0.0.1:1"] {
             assert!(Brokers::parse_range(bad).is_err(), "{bad}");
         }
     }

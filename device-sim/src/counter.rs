@@ -23,11 +23,7 @@ impl UpCounter {
     /// The next counter: now in microseconds, or `last + 1` if the clock has not moved past it.
     pub fn next_counter(&mut self) -> u64 {
         let now = now_micros();
-        self.last = if now > self.last {
-            now
-        } else {
-            self.last.saturating_add(1)
-        };
+        self.last = if now > self.last { now } else { self.last.saturating_add(1) };
         self.last
     }
 
@@ -39,9 +35,7 @@ impl UpCounter {
 
 fn now_micros() -> u64 {
     // A clock before 1970 gives 0, and the counter then simply counts up from `last`.
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as u64)
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
 }
 
 #[cfg(test)]

@@ -24,8 +24,7 @@ use rki_protocol::message::{Ack, Body, CreateKey, Hello, Message, SlotStatus};
 use rki_protocol::terminal::{KeySlot, TerminalError};
 use rki_protocol::topic;
 use rumqttc::{
-    AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS,
-    SubscribeReasonCode,
+    AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS, SubscribeReasonCode,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
@@ -113,30 +112,16 @@ impl Device {
     /// runtime. Fails if the stored state is unreadable, or missing when
     /// [`DeviceConfig::require_existing_state`] is set.
     pub async fn spawn(config: DeviceConfig) -> Result<DeviceHandle, DeviceError> {
-        let DeviceConfig {
-            profile,
-            broker,
-            store,
-            knobs,
-            gudid,
-            preset_secrets,
-            require_existing_state,
-            counters,
-        } = config;
+        let DeviceConfig { profile, broker, store, knobs, gudid, preset_secrets, require_existing_state, counters } =
+            config;
         let sn = profile.sn().to_string();
-        let gudid = gudid
-            .map(|text| Gudid::parse(&text).map_err(|_| DeviceError::BadGudid))
-            .transpose()?;
+        let gudid = gudid.map(|text| Gudid::parse(&text).map_err(|_| DeviceError::BadGudid)).transpose()?;
         let stored = load(&store, &sn).await?;
         let fresh = stored.is_none();
         let mut state = match (stored, &store) {
             (Some(state), _) => state,
             (None, StateStore::Directory { path, .. }) if require_existing_state => {
-                return Err(StorageError::Missing {
-                    sn,
-                    dir: path.clone(),
-                }
-                .into());
+                return Err(StorageError::Missing { sn, dir: path.clone() }.into());
             }
             (None, _) => TerminalState::factory(&profile),
         };
@@ -170,12 +155,7 @@ impl Device {
         }
         terminal.refresh_status();
         tokio::spawn(terminal.run());
-        Ok(DeviceHandle {
-            sn: sn.into(),
-            commands: command_tx,
-            status: status_rx,
-            counters,
-        })
+        Ok(DeviceHandle { sn: sn.into(), commands: command_tx, status: status_rx, counters })
     }
 }
 
@@ -231,29 +211,18 @@ impl DeviceHandle {
         condition: impl FnMut(&DeviceStatus) -> bool,
     ) -> Result<DeviceStatus, DeviceError> {
         let mut status = self.status.clone();
-        let outcome = tokio::time::timeout(timeout, async {
-            status.wait_for(condition).await.map(|s| s.clone())
-        })
-        .await;
+        let outcome =
+            tokio::time::timeout(timeout, async { status.wait_for(condition).await.map(|s| s.clone()) }).await;
         match outcome {
             Ok(Ok(status)) => Ok(status),
             Ok(Err(_)) => Err(DeviceError::Stopped),
-            Err(_) => Err(DeviceError::Timeout {
-                what: what.to_string(),
-                waited: timeout,
-            }),
+            Err(_) => Err(DeviceError::Timeout { what: what.to_string(), waited: timeout }),
         }
     }
 
-    async fn ask<T>(
-        &self,
-        make: impl FnOnce(oneshot::Sender<T>) -> Command,
-    ) -> Result<T, DeviceError> {
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, DeviceError> {
         let (reply, answer) = oneshot::channel();
-        self.commands
-            .send(make(reply))
-            .await
-            .map_err(|_| DeviceError::Stopped)?;
+        self.commands.send(make(reply)).await.map_err(|_| DeviceError::Stopped)?;
         answer.await.map_err(|_| DeviceError::Stopped)
     }
 
@@ -286,34 +255,24 @@ impl DeviceHandle {
     }
 
     /// Changes the behaviour knobs; takes effect for the next event.
-    pub async fn update_knobs(
-        &self,
-        update: impl FnOnce(&mut Knobs) + Send + 'static,
-    ) -> Result<(), DeviceError> {
-        self.ask(|reply| Command::UpdateKnobs(Box::new(update), reply))
-            .await
+    pub async fn update_knobs(&self, update: impl FnOnce(&mut Knobs) + Send + 'static) -> Result<(), DeviceError> {
+        self.ask(|reply| Command::UpdateKnobs(Box::new(update), reply)).await
     }
 
     /// On the next install: persist the key and the pending ack, drop the connection without
     /// sending the ack, and power off.
     pub async fn crash_after_next_install(&self) -> Result<(), DeviceError> {
-        self.update_knobs(|knobs| knobs.crash_after_next_install = true)
-            .await
+        self.update_knobs(|knobs| knobs.crash_after_next_install = true).await
     }
 
     /// Delays every ack by `delay` (persisted first).
     pub async fn set_ack_delay(&self, delay: Duration) -> Result<(), DeviceError> {
-        self.update_knobs(move |knobs| knobs.ack_delay = delay)
-            .await
+        self.update_knobs(move |knobs| knobs.ack_delay = delay).await
     }
 
     /// Makes every new download fail with `error` (or stops doing so with `None`).
-    pub async fn set_forced_failure(
-        &self,
-        error: Option<TerminalError>,
-    ) -> Result<(), DeviceError> {
-        self.update_knobs(move |knobs| knobs.forced_failure = error)
-            .await
+    pub async fn set_forced_failure(&self, error: Option<TerminalError>) -> Result<(), DeviceError> {
+        self.update_knobs(move |knobs| knobs.forced_failure = error).await
     }
 
     /// Enters or leaves debug mode (persisted; a fresh hello follows when connected).
@@ -322,14 +281,9 @@ impl DeviceHandle {
     }
 
     /// Updates the ROM and key-injection app versions (persisted; a fresh hello follows).
-    pub async fn set_firmware(
-        &self,
-        rom_version: &str,
-        app_version: &str,
-    ) -> Result<(), DeviceError> {
+    pub async fn set_firmware(&self, rom_version: &str, app_version: &str) -> Result<(), DeviceError> {
         let (rom, app) = (rom_version.to_string(), app_version.to_string());
-        self.ask(|reply| Command::SetFirmware(rom, app, reply))
-            .await?
+        self.ask(|reply| Command::SetFirmware(rom, app, reply)).await?
     }
 
     /// Forces the kept (refused) download locally, as a technician does from the key-injection
@@ -359,9 +313,7 @@ struct Jitter(u64);
 impl Jitter {
     fn seeded(sn: &str) -> Self {
         // FNV-1a of the SN: distinct, stable seeds without a random source.
-        let seed = sn.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-        });
+        let seed = sn.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
         Self(seed | 1)
     }
 
@@ -445,12 +397,7 @@ impl Link {
     /// Hands queued frames to the client until its queue is full.
     fn flush(&mut self) {
         while let Some(frame) = self.outbox.front() {
-            let sent = self.client.try_publish(
-                &self.up_topic,
-                QoS::AtLeastOnce,
-                false,
-                frame.payload.clone(),
-            );
+            let sent = self.client.try_publish(&self.up_topic, QoS::AtLeastOnce, false, frame.payload.clone());
             if sent.is_err() {
                 break;
             }
@@ -463,11 +410,7 @@ impl Link {
     fn on_outgoing(&mut self, outgoing: &Outgoing) {
         match outgoing {
             Outgoing::Publish(pkid) => {
-                let ack_of = self
-                    .collided
-                    .pop_front()
-                    .or_else(|| self.requested.pop_front())
-                    .flatten();
+                let ack_of = self.collided.pop_front().or_else(|| self.requested.pop_front()).flatten();
                 self.inflight.push((*pkid, ack_of));
             }
             Outgoing::AwaitAck(_) => {
@@ -740,20 +683,12 @@ impl Terminal {
             return Ok(());
         };
         let outcome = match state::encode(&self.state) {
-            Err(reason) => Err(StorageError::Corrupt {
-                path: state::state_path(path, &self.state.sn),
-                reason,
-            }),
+            Err(reason) => Err(StorageError::Corrupt { path: state::state_path(path, &self.state.sn), reason }),
             Ok(bytes) => {
                 let (dir, sn, fsync) = (path.clone(), self.state.sn.clone(), *fsync);
-                tokio::task::spawn_blocking(move || state::write_file(&dir, &sn, &bytes, fsync))
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err(StorageError::Corrupt {
-                            path: path.clone(),
-                            reason: "writer panicked".to_string(),
-                        })
-                    })
+                tokio::task::spawn_blocking(move || state::write_file(&dir, &sn, &bytes, fsync)).await.unwrap_or_else(
+                    |_| Err(StorageError::Corrupt { path: path.clone(), reason: "writer panicked".to_string() }),
+                )
             }
         };
         outcome.map_err(|error| {
@@ -800,11 +735,7 @@ impl Terminal {
 
     fn seal(&mut self, secrets_missing_is_bug: &str, message: Message) -> Option<Vec<u8>> {
         let secrets = self.state.secrets.as_ref()?;
-        let body = Body {
-            party: self.state.sn.clone(),
-            counter: self.up.next_counter(),
-            message,
-        };
+        let body = Body { party: self.state.sn.clone(), counter: self.up.next_counter(), message };
         match frame::seal(&secrets.signing_key, &body) {
             Ok(bytes) => Some(bytes),
             Err(error) => {
@@ -829,10 +760,7 @@ impl Terminal {
 
     fn queue_hello(&mut self, link: &mut Link) {
         if let Some(payload) = self.seal("sealing a hello", self.hello()) {
-            link.outbox.push_back(OutgoingFrame {
-                payload,
-                ack_of: None,
-            });
+            link.outbox.push_back(OutgoingFrame { payload, ack_of: None });
             self.counters.add(&self.counters.hellos_sent, 1);
             self.status.send_modify(|s| s.hellos_sent += 1);
         }
@@ -841,10 +769,7 @@ impl Terminal {
     fn queue_ack(&mut self, link: &mut Link, ack: Ack) {
         let execution_id = ack.execution_id;
         if let Some(payload) = self.seal("sealing an ack", Message::Ack(ack.clone())) {
-            link.outbox.push_back(OutgoingFrame {
-                payload,
-                ack_of: Some(execution_id),
-            });
+            link.outbox.push_back(OutgoingFrame { payload, ack_of: Some(execution_id) });
             self.counters.add(&self.counters.acks_sent, 1);
             self.status.send_modify(|s| {
                 s.acks_sent += 1;
@@ -882,22 +807,14 @@ impl Terminal {
         let sn = self.state.sn.clone();
         let mut options = self.mqtt_options(&sn, &password, false);
         if let Some(bye) = self.seal("sealing the last will", Message::Bye) {
-            options.set_last_will(LastWill::new(
-                topic::device_up(&sn),
-                bye,
-                QoS::AtLeastOnce,
-                false,
-            ));
+            options.set_last_will(LastWill::new(topic::device_up(&sn), bye, QoS::AtLeastOnce, false));
         }
         let (client, mut event_loop) = self.event_loop(options);
         let mut link = Link::new(client, &sn);
         let down_topic = topic::device_down(&sn);
         let mut connected = false;
         let mut delayed: VecDeque<(Instant, Ack)> = VecDeque::new();
-        let flap_at = self
-            .knobs
-            .flapping
-            .map(|f| (Instant::now() + f.online, f.offline));
+        let flap_at = self.knobs.flapping.map(|f| (Instant::now() + f.online, f.offline));
 
         let end = loop {
             let ack_due = delayed.front().map(|(at, _)| *at);
@@ -1014,11 +931,7 @@ impl Terminal {
         let pending: Vec<Ack> = self
             .state
             .unconfirmed()
-            .filter(|ack| {
-                !delayed
-                    .iter()
-                    .any(|(_, d)| d.execution_id == ack.execution_id)
-            })
+            .filter(|ack| !delayed.iter().any(|(_, d)| d.execution_id == ack.execution_id))
             .filter(|ack| !link.queued_ack(ack.execution_id))
             .cloned()
             .collect();
@@ -1093,10 +1006,7 @@ impl Terminal {
                     self.queue_ack(link, ack);
                 } else {
                     let at = Instant::now() + self.knobs.ack_delay;
-                    let index = delayed
-                        .iter()
-                        .position(|(due, _)| *due > at)
-                        .unwrap_or(delayed.len());
+                    let index = delayed.iter().position(|(due, _)| *due > at).unwrap_or(delayed.len());
                     delayed.insert(index, (at, ack));
                 }
                 None
@@ -1144,10 +1054,7 @@ impl Terminal {
         let mut ephemeral = None;
         let mut create_key_body = Vec::new();
         let secrets = loop {
-            let event = event_loop
-                .poll()
-                .await
-                .map_err(|e| DeviceError::Mqtt(connection_error(&self.broker, &e)))?;
+            let event = event_loop.poll().await.map_err(|e| DeviceError::Mqtt(connection_error(&self.broker, &e)))?;
             match event {
                 Event::Incoming(Packet::ConnAck(_)) => {
                     client
@@ -1155,14 +1062,8 @@ impl Terminal {
                         .map_err(|e| DeviceError::Mqtt(e.to_string()))?;
                 }
                 Event::Incoming(Packet::SubAck(suback)) => {
-                    if suback
-                        .return_codes
-                        .iter()
-                        .any(|c| matches!(c, SubscribeReasonCode::Failure))
-                    {
-                        return Err(DeviceError::Mqtt(format!(
-                            "subscription to {down_topic} refused"
-                        )));
+                    if suback.return_codes.iter().any(|c| matches!(c, SubscribeReasonCode::Failure)) {
+                        return Err(DeviceError::Mqtt(format!("subscription to {down_topic} refused")));
                     }
                     let own = Ephemeral::random()?;
                     let body = Body {
@@ -1174,11 +1075,8 @@ impl Terminal {
                             device_public: own.public(),
                         }),
                     };
-                    let bytes = frame::seal(&mac_key, &body)
-                        .map_err(|e| DeviceError::Mqtt(e.to_string()))?;
-                    create_key_body = frame::body_bytes_of(&bytes)
-                        .map(<[u8]>::to_vec)
-                        .unwrap_or_default();
+                    let bytes = frame::seal(&mac_key, &body).map_err(|e| DeviceError::Mqtt(e.to_string()))?;
+                    create_key_body = frame::body_bytes_of(&bytes).map(<[u8]>::to_vec).unwrap_or_default();
                     ephemeral = Some(own);
                     client
                         .try_publish(topic::init(&sn), QoS::AtLeastOnce, false, bytes)
@@ -1188,10 +1086,7 @@ impl Terminal {
                     match self.on_answer(gudid, &publish.payload) {
                         Answer::Ignored(rejection) => self.reject(rejection),
                         Answer::Refused(code) => return Err(DeviceError::InitRefused(code)),
-                        Answer::Accepted {
-                            gateway_public,
-                            answer_body,
-                        } => {
+                        Answer::Accepted { gateway_public, answer_body } => {
                             let Some(own) = ephemeral.take() else {
                                 self.reject(Rejection::Unexpected);
                                 continue;
@@ -1230,10 +1125,7 @@ impl Terminal {
                 };
                 match verified.body.message {
                     Message::CreateKeyAnswer(answer) if answer.gudid_id == gudid.id() => {
-                        Answer::Accepted {
-                            gateway_public: answer.gateway_public,
-                            answer_body,
-                        }
+                        Answer::Accepted { gateway_public: answer.gateway_public, answer_body }
                     }
                     _ => Answer::Ignored(Rejection::Unexpected),
                 }
@@ -1257,10 +1149,7 @@ impl Terminal {
 
 /// A frame received during initialisation.
 enum Answer {
-    Accepted {
-        gateway_public: [u8; 32],
-        answer_body: Vec<u8>,
-    },
+    Accepted { gateway_public: [u8; 32], answer_body: Vec<u8> },
     Refused(&'static str),
     Ignored(Rejection),
 }

@@ -6,9 +6,7 @@ use std::time::Duration;
 
 use rki_protocol::terminal::{Region, TerminalError};
 
-use crate::config::{
-    parse_model, parse_region, Brokers, ConfigError, DeviceConfig, DeviceProfile, Knobs, StateStore,
-};
+use crate::config::{parse_model, parse_region, Brokers, ConfigError, DeviceConfig, DeviceProfile, Knobs, StateStore};
 use crate::device::{Device, DeviceError, DeviceHandle};
 use crate::status::{FleetCounters, FleetSnapshot, WaitTimeout};
 
@@ -32,32 +30,18 @@ impl SnPattern {
         let spec = &pattern[open + 1..close];
         let width = match spec {
             "" => 0,
-            _ => spec
-                .strip_prefix(":0")
-                .and_then(|w| w.parse::<usize>().ok())
-                .filter(|w| *w <= 20)
-                .ok_or_else(bad)?,
+            _ => spec.strip_prefix(":0").and_then(|w| w.parse::<usize>().ok()).filter(|w| *w <= 20).ok_or_else(bad)?,
         };
         let (prefix, suffix) = (&pattern[..open], &pattern[close + 1..]);
         if prefix.contains(['{', '}']) || suffix.contains(['{', '}']) {
             return Err(bad());
         }
-        Ok(Self {
-            prefix: prefix.to_string(),
-            suffix: suffix.to_string(),
-            width,
-        })
+        Ok(Self { prefix: prefix.to_string(), suffix: suffix.to_string(), width })
     }
 
     /// The SN for number `n`.
     pub fn sn(&self, n: u64) -> String {
-        format!(
-            "{}{:0width$}{}",
-            self.prefix,
-            n,
-            self.suffix,
-            width = self.width
-        )
+        format!("{}{:0width$}{}", self.prefix, n, self.suffix, width = self.width)
     }
 
     /// `count` SNs from number `first` on.
@@ -76,30 +60,18 @@ pub struct FleetMember {
 /// Parses a fleet CSV: one terminal per line, `sn[,gudid[,model,rom,app,region]]`. Empty lines
 /// and lines starting with `#` are skipped, and so is a first line starting with `sn`. Missing
 /// fields come from `template`.
-pub fn parse_fleet_csv(
-    text: &str,
-    template: &DeviceProfile,
-) -> Result<Vec<FleetMember>, ConfigError> {
+pub fn parse_fleet_csv(text: &str, template: &DeviceProfile) -> Result<Vec<FleetMember>, ConfigError> {
     let mut members = Vec::new();
     for (index, line) in text.lines().enumerate() {
         let line_no = index + 1;
         let line = line.trim();
-        if line.is_empty()
-            || line.starts_with('#')
-            || (index == 0 && line.to_ascii_lowercase().starts_with("sn"))
-        {
+        if line.is_empty() || line.starts_with('#') || (index == 0 && line.to_ascii_lowercase().starts_with("sn")) {
             continue;
         }
-        let bad = |reason: String| ConfigError::BadCsv {
-            line: line_no,
-            reason,
-        };
+        let bad = |reason: String| ConfigError::BadCsv { line: line_no, reason };
         let fields: Vec<&str> = line.split(',').map(str::trim).collect();
         if !matches!(fields.len(), 1 | 2 | 6) {
-            return Err(bad(format!(
-                "{} fields; expected sn[,gudid[,model,rom,app,region]]",
-                fields.len()
-            )));
+            return Err(bad(format!("{} fields; expected sn[,gudid[,model,rom,app,region]]", fields.len())));
         }
         let mut profile = template.for_sn(fields[0]).map_err(|e| bad(e.to_string()))?;
         if fields.len() == 6 {
@@ -116,21 +88,14 @@ pub fn parse_fleet_csv(
                 })
                 .map_err(|e| bad(e.to_string()))?;
         }
-        let gudid = fields
-            .get(1)
-            .filter(|g| !g.is_empty())
-            .map(|g| g.to_string());
+        let gudid = fields.get(1).filter(|g| !g.is_empty()).map(|g| g.to_string());
         if let Some(gudid) = &gudid {
-            rki_protocol::init::Gudid::parse(gudid)
-                .map_err(|_| bad("GUDID is not 32 hex digits".to_string()))?;
+            rki_protocol::init::Gudid::parse(gudid).map_err(|_| bad("GUDID is not 32 hex digits".to_string()))?;
         }
         members.push(FleetMember { profile, gudid });
     }
     if members.len() > FLEET_SIZE_MAX {
-        return Err(ConfigError::BadCsv {
-            line: 0,
-            reason: format!("more than {FLEET_SIZE_MAX} terminals"),
-        });
+        return Err(ConfigError::BadCsv { line: 0, reason: format!("more than {FLEET_SIZE_MAX} terminals") });
     }
     Ok(members)
 }
@@ -209,12 +174,7 @@ impl FleetConfig {
         pattern
             .generate(first, count.min(FLEET_SIZE_MAX))
             .iter()
-            .map(|sn| {
-                Ok(FleetMember {
-                    profile: template.for_sn(sn)?,
-                    gudid: None,
-                })
-            })
+            .map(|sn| Ok(FleetMember { profile: template.for_sn(sn)?, gudid: None }))
             .collect()
     }
 }
@@ -232,10 +192,7 @@ impl Fleet {
     pub async fn spawn(config: FleetConfig) -> Result<Fleet, DeviceError> {
         let _ = raise_fd_limit();
         let counters = Arc::new(FleetCounters::default());
-        let mut fleet = Fleet {
-            devices: Vec::with_capacity(config.members.len()),
-            counters: counters.clone(),
-        };
+        let mut fleet = Fleet { devices: Vec::with_capacity(config.members.len()), counters: counters.clone() };
         for (index, member) in config.members.into_iter().enumerate() {
             let mut knobs = config.knobs.clone();
             let profile = match &config.failing {
@@ -274,10 +231,7 @@ impl Fleet {
 
     /// An empty fleet, to fill with [`Fleet::push`].
     pub fn empty() -> Self {
-        Self {
-            devices: Vec::new(),
-            counters: Arc::default(),
-        }
+        Self { devices: Vec::new(), counters: Arc::default() }
     }
 
     pub fn counters(&self) -> &Arc<FleetCounters> {
@@ -314,29 +268,17 @@ impl Fleet {
     }
 
     /// Waits until `n` terminals are connected.
-    pub async fn wait_connected(
-        &self,
-        n: u64,
-        timeout: Duration,
-    ) -> Result<FleetSnapshot, WaitTimeout> {
+    pub async fn wait_connected(&self, n: u64, timeout: Duration) -> Result<FleetSnapshot, WaitTimeout> {
         self.wait_until(|s| s.connected >= n, timeout).await
     }
 
     /// Waits until `n` terminals are initialised.
-    pub async fn wait_initialised(
-        &self,
-        n: u64,
-        timeout: Duration,
-    ) -> Result<FleetSnapshot, WaitTimeout> {
+    pub async fn wait_initialised(&self, n: u64, timeout: Duration) -> Result<FleetSnapshot, WaitTimeout> {
         self.wait_until(|s| s.initialised >= n, timeout).await
     }
 
     /// Waits until `n` keys are installed across the fleet.
-    pub async fn wait_keys_installed(
-        &self,
-        n: u64,
-        timeout: Duration,
-    ) -> Result<FleetSnapshot, WaitTimeout> {
+    pub async fn wait_keys_installed(&self, n: u64, timeout: Duration) -> Result<FleetSnapshot, WaitTimeout> {
         self.wait_until(|s| s.keys_installed >= n, timeout).await
     }
 
@@ -363,10 +305,7 @@ mod tests {
     fn sn_patterns_pad_and_bad_patterns_are_refused() {
         let pattern = SnPattern::parse("SIM{:06}").expect("pattern");
         assert_eq!(pattern.generate(1, 2), vec!["SIM000001", "SIM000002"]);
-        assert_eq!(
-            SnPattern::parse("P3-{}-X").expect("plain").sn(42),
-            "P3-42-X"
-        );
+        assert_eq!(SnPattern::parse("P3-{}-X").expect("plain").sn(42), "P3-42-X");
         for bad in ["SIM", "SIM{", "SIM{:6}", "SIM{:0x}", "{}{}", "SIM{:099}"] {
             assert!(SnPattern::parse(bad).is_err(), "{bad}");
         }
@@ -387,9 +326,7 @@ mod tests {
     fn fleet_csv_lines_give_profiles_and_bad_lines_name_their_number() {
         let template = DeviceProfile::new("TEMPLATE", Model::P3).expect("template");
         let gudid = "00112233-44556677-8899AABB-CCDDEEFF";
-        let text = format!(
-            "sn,gudid,model,rom,app,region\nA1\n\nB2,{gudid}\nC3,,P2 LITE SE,3.0.35,1.2.0,CN\n"
-        );
+        let text = format!("sn,gudid,model,rom,app,region\nA1\n\nB2,{gudid}\nC3,,P2 LITE SE,3.0.35,1.2.0,CN\n");
         let members = parse_fleet_csv(&text, &template).expect("csv");
         assert_eq!(members.len(), 3);
         assert_eq!(members[0].profile.model(), Model::P3);
@@ -397,12 +334,7 @@ mod tests {
         assert_eq!(members[2].profile.model(), Model::P2LiteSe);
         assert_eq!(members[2].profile.region(), Region::Cn);
         assert!(members[2].gudid.is_none());
-        for (bad, line) in [
-            ("A1\nB/2", 2),
-            ("A1,nothex", 1),
-            ("A1,,P9,1,1,EU", 1),
-            ("A1,,P3,3.0.15,2.0.0", 1),
-        ] {
+        for (bad, line) in [("A1\nB/2", 2), ("A1,nothex", 1), ("A1,,P9,1,1,EU", 1), ("A1,,P3,3.0.15,2.0.0", 1)] {
             match parse_fleet_csv(bad, &template) {
                 Err(ConfigError::BadCsv { line: got, .. }) => assert_eq!(got, line, "{bad}"),
                 other => panic!("{bad}: {other:?}"),

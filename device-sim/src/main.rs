@@ -10,8 +10,8 @@ use clap::{Args, Parser, Subcommand};
 use rki_device_sim::config::{parse_model, parse_region};
 use rki_device_sim::fleet::{parse_fleet_csv, FleetMember};
 use rki_device_sim::{
-    BrokerAddr, Brokers, Device, DeviceConfig, DeviceHandle, DeviceProfile, FailingShare, Flapping,
-    Fleet, FleetConfig, Knobs, SnPattern, StateStore,
+    BrokerAddr, Brokers, Device, DeviceConfig, DeviceHandle, DeviceProfile, FailingShare, Flapping, Fleet, FleetConfig,
+    Knobs, SnPattern, StateStore,
 };
 use rki_protocol::message::{Ack, SlotStatus};
 use rki_protocol::terminal::{KeySlot, Model, TerminalError};
@@ -19,19 +19,11 @@ use rki_protocol::terminal::{KeySlot, Model, TerminalError};
 /// How often the live status line is printed.
 const STATUS_INTERVAL: Duration = Duration::from_secs(1);
 /// The slots the terminal's Key Query screen always lists, "null" when empty.
-const STANDARD_SLOTS: [KeySlot; 4] = [
-    KeySlot::PRODUCTION,
-    KeySlot::DEVELOPMENT,
-    KeySlot::DEBUG,
-    KeySlot::HARDWARE_CERTIFICATE,
-];
+const STANDARD_SLOTS: [KeySlot; 4] =
+    [KeySlot::PRODUCTION, KeySlot::DEVELOPMENT, KeySlot::DEBUG, KeySlot::HARDWARE_CERTIFICATE];
 
 #[derive(Parser)]
-#[command(
-    name = "rki-device-sim",
-    version,
-    about = "Simulated payment terminals for the RKI gateway"
-)]
+#[command(name = "rki-device-sim", version, about = "Simulated payment terminals for the RKI gateway")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -181,26 +173,16 @@ fn main() -> ExitCode {
                 error.exit();
             }
             let text = error.to_string();
-            let line = text
-                .lines()
-                .next()
-                .unwrap_or("bad arguments")
-                .trim_start_matches("error: ");
+            let line = text.lines().next().unwrap_or("bad arguments").trim_start_matches("error: ");
             eprintln!("rki-device-sim: {line}");
             return ExitCode::from(2);
         }
     };
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "error".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "error".into()))
         .with_writer(std::io::stderr)
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("rki-device-sim: cannot start the runtime: {error}");
@@ -226,16 +208,9 @@ async fn dispatch(command: Command) -> Result<(), String> {
 }
 
 /// Opens a stored terminal, powered off: its state must exist.
-async fn open_stored(
-    state_dir: &std::path::Path,
-    sn: &str,
-    broker: BrokerAddr,
-) -> Result<DeviceHandle, String> {
+async fn open_stored(state_dir: &std::path::Path, sn: &str, broker: BrokerAddr) -> Result<DeviceHandle, String> {
     if !state_dir.is_dir() {
-        return Err(format!(
-            "state directory {} does not exist",
-            state_dir.display()
-        ));
+        return Err(format!("state directory {} does not exist", state_dir.display()));
     }
     let profile = DeviceProfile::new(sn, Model::P3).map_err(|e| e.to_string())?;
     let mut config = DeviceConfig::new(profile, broker, StateStore::directory(state_dir));
@@ -273,18 +248,9 @@ async fn key_query(args: StoredArgs) -> Result<(), String> {
         yes_no(status.locked),
         yes_no(status.debug_mode)
     );
-    println!(
-        "{:<6} {:<10} {:<26} KCV",
-        "Index", "Key type", "KSN / key ID"
-    );
+    println!("{:<6} {:<10} {:<26} KCV", "Index", "Key type", "KSN / key ID");
     let mut shown: Vec<KeySlot> = STANDARD_SLOTS.to_vec();
-    shown.extend(
-        status
-            .slots
-            .iter()
-            .map(|s| s.slot)
-            .filter(|s| !STANDARD_SLOTS.contains(s)),
-    );
+    shown.extend(status.slots.iter().map(|s| s.slot).filter(|s| !STANDARD_SLOTS.contains(s)));
     shown.sort();
     for slot in shown {
         match status.slots.iter().find(|s| s.slot == slot) {
@@ -344,10 +310,7 @@ async fn reset_slot(args: ResetArgs) -> Result<(), String> {
 }
 
 async fn force_manual(args: ForceArgs) -> Result<(), String> {
-    let broker: BrokerAddr = args
-        .broker
-        .parse()
-        .map_err(|e: rki_device_sim::config::ConfigError| e.to_string())?;
+    let broker: BrokerAddr = args.broker.parse().map_err(|e: rki_device_sim::config::ConfigError| e.to_string())?;
     let device = open_stored(&args.stored.state_dir, &args.stored.sn, broker).await?;
     let outcome = force_and_send(&device, Duration::from_secs(args.timeout_s)).await;
     device.shutdown().await;
@@ -371,26 +334,16 @@ async fn force_manual(args: ForceArgs) -> Result<(), String> {
 /// and waits until the broker confirmed every pending ack.
 async fn force_and_send(device: &DeviceHandle, timeout: Duration) -> Result<Ack, String> {
     if !device.status().initialised {
-        return Err(format!(
-            "{} is not initialised: it has no keys to unwrap with",
-            device.sn()
-        ));
+        return Err(format!("{} is not initialised: it has no keys to unwrap with", device.sn()));
     }
-    let ack = device
-        .force_manual_injection()
-        .await
-        .map_err(|e| e.to_string())?;
+    let ack = device.force_manual_injection().await.map_err(|e| e.to_string())?;
     device.power_on().await.map_err(|e| e.to_string())?;
     device
-        .wait_for("the broker to confirm the manual ack", timeout, |s| {
-            s.connected && s.unconfirmed_acks == 0
-        })
+        .wait_for("the broker to confirm the manual ack", timeout, |s| s.connected && s.unconfirmed_acks == 0)
         .await
         .map_err(|e| {
             let last = device.status().last_error.unwrap_or_default();
-            format!(
-                "{e} (the key is installed; the ack will be re-sent at the next connection) {last}"
-            )
+            format!("{e} (the key is installed; the ack will be re-sent at the next connection) {last}")
         })?;
     Ok(ack)
 }
@@ -417,9 +370,7 @@ fn template(args: &RunArgs) -> Result<DeviceProfile, String> {
         .in_debug_mode(args.debug_mode)
         .with_debug_key(args.debug_key);
     if region != rki_protocol::terminal::Region::Eu {
-        profile = profile
-            .with_app(&region.minimum_app().to_string())
-            .map_err(|e| e.to_string())?;
+        profile = profile.with_app(&region.minimum_app().to_string()).map_err(|e| e.to_string())?;
     }
     if let Some(rom) = &args.rom {
         profile = profile.with_rom(rom).map_err(|e| e.to_string())?;
@@ -434,13 +385,9 @@ fn members(args: &RunArgs, template: &DeviceProfile) -> Result<Vec<FleetMember>,
     if let Some(sn) = &args.sn {
         let profile = template.for_sn(sn).map_err(|e| e.to_string())?;
         if let Some(gudid) = &args.gudid {
-            rki_protocol::init::Gudid::parse(gudid)
-                .map_err(|_| "--gudid is not 32 hex digits".to_string())?;
+            rki_protocol::init::Gudid::parse(gudid).map_err(|_| "--gudid is not 32 hex digits".to_string())?;
         }
-        return Ok(vec![FleetMember {
-            profile,
-            gudid: args.gudid.clone(),
-        }]);
+        return Ok(vec![FleetMember { profile, gudid: args.gudid.clone() }]);
     }
     if let Some(path) = &args.csv {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -451,8 +398,7 @@ fn members(args: &RunArgs, template: &DeviceProfile) -> Result<Vec<FleetMember>,
         return Err("--count must be at least 1".to_string());
     }
     let pattern = SnPattern::parse(&args.pattern).map_err(|e| e.to_string())?;
-    FleetConfig::members_from_pattern(&pattern, args.first, count, template)
-        .map_err(|e| e.to_string())
+    FleetConfig::members_from_pattern(&pattern, args.first, count, template).map_err(|e| e.to_string())
 }
 
 fn knobs(args: &RunArgs) -> Knobs {
@@ -460,10 +406,9 @@ fn knobs(args: &RunArgs) -> Knobs {
         ack_delay: Duration::from_millis(args.ack_delay_ms),
         crash_after_next_install: args.crash_after_install,
         flapping: match (args.flap_online_ms, args.flap_offline_ms) {
-            (Some(online), Some(offline)) => Some(Flapping {
-                online: Duration::from_millis(online),
-                offline: Duration::from_millis(offline),
-            }),
+            (Some(online), Some(offline)) => {
+                Some(Flapping { online: Duration::from_millis(online), offline: Duration::from_millis(offline) })
+            }
             _ => None,
         },
         keep_alive: Duration::from_secs(args.keep_alive_s.max(5)),
@@ -479,12 +424,8 @@ async fn run(args: RunArgs) -> Result<(), String> {
     let failing = match args.fail_fraction {
         None => None,
         Some(fraction) => {
-            let error = TerminalError::from_code(args.fail_code).ok_or_else(|| {
-                format!(
-                    "--fail-code {} is not a terminal error code",
-                    args.fail_code
-                )
-            })?;
+            let error = TerminalError::from_code(args.fail_code)
+                .ok_or_else(|| format!("--fail-code {} is not a terminal error code", args.fail_code))?;
             Some(FailingShare::new(fraction, error).map_err(|e| e.to_string())?)
         }
     };
@@ -492,10 +433,7 @@ async fn run(args: RunArgs) -> Result<(), String> {
         None => StateStore::Memory,
         Some(dir) => {
             std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-            StateStore::Directory {
-                path: dir.clone(),
-                fsync: !args.no_fsync,
-            }
+            StateStore::Directory { path: dir.clone(), fsync: !args.no_fsync }
         }
     };
     let total = members.len();

@@ -121,20 +121,14 @@ impl TerminalState {
     }
 
     pub fn answered(&self, execution_id: u64) -> Option<&AnsweredExecution> {
-        self.answered
-            .iter()
-            .find(|a| a.ack.execution_id == execution_id)
+        self.answered.iter().find(|a| a.ack.execution_id == execution_id)
     }
 
     /// Records the ack of an execution (replacing an earlier one for the same execution, as a
     /// manual injection does), unconfirmed. Forgets the oldest confirmed answers beyond the limit.
     pub fn record_answer(&mut self, ack: Ack) {
-        self.answered
-            .retain(|a| a.ack.execution_id != ack.execution_id);
-        self.answered.push_back(AnsweredExecution {
-            ack,
-            confirmed: false,
-        });
+        self.answered.retain(|a| a.ack.execution_id != ack.execution_id);
+        self.answered.push_back(AnsweredExecution { ack, confirmed: false });
         while self.answered.len() > ANSWERED_EXECUTIONS_MAX {
             match self.answered.iter().position(|a| a.confirmed) {
                 Some(index) => {
@@ -148,11 +142,7 @@ impl TerminalState {
 
     /// Marks an execution's ack confirmed by the broker; whether it changed anything.
     pub fn confirm(&mut self, execution_id: u64) -> bool {
-        match self
-            .answered
-            .iter_mut()
-            .find(|a| a.ack.execution_id == execution_id)
-        {
+        match self.answered.iter_mut().find(|a| a.ack.execution_id == execution_id) {
             Some(answer) if !answer.confirmed => {
                 answer.confirmed = true;
                 true
@@ -162,10 +152,7 @@ impl TerminalState {
     }
 
     pub fn unconfirmed(&self) -> impl Iterator<Item = &Ack> {
-        self.answered
-            .iter()
-            .filter(|a| !a.confirmed)
-            .map(|a| &a.ack)
+        self.answered.iter().filter(|a| !a.confirmed).map(|a| &a.ack)
     }
 
     /// A debug key sits in slot 8.
@@ -257,10 +244,7 @@ struct StoredDownload {
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
     #[error("state file {path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("state file {path} is not a valid terminal state: {reason}")]
     Corrupt { path: PathBuf, reason: String },
     #[error("no state for {sn} in {dir}")]
@@ -330,8 +314,7 @@ impl StoredState {
         if self.format != STATE_FORMAT {
             return Err(format!("unknown format {}", self.format));
         }
-        let model =
-            Model::parse(&self.model).ok_or_else(|| format!("unknown model {:?}", self.model))?;
+        let model = Model::parse(&self.model).ok_or_else(|| format!("unknown model {:?}", self.model))?;
         let secrets = match &self.secrets {
             None => None,
             Some(s) => Some(secrets_from_hex(s)?),
@@ -396,27 +379,19 @@ impl StoredState {
 }
 
 fn secrets_from_hex(stored: &StoredSecrets) -> Result<DeviceSecrets, String> {
-    let secret = |field: &str, text: &str| {
-        SecretBytes::from_hex(text).map_err(|_| format!("secret {field} is not hex"))
-    };
-    let signing_key = MacKey::new(secret("signing_key", &stored.signing_key)?)
-        .map_err(|e| format!("signing_key: {e}"))?;
+    let secret =
+        |field: &str, text: &str| SecretBytes::from_hex(text).map_err(|_| format!("secret {field} is not hex"));
+    let signing_key =
+        MacKey::new(secret("signing_key", &stored.signing_key)?).map_err(|e| format!("signing_key: {e}"))?;
     let kbpk_aes = SymmetricKey::new(KeyAlgorithm::Aes256, secret("kbpk_aes", &stored.kbpk_aes)?)
         .map_err(|e| format!("kbpk_aes: {e}"))?;
     let kbpk_tdes = SymmetricKey::new(KeyAlgorithm::Tdes3, secret("kbpk_tdes", &stored.kbpk_tdes)?)
         .map_err(|e| format!("kbpk_tdes: {e}"))?;
-    if stored.mqtt_password.is_empty()
-        || !stored.mqtt_password.bytes().all(|b| b.is_ascii_hexdigit())
-    {
+    if stored.mqtt_password.is_empty() || !stored.mqtt_password.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err("mqtt_password is not ASCII hex".to_string());
     }
     let mqtt_password = SecretBytes::from_slice(stored.mqtt_password.as_bytes());
-    Ok(DeviceSecrets {
-        signing_key,
-        kbpk_aes,
-        kbpk_tdes,
-        mqtt_password,
-    })
+    Ok(DeviceSecrets { signing_key, kbpk_aes, kbpk_tdes, mqtt_password })
 }
 
 /// The state file of `sn` in `dir`.
@@ -456,19 +431,11 @@ pub fn load_file(dir: &Path, sn: &str) -> Result<Option<TerminalState>, StorageE
     let mut bytes = Zeroizing::new(Vec::new());
     file.take(STATE_FILE_LEN_MAX + 1)
         .read_to_end(&mut bytes)
-        .map_err(|source| StorageError::Io {
-            path: path.clone(),
-            source,
-        })?;
+        .map_err(|source| StorageError::Io { path: path.clone(), source })?;
     if bytes.len() as u64 > STATE_FILE_LEN_MAX {
-        return Err(StorageError::Corrupt {
-            path,
-            reason: "too large".to_string(),
-        });
+        return Err(StorageError::Corrupt { path, reason: "too large".to_string() });
     }
-    decode(&bytes, sn)
-        .map(Some)
-        .map_err(|reason| StorageError::Corrupt { path, reason })
+    decode(&bytes, sn).map(Some).map_err(|reason| StorageError::Corrupt { path, reason })
 }
 
 /// Writes `bytes` as the state of `sn` in `dir`, atomically: a temporary file with mode 0600,
@@ -478,18 +445,10 @@ pub fn write_file(dir: &Path, sn: &str, bytes: &[u8], fsync: bool) -> Result<(),
     use std::os::unix::fs::OpenOptionsExt;
     let path = state_path(dir, sn);
     let temporary = dir.join(format!(".{sn}.state.json.tmp"));
-    let io = |source| StorageError::Io {
-        path: path.clone(),
-        source,
-    };
+    let io = |source| StorageError::Io { path: path.clone(), source };
     std::fs::create_dir_all(dir).map_err(io)?;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&temporary)
-        .map_err(io)?;
+    let mut file =
+        std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&temporary).map_err(io)?;
     file.write_all(bytes).map_err(io)?;
     if fsync {
         file.sync_all().map_err(io)?;
@@ -498,9 +457,7 @@ pub fn write_file(dir: &Path, sn: &str, bytes: &[u8], fsync: bool) -> Result<(),
     std::fs::rename(&temporary, &path).map_err(io)?;
     if fsync {
         // Make the rename itself durable.
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io)?;
+        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
     }
     Ok(())
 }
@@ -531,9 +488,7 @@ mod tests {
     }
 
     fn sample_state() -> TerminalState {
-        let profile = DeviceProfile::new("SIM000001", Model::P3)
-            .expect("profile")
-            .with_debug_key(true);
+        let profile = DeviceProfile::new("SIM000001", Model::P3).expect("profile").with_debug_key(true);
         let mut state = TerminalState::factory(&profile);
         state.secrets = Some(secrets());
         state.locked = true;
@@ -561,19 +516,11 @@ mod tests {
         let dir = temporary_dir("round-trip");
         let state = sample_state();
         save_file(&dir, &state, true).expect("save");
-        let back = load_file(&dir, "SIM000001")
-            .expect("load")
-            .expect("present");
+        let back = load_file(&dir, "SIM000001").expect("load").expect("present");
         assert_eq!(back.slots, state.slots);
         assert_eq!(back.answered, state.answered);
-        assert_eq!(
-            (back.locked, back.last_up_counter, back.last_down_counter),
-            (true, 17, 42)
-        );
-        let (a, b) = (
-            back.secrets.expect("secrets"),
-            state.secrets.expect("secrets"),
-        );
+        assert_eq!((back.locked, back.last_up_counter, back.last_down_counter), (true, 17, 42));
+        let (a, b) = (back.secrets.expect("secrets"), state.secrets.expect("secrets"));
         assert_eq!(a.signing_key, b.signing_key);
         assert_eq!(a.kbpk_aes, b.kbpk_aes);
         assert_eq!(a.kbpk_tdes, b.kbpk_tdes);
@@ -586,10 +533,7 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let dir = temporary_dir("mode");
         save_file(&dir, &sample_state(), false).expect("save");
-        let mode = std::fs::metadata(state_path(&dir, "SIM000001"))
-            .expect("meta")
-            .permissions()
-            .mode();
+        let mode = std::fs::metadata(state_path(&dir, "SIM000001")).expect("meta").permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -599,18 +543,10 @@ mod tests {
         let dir = temporary_dir("corrupt");
         save_file(&dir, &sample_state(), false).expect("save");
         std::fs::rename(state_path(&dir, "SIM000001"), state_path(&dir, "SIM000002")).expect("mv");
-        assert!(matches!(
-            load_file(&dir, "SIM000002"),
-            Err(StorageError::Corrupt { .. })
-        ));
+        assert!(matches!(load_file(&dir, "SIM000002"), Err(StorageError::Corrupt { .. })));
         std::fs::write(state_path(&dir, "SIM000003"), b"{not json").expect("write");
-        assert!(matches!(
-            load_file(&dir, "SIM000003"),
-            Err(StorageError::Corrupt { .. })
-        ));
-        assert!(load_file(&dir, "SIM000004")
-            .expect("absent is fine")
-            .is_none());
+        assert!(matches!(load_file(&dir, "SIM000003"), Err(StorageError::Corrupt { .. })));
+        assert!(load_file(&dir, "SIM000004").expect("absent is fine").is_none());
         let _ = std::fs::remove_dir_all(&dir);
     }
 

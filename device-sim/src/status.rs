@@ -177,10 +177,7 @@ impl FleetCounters {
                 if condition(&last) {
                     return Ok(last);
                 }
-                return Err(WaitTimeout {
-                    waited: timeout,
-                    last,
-                });
+                return Err(WaitTimeout { waited: timeout, last });
             }
         }
     }

@@ -17,10 +17,7 @@ fn members(net: &TestNet, pattern: &str, count: usize) -> Vec<FleetMember> {
     pattern
         .generate(1, count)
         .into_iter()
-        .map(|sn| FleetMember {
-            gudid: Some(net.gateway.provision(&sn)),
-            profile: TestNet::profile(&sn),
-        })
+        .map(|sn| FleetMember { gudid: Some(net.gateway.provision(&sn)), profile: TestNet::profile(&sn) })
         .collect()
 }
 
@@ -28,20 +25,13 @@ fn members(net: &TestNet, pattern: &str, count: usize) -> Vec<FleetMember> {
 async fn a_fleet_of_500_terminals_initialises_connects_and_installs_one_key_each() {
     let net = TestNet::start_for(FLEET_SIZE).await;
     net.gateway.set_auto_push(true);
-    let config = FleetConfig::new(
-        members(&net, "SIM{:06}", FLEET_SIZE),
-        rki_device_sim::Brokers::one(net.broker.addr.clone()),
-    );
+    let config =
+        FleetConfig::new(members(&net, "SIM{:06}", FLEET_SIZE), rki_device_sim::Brokers::one(net.broker.addr.clone()));
     let fleet = Fleet::spawn(config).await.expect("fleet");
     assert_eq!(fleet.len(), FLEET_SIZE);
 
     let n = FLEET_SIZE as u64;
-    let done = fleet
-        .wait_until(
-            |s| s.keys_installed >= n && s.acks_confirmed >= n,
-            FLEET_TIMEOUT,
-        )
-        .await;
+    let done = fleet.wait_until(|s| s.keys_installed >= n && s.acks_confirmed >= n, FLEET_TIMEOUT).await;
     let troubled: Vec<String> = fleet
         .devices()
         .iter()
@@ -51,10 +41,7 @@ async fn a_fleet_of_500_terminals_initialises_connects_and_installs_one_key_each
         .collect();
     let done = done.unwrap_or_else(|e| panic!("{e}\n{}", troubled.join("\n")));
     assert!(troubled.is_empty(), "{}", troubled.join("\n"));
-    assert_eq!(
-        (done.initialised, done.connected, done.keys_installed),
-        (n, n, n)
-    );
+    assert_eq!((done.initialised, done.connected, done.keys_installed), (n, n, n));
     // A connection storm on one broker thread may time some connections out (counted as
     // errors); every terminal retries with a backoff and gets there.
     assert_eq!((done.failure_acks, done.rejected_frames), (0, 0));
@@ -65,10 +52,7 @@ async fn a_fleet_of_500_terminals_initialises_connects_and_installs_one_key_each
         // The broker confirmed every ack to the terminals; the gateway may still be reading them.
         net.gateway.wait_ack(&sn, execution_id, 1).await;
         let acks = net.gateway.acks_for(&sn, execution_id);
-        assert!(
-            acks.iter().all(|a| a.result == 0 && a.kcv == kcv),
-            "{sn}: {acks:?}"
-        );
+        assert!(acks.iter().all(|a| a.result == 0 && a.kcv == kcv), "{sn}: {acks:?}");
         net.gateway.assert_clean_up_channel(&sn);
         assert!(fleet.device(&sn).expect("device").status().locked);
     }
@@ -81,25 +65,16 @@ async fn a_fleet_of_500_terminals_initialises_connects_and_installs_one_key_each
 async fn a_failing_share_of_a_fleet_acks_with_its_code_and_the_rest_install() {
     let net = TestNet::start_for(50).await;
     net.gateway.set_auto_push(true);
-    let mut config = FleetConfig::new(
-        members(&net, "FAIL{:03}", 50),
-        rki_device_sim::Brokers::one(net.broker.addr.clone()),
-    );
+    let mut config =
+        FleetConfig::new(members(&net, "FAIL{:03}", 50), rki_device_sim::Brokers::one(net.broker.addr.clone()));
     config.failing = Some(FailingShare::new(0.1, TerminalError::DebugKeyPresent).expect("share"));
     let fleet = Fleet::spawn(config).await.expect("fleet");
     let done = fleet
-        .wait_until(
-            |s| s.keys_installed + s.failure_acks >= 50 && s.acks_confirmed >= 50,
-            FLEET_TIMEOUT,
-        )
+        .wait_until(|s| s.keys_installed + s.failure_acks >= 50 && s.acks_confirmed >= 50, FLEET_TIMEOUT)
         .await
         .expect("every terminal answered");
     assert_eq!((done.keys_installed, done.failure_acks), (45, 5));
-    let debug: Vec<_> = fleet
-        .devices()
-        .iter()
-        .filter(|d| d.status().debug_mode)
-        .collect();
+    let debug: Vec<_> = fleet.devices().iter().filter(|d| d.status().debug_mode).collect();
     assert_eq!(debug.len(), 5);
     for device in debug {
         let (execution_id, _) = net.gateway.pushed()[device.sn()].clone();

@@ -13,9 +13,7 @@ use rki_protocol::message::{Message, Unlock};
 #[tokio::test]
 async fn an_initialised_terminal_connects_under_its_device_identity_and_says_hello() {
     let net = TestNet::start().await;
-    let device = Device::spawn(net.config(TestNet::profile("INIT0001")))
-        .await
-        .expect("spawn");
+    let device = Device::spawn(net.config(TestNet::profile("INIT0001"))).await.expect("spawn");
     let before = device.status();
     assert!(!before.initialised && !before.connected);
 
@@ -27,31 +25,15 @@ async fn an_initialised_terminal_connects_under_its_device_identity_and_says_hel
     assert_eq!(hello.rom_version, "3.0.15");
     assert_eq!(hello.app_version, "2.0.0");
     assert!(!hello.locked && !hello.debug_mode && hello.slots.is_empty());
-    let status = device
-        .wait_for("connected", common::WAIT, |s| s.connected)
-        .await
-        .expect("connected");
+    let status = device.wait_for("connected", common::WAIT, |s| s.connected).await.expect("connected");
     assert!(status.initialised);
     let connects = net.broker.connects.lock().expect("log").clone();
-    let own: Vec<_> = connects
-        .iter()
-        .filter(|(id, _, _)| id.ends_with("INIT0001"))
-        .collect();
+    let own: Vec<_> = connects.iter().filter(|(id, _, _)| id.ends_with("INIT0001")).collect();
     assert_eq!(own[0].0, "init:INIT0001", "bootstrap first");
-    assert_eq!(
-        (own[0].1.as_str(), own[0].2.as_str()),
-        ("init:INIT0001", "bootstrap")
-    );
-    let device_connect = own
-        .iter()
-        .find(|(id, _, _)| id == "INIT0001")
-        .expect("device identity");
+    assert_eq!((own[0].1.as_str(), own[0].2.as_str()), ("init:INIT0001", "bootstrap"));
+    let device_connect = own.iter().find(|(id, _, _)| id == "INIT0001").expect("device identity");
     assert_eq!(device_connect.1, "INIT0001");
-    assert_eq!(
-        device_connect.2.len(),
-        64,
-        "the password is 64 hex characters"
-    );
+    assert_eq!(device_connect.2.len(), 64, "the password is 64 hex characters");
     assert!(device_connect.2.bytes().all(|b| b.is_ascii_hexdigit()));
     net.gateway.assert_clean_up_channel("INIT0001");
 }
@@ -69,9 +51,7 @@ async fn a_gudid_in_the_configuration_initialises_the_terminal_at_power_on() {
 #[tokio::test]
 async fn an_unknown_gudid_is_refused_with_its_code_and_the_terminal_stays_uninitialised() {
     let net = TestNet::start().await;
-    let device = Device::spawn(net.config(TestNet::profile("INIT0003")))
-        .await
-        .expect("spawn");
+    let device = Device::spawn(net.config(TestNet::profile("INIT0003"))).await.expect("spawn");
     let never_provisioned = Gudid::random().expect("gudid").expose_text().to_string();
     match device.initialise(&never_provisioned).await {
         Err(DeviceError::InitRefused(code)) => assert_eq!(code, "unknown_gudid"),
@@ -79,50 +59,37 @@ async fn an_unknown_gudid_is_refused_with_its_code_and_the_terminal_stays_uninit
     }
     let status = device.status();
     assert!(!status.initialised && !status.connected);
-    assert!(status
-        .last_error
-        .is_some_and(|e| e.contains("unknown_gudid")));
+    assert!(status.last_error.is_some_and(|e| e.contains("unknown_gudid")));
 }
 
 #[tokio::test]
 async fn a_spent_gudid_is_refused_and_a_gudid_of_another_terminal_too() {
     let net = TestNet::start().await;
     let gudid = net.gateway.provision("INIT0004");
-    let device = net
-        .initialised_device(net.config(TestNet::profile("INIT0004")))
-        .await;
+    let device = net.initialised_device(net.config(TestNet::profile("INIT0004"))).await;
     // The helper spent a fresh GUDID; spend this one too, then try it again.
     device.initialise(&gudid).await.expect("first use");
     match device.initialise(&gudid).await {
         Err(DeviceError::InitRefused(code)) => assert_eq!(code, "gudid_used"),
         other => panic!("expected gudid_used, got {other:?}"),
     }
-    let other = Device::spawn(net.config(TestNet::profile("INIT0005")))
-        .await
-        .expect("spawn");
+    let other = Device::spawn(net.config(TestNet::profile("INIT0005"))).await.expect("spawn");
     let not_for_it = net.gateway.provision("INIT0004");
     match other.initialise(&not_for_it).await {
         Err(DeviceError::InitRefused(code)) => assert_eq!(code, "gudid_wrong_device"),
         other => panic!("expected gudid_wrong_device, got {other:?}"),
     }
     // The refused re-initialisation left the terminal working under its last secrets.
-    device
-        .wait_for("reconnected", common::WAIT, |s| s.connected)
-        .await
-        .expect("connected");
+    device.wait_for("reconnected", common::WAIT, |s| s.connected).await.expect("connected");
 }
 
 #[tokio::test]
 async fn re_initialisation_replaces_the_signing_key_at_once() {
     let net = TestNet::start().await;
     let sn = "INIT0006";
-    let device = net
-        .initialised_device(net.config(TestNet::profile(sn)))
-        .await;
+    let device = net.initialised_device(net.config(TestNet::profile(sn))).await;
     // A frame prepared under the first signing key...
-    let old_unlock = net
-        .gateway
-        .seal(sn, Message::Unlock(Unlock { unlock_id: 1 }), Tag::Device);
+    let old_unlock = net.gateway.seal(sn, Message::Unlock(Unlock { unlock_id: 1 }), Tag::Device);
 
     let gudid = net.gateway.provision(sn);
     device.initialise(&gudid).await.expect("re-initialise");
@@ -131,11 +98,7 @@ async fn re_initialisation_replaces_the_signing_key_at_once() {
 
     // ...is refused under the new one.
     net.gateway.send_raw(sn, old_unlock);
-    let status = device
-        .wait_for("the old-key frame refused", common::WAIT, |s| {
-            s.rejected.bad_tag == 1
-        })
-        .await;
+    let status = device.wait_for("the old-key frame refused", common::WAIT, |s| s.rejected.bad_tag == 1).await;
     assert!(status.is_ok(), "{status:?}");
     net.gateway.assert_clean_up_channel(sn);
 }
@@ -143,20 +106,9 @@ async fn re_initialisation_replaces_the_signing_key_at_once() {
 #[tokio::test]
 async fn a_gudid_that_is_not_32_hex_digits_is_refused_before_anything_is_sent() {
     let net = TestNet::start().await;
-    let device = Device::spawn(net.config(TestNet::profile("INIT0007")))
-        .await
-        .expect("spawn");
-    assert!(matches!(
-        device.initialise("1234-ABCD").await,
-        Err(DeviceError::BadGudid)
-    ));
-    assert!(!net
-        .broker
-        .connects
-        .lock()
-        .expect("log")
-        .iter()
-        .any(|(id, _, _)| id.contains("INIT0007")));
+    let device = Device::spawn(net.config(TestNet::profile("INIT0007"))).await.expect("spawn");
+    assert!(matches!(device.initialise("1234-ABCD").await, Err(DeviceError::BadGudid)));
+    assert!(!net.broker.connects.lock().expect("log").iter().any(|(id, _, _)| id.contains("INIT0007")));
 }
 
 #[tokio::test]
@@ -171,10 +123,7 @@ async fn an_initialisation_nobody_answers_times_out_with_a_clear_error() {
     config.knobs.init_timeout = Duration::from_millis(500);
     let device = Device::spawn(config).await.expect("spawn");
     let gudid = Gudid::random().expect("gudid").expose_text().to_string();
-    assert!(matches!(
-        device.initialise(&gudid).await,
-        Err(DeviceError::InitTimeout(_))
-    ));
+    assert!(matches!(device.initialise(&gudid).await, Err(DeviceError::InitTimeout(_))));
     assert!(!device.status().initialised);
     let _ = FakeGateway::CLIENT_ID;
 }
@@ -186,15 +135,9 @@ async fn an_initialisation_while_powered_off_is_refused() {
     config.knobs.start_powered = false;
     let device = Device::spawn(config).await.expect("spawn");
     let gudid = net.gateway.provision("INIT0009");
-    assert!(matches!(
-        device.initialise(&gudid).await,
-        Err(DeviceError::PoweredOff)
-    ));
+    assert!(matches!(device.initialise(&gudid).await, Err(DeviceError::PoweredOff)));
     device.power_on().await.expect("power on");
-    device
-        .initialise(&gudid)
-        .await
-        .expect("initialise once powered");
+    device.initialise(&gudid).await.expect("initialise once powered");
 }
 
 #[tokio::test]
@@ -230,19 +173,9 @@ async fn a_refused_gudid_in_the_configuration_is_not_retried() {
     config.gudid = Some(Gudid::random().expect("gudid").expose_text().to_string());
     config.knobs.reconnect_delay = Duration::from_millis(10);
     let device = Device::spawn(config).await.expect("spawn");
-    device
-        .wait_for("the refusal", common::WAIT, |s| s.last_error.is_some())
-        .await
-        .expect("refused");
+    device.wait_for("the refusal", common::WAIT, |s| s.last_error.is_some()).await.expect("refused");
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let attempts = net
-        .broker
-        .connects
-        .lock()
-        .expect("log")
-        .iter()
-        .filter(|(id, _, _)| id == "init:INIT0011")
-        .count();
+    let attempts = net.broker.connects.lock().expect("log").iter().filter(|(id, _, _)| id == "init:INIT0011").count();
     assert_eq!(attempts, 1);
     assert_eq!(device.counters().snapshot().errors, 1);
 }

@@ -11,11 +11,7 @@ use rki_protocol::message::Message;
 use rki_protocol::terminal::KeySlot;
 
 fn stored_config(net: &TestNet, sn: &str, dir: &std::path::Path) -> DeviceConfig {
-    DeviceConfig::new(
-        TestNet::profile(sn),
-        net.broker.addr.clone(),
-        StateStore::directory(dir),
-    )
+    DeviceConfig::new(TestNet::profile(sn), net.broker.addr.clone(), StateStore::directory(dir))
 }
 
 #[tokio::test]
@@ -24,24 +20,15 @@ async fn a_power_cycle_keeps_key_lock_and_secrets_and_the_terminal_says_hello_ag
     let sn = "PWR0001";
     let dir = temporary_state_dir("power-cycle");
     let device = net.initialised_device(stored_config(&net, sn, &dir)).await;
-    net.gateway.send(
-        sn,
-        Message::Download(net.gateway.tdes_download(sn, 1, KeySlot::PRODUCTION)),
-        Tag::Device,
-    );
+    net.gateway.send(sn, Message::Download(net.gateway.tdes_download(sn, 1, KeySlot::PRODUCTION)), Tag::Device);
     let ack = net.gateway.wait_ack(sn, 1, 1).await;
     let slots = device.key_query();
 
     device.power_off().await.expect("off");
-    let off = device
-        .wait_for("offline", WAIT, |s| !s.connected && !s.powered)
-        .await
-        .expect("off");
+    let off = device.wait_for("offline", WAIT, |s| !s.connected && !s.powered).await.expect("off");
     assert!(off.locked);
     // The broker published the last will: a signed bye.
-    net.gateway
-        .wait_for(sn, "the last will", |r| (r.byes >= 1).then_some(()))
-        .await;
+    net.gateway.wait_for(sn, "the last will", |r| (r.byes >= 1).then_some(())).await;
 
     let hellos = net.gateway.hellos(sn);
     device.power_on().await.expect("on");
@@ -60,40 +47,23 @@ async fn a_restarted_process_finds_the_terminal_as_it_left_it_in_the_state_file(
     let sn = "PWR0002";
     let dir = temporary_state_dir("restart");
     let device = net.initialised_device(stored_config(&net, sn, &dir)).await;
-    net.gateway.send(
-        sn,
-        Message::Download(net.gateway.tdes_download(sn, 2, KeySlot::PRODUCTION)),
-        Tag::Device,
-    );
+    net.gateway.send(sn, Message::Download(net.gateway.tdes_download(sn, 2, KeySlot::PRODUCTION)), Tag::Device);
     net.gateway.wait_ack(sn, 2, 1).await;
-    device
-        .wait_for("ack confirmed", WAIT, |s| s.unconfirmed_acks == 0)
-        .await
-        .expect("confirmed");
+    device.wait_for("ack confirmed", WAIT, |s| s.unconfirmed_acks == 0).await.expect("confirmed");
     let slots = device.key_query();
     device.shutdown().await;
 
     let hellos = net.gateway.hellos(sn);
-    let again = Device::spawn(stored_config(&net, sn, &dir))
-        .await
-        .expect("respawn");
+    let again = Device::spawn(stored_config(&net, sn, &dir)).await.expect("respawn");
     // No GUDID needed: the secrets came back from the file, and the broker accepts the password.
     let hello = net.gateway.wait_hellos(sn, hellos + 1).await;
     assert!(hello.locked);
     assert_eq!(again.key_query(), slots);
     // A redelivery after the restart is still a duplicate.
-    net.gateway.send(
-        sn,
-        Message::Download(net.gateway.tdes_download(sn, 2, KeySlot::PRODUCTION)),
-        Tag::Device,
-    );
+    net.gateway.send(sn, Message::Download(net.gateway.tdes_download(sn, 2, KeySlot::PRODUCTION)), Tag::Device);
     let second = net.gateway.wait_ack(sn, 2, 2).await;
     assert_eq!(second.result, 0);
-    assert_eq!(
-        again.status().injections,
-        0,
-        "nothing injected by the new process"
-    );
+    assert_eq!(again.status().injections, 0, "nothing injected by the new process");
     net.gateway.assert_clean_up_channel(sn);
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -102,40 +72,23 @@ async fn a_restarted_process_finds_the_terminal_as_it_left_it_in_the_state_file(
 async fn a_crash_between_install_and_ack_re_acks_at_the_next_power_on_and_never_re_injects() {
     let net = TestNet::start().await;
     let sn = "PWR0003";
-    let device = net
-        .initialised_device(net.config(TestNet::profile(sn)))
-        .await;
+    let device = net.initialised_device(net.config(TestNet::profile(sn))).await;
     device.crash_after_next_install().await.expect("knob");
     let download = net.gateway.tdes_download(sn, 3, KeySlot::PRODUCTION);
-    net.gateway
-        .send(sn, Message::Download(download.clone()), Tag::Device);
+    net.gateway.send(sn, Message::Download(download.clone()), Tag::Device);
 
-    let crashed = device
-        .wait_for("the crash", WAIT, |s| s.crashed)
-        .await
-        .expect("crashed");
+    let crashed = device.wait_for("the crash", WAIT, |s| s.crashed).await.expect("crashed");
     assert!(!crashed.powered && crashed.locked);
-    assert_eq!(
-        (
-            crashed.injections,
-            crashed.unconfirmed_acks,
-            crashed.acks_sent
-        ),
-        (1, 1, 0)
-    );
+    assert_eq!((crashed.injections, crashed.unconfirmed_acks, crashed.acks_sent), (1, 1, 0));
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(
-        net.gateway.acks_for(sn, 3).is_empty(),
-        "nothing was sent before the crash"
-    );
+    assert!(net.gateway.acks_for(sn, 3).is_empty(), "nothing was sent before the crash");
 
     device.power_on().await.expect("on");
     let ack = net.gateway.wait_ack(sn, 3, 1).await;
     assert_eq!(ack.result, 0);
     assert_eq!(Some(ack.kcv.clone()), net.gateway.expected_kcv(3));
     // The gateway also re-delivers on the hello: the same ack, no second injection.
-    net.gateway
-        .send(sn, Message::Download(download), Tag::Device);
+    net.gateway.send(sn, Message::Download(download), Tag::Device);
     assert_eq!(net.gateway.wait_ack(sn, 3, 2).await, ack);
     assert_eq!(device.status().injections, 1);
     net.gateway.assert_clean_up_channel(sn);
@@ -148,26 +101,14 @@ async fn a_crash_that_kills_the_process_re_acks_from_the_state_file() {
     let dir = temporary_state_dir("crash-file");
     let device = net.initialised_device(stored_config(&net, sn, &dir)).await;
     device.crash_after_next_install().await.expect("knob");
-    net.gateway.send(
-        sn,
-        Message::Download(net.gateway.tdes_download(sn, 4, KeySlot::PRODUCTION)),
-        Tag::Device,
-    );
-    device
-        .wait_for("the crash", WAIT, |s| s.crashed)
-        .await
-        .expect("crashed");
+    net.gateway.send(sn, Message::Download(net.gateway.tdes_download(sn, 4, KeySlot::PRODUCTION)), Tag::Device);
+    device.wait_for("the crash", WAIT, |s| s.crashed).await.expect("crashed");
     device.shutdown().await;
 
-    let again = Device::spawn(stored_config(&net, sn, &dir))
-        .await
-        .expect("respawn");
+    let again = Device::spawn(stored_config(&net, sn, &dir)).await.expect("respawn");
     let ack = net.gateway.wait_ack(sn, 4, 1).await;
     assert_eq!(ack.result, 0);
-    let settled = again
-        .wait_for("confirmed", WAIT, |s| s.unconfirmed_acks == 0)
-        .await
-        .expect("confirmed");
+    let settled = again.wait_for("confirmed", WAIT, |s| s.unconfirmed_acks == 0).await.expect("confirmed");
     assert_eq!(settled.injections, 0);
     assert!(settled.locked);
     net.gateway.assert_clean_up_channel(sn);
@@ -178,27 +119,19 @@ async fn a_crash_that_kills_the_process_re_acks_from_the_state_file() {
 async fn a_download_sent_while_powered_off_is_installed_once_after_power_on() {
     let net = TestNet::start().await;
     let sn = "PWR0005";
-    let device = net
-        .initialised_device(net.config(TestNet::profile(sn)))
-        .await;
+    let device = net.initialised_device(net.config(TestNet::profile(sn))).await;
     device.power_off().await.expect("off");
     let download = net.gateway.tdes_download(sn, 5, KeySlot::PRODUCTION);
-    net.gateway
-        .send(sn, Message::Download(download.clone()), Tag::Device);
+    net.gateway.send(sn, Message::Download(download.clone()), Tag::Device);
     let hellos = net.gateway.hellos(sn);
     device.power_on().await.expect("on");
     net.gateway.wait_hellos(sn, hellos + 1).await;
     // The gateway re-delivers on hello; the persistent session may deliver the first one too.
-    net.gateway
-        .send(sn, Message::Download(download), Tag::Device);
+    net.gateway.send(sn, Message::Download(download), Tag::Device);
     let ack = net.gateway.wait_ack(sn, 5, 1).await;
     assert_eq!(ack.result, 0);
-    let status = device
-        .wait_for("settled", WAIT, |s| {
-            s.unconfirmed_acks == 0 && s.injections == 1
-        })
-        .await
-        .expect("once");
+    let status =
+        device.wait_for("settled", WAIT, |s| s.unconfirmed_acks == 0 && s.injections == 1).await.expect("once");
     assert_eq!(status.injections, 1);
 }
 
@@ -206,22 +139,11 @@ async fn a_download_sent_while_powered_off_is_installed_once_after_power_on() {
 async fn an_offline_window_drops_the_connection_and_the_terminal_comes_back_with_a_hello() {
     let net = TestNet::start().await;
     let sn = "PWR0006";
-    let device = net
-        .initialised_device(net.config(TestNet::profile(sn)))
-        .await;
-    device
-        .go_offline(Duration::from_millis(500))
-        .await
-        .expect("offline");
-    device
-        .wait_for("offline", WAIT, |s| !s.connected)
-        .await
-        .expect("dropped");
+    let device = net.initialised_device(net.config(TestNet::profile(sn))).await;
+    device.go_offline(Duration::from_millis(500)).await.expect("offline");
+    device.wait_for("offline", WAIT, |s| !s.connected).await.expect("dropped");
     net.gateway.wait_hellos(sn, 2).await;
-    let status = device
-        .wait_for("back", WAIT, |s| s.connected)
-        .await
-        .expect("back");
+    let status = device.wait_for("back", WAIT, |s| s.connected).await.expect("back");
     assert_eq!(status.connections, 2);
     assert!(status.powered);
 }
@@ -231,10 +153,7 @@ async fn flapping_connectivity_reconnects_and_says_hello_each_time() {
     let net = TestNet::start().await;
     let sn = "PWR0007";
     let mut config = net.config(TestNet::profile(sn));
-    config.knobs.flapping = Some(Flapping {
-        online: Duration::from_millis(300),
-        offline: Duration::from_millis(150),
-    });
+    config.knobs.flapping = Some(Flapping { online: Duration::from_millis(300), offline: Duration::from_millis(150) });
     let device = net.initialised_device(config).await;
     net.gateway.wait_hellos(sn, 4).await;
     assert!(device.status().connections >= 4);
@@ -245,15 +164,10 @@ async fn flapping_connectivity_reconnects_and_says_hello_each_time() {
 async fn a_delayed_power_on_connects_only_after_the_delay() {
     let net = TestNet::start().await;
     let sn = "PWR0008";
-    let device = net
-        .initialised_device(net.config(TestNet::profile(sn)))
-        .await;
+    let device = net.initialised_device(net.config(TestNet::profile(sn))).await;
     device.power_off().await.expect("off");
     let start = tokio::time::Instant::now();
-    device
-        .power_on_after(Duration::from_millis(600))
-        .await
-        .expect("scheduled");
+    device.power_on_after(Duration::from_millis(600)).await.expect("scheduled");
     assert!(!device.status().powered);
     net.gateway.wait_hellos(sn, 2).await;
     assert!(start.elapsed() >= Duration::from_millis(600));
@@ -281,11 +195,8 @@ async fn an_unreachable_broker_fails_the_initialisation_with_a_clear_error_and_c
 #[tokio::test]
 async fn an_initialised_terminal_without_a_broker_retries_with_a_doubling_delay() {
     let sn = "PWR0010";
-    let mut config = DeviceConfig::new(
-        TestNet::profile(sn),
-        rki_device_sim::BrokerAddr::new("127.0.0.1", 1),
-        StateStore::Memory,
-    );
+    let mut config =
+        DeviceConfig::new(TestNet::profile(sn), rki_device_sim::BrokerAddr::new("127.0.0.1", 1), StateStore::Memory);
     config.preset_secrets = Some(common::random_device_secrets());
     config.knobs.reconnect_delay = Duration::from_millis(10);
     config.knobs.reconnect_delay_max = Duration::from_millis(160);

@@ -16,9 +16,7 @@ use rki_protocol::dukpt::tdes::Ksn;
 use rki_protocol::dukpt::{aes::InitialKeyId, derive_initial_key, derive_ipek};
 use rki_protocol::frame::{self, MacKey};
 use rki_protocol::init::{derive_device_secrets, password_hash, DeviceSecrets, Ephemeral, Gudid};
-use rki_protocol::message::{
-    Ack, Body, CreateKeyAnswer, Download, Hello, Message, Refusal, RefusalCode, Unlock,
-};
+use rki_protocol::message::{Ack, Body, CreateKeyAnswer, Download, Hello, Message, Refusal, RefusalCode, Unlock};
 use rki_protocol::terminal::{KeySlot, KeyType, Model};
 use rki_protocol::topic;
 use rki_protocol::tr31::{self, DukptInitialKeyId, Header, Version};
@@ -60,15 +58,13 @@ impl TestBroker {
             external_auth: None,
             dynamic_filters: true,
         };
-        connections.set_auth_handler(
-            move |client_id: String, username: String, password: String| {
-                let accepted = test_broker_accepts(&credentials, &client_id, &username, &password);
-                if let Ok(mut log) = log.lock() {
-                    log.push((client_id, username, password));
-                }
-                async move { accepted }
-            },
-        );
+        connections.set_auth_handler(move |client_id: String, username: String, password: String| {
+            let accepted = test_broker_accepts(&credentials, &client_id, &username, &password);
+            if let Ok(mut log) = log.lock() {
+                log.push((client_id, username, password));
+            }
+            async move { accepted }
+        });
         let server = rumqttd::ServerSettings {
             name: "test-v4".to_string(),
             listen: SocketAddr::from(([127, 0, 0, 1], port)),
@@ -97,19 +93,11 @@ impl TestBroker {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        Self {
-            addr: BrokerAddr::new("127.0.0.1", port),
-            connects,
-        }
+        Self { addr: BrokerAddr::new("127.0.0.1", port), connects }
     }
 }
 
-fn test_broker_accepts(
-    credentials: &CredentialBook,
-    client_id: &str,
-    username: &str,
-    password: &str,
-) -> bool {
+fn test_broker_accepts(credentials: &CredentialBook, client_id: &str, username: &str, password: &str) -> bool {
     if client_id != username {
         return false;
     }
@@ -122,15 +110,11 @@ fn test_broker_accepts(
     let Ok(book) = credentials.lock() else {
         return false;
     };
-    book.get(client_id)
-        .is_some_and(|hash| *hash == password_hash(password.as_bytes()))
+    book.get(client_id).is_some_and(|hash| *hash == password_hash(password.as_bytes()))
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
 }
 
 /// What the fake gateway saw from one terminal.
@@ -188,19 +172,11 @@ impl FakeGateway {
 
     async fn connect(broker: &BrokerAddr, credentials: CredentialBook) -> Self {
         let mut options = MqttOptions::new(Self::CLIENT_ID, broker.host.clone(), broker.port);
-        options
-            .set_credentials(Self::CLIENT_ID, "gateway")
-            .set_keep_alive(Duration::from_secs(30));
+        options.set_credentials(Self::CLIENT_ID, "gateway").set_keep_alive(Duration::from_secs(30));
         options.set_inflight(1000);
         let (client, mut event_loop) = AsyncClient::new(options, 10_000);
-        client
-            .subscribe(topic::FILTER_DEVICE_UP, QoS::AtLeastOnce)
-            .await
-            .expect("subscribe up");
-        client
-            .subscribe(topic::FILTER_INIT, QoS::AtLeastOnce)
-            .await
-            .expect("subscribe init");
+        client.subscribe(topic::FILTER_DEVICE_UP, QoS::AtLeastOnce).await.expect("subscribe up");
+        client.subscribe(topic::FILTER_INIT, QoS::AtLeastOnce).await.expect("subscribe init");
         let gateway = FakeGateway {
             client,
             book: Arc::default(),
@@ -232,25 +208,17 @@ impl FakeGateway {
                 }
             }
         });
-        tokio::time::timeout(WAIT, subscribed_rx)
-            .await
-            .expect("gateway subscribed")
-            .expect("gateway task");
+        tokio::time::timeout(WAIT, subscribed_rx).await.expect("gateway subscribed").expect("gateway task");
         gateway
     }
 
     /// A down counter above every earlier one: microseconds since the epoch, bumped if needed.
     fn next_counter(&self) -> u64 {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_micros() as u64);
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64);
         let mut last = self.counter.load(Ordering::SeqCst);
         loop {
             let next = now.max(last + 1);
-            match self
-                .counter
-                .compare_exchange(last, next, Ordering::SeqCst, Ordering::SeqCst)
-            {
+            match self.counter.compare_exchange(last, next, Ordering::SeqCst, Ordering::SeqCst) {
                 Ok(_) => return next,
                 Err(actual) => last = actual,
             }
@@ -265,8 +233,7 @@ impl FakeGateway {
     pub fn provision(&self, sn: &str) -> String {
         let gudid = Gudid::random().expect("gudid");
         let mut book = self.book.lock().expect("book");
-        book.gudids
-            .insert(gudid.id(), (sn.to_string(), gudid.mac_key(), false));
+        book.gudids.insert(gudid.id(), (sn.to_string(), gudid.mac_key(), false));
         gudid.expose_text().to_string()
     }
 
@@ -274,8 +241,7 @@ impl FakeGateway {
     pub fn provision_text(&self, sn: &str, text: &str) {
         let gudid = Gudid::parse(text).expect("gudid");
         let mut book = self.book.lock().expect("book");
-        book.gudids
-            .insert(gudid.id(), (sn.to_string(), gudid.mac_key(), false));
+        book.gudids.insert(gudid.id(), (sn.to_string(), gudid.mac_key(), false));
     }
 
     /// Pushes a download on every hello to terminals that have none pending or acked.
@@ -312,10 +278,7 @@ impl FakeGateway {
             let body = Body {
                 party: sn.to_string(),
                 counter: self.next_counter(),
-                message: Message::Refusal(Refusal {
-                    request_counter,
-                    code,
-                }),
+                message: Message::Refusal(Refusal { request_counter, code }),
             };
             let bytes = frame::seal(&MacKey::public_refusal_key(), &body).expect("seal refusal");
             self.publish_down(sn, bytes);
@@ -340,18 +303,12 @@ impl FakeGateway {
         };
         let bytes = frame::seal(&mac_key, &body).expect("seal answer");
         let answer_body = frame::body_bytes_of(&bytes).expect("answer body").to_vec();
-        let secrets = derive_device_secrets(
-            own,
-            &request.device_public,
-            &mac_key,
-            &create_key_body,
-            &answer_body,
-        )
-        .expect("gateway secrets");
-        self.credentials.lock().expect("credentials").insert(
-            sn.to_string(),
-            password_hash(secrets.mqtt_password.expose_secret()),
-        );
+        let secrets = derive_device_secrets(own, &request.device_public, &mac_key, &create_key_body, &answer_body)
+            .expect("gateway secrets");
+        self.credentials
+            .lock()
+            .expect("credentials")
+            .insert(sn.to_string(), password_hash(secrets.mqtt_password.expose_secret()));
         let record = book.devices.entry(sn.to_string()).or_default();
         record.secrets = Some(secrets);
         record.last_up_counter = 0;
@@ -393,8 +350,7 @@ impl FakeGateway {
                     drop(book);
                     let download = self.tdes_download(sn, execution_id, KeySlot::PRODUCTION);
                     let mut book = self.book.lock().expect("book");
-                    book.pushed
-                        .insert(sn.to_string(), (execution_id, download.kcv.clone()));
+                    book.pushed.insert(sn.to_string(), (execution_id, download.kcv.clone()));
                     drop(book);
                     self.send(sn, Message::Download(download), Tag::Device);
                 }
@@ -406,18 +362,12 @@ impl FakeGateway {
     }
 
     fn publish_down(&self, sn: &str, bytes: Vec<u8>) {
-        self.client
-            .try_publish(topic::device_down(sn), QoS::AtLeastOnce, false, bytes)
-            .expect("publish down");
+        self.client.try_publish(topic::device_down(sn), QoS::AtLeastOnce, false, bytes).expect("publish down");
     }
 
     /// Seals `message` for `sn` with a fresh counter and the chosen tag; returns the frame bytes.
     pub fn seal(&self, sn: &str, message: Message, tag: Tag) -> Vec<u8> {
-        let body = Body {
-            party: sn.to_string(),
-            counter: self.next_counter(),
-            message,
-        };
+        let body = Body { party: sn.to_string(), counter: self.next_counter(), message };
         self.seal_body(sn, &body, tag)
     }
 
@@ -425,11 +375,7 @@ impl FakeGateway {
         match tag {
             Tag::Device => {
                 let book = self.book.lock().expect("book");
-                let secrets = book
-                    .devices
-                    .get(sn)
-                    .and_then(|r| r.secrets.as_ref())
-                    .expect("terminal initialised");
+                let secrets = book.devices.get(sn).and_then(|r| r.secrets.as_ref()).expect("terminal initialised");
                 frame::seal(&secrets.signing_key, body).expect("seal")
             }
             Tag::Key(key) => frame::seal(&key, body).expect("seal"),
@@ -451,36 +397,23 @@ impl FakeGateway {
 
     fn with_secrets<T>(&self, sn: &str, f: impl FnOnce(&DeviceSecrets) -> T) -> T {
         let book = self.book.lock().expect("book");
-        f(book
-            .devices
-            .get(sn)
-            .and_then(|r| r.secrets.as_ref())
-            .expect("terminal initialised"))
+        f(book.devices.get(sn).and_then(|r| r.secrets.as_ref()).expect("terminal initialised"))
     }
 
     /// A TDES DUKPT initial key for `sn`, derived from a test BDK, wrapped as a version B block
     /// under the terminal's TDES KBPK, with its KSN and KCV.
     pub fn tdes_download(&self, sn: &str, execution_id: u64, slot: KeySlot) -> Download {
         let bdk = SymmetricKey::tdes_from_hex("0123456789ABCDEFFEDCBA9876543210").expect("bdk");
-        let ksn = Ksn::from_hex(&format!("FFFF98765{:06X}00000", execution_id & 0xFF_FFFF)[..20])
-            .expect("ksn");
+        let ksn = Ksn::from_hex(&format!("FFFF98765{:06X}00000", execution_id & 0xFF_FFFF)[..20]).expect("ksn");
         let ipek = derive_ipek(&bdk, &ksn).expect("ipek");
         let kcv = ipek.kcv(KcvLen::Three);
-        let header =
-            Header::dukpt_initial_key(Version::B, DukptInitialKeyId::Tdes(ksn), Some(&kcv))
-                .expect("header");
+        let header = Header::dukpt_initial_key(Version::B, DukptInitialKeyId::Tdes(ksn), Some(&kcv)).expect("header");
         let block = self
             .with_secrets(sn, |s| {
-                tr31::wrap(&s.kbpk_tdes, &header, ipek.secret(), &mut |b| {
-                    getrandom::getrandom(b).expect("rng")
-                })
+                tr31::wrap(&s.kbpk_tdes, &header, ipek.secret(), &mut |b| getrandom::getrandom(b).expect("rng"))
             })
             .expect("wrap");
-        self.book
-            .lock()
-            .expect("book")
-            .expected_kcv
-            .insert(execution_id, kcv.as_bytes().to_vec());
+        self.book.lock().expect("book").expected_kcv.insert(execution_id, kcv.as_bytes().to_vec());
         Download {
             execution_id,
             slot,
@@ -497,20 +430,13 @@ impl FakeGateway {
         let id = InitialKeyId::from_hex("1234567890123456").expect("id");
         let key = derive_initial_key(&bdk, &id).expect("initial key");
         let kcv = key.kcv(KcvLen::Three);
-        let header = Header::dukpt_initial_key(Version::D, DukptInitialKeyId::Aes(id), Some(&kcv))
-            .expect("header");
+        let header = Header::dukpt_initial_key(Version::D, DukptInitialKeyId::Aes(id), Some(&kcv)).expect("header");
         let block = self
             .with_secrets(sn, |s| {
-                tr31::wrap(&s.kbpk_aes, &header, key.secret(), &mut |b| {
-                    getrandom::getrandom(b).expect("rng")
-                })
+                tr31::wrap(&s.kbpk_aes, &header, key.secret(), &mut |b| getrandom::getrandom(b).expect("rng"))
             })
             .expect("wrap");
-        self.book
-            .lock()
-            .expect("book")
-            .expected_kcv
-            .insert(execution_id, kcv.as_bytes().to_vec());
+        self.book.lock().expect("book").expected_kcv.insert(execution_id, kcv.as_bytes().to_vec());
         Download {
             execution_id,
             slot,
@@ -525,14 +451,10 @@ impl FakeGateway {
     pub fn pin_key_download(&self, sn: &str, execution_id: u64) -> Download {
         let key = SymmetricKey::tdes_from_hex("0123456789ABCDEFFEDCBA9876543210").expect("key");
         let kcv = key.kcv(KcvLen::Three);
-        let header = Header::builder(Version::B, *b"P0", b'T', b'E')
-            .build()
-            .expect("header");
+        let header = Header::builder(Version::B, *b"P0", b'T', b'E').build().expect("header");
         let block = self
             .with_secrets(sn, |s| {
-                tr31::wrap(&s.kbpk_tdes, &header, key.secret(), &mut |b| {
-                    getrandom::getrandom(b).expect("rng")
-                })
+                tr31::wrap(&s.kbpk_tdes, &header, key.secret(), &mut |b| getrandom::getrandom(b).expect("rng"))
             })
             .expect("wrap");
         Download {
@@ -547,23 +469,12 @@ impl FakeGateway {
 
     /// A signed unlock for `sn`.
     pub fn unlock(&self, sn: &str, tag: Tag) -> Vec<u8> {
-        self.send(
-            sn,
-            Message::Unlock(Unlock {
-                unlock_id: self.next_execution_id(),
-            }),
-            tag,
-        )
+        self.send(sn, Message::Unlock(Unlock { unlock_id: self.next_execution_id() }), tag)
     }
 
     /// The KCV the gateway derived for an execution.
     pub fn expected_kcv(&self, execution_id: u64) -> Option<Vec<u8>> {
-        self.book
-            .lock()
-            .expect("book")
-            .expected_kcv
-            .get(&execution_id)
-            .cloned()
+        self.book.lock().expect("book").expected_kcv.get(&execution_id).cloned()
     }
 
     /// Reads the record of `sn`.
@@ -575,22 +486,11 @@ impl FakeGateway {
 
     /// The acks of `sn` for one execution.
     pub fn acks_for(&self, sn: &str, execution_id: u64) -> Vec<Ack> {
-        self.record(sn, |r| {
-            r.acks
-                .iter()
-                .filter(|a| a.execution_id == execution_id)
-                .cloned()
-                .collect()
-        })
+        self.record(sn, |r| r.acks.iter().filter(|a| a.execution_id == execution_id).cloned().collect())
     }
 
     /// Waits until `condition` holds for the record of `sn`.
-    pub async fn wait_for<T>(
-        &self,
-        sn: &str,
-        what: &str,
-        mut condition: impl FnMut(&DeviceRecord) -> Option<T>,
-    ) -> T {
+    pub async fn wait_for<T>(&self, sn: &str, what: &str, mut condition: impl FnMut(&DeviceRecord) -> Option<T>) -> T {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
             let notified = self.changed.notified();
@@ -611,11 +511,7 @@ impl FakeGateway {
     /// Waits for the `n`th ack of an execution (1 = the first).
     pub async fn wait_ack(&self, sn: &str, execution_id: u64, n: usize) -> Ack {
         self.wait_for(sn, &format!("ack #{n} of execution {execution_id}"), |r| {
-            r.acks
-                .iter()
-                .filter(|a| a.execution_id == execution_id)
-                .nth(n - 1)
-                .cloned()
+            r.acks.iter().filter(|a| a.execution_id == execution_id).nth(n - 1).cloned()
         })
         .await
     }
@@ -635,11 +531,7 @@ impl FakeGateway {
     /// Asserts the terminal never sent an up frame with a bad tag or a non-increasing counter.
     pub fn assert_clean_up_channel(&self, sn: &str) {
         let (replays, bad) = self.record(sn, |r| (r.up_replays, r.bad_tags));
-        assert_eq!(
-            (replays, bad),
-            (0, 0),
-            "{sn}: up frames replayed / badly tagged"
-        );
+        assert_eq!((replays, bad), (0, 0), "{sn}: up frames replayed / badly tagged");
     }
 
     /// Pushed executions and their expected KCVs (auto push).
@@ -715,9 +607,6 @@ pub fn random_secret(len: usize) -> SecretBytes {
 /// initialised at the factory.
 pub fn random_device_secrets() -> DeviceSecrets {
     let gudid = Gudid::random().expect("gudid");
-    let (a, b) = (
-        Ephemeral::random().expect("a"),
-        Ephemeral::random().expect("b"),
-    );
+    let (a, b) = (Ephemeral::random().expect("a"), Ephemeral::random().expect("b"));
     derive_device_secrets(a, &b.public(), &gudid.mac_key(), b"factory", b"preset").expect("secrets")
 }
