@@ -876,13 +876,15 @@ impl Engine {
             }
         };
         let counter = unverified.peek().counter;
-        let refuse = |code: RefusalCode| {
-            metrics::counter!(m::GUDID_REFUSALS_TOTAL, "reason" => code.as_str()).increment(1);
-            metrics::counter!(m::REJECTED_MESSAGES_TOTAL, "kind" => "create_key", "reason" => code.as_str())
-                .increment(1);
-            info!(sn, reason = code.as_str(), "CreateKey refused");
+        // The refusal sent names the code; the metric may be more precise (a GUDID of another
+        // organization is, to the terminal, a GUDID for another device).
+        let refuse_as = |code: RefusalCode, reason: &'static str| {
+            metrics::counter!(m::GUDID_REFUSALS_TOTAL, "reason" => reason).increment(1);
+            metrics::counter!(m::REJECTED_MESSAGES_TOTAL, "kind" => "create_key", "reason" => reason).increment(1);
+            info!(sn, reason, "CreateKey refused");
             self.publish_refusal(sn, counter, code);
         };
+        let refuse = |code: RefusalCode| refuse_as(code, code.as_str());
         if unverified.peek().party != sn {
             return refuse(RefusalCode::Malformed);
         }
@@ -907,6 +909,9 @@ impl Engine {
             Ok(Some(d)) => d,
             _ => return refuse(RefusalCode::UnknownDevice),
         };
+        if gudid.org_id != device.1 {
+            return refuse_as(RefusalCode::GudidWrongDevice, "gudid_foreign_org");
+        }
         if gudid.device_id != device.0 {
             return refuse(RefusalCode::GudidWrongDevice);
         }

@@ -610,6 +610,74 @@ fn now_us() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
 }
 
+/// A bootstrap connection (`init:{SN}` / `bootstrap`) that sends hand-made CreateKey frames and
+/// reads what comes back on the device's down topic.
+pub struct RawBootstrap {
+    pub sn: String,
+    pub client: AsyncClient,
+    events: tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>)>,
+}
+
+impl RawBootstrap {
+    pub async fn connect(port: u16, sn: &str) -> TestResult<RawBootstrap> {
+        let (client, events) = mqtt_connect(port, &format!("init:{sn}"), "bootstrap", true).await?;
+        client.subscribe(topic::device_down(sn), QoS::AtLeastOnce).await?;
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        Ok(RawBootstrap { sn: sn.to_string(), client, events })
+    }
+
+    /// A CreateKey frame for `gudid` with a fresh ephemeral key, as `sn`.
+    pub fn create_key(sn: &str, gudid: &Gudid) -> TestResult<Vec<u8>> {
+        let ephemeral = Ephemeral::random()?;
+        let body = Body {
+            party: sn.to_string(),
+            counter: now_us(),
+            message: Message::CreateKey(CreateKey {
+                gudid_id: gudid.id(),
+                x_pos_device_id: format!("RAW-{sn}"),
+                device_public: ephemeral.public(),
+            }),
+        };
+        Ok(frame::seal(&gudid.mac_key(), &body)?)
+    }
+
+    pub async fn send(&self, frame: Vec<u8>) -> TestResult {
+        self.client.publish(topic::init(&self.sn), QoS::AtLeastOnce, false, frame).await?;
+        Ok(())
+    }
+
+    /// The next message on the down topic, decoded but not verified (refusals carry no secret).
+    pub async fn next(&mut self, timeout: Duration) -> TestResult<Message> {
+        let (_, bytes) = tokio::time::timeout(timeout, self.events.recv()).await?.ok_or("disconnected")?;
+        Ok(frame::open(&bytes)?.peek().message.clone())
+    }
+}
+
+/// A client subscribed to `#`: records every publish the broker lets it see.
+pub struct Capture {
+    pub client: AsyncClient,
+    events: tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>)>,
+    pub seen: Vec<(String, Vec<u8>)>,
+}
+
+impl Capture {
+    /// Connects as `client_id` / `password` (any identity the broker admits) and subscribes to `#`.
+    pub async fn start(port: u16, client_id: &str, password: &str) -> TestResult<Capture> {
+        let (client, events) = mqtt_connect(port, client_id, password, true).await?;
+        client.subscribe("#", QoS::AtLeastOnce).await?;
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        Ok(Capture { client, events, seen: Vec::new() })
+    }
+
+    /// Collects what arrived until nothing more comes for `quiet`.
+    pub async fn drain(&mut self, quiet: Duration) -> &[(String, Vec<u8>)] {
+        while let Ok(Some(item)) = tokio::time::timeout(quiet, self.events.recv()).await {
+            self.seen.push(item);
+        }
+        &self.seen
+    }
+}
+
 /// SNs `PREFIX000001`… `PREFIX{n}`.
 pub fn sns(prefix: &str, n: usize) -> Vec<String> {
     (1..=n).map(|i| format!("{prefix}{i:06}")).collect()

@@ -1,0 +1,243 @@
+//! Device initialisation: GUDID refusals, re-initialisation, and what a full capture plus the GUDID
+//! does not reveal.
+
+mod common;
+
+use std::time::Duration;
+
+use hkdf::Hkdf;
+use rki_protocol::frame::{self, MacKey};
+use rki_protocol::init::Gudid;
+use rki_protocol::message::{Ack, Message, RefusalCode};
+use rki_protocol::terminal::InjectionType;
+use rki_protocol::{tr31, SecretBytes, SymmetricKey};
+use rki_tests::{
+    create_task, provision, sns, wait_task, Capture, GatewayOptions, GatewayProcess, RawBootstrap, RawDevice, TestResult,
+};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+fn refusal(message: Message) -> TestResult<RefusalCode> {
+    match message {
+        Message::Refusal(r) => Ok(r.code),
+        other => Err(format!("expected a refusal, got {other:?}").into()),
+    }
+}
+
+fn gudid_status(gw: &GatewayProcess, sn: &str) -> TestResult<Vec<String>> {
+    let v = gw.api().ok(&format!("/v1/gudids?sn={sn}"))?;
+    Ok(v["gudids"].as_array().map(|a| a.iter().map(|g| g["status"].as_str().unwrap_or("").to_string()).collect()).unwrap_or_default())
+}
+
+#[test]
+fn every_bad_gudid_is_refused_clearly_counted_and_changes_nothing() -> TestResult {
+    let rt = common::runtime();
+    let gw = GatewayProcess::start(GatewayOptions { adjustable_clock: true, ..Default::default() })?;
+    let provisioned = provision(&gw, &sns("GUD", 2), "g")?;
+    let (sn, gudid_text) = provisioned.gudids[0].clone();
+    let (other_sn, other_gudid) = provisioned.gudids[1].clone();
+    let gudid = Gudid::parse(&gudid_text)?;
+    let mut boot = rt.block_on(RawBootstrap::connect(gw.mqtt_port, &sn))?;
+
+    // A GUDID for another SN.
+    rt.block_on(boot.send(RawBootstrap::create_key(&sn, &Gudid::parse(&other_gudid)?)?))?;
+    assert_eq!(refusal(rt.block_on(boot.next(Duration::from_secs(5)))?)?, RefusalCode::GudidWrongDevice);
+    // A tampered CreateKey: one byte of the body changed after tagging.
+    let mut tampered = RawBootstrap::create_key(&sn, &gudid)?;
+    let n = tampered.len();
+    tampered[n - 40] ^= 0x01;
+    rt.block_on(boot.send(tampered))?;
+    assert_eq!(refusal(rt.block_on(boot.next(Duration::from_secs(5)))?)?, RefusalCode::BadTag);
+    // An unknown GUDID.
+    rt.block_on(boot.send(RawBootstrap::create_key(&sn, &Gudid::random().map_err(|e| e.to_string())?)?))?;
+    assert_eq!(refusal(rt.block_on(boot.next(Duration::from_secs(5)))?)?, RefusalCode::UnknownGudid);
+    // Another organization's GUDID, for one of its own devices.
+    let rival = rki_tests::Api::new(&gw.url(), &gw.init_org("rival")?);
+    let (status, v) = rival.post_csv("/v1/devices/import", "RIVAL1\n");
+    assert_eq!(status, 200, "{v}");
+    let rival_gudid = rival.ok_post("/v1/gudids", &json!({"sn": "RIVAL1"}))?["gudids"][0]["gudid"].as_str().unwrap_or_default().to_string();
+    rt.block_on(boot.send(RawBootstrap::create_key(&sn, &Gudid::parse(&rival_gudid)?)?))?;
+    assert_eq!(refusal(rt.block_on(boot.next(Duration::from_secs(5)))?)?, RefusalCode::GudidWrongDevice);
+    assert!(gw.metric("rki_gudid_refusals_total{reason=\"gudid_foreign_org\"}") >= 1.0);
+    // None of that spent anything.
+    assert_eq!(gudid_status(&gw, &sn)?, vec!["unused"]);
+    assert_eq!(gudid_status(&gw, &other_sn)?, vec!["unused"]);
+
+    // The real one works once; replaying the same CreateKey, or a new one with the same GUDID, is refused.
+    let good = RawBootstrap::create_key(&sn, &gudid)?;
+    rt.block_on(boot.send(good.clone()))?;
+    assert!(matches!(rt.block_on(boot.next(Duration::from_secs(5)))?, Message::CreateKeyAnswer(_)));
+    rt.block_on(boot.send(good))?;
+    assert_eq!(refusal(rt.block_on(boot.next(Duration::from_secs(5)))?)?, RefusalCode::GudidUsed);
+    rt.block_on(boot.send(RawBootstrap::create_key(&sn, &gudid)?))?;
+    assert_eq!(refusal(rt.block_on(boot.next(Duration::from_secs(5)))?)?, RefusalCode::GudidUsed);
+    assert_eq!(gudid_status(&gw, &sn)?, vec!["used"]);
+
+    // A GUDID past 72 hours, on the injected clock.
+    let mut other_boot = rt.block_on(RawBootstrap::connect(gw.mqtt_port, &other_sn))?;
+    gw.advance_days(3)?;
+    std::thread::sleep(Duration::from_millis(10));
+    let _ = gw.key_owner().post("/v1/admin/clock", &json!({"advance_seconds": 60}));
+    rt.block_on(other_boot.send(RawBootstrap::create_key(&other_sn, &Gudid::parse(&other_gudid)?)?))?;
+    assert_eq!(refusal(rt.block_on(other_boot.next(Duration::from_secs(5)))?)?, RefusalCode::GudidExpired);
+    assert_eq!(gudid_status(&gw, &other_sn)?, vec!["expired"]);
+    for reason in ["gudid_wrong_device", "bad_tag", "unknown_gudid", "gudid_used", "gudid_expired"] {
+        assert!(gw.metric(&format!("rki_gudid_refusals_total{{reason=\"{reason}\"}}")) >= 1.0, "{reason} not counted");
+    }
+    let devices = gw.api().ok(&format!("/v1/devices/{other_sn}"))?;
+    assert_eq!(devices["device"]["initialised"], false);
+    Ok(())
+}
+
+#[test]
+fn after_reinitialisation_the_old_key_is_refused_and_the_pending_key_comes_under_the_new_one() -> TestResult {
+    let rt = common::runtime();
+    let gw = GatewayProcess::start(GatewayOptions::default())?;
+    let api = gw.api();
+    let provisioned = provision(&gw, &sns("REINIT", 1), "r")?;
+    let (sn, gudid) = provisioned.gudids[0].clone();
+    let mut old = rt.block_on(RawDevice::initialise(gw.mqtt_port, &sn, &gudid))?;
+    rt.block_on(old.send(RawDevice::hello(false)))?;
+    std::thread::sleep(Duration::from_millis(200));
+    let task = create_task(&api, &json!({"group": "r"}))?;
+    let Message::Download(first) = rt.block_on(old.next_down(Duration::from_secs(5)))? else { return Err("no download".into()) };
+    // Re-initialise with a new GUDID before acking.
+    let new_gudid = api.ok_post("/v1/gudids", &json!({"sn": sn}))?["gudids"][0]["gudid"].as_str().unwrap_or_default().to_string();
+    let mut new = rt.block_on(RawDevice::initialise(gw.mqtt_port, &sn, &new_gudid))?;
+    assert_ne!(old.secrets.signing_key, new.secrets.signing_key);
+    // An ack signed with the old key is refused.
+    let ack = |d: &rki_protocol::message::Download| {
+        Message::Ack(Ack { execution_id: d.execution_id, result: 0, slot: d.slot, key_id: d.key_id.clone(), kcv: d.kcv.clone(), injection: InjectionType::Auto })
+    };
+    let before = gw.metric("rki_rejected_messages_total{kind=\"ack\",reason=\"bad_mac\"}");
+    // (Sent over the new connection: the broker dropped the old session when the new one came.)
+    let old_key = old.secrets.signing_key.clone_secret();
+    rt.block_on(new.send_with(&old_key, ack(&first)))?;
+    for _ in 0..100 {
+        if gw.metric("rki_rejected_messages_total{kind=\"ack\",reason=\"bad_mac\"}") > before {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(gw.metric("rki_rejected_messages_total{kind=\"ack\",reason=\"bad_mac\"}") > before);
+    assert_eq!(api.ok(&format!("/v1/tasks/{task}"))?["task"]["status"], "unfinished");
+    // The pending execution is re-wrapped for the new key-block protection key.
+    rt.block_on(new.send(RawDevice::hello(false)))?;
+    let Message::Download(second) = rt.block_on(new.next_down(Duration::from_secs(10)))? else { return Err("no download".into()) };
+    assert_eq!(second.execution_id, first.execution_id);
+    assert_ne!(second.key_block, first.key_block);
+    assert!(tr31::unwrap(&new.secrets.kbpk_tdes, &second.key_block).is_ok(), "new KBPK opens the new block");
+    assert!(tr31::unwrap(&old.secrets.kbpk_tdes, &second.key_block).is_err(), "old KBPK does not");
+    rt.block_on(new.send(ack(&second)))?;
+    wait_task(&api, task, Duration::from_secs(5), |c| c["succeeded"] == 1)?;
+    Ok(())
+}
+
+/// Everything an insider who typed the GUDID might compute from it and a full capture.
+fn insider_guesses(gudid: &Gudid, capture: &[(String, Vec<u8>)]) -> Vec<Vec<u8>> {
+    let text = gudid.expose_text();
+    let raw = hex::decode(text.replace('-', "")).unwrap_or_default();
+    let mac = gudid.mac_key().expose_secret().to_vec();
+    let mut guesses = vec![raw.clone(), mac.clone(), Sha256::digest(&raw).to_vec(), Sha256::digest(text.as_bytes()).to_vec()];
+    let mut publics = Vec::new();
+    for (_, bytes) in capture {
+        if let Ok(u) = frame::open(bytes) {
+            guesses.push(MacKey::new(SecretBytes::from_slice(&mac)).map(|k| k.tag(&[u.body_bytes()]).to_vec()).unwrap_or_default());
+            match &u.peek().message {
+                Message::CreateKey(c) => publics.push(c.device_public),
+                Message::CreateKeyAnswer(a) => publics.push(a.gateway_public),
+                _ => {}
+            }
+        }
+    }
+    for ikm in [raw.clone(), mac.clone()].into_iter().chain(publics.iter().map(|p| p.to_vec())) {
+        for salt in [None, Some(mac.as_slice()), Some(raw.as_slice())] {
+            let hk = Hkdf::<Sha256>::new(salt, &ikm);
+            for label in ["rki/v1 device signing key", "rki/v1 kbpk aes256", "rki/v1 kbpk tdes3", "rki/v1 mqtt password", ""] {
+                let mut out = [0u8; 32];
+                let _ = hk.expand(label.as_bytes(), &mut out);
+                guesses.push(out.to_vec());
+                guesses.push(out[..24].to_vec());
+            }
+        }
+    }
+    if publics.len() == 2 {
+        // "Shared secret" from two public keys, as someone who does not know X25519 might try.
+        let mut xor = [0u8; 32];
+        for i in 0..32 {
+            xor[i] = publics[0][i] ^ publics[1][i];
+        }
+        guesses.push(xor.to_vec());
+        guesses.push(Sha256::digest([publics[0], publics[1]].concat()).to_vec());
+    }
+    guesses
+}
+
+#[test]
+fn a_full_capture_and_the_gudid_reveal_neither_device_keys_nor_the_injected_key() -> TestResult {
+    let rt = common::runtime();
+    let gw = GatewayProcess::start(GatewayOptions::default())?;
+    let api = gw.api();
+    let provisioned = provision(&gw, &sns("CAPT", 2), "c")?;
+    let (sn, gudid_text) = provisioned.gudids[0].clone();
+    let (spy_sn, spy_gudid) = provisioned.gudids[1].clone();
+    // The spy is a legitimate terminal of the same fleet, subscribed to everything.
+    let spy = rt.block_on(RawDevice::initialise(gw.mqtt_port, &spy_sn, &spy_gudid))?;
+    let spy_password = String::from_utf8(spy.secrets.mqtt_password.expose_secret().to_vec())?;
+    let mut capture = rt.block_on(Capture::start(gw.mqtt_port, &spy_sn, &spy_password))?;
+    let mut victim = rt.block_on(RawDevice::initialise(gw.mqtt_port, &sn, &gudid_text))?;
+    rt.block_on(victim.send(RawDevice::hello(false)))?;
+    std::thread::sleep(Duration::from_millis(200));
+    let task = create_task(&api, &json!({"sns": [sn.clone()]}))?;
+    let Message::Download(d) = rt.block_on(victim.next_down(Duration::from_secs(5)))? else { return Err("no download".into()) };
+    rt.block_on(victim.send(Message::Ack(Ack { execution_id: d.execution_id, result: 0, slot: d.slot, key_id: d.key_id.clone(), kcv: d.kcv.clone(), injection: InjectionType::Auto })))?;
+    wait_task(&api, task, Duration::from_secs(5), |c| c["succeeded"] == 1)?;
+    let captured = rt.block_on(capture.drain(Duration::from_millis(500))).to_vec();
+    let kinds: Vec<String> =
+        captured.iter().filter_map(|(_, b)| frame::open(b).ok().map(|u| u.peek().message.kind().as_str().to_string())).collect();
+    for kind in ["create_key", "create_key_answer", "hello", "download", "ack"] {
+        assert!(kinds.iter().any(|k| k == kind), "the capture misses {kind}: {kinds:?}");
+    }
+    // The secrets the insider is after.
+    let ipek = {
+        let bdk = SymmetricKey::tdes_from_hex(rki_tests::TEST_BDK)?;
+        let ksn = rki_protocol::dukpt::tdes::Ksn::from_hex(&hex::encode(&d.key_id))?;
+        rki_protocol::dukpt::tdes::derive_ipek(&bdk, &ksn)?
+    };
+    let secrets: Vec<(&str, Vec<u8>)> = vec![
+        ("signing key", victim.secrets.signing_key.expose_secret().to_vec()),
+        ("AES KBPK", victim.secrets.kbpk_aes.expose_secret().to_vec()),
+        ("TDES KBPK", victim.secrets.kbpk_tdes.expose_secret().to_vec()),
+        ("MQTT password", victim.secrets.mqtt_password.expose_secret().to_vec()),
+        ("IPEK", ipek.expose_secret().to_vec()),
+    ];
+    // 1. No secret appears in any captured byte, raw or as hex.
+    for (name, secret) in &secrets {
+        let hex_upper = hex::encode_upper(secret).into_bytes();
+        for (topic, bytes) in &captured {
+            assert!(!bytes.windows(secret.len()).any(|w| w == secret.as_slice()), "{name} in clear on {topic}");
+            assert!(!bytes.windows(hex_upper.len()).any(|w| w == hex_upper.as_slice()), "{name} as hex on {topic}");
+        }
+    }
+    // 2. No derivation an insider holding the GUDID could try gives any of them.
+    let gudid = Gudid::parse(&gudid_text)?;
+    let guesses = insider_guesses(&gudid, &captured);
+    assert!(guesses.len() > 50);
+    for (name, secret) in &secrets {
+        for guess in &guesses {
+            let same_start = guess.len() >= 16 && secret.len() >= 16 && guess[..16] == secret[..16];
+            assert!(!same_start && guess != secret, "a guess gives the {name}");
+        }
+    }
+    // 3. No guess opens the key block.
+    for guess in &guesses {
+        for key in [SymmetricKey::tdes(SecretBytes::from_slice(&guess[..guess.len().min(24)])), SymmetricKey::aes(SecretBytes::from_slice(guess))] {
+            if let Ok(key) = key {
+                assert!(tr31::unwrap(&key, &d.key_block).is_err(), "a guess opened the key block");
+            }
+        }
+    }
+    // The spy holds a valid identity, yet its view is useless: its own KBPK does not open the victim's block.
+    assert!(tr31::unwrap(&spy.secrets.kbpk_tdes, &d.key_block).is_err());
+    Ok(())
+}
