@@ -62,11 +62,7 @@ impl ExecutionState {
         use ExecutionState::*;
         // An ack may overtake the persisting of `Delivered` (the publish happens first), so a
         // queued execution may end directly.
-        match (self, next) {
-            (Queued | Delivered, Delivered) => true,
-            (Queued | Delivered, Succeeded | Failed | Expired | Terminated) => true,
-            _ => false,
-        }
+        matches!((self, next), (Queued | Delivered, Delivered | Succeeded | Failed | Expired | Terminated))
     }
 }
 

@@ -12,7 +12,8 @@ use rki_protocol::message::{Ack, Message, RefusalCode};
 use rki_protocol::terminal::InjectionType;
 use rki_protocol::{tr31, SecretBytes, SymmetricKey};
 use rki_tests::{
-    create_task, provision, sns, wait_task, Capture, GatewayOptions, GatewayProcess, RawBootstrap, RawDevice, TestResult,
+    create_task, provision, sns, wait_task, Capture, GatewayOptions, GatewayProcess, RawBootstrap, RawDevice,
+    TestResult,
 };
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -26,7 +27,10 @@ fn refusal(message: Message) -> TestResult<RefusalCode> {
 
 fn gudid_status(gw: &GatewayProcess, sn: &str) -> TestResult<Vec<String>> {
     let v = gw.api().ok(&format!("/v1/gudids?sn={sn}"))?;
-    Ok(v["gudids"].as_array().map(|a| a.iter().map(|g| g["status"].as_str().unwrap_or("").to_string()).collect()).unwrap_or_default())
+    Ok(v["gudids"]
+        .as_array()
+        .map(|a| a.iter().map(|g| g["status"].as_str().unwrap_or("").to_string()).collect())
+        .unwrap_or_default())
 }
 
 #[test]
@@ -55,7 +59,10 @@ fn every_bad_gudid_is_refused_clearly_counted_and_changes_nothing() -> TestResul
     let rival = rki_tests::Api::new(&gw.url(), &gw.init_org("rival")?);
     let (status, v) = rival.post_csv("/v1/devices/import", "RIVAL1\n");
     assert_eq!(status, 200, "{v}");
-    let rival_gudid = rival.ok_post("/v1/gudids", &json!({"sn": "RIVAL1"}))?["gudids"][0]["gudid"].as_str().unwrap_or_default().to_string();
+    let rival_gudid = rival.ok_post("/v1/gudids", &json!({"sn": "RIVAL1"}))?["gudids"][0]["gudid"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     rt.block_on(boot.send(RawBootstrap::create_key(&sn, &Gudid::parse(&rival_gudid)?)?))?;
     assert_eq!(refusal(rt.block_on(boot.next(Duration::from_secs(5)))?)?, RefusalCode::GudidWrongDevice);
     assert!(gw.metric("rki_gudid_refusals_total{reason=\"gudid_foreign_org\"}") >= 1.0);
@@ -100,14 +107,24 @@ fn after_reinitialisation_the_old_key_is_refused_and_the_pending_key_comes_under
     rt.block_on(old.send(RawDevice::hello(false)))?;
     std::thread::sleep(Duration::from_millis(200));
     let task = create_task(&api, &json!({"group": "r"}))?;
-    let Message::Download(first) = rt.block_on(old.next_down(Duration::from_secs(5)))? else { return Err("no download".into()) };
+    let Message::Download(first) = rt.block_on(old.next_down(Duration::from_secs(5)))? else {
+        return Err("no download".into());
+    };
     // Re-initialise with a new GUDID before acking.
-    let new_gudid = api.ok_post("/v1/gudids", &json!({"sn": sn}))?["gudids"][0]["gudid"].as_str().unwrap_or_default().to_string();
+    let new_gudid =
+        api.ok_post("/v1/gudids", &json!({"sn": sn}))?["gudids"][0]["gudid"].as_str().unwrap_or_default().to_string();
     let mut new = rt.block_on(RawDevice::initialise(gw.mqtt_port, &sn, &new_gudid))?;
     assert_ne!(old.secrets.signing_key, new.secrets.signing_key);
     // An ack signed with the old key is refused.
     let ack = |d: &rki_protocol::message::Download| {
-        Message::Ack(Ack { execution_id: d.execution_id, result: 0, slot: d.slot, key_id: d.key_id.clone(), kcv: d.kcv.clone(), injection: InjectionType::Auto })
+        Message::Ack(Ack {
+            execution_id: d.execution_id,
+            result: 0,
+            slot: d.slot,
+            key_id: d.key_id.clone(),
+            kcv: d.kcv.clone(),
+            injection: InjectionType::Auto,
+        })
     };
     let before = gw.metric("rki_rejected_messages_total{kind=\"ack\",reason=\"bad_mac\"}");
     // (Sent over the new connection: the broker dropped the old session when the new one came.)
@@ -123,7 +140,9 @@ fn after_reinitialisation_the_old_key_is_refused_and_the_pending_key_comes_under
     assert_eq!(api.ok(&format!("/v1/tasks/{task}"))?["task"]["status"], "unfinished");
     // The pending execution is re-wrapped for the new key-block protection key.
     rt.block_on(new.send(RawDevice::hello(false)))?;
-    let Message::Download(second) = rt.block_on(new.next_down(Duration::from_secs(10)))? else { return Err("no download".into()) };
+    let Message::Download(second) = rt.block_on(new.next_down(Duration::from_secs(10)))? else {
+        return Err("no download".into());
+    };
     assert_eq!(second.execution_id, first.execution_id);
     assert_ne!(second.key_block, first.key_block);
     assert!(tr31::unwrap(&new.secrets.kbpk_tdes, &second.key_block).is_ok(), "new KBPK opens the new block");
@@ -138,11 +157,16 @@ fn insider_guesses(gudid: &Gudid, capture: &[(String, Vec<u8>)]) -> Vec<Vec<u8>>
     let text = gudid.expose_text();
     let raw = hex::decode(text.replace('-', "")).unwrap_or_default();
     let mac = gudid.mac_key().expose_secret().to_vec();
-    let mut guesses = vec![raw.clone(), mac.clone(), Sha256::digest(&raw).to_vec(), Sha256::digest(text.as_bytes()).to_vec()];
+    let mut guesses =
+        vec![raw.clone(), mac.clone(), Sha256::digest(&raw).to_vec(), Sha256::digest(text.as_bytes()).to_vec()];
     let mut publics = Vec::new();
     for (_, bytes) in capture {
         if let Ok(u) = frame::open(bytes) {
-            guesses.push(MacKey::new(SecretBytes::from_slice(&mac)).map(|k| k.tag(&[u.body_bytes()]).to_vec()).unwrap_or_default());
+            guesses.push(
+                MacKey::new(SecretBytes::from_slice(&mac))
+                    .map(|k| k.tag(&[u.body_bytes()]).to_vec())
+                    .unwrap_or_default(),
+            );
             match &u.peek().message {
                 Message::CreateKey(c) => publics.push(c.device_public),
                 Message::CreateKeyAnswer(a) => publics.push(a.gateway_public),
@@ -153,7 +177,9 @@ fn insider_guesses(gudid: &Gudid, capture: &[(String, Vec<u8>)]) -> Vec<Vec<u8>>
     for ikm in [raw.clone(), mac.clone()].into_iter().chain(publics.iter().map(|p| p.to_vec())) {
         for salt in [None, Some(mac.as_slice()), Some(raw.as_slice())] {
             let hk = Hkdf::<Sha256>::new(salt, &ikm);
-            for label in ["rki/v1 device signing key", "rki/v1 kbpk aes256", "rki/v1 kbpk tdes3", "rki/v1 mqtt password", ""] {
+            for label in
+                ["rki/v1 device signing key", "rki/v1 kbpk aes256", "rki/v1 kbpk tdes3", "rki/v1 mqtt password", ""]
+            {
                 let mut out = [0u8; 32];
                 let _ = hk.expand(label.as_bytes(), &mut out);
                 guesses.push(out.to_vec());
@@ -189,12 +215,23 @@ fn a_full_capture_and_the_gudid_reveal_neither_device_keys_nor_the_injected_key(
     rt.block_on(victim.send(RawDevice::hello(false)))?;
     std::thread::sleep(Duration::from_millis(200));
     let task = create_task(&api, &json!({"sns": [sn.clone()]}))?;
-    let Message::Download(d) = rt.block_on(victim.next_down(Duration::from_secs(5)))? else { return Err("no download".into()) };
-    rt.block_on(victim.send(Message::Ack(Ack { execution_id: d.execution_id, result: 0, slot: d.slot, key_id: d.key_id.clone(), kcv: d.kcv.clone(), injection: InjectionType::Auto })))?;
+    let Message::Download(d) = rt.block_on(victim.next_down(Duration::from_secs(5)))? else {
+        return Err("no download".into());
+    };
+    rt.block_on(victim.send(Message::Ack(Ack {
+        execution_id: d.execution_id,
+        result: 0,
+        slot: d.slot,
+        key_id: d.key_id.clone(),
+        kcv: d.kcv.clone(),
+        injection: InjectionType::Auto,
+    })))?;
     wait_task(&api, task, Duration::from_secs(5), |c| c["succeeded"] == 1)?;
     let captured = rt.block_on(capture.drain(Duration::from_millis(500))).to_vec();
-    let kinds: Vec<String> =
-        captured.iter().filter_map(|(_, b)| frame::open(b).ok().map(|u| u.peek().message.kind().as_str().to_string())).collect();
+    let kinds: Vec<String> = captured
+        .iter()
+        .filter_map(|(_, b)| frame::open(b).ok().map(|u| u.peek().message.kind().as_str().to_string()))
+        .collect();
     for kind in ["create_key", "create_key_answer", "hello", "download", "ack"] {
         assert!(kinds.iter().any(|k| k == kind), "the capture misses {kind}: {kinds:?}");
     }
@@ -231,10 +268,12 @@ fn a_full_capture_and_the_gudid_reveal_neither_device_keys_nor_the_injected_key(
     }
     // 3. No guess opens the key block.
     for guess in &guesses {
-        for key in [SymmetricKey::tdes(SecretBytes::from_slice(&guess[..guess.len().min(24)])), SymmetricKey::aes(SecretBytes::from_slice(guess))] {
-            if let Ok(key) = key {
-                assert!(tr31::unwrap(&key, &d.key_block).is_err(), "a guess opened the key block");
-            }
+        let candidates = [
+            SymmetricKey::tdes(SecretBytes::from_slice(&guess[..guess.len().min(24)])),
+            SymmetricKey::aes(SecretBytes::from_slice(guess)),
+        ];
+        for key in candidates.into_iter().flatten() {
+            assert!(tr31::unwrap(&key, &d.key_block).is_err(), "a guess opened the key block");
         }
     }
     // The spy holds a valid identity, yet its view is useless: its own KBPK does not open the victim's block.
