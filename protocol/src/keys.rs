@@ -107,24 +107,18 @@ pub struct SymmetricKey {
 
 impl SymmetricKey {
     pub fn tdes(bytes: SecretBytes) -> Result<Self, KeyError> {
-        let algorithm =
-            KeyAlgorithm::tdes_for_len(bytes.len()).ok_or(KeyError::TdesLength(bytes.len()))?;
+        let algorithm = KeyAlgorithm::tdes_for_len(bytes.len()).ok_or(KeyError::TdesLength(bytes.len()))?;
         Ok(Self { algorithm, bytes })
     }
 
     pub fn aes(bytes: SecretBytes) -> Result<Self, KeyError> {
-        let algorithm =
-            KeyAlgorithm::aes_for_len(bytes.len()).ok_or(KeyError::AesLength(bytes.len()))?;
+        let algorithm = KeyAlgorithm::aes_for_len(bytes.len()).ok_or(KeyError::AesLength(bytes.len()))?;
         Ok(Self { algorithm, bytes })
     }
 
     /// A key of the given algorithm; the length must match it exactly.
     pub fn new(algorithm: KeyAlgorithm, bytes: SecretBytes) -> Result<Self, KeyError> {
-        let key = if algorithm.is_tdes() {
-            Self::tdes(bytes)?
-        } else {
-            Self::aes(bytes)?
-        };
+        let key = if algorithm.is_tdes() { Self::tdes(bytes)? } else { Self::aes(bytes)? };
         if key.algorithm != algorithm {
             return Err(if algorithm.is_tdes() {
                 KeyError::TdesLength(key.bytes.len())
@@ -174,10 +168,7 @@ impl SymmetricKey {
     }
 
     pub fn clone_secret(&self) -> Self {
-        Self {
-            algorithm: self.algorithm,
-            bytes: self.bytes.clone_secret(),
-        }
+        Self { algorithm: self.algorithm, bytes: self.bytes.clone_secret() }
     }
 
     /// The key check value: TDES-ECB of eight zero bytes for TDES, AES-CMAC of sixteen zero bytes for
@@ -193,14 +184,9 @@ impl SymmetricKey {
                 out[..8].copy_from_slice(&block);
                 out
             }
-            KeyAlgorithm::Aes128 | KeyAlgorithm::Aes192 | KeyAlgorithm::Aes256 => {
-                aes_cmac_zero(self)
-            }
+            KeyAlgorithm::Aes128 | KeyAlgorithm::Aes192 | KeyAlgorithm::Aes256 => aes_cmac_zero(self),
         };
-        Kcv::from_slice(&full[..len.bytes()]).unwrap_or(Kcv {
-            bytes: [0; 5],
-            len: 0,
-        })
+        Kcv::from_slice(&full[..len.bytes()]).unwrap_or(Kcv { bytes: [0; 5], len: 0 })
     }
 }
 
@@ -262,10 +248,7 @@ impl Kcv {
         }
         let mut out = [0u8; 5];
         out[..bytes.len()].copy_from_slice(bytes);
-        Some(Self {
-            bytes: out,
-            len: bytes.len() as u8,
-        })
+        Some(Self { bytes: out, len: bytes.len() as u8 })
     }
 
     pub fn from_hex(text: &str) -> Option<Self> {
@@ -318,10 +301,7 @@ mod tests {
         assert!(SymmetricKey::tdes(SecretBytes::zeroed(32)).is_err());
         assert!(SymmetricKey::aes(SecretBytes::zeroed(20)).is_err());
         assert!(SymmetricKey::new(KeyAlgorithm::Aes256, SecretBytes::zeroed(16)).is_err());
-        assert_eq!(
-            SymmetricKey::aes(SecretBytes::zeroed(24)).map(|k| k.algorithm()),
-            Ok(KeyAlgorithm::Aes192)
-        );
+        assert_eq!(SymmetricKey::aes(SecretBytes::zeroed(24)).map(|k| k.algorithm()), Ok(KeyAlgorithm::Aes192));
     }
 
     #[test]

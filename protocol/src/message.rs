@@ -251,23 +251,9 @@ pub enum TaskTarget {
 /// The gateway tells the backend what happened.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum TaskEvent {
-    Created {
-        request_id: u64,
-        task_id: u64,
-        executions: u32,
-    },
-    Rejected {
-        request_id: u64,
-        reason: String,
-    },
-    ExecutionEnded {
-        task_id: u64,
-        execution_id: u64,
-        sn: String,
-        state: String,
-        result: i32,
-        kcv: Vec<u8>,
-    },
+    Created { request_id: u64, task_id: u64, executions: u32 },
+    Rejected { request_id: u64, reason: String },
+    ExecutionEnded { task_id: u64, execution_id: u64, sn: String, state: String, result: i32, kcv: Vec<u8> },
 }
 
 /// Why a decoded body is not acceptable.
@@ -300,10 +286,7 @@ impl Body {
         debug_assert!(self.party.len() <= SN_LEN_MAX);
         match &self.message {
             Message::CreateKey(m) => short("x_pos_device_id", &m.x_pos_device_id),
-            Message::CreateKeyAnswer(_)
-            | Message::Bye
-            | Message::Unlock(_)
-            | Message::Refusal(_) => Ok(()),
+            Message::CreateKeyAnswer(_) | Message::Bye | Message::Unlock(_) | Message::Refusal(_) => Ok(()),
             Message::Hello(m) => {
                 short("model", &m.model)?;
                 short("rom_version", &m.rom_version)?;

@@ -27,12 +27,8 @@ impl Tdes {
     fn new(key: &SymmetricKey) -> Result<Self, TdesError> {
         let refused = TdesError::NotTdes(key.algorithm());
         match key.algorithm() {
-            KeyAlgorithm::Tdes2 => TdesEde2::new_from_slice(key.expose_secret())
-                .map(Tdes::Two)
-                .map_err(|_| refused),
-            KeyAlgorithm::Tdes3 => TdesEde3::new_from_slice(key.expose_secret())
-                .map(Tdes::Three)
-                .map_err(|_| refused),
+            KeyAlgorithm::Tdes2 => TdesEde2::new_from_slice(key.expose_secret()).map(Tdes::Two).map_err(|_| refused),
+            KeyAlgorithm::Tdes3 => TdesEde3::new_from_slice(key.expose_secret()).map(Tdes::Three).map_err(|_| refused),
             KeyAlgorithm::Aes128 | KeyAlgorithm::Aes192 | KeyAlgorithm::Aes256 => Err(refused),
         }
     }
@@ -75,22 +71,15 @@ mod tests {
     fn an_aes_key_is_refused_and_the_block_left_unchanged() {
         let aes = SymmetricKey::aes(SecretBytes::from_slice(&[7; 16])).expect("aes");
         let mut block = [1u8; 8];
-        assert_eq!(
-            encrypt_block(&aes, &mut block),
-            Err(TdesError::NotTdes(KeyAlgorithm::Aes128))
-        );
-        assert_eq!(
-            decrypt_block(&aes, &mut block),
-            Err(TdesError::NotTdes(KeyAlgorithm::Aes128))
-        );
+        assert_eq!(encrypt_block(&aes, &mut block), Err(TdesError::NotTdes(KeyAlgorithm::Aes128)));
+        assert_eq!(decrypt_block(&aes, &mut block), Err(TdesError::NotTdes(KeyAlgorithm::Aes128)));
         assert_eq!(block, [1u8; 8]);
     }
 
     #[test]
     fn decrypt_inverts_encrypt_for_two_and_three_key_tdes() {
         for len in [16usize, 24] {
-            let key =
-                SymmetricKey::tdes(SecretBytes::from_vec((1..=len as u8).collect())).expect("tdes");
+            let key = SymmetricKey::tdes(SecretBytes::from_vec((1..=len as u8).collect())).expect("tdes");
             let mut block = *b"RKI TDES";
             encrypt_block(&key, &mut block).expect("encrypt");
             assert_ne!(&block, b"RKI TDES");

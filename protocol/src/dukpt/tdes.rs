@@ -58,10 +58,7 @@ impl Ksn {
     /// The same KSN with the counter replaced; refused if `counter` does not fit in 21 bits.
     pub fn with_counter(&self, counter: u32) -> Result<Self, DukptError> {
         if counter > COUNTER_MASK {
-            return Err(DukptError::CounterTooLarge {
-                counter,
-                bits: COUNTER_BITS,
-            });
+            return Err(DukptError::CounterTooLarge { counter, bits: COUNTER_BITS });
         }
         let mut bytes = self.0;
         let low = u32::from_be_bytes([0, bytes[7], bytes[8], bytes[9]]) & !COUNTER_MASK;
@@ -108,15 +105,10 @@ pub fn derive_ipek(bdk: &SymmetricKey, ksn: &Ksn) -> Result<SymmetricKey, DukptE
     serial.copy_from_slice(&ksn.initial().0[..8]);
 
     let mut masked = SecretBytes::from_slice(bdk.expose_secret());
-    for (byte, mask) in masked
-        .expose_secret_mut()
-        .iter_mut()
-        .zip(KEY_PART_MASK.iter().cycle())
-    {
+    for (byte, mask) in masked.expose_secret_mut().iter_mut().zip(KEY_PART_MASK.iter().cycle()) {
         *byte ^= mask;
     }
-    let masked = SymmetricKey::new(bdk.algorithm(), masked)
-        .map_err(|_| DukptError::BdkNotTdes(bdk.algorithm()))?;
+    let masked = SymmetricKey::new(bdk.algorithm(), masked).map_err(|_| DukptError::BdkNotTdes(bdk.algorithm()))?;
 
     let mut ipek = SecretBytes::zeroed(16);
     let mut left = serial;
@@ -128,8 +120,7 @@ pub fn derive_ipek(bdk: &SymmetricKey, ksn: &Ksn) -> Result<SymmetricKey, DukptE
     crate::tdes::encrypt_block(&masked, &mut right).map_err(not_tdes)?;
     ipek.expose_secret_mut()[..8].copy_from_slice(&left);
     ipek.expose_secret_mut()[8..].copy_from_slice(&right);
-    SymmetricKey::new(KeyAlgorithm::Tdes2, ipek)
-        .map_err(|_| DukptError::IpekNotTdes2(bdk.algorithm()))
+    SymmetricKey::new(KeyAlgorithm::Tdes2, ipek).map_err(|_| DukptError::IpekNotTdes2(bdk.algorithm()))
 }
 
 /// The terminal's transaction key for `ksn`, derived from the IPEK by the non-reversible key
@@ -166,11 +157,7 @@ fn check_counter(counter: u32) -> Result<(), DukptError> {
     }
     let ones = counter.count_ones();
     if ones > COUNTER_ONE_BITS_MAX {
-        return Err(DukptError::CounterTooManyOneBits {
-            counter,
-            ones,
-            max: COUNTER_ONE_BITS_MAX,
-        });
+        return Err(DukptError::CounterTooManyOneBits { counter, ones, max: COUNTER_ONE_BITS_MAX });
     }
     Ok(())
 }
@@ -262,34 +249,19 @@ mod tests {
         let ksn = Ksn::from_hex("FFFF9876543210FFFFFF").expect("ksn");
         assert_eq!(ksn.counter(), 0x1F_FFFF);
         assert_eq!(ksn.initial().to_hex(), "FFFF9876543210E00000");
-        assert_eq!(
-            ksn.with_counter(0x12345).expect("fits").to_hex(),
-            "FFFF9876543210E12345"
-        );
+        assert_eq!(ksn.with_counter(0x12345).expect("fits").to_hex(), "FFFF9876543210E12345");
     }
 
     #[test]
     fn counter_beyond_21_bits_is_refused() {
         let ksn = Ksn::from_hex("FFFF9876543210E00000").expect("ksn");
-        assert_eq!(
-            ksn.with_counter(1 << 21),
-            Err(DukptError::CounterTooLarge {
-                counter: 1 << 21,
-                bits: 21
-            })
-        );
+        assert_eq!(ksn.with_counter(1 << 21), Err(DukptError::CounterTooLarge { counter: 1 << 21, bits: 21 }));
     }
 
     #[test]
     fn ksn_of_wrong_length_or_not_hex_is_refused() {
-        assert!(matches!(
-            Ksn::from_hex("FFFF"),
-            Err(DukptError::IdentifierLength { .. })
-        ));
-        assert!(matches!(
-            Ksn::from_hex("FFFF9876543210E0000G"),
-            Err(DukptError::IdentifierHex { .. })
-        ));
+        assert!(matches!(Ksn::from_hex("FFFF"), Err(DukptError::IdentifierLength { .. })));
+        assert!(matches!(Ksn::from_hex("FFFF9876543210E0000G"), Err(DukptError::IdentifierHex { .. })));
     }
 
     #[test]
@@ -311,11 +283,7 @@ mod tests {
         let ipek = derive_ipek(&key(BDK), &ksn).expect("ipek");
         assert_eq!(
             transaction_key(&ipek, &ksn),
-            Err(DukptError::CounterTooManyOneBits {
-                counter: 0x7FF,
-                ones: 11,
-                max: 10
-            })
+            Err(DukptError::CounterTooManyOneBits { counter: 0x7FF, ones: 11, max: 10 })
         );
         let ten = ksn.with_counter(0x3FF).expect("fits");
         assert!(transaction_key(&ipek, &ten).is_ok());
@@ -325,10 +293,7 @@ mod tests {
     fn ipek_from_an_aes_bdk_is_refused() {
         let bdk = SymmetricKey::aes_from_hex(BDK).expect("aes");
         let ksn = Ksn::from_hex("FFFF9876543210E00000").expect("ksn");
-        assert_eq!(
-            derive_ipek(&bdk, &ksn),
-            Err(DukptError::BdkNotTdes(KeyAlgorithm::Aes128))
-        );
+        assert_eq!(derive_ipek(&bdk, &ksn), Err(DukptError::BdkNotTdes(KeyAlgorithm::Aes128)));
     }
 
     #[test]
@@ -348,10 +313,7 @@ mod tests {
         let hex = |k: SymmetricKey| k.secret().to_hex_upper().to_string();
         assert_eq!(hex(pin_key(&tk)), "042666B49184CF5C68DE9628D0397B36");
         assert_eq!(hex(mac_key(&tk)), "042666B4918430A368DE9628D03984C9");
-        assert_eq!(
-            hex(mac_response_key(&tk)),
-            "042666B46E84CFA368DE96282F397BC9"
-        );
+        assert_eq!(hex(mac_response_key(&tk)), "042666B46E84CFA368DE96282F397BC9");
         assert_eq!(hex(data_key(&tk)), "042666B4917BCFA368DE9628D0C67BC9");
     }
 }
