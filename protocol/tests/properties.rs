@@ -3,6 +3,8 @@
 //! - what `wrap` makes, `unwrap` gives back, header and key;
 //! - any single changed character or flipped payload bit is refused;
 //! - no input makes `unwrap` or `Header::parse` panic.
+//!
+//! And, in `frames`, properties of the signed frame around every wire message.
 
 use proptest::prelude::*;
 
@@ -55,9 +57,8 @@ fn make_case(
     rng_seed: u8,
 ) -> Option<Case> {
     let version = if kbpk_algorithm.is_tdes() { Version::B } else { Version::D };
-    let kbpk_bytes: Vec<u8> = (0..kbpk_algorithm.key_len())
-        .map(|i| kbpk_seed.wrapping_mul(31).wrapping_add(i as u8))
-        .collect();
+    let kbpk_bytes: Vec<u8> =
+        (0..kbpk_algorithm.key_len()).map(|i| kbpk_seed.wrapping_mul(31).wrapping_add(i as u8)).collect();
     let kbpk = SymmetricKey::new(kbpk_algorithm, SecretBytes::from_vec(kbpk_bytes)).ok()?;
     let mut builder = Header::builder(version, usage, algorithm, mode).exportability(b'E');
     for (id, data) in blocks {
@@ -184,6 +185,295 @@ proptest! {
             let formatted = header.format(0).expect("format");
             let again = Header::parse(&formatted).expect("formatted header parses");
             prop_assert_eq!(again.key_usage(), header.key_usage());
+        }
+    }
+}
+
+// ------------------------------------------------------------------ frames and messages
+//
+// Properties of the signed frame around every wire message (`frame::open`, `seal`, `verify`):
+// - no input makes `open` or `verify` panic;
+// - any single flipped bit of a sealed frame, of every message kind, is refused;
+// - every valid body (every `Message` variant, every field within `message::limits`) seals,
+//   opens to itself and verifies under its key, and only under its key.
+
+mod frames {
+    use proptest::prelude::*;
+
+    use rki_protocol::frame::{self, FrameError, MacKey, FRAME_LEN_MAX};
+    use rki_protocol::message::{
+        limits, Ack, Body, CreateKey, CreateKeyAnswer, Download, Hello, Message, Refusal, RefusalCode, SlotStatus,
+        TaskEvent, TaskRequest, TaskTarget, Unlock,
+    };
+    use rki_protocol::terminal::{InjectionType, KeySlot, KeyType, Region};
+    use rki_protocol::SecretBytes;
+
+    const CASES: u32 = 512;
+    /// Message variants, for drawing one kind at a time.
+    const KINDS: usize = 10;
+    /// SNs a generated `TaskRequest` names: the limit allows 1000, but 1000 SNs do not fit in one
+    /// 4096-byte frame, and a property over valid frames must stay within it.
+    const TASK_DEVICES_GENERATED_MAX: usize = 8;
+
+    fn key(byte: u8) -> MacKey {
+        MacKey::new(SecretBytes::from_slice(&[byte; 32])).expect("32-byte key")
+    }
+
+    fn name() -> impl Strategy<Value = String> {
+        "[A-Za-z0-9._-]{1,64}"
+    }
+
+    /// Up to 16 characters of up to 4 bytes: at most the 64-byte limit, with non-ASCII UTF-8.
+    fn short_text() -> impl Strategy<Value = String> {
+        "\\PC{0,16}"
+    }
+
+    fn bytes_up_to(max: usize) -> impl Strategy<Value = Vec<u8>> {
+        prop::collection::vec(any::<u8>(), 0..=max)
+    }
+
+    fn slot() -> impl Strategy<Value = KeySlot> {
+        any::<u16>().prop_map(KeySlot)
+    }
+
+    fn key_type() -> impl Strategy<Value = KeyType> {
+        prop::sample::select(KeyType::ALL.to_vec())
+    }
+
+    fn slot_status() -> impl Strategy<Value = SlotStatus> {
+        (slot(), key_type(), bytes_up_to(limits::KEY_ID_LEN_MAX), bytes_up_to(limits::KCV_LEN_MAX))
+            .prop_map(|(slot, key_type, key_id, kcv)| SlotStatus { slot, key_type, key_id, kcv })
+    }
+
+    fn injection() -> impl Strategy<Value = InjectionType> {
+        prop_oneof![Just(InjectionType::Auto), Just(InjectionType::Manual)]
+    }
+
+    fn refusal_code() -> impl Strategy<Value = RefusalCode> {
+        prop::sample::select(vec![
+            RefusalCode::UnknownGudid,
+            RefusalCode::GudidUsed,
+            RefusalCode::GudidExpired,
+            RefusalCode::GudidWrongDevice,
+            RefusalCode::BadTag,
+            RefusalCode::Malformed,
+            RefusalCode::Replay,
+            RefusalCode::UnknownDevice,
+        ])
+    }
+
+    /// A message of variant `kind` (the wire index), every field within its limit.
+    fn message_of_kind(kind: usize) -> BoxedStrategy<Message> {
+        match kind {
+            0 => (any::<[u8; 32]>(), short_text(), any::<[u8; 32]>())
+                .prop_map(|(gudid_id, x_pos_device_id, device_public)| {
+                    Message::CreateKey(CreateKey { gudid_id, x_pos_device_id, device_public })
+                })
+                .boxed(),
+            1 => (any::<[u8; 32]>(), any::<[u8; 32]>())
+                .prop_map(|(gudid_id, gateway_public)| {
+                    Message::CreateKeyAnswer(CreateKeyAnswer { gudid_id, gateway_public })
+                })
+                .boxed(),
+            2 => (
+                short_text(),
+                short_text(),
+                short_text(),
+                prop_oneof![Just(Region::Eu), Just(Region::Cn)],
+                any::<bool>(),
+                any::<bool>(),
+                prop::collection::vec(slot_status(), 0..=limits::SLOTS_MAX),
+            )
+                .prop_map(|(model, rom_version, app_version, region, debug_mode, locked, slots)| {
+                    Message::Hello(Hello { model, rom_version, app_version, region, debug_mode, locked, slots })
+                })
+                .boxed(),
+            3 => (
+                any::<u64>(),
+                any::<i32>(),
+                slot(),
+                bytes_up_to(limits::KEY_ID_LEN_MAX),
+                bytes_up_to(limits::KCV_LEN_MAX),
+                injection(),
+            )
+                .prop_map(|(execution_id, result, slot, key_id, kcv, injection)| {
+                    Message::Ack(Ack { execution_id, result, slot, key_id, kcv, injection })
+                })
+                .boxed(),
+            4 => Just(Message::Bye).boxed(),
+            5 => (
+                any::<u64>(),
+                slot(),
+                key_type(),
+                "[ -~]{0,512}",
+                bytes_up_to(limits::KEY_ID_LEN_MAX),
+                bytes_up_to(limits::KCV_LEN_MAX),
+            )
+                .prop_map(|(execution_id, slot, key_type, key_block, key_id, kcv)| {
+                    Message::Download(Download { execution_id, slot, key_type, key_block, key_id, kcv })
+                })
+                .boxed(),
+            6 => any::<u64>().prop_map(|unlock_id| Message::Unlock(Unlock { unlock_id })).boxed(),
+            7 => (any::<u64>(), refusal_code())
+                .prop_map(|(request_counter, code)| Message::Refusal(Refusal { request_counter, code }))
+                .boxed(),
+            8 => (
+                any::<u64>(),
+                prop_oneof![
+                    prop::collection::vec(name(), 0..=TASK_DEVICES_GENERATED_MAX).prop_map(TaskTarget::Devices),
+                    short_text().prop_map(TaskTarget::Group),
+                ],
+                short_text(),
+                slot(),
+                any::<u16>(),
+            )
+                .prop_map(|(request_id, target, key_source, slot, expiry_days)| {
+                    Message::TaskRequest(TaskRequest { request_id, target, key_source, slot, expiry_days })
+                })
+                .boxed(),
+            _ => prop_oneof![
+                (any::<u64>(), any::<u64>(), any::<u32>()).prop_map(|(request_id, task_id, executions)| {
+                    TaskEvent::Created { request_id, task_id, executions }
+                }),
+                (any::<u64>(), short_text())
+                    .prop_map(|(request_id, reason)| TaskEvent::Rejected { request_id, reason }),
+                (
+                    any::<u64>(),
+                    any::<u64>(),
+                    short_text(),
+                    short_text(),
+                    any::<i32>(),
+                    bytes_up_to(limits::KCV_LEN_MAX)
+                )
+                    .prop_map(|(task_id, execution_id, sn, state, result, kcv)| {
+                        TaskEvent::ExecutionEnded { task_id, execution_id, sn, state, result, kcv }
+                    }),
+            ]
+            .prop_map(Message::TaskEvent)
+            .boxed(),
+        }
+    }
+
+    /// A valid body of a uniformly drawn message kind.
+    fn body() -> impl Strategy<Value = Body> {
+        (0..KINDS).prop_flat_map(|kind| {
+            (name(), any::<u64>(), message_of_kind(kind)).prop_map(|(party, counter, message)| Body {
+                party,
+                counter,
+                message,
+            })
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(CASES))]
+
+        #[test]
+        fn arbitrary_bytes_never_panic_open_or_verify(bytes in prop::collection::vec(any::<u8>(), 0..FRAME_LEN_MAX + 16)) {
+            if let Ok(unverified) = frame::open(&bytes) {
+                let _ = unverified.verify(&key(1));
+            }
+        }
+
+        #[test]
+        fn frame_shaped_bytes_never_panic_open(
+            version in prop_oneof![Just(1u8), any::<u8>()],
+            body in prop::collection::vec(any::<u8>(), 0..600),
+            kind in 0u8..12,
+            tag in any::<[u8; 32]>(),
+        ) {
+            // A plausible frame around a random body that starts with a party and a message index.
+            let mut inner = vec![4, b'S', b'N', b'-', b'1', 7, kind];
+            inner.extend_from_slice(&body);
+            let mut bytes = vec![version];
+            bytes.extend(postcard::to_stdvec(&inner.len()).expect("varint"));
+            bytes.extend_from_slice(&inner);
+            bytes.extend_from_slice(&tag);
+            if let Ok(unverified) = frame::open(&bytes) {
+                prop_assert_eq!(unverified.body_bytes(), inner.as_slice());
+                prop_assert_eq!(unverified.verify(&key(1)).err(), Some(FrameError::BadTag));
+            }
+        }
+
+        #[test]
+        fn every_valid_body_seals_opens_and_verifies_to_itself(body in body()) {
+            prop_assert_eq!(body.validate(), Ok(()));
+            let sealed = frame::seal(&key(1), &body).expect("a valid body fits a frame");
+            let unverified = frame::open(&sealed).expect("a sealed frame opens");
+            prop_assert_eq!(unverified.peek(), &body);
+            let encoded = postcard::to_stdvec(&body).expect("encode");
+            prop_assert_eq!(unverified.body_bytes(), encoded.as_slice());
+            let verified = unverified.verify(&key(1)).expect("verifies under its key");
+            prop_assert_eq!(&verified.body, &body);
+            let other = frame::open(&sealed).expect("opens").verify(&key(2));
+            prop_assert_eq!(other.err(), Some(FrameError::BadTag));
+        }
+
+        #[test]
+        fn any_single_flipped_bit_of_a_sealed_frame_is_refused(
+            body in body(),
+            position in any::<prop::sample::Index>(),
+            bit in 0u8..8,
+        ) {
+            let sealed = frame::seal(&key(1), &body).expect("seal");
+            let mut flipped = sealed.clone();
+            let at = position.index(flipped.len());
+            flipped[at] ^= 1 << bit;
+            let outcome = frame::open(&flipped).and_then(|u| u.verify(&key(1)));
+            prop_assert!(outcome.is_err(), "{} with bit {} of byte {} flipped was accepted", body.message.kind().as_str(), bit, at);
+        }
+    }
+
+    /// `seal` does not check the limits; `open` does. A field one past its limit is refused at the
+    /// receiver, whatever the sender did.
+    #[test]
+    fn a_body_with_one_field_past_its_limit_is_refused_by_open() {
+        let slot = SlotStatus { slot: KeySlot::PRODUCTION, key_type: KeyType::Ipek, key_id: vec![], kcv: vec![] };
+        let hello = |slots: Vec<SlotStatus>, model: String| {
+            Message::Hello(Hello {
+                model,
+                rom_version: "3.0.15".into(),
+                app_version: "2.0.0".into(),
+                region: Region::Eu,
+                debug_mode: false,
+                locked: false,
+                slots,
+            })
+        };
+        let ack = |key_id: Vec<u8>, kcv: Vec<u8>| {
+            Message::Ack(Ack {
+                execution_id: 1,
+                result: 0,
+                slot: KeySlot::PRODUCTION,
+                key_id,
+                kcv,
+                injection: InjectionType::Auto,
+            })
+        };
+        let download = |key_block: String| {
+            Message::Download(Download {
+                execution_id: 1,
+                slot: KeySlot::PRODUCTION,
+                key_type: KeyType::Ipek,
+                key_block,
+                key_id: vec![],
+                kcv: vec![],
+            })
+        };
+        let cases: Vec<(&str, String, Message)> = vec![
+            ("17 slots", "SN1".into(), hello(vec![slot.clone(); limits::SLOTS_MAX + 1], "P3".into())),
+            ("65-byte model", "SN1".into(), hello(vec![], "M".repeat(limits::SHORT_TEXT_LEN_MAX + 1))),
+            ("17-byte key id", "SN1".into(), ack(vec![0; limits::KEY_ID_LEN_MAX + 1], vec![])),
+            ("6-byte kcv", "SN1".into(), ack(vec![], vec![0; limits::KCV_LEN_MAX + 1])),
+            ("513-byte key block", "SN1".into(), download("B".repeat(limits::KEY_BLOCK_LEN_MAX + 1))),
+            ("empty party", String::new(), Message::Bye),
+            ("party with a wildcard", "SN+".into(), Message::Bye),
+            ("65-byte party", "S".repeat(65), Message::Bye),
+        ];
+        for (name, party, message) in cases {
+            let body = Body { party, counter: 1, message };
+            let sealed = frame::seal(&key(1), &body).expect("seal does not check limits");
+            assert!(matches!(frame::open(&sealed), Err(FrameError::InvalidBody(_))), "{name} was accepted");
         }
     }
 }
