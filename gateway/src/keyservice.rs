@@ -88,6 +88,35 @@ impl MasterKey {
         Ok((MasterKey(key), true))
     }
 
+    /// A fresh random master key (not yet written anywhere).
+    pub fn generate() -> Result<MasterKey, KeyServiceError> {
+        SymmetricKey::random(KeyAlgorithm::Aes256).map(MasterKey).map_err(|_| KeyServiceError::Random)
+    }
+
+    /// Writes the key to `path` (created, mode 0600; fails if it exists).
+    pub fn write_new(&self, path: &Path) -> Result<(), KeyServiceError> {
+        let err = |reason: String| KeyServiceError::MasterKeyFile { path: path.display().to_string(), reason };
+        let mut options = fs::OpenOptions::new();
+        options.write(true).create_new(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            options.mode(0o600);
+        }
+        let mut file = options.open(path).map_err(|e| err(e.to_string()))?;
+        let text = self.0.secret().to_hex_upper();
+        file.write_all(text.as_bytes())
+            .and_then(|_| file.write_all(b"\n"))
+            .and_then(|_| file.sync_all())
+            .map_err(|e| err(e.to_string()))
+    }
+
+    /// Opens a key sealed under this master key and seals it again under `new`, header unchanged.
+    pub fn reseal(&self, sealed: &str, new: &MasterKey) -> Result<String, KeyServiceError> {
+        let (header, key) = tr31::unwrap(&self.0, sealed).map_err(|_| KeyServiceError::Unseal)?;
+        tr31::wrap(&new.0, &header, &key, &mut os_random).map_err(|e| KeyServiceError::Tr31(e.to_string()))
+    }
+
     /// KCV of the master key, stored in the database to detect a wrong master key at start.
     pub fn kcv(&self) -> Kcv {
         self.0.kcv(KcvLen::Three)

@@ -27,5 +27,6 @@ pub mod domain;
 pub mod engine;
 pub mod keyservice;
 pub mod metrics;
+pub mod sampler;
 pub mod server;
 pub mod store;

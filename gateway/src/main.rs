@@ -36,6 +36,8 @@ enum Command {
     Run,
     /// Create an organization and print its admin token once.
     InitOrg { name: String },
+    /// With the gateway stopped: generate a new master key and re-seal every key under it.
+    RotateMasterKey,
     /// Create a key-owner token (authorizes BDKs) and print it once.
     InitKeyOwner {
         #[arg(long, default_value = "key-owner")]
@@ -65,6 +67,7 @@ fn main() -> ExitCode {
         Command::Run => run(config),
         Command::InitOrg { name } => init_org(&config, &name),
         Command::InitKeyOwner { label } => init_key_owner(&config, &label),
+        Command::RotateMasterKey => rotate_master_key(&config),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -91,6 +94,34 @@ fn init_key_owner(config: &Config, label: &str) -> Result<(), String> {
     let store = server::open_store(config)?;
     let token = bootstrap::create_key_owner_token(store.as_ref(), label, now_ms()).map_err(|e| e.to_string())?;
     println!("key owner token (shown once; keep it secret): {token}");
+    Ok(())
+}
+
+fn rotate_master_key(config: &Config) -> Result<(), String> {
+    use rki_gateway::keyservice::MasterKey;
+    let path = config.master_key_path();
+    if !path.exists() {
+        return Err(format!("no master key at {}", path.display()));
+    }
+    let (old, _) = MasterKey::load_or_create(&path).map_err(|e| e.to_string())?;
+    let store = server::open_store(config)?;
+    if store.meta("master_key_kcv").map_err(|e| e.to_string())?.is_some_and(|kcv| kcv != old.kcv().to_hex()) {
+        return Err("the master key file does not match this store; nothing changed".into());
+    }
+    let new = MasterKey::generate().map_err(|e| e.to_string())?;
+    let staged = path.with_extension("key.new");
+    new.write_new(&staged).map_err(|e| e.to_string())?;
+    let resealed = store
+        .reseal_all(|sealed| old.reseal(sealed, &new).map_err(|e| e.to_string()), &new.kcv().to_hex())
+        .map_err(|e| {
+            let _ = std::fs::remove_file(&staged);
+            format!("re-sealing failed, nothing changed: {e}")
+        })?;
+    let backup = path.with_extension("key.old");
+    std::fs::rename(&path, &backup).map_err(|e| format!("store re-sealed but {} could not be moved: {e}; the new key is {}", path.display(), staged.display()))?;
+    std::fs::rename(&staged, &path).map_err(|e| format!("store re-sealed; move {} to {} by hand: {e}", staged.display(), path.display()))?;
+    println!("re-sealed {resealed} keys under a new master key (KCV {})", new.kcv());
+    println!("new key: {} (back it up now); old key kept as {} (delete it once the new one is backed up)", path.display(), backup.display());
     Ok(())
 }
 

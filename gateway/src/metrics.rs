@@ -8,6 +8,7 @@ pub const DEVICES_CONNECTED: &str = "rki_devices_connected";
 pub const DEVICES: &str = "rki_devices";
 pub const EXECUTIONS: &str = "rki_executions";
 pub const EXECUTIONS_EXPIRING: &str = "rki_executions_expiring";
+pub const EXECUTIONS_EXPIRING_NEVER_SEEN: &str = "rki_executions_expiring_never_seen";
 pub const DELIVERIES_TOTAL: &str = "rki_deliveries_total";
 pub const ACKS_TOTAL: &str = "rki_acks_total";
 pub const REJECTED_MESSAGES_TOTAL: &str = "rki_rejected_messages_total";
@@ -27,6 +28,11 @@ pub const INITIALISATIONS_TOTAL: &str = "rki_initialisations_total";
 pub const TASKS_CREATED_TOTAL: &str = "rki_tasks_created_total";
 pub const API_ERRORS_TOTAL: &str = "rki_api_errors_total";
 pub const TASK_EXECUTIONS: &str = "rki_task_executions";
+pub const TASKS: &str = "rki_tasks";
+pub const STORE_FILE_BYTES: &str = "rki_store_file_bytes";
+pub const SAMPLER_DURATION_SECONDS: &str = "rki_sampler_duration_seconds";
+pub const SAMPLER_ERRORS_TOTAL: &str = "rki_sampler_errors_total";
+pub const BUILD_INFO: &str = "rki_build_info";
 
 /// Histogram buckets for delivery latency (creation → durable ack, hello → durable ack): from a
 /// few milliseconds on a live push to days for devices that come online late.
@@ -47,15 +53,41 @@ pub fn install() -> Result<PrometheusHandle, String> {
         .install_recorder()
         .map_err(|e| e.to_string())?;
     describe();
+    register_closed_series();
     Ok(handle)
+}
+
+/// Exports the counters whose labels come from a closed vocabulary at 0 from the start, so that
+/// `rate()` and `increase()` see their first increment and a dashboard shows 0 rather than "no
+/// data". (Prometheus cannot tell how much a series that appears between two scrapes went up.)
+fn register_closed_series() {
+    use crate::domain::ExecutionState;
+    for result in ["succeeded", "failed"] {
+        metrics::counter!(ACKS_TOTAL, "result" => result).increment(0);
+    }
+    for state in ExecutionState::ALL.into_iter().filter(|s| !s.is_open()) {
+        metrics::counter!(EXECUTIONS_ENDED_TOTAL, "state" => state.as_str()).increment(0);
+    }
+    for name in [DELIVERIES_TOTAL, DUPLICATE_ACKS_TOTAL, INITIALISATIONS_TOTAL, SAMPLER_ERRORS_TOTAL] {
+        metrics::counter!(name).increment(0);
+    }
+    metrics::gauge!(DEVICES_CONNECTED).set(0.0);
 }
 
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_gauge!(DEVICES_CONNECTED, "Devices whose last presence message was a hello (online).");
-    describe_gauge!(DEVICES, "Registered devices by state (online, locked, assigned, pending, initialised).");
+    describe_gauge!(
+        DEVICES,
+        "Devices by state (registered, initialised, online, never_seen, locked, assigned, pending), by organization. \
+         A device counts in every state that holds for it."
+    );
     describe_gauge!(EXECUTIONS, "Executions by state, by organization.");
     describe_gauge!(EXECUTIONS_EXPIRING, "Open executions whose deadline falls within the window (24h, 7d).");
+    describe_gauge!(
+        EXECUTIONS_EXPIRING_NEVER_SEEN,
+        "Open executions of devices never seen online whose deadline falls within the window (24h, 7d)."
+    );
     describe_counter!(DELIVERIES_TOTAL, "Download messages published to devices (first and repeated).");
     describe_counter!(ACKS_TOTAL, "Verified, durable acks by result (succeeded, failed).");
     describe_counter!(
@@ -76,10 +108,153 @@ fn describe() {
     describe_gauge!(BROKER_UP, "1 while the MQTT broker (embedded or external) is up.");
     describe_counter!(MQTT_CONNECT_REFUSED_TOTAL, "MQTT CONNECTs refused, by reason.");
     describe_gauge!(MQTT_CONNECTIONS_MAX, "The broker's connection limit (from the open-file limit).");
-    describe_gauge!(GUDIDS, "GUDIDs by state (unused, used, expired).");
+    describe_gauge!(GUDIDS, "GUDIDs by state (unused, used, expired), by organization.");
     describe_counter!(GUDID_REFUSALS_TOTAL, "CreateKey requests refused, by reason.");
     describe_counter!(INITIALISATIONS_TOTAL, "Successful device initialisations.");
     describe_counter!(TASKS_CREATED_TOTAL, "Download tasks created, by organization.");
     describe_counter!(API_ERRORS_TOTAL, "Admin API requests answered with an error, by code.");
     describe_gauge!(TASK_EXECUTIONS, "Executions of unfinished tasks by state, by organization (push progress).");
+    describe_gauge!(TASKS, "Download tasks by status (unfinished, done), by organization.");
+    describe_gauge!(STORE_FILE_BYTES, Unit::Bytes, "Size of the store's files (database, wal).");
+    describe_gauge!(SAMPLER_DURATION_SECONDS, Unit::Seconds, "How long the last metrics sample took.");
+    describe_counter!(SAMPLER_ERRORS_TOTAL, "Metrics samples that failed (the store could not be read).");
+    describe_gauge!(BUILD_INFO, "Always 1; the version label names the running build.");
+}
+
+#[cfg(test)]
+mod tests {
+    //! The metrics review, as tests: names follow the Prometheus conventions, labels have bounded
+    //! cardinality, and `docs/METRICS.md` documents every metric with its type.
+
+    use std::collections::BTreeMap;
+    use std::path::{Path, PathBuf};
+
+    /// Label keys in use. Each takes a bounded set of values: organization names, states,
+    /// reasons and codes from closed vocabularies. An SN, a task ID or a GUDID never is one.
+    const LABEL_KEYS: &[&str] =
+        &["org", "state", "status", "result", "kind", "reason", "code", "from", "window", "file", "version"];
+
+    /// `CONSTANT → "rki_name"` for every metric name declared in this file.
+    fn declared() -> BTreeMap<String, String> {
+        include_str!("metrics.rs")
+            .lines()
+            .filter_map(|l| l.strip_prefix("pub const "))
+            .filter_map(|l| {
+                let (constant, rest) = l.split_once(": &str = \"")?;
+                Some((constant.to_string(), rest.split('"').next()?.to_string()))
+            })
+            .collect()
+    }
+
+    /// `CONSTANT → counter | gauge | histogram (+ unit)` from the `describe_*!` calls.
+    fn described() -> BTreeMap<String, (String, String)> {
+        let source = include_str!("metrics.rs");
+        let mut out = BTreeMap::new();
+        for (i, _) in source.match_indices("describe_") {
+            let rest = &source[i + "describe_".len()..];
+            let Some((kind, args)) = rest.split_once("!(") else { continue };
+            if !matches!(kind, "counter" | "gauge" | "histogram") {
+                continue;
+            }
+            let mut parts = args.split(',').map(str::trim);
+            let constant = parts.next().unwrap_or_default().to_string();
+            let unit = parts.next().filter(|p| p.starts_with("Unit::")).unwrap_or("").to_string();
+            assert!(out.insert(constant.clone(), (kind.to_string(), unit)).is_none(), "{constant} described twice");
+        }
+        out
+    }
+
+    fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+        for entry in std::fs::read_dir(dir).expect("src dir").flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                rust_files(&path, out);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                out.push(path);
+            }
+        }
+    }
+
+    #[test]
+    fn every_metric_name_follows_the_prometheus_conventions() {
+        let declared = declared();
+        let described = described();
+        assert!(declared.len() >= 20, "parsed only {declared:?}");
+        for (constant, name) in &declared {
+            assert!(name.starts_with("rki_"), "{name}: the rki_ prefix");
+            assert!(name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'), "{name}");
+            let (kind, unit) = described.get(constant).unwrap_or_else(|| panic!("{constant} is never described"));
+            assert_eq!(kind == "counter", name.ends_with("_total"), "{name}: _total exactly on counters");
+            if name.ends_with("_seconds") {
+                assert_eq!(unit, "Unit::Seconds", "{name}");
+            }
+            if name.ends_with("_bytes") {
+                assert_eq!(unit, "Unit::Bytes", "{name}");
+            }
+            if kind == "histogram" && unit == "Unit::Seconds" {
+                assert!(name.ends_with("_seconds"), "{name}: a latency histogram in base units");
+            }
+            for forbidden in ["_ms", "_millis", "_minutes", "_kb", "_mb"] {
+                assert!(!name.contains(forbidden), "{name}: base units only");
+            }
+        }
+        for constant in described.keys() {
+            assert!(declared.contains_key(constant), "{constant} described but not declared");
+        }
+    }
+
+    #[test]
+    fn every_label_has_bounded_cardinality() {
+        let mut files = Vec::new();
+        rust_files(&Path::new(env!("CARGO_MANIFEST_DIR")).join("src"), &mut files);
+        let mut seen = 0;
+        for file in files {
+            let text = std::fs::read_to_string(&file).expect("source");
+            for call in ["counter!(", "gauge!(", "histogram!("] {
+                for (i, _) in text.match_indices(call) {
+                    // The macro call up to its closing parenthesis (labels never nest one).
+                    let args = &text[i + call.len()..];
+                    let args = &args[..args.find(')').unwrap_or(args.len())];
+                    for (j, _) in args.match_indices("\" =>") {
+                        let key = args[..j].rsplit('"').next().unwrap_or_default();
+                        assert!(LABEL_KEYS.contains(&key), "{}: label {key:?} is not a bounded one", file.display());
+                        seen += 1;
+                    }
+                }
+            }
+            // The sampler builds its labels as (key, value) pairs.
+            if file.ends_with("sampler.rs") {
+                for (i, _) in text.match_indices("&[(\"") {
+                    let key = text[i + 4..].split('"').next().unwrap_or_default();
+                    assert!(LABEL_KEYS.contains(&key), "sampler label {key:?}");
+                    seen += 1;
+                }
+            }
+        }
+        assert!(seen > 10, "found only {seen} labels: is the scan still right?");
+    }
+
+    #[test]
+    fn every_metric_is_documented_in_metrics_md_with_its_type() {
+        let doc_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/METRICS.md");
+        let doc = std::fs::read_to_string(&doc_path).expect("docs/METRICS.md");
+        // Table rows: | `rki_name` | type | labels | unit | meaning |
+        let mut documented = BTreeMap::new();
+        for line in doc.lines().filter(|l| l.starts_with("| `rki_")) {
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            let name = cells[1].trim_matches('`').to_string();
+            assert_eq!(cells.len(), 7, "{name}: a row has metric, type, labels, unit, meaning");
+            assert!(!cells[5].is_empty(), "{name}: say what it means");
+            documented.insert(name, cells[2].to_string());
+        }
+        let described = described();
+        for (constant, name) in declared() {
+            let kind = documented.get(&name).unwrap_or_else(|| panic!("{name} is not documented in docs/METRICS.md"));
+            assert_eq!(kind, &described[&constant].0, "{name}: type in docs/METRICS.md");
+        }
+        let declared: Vec<String> = declared().into_values().collect();
+        for name in documented.keys() {
+            assert!(declared.contains(name), "docs/METRICS.md documents {name}, which the gateway does not export");
+        }
+    }
 }

@@ -66,6 +66,7 @@ pub async fn run(config: Config) -> Result<(), String> {
     let engine = Engine::start(store_dyn, keys, clock, broker.outbound.clone()).await.map_err(|e| e.to_string())?;
     let _ = cell.set(engine.clone());
     broker.run_inbound(engine.clone())?;
+    crate::sampler::spawn(engine.clone(), config.store_path());
     let state = Arc::new(AppState { engine: engine.clone(), prometheus });
     let listener =
         tokio::net::TcpListener::bind(config.http_addr).await.map_err(|e| format!("http {}: {e}", config.http_addr))?;

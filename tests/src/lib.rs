@@ -130,6 +130,16 @@ impl GatewayProcess {
         token_from(&String::from_utf8_lossy(&out.stdout))
     }
 
+    /// Runs `rki-gateway ARGS --data-dir <this gateway's data dir>` and returns its output.
+    pub fn offline(&self, args: &[&str]) -> TestResult<std::process::Output> {
+        Ok(Command::new(binary("rki-gateway")).args(args).arg("--data-dir").arg(self.dir.join("data")).output()?)
+    }
+
+    /// Starts the process again after [`GatewayProcess::terminate`] or [`GatewayProcess::kill`].
+    pub fn start_again(&mut self) -> TestResult {
+        self.spawn()
+    }
+
     fn spawn(&mut self) -> TestResult {
         self.starts += 1;
         let log = std::fs::File::create(self.dir.join(format!("gateway-{}.log", self.starts)))?;

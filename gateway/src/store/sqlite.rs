@@ -90,6 +90,50 @@ impl SqliteStore {
         })
     }
 
+    /// Re-seals every sealed key (BDKs and device secrets) with `reseal`, and records
+    /// `master_kcv`, in one transaction: all or nothing. Returns how many keys were re-sealed.
+    pub fn reseal_all(&self, reseal: impl Fn(&str) -> Result<String, String>, master_kcv: &str) -> StoreResult<usize> {
+        self.write(|tx| {
+            let mut count = 0;
+            let sources: Vec<(i64, String)> = {
+                let mut stmt = tx.prepare("SELECT id, sealed FROM key_sources").map_err(backend)?;
+                let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).map_err(backend)?;
+                rows.collect::<Result<Vec<_>, _>>().map_err(backend)?
+            };
+            for (id, sealed) in sources {
+                let new = reseal(&sealed).map_err(StoreError::Invalid)?;
+                tx.execute("UPDATE key_sources SET sealed = ?2 WHERE id = ?1", params![id, new]).map_err(backend)?;
+                count += 1;
+            }
+            let devices: Vec<(i64, String, String, String)> = {
+                let mut stmt = tx
+                    .prepare("SELECT id, signing_key, kbpk_aes, kbpk_tdes FROM devices WHERE signing_key IS NOT NULL")
+                    .map_err(backend)?;
+                let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))).map_err(backend)?;
+                rows.collect::<Result<Vec<_>, _>>().map_err(backend)?
+            };
+            for (id, signing, aes, tdes) in devices {
+                let (signing, aes, tdes) = (
+                    reseal(&signing).map_err(StoreError::Invalid)?,
+                    reseal(&aes).map_err(StoreError::Invalid)?,
+                    reseal(&tdes).map_err(StoreError::Invalid)?,
+                );
+                tx.execute(
+                    "UPDATE devices SET signing_key = ?2, kbpk_aes = ?3, kbpk_tdes = ?4 WHERE id = ?1",
+                    params![id, signing, aes, tdes],
+                )
+                .map_err(backend)?;
+                count += 3;
+            }
+            tx.execute(
+                "INSERT INTO meta (key, value) VALUES ('master_key_kcv', ?1) ON CONFLICT(key) DO UPDATE SET value = ?1",
+                [master_kcv],
+            )
+            .map_err(backend)?;
+            Ok(count)
+        })
+    }
+
     /// The schema version after migrations.
     pub fn schema_version(&self) -> StoreResult<i64> {
         self.read(|c| c.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(backend))

@@ -1,0 +1,47 @@
+//! The master key: a wrong one is refused at start; rotation re-seals everything; SIGTERM is graceful.
+
+mod common;
+
+use std::time::Duration;
+
+use rki_device_sim::Knobs;
+use rki_tests::{create_task, provision, sns, wait_task_done, GatewayOptions, GatewayProcess, TestResult};
+use serde_json::json;
+
+#[test]
+fn rotating_the_master_key_keeps_every_key_usable_and_a_wrong_key_is_refused_at_start() -> TestResult {
+    let rt = common::runtime();
+    let mut gw = GatewayProcess::start(GatewayOptions::default())?;
+    let api = gw.api();
+    let provisioned = provision(&gw, &sns("ROT", 3), "rot")?;
+    let fleet = rt.block_on(common::spawn_fleet(common::fleet_config(gw.mqtt_port, &provisioned, Knobs::default())?, Duration::from_secs(30)))?;
+    let status = gw.terminate()?;
+    assert!(status.success(), "SIGTERM should stop the gateway cleanly: {status}");
+
+    let key_file = gw.dir.join("data.master.key");
+    let before = std::fs::read_to_string(&key_file)?;
+    let out = gw.offline(&["rotate-master-key"])?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let after = std::fs::read_to_string(&key_file)?;
+    assert_ne!(before, after);
+    assert_eq!(std::fs::read_to_string(gw.dir.join("data.master.key.old"))?, before);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("re-sealed 10 keys"), "1 BDK + 3 devices x 3 keys: {stdout}");
+    assert!(!stdout.contains(after.trim()) && !stdout.contains(before.trim()), "a master key was printed");
+
+    // The old key no longer opens this store: the gateway refuses to start with it.
+    std::fs::rename(&key_file, gw.dir.join("new.key"))?;
+    std::fs::copy(gw.dir.join("data.master.key.old"), &key_file)?;
+    let refused = gw.start_again();
+    assert!(refused.is_err(), "started with the old master key");
+    assert!(gw.log_tail().contains("not the one this store was sealed under"), "{}", gw.log_tail());
+    std::fs::rename(gw.dir.join("new.key"), &key_file)?;
+
+    // With the new key: the devices' signing keys and the BDK still work end to end.
+    gw.start_again()?;
+    let task = create_task(&api, &json!({"group": "rot"}))?;
+    let done = wait_task_done(&api, task, Duration::from_secs(60))?;
+    assert_eq!(done["task"]["counts"]["succeeded"], 3);
+    rt.block_on(fleet.shutdown());
+    Ok(())
+}
