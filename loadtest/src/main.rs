@@ -1,0 +1,356 @@
+//! `rki-loadtest`: the scenarios as subcommands. A thin layer over the library: parse, run, print
+//! the human report on stderr and, with `--json`, one summary object on stdout.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use rki_loadtest::baseline::{self, BaselineOptions};
+use rki_loadtest::engine_scale::{self, EngineOptions, Family};
+use rki_loadtest::gateway::Endpoint;
+use rki_loadtest::plot::{self, Chart, Series};
+use rki_loadtest::push::{self, Attach, PushOptions, Scenario};
+use rki_loadtest::summary::{round3, Summary};
+use rki_loadtest::Result;
+use serde_json::json;
+
+/// Bytes in a MiB, for the memory axis.
+const MIB: f64 = 1024.0 * 1024.0;
+
+#[derive(Parser)]
+#[command(name = "rki-loadtest", version, about = "Fleet-scale pushes against the RKI gateway, measured")]
+struct Cli {
+    /// Print one JSON summary object on stdout.
+    #[arg(long, global = true)]
+    json: bool,
+    /// Draw the delivery curve (or, with --sweep, the scaling curve) into this PNG file.
+    #[arg(long, global = true)]
+    plot: Option<PathBuf>,
+    /// No live progress line.
+    #[arg(long, global = true)]
+    quiet: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Connect N terminals, initialise them, create one task for all, wait for every verified ack.
+    FleetPush(FleetPushArgs),
+    /// With a push pending, SIGKILL the gateway, start it again, measure until every execution ends.
+    ReconnectStorm(FleetArgs),
+    /// Terminals power-cycle and flap while a push runs; nothing may be lost or injected twice.
+    Churn(ChurnArgs),
+    /// The same terminals and message sizes against Mosquitto, with a backend doing no crypto, no store.
+    BrokerBaseline(FleetArgs),
+    /// No sockets: one task for a group of N (1,000,000) devices: derive, wrap, persist.
+    Engine(EngineArgs),
+}
+
+#[derive(Args, Clone)]
+struct FleetArgs {
+    /// Fleet size.
+    #[arg(long, default_value_t = 1000)]
+    devices: usize,
+    /// Run at each size (comma-separated) and plot time and memory against fleet size.
+    #[arg(long, value_delimiter = ',')]
+    sweep: Vec<usize>,
+    /// Terminals spread over 127.0.0.1 ..= 127.0.0.N (ephemeral ports are per destination).
+    #[arg(long, default_value_t = 16)]
+    addresses: u8,
+    /// Pause between two terminals' start, in microseconds (0: all at once).
+    #[arg(long, default_value_t = 0)]
+    spawn_interval_us: u64,
+    /// A terminal's CONNECT timeout, in seconds; it backs off and retries after it.
+    #[arg(long, default_value_t = 10)]
+    connect_timeout_s: u64,
+    /// Longest wait for one phase (connect, push), in seconds.
+    #[arg(long, default_value_t = 900)]
+    timeout_s: u64,
+    /// Where gateway and broker directories go.
+    #[arg(long, default_value = "/tmp/rki-loadtest")]
+    work_dir: PathBuf,
+    /// Keep the gateway's directory (logs, store) after the run.
+    #[arg(long)]
+    keep: bool,
+}
+
+#[derive(Args)]
+struct FleetPushArgs {
+    #[command(flatten)]
+    fleet: FleetArgs,
+    /// Also run broker-baseline at the same size, in the same run, and report the ratio.
+    #[arg(long)]
+    with_baseline: bool,
+    /// Attach to a running gateway's admin API (e.g. http://127.0.0.1:8080) instead of starting one.
+    #[arg(long, requires_all = ["token", "mqtt"])]
+    url: Option<String>,
+    /// The organization admin token (attach).
+    #[arg(long, env = "RKI_TOKEN")]
+    token: Option<String>,
+    /// The organization's name (attach).
+    #[arg(long, default_value = "acme")]
+    org: String,
+    /// The key owner's token, to authorize the test BDK if the organization lacks it (attach).
+    #[arg(long)]
+    key_owner_token: Option<String>,
+    /// The gateway's MQTT address (attach); with --addresses > 1 it must listen on 0.0.0.0.
+    #[arg(long)]
+    mqtt: Option<SocketAddrV4>,
+    /// The gateway's process id (attach), for /proc readings.
+    #[arg(long)]
+    pid: Option<u32>,
+}
+
+#[derive(Args)]
+struct ChurnArgs {
+    #[command(flatten)]
+    fleet: FleetArgs,
+    /// Share of terminals power-cycled or cut from the network once during the push.
+    #[arg(long, default_value_t = 0.2)]
+    churn_fraction: f64,
+    /// Share of terminals flapping (2 s online, 1 s offline) for the whole push.
+    #[arg(long, default_value_t = 0.05)]
+    flapping_fraction: f64,
+    /// The churn events fall within this many seconds after task creation.
+    #[arg(long, default_value_t = 5)]
+    churn_window_s: u64,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum FamilyArg {
+    Tdes,
+    Aes,
+}
+
+#[derive(Args)]
+struct EngineArgs {
+    #[arg(long, default_value_t = 1_000_000)]
+    devices: usize,
+    /// The BDK family: TDES (TR-31 B) or AES-128 (TR-31 D).
+    #[arg(long, value_enum, default_value = "tdes")]
+    family: FamilyArg,
+    /// Built fleets are kept here between runs.
+    #[arg(long, default_value = "target/loadtest-cache")]
+    cache_dir: PathBuf,
+    /// A fleet is built here first (tmpfs: one transaction per GUDID costs no fsync there).
+    #[arg(long, default_value = "/dev/shm")]
+    build_dir: PathBuf,
+    /// The measured store lives here (on disk).
+    #[arg(long, default_value = "/tmp/rki-loadtest")]
+    work_dir: PathBuf,
+    /// Build the fleet again even if it is cached.
+    #[arg(long)]
+    rebuild: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(&cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("rki-loadtest: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?)
+}
+
+fn run(cli: &Cli) -> Result<()> {
+    let _ = rki_device_sim::raise_fd_limit();
+    let rt = runtime()?;
+    match &cli.command {
+        Command::FleetPush(args) => {
+            let attach = attach_of(args)?;
+            fleet_sizes(&args.fleet, cli, |devices| {
+                let options = push_options(&args.fleet, devices, attach.clone(), cli.quiet);
+                let mut gateway = push::run(Scenario::FleetPush, &options, &rt)?;
+                eprintln!("{}", gateway.report());
+                if args.with_baseline {
+                    let base = baseline::run(&baseline_options(&args.fleet, devices, cli.quiet), &rt)?;
+                    eprintln!("{}", base.report());
+                    let ratio = gateway.keys_per_second / base.keys_per_second.max(1e-9);
+                    eprintln!("  throughput ratio rki-gateway / mosquitto baseline: {ratio:.3}");
+                    gateway.extra.insert("throughput_ratio_vs_baseline".into(), json!(round3(ratio)));
+                    return Ok(vec![gateway, base]);
+                }
+                Ok(vec![gateway])
+            })
+        }
+        Command::ReconnectStorm(fleet) => fleet_sizes(fleet, cli, |devices| {
+            let options = push_options(fleet, devices, None, cli.quiet);
+            let summary = push::run(Scenario::ReconnectStorm, &options, &rt)?;
+            eprintln!("{}", summary.report());
+            Ok(vec![summary])
+        }),
+        Command::Churn(args) => fleet_sizes(&args.fleet, cli, |devices| {
+            let options = push_options(&args.fleet, devices, None, cli.quiet);
+            let scenario = Scenario::Churn {
+                fraction: args.churn_fraction,
+                flapping: args.flapping_fraction,
+                window: Duration::from_secs(args.churn_window_s),
+            };
+            let summary = push::run(scenario, &options, &rt)?;
+            eprintln!("{}", summary.report());
+            Ok(vec![summary])
+        }),
+        Command::BrokerBaseline(fleet) => fleet_sizes(fleet, cli, |devices| {
+            let summary = baseline::run(&baseline_options(fleet, devices, cli.quiet), &rt)?;
+            eprintln!("{}", summary.report());
+            Ok(vec![summary])
+        }),
+        Command::Engine(args) => {
+            let options = EngineOptions {
+                devices: args.devices,
+                family: match args.family {
+                    FamilyArg::Tdes => Family::Tdes,
+                    FamilyArg::Aes => Family::Aes,
+                },
+                cache_dir: args.cache_dir.clone(),
+                build_dir: args.build_dir.clone(),
+                work_dir: args.work_dir.clone(),
+                rebuild: args.rebuild,
+            };
+            let summary = engine_scale::run(&options, &rt)?;
+            eprintln!("{}", summary.report());
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&summary)?);
+            }
+            Ok(())
+        }
+    }
+}
+
+fn attach_of(args: &FleetPushArgs) -> Result<Option<Attach>> {
+    let Some(url) = &args.url else { return Ok(None) };
+    let (Some(token), Some(mqtt)) = (&args.token, args.mqtt) else {
+        return Err("--url needs --token and --mqtt".into());
+    };
+    Ok(Some(Attach {
+        endpoint: Endpoint {
+            url: url.trim_end_matches('/').to_string(),
+            org_token: token.clone(),
+            key_owner_token: args.key_owner_token.clone(),
+            mqtt_host: if mqtt.ip().is_unspecified() { Ipv4Addr::LOCALHOST } else { *mqtt.ip() },
+            mqtt_port: mqtt.port(),
+            pid: args.pid,
+        },
+        org: args.org.clone(),
+    }))
+}
+
+fn push_options(fleet: &FleetArgs, devices: usize, attach: Option<Attach>, quiet: bool) -> PushOptions {
+    PushOptions {
+        devices,
+        addresses: fleet.addresses,
+        spawn_interval: Duration::from_micros(fleet.spawn_interval_us),
+        connect_timeout: Duration::from_secs(fleet.connect_timeout_s.max(1)),
+        phase_timeout: Duration::from_secs(fleet.timeout_s),
+        work_dir: fleet.work_dir.clone(),
+        keep: fleet.keep,
+        attach,
+        quiet,
+    }
+}
+
+fn baseline_options(fleet: &FleetArgs, devices: usize, quiet: bool) -> BaselineOptions {
+    BaselineOptions {
+        devices,
+        addresses: fleet.addresses,
+        spawn_interval: Duration::from_micros(fleet.spawn_interval_us),
+        connect_timeout: Duration::from_secs(fleet.connect_timeout_s.max(1)),
+        phase_timeout: Duration::from_secs(fleet.timeout_s),
+        work_dir: fleet.work_dir.clone(),
+        keep: fleet.keep,
+        quiet,
+    }
+}
+
+/// Runs `one` at `--devices`, or at each size of `--sweep`; prints the JSON and draws the plot.
+/// `one` returns the gateway's summary first, then the baseline's if it ran.
+fn fleet_sizes(fleet: &FleetArgs, cli: &Cli, mut one: impl FnMut(usize) -> Result<Vec<Summary>>) -> Result<()> {
+    let sizes = if fleet.sweep.is_empty() { vec![fleet.devices] } else { fleet.sweep.clone() };
+    let mut runs: Vec<Vec<Summary>> = Vec::new();
+    for devices in sizes {
+        runs.push(one(devices)?);
+    }
+    if cli.json {
+        let json = if fleet.sweep.is_empty() {
+            summary_json(&runs[0])
+        } else {
+            json!({ "sweep": runs.iter().map(|r| summary_json(r)).collect::<Vec<_>>() })
+        };
+        println!("{}", serde_json::to_string_pretty(&json)?);
+    }
+    if let Some(path) = &cli.plot {
+        draw(path, &runs, !fleet.sweep.is_empty())?;
+        eprintln!("plot written to {}", path.display());
+    }
+    Ok(())
+}
+
+/// The gateway's summary, with the baseline's nested under `baseline` when it ran.
+fn summary_json(run: &[Summary]) -> serde_json::Value {
+    let mut main = serde_json::to_value(&run[0]).unwrap_or_default();
+    if let Some(base) = run.get(1) {
+        main["baseline"] = serde_json::to_value(base).unwrap_or_default();
+    }
+    main
+}
+
+fn draw(path: &Path, runs: &[Vec<Summary>], sweep: bool) -> Result<()> {
+    let servers: Vec<String> = runs.first().map(|r| r.iter().map(|s| s.server.clone()).collect()).unwrap_or_default();
+    let by_size = |pick: &dyn Fn(&Summary) -> f64| -> Vec<Series> {
+        servers
+            .iter()
+            .enumerate()
+            .map(|(i, name)| Series {
+                name: name.clone(),
+                points: runs.iter().filter_map(|r| r.get(i)).map(|s| (s.devices as f64, pick(s))).collect(),
+            })
+            .collect()
+    };
+    let delivery = Chart {
+        title: "Acked devices over time (from task creation)".into(),
+        x_label: "seconds".into(),
+        y_label: "acked devices".into(),
+        series: runs
+            .iter()
+            .flat_map(|r| r.iter())
+            .map(|s| Series { name: format!("{} {}", s.server, s.devices), points: s.curve.clone() })
+            .collect(),
+        markers: false,
+    };
+    let mut charts = Vec::new();
+    if sweep {
+        charts.push(Chart {
+            title: "Push time: task creation to last verified durable ack".into(),
+            x_label: "devices".into(),
+            y_label: "seconds".into(),
+            series: by_size(&|s| s.push_seconds),
+            markers: true,
+        });
+        charts.push(Chart {
+            title: "Server peak RSS".into(),
+            x_label: "devices".into(),
+            y_label: "MiB".into(),
+            series: by_size(&|s| s.gateway_rss_peak_bytes as f64 / MIB),
+            markers: true,
+        });
+        charts.push(Chart {
+            title: "Connect phase (gateway: initialisation + device CONNECT)".into(),
+            x_label: "devices".into(),
+            y_label: "seconds".into(),
+            series: by_size(&|s| s.connect_seconds),
+            markers: true,
+        });
+    }
+    charts.push(delivery);
+    plot::write_png(path, &charts)?;
+    Ok(())
+}

@@ -1,0 +1,112 @@
+//! What `/proc` says about a process: resident memory, its peak, CPU seconds, per thread.
+//!
+//! Linux only. CPU times in `/proc/<pid>/stat` are in clock ticks; `USER_HZ` is 100 on every
+//! Linux architecture this runs on (x86_64, aarch64), so the tick length is a constant here
+//! rather than a `sysconf` call.
+
+use std::collections::BTreeMap;
+use std::fs;
+
+/// Clock ticks per second of `/proc/<pid>/stat` (`USER_HZ`).
+const TICKS_PER_SECOND: f64 = 100.0;
+
+/// One reading of a process.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct ProcSample {
+    /// `VmRSS`: resident now.
+    pub rss_bytes: u64,
+    /// `VmHWM`: the peak resident size since start (or since [`reset_peak`]).
+    pub rss_peak_bytes: u64,
+    /// User plus system CPU time since start.
+    pub cpu_seconds: f64,
+}
+
+/// Reads `pid`'s memory and CPU; `None` if the process is gone.
+pub fn sample(pid: u32) -> Option<ProcSample> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib = |field: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0)
+            * 1024
+    };
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    Some(ProcSample { rss_bytes: kib("VmRSS:"), rss_peak_bytes: kib("VmHWM:"), cpu_seconds: cpu_of_stat(&stat)? })
+}
+
+/// User plus system seconds from the text of a `stat` file (a process's or a thread's).
+fn cpu_of_stat(stat: &str) -> Option<f64> {
+    // The command name (field 2) is in parentheses and may contain spaces: split after it.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // Field 3 (state) is index 0 here; utime and stime are fields 14 and 15.
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) as f64 / TICKS_PER_SECOND)
+}
+
+/// The command name of a `stat` file: the thread's name for a thread.
+fn name_of_stat(stat: &str) -> Option<String> {
+    let open = stat.find('(')?;
+    let close = stat.rfind(')')?;
+    Some(stat[open + 1..close].to_string())
+}
+
+/// CPU seconds of each thread of `pid`, summed by thread name (tokio's workers share one name).
+pub fn threads(pid: u32) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    let Ok(entries) = fs::read_dir(format!("/proc/{pid}/task")) else { return out };
+    for entry in entries.flatten() {
+        let Ok(stat) = fs::read_to_string(entry.path().join("stat")) else { continue };
+        if let (Some(name), Some(cpu)) = (name_of_stat(&stat), cpu_of_stat(&stat)) {
+            *out.entry(name).or_insert(0.0) += cpu;
+        }
+    }
+    out
+}
+
+/// CPU seconds per thread name spent between two [`threads`] readings, largest first.
+pub fn thread_delta(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>) -> Vec<(String, f64)> {
+    let mut out: Vec<(String, f64)> = after
+        .iter()
+        .map(|(name, cpu)| (name.clone(), cpu - before.get(name).copied().unwrap_or(0.0)))
+        .filter(|(_, cpu)| *cpu > 0.0)
+        .collect();
+    out.sort_by(|a, b| b.1.total_cmp(&a.1));
+    out
+}
+
+/// Resets `pid`'s peak RSS (`VmHWM`) to its current RSS, so a later reading shows the peak of
+/// one phase only. Needs the right to write `/proc/<pid>/clear_refs`; returns whether it worked.
+pub fn reset_peak(pid: u32) -> bool {
+    fs::write(format!("/proc/{pid}/clear_refs"), "5").is_ok()
+}
+
+/// The 1-, 5- and 15-minute load averages.
+pub fn load_average() -> [f64; 3] {
+    let text = fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let mut it = text.split_whitespace().map(|v| v.parse::<f64>().unwrap_or(-1.0));
+    [it.next().unwrap_or(-1.0), it.next().unwrap_or(-1.0), it.next().unwrap_or(-1.0)]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stat_line_with_spaces_in_the_name_gives_its_cpu_and_name() {
+        let stat = "42 (tokio-runtime w) S 1 42 42 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 3 0 1 1 1";
+        assert_eq!(cpu_of_stat(stat), Some(3.0));
+        assert_eq!(name_of_stat(stat).as_deref(), Some("tokio-runtime w"));
+    }
+
+    #[test]
+    fn this_process_can_be_read() {
+        let me = sample(std::process::id()).expect("own /proc");
+        assert!(me.rss_bytes > 0 && me.rss_peak_bytes >= me.rss_bytes);
+        assert!(!threads(std::process::id()).is_empty());
+    }
+}

@@ -1,0 +1,479 @@
+//! The scenarios against the gateway: `fleet-push`, `reconnect-storm` and `churn`.
+//!
+//! Each one: start (or attach to) a gateway, prepare the fleet through the admin API, start the
+//! simulated terminals in this process (each initialises with its GUDID, then connects under its
+//! device identity and says hello), create one download task for the whole group, and wait until
+//! every execution has ended. The figures come from the gateway's durable records (each ack's
+//! time and KCV), the terminals' own state (one injection each) and /proc.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rki_device_sim::{DeviceProfile, Fleet, FleetConfig, FleetMember, Knobs};
+use rki_protocol::terminal::Model;
+use rki_tests::Api;
+use serde_json::json;
+
+use crate::gateway::{Endpoint, GatewayChild};
+use crate::procfs;
+use crate::progress::Progress;
+use crate::setup::{self, Counts};
+use crate::summary::{round3, Latency, Summary, ThreadCpu};
+use crate::Result;
+
+/// How often the task's counts are read while a push runs.
+const POLL_INTERVAL: Duration = Duration::from_millis(50);
+/// How long the gateway may take to see every terminal's hello after they are all connected.
+const ONLINE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Pause with every terminal connected and idle before memory is read.
+const SETTLE: Duration = Duration::from_secs(2);
+/// Ack delay given to every terminal before the reconnect storm's kill, so the push is still
+/// pending when the gateway dies.
+const STORM_ACK_DELAY: Duration = Duration::from_secs(600);
+
+/// Which scenario.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Scenario {
+    FleetPush,
+    ReconnectStorm,
+    /// `fraction` of the terminals power-cycle or lose the network once during the first
+    /// `window` of the push, alternately; `flapping` of them flap for the whole push.
+    Churn {
+        fraction: f64,
+        flapping: f64,
+        window: Duration,
+    },
+}
+
+impl Scenario {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Scenario::FleetPush => "fleet-push",
+            Scenario::ReconnectStorm => "reconnect-storm",
+            Scenario::Churn { .. } => "churn",
+        }
+    }
+}
+
+/// A gateway the tool attaches to instead of starting one.
+#[derive(Debug, Clone)]
+pub struct Attach {
+    pub endpoint: Endpoint,
+    pub org: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct PushOptions {
+    pub devices: usize,
+    /// Loopback addresses the terminals spread over (127.0.0.1 ..= 127.0.0.N).
+    pub addresses: u8,
+    /// Pause between two terminals' start (0: all at once).
+    pub spawn_interval: Duration,
+    /// The terminals' CONNECT timeout (they back off and retry after it).
+    pub connect_timeout: Duration,
+    /// Longest wait for each phase (connect, push).
+    pub phase_timeout: Duration,
+    pub work_dir: PathBuf,
+    pub keep: bool,
+    pub attach: Option<Attach>,
+    pub quiet: bool,
+}
+
+/// The gateway in use: started here (and owned) or attached.
+enum Server {
+    Child(GatewayChild),
+    Attached(Endpoint),
+}
+
+impl Server {
+    fn endpoint(&self) -> Endpoint {
+        match self {
+            Server::Child(c) => c.endpoint(),
+            Server::Attached(e) => e.clone(),
+        }
+    }
+}
+
+/// The best one-second increase of a count sampled over time: (seconds, count) in time order.
+pub fn peak_per_second(samples: &[(f64, u64)]) -> f64 {
+    let mut best: f64 = 0.0;
+    for (i, &(t, n)) in samples.iter().enumerate() {
+        if let Some(&(_, m)) = samples[i..].iter().take_while(|(u, _)| *u <= t + 1.0).last() {
+            best = best.max(m.saturating_sub(n) as f64);
+        }
+    }
+    best
+}
+
+/// Runs one scenario at one fleet size.
+pub fn run(scenario: Scenario, options: &PushOptions, runtime: &tokio::runtime::Runtime) -> Result<Summary> {
+    let load_start = procfs::load_average()[0];
+    let own_cpu_start = procfs::sample(std::process::id()).map(|s| s.cpu_seconds).unwrap_or(0.0);
+    let mut server = match &options.attach {
+        Some(a) => Server::Attached(a.endpoint.clone()),
+        None => Server::Child(GatewayChild::start(
+            &options.work_dir,
+            &format!("{}-{}", scenario.name(), options.devices),
+            options.keep,
+        )?),
+    };
+    let org = options.attach.as_ref().map(|a| a.org.clone()).unwrap_or_else(|| "acme".to_string());
+    let endpoint = server.endpoint();
+    let api = endpoint.api();
+    let key_owner = endpoint.key_owner_token.as_ref().map(|t| Api::new(&endpoint.url, t));
+    // A prefix unique to this run, so that a run against an attached gateway never meets the
+    // (locked) terminals of an earlier one.
+    let run_id = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let prefix = format!("LT{}-", run_id % 1_000_000);
+    let group = format!("lt-{}", run_id % 1_000_000);
+    let sns = setup::serial_numbers(&prefix, options.devices);
+    let progress = Progress::new(options.devices);
+    progress.set_phase("prepare");
+    let printer = progress.spawn_printer(options.quiet);
+    let result =
+        drive(scenario, options, runtime, &mut server, &api, key_owner.as_ref(), &org, &sns, &group, &progress);
+    progress.stop();
+    let _ = printer.join();
+    let mut summary = result?;
+    summary.load_average_start = load_start;
+    summary.load_average_end = procfs::load_average()[0];
+    summary.loadtest_cpu_seconds =
+        round3(procfs::sample(std::process::id()).map(|s| s.cpu_seconds).unwrap_or(0.0) - own_cpu_start);
+    drop(server);
+    Ok(summary)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn drive(
+    scenario: Scenario,
+    options: &PushOptions,
+    runtime: &tokio::runtime::Runtime,
+    server: &mut Server,
+    api: &Api,
+    key_owner: Option<&Api>,
+    org: &str,
+    sns: &[String],
+    group: &str,
+    progress: &Arc<Progress>,
+) -> Result<Summary> {
+    let n = sns.len();
+    let mut summary =
+        Summary { scenario: scenario.name().into(), server: "rki-gateway".into(), devices: n, ..Summary::default() };
+    let prepared = setup::prepare_fleet(api, key_owner, org, sns, group)?;
+    summary.extra.insert("prepare_seconds".into(), json!(round3(prepared.seconds)));
+    let mut endpoint = server.endpoint();
+    let pid = endpoint.pid;
+    let before = pid.and_then(procfs::sample).unwrap_or_default();
+    let threads_before = pid.map(procfs::threads).unwrap_or_default();
+
+    // Connect: every terminal initialises with its GUDID, reconnects as itself, says hello.
+    progress.set_phase("connect");
+    let members = prepared
+        .gudids
+        .iter()
+        .map(|(sn, gudid)| Ok(FleetMember { profile: DeviceProfile::new(sn, Model::P3)?, gudid: Some(gudid.clone()) }))
+        .collect::<Result<Vec<_>>>()?;
+    let mut config = FleetConfig::new(members, endpoint.brokers(options.addresses)?);
+    config.knobs = Knobs { connect_timeout: options.connect_timeout, ..Knobs::default() };
+    config.spawn_interval = options.spawn_interval;
+    let connect_started = Instant::now();
+    let fleet = runtime.block_on(Fleet::spawn(config))?;
+    progress.set_fleet(fleet.counters().clone());
+    let trace = wait_connected(&fleet, n, connect_started, options.phase_timeout)?;
+    summary.connect_seconds = round3(connect_started.elapsed().as_secs_f64());
+    summary.connects_per_second = round3(n as f64 / summary.connect_seconds.max(1e-9));
+    summary.connects_per_second_peak = peak_per_second(&trace);
+    let online = setup::wait_gateway_online(&endpoint.url, n, ONLINE_TIMEOUT);
+    summary.extra.insert("gateway_saw_every_hello".into(), json!(online));
+    std::thread::sleep(SETTLE);
+    let idle = pid.and_then(procfs::sample).unwrap_or_default();
+    summary.bytes_per_device = round3(idle.rss_bytes.saturating_sub(before.rss_bytes) as f64 / n as f64);
+    summary.extra.insert("gateway_rss_idle_bytes".into(), json!(idle.rss_bytes));
+    summary.extra.insert("gateway_rss_before_fleet_bytes".into(), json!(before.rss_bytes));
+    let threads_connected = pid.map(procfs::threads).unwrap_or_default();
+    summary.threads_connect = ThreadCpu::list(procfs::thread_delta(&threads_before, &threads_connected));
+
+    // Push.
+    if matches!(scenario, Scenario::ReconnectStorm) {
+        set_ack_delay(runtime, &fleet, STORM_ACK_DELAY)?;
+    }
+    progress.set_phase("push");
+    let push_started = Instant::now();
+    let (task, created_at) = setup::create_task(api, group)?;
+    summary.task_create_seconds = round3(push_started.elapsed().as_secs_f64());
+    let mut waited_from = push_started;
+    match scenario {
+        Scenario::FleetPush => {}
+        Scenario::ReconnectStorm => {
+            let Server::Child(child) = server else {
+                return Err("reconnect-storm restarts the gateway: it cannot attach".into());
+            };
+            let installed_at_kill = fleet.snapshot().keys_installed;
+            child.kill()?;
+            set_ack_delay(runtime, &fleet, Duration::ZERO)?;
+            progress.set_phase("restart");
+            let restarted = Instant::now();
+            let healthy = child.spawn()?;
+            endpoint = child.endpoint();
+            waited_from = restarted;
+            let counts = setup::task_counts(api, task)?;
+            summary.extra.insert("keys_installed_at_kill".into(), json!(installed_at_kill));
+            summary.extra.insert("open_executions_at_restart".into(), json!(counts.total - counts.ended()));
+            summary.extra.insert("restart_to_healthy_seconds".into(), json!(round3(healthy.as_secs_f64())));
+            progress.set_phase("storm");
+            let storm = watch_storm(&fleet, api, &endpoint.url, task, n, restarted, options.phase_timeout, progress)?;
+            for (k, v) in storm {
+                summary.extra.insert(k, v);
+            }
+        }
+        Scenario::Churn { fraction, flapping, window } => {
+            let events = start_churn(runtime, &fleet, fraction, flapping, window);
+            summary.extra.insert("churn_events".into(), json!(events));
+        }
+    }
+    let counts = wait_push(api, task, n, waited_from, options.phase_timeout, progress)?;
+    summary.push_seconds = round3(waited_from.elapsed().as_secs_f64());
+    if matches!(scenario, Scenario::Churn { .. }) {
+        runtime.block_on(async {
+            for d in fleet.devices() {
+                let _ = d.update_knobs(|k| k.flapping = None).await;
+                let _ = d.power_on().await;
+            }
+        });
+    }
+    let pid = endpoint.pid;
+    let after = pid.and_then(procfs::sample).unwrap_or_default();
+    let threads_after = pid.map(procfs::threads).unwrap_or_default();
+    // After a restart the new process's whole life is the push.
+    let (cpu_base, threads_base) = if matches!(scenario, Scenario::ReconnectStorm) {
+        (0.0, Default::default())
+    } else {
+        (idle.cpu_seconds, threads_connected)
+    };
+    summary.gateway_cpu_seconds_push = round3(after.cpu_seconds - cpu_base);
+    summary.gateway_cpu_seconds = round3(after.cpu_seconds);
+    summary.gateway_rss_peak_bytes = after.rss_peak_bytes;
+    summary.threads_push = ThreadCpu::list(procfs::thread_delta(&threads_base, &threads_after));
+    summary.keys_per_second = round3(counts.succeeded as f64 / summary.push_seconds.max(1e-9));
+    summary.extra.insert("failed".into(), json!(counts.failed));
+
+    // What is durable, checked here.
+    progress.set_phase("verify");
+    let records = setup::task_records(api, task)?;
+    let verdict = verify(&records, &fleet, sns, created_at)?;
+    summary.latency_ms = Latency::of(&verdict.latencies_ms);
+    summary.curve = curve(&verdict.latencies_ms);
+    summary.acks_verified = verdict.verified;
+    summary.lost = verdict.lost;
+    summary.duplicates = verdict.duplicates;
+    let snapshot = fleet.snapshot();
+    summary.errors = snapshot.errors;
+    let rejected = rejected_total(&endpoint.url) + snapshot.rejected_frames + snapshot.refusals_received;
+    summary.extra.insert("rejected".into(), json!(rejected));
+    runtime.block_on(fleet.shutdown());
+    Ok(summary)
+}
+
+fn set_ack_delay(runtime: &tokio::runtime::Runtime, fleet: &Fleet, delay: Duration) -> Result<()> {
+    runtime.block_on(async {
+        for d in fleet.devices() {
+            d.set_ack_delay(delay).await?;
+        }
+        Ok::<(), rki_device_sim::DeviceError>(())
+    })?;
+    Ok(())
+}
+
+fn wait_connected(fleet: &Fleet, n: usize, started: Instant, timeout: Duration) -> Result<Vec<(f64, u64)>> {
+    let mut trace = Vec::new();
+    loop {
+        let snapshot = fleet.snapshot();
+        trace.push((started.elapsed().as_secs_f64(), snapshot.connected));
+        if snapshot.connected as usize >= n {
+            return Ok(trace);
+        }
+        if started.elapsed() > timeout {
+            let first_errors: Vec<String> = fleet
+                .devices()
+                .iter()
+                .filter(|d| !d.status().connected)
+                .filter_map(|d| d.status().last_error.map(|e| format!("{}: {e}", d.sn())))
+                .take(5)
+                .collect();
+            return Err(format!(
+                "only {} of {n} terminals connected after {timeout:?} ({}); first errors: {first_errors:?}",
+                snapshot.connected,
+                snapshot.status_line()
+            )
+            .into());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Polls the task until every execution has ended.
+fn wait_push(
+    api: &Api,
+    task: i64,
+    n: usize,
+    started: Instant,
+    timeout: Duration,
+    progress: &Progress,
+) -> Result<Counts> {
+    loop {
+        let counts = setup::task_counts(api, task)?;
+        progress.acked.store(counts.succeeded.max(0) as u64, Ordering::Relaxed);
+        if counts.total > 0 && counts.ended() >= counts.total {
+            if counts.total as usize != n {
+                return Err(format!("the task has {} executions for {n} devices", counts.total).into());
+            }
+            return Ok(counts);
+        }
+        if started.elapsed() > timeout {
+            return Err(format!("push not done after {timeout:?}: {counts:?}").into());
+        }
+        std::thread::sleep(POLL_INTERVAL);
+    }
+}
+
+/// After the restart: when every terminal is back, when the new process had published a download
+/// for every execution still open, when every one had ended.
+#[allow(clippy::too_many_arguments)]
+fn watch_storm(
+    fleet: &Fleet,
+    api: &Api,
+    url: &str,
+    task: i64,
+    n: usize,
+    restarted: Instant,
+    timeout: Duration,
+    progress: &Progress,
+) -> Result<Vec<(String, serde_json::Value)>> {
+    let open_at_start = {
+        let c = setup::task_counts(api, task)?;
+        (c.total - c.ended()).max(0) as f64
+    };
+    let (mut reconnected, mut delivered) = (None, None);
+    let mut out = Vec::new();
+    loop {
+        let t = restarted.elapsed().as_secs_f64();
+        if reconnected.is_none() && fleet.snapshot().connected as usize >= n {
+            reconnected = Some(t);
+        }
+        if delivered.is_none() && setup::metric(url, "rki_deliveries_total") >= open_at_start {
+            delivered = Some(t);
+        }
+        let counts = setup::task_counts(api, task)?;
+        progress.acked.store(counts.succeeded.max(0) as u64, Ordering::Relaxed);
+        if counts.ended() >= counts.total {
+            out.push(("restart_to_all_acked_seconds".into(), json!(round3(t))));
+            break;
+        }
+        if restarted.elapsed() > timeout {
+            return Err(format!("storm not over after {timeout:?}: {counts:?}").into());
+        }
+        std::thread::sleep(POLL_INTERVAL);
+    }
+    out.push(("restart_to_all_reconnected_seconds".into(), json!(reconnected.map(round3))));
+    out.push(("restart_to_all_open_delivered_seconds".into(), json!(delivered.map(round3))));
+    Ok(out)
+}
+
+/// Schedules the churn: a deterministic choice of terminals, each power-cycled or cut from the
+/// network once at a point of the window, for 1 to 3 s; and a share flapping throughout.
+/// Returns how many events were scheduled.
+fn start_churn(
+    runtime: &tokio::runtime::Runtime,
+    fleet: &Fleet,
+    fraction: f64,
+    flapping: f64,
+    window: Duration,
+) -> usize {
+    let n = fleet.len();
+    let mut rng = 0x9E37_79B9_7F4A_7C15_u64;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let events = (n as f64 * fraction) as usize;
+    let flappers = (n as f64 * flapping) as usize;
+    let stride = (n / events.max(1)).max(1);
+    for (k, device) in fleet.devices().iter().step_by(stride).take(events).enumerate() {
+        let at = Duration::from_millis(next() % window.as_millis().max(1) as u64);
+        let off = Duration::from_millis(1000 + next() % 2000);
+        let device = device.clone();
+        runtime.spawn(async move {
+            tokio::time::sleep(at).await;
+            if k % 2 == 0 {
+                let _ = device.power_off().await;
+                let _ = device.power_on_after(off).await;
+            } else {
+                let _ = device.go_offline(off).await;
+            }
+        });
+    }
+    // Flapping starts with the next session: cut each flapper's network briefly.
+    for device in fleet.devices().iter().skip(stride / 2).step_by(stride).take(flappers) {
+        let device = device.clone();
+        runtime.spawn(async move {
+            let flap = rki_device_sim::Flapping { online: Duration::from_secs(2), offline: Duration::from_secs(1) };
+            let _ = device.update_knobs(move |k| k.flapping = Some(flap)).await;
+            let _ = device.go_offline(Duration::from_millis(100)).await;
+        });
+    }
+    events + flappers
+}
+
+/// What the records and the terminals say about the push.
+struct Verdict {
+    latencies_ms: Vec<f64>,
+    verified: usize,
+    lost: usize,
+    duplicates: usize,
+}
+
+fn verify(records: &[setup::Record], fleet: &Fleet, sns: &[String], created_at: i64) -> Result<Verdict> {
+    let mut per_sn: HashMap<&str, usize> = HashMap::new();
+    let mut latencies_ms = Vec::with_capacity(records.len());
+    let mut verified = 0;
+    for r in records {
+        *per_sn.entry(r.sn.as_str()).or_default() += 1;
+        latencies_ms.push((r.at_ms - created_at) as f64);
+        if r.result == "succeeded" && rki_tests::expected_kcv(&r.key_id)? == r.kcv {
+            verified += 1;
+        }
+    }
+    let lost = sns.iter().filter(|sn| !per_sn.contains_key(sn.as_str())).count();
+    let twice_recorded: usize = per_sn.values().map(|c| c.saturating_sub(1)).sum();
+    let twice_injected: usize =
+        fleet.devices().iter().map(|d| (d.status().injections as usize).saturating_sub(1)).sum();
+    Ok(Verdict { latencies_ms, verified, lost, duplicates: twice_recorded + twice_injected })
+}
+
+/// Cumulative acks over time from per-device latencies.
+pub fn curve(latencies_ms: &[f64]) -> Vec<(f64, f64)> {
+    let mut sorted = latencies_ms.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let mut points = vec![(0.0, 0.0)];
+    let step = (sorted.len() / 400).max(1);
+    for (i, ms) in sorted.iter().enumerate() {
+        if i % step == 0 || i + 1 == sorted.len() {
+            points.push((ms / 1000.0, (i + 1) as f64));
+        }
+    }
+    points
+}
+
+/// Sum of every `rki_rejected_messages_total` sample of the gateway.
+fn rejected_total(url: &str) -> u64 {
+    let (_, text) = Api::new(url, "").get_text("/metrics");
+    text.lines()
+        .filter(|l| l.starts_with("rki_rejected_messages_total"))
+        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+        .sum::<f64>() as u64
+}
