@@ -390,6 +390,11 @@ async fn start_backend(
         .set_inflight(BACKEND_INFLIGHT)
         .set_max_packet_size(PACKET_LEN_MAX, PACKET_LEN_MAX);
     let (client, mut event_loop) = AsyncClient::new(options, BACKEND_REQUESTS);
+    // A backend someone tunes for throughput sends each download at once (Mosquitto's side is
+    // set the same way in its configuration).
+    let mut network = event_loop.network_options();
+    network.set_tcp_nodelay(true);
+    event_loop.set_network_options(network);
     client.subscribe(topic::FILTER_DEVICE_UP, QoS::AtLeastOnce).await?;
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let mut ready_tx = Some(ready_tx);

@@ -75,6 +75,10 @@ struct FleetArgs {
     /// Keep the gateway's directory (logs, store) after the run.
     #[arg(long)]
     keep: bool,
+    /// Record `perf` profiles (cpu-clock, call chains) of the gateway's connect and push phases
+    /// into this directory (fleet-push).
+    #[arg(long)]
+    profile: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -255,6 +259,7 @@ fn push_options(fleet: &FleetArgs, devices: usize, attach: Option<Attach>, quiet
         keep: fleet.keep,
         attach,
         quiet,
+        profile: fleet.profile.clone(),
     }
 }
 

@@ -92,6 +92,33 @@ pub fn load_average() -> [f64; 3] {
     [it.next().unwrap_or(-1.0), it.next().unwrap_or(-1.0), it.next().unwrap_or(-1.0)]
 }
 
+/// A `perf record` of one process (software `cpu-clock` sampling: it works where the hardware
+/// counters are "not supported", as on this virtual machine), stopped with SIGINT.
+#[derive(Debug)]
+pub struct Profiler(std::process::Child);
+
+impl Profiler {
+    /// Samples `pid` at `hz` with call chains into `output`; `None` if perf cannot start.
+    pub fn start(pid: u32, output: &std::path::Path, hz: u32) -> Option<Profiler> {
+        std::process::Command::new("perf")
+            .args(["record", "-e", "cpu-clock", "-F", &hz.to_string(), "-g", "-p", &pid.to_string(), "-o"])
+            .arg(output)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .ok()
+            .map(Profiler)
+    }
+
+    /// Stops the recording and waits until perf has written its file.
+    pub fn stop(mut self) {
+        let pid = self.0.id().to_string();
+        let _ = std::process::Command::new("kill").args(["-INT", &pid]).status();
+        let _ = self.0.wait();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

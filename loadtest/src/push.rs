@@ -80,6 +80,17 @@ pub struct PushOptions {
     pub keep: bool,
     pub attach: Option<Attach>,
     pub quiet: bool,
+    /// Record `perf` profiles of the gateway's connect and push phases into this directory.
+    pub profile: Option<PathBuf>,
+}
+
+/// Sampling rate of the optional `perf` profiles.
+const PROFILE_HZ: u32 = 499;
+
+fn start_profile(options: &PushOptions, pid: Option<u32>, phase: &str) -> Option<procfs::Profiler> {
+    let dir = options.profile.as_ref()?;
+    let _ = std::fs::create_dir_all(dir);
+    procfs::Profiler::start(pid?, &dir.join(format!("perf-{phase}-{}.data", options.devices)), PROFILE_HZ)
 }
 
 /// The gateway in use: started here (and owned) or attached.
@@ -179,6 +190,7 @@ fn drive(
     let mut config = FleetConfig::new(members, endpoint.brokers(options.addresses)?);
     config.knobs = Knobs { connect_timeout: options.connect_timeout, ..Knobs::default() };
     config.spawn_interval = options.spawn_interval;
+    let profiler = start_profile(options, pid, "connect");
     let connect_started = Instant::now();
     let fleet = runtime.block_on(Fleet::spawn(config))?;
     progress.set_fleet(fleet.counters().clone());
@@ -186,6 +198,9 @@ fn drive(
     summary.connect_seconds = round3(connect_started.elapsed().as_secs_f64());
     summary.connects_per_second = round3(n as f64 / summary.connect_seconds.max(1e-9));
     summary.connects_per_second_peak = peak_per_second(&trace);
+    if let Some(p) = profiler {
+        p.stop();
+    }
     let online = setup::wait_gateway_online(&endpoint.url, n, ONLINE_TIMEOUT);
     summary.extra.insert("gateway_saw_every_hello".into(), json!(online));
     std::thread::sleep(SETTLE);
@@ -201,6 +216,7 @@ fn drive(
         set_ack_delay(runtime, &fleet, STORM_ACK_DELAY)?;
     }
     progress.set_phase("push");
+    let profiler = if matches!(scenario, Scenario::FleetPush) { start_profile(options, pid, "push") } else { None };
     let push_started = Instant::now();
     let (task, created_at) = setup::create_task(api, group)?;
     summary.task_create_seconds = round3(push_started.elapsed().as_secs_f64());
@@ -236,6 +252,9 @@ fn drive(
     }
     let counts = wait_push(api, task, n, waited_from, options.phase_timeout, progress)?;
     summary.push_seconds = round3(waited_from.elapsed().as_secs_f64());
+    if let Some(p) = profiler {
+        p.stop();
+    }
     if matches!(scenario, Scenario::Churn { .. }) {
         runtime.block_on(async {
             for d in fleet.devices() {
