@@ -1,0 +1,422 @@
+//! A real Prometheus scrapes a real gateway through a small push, and sees the right values.
+//!
+//! Needs the `prometheus` and `promtool` binaries (Debian's `prometheus` package, which `.ci/run`
+//! installs). Where they are missing every test here passes after printing a loud SKIPPED line.
+//!
+//! - The shipped `deploy/prometheus/prometheus.yml` and `alerts.yml` pass `promtool check`, and
+//!   the alert rules pass their unit tests (`alerts.test.yml`).
+//! - Prometheus runs with the shipped configuration (scrape and evaluation every second, the
+//!   target pointed at the test gateway), scrapes a push of 8 terminals (5 ack, 2 never say
+//!   hello, 1 never initialises), forged acks, a used GUDID, a refused CONNECT and a bad API
+//!   call; its HTTP API must
+//!   show every expected series with its value, the alerts that must be pending or firing, and
+//!   the gateway-down alert once the gateway is killed.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rki_protocol::frame::MacKey;
+use rki_protocol::message::{Ack, Download, Message};
+use rki_protocol::terminal::InjectionType;
+use rki_protocol::SecretBytes;
+use rki_tests::{
+    create_task, free_port, mqtt_connect, provision, sns, temp_dir, wait_task, GatewayOptions, GatewayProcess,
+    RawDevice, TestResult,
+};
+use serde_json::{json, Value};
+
+/// How long a value may take to reach Prometheus: the sampler's 5 s, a 1 s scrape, and slack for
+/// a loaded CI machine.
+const CONVERGE: Duration = Duration::from_secs(30);
+
+/// The path of an executable on `PATH`, if any.
+pub fn on_path(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).map(|dir| dir.join(name)).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .find(|path| path.is_file())
+}
+
+/// `prometheus` and `promtool`, or a loud skip.
+fn prometheus_tools(test: &str) -> Option<(PathBuf, PathBuf)> {
+    match (on_path("prometheus"), on_path("promtool")) {
+        (Some(server), Some(tool)) => Some((server, tool)),
+        _ => {
+            eprintln!(
+                "\n**********************************************************************\n\
+                 SKIPPED: prometheus not installed ({test}).\n\
+                 Install Debian's `prometheus` package (.ci/run does) to run this test.\n\
+                 **********************************************************************\n"
+            );
+            None
+        }
+    }
+}
+
+fn deploy_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
+}
+
+/// Runs a command that must succeed; its output on failure.
+fn run_ok(command: &mut Command) -> TestResult<String> {
+    let out = command.output()?;
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    if !out.status.success() {
+        return Err(format!("{command:?} failed:\n{text}").into());
+    }
+    Ok(text)
+}
+
+/// A `prometheus` child process with its own storage directory, killed on drop.
+struct Prometheus {
+    child: Child,
+    dir: PathBuf,
+    url: String,
+    agent: ureq::Agent,
+}
+
+impl Prometheus {
+    /// The shipped `deploy/prometheus/prometheus.yml`, with the scrape and evaluation intervals
+    /// at 1 s, the target at `target`, and the rule files given instead of the shipped one.
+    fn shipped_config(target: &str, rule_files: &[PathBuf]) -> TestResult<String> {
+        let shipped = std::fs::read_to_string(deploy_dir().join("prometheus/prometheus.yml"))?;
+        let rules: String = rule_files.iter().map(|p| format!("\n  - {}", p.display())).collect();
+        let mut config = shipped;
+        for (from, to) in [
+            ("scrape_interval: 15s", "scrape_interval: 1s".to_string()),
+            ("scrape_timeout: 10s", "scrape_timeout: 1s".to_string()),
+            ("evaluation_interval: 15s", "evaluation_interval: 1s".to_string()),
+            ("\n  - alerts.yml", rules),
+            ("\"127.0.0.1:8080\"", format!("\"{target}\"")),
+        ] {
+            if config.matches(from).count() != 1 {
+                return Err(format!("deploy/prometheus/prometheus.yml no longer has exactly one {from:?}").into());
+            }
+            config = config.replace(from, &to);
+        }
+        Ok(config)
+    }
+
+    fn start(server: &Path, target: &str, rule_files: &[PathBuf]) -> TestResult<Prometheus> {
+        let dir = temp_dir("prometheus");
+        let config = dir.join("prometheus.yml");
+        std::fs::write(&config, Self::shipped_config(target, rule_files)?)?;
+        let port = free_port();
+        let log = std::fs::File::create(dir.join("prometheus.log"))?;
+        let child = Command::new(server)
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .arg("--log.level=warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        let mut prometheus = Prometheus {
+            child,
+            dir,
+            url: format!("http://127.0.0.1:{port}"),
+            agent: ureq::AgentBuilder::new().timeout(Duration::from_secs(10)).build(),
+        };
+        prometheus.wait_ready()?;
+        Ok(prometheus)
+    }
+
+    fn wait_ready(&mut self) -> TestResult {
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Err(format!("prometheus exited with {status}: {}", self.log()).into());
+            }
+            if self.agent.get(&format!("{}/-/ready", self.url)).call().is_ok() {
+                return Ok(());
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                return Err(format!("prometheus not ready after 30 s: {}", self.log()).into());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("prometheus.log")).unwrap_or_default()
+    }
+
+    /// `GET /api/v1/{path}`: the `data` of a successful answer, or the error Prometheus gave.
+    fn api(&self, path: &str, query: &[(&str, &str)]) -> TestResult<Value> {
+        let mut request = self.agent.get(&format!("{}/api/v1/{path}", self.url));
+        for (k, v) in query {
+            request = request.query(k, v);
+        }
+        let body: Value = match request.call() {
+            Ok(r) => r.into_json()?,
+            Err(ureq::Error::Status(_, r)) => r.into_json()?,
+            Err(e) => return Err(e.into()),
+        };
+        if body["status"] != "success" {
+            return Err(format!("{path} {query:?}: {body}").into());
+        }
+        Ok(body["data"].clone())
+    }
+
+    /// An instant query: its result vector.
+    fn query(&self, promql: &str) -> TestResult<Vec<Value>> {
+        let data = self.api("query", &[("query", promql)])?;
+        Ok(data["result"].as_array().cloned().unwrap_or_default())
+    }
+
+    /// The value of a query that yields one sample, `None` if it yields none.
+    fn value(&self, promql: &str) -> TestResult<Option<f64>> {
+        let result = self.query(promql)?;
+        match result.as_slice() {
+            [] => Ok(None),
+            [one] => {
+                let text = one["value"][1].as_str().ok_or("no value")?;
+                Ok(Some(text.parse()?))
+            }
+            more => Err(format!("{promql}: {} series, expected one: {more:?}", more.len()).into()),
+        }
+    }
+
+    /// Polls until the query yields `expected`, or fails naming what it saw last.
+    fn expect(&self, promql: &str, expected: f64) -> TestResult {
+        let started = Instant::now();
+        loop {
+            let seen = self.value(promql)?;
+            if seen == Some(expected) {
+                return Ok(());
+            }
+            if started.elapsed() > CONVERGE {
+                return Err(format!("{promql}: expected {expected}, Prometheus has {seen:?}").into());
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    /// The state (`pending`, `firing`) of an alert, if it is active.
+    fn alert_state(&self, name: &str) -> TestResult<Option<String>> {
+        let data = self.api("alerts", &[])?;
+        Ok(data["alerts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|a| a["labels"]["alertname"] == name)
+            .and_then(|a| a["state"].as_str().map(str::to_string)))
+    }
+
+    fn expect_alert(&self, name: &str, states: &[&str]) -> TestResult {
+        let started = Instant::now();
+        loop {
+            let state = self.alert_state(name)?;
+            if state.as_deref().is_some_and(|s| states.contains(&s)) {
+                return Ok(());
+            }
+            if started.elapsed() > CONVERGE {
+                return Err(format!("alert {name}: expected one of {states:?}, it is {state:?}").into());
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() || std::env::var_os("RKI_TEST_KEEP").is_some() {
+            eprintln!("prometheus files kept in {}", self.dir.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+#[test]
+fn the_shipped_prometheus_config_and_alert_rules_pass_promtool_and_their_unit_tests() -> TestResult {
+    let Some((_, promtool)) = prometheus_tools("promtool checks") else { return Ok(()) };
+    let dir = deploy_dir().join("prometheus");
+    let config = run_ok(Command::new(&promtool).arg("check").arg("config").arg(dir.join("prometheus.yml")))?;
+    assert!(config.contains("SUCCESS: 1 rule files found"), "{config}");
+    let rules = run_ok(Command::new(&promtool).arg("check").arg("rules").arg(dir.join("alerts.yml")))?;
+    assert!(rules.contains("SUCCESS"), "{rules}");
+    let tests = run_ok(Command::new(&promtool).current_dir(&dir).args(["test", "rules", "alerts.test.yml"]))?;
+    assert!(tests.contains("SUCCESS"), "{tests}");
+    // Every alert the issue asks for is there, and each has a unit test.
+    let alerts = std::fs::read_to_string(dir.join("alerts.yml"))?;
+    let unit_tests = std::fs::read_to_string(dir.join("alerts.test.yml"))?;
+    for alert in [
+        "RkiAckRejectionsRising",
+        "RkiExecutionsExpiringOnNeverSeenDevices",
+        "RkiTaskNoProgress",
+        "RkiStoreCommitSlow",
+        "RkiGatewayDown",
+        "RkiBrokerConnectionsNearLimit",
+    ] {
+        assert!(alerts.contains(&format!("alert: {alert}\n")), "no alert {alert}");
+        assert!(unit_tests.contains(&format!("alertname: {alert}\n")), "alert {alert} has no unit test");
+    }
+    Ok(())
+}
+
+fn ack_for(d: &Download) -> Message {
+    Message::Ack(Ack {
+        execution_id: d.execution_id,
+        result: 0,
+        slot: d.slot,
+        key_id: d.key_id.clone(),
+        kcv: d.kcv.clone(),
+        injection: InjectionType::Auto,
+    })
+}
+
+async fn download(device: &mut RawDevice) -> TestResult<Download> {
+    match device.next_down(Duration::from_secs(10)).await? {
+        Message::Download(d) => Ok(d),
+        other => Err(format!("expected a download, got {other:?}").into()),
+    }
+}
+
+#[test]
+fn a_real_prometheus_scrapes_a_push_and_sees_every_series_with_its_value() -> TestResult {
+    let Some((server, _)) = prometheus_tools("live Prometheus") else { return Ok(()) };
+    let rt = common::runtime();
+    let mut gw = GatewayProcess::start(GatewayOptions::default())?;
+    let api = gw.api();
+    let prometheus = Prometheus::start(
+        &server,
+        &format!("127.0.0.1:{}", gw.http_port),
+        &[deploy_dir().join("prometheus/alerts.yml")],
+    )?;
+    prometheus.expect("up{job=\"rki-gateway\"}", 1.0)?;
+
+    // 8 terminals: 5 say hello and ack, 2 initialise but are never seen online, 1 never even
+    // initialises (so it is not ready, and its GUDID stays unused).
+    let provisioned = provision(&gw, &sns("PROM", 8), "shop")?;
+    let mut devices = Vec::new();
+    for (sn, gudid) in provisioned.gudids.iter().take(7) {
+        devices.push(rt.block_on(RawDevice::initialise(gw.mqtt_port, sn, gudid))?);
+    }
+    for device in devices.iter_mut().take(5) {
+        rt.block_on(device.send(RawDevice::hello(false)))?;
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let task = create_task(&api, &json!({"group": "shop", "expiry_days": 1}))?;
+    for device in devices.iter_mut().take(5) {
+        let d = rt.block_on(download(device))?;
+        rt.block_on(device.send(ack_for(&d)))?;
+    }
+    wait_task(&api, task, Duration::from_secs(10), |c| c["succeeded"] == 5)?;
+
+    // Hostile and mistaken input, each counted: a used GUDID, a CONNECT of a device that never
+    // initialised, a bad API call.
+    let (sn, used) = provisioned.gudids[0].clone();
+    assert!(rt.block_on(RawDevice::initialise(gw.mqtt_port, &sn, &used)).is_err(), "a used GUDID worked twice");
+    assert!(rt.block_on(mqtt_connect(gw.mqtt_port, "PROM000008", "made-up", false)).is_err());
+    assert_eq!(api.get("/v1/tasks/999999").0, 404);
+
+    // What the portal shows, as Prometheus sees it.
+    let org = "org=\"acme\"";
+    for (promql, expected) in [
+        ("rki_acks_total{result=\"succeeded\"}".to_string(), 5.0),
+        ("rki_acks_total{result=\"failed\"}".to_string(), 0.0),
+        (format!("rki_keys_injected_total{{{org}}}"), 5.0),
+        ("rki_executions_ended_total{state=\"succeeded\"}".to_string(), 5.0),
+        ("rki_initialisations_total".to_string(), 7.0),
+        (format!("rki_tasks_created_total{{{org}}}"), 1.0),
+        ("rki_delivery_latency_seconds_count{from=\"creation\"}".to_string(), 5.0),
+        ("rki_gudid_refusals_total{reason=\"gudid_used\"}".to_string(), 1.0),
+        ("rki_mqtt_connect_refused_total{reason=\"not_initialised\"}".to_string(), 1.0),
+        ("rki_api_errors_total{code=\"not_found\"}".to_string(), 1.0),
+        (format!("rki_executions{{{org},state=\"succeeded\"}}"), 5.0),
+        (format!("rki_executions{{{org},state=\"queued\"}}"), 2.0),
+        (format!("rki_executions{{{org},state=\"failed\"}}"), 0.0),
+        (format!("rki_task_executions{{{org},state=\"succeeded\"}}"), 5.0),
+        (format!("rki_task_executions{{{org},state=\"queued\"}}"), 2.0),
+        (format!("rki_tasks{{{org},status=\"unfinished\"}}"), 1.0),
+        (format!("rki_tasks{{{org},status=\"done\"}}"), 0.0),
+        (format!("rki_devices{{{org},state=\"registered\"}}"), 8.0),
+        (format!("rki_devices{{{org},state=\"initialised\"}}"), 7.0),
+        (format!("rki_devices{{{org},state=\"online\"}}"), 5.0),
+        (format!("rki_devices{{{org},state=\"never_seen\"}}"), 3.0),
+        (format!("rki_devices{{{org},state=\"locked\"}}"), 5.0),
+        (format!("rki_devices{{{org},state=\"assigned\"}}"), 8.0),
+        (format!("rki_devices{{{org},state=\"pending\"}}"), 2.0),
+        (format!("rki_gudids{{{org},state=\"used\"}}"), 7.0),
+        (format!("rki_gudids{{{org},state=\"unused\"}}"), 1.0),
+        (format!("rki_gudids{{{org},state=\"expired\"}}"), 0.0),
+        ("rki_executions_expiring{window=\"24h\"}".to_string(), 2.0),
+        ("rki_executions_expiring{window=\"7d\"}".to_string(), 2.0),
+        ("rki_executions_expiring_never_seen{window=\"24h\"}".to_string(), 2.0),
+        ("rki_devices_connected".to_string(), 5.0),
+        ("rki_store_up".to_string(), 1.0),
+        ("rki_broker_up".to_string(), 1.0),
+        ("rki_sampler_errors_total".to_string(), 0.0),
+        (format!("rki_build_info{{version=\"{}\"}}", env!("CARGO_PKG_VERSION")), 1.0),
+        ("rki_mqtt_connections_max > bool 0".to_string(), 1.0),
+        ("rki_store_commit_seconds_count > bool 0".to_string(), 1.0),
+        ("rki_store_file_bytes{file=\"database\"} > bool 0".to_string(), 1.0),
+        ("rki_deliveries_total >= bool 5".to_string(), 1.0),
+    ] {
+        prometheus.expect(&promql, expected)?;
+    }
+
+    // Forged acks: one first, so that Prometheus has the series before it rises.
+    let forger = MacKey::new(SecretBytes::from_slice(&[7u8; 32]))?;
+    let forged = Message::Ack(Ack {
+        execution_id: 1,
+        result: 0,
+        slot: rki_protocol::terminal::KeySlot(1),
+        key_id: vec![0; 10],
+        kcv: vec![0; 3],
+        injection: InjectionType::Auto,
+    });
+    rt.block_on(devices[0].send_with(&forger, forged.clone()))?;
+    prometheus.expect("rki_rejected_messages_total{kind=\"ack\",reason=\"bad_mac\"}", 1.0)?;
+    for _ in 0..8 {
+        rt.block_on(devices[0].send_with(&forger, forged.clone()))?;
+    }
+    prometheus.expect("rki_rejected_messages_total{kind=\"ack\",reason=\"bad_mac\"}", 9.0)?;
+    assert_eq!(api.ok(&format!("/v1/tasks/{task}"))?["task"]["counts"]["succeeded"], 5, "a forged ack changed state");
+
+    // The alerts: rejections fire at once; the never-seen ones wait for their `for` (pending).
+    prometheus.expect_alert("RkiAckRejectionsRising", &["firing"])?;
+    prometheus.expect_alert("RkiExecutionsExpiringOnNeverSeenDevices", &["pending"])?;
+    prometheus.expect_alert("RkiExecutionsExpiringOnNeverSeenDevicesSoon", &["pending"])?;
+    for quiet in ["RkiGatewayDown", "RkiStoreDown", "RkiBrokerDown", "RkiBrokerConnectionsNearLimit"] {
+        assert_eq!(prometheus.alert_state(quiet)?, None, "{quiet} is active");
+    }
+    // Every rule evaluates without error against the real series.
+    let rules = prometheus.api("rules", &[])?;
+    let mut evaluated = 0;
+    for group in rules["groups"].as_array().into_iter().flatten() {
+        for rule in group["rules"].as_array().into_iter().flatten() {
+            assert_eq!(rule["health"], "ok", "rule {} failed: {}", rule["name"], rule["lastError"]);
+            evaluated += 1;
+        }
+    }
+    assert!(evaluated >= 10, "only {evaluated} rules loaded");
+
+    // Stopping the task moves it to done, and its executions leave the progress gauge.
+    api.ok_post(&format!("/v1/tasks/{task}/stop"), &json!({}))?;
+    for (promql, expected) in [
+        (format!("rki_tasks{{{org},status=\"done\"}}"), 1.0),
+        (format!("rki_tasks{{{org},status=\"unfinished\"}}"), 0.0),
+        (format!("sum(rki_task_executions{{{org}}})"), 0.0),
+        (format!("rki_executions{{{org},state=\"terminated\"}}"), 2.0),
+        ("rki_executions_ended_total{state=\"terminated\"}".to_string(), 2.0),
+        ("rki_executions_expiring{window=\"7d\"}".to_string(), 0.0),
+        (format!("rki_devices{{{org},state=\"pending\"}}"), 0.0),
+    ] {
+        prometheus.expect(&promql, expected)?;
+    }
+
+    // The gateway dies: Prometheus notices, and the gateway-down alert becomes pending.
+    gw.kill()?;
+    prometheus.expect("up{job=\"rki-gateway\"}", 0.0)?;
+    prometheus.expect_alert("RkiGatewayDown", &["pending", "firing"])?;
+    Ok(())
+}
