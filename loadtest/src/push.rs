@@ -194,7 +194,8 @@ fn drive(
     let connect_started = Instant::now();
     let fleet = runtime.block_on(Fleet::spawn(config))?;
     progress.set_fleet(fleet.counters().clone());
-    let trace = wait_connected(&fleet, n, connect_started, options.phase_timeout)?;
+    let (trace, reprovisioned) = wait_connected(&fleet, api, runtime, n, connect_started, options.phase_timeout)?;
+    summary.extra.insert("gudids_reprovisioned".into(), json!(reprovisioned));
     summary.connect_seconds = round3(connect_started.elapsed().as_secs_f64());
     summary.connects_per_second = round3(n as f64 / summary.connect_seconds.max(1e-9));
     summary.connects_per_second_peak = peak_per_second(&trace);
@@ -306,13 +307,35 @@ fn set_ack_delay(runtime: &tokio::runtime::Runtime, fleet: &Fleet, delay: Durati
     Ok(())
 }
 
-fn wait_connected(fleet: &Fleet, n: usize, started: Instant, timeout: Duration) -> Result<Vec<(f64, u64)>> {
+/// How long the connect phase may make no progress before spent GUDIDs are replaced.
+const STALL: Duration = Duration::from_secs(15);
+
+/// Waits until `n` terminals are connected. A terminal whose CreateKey timed out and whose GUDID
+/// the gateway nevertheless spent is refused (`gudid_used`) when it retries, and never retries
+/// again: as an operator would, the tool provisions it a new GUDID and initialises it with that.
+/// Returns the (seconds, connected) trace and how many GUDIDs were re-provisioned.
+fn wait_connected(
+    fleet: &Fleet,
+    api: &Api,
+    runtime: &tokio::runtime::Runtime,
+    n: usize,
+    started: Instant,
+    timeout: Duration,
+) -> Result<(Vec<(f64, u64)>, usize)> {
     let mut trace = Vec::new();
+    let mut reprovisioned = 0;
+    let (mut last_count, mut last_change) = (0, Instant::now());
     loop {
         let snapshot = fleet.snapshot();
         trace.push((started.elapsed().as_secs_f64(), snapshot.connected));
         if snapshot.connected as usize >= n {
-            return Ok(trace);
+            return Ok((trace, reprovisioned));
+        }
+        if snapshot.connected != last_count {
+            (last_count, last_change) = (snapshot.connected, Instant::now());
+        } else if last_change.elapsed() > STALL {
+            reprovisioned += reprovision_spent(fleet, api, runtime)?;
+            last_change = Instant::now();
         }
         if started.elapsed() > timeout {
             let first_errors: Vec<String> = fleet
@@ -331,6 +354,39 @@ fn wait_connected(fleet: &Fleet, n: usize, started: Instant, timeout: Duration) 
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// New GUDIDs for the terminals whose initialisation was refused as `gudid_used`.
+fn reprovision_spent(fleet: &Fleet, api: &Api, runtime: &tokio::runtime::Runtime) -> Result<usize> {
+    let stuck: Vec<_> = fleet
+        .devices()
+        .iter()
+        .filter(|d| {
+            let status = d.status();
+            !status.initialised && status.last_error.is_some_and(|e| e.contains("gudid_used"))
+        })
+        .cloned()
+        .collect();
+    if stuck.is_empty() {
+        return Ok(0);
+    }
+    let sns: Vec<&str> = stuck.iter().map(|d| d.sn()).collect();
+    let answer = api.ok_post("/v1/gudids", &json!({ "sns": sns }))?;
+    let fresh: HashMap<String, String> = answer["gudids"]
+        .as_array()
+        .map(|a| {
+            a.iter().filter_map(|g| Some((g["sn"].as_str()?.to_string(), g["gudid"].as_str()?.to_string()))).collect()
+        })
+        .unwrap_or_default();
+    for device in &stuck {
+        if let Some(gudid) = fresh.get(device.sn()).cloned() {
+            let device = device.clone();
+            runtime.spawn(async move {
+                let _ = device.initialise(&gudid).await;
+            });
+        }
+    }
+    Ok(stuck.len())
 }
 
 /// Polls the task until every execution has ended.
