@@ -47,7 +47,7 @@ const COMMAND_CHANNEL_CAP: usize = 4;
 /// How long a polite DISCONNECT may take to go out.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// The bootstrap identity's MQTT password: it proves nothing, the GUDID's tag does.
-const BOOTSTRAP_PASSWORD: &str = "bootstrap";
+use rki_protocol::topic::BOOTSTRAP_PASSWORD;
 
 /// Why a device operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -1046,7 +1046,7 @@ impl Terminal {
     /// derive the secrets, disconnect.
     async fn create_key(&mut self, gudid: &Gudid) -> Result<DeviceSecrets, DeviceError> {
         let sn = self.state.sn.clone();
-        let client_id = format!("init:{sn}");
+        let client_id = topic::bootstrap_client_id(&sn);
         let options = self.mqtt_options(&client_id, BOOTSTRAP_PASSWORD, true);
         let (client, mut event_loop) = self.event_loop(options);
         let down_topic = topic::device_down(&sn);

@@ -22,7 +22,7 @@
 //! - [`fleet`]: many terminals at once ([`Fleet`]), SN patterns and fleet CSV files.
 //!
 //! ## Identities
-//! - Bootstrap (initialising): client ID = username = `init:{SN}`, password `bootstrap`, clean
+//! - Bootstrap (initialising): client ID = username = `init@{SN}`, password `bootstrap`, clean
 //!   session. It only sends CreateKey.
 //! - Device: client ID = username = `{SN}`, password from the initialisation, persistent session,
 //!   last will = a signed `Bye` on the up topic.

@@ -29,8 +29,8 @@ async fn an_initialised_terminal_connects_under_its_device_identity_and_says_hel
     assert!(status.initialised);
     let connects = net.broker.connects.lock().expect("log").clone();
     let own: Vec<_> = connects.iter().filter(|(id, _, _)| id.ends_with("INIT0001")).collect();
-    assert_eq!(own[0].0, "init:INIT0001", "bootstrap first");
-    assert_eq!((own[0].1.as_str(), own[0].2.as_str()), ("init:INIT0001", "bootstrap"));
+    assert_eq!(own[0].0, "init@INIT0001", "bootstrap first");
+    assert_eq!((own[0].1.as_str(), own[0].2.as_str()), ("init@INIT0001", "bootstrap"));
     let device_connect = own.iter().find(|(id, _, _)| id == "INIT0001").expect("device identity");
     assert_eq!(device_connect.1, "INIT0001");
     assert_eq!(device_connect.2.len(), 64, "the password is 64 hex characters");
@@ -175,7 +175,7 @@ async fn a_refused_gudid_in_the_configuration_is_not_retried() {
     let device = Device::spawn(config).await.expect("spawn");
     device.wait_for("the refusal", common::WAIT, |s| s.last_error.is_some()).await.expect("refused");
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let attempts = net.broker.connects.lock().expect("log").iter().filter(|(id, _, _)| id == "init:INIT0011").count();
+    let attempts = net.broker.connects.lock().expect("log").iter().filter(|(id, _, _)| id == "init@INIT0011").count();
     assert_eq!(attempts, 1);
     assert_eq!(device.counters().snapshot().errors, 1);
 }

@@ -60,6 +60,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/audit", get(list_audit))
         .route("/v1/admin/clock", post(advance_clock))
         .route("/v1/admin/expire", post(expire_now))
+        .merge(crate::portal::router())
         .layer(axum::extract::DefaultBodyLimit::max(BODY_BYTES_MAX))
         .with_state(state)
 }
@@ -558,6 +559,7 @@ async fn import_devices(
             }
             other => other,
         })?;
+    state.engine.notify_registry_changed();
     let mut added_to_group = 0;
     if let Some(group) = &group {
         let sns: Vec<String> = rows.iter().map(|r| r.sn.clone()).collect();

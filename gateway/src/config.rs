@@ -24,6 +24,52 @@ pub struct Config {
     pub log_format: String,
     /// Broker connection limit; 0 = derived from the open-file limit.
     pub max_connections: usize,
+    /// `"embedded"` (default: rumqttd in this process) or a table for an external broker.
+    pub broker: BrokerConfig,
+}
+
+/// Which MQTT broker the gateway uses.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum BrokerConfig {
+    /// Only `"embedded"` is valid.
+    Named(String),
+    External(ExternalBroker),
+}
+
+/// The gateway as a client of an external broker.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ExternalBroker {
+    /// `mqtt://host:port`.
+    pub url: String,
+    pub username: Option<String>,
+    /// Prefer `RKI_BROKER_PASSWORD` in the environment to a password in the file.
+    pub password: Option<String>,
+    /// Stable per node, so the broker keeps the node's session. Default `rki-gateway-<pid>`.
+    pub client_id: Option<String>,
+    /// Shared-subscription group: nodes with the same group split the device traffic.
+    pub shared_group: Option<String>,
+    /// Keep a Mosquitto password file and ACL file in step with the device registry.
+    pub mosquitto_sync: Option<MosquittoSync>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MosquittoSync {
+    pub password_file: PathBuf,
+    pub acl_file: PathBuf,
+    /// Mosquitto's pid file: the gateway sends it SIGHUP after rewriting the files.
+    pub pid_file: Option<PathBuf>,
+}
+
+impl BrokerConfig {
+    pub fn external(&self) -> Option<&ExternalBroker> {
+        match self {
+            BrokerConfig::External(e) => Some(e),
+            BrokerConfig::Named(_) => None,
+        }
+    }
 }
 
 impl Default for Config {
@@ -36,6 +82,7 @@ impl Default for Config {
             clock: "system".into(),
             log_format: "text".into(),
             max_connections: 0,
+            broker: BrokerConfig::Named("embedded".into()),
         }
     }
 }
@@ -76,6 +123,35 @@ impl Config {
         if let Some(v) = get("RKI_LOG_FORMAT") {
             self.log_format = v;
         }
+        if let Some(url) = get("RKI_BROKER_URL") {
+            let mut external = match &self.broker {
+                BrokerConfig::External(e) => e.clone(),
+                BrokerConfig::Named(_) => ExternalBroker {
+                    url: String::new(),
+                    username: None,
+                    password: None,
+                    client_id: None,
+                    shared_group: None,
+                    mosquitto_sync: None,
+                },
+            };
+            external.url = url;
+            self.broker = BrokerConfig::External(external);
+        }
+        if let BrokerConfig::External(e) = &mut self.broker {
+            if let Some(v) = get("RKI_BROKER_USERNAME") {
+                e.username = Some(v);
+            }
+            if let Some(v) = get("RKI_BROKER_PASSWORD") {
+                e.password = Some(v);
+            }
+            if let Some(v) = get("RKI_BROKER_CLIENT_ID") {
+                e.client_id = Some(v);
+            }
+            if let Some(v) = get("RKI_BROKER_SHARED_GROUP") {
+                e.shared_group = Some(v);
+            }
+        }
         if let Some(v) = get("RKI_MAX_CONNECTIONS") {
             self.max_connections = v.parse().map_err(|e| format!("RKI_MAX_CONNECTIONS={v:?}: {e}"))?;
         }
@@ -85,6 +161,13 @@ impl Config {
     pub fn validate(&self) -> Result<(), String> {
         if !matches!(self.clock.as_str(), "system" | "adjustable") {
             return Err(format!("clock = {:?}: expected \"system\" or \"adjustable\"", self.clock));
+        }
+        match &self.broker {
+            BrokerConfig::Named(name) if name != "embedded" => {
+                return Err(format!("broker = {name:?}: expected \"embedded\" or a table with url = \"mqtt://host:port\""));
+            }
+            BrokerConfig::External(e) => crate::external::parse_url(&e.url).map(|_| ())?,
+            BrokerConfig::Named(_) => {}
         }
         if !matches!(self.log_format.as_str(), "text" | "json") {
             return Err(format!("log_format = {:?}: expected \"text\" or \"json\"", self.log_format));
@@ -126,6 +209,16 @@ mod tests {
         let mut c: Config = toml::from_str("mqtt_addr = \"127.0.0.1:1\"").expect("toml");
         c.apply_env(|n| (n == "RKI_MQTT_ADDR").then(|| "127.0.0.1:2".to_string())).expect("env");
         assert_eq!(c.mqtt_addr.port(), 2);
+    }
+
+    #[test]
+    fn the_broker_is_embedded_or_an_external_table() {
+        let c: Config = toml::from_str("broker = \"embedded\"").expect("toml");
+        assert!(c.broker.external().is_none());
+        let c: Config = toml::from_str("[broker]\nurl = \"mqtt://127.0.0.1:1884\"\nshared_group = \"rki\"").expect("toml");
+        assert_eq!(c.broker.external().map(|e| e.url.as_str()), Some("mqtt://127.0.0.1:1884"));
+        let c: Config = toml::from_str("broker = \"mosquitto\"").expect("toml");
+        assert!(c.validate().is_err());
     }
 
     #[test]

@@ -262,6 +262,8 @@ pub struct Engine {
     init_permits: Arc<tokio::sync::Semaphore>,
     /// A weak handle to itself, to spawn initialisations.
     me: std::sync::OnceLock<std::sync::Weak<Engine>>,
+    /// Woken when devices are registered or (re)initialised (the external broker's ACL sync).
+    registry: tokio::sync::Notify,
 }
 
 impl Engine {
@@ -295,6 +297,7 @@ impl Engine {
             online: AtomicI64::new(0),
             init_permits: Arc::new(tokio::sync::Semaphore::new(INIT_CONCURRENCY_MAX)),
             me: std::sync::OnceLock::new(),
+            registry: tokio::sync::Notify::new(),
         });
         let _ = engine.me.set(Arc::downgrade(&engine));
         engine.load().await?;
@@ -401,13 +404,13 @@ impl Engine {
     // ---------------------------------------------------------------- MQTT authentication
 
     /// CONNECT check: `client_id == username == SN` with that device's password, or the bootstrap
-    /// identity `init:{SN}` / password `bootstrap` of a registered device.
+    /// identity `init@{SN}` / password `bootstrap` of a registered device.
     pub fn authenticate(&self, client_id: &str, username: &str, password: &str) -> Result<(), &'static str> {
         if client_id != username {
             return Err("client_id_mismatch");
         }
-        if let Some(sn) = client_id.strip_prefix("init:") {
-            if password != "bootstrap" {
+        if let Some(sn) = topic::bootstrap_sn(client_id) {
+            if password != topic::BOOTSTRAP_PASSWORD {
                 return Err("bad_bootstrap");
             }
             if topic::validate_name(sn).is_err() {
@@ -955,7 +958,10 @@ impl Engine {
                 .map_err(|_| RefusalCode::Malformed)?;
         let sealed = self.keys.seal_device_secrets(&secrets).map_err(|_| RefusalCode::Malformed)?;
         let password_hash = init::password_hash(secrets.mqtt_password.expose_secret());
+        let broker_password_hash =
+            crate::mosquitto::password_hash(secrets.mqtt_password.expose_secret()).map_err(|_| RefusalCode::Malformed)?;
         let creds = NewCredentials {
+            broker_password_hash,
             signing_key: sealed.signing_key,
             kbpk_aes: sealed.kbpk_aes,
             kbpk_tdes: sealed.kbpk_tdes,
@@ -1006,6 +1012,9 @@ impl Engine {
             h.signing_key = Some(secrets.signing_key.clone_secret());
         }
         self.passwords.insert(sn.to_string(), password_hash);
+        // An external broker learns the new credentials through the registry sync; a device that
+        // reconnects before the broker reloaded is refused once and retries.
+        self.notify_registry_changed();
         self.outbound.publish(topic::device_down(sn), answer_frame);
         metrics::counter!(m::INITIALISATIONS_TOTAL).increment(1);
         info!(sn, "device initialised");
@@ -1054,6 +1063,16 @@ impl Engine {
     /// Whether the device is online (its last presence message was a hello).
     pub fn is_online(&self, sn: &str) -> bool {
         self.devices.get(sn).map(|h| lock(&h).online).unwrap_or(false)
+    }
+
+    /// Signals that devices were registered or (re)initialised.
+    pub fn notify_registry_changed(&self) {
+        self.registry.notify_one();
+    }
+
+    /// Waits for the next registry change.
+    pub async fn registry_changed(&self) {
+        self.registry.notified().await;
     }
 
     pub fn online_count(&self) -> i64 {

@@ -61,11 +61,27 @@ pub async fn run(config: Config) -> Result<(), String> {
     let max_connections =
         if config.max_connections > 0 { config.max_connections } else { broker::max_connections_from_fd_limit() };
     let cell: broker::EngineCell = Arc::new(OnceLock::new());
-    let mut broker = EmbeddedBroker::start(config.mqtt_addr, max_connections, cell.clone())?;
     let store_dyn: Arc<dyn Store> = store.clone();
-    let engine = Engine::start(store_dyn, keys, clock, broker.outbound.clone()).await.map_err(|e| e.to_string())?;
-    let _ = cell.set(engine.clone());
-    broker.run_inbound(engine.clone())?;
+    let engine = match config.broker.external() {
+        None => {
+            let mut broker = EmbeddedBroker::start(config.mqtt_addr, max_connections, cell.clone())?;
+            let engine = Engine::start(store_dyn, keys, clock, broker.outbound.clone()).await.map_err(|e| e.to_string())?;
+            let _ = cell.set(engine.clone());
+            broker.run_inbound(engine.clone())?;
+            engine
+        }
+        Some(external) => {
+            let mut link = crate::external::ExternalLink::new(external)?;
+            let engine = Engine::start(store_dyn, keys, clock, link.outbound.clone()).await.map_err(|e| e.to_string())?;
+            let _ = cell.set(engine.clone());
+            link.run(engine.clone())?;
+            if let Some(sync) = &external.mosquitto_sync {
+                crate::mosquitto::spawn_sync(engine.clone(), sync.clone(), external.clone())?;
+            }
+            info!(url = %external.url, "using the external MQTT broker; device authentication and ACLs are the broker's");
+            engine
+        }
+    };
     crate::sampler::spawn(engine.clone(), config.store_path());
     let state = Arc::new(AppState { engine: engine.clone(), prometheus });
     let listener =

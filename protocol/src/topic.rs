@@ -59,6 +59,20 @@ pub fn backend_events(org: &str) -> String {
     format!("{PREFIX}/backend/{org}/events")
 }
 
+/// The MQTT client id and user name of a terminal that is not yet initialised: `init@{SN}`. The
+/// `@` cannot occur in an SN, and unlike `:` it is valid in a Mosquitto password file.
+pub fn bootstrap_client_id(sn: &str) -> String {
+    format!("init@{sn}")
+}
+
+/// The SN of a bootstrap client id, if it is one.
+pub fn bootstrap_sn(client_id: &str) -> Option<&str> {
+    client_id.strip_prefix("init@")
+}
+
+/// The password of every bootstrap identity: it proves nothing; CreateKey's GUDID tag does.
+pub const BOOTSTRAP_PASSWORD: &str = "bootstrap";
+
 /// The filters the gateway subscribes to.
 pub const FILTER_DEVICE_UP: &str = "rki/v1/dev/+/up";
 pub const FILTER_INIT: &str = "rki/v1/init/+";

@@ -65,6 +65,8 @@ pub struct GatewayOptions {
     pub adjustable_clock: bool,
     /// Extra environment variables.
     pub env: Vec<(String, String)>,
+    /// A TOML configuration file's content (`{dir}` is replaced by the gateway's directory).
+    pub config_toml: Option<String>,
 }
 
 /// A running `rki-gateway` child process with its own data directory.
@@ -156,6 +158,11 @@ impl GatewayProcess {
             .stderr(log);
         if self.options.adjustable_clock {
             cmd.env("RKI_CLOCK", "adjustable");
+        }
+        if let Some(toml) = &self.options.config_toml {
+            let path = self.dir.join("config.toml");
+            std::fs::write(&path, toml.replace("{dir}", &self.dir.display().to_string()))?;
+            cmd.arg("--config").arg(path);
         }
         for (k, v) in &self.options.env {
             cmd.env(k, v);
@@ -529,7 +536,7 @@ impl RawDevice {
     /// Initialises `sn` with `gudid` over the bootstrap identity, then connects as the device.
     pub async fn initialise(port: u16, sn: &str, gudid: &str) -> TestResult<RawDevice> {
         let gudid = Gudid::parse(gudid)?;
-        let (boot, mut rx) = mqtt_connect(port, &format!("init:{sn}"), "bootstrap", true).await?;
+        let (boot, mut rx) = mqtt_connect(port, &format!("init@{sn}"), "bootstrap", true).await?;
         boot.subscribe(topic::device_down(sn), QoS::AtLeastOnce).await?;
         tokio::time::sleep(Duration::from_millis(100)).await;
         let ephemeral = Ephemeral::random()?;
@@ -561,7 +568,18 @@ impl RawDevice {
         )?;
         let _ = boot.disconnect().await;
         let password = String::from_utf8(secrets.mqtt_password.expose_secret().to_vec())?;
-        let (client, events) = mqtt_connect(port, sn, &password, false).await?;
+        // An external broker may need a moment to load the new credentials.
+        let mut attempt = 0;
+        let (client, events) = loop {
+            match mqtt_connect(port, sn, &password, false).await {
+                Ok(c) => break c,
+                Err(e) if attempt >= 40 => return Err(e),
+                Err(_) => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        };
         client.subscribe(topic::device_down(sn), QoS::AtLeastOnce).await?;
         tokio::time::sleep(Duration::from_millis(100)).await;
         Ok(RawDevice { sn: sn.to_string(), secrets, client, events, counter })
@@ -620,7 +638,7 @@ fn now_us() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
 }
 
-/// A bootstrap connection (`init:{SN}` / `bootstrap`) that sends hand-made CreateKey frames and
+/// A bootstrap connection (`init@{SN}` / `bootstrap`) that sends hand-made CreateKey frames and
 /// reads what comes back on the device's down topic.
 pub struct RawBootstrap {
     pub sn: String,
@@ -630,7 +648,7 @@ pub struct RawBootstrap {
 
 impl RawBootstrap {
     pub async fn connect(port: u16, sn: &str) -> TestResult<RawBootstrap> {
-        let (client, events) = mqtt_connect(port, &format!("init:{sn}"), "bootstrap", true).await?;
+        let (client, events) = mqtt_connect(port, &format!("init@{sn}"), "bootstrap", true).await?;
         client.subscribe(topic::device_down(sn), QoS::AtLeastOnce).await?;
         tokio::time::sleep(Duration::from_millis(150)).await;
         Ok(RawBootstrap { sn: sn.to_string(), client, events })
@@ -685,6 +703,72 @@ impl Capture {
             self.seen.push(item);
         }
         &self.seen
+    }
+}
+
+/// A Mosquitto 2 broker (Debian's package) on a free loopback port, with its own directory,
+/// stopped on drop.
+pub struct Mosquitto {
+    child: Child,
+    pub port: u16,
+    pub dir: PathBuf,
+}
+
+impl Mosquitto {
+    /// The binary, or an error naming the package to install.
+    pub fn binary() -> TestResult<PathBuf> {
+        for path in ["/usr/sbin/mosquitto", "/usr/bin/mosquitto", "/usr/local/sbin/mosquitto"] {
+            if Path::new(path).exists() {
+                return Ok(PathBuf::from(path));
+            }
+        }
+        Err("mosquitto not found: install Debian's `mosquitto` package (.ci/run does)".into())
+    }
+
+    /// Starts Mosquitto with `password_file` and `acl_file` (which must exist), writing its pid to
+    /// `pid_file` so that the gateway can make it reload them.
+    pub fn start(port: u16, password_file: &Path, acl_file: &Path, pid_file: &Path) -> TestResult<Mosquitto> {
+        let dir = temp_dir("mosquitto");
+        let conf = dir.join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "user root\nlistener {port} 127.0.0.1\nallow_anonymous false\npassword_file {}\nacl_file {}\npid_file {}\n\
+                 persistence false\nmax_inflight_messages 1000\nmax_queued_messages 100000\nlog_dest file {}\n\
+                 log_type error\nlog_type warning\nlog_type notice\nlog_type subscribe\nlog_type unsubscribe\n",
+                password_file.display(),
+                acl_file.display(),
+                pid_file.display(),
+                dir.join("mosquitto.log").display()
+            ),
+        )?;
+        let child = Command::new(Self::binary()?).arg("-c").arg(&conf).stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
+        let mut m = Mosquitto { child, port, dir };
+        let started = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Some(status) = m.child.try_wait()? {
+                return Err(format!("mosquitto exited: {status}; log: {}", m.log()).into());
+            }
+            if started.elapsed() > Duration::from_secs(10) {
+                return Err("mosquitto did not listen within 10 s".into());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(m)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("mosquitto.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if !std::thread::panicking() && std::env::var_os("RKI_TEST_KEEP").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 

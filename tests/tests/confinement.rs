@@ -27,7 +27,7 @@ fn a_rogue_terminal_subscribed_to_everything_can_neither_use_nor_replay_what_it_
     let rogue = rt.block_on(RawDevice::initialise(gw.mqtt_port, &rogue_sn, &rogue_gudid))?;
     // A second connection with the rogue's identity would take over its own session; a capture
     // needs its own identity, so it uses the bootstrap one, which any registered SN may open.
-    let mut capture = rt.block_on(Capture::start(gw.mqtt_port, &format!("init:{rogue_sn}"), "bootstrap"))?;
+    let mut capture = rt.block_on(Capture::start(gw.mqtt_port, &format!("init@{rogue_sn}"), "bootstrap"))?;
     let fleet = rt.block_on(common::spawn_fleet(
         common::fleet_config(gw.mqtt_port, &victims, Knobs::default())?,
         Duration::from_secs(30),

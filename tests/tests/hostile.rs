@@ -115,11 +115,11 @@ fn unknown_sns_and_wrong_passwords_are_refused_at_connect_and_counted() -> TestR
     assert!(unknown.is_err(), "an unknown SN was let in");
     let wrong = rt.block_on(mqtt_connect(gw.mqtt_port, "CONN000001", "not-the-password", false));
     assert!(wrong.is_err(), "a device that never initialised was let in with a made-up password");
-    let boot_unknown = rt.block_on(mqtt_connect(gw.mqtt_port, "init:NOSUCHSN", "bootstrap", true));
+    let boot_unknown = rt.block_on(mqtt_connect(gw.mqtt_port, "init@NOSUCHSN", "bootstrap", true));
     assert!(boot_unknown.is_err(), "bootstrap for an unregistered SN was let in");
     assert!(gw.metric("rki_mqtt_connect_refused_total{reason=\"unknown_sn\"}") >= 2.0);
     assert!(gw.metric("rki_mqtt_connect_refused_total{reason=\"not_initialised\"}") >= 1.0);
-    let boot = rt.block_on(mqtt_connect(gw.mqtt_port, "init:CONN000001", "bootstrap", true));
+    let boot = rt.block_on(mqtt_connect(gw.mqtt_port, "init@CONN000001", "bootstrap", true));
     assert!(boot.is_ok(), "a registered device may bootstrap");
     Ok(())
 }

@@ -34,7 +34,7 @@ pub type CredentialBook = Arc<Mutex<HashMap<String, [u8; 32]>>>;
 pub type ConnectLog = Arc<Mutex<Vec<(String, String, String)>>>;
 
 /// A rumqttd broker on 127.0.0.1 and a free port, running on its own threads until the process
-/// ends. Its authentication accepts the bootstrap identity `init:{SN}`/`bootstrap` and the
+/// ends. Its authentication accepts the bootstrap identity `init@{SN}`/`bootstrap` and the
 /// device identity `{SN}` with the password the fake gateway issued, and nothing else.
 pub struct TestBroker {
     pub addr: BrokerAddr,
@@ -104,7 +104,7 @@ fn test_broker_accepts(credentials: &CredentialBook, client_id: &str, username: 
     if client_id == FakeGateway::CLIENT_ID {
         return true;
     }
-    if let Some(sn) = client_id.strip_prefix("init:") {
+    if let Some(sn) = client_id.strip_prefix("init@") {
         return password == "bootstrap" && topic::validate_name(sn).is_ok();
     }
     let Ok(book) = credentials.lock() else {

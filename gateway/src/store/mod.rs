@@ -12,6 +12,7 @@
 //! Row types here are storage types: they may derive `Serialize`, and hold key material only as
 //! sealed key blocks (TR-31 under the master key), never in the clear.
 
+pub mod postgres;
 pub mod sqlite;
 
 use serde::Serialize;
@@ -155,6 +156,8 @@ pub struct NewCredentials {
     pub password_hash: Vec<u8>,
     pub counter: u64,
     pub x_pos_device_id: String,
+    /// Mosquitto `$7$` hash of the MQTT password, for the external-broker mode's password file.
+    pub broker_password_hash: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -441,6 +444,8 @@ pub trait Store: Send + Sync {
     fn credentials_for(&self, device_ids: &[i64]) -> StoreResult<Vec<DeviceCredentials>>;
     /// Every initialised device's SN and password hash (CONNECT authentication cache).
     fn all_password_hashes(&self) -> StoreResult<Vec<(String, Vec<u8>)>>;
+    /// Every registered SN with its broker password hash (`None` before initialisation).
+    fn broker_devices(&self) -> StoreResult<Vec<(String, Option<String>)>>;
     fn assign(&self, org_id: i64, device_ids: &[i64], key_source_id: Option<i64>) -> StoreResult<usize>;
     fn set_unlock_pending(&self, device_id: i64, pending: bool) -> StoreResult<()>;
     fn create_group(&self, org_id: i64, name: &str, description: &str) -> StoreResult<GroupRow>;

@@ -12,7 +12,11 @@ use rusqlite::{params, Connection, OptionalExtension, Row, Transaction};
 use super::*;
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
-const MIGRATIONS: &[&str] = &[include_str!("schema.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("schema.sql"),
+    // 2: Mosquitto password hashes for the external-broker mode.
+    "ALTER TABLE devices ADD COLUMN broker_password_hash TEXT;",
+];
 
 /// Reader connections: the admin API and the metrics sampler read while the writer commits.
 const READERS: usize = 3;
@@ -381,7 +385,7 @@ fn spend_gudid_in(
     }
     tx.prepare_cached(
         "UPDATE devices SET signing_key = ?2, kbpk_aes = ?3, kbpk_tdes = ?4, password_hash = ?5, last_counter = ?6,
-                x_pos_device_id = ?7, generation = generation + 1 WHERE id = ?1",
+                x_pos_device_id = ?7, broker_password_hash = ?8, generation = generation + 1 WHERE id = ?1",
     )
     .map_err(backend)?
     .execute(params![
@@ -391,7 +395,8 @@ fn spend_gudid_in(
         creds.kbpk_tdes,
         creds.password_hash,
         creds.counter as i64,
-        creds.x_pos_device_id
+        creds.x_pos_device_id,
+        creds.broker_password_hash
     ])
     .map_err(backend)?;
     tx.prepare_cached(&format!("SELECT {CREDENTIAL_COLUMNS} FROM devices WHERE id = ?1"))
@@ -718,6 +723,14 @@ impl Store for SqliteStore {
         self.read(|c| {
             let mut stmt =
                 c.prepare("SELECT sn, password_hash FROM devices WHERE password_hash IS NOT NULL").map_err(backend)?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).map_err(backend)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(backend)
+        })
+    }
+
+    fn broker_devices(&self) -> StoreResult<Vec<(String, Option<String>)>> {
+        self.read(|c| {
+            let mut stmt = c.prepare("SELECT sn, broker_password_hash FROM devices ORDER BY sn").map_err(backend)?;
             let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).map_err(backend)?;
             rows.collect::<Result<Vec<_>, _>>().map_err(backend)
         })

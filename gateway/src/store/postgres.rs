@@ -1,0 +1,1660 @@
+//! PostgreSQL implementation of [`Store`], for several gateway nodes on one database.
+//!
+//! **Driver.** The synchronous `postgres` crate (rust-postgres over tokio-postgres): the trait is
+//! synchronous and the engine already calls it from `spawn_blocking` threads, so an async driver
+//! would only add a runtime hop. Each `postgres::Client` drives its own connection on a private
+//! current-thread runtime, so a method must never be called from inside an async task (tokio
+//! refuses to block there and panics); the engine's `blocking` helper is the way in.
+//!
+//! **Pool.** A fixed number of connections in a `Mutex<Vec<_>>` with a `Condvar` ([`Pool`]):
+//! opened lazily, each with its own cache of prepared statements, dropped when found closed.
+//! No pool crate: r2d2 and deadpool bring a dependency tree and a health-check protocol for what
+//! is forty lines here.
+//!
+//! **Several nodes.** Every method is one transaction at READ COMMITTED. What two nodes may do
+//! at once is made safe by the statements themselves, not by a lock in this process:
+//! - an execution ends in `UPDATE … WHERE id = … AND state IN (open states) RETURNING …`: a
+//!   second ending waits for the first's row lock, re-reads the row, finds it closed and is
+//!   skipped, so it neither ends it again nor writes a second record (and `records` has
+//!   `UNIQUE (execution_id)` behind it);
+//! - the expiry sweep claims due executions with `FOR UPDATE SKIP LOCKED`, so two nodes
+//!   sweeping at once expire each execution once;
+//! - serials are allocated by `UPDATE … SET next_serial = next_serial + n RETURNING …`;
+//! - a GUDID is spent by `UPDATE … WHERE used_at IS NULL`;
+//! - migrations run under an advisory lock, one node at a time.
+//!
+//! Deadlocks and serialization failures (possible when two nodes' batches touch the same rows in
+//! another order) roll the transaction back; it is retried with doubling backoff
+//! ([`TRANSIENT_TRIES_MAX`]).
+//!
+//! **Batches.** [`Store::apply_batch`] must give exactly the result of applying its writes one by
+//! one, in order (SQLite does that). One statement per write would cost one round trip each, so
+//! the writes are grouped into *rounds* ([`plan_rounds`]) and each round applies one set-based
+//! statement per kind of write: a batch of a thousand acks is a handful of statements.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::str::FromStr;
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use ::postgres::error::SqlState;
+use ::postgres::types::ToSql;
+use ::postgres::{Client, GenericClient, NoTls, Row, Statement, Transaction};
+
+use super::*;
+
+/// Schema migrations, applied in order; `schema_migrations` holds one row per migration run,
+/// numbered like SQLite's `PRAGMA user_version`.
+const MIGRATIONS: &[&str] = &[
+    include_str!("postgres_schema.sql"),
+    // 2: Mosquitto password hashes for the external-broker mode.
+    "ALTER TABLE devices ADD COLUMN broker_password_hash TEXT;",
+];
+
+/// Advisory lock key held while migrating, so nodes starting together migrate one at a time.
+const MIGRATION_LOCK_KEY: i64 = 0x726b_695f_6d69_6772; // "rki_migr"
+
+/// More connections than this is a configuration mistake: PostgreSQL's default
+/// `max_connections` is 100 for every node together.
+pub const POOL_SIZE_MAX: usize = 64;
+/// How long a caller waits for a free connection before the call fails.
+const POOL_WAIT_MAX: Duration = Duration::from_secs(30);
+/// Connect timeout when the URL sets none.
+const CONNECT_TIMEOUT_DEFAULT: Duration = Duration::from_secs(10);
+/// Attempts of a transaction that failed transiently (deadlock, serialization failure,
+/// connection found closed before anything was committed), with doubling backoff.
+const TRANSIENT_TRIES_MAX: u32 = 5;
+const TRANSIENT_BACKOFF_FIRST: Duration = Duration::from_millis(5);
+/// Executions per INSERT statement of `create_task`: bounds one message to a few megabytes.
+const EXECUTIONS_PER_STATEMENT: usize = 10_000;
+
+pub struct PostgresStore {
+    pool: Pool,
+}
+
+// ---------------------------------------------------------------- errors
+
+/// A failure inside a transaction: final, or worth retrying the whole transaction.
+enum Failure {
+    Store(StoreError),
+    /// Rolled back by the server (deadlock, serialization) or lost before commit: nothing was
+    /// written, so running the transaction again is safe.
+    Transient(String),
+}
+
+impl From<StoreError> for Failure {
+    fn from(e: StoreError) -> Self {
+        Failure::Store(e)
+    }
+}
+
+impl From<::postgres::Error> for Failure {
+    fn from(e: ::postgres::Error) -> Self {
+        if e.is_closed() {
+            return Failure::Transient(e.to_string());
+        }
+        match e.code() {
+            Some(code) if *code == SqlState::T_R_DEADLOCK_DETECTED || *code == SqlState::T_R_SERIALIZATION_FAILURE => {
+                Failure::Transient(e.to_string())
+            }
+            // Class 23, integrity constraint violation: unique and foreign keys, and the
+            // append-only triggers. The caller's fault, as SQLite's constraint errors are.
+            Some(code) if code.code().starts_with("23") => {
+                Failure::Store(StoreError::Conflict(e.as_db_error().map_or_else(|| e.to_string(), |db| db.message().into())))
+            }
+            _ => Failure::Store(StoreError::Backend(e.to_string())),
+        }
+    }
+}
+
+impl From<Failure> for StoreError {
+    fn from(f: Failure) -> Self {
+        match f {
+            Failure::Store(e) => e,
+            Failure::Transient(reason) => StoreError::Backend(reason),
+        }
+    }
+}
+
+/// Replaces a conflict's message with the one the API shows (the same as SQLite's store).
+fn conflict_as(message: String) -> impl FnOnce(Failure) -> Failure {
+    move |f| match f {
+        Failure::Store(StoreError::Conflict(_)) => Failure::Store(StoreError::Conflict(message)),
+        other => other,
+    }
+}
+
+fn not_found(what: String) -> Failure {
+    Failure::Store(StoreError::NotFound(what))
+}
+
+fn corrupt(what: String) -> Failure {
+    Failure::Store(StoreError::Backend(what))
+}
+
+// ---------------------------------------------------------------- pool
+
+/// One connection and the statements prepared on it. Every SQL text is a `&'static str`, so the
+/// cache is bounded by the statements in this file.
+struct Conn {
+    client: Client,
+    statements: HashMap<&'static str, Statement>,
+}
+
+/// A fixed-size pool: at most `size` connections, opened on demand, handed out one caller at a
+/// time.
+struct Pool {
+    /// Where to connect; parsed once from the URL.
+    config: ::postgres::Config,
+    size: usize,
+    state: Mutex<PoolState>,
+    /// Signalled when a connection is returned or a slot freed.
+    returned: Condvar,
+}
+
+struct PoolState {
+    idle: Vec<Conn>,
+    /// Connections that exist (idle or handed out), so no more than `size` are opened.
+    open: usize,
+}
+
+/// A connection on loan; goes back to the pool on drop (or is discarded if it closed).
+struct Pooled<'a> {
+    pool: &'a Pool,
+    conn: Option<Conn>,
+}
+
+impl Pool {
+    fn lock(&self) -> MutexGuard<'_, PoolState> {
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn get(&self) -> Result<Pooled<'_>, Failure> {
+        let deadline = Instant::now() + POOL_WAIT_MAX;
+        let mut state = self.lock();
+        loop {
+            if let Some(conn) = state.idle.pop() {
+                if conn.client.is_closed() {
+                    state.open -= 1;
+                    continue;
+                }
+                return Ok(Pooled { pool: self, conn: Some(conn) });
+            }
+            if state.open < self.size {
+                state.open += 1;
+                drop(state);
+                return match self.config.connect(NoTls) {
+                    Ok(client) => Ok(Pooled { pool: self, conn: Some(Conn { client, statements: HashMap::new() }) }),
+                    Err(e) => {
+                        self.lock().open -= 1;
+                        self.returned.notify_one();
+                        Err(Failure::Store(StoreError::Backend(format!("connect to PostgreSQL: {e}"))))
+                    }
+                };
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Failure::Store(StoreError::Backend(format!(
+                    "no PostgreSQL connection free within {POOL_WAIT_MAX:?} (pool of {})",
+                    self.size
+                ))));
+            }
+            state = self.returned.wait_timeout(state, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
+        }
+    }
+}
+
+impl Drop for Pooled<'_> {
+    fn drop(&mut self) {
+        let Some(conn) = self.conn.take() else { return };
+        let mut state = self.pool.lock();
+        if conn.client.is_closed() {
+            // The server went away (restart, failover): the idle connections opened before are
+            // most likely dead too. Drop them all; they reopen on demand.
+            state.open -= 1 + state.idle.len();
+            state.idle.clear();
+        } else {
+            state.idle.push(conn);
+        }
+        drop(state);
+        self.pool.returned.notify_all();
+    }
+}
+
+impl std::ops::Deref for Pooled<'_> {
+    type Target = Conn;
+    fn deref(&self) -> &Conn {
+        self.conn.as_ref().expect("a pooled connection is present until dropped")
+    }
+}
+
+impl std::ops::DerefMut for Pooled<'_> {
+    fn deref_mut(&mut self) -> &mut Conn {
+        self.conn.as_mut().expect("a pooled connection is present until dropped")
+    }
+}
+
+/// A connection or a transaction, with the connection's prepared statements: every query goes
+/// through a statement prepared once per connection (one round trip per query, not two).
+struct Session<'a, C: GenericClient> {
+    client: &'a mut C,
+    statements: &'a mut HashMap<&'static str, Statement>,
+}
+
+type Params<'p> = [&'p (dyn ToSql + Sync)];
+
+impl<C: GenericClient> Session<'_, C> {
+    fn statement(&mut self, sql: &'static str) -> Result<Statement, Failure> {
+        if let Some(statement) = self.statements.get(sql) {
+            return Ok(statement.clone());
+        }
+        let statement = self.client.prepare(sql)?;
+        self.statements.insert(sql, statement.clone());
+        Ok(statement)
+    }
+
+    fn query(&mut self, sql: &'static str, params: &Params<'_>) -> Result<Vec<Row>, Failure> {
+        let statement = self.statement(sql)?;
+        Ok(self.client.query(&statement, params)?)
+    }
+
+    fn query_opt(&mut self, sql: &'static str, params: &Params<'_>) -> Result<Option<Row>, Failure> {
+        let statement = self.statement(sql)?;
+        Ok(self.client.query_opt(&statement, params)?)
+    }
+
+    fn query_one(&mut self, sql: &'static str, params: &Params<'_>) -> Result<Row, Failure> {
+        self.query_opt(sql, params)?.ok_or_else(|| not_found("no such row".into()))
+    }
+
+    fn execute(&mut self, sql: &'static str, params: &Params<'_>) -> Result<u64, Failure> {
+        let statement = self.statement(sql)?;
+        Ok(self.client.execute(&statement, params)?)
+    }
+}
+
+type Tx<'s, 't> = Session<'s, Transaction<'t>>;
+
+/// Runs `attempt` until it succeeds, fails for good, or has failed transiently
+/// [`TRANSIENT_TRIES_MAX`] times.
+fn retrying<T>(mut attempt: impl FnMut() -> Result<T, Failure>) -> StoreResult<T> {
+    let mut backoff = TRANSIENT_BACKOFF_FIRST;
+    let mut tries = 1;
+    loop {
+        match attempt() {
+            Err(Failure::Transient(reason)) if tries < TRANSIENT_TRIES_MAX => {
+                tracing::debug!(%reason, tries, "PostgreSQL transaction retried");
+                std::thread::sleep(backoff);
+                backoff *= 2;
+                tries += 1;
+            }
+            other => return other.map_err(StoreError::from),
+        }
+    }
+}
+
+// ---------------------------------------------------------------- open and migrate
+
+impl PostgresStore {
+    /// Connects to the database at `url` (`postgres://user:password@host:port/db` or the
+    /// `key=value` form) with at most `pool_size` connections, and runs pending migrations.
+    pub fn connect(url: &str, pool_size: usize) -> StoreResult<Self> {
+        if !(1..=POOL_SIZE_MAX).contains(&pool_size) {
+            return Err(StoreError::Invalid(format!("PostgreSQL pool size {pool_size} is not in 1..={POOL_SIZE_MAX}")));
+        }
+        // The URL may carry a password: errors name the problem, never the URL.
+        let mut config =
+            ::postgres::Config::from_str(url).map_err(|e| StoreError::Invalid(format!("PostgreSQL URL: {e}")))?;
+        if config.get_application_name().is_none() {
+            config.application_name("rki-gateway");
+        }
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT_DEFAULT);
+        }
+        let store = Self {
+            pool: Pool {
+                config,
+                size: pool_size,
+                state: Mutex::new(PoolState { idle: Vec::new(), open: 0 }),
+                returned: Condvar::new(),
+            },
+        };
+        retrying(|| {
+            let mut conn = store.pool.get()?;
+            migrate(&mut conn.client)
+        })?;
+        Ok(store)
+    }
+
+    fn read<T>(&self, mut f: impl FnMut(&mut Session<'_, Client>) -> Result<T, Failure>) -> StoreResult<T> {
+        retrying(|| {
+            let mut pooled = self.pool.get()?;
+            let Conn { client, statements } = &mut *pooled;
+            f(&mut Session { client, statements })
+        })
+    }
+
+    /// One transaction; retried whole if it failed transiently, so `f` must only touch the
+    /// database and its own locals.
+    fn write<T>(&self, mut f: impl FnMut(&mut Session<'_, Transaction<'_>>) -> Result<T, Failure>) -> StoreResult<T> {
+        retrying(|| {
+            let mut pooled = self.pool.get()?;
+            let Conn { client, statements } = &mut *pooled;
+            let mut tx = client.transaction()?;
+            let out = f(&mut Session { client: &mut tx, statements })?;
+            tx.commit().map_err(|e| {
+                if e.is_closed() {
+                    // The COMMIT may or may not have reached the server: not safe to re-run.
+                    Failure::Store(StoreError::Backend(format!("connection lost during commit, outcome unknown: {e}")))
+                } else {
+                    Failure::from(e)
+                }
+            })?;
+            Ok(out)
+        })
+    }
+
+    pub fn meta(&self, key: &str) -> StoreResult<Option<String>> {
+        self.read(|s| Ok(s.query_opt("SELECT value FROM meta WHERE key = $1", &[&key])?.map(|r| r.try_get(0)).transpose()?))
+    }
+
+    pub fn set_meta(&self, key: &str, value: &str) -> StoreResult<()> {
+        self.write(|s| {
+            s.execute(
+                "INSERT INTO meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+                &[&key, &value],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Re-seals every sealed key (BDKs and device secrets) with `reseal`, and records
+    /// `master_kcv`, in one transaction: all or nothing. Returns how many keys were re-sealed.
+    pub fn reseal_all(&self, reseal: impl Fn(&str) -> Result<String, String>, master_kcv: &str) -> StoreResult<usize> {
+        self.write(|s| {
+            let mut count = 0;
+            for row in s.query("SELECT id, sealed FROM key_sources ORDER BY id FOR UPDATE", &[])? {
+                let (id, sealed): (i64, String) = (row.try_get(0)?, row.try_get(1)?);
+                let new = reseal(&sealed).map_err(StoreError::Invalid)?;
+                s.execute("UPDATE key_sources SET sealed = $2 WHERE id = $1", &[&id, &new])?;
+                count += 1;
+            }
+            let devices = s.query(
+                "SELECT id, signing_key, kbpk_aes, kbpk_tdes FROM devices WHERE signing_key IS NOT NULL ORDER BY id FOR UPDATE",
+                &[],
+            )?;
+            for row in devices {
+                let id: i64 = row.try_get(0)?;
+                let mut sealed = [String::new(), String::new(), String::new()];
+                for (i, slot) in sealed.iter_mut().enumerate() {
+                    *slot = reseal(&row.try_get::<_, String>(i + 1)?).map_err(StoreError::Invalid)?;
+                }
+                s.execute(
+                    "UPDATE devices SET signing_key = $2, kbpk_aes = $3, kbpk_tdes = $4 WHERE id = $1",
+                    &[&id, &sealed[0], &sealed[1], &sealed[2]],
+                )?;
+                count += 3;
+            }
+            s.execute(
+                "INSERT INTO meta (key, value) VALUES ('master_key_kcv', $1) ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+                &[&master_kcv],
+            )?;
+            Ok(count)
+        })
+    }
+
+    /// The schema version after migrations: how many migrations ran.
+    pub fn schema_version(&self) -> StoreResult<i64> {
+        self.read(|s| Ok(s.query_one("SELECT COALESCE(max(version), 0)::bigint FROM schema_migrations", &[])?.try_get(0)?))
+    }
+}
+
+fn migrate(client: &mut Client) -> Result<(), Failure> {
+    let known = MIGRATIONS.len() as i32;
+    loop {
+        let mut tx = client.transaction()?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK_KEY])?;
+        tx.batch_execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (
+                 version    INTEGER PRIMARY KEY,
+                 applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
+             )",
+        )?;
+        let current: i32 = tx.query_one("SELECT COALESCE(max(version), 0) FROM schema_migrations", &[])?.try_get(0)?;
+        if current > known {
+            return Err(corrupt(format!(
+                "database schema version {current} is newer than this gateway knows ({known}); upgrade the gateway"
+            )));
+        }
+        if current == known {
+            tx.commit()?;
+            return Ok(());
+        }
+        tx.batch_execute(MIGRATIONS[current as usize])?;
+        tx.execute("INSERT INTO schema_migrations (version) VALUES ($1)", &[&(current + 1)])?;
+        tx.commit()?;
+    }
+}
+
+// ---------------------------------------------------------------- rows
+
+macro_rules! device_columns {
+    () => {
+        "id, org_id, sn, model, rom_version, app_version, region, debug_mode, debug_key_present, locked, last_seen,
+         assigned_key_source, signing_key IS NOT NULL, x_pos_device_id, created_at, unlock_pending, slots"
+    };
+}
+
+fn device_row(r: &Row) -> Result<DeviceRow, Failure> {
+    Ok(DeviceRow {
+        id: r.try_get(0)?,
+        org_id: r.try_get(1)?,
+        sn: r.try_get(2)?,
+        model: r.try_get(3)?,
+        rom_version: r.try_get(4)?,
+        app_version: r.try_get(5)?,
+        region: r.try_get(6)?,
+        debug_mode: r.try_get(7)?,
+        debug_key_present: r.try_get(8)?,
+        locked: r.try_get(9)?,
+        last_seen: r.try_get(10)?,
+        assigned_key_source: r.try_get(11)?,
+        initialised: r.try_get(12)?,
+        x_pos_device_id: r.try_get(13)?,
+        created_at: r.try_get(14)?,
+        unlock_pending: r.try_get(15)?,
+        slots_json: r.try_get(16)?,
+    })
+}
+
+macro_rules! credential_columns {
+    () => {
+        "id, org_id, sn, signing_key, kbpk_aes, kbpk_tdes, password_hash, last_counter, generation, unlock_pending"
+    };
+}
+
+fn credentials_row(r: &Row) -> Result<DeviceCredentials, Failure> {
+    Ok(DeviceCredentials {
+        device_id: r.try_get(0)?,
+        org_id: r.try_get(1)?,
+        sn: r.try_get(2)?,
+        signing_key: r.try_get(3)?,
+        kbpk_aes: r.try_get(4)?,
+        kbpk_tdes: r.try_get(5)?,
+        password_hash: r.try_get(6)?,
+        last_counter: r.try_get::<_, i64>(7)? as u64,
+        generation: r.try_get(8)?,
+        unlock_pending: r.try_get(9)?,
+    })
+}
+
+macro_rules! key_source_columns {
+    () => {
+        "id, org_id, name, algorithm, kcv, sealed, key_set_id, created_at"
+    };
+}
+
+fn key_source_row(r: &Row) -> Result<KeySourceRow, Failure> {
+    Ok(KeySourceRow {
+        id: r.try_get(0)?,
+        org_id: r.try_get(1)?,
+        name: r.try_get(2)?,
+        algorithm: r.try_get(3)?,
+        kcv: r.try_get(4)?,
+        sealed: r.try_get(5)?,
+        key_set_id: r.try_get(6)?,
+        created_at: r.try_get(7)?,
+    })
+}
+
+macro_rules! gudid_select {
+    () => {
+        "SELECT g.id, g.org_id, g.device_id, d.sn, g.gudid_id, g.mac_key, g.provisioned_by, g.provisioned_at,
+                g.expires_at, g.used_at
+         FROM gudids g JOIN devices d ON d.id = g.device_id"
+    };
+}
+
+fn gudid_row(r: &Row) -> Result<GudidRow, Failure> {
+    Ok(GudidRow {
+        id: r.try_get(0)?,
+        org_id: r.try_get(1)?,
+        device_id: r.try_get(2)?,
+        sn: r.try_get(3)?,
+        gudid_id: r.try_get(4)?,
+        mac_key: r.try_get(5)?,
+        provisioned_by: r.try_get(6)?,
+        provisioned_at: r.try_get(7)?,
+        expires_at: r.try_get(8)?,
+        used_at: r.try_get(9)?,
+    })
+}
+
+/// A task with its execution counts by state, read in the same statement (one snapshot).
+macro_rules! task_select {
+    () => {
+        "SELECT t.id, t.org_id, t.key_source_id, k.name, t.slot, t.key_type, t.created_at, t.expires_at,
+                t.created_by, t.stopped_at, t.request_id, c.states, c.counts
+         FROM tasks t JOIN key_sources k ON k.id = t.key_source_id
+         LEFT JOIN LATERAL (
+             SELECT array_agg(s.state) AS states, array_agg(s.n) AS counts
+             FROM (SELECT e.state, count(*) AS n FROM executions e WHERE e.task_id = t.id GROUP BY e.state) s
+         ) c ON TRUE"
+    };
+}
+
+fn task_row(r: &Row) -> Result<TaskRow, Failure> {
+    let mut counts = TaskCounts::default();
+    let states: Option<Vec<String>> = r.try_get(11)?;
+    let numbers: Option<Vec<i64>> = r.try_get(12)?;
+    for (state, n) in states.unwrap_or_default().iter().zip(numbers.unwrap_or_default()) {
+        if let Some(state) = ExecutionState::parse(state) {
+            counts.add(state, n);
+        }
+    }
+    Ok(TaskRow {
+        id: r.try_get(0)?,
+        org_id: r.try_get(1)?,
+        key_source_id: r.try_get(2)?,
+        key_source: r.try_get(3)?,
+        slot: slot(r, 4)?,
+        key_type: r.try_get(5)?,
+        created_at: r.try_get(6)?,
+        expires_at: r.try_get(7)?,
+        created_by: r.try_get(8)?,
+        stopped_at: r.try_get(9)?,
+        request_id: r.try_get(10)?,
+        counts,
+    })
+}
+
+fn slot(r: &Row, i: usize) -> Result<u16, Failure> {
+    let slot: i32 = r.try_get(i)?;
+    u16::try_from(slot).map_err(|_| corrupt(format!("key slot {slot} out of range")))
+}
+
+macro_rules! execution_select {
+    () => {
+        "SELECT e.id, e.task_id, e.org_id, e.device_id, d.sn, e.state, t.slot, t.key_type, e.key_block, e.key_id,
+                e.kcv, e.generation, e.created_at, e.deadline, e.delivered_at, e.delivery_count, e.ended_at,
+                e.result, t.key_source_id
+         FROM executions e JOIN devices d ON d.id = e.device_id JOIN tasks t ON t.id = e.task_id"
+    };
+}
+
+fn execution_row(r: &Row) -> Result<ExecutionRow, Failure> {
+    let state: String = r.try_get(5)?;
+    Ok(ExecutionRow {
+        id: r.try_get(0)?,
+        task_id: r.try_get(1)?,
+        org_id: r.try_get(2)?,
+        device_id: r.try_get(3)?,
+        sn: r.try_get(4)?,
+        state: ExecutionState::parse(&state).ok_or_else(|| corrupt(format!("bad state {state}")))?,
+        slot: slot(r, 6)?,
+        key_type: r.try_get(7)?,
+        key_block: r.try_get(8)?,
+        key_id: r.try_get(9)?,
+        kcv: r.try_get(10)?,
+        generation: r.try_get(11)?,
+        created_at: r.try_get(12)?,
+        deadline: r.try_get(13)?,
+        delivered_at: r.try_get(14)?,
+        delivery_count: r.try_get(15)?,
+        ended_at: r.try_get(16)?,
+        result: r.try_get(17)?,
+        key_source_id: r.try_get(18)?,
+    })
+}
+
+fn record_row(r: &Row) -> Result<RecordRow, Failure> {
+    Ok(RecordRow {
+        id: r.try_get(0)?,
+        org_id: r.try_get(1)?,
+        execution_id: r.try_get(2)?,
+        task_id: r.try_get(3)?,
+        sn: r.try_get(4)?,
+        key_source: r.try_get(5)?,
+        key_type: r.try_get(6)?,
+        injection: r.try_get(7)?,
+        result: r.try_get(8)?,
+        error_code: r.try_get(9)?,
+        at: r.try_get(10)?,
+        key_id: r.try_get(11)?,
+        kcv: r.try_get(12)?,
+    })
+}
+
+fn group_row(r: &Row) -> Result<GroupRow, Failure> {
+    Ok(GroupRow {
+        id: r.try_get(0)?,
+        org_id: r.try_get(1)?,
+        name: r.try_get(2)?,
+        description: r.try_get(3)?,
+        members: r.try_get(4)?,
+    })
+}
+
+fn org_row(r: &Row) -> Result<OrgRow, Failure> {
+    Ok(OrgRow { id: r.try_get(0)?, name: r.try_get(1)?, created_at: r.try_get(2)? })
+}
+
+fn rows<T>(rows: Vec<Row>, f: impl Fn(&Row) -> Result<T, Failure>) -> Result<Vec<T>, Failure> {
+    rows.iter().map(f).collect()
+}
+
+/// SQLite reads a negative LIMIT as "no limit"; PostgreSQL refuses it. `None` binds NULL, which
+/// PostgreSQL reads as no limit.
+fn limit_or_all(limit: i64) -> Option<i64> {
+    (limit >= 0).then_some(limit)
+}
+
+/// The states an execution may be in for `next` to be allowed, from the one transition table.
+fn states_that_can_become(next: ExecutionState) -> Vec<&'static str> {
+    ExecutionState::ALL.into_iter().filter(|s| s.can_become(next)).map(ExecutionState::as_str).collect()
+}
+
+// ---------------------------------------------------------------- ending executions
+
+/// The record of every execution in the `ended` CTE (which returns the ended rows with their
+/// `injection`, `at` and an `ord` to keep the batch's order), written in the same statement.
+macro_rules! record_ended {
+    () => {
+        "recorded AS (
+             INSERT INTO records (org_id, execution_id, task_id, device_id, sn, key_source, key_source_id, key_type,
+                                  injection, result, error_code, at, key_id, kcv)
+             SELECT x.org_id, x.id, x.task_id, x.device_id, d.sn, k.name, k.id, t.key_type, x.injection, x.state,
+                    NULLIF(x.result, 0), x.at, upper(encode(x.key_id, 'hex')),
+                    CASE WHEN x.state = 'succeeded' THEN x.kcv ELSE '' END
+             FROM ended x JOIN devices d ON d.id = x.device_id JOIN tasks t ON t.id = x.task_id
+                  JOIN key_sources k ON k.id = t.key_source_id
+             ORDER BY x.ord
+             RETURNING execution_id
+         )"
+    };
+}
+
+/// Ends the given open executions (one ending per execution), with their records and the locks
+/// of the devices that succeeded. Returns the ended ones as indexes into `endings`.
+const END_EXECUTIONS: &str = concat!(
+    "WITH input AS (
+         SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::int[], $5::text[], $6::bigint[], $7::bool[])
+             WITH ORDINALITY AS i(execution_id, state, from_states, result, injection, at, lock_device, ord)
+     ),
+     ended AS (
+         UPDATE executions e SET state = i.state, ended_at = i.at, result = i.result
+         FROM input i
+         WHERE e.id = i.execution_id AND e.state IN ('queued', 'delivered')
+           AND e.state = ANY (string_to_array(i.from_states, ','))
+         RETURNING e.id, e.org_id, e.task_id, e.device_id, e.key_id, e.kcv, e.state, e.result, i.injection,
+                   e.ended_at AS at, i.ord, i.lock_device
+     ),
+     ",
+    record_ended!(),
+    ",
+     locked AS (
+         UPDATE devices SET locked = TRUE WHERE id IN (SELECT device_id FROM ended WHERE lock_device)
+     )
+     SELECT x.ord, (SELECT count(*) FROM recorded) FROM ended x ORDER BY x.ord"
+);
+
+fn end_executions(s: &mut Tx<'_, '_>, endings: &[&Ending]) -> Result<Vec<usize>, Failure> {
+    if endings.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<i64> = endings.iter().map(|e| e.execution_id).collect();
+    let states: Vec<&str> = endings.iter().map(|e| e.state.as_str()).collect();
+    let from: Vec<String> = endings.iter().map(|e| states_that_can_become(e.state).join(",")).collect();
+    let results: Vec<Option<i32>> = endings.iter().map(|e| e.result).collect();
+    let injections: Vec<&str> = endings.iter().map(|e| e.injection.as_str()).collect();
+    let ats: Vec<i64> = endings.iter().map(|e| e.at).collect();
+    let locks: Vec<bool> = endings.iter().map(|e| e.lock_device).collect();
+    let ended = s.query(END_EXECUTIONS, &[&ids, &states, &from, &results, &injections, &ats, &locks])?;
+    let mut out = Vec::with_capacity(ended.len());
+    for row in &ended {
+        let ord: i64 = row.try_get(0)?;
+        let recorded: i64 = row.try_get(1)?;
+        // The pair of the assertion: one record per ended execution, in the same statement.
+        if recorded != ended.len() as i64 {
+            return Err(corrupt(format!("{} executions ended but {recorded} records written", ended.len())));
+        }
+        out.push(ord as usize - 1);
+    }
+    Ok(out)
+}
+
+/// Ends `ended`'s open executions (a CTE of `UPDATE executions … RETURNING` the record columns)
+/// with records; returns the ended ids in order.
+macro_rules! end_and_record {
+    ($ended:literal) => {
+        concat!("WITH ", $ended, ", ", record_ended!(), " SELECT x.id, x.org_id FROM ended x ORDER BY x.id")
+    };
+}
+
+const STOP_TASK: &str = end_and_record!(
+    "ended AS (
+         UPDATE executions e SET state = $3, ended_at = $2, result = NULL
+         WHERE e.task_id = $1 AND e.state IN ('queued', 'delivered') AND e.state = ANY ($4)
+         RETURNING e.id, e.org_id, e.task_id, e.device_id, e.key_id, e.kcv, e.state, e.result,
+                   'auto'::text AS injection, e.ended_at AS at, e.id AS ord
+     )"
+);
+
+/// Claims the due executions with `SKIP LOCKED`: a row another node is expiring (or ending) right
+/// now is left to it.
+const EXPIRE_DUE: &str = end_and_record!(
+    "due AS (
+         SELECT id FROM executions
+         WHERE state IN ('queued', 'delivered') AND deadline <= $1 AND state = ANY ($3)
+         ORDER BY id
+         FOR UPDATE SKIP LOCKED
+     ),
+     ended AS (
+         UPDATE executions e SET state = $2, ended_at = $1, result = NULL
+         FROM due WHERE e.id = due.id
+         RETURNING e.id, e.org_id, e.task_id, e.device_id, e.key_id, e.kcv, e.state, e.result,
+                   'auto'::text AS injection, e.ended_at AS at, e.id AS ord
+     )"
+);
+
+// ---------------------------------------------------------------- batches
+
+/// The kinds of [`Write`], in the order a round applies them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Kind {
+    Report,
+    Seen,
+    Counter,
+    Delivered,
+    End,
+    Initialise,
+}
+
+const KINDS: usize = 6;
+
+/// A row a write touches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Target {
+    Device(i64),
+    Execution(i64),
+}
+
+/// Whether writes of kinds `a` and `b` on the same row must stay in their order: one writes a
+/// column the other writes or reads. Two writes of one kind on one row are merged by the kind's
+/// own rule instead (see [`Round`]), so no kind conflicts with itself.
+fn order_matters(a: Kind, b: Kind) -> bool {
+    use Kind::*;
+    matches!(
+        (a.min(b), a.max(b)),
+        // last_seen
+        (Report, Seen)
+        // locked (a success locks the device; a report says whether it is locked)
+        | (Report, End)
+        // unlock_pending, which the initialisation returns with the new credentials
+        | (Report, Initialise)
+        // last_counter
+        | (Counter, Initialise)
+        // state, delivered_at, delivery_count
+        | (Delivered, End)
+    )
+}
+
+/// Writes that one set-based statement per kind applies. Within a round, writes of one kind on
+/// one row are merged exactly as applying them in order would: the last report and the last
+/// `Seen` win, counters take the maximum, `Delivered` keeps the first time and counts them all,
+/// the first ending wins (a later one finds the execution closed), initialisations run in order.
+#[derive(Default)]
+struct Round<'w> {
+    reports: BTreeMap<i64, &'w DeviceReport>,
+    seen: BTreeMap<i64, Millis>,
+    counters: BTreeMap<i64, i64>,
+    delivered: BTreeMap<i64, (Millis, i64)>,
+    /// (index in the batch, ending), first per execution, in batch order.
+    ends: Vec<(usize, &'w Ending)>,
+    ending: HashSet<i64>,
+    /// (index in the batch, GUDID row, device, credentials, time), in batch order.
+    initialise: Vec<(usize, i64, i64, &'w NewCredentials, Millis)>,
+}
+
+/// Splits a batch into rounds such that applying the rounds in order, and within a round the kinds
+/// in [`Kind`] order, gives what applying the writes one by one gives. A write goes in the
+/// earliest round that keeps it after every earlier write it does not commute with
+/// ([`order_matters`]) on a row they share: the same round if that write's kind is applied
+/// earlier in a round, the next one otherwise. `device_of` maps executions to their devices,
+/// needed only when a batch holds both reports and device-locking endings.
+fn plan_rounds<'w>(writes: &'w [Write], device_of: &HashMap<i64, i64>) -> Vec<Round<'w>> {
+    const ALL: [Kind; KINDS] = [Kind::Report, Kind::Seen, Kind::Counter, Kind::Delivered, Kind::End, Kind::Initialise];
+    let mut latest: HashMap<Target, [Option<usize>; KINDS]> = HashMap::new();
+    let mut rounds: Vec<Round<'w>> = Vec::new();
+    for (index, write) in writes.iter().enumerate() {
+        let (kind, targets): (Kind, Vec<Target>) = match write {
+            Write::Report(r) => (Kind::Report, vec![Target::Device(r.device_id)]),
+            Write::Seen { device_id, .. } => (Kind::Seen, vec![Target::Device(*device_id)]),
+            Write::Counter { device_id, .. } => (Kind::Counter, vec![Target::Device(*device_id)]),
+            Write::Delivered { execution_id, .. } => (Kind::Delivered, vec![Target::Execution(*execution_id)]),
+            Write::End(e) => {
+                let mut targets = vec![Target::Execution(e.execution_id)];
+                if let (true, Some(device)) = (e.lock_device, device_of.get(&e.execution_id)) {
+                    targets.push(Target::Device(*device));
+                }
+                (Kind::End, targets)
+            }
+            Write::Initialise { device_id, .. } => (Kind::Initialise, vec![Target::Device(*device_id)]),
+        };
+        let mut round = 0;
+        for target in &targets {
+            let Some(seen) = latest.get(target) else { continue };
+            for (other, at) in ALL.iter().zip(seen) {
+                if let (Some(at), true) = (at, order_matters(*other, kind)) {
+                    round = round.max(if *other < kind { *at } else { at + 1 });
+                }
+            }
+        }
+        for target in targets {
+            let slot = &mut latest.entry(target).or_default()[kind as usize];
+            *slot = Some(slot.map_or(round, |r| r.max(round)));
+        }
+        if rounds.len() <= round {
+            rounds.resize_with(round + 1, Round::default);
+        }
+        let r = &mut rounds[round];
+        match write {
+            Write::Report(report) => {
+                r.reports.insert(report.device_id, report);
+            }
+            Write::Seen { device_id, at } => {
+                r.seen.insert(*device_id, *at);
+            }
+            Write::Counter { device_id, counter } => {
+                let counter = *counter as i64;
+                r.counters.entry(*device_id).and_modify(|c| *c = (*c).max(counter)).or_insert(counter);
+            }
+            Write::Delivered { execution_id, at } => {
+                r.delivered.entry(*execution_id).and_modify(|(_, n)| *n += 1).or_insert((*at, 1));
+            }
+            Write::End(ending) => {
+                if r.ending.insert(ending.execution_id) {
+                    r.ends.push((index, ending));
+                }
+            }
+            Write::Initialise { gudid_row, device_id, creds, at } => {
+                r.initialise.push((index, *gudid_row, *device_id, creds, *at));
+            }
+        }
+    }
+    rounds
+}
+
+const APPLY_REPORTS: &str = "UPDATE devices d SET model = i.model, rom_version = i.rom_version, app_version = i.app_version,
+        region = i.region, debug_mode = i.debug_mode, debug_key_present = i.debug_key_present, locked = i.locked,
+        slots = i.slots, last_seen = i.at, unlock_pending = CASE WHEN i.locked THEN d.unlock_pending ELSE FALSE END
+     FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bool[], $7::bool[], $8::bool[],
+                 $9::text[], $10::bigint[])
+          AS i(device_id, model, rom_version, app_version, region, debug_mode, debug_key_present, locked, slots, at)
+     WHERE d.id = i.device_id";
+
+const APPLY_SEEN: &str = "UPDATE devices d SET last_seen = i.at
+     FROM unnest($1::bigint[], $2::bigint[]) AS i(device_id, at) WHERE d.id = i.device_id";
+
+const APPLY_COUNTERS: &str = "UPDATE devices d SET last_counter = GREATEST(d.last_counter, i.counter)
+     FROM unnest($1::bigint[], $2::bigint[]) AS i(device_id, counter) WHERE d.id = i.device_id";
+
+const APPLY_DELIVERED: &str = "UPDATE executions e SET state = 'delivered', delivered_at = COALESCE(e.delivered_at, i.at),
+        delivery_count = e.delivery_count + i.n
+     FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS i(execution_id, at, n)
+     WHERE e.id = i.execution_id AND e.state IN ('queued', 'delivered')";
+
+type Initialised = (usize, i64, Option<DeviceCredentials>);
+
+fn apply_round(
+    s: &mut Tx<'_, '_>,
+    round: &Round<'_>,
+    ended: &mut Vec<(usize, i64, ExecutionState)>,
+    initialised: &mut Vec<Initialised>,
+) -> Result<(), Failure> {
+    if !round.reports.is_empty() {
+        let r: Vec<&DeviceReport> = round.reports.values().copied().collect();
+        let ids: Vec<i64> = r.iter().map(|r| r.device_id).collect();
+        let models: Vec<&str> = r.iter().map(|r| r.model.as_str()).collect();
+        let roms: Vec<&str> = r.iter().map(|r| r.rom_version.as_str()).collect();
+        let apps: Vec<&str> = r.iter().map(|r| r.app_version.as_str()).collect();
+        let regions: Vec<&str> = r.iter().map(|r| r.region.as_str()).collect();
+        let debug: Vec<bool> = r.iter().map(|r| r.debug_mode).collect();
+        let debug_key: Vec<bool> = r.iter().map(|r| r.debug_key_present).collect();
+        let locked: Vec<bool> = r.iter().map(|r| r.locked).collect();
+        let slots: Vec<&str> = r.iter().map(|r| r.slots_json.as_str()).collect();
+        let ats: Vec<i64> = r.iter().map(|r| r.at).collect();
+        s.execute(
+            APPLY_REPORTS,
+            &[&ids, &models, &roms, &apps, &regions, &debug, &debug_key, &locked, &slots, &ats],
+        )?;
+    }
+    if !round.seen.is_empty() {
+        let (ids, ats): (Vec<i64>, Vec<i64>) = round.seen.iter().map(|(k, v)| (*k, *v)).unzip();
+        s.execute(APPLY_SEEN, &[&ids, &ats])?;
+    }
+    if !round.counters.is_empty() {
+        let (ids, counters): (Vec<i64>, Vec<i64>) = round.counters.iter().map(|(k, v)| (*k, *v)).unzip();
+        s.execute(APPLY_COUNTERS, &[&ids, &counters])?;
+    }
+    if !round.delivered.is_empty() {
+        let ids: Vec<i64> = round.delivered.keys().copied().collect();
+        let ats: Vec<i64> = round.delivered.values().map(|(at, _)| *at).collect();
+        let counts: Vec<i64> = round.delivered.values().map(|(_, n)| *n).collect();
+        s.execute(APPLY_DELIVERED, &[&ids, &ats, &counts])?;
+    }
+    if !round.ends.is_empty() {
+        let endings: Vec<&Ending> = round.ends.iter().map(|(_, e)| *e).collect();
+        for i in end_executions(s, &endings)? {
+            let (index, ending) = round.ends[i];
+            ended.push((index, ending.execution_id, ending.state));
+        }
+    }
+    for (index, gudid_row, device_id, creds, at) in &round.initialise {
+        initialised.push((*index, *gudid_row, spend_gudid_in(s, *gudid_row, *device_id, creds, *at)?));
+    }
+    Ok(())
+}
+
+/// Spends the GUDID if unused and installs the credentials; `None` if it was already spent. A
+/// concurrent spend waits for the first's row lock, then finds `used_at` set.
+fn spend_gudid_in(
+    s: &mut Tx<'_, '_>,
+    gudid_row: i64,
+    device_id: i64,
+    creds: &NewCredentials,
+    at: Millis,
+) -> Result<Option<DeviceCredentials>, Failure> {
+    let spent = s.execute("UPDATE gudids SET used_at = $2 WHERE id = $1 AND used_at IS NULL", &[&gudid_row, &at])?;
+    if spent != 1 {
+        return Ok(None);
+    }
+    let row = s.query_one(
+        concat!(
+            "UPDATE devices SET signing_key = $2, kbpk_aes = $3, kbpk_tdes = $4, password_hash = $5, last_counter = $6,
+                    x_pos_device_id = $7, broker_password_hash = $8, generation = generation + 1
+             WHERE id = $1 RETURNING ",
+            credential_columns!()
+        ),
+        &[
+            &device_id,
+            &creds.signing_key,
+            &creds.kbpk_aes,
+            &creds.kbpk_tdes,
+            &creds.password_hash,
+            &(creds.counter as i64),
+            &creds.x_pos_device_id,
+            &creds.broker_password_hash,
+        ],
+    )?;
+    credentials_row(&row).map(Some)
+}
+
+// ---------------------------------------------------------------- the store
+
+impl Store for PostgresStore {
+    fn create_org(&self, name: &str, at: Millis) -> StoreResult<OrgRow> {
+        self.write(|s| {
+            let row = s
+                .query_one("INSERT INTO organizations (name, created_at) VALUES ($1, $2) RETURNING id", &[&name, &at])
+                .map_err(conflict_as(format!("organization {name:?} exists")))?;
+            Ok(OrgRow { id: row.try_get(0)?, name: name.to_string(), created_at: at })
+        })
+    }
+
+    fn org_by_name(&self, name: &str) -> StoreResult<Option<OrgRow>> {
+        self.read(|s| {
+            s.query_opt("SELECT id, name, created_at FROM organizations WHERE name = $1", &[&name])?
+                .map(|r| org_row(&r))
+                .transpose()
+        })
+    }
+
+    fn org(&self, id: i64) -> StoreResult<OrgRow> {
+        self.read(|s| org_row(&s.query_one("SELECT id, name, created_at FROM organizations WHERE id = $1", &[&id])?))
+    }
+
+    fn list_orgs(&self) -> StoreResult<Vec<OrgRow>> {
+        self.read(|s| rows(s.query("SELECT id, name, created_at FROM organizations ORDER BY id", &[])?, org_row))
+    }
+
+    fn insert_token(
+        &self,
+        org_id: Option<i64>,
+        role: Role,
+        label: &str,
+        hash: &[u8],
+        at: Millis,
+    ) -> StoreResult<TokenRow> {
+        self.write(|s| {
+            let row = s.query_one(
+                "INSERT INTO tokens (org_id, role, label, token_hash, created_at) VALUES ($1, $2, $3, $4, $5) RETURNING id",
+                &[&org_id, &role.as_str(), &label, &hash, &at],
+            )?;
+            Ok(TokenRow { id: row.try_get(0)?, org_id, role, label: label.to_string() })
+        })
+    }
+
+    fn token_by_hash(&self, hash: &[u8]) -> StoreResult<Option<TokenRow>> {
+        self.read(|s| {
+            let Some(r) = s.query_opt("SELECT id, org_id, role, label FROM tokens WHERE token_hash = $1", &[&hash])?
+            else {
+                return Ok(None);
+            };
+            let role: String = r.try_get(2)?;
+            Ok(Some(TokenRow {
+                id: r.try_get(0)?,
+                org_id: r.try_get(1)?,
+                role: Role::parse(&role).unwrap_or(Role::Admin),
+                label: r.try_get(3)?,
+            }))
+        })
+    }
+
+    fn has_key_owner(&self) -> StoreResult<bool> {
+        self.read(|s| Ok(s.query_one("SELECT EXISTS (SELECT 1 FROM tokens WHERE role = 'key_owner')", &[])?.try_get(0)?))
+    }
+
+    fn append_audit(&self, e: &AuditEntry) -> StoreResult<()> {
+        let details = e.details.to_string();
+        self.write(|s| {
+            s.execute(
+                "INSERT INTO audit (at, org_id, actor, token_id, action, object, details) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                &[&e.at, &e.org_id, &e.actor, &e.token_id, &e.action, &e.object, &details],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn list_audit(&self, org_id: Option<i64>, limit: i64) -> StoreResult<Vec<AuditEntry>> {
+        self.read(|s| {
+            let found = s.query(
+                "SELECT id, at, org_id, actor, token_id, action, object, details FROM audit
+                 WHERE ($1::bigint IS NULL OR org_id = $1) ORDER BY id DESC LIMIT $2",
+                &[&org_id, &limit_or_all(limit)],
+            )?;
+            rows(found, |r| {
+                let details: String = r.try_get(7)?;
+                Ok(AuditEntry {
+                    id: r.try_get(0)?,
+                    at: r.try_get(1)?,
+                    org_id: r.try_get(2)?,
+                    actor: r.try_get(3)?,
+                    token_id: r.try_get(4)?,
+                    action: r.try_get(5)?,
+                    object: r.try_get(6)?,
+                    details: serde_json::from_str(&details).unwrap_or(serde_json::Value::Null),
+                })
+            })
+        })
+    }
+
+    fn insert_key_source(&self, row: &KeySourceRow) -> StoreResult<KeySourceRow> {
+        self.write(|s| {
+            let id = s
+                .query_one(
+                    "INSERT INTO key_sources (org_id, name, algorithm, kcv, sealed, key_set_id, created_at)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
+                    &[&row.org_id, &row.name, &row.algorithm, &row.kcv, &row.sealed, &row.key_set_id, &row.created_at],
+                )
+                .map_err(conflict_as(format!("key source {:?} exists", row.name)))?
+                .try_get(0)?;
+            Ok(KeySourceRow { id, ..row.clone() })
+        })
+    }
+
+    fn list_key_sources(&self, org_id: i64) -> StoreResult<Vec<KeySourceRow>> {
+        self.read(|s| {
+            let found = s.query(
+                concat!("SELECT ", key_source_columns!(), " FROM key_sources WHERE org_id = $1 ORDER BY id"),
+                &[&org_id],
+            )?;
+            rows(found, key_source_row)
+        })
+    }
+
+    fn key_source(&self, org_id: i64, id: i64) -> StoreResult<KeySourceRow> {
+        self.read(|s| {
+            s.query_opt(
+                concat!("SELECT ", key_source_columns!(), " FROM key_sources WHERE org_id = $1 AND id = $2"),
+                &[&org_id, &id],
+            )?
+            .map(|r| key_source_row(&r))
+            .unwrap_or_else(|| Err(not_found(format!("key source {id}"))))
+        })
+    }
+
+    fn key_source_by_name(&self, org_id: i64, name: &str) -> StoreResult<KeySourceRow> {
+        self.read(|s| {
+            s.query_opt(
+                concat!("SELECT ", key_source_columns!(), " FROM key_sources WHERE org_id = $1 AND name = $2"),
+                &[&org_id, &name],
+            )?
+            .map(|r| key_source_row(&r))
+            .unwrap_or_else(|| Err(not_found(format!("key source {name:?}"))))
+        })
+    }
+
+    fn allocate_serials(&self, key_source_id: i64, count: i64) -> StoreResult<i64> {
+        // One statement: the row lock makes concurrent allocations on any node disjoint.
+        self.write(|s| {
+            Ok(s.query_one(
+                "UPDATE key_sources SET next_serial = next_serial + $2 WHERE id = $1 RETURNING next_serial - $2",
+                &[&key_source_id, &count],
+            )?
+            .try_get(0)?)
+        })
+    }
+
+    fn import_devices(&self, org_id: i64, rows: &[ImportRow], at: Millis) -> StoreResult<usize> {
+        let sns: Vec<&str> = rows.iter().map(|r| r.sn.as_str()).collect();
+        let models: Vec<Option<&str>> = rows.iter().map(|r| r.model.as_deref()).collect();
+        self.write(|s| {
+            // Insert first, then look for SNs owned by another organization: ON CONFLICT waits
+            // for a concurrent import of the same SN to finish, so the check after it sees every
+            // owner, and a conflict rolls the whole import back.
+            let added = s.execute(
+                "INSERT INTO devices (org_id, sn, model, created_at)
+                 SELECT $1, i.sn, i.model, $4 FROM unnest($2::text[], $3::text[]) WITH ORDINALITY AS i(sn, model, ord)
+                 ORDER BY i.ord
+                 ON CONFLICT (sn) DO NOTHING",
+                &[&org_id, &sns, &models, &at],
+            )?;
+            let foreign: HashSet<String> = s
+                .query("SELECT sn FROM devices WHERE sn = ANY ($1) AND org_id <> $2", &[&sns, &org_id])?
+                .iter()
+                .map(|r| r.try_get(0))
+                .collect::<Result<_, _>>()?;
+            if !foreign.is_empty() {
+                let conflicts: Vec<String> = rows
+                    .iter()
+                    .filter(|row| foreign.contains(&row.sn))
+                    .map(|row| format!("line {}: SN {} is registered to another organization", row.line, row.sn))
+                    .collect();
+                return Err(StoreError::Conflict(conflicts.join("; ")).into());
+            }
+            Ok(added as usize)
+        })
+    }
+
+    fn list_devices(&self, org_id: i64, f: &DeviceFilter) -> StoreResult<Vec<DeviceRow>> {
+        // ILIKE: SQLite's LIKE ignores ASCII case. COLLATE "C": SQLite orders by bytes.
+        let pattern = f.sn_contains.as_ref().map(|s| format!("%{}%", s.replace('%', "").replace('_', "\\_")));
+        let limit = (f.limit > 0).then_some(f.limit);
+        let offset = f.offset.max(0);
+        self.read(|s| {
+            let found = s.query(
+                concat!(
+                    "SELECT ",
+                    device_columns!(),
+                    " FROM devices WHERE org_id = $1
+                      AND ($2::text IS NULL OR sn ILIKE $2 ESCAPE '\\')
+                      AND ($3::bigint IS NULL OR id IN (SELECT device_id FROM group_members WHERE group_id = $3))
+                      ORDER BY sn COLLATE \"C\" LIMIT $4 OFFSET $5"
+                ),
+                &[&org_id, &pattern, &f.group, &limit, &offset],
+            )?;
+            rows(found, device_row)
+        })
+    }
+
+    fn count_devices(&self, org_id: i64) -> StoreResult<i64> {
+        self.read(|s| Ok(s.query_one("SELECT count(*) FROM devices WHERE org_id = $1", &[&org_id])?.try_get(0)?))
+    }
+
+    fn device(&self, org_id: i64, sn: &str) -> StoreResult<DeviceRow> {
+        self.read(|s| {
+            s.query_opt(concat!("SELECT ", device_columns!(), " FROM devices WHERE org_id = $1 AND sn = $2"), &[&org_id, &sn])?
+                .map(|r| device_row(&r))
+                .unwrap_or_else(|| Err(not_found(format!("device {sn}"))))
+        })
+    }
+
+    fn device_by_id(&self, id: i64) -> StoreResult<DeviceRow> {
+        self.read(|s| {
+            s.query_opt(concat!("SELECT ", device_columns!(), " FROM devices WHERE id = $1"), &[&id])?
+                .map(|r| device_row(&r))
+                .unwrap_or_else(|| Err(not_found(format!("device #{id}"))))
+        })
+    }
+
+    fn devices_by_ids(&self, ids: &[i64]) -> StoreResult<Vec<DeviceRow>> {
+        self.read(|s| {
+            let found =
+                s.query(concat!("SELECT ", device_columns!(), " FROM devices WHERE id = ANY ($1) ORDER BY id"), &[&ids])?;
+            rows(found, device_row)
+        })
+    }
+
+    fn device_org_by_sn(&self, sn: &str) -> StoreResult<Option<(i64, i64)>> {
+        self.read(|s| {
+            s.query_opt("SELECT id, org_id FROM devices WHERE sn = $1", &[&sn])?
+                .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+                .transpose()
+        })
+    }
+
+    fn credentials(&self, sn: &str) -> StoreResult<Option<DeviceCredentials>> {
+        self.read(|s| {
+            s.query_opt(
+                concat!("SELECT ", credential_columns!(), " FROM devices WHERE sn = $1 AND signing_key IS NOT NULL"),
+                &[&sn],
+            )?
+            .map(|r| credentials_row(&r))
+            .transpose()
+        })
+    }
+
+    fn credentials_for(&self, ids: &[i64]) -> StoreResult<Vec<DeviceCredentials>> {
+        self.read(|s| {
+            let found = s.query(
+                concat!(
+                    "SELECT ",
+                    credential_columns!(),
+                    " FROM devices WHERE signing_key IS NOT NULL AND id = ANY ($1) ORDER BY id"
+                ),
+                &[&ids],
+            )?;
+            rows(found, credentials_row)
+        })
+    }
+
+    fn all_password_hashes(&self) -> StoreResult<Vec<(String, Vec<u8>)>> {
+        self.read(|s| {
+            let found = s.query("SELECT sn, password_hash FROM devices WHERE password_hash IS NOT NULL", &[])?;
+            rows(found, |r| Ok((r.try_get(0)?, r.try_get(1)?)))
+        })
+    }
+
+    fn broker_devices(&self) -> StoreResult<Vec<(String, Option<String>)>> {
+        self.read(|s| {
+            let found = s.query("SELECT sn, broker_password_hash FROM devices ORDER BY sn COLLATE \"C\"", &[])?;
+            rows(found, |r| Ok((r.try_get(0)?, r.try_get(1)?)))
+        })
+    }
+
+    fn assign(&self, org_id: i64, ids: &[i64], key_source_id: Option<i64>) -> StoreResult<usize> {
+        self.write(|s| {
+            // Counted per id given, repeats included, as SQLite's one UPDATE per id counts.
+            let row = s.query_one(
+                "WITH updated AS (
+                     UPDATE devices SET assigned_key_source = $3 WHERE org_id = $1 AND id = ANY ($2) RETURNING id
+                 )
+                 SELECT count(*) FROM unnest($2::bigint[]) AS i(id) JOIN updated u ON u.id = i.id",
+                &[&org_id, &ids, &key_source_id],
+            )?;
+            Ok(row.try_get::<_, i64>(0)? as usize)
+        })
+    }
+
+    fn set_unlock_pending(&self, device_id: i64, pending: bool) -> StoreResult<()> {
+        self.write(|s| {
+            s.execute("UPDATE devices SET unlock_pending = $2 WHERE id = $1", &[&device_id, &pending])?;
+            Ok(())
+        })
+    }
+
+    fn create_group(&self, org_id: i64, name: &str, description: &str) -> StoreResult<GroupRow> {
+        self.write(|s| {
+            let id = s
+                .query_one(
+                    "INSERT INTO groups (org_id, name, description) VALUES ($1, $2, $3) RETURNING id",
+                    &[&org_id, &name, &description],
+                )
+                .map_err(conflict_as(format!("group {name:?} exists")))?
+                .try_get(0)?;
+            Ok(GroupRow { id, org_id, name: name.into(), description: description.into(), members: 0 })
+        })
+    }
+
+    fn list_groups(&self, org_id: i64) -> StoreResult<Vec<GroupRow>> {
+        self.read(|s| {
+            let found = s.query(
+                "SELECT g.id, g.org_id, g.name, g.description, (SELECT count(*) FROM group_members m WHERE m.group_id = g.id)
+                 FROM groups g WHERE g.org_id = $1 ORDER BY g.name COLLATE \"C\"",
+                &[&org_id],
+            )?;
+            rows(found, group_row)
+        })
+    }
+
+    fn group_by_name(&self, org_id: i64, name: &str) -> StoreResult<GroupRow> {
+        self.read(|s| {
+            s.query_opt(
+                "SELECT g.id, g.org_id, g.name, g.description, (SELECT count(*) FROM group_members m WHERE m.group_id = g.id)
+                 FROM groups g WHERE g.org_id = $1 AND g.name = $2",
+                &[&org_id, &name],
+            )?
+            .map(|r| group_row(&r))
+            .unwrap_or_else(|| Err(not_found(format!("group {name:?}"))))
+        })
+    }
+
+    fn add_group_members(&self, group_id: i64, ids: &[i64]) -> StoreResult<usize> {
+        self.write(|s| {
+            let added = s.execute(
+                "INSERT INTO group_members (group_id, device_id)
+                 SELECT $1, i.id FROM unnest($2::bigint[]) WITH ORDINALITY AS i(id, ord) ORDER BY i.ord
+                 ON CONFLICT DO NOTHING",
+                &[&group_id, &ids],
+            )?;
+            Ok(added as usize)
+        })
+    }
+
+    fn group_member_ids(&self, group_id: i64) -> StoreResult<Vec<i64>> {
+        self.read(|s| {
+            let found =
+                s.query("SELECT device_id FROM group_members WHERE group_id = $1 ORDER BY device_id", &[&group_id])?;
+            rows(found, |r| Ok(r.try_get(0)?))
+        })
+    }
+
+    fn device_ids_by_sn(&self, org_id: i64, sns: &[String]) -> StoreResult<Vec<(String, Option<i64>)>> {
+        self.read(|s| {
+            let found = s.query(
+                "SELECT i.sn, d.id FROM unnest($2::text[]) WITH ORDINALITY AS i(sn, ord)
+                 LEFT JOIN devices d ON d.org_id = $1 AND d.sn = i.sn
+                 ORDER BY i.ord",
+                &[&org_id, &sns],
+            )?;
+            rows(found, |r| Ok((r.try_get(0)?, r.try_get(1)?)))
+        })
+    }
+
+    fn insert_gudid(&self, row: &GudidRow) -> StoreResult<GudidRow> {
+        self.write(|s| {
+            let id = s
+                .query_one(
+                    "INSERT INTO gudids (org_id, device_id, gudid_id, mac_key, provisioned_by, provisioned_at, expires_at)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
+                    &[
+                        &row.org_id,
+                        &row.device_id,
+                        &row.gudid_id,
+                        &row.mac_key,
+                        &row.provisioned_by,
+                        &row.provisioned_at,
+                        &row.expires_at,
+                    ],
+                )?
+                .try_get(0)?;
+            Ok(GudidRow { id, ..row.clone() })
+        })
+    }
+
+    fn gudid_by_id(&self, gudid_id: &[u8]) -> StoreResult<Option<GudidRow>> {
+        self.read(|s| {
+            s.query_opt(concat!(gudid_select!(), " WHERE g.gudid_id = $1"), &[&gudid_id])?
+                .map(|r| gudid_row(&r))
+                .transpose()
+        })
+    }
+
+    fn list_gudids(&self, org_id: i64, sn: Option<&str>) -> StoreResult<Vec<GudidRow>> {
+        self.read(|s| {
+            let found = s.query(
+                concat!(gudid_select!(), " WHERE g.org_id = $1 AND ($2::text IS NULL OR d.sn = $2) ORDER BY g.id DESC"),
+                &[&org_id, &sn],
+            )?;
+            rows(found, gudid_row)
+        })
+    }
+
+    fn spend_gudid(
+        &self,
+        gudid_row: i64,
+        device_id: i64,
+        creds: &NewCredentials,
+        at: Millis,
+    ) -> StoreResult<DeviceCredentials> {
+        self.write(|s| {
+            spend_gudid_in(s, gudid_row, device_id, creds, at)?
+                .ok_or_else(|| StoreError::Conflict("GUDID already used".into()).into())
+        })
+    }
+
+    fn create_task(&self, task: &NewTask) -> StoreResult<(TaskRow, Vec<ExecutionRow>)> {
+        let task_id = self.write(|s| {
+            let task_id: i64 = s
+                .query_one(
+                    "INSERT INTO tasks (org_id, key_source_id, slot, key_type, created_at, expires_at, created_by, request_id)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id",
+                    &[
+                        &task.org_id,
+                        &task.key_source_id,
+                        &i32::from(task.slot),
+                        &task.key_type,
+                        &task.created_at,
+                        &task.expires_at,
+                        &task.created_by,
+                        &task.request_id,
+                    ],
+                )?
+                .try_get(0)?;
+            for chunk in task.executions.chunks(EXECUTIONS_PER_STATEMENT) {
+                let devices: Vec<i64> = chunk.iter().map(|e| e.device_id).collect();
+                let blocks: Vec<&str> = chunk.iter().map(|e| e.key_block.as_str()).collect();
+                let key_ids: Vec<&[u8]> = chunk.iter().map(|e| e.key_id.as_slice()).collect();
+                let kcvs: Vec<&str> = chunk.iter().map(|e| e.kcv.as_str()).collect();
+                let generations: Vec<i64> = chunk.iter().map(|e| e.generation).collect();
+                s.execute(
+                    "INSERT INTO executions (task_id, org_id, device_id, state, key_block, key_id, kcv, generation,
+                                             created_at, deadline)
+                     SELECT $1, $2, i.device_id, $3, i.key_block, i.key_id, i.kcv, i.generation, $4, $5
+                     FROM unnest($6::bigint[], $7::text[], $8::bytea[], $9::text[], $10::bigint[])
+                          WITH ORDINALITY AS i(device_id, key_block, key_id, kcv, generation, ord)
+                     ORDER BY i.ord",
+                    &[
+                        &task_id,
+                        &task.org_id,
+                        &ExecutionState::Queued.as_str(),
+                        &task.created_at,
+                        &task.expires_at,
+                        &devices,
+                        &blocks,
+                        &key_ids,
+                        &kcvs,
+                        &generations,
+                    ],
+                )?;
+            }
+            Ok(task_id)
+        })?;
+        // Read back what was committed: the pair of assertions around the write.
+        let row = self.task(task.org_id, task_id)?;
+        assert_eq!(row.counts.total as usize, task.executions.len(), "task executions persisted");
+        let executions = self.task_executions(task_id)?;
+        Ok((row, executions))
+    }
+
+    fn task_by_request_id(&self, org_id: i64, request_id: i64) -> StoreResult<Option<TaskRow>> {
+        self.read(|s| {
+            s.query_opt(concat!(task_select!(), " WHERE t.org_id = $1 AND t.request_id = $2"), &[&org_id, &request_id])?
+                .map(|r| task_row(&r))
+                .transpose()
+        })
+    }
+
+    fn list_tasks(&self, org_id: i64, unfinished: Option<bool>, limit: i64) -> StoreResult<Vec<TaskRow>> {
+        self.read(|s| {
+            let found = s.query(
+                concat!(
+                    task_select!(),
+                    " WHERE t.org_id = $1 AND ($2::boolean IS NULL OR
+                        EXISTS (SELECT 1 FROM executions e WHERE e.task_id = t.id AND e.state IN ('queued', 'delivered')) = $2)
+                      ORDER BY t.id DESC LIMIT $3"
+                ),
+                &[&org_id, &unfinished, &limit_or_all(limit)],
+            )?;
+            rows(found, task_row)
+        })
+    }
+
+    fn task(&self, org_id: i64, id: i64) -> StoreResult<TaskRow> {
+        self.read(|s| {
+            s.query_opt(concat!(task_select!(), " WHERE t.org_id = $1 AND t.id = $2"), &[&org_id, &id])?
+                .map(|r| task_row(&r))
+                .unwrap_or_else(|| Err(not_found(format!("task {id}"))))
+        })
+    }
+
+    fn task_executions(&self, task_id: i64) -> StoreResult<Vec<ExecutionRow>> {
+        self.read(|s| {
+            let found = s.query(concat!(execution_select!(), " WHERE e.task_id = $1 ORDER BY e.id"), &[&task_id])?;
+            rows(found, execution_row)
+        })
+    }
+
+    fn open_executions(&self) -> StoreResult<Vec<ExecutionRow>> {
+        self.read(|s| {
+            let found =
+                s.query(concat!(execution_select!(), " WHERE e.state IN ('queued', 'delivered') ORDER BY e.id"), &[])?;
+            rows(found, execution_row)
+        })
+    }
+
+    fn open_execution_device_ids(&self, org_id: i64) -> StoreResult<Vec<i64>> {
+        self.read(|s| {
+            let found = s.query(
+                "SELECT DISTINCT device_id FROM executions WHERE org_id = $1 AND state IN ('queued', 'delivered')",
+                &[&org_id],
+            )?;
+            rows(found, |r| Ok(r.try_get(0)?))
+        })
+    }
+
+    fn execution(&self, id: i64) -> StoreResult<ExecutionRow> {
+        self.read(|s| {
+            s.query_opt(concat!(execution_select!(), " WHERE e.id = $1"), &[&id])?
+                .map(|r| execution_row(&r))
+                .unwrap_or_else(|| Err(not_found(format!("execution {id}"))))
+        })
+    }
+
+    fn rewrap_execution(&self, id: i64, key_block: &str, generation: i64) -> StoreResult<()> {
+        self.write(|s| {
+            s.execute(
+                "UPDATE executions SET key_block = $2, generation = $3 WHERE id = $1 AND state IN ('queued', 'delivered')",
+                &[&id, &key_block, &generation],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn stop_task(&self, org_id: i64, task_id: i64, at: Millis) -> StoreResult<Vec<i64>> {
+        let terminated = ExecutionState::Terminated;
+        let from = states_that_can_become(terminated);
+        self.write(|s| {
+            // The task row's lock orders two stops of one task, on any node.
+            if s.query_opt("SELECT id FROM tasks WHERE org_id = $1 AND id = $2 FOR UPDATE", &[&org_id, &task_id])?
+                .is_none()
+            {
+                return Err(not_found(format!("task {task_id}")));
+            }
+            let ended = s.query(STOP_TASK, &[&task_id, &at, &terminated.as_str(), &from])?;
+            let ids = rows(ended, |r| Ok(r.try_get(0)?))?;
+            s.execute("UPDATE tasks SET stopped_at = COALESCE(stopped_at, $2) WHERE id = $1", &[&task_id, &at])?;
+            Ok(ids)
+        })
+    }
+
+    fn expire_due(&self, now: Millis) -> StoreResult<Vec<(i64, i64)>> {
+        let expired = ExecutionState::Expired;
+        let from = states_that_can_become(expired);
+        self.write(|s| {
+            let ended = s.query(EXPIRE_DUE, &[&now, &expired.as_str(), &from])?;
+            rows(ended, |r| Ok((r.try_get(0)?, r.try_get(1)?)))
+        })
+    }
+
+    fn apply_batch(&self, writes: &[Write]) -> StoreResult<BatchOutcome> {
+        let lock_endings: Vec<i64> = writes
+            .iter()
+            .filter_map(|w| match w {
+                Write::End(e) if e.lock_device => Some(e.execution_id),
+                _ => None,
+            })
+            .collect();
+        let has_reports = writes.iter().any(|w| matches!(w, Write::Report(_)));
+        self.write(|s| {
+            // A device-locking ending and a report on the same device must keep their order;
+            // the ending names only its execution, so look the devices up (executions never
+            // change device). Not needed when there is nothing to order them against.
+            let mut device_of = HashMap::new();
+            if has_reports && !lock_endings.is_empty() {
+                for r in s.query("SELECT id, device_id FROM executions WHERE id = ANY ($1)", &[&lock_endings])? {
+                    device_of.insert(r.try_get::<_, i64>(0)?, r.try_get::<_, i64>(1)?);
+                }
+            }
+            let mut ended = Vec::new();
+            let mut initialised = Vec::new();
+            for round in plan_rounds(writes, &device_of) {
+                apply_round(s, &round, &mut ended, &mut initialised)?;
+            }
+            ended.sort_by_key(|(index, _, _)| *index);
+            initialised.sort_by_key(|(index, _, _)| *index);
+            Ok(BatchOutcome {
+                ended: ended.into_iter().map(|(_, id, state)| (id, state)).collect(),
+                initialised: initialised.into_iter().map(|(_, gudid, creds)| (gudid, creds)).collect(),
+            })
+        })
+    }
+
+    fn list_records(&self, org_id: i64, f: &RecordFilter) -> StoreResult<Vec<RecordRow>> {
+        let limit = (f.limit > 0).then_some(f.limit);
+        let offset = f.offset.max(0);
+        self.read(|s| {
+            let found = s.query(
+                "SELECT id, org_id, execution_id, task_id, sn, key_source, key_type, injection, result, error_code, at,
+                        key_id, kcv
+                 FROM records WHERE org_id = $1 AND ($2::text IS NULL OR sn = $2) AND ($3::bigint IS NULL OR task_id = $3)
+                 ORDER BY id DESC LIMIT $4 OFFSET $5",
+                &[&org_id, &f.sn, &f.task_id, &limit, &offset],
+            )?;
+            rows(found, record_row)
+        })
+    }
+
+    fn billing(&self, org_id: i64) -> StoreResult<Vec<BillingRow>> {
+        self.read(|s| {
+            let found = s.query(
+                "SELECT key_source, to_char(to_timestamp(at / 1000) AT TIME ZONE 'UTC', 'YYYY-MM') AS month, count(*)
+                 FROM records WHERE org_id = $1 AND result = 'succeeded'
+                 GROUP BY key_source, month ORDER BY month, key_source COLLATE \"C\"",
+                &[&org_id],
+            )?;
+            rows(found, |r| Ok(BillingRow { key_source: r.try_get(0)?, month: r.try_get(1)?, keys: r.try_get(2)? }))
+        })
+    }
+
+    fn count_records_for_execution(&self, execution_id: i64) -> StoreResult<i64> {
+        self.read(|s| {
+            Ok(s.query_one("SELECT count(*) FROM records WHERE execution_id = $1", &[&execution_id])?.try_get(0)?)
+        })
+    }
+
+    fn execution_state_counts(&self) -> StoreResult<Vec<(i64, ExecutionState, i64)>> {
+        self.read(|s| {
+            let found = s.query("SELECT org_id, state, count(*) FROM executions GROUP BY org_id, state", &[])?;
+            let mut out = Vec::with_capacity(found.len());
+            for r in &found {
+                let state: String = r.try_get(1)?;
+                if let Some(state) = ExecutionState::parse(&state) {
+                    out.push((r.try_get(0)?, state, r.try_get(2)?));
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn expiring_within(&self, now: Millis, within_ms: i64) -> StoreResult<i64> {
+        self.read(|s| {
+            Ok(s.query_one(
+                "SELECT count(*) FROM executions WHERE state IN ('queued', 'delivered') AND deadline <= $1",
+                &[&(now + within_ms)],
+            )?
+            .try_get(0)?)
+        })
+    }
+}

@@ -1,0 +1,221 @@
+//! A throwaway PostgreSQL server for tests: Debian's `postgresql` package, a data directory in a
+//! temporary directory, a free loopback port, its unix socket beside the data, stopped on drop
+//! (and, for a server shared by a whole test binary, by a watchdog when the process exits).
+//!
+//! PostgreSQL refuses to run as root; when the tests run as root (CI containers) every server
+//! command runs as the `postgres` system user that the package creates (`runuser -u postgres`).
+
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// The role tests connect as (trust authentication on loopback only).
+const USER: &str = "rki";
+/// Attempts at starting, each on a fresh free port (another process may take the port between
+/// our probe and the server's bind).
+const START_TRIES_MAX: usize = 3;
+/// Seconds `pg_ctl` waits for the server to accept connections.
+const START_WAIT_SECONDS: &str = "60";
+/// The system user that runs the server when the tests run as root.
+const SYSTEM_USER: &str = "postgres";
+
+pub struct PgServer {
+    /// Temporary root: `data/` (the cluster), `server.log`, and the unix socket.
+    dir: PathBuf,
+    bin: PathBuf,
+    port: u16,
+    /// `Some("postgres")` when we are root and must drop privileges for every server command.
+    run_as: Option<&'static str>,
+    /// Stops the server if this process dies without dropping us (statics are never dropped).
+    watchdog: Option<Child>,
+}
+
+fn missing() -> String {
+    "PostgreSQL not found: no initdb under /usr/lib/postgresql/*/bin nor on PATH. \
+     Install Debian's `postgresql` package (apt-get install -y postgresql); .ci/run installs it."
+        .to_string()
+}
+
+/// The directory of `initdb`, `pg_ctl` and `postgres`: the newest Debian version, else PATH.
+fn find_bindir() -> Result<PathBuf, String> {
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let version: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let bin = entry.path().join("bin");
+            bin.join("initdb").exists().then_some((version, bin))
+        })
+        .collect();
+    versions.sort();
+    if let Some((_, bin)) = versions.pop() {
+        return Ok(bin);
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path).find(|dir| dir.join("initdb").exists() && dir.join("pg_ctl").exists()).ok_or_else(missing)
+}
+
+fn running_as_root() -> bool {
+    std::fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false)
+}
+
+fn id_of(flag: &str, user: &str) -> Result<u32, String> {
+    let out = Command::new("id").args([flag, user]).output().map_err(|e| format!("id {flag} {user}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "tests run as root, so PostgreSQL must run as the `{user}` system user, which does not exist. \
+             Install Debian's `postgresql` package (apt-get install -y postgresql); it creates the user."
+        ));
+    }
+    String::from_utf8_lossy(&out.stdout).trim().parse().map_err(|e| format!("id {flag} {user}: {e}"))
+}
+
+fn free_port() -> Result<u16, String> {
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("probe a free port: {e}"))?;
+    listener.local_addr().map(|a| a.port()).map_err(|e| format!("probe a free port: {e}"))
+}
+
+impl PgServer {
+    /// Creates a cluster in a new temporary directory and starts it on a free loopback port.
+    pub fn start() -> Result<Self, String> {
+        static SERIAL: AtomicUsize = AtomicUsize::new(0);
+        let bin = find_bindir()?;
+        let run_as = running_as_root().then_some(SYSTEM_USER);
+        let dir = std::env::temp_dir()
+            .join(format!("rki-pg-{}-{}", std::process::id(), SERIAL.fetch_add(1, Ordering::Relaxed)));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+        if let Some(user) = run_as {
+            let (uid, gid) = (id_of("-u", user)?, id_of("-g", user)?);
+            std::os::unix::fs::chown(&dir, Some(uid), Some(gid)).map_err(|e| format!("chown {}: {e}", dir.display()))?;
+        }
+        let mut server = PgServer { dir, bin, port: 0, run_as, watchdog: None };
+        server.initdb()?;
+        let mut last_error = String::new();
+        for _ in 0..START_TRIES_MAX {
+            server.port = free_port()?;
+            match server.pg_ctl_start() {
+                Ok(()) => {
+                    server.watchdog = server.spawn_watchdog().ok();
+                    return Ok(server);
+                }
+                Err(e) => last_error = e,
+            }
+        }
+        Err(last_error)
+    }
+
+    /// `runuser -u postgres -- <program>` when root, else `<program>`.
+    fn command(&self, program: &str) -> Command {
+        let program = self.bin.join(program);
+        match self.run_as {
+            Some(user) => {
+                let mut c = Command::new("runuser");
+                c.args(["-u", user, "--"]).arg(program);
+                c
+            }
+            None => Command::new(program),
+        }
+    }
+
+    fn run(&self, what: &str, mut command: Command) -> Result<(), String> {
+        let out = command.stdin(Stdio::null()).output().map_err(|e| format!("{what}: {e}"))?;
+        if out.status.success() {
+            return Ok(());
+        }
+        let log = std::fs::read_to_string(self.log()).unwrap_or_default();
+        Err(format!(
+            "{what} failed ({}):\n{}{}\n--- server log ---\n{log}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    fn log(&self) -> PathBuf {
+        self.dir.join("server.log")
+    }
+
+    fn initdb(&self) -> Result<(), String> {
+        let mut c = self.command("initdb");
+        c.arg("-D").arg(self.data()).args(["-U", USER, "--auth=trust", "--encoding=UTF8", "--no-locale", "--no-sync"]);
+        self.run("initdb", c)
+    }
+
+    /// Starts the server and waits until it accepts connections. Loopback only; the unix socket
+    /// goes in our directory, not /var/run/postgresql.
+    fn pg_ctl_start(&self) -> Result<(), String> {
+        let mut c = self.command("pg_ctl");
+        c.arg("-D").arg(self.data()).arg("-l").arg(self.log()).args(["-w", "-t", START_WAIT_SECONDS]).arg("-o").arg(
+            format!("-p {} -k {} -c listen_addresses=127.0.0.1 -c max_connections=200", self.port, self.dir.display()),
+        );
+        c.arg("start");
+        self.run("pg_ctl start", c)
+    }
+
+    /// A shell that waits for this process to end, then stops the server and removes its
+    /// directory: the cleanup for servers held in statics, which Rust never drops.
+    fn spawn_watchdog(&self) -> std::io::Result<Child> {
+        let stop = format!(
+            "{}{} -D '{}' -m immediate -w stop",
+            self.run_as.map(|u| format!("runuser -u {u} -- ")).unwrap_or_default(),
+            self.bin.join("pg_ctl").display(),
+            self.data().display()
+        );
+        let script = format!(
+            "while kill -0 {pid} 2>/dev/null; do sleep 1; done; {stop} >/dev/null 2>&1; rm -rf '{dir}'",
+            pid = std::process::id(),
+            dir = self.dir.display()
+        );
+        Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// A connection string for database `db` over loopback TCP.
+    pub fn url(&self, db: &str) -> String {
+        format!("host=127.0.0.1 port={} user={USER} dbname={db}", self.port)
+    }
+
+    /// Creates an empty database and returns its connection string.
+    pub fn create_database(&self, name: &str) -> Result<String, String> {
+        let mut admin = postgres::Client::connect(&self.url("postgres"), postgres::NoTls)
+            .map_err(|e| format!("connect to the test server: {e}"))?;
+        admin.batch_execute(&format!("CREATE DATABASE \"{name}\"")).map_err(|e| format!("create database {name}: {e}"))?;
+        Ok(self.url(name))
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        let mut c = self.command("pg_ctl");
+        c.arg("-D").arg(self.data()).args(["-m", "fast", "-w", "stop"]);
+        let _ = c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).status();
+        if let Some(mut watchdog) = self.watchdog.take() {
+            let _ = watchdog.kill();
+            let _ = watchdog.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
