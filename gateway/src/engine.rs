@@ -264,6 +264,10 @@ pub struct Engine {
     me: std::sync::OnceLock<std::sync::Weak<Engine>>,
     /// Woken when devices are registered or (re)initialised (the external broker's ACL sync).
     registry: tokio::sync::Notify,
+    /// Other gateway nodes share the store: the open executions are re-read from it on every
+    /// hello and re-checked before a retry, since another node may have created, ended or
+    /// stopped them.
+    shared_store: std::sync::atomic::AtomicBool,
 }
 
 impl Engine {
@@ -298,6 +302,7 @@ impl Engine {
             init_permits: Arc::new(tokio::sync::Semaphore::new(INIT_CONCURRENCY_MAX)),
             me: std::sync::OnceLock::new(),
             registry: tokio::sync::Notify::new(),
+            shared_store: std::sync::atomic::AtomicBool::new(false),
         });
         let _ = engine.me.set(Arc::downgrade(&engine));
         engine.load().await?;
@@ -607,6 +612,15 @@ impl Engine {
             None,
         )
         .await;
+        if self.is_shared() {
+            self.refresh_open(sn, hot).await;
+        }
+        let stale: Vec<OpenExecution> = if self.is_shared() {
+            let h = lock(hot);
+            h.open.iter().filter(|e| e.generation != h.generation).cloned().collect()
+        } else {
+            stale
+        };
         if !stale.is_empty() {
             self.rewrap(sn, hot, stale).await;
         }
@@ -1065,6 +1079,35 @@ impl Engine {
         self.devices.get(sn).map(|h| lock(&h).online).unwrap_or(false)
     }
 
+    /// Declares that other gateway nodes share this store (external broker mode).
+    pub fn set_shared_store(&self, shared: bool) {
+        self.shared_store.store(shared, Ordering::Relaxed);
+    }
+
+    fn is_shared(&self) -> bool {
+        self.shared_store.load(Ordering::Relaxed)
+    }
+
+    /// Replaces the device's cached open executions with the store's, keeping the retry state of
+    /// the ones already known.
+    async fn refresh_open(&self, sn: &str, hot: &Arc<Mutex<DeviceHot>>) {
+        let device_id = lock(hot).device_id;
+        let Ok(rows) = self.blocking(move |s| s.open_executions_for_device(device_id)).await else { return };
+        let ids: std::collections::HashSet<i64> = rows.iter().map(|r| r.id).collect();
+        let gone: Vec<i64> = {
+            let mut h = lock(hot);
+            let gone = h.open.iter().filter(|e| !ids.contains(&e.id)).map(|e| e.id).collect();
+            h.open.retain(|e| ids.contains(&e.id));
+            gone
+        };
+        for id in gone {
+            self.execution_sn.remove(&id);
+        }
+        for row in rows.iter().filter(|r| r.sn == sn) {
+            self.insert_open(row);
+        }
+    }
+
     /// Signals that devices were registered or (re)initialised.
     pub fn notify_registry_changed(&self) {
         self.registry.notify_one();
@@ -1355,6 +1398,24 @@ impl Engine {
             })
             .map(|entry| (entry.key().clone(), entry.value().clone()))
             .collect();
+        if due.is_empty() {
+            return;
+        }
+        if self.is_shared() {
+            // Another node may have ended some of them: re-check before re-delivering.
+            let ids: Vec<i64> = due.iter().flat_map(|(_, h)| lock(h).open.iter().map(|e| e.id).collect::<Vec<_>>()).collect();
+            let Ok(open) = self.blocking(move |s| s.still_open(&ids)).await else { return };
+            let open: std::collections::HashSet<i64> = open.into_iter().collect();
+            let mut ended = Vec::new();
+            for (_, hot) in &due {
+                let mut h = lock(hot);
+                ended.extend(h.open.iter().filter(|e| !open.contains(&e.id)).map(|e| e.id));
+                h.open.retain(|e| open.contains(&e.id));
+            }
+            for id in ended {
+                self.execution_sn.remove(&id);
+            }
+        }
         for (sn, hot) in due {
             let key = { self.signing_key(&mut lock(&hot)) };
             if let Some(key) = key {

@@ -73,6 +73,7 @@ pub async fn run(config: Config) -> Result<(), String> {
         Some(external) => {
             let mut link = crate::external::ExternalLink::new(external)?;
             let engine = Engine::start(store_dyn, keys, clock, link.outbound.clone()).await.map_err(|e| e.to_string())?;
+            engine.set_shared_store(true);
             let _ = cell.set(engine.clone());
             link.run(engine.clone())?;
             if let Some(sync) = &external.mosquitto_sync {

@@ -477,6 +477,22 @@ pub trait Store: Send + Sync {
     fn task_executions(&self, task_id: i64) -> StoreResult<Vec<ExecutionRow>>;
     fn open_executions(&self) -> StoreResult<Vec<ExecutionRow>>;
     fn open_execution_device_ids(&self, org_id: i64) -> StoreResult<Vec<i64>>;
+    /// The open executions of one device (several gateway nodes: the store, not a node's cache,
+    /// says what is open).
+    /// (The default reads every open execution; implementations override it with an indexed query.)
+    fn open_executions_for_device(&self, device_id: i64) -> StoreResult<Vec<ExecutionRow>> {
+        Ok(self.open_executions()?.into_iter().filter(|e| e.device_id == device_id).collect())
+    }
+    /// Which of `ids` are still open. (The default reads them one by one.)
+    fn still_open(&self, ids: &[i64]) -> StoreResult<Vec<i64>> {
+        let mut open = Vec::new();
+        for id in ids {
+            if self.execution(*id)?.state.is_open() {
+                open.push(*id);
+            }
+        }
+        Ok(open)
+    }
     fn execution(&self, id: i64) -> StoreResult<ExecutionRow>;
     /// Replaces the key block of an open execution (re-wrap after re-initialisation).
     fn rewrap_execution(&self, id: i64, key_block: &str, generation: i64) -> StoreResult<()>;

@@ -1012,6 +1012,36 @@ impl Store for SqliteStore {
         })
     }
 
+    fn open_executions_for_device(&self, device_id: i64) -> StoreResult<Vec<ExecutionRow>> {
+        self.read(|c| {
+            let mut stmt = c
+                .prepare_cached(&format!(
+                    "SELECT {EXECUTION_COLUMNS} FROM {EXECUTION_FROM} WHERE e.device_id = ?1 AND e.state IN ('queued','delivered') ORDER BY e.id"
+                ))
+                .map_err(backend)?;
+            let rows = stmt.query_map([device_id], execution_row).map_err(backend)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(backend)
+        })
+    }
+
+    fn still_open(&self, ids: &[i64]) -> StoreResult<Vec<i64>> {
+        self.read(|c| {
+            let mut out = Vec::new();
+            for chunk in ids.chunks(IDS_PER_STATEMENT) {
+                let sql = format!(
+                    "SELECT id FROM executions WHERE state IN ('queued','delivered') AND id IN ({})",
+                    in_list(chunk.len())
+                );
+                let mut stmt = c.prepare_cached(&sql).map_err(backend)?;
+                let rows = stmt.query_map(rusqlite::params_from_iter(chunk.iter()), |r| r.get(0)).map_err(backend)?;
+                for row in rows {
+                    out.push(row.map_err(backend)?);
+                }
+            }
+            Ok(out)
+        })
+    }
+
     fn open_execution_device_ids(&self, org_id: i64) -> StoreResult<Vec<i64>> {
         self.read(|c| {
             let mut stmt = c
