@@ -26,6 +26,11 @@ pub struct Config {
     pub max_connections: usize,
     /// `"embedded"` (default: rumqttd in this process) or a table for an external broker.
     pub broker: BrokerConfig,
+    /// `"sqlite"` (default: `<data_dir>/rki.sqlite`) or a PostgreSQL URL
+    /// (`postgres://user:password@host:port/database`).
+    pub store: String,
+    /// Connections to PostgreSQL.
+    pub store_pool_size: usize,
 }
 
 /// Which MQTT broker the gateway uses.
@@ -83,6 +88,8 @@ impl Default for Config {
             log_format: "text".into(),
             max_connections: 0,
             broker: BrokerConfig::Named("embedded".into()),
+            store: "sqlite".into(),
+            store_pool_size: 8,
         }
     }
 }
@@ -152,6 +159,9 @@ impl Config {
                 e.shared_group = Some(v);
             }
         }
+        if let Some(v) = get("RKI_STORE") {
+            self.store = v;
+        }
         if let Some(v) = get("RKI_MAX_CONNECTIONS") {
             self.max_connections = v.parse().map_err(|e| format!("RKI_MAX_CONNECTIONS={v:?}: {e}"))?;
         }
@@ -168,6 +178,12 @@ impl Config {
             }
             BrokerConfig::External(e) => crate::external::parse_url(&e.url).map(|_| ())?,
             BrokerConfig::Named(_) => {}
+        }
+        if !(self.store == "sqlite" || self.store.starts_with("postgres://") || self.store.starts_with("postgresql://")) {
+            return Err("store: expected \"sqlite\" or a postgres://… URL".into());
+        }
+        if self.store_pool_size == 0 || self.store_pool_size > 256 {
+            return Err("store_pool_size must be 1 to 256".into());
         }
         if !matches!(self.log_format.as_str(), "text" | "json") {
             return Err(format!("log_format = {:?}: expected \"text\" or \"json\"", self.log_format));

@@ -83,7 +83,7 @@ fn now_ms() -> i64 {
 }
 
 fn init_org(config: &Config, name: &str) -> Result<(), String> {
-    let store = server::open_store(config)?;
+    let store = server::OpenedStore::open(config)?.as_dyn();
     let (org, token) = bootstrap::create_org(store.as_ref(), name, now_ms()).map_err(|e| e.to_string())?;
     println!("organization {} created (id {})", org.name, org.id);
     println!("admin token (shown once; keep it secret): {token}");
@@ -91,7 +91,7 @@ fn init_org(config: &Config, name: &str) -> Result<(), String> {
 }
 
 fn init_key_owner(config: &Config, label: &str) -> Result<(), String> {
-    let store = server::open_store(config)?;
+    let store = server::OpenedStore::open(config)?.as_dyn();
     let token = bootstrap::create_key_owner_token(store.as_ref(), label, now_ms()).map_err(|e| e.to_string())?;
     println!("key owner token (shown once; keep it secret): {token}");
     Ok(())
@@ -104,8 +104,8 @@ fn rotate_master_key(config: &Config) -> Result<(), String> {
         return Err(format!("no master key at {}", path.display()));
     }
     let (old, _) = MasterKey::load_or_create(&path).map_err(|e| e.to_string())?;
-    let store = server::open_store(config)?;
-    if store.meta("master_key_kcv").map_err(|e| e.to_string())?.is_some_and(|kcv| kcv != old.kcv().to_hex()) {
+    let store = server::OpenedStore::open(config)?;
+    if store.meta("master_key_kcv")?.is_some_and(|kcv| kcv != old.kcv().to_hex()) {
         return Err("the master key file does not match this store; nothing changed".into());
     }
     let new = MasterKey::generate().map_err(|e| e.to_string())?;
@@ -113,7 +113,7 @@ fn rotate_master_key(config: &Config) -> Result<(), String> {
     new.write_new(&staged).map_err(|e| e.to_string())?;
     let resealed = store
         .reseal_all(|sealed| old.reseal(sealed, &new).map_err(|e| e.to_string()), &new.kcv().to_hex())
-        .map_err(|e| {
+        .map_err(|e: String| {
             let _ = std::fs::remove_file(&staged);
             format!("re-sealing failed, nothing changed: {e}")
         })?;

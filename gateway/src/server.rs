@@ -39,7 +39,7 @@ pub fn open_store(config: &Config) -> Result<Arc<SqliteStore>, String> {
 /// Runs the gateway until SIGTERM or Ctrl-C.
 pub async fn run(config: Config) -> Result<(), String> {
     let fd_limit = raise_fd_limit();
-    let store = open_store(&config)?;
+    let store = OpenedStore::open(&config)?;
     let master_path = config.master_key_path();
     let (master, created) = MasterKey::load_or_create(&master_path).map_err(|e| e.to_string())?;
     if created {
@@ -49,7 +49,7 @@ pub async fn run(config: Config) -> Result<(), String> {
              separately from the data directory, keep it offline, and never store it beside the backups"
         );
     }
-    check_master_key(store.as_ref(), &master)?;
+    check_master_key(&store, &master)?;
     let keys = Arc::new(SoftwareKeyService::new(master));
     let clock = Arc::new(if config.clock == "adjustable" {
         warn!("the clock is adjustable (tests only)");
@@ -61,7 +61,7 @@ pub async fn run(config: Config) -> Result<(), String> {
     let max_connections =
         if config.max_connections > 0 { config.max_connections } else { broker::max_connections_from_fd_limit() };
     let cell: broker::EngineCell = Arc::new(OnceLock::new());
-    let store_dyn: Arc<dyn Store> = store.clone();
+    let store_dyn: Arc<dyn Store> = store.as_dyn();
     let engine = match config.broker.external() {
         None => {
             let mut broker = EmbeddedBroker::start(config.mqtt_addr, max_connections, cell.clone())?;
@@ -98,8 +98,68 @@ pub async fn run(config: Config) -> Result<(), String> {
     Ok(())
 }
 
+/// The configured store: SQLite in the data directory (default) or PostgreSQL.
+pub enum OpenedStore {
+    Sqlite(Arc<SqliteStore>),
+    Postgres(Arc<crate::store::postgres::PostgresStore>),
+}
+
+impl OpenedStore {
+    pub fn open(config: &Config) -> Result<Self, String> {
+        if config.store == "sqlite" {
+            return open_store(config).map(OpenedStore::Sqlite);
+        }
+        let store = crate::store::postgres::PostgresStore::connect(&config.store, config.store_pool_size)
+            .map_err(|e| format!("store {}: {e}", redact_url(&config.store)))?;
+        Ok(OpenedStore::Postgres(Arc::new(store)))
+    }
+
+    pub fn as_dyn(&self) -> Arc<dyn Store> {
+        match self {
+            OpenedStore::Sqlite(s) => s.clone(),
+            OpenedStore::Postgres(s) => s.clone(),
+        }
+    }
+
+    pub fn meta(&self, key: &str) -> Result<Option<String>, String> {
+        match self {
+            OpenedStore::Sqlite(s) => s.meta(key),
+            OpenedStore::Postgres(s) => s.meta(key),
+        }
+        .map_err(|e| e.to_string())
+    }
+
+    pub fn set_meta(&self, key: &str, value: &str) -> Result<(), String> {
+        match self {
+            OpenedStore::Sqlite(s) => s.set_meta(key, value),
+            OpenedStore::Postgres(s) => s.set_meta(key, value),
+        }
+        .map_err(|e| e.to_string())
+    }
+
+    pub fn reseal_all(&self, reseal: impl Fn(&str) -> Result<String, String>, kcv: &str) -> Result<usize, String> {
+        match self {
+            OpenedStore::Sqlite(s) => s.reseal_all(reseal, kcv),
+            OpenedStore::Postgres(s) => s.reseal_all(reseal, kcv),
+        }
+        .map_err(|e| e.to_string())
+    }
+}
+
+/// A database URL without its password, for messages.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_string(),
+    }
+}
+
 /// Refuses to start with a master key other than the one the store was sealed under.
-fn check_master_key(store: &SqliteStore, master: &MasterKey) -> Result<(), String> {
+fn check_master_key(store: &OpenedStore, master: &MasterKey) -> Result<(), String> {
     let kcv = master.kcv().to_hex();
     match store.meta("master_key_kcv").map_err(|e| e.to_string())? {
         Some(stored) if stored != kcv => Err(format!(
