@@ -415,9 +415,12 @@ async fn start_backend(
                     }
                 }
                 Ok(_) => {}
+                // The broker is gone (the run ended, or it failed): the backend stops with it.
                 Err(e) => {
-                    eprintln!("baseline backend: {e}");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    if backend.acked.load(Ordering::Relaxed) < backend.hellos.load(Ordering::Relaxed) {
+                        eprintln!("baseline backend: {e}");
+                    }
+                    return;
                 }
             }
         }

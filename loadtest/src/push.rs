@@ -251,8 +251,15 @@ fn drive(
             summary.extra.insert("churn_events".into(), json!(events));
         }
     }
-    let counts = wait_push(api, task, n, waited_from, options.phase_timeout, progress)?;
+    let own_before = procfs::sample(std::process::id()).map(|s| s.cpu_seconds).unwrap_or(0.0);
+    let mut timeline = Vec::new();
+    let counts = wait_push(api, &fleet, task, n, waited_from, options.phase_timeout, progress, &mut timeline)?;
     summary.push_seconds = round3(waited_from.elapsed().as_secs_f64());
+    let own_after = procfs::sample(std::process::id()).map(|s| s.cpu_seconds).unwrap_or(0.0);
+    summary.extra.insert("loadtest_cpu_seconds_push".into(), json!(round3(own_after - own_before)));
+    if !matches!(scenario, Scenario::ReconnectStorm) {
+        summary.extra.insert("stages_seconds".into(), stage_times(&timeline, n));
+    }
     if let Some(p) = profiler {
         p.stop();
     }
@@ -389,17 +396,53 @@ fn reprovision_spent(fleet: &Fleet, api: &Api, runtime: &tokio::runtime::Runtime
     Ok(stuck.len())
 }
 
-/// Polls the task until every execution has ended.
+/// Where the push stood at one poll: seconds since it started, downloads installed on terminals,
+/// acks the terminals sent, acks durable in the gateway's store.
+#[derive(Debug, Clone, Copy)]
+struct Stage {
+    at: f64,
+    installed: u64,
+    acks_sent: u64,
+    durable: i64,
+}
+
+/// The first time each stage reached half and all of `n`, from the polls.
+fn stage_times(timeline: &[Stage], n: usize) -> serde_json::Value {
+    let first = |pick: &dyn Fn(&Stage) -> f64, share: f64| {
+        timeline.iter().find(|s| pick(s) >= share * n as f64).map(|s| round3(s.at))
+    };
+    let installed = |s: &Stage| s.installed as f64;
+    let sent = |s: &Stage| s.acks_sent as f64;
+    let durable = |s: &Stage| s.durable as f64;
+    json!({
+        "installed_on_terminals": {"half": first(&installed, 0.5), "all": first(&installed, 1.0)},
+        "acks_sent_by_terminals": {"half": first(&sent, 0.5), "all": first(&sent, 1.0)},
+        "acks_durable": {"half": first(&durable, 0.5), "all": first(&durable, 1.0)},
+    })
+}
+
+/// Polls the task until every execution has ended; records where each stage stood at each poll.
+#[allow(clippy::too_many_arguments)]
 fn wait_push(
     api: &Api,
+    fleet: &Fleet,
     task: i64,
     n: usize,
     started: Instant,
     timeout: Duration,
     progress: &Progress,
+    timeline: &mut Vec<Stage>,
 ) -> Result<Counts> {
+    let base = fleet.snapshot();
     loop {
         let counts = setup::task_counts(api, task)?;
+        let snapshot = fleet.snapshot();
+        timeline.push(Stage {
+            at: started.elapsed().as_secs_f64(),
+            installed: snapshot.keys_installed - base.keys_installed,
+            acks_sent: snapshot.acks_sent - base.acks_sent,
+            durable: counts.succeeded,
+        });
         progress.acked.store(counts.succeeded.max(0) as u64, Ordering::Relaxed);
         if counts.total > 0 && counts.ended() >= counts.total {
             if counts.total as usize != n {
