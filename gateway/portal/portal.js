@@ -589,7 +589,8 @@
 
   let taskStatus = 'unfinished';
   const expanded = new Map(); // task id → last detail answer (or null until fetched)
-  let stopping = new Set();
+  const stopping = new Set();
+  const stoppedHere = new Set(); // stopped from this page: already said, not announced again
   let lastUnfinished = null; // ids seen in the Unfinished list at the previous poll
   let previewed = null; // the exact request that was previewed
 
@@ -778,6 +779,7 @@
     stopping.add(t.id);
     await run(async () => {
       const r = await api('POST', `/v1/tasks/${t.id}/stop`);
+      stoppedHere.add(t.id);
       say(`Task #${t.id} stopped: ${r.terminated} execution(s) terminated (${r.task.outcome}).`);
       await loadTasks();
     }, button);
@@ -813,7 +815,7 @@
     lastUnfinished = ids;
     if (!before) return;
     for (const id of before) {
-      if (ids.has(id)) continue;
+      if (ids.has(id) || stoppedHere.has(id)) continue;
       try {
         const r = await api('GET', `/v1/tasks/${id}`);
         if (r.task.status === 'done') say(`Task #${id} is done: ${r.task.outcome} (${countsText(r.task.counts)}).`);

@@ -76,7 +76,8 @@ async function eventually(check, ms = SHOWN_MS) {
   }
 }
 
-const text = async (locator) => ((await locator.textContent()) || '').replace(/\s+/g, ' ').trim();
+/** What the operator reads: the rendered text, cells apart, whitespace collapsed. */
+const text = async (locator) => ((await locator.innerText()) || '').replace(/\s+/g, ' ').trim();
 
 async function shot(name) {
   // A steady picture: no caret, no running animation.
@@ -135,10 +136,6 @@ async function main() {
   page.on('console', (m) => {
     if (m.type() === 'error' && !m.text().startsWith('Failed to load resource')) problems.push(`console: ${m.text()}`);
   });
-  let navigations = 0;
-  page.on('framenavigated', (f) => {
-    if (f === page.mainFrame()) navigations += 1;
-  });
 
   const acme = { gudids: new Map() };
 
@@ -167,13 +164,17 @@ async function main() {
     assert.equal(await page.evaluate(() => localStorage.length), 0);
     assert.equal(await page.evaluate(() => sessionStorage.getItem('rki.portal.token')), ORG_TOKEN);
   });
-  const navigationsAfterSignIn = navigations;
+  // A mark on this page's window: a reload would wipe it.
+  const notReloaded = async () => assert.equal(await page.evaluate(() => window.portalTestMark), 'still the same page', 'the page was reloaded');
+  await page.evaluate(() => {
+    window.portalTestMark = 'still the same page';
+  });
 
   await step('key management shows the key source with its KCV, never a key', async () => {
     await tab('Key management');
     await eventually(async () => {
       const row = await rowText('#keys-table', KEY_SOURCE);
-      assert.match(row, new RegExp(`${KEY_SOURCE} TDES ${KEY_SOURCE_KCV}`));
+      assert.match(row, new RegExp(`^${KEY_SOURCE} TDES2 ${KEY_SOURCE_KCV} [0-9A-F]{10} `));
     });
     await shot('keys');
   });
@@ -194,7 +195,7 @@ async function main() {
   });
 
   await step('a CSV with one bad line is reported line by line and nothing is imported', async () => {
-    const csv = 'sn,model\nSHOP001,P3\nSHOP002,P3\nSHOP 003,P3\nSHOP004,P3\n';
+    const csv = 'sn,model\nSHOP001,P3\nSHOP002,P3\nSHOP 003,P3\nSHOP004,P3\nSHOP005,P3\n';
     await page.getByLabel('CSV file').setInputFiles({ name: 'fleet.csv', mimeType: 'text/csv', buffer: Buffer.from(csv) });
     await eventually(async () => assert.equal(await page.getByLabel('or paste the lines').inputValue(), csv));
     await page.getByLabel('Add the devices to group').selectOption('shop');
@@ -211,14 +212,14 @@ async function main() {
   });
 
   await step('the fixed CSV is checked, then imported into the group', async () => {
-    const fixed = 'sn,model\nSHOP001,P3\nSHOP002,P3\nSHOP003,P3\nSHOP004,P3\n';
+    const fixed = 'sn,model\nSHOP001,P3\nSHOP002,P3\nSHOP003,P3\nSHOP004,P3\nSHOP005,P3\n';
     await page.getByLabel('or paste the lines').fill(fixed);
     await page.getByRole('button', { name: 'Check file' }).click();
-    await eventually(async () => assert.match(await text(page.locator('#import-ok')), /4 valid device line\(s\)\. Nothing has been imported yet\./));
-    await page.getByRole('button', { name: 'Import 4 device(s)' }).click();
-    await status(/Imported 4 new device\(s\); 0 already registered; 4 added to group shop/);
-    await eventually(async () => assert.equal(await page.locator('#devices-table tbody tr[data-key]').count(), 4));
-    await eventually(async () => assert.match(await rowText('#groups-table', 'shop'), /shop devices of the shop floor 4/));
+    await eventually(async () => assert.match(await text(page.locator('#import-ok')), /5 valid device line\(s\)\. Nothing has been imported yet\./));
+    await page.getByRole('button', { name: 'Import 5 device(s)' }).click();
+    await status(/Imported 5 new device\(s\); 0 already registered; 5 added to group shop/);
+    await eventually(async () => assert.equal(await page.locator('#devices-table tbody tr[data-key]').count(), 5));
+    await eventually(async () => assert.match(await rowText('#groups-table', 'shop'), /shop devices of the shop floor 5/));
   });
 
   await step('adding an unknown SN to a group is refused; once imported it is added', async () => {
@@ -246,35 +247,36 @@ async function main() {
 
   await step('GUDIDs are provisioned and shown once', async () => {
     await tab('GUDIDs');
-    await page.locator('#gudid-sns').fill('SHOP001\nSHOP002\nSHOP003\nSPARE001');
+    await page.locator('#gudid-sns').fill('SHOP001\nSHOP002\nSHOP003\nSHOP005\nSPARE001');
     await page.getByRole('button', { name: 'Provision GUDID' }).click();
-    await status(/4 GUDID\(s\) provisioned/);
+    await status(/5 GUDID\(s\) provisioned/);
     for (const row of await page.locator('#gudid-fresh-table tbody tr').all()) {
       acme.gudids.set(await row.getAttribute('data-sn'), await text(row.locator('td.gudid')));
     }
-    assert.deepEqual([...acme.gudids.keys()].sort(), ['SHOP001', 'SHOP002', 'SHOP003', 'SPARE001']);
-    await eventually(async () => assert.equal(await page.locator('#gudids-table tbody tr[data-status="unused"]').count(), 4));
+    assert.deepEqual([...acme.gudids.keys()].sort(), ['SHOP001', 'SHOP002', 'SHOP003', 'SHOP005', 'SPARE001']);
+    await eventually(async () => assert.equal(await page.locator('#gudids-table tbody tr[data-status="unused"]').count(), 5));
     await shot('gudids');
     await page.getByRole('button', { name: 'I have copied them: hide' }).click();
     assert.equal(await page.locator('#gudid-fresh').isHidden(), true);
     assert.equal(await page.locator('#gudid-fresh-table tbody tr').count(), 0);
   });
 
-  // The terminals: two that install the key, one that refuses it with -3000 (debug key), and a
-  // spare that initialises, says hello and powers off.
+  // The terminals: two that install the key, one that fails it with -1 (key record not found), one
+  // in debug mode (not ready: -3000 would follow), and a spare that says hello and powers off.
   const g = (sn) => `${sn},${acme.gudids.get(sn)}`;
   const slow = ['--ack-delay-ms', String(ACK_DELAY_MS)];
   const good = startSim('good', [g('SHOP001'), g('SHOP002')], slow);
-  const failing = startSim('failing', [g('SHOP003')], [...slow, '--fail-fraction', '1', '--fail-code', '-3000']);
+  const failing = startSim('failing', [g('SHOP003')], [...slow, '--fail-fraction', '1', '--fail-code', '-1']);
+  const debug = startSim('debug', [g('SHOP005')], ['--fail-fraction', '1', '--fail-code', '-3000']);
   const spare = startSim('spare', [g('SPARE001')], ['--duration-s', '4']);
 
   await step('the terminals initialise: their GUDIDs are used', async () => {
     await eventually(async () => {
       await page.getByRole('button', { name: 'Filter' }).click();
-      assert.equal(await page.locator('#gudids-table tbody tr[data-status="used"]').count(), 4);
+      assert.equal(await page.locator('#gudids-table tbody tr[data-status="used"]').count(), 5);
     }, 60000);
     await page.locator('#gudid-filter-status').selectOption('used');
-    await eventually(async () => assert.equal(await page.locator('#gudids-table tbody tr[data-key]').count(), 4));
+    await eventually(async () => assert.equal(await page.locator('#gudids-table tbody tr[data-key]').count(), 5));
     await page.locator('#gudid-filter-status').selectOption('');
   });
 
@@ -283,13 +285,13 @@ async function main() {
     await tab('Devices');
     await page.locator('#device-group').selectOption('');
     await eventually(async () => {
-      for (const sn of ['SHOP001', 'SHOP002', 'SHOP003']) {
+      for (const sn of ['SHOP001', 'SHOP002', 'SHOP003', 'SHOP005']) {
         assert.match(await rowText('#devices-table', sn), new RegExp(`^${sn} P3 3\\.0\\.15 2\\.0\\.0 online last seen .* ready unassigned none$`));
       }
       assert.match(await rowText('#devices-table', 'SHOP004'), /^SHOP004 P3 — — offline never seen not initialised ready unassigned none$/);
       assert.match(await rowText('#devices-table', 'SPARE001'), /^SPARE001 P3 3\.0\.15 2\.0\.0 offline last seen/);
     }, 30000);
-    assert.match(await text(page.locator('#device-count')), /5 shown of 5 device\(s\)/);
+    assert.match(await text(page.locator('#device-count')), /6 shown of 6 device\(s\)/);
     await shot('devices');
     await page.getByLabel('Search by SN').fill('SPARE');
     await page.getByRole('button', { name: 'Search' }).click();
@@ -303,7 +305,7 @@ async function main() {
     await page.locator('#assign-group').selectOption('shop');
     await page.locator('#assign-key').selectOption(KEY_SOURCE);
     await page.getByRole('button', { name: 'Assign key', exact: true }).click();
-    await status(new RegExp(`Assigned ${KEY_SOURCE} to 4 device\\(s\\) \\(group shop\\)`));
+    await status(new RegExp(`Assigned ${KEY_SOURCE} to 5 device\\(s\\) \\(group shop\\)`));
     await page.getByRole('button', { name: 'Assign a key to SPARE001' }).click();
     assert.equal(await page.locator('#assign-sns').inputValue(), 'SPARE001');
     assert.equal(await page.evaluate(() => document.activeElement.id), 'assign-key');
@@ -320,7 +322,7 @@ async function main() {
     await page.locator('#task-group').selectOption('shop');
     await page.getByRole('button', { name: 'Preview' }).click();
     await eventually(async () => assert.match(await text(page.locator('#preview-ready')), /^Ready: 3 — SHOP001, SHOP002, SHOP003$/));
-    assert.match(await text(page.locator('#preview-not-ready')), /SHOP004 not initialised/);
+    assert.match(await text(page.locator('#preview-not-ready')), /SHOP004 not initialised never seen SHOP005 debug key present/);
     await shot('task-preview');
   });
 
@@ -337,7 +339,7 @@ async function main() {
     const dash = async (name) => text(page.locator(`#dashboard [data-count="${name}"]`));
     await eventually(async () => assert.deepEqual(
       [await dash('unfinished'), await dash('done'), await dash('succeeded'), await dash('failed')], ['0', '1', '2', '1']));
-    assert.equal(navigations, navigationsAfterSignIn, 'the page was reloaded');
+    await notReloaded();
   });
 
   await step('the Done tab shows each device with its state and error code meaning', async () => {
@@ -347,7 +349,7 @@ async function main() {
     await eventually(async () => {
       const devices = page.locator('#task-1-devices');
       assert.match(await text(devices.locator('tr[data-sn="SHOP001"]')), /^SHOP001 succeeded online 1 — — [0-9A-F]{20} [0-9A-F]{6}/);
-      assert.match(await text(devices.locator('tr[data-sn="SHOP003"]')), /^SHOP003 failed online 1 -3000 debug key remains on the device/);
+      assert.match(await text(devices.locator('tr[data-sn="SHOP003"]')), /^SHOP003 failed online 1 -1 key record not found/);
     });
   });
 
@@ -373,7 +375,8 @@ async function main() {
     await status(/Task #2 stopped: 1 execution\(s\) terminated \(manually terminated\)/);
     await page.getByRole('tab', { name: 'Done' }).click();
     await eventually(async () => assert.equal(await page.locator('tbody.task[data-task="2"]').getAttribute('data-outcome'), 'manually terminated'));
-    await page.locator('tbody.task[data-task="2"]').getByRole('button', { name: 'Show devices' }).click();
+    // A new task opens expanded; its devices stay shown in the Done tab.
+    assert.equal(await page.locator('tbody.task[data-task="2"]').getByRole('button', { name: 'Hide devices' }).getAttribute('aria-expanded'), 'true');
     await eventually(async () => assert.match(await text(page.locator('#task-2-devices')), /SPARE001 terminated \(manually\) offline 0/));
     await eventually(async () => assert.equal(await text(page.locator('#dashboard [data-count="terminated"]')), '1'));
     await page.locator('#create-task summary').click();
@@ -386,7 +389,7 @@ async function main() {
     const rows = page.locator('#records-table tbody tr[data-key]');
     await eventually(async () => assert.equal(await rows.count(), 4));
     assert.match(await text(page.locator('#records-table tr[data-sn="SHOP001"]')), new RegExp(`SHOP001 ${KEY_SOURCE} IPEK auto succeeded [0-9A-F]{6}`));
-    assert.match(await text(page.locator('#records-table tr[data-sn="SHOP003"]')), /SHOP003 .* IPEK auto failed -3000: debug key remains on the device/);
+    assert.match(await text(page.locator('#records-table tr[data-sn="SHOP003"]')), /SHOP003 .* IPEK auto failed -1: key record not found/);
     assert.match(await text(page.locator('#records-table tr[data-sn="SPARE001"]')), /SPARE001 .* manually terminated/);
     await eventually(async () => assert.match(await text(page.locator('#billing-table tbody')), new RegExp(`^\\d{4}-\\d{2} ${KEY_SOURCE} 2$`)));
     await shot('records');
