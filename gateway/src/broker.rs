@@ -27,7 +27,7 @@ use crate::metrics as m;
 /// Segment size of a device's own topic filter: a handful of frames.
 const DEVICE_SEGMENT_BYTES: usize = 16 * 1024;
 /// Segment size of the gateway's wildcard filters: a fleet-wide burst of acks (19,000 × ~130 B).
-const FLEET_SEGMENT_BYTES: usize = 8 * 1024 * 1024;
+pub const FLEET_SEGMENT_BYTES: usize = 8 * 1024 * 1024;
 /// Largest MQTT payload accepted: a frame is at most 4 KiB.
 pub const MAX_PAYLOAD_BYTES: usize = 8 * 1024;
 /// File descriptors kept for the store, the HTTP listener and logs.
@@ -41,11 +41,11 @@ pub fn max_connections_from_fd_limit() -> usize {
     }
 }
 
-fn router_config(max_connections: usize) -> RouterConfig {
+fn router_config(max_connections: usize, fleet_segment_bytes: usize) -> RouterConfig {
     let mut custom = HashMap::new();
     for filter in [topic::FILTER_DEVICE_UP, topic::FILTER_INIT, topic::FILTER_BACKEND_TASKS] {
         custom
-            .insert(filter.to_string(), SegmentConfig { max_segment_size: FLEET_SEGMENT_BYTES, max_segment_count: 4 });
+            .insert(filter.to_string(), SegmentConfig { max_segment_size: fleet_segment_bytes, max_segment_count: 4 });
     }
     RouterConfig {
         max_connections,
@@ -82,7 +82,7 @@ pub struct EmbeddedBroker {
 
 impl EmbeddedBroker {
     /// Starts rumqttd on `addr` on its own threads.
-    pub fn start(addr: SocketAddr, max_connections: usize, engine: EngineCell) -> Result<Self, String> {
+    pub fn start(addr: SocketAddr, max_connections: usize, fleet_segment_bytes: usize, engine: EngineCell) -> Result<Self, String> {
         let mut connections = ConnectionSettings {
             connection_timeout_ms: 10_000,
             max_payload_size: MAX_PAYLOAD_BYTES,
@@ -111,7 +111,7 @@ impl EmbeddedBroker {
             ServerSettings { name: "v4".into(), listen: addr, tls: None, next_connection_delay_ms: 0, connections };
         let config = Config {
             id: 0,
-            router: router_config(max_connections),
+            router: router_config(max_connections, fleet_segment_bytes.max(1024)),
             v4: Some(HashMap::from([("1".to_string(), server)])),
             ..Default::default()
         };

@@ -31,6 +31,11 @@ pub struct Config {
     pub store: String,
     /// Connections to PostgreSQL.
     pub store_pool_size: usize,
+    /// First re-delivery of an unacknowledged download to an online device; doubles up to 10 min.
+    pub retry_initial_seconds: u64,
+    /// Embedded broker: in-memory log segment of each of the gateway's own subscriptions (bytes,
+    /// 4 segments kept). A consumer that falls further behind loses messages, which retries repair.
+    pub broker_segment_bytes: usize,
 }
 
 /// Which MQTT broker the gateway uses.
@@ -90,6 +95,8 @@ impl Default for Config {
             broker: BrokerConfig::Named("embedded".into()),
             store: "sqlite".into(),
             store_pool_size: 8,
+            retry_initial_seconds: 15,
+            broker_segment_bytes: crate::broker::FLEET_SEGMENT_BYTES,
         }
     }
 }
@@ -159,6 +166,12 @@ impl Config {
                 e.shared_group = Some(v);
             }
         }
+        if let Some(v) = get("RKI_RETRY_INITIAL_SECONDS") {
+            self.retry_initial_seconds = v.parse().map_err(|e| format!("RKI_RETRY_INITIAL_SECONDS={v:?}: {e}"))?;
+        }
+        if let Some(v) = get("RKI_BROKER_SEGMENT_BYTES") {
+            self.broker_segment_bytes = v.parse().map_err(|e| format!("RKI_BROKER_SEGMENT_BYTES={v:?}: {e}"))?;
+        }
         if let Some(v) = get("RKI_STORE") {
             self.store = v;
         }
@@ -181,6 +194,12 @@ impl Config {
         }
         if !(self.store == "sqlite" || self.store.starts_with("postgres://") || self.store.starts_with("postgresql://")) {
             return Err("store: expected \"sqlite\" or a postgres://… URL".into());
+        }
+        if !(1..=600).contains(&self.retry_initial_seconds) {
+            return Err("retry_initial_seconds must be 1 to 600".into());
+        }
+        if self.broker_segment_bytes < 1024 {
+            return Err("broker_segment_bytes must be at least 1024".into());
         }
         if self.store_pool_size == 0 || self.store_pool_size > 256 {
             return Err("store_pool_size must be 1 to 256".into());

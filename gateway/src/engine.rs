@@ -268,6 +268,8 @@ pub struct Engine {
     /// hello and re-checked before a retry, since another node may have created, ended or
     /// stopped them.
     shared_store: std::sync::atomic::AtomicBool,
+    /// First re-delivery delay to an online device ([`RETRY_INITIAL_MS`] unless configured).
+    retry_initial_ms: AtomicI64,
 }
 
 impl Engine {
@@ -303,6 +305,7 @@ impl Engine {
             me: std::sync::OnceLock::new(),
             registry: tokio::sync::Notify::new(),
             shared_store: std::sync::atomic::AtomicBool::new(false),
+            retry_initial_ms: AtomicI64::new(RETRY_INITIAL_MS),
         });
         let _ = engine.me.set(Arc::downgrade(&engine));
         engine.load().await?;
@@ -650,7 +653,7 @@ impl Engine {
                     continue;
                 }
                 if !on_hello {
-                    let backoff = retry_backoff_ms(e.sends);
+                    let backoff = retry_backoff_ms(self.retry_initial_ms(), e.sends);
                     match e.last_sent {
                         Some(at) if (at.elapsed().as_millis() as i64) < backoff => continue,
                         _ => {}
@@ -1084,6 +1087,15 @@ impl Engine {
         self.shared_store.store(shared, Ordering::Relaxed);
     }
 
+    /// Sets the first re-delivery delay (1 s at least); it doubles up to [`RETRY_MAX_MS`].
+    pub fn set_retry_initial_ms(&self, ms: i64) {
+        self.retry_initial_ms.store(ms.clamp(1000, RETRY_MAX_MS), Ordering::Relaxed);
+    }
+
+    fn retry_initial_ms(&self) -> i64 {
+        self.retry_initial_ms.load(Ordering::Relaxed)
+    }
+
     fn is_shared(&self) -> bool {
         self.shared_store.load(Ordering::Relaxed)
     }
@@ -1393,7 +1405,7 @@ impl Engine {
                 let h = lock(entry.value());
                 h.online
                     && h.open.iter().any(|e| {
-                        e.last_sent.is_some_and(|at| at.elapsed().as_millis() as i64 >= retry_backoff_ms(e.sends))
+                        e.last_sent.is_some_and(|at| at.elapsed().as_millis() as i64 >= retry_backoff_ms(self.retry_initial_ms(), e.sends))
                     })
             })
             .map(|entry| (entry.key().clone(), entry.value().clone()))
@@ -1451,9 +1463,9 @@ fn check_ack(e: &OpenExecution, ack: &message::Ack) -> Result<Option<KcvMatched>
 }
 
 /// Doubling backoff for re-delivery to an online device: 15 s, 30 s, … up to 10 min.
-fn retry_backoff_ms(sends: u32) -> i64 {
+fn retry_backoff_ms(initial_ms: i64, sends: u32) -> i64 {
     let doublings = sends.saturating_sub(1).min(16);
-    (RETRY_INITIAL_MS << doublings).min(RETRY_MAX_MS)
+    (initial_ms << doublings).min(RETRY_MAX_MS)
 }
 
 /// Why a device is not ready, in the order the portal shows them.
@@ -1648,8 +1660,8 @@ mod tests {
 
     #[test]
     fn retry_backoff_doubles_up_to_the_cap() {
-        assert_eq!(retry_backoff_ms(1), RETRY_INITIAL_MS);
-        assert_eq!(retry_backoff_ms(2), 2 * RETRY_INITIAL_MS);
-        assert_eq!(retry_backoff_ms(100), RETRY_MAX_MS);
+        assert_eq!(retry_backoff_ms(RETRY_INITIAL_MS, 1), RETRY_INITIAL_MS);
+        assert_eq!(retry_backoff_ms(RETRY_INITIAL_MS, 2), 2 * RETRY_INITIAL_MS);
+        assert_eq!(retry_backoff_ms(RETRY_INITIAL_MS, 100), RETRY_MAX_MS);
     }
 }

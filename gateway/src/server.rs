@@ -64,7 +64,7 @@ pub async fn run(config: Config) -> Result<(), String> {
     let store_dyn: Arc<dyn Store> = store.as_dyn();
     let engine = match config.broker.external() {
         None => {
-            let mut broker = EmbeddedBroker::start(config.mqtt_addr, max_connections, cell.clone())?;
+            let mut broker = EmbeddedBroker::start(config.mqtt_addr, max_connections, config.broker_segment_bytes, cell.clone())?;
             let engine = Engine::start(store_dyn, keys, clock, broker.outbound.clone()).await.map_err(|e| e.to_string())?;
             let _ = cell.set(engine.clone());
             broker.run_inbound(engine.clone())?;
@@ -83,6 +83,7 @@ pub async fn run(config: Config) -> Result<(), String> {
             engine
         }
     };
+    engine.set_retry_initial_ms(config.retry_initial_seconds.saturating_mul(1000) as i64);
     crate::sampler::spawn(engine.clone(), config.store_path());
     let state = Arc::new(AppState { engine: engine.clone(), prometheus });
     let listener =

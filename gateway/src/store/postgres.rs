@@ -99,9 +99,9 @@ impl From<::postgres::Error> for Failure {
             }
             // Class 23, integrity constraint violation: unique and foreign keys, and the
             // append-only triggers. The caller's fault, as SQLite's constraint errors are.
-            Some(code) if code.code().starts_with("23") => {
-                Failure::Store(StoreError::Conflict(e.as_db_error().map_or_else(|| e.to_string(), |db| db.message().into())))
-            }
+            Some(code) if code.code().starts_with("23") => Failure::Store(StoreError::Conflict(
+                e.as_db_error().map_or_else(|| e.to_string(), |db| db.message().into()),
+            )),
             _ => Failure::Store(StoreError::Backend(e.to_string())),
         }
     }
@@ -355,7 +355,9 @@ impl PostgresStore {
     }
 
     pub fn meta(&self, key: &str) -> StoreResult<Option<String>> {
-        self.read(|s| Ok(s.query_opt("SELECT value FROM meta WHERE key = $1", &[&key])?.map(|r| r.try_get(0)).transpose()?))
+        self.read(|s| {
+            Ok(s.query_opt("SELECT value FROM meta WHERE key = $1", &[&key])?.map(|r| r.try_get(0)).transpose()?)
+        })
     }
 
     pub fn set_meta(&self, key: &str, value: &str) -> StoreResult<()> {
@@ -405,7 +407,9 @@ impl PostgresStore {
 
     /// The schema version after migrations: how many migrations ran.
     pub fn schema_version(&self) -> StoreResult<i64> {
-        self.read(|s| Ok(s.query_one("SELECT COALESCE(max(version), 0)::bigint FROM schema_migrations", &[])?.try_get(0)?))
+        self.read(|s| {
+            Ok(s.query_one("SELECT COALESCE(max(version), 0)::bigint FROM schema_migrations", &[])?.try_get(0)?)
+        })
     }
 }
 
@@ -885,7 +889,8 @@ fn plan_rounds<'w>(writes: &'w [Write], device_of: &HashMap<i64, i64>) -> Vec<Ro
     rounds
 }
 
-const APPLY_REPORTS: &str = "UPDATE devices d SET model = i.model, rom_version = i.rom_version, app_version = i.app_version,
+const APPLY_REPORTS: &str =
+    "UPDATE devices d SET model = i.model, rom_version = i.rom_version, app_version = i.app_version,
         region = i.region, debug_mode = i.debug_mode, debug_key_present = i.debug_key_present, locked = i.locked,
         slots = i.slots, last_seen = i.at, unlock_pending = CASE WHEN i.locked THEN d.unlock_pending ELSE FALSE END
      FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bool[], $7::bool[], $8::bool[],
@@ -899,7 +904,8 @@ const APPLY_SEEN: &str = "UPDATE devices d SET last_seen = i.at
 const APPLY_COUNTERS: &str = "UPDATE devices d SET last_counter = GREATEST(d.last_counter, i.counter)
      FROM unnest($1::bigint[], $2::bigint[]) AS i(device_id, counter) WHERE d.id = i.device_id";
 
-const APPLY_DELIVERED: &str = "UPDATE executions e SET state = 'delivered', delivered_at = COALESCE(e.delivered_at, i.at),
+const APPLY_DELIVERED: &str =
+    "UPDATE executions e SET state = 'delivered', delivered_at = COALESCE(e.delivered_at, i.at),
         delivery_count = e.delivery_count + i.n
      FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS i(execution_id, at, n)
      WHERE e.id = i.execution_id AND e.state IN ('queued', 'delivered')";
@@ -924,10 +930,7 @@ fn apply_round(
         let locked: Vec<bool> = r.iter().map(|r| r.locked).collect();
         let slots: Vec<&str> = r.iter().map(|r| r.slots_json.as_str()).collect();
         let ats: Vec<i64> = r.iter().map(|r| r.at).collect();
-        s.execute(
-            APPLY_REPORTS,
-            &[&ids, &models, &roms, &apps, &regions, &debug, &debug_key, &locked, &slots, &ats],
-        )?;
+        s.execute(APPLY_REPORTS, &[&ids, &models, &roms, &apps, &regions, &debug, &debug_key, &locked, &slots, &ats])?;
     }
     if !round.seen.is_empty() {
         let (ids, ats): (Vec<i64>, Vec<i64>) = round.seen.iter().map(|(k, v)| (*k, *v)).unzip();
@@ -1052,7 +1055,9 @@ impl Store for PostgresStore {
     }
 
     fn has_key_owner(&self) -> StoreResult<bool> {
-        self.read(|s| Ok(s.query_one("SELECT EXISTS (SELECT 1 FROM tokens WHERE role = 'key_owner')", &[])?.try_get(0)?))
+        self.read(|s| {
+            Ok(s.query_one("SELECT EXISTS (SELECT 1 FROM tokens WHERE role = 'key_owner')", &[])?.try_get(0)?)
+        })
     }
 
     fn append_audit(&self, e: &AuditEntry) -> StoreResult<()> {
@@ -1204,9 +1209,12 @@ impl Store for PostgresStore {
 
     fn device(&self, org_id: i64, sn: &str) -> StoreResult<DeviceRow> {
         self.read(|s| {
-            s.query_opt(concat!("SELECT ", device_columns!(), " FROM devices WHERE org_id = $1 AND sn = $2"), &[&org_id, &sn])?
-                .map(|r| device_row(&r))
-                .unwrap_or_else(|| Err(not_found(format!("device {sn}"))))
+            s.query_opt(
+                concat!("SELECT ", device_columns!(), " FROM devices WHERE org_id = $1 AND sn = $2"),
+                &[&org_id, &sn],
+            )?
+            .map(|r| device_row(&r))
+            .unwrap_or_else(|| Err(not_found(format!("device {sn}"))))
         })
     }
 
@@ -1220,8 +1228,10 @@ impl Store for PostgresStore {
 
     fn devices_by_ids(&self, ids: &[i64]) -> StoreResult<Vec<DeviceRow>> {
         self.read(|s| {
-            let found =
-                s.query(concat!("SELECT ", device_columns!(), " FROM devices WHERE id = ANY ($1) ORDER BY id"), &[&ids])?;
+            let found = s.query(
+                concat!("SELECT ", device_columns!(), " FROM devices WHERE id = ANY ($1) ORDER BY id"),
+                &[&ids],
+            )?;
             rows(found, device_row)
         })
     }
@@ -1569,6 +1579,19 @@ impl Store for PostgresStore {
     }
 
     fn apply_batch(&self, writes: &[Write]) -> StoreResult<BatchOutcome> {
+        // An ending to an open state would leave the execution open with a record, and a second
+        // ending would then break `UNIQUE (execution_id)`. The engine never writes one; the
+        // rounds' "first ending wins" relies on it. (SQLite's store accepts it.)
+        for w in writes {
+            if let Write::End(e) = w {
+                if e.state.is_open() {
+                    return Err(StoreError::Invalid(format!(
+                        "execution {}: an ending must be a final state, not {}",
+                        e.execution_id, e.state
+                    )));
+                }
+            }
+        }
         let lock_endings: Vec<i64> = writes
             .iter()
             .filter_map(|w| match w {
