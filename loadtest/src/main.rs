@@ -47,6 +47,11 @@ enum Command {
     BrokerBaseline(FleetArgs),
     /// No sockets: one task for a group of N (1,000,000) devices: derive, wrap, persist.
     Engine(EngineArgs),
+    /// Draw the scaling curve from saved `--json` outputs of fleet-push (one size or a sweep each).
+    Plot {
+        /// JSON files written by `fleet-push --json` (with or without --with-baseline, --sweep).
+        files: Vec<PathBuf>,
+    },
 }
 
 #[derive(Args, Clone)]
@@ -208,6 +213,28 @@ fn run(cli: &Cli) -> Result<()> {
             eprintln!("{}", summary.report());
             Ok(vec![summary])
         }),
+        Command::Plot { files } => {
+            let path = cli.plot.as_ref().ok_or("plot needs --plot FILE.png")?;
+            let mut runs = Vec::new();
+            for file in files {
+                let value: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(file)?)?;
+                let entries = match value.get("sweep").and_then(|s| s.as_array()) {
+                    Some(sweep) => sweep.clone(),
+                    None => vec![value],
+                };
+                for entry in entries {
+                    let mut run: Vec<Summary> = vec![serde_json::from_value(entry.clone())?];
+                    if let Some(base) = entry.get("baseline") {
+                        run.push(serde_json::from_value(base.clone())?);
+                    }
+                    runs.push(run);
+                }
+            }
+            runs.sort_by_key(|r| r[0].devices);
+            draw(path, &runs, true)?;
+            eprintln!("plot written to {}", path.display());
+            Ok(())
+        }
         Command::Engine(args) => {
             let options = EngineOptions {
                 devices: args.devices,
@@ -281,8 +308,19 @@ fn baseline_options(fleet: &FleetArgs, devices: usize, quiet: bool) -> BaselineO
 fn fleet_sizes(fleet: &FleetArgs, cli: &Cli, mut one: impl FnMut(usize) -> Result<Vec<Summary>>) -> Result<()> {
     let sizes = if fleet.sweep.is_empty() { vec![fleet.devices] } else { fleet.sweep.clone() };
     let mut runs: Vec<Vec<Summary>> = Vec::new();
+    let mut failures = Vec::new();
     for devices in sizes {
-        runs.push(one(devices)?);
+        // A sweep goes on past a failed size, so the sizes that worked are still reported.
+        match one(devices) {
+            Ok(run) => runs.push(run),
+            Err(e) => {
+                eprintln!("rki-loadtest: {devices} devices: {e}");
+                failures.push(format!("{devices} devices: {e}"));
+            }
+        }
+    }
+    if runs.is_empty() {
+        return Err(failures.join("; ").into());
     }
     if cli.json {
         let json = if fleet.sweep.is_empty() {
@@ -296,7 +334,11 @@ fn fleet_sizes(fleet: &FleetArgs, cli: &Cli, mut one: impl FnMut(usize) -> Resul
         draw(path, &runs, !fleet.sweep.is_empty())?;
         eprintln!("plot written to {}", path.display());
     }
-    Ok(())
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(failures.join("; ").into())
+    }
 }
 
 /// The gateway's summary, with the baseline's nested under `baseline` when it ran.

@@ -190,12 +190,15 @@ fn drive(
     let mut config = FleetConfig::new(members, endpoint.brokers(options.addresses)?);
     config.knobs = Knobs { connect_timeout: options.connect_timeout, ..Knobs::default() };
     config.spawn_interval = options.spawn_interval;
+    let gudid_of: HashMap<&str, &str> = prepared.gudids.iter().map(|(s, g)| (s.as_str(), g.as_str())).collect();
     let profiler = start_profile(options, pid, "connect");
     let connect_started = Instant::now();
     let fleet = runtime.block_on(Fleet::spawn(config))?;
     progress.set_fleet(fleet.counters().clone());
-    let (trace, reprovisioned) = wait_connected(&fleet, api, runtime, n, connect_started, options.phase_timeout)?;
+    let (trace, reprovisioned, kicked) =
+        wait_connected(&fleet, &gudid_of, api, runtime, n, connect_started, options.phase_timeout)?;
     summary.extra.insert("gudids_reprovisioned".into(), json!(reprovisioned));
+    summary.extra.insert("stuck_terminals_kicked".into(), json!(kicked));
     summary.connect_seconds = round3(connect_started.elapsed().as_secs_f64());
     summary.connects_per_second = round3(n as f64 / summary.connect_seconds.max(1e-9));
     summary.connects_per_second_peak = peak_per_second(&trace);
@@ -320,28 +323,37 @@ const STALL: Duration = Duration::from_secs(15);
 /// Waits until `n` terminals are connected. A terminal whose CreateKey timed out and whose GUDID
 /// the gateway nevertheless spent is refused (`gudid_used`) when it retries, and never retries
 /// again: as an operator would, the tool provisions it a new GUDID and initialises it with that.
-/// Returns the (seconds, connected) trace and how many GUDIDs were re-provisioned.
+/// A terminal stuck otherwise (initialised, powered, not connected, nothing moving) has its
+/// network cut for a moment, as a technician would power-cycle it; each is named in the summary
+/// with its last error, because it points at a bug to fix.
+/// Returns the (seconds, connected) trace, how many GUDIDs were re-provisioned, and the kicks.
 fn wait_connected(
     fleet: &Fleet,
+    gudids: &HashMap<&str, &str>,
     api: &Api,
     runtime: &tokio::runtime::Runtime,
     n: usize,
     started: Instant,
     timeout: Duration,
-) -> Result<(Vec<(f64, u64)>, usize)> {
+) -> Result<(Vec<(f64, u64)>, usize, Vec<String>)> {
     let mut trace = Vec::new();
     let mut reprovisioned = 0;
+    let mut kicked = Vec::new();
     let (mut last_count, mut last_change) = (0, Instant::now());
     loop {
         let snapshot = fleet.snapshot();
         trace.push((started.elapsed().as_secs_f64(), snapshot.connected));
         if snapshot.connected as usize >= n {
-            return Ok((trace, reprovisioned));
+            return Ok((trace, reprovisioned, kicked));
         }
         if snapshot.connected != last_count {
             (last_count, last_change) = (snapshot.connected, Instant::now());
         } else if last_change.elapsed() > STALL {
-            reprovisioned += reprovision_spent(fleet, api, runtime)?;
+            let fixed = reprovision_spent(fleet, api, runtime)?;
+            reprovisioned += fixed;
+            if fixed == 0 {
+                kicked.extend(kick_stuck(fleet, gudids, runtime));
+            }
             last_change = Instant::now();
         }
         if started.elapsed() > timeout {
@@ -361,6 +373,31 @@ fn wait_connected(
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Restarts every stuck terminal: an initialised one that is not connected has its network cut
+/// for a moment; one not initialised (and not refused) is asked to initialise again with its
+/// GUDID. Returns "SN: last error" of each.
+fn kick_stuck(fleet: &Fleet, gudids: &HashMap<&str, &str>, runtime: &tokio::runtime::Runtime) -> Vec<String> {
+    let mut out = Vec::new();
+    for device in fleet.devices() {
+        let status = device.status();
+        if status.connected || status.last_error.as_deref().is_some_and(|e| e.contains("gudid_used")) {
+            continue;
+        }
+        out.push(format!("{}: {}", device.sn(), status.last_error.unwrap_or_default()));
+        let device = device.clone();
+        if status.initialised {
+            runtime.spawn(async move {
+                let _ = device.go_offline(Duration::from_millis(100)).await;
+            });
+        } else if let Some(gudid) = gudids.get(device.sn()).map(|g| g.to_string()) {
+            runtime.spawn(async move {
+                let _ = device.initialise(&gudid).await;
+            });
+        }
+    }
+    out
 }
 
 /// New GUDIDs for the terminals whose initialisation was refused as `gudid_used`.

@@ -4,7 +4,7 @@
 use serde::Serialize;
 
 /// Delivery latency percentiles, in milliseconds.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, serde::Deserialize)]
 pub struct Latency {
     pub p50: f64,
     pub p95: f64,
@@ -29,7 +29,7 @@ impl Latency {
 }
 
 /// CPU seconds of one thread name during one phase.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct ThreadCpu {
     pub thread: String,
     pub cpu_seconds: f64,
@@ -42,7 +42,8 @@ impl ThreadCpu {
 }
 
 /// One run of one scenario at one fleet size.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct Summary {
     pub scenario: String,
     /// `rki-gateway` or `mosquitto` (broker-baseline), or `engine` (no sockets).
@@ -90,7 +91,6 @@ pub struct Summary {
     pub load_average_start: f64,
     pub load_average_end: f64,
     /// Acked devices over time: (seconds since the push started, cumulative acks).
-    #[serde(skip)]
     pub curve: Vec<(f64, f64)>,
 }
 
