@@ -195,7 +195,7 @@ fn drive(
     let connect_started = Instant::now();
     let fleet = runtime.block_on(Fleet::spawn(config))?;
     progress.set_fleet(fleet.counters().clone());
-    let (trace, reprovisioned, kicked) =
+    let Connected { trace, reprovisioned, kicked } =
         wait_connected(&fleet, &gudid_of, api, runtime, n, connect_started, options.phase_timeout)?;
     summary.extra.insert("gudids_reprovisioned".into(), json!(reprovisioned));
     summary.extra.insert("stuck_terminals_kicked".into(), json!(kicked));
@@ -317,6 +317,16 @@ fn set_ack_delay(runtime: &tokio::runtime::Runtime, fleet: &Fleet, delay: Durati
     Ok(())
 }
 
+/// How the connect phase went.
+struct Connected {
+    /// (seconds since the start, terminals connected), every 100 ms.
+    trace: Vec<(f64, u64)>,
+    /// GUDIDs provisioned anew after `gudid_used` refusals.
+    reprovisioned: usize,
+    /// Stuck terminals restarted: "SN: last error".
+    kicked: Vec<String>,
+}
+
 /// How long the connect phase may make no progress before spent GUDIDs are replaced.
 const STALL: Duration = Duration::from_secs(15);
 
@@ -335,7 +345,7 @@ fn wait_connected(
     n: usize,
     started: Instant,
     timeout: Duration,
-) -> Result<(Vec<(f64, u64)>, usize, Vec<String>)> {
+) -> Result<Connected> {
     let mut trace = Vec::new();
     let mut reprovisioned = 0;
     let mut kicked = Vec::new();
@@ -344,7 +354,7 @@ fn wait_connected(
         let snapshot = fleet.snapshot();
         trace.push((started.elapsed().as_secs_f64(), snapshot.connected));
         if snapshot.connected as usize >= n {
-            return Ok((trace, reprovisioned, kicked));
+            return Ok(Connected { trace, reprovisioned, kicked });
         }
         if snapshot.connected != last_count {
             (last_count, last_change) = (snapshot.connected, Instant::now());
