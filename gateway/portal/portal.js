@@ -45,7 +45,7 @@
   }
 
   const badge = (kind, text) => h('span', { class: `badge ${kind}` }, text);
-  const mono = (text) => h('span', { class: 'mono' }, text ?? '—');
+  const mono = (text) => h('span', { class: 'mono' }, text === null || text === undefined || text === '' ? '—' : text);
   const dash = (value) => (value === null || value === undefined || value === '' ? '—' : String(value));
 
   function pad(n) {
@@ -746,6 +746,17 @@
         run(loadTasks);
       },
     }, open ? 'Hide devices' : 'Show devices')];
+    if (t.status === 'done') {
+      actions.push(' ', h('button', {
+        type: 'button', class: 'secondary small', dataset: { focus: 'records' }, 'aria-label': `Records of task ${t.id}`,
+        onclick: () => {
+          $('#records-sn').value = '';
+          $('#records-task').value = String(t.id);
+          recordsOffset = 0;
+          showTab('records', true);
+        },
+      }, 'Records'));
+    }
     if (t.status === 'unfinished') {
       actions.push(' ', h('button', {
         type: 'button', class: 'danger small', dataset: { focus: 'stop' }, 'aria-label': `Stop task ${t.id}`,
@@ -1003,6 +1014,8 @@
 
   function showTab(name, focus) {
     if (!TABS[name]) name = 'devices';
+    // A message belongs to the tab it was said on; an error stays until it is read elsewhere.
+    if (name !== currentTab && !$('#status').classList.contains('error')) $('#status').hidden = true;
     currentTab = name;
     for (const tab of $$('#tabs [role="tab"]')) {
       const on = tab.dataset.tab === name;

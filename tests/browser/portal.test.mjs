@@ -413,6 +413,14 @@ async function main() {
     await page.locator('#records-sn').fill('SHOP003');
     await page.getByRole('button', { name: 'Filter' }).click();
     await eventually(async () => assert.equal(await rows.count(), 1));
+
+    // From a done task straight to its records.
+    await tab('Download tasks');
+    await page.getByRole('tab', { name: 'Done' }).click();
+    await page.getByRole('button', { name: 'Records of task 1' }).click();
+    await eventually(async () => assert.equal(await page.getByRole('tab', { name: 'Download records' }).getAttribute('aria-selected'), 'true'));
+    assert.equal(await page.locator('#records-task').inputValue(), '1');
+    await eventually(async () => assert.equal(await rows.count(), 3));
   });
 
   await step('no secret ever reached the page', async () => {
