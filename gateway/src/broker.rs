@@ -77,6 +77,9 @@ pub type EngineCell = Arc<OnceLock<Arc<Engine>>>;
 pub struct EmbeddedBroker {
     pub outbound: Arc<dyn Outbound>,
     link_rx: Option<LinkRx>,
+    /// The router's meters and alerts, exported as `rki_broker_*` metrics.
+    meters: Option<rumqttd::meters::MetersLink>,
+    alerts: Option<rumqttd::alerts::AlertsLink>,
     pub max_connections: usize,
 }
 
@@ -109,13 +112,21 @@ impl EmbeddedBroker {
         });
         let server =
             ServerSettings { name: "v4".into(), listen: addr, tls: None, next_connection_delay_ms: 0, connections };
+        let every_second: rumqttd::MetricSettings =
+            serde_json::from_value(serde_json::json!({"push_interval": 1})).map_err(|e| e.to_string())?;
         let config = Config {
             id: 0,
             router: router_config(max_connections, fleet_segment_bytes.max(1024)),
             v4: Some(HashMap::from([("1".to_string(), server)])),
+            metrics: Some(HashMap::from([
+                (rumqttd::MetricType::Meters, every_second.clone()),
+                (rumqttd::MetricType::Alerts, every_second),
+            ])),
             ..Default::default()
         };
         let mut broker = Broker::new(config);
+        let meters = broker.meters().map_err(|e| format!("broker meters: {e}"))?;
+        let alerts = broker.alerts().map_err(|e| format!("broker alerts: {e}"))?;
         let (mut link_tx, link_rx) = broker.link("rki-gateway").map_err(|e| format!("broker link: {e}"))?;
         for filter in [topic::FILTER_DEVICE_UP, topic::FILTER_INIT, topic::FILTER_BACKEND_TASKS] {
             link_tx.subscribe(filter).map_err(|e| format!("subscribe {filter}: {e}"))?;
@@ -137,11 +148,52 @@ impl EmbeddedBroker {
         metrics::gauge!(m::BROKER_UP).set(1.0);
         metrics::gauge!(m::MQTT_CONNECTIONS_MAX).set(max_connections as f64);
         info!(%addr, max_connections, "embedded MQTT broker listening");
-        Ok(Self { outbound: Arc::new(LinkOutbound { tx }), link_rx: Some(link_rx), max_connections })
+        Ok(Self {
+            outbound: Arc::new(LinkOutbound { tx }),
+            link_rx: Some(link_rx),
+            meters: Some(meters),
+            alerts: Some(alerts),
+            max_connections,
+        })
+    }
+
+    /// Exports the router's meters and alerts as metrics, until the broker stops.
+    fn run_meters(&mut self) {
+        if let Some(meters) = self.meters.take() {
+            tokio::spawn(async move {
+                while let Ok(batch) = meters.next().await {
+                    for meter in batch {
+                        if let rumqttd::Meter::Router(_, r) = meter {
+                            metrics::gauge!(m::BROKER_CONNECTIONS).set(r.total_connections as f64);
+                            metrics::gauge!(m::BROKER_SUBSCRIPTIONS).set(r.total_subscriptions as f64);
+                            metrics::counter!(m::BROKER_PUBLISHES_TOTAL).increment(r.total_publishes as u64);
+                            metrics::counter!(m::BROKER_FAILED_PUBLISHES_TOTAL).increment(r.failed_publishes as u64);
+                        }
+                    }
+                }
+            });
+        }
+        if let Some(alerts) = self.alerts.take() {
+            tokio::spawn(async move {
+                while let Ok(batch) = alerts.next().await {
+                    for alert in batch {
+                        let kind = alert.kind.name();
+                        // rumqttd 0.20 reports `lost: 0` on every cursor jump, so only the jumps are
+                        // counted; the kind is not exported, but it is Serialize.
+                        let detail = serde_json::to_value(&alert.kind).unwrap_or_default();
+                        if !detail["CursorJump"].is_null() {
+                            warn!(filter = %detail["CursorJump"]["filter"], client = alert.client_id, "broker: a subscriber fell behind its log and lost messages");
+                        }
+                        metrics::counter!(m::BROKER_ALERTS_TOTAL, "kind" => kind).increment(1);
+                    }
+                }
+            });
+        }
     }
 
     /// Feeds every message the gateway's filters receive to the engine. Runs until the link closes.
     pub fn run_inbound(&mut self, engine: Arc<Engine>) -> Result<tokio::task::JoinHandle<()>, String> {
+        self.run_meters();
         let mut link_rx = self.link_rx.take().ok_or("inbound already running")?;
         Ok(tokio::spawn(async move {
             loop {

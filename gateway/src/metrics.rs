@@ -33,6 +33,11 @@ pub const STORE_FILE_BYTES: &str = "rki_store_file_bytes";
 pub const SAMPLER_DURATION_SECONDS: &str = "rki_sampler_duration_seconds";
 pub const SAMPLER_ERRORS_TOTAL: &str = "rki_sampler_errors_total";
 pub const BUILD_INFO: &str = "rki_build_info";
+pub const BROKER_CONNECTIONS: &str = "rki_broker_connections";
+pub const BROKER_SUBSCRIPTIONS: &str = "rki_broker_subscriptions";
+pub const BROKER_PUBLISHES_TOTAL: &str = "rki_broker_publishes_total";
+pub const BROKER_FAILED_PUBLISHES_TOTAL: &str = "rki_broker_failed_publishes_total";
+pub const BROKER_ALERTS_TOTAL: &str = "rki_broker_alerts_total";
 
 /// Histogram buckets for delivery latency (creation → durable ack, hello → durable ack): from a
 /// few milliseconds on a live push to days for devices that come online late.
@@ -119,6 +124,11 @@ fn describe() {
     describe_gauge!(SAMPLER_DURATION_SECONDS, Unit::Seconds, "How long the last metrics sample took.");
     describe_counter!(SAMPLER_ERRORS_TOTAL, "Metrics samples that failed (the store could not be read).");
     describe_gauge!(BUILD_INFO, "Always 1; the version label names the running build.");
+    describe_gauge!(BROKER_CONNECTIONS, "Embedded broker: MQTT connections open (rumqttd router meter).");
+    describe_gauge!(BROKER_SUBSCRIPTIONS, "Embedded broker: subscriptions (rumqttd router meter).");
+    describe_counter!(BROKER_PUBLISHES_TOTAL, "Embedded broker: publishes routed.");
+    describe_counter!(BROKER_FAILED_PUBLISHES_TOTAL, "Embedded broker: publishes it could not route (e.g. no matching filter).");
+    describe_counter!(BROKER_ALERTS_TOTAL, "Embedded broker alerts by kind (cursor_jump: a slow subscriber lost messages).");
 }
 
 #[cfg(test)]

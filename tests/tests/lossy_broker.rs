@@ -30,7 +30,9 @@ fn acks_lost_by_an_overrun_broker_log_are_recovered_by_retries_without_a_second_
     assert_eq!(done["task"]["counts"]["succeeded"], n, "{}", done["task"]["counts"]);
     let deliveries = gw.metric("rki_deliveries_total");
     let duplicates = gw.metric("rki_duplicate_acks_total");
-    eprintln!("{n} devices: {deliveries} deliveries, {duplicates} duplicate acks");
+    let jumps = gw.metric("rki_broker_alerts_total{kind=\"cursor_jump\"}");
+    eprintln!("{n} devices: {deliveries} deliveries, {duplicates} duplicate acks, {jumps} cursor jumps");
+    assert!(jumps > 0.0, "the broker reported no cursor jump: the test proved nothing");
     assert!(deliveries > n as f64, "nothing was lost, so nothing was retried: the test proved nothing ({deliveries} deliveries)");
     for device in fleet.devices() {
         assert_eq!(device.status().injections, 1, "{} injected {} times", device.sn(), device.status().injections);
