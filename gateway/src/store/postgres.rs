@@ -1524,6 +1524,29 @@ impl Store for PostgresStore {
         })
     }
 
+    fn open_executions_for_device(&self, device_id: i64) -> StoreResult<Vec<ExecutionRow>> {
+        self.read(|s| {
+            let found = s.query(
+                concat!(
+                    execution_select!(),
+                    " WHERE e.device_id = $1 AND e.state IN ('queued', 'delivered') ORDER BY e.id"
+                ),
+                &[&device_id],
+            )?;
+            rows(found, execution_row)
+        })
+    }
+
+    fn still_open(&self, ids: &[i64]) -> StoreResult<Vec<i64>> {
+        self.read(|s| {
+            let found = s.query(
+                "SELECT id FROM executions WHERE state IN ('queued', 'delivered') AND id = ANY ($1) ORDER BY id",
+                &[&ids],
+            )?;
+            rows(found, |r| Ok(r.try_get(0)?))
+        })
+    }
+
     fn open_execution_device_ids(&self, org_id: i64) -> StoreResult<Vec<i64>> {
         self.read(|s| {
             let found = s.query(

@@ -4,6 +4,9 @@
 //!
 //! PostgreSQL refuses to run as root; when the tests run as root (CI containers) every server
 //! command runs as the `postgres` system user that the package creates (`runuser -u postgres`).
+//! Some sandboxes make `/dev/null` root-only, which initdb and pg_ctl cannot live with; there the
+//! server commands run in a private mount namespace with a usable `/dev/null` bound over it
+//! (`unshare --mount`), which changes nothing outside those processes.
 
 #![allow(dead_code)]
 
@@ -30,6 +33,8 @@ pub struct PgServer {
     port: u16,
     /// `Some("postgres")` when we are root and must drop privileges for every server command.
     run_as: Option<&'static str>,
+    /// A world-usable null device to bind over a root-only `/dev/null`, when one is needed.
+    private_null: Option<PathBuf>,
     /// Stops the server if this process dies without dropping us (statics are never dropped).
     watchdog: Option<Child>,
 }
@@ -57,7 +62,9 @@ fn find_bindir() -> Result<PathBuf, String> {
         return Ok(bin);
     }
     let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path).find(|dir| dir.join("initdb").exists() && dir.join("pg_ctl").exists()).ok_or_else(missing)
+    std::env::split_paths(&path)
+        .find(|dir| dir.join("initdb").exists() && dir.join("pg_ctl").exists())
+        .ok_or_else(missing)
 }
 
 fn running_as_root() -> bool {
@@ -75,6 +82,11 @@ fn id_of(flag: &str, user: &str) -> Result<u32, String> {
     String::from_utf8_lossy(&out.stdout).trim().parse().map_err(|e| format!("id {flag} {user}: {e}"))
 }
 
+/// Whether users other than root may read and write `/dev/null`.
+fn dev_null_is_shared() -> bool {
+    std::fs::metadata("/dev/null").map(|m| m.mode() & 0o006 == 0o006).unwrap_or(false)
+}
+
 fn free_port() -> Result<u16, String> {
     let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("probe a free port: {e}"))?;
     listener.local_addr().map(|a| a.port()).map_err(|e| format!("probe a free port: {e}"))
@@ -86,15 +98,28 @@ impl PgServer {
         static SERIAL: AtomicUsize = AtomicUsize::new(0);
         let bin = find_bindir()?;
         let run_as = running_as_root().then_some(SYSTEM_USER);
-        let dir = std::env::temp_dir()
-            .join(format!("rki-pg-{}-{}", std::process::id(), SERIAL.fetch_add(1, Ordering::Relaxed)));
+        let dir = std::env::temp_dir().join(format!(
+            "rki-pg-{}-{}",
+            std::process::id(),
+            SERIAL.fetch_add(1, Ordering::Relaxed)
+        ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
         if let Some(user) = run_as {
             let (uid, gid) = (id_of("-u", user)?, id_of("-g", user)?);
-            std::os::unix::fs::chown(&dir, Some(uid), Some(gid)).map_err(|e| format!("chown {}: {e}", dir.display()))?;
+            std::os::unix::fs::chown(&dir, Some(uid), Some(gid))
+                .map_err(|e| format!("chown {}: {e}", dir.display()))?;
         }
-        let mut server = PgServer { dir, bin, port: 0, run_as, watchdog: None };
+        let mut private_null = None;
+        if run_as.is_some() && !dev_null_is_shared() {
+            let null = dir.join("null");
+            let made = Command::new("mknod").args(["-m", "666"]).arg(&null).args(["c", "1", "3"]).status();
+            if !made.is_ok_and(|s| s.success()) {
+                return Err(format!("/dev/null is root-only here and `mknod {}` failed", null.display()));
+            }
+            private_null = Some(null);
+        }
+        let mut server = PgServer { dir, bin, port: 0, run_as, private_null, watchdog: None };
         server.initdb()?;
         let mut last_error = String::new();
         for _ in 0..START_TRIES_MAX {
@@ -110,16 +135,25 @@ impl PgServer {
         Err(last_error)
     }
 
-    /// `runuser -u postgres -- <program>` when root, else `<program>`.
+    /// `runuser -u postgres -- <program>` when root (inside a private mount namespace when
+    /// `/dev/null` must be replaced), else `<program>`. The caller appends the arguments.
     fn command(&self, program: &str) -> Command {
         let program = self.bin.join(program);
-        match self.run_as {
-            Some(user) => {
+        match (self.run_as, &self.private_null) {
+            (Some(user), Some(null)) => {
+                let mut c = Command::new("unshare");
+                c.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+                    .arg(format!("mount --bind \"$0\" /dev/null && exec runuser -u {user} -- \"$@\""))
+                    .arg(null)
+                    .arg(program);
+                c
+            }
+            (Some(user), None) => {
                 let mut c = Command::new("runuser");
                 c.args(["-u", user, "--"]).arg(program);
                 c
             }
-            None => Command::new(program),
+            (None, _) => Command::new(program),
         }
     }
 
@@ -163,17 +197,17 @@ impl PgServer {
     }
 
     /// A shell that waits for this process to end, then stops the server and removes its
-    /// directory: the cleanup for servers held in statics, which Rust never drops.
+    /// directory: the cleanup for servers held in statics, which Rust never drops. SIGQUIT is
+    /// the immediate shutdown (no checkpoint for a cluster about to be deleted); root may signal
+    /// the server whoever runs it.
     fn spawn_watchdog(&self) -> std::io::Result<Child> {
-        let stop = format!(
-            "{}{} -D '{}' -m immediate -w stop",
-            self.run_as.map(|u| format!("runuser -u {u} -- ")).unwrap_or_default(),
-            self.bin.join("pg_ctl").display(),
-            self.data().display()
-        );
         let script = format!(
-            "while kill -0 {pid} 2>/dev/null; do sleep 1; done; {stop} >/dev/null 2>&1; rm -rf '{dir}'",
+            "while kill -0 {pid} 2>/dev/null; do sleep 1; done; \
+             pg=$(head -n 1 '{data}/postmaster.pid' 2>/dev/null); \
+             if [ -n \"$pg\" ]; then kill -QUIT \"$pg\"; while kill -0 \"$pg\" 2>/dev/null; do sleep 0.2; done; fi; \
+             rm -rf '{dir}'",
             pid = std::process::id(),
+            data = self.data().display(),
             dir = self.dir.display()
         );
         Command::new("sh")
@@ -202,7 +236,9 @@ impl PgServer {
     pub fn create_database(&self, name: &str) -> Result<String, String> {
         let mut admin = postgres::Client::connect(&self.url("postgres"), postgres::NoTls)
             .map_err(|e| format!("connect to the test server: {e}"))?;
-        admin.batch_execute(&format!("CREATE DATABASE \"{name}\"")).map_err(|e| format!("create database {name}: {e}"))?;
+        admin
+            .batch_execute(&format!("CREATE DATABASE \"{name}\""))
+            .map_err(|e| format!("create database {name}: {e}"))?;
         Ok(self.url(name))
     }
 }
@@ -210,7 +246,7 @@ impl PgServer {
 impl Drop for PgServer {
     fn drop(&mut self) {
         let mut c = self.command("pg_ctl");
-        c.arg("-D").arg(self.data()).args(["-m", "fast", "-w", "stop"]);
+        c.arg("-D").arg(self.data()).args(["-m", "immediate", "-w", "stop"]);
         let _ = c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).status();
         if let Some(mut watchdog) = self.watchdog.take() {
             let _ = watchdog.kill();

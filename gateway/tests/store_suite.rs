@@ -1,0 +1,962 @@
+//! The store test suite: the behaviour of [`Store`], written once against `&dyn Store` and run
+//! against both backends, `sqlite::…` (a file in a temporary directory) and `postgres::…` (a real
+//! PostgreSQL server started for this test binary, one database per test; see `store_suite/pg.rs`).
+//! A machine without PostgreSQL fails the `postgres::…` tests and names the package to install.
+//!
+//! Then one test across both: random batches give PostgreSQL's grouped `apply_batch` exactly the
+//! results of SQLite's write-by-write one.
+
+#[path = "store_suite/harness.rs"]
+mod harness;
+#[path = "store_suite/pg.rs"]
+mod pg;
+
+use std::collections::HashSet;
+
+use rki_gateway::domain::ExecutionState;
+use rki_gateway::store::*;
+
+use harness::*;
+
+/// Generates `sqlite::$spec` and `postgres::$spec` for every spec function.
+macro_rules! suite {
+    ($($spec:ident),* $(,)?) => {
+        mod sqlite {
+            $( #[test] fn $spec() { super::$spec(&super::Subject::sqlite()); } )*
+        }
+        mod postgres {
+            $( #[test] fn $spec() { super::$spec(&super::Subject::postgres()); } )*
+        }
+    };
+}
+
+suite! {
+    organizations_are_unique_by_name_and_found_by_name_and_id,
+    tokens_are_found_by_hash_with_their_role_and_a_hash_is_used_once,
+    import_adds_new_serial_numbers_and_skips_the_organizations_own,
+    import_is_all_or_nothing_and_names_every_line_registered_elsewhere,
+    devices_are_listed_by_sn_fragment_ignoring_case_by_group_and_by_page,
+    unknown_rows_are_not_found,
+    groups_are_unique_per_organization_and_count_each_member_once,
+    assignment_changes_only_the_organizations_own_devices,
+    key_sources_are_unique_per_organization_and_hidden_from_others,
+    serials_allocated_by_two_threads_at_once_are_disjoint_ranges,
+    a_gudid_installs_credentials_once_and_a_second_spend_is_a_conflict,
+    two_concurrent_spends_of_one_gudid_have_exactly_one_winner,
+    credentials_exist_only_for_initialised_devices,
+    a_task_persists_one_queued_execution_per_device_with_its_counts,
+    a_repeated_request_id_finds_the_task_and_cannot_create_another,
+    a_devices_open_executions_and_the_still_open_ids_follow_the_endings,
+    delivered_writes_count_deliveries_and_keep_the_first_time,
+    a_successful_ending_writes_one_record_and_locks_the_device,
+    a_failed_ending_records_the_error_code_and_no_kcv,
+    a_second_ending_of_one_execution_is_skipped_and_not_reported,
+    two_batches_ending_one_execution_at_once_record_it_once,
+    an_initialise_write_spends_its_gudid_once_within_a_batch,
+    device_writes_of_a_batch_take_effect_in_batch_order,
+    rewrap_replaces_the_key_block_of_open_executions_only,
+    stopping_a_task_terminates_its_open_executions_with_records_once,
+    expiry_ends_only_the_executions_past_their_deadline,
+    two_concurrent_expiry_sweeps_expire_each_execution_once,
+    records_are_filtered_by_sn_and_task_and_billed_per_source_and_month,
+    execution_state_counts_and_expiring_within_count_open_executions,
+    the_audit_log_is_newest_first_per_organization_and_refuses_change,
+    records_refuse_update_and_delete,
+    migrations_run_once_and_reopening_keeps_everything,
+    meta_values_are_set_and_replaced,
+    reseal_all_reseals_every_key_or_none,
+}
+
+fn conflict<T: std::fmt::Debug>(result: StoreResult<T>) -> String {
+    match result {
+        Err(StoreError::Conflict(message)) => message,
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+}
+
+fn is_not_found<T>(result: StoreResult<T>) -> bool {
+    matches!(result, Err(StoreError::NotFound(_)))
+}
+
+// ---------------------------------------------------------------- organizations and tokens
+
+fn organizations_are_unique_by_name_and_found_by_name_and_id(s: &Subject) {
+    let st = s.store();
+    let acme = st.create_org("acme", T0).must();
+    let globex = st.create_org("globex", T0 + 1).must();
+    assert_ne!(acme.id, globex.id);
+    assert_eq!(conflict(st.create_org("acme", T0 + 2)), "organization \"acme\" exists");
+    assert_eq!(st.org_by_name("globex").must().map(|o| o.id), Some(globex.id));
+    assert!(st.org_by_name("initech").must().is_none());
+    let found = st.org(acme.id).must();
+    assert_eq!((found.name.as_str(), found.created_at), ("acme", T0));
+    let names: Vec<String> = st.list_orgs().must().into_iter().map(|o| o.name).collect();
+    assert_eq!(names, ["acme", "globex"]);
+}
+
+fn tokens_are_found_by_hash_with_their_role_and_a_hash_is_used_once(s: &Subject) {
+    let st = s.store();
+    let org = st.create_org("acme", T0).must();
+    assert!(!st.has_key_owner().must());
+    let admin = st.insert_token(Some(org.id), Role::Admin, "ops", b"hash-admin", T0).must();
+    assert!(!st.has_key_owner().must(), "an admin token is not the key owner");
+    let owner = st.insert_token(None, Role::KeyOwner, "owner", b"hash-owner", T0).must();
+    assert!(st.has_key_owner().must());
+    let found = st.token_by_hash(b"hash-admin").must().expect("admin token found");
+    assert_eq!(
+        (found.id, found.org_id, found.role, found.label.as_str()),
+        (admin.id, Some(org.id), Role::Admin, "ops")
+    );
+    let found = st.token_by_hash(b"hash-owner").must().expect("owner token found");
+    assert_eq!((found.id, found.org_id, found.role), (owner.id, None, Role::KeyOwner));
+    assert!(st.token_by_hash(b"hash-unknown").must().is_none());
+    conflict(st.insert_token(Some(org.id), Role::Admin, "again", b"hash-admin", T0));
+}
+
+// ---------------------------------------------------------------- devices and groups
+
+fn import_adds_new_serial_numbers_and_skips_the_organizations_own(s: &Subject) {
+    let st = s.store();
+    let w = world(st, "acme", 2);
+    let rows = vec![
+        ImportRow { line: 2, sn: "acme-0000".into(), model: None },
+        ImportRow { line: 3, sn: "acme-0100".into(), model: Some("A80".into()) },
+        ImportRow { line: 4, sn: "acme-0100".into(), model: None },
+    ];
+    assert_eq!(st.import_devices(w.org.id, &rows, T0 + 5).must(), 1, "only the new SN is added, once");
+    assert_eq!(st.count_devices(w.org.id).must(), 3);
+    let added = st.device(w.org.id, "acme-0100").must();
+    assert_eq!(
+        (added.model.as_deref(), added.created_at, added.locked, added.initialised),
+        (Some("A80"), T0 + 5, false, false)
+    );
+    assert_eq!(
+        st.device(w.org.id, "acme-0000").must().model.as_deref(),
+        Some("A920"),
+        "an existing device is unchanged"
+    );
+}
+
+fn import_is_all_or_nothing_and_names_every_line_registered_elsewhere(s: &Subject) {
+    let st = s.store();
+    let acme = world(st, "acme", 2);
+    let globex = world(st, "globex", 0);
+    let rows = vec![
+        ImportRow { line: 2, sn: "globex-new".into(), model: None },
+        ImportRow { line: 3, sn: "acme-0001".into(), model: None },
+        ImportRow { line: 4, sn: "globex-other".into(), model: None },
+        ImportRow { line: 5, sn: "acme-0000".into(), model: None },
+    ];
+    let message = conflict(st.import_devices(globex.org.id, &rows, T0));
+    assert_eq!(
+        message,
+        "line 3: SN acme-0001 is registered to another organization; line 5: SN acme-0000 is registered to another organization"
+    );
+    assert_eq!(st.count_devices(globex.org.id).must(), 0, "nothing of the file is imported");
+    assert_eq!(st.count_devices(acme.org.id).must(), 2);
+    assert_eq!(st.device_org_by_sn("acme-0001").must(), Some((acme.devices[1].id, acme.org.id)));
+    assert!(st.device_org_by_sn("globex-new").must().is_none());
+}
+
+fn devices_are_listed_by_sn_fragment_ignoring_case_by_group_and_by_page(s: &Subject) {
+    let st = s.store();
+    let w = world(st, "acme", 5);
+    let rows = vec![ImportRow { line: 2, sn: "ACME_X".into(), model: None }];
+    st.import_devices(w.org.id, &rows, T0).must();
+    let sns =
+        |f: DeviceFilter| -> Vec<String> { st.list_devices(w.org.id, &f).must().into_iter().map(|d| d.sn).collect() };
+    assert_eq!(
+        sns(DeviceFilter::default()),
+        ["ACME_X", "acme-0000", "acme-0001", "acme-0002", "acme-0003", "acme-0004"]
+    );
+    assert_eq!(
+        sns(DeviceFilter { sn_contains: Some("ACME-000".into()), limit: 2, offset: 1, ..Default::default() }),
+        ["acme-0001", "acme-0002"]
+    );
+    assert_eq!(sns(DeviceFilter { sn_contains: Some("e_x".into()), ..Default::default() }), ["ACME_X"], "_ is literal");
+    let group = st.create_group(w.org.id, "north", "").must();
+    st.add_group_members(group.id, &[w.devices[3].id, w.devices[1].id]).must();
+    assert_eq!(sns(DeviceFilter { group: Some(group.id), ..Default::default() }), ["acme-0001", "acme-0003"]);
+    let by_id: Vec<String> =
+        st.devices_by_ids(&[w.devices[4].id, w.devices[0].id]).must().into_iter().map(|d| d.sn).collect();
+    assert_eq!(
+        by_id.iter().collect::<HashSet<_>>(),
+        ["acme-0000".to_string(), "acme-0004".to_string()].iter().collect()
+    );
+    assert_eq!(st.device_by_id(w.devices[2].id).must().sn, "acme-0002");
+    let asked = vec!["acme-0002".to_string(), "nope".to_string(), "acme-0000".to_string()];
+    assert_eq!(
+        st.device_ids_by_sn(w.org.id, &asked).must(),
+        vec![
+            ("acme-0002".to_string(), Some(w.devices[2].id)),
+            ("nope".to_string(), None),
+            ("acme-0000".to_string(), Some(w.devices[0].id)),
+        ]
+    );
+}
+
+fn unknown_rows_are_not_found(s: &Subject) {
+    let st = s.store();
+    let w = world(st, "acme", 1);
+    let other = world(st, "globex", 1);
+    let (t, executions) = task(st, &w, &[0]);
+    assert!(is_not_found(st.org(9_999)));
+    assert!(is_not_found(st.device(w.org.id, "globex-0000")), "another organization's device");
+    assert!(is_not_found(st.device_by_id(9_999)));
+    assert!(is_not_found(st.key_source(other.org.id, w.source.id)), "another organization's key source");
+    assert!(is_not_found(st.key_source_by_name(w.org.id, "bdk-9")));
+    assert!(is_not_found(st.group_by_name(w.org.id, "south")));
+    assert!(is_not_found(st.task(other.org.id, t.id)), "another organization's task");
+    assert!(is_not_found(st.execution(executions[0].id + 1_000)));
+    assert!(is_not_found(st.stop_task(other.org.id, t.id, T0)));
+    assert!(is_not_found(st.allocate_serials(9_999, 1)));
+    assert!(st.credentials("nope").must().is_none());
+    assert!(st.gudid_by_id(b"nope").must().is_none());
+}
+
+fn groups_are_unique_per_organization_and_count_each_member_once(s: &Subject) {
+    let st = s.store();
+    let w = world(st, "acme", 3);
+    let other = world(st, "globex", 0);
+    let north = st.create_group(w.org.id, "north", "northern shops").must();
+    assert_eq!(conflict(st.create_group(w.org.id, "north", "")), "group \"north\" exists");
+    st.create_group(other.org.id, "north", "").must();
+    st.create_group(w.org.id, "east", "").must();
+    let ids = [w.devices[0].id, w.devices[2].id, w.devices[0].id];
+    assert_eq!(st.add_group_members(north.id, &ids).must(), 2);
+    assert_eq!(st.add_group_members(north.id, &[w.devices[2].id]).must(), 0, "already a member");
+    assert_eq!(st.group_member_ids(north.id).must(), [w.devices[0].id, w.devices[2].id]);
+    let found = st.group_by_name(w.org.id, "north").must();
+    assert_eq!((found.id, found.description.as_str(), found.members), (north.id, "northern shops", 2));
+    let listed: Vec<(String, i64)> = st.list_groups(w.org.id).must().into_iter().map(|g| (g.name, g.members)).collect();
+    assert_eq!(listed, [("east".to_string(), 0), ("north".to_string(), 2)]);
+    conflict(st.add_group_members(north.id, &[9_999]));
+}
+
+fn assignment_changes_only_the_organizations_own_devices(s: &Subject) {
+    let st = s.store();
+    let w = world(st, "acme", 3);
+    let other = world(st, "globex", 1);
+    let ids = [w.devices[0].id, w.devices[1].id, other.devices[0].id];
+    assert_eq!(st.assign(w.org.id, &ids, Some(w.source.id)).must(), 2);
+    assert_eq!(st.device_by_id(w.devices[1].id).must().assigned_key_source, Some(w.source.id));
+    assert_eq!(st.device_by_id(w.devices[2].id).must().assigned_key_source, None);
+    assert_eq!(st.device_by_id(other.devices[0].id).must().assigned_key_source, None);
+    assert_eq!(st.assign(w.org.id, &[w.devices[1].id], None).must(), 1);
+    assert_eq!(st.device_by_id(w.devices[1].id).must().assigned_key_source, None, "unassigned");
+    st.set_unlock_pending(w.devices[2].id, true).must();
+    assert!(st.device_by_id(w.devices[2].id).must().unlock_pending);
+}
+
+fn key_sources_are_unique_per_organization_and_hidden_from_others(s: &Subject) {
+    let st = s.store();
+    let w = world(st, "acme", 0);
+    let other = world(st, "globex", 0);
+    assert_eq!(conflict(st.insert_key_source(&w.source)), "key source \"bdk-1\" exists");
+    let second = st.insert_key_source(&KeySourceRow { name: "bdk-2".into(), ..w.source.clone() }).must();
+    let names: Vec<String> = st.list_key_sources(w.org.id).must().into_iter().map(|k| k.name).collect();
+    assert_eq!(names, ["bdk-1", "bdk-2"]);
+    let found = st.key_source_by_name(w.org.id, "bdk-2").must();
+    assert_eq!((found.id, found.sealed.as_str(), found.key_set_id.as_str()), (second.id, "sealed:bdk-1", "FFFF987654"));
+    assert_eq!(st.key_source(w.org.id, second.id).must().name, "bdk-2");
+    assert!(is_not_found(st.key_source(other.org.id, second.id)));
+    assert_eq!(st.list_key_sources(other.org.id).must().len(), 1);
+}
+
+fn serials_allocated_by_two_threads_at_once_are_disjoint_ranges(s: &Subject) {
+    const ALLOCATIONS_PER_THREAD: usize = 50;
+    const COUNT: i64 = 7;
+    let st = s.store();
+    let w = world(st, "acme", 0);
+    assert_eq!(st.allocate_serials(w.source.id, 3).must(), 0);
+    let firsts: Vec<i64> = std::thread::scope(|scope| {
+        let threads: Vec<_> = (0..2)
+            .map(|_| {
+                scope.spawn(|| {
+                    (0..ALLOCATIONS_PER_THREAD)
+                        .map(|_| st.allocate_serials(w.source.id, COUNT).must())
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        threads.into_iter().flat_map(|t| t.join().expect("allocating thread")).collect()
+    });
+    let mut sorted = firsts.clone();
+    sorted.sort();
+    let expected: Vec<i64> = (0..2 * ALLOCATIONS_PER_THREAD as i64).map(|i| 3 + i * COUNT).collect();
+    assert_eq!(sorted, expected, "every range starts where another ends: no overlap, no gap");
+    assert_eq!(st.allocate_serials(w.source.id, 1).must(), 3 + 2 * ALLOCATIONS_PER_THREAD as i64 * COUNT);
+}
+
+// ---------------------------------------------------------------- GUDIDs and credentials
+
+fn a_gudid_installs_credentials_once_and_a_second_spend_is_a_conflict(s: &Subject) {
+    let st = s.store();
+    let w = world(st, "acme", 2);
+    let gudid = st.insert_gudid(&new_gudid(&w, 0, 1)).must();
+    let found = st.gudid_by_id(&gudid.gudid_id).must().expect("GUDID found by its id");
+    assert_eq!((found.id, found.sn.as_str(), found.used_at), (gudid.id, "acme-0000", None));
+    let creds = st.spend_gudid(gudid.id, w.devices[0].id, &new_credentials("first"), T0 + 10).must();
+    assert_eq!(
+        (creds.device_id, creds.signing_key.as_str(), creds.last_counter, creds.generation),
+        (w.devices[0].id, "sealed:sign:first", 1, 1)
+    );
+    assert_eq!(
+        conflict(st.spend_gudid(gudid.id, w.devices[0].id, &new_credentials("second"), T0 + 11)),
+        "GUDID already used"
+    );
+    assert_eq!(st.credentials("acme-0000").must().map(|c| c.signing_key), Some("sealed:sign:first".to_string()));
+    assert_eq!(st.gudid_by_id(&gudid.gudid_id).must().and_then(|g| g.used_at), Some(T0 + 10));
+    let device = st.device(w.org.id, "acme-0000").must();
+    assert_eq!((device.initialised, device.x_pos_device_id.as_deref()), (true, Some("xpos-first")));
+    let listed = st.list_gudids(w.org.id, Some("acme-0000")).must();
+    assert_eq!(listed.iter().map(|g| g.id).collect::<Vec<_>>(), [gudid.id]);
+    assert!(st.list_gudids(w.org.id, Some("acme-0001")).must().is_empty());
+    let broker = st.broker_devices().must();
+    assert_eq!(broker, [("acme-0000".to_string(), Some("$7$hash-first".to_string())), ("acme-0001".to_string(), None)]);
+}
+
+fn two_concurrent_spends_of_one_gudid_have_exactly_one_winner(s: &Subject) {
+    const ROUNDS: usize = 10;
+    let st = s.store();
+    let w = world(st, "acme", ROUNDS);
+    for device in 0..ROUNDS {
+        let gudid = st.insert_gudid(&new_gudid(&w, device, 2)).must();
+        let device_id = w.devices[device].id;
+        let results: Vec<StoreResult<DeviceCredentials>> = std::thread::scope(|scope| {
+            let spends: Vec<_> = ["a", "b"]
+                .into_iter()
+                .map(|tag| scope.spawn(move || st.spend_gudid(gudid.id, device_id, &new_credentials(tag), T0)))
+                .collect();
+            spends.into_iter().map(|t| t.join().expect("spending thread")).collect()
+        });
+        let winners: Vec<&DeviceCredentials> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+        assert_eq!(winners.len(), 1, "exactly one spend wins: {results:?}");
+        assert!(results.iter().any(|r| matches!(r, Err(StoreError::Conflict(m)) if m == "GUDID already used")));
+        let installed = st.credentials(&w.devices[device].sn).must().expect("installed");
+        assert_eq!((installed.signing_key.as_str(), installed.generation), (winners[0].signing_key.as_str(), 1));
+    }
+}
+
+fn credentials_exist_only_for_initialised_devices(s: &Subject) {
+    let st = s.store();
+    let w = world(st, "acme", 3);
+    initialise(st, &w, 0);
+    initialise(st, &w, 2);
+    assert!(st.credentials("acme-0001").must().is_none(), "never initialised");
+    let ids = [w.devices[2].id, w.devices[1].id, w.devices[0].id];
+    let mut found: Vec<i64> = st.credentials_for(&ids).must().into_iter().map(|c| c.device_id).collect();
+    found.sort();
+    assert_eq!(found, [w.devices[0].id, w.devices[2].id]);
+    let mut hashes = st.all_password_hashes().must();
+    hashes.sort();
+    assert_eq!(
+        hashes,
+        [("acme-0000".to_string(), b"acme-0000".to_vec()), ("acme-0002".to_string(), b"acme-0002".to_vec())]
+    );
+}
+
+// ---------------------------------------------------------------- tasks and executions
+
+fn a_task_persists_one_queued_execution_per_device_with_its_counts(s: &Subject) {
+    let st = s.store();
+    let w = world(st, "acme", 3);
+    let other = world(st, "globex", 1);
+    let (t, executions) = task(st, &w, &[0, 2]);
+    assert_eq!((t.org_id, t.key_source.as_str(), t.slot, t.stopped_at), (w.org.id, "bdk-1", 3, None));
+    assert_eq!(t.counts, TaskCounts { total: 2, queued: 2, ..Default::default() });
+    assert_eq!(executions.len(), 2);
+    let e = &executions[1];
+    assert_eq!(
+        (e.task_id, e.device_id, e.sn.as_str(), e.state, e.kcv.as_str(), e.deadline, e.delivery_count),
+        (t.id, w.devices[2].id, "acme-0002", ExecutionState::Queued, "A00002", T0 + 30 * DAY_MS, 0)
+    );
+    assert_eq!((e.key_block.as_str(), e.key_id.len(), e.key_source_id), ("B0096P0TE00N00000002", 8, w.source.id));
+    assert_eq!(st.execution(e.id).must().sn, "acme-0002");
+    let open: Vec<i64> = st.open_executions().must().into_iter().map(|e| e.id).collect();
+    assert_eq!(open, executions.iter().map(|e| e.id).collect::<Vec<_>>());
+    let mut devices = st.open_execution_device_ids(w.org.id).must();
+    devices.sort();
+    assert_eq!(devices, [w.devices[0].id, w.devices[2].id]);
+    assert!(st.open_execution_device_ids(other.org.id).must().is_empty());
+    let (done, _) = task(st, &w, &[1]);
+    st.stop_task(w.org.id, done.id, T0 + 1).must();
+    let ids =
+        |unfinished| -> Vec<i64> { st.list_tasks(w.org.id, unfinished, 10).must().into_iter().map(|t| t.id).collect() };
+    assert_eq!(ids(None), [done.id, t.id], "newest first");
+    assert_eq!(ids(Some(true)), [t.id]);
+    assert_eq!(ids(Some(false)), [done.id]);
+    assert_eq!(st.list_tasks(w.org.id, None, 1).must().len(), 1);
+    assert_eq!(st.list_tasks(w.org.id, None, -1).must().len(), 2, "a negative limit is no limit");
+    assert_eq!(st.task(w.org.id, done.id).must().counts, TaskCounts { total: 1, terminated: 1, ..Default::default() });
+}
+
+fn a_repeated_request_id_finds_the_task_and_cannot_create_another(s: &Subject) {
+    let st = s.store();
+    let w = world(st, "acme", 1);
+    let other = world(st, "globex", 1);
+    let new = NewTask { request_id: Some(42), ..new_task(&w, &[0], T0, T0 + DAY_MS) };
+    let (t, _) = st.create_task(&new).must();
+    assert_eq!(st.task_by_request_id(w.org.id, 42).must().map(|t| t.id), Some(t.id));
+    assert!(st.task_by_request_id(w.org.id, 43).must().is_none());
+    conflict(st.create_task(&new));
+    assert_eq!(st.list_tasks(w.org.id, None, 10).must().len(), 1, "the conflicting task left nothing behind");
+    assert_eq!(st.open_executions().must().len(), 1);
+    st.create_task(&NewTask { request_id: Some(42), ..new_task(&other, &[0], T0, T0 + DAY_MS) }).must();
+}
+
+fn a_devices_open_executions_and_the_still_open_ids_follow_the_endings(s: &Subject) {
+    let st = s.store();
+    let w = world(st, "acme", 2);
+    let (_, first) = task(st, &w, &[0, 1]);
+    let (_, second) = task(st, &w, &[0]);
+    let open_of = |device: usize| -> Vec<i64> {
+        st.open_executions_for_device(w.devices[device].id).must().into_iter().map(|e| e.id).collect()
+    };
+    assert_eq!(open_of(0), [first[0].id, second[0].id]);
+    assert_eq!(open_of(1), [first[1].id]);
+    st.apply_batch(&[Write::End(ending(first[0].id, ExecutionState::Succeeded, T0))]).must();
+    assert_eq!(open_of(0), [second[0].id]);
+    let mut open = st.still_open(&[second[0].id, first[0].id, first[1].id, first[1].id + 1_000]).must();
+    open.sort();
+    assert_eq!(open, [first[1].id, second[0].id], "ended and unknown ids are not open");
+    assert!(st.still_open(&[]).must().is_empty());
+}
+
+fn delivered_writes_count_deliveries_and_keep_the_first_time(s: &Subject) {
+    let st = s.store();
+    let w = world(st, "acme", 1);
+    let (_, executions) = task(st, &w, &[0]);
+    let id = executions[0].id;
+    st.apply_batch(&[
+        Write::Delivered { execution_id: id, at: T0 + 5 },
+        Write::Delivered { execution_id: id, at: T0 + 9 },
+    ])
+    .must();
+    st.apply_batch(&[Write::Delivered { execution_id: id, at: T0 + 20 }]).must();
+    let e = st.execution(id).must();
+    assert_eq!((e.state, e.delivered_at, e.delivery_count), (ExecutionState::Delivered, Some(T0 + 5), 3));
+    st.apply_batch(&[Write::End(ending(id, ExecutionState::Failed, T0 + 30))]).must();
+    st.apply_batch(&[Write::Delivered { execution_id: id, at: T0 + 40 }]).must();
+    let e = st.execution(id).must();
+    assert_eq!((e.state, e.delivery_count), (ExecutionState::Failed, 3), "an ended execution is not delivered again");
+}
+
+fn a_successful_ending_writes_one_record_and_locks_the_device(s: &Subject) {
+    let st = s.store();
+    let w = world(st, "acme", 2);
+    let (t, executions) = task(st, &w, &[0, 1]);
+    let outcome = st
+        .apply_batch(&[
+            Write::Counter { device_id: w.devices[0].id, counter: 17 },
+            Write::End(ending(executions[0].id, ExecutionState::Succeeded, T0 + 100)),
+        ])
+        .must();
+    assert_eq!(outcome.ended, [(executions[0].id, ExecutionState::Succeeded)]);
+    let e = st.execution(executions[0].id).must();
+    assert_eq!((e.state, e.ended_at, e.result), (ExecutionState::Succeeded, Some(T0 + 100), Some(0)));
+    assert!(st.device_by_id(w.devices[0].id).must().locked);
+    assert!(!st.device_by_id(w.devices[1].id).must().locked, "only the acking device is locked");
+    let records = all_records(st, w.org.id);
+    assert_eq!(records.len(), 1);
+    let r = &records[0];
+    assert_eq!(
+        (r.execution_id, r.task_id, r.sn.as_str(), r.key_source.as_str(), r.key_type.as_str()),
+        (executions[0].id, t.id, "acme-0000", "bdk-1", "tdes_dukpt")
+    );
+    assert_eq!(
+        (r.injection.as_str(), r.result.as_str(), r.error_code, r.at, r.key_id.as_str(), r.kcv.as_str()),
+        ("auto", "succeeded", None, T0 + 100, "FFFF987654000000", "A00000")
+    );
+    assert_eq!(st.count_records_for_execution(executions[0].id).must(), 1);
+    assert_eq!(
+        st.task(w.org.id, t.id).must().counts,
+        TaskCounts { total: 2, queued: 1, succeeded: 1, ..Default::default() }
+    );
+}
+
+fn a_failed_ending_records_the_error_code_and_no_kcv(s: &Subject) {
+    let st = s.store();
+    let w = world(st, "acme", 1);
+    let (_, executions) = task(st, &w, &[0]);
+    let outcome = st.apply_batch(&[Write::End(ending(executions[0].id, ExecutionState::Failed, T0 + 7))]).must();
+    assert_eq!(outcome.ended, [(executions[0].id, ExecutionState::Failed)]);
+    let r = &all_records(st, w.org.id)[0];
+    assert_eq!((r.result.as_str(), r.error_code, r.kcv.as_str()), ("failed", Some(-11208), ""));
+    assert!(!st.device_by_id(w.devices[0].id).must().locked);
+}
+
+fn a_second_ending_of_one_execution_is_skipped_and_not_reported(s: &Subject) {
+    let st = s.store();
+    let w = world(st, "acme", 2);
+    let (_, executions) = task(st, &w, &[0, 1]);
+    let (first, second) = (executions[0].id, executions[1].id);
+    let outcome = st
+        .apply_batch(&[
+            Write::End(ending(first, ExecutionState::Succeeded, T0 + 1)),
+            Write::End(ending(second, ExecutionState::Failed, T0 + 2)),
+            Write::End(ending(first, ExecutionState::Failed, T0 + 3)),
+        ])
+        .must();
+    assert_eq!(outcome.ended, [(first, ExecutionState::Succeeded), (second, ExecutionState::Failed)]);
+    let outcome = st.apply_batch(&[Write::End(ending(second, ExecutionState::Succeeded, T0 + 4))]).must();
+    assert!(outcome.ended.is_empty(), "a later batch ends nothing either");
+    assert_eq!(st.execution(first).must().state, ExecutionState::Succeeded, "the first ending stands");
+    assert_eq!(st.execution(second).must().state, ExecutionState::Failed);
+    assert_eq!(all_records(st, w.org.id).len(), 2, "one record per execution");
+    let outcome = st.apply_batch(&[Write::End(ending(first + 1_000, ExecutionState::Succeeded, T0))]).must();
+    assert!(outcome.ended.is_empty(), "an unknown execution ends nothing");
+}
+
+fn two_batches_ending_one_execution_at_once_record_it_once(s: &Subject) {
+    const EXECUTIONS: usize = 40;
+    let st = s.store();
+    let w = world(st, "acme", EXECUTIONS);
+    let (_, executions) = task(st, &w, &(0..EXECUTIONS).collect::<Vec<_>>());
+    // Two nodes received the same acks (a duplicate delivery); each commits its batch, the
+    // second in reverse order.
+    let forward: Vec<Write> =
+        executions.iter().map(|e| Write::End(ending(e.id, ExecutionState::Succeeded, T0 + 1))).collect();
+    let backward: Vec<Write> =
+        executions.iter().rev().map(|e| Write::End(ending(e.id, ExecutionState::Failed, T0 + 2))).collect();
+    let outcomes: Vec<BatchOutcome> = std::thread::scope(|scope| {
+        let a = scope.spawn(|| st.apply_batch(&forward).must());
+        let b = scope.spawn(|| st.apply_batch(&backward).must());
+        vec![a.join().expect("first node"), b.join().expect("second node")]
+    });
+    let reported: Vec<i64> = outcomes.iter().flat_map(|o| o.ended.iter().map(|(id, _)| *id)).collect();
+    assert_eq!(reported.len(), EXECUTIONS, "each ending reported by one batch only");
+    assert_eq!(reported.iter().collect::<HashSet<_>>().len(), EXECUTIONS);
+    assert_eq!(all_records(st, w.org.id).len(), EXECUTIONS);
+    for e in &executions {
+        assert_eq!(st.count_records_for_execution(e.id).must(), 1);
+    }
+}
+
+fn an_initialise_write_spends_its_gudid_once_within_a_batch(s: &Subject) {
+    let st = s.store();
+    let w = world(st, "acme", 1);
+    let gudid = st.insert_gudid(&new_gudid(&w, 0, 3)).must();
+    let device_id = w.devices[0].id;
+    let outcome = st
+        .apply_batch(&[
+            Write::Initialise { gudid_row: gudid.id, device_id, creds: new_credentials("one"), at: T0 + 1 },
+            Write::Counter { device_id, counter: 99 },
+            Write::Initialise { gudid_row: gudid.id, device_id, creds: new_credentials("two"), at: T0 + 2 },
+        ])
+        .must();
+    assert_eq!(outcome.initialised.len(), 2);
+    let (row, installed) = &outcome.initialised[0];
+    let installed = installed.as_ref().expect("the first initialisation installs");
+    assert_eq!((*row, installed.signing_key.as_str(), installed.last_counter), (gudid.id, "sealed:sign:one", 1));
+    assert_eq!(outcome.initialised[1].0, gudid.id);
+    assert!(outcome.initialised[1].1.is_none(), "the second finds the GUDID spent");
+    let now = st.credentials("acme-0000").must().expect("initialised");
+    assert_eq!((now.signing_key.as_str(), now.last_counter, now.generation), ("sealed:sign:one", 99, 1));
+}
+
+fn device_writes_of_a_batch_take_effect_in_batch_order(s: &Subject) {
+    let st = s.store();
+    let w = world(st, "acme", 2);
+    let (_, executions) = task(st, &w, &[0, 1]);
+    let (d0, d1) = (w.devices[0].id, w.devices[1].id);
+    st.set_unlock_pending(d1, true).must();
+    st.apply_batch(&[
+        // Device 0: hello, delivered, success (locks), then a later hello saying it is unlocked.
+        Write::Counter { device_id: d0, counter: 5 },
+        Write::Report(report(d0, false, T0 + 1)),
+        Write::Delivered { execution_id: executions[0].id, at: T0 + 1 },
+        Write::Counter { device_id: d0, counter: 3 },
+        Write::End(ending(executions[0].id, ExecutionState::Succeeded, T0 + 2)),
+        Write::Seen { device_id: d0, at: T0 + 3 },
+        Write::Report(report(d0, false, T0 + 4)),
+        // Device 1: a report, then `Seen` overrides its time; it still says locked, so the
+        // pending unlock stays.
+        Write::Report(report(d1, true, T0 + 10)),
+        Write::Seen { device_id: d1, at: T0 + 11 },
+    ])
+    .must();
+    let zero = st.device_by_id(d0).must();
+    assert_eq!((zero.locked, zero.last_seen), (false, Some(T0 + 4)), "the last report wins over the lock before it");
+    assert_eq!(st.credentials_for(&[d0]).must().len(), 0, "not initialised: no credentials");
+    let one = st.device_by_id(d1).must();
+    assert_eq!((one.locked, one.last_seen, one.unlock_pending), (true, Some(T0 + 11), true));
+    assert_eq!(
+        (one.rom_version.as_deref(), one.slots_json.as_str()),
+        (Some("PayDroid_7.1.2"), "[{\"slot\":3,\"at\":1700000000010}]")
+    );
+    let e = st.execution(executions[0].id).must();
+    assert_eq!((e.state, e.delivery_count, e.delivered_at), (ExecutionState::Succeeded, 1, Some(T0 + 1)));
+    st.apply_batch(&[
+        Write::Report(report(d0, true, T0 + 20)),
+        Write::Seen { device_id: d0, at: T0 + 19 },
+        Write::Report(report(d1, false, T0 + 21)),
+    ])
+    .must();
+    assert_eq!(st.device_by_id(d0).must().last_seen, Some(T0 + 19), "Seen after the report wins");
+    assert!(!st.device_by_id(d1).must().unlock_pending, "reported unlocked: the pending unlock is done");
+}
+
+fn rewrap_replaces_the_key_block_of_open_executions_only(s: &Subject) {
+    let st = s.store();
+    let w = world(st, "acme", 2);
+    let (_, executions) = task(st, &w, &[0, 1]);
+    st.apply_batch(&[Write::End(ending(executions[1].id, ExecutionState::Failed, T0))]).must();
+    st.rewrap_execution(executions[0].id, "B0096-rewrapped", 2).must();
+    st.rewrap_execution(executions[1].id, "B0096-rewrapped", 2).must();
+    let open = st.execution(executions[0].id).must();
+    assert_eq!((open.key_block.as_str(), open.generation), ("B0096-rewrapped", 2));
+    let ended = st.execution(executions[1].id).must();
+    assert_eq!((ended.key_block.as_str(), ended.generation), ("B0096P0TE00N00000001", 1));
+}
+
+fn stopping_a_task_terminates_its_open_executions_with_records_once(s: &Subject) {
+    let st = s.store();
+    let w = world(st, "acme", 3);
+    let (t, executions) = task(st, &w, &[0, 1, 2]);
+    let (kept, _) = task(st, &w, &[0]);
+    st.apply_batch(&[
+        Write::Delivered { execution_id: executions[1].id, at: T0 + 1 },
+        Write::End(ending(executions[2].id, ExecutionState::Succeeded, T0 + 2)),
+    ])
+    .must();
+    let mut stopped = st.stop_task(w.org.id, t.id, T0 + 10).must();
+    stopped.sort();
+    assert_eq!(stopped, [executions[0].id, executions[1].id], "the open ones, queued and delivered");
+    for e in &executions[..2] {
+        let e = st.execution(e.id).must();
+        assert_eq!((e.state, e.ended_at), (ExecutionState::Terminated, Some(T0 + 10)));
+    }
+    let row = st.task(w.org.id, t.id).must();
+    assert_eq!(row.stopped_at, Some(T0 + 10));
+    assert_eq!(row.counts, TaskCounts { total: 3, succeeded: 1, terminated: 2, ..Default::default() });
+    let terminated: Vec<(i64, String, String)> = all_records(st, w.org.id)
+        .into_iter()
+        .filter(|r| r.result == "terminated")
+        .map(|r| (r.execution_id, r.injection, r.kcv))
+        .collect();
+    assert_eq!(terminated.len(), 2);
+    assert!(terminated.iter().all(|(_, injection, kcv)| injection == "auto" && kcv.is_empty()));
+    assert!(st.stop_task(w.org.id, t.id, T0 + 20).must().is_empty(), "a second stop ends nothing");
+    assert_eq!(st.task(w.org.id, t.id).must().stopped_at, Some(T0 + 10), "and keeps the first stop time");
+    assert_eq!(all_records(st, w.org.id).len(), 3);
+    assert_eq!(st.task(w.org.id, kept.id).must().counts.open(), 1, "another task is untouched");
+}
+
+fn expiry_ends_only_the_executions_past_their_deadline(s: &Subject) {
+    let st = s.store();
+    let w = world(st, "acme", 4);
+    let (_, soon) = st.create_task(&new_task(&w, &[0, 1, 2], T0, T0 + DAY_MS)).must();
+    let (_, later) = st.create_task(&new_task(&w, &[3], T0, T0 + 2 * DAY_MS)).must();
+    st.apply_batch(&[
+        Write::Delivered { execution_id: soon[1].id, at: T0 + 1 },
+        Write::End(ending(soon[2].id, ExecutionState::Succeeded, T0 + 2)),
+    ])
+    .must();
+    assert!(st.expire_due(T0 + DAY_MS - 1).must().is_empty(), "nothing is due a millisecond early");
+    let expired = st.expire_due(T0 + DAY_MS).must();
+    assert_eq!(expired, [(soon[0].id, w.org.id), (soon[1].id, w.org.id)], "queued and delivered, at the deadline");
+    let e = st.execution(soon[1].id).must();
+    assert_eq!((e.state, e.ended_at, e.result), (ExecutionState::Expired, Some(T0 + DAY_MS), None));
+    assert_eq!(st.execution(later[0].id).must().state, ExecutionState::Queued);
+    assert_eq!(st.execution(soon[2].id).must().state, ExecutionState::Succeeded);
+    let expired_records = all_records(st, w.org.id).into_iter().filter(|r| r.result == "expired").count();
+    assert_eq!(expired_records, 2);
+    assert!(st.expire_due(T0 + DAY_MS + 1).must().is_empty(), "expired once");
+}
+
+fn two_concurrent_expiry_sweeps_expire_each_execution_once(s: &Subject) {
+    const DEVICES: usize = 200;
+    const SWEEPS_PER_NODE: usize = 5;
+    let st = s.store();
+    let w = world(st, "acme", DEVICES);
+    let (_, executions) = st.create_task(&new_task(&w, &(0..DEVICES).collect::<Vec<_>>(), T0, T0 + DAY_MS)).must();
+    let swept: Vec<(i64, i64)> = std::thread::scope(|scope| {
+        let nodes: Vec<_> = (0..2)
+            .map(|_| {
+                scope.spawn(|| (0..SWEEPS_PER_NODE).flat_map(|_| st.expire_due(T0 + DAY_MS).must()).collect::<Vec<_>>())
+            })
+            .collect();
+        nodes.into_iter().flat_map(|n| n.join().expect("sweeping node")).collect()
+    });
+    assert_eq!(swept.len(), DEVICES, "every execution reported expired by exactly one sweep");
+    assert_eq!(swept.iter().map(|(id, _)| id).collect::<HashSet<_>>().len(), DEVICES);
+    assert_eq!(all_records(st, w.org.id).len(), DEVICES);
+    assert!(executions.iter().all(|e| st.count_records_for_execution(e.id).must() == 1));
+}
+
+// ---------------------------------------------------------------- records, metrics, audit
+
+fn records_are_filtered_by_sn_and_task_and_billed_per_source_and_month(s: &Subject) {
+    let st = s.store();
+    let w = world(st, "acme", 3);
+    let other = world(st, "globex", 1);
+    let second = st.insert_key_source(&KeySourceRow { name: "bdk-0".into(), ..w.source.clone() }).must();
+    let (t1, e1) = task(st, &w, &[0, 1, 2]);
+    let (t2, e2) =
+        st.create_task(&NewTask { key_source_id: second.id, ..new_task(&w, &[0], T0, T0 + 90 * DAY_MS) }).must();
+    let (_, e3) = task(st, &other, &[0]);
+    let december = T0 + 20 * DAY_MS; // 2023-12-04
+    st.apply_batch(&[
+        Write::End(ending(e1[0].id, ExecutionState::Succeeded, T0 + 1)),
+        Write::End(ending(e1[1].id, ExecutionState::Succeeded, december)),
+        Write::End(ending(e1[2].id, ExecutionState::Failed, T0 + 3)),
+        Write::End(ending(e2[0].id, ExecutionState::Succeeded, T0 + 4)),
+        Write::End(ending(e3[0].id, ExecutionState::Succeeded, T0 + 5)),
+    ])
+    .must();
+    let ids = |f: RecordFilter| -> Vec<i64> {
+        st.list_records(w.org.id, &f).must().into_iter().map(|r| r.execution_id).collect()
+    };
+    assert_eq!(
+        ids(RecordFilter::default()),
+        [e2[0].id, e1[2].id, e1[1].id, e1[0].id],
+        "newest first, own organization"
+    );
+    assert_eq!(ids(RecordFilter { sn: Some("acme-0000".into()), ..Default::default() }), [e2[0].id, e1[0].id]);
+    assert_eq!(
+        ids(RecordFilter { task_id: Some(t1.id), limit: 2, offset: 1, ..Default::default() }),
+        [e1[1].id, e1[0].id]
+    );
+    assert_eq!(ids(RecordFilter { task_id: Some(t2.id), ..Default::default() }), [e2[0].id]);
+    let billing: Vec<(String, String, i64)> =
+        st.billing(w.org.id).must().into_iter().map(|b| (b.key_source, b.month, b.keys)).collect();
+    assert_eq!(
+        billing,
+        [
+            ("bdk-0".to_string(), "2023-11".to_string(), 1),
+            ("bdk-1".to_string(), "2023-11".to_string(), 1),
+            ("bdk-1".to_string(), "2023-12".to_string(), 1),
+        ]
+    );
+}
+
+fn execution_state_counts_and_expiring_within_count_open_executions(s: &Subject) {
+    let st = s.store();
+    let w = world(st, "acme", 3);
+    let (_, e) = st.create_task(&new_task(&w, &[0, 1, 2], T0, T0 + DAY_MS)).must();
+    st.apply_batch(&[
+        Write::Delivered { execution_id: e[0].id, at: T0 },
+        Write::End(ending(e[1].id, ExecutionState::Succeeded, T0)),
+    ])
+    .must();
+    let mut counts: Vec<(i64, &str, i64)> =
+        st.execution_state_counts().must().into_iter().map(|(org, state, n)| (org, state.as_str(), n)).collect();
+    counts.sort();
+    assert_eq!(counts, [(w.org.id, "delivered", 1), (w.org.id, "queued", 1), (w.org.id, "succeeded", 1)]);
+    assert_eq!(st.expiring_within(T0, DAY_MS - 1).must(), 0);
+    assert_eq!(st.expiring_within(T0, DAY_MS).must(), 2, "the open ones only");
+}
+
+fn the_audit_log_is_newest_first_per_organization_and_refuses_change(s: &Subject) {
+    let st = s.store();
+    let acme = st.create_org("acme", T0).must();
+    let entry = |org_id, action: &str| AuditEntry {
+        id: 0,
+        at: T0,
+        org_id,
+        actor: "ops".into(),
+        token_id: Some(1),
+        action: action.into(),
+        object: "device acme-0000".into(),
+        details: serde_json::json!({ "reason": action, "n": 3 }),
+    };
+    st.append_audit(&entry(Some(acme.id), "import")).must();
+    st.append_audit(&entry(None, "org.create")).must();
+    st.append_audit(&entry(Some(acme.id), "assign")).must();
+    let actions =
+        |org, limit| -> Vec<String> { st.list_audit(org, limit).must().into_iter().map(|e| e.action).collect() };
+    assert_eq!(actions(Some(acme.id), 10), ["assign", "import"]);
+    assert_eq!(actions(None, 10), ["assign", "org.create", "import"]);
+    assert_eq!(actions(None, 1), ["assign"]);
+    let newest = &st.list_audit(None, 1).must()[0];
+    assert_eq!(newest.details, serde_json::json!({ "reason": "assign", "n": 3 }));
+    let refused = s.raw_execute("UPDATE audit SET actor = 'intruder'").expect_err("UPDATE of the audit log is refused");
+    assert!(refused.contains("audit log is append-only"), "{refused}");
+    let refused = s.raw_execute("DELETE FROM audit").expect_err("DELETE from the audit log is refused");
+    assert!(refused.contains("audit log is append-only"), "{refused}");
+    assert_eq!(st.list_audit(None, 10).must().len(), 3);
+}
+
+fn records_refuse_update_and_delete(s: &Subject) {
+    let st = s.store();
+    let w = world(st, "acme", 1);
+    let (_, e) = task(st, &w, &[0]);
+    st.apply_batch(&[Write::End(ending(e[0].id, ExecutionState::Succeeded, T0))]).must();
+    let refused = s.raw_execute("UPDATE records SET result = 'failed'").expect_err("UPDATE of records is refused");
+    assert!(refused.contains("records are permanent"), "{refused}");
+    let refused = s.raw_execute("DELETE FROM records").expect_err("DELETE of records is refused");
+    assert!(refused.contains("records are permanent"), "{refused}");
+    assert_eq!(all_records(st, w.org.id)[0].result, "succeeded");
+}
+
+// ---------------------------------------------------------------- migrations and inherent methods
+
+fn migrations_run_once_and_reopening_keeps_everything(s: &Subject) {
+    const MIGRATIONS: i64 = 2;
+    assert_eq!(s.opened.schema_version().must(), MIGRATIONS);
+    let w = world(s.store(), "acme", 2);
+    let again = s.reopen().must();
+    let twice = s.reopen().must();
+    for opened in [&again, &twice] {
+        assert_eq!(opened.schema_version().must(), MIGRATIONS);
+        assert_eq!(opened.store().count_devices(w.org.id).must(), 2);
+    }
+    twice.store().create_org("globex", T0).must();
+    assert_eq!(s.store().list_orgs().must().len(), 2, "one database behind every handle");
+}
+
+fn meta_values_are_set_and_replaced(s: &Subject) {
+    assert_eq!(s.opened.meta("master_key_kcv").must(), None);
+    s.opened.set_meta("master_key_kcv", "AAAAAA").must();
+    s.opened.set_meta("master_key_kcv", "BBBBBB").must();
+    assert_eq!(s.opened.meta("master_key_kcv").must().as_deref(), Some("BBBBBB"));
+}
+
+fn reseal_all_reseals_every_key_or_none(s: &Subject) {
+    let st = s.store();
+    let w = world(st, "acme", 2);
+    initialise(st, &w, 1);
+    let failed = s.opened.reseal_all(
+        |sealed| if sealed.contains("tdes") { Err("bad block".into()) } else { Ok(format!("new:{sealed}")) },
+        "NEWKCV",
+    );
+    assert!(matches!(failed, Err(StoreError::Invalid(_))), "{failed:?}");
+    assert_eq!(st.key_source(w.org.id, w.source.id).must().sealed, "sealed:bdk-1", "nothing re-sealed");
+    assert_eq!(s.opened.meta("master_key_kcv").must(), None);
+    let count = s.opened.reseal_all(|sealed| Ok(format!("new:{sealed}")), "NEWKCV").must();
+    assert_eq!(count, 1 + 3, "one BDK and one initialised device's three keys");
+    assert_eq!(st.key_source(w.org.id, w.source.id).must().sealed, "new:sealed:bdk-1");
+    let creds = st.credentials("acme-0001").must().expect("initialised");
+    assert_eq!(
+        (creds.signing_key.as_str(), creds.kbpk_aes.as_str(), creds.kbpk_tdes.as_str()),
+        ("new:sealed:sign:acme-0001", "new:sealed:aes:acme-0001", "new:sealed:tdes:acme-0001")
+    );
+    assert_eq!(s.opened.meta("master_key_kcv").must().as_deref(), Some("NEWKCV"));
+}
+
+// ---------------------------------------------------------------- across the backends
+
+/// A small deterministic generator (xorshift64*), so a failing batch can be replayed.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        (self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 33) as usize % n
+    }
+}
+
+/// Everything the batch writes can change, in one comparable text per backend.
+fn snapshot(st: &dyn Store, w: &World, tasks: &[i64], gudids: &[Vec<u8>]) -> Vec<String> {
+    let mut out = Vec::new();
+    for d in st.devices_by_ids(&w.devices.iter().map(|d| d.id).collect::<Vec<_>>()).must() {
+        out.push(format!("{d:?}"));
+    }
+    for c in st.credentials_for(&w.devices.iter().map(|d| d.id).collect::<Vec<_>>()).must() {
+        out.push(format!("{c:?}"));
+    }
+    for t in tasks {
+        out.extend(st.task_executions(*t).must().iter().map(|e| format!("{e:?}")));
+    }
+    // Records by execution, without their ids: a batch applied in several rounds may number the
+    // records of one batch in another order than SQLite does; nothing reads meaning into that.
+    let mut records = all_records(st, w.org.id);
+    records.sort_by_key(|r| r.execution_id);
+    out.extend(records.into_iter().map(|r| format!("{:?}", RecordRow { id: 0, ..r })));
+    for g in gudids {
+        out.push(format!("{:?}", st.gudid_by_id(g).must().map(|g| g.used_at)));
+    }
+    out
+}
+
+fn random_write(rng: &mut Rng, w: &World, executions: &[ExecutionRow], gudids: &[GudidRow], at: i64) -> Write {
+    let device = w.devices[rng.below(w.devices.len())].id;
+    let execution = executions[rng.below(executions.len())].id;
+    match rng.below(12) {
+        0 | 1 => Write::Report(DeviceReport {
+            debug_mode: rng.below(2) == 0,
+            region: ["EU", "US", "APAC"][rng.below(3)].into(),
+            ..report(device, rng.below(2) == 0, at)
+        }),
+        2 => Write::Seen { device_id: device, at },
+        3 | 4 => Write::Counter { device_id: device, counter: rng.below(1_000) as u64 },
+        5 | 6 => Write::Delivered { execution_id: execution, at },
+        7..=10 => {
+            // Endings end: only the final states (an "ending" to an open state is refused).
+            let finals: Vec<ExecutionState> = ExecutionState::ALL.into_iter().filter(|s| !s.is_open()).collect();
+            let state = finals[rng.below(finals.len())];
+            Write::End(Ending { lock_device: rng.below(3) != 0, ..ending(execution, state, at) })
+        }
+        _ => {
+            let gudid = &gudids[rng.below(gudids.len())];
+            Write::Initialise {
+                gudid_row: gudid.id,
+                device_id: gudid.device_id,
+                creds: NewCredentials { counter: rng.below(50) as u64, ..new_credentials(&format!("g{at}")) },
+                at,
+            }
+        }
+    }
+}
+
+type Ended = Vec<(i64, ExecutionState)>;
+
+#[test]
+fn postgres_applies_random_batches_exactly_as_sqlite_applies_them_write_by_write() {
+    const DEVICES: usize = 6;
+    const BATCHES: usize = 60;
+    const WRITES_MAX: usize = 40;
+    let subjects = [Subject::sqlite(), Subject::postgres()];
+    let worlds: Vec<World> = subjects.iter().map(|s| world(s.store(), "acme", DEVICES)).collect();
+    let mut tasks = Vec::new();
+    let mut executions = Vec::new();
+    let mut gudids = Vec::new();
+    for (s, w) in subjects.iter().zip(&worlds) {
+        let st = s.store();
+        let (a, ea) = task(st, w, &(0..DEVICES).collect::<Vec<_>>());
+        let (b, eb) = task(st, w, &[0, 1, 2]);
+        tasks.push(vec![a.id, b.id]);
+        executions.push([ea, eb].concat());
+        gudids.push(
+            (0..DEVICES)
+                .flat_map(|d| (0..2u8).map(move |tag| (d, tag)))
+                .map(|(d, tag)| st.insert_gudid(&new_gudid(w, d, tag)).must())
+                .collect::<Vec<_>>(),
+        );
+    }
+    assert_eq!(tasks[0], tasks[1], "both backends number rows alike");
+    let gudid_ids: Vec<Vec<u8>> = gudids[0].iter().map(|g| g.gudid_id.clone()).collect();
+    let mut rng = Rng(0x5EED_0FBA_7C4E_5EED);
+    for batch in 0..BATCHES {
+        let len = 1 + rng.below(WRITES_MAX);
+        let writes: Vec<Write> = (0..len)
+            .map(|i| random_write(&mut rng, &worlds[0], &executions[0], &gudids[0], T0 + (batch * 100 + i) as i64))
+            .collect();
+        let outcomes: Vec<(Ended, Vec<String>)> = subjects
+            .iter()
+            .map(|s| {
+                let o = s.store().apply_batch(&writes).must();
+                (o.ended, o.initialised.into_iter().map(|(row, c)| format!("{row} {c:?}")).collect())
+            })
+            .collect();
+        assert_eq!(outcomes[0], outcomes[1], "batch {batch} outcome: {writes:#?}");
+        let snapshots: Vec<Vec<String>> =
+            subjects.iter().zip(&worlds).map(|(s, w)| snapshot(s.store(), w, &tasks[0], &gudid_ids)).collect();
+        for (sqlite, postgres) in snapshots[0].iter().zip(&snapshots[1]) {
+            assert_eq!(sqlite, postgres, "after batch {batch}: {writes:#?}");
+        }
+        assert_eq!(snapshots[0].len(), snapshots[1].len());
+    }
+}
+
+#[test]
+fn postgres_refuses_truncate_of_the_append_only_tables() {
+    let s = Subject::postgres();
+    for (table, message) in [("audit", "audit log is append-only"), ("records", "records are permanent")] {
+        let refused = s.raw_execute(&format!("TRUNCATE {table} CASCADE")).expect_err("TRUNCATE is refused");
+        assert!(refused.contains(message), "{table}: {refused}");
+    }
+}
