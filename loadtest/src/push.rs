@@ -221,6 +221,7 @@ fn drive(
     }
     progress.set_phase("push");
     let profiler = if matches!(scenario, Scenario::FleetPush) { start_profile(options, pid, "push") } else { None };
+    let base = fleet.snapshot();
     let push_started = Instant::now();
     let (task, created_at) = setup::create_task(api, group)?;
     summary.task_create_seconds = round3(push_started.elapsed().as_secs_f64());
@@ -256,7 +257,8 @@ fn drive(
     }
     let own_before = procfs::sample(std::process::id()).map(|s| s.cpu_seconds).unwrap_or(0.0);
     let mut timeline = Vec::new();
-    let counts = wait_push(api, &fleet, task, n, waited_from, options.phase_timeout, progress, &mut timeline)?;
+    let base = if matches!(scenario, Scenario::ReconnectStorm) { fleet.snapshot() } else { base };
+    let counts = wait_push(api, &fleet, task, n, waited_from, options.phase_timeout, progress, base, &mut timeline)?;
     summary.push_seconds = round3(waited_from.elapsed().as_secs_f64());
     let own_after = procfs::sample(std::process::id()).map(|s| s.cpu_seconds).unwrap_or(0.0);
     summary.extra.insert("loadtest_cpu_seconds_push".into(), json!(round3(own_after - own_before)));
@@ -478,9 +480,9 @@ fn wait_push(
     started: Instant,
     timeout: Duration,
     progress: &Progress,
+    base: rki_device_sim::FleetSnapshot,
     timeline: &mut Vec<Stage>,
 ) -> Result<Counts> {
-    let base = fleet.snapshot();
     loop {
         let counts = setup::task_counts(api, task)?;
         let snapshot = fleet.snapshot();
