@@ -156,7 +156,16 @@
     }
   }
 
-  /** A modal confirmation; resolves to true only if the operator confirms. */
+  /** Opens a modal dialog; when it closes, the focus returns to where it was. */
+  function openDialog(dialog) {
+    const before = document.activeElement;
+    dialog.addEventListener('close', () => {
+      if (before && before.isConnected) before.focus();
+    }, { once: true });
+    dialog.showModal();
+  }
+
+  /** A modal confirmation; resolves to true only if the operator confirms (Esc cancels). */
   function confirmAction(title, text, okLabel) {
     const dialog = $('#confirm');
     $('#confirm-title').textContent = title;
@@ -165,7 +174,7 @@
     dialog.returnValue = '';
     return new Promise((resolve) => {
       dialog.addEventListener('close', () => resolve(dialog.returnValue === 'ok'), { once: true });
-      dialog.showModal();
+      openDialog(dialog);
     });
   }
 
@@ -851,7 +860,7 @@
       ['Injection', r.injection], ['Time', fmtTime(r.at)], ['Task', `#${r.task_id}`], ['Execution', String(r.execution_id)],
     ];
     $('#derivation-list').replaceChildren(...facts.flatMap(([k, v]) => [h('dt', {}, k), h('dd', { dataset: { fact: k } }, dash(v))]));
-    $('#derivation').showModal();
+    openDialog($('#derivation'));
   }
 
   async function loadRecords() {

@@ -402,6 +402,7 @@ async function main() {
     await shot('derivation');
     await page.keyboard.press('Escape');
     await eventually(async () => assert.equal(await dialog.isVisible(), false));
+    assert.equal(await page.evaluate(() => document.activeElement.getAttribute('aria-label')), 'View key derivation record of SHOP001', 'focus returns to the button');
 
     const [download] = await Promise.all([page.waitForEvent('download'), page.getByRole('button', { name: 'Export CSV' }).click()]);
     assert.equal(download.suggestedFilename(), 'download-records.csv');
