@@ -223,7 +223,11 @@ fn drive(
     let profiler = if matches!(scenario, Scenario::FleetPush) { start_profile(options, pid, "push") } else { None };
     let base = fleet.snapshot();
     let push_started = Instant::now();
+    // Latencies count from the creation request, on the system clock the gateway also stamps its
+    // records with (same machine); the task's own `created_at` comes after derivation.
+    let requested_at_ms = unix_ms();
     let (task, created_at) = setup::create_task(api, group)?;
+    summary.extra.insert("task_created_at_after_request_ms".into(), json!(created_at - requested_at_ms));
     summary.task_create_seconds = round3(push_started.elapsed().as_secs_f64());
     let mut waited_from = push_started;
     match scenario {
@@ -295,7 +299,7 @@ fn drive(
     // What is durable, checked here.
     progress.set_phase("verify");
     let records = setup::task_records(api, task)?;
-    let verdict = verify(&records, &fleet, sns, created_at)?;
+    let verdict = verify(&records, &fleet, sns, requested_at_ms)?;
     summary.latency_ms = Latency::of(&verdict.latencies_ms);
     summary.curve = curve(&verdict.latencies_ms);
     summary.acks_verified = verdict.verified;
@@ -604,13 +608,19 @@ struct Verdict {
     duplicates: usize,
 }
 
-fn verify(records: &[setup::Record], fleet: &Fleet, sns: &[String], created_at: i64) -> Result<Verdict> {
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+/// Checks the records: one per device, succeeded, with the KCV recomputed here. Latencies count
+/// from `since_ms` (Unix milliseconds).
+fn verify(records: &[setup::Record], fleet: &Fleet, sns: &[String], since_ms: i64) -> Result<Verdict> {
     let mut per_sn: HashMap<&str, usize> = HashMap::new();
     let mut latencies_ms = Vec::with_capacity(records.len());
     let mut verified = 0;
     for r in records {
         *per_sn.entry(r.sn.as_str()).or_default() += 1;
-        latencies_ms.push((r.at_ms - created_at) as f64);
+        latencies_ms.push((r.at_ms - since_ms) as f64);
         if r.result == "succeeded" && rki_tests::expected_kcv(&r.key_id)? == r.kcv {
             verified += 1;
         }

@@ -62,7 +62,7 @@ pub struct Summary {
     /// The creation request alone: derive, wrap, persist, first publish.
     pub task_create_seconds: f64,
     pub keys_per_second: f64,
-    /// From the task's creation to each ack, per device.
+    /// From the task's creation request to each ack's record, per device.
     pub latency_ms: Latency,
     /// Devices whose key is recorded as succeeded with the KCV computed here independently.
     pub acks_verified: usize,
