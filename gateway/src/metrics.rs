@@ -40,10 +40,12 @@ pub const BROKER_FAILED_PUBLISHES_TOTAL: &str = "rki_broker_failed_publishes_tot
 pub const BROKER_ALERTS_TOTAL: &str = "rki_broker_alerts_total";
 
 /// Histogram buckets for delivery latency (creation → durable ack, hello → durable ack): from a
-/// few milliseconds on a live push to days for devices that come online late.
+/// few milliseconds on a live push (a 100-terminal push here: 50 to 100 ms from creation) to days
+/// for devices that come online late.
 const DELIVERY_BUCKETS: &[f64] =
     &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0, 86400.0, 604800.0];
-/// Store commit latency: a batched SQLite commit with fsync takes about a millisecond here.
+/// Store commit latency: a batched SQLite commit with fsync took 3.5 ms on average here (a
+/// 100-terminal push: 51 of 60 commits under 5 ms, none above 50 ms).
 const COMMIT_BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0];
 const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 5.0, 10.0, 50.0, 100.0, 500.0, 1000.0, 5000.0];
 
@@ -72,6 +74,10 @@ fn register_closed_series() {
     }
     for state in ExecutionState::ALL.into_iter().filter(|s| !s.is_open()) {
         metrics::counter!(EXECUTIONS_ENDED_TOTAL, "state" => state.as_str()).increment(0);
+    }
+    // rumqttd's alert kinds (`AlertKind::name`).
+    for kind in ["cursor_jump", "bad_publish"] {
+        metrics::counter!(BROKER_ALERTS_TOTAL, "kind" => kind).increment(0);
     }
     for name in [DELIVERIES_TOTAL, DUPLICATE_ACKS_TOTAL, INITIALISATIONS_TOTAL, SAMPLER_ERRORS_TOTAL] {
         metrics::counter!(name).increment(0);
@@ -127,8 +133,14 @@ fn describe() {
     describe_gauge!(BROKER_CONNECTIONS, "Embedded broker: MQTT connections open (rumqttd router meter).");
     describe_gauge!(BROKER_SUBSCRIPTIONS, "Embedded broker: subscriptions (rumqttd router meter).");
     describe_counter!(BROKER_PUBLISHES_TOTAL, "Embedded broker: publishes routed.");
-    describe_counter!(BROKER_FAILED_PUBLISHES_TOTAL, "Embedded broker: publishes it could not route (e.g. no matching filter).");
-    describe_counter!(BROKER_ALERTS_TOTAL, "Embedded broker alerts by kind (cursor_jump: a slow subscriber lost messages).");
+    describe_counter!(
+        BROKER_FAILED_PUBLISHES_TOTAL,
+        "Embedded broker: publishes it could not route (e.g. no matching filter)."
+    );
+    describe_counter!(
+        BROKER_ALERTS_TOTAL,
+        "Embedded broker alerts by kind (cursor_jump: a slow subscriber lost messages)."
+    );
 }
 
 #[cfg(test)]
