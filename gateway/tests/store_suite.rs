@@ -14,6 +14,7 @@ mod pg;
 use std::collections::HashSet;
 
 use rki_gateway::domain::ExecutionState;
+use rki_gateway::store::postgres::PostgresStore;
 use rki_gateway::store::*;
 
 use harness::*;
@@ -959,4 +960,48 @@ fn postgres_refuses_truncate_of_the_append_only_tables() {
         let refused = s.raw_execute(&format!("TRUNCATE {table} CASCADE")).expect_err("TRUNCATE is refused");
         assert!(refused.contains(message), "{table}: {refused}");
     }
+}
+
+#[test]
+fn postgres_nodes_starting_together_migrate_one_database_once() {
+    const NODES: usize = 4;
+    let url = pg_server().create_database("nodes_starting_together").unwrap_or_else(|e| panic!("{e}"));
+    let versions: Vec<i64> = std::thread::scope(|scope| {
+        let nodes: Vec<_> = (0..NODES)
+            .map(|_| scope.spawn(|| PostgresStore::connect(&url, 1).must().schema_version().must()))
+            .collect();
+        nodes.into_iter().map(|n| n.join().expect("starting node")).collect()
+    });
+    assert_eq!(versions, [2; NODES]);
+    let mut client = ::postgres::Client::connect(&url, ::postgres::NoTls).expect("connect");
+    let recorded: Vec<i32> = client
+        .query("SELECT version FROM schema_migrations ORDER BY version", &[])
+        .expect("schema_migrations")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(recorded, [1, 2], "each migration recorded once");
+}
+
+#[test]
+fn postgres_store_reconnects_after_the_server_ends_its_sessions() {
+    let s = Subject::postgres();
+    let st = s.store();
+    let w = world(st, "acme", 2);
+    // Every pooled connection is in use once, so the pool holds several idle sessions.
+    std::thread::scope(|scope| {
+        for _ in 0..4 {
+            scope.spawn(|| st.list_orgs().must());
+        }
+    });
+    let ended = s
+        .raw_execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE datname = current_database() AND pid <> pg_backend_pid()",
+        )
+        .expect("terminate the store's sessions");
+    assert!(ended >= 1, "the store had sessions to end");
+    assert_eq!(st.count_devices(w.org.id).must(), 2, "a read after the sessions ended");
+    st.create_org("globex", T0).must();
+    assert_eq!(st.list_orgs().must().len(), 2, "a write after the sessions ended");
 }

@@ -78,8 +78,12 @@ pub struct PostgresStore {
 enum Failure {
     Store(StoreError),
     /// Rolled back by the server (deadlock, serialization) or lost before commit: nothing was
-    /// written, so running the transaction again is safe.
-    Transient(String),
+    /// written, so running the transaction again is safe. `session_lost`: the connection is
+    /// gone (or going) and must not go back to the pool.
+    Transient {
+        reason: String,
+        session_lost: bool,
+    },
 }
 
 impl From<StoreError> for Failure {
@@ -88,21 +92,41 @@ impl From<StoreError> for Failure {
     }
 }
 
+/// The error with the server's message and SQLSTATE (`postgres::Error` displays a database
+/// error as just "db error").
+fn describe(e: &::postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} {}: {}", db.severity(), db.code().code(), db.message()),
+        None => e.to_string(),
+    }
+}
+
 impl From<::postgres::Error> for Failure {
     fn from(e: ::postgres::Error) -> Self {
         if e.is_closed() {
-            return Failure::Transient(e.to_string());
+            return Failure::Transient { reason: describe(&e), session_lost: true };
         }
         match e.code() {
             Some(code) if *code == SqlState::T_R_DEADLOCK_DETECTED || *code == SqlState::T_R_SERIALIZATION_FAILURE => {
-                Failure::Transient(e.to_string())
+                Failure::Transient { reason: describe(&e), session_lost: false }
+            }
+            // The server ended the session (restart, failover, pg_terminate_backend) or broke
+            // the connection: nothing of the transaction was committed (a failed COMMIT is not
+            // retried, see `PostgresStore::write`).
+            Some(code)
+                if code.code().starts_with("08")
+                    || *code == SqlState::ADMIN_SHUTDOWN
+                    || *code == SqlState::CRASH_SHUTDOWN
+                    || *code == SqlState::CANNOT_CONNECT_NOW =>
+            {
+                Failure::Transient { reason: describe(&e), session_lost: true }
             }
             // Class 23, integrity constraint violation: unique and foreign keys, and the
             // append-only triggers. The caller's fault, as SQLite's constraint errors are.
             Some(code) if code.code().starts_with("23") => Failure::Store(StoreError::Conflict(
                 e.as_db_error().map_or_else(|| e.to_string(), |db| db.message().into()),
             )),
-            _ => Failure::Store(StoreError::Backend(e.to_string())),
+            _ => Failure::Store(StoreError::Backend(describe(&e))),
         }
     }
 }
@@ -111,7 +135,7 @@ impl From<Failure> for StoreError {
     fn from(f: Failure) -> Self {
         match f {
             Failure::Store(e) => e,
-            Failure::Transient(reason) => StoreError::Backend(reason),
+            Failure::Transient { reason, .. } => StoreError::Backend(reason),
         }
     }
 }
@@ -162,6 +186,8 @@ struct PoolState {
 struct Pooled<'a> {
     pool: &'a Pool,
     conn: Option<Conn>,
+    /// Set when the session was lost: the connection is dropped, not returned.
+    lost: bool,
 }
 
 impl Pool {
@@ -178,13 +204,15 @@ impl Pool {
                     state.open -= 1;
                     continue;
                 }
-                return Ok(Pooled { pool: self, conn: Some(conn) });
+                return Ok(Pooled { pool: self, conn: Some(conn), lost: false });
             }
             if state.open < self.size {
                 state.open += 1;
                 drop(state);
                 return match self.config.connect(NoTls) {
-                    Ok(client) => Ok(Pooled { pool: self, conn: Some(Conn { client, statements: HashMap::new() }) }),
+                    Ok(client) => {
+                        Ok(Pooled { pool: self, conn: Some(Conn { client, statements: HashMap::new() }), lost: false })
+                    }
                     Err(e) => {
                         self.lock().open -= 1;
                         self.returned.notify_one();
@@ -208,7 +236,7 @@ impl Drop for Pooled<'_> {
     fn drop(&mut self) {
         let Some(conn) = self.conn.take() else { return };
         let mut state = self.pool.lock();
-        if conn.client.is_closed() {
+        if self.lost || conn.client.is_closed() {
             // The server went away (restart, failover): the idle connections opened before are
             // most likely dead too. Drop them all; they reopen on demand.
             state.open -= 1 + state.idle.len();
@@ -218,6 +246,16 @@ impl Drop for Pooled<'_> {
         }
         drop(state);
         self.pool.returned.notify_all();
+    }
+}
+
+impl Pooled<'_> {
+    /// Marks the connection lost if `result` says so; passes `result` on.
+    fn check<T>(&mut self, result: Result<T, Failure>) -> Result<T, Failure> {
+        if let Err(Failure::Transient { session_lost: true, .. }) = &result {
+            self.lost = true;
+        }
+        result
     }
 }
 
@@ -282,7 +320,7 @@ fn retrying<T>(mut attempt: impl FnMut() -> Result<T, Failure>) -> StoreResult<T
     let mut tries = 1;
     loop {
         match attempt() {
-            Err(Failure::Transient(reason)) if tries < TRANSIENT_TRIES_MAX => {
+            Err(Failure::Transient { reason, .. }) if tries < TRANSIENT_TRIES_MAX => {
                 tracing::debug!(%reason, tries, "PostgreSQL transaction retried");
                 std::thread::sleep(backoff);
                 backoff *= 2;
@@ -321,7 +359,8 @@ impl PostgresStore {
         };
         retrying(|| {
             let mut conn = store.pool.get()?;
-            migrate(&mut conn.client)
+            let result = migrate(&mut conn.client);
+            conn.check(result)
         })?;
         Ok(store)
     }
@@ -330,7 +369,8 @@ impl PostgresStore {
         retrying(|| {
             let mut pooled = self.pool.get()?;
             let Conn { client, statements } = &mut *pooled;
-            f(&mut Session { client, statements })
+            let result = f(&mut Session { client, statements });
+            pooled.check(result)
         })
     }
 
@@ -339,18 +379,8 @@ impl PostgresStore {
     fn write<T>(&self, mut f: impl FnMut(&mut Session<'_, Transaction<'_>>) -> Result<T, Failure>) -> StoreResult<T> {
         retrying(|| {
             let mut pooled = self.pool.get()?;
-            let Conn { client, statements } = &mut *pooled;
-            let mut tx = client.transaction()?;
-            let out = f(&mut Session { client: &mut tx, statements })?;
-            tx.commit().map_err(|e| {
-                if e.is_closed() {
-                    // The COMMIT may or may not have reached the server: not safe to re-run.
-                    Failure::Store(StoreError::Backend(format!("connection lost during commit, outcome unknown: {e}")))
-                } else {
-                    Failure::from(e)
-                }
-            })?;
-            Ok(out)
+            let result = transaction(&mut pooled, &mut f);
+            pooled.check(result)
         })
     }
 
@@ -411,6 +441,24 @@ impl PostgresStore {
             Ok(s.query_one("SELECT COALESCE(max(version), 0)::bigint FROM schema_migrations", &[])?.try_get(0)?)
         })
     }
+}
+
+fn transaction<T>(
+    conn: &mut Conn,
+    f: &mut impl FnMut(&mut Session<'_, Transaction<'_>>) -> Result<T, Failure>,
+) -> Result<T, Failure> {
+    let Conn { client, statements } = conn;
+    let mut tx = client.transaction()?;
+    let out = f(&mut Session { client: &mut tx, statements })?;
+    tx.commit().map_err(|e| match Failure::from(e) {
+        // The COMMIT may or may not have taken effect: not safe to run again. The session is
+        // dropped all the same.
+        Failure::Transient { reason, session_lost } if session_lost => {
+            Failure::Store(StoreError::Backend(format!("commit outcome unknown: {reason}")))
+        }
+        other => other,
+    })?;
+    Ok(out)
 }
 
 fn migrate(client: &mut Client) -> Result<(), Failure> {
@@ -697,7 +745,7 @@ const END_EXECUTIONS: &str = concat!(
     record_ended!(),
     ",
      locked AS (
-         UPDATE devices SET locked = TRUE WHERE id IN (SELECT device_id FROM ended WHERE lock_device)
+         UPDATE devices SET locked = TRUE WHERE NOT locked AND id IN (SELECT device_id FROM ended WHERE lock_device)
      )
      SELECT x.ord, (SELECT count(*) FROM recorded) FROM ended x ORDER BY x.ord"
 );
@@ -902,7 +950,8 @@ const APPLY_SEEN: &str = "UPDATE devices d SET last_seen = i.at
      FROM unnest($1::bigint[], $2::bigint[]) AS i(device_id, at) WHERE d.id = i.device_id";
 
 const APPLY_COUNTERS: &str = "UPDATE devices d SET last_counter = GREATEST(d.last_counter, i.counter)
-     FROM unnest($1::bigint[], $2::bigint[]) AS i(device_id, counter) WHERE d.id = i.device_id";
+     FROM unnest($1::bigint[], $2::bigint[]) AS i(device_id, counter)
+     WHERE d.id = i.device_id AND d.last_counter < i.counter";
 
 const APPLY_DELIVERED: &str =
     "UPDATE executions e SET state = 'delivered', delivered_at = COALESCE(e.delivered_at, i.at),

@@ -84,7 +84,7 @@ CREATE TABLE devices (
     last_counter        BIGINT NOT NULL DEFAULT 0,
     generation          BIGINT NOT NULL DEFAULT 0,
     created_at          BIGINT NOT NULL
-);
+) WITH (fillfactor = 70);
 CREATE INDEX devices_org ON devices(org_id, sn);
 
 CREATE TABLE groups (
