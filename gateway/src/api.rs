@@ -40,6 +40,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics_page))
+        .route("/v1/whoami", get(whoami))
         .route("/v1/orgs", post(create_org).get(list_orgs))
         .route("/v1/orgs/{org}/key-sources", post(authorize_key_source))
         .route("/v1/key-sources", get(list_key_sources))
@@ -250,6 +251,18 @@ async fn healthz(State(state): St) -> Response {
 
 async fn metrics_page(State(state): St) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.prometheus.render()).into_response()
+}
+
+/// Who the token belongs to: role, organization and label.
+async fn whoami(State(state): St, caller: Caller) -> ApiResult<Json<Value>> {
+    let org = match caller.org_id {
+        Some(id) => {
+            let org = blocking(&state, move |s| s.org(id)).await?;
+            json!({"id": org.id, "name": org.name})
+        }
+        None => Value::Null,
+    };
+    Ok(Json(json!({"role": caller.role.as_str(), "org": org, "label": caller.label})))
 }
 
 // ------------------------------------------------------------------ organizations and key sources
@@ -793,6 +806,7 @@ async fn get_task(State(state): St, caller: Caller, Path(id): Path<i64>) -> ApiR
         .map(|e| {
             let mut v = serde_json::to_value(e).unwrap_or(Value::Null);
             v["result_meaning"] = json!(e.result.map(rki_protocol::terminal::result_meaning));
+            v["error_remedy"] = json!(e.result.and_then(rki_protocol::terminal::TerminalError::from_code).map(|t| t.remedy()));
             v["online"] = json!(state.engine.is_online(&e.sn));
             v
         })
@@ -860,6 +874,8 @@ async fn list_records(State(state): St, caller: Caller, Query(q): Query<RecordQu
                 .map(|r| {
                     let mut v = serde_json::to_value(r).unwrap_or(Value::Null);
                     v["error_meaning"] = json!(r.error_code.map(rki_protocol::terminal::result_meaning));
+                    v["error_remedy"] =
+                        json!(r.error_code.and_then(rki_protocol::terminal::TerminalError::from_code).map(|t| t.remedy()));
                     v
                 })
                 .collect();

@@ -222,6 +222,8 @@ pub struct TaskSpec {
 pub struct NotReadyDevice {
     pub sn: String,
     pub reasons: Vec<&'static str>,
+    /// Each reason as an operator reads it, in the same order.
+    pub meanings: Vec<&'static str>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -1213,7 +1215,11 @@ impl Engine {
             if reasons.iter().any(|r| r.blocks()) {
                 preview
                     .not_ready
-                    .push(NotReadyDevice { sn: d.sn, reasons: reasons.iter().map(|r| r.as_str()).collect() });
+                    .push(NotReadyDevice {
+                        sn: d.sn,
+                        reasons: reasons.iter().map(|r| r.as_str()).collect(),
+                        meanings: reasons.iter().map(|r| r.meaning()).collect(),
+                    });
             } else {
                 if reasons.contains(&NotReady::NeverSeen) {
                     preview.never_seen.push(d.sn.clone());

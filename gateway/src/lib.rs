@@ -16,6 +16,10 @@
 //! - [`api`]: the axum admin API, `/metrics`, `/healthz`.
 //! - [`metrics`]: every metric name, once.
 //! - [`bootstrap`]: creating organizations and tokens.
+//! - [`portal`]: the fleet manager's web portal under `/portal/`, static files over the `/v1` API.
+//! - [`external`] and [`mosquitto`]: the gateway as a client of an external broker, and the
+//!   Mosquitto password and ACL files generated from the registry.
+//! - [`sampler`]: periodic gauges read from the store.
 //! - [`server`]: wiring it all together, and graceful shutdown.
 
 pub mod api;
