@@ -806,7 +806,8 @@ async fn get_task(State(state): St, caller: Caller, Path(id): Path<i64>) -> ApiR
         .map(|e| {
             let mut v = serde_json::to_value(e).unwrap_or(Value::Null);
             v["result_meaning"] = json!(e.result.map(rki_protocol::terminal::result_meaning));
-            v["error_remedy"] = json!(e.result.and_then(rki_protocol::terminal::TerminalError::from_code).map(|t| t.remedy()));
+            v["error_remedy"] =
+                json!(e.result.and_then(rki_protocol::terminal::TerminalError::from_code).map(|t| t.remedy()));
             v["online"] = json!(state.engine.is_online(&e.sn));
             v
         })
@@ -874,8 +875,10 @@ async fn list_records(State(state): St, caller: Caller, Query(q): Query<RecordQu
                 .map(|r| {
                     let mut v = serde_json::to_value(r).unwrap_or(Value::Null);
                     v["error_meaning"] = json!(r.error_code.map(rki_protocol::terminal::result_meaning));
-                    v["error_remedy"] =
-                        json!(r.error_code.and_then(rki_protocol::terminal::TerminalError::from_code).map(|t| t.remedy()));
+                    v["error_remedy"] = json!(r
+                        .error_code
+                        .and_then(rki_protocol::terminal::TerminalError::from_code)
+                        .map(|t| t.remedy()));
                     v
                 })
                 .collect();

@@ -85,7 +85,12 @@ pub struct EmbeddedBroker {
 
 impl EmbeddedBroker {
     /// Starts rumqttd on `addr` on its own threads.
-    pub fn start(addr: SocketAddr, max_connections: usize, fleet_segment_bytes: usize, engine: EngineCell) -> Result<Self, String> {
+    pub fn start(
+        addr: SocketAddr,
+        max_connections: usize,
+        fleet_segment_bytes: usize,
+        engine: EngineCell,
+    ) -> Result<Self, String> {
         let mut connections = ConnectionSettings {
             connection_timeout_ms: 10_000,
             max_payload_size: MAX_PAYLOAD_BYTES,

@@ -187,12 +187,15 @@ impl Config {
         }
         match &self.broker {
             BrokerConfig::Named(name) if name != "embedded" => {
-                return Err(format!("broker = {name:?}: expected \"embedded\" or a table with url = \"mqtt://host:port\""));
+                return Err(format!(
+                    "broker = {name:?}: expected \"embedded\" or a table with url = \"mqtt://host:port\""
+                ));
             }
             BrokerConfig::External(e) => crate::external::parse_url(&e.url).map(|_| ())?,
             BrokerConfig::Named(_) => {}
         }
-        if !(self.store == "sqlite" || self.store.starts_with("postgres://") || self.store.starts_with("postgresql://")) {
+        if !(self.store == "sqlite" || self.store.starts_with("postgres://") || self.store.starts_with("postgresql://"))
+        {
             return Err("store: expected \"sqlite\" or a postgres://… URL".into());
         }
         if !(1..=600).contains(&self.retry_initial_seconds) {
@@ -250,7 +253,8 @@ mod tests {
     fn the_broker_is_embedded_or_an_external_table() {
         let c: Config = toml::from_str("broker = \"embedded\"").expect("toml");
         assert!(c.broker.external().is_none());
-        let c: Config = toml::from_str("[broker]\nurl = \"mqtt://127.0.0.1:1884\"\nshared_group = \"rki\"").expect("toml");
+        let c: Config =
+            toml::from_str("[broker]\nurl = \"mqtt://127.0.0.1:1884\"\nshared_group = \"rki\"").expect("toml");
         assert_eq!(c.broker.external().map(|e| e.url.as_str()), Some("mqtt://127.0.0.1:1884"));
         let c: Config = toml::from_str("broker = \"mosquitto\"").expect("toml");
         assert!(c.validate().is_err());

@@ -977,8 +977,8 @@ impl Engine {
                 .map_err(|_| RefusalCode::Malformed)?;
         let sealed = self.keys.seal_device_secrets(&secrets).map_err(|_| RefusalCode::Malformed)?;
         let password_hash = init::password_hash(secrets.mqtt_password.expose_secret());
-        let broker_password_hash =
-            crate::mosquitto::password_hash(secrets.mqtt_password.expose_secret()).map_err(|_| RefusalCode::Malformed)?;
+        let broker_password_hash = crate::mosquitto::password_hash(secrets.mqtt_password.expose_secret())
+            .map_err(|_| RefusalCode::Malformed)?;
         let creds = NewCredentials {
             broker_password_hash,
             signing_key: sealed.signing_key,
@@ -1213,13 +1213,11 @@ impl Engine {
         for d in devices {
             let reasons = readiness(&d, chosen, pending.contains(&d.id));
             if reasons.iter().any(|r| r.blocks()) {
-                preview
-                    .not_ready
-                    .push(NotReadyDevice {
-                        sn: d.sn,
-                        reasons: reasons.iter().map(|r| r.as_str()).collect(),
-                        meanings: reasons.iter().map(|r| r.meaning()).collect(),
-                    });
+                preview.not_ready.push(NotReadyDevice {
+                    sn: d.sn,
+                    reasons: reasons.iter().map(|r| r.as_str()).collect(),
+                    meanings: reasons.iter().map(|r| r.meaning()).collect(),
+                });
             } else {
                 if reasons.contains(&NotReady::NeverSeen) {
                     preview.never_seen.push(d.sn.clone());
@@ -1411,7 +1409,9 @@ impl Engine {
                 let h = lock(entry.value());
                 h.online
                     && h.open.iter().any(|e| {
-                        e.last_sent.is_some_and(|at| at.elapsed().as_millis() as i64 >= retry_backoff_ms(self.retry_initial_ms(), e.sends))
+                        e.last_sent.is_some_and(|at| {
+                            at.elapsed().as_millis() as i64 >= retry_backoff_ms(self.retry_initial_ms(), e.sends)
+                        })
                     })
             })
             .map(|entry| (entry.key().clone(), entry.value().clone()))
@@ -1421,7 +1421,8 @@ impl Engine {
         }
         if self.is_shared() {
             // Another node may have ended some of them: re-check before re-delivering.
-            let ids: Vec<i64> = due.iter().flat_map(|(_, h)| lock(h).open.iter().map(|e| e.id).collect::<Vec<_>>()).collect();
+            let ids: Vec<i64> =
+                due.iter().flat_map(|(_, h)| lock(h).open.iter().map(|e| e.id).collect::<Vec<_>>()).collect();
             let Ok(open) = self.blocking(move |s| s.still_open(&ids)).await else { return };
             let open: std::collections::HashSet<i64> = open.into_iter().collect();
             let mut ended = Vec::new();

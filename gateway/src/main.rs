@@ -118,10 +118,17 @@ fn rotate_master_key(config: &Config) -> Result<(), String> {
             format!("re-sealing failed, nothing changed: {e}")
         })?;
     let backup = path.with_extension("key.old");
-    std::fs::rename(&path, &backup).map_err(|e| format!("store re-sealed but {} could not be moved: {e}; the new key is {}", path.display(), staged.display()))?;
-    std::fs::rename(&staged, &path).map_err(|e| format!("store re-sealed; move {} to {} by hand: {e}", staged.display(), path.display()))?;
+    std::fs::rename(&path, &backup).map_err(|e| {
+        format!("store re-sealed but {} could not be moved: {e}; the new key is {}", path.display(), staged.display())
+    })?;
+    std::fs::rename(&staged, &path)
+        .map_err(|e| format!("store re-sealed; move {} to {} by hand: {e}", staged.display(), path.display()))?;
     println!("re-sealed {resealed} keys under a new master key (KCV {})", new.kcv());
-    println!("new key: {} (back it up now); old key kept as {} (delete it once the new one is backed up)", path.display(), backup.display());
+    println!(
+        "new key: {} (back it up now); old key kept as {} (delete it once the new one is backed up)",
+        path.display(),
+        backup.display()
+    );
     Ok(())
 }
 

@@ -60,13 +60,18 @@ pub struct BrokerDevice {
 
 /// The password file: the gateway's own user, each device's identity, and each SN's bootstrap
 /// identity `init@{SN}`.
-pub fn password_file(gateway_user: &str, gateway_password_hash: &str, devices: &[BrokerDevice]) -> Result<String, String> {
+pub fn password_file(
+    gateway_user: &str,
+    gateway_password_hash: &str,
+    devices: &[BrokerDevice],
+) -> Result<String, String> {
     let mut out = format!("{gateway_user}:{gateway_password_hash}\n");
     for d in devices {
         if let Some(hash) = &d.password_hash {
             let _ = writeln!(out, "{}:{hash}", d.sn);
         }
-        let _ = writeln!(out, "{}:{}", topic::bootstrap_client_id(&d.sn), password_hash(BOOTSTRAP_PASSWORD.as_bytes())?);
+        let _ =
+            writeln!(out, "{}:{}", topic::bootstrap_client_id(&d.sn), password_hash(BOOTSTRAP_PASSWORD.as_bytes())?);
     }
     Ok(out)
 }

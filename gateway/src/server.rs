@@ -64,15 +64,18 @@ pub async fn run(config: Config) -> Result<(), String> {
     let store_dyn: Arc<dyn Store> = store.as_dyn();
     let engine = match config.broker.external() {
         None => {
-            let mut broker = EmbeddedBroker::start(config.mqtt_addr, max_connections, config.broker_segment_bytes, cell.clone())?;
-            let engine = Engine::start(store_dyn, keys, clock, broker.outbound.clone()).await.map_err(|e| e.to_string())?;
+            let mut broker =
+                EmbeddedBroker::start(config.mqtt_addr, max_connections, config.broker_segment_bytes, cell.clone())?;
+            let engine =
+                Engine::start(store_dyn, keys, clock, broker.outbound.clone()).await.map_err(|e| e.to_string())?;
             let _ = cell.set(engine.clone());
             broker.run_inbound(engine.clone())?;
             engine
         }
         Some(external) => {
             let mut link = crate::external::ExternalLink::new(external)?;
-            let engine = Engine::start(store_dyn, keys, clock, link.outbound.clone()).await.map_err(|e| e.to_string())?;
+            let engine =
+                Engine::start(store_dyn, keys, clock, link.outbound.clone()).await.map_err(|e| e.to_string())?;
             engine.set_shared_store(true);
             let _ = cell.set(engine.clone());
             link.run(engine.clone())?;

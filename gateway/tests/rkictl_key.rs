@@ -40,8 +40,7 @@ fn refused(args: &[&str], code: i32) -> String {
 }
 
 fn vectors(name: &str) -> Vec<Value> {
-    let path =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../protocol/tests/vectors").join(name);
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../protocol/tests/vectors").join(name);
     let text = std::fs::read_to_string(&path).expect("vector file");
     serde_json::from_str::<Value>(&text).expect("JSON").as_array().expect("array").clone()
 }
@@ -62,14 +61,8 @@ fn ipek_reproduces_every_tdes_vector() {
 #[test]
 fn aes_initial_key_reproduces_every_aes_vector() {
     for row in vectors("dukpt_aes_initial_key.json") {
-        let out = json(&[
-            "key",
-            "aes-initial-key",
-            "--bdk",
-            s(&row, "bdk"),
-            "--initial-key-id",
-            s(&row, "initial_key_id"),
-        ]);
+        let out =
+            json(&["key", "aes-initial-key", "--bdk", s(&row, "bdk"), "--initial-key-id", s(&row, "initial_key_id")]);
         assert_eq!(out["initial_key"], row["initial_key"], "{row}");
         if row.get("kcv").is_some() {
             assert_eq!(out["kcv"], row["kcv"], "{row}");
@@ -93,8 +86,7 @@ fn kcv_reproduces_every_kcv_vector() {
 #[test]
 fn tr31_unwrap_reproduces_every_valid_vector_and_refuses_the_invalid_ones() {
     for row in vectors("tr31.json") {
-        let args =
-            ["key", "tr31-unwrap", "--kbpk", s(&row, "kbpk"), "--key-block", s(&row, "key_block")];
+        let args = ["key", "tr31-unwrap", "--kbpk", s(&row, "kbpk"), "--key-block", s(&row, "key_block")];
         if row["valid"].as_bool() == Some(true) {
             let out = json(&args);
             assert_eq!(out["key"], row["key"], "{row}");
@@ -112,11 +104,7 @@ fn tr31_unwrap_reproduces_every_valid_vector_and_refuses_the_invalid_ones() {
 #[test]
 fn tr31_wrap_output_unwraps_to_the_same_key() {
     let cases = [
-        (
-            "89E88CF7931444F334BD7547FC3F380C",
-            "B0000B1TX00N0000",
-            "6AC292FAA1315B4D858AB3A3D7D5933A",
-        ),
+        ("89E88CF7931444F334BD7547FC3F380C", "B0000B1TX00N0000", "6AC292FAA1315B4D858AB3A3D7D5933A"),
         (
             "88E1AB2A2E3DD38C1FA039A536500CC8A87AB9D62DC92C01058FA79F44657DE6",
             "D9999B1AX00E0100IK141234567890123456",
@@ -127,22 +115,14 @@ fn tr31_wrap_output_unwraps_to_the_same_key() {
         let wrapped = json(&["key", "tr31-wrap", "--kbpk", kbpk, "--header", header, "--key", key]);
         let block = wrapped["key_block"].as_str().expect("key block");
         assert_eq!(block[1..5].parse::<usize>().ok(), Some(block.len()), "{block}");
-        let out =
-            json(&["key", "tr31-unwrap", "--kbpk", &kbpk.to_lowercase(), "--key-block", block]);
+        let out = json(&["key", "tr31-unwrap", "--kbpk", &kbpk.to_lowercase(), "--key-block", block]);
         assert_eq!(out["key"].as_str(), Some(key.to_uppercase().as_str()));
     }
 }
 
 #[test]
 fn readable_output_names_each_field() {
-    let output = rkictl(&[
-        "key",
-        "ipek",
-        "--bdk",
-        "0123456789abcdeffedcba9876543210",
-        "--ksn",
-        "ffff9876543210e00008",
-    ]);
+    let output = rkictl(&["key", "ipek", "--bdk", "0123456789abcdeffedcba9876543210", "--ksn", "ffff9876543210e00008"]);
     assert!(output.status.success());
     let text = String::from_utf8_lossy(&output.stdout);
     assert_eq!(text, "ipek: 6AC292FAA1315B4D858AB3A3D7D5933A\nkcv: AF8C07\n");
@@ -151,45 +131,13 @@ fn readable_output_names_each_field() {
 #[test]
 fn bad_input_is_refused_with_one_line_and_a_non_zero_exit() {
     // The P0 vector of tr31.json with its last MAC digit changed.
-    let tampered = concat!(
-        "B0096P0TE00N0000E32B7D4243FB75BCD0BC4A7BACA9A3F55EF25B25E5CA7AC833FD6E07",
-        "5153B9FCAB699699FD2B4B9D"
-    );
+    let tampered =
+        concat!("B0096P0TE00N0000E32B7D4243FB75BCD0BC4A7BACA9A3F55EF25B25E5CA7AC833FD6E07", "5153B9FCAB699699FD2B4B9D");
     let cases: &[(&[&str], i32, &str)] = &[
-        (
-            &[
-                "key",
-                "ipek",
-                "--bdk",
-                "0123456789ABCDEFFEDCBA987654321",
-                "--ksn",
-                "FFFF9876543210E00000",
-            ],
-            1,
-            "odd",
-        ),
-        (
-            &["key", "ipek", "--bdk", "0123456789ABCDEF", "--ksn", "FFFF9876543210E00000"],
-            1,
-            "16 or 24 bytes",
-        ),
-        (
-            &["key", "ipek", "--bdk", "0123456789ABCDEFFEDCBA9876543210", "--ksn", "FFFF98765432"],
-            1,
-            "--ksn",
-        ),
-        (
-            &[
-                "key",
-                "ipek",
-                "--bdk",
-                "0123456789ABCDEFFEDCBA98765432XY",
-                "--ksn",
-                "FFFF9876543210E00000",
-            ],
-            1,
-            "hex",
-        ),
+        (&["key", "ipek", "--bdk", "0123456789ABCDEFFEDCBA987654321", "--ksn", "FFFF9876543210E00000"], 1, "odd"),
+        (&["key", "ipek", "--bdk", "0123456789ABCDEF", "--ksn", "FFFF9876543210E00000"], 1, "16 or 24 bytes"),
+        (&["key", "ipek", "--bdk", "0123456789ABCDEFFEDCBA9876543210", "--ksn", "FFFF98765432"], 1, "--ksn"),
+        (&["key", "ipek", "--bdk", "0123456789ABCDEFFEDCBA98765432XY", "--ksn", "FFFF9876543210E00000"], 1, "hex"),
         (
             &[
                 "key",
@@ -203,68 +151,19 @@ fn bad_input_is_refused_with_one_line_and_a_non_zero_exit() {
             "AES key",
         ),
         (
-            &[
-                "key",
-                "aes-initial-key",
-                "--bdk",
-                "FEDCBA9876543210F1F1F1F1F1F1F1F1",
-                "--initial-key-id",
-                "12345678",
-            ],
+            &["key", "aes-initial-key", "--bdk", "FEDCBA9876543210F1F1F1F1F1F1F1F1", "--initial-key-id", "12345678"],
             1,
             "--initial-key-id",
         ),
         (&["key", "kcv", "--key", "0123", "--alg", "tdes"], 1, "--key"),
+        (&["key", "kcv", "--key", "0123456789ABCDEFFEDCBA9876543210", "--alg", "tdes", "--len", "4"], 1, "--len"),
+        (&["key", "tr31-unwrap", "--kbpk", "DBAD4D186CD73E808E3454EC5682C864", "--key-block", tampered], 1, "MAC"),
         (
-            &[
-                "key",
-                "kcv",
-                "--key",
-                "0123456789ABCDEFFEDCBA9876543210",
-                "--alg",
-                "tdes",
-                "--len",
-                "4",
-            ],
-            1,
-            "--len",
-        ),
-        (
-            &[
-                "key",
-                "tr31-unwrap",
-                "--kbpk",
-                "DBAD4D186CD73E808E3454EC5682C864",
-                "--key-block",
-                tampered,
-            ],
-            1,
-            "MAC",
-        ),
-        (
-            &[
-                "key",
-                "tr31-unwrap",
-                "--kbpk",
-                "DBAD4D186CD73E808E3454EC5682C864",
-                "--key-block",
-                &tampered[..90],
-            ],
+            &["key", "tr31-unwrap", "--kbpk", "DBAD4D186CD73E808E3454EC5682C864", "--key-block", &tampered[..90]],
             1,
             "length",
         ),
-        (
-            &[
-                "key",
-                "tr31-unwrap",
-                "--kbpk",
-                "DBAD4D186CD73E808E3454EC5682C864",
-                "--key-block",
-                "X0016",
-            ],
-            1,
-            "version",
-        ),
+        (&["key", "tr31-unwrap", "--kbpk", "DBAD4D186CD73E808E3454EC5682C864", "--key-block", "X0016"], 1, "version"),
         (
             &[
                 "key",

@@ -155,16 +155,14 @@ pub fn open(bytes: &[u8]) -> Result<Unverified<'_>, FrameError> {
     if bytes.len() > FRAME_LEN_MAX {
         return Err(FrameError::Oversized(bytes.len()));
     }
-    let (frame, rest): (WireFrame<'_>, &[u8]) =
-        postcard::take_from_bytes(bytes).map_err(|_| FrameError::Malformed)?;
+    let (frame, rest): (WireFrame<'_>, &[u8]) = postcard::take_from_bytes(bytes).map_err(|_| FrameError::Malformed)?;
     if !rest.is_empty() {
         return Err(FrameError::Malformed);
     }
     if frame.version != FRAME_VERSION {
         return Err(FrameError::UnknownVersion(frame.version));
     }
-    let (body, rest): (Body, &[u8]) =
-        postcard::take_from_bytes(frame.body).map_err(|_| FrameError::BadBody)?;
+    let (body, rest): (Body, &[u8]) = postcard::take_from_bytes(frame.body).map_err(|_| FrameError::BadBody)?;
     if !rest.is_empty() {
         return Err(FrameError::BadBody);
     }

@@ -40,8 +40,7 @@ impl Gudid {
 
     /// Parses the text form; dashes, spaces and case are ignored.
     pub fn parse(text: &str) -> Result<Self, InitError> {
-        let digits: Zeroizing<String> =
-            Zeroizing::new(text.chars().filter(|c| !matches!(c, '-' | ' ')).collect());
+        let digits: Zeroizing<String> = Zeroizing::new(text.chars().filter(|c| !matches!(c, '-' | ' ')).collect());
         if digits.len() != GUDID_LEN * 2 {
             return Err(InitError::BadGudid);
         }
@@ -174,8 +173,8 @@ pub fn derive_device_secrets(
         let _ = hkdf.expand(&info, out.expose_secret_mut());
         out
     };
-    let signing_key = MacKey::new(expand(b"rki/v1 device signing key", MAC_KEY_LEN))
-        .map_err(|_| InitError::NonContributory)?;
+    let signing_key =
+        MacKey::new(expand(b"rki/v1 device signing key", MAC_KEY_LEN)).map_err(|_| InitError::NonContributory)?;
     let kbpk_aes = SymmetricKey::new(KeyAlgorithm::Aes256, expand(b"rki/v1 kbpk aes256", 32))
         .map_err(|_| InitError::NonContributory)?;
     let kbpk_tdes = SymmetricKey::new(KeyAlgorithm::Tdes3, expand(b"rki/v1 kbpk tdes3", 24))

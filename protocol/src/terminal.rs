@@ -179,9 +179,7 @@ impl TerminalError {
     pub fn remedy(self) -> &'static str {
         match self {
             TerminalError::KeyRecordNotFound => "notify support; check the device initialisation",
-            TerminalError::DebugKeyPresent => {
-                "delete the debug key (slot 8), leave debug mode, then create a new task"
-            }
+            TerminalError::DebugKeyPresent => "delete the debug key (slot 8), leave debug mode, then create a new task",
             TerminalError::DeviceLocked => "unlock the device remotely, then create a new task",
             TerminalError::RomTooOld => "update the ROM, then create a new task",
             TerminalError::AppTooOld => "update the key-injection app, then create a new task",

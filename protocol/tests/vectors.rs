@@ -15,8 +15,7 @@ use rki_protocol::{KcvLen, KeyAlgorithm, SecretBytes, SymmetricKey};
 
 fn load(name: &str) -> Vec<Value> {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/vectors").join(name);
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
     let value: Value = serde_json::from_str(&text).expect("vector file is JSON");
     let rows = value.as_array().expect("vector file is an array").clone();
     assert!(!rows.is_empty(), "{name} has no vectors");
@@ -92,9 +91,7 @@ fn check_tdes_transaction(row: &Value) {
     assert_eq!(hex_of(&transaction), field(row, "transaction_key"), "{row}");
     let pin = dukpt::pin_key(&transaction);
     assert_eq!(hex_of(&pin), field(row, "pin_key"), "{row}");
-    if let (Some(clear), Some(encrypted)) =
-        (optional(row, "pin_block_clear"), optional(row, "pin_block_encrypted"))
-    {
+    if let (Some(clear), Some(encrypted)) = (optional(row, "pin_block_clear"), optional(row, "pin_block_encrypted")) {
         let mut block = [0u8; 8];
         hex::decode_to_slice(clear, &mut block).expect("clear PIN block");
         rki_protocol::tdes::encrypt_block(&pin, &mut block).expect("a PIN key is TDES");
@@ -109,8 +106,7 @@ fn check_aes_transaction(row: &Value) {
     let derivation = dukpt::derivation_key(&initial, &ksn).expect("derivation key");
     assert_eq!(hex_of(&derivation), field(row, "transaction_key"), "{row}");
     let pin =
-        dukpt::working_key(&derivation, &ksn, WorkingKeyUsage::PinEncryption, KeyAlgorithm::Aes128)
-            .expect("PIN key");
+        dukpt::working_key(&derivation, &ksn, WorkingKeyUsage::PinEncryption, KeyAlgorithm::Aes128).expect("PIN key");
     assert_eq!(hex_of(&pin), field(row, "pin_key"), "{row}");
 }
 
@@ -134,8 +130,7 @@ fn hmac_sha256_vectors_are_reproduced() {
     for row in load("hmac_sha256.json") {
         let key = SecretBytes::from_hex(field(&row, "key")).expect("key");
         let message = hex::decode(field(&row, "message")).expect("message");
-        let mut mac =
-            <Hmac<sha2::Sha256> as Mac>::new_from_slice(key.expose_secret()).expect("any length");
+        let mut mac = <Hmac<sha2::Sha256> as Mac>::new_from_slice(key.expose_secret()).expect("any length");
         mac.update(&message);
         let tag = mac.finalize().into_bytes();
         assert_eq!(hex::encode_upper(tag), field(&row, "tag"), "{row}");
@@ -188,8 +183,8 @@ fn tr31_vectors_are_unwrapped_and_rewrapped() {
         check_vector_fields(&row, &header, &key);
 
         if matches!(version, Version::B | Version::D) {
-            let wrapped = tr31::wrap(&kbpk, &header, &key, &mut counting_rng())
-                .unwrap_or_else(|e| panic!("wrap: {e}: {row}"));
+            let wrapped =
+                tr31::wrap(&kbpk, &header, &key, &mut counting_rng()).unwrap_or_else(|e| panic!("wrap: {e}: {row}"));
             assert_eq!(&wrapped[..1], &block[..1], "{row}");
             assert_eq!(&wrapped[5..16], &block[5..16], "header fields kept: {row}");
             let (again, key_again) = tr31::unwrap(&kbpk, &wrapped).expect("own block unwraps");

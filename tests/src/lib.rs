@@ -742,7 +742,8 @@ impl Mosquitto {
                 dir.join("mosquitto.log").display()
             ),
         )?;
-        let child = Command::new(Self::binary()?).arg("-c").arg(&conf).stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
+        let child =
+            Command::new(Self::binary()?).arg("-c").arg(&conf).stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
         let mut m = Mosquitto { child, port, dir };
         let started = Instant::now();
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {

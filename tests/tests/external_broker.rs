@@ -35,7 +35,8 @@ fn gateway_and_mosquitto() -> TestResult<(GatewayProcess, Mosquitto)> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let mosquitto = Mosquitto::start(port, &gw.dir.join("mosq.passwd"), &gw.dir.join("mosq.acl"), &gw.dir.join("mosq.pid"))?;
+    let mosquitto =
+        Mosquitto::start(port, &gw.dir.join("mosq.passwd"), &gw.dir.join("mosq.acl"), &gw.dir.join("mosq.pid"))?;
     // The gateway connects (it retries every second) and subscribes.
     std::thread::sleep(Duration::from_millis(1500));
     Ok((gw, mosquitto))
@@ -83,7 +84,9 @@ fn mosquitto_refuses_a_terminal_the_topics_of_another() -> TestResult {
     rt.block_on(b.send(RawDevice::hello(false)))?;
     std::thread::sleep(Duration::from_millis(500));
     let task = create_task(&api, &json!({"sns": [b_sn.clone()]}))?;
-    let Message::Download(d) = rt.block_on(b.next_down(Duration::from_secs(10)))? else { return Err("no download for B".into()) };
+    let Message::Download(d) = rt.block_on(b.next_down(Duration::from_secs(10)))? else {
+        return Err("no download for B".into());
+    };
     // A saw nothing of it.
     let leaked = rt.block_on(a.next_down(Duration::from_secs(1)));
     assert!(leaked.is_err(), "A received B's traffic: {leaked:?}");
@@ -94,14 +97,32 @@ fn mosquitto_refuses_a_terminal_the_topics_of_another() -> TestResult {
     let forged = rki_protocol::message::Body {
         party: b_sn.clone(),
         counter: a.next_counter(),
-        message: Message::Ack(Ack { execution_id: d.execution_id, result: 0, slot: d.slot, key_id: d.key_id.clone(), kcv: d.kcv.clone(), injection: InjectionType::Auto }),
+        message: Message::Ack(Ack {
+            execution_id: d.execution_id,
+            result: 0,
+            slot: d.slot,
+            key_id: d.key_id.clone(),
+            kcv: d.kcv.clone(),
+            injection: InjectionType::Auto,
+        }),
     };
     rt.block_on(a.publish_raw(&topic::device_up(&b_sn), rki_protocol::frame::seal(&a.secrets.signing_key, &forged)?))?;
     std::thread::sleep(Duration::from_millis(800));
-    assert_eq!(gw.metric("rki_rejected_messages_total{kind=\"ack\",reason=\"bad_mac\"}"), before, "the forged publish reached the gateway");
+    assert_eq!(
+        gw.metric("rki_rejected_messages_total{kind=\"ack\",reason=\"bad_mac\"}"),
+        before,
+        "the forged publish reached the gateway"
+    );
     assert_eq!(api.ok(&format!("/v1/tasks/{task}"))?["task"]["status"], "unfinished");
     // B's own ack goes through.
-    rt.block_on(b.send(Message::Ack(Ack { execution_id: d.execution_id, result: 0, slot: d.slot, key_id: d.key_id.clone(), kcv: d.kcv.clone(), injection: InjectionType::Auto })))?;
+    rt.block_on(b.send(Message::Ack(Ack {
+        execution_id: d.execution_id,
+        result: 0,
+        slot: d.slot,
+        key_id: d.key_id.clone(),
+        kcv: d.kcv.clone(),
+        injection: InjectionType::Auto,
+    })))?;
     wait_task_done(&api, task, Duration::from_secs(10))?;
     Ok(())
 }

@@ -15,16 +15,16 @@ use serde_json::json;
 fn acks_lost_by_an_overrun_broker_log_are_recovered_by_retries_without_a_second_injection() -> TestResult {
     let rt = common::runtime();
     let gw = GatewayProcess::start(GatewayOptions {
-        env: vec![
-            ("RKI_BROKER_SEGMENT_BYTES".into(), "1024".into()),
-            ("RKI_RETRY_INITIAL_SECONDS".into(), "1".into()),
-        ],
+        env: vec![("RKI_BROKER_SEGMENT_BYTES".into(), "1024".into()), ("RKI_RETRY_INITIAL_SECONDS".into(), "1".into())],
         ..Default::default()
     })?;
     let api = gw.api();
     let n = 600;
     let provisioned = provision(&gw, &sns("LOSSY", n), "lossy")?;
-    let fleet = rt.block_on(common::spawn_fleet(common::fleet_config(gw.mqtt_port, &provisioned, Knobs::default())?, Duration::from_secs(120)))?;
+    let fleet = rt.block_on(common::spawn_fleet(
+        common::fleet_config(gw.mqtt_port, &provisioned, Knobs::default())?,
+        Duration::from_secs(120),
+    ))?;
     let task = create_task(&api, &json!({"group": "lossy"}))?;
     let done = wait_task_done(&api, task, Duration::from_secs(120))?;
     assert_eq!(done["task"]["counts"]["succeeded"], n, "{}", done["task"]["counts"]);
@@ -33,7 +33,10 @@ fn acks_lost_by_an_overrun_broker_log_are_recovered_by_retries_without_a_second_
     let jumps = gw.metric("rki_broker_alerts_total{kind=\"cursor_jump\"}");
     eprintln!("{n} devices: {deliveries} deliveries, {duplicates} duplicate acks, {jumps} cursor jumps");
     assert!(jumps > 0.0, "the broker reported no cursor jump: the test proved nothing");
-    assert!(deliveries > n as f64, "nothing was lost, so nothing was retried: the test proved nothing ({deliveries} deliveries)");
+    assert!(
+        deliveries > n as f64,
+        "nothing was lost, so nothing was retried: the test proved nothing ({deliveries} deliveries)"
+    );
     for device in fleet.devices() {
         assert_eq!(device.status().injections, 1, "{} injected {} times", device.sn(), device.status().injections);
     }

@@ -14,7 +14,10 @@ fn rotating_the_master_key_keeps_every_key_usable_and_a_wrong_key_is_refused_at_
     let mut gw = GatewayProcess::start(GatewayOptions::default())?;
     let api = gw.api();
     let provisioned = provision(&gw, &sns("ROT", 3), "rot")?;
-    let fleet = rt.block_on(common::spawn_fleet(common::fleet_config(gw.mqtt_port, &provisioned, Knobs::default())?, Duration::from_secs(30)))?;
+    let fleet = rt.block_on(common::spawn_fleet(
+        common::fleet_config(gw.mqtt_port, &provisioned, Knobs::default())?,
+        Duration::from_secs(30),
+    ))?;
     let status = gw.terminate()?;
     assert!(status.success(), "SIGTERM should stop the gateway cleanly: {status}");
 

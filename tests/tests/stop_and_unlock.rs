@@ -71,7 +71,10 @@ fn unlock_then_a_new_task_injects_again() -> TestResult {
     // Locked: the preview says so and no task can be created.
     let preview = api.ok_post("/v1/tasks/preview", &json!({"group": "u"}))?;
     assert_eq!(preview["preview"]["not_ready"][0]["reasons"][0], "locked", "{preview}");
-    assert_eq!(preview["preview"]["not_ready"][0]["meanings"][0], "device is locked: a key is already injected; unlock it first");
+    assert_eq!(
+        preview["preview"]["not_ready"][0]["meanings"][0],
+        "device is locked: a key is already injected; unlock it first"
+    );
     let me = api.ok("/v1/whoami")?;
     assert_eq!((me["role"].as_str(), me["org"]["name"].as_str()), (Some("admin"), Some("acme")));
     assert_eq!(api.post("/v1/tasks", &json!({"group": "u"})).0, 409);

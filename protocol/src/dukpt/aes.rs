@@ -202,10 +202,7 @@ fn strength_rank(algorithm: KeyAlgorithm) -> u8 {
 }
 
 /// The initial key for `id` (X9.24-3-2017, usage `8001`): same type and length as the BDK.
-pub fn derive_initial_key(
-    bdk: &SymmetricKey,
-    id: &InitialKeyId,
-) -> Result<SymmetricKey, DukptError> {
+pub fn derive_initial_key(bdk: &SymmetricKey, id: &InitialKeyId) -> Result<SymmetricKey, DukptError> {
     if !bdk.algorithm().is_aes() {
         return Err(DukptError::BdkNotAes(bdk.algorithm()));
     }
@@ -216,10 +213,7 @@ pub fn derive_initial_key(
 /// the initial key, one derivation per one-bit of the counter, most significant first, each with
 /// the counter's bits so far. Same type as the initial key. Refuses counter 0 (that is the
 /// initial key itself) and counters with more than sixteen one-bits.
-pub fn derivation_key(
-    initial_key: &SymmetricKey,
-    ksn: &AesKsn,
-) -> Result<SymmetricKey, DukptError> {
+pub fn derivation_key(initial_key: &SymmetricKey, ksn: &AesKsn) -> Result<SymmetricKey, DukptError> {
     let algorithm = initial_key.algorithm();
     if !algorithm.is_aes() {
         return Err(DukptError::DerivationKeyNotAes(algorithm));
@@ -257,10 +251,7 @@ pub fn working_key(
         return Err(DukptError::DerivationKeyNotAes(derivation));
     }
     if strength_rank(key_type) > strength_rank(derivation) {
-        return Err(DukptError::WorkingKeyStrongerThanDerivationKey {
-            working: key_type,
-            derivation,
-        });
+        return Err(DukptError::WorkingKeyStrongerThanDerivationKey { working: key_type, derivation });
     }
     Ok(derive(derivation_key, usage.indicator(), key_type, ksn.derivation_tail(ksn.counter())))
 }
@@ -290,11 +281,7 @@ fn derive(key: &SymmetricKey, usage: u16, derived: KeyAlgorithm, tail: [u8; 8]) 
 
 /// Fills `out` with the encryption of `data` under `key`, scheduled once, for key block counters
 /// 1, 2, … (at most two blocks: a derived key is at most 256 bits).
-fn encrypt_blocks<C: BlockEncrypt + KeyInit>(
-    key: &SymmetricKey,
-    data: &mut [u8; 16],
-    out: &mut SecretBytes,
-) {
+fn encrypt_blocks<C: BlockEncrypt + KeyInit>(key: &SymmetricKey, data: &mut [u8; 16], out: &mut SecretBytes) {
     let Ok(cipher) = C::new_from_slice(key.expose_secret()) else {
         debug_assert!(false, "an AES key of its own algorithm's length");
         return;
@@ -332,10 +319,7 @@ mod tests {
     #[test]
     fn initial_key_from_a_tdes_bdk_is_refused() {
         let bdk = SymmetricKey::tdes_from_hex("0123456789ABCDEFFEDCBA9876543210").expect("tdes");
-        assert_eq!(
-            derive_initial_key(&bdk, &id()),
-            Err(DukptError::BdkNotAes(KeyAlgorithm::Tdes2))
-        );
+        assert_eq!(derive_initial_key(&bdk, &id()), Err(DukptError::BdkNotAes(KeyAlgorithm::Tdes2)));
     }
 
     #[test]
@@ -368,8 +352,7 @@ mod tests {
                 derivation: KeyAlgorithm::Aes128
             })
         );
-        let tdes =
-            working_key(&derivation, &ksn, WorkingKeyUsage::PinEncryption, KeyAlgorithm::Tdes3);
+        let tdes = working_key(&derivation, &ksn, WorkingKeyUsage::PinEncryption, KeyAlgorithm::Tdes3);
         assert_eq!(tdes.map(|k| k.algorithm()), Ok(KeyAlgorithm::Tdes3));
     }
 
@@ -380,9 +363,7 @@ mod tests {
         let derivation = derivation_key(&initial, &ksn).expect("derivation");
         let keys: Vec<SymmetricKey> = WorkingKeyUsage::ALL
             .iter()
-            .map(|usage| {
-                working_key(&derivation, &ksn, *usage, KeyAlgorithm::Aes128).expect("working")
-            })
+            .map(|usage| working_key(&derivation, &ksn, *usage, KeyAlgorithm::Aes128).expect("working"))
             .collect();
         for (i, a) in keys.iter().enumerate() {
             for b in &keys[i + 1..] {

@@ -16,12 +16,8 @@
 pub mod aes;
 pub mod tdes;
 
-pub use self::aes::{
-    derivation_key, derive_initial_key, working_key, AesKsn, InitialKeyId, WorkingKeyUsage,
-};
-pub use self::tdes::{
-    data_key, derive_ipek, mac_key, mac_response_key, pin_key, transaction_key, Ksn,
-};
+pub use self::aes::{derivation_key, derive_initial_key, working_key, AesKsn, InitialKeyId, WorkingKeyUsage};
+pub use self::tdes::{data_key, derive_ipek, mac_key, mac_response_key, pin_key, transaction_key, Ksn};
 
 use crate::keys::KeyAlgorithm;
 
@@ -52,10 +48,7 @@ pub enum DukptError {
 }
 
 /// Parses exactly `N` bytes of hex (either case) for identifiers such as a KSN.
-fn identifier_from_hex<const N: usize>(
-    name: &'static str,
-    text: &str,
-) -> Result<[u8; N], DukptError> {
+fn identifier_from_hex<const N: usize>(name: &'static str, text: &str) -> Result<[u8; N], DukptError> {
     if text.len() != 2 * N {
         return Err(DukptError::IdentifierLength { name, expected: 2 * N, got: text.len() });
     }

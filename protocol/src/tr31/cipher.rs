@@ -282,8 +282,7 @@ mod tests {
         let message: Vec<u8> = (0u8..70).collect();
         let ours = Cmac::new(Cipher::new(KeyAlgorithm::Aes128, &key).expect("aes"));
         for len in 0..message.len() {
-            let mut theirs =
-                <cmac::Cmac<Aes128> as cmac::digest::KeyInit>::new_from_slice(&key).expect("key");
+            let mut theirs = <cmac::Cmac<Aes128> as cmac::digest::KeyInit>::new_from_slice(&key).expect("key");
             theirs.update(&message[..len]);
             let expected = theirs.finalize().into_bytes();
             let (a, b) = message[..len].split_at(len / 3);
@@ -297,8 +296,7 @@ mod tests {
         let ours = Cmac::new(Cipher::new(KeyAlgorithm::Tdes3, &key).expect("tdes"));
         for len in [0usize, 1, 7, 8, 9, 16, 23] {
             let message = vec![0xA5u8; len];
-            let mut theirs =
-                <cmac::Cmac<TdesEde3> as cmac::digest::KeyInit>::new_from_slice(&key).expect("key");
+            let mut theirs = <cmac::Cmac<TdesEde3> as cmac::digest::KeyInit>::new_from_slice(&key).expect("key");
             theirs.update(&message);
             let expected = theirs.finalize().into_bytes();
             assert_eq!(&ours.tag(&[&message])[..8], expected.as_slice(), "length {len}");

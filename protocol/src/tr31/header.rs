@@ -181,15 +181,11 @@ fn check_block_data(block: &OptionalBlock) -> Result<(), Tr31Error> {
     }
     match block.id {
         KSN_BLOCK if !(data.len() == 20 && is_upper_hex(data)) => Err(fail("not 20 hex digits")),
-        INITIAL_KEY_ID_BLOCK if !(data.len() == 16 && is_upper_hex(data)) => {
-            Err(fail("not 16 hex digits"))
-        }
+        INITIAL_KEY_ID_BLOCK if !(data.len() == 16 && is_upper_hex(data)) => Err(fail("not 16 hex digits")),
         KCV_BLOCK | KBPK_KCV_BLOCK => {
             let method = data.get(..2);
             let value = data.get(2..).unwrap_or_default();
-            if method != Some(KCV_METHOD_LEGACY.as_bytes())
-                && method != Some(KCV_METHOD_CMAC.as_bytes())
-            {
+            if method != Some(KCV_METHOD_LEGACY.as_bytes()) && method != Some(KCV_METHOD_CMAC.as_bytes()) {
                 return Err(fail("KCV method is not 00 or 01"));
             }
             if !(6..=32).contains(&value.len()) || value.len() % 2 != 0 || !is_upper_hex(value) {
@@ -225,12 +221,7 @@ pub(super) struct ParsedHeader {
 }
 
 impl Header {
-    pub fn builder(
-        version: Version,
-        key_usage: [u8; 2],
-        algorithm: u8,
-        mode_of_use: u8,
-    ) -> HeaderBuilder {
+    pub fn builder(version: Version, key_usage: [u8; 2], algorithm: u8, mode_of_use: u8) -> HeaderBuilder {
         HeaderBuilder {
             header: Header {
                 version,
@@ -248,11 +239,7 @@ impl Header {
     /// holding the initial KSN: `ksn`'s counter cleared) or `A` (with an `IK` block), mode `X`,
     /// key version `00`, exportability `N`, and a `KC` block with the key's check value if
     /// given (method `00` for TDES, `01`, CMAC, for AES, as [`crate::SymmetricKey::kcv`]).
-    pub fn dukpt_initial_key(
-        version: Version,
-        id: DukptInitialKeyId,
-        kcv: Option<&Kcv>,
-    ) -> Result<Header, Tr31Error> {
+    pub fn dukpt_initial_key(version: Version, id: DukptInitialKeyId, kcv: Option<&Kcv>) -> Result<Header, Tr31Error> {
         let (algorithm, id_block, method) = match id {
             DukptInitialKeyId::Tdes(ksn) => {
                 (b'T', OptionalBlock::new(KSN_BLOCK, ksn.initial().to_hex())?, KCV_METHOD_LEGACY)
@@ -266,10 +253,7 @@ impl Header {
             .exportability(b'N')
             .optional_block(id_block);
         if let Some(kcv) = kcv {
-            builder = builder.optional_block(OptionalBlock::new(
-                KCV_BLOCK,
-                format!("{method}{}", kcv.to_hex()),
-            )?);
+            builder = builder.optional_block(OptionalBlock::new(KCV_BLOCK, format!("{method}{}", kcv.to_hex()))?);
         }
         builder.build()
     }
@@ -295,13 +279,9 @@ impl Header {
         let (unpadded, padding) = self.layout();
         let blocks = self.blocks_without_padding().count() + usize::from(padding.is_some());
         if blocks > OPTIONAL_BLOCKS_MAX {
-            return Err(Tr31Error::TooManyOptionalBlocks {
-                count: blocks,
-                max: OPTIONAL_BLOCKS_MAX,
-            });
+            return Err(Tr31Error::TooManyOptionalBlocks { count: blocks, max: OPTIONAL_BLOCKS_MAX });
         }
-        let mut out =
-            String::with_capacity(unpadded + padding.as_ref().map_or(0, |p| p.encoded_len()));
+        let mut out = String::with_capacity(unpadded + padding.as_ref().map_or(0, |p| p.encoded_len()));
         out.push(char::from(self.version.as_byte()));
         out.push_str(&format!("{key_block_len:04}"));
         out.push_str(self.key_usage_str());
@@ -329,8 +309,7 @@ impl Header {
 
     /// The unpadded header length and the padding block it needs, if any.
     fn layout(&self) -> (usize, Option<OptionalBlock>) {
-        let unpadded = HEADER_FIXED_LEN
-            + self.blocks_without_padding().map(OptionalBlock::encoded_len).sum::<usize>();
+        let unpadded = HEADER_FIXED_LEN + self.blocks_without_padding().map(OptionalBlock::encoded_len).sum::<usize>();
         let block_len = self.version.block_len();
         let missing = (block_len - unpadded % block_len) % block_len;
         if missing == 0 {
@@ -338,8 +317,7 @@ impl Header {
         }
         // A PB block is at least its 4-character ID and length: pad by one more cipher block
         // when fewer characters are missing.
-        let total =
-            if missing < OPTIONAL_BLOCK_SHORT_OVERHEAD { missing + block_len } else { missing };
+        let total = if missing < OPTIONAL_BLOCK_SHORT_OVERHEAD { missing + block_len } else { missing };
         let data = "0".repeat(total - OPTIONAL_BLOCK_SHORT_OVERHEAD);
         (unpadded, Some(OptionalBlock { id: PADDING_BLOCK, data }))
     }
@@ -409,16 +387,10 @@ impl Header {
             return Err(Tr31Error::UnknownModeOfUse(char::from(self.mode_of_use)));
         }
         if !rule.algorithms.contains(&self.algorithm) {
-            return Err(Tr31Error::AlgorithmNotAllowed {
-                usage,
-                algorithm: char::from(self.algorithm),
-            });
+            return Err(Tr31Error::AlgorithmNotAllowed { usage, algorithm: char::from(self.algorithm) });
         }
         if !rule.modes.contains(&self.mode_of_use) {
-            return Err(Tr31Error::ModeOfUseNotAllowed {
-                usage,
-                mode: char::from(self.mode_of_use),
-            });
+            return Err(Tr31Error::ModeOfUseNotAllowed { usage, mode: char::from(self.mode_of_use) });
         }
         if !self.key_version_number.iter().all(u8::is_ascii_alphanumeric) {
             return Err(Tr31Error::KeyVersionNumber(show(&self.key_version_number)));
@@ -480,10 +452,7 @@ impl HeaderBuilder {
         }
         self.header.validate()?;
         if self.header.encoded_len() > KEY_BLOCK_LEN_MAX {
-            return Err(Tr31Error::TooLong {
-                len: self.header.encoded_len(),
-                max: KEY_BLOCK_LEN_MAX,
-            });
+            return Err(Tr31Error::TooLong { len: self.header.encoded_len(), max: KEY_BLOCK_LEN_MAX });
         }
         Ok(self.header)
     }
@@ -492,9 +461,7 @@ impl HeaderBuilder {
 /// Parses the header at the start of `text`. Every index is checked: `text` is attacker data.
 pub(super) fn parse_prefix(text: &[u8]) -> Result<ParsedHeader, Tr31Error> {
     let mut cursor = Cursor { text, at: 0 };
-    let fixed = cursor
-        .take(HEADER_FIXED_LEN)
-        .ok_or(Tr31Error::TooShort { len: text.len(), min: HEADER_FIXED_LEN })?;
+    let fixed = cursor.take(HEADER_FIXED_LEN).ok_or(Tr31Error::TooShort { len: text.len(), min: HEADER_FIXED_LEN })?;
     if let Some(offset) = fixed.iter().position(|b| !is_printable(b)) {
         return Err(Tr31Error::NotPrintable { offset });
     }
@@ -502,10 +469,8 @@ pub(super) fn parse_prefix(text: &[u8]) -> Result<ParsedHeader, Tr31Error> {
         <[u8; HEADER_FIXED_LEN]>::try_from(fixed)
             .map_err(|_| Tr31Error::TooShort { len: text.len(), min: HEADER_FIXED_LEN })?;
 
-    let version =
-        Version::from_byte(version).ok_or(Tr31Error::UnknownVersion(char::from(version)))?;
-    let declared_len = decimal(&[l0, l1, l2, l3])
-        .ok_or_else(|| Tr31Error::LengthDigits(show(&[l0, l1, l2, l3])))?;
+    let version = Version::from_byte(version).ok_or(Tr31Error::UnknownVersion(char::from(version)))?;
+    let declared_len = decimal(&[l0, l1, l2, l3]).ok_or_else(|| Tr31Error::LengthDigits(show(&[l0, l1, l2, l3])))?;
     let count = decimal(&[c0, c1]).ok_or_else(|| Tr31Error::OptionalBlockCount(show(&[c0, c1])))?;
     if [r0, r1] != *b"00" {
         return Err(Tr31Error::ReservedField(show(&[r0, r1])));
@@ -623,13 +588,9 @@ mod tests {
     #[test]
     fn padding_block_makes_the_header_a_whole_number_of_cipher_blocks() {
         let ksn = Ksn::from_hex("FFFF9876543210E00003").expect("ksn");
-        let header = Header::dukpt_initial_key(Version::D, DukptInitialKeyId::Tdes(ksn), None)
-            .expect("header");
+        let header = Header::dukpt_initial_key(Version::D, DukptInitialKeyId::Tdes(ksn), None).expect("header");
         // 16 + KS (24) = 40: PB of 8 brings it to 48.
-        assert_eq!(
-            header.format(0).expect("format"),
-            "D0000B1TX00N0200KS18FFFF9876543210E00000PB080000"
-        );
+        assert_eq!(header.format(0).expect("format"), "D0000B1TX00N0200KS18FFFF9876543210E00000PB080000");
         let b = header.with_version(Version::B).format(0).expect("format");
         assert_eq!(b, "B0000B1TX00N0100KS18FFFF9876543210E00000");
     }
@@ -690,30 +651,18 @@ mod tests {
 
     #[test]
     fn optional_block_running_past_the_header_is_refused() {
-        assert_eq!(
-            Header::parse("B0000B1TX00N0100KS18FFFF"),
-            Err(Tr31Error::OptionalBlockTruncated { index: 0 })
-        );
-        assert_eq!(
-            Header::parse("B0000B1TX00N0100KS"),
-            Err(Tr31Error::OptionalBlockTruncated { index: 0 })
-        );
+        assert_eq!(Header::parse("B0000B1TX00N0100KS18FFFF"), Err(Tr31Error::OptionalBlockTruncated { index: 0 }));
+        assert_eq!(Header::parse("B0000B1TX00N0100KS"), Err(Tr31Error::OptionalBlockTruncated { index: 0 }));
     }
 
     #[test]
     fn ksn_block_that_is_not_20_hex_digits_is_refused() {
-        assert!(matches!(
-            Header::parse("B0000B1TX00N0100KS08ABCD"),
-            Err(Tr31Error::OptionalBlockData { .. })
-        ));
+        assert!(matches!(Header::parse("B0000B1TX00N0100KS08ABCD"), Err(Tr31Error::OptionalBlockData { .. })));
     }
 
     #[test]
     fn padding_block_before_another_block_is_refused() {
-        assert_eq!(
-            Header::parse("B0000B1TX00N0200PB0800001A04"),
-            Err(Tr31Error::PaddingBlockNotLast)
-        );
+        assert_eq!(Header::parse("B0000B1TX00N0200PB0800001A04"), Err(Tr31Error::PaddingBlockNotLast));
     }
 
     #[test]
@@ -726,10 +675,7 @@ mod tests {
 
     #[test]
     fn duplicate_optional_block_is_refused() {
-        assert_eq!(
-            Header::parse("B0000K0TB00N0200LB05XLB05Y"),
-            Err(Tr31Error::DuplicateOptionalBlock("LB".into()))
-        );
+        assert_eq!(Header::parse("B0000K0TB00N0200LB05XLB05Y"), Err(Tr31Error::DuplicateOptionalBlock("LB".into())));
     }
 
     #[test]
@@ -741,8 +687,7 @@ mod tests {
     fn dukpt_initial_key_header_carries_the_id_and_kcv() {
         let id = InitialKeyId::from_hex("1234567890123456").expect("id");
         let kcv = Kcv::from_hex("05EF45").expect("kcv");
-        let header = Header::dukpt_initial_key(Version::D, DukptInitialKeyId::Aes(id), Some(&kcv))
-            .expect("header");
+        let header = Header::dukpt_initial_key(Version::D, DukptInitialKeyId::Aes(id), Some(&kcv)).expect("header");
         assert_eq!(header.key_usage_str(), "B1");
         assert_eq!(header.optional_block(INITIAL_KEY_ID_BLOCK), Some("1234567890123456"));
         assert_eq!(header.optional_block(KCV_BLOCK), Some("0105EF45"));

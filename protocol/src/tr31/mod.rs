@@ -157,9 +157,7 @@ pub enum Tr31Error {
     HeaderNotAligned { len: usize, block_len: usize },
     #[error("payload character at offset {offset} is not upper-case hex")]
     PayloadNotHex { offset: usize },
-    #[error(
-        "payload of {len} hex digits is not whole {block_len}-byte blocks and a {mac_len}-byte MAC"
-    )]
+    #[error("payload of {len} hex digits is not whole {block_len}-byte blocks and a {mac_len}-byte MAC")]
     PayloadLength { len: usize, block_len: usize, mac_len: usize },
     #[error("version {version} key blocks need a {expected} KBPK, got {got}")]
     KbpkAlgorithm { version: Version, expected: &'static str, got: KeyAlgorithm },
@@ -215,11 +213,7 @@ fn check_kbpk(version: Version, kbpk: &SymmetricKey) -> Result<(), Tr31Error> {
     if cipher::kbpk_fits(version, kbpk) {
         Ok(())
     } else {
-        Err(Tr31Error::KbpkAlgorithm {
-            version,
-            expected: version.kbpk_kind(),
-            got: kbpk.algorithm(),
-        })
+        Err(Tr31Error::KbpkAlgorithm { version, expected: version.kbpk_kind(), got: kbpk.algorithm() })
     }
 }
 
@@ -240,10 +234,8 @@ pub fn wrap(
     }
     check_kbpk(version, kbpk)?;
     check_key_len(header.algorithm(), key.len())?;
-    let key_bits = u16::try_from(key.len() * 8).map_err(|_| Tr31Error::KeyLength {
-        algorithm: char::from(header.algorithm()),
-        len: key.len(),
-    })?;
+    let key_bits = u16::try_from(key.len() * 8)
+        .map_err(|_| Tr31Error::KeyLength { algorithm: char::from(header.algorithm()), len: key.len() })?;
 
     let block_len = version.block_len();
     let mac_len = version.mac_len();
@@ -296,10 +288,7 @@ pub fn unwrap(kbpk: &SymmetricKey, block: &str) -> Result<(Header, SecretBytes),
     }
     let parsed = header::parse_prefix(text)?;
     if parsed.declared_len != text.len() {
-        return Err(Tr31Error::LengthMismatch {
-            declared: parsed.declared_len,
-            actual: text.len(),
-        });
+        return Err(Tr31Error::LengthMismatch { declared: parsed.declared_len, actual: text.len() });
     }
     let header = parsed.header;
     let version = header.version();
@@ -325,8 +314,7 @@ pub fn unwrap(kbpk: &SymmetricKey, block: &str) -> Result<(Header, SecretBytes),
             // before decryption.
             let computed = keys.tag(&[header_text, secret.expose_secret()]);
             let verified = verify_mac(&computed[..mac_len], &mac[..mac_len])?;
-            keys.encryption
-                .cbc_decrypt(header_text.get(..8).unwrap_or(&[0; 8]), secret.expose_secret_mut());
+            keys.encryption.cbc_decrypt(header_text.get(..8).unwrap_or(&[0; 8]), secret.expose_secret_mut());
             verified
         }
         Version::B | Version::D => {
@@ -338,8 +326,7 @@ pub fn unwrap(kbpk: &SymmetricKey, block: &str) -> Result<(Header, SecretBytes),
             // The derivation MAC covers the header and the clear payload, and is the CBC IV:
             // decrypt, then check before reading a byte of the result.
             keys.encryption.cbc_decrypt(&mac[..block_len], secret.expose_secret_mut());
-            let computed =
-                Zeroizing::new(keys.authentication.tag(&[header_text, secret.expose_secret()]));
+            let computed = Zeroizing::new(keys.authentication.tag(&[header_text, secret.expose_secret()]));
             verify_mac(&computed[..mac_len], &mac[..mac_len])?
         }
     };
@@ -354,12 +341,7 @@ struct Payload {
 
 /// Checks the payload's charset and shape and decodes it: whole cipher blocks of encrypted key
 /// field (at least one), then the MAC.
-fn split_payload(
-    hex: &[u8],
-    offset: usize,
-    block_len: usize,
-    mac_len: usize,
-) -> Result<Payload, Tr31Error> {
+fn split_payload(hex: &[u8], offset: usize, block_len: usize, mac_len: usize) -> Result<Payload, Tr31Error> {
     if let Some(at) = hex.iter().position(|b| !is_upper_hex(std::slice::from_ref(b))) {
         return Err(Tr31Error::PayloadNotHex { offset: offset + at });
     }
@@ -383,11 +365,7 @@ fn split_payload(
 
 /// Reads the key out of a verified clear payload: a length in bits, whole bytes, within the
 /// payload, valid for the header's algorithm.
-fn key_from_payload(
-    payload: &SecretBytes,
-    algorithm: u8,
-    _verified: MacVerified,
-) -> Result<SecretBytes, Tr31Error> {
+fn key_from_payload(payload: &SecretBytes, algorithm: u8, _verified: MacVerified) -> Result<SecretBytes, Tr31Error> {
     let bytes = payload.expose_secret();
     let available = bytes.len().saturating_sub(2);
     let bits = match bytes {
@@ -435,11 +413,9 @@ mod tests {
         buf.fill(0);
     }
 
-    const VERSION_A: &str =
-        "A0072P0TE00E0000F5161ED902807AF26F1D62263644BD24192FDB3193C730301CEE8701";
+    const VERSION_A: &str = "A0072P0TE00E0000F5161ED902807AF26F1D62263644BD24192FDB3193C730301CEE8701";
     const VERSION_A_KBPK: &str = "89E88CF7931444F334BD7547FC3F380C";
-    const VERSION_B: &str =
-        "B0080P0TE00E000094B420079CC80BA3461F86FE26EFC4A3B8E4FA4C5F5341176EED7B727B8A248E";
+    const VERSION_B: &str = "B0080P0TE00E000094B420079CC80BA3461F86FE26EFC4A3B8E4FA4C5F5341176EED7B727B8A248E";
     const VERSION_B_KBPK: &str = "DD7515F2BFC17F85CE48F3CA25CB21F6";
 
     #[test]
@@ -468,11 +444,7 @@ mod tests {
         let kbpk = aes(VERSION_B_KBPK);
         assert_eq!(
             unwrap(&kbpk, VERSION_B).map(|_| ()),
-            Err(Tr31Error::KbpkAlgorithm {
-                version: Version::B,
-                expected: "TDES",
-                got: KeyAlgorithm::Aes128
-            })
+            Err(Tr31Error::KbpkAlgorithm { version: Version::B, expected: "TDES", got: KeyAlgorithm::Aes128 })
         );
     }
 
@@ -488,20 +460,14 @@ mod tests {
     #[test]
     fn lower_case_payload_is_refused() {
         let text = VERSION_B.replacen("94B4", "94b4", 1);
-        assert_eq!(
-            unwrap(&tdes(VERSION_B_KBPK), &text).map(|_| ()),
-            Err(Tr31Error::PayloadNotHex { offset: 18 })
-        );
+        assert_eq!(unwrap(&tdes(VERSION_B_KBPK), &text).map(|_| ()), Err(Tr31Error::PayloadNotHex { offset: 18 }));
     }
 
     #[test]
     fn payload_that_is_not_whole_cipher_blocks_is_refused() {
         let mut text = VERSION_B[..VERSION_B.len() - 2].to_string();
         text.replace_range(1..5, &format!("{:04}", text.len()));
-        assert!(matches!(
-            unwrap(&tdes(VERSION_B_KBPK), &text),
-            Err(Tr31Error::PayloadLength { .. })
-        ));
+        assert!(matches!(unwrap(&tdes(VERSION_B_KBPK), &text), Err(Tr31Error::PayloadLength { .. })));
     }
 
     #[test]
