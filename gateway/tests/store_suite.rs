@@ -1005,3 +1005,19 @@ fn postgres_store_reconnects_after_the_server_ends_its_sessions() {
     st.create_org("globex", T0).must();
     assert_eq!(st.list_orgs().must().len(), 2, "a write after the sessions ended");
 }
+
+#[test]
+fn postgres_store_prepares_again_after_another_node_changes_a_column_type() {
+    let s = Subject::postgres();
+    let st = s.store();
+    st.create_org("acme", T0).must();
+    std::thread::scope(|scope| {
+        for _ in 0..4 {
+            scope.spawn(|| st.list_orgs().must());
+        }
+    });
+    // A newer node's migration changes the type of a column the prepared statements return.
+    s.raw_execute("ALTER TABLE organizations ALTER COLUMN name TYPE VARCHAR(200)").expect("alter");
+    let names: Vec<String> = st.list_orgs().must().into_iter().map(|o| o.name).collect();
+    assert_eq!(names, ["acme"]);
+}

@@ -113,6 +113,11 @@ impl From<::postgres::Error> for Failure {
             // The server ended the session (restart, failover, pg_terminate_backend) or broke
             // the connection: nothing of the transaction was committed (a failed COMMIT is not
             // retried, see `PostgresStore::write`).
+            // "cached plan must not change result type": another node migrated the schema under
+            // this connection's prepared statements. A fresh connection prepares them again.
+            Some(code) if *code == SqlState::FEATURE_NOT_SUPPORTED => {
+                Failure::Transient { reason: describe(&e), session_lost: true }
+            }
             Some(code)
                 if code.code().starts_with("08")
                     || *code == SqlState::ADMIN_SHUTDOWN
