@@ -3,10 +3,11 @@
 //! **Driver.** The synchronous `postgres` crate (rust-postgres over tokio-postgres): the trait is
 //! synchronous and the engine already calls it from `spawn_blocking` threads, so an async driver
 //! would only add a runtime hop. Each `postgres::Client` drives its own connection on a private
-//! current-thread runtime, so a method must never be called from inside an async task (tokio
-//! refuses to block there and panics); the engine's `blocking` helper is the way in.
+//! current-thread runtime, so a method must never be called from inside an async task: tokio
+//! refuses to block there and panics, and the client's drop panics again while unwinding, which
+//! aborts the process. The engine's `blocking` helper (`spawn_blocking`) is the way in.
 //!
-//! **Pool.** A fixed number of connections in a `Mutex<Vec<_>>` with a `Condvar` ([`Pool`]):
+//! **Pool.** A fixed number of connections in a `Mutex<Vec<_>>` with a `Condvar` (`Pool`):
 //! opened lazily, each with its own cache of prepared statements, dropped when found closed.
 //! No pool crate: r2d2 and deadpool bring a dependency tree and a health-check protocol for what
 //! is forty lines here.
@@ -23,13 +24,15 @@
 //! - a GUDID is spent by `UPDATE … WHERE used_at IS NULL`;
 //! - migrations run under an advisory lock, one node at a time.
 //!
-//! Deadlocks and serialization failures (possible when two nodes' batches touch the same rows in
-//! another order) roll the transaction back; it is retried with doubling backoff
-//! ([`TRANSIENT_TRIES_MAX`]).
+//! A transaction that failed before its COMMIT without writing anything is run again, with
+//! doubling backoff (`TRANSIENT_TRIES_MAX`): a deadlock or serialization failure (two nodes'
+//! batches touching the same rows in another order), a session the server ended (restart,
+//! failover), prepared statements gone stale (another node changed a column's type); the last
+//! two on a fresh connection. A COMMIT whose outcome is unknown is reported, never run again.
 //!
 //! **Batches.** [`Store::apply_batch`] must give exactly the result of applying its writes one by
 //! one, in order (SQLite does that). One statement per write would cost one round trip each, so
-//! the writes are grouped into *rounds* ([`plan_rounds`]) and each round applies one set-based
+//! the writes are grouped into *rounds* (`plan_rounds`) and each round applies one set-based
 //! statement per kind of write: a batch of a thousand acks is a handful of statements.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
