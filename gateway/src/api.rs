@@ -277,13 +277,15 @@ async fn create_org(State(state): St, caller: Caller, body: Bytes) -> ApiResult<
     caller.key_owner()?;
     let req: CreateOrg = json_body(&body)?;
     check_name("name", &req.name)?;
-    let (org, token) =
-        crate::bootstrap::create_org(state.engine.store.as_ref(), &req.name, state.engine.clock.now_ms()).map_err(
-            |e| match e {
-                StoreError::Conflict(d) => ApiError::new(StatusCode::CONFLICT, "conflict", d),
-                other => other.into(),
-            },
-        )?;
+    let store = state.engine.store.clone();
+    let (name, now) = (req.name.clone(), state.engine.clock.now_ms());
+    let (org, token) = tokio::task::spawn_blocking(move || crate::bootstrap::create_org(store.as_ref(), &name, now))
+        .await
+        .map_err(|e| ApiError::from(EngineError::Internal(e.to_string())))?
+        .map_err(|e| match e {
+            StoreError::Conflict(d) => ApiError::new(StatusCode::CONFLICT, "conflict", d),
+            other => other.into(),
+        })?;
     audit(&state, &caller, Some(org.id), "org.create", format!("org:{}", org.name), json!({})).await?;
     Ok((StatusCode::CREATED, Json(json!({"org": org, "admin_token": token}))).into_response())
 }

@@ -102,11 +102,14 @@ impl EmbeddedBroker {
         connections.set_auth_handler(move |client_id: String, username: String, password: String| {
             let engine = engine.clone();
             async move {
-                let Some(engine) = engine.get() else {
+                let Some(engine) = engine.get().cloned() else {
                     metrics::counter!(m::MQTT_CONNECT_REFUSED_TOTAL, "reason" => "starting").increment(1);
                     return false;
                 };
-                match engine.authenticate(&client_id, &username, &password) {
+                // The check may read the store, which must not run on an async thread.
+                let checked =
+                    tokio::task::spawn_blocking(move || engine.authenticate(&client_id, &username, &password)).await;
+                match checked.unwrap_or(Err("internal")) {
                     Ok(()) => true,
                     Err(reason) => {
                         metrics::counter!(m::MQTT_CONNECT_REFUSED_TOTAL, "reason" => reason).increment(1);

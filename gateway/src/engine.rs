@@ -390,7 +390,15 @@ impl Engine {
         if let Some(name) = self.org_names.get(&org_id) {
             return name.clone();
         }
-        let name: Arc<str> = match self.store.org(org_id) {
+        // A blocking store call (PostgreSQL's client must not run on the async threads).
+        let lookup = || self.store.org(org_id);
+        let found = match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(lookup)
+            }
+            _ => lookup(),
+        };
+        let name: Arc<str> = match found {
             Ok(org) => Arc::from(org.name.as_str()),
             Err(_) => Arc::from("unknown"),
         };
