@@ -91,8 +91,17 @@ async fn re_initialisation_replaces_the_signing_key_at_once() {
     // A frame prepared under the first signing key...
     let old_unlock = net.gateway.seal(sn, Message::Unlock(Unlock { unlock_id: 1 }), Tag::Device);
 
-    let gudid = net.gateway.provision(sn);
-    device.initialise(&gudid).await.expect("re-initialise");
+    // A technician retries a re-initialisation that a dropped connection interrupted, with a fresh
+    // GUDID (the first may have been spent).
+    let mut attempt = 0;
+    loop {
+        let gudid = net.gateway.provision(sn);
+        match device.initialise(&gudid).await {
+            Ok(()) => break,
+            Err(e) if e.is_transient() && attempt < 3 => attempt += 1,
+            Err(e) => panic!("re-initialise: {e:?}"),
+        }
+    }
     let hellos = net.gateway.hellos(sn);
     net.gateway.wait_hellos(sn, hellos.max(2)).await;
 
