@@ -48,6 +48,10 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 const INIT_CONCURRENCY_MAX: usize = 256;
 /// Largest number of devices one task may target (the engine benchmark uses 1,000,000).
 pub const TASK_DEVICES_MAX: usize = 2_000_000;
+/// Devices per chunk of a task's creation: their credentials are read, their keys derived and
+/// wrapped and their executions inserted before the next chunk starts, all in the task's one
+/// transaction, so memory grows with the chunk, not with the task.
+pub const TASK_CHUNK: usize = 20_000;
 
 /// Publishes to the broker. Non-blocking: implementations queue.
 pub trait Outbound: Send + Sync + 'static {
@@ -88,6 +92,9 @@ struct DeviceHot {
     online: bool,
     unlock_pending: bool,
     open: Vec<OpenExecution>,
+    /// `open` holds every open execution the store had for the device when it was loaded; until
+    /// then (a device made hot by its first message) [`Engine::hot_device`] reads them.
+    open_loaded: bool,
 }
 
 impl DeviceHot {
@@ -103,8 +110,61 @@ impl DeviceHot {
             online: false,
             unlock_pending: c.unlock_pending,
             open: Vec::new(),
+            open_loaded: false,
         }
     }
+}
+
+impl OpenExecution {
+    fn from_row(e: &ExecutionRow) -> Self {
+        Self {
+            id: e.id,
+            org_id: e.org_id,
+            key_source_id: e.key_source_id,
+            slot: e.slot,
+            key_type: e.key_type.clone(),
+            key_block: e.key_block.clone(),
+            key_id: e.key_id.clone(),
+            kcv: e.kcv.clone(),
+            generation: e.generation,
+            created_at: e.created_at,
+            deadline: e.deadline,
+            last_sent: None,
+            sends: 0,
+            hello_at: None,
+        }
+    }
+
+    /// The open execution `id` of a task just inserted.
+    fn new_in(task: &NewTask, id: i64, e: NewExecution) -> Self {
+        Self {
+            id,
+            org_id: task.org_id,
+            key_source_id: task.key_source_id,
+            slot: task.slot,
+            key_type: task.key_type.clone(),
+            key_block: e.key_block,
+            key_id: e.key_id,
+            kcv: e.kcv,
+            generation: e.generation,
+            created_at: task.created_at,
+            deadline: task.expires_at,
+            last_sent: None,
+            sends: 0,
+            hello_at: None,
+        }
+    }
+}
+
+/// What the chunks of a task's creation leave for after its commit.
+#[derive(Default)]
+struct TaskBuild {
+    /// The new open executions of devices that were hot, by SN.
+    hot: HashMap<String, OpenExecution>,
+    /// Time spent deriving and wrapping.
+    derive: Duration,
+    /// Why a chunk failed, when it was not the store.
+    failure: Option<EngineError>,
 }
 
 /// Proof that an ack's KCV, key ID and slot match the execution's derivation. Only
@@ -347,7 +407,10 @@ impl Engine {
             open.iter().map(|e| e.device_id).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
         let creds = self.blocking(move |s| s.credentials_for(&ids)).await?;
         for c in &creds {
-            self.devices.insert(c.sn.clone(), Arc::new(Mutex::new(DeviceHot::from_credentials(c))));
+            // Every open execution is inserted below, before any message is handled.
+            let mut hot = DeviceHot::from_credentials(c);
+            hot.open_loaded = true;
+            self.devices.insert(c.sn.clone(), Arc::new(Mutex::new(hot)));
         }
         let count = open.len();
         for e in open {
@@ -358,32 +421,37 @@ impl Engine {
     }
 
     fn insert_open(&self, e: &ExecutionRow) {
-        let Some(hot) = self.devices.get(&e.sn).map(|h| h.clone()) else {
+        self.insert_open_execution(&e.sn, OpenExecution::from_row(e));
+    }
+
+    /// Adds an open execution to the device's hot state, if the device is hot (a device that
+    /// is not reads its open executions from the store on its first message: `hot_device`).
+    fn insert_open_execution(&self, sn: &str, open: OpenExecution) {
+        let Some(hot) = self.devices.get(sn).map(|h| h.clone()) else {
             // A device without credentials cannot receive keys; its execution waits for an
             // initialisation, which loads it.
             return;
         };
         let mut hot = lock(&hot);
-        if hot.open.iter().any(|o| o.id == e.id) {
+        if hot.open.iter().any(|o| o.id == open.id) {
             return;
         }
-        hot.open.push(OpenExecution {
-            id: e.id,
-            org_id: e.org_id,
-            key_source_id: e.key_source_id,
-            slot: e.slot,
-            key_type: e.key_type.clone(),
-            key_block: e.key_block.clone(),
-            key_id: e.key_id.clone(),
-            kcv: e.kcv.clone(),
-            generation: e.generation,
-            created_at: e.created_at,
-            deadline: e.deadline,
-            last_sent: None,
-            sends: 0,
-            hello_at: None,
-        });
-        self.execution_sn.insert(e.id, e.sn.clone());
+        self.execution_sn.insert(open.id, sn.to_string());
+        hot.open.push(open);
+    }
+
+    /// Reads the device's open executions from the store into its hot state.
+    async fn load_open(&self, sn: &str, hot: &Arc<Mutex<DeviceHot>>) {
+        let device_id = lock(hot).device_id;
+        match self.blocking(move |s| s.open_executions_for_device(device_id)).await {
+            Ok(rows) => {
+                for row in rows.iter().filter(|r| r.sn == sn) {
+                    self.insert_open(row);
+                }
+                lock(hot).open_loaded = true;
+            }
+            Err(e) => warn!(sn, error = %e, "cannot read a device's open executions; next message retries"),
+        }
     }
 
     fn org_label(&self, org_id: i64) -> Arc<str> {
@@ -490,9 +558,13 @@ impl Engine {
         }
     }
 
+    /// The device's hot state, loaded from the store if it is not in the maps yet.
     async fn hot_device(&self, sn: &str) -> Result<Arc<Mutex<DeviceHot>>, Rejection> {
-        if let Some(hot) = self.devices.get(sn) {
-            return Ok(hot.clone());
+        if let Some(hot) = self.devices.get(sn).map(|h| h.clone()) {
+            if !lock(&hot).open_loaded {
+                self.load_open(sn, &hot).await;
+            }
+            return Ok(hot);
         }
         let owned = sn.to_string();
         let creds = self.blocking(move |s| s.credentials(&owned)).await.map_err(|_| Rejection::UnknownDevice)?;
@@ -506,6 +578,11 @@ impl Engine {
             .entry(sn.to_string())
             .or_insert_with(|| Arc::new(Mutex::new(DeviceHot::from_credentials(&creds))))
             .clone();
+        // Read after the device is in the map: an execution committed later is added to the map's
+        // entry by its creator (`create_task`), one committed earlier is read here.
+        if !lock(&hot).open_loaded {
+            self.load_open(sn, &hot).await;
+        }
         Ok(hot)
     }
 
@@ -1016,23 +1093,15 @@ impl Engine {
             let previous = lock(&previous);
             let mut h = lock(&hot);
             h.open = previous.open.clone();
+            h.open_loaded = previous.open_loaded;
             h.online = previous.online;
             if previous.online {
                 // Keep the online count: the device reconnects under its new identity.
             }
         } else {
-            // Executions created before this device ever initialised wait in the store.
-            let id = device_id;
-            if let Ok(rows) = self
-                .blocking(move |s| {
-                    s.open_executions().map(|all| all.into_iter().filter(|e| e.device_id == id).collect::<Vec<_>>())
-                })
-                .await
-            {
-                for row in rows {
-                    self.insert_open(&row);
-                }
-            }
+            // Executions created before this device ever initialised (or while it was not hot)
+            // wait in the store.
+            self.load_open(sn, &hot).await;
         }
         {
             let mut h = lock(&hot);
@@ -1255,7 +1324,7 @@ impl Engine {
                 return Ok((task, preview));
             }
         }
-        let preview = self.preview(org_id, spec).await?;
+        let mut preview = self.preview(org_id, spec).await?;
         let Some(key_source_id) = preview.key_source_id else {
             return Err(EngineError::Conflict("no key source: assign one to the devices or name it".into()));
         };
@@ -1270,57 +1339,12 @@ impl Engine {
             .ok_or_else(|| EngineError::Internal(format!("key source algorithm {}", source.algorithm)))?;
         let count = preview.ready_ids.len() as i64;
         let first_serial = self.blocking(move |s| s.allocate_serials(key_source_id, count)).await?;
-        let ids = preview.ready_ids.clone();
-        let creds = self.blocking(move |s| s.credentials_for(&ids)).await?;
-        let by_id: HashMap<i64, &DeviceCredentials> = creds.iter().map(|c| (c.device_id, c)).collect();
         let key_set_id = hex::decode(&source.key_set_id).map_err(|_| EngineError::Internal("key set id".into()))?;
-        let mut key_ids = Vec::with_capacity(preview.ready_ids.len());
-        let mut device_order = Vec::with_capacity(preview.ready_ids.len());
-        for (i, id) in preview.ready_ids.iter().enumerate() {
-            let Some(c) = by_id.get(id) else { continue };
-            let serial = first_serial as u64 + i as u64;
-            let key_id = if algorithm.is_tdes() {
-                tdes_initial_ksn(&key_set_id, serial).map(|k| k.as_bytes().to_vec())
-            } else {
-                aes_initial_key_id(&key_set_id, serial).map(|k| k.as_bytes().to_vec())
-            }
-            .map_err(|e| EngineError::Internal(e.to_string()))?;
-            key_ids.push(key_id);
-            device_order.push((
-                *id,
-                c.generation,
-                if algorithm.is_aes() { c.kbpk_aes.clone() } else { c.kbpk_tdes.clone() },
-            ));
-        }
-        let keys = self.keys.clone();
-        let sealed_bdk = source.sealed.clone();
-        let started = Instant::now();
-        let (wrapped, key_ids, device_order) = tokio::task::spawn_blocking(move || {
-            let requests: Vec<DeriveRequest<'_>> = key_ids
-                .iter()
-                .zip(device_order.iter())
-                .map(|(key_id, (_, _, kbpk))| DeriveRequest { key_id, sealed_kbpk: kbpk })
-                .collect();
-            let out = keys.derive_and_wrap(&sealed_bdk, &requests);
-            drop(requests);
-            (out, key_ids, device_order)
-        })
-        .await
-        .map_err(|e| EngineError::Internal(e.to_string()))?;
-        let wrapped = wrapped.map_err(|e| EngineError::Internal(e.to_string()))?;
-        let mut executions = Vec::with_capacity(wrapped.len());
-        for ((w, key_id), (device_id, generation, _)) in wrapped.into_iter().zip(key_ids).zip(device_order) {
-            let w = w.map_err(|e| EngineError::Internal(format!("derivation failed: {e}")))?;
-            debug_assert_eq!(w.key_id, key_id);
-            executions.push(NewExecution {
-                device_id,
-                key_block: w.key_block,
-                key_id,
-                kcv: w.kcv.to_hex(),
-                generation,
-            });
-        }
-        let derive_ms = started.elapsed().as_millis();
+        let engine = self
+            .me
+            .get()
+            .and_then(std::sync::Weak::upgrade)
+            .ok_or_else(|| EngineError::Internal("the engine is stopping".into()))?;
         let now = self.clock.now_ms();
         let new_task = NewTask {
             org_id,
@@ -1331,28 +1355,155 @@ impl Engine {
             expires_at: now + i64::from(preview.expiry_days) * (SECONDS_PER_DAY as i64) * 1000,
             created_by: actor.to_string(),
             request_id: spec.request_id,
-            executions,
+            executions: Vec::new(),
         };
-        let (task, rows) = self.blocking(move |s| s.create_task(&new_task)).await?;
-        info!(task = task.id, executions = rows.len(), derive_ms, "download task created");
-        metrics::counter!(m::TASKS_CREATED_TOTAL, "org" => self.org_label(org_id).to_string()).increment(1);
-        // Credentials for devices not yet hot, then deliver to those online.
-        for c in &creds {
-            self.devices.entry(c.sn.clone()).or_insert_with(|| Arc::new(Mutex::new(DeviceHot::from_credentials(c))));
-        }
-        for row in &rows {
-            self.insert_open(row);
-        }
-        let online: Vec<String> = rows.iter().filter(|r| self.is_online(&r.sn)).map(|r| r.sn.clone()).collect();
-        for sn in online {
-            if let Some(hot) = self.devices.get(&sn).map(|h| h.clone()) {
-                let key = { self.signing_key(&mut lock(&hot)) };
-                if let Some(key) = key {
-                    self.deliver_open(&sn, &hot, &key, None, true).await;
+        let ready_ids = std::mem::take(&mut preview.ready_ids);
+        let created = tokio::task::spawn_blocking(move || {
+            let mut build = TaskBuild::default();
+            let result = engine.store.create_task_with(&new_task, &mut |sink| {
+                build = TaskBuild::default();
+                for (c, ids) in ready_ids.chunks(TASK_CHUNK).enumerate() {
+                    let first = first_serial as u64 + (c * TASK_CHUNK) as u64;
+                    engine.create_chunk(
+                        sink,
+                        &new_task,
+                        &source.sealed,
+                        algorithm,
+                        &key_set_id,
+                        first,
+                        ids,
+                        &mut build,
+                    )?;
                 }
+                Ok(())
+            });
+            (result, build, ready_ids)
+        })
+        .await
+        .map_err(|e| EngineError::Internal(e.to_string()))?;
+        let (result, build, ready_ids) = created;
+        preview.ready_ids = ready_ids;
+        let task = match (result, build.failure) {
+            (Ok(task), _) => task,
+            (Err(_), Some(failure)) => return Err(failure),
+            (Err(e), None) => return Err(e.into()),
+        };
+        let derive_ms = build.derive.as_millis();
+        info!(task = task.id, executions = task.counts.total, derive_ms, "download task created");
+        metrics::counter!(m::TASKS_CREATED_TOTAL, "org" => self.org_label(org_id).to_string()).increment(1);
+        // Only devices already hot (online, or holding other open executions) get the new
+        // execution in memory; the others read it from the store on their first message.
+        let mut known = build.hot;
+        let entries: Vec<(String, Arc<Mutex<DeviceHot>>)> =
+            self.devices.iter().map(|e| (e.key().clone(), e.value().clone())).collect();
+        let mut task_devices: Option<Vec<i64>> = None;
+        let mut online = Vec::new();
+        for (sn, hot) in entries {
+            if let Some(open) = known.remove(&sn) {
+                self.insert_open_execution(&sn, open);
+            } else {
+                // Made hot while the task was being written: its own read of the store may have
+                // come before the commit.
+                let device_id = lock(&hot).device_id;
+                let ids = task_devices.get_or_insert_with(|| {
+                    let mut ids = preview.ready_ids.clone();
+                    ids.sort_unstable();
+                    ids
+                });
+                if ids.binary_search(&device_id).is_err() {
+                    continue;
+                }
+                self.load_open(&sn, &hot).await;
+            }
+            if lock(&hot).online {
+                online.push((sn, hot));
+            }
+        }
+        for (sn, hot) in online {
+            let key = { self.signing_key(&mut lock(&hot)) };
+            if let Some(key) = key {
+                self.deliver_open(&sn, &hot, &key, None, true).await;
             }
         }
         Ok((task, preview))
+    }
+
+    /// One chunk of a task's creation, inside its transaction: the devices' credentials, one key
+    /// derived and wrapped per device (on every core), the executions inserted. Keeps the open
+    /// executions of devices that are hot, for the maps after the commit.
+    #[allow(clippy::too_many_arguments)]
+    fn create_chunk(
+        &self,
+        sink: &mut dyn TaskSink,
+        task: &NewTask,
+        sealed_bdk: &str,
+        algorithm: KeyAlgorithm,
+        key_set_id: &[u8],
+        first_serial: u64,
+        ids: &[i64],
+        build: &mut TaskBuild,
+    ) -> StoreResult<()> {
+        let fail = |build: &mut TaskBuild, e: EngineError| {
+            let message = e.to_string();
+            build.failure = Some(e);
+            StoreError::Backend(message)
+        };
+        let creds = sink.credentials_for(ids)?;
+        let by_id: HashMap<i64, &DeviceCredentials> = creds.iter().map(|c| (c.device_id, c)).collect();
+        let mut key_ids = Vec::with_capacity(ids.len());
+        let mut devices = Vec::with_capacity(ids.len());
+        for (i, id) in ids.iter().enumerate() {
+            // A device re-initialised or removed since the preview is skipped.
+            let Some(c) = by_id.get(id) else { continue };
+            let serial = first_serial + i as u64;
+            let key_id = if algorithm.is_tdes() {
+                tdes_initial_ksn(key_set_id, serial).map(|k| k.as_bytes().to_vec())
+            } else {
+                aes_initial_key_id(key_set_id, serial).map(|k| k.as_bytes().to_vec())
+            };
+            match key_id {
+                Ok(key_id) => key_ids.push(key_id),
+                Err(e) => return Err(fail(build, EngineError::Internal(e.to_string()))),
+            }
+            devices.push(*c);
+        }
+        let started = Instant::now();
+        let requests: Vec<DeriveRequest<'_>> = key_ids
+            .iter()
+            .zip(&devices)
+            .map(|(key_id, c)| DeriveRequest {
+                key_id,
+                sealed_kbpk: if algorithm.is_aes() { &c.kbpk_aes } else { &c.kbpk_tdes },
+            })
+            .collect();
+        let wrapped = match self.keys.derive_and_wrap(sealed_bdk, &requests) {
+            Ok(w) => w,
+            Err(e) => return Err(fail(build, EngineError::Internal(e.to_string()))),
+        };
+        drop(requests);
+        build.derive += started.elapsed();
+        let mut executions = Vec::with_capacity(wrapped.len());
+        for ((w, key_id), c) in wrapped.into_iter().zip(key_ids).zip(&devices) {
+            let w = match w {
+                Ok(w) => w,
+                Err(e) => return Err(fail(build, EngineError::Internal(format!("derivation failed: {e}")))),
+            };
+            debug_assert_eq!(w.key_id, key_id);
+            executions.push(NewExecution {
+                device_id: c.device_id,
+                key_block: w.key_block,
+                key_id,
+                kcv: w.kcv.to_hex(),
+                generation: c.generation,
+            });
+        }
+        let execution_ids = sink.insert(&executions)?;
+        for ((e, id), c) in executions.into_iter().zip(execution_ids).zip(&devices) {
+            if self.devices.contains_key(&c.sn) {
+                build.hot.insert(c.sn.clone(), OpenExecution::new_in(task, id, e));
+            }
+        }
+        Ok(())
     }
 
     /// Stops a task: its open executions end as terminated ("manually terminated").

@@ -401,6 +401,16 @@ pub struct ImportRow {
     pub model: Option<String>,
 }
 
+/// The inside of [`Store::create_task_with`]'s transaction: what the caller may read and write
+/// while it streams a task's executions in chunks.
+pub trait TaskSink {
+    /// The credentials of those of `device_ids` that are initialised (any order), read inside
+    /// the task's transaction.
+    fn credentials_for(&mut self, device_ids: &[i64]) -> StoreResult<Vec<DeviceCredentials>>;
+    /// Inserts executions of the task, queued; returns their ids, in the order given.
+    fn insert(&mut self, executions: &[NewExecution]) -> StoreResult<Vec<i64>>;
+}
+
 /// The store interface. Every method is one transaction.
 pub trait Store: Send + Sync {
     // organizations and tokens
@@ -471,6 +481,17 @@ pub trait Store: Send + Sync {
 
     // tasks and executions
     fn create_task(&self, task: &NewTask) -> StoreResult<(TaskRow, Vec<ExecutionRow>)>;
+    /// Creates a task whose executions `fill` streams through the [`TaskSink`], chunk by chunk,
+    /// so no caller holds a large task in memory at once; `task.executions` are inserted first.
+    /// One transaction: the task exists with every execution `fill` inserted, or (if `fill` or
+    /// any insert fails) not at all. `fill` may be called again from the start when a transaction
+    /// is retried after a transient failure (PostgreSQL), so it must start over on each call.
+    /// Returns the task as committed, without reading its executions back.
+    fn create_task_with(
+        &self,
+        task: &NewTask,
+        fill: &mut dyn FnMut(&mut dyn TaskSink) -> StoreResult<()>,
+    ) -> StoreResult<TaskRow>;
     fn task_by_request_id(&self, org_id: i64, request_id: i64) -> StoreResult<Option<TaskRow>>;
     fn list_tasks(&self, org_id: i64, unfinished: Option<bool>, limit: i64) -> StoreResult<Vec<TaskRow>>;
     fn task(&self, org_id: i64, id: i64) -> StoreResult<TaskRow>;

@@ -703,6 +703,96 @@ fn rows<T>(rows: Vec<Row>, f: impl Fn(&Row) -> Result<T, Failure>) -> Result<Vec
     rows.iter().map(f).collect()
 }
 
+/// [`TaskSink`] inside `create_task_with`'s transaction. A database failure is kept in
+/// `failure` (the trait speaks `StoreError`), so the transaction can still tell a transient one.
+struct PostgresTaskSink<'a, 's, 't> {
+    s: &'a mut Tx<'s, 't>,
+    task: &'a NewTask,
+    task_id: i64,
+    inserted: usize,
+    failure: Option<Failure>,
+}
+
+impl PostgresTaskSink<'_, '_, '_> {
+    fn keep<T>(&mut self, result: Result<T, Failure>) -> StoreResult<T> {
+        result.map_err(|failure| {
+            let error = match &failure {
+                Failure::Store(StoreError::NotFound(m)) => StoreError::NotFound(m.clone()),
+                Failure::Store(StoreError::Conflict(m)) => StoreError::Conflict(m.clone()),
+                Failure::Store(StoreError::Invalid(m)) => StoreError::Invalid(m.clone()),
+                Failure::Store(StoreError::Backend(m)) | Failure::Transient { reason: m, .. } => {
+                    StoreError::Backend(m.clone())
+                }
+            };
+            self.failure = Some(failure);
+            error
+        })
+    }
+}
+
+impl TaskSink for PostgresTaskSink<'_, '_, '_> {
+    fn credentials_for(&mut self, device_ids: &[i64]) -> StoreResult<Vec<DeviceCredentials>> {
+        let found = self.s.query(
+            concat!(
+                "SELECT ",
+                credential_columns!(),
+                " FROM devices WHERE signing_key IS NOT NULL AND id = ANY ($1) ORDER BY id"
+            ),
+            &[&device_ids],
+        );
+        let found = self.keep(found)?;
+        let rows = rows(found, credentials_row);
+        self.keep(rows)
+    }
+
+    fn insert(&mut self, executions: &[NewExecution]) -> StoreResult<Vec<i64>> {
+        let mut ids = Vec::with_capacity(executions.len());
+        for chunk in executions.chunks(EXECUTIONS_PER_STATEMENT) {
+            let devices: Vec<i64> = chunk.iter().map(|e| e.device_id).collect();
+            let blocks: Vec<&str> = chunk.iter().map(|e| e.key_block.as_str()).collect();
+            let key_ids: Vec<&[u8]> = chunk.iter().map(|e| e.key_id.as_slice()).collect();
+            let kcvs: Vec<&str> = chunk.iter().map(|e| e.kcv.as_str()).collect();
+            let generations: Vec<i64> = chunk.iter().map(|e| e.generation).collect();
+            // RETURNING promises no order: each id comes back with its device (one execution per
+            // device and task).
+            let found = self.s.query(
+                "INSERT INTO executions (task_id, org_id, device_id, state, key_block, key_id, kcv, generation,
+                                         created_at, deadline)
+                 SELECT $1, $2, i.device_id, $3, i.key_block, i.key_id, i.kcv, i.generation, $4, $5
+                 FROM unnest($6::bigint[], $7::text[], $8::bytea[], $9::text[], $10::bigint[])
+                      WITH ORDINALITY AS i(device_id, key_block, key_id, kcv, generation, ord)
+                 ORDER BY i.ord
+                 RETURNING id, device_id",
+                &[
+                    &self.task_id,
+                    &self.task.org_id,
+                    &ExecutionState::Queued.as_str(),
+                    &self.task.created_at,
+                    &self.task.expires_at,
+                    &devices,
+                    &blocks,
+                    &key_ids,
+                    &kcvs,
+                    &generations,
+                ],
+            );
+            let found = self.keep(found)?;
+            let returned = self.keep(rows(found, |r| Ok((r.try_get::<_, i64>(1)?, r.try_get::<_, i64>(0)?))))?;
+            let by_device: HashMap<i64, i64> = returned.into_iter().collect();
+            for e in chunk {
+                match by_device.get(&e.device_id) {
+                    Some(id) => ids.push(*id),
+                    None => {
+                        return self.keep(Err(corrupt(format!("no execution id returned for device {}", e.device_id))))
+                    }
+                }
+            }
+        }
+        self.inserted += executions.len();
+        Ok(ids)
+    }
+}
+
 /// SQLite reads a negative LIMIT as "no limit"; PostgreSQL refuses it. `None` binds NULL, which
 /// PostgreSQL reads as no limit.
 fn limit_or_all(limit: i64) -> Option<i64> {
@@ -1482,7 +1572,17 @@ impl Store for PostgresStore {
     }
 
     fn create_task(&self, task: &NewTask) -> StoreResult<(TaskRow, Vec<ExecutionRow>)> {
-        let task_id = self.write(|s| {
+        let row = self.create_task_with(task, &mut |_| Ok(()))?;
+        let executions = self.task_executions(row.id)?;
+        Ok((row, executions))
+    }
+
+    fn create_task_with(
+        &self,
+        task: &NewTask,
+        fill: &mut dyn FnMut(&mut dyn TaskSink) -> StoreResult<()>,
+    ) -> StoreResult<TaskRow> {
+        let (task_id, inserted) = self.write(|s| {
             let task_id: i64 = s
                 .query_one(
                     "INSERT INTO tasks (org_id, key_source_id, slot, key_type, created_at, expires_at, created_by, request_id)
@@ -1499,40 +1599,26 @@ impl Store for PostgresStore {
                     ],
                 )?
                 .try_get(0)?;
-            for chunk in task.executions.chunks(EXECUTIONS_PER_STATEMENT) {
-                let devices: Vec<i64> = chunk.iter().map(|e| e.device_id).collect();
-                let blocks: Vec<&str> = chunk.iter().map(|e| e.key_block.as_str()).collect();
-                let key_ids: Vec<&[u8]> = chunk.iter().map(|e| e.key_id.as_slice()).collect();
-                let kcvs: Vec<&str> = chunk.iter().map(|e| e.kcv.as_str()).collect();
-                let generations: Vec<i64> = chunk.iter().map(|e| e.generation).collect();
-                s.execute(
-                    "INSERT INTO executions (task_id, org_id, device_id, state, key_block, key_id, kcv, generation,
-                                             created_at, deadline)
-                     SELECT $1, $2, i.device_id, $3, i.key_block, i.key_id, i.kcv, i.generation, $4, $5
-                     FROM unnest($6::bigint[], $7::text[], $8::bytea[], $9::text[], $10::bigint[])
-                          WITH ORDINALITY AS i(device_id, key_block, key_id, kcv, generation, ord)
-                     ORDER BY i.ord",
-                    &[
-                        &task_id,
-                        &task.org_id,
-                        &ExecutionState::Queued.as_str(),
-                        &task.created_at,
-                        &task.expires_at,
-                        &devices,
-                        &blocks,
-                        &key_ids,
-                        &kcvs,
-                        &generations,
-                    ],
-                )?;
+            let mut sink = PostgresTaskSink { s, task, task_id, inserted: 0, failure: None };
+            // A failure inside the sink is kept whole, so a transient one retries the transaction.
+            let filled = sink.insert(&task.executions).map(|_| ()).and_then(|()| fill(&mut sink));
+            let PostgresTaskSink { inserted, failure, .. } = sink;
+            match (filled, failure) {
+                (Ok(()), _) => Ok((task_id, inserted)),
+                (Err(_), Some(failure)) => Err(failure),
+                (Err(e), None) => Err(Failure::Store(e)),
             }
-            Ok(task_id)
         })?;
-        // Read back what was committed: the pair of assertions around the write.
+        // Read back what was committed (the counts, not the executions): the pair of
+        // assertions around the write.
         let row = self.task(task.org_id, task_id)?;
-        assert_eq!(row.counts.total as usize, task.executions.len(), "task executions persisted");
-        let executions = self.task_executions(task_id)?;
-        Ok((row, executions))
+        if row.counts.total as usize != inserted {
+            return Err(StoreError::Backend(format!(
+                "task {task_id}: {} executions persisted, {inserted} inserted",
+                row.counts.total
+            )));
+        }
+        Ok(row)
     }
 
     fn task_by_request_id(&self, org_id: i64, request_id: i64) -> StoreResult<Option<TaskRow>> {

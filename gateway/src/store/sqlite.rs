@@ -309,6 +309,66 @@ fn record_row(r: &Row<'_>) -> rusqlite::Result<RecordRow> {
     })
 }
 
+/// The credentials of those of `ids` that are initialised, on any connection.
+fn credentials_in(c: &Connection, ids: &[i64]) -> StoreResult<Vec<DeviceCredentials>> {
+    let mut out = Vec::with_capacity(ids.len());
+    for chunk in ids.chunks(IDS_PER_STATEMENT) {
+        let sql = format!(
+            "SELECT {CREDENTIAL_COLUMNS} FROM devices WHERE signing_key IS NOT NULL AND id IN ({})",
+            in_list(chunk.len())
+        );
+        let mut stmt = c.prepare_cached(&sql).map_err(backend)?;
+        let rows = stmt.query_map(rusqlite::params_from_iter(chunk.iter()), credentials_row).map_err(backend)?;
+        for row in rows {
+            out.push(row.map_err(backend)?);
+        }
+    }
+    Ok(out)
+}
+
+/// [`TaskSink`] inside `create_task_with`'s transaction on the writer connection.
+struct SqliteTaskSink<'a> {
+    tx: &'a Transaction<'a>,
+    task: &'a NewTask,
+    task_id: i64,
+    inserted: usize,
+}
+
+impl TaskSink for SqliteTaskSink<'_> {
+    fn credentials_for(&mut self, device_ids: &[i64]) -> StoreResult<Vec<DeviceCredentials>> {
+        credentials_in(self.tx, device_ids)
+    }
+
+    fn insert(&mut self, executions: &[NewExecution]) -> StoreResult<Vec<i64>> {
+        let mut insert = self
+            .tx
+            .prepare_cached(
+                "INSERT INTO executions (task_id, org_id, device_id, state, key_block, key_id, kcv, generation, created_at, deadline)
+                 VALUES (?1, ?2, ?3, 'queued', ?4, ?5, ?6, ?7, ?8, ?9)",
+            )
+            .map_err(backend)?;
+        let mut ids = Vec::with_capacity(executions.len());
+        for e in executions {
+            insert
+                .execute(params![
+                    self.task_id,
+                    self.task.org_id,
+                    e.device_id,
+                    e.key_block,
+                    e.key_id,
+                    e.kcv,
+                    e.generation,
+                    self.task.created_at,
+                    self.task.expires_at
+                ])
+                .map_err(backend)?;
+            ids.push(self.tx.last_insert_rowid());
+        }
+        self.inserted += executions.len();
+        Ok(ids)
+    }
+}
+
 fn task_counts(conn: &Connection, task_id: i64) -> StoreResult<TaskCounts> {
     let mut stmt = conn
         .prepare_cached("SELECT state, COUNT(*) FROM executions WHERE task_id = ?1 GROUP BY state")
@@ -701,22 +761,7 @@ impl Store for SqliteStore {
     }
 
     fn credentials_for(&self, ids: &[i64]) -> StoreResult<Vec<DeviceCredentials>> {
-        self.read(|c| {
-            let mut out = Vec::with_capacity(ids.len());
-            for chunk in ids.chunks(IDS_PER_STATEMENT) {
-                let sql = format!(
-                    "SELECT {CREDENTIAL_COLUMNS} FROM devices WHERE signing_key IS NOT NULL AND id IN ({})",
-                    in_list(chunk.len())
-                );
-                let mut stmt = c.prepare_cached(&sql).map_err(backend)?;
-                let rows =
-                    stmt.query_map(rusqlite::params_from_iter(chunk.iter()), credentials_row).map_err(backend)?;
-                for row in rows {
-                    out.push(row.map_err(backend)?);
-                }
-            }
-            Ok(out)
-        })
+        self.read(|c| credentials_in(c, ids))
     }
 
     fn all_password_hashes(&self) -> StoreResult<Vec<(String, Vec<u8>)>> {
@@ -896,7 +941,17 @@ impl Store for SqliteStore {
     }
 
     fn create_task(&self, task: &NewTask) -> StoreResult<(TaskRow, Vec<ExecutionRow>)> {
-        let task_id = self.write(|tx| {
+        let row = self.create_task_with(task, &mut |_| Ok(()))?;
+        let executions = self.task_executions(row.id)?;
+        Ok((row, executions))
+    }
+
+    fn create_task_with(
+        &self,
+        task: &NewTask,
+        fill: &mut dyn FnMut(&mut dyn TaskSink) -> StoreResult<()>,
+    ) -> StoreResult<TaskRow> {
+        let (task_id, inserted) = self.write(|tx| {
             tx.execute(
                 "INSERT INTO tasks (org_id, key_source_id, slot, key_type, created_at, expires_at, created_by, request_id)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
@@ -912,35 +967,21 @@ impl Store for SqliteStore {
                 ],
             )
             .map_err(backend)?;
-            let task_id = tx.last_insert_rowid();
-            let mut insert = tx
-                .prepare_cached(
-                    "INSERT INTO executions (task_id, org_id, device_id, state, key_block, key_id, kcv, generation, created_at, deadline)
-                     VALUES (?1, ?2, ?3, 'queued', ?4, ?5, ?6, ?7, ?8, ?9)",
-                )
-                .map_err(backend)?;
-            for e in &task.executions {
-                insert
-                    .execute(params![
-                        task_id,
-                        task.org_id,
-                        e.device_id,
-                        e.key_block,
-                        e.key_id,
-                        e.kcv,
-                        e.generation,
-                        task.created_at,
-                        task.expires_at
-                    ])
-                    .map_err(backend)?;
-            }
-            Ok(task_id)
+            let mut sink = SqliteTaskSink { tx, task, task_id: tx.last_insert_rowid(), inserted: 0 };
+            sink.insert(&task.executions)?;
+            fill(&mut sink)?;
+            Ok((sink.task_id, sink.inserted))
         })?;
-        // Read back what was committed: the pair of assertions around the write.
+        // Read back what was committed (the counts, not the executions): the pair of
+        // assertions around the write.
         let row = self.task(task.org_id, task_id)?;
-        assert_eq!(row.counts.total as usize, task.executions.len(), "task executions persisted");
-        let executions = self.task_executions(task_id)?;
-        Ok((row, executions))
+        if row.counts.total as usize != inserted {
+            return Err(StoreError::Backend(format!(
+                "task {task_id}: {} executions persisted, {inserted} inserted",
+                row.counts.total
+            )));
+        }
+        Ok(row)
     }
 
     fn task_by_request_id(&self, org_id: i64, request_id: i64) -> StoreResult<Option<TaskRow>> {
