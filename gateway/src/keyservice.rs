@@ -211,34 +211,55 @@ impl SoftwareKeyService {
         key.map_err(|e| KeyServiceError::Key(e.to_string()))
     }
 
-    fn derive_one(&self, bdk: &SymmetricKey, request: &DeriveRequest<'_>) -> Result<WrappedKey, KeyServiceError> {
+    fn derive_one(&self, bdk: &Bdk<'_>, request: &DeriveRequest<'_>) -> Result<WrappedKey, KeyServiceError> {
         let kbpk = self.unseal_key(request.sealed_kbpk)?;
         let id_error = |e: rki_protocol::dukpt::DukptError| KeyServiceError::Derivation(e.to_string());
+        match bdk {
+            Bdk::Tdes(deriver) => {
+                let ksn = dukpt::tdes::Ksn::from_hex(&hex::encode(request.key_id)).map_err(id_error)?;
+                let ipek = deriver.derive(&ksn);
+                let kcv = ipek.kcv(KcvLen::Three);
+                if !kbpk.algorithm().is_tdes() {
+                    return Err(KeyServiceError::Key("a TDES key needs a TDES key-block protection key".into()));
+                }
+                let header = Header::dukpt_initial_key(Version::B, DukptInitialKeyId::Tdes(ksn), Some(&kcv))
+                    .map_err(|e| KeyServiceError::Tr31(e.to_string()))?;
+                let key_block = tr31::wrap(&kbpk, &header, ipek.secret(), &mut os_random)
+                    .map_err(|e| KeyServiceError::Tr31(e.to_string()))?;
+                Ok(WrappedKey { key_block, key_id: ksn.as_bytes().to_vec(), kcv })
+            }
+            Bdk::Aes(bdk) => {
+                let id = dukpt::aes::InitialKeyId::from_hex(&hex::encode(request.key_id)).map_err(id_error)?;
+                let initial =
+                    dukpt::aes::derive_initial_key(bdk, &id).map_err(|e| KeyServiceError::Derivation(e.to_string()))?;
+                let kcv = initial.kcv(KcvLen::Three);
+                if !kbpk.algorithm().is_aes() {
+                    return Err(KeyServiceError::Key("an AES key needs an AES key-block protection key".into()));
+                }
+                let header = Header::dukpt_initial_key(Version::D, DukptInitialKeyId::Aes(id), Some(&kcv))
+                    .map_err(|e| KeyServiceError::Tr31(e.to_string()))?;
+                let key_block = tr31::wrap(&kbpk, &header, initial.secret(), &mut os_random)
+                    .map_err(|e| KeyServiceError::Tr31(e.to_string()))?;
+                Ok(WrappedKey { key_block, key_id: id.as_bytes().to_vec(), kcv })
+            }
+        }
+    }
+}
+
+/// A task's BDK, ready for deriving each terminal's key: a TDES BDK is scheduled once for the
+/// whole batch (the key schedule costs about as much as one derivation).
+enum Bdk<'a> {
+    Tdes(Box<dukpt::tdes::IpekDeriver>),
+    Aes(&'a SymmetricKey),
+}
+
+impl<'a> Bdk<'a> {
+    fn new(bdk: &'a SymmetricKey) -> Result<Self, KeyServiceError> {
         if bdk.algorithm().is_tdes() {
-            let ksn = dukpt::tdes::Ksn::from_hex(&hex::encode(request.key_id)).map_err(id_error)?;
-            let ipek = dukpt::tdes::derive_ipek(bdk, &ksn).map_err(|e| KeyServiceError::Derivation(e.to_string()))?;
-            let kcv = ipek.kcv(KcvLen::Three);
-            if !kbpk.algorithm().is_tdes() {
-                return Err(KeyServiceError::Key("a TDES key needs a TDES key-block protection key".into()));
-            }
-            let header = Header::dukpt_initial_key(Version::B, DukptInitialKeyId::Tdes(ksn), Some(&kcv))
-                .map_err(|e| KeyServiceError::Tr31(e.to_string()))?;
-            let key_block = tr31::wrap(&kbpk, &header, ipek.secret(), &mut os_random)
-                .map_err(|e| KeyServiceError::Tr31(e.to_string()))?;
-            Ok(WrappedKey { key_block, key_id: ksn.as_bytes().to_vec(), kcv })
+            let deriver = dukpt::tdes::IpekDeriver::new(bdk).map_err(|e| KeyServiceError::Derivation(e.to_string()))?;
+            Ok(Bdk::Tdes(Box::new(deriver)))
         } else {
-            let id = dukpt::aes::InitialKeyId::from_hex(&hex::encode(request.key_id)).map_err(id_error)?;
-            let initial =
-                dukpt::aes::derive_initial_key(bdk, &id).map_err(|e| KeyServiceError::Derivation(e.to_string()))?;
-            let kcv = initial.kcv(KcvLen::Three);
-            if !kbpk.algorithm().is_aes() {
-                return Err(KeyServiceError::Key("an AES key needs an AES key-block protection key".into()));
-            }
-            let header = Header::dukpt_initial_key(Version::D, DukptInitialKeyId::Aes(id), Some(&kcv))
-                .map_err(|e| KeyServiceError::Tr31(e.to_string()))?;
-            let key_block = tr31::wrap(&kbpk, &header, initial.secret(), &mut os_random)
-                .map_err(|e| KeyServiceError::Tr31(e.to_string()))?;
-            Ok(WrappedKey { key_block, key_id: id.as_bytes().to_vec(), kcv })
+            Ok(Bdk::Aes(bdk))
         }
     }
 }
@@ -315,6 +336,7 @@ impl KeyService for SoftwareKeyService {
         requests: &[DeriveRequest<'_>],
     ) -> Result<Vec<Result<WrappedKey, KeyServiceError>>, KeyServiceError> {
         let bdk = self.unseal_key(sealed_bdk)?;
+        let bdk = Bdk::new(&bdk)?;
         if requests.len() < 64 || self.threads == 1 {
             return Ok(requests.iter().map(|r| self.derive_one(&bdk, r)).collect());
         }

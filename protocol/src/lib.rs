@@ -18,6 +18,7 @@
 //! - [`init`]: device initialisation crypto (GUDID, X25519 + HKDF-SHA256 key agreement).
 #![forbid(unsafe_code)]
 
+mod des_core;
 pub mod dukpt;
 pub mod frame;
 pub mod init;

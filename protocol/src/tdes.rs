@@ -4,10 +4,7 @@
 //! handed here by mistake must never leave the block untouched and let the caller read plaintext
 //! as if it were ciphertext (a KCV of zeros, an IPEK half equal to the KSN).
 
-use des::cipher::generic_array::GenericArray;
-use des::cipher::{BlockDecrypt, BlockEncrypt, KeyInit};
-use des::{Des, TdesEde2, TdesEde3};
-
+use crate::des_core::{DesSchedule, TdesSchedule};
 use crate::keys::{KeyAlgorithm, SymmetricKey};
 
 /// Why a TDES block operation was refused. The block is left unchanged.
@@ -17,49 +14,32 @@ pub enum TdesError {
     NotTdes(KeyAlgorithm),
 }
 
-/// A scheduled two- or three-key TDES (EDE) cipher.
-enum Tdes {
-    Two(TdesEde2),
-    Three(TdesEde3),
-}
-
-impl Tdes {
-    fn new(key: &SymmetricKey) -> Result<Self, TdesError> {
-        let refused = TdesError::NotTdes(key.algorithm());
-        match key.algorithm() {
-            KeyAlgorithm::Tdes2 => TdesEde2::new_from_slice(key.expose_secret()).map(Tdes::Two).map_err(|_| refused),
-            KeyAlgorithm::Tdes3 => TdesEde3::new_from_slice(key.expose_secret()).map(Tdes::Three).map_err(|_| refused),
-            KeyAlgorithm::Aes128 | KeyAlgorithm::Aes192 | KeyAlgorithm::Aes256 => Err(refused),
-        }
+/// Schedules a two- or three-key TDES (EDE) key; any other key is refused.
+fn schedule(key: &SymmetricKey) -> Result<TdesSchedule, TdesError> {
+    let refused = TdesError::NotTdes(key.algorithm());
+    match key.algorithm() {
+        KeyAlgorithm::Tdes2 | KeyAlgorithm::Tdes3 => TdesSchedule::new(key.expose_secret()).ok_or(refused),
+        KeyAlgorithm::Aes128 | KeyAlgorithm::Aes192 | KeyAlgorithm::Aes256 => Err(refused),
     }
 }
 
 /// Encrypts one 8-byte block in place with a two- or three-key TDES key (EDE). Any other key is
 /// refused and the block left unchanged.
 pub fn encrypt_block(key: &SymmetricKey, block: &mut [u8; 8]) -> Result<(), TdesError> {
-    let b = GenericArray::from_mut_slice(block);
-    match Tdes::new(key)? {
-        Tdes::Two(c) => c.encrypt_block(b),
-        Tdes::Three(c) => c.encrypt_block(b),
-    }
+    schedule(key)?.encrypt(block);
     Ok(())
 }
 
 /// Decrypts one 8-byte block in place with a two- or three-key TDES key (EDE). Any other key is
 /// refused and the block left unchanged.
 pub fn decrypt_block(key: &SymmetricKey, block: &mut [u8; 8]) -> Result<(), TdesError> {
-    let b = GenericArray::from_mut_slice(block);
-    match Tdes::new(key)? {
-        Tdes::Two(c) => c.decrypt_block(b),
-        Tdes::Three(c) => c.decrypt_block(b),
-    }
+    schedule(key)?.decrypt(block);
     Ok(())
 }
 
 /// Single DES encryption of one block with an 8-byte key (DUKPT's non-reversible key generation).
 pub fn des_encrypt_block(key: &[u8; 8], block: &mut [u8; 8]) {
-    let cipher = Des::new(GenericArray::from_slice(key));
-    cipher.encrypt_block(GenericArray::from_mut_slice(block));
+    DesSchedule::new(key).encrypt(block);
 }
 
 #[cfg(test)]

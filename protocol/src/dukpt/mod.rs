@@ -17,7 +17,7 @@ pub mod aes;
 pub mod tdes;
 
 pub use self::aes::{derivation_key, derive_initial_key, working_key, AesKsn, InitialKeyId, WorkingKeyUsage};
-pub use self::tdes::{data_key, derive_ipek, mac_key, mac_response_key, pin_key, transaction_key, Ksn};
+pub use self::tdes::{data_key, derive_ipek, mac_key, mac_response_key, pin_key, transaction_key, IpekDeriver, Ksn};
 
 use crate::keys::KeyAlgorithm;
 

@@ -15,6 +15,7 @@ use std::fmt;
 use zeroize::Zeroizing;
 
 use super::{identifier_from_hex, DukptError};
+use crate::des_core::TdesSchedule;
 use crate::keys::{KeyAlgorithm, SymmetricKey};
 use crate::secret::SecretBytes;
 
@@ -98,29 +99,53 @@ impl fmt::Display for Ksn {
 /// Extension: a three-key BDK is accepted, with the mask applied to each of its three parts; the
 /// IPEK is two-key either way, as every TDES DUKPT terminal expects.
 pub fn derive_ipek(bdk: &SymmetricKey, ksn: &Ksn) -> Result<SymmetricKey, DukptError> {
-    if !bdk.algorithm().is_tdes() {
-        return Err(DukptError::BdkNotTdes(bdk.algorithm()));
-    }
-    let mut serial = [0u8; 8];
-    serial.copy_from_slice(&ksn.initial().0[..8]);
+    Ok(IpekDeriver::new(bdk)?.derive(ksn))
+}
 
-    let mut masked = SecretBytes::from_slice(bdk.expose_secret());
-    for (byte, mask) in masked.expose_secret_mut().iter_mut().zip(KEY_PART_MASK.iter().cycle()) {
-        *byte ^= mask;
-    }
-    let masked = SymmetricKey::new(bdk.algorithm(), masked).map_err(|_| DukptError::BdkNotTdes(bdk.algorithm()))?;
+/// A BDK scheduled once for deriving many IPEKs ([`derive_ipek`] for each KSN, without
+/// scheduling the BDK and its masked twin again for every terminal of a batch). Holds the key
+/// schedules, zeroized on drop; its `Debug` shows nothing of them.
+pub struct IpekDeriver {
+    left: TdesSchedule,
+    right: TdesSchedule,
+}
 
-    let mut ipek = SecretBytes::zeroed(16);
-    let mut left = serial;
-    let not_tdes = |e: crate::tdes::TdesError| match e {
-        crate::tdes::TdesError::NotTdes(algorithm) => DukptError::BdkNotTdes(algorithm),
-    };
-    crate::tdes::encrypt_block(bdk, &mut left).map_err(not_tdes)?;
-    let mut right = serial;
-    crate::tdes::encrypt_block(&masked, &mut right).map_err(not_tdes)?;
-    ipek.expose_secret_mut()[..8].copy_from_slice(&left);
-    ipek.expose_secret_mut()[8..].copy_from_slice(&right);
-    SymmetricKey::new(KeyAlgorithm::Tdes2, ipek).map_err(|_| DukptError::IpekNotTdes2(bdk.algorithm()))
+impl fmt::Debug for IpekDeriver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("IpekDeriver(..)")
+    }
+}
+
+impl IpekDeriver {
+    /// Schedules a two- or three-key TDES BDK; any other key is refused.
+    pub fn new(bdk: &SymmetricKey) -> Result<Self, DukptError> {
+        let refused = || DukptError::BdkNotTdes(bdk.algorithm());
+        if !bdk.algorithm().is_tdes() {
+            return Err(refused());
+        }
+        let mut masked = SecretBytes::from_slice(bdk.expose_secret());
+        for (byte, mask) in masked.expose_secret_mut().iter_mut().zip(KEY_PART_MASK.iter().cycle()) {
+            *byte ^= mask;
+        }
+        let left = TdesSchedule::new(bdk.expose_secret()).ok_or_else(refused)?;
+        let right = TdesSchedule::new(masked.expose_secret()).ok_or_else(refused)?;
+        Ok(Self { left, right })
+    }
+
+    /// The IPEK for `ksn` (its counter is ignored); the two halves are computed interleaved.
+    pub fn derive(&self, ksn: &Ksn) -> SymmetricKey {
+        let mut left = Zeroizing::new([0u8; 8]);
+        left.copy_from_slice(&ksn.initial().0[..8]);
+        let mut right = Zeroizing::new(*left);
+        self.left.encrypt_pair(&mut left, &self.right, &mut right);
+        let mut ipek = SecretBytes::zeroed(16);
+        ipek.expose_secret_mut()[..8].copy_from_slice(&left[..]);
+        ipek.expose_secret_mut()[8..].copy_from_slice(&right[..]);
+        match SymmetricKey::new(KeyAlgorithm::Tdes2, ipek) {
+            Ok(key) => key,
+            Err(_) => unreachable!("16 bytes are a two-key TDES key"),
+        }
+    }
 }
 
 /// The terminal's transaction key for `ksn`, derived from the IPEK by the non-reversible key

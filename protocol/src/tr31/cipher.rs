@@ -4,13 +4,13 @@
 //! Each key is scheduled once per wrap or unwrap: the KBPK once for the derivation, the KBEK and
 //! the KBAK once each, however many blocks they then process.
 
+use aes::cipher::generic_array::GenericArray;
+use aes::cipher::{BlockDecrypt, BlockEncrypt, KeyInit};
 use aes::{Aes128, Aes192, Aes256};
-use des::cipher::generic_array::GenericArray;
-use des::cipher::{BlockDecrypt, BlockEncrypt, KeyInit};
-use des::{TdesEde2, TdesEde3};
 use zeroize::Zeroizing;
 
 use super::Version;
+use crate::des_core::TdesSchedule;
 use crate::keys::{KeyAlgorithm, SymmetricKey};
 
 /// The largest cipher block (AES); TDES uses the first 8 bytes of a buffer this size.
@@ -18,8 +18,7 @@ pub(super) const BLOCK_LEN_MAX: usize = 16;
 
 /// A scheduled block cipher.
 pub(super) enum Cipher {
-    Tdes2(TdesEde2),
-    Tdes3(TdesEde3),
+    Tdes(TdesSchedule),
     Aes128(Aes128),
     Aes192(Aes192),
     Aes256(Aes256),
@@ -29,8 +28,9 @@ impl Cipher {
     /// Schedules `key` as `algorithm`; `None` if the length does not fit the algorithm.
     pub(super) fn new(algorithm: KeyAlgorithm, key: &[u8]) -> Option<Self> {
         Some(match algorithm {
-            KeyAlgorithm::Tdes2 => Cipher::Tdes2(TdesEde2::new_from_slice(key).ok()?),
-            KeyAlgorithm::Tdes3 => Cipher::Tdes3(TdesEde3::new_from_slice(key).ok()?),
+            KeyAlgorithm::Tdes2 if key.len() == 16 => Cipher::Tdes(TdesSchedule::new(key)?),
+            KeyAlgorithm::Tdes3 if key.len() == 24 => Cipher::Tdes(TdesSchedule::new(key)?),
+            KeyAlgorithm::Tdes2 | KeyAlgorithm::Tdes3 => return None,
             KeyAlgorithm::Aes128 => Cipher::Aes128(Aes128::new_from_slice(key).ok()?),
             KeyAlgorithm::Aes192 => Cipher::Aes192(Aes192::new_from_slice(key).ok()?),
             KeyAlgorithm::Aes256 => Cipher::Aes256(Aes256::new_from_slice(key).ok()?),
@@ -43,7 +43,7 @@ impl Cipher {
 
     pub(super) fn block_len(&self) -> usize {
         match self {
-            Cipher::Tdes2(_) | Cipher::Tdes3(_) => 8,
+            Cipher::Tdes(_) => 8,
             Cipher::Aes128(_) | Cipher::Aes192(_) | Cipher::Aes256(_) => 16,
         }
     }
@@ -56,8 +56,11 @@ impl Cipher {
             return;
         }
         match self {
-            Cipher::Tdes2(c) => c.encrypt_block(GenericArray::from_mut_slice(block)),
-            Cipher::Tdes3(c) => c.encrypt_block(GenericArray::from_mut_slice(block)),
+            Cipher::Tdes(c) => {
+                if let Ok(block) = <&mut [u8; 8]>::try_from(block) {
+                    c.encrypt(block);
+                }
+            }
             Cipher::Aes128(c) => c.encrypt_block(GenericArray::from_mut_slice(block)),
             Cipher::Aes192(c) => c.encrypt_block(GenericArray::from_mut_slice(block)),
             Cipher::Aes256(c) => c.encrypt_block(GenericArray::from_mut_slice(block)),
@@ -70,8 +73,11 @@ impl Cipher {
             return;
         }
         match self {
-            Cipher::Tdes2(c) => c.decrypt_block(GenericArray::from_mut_slice(block)),
-            Cipher::Tdes3(c) => c.decrypt_block(GenericArray::from_mut_slice(block)),
+            Cipher::Tdes(c) => {
+                if let Ok(block) = <&mut [u8; 8]>::try_from(block) {
+                    c.decrypt(block);
+                }
+            }
             Cipher::Aes128(c) => c.decrypt_block(GenericArray::from_mut_slice(block)),
             Cipher::Aes192(c) => c.decrypt_block(GenericArray::from_mut_slice(block)),
             Cipher::Aes256(c) => c.decrypt_block(GenericArray::from_mut_slice(block)),
@@ -205,19 +211,39 @@ impl BlockKeys {
         let cmac = Cmac::new(Cipher::from_key(kbpk)?);
         let block_len = cmac.block_len();
 
-        let derive_one = |usage: u8| -> Option<Cipher> {
-            let mut key = Zeroizing::new([0u8; 32]);
-            let key_len = algorithm.key_len();
-            for (index, chunk) in key[..key_len].chunks_mut(block_len).enumerate() {
-                let counter = u8::try_from(index + 1).ok()?;
-                let data = [counter, 0, usage, 0, 0, indicator, bits[0], bits[1]];
-                let tag = Zeroizing::new(cmac.tag(&[&data]));
-                chunk.copy_from_slice(&tag[..chunk.len()]);
-            }
-            Cipher::new(algorithm, &key[..key_len])
+        let key_len = algorithm.key_len();
+        let data = |usage: u8, index: usize| -> Option<[u8; 8]> {
+            let counter = u8::try_from(index + 1).ok()?;
+            Some([counter, 0, usage, 0, 0, indicator, bits[0], bits[1]])
         };
-        let encryption = derive_one(0)?;
-        let authentication = Cmac::new(derive_one(1)?);
+        let (encryption, authentication) = if let Cipher::Tdes(tdes) = &cmac.cipher {
+            // Every block of both keys is the CMAC of one complete block, E(KBPK, data XOR K1):
+            // independent encryptions, done two at a time.
+            let per_key = key_len / 8;
+            let mut blocks = Zeroizing::new([[0u8; 8]; 6]);
+            for (i, block) in blocks[..2 * per_key].iter_mut().enumerate() {
+                let (usage, index) = (u8::from(i >= per_key), i % per_key);
+                *block = data(usage, index)?;
+                xor_into(block, &cmac.k1[..8]);
+            }
+            tdes.encrypt_each(&mut blocks[..2 * per_key]);
+            let mut keys = Zeroizing::new([0u8; 48]);
+            for (chunk, block) in keys.chunks_exact_mut(8).zip(blocks.iter()) {
+                chunk.copy_from_slice(block);
+            }
+            (Cipher::new(algorithm, &keys[..key_len])?, Cipher::new(algorithm, &keys[key_len..2 * key_len])?)
+        } else {
+            let derive_one = |usage: u8| -> Option<Cipher> {
+                let mut key = Zeroizing::new([0u8; 32]);
+                for (index, chunk) in key[..key_len].chunks_mut(block_len).enumerate() {
+                    let tag = Zeroizing::new(cmac.tag(&[&data(usage, index)?]));
+                    chunk.copy_from_slice(&tag[..chunk.len()]);
+                }
+                Cipher::new(algorithm, &key[..key_len])
+            };
+            (derive_one(0)?, derive_one(1)?)
+        };
+        let authentication = Cmac::new(authentication);
         Some(Self { encryption, authentication })
     }
 }
@@ -296,7 +322,7 @@ mod tests {
         let ours = Cmac::new(Cipher::new(KeyAlgorithm::Tdes3, &key).expect("tdes"));
         for len in [0usize, 1, 7, 8, 9, 16, 23] {
             let message = vec![0xA5u8; len];
-            let mut theirs = <cmac::Cmac<TdesEde3> as cmac::digest::KeyInit>::new_from_slice(&key).expect("key");
+            let mut theirs = <cmac::Cmac<des::TdesEde3> as cmac::digest::KeyInit>::new_from_slice(&key).expect("key");
             theirs.update(&message);
             let expected = theirs.finalize().into_bytes();
             assert_eq!(&ours.tag(&[&message])[..8], expected.as_slice(), "length {len}");
