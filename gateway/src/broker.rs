@@ -18,6 +18,7 @@ use std::sync::{Arc, OnceLock};
 
 use rki_protocol::topic;
 use rumqttd::local::{LinkRx, LinkTx};
+use rumqttd::protocol::{Packet, Publish};
 use rumqttd::{Broker, Config, ConnectionSettings, Notification, RouterConfig, SegmentConfig, ServerSettings};
 use tracing::{error, info, warn};
 
@@ -228,8 +229,31 @@ impl EmbeddedBroker {
     }
 }
 
+/// The most publishes handed to the router per notification.
+const PUBLISH_BATCH_MAX: usize = 512;
+
+/// Hands the engine's publishes to the router. Whatever is queued is handed over as one batch:
+/// all but the last go straight into the link's buffer, and publishing the last one sends the
+/// router a single notification, on which it takes the whole buffer. One notification per
+/// download made the router wake once per terminal during a fleet push.
 fn publish_loop(mut link_tx: LinkTx, rx: std::sync::mpsc::Receiver<(String, Vec<u8>)>) {
-    while let Ok((topic, payload)) = rx.recv() {
+    let mut batch = Vec::with_capacity(PUBLISH_BATCH_MAX);
+    while let Ok(first) = rx.recv() {
+        batch.push(first);
+        while batch.len() < PUBLISH_BATCH_MAX {
+            match rx.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        let Some((topic, payload)) = batch.pop() else { continue };
+        if !batch.is_empty() {
+            let mut buffer = link_tx.buffer();
+            for (topic, payload) in batch.drain(..) {
+                let publish = Publish::new(topic.into_bytes(), payload, false);
+                buffer.push_back(Packet::Publish(publish, None));
+            }
+        }
         if let Err(e) = link_tx.publish(topic, payload) {
             error!(error = %e, "broker publish failed");
         }
