@@ -686,13 +686,18 @@ async fn assign(State(state): St, caller: Caller, body: Bytes) -> ApiResult<Json
     let ids = state.engine.resolve_target(org, &target).await?;
     let ks = key_source.as_ref().map(|k| k.id);
     let n = blocking(&state, move |s| s.assign(org, &ids, ks)).await?;
+    // The same object names as the other audit entries: `group:NAME`, or `devices:N` with the SNs.
+    let (object, sns) = match &target {
+        Target::Group(name) => (format!("group:{name}"), None),
+        Target::Devices(sns) => (format!("devices:{}", sns.len()), Some(sns)),
+    };
     audit(
         &state,
         &caller,
         Some(org),
         "assignment.set",
-        format!("{target:?}"),
-        json!({"key_source": req.key_source, "devices": n}),
+        object,
+        json!({"key_source": req.key_source, "devices": n, "sns": sns}),
     )
     .await?;
     Ok(Json(json!({ "assigned": n, "key_source": req.key_source })))

@@ -1,0 +1,79 @@
+//! The audit log as an operator reads it: every change names who did it and to what, in the same
+//! object vocabulary (`group:NAME`, `devices:N`, `task:ID`, `device:SN`); no key material appears
+//! in it; and one organization never sees another's entries.
+
+mod common;
+
+use std::time::Duration;
+
+use rki_device_sim::Knobs;
+use rki_tests::{create_task, provision, sns, GatewayOptions, GatewayProcess, TestResult, TEST_BDK};
+use serde_json::{json, Value};
+
+fn entries(v: &Value) -> Vec<Value> {
+    v["audit"].as_array().cloned().unwrap_or_default()
+}
+
+fn find<'a>(entries: &'a [Value], action: &str, object: &str) -> Option<&'a Value> {
+    entries.iter().find(|e| e["action"] == action && e["object"] == object)
+}
+
+#[test]
+fn every_operator_change_is_audited_with_a_readable_object_and_no_key_material() -> TestResult {
+    let rt = common::runtime();
+    let gw = GatewayProcess::start(GatewayOptions::default())?;
+    let api = gw.api();
+    let devices = sns("AUD", 3);
+    let provisioned = provision(&gw, &devices, "audited")?;
+    // Initialised terminals, then switched off: the task stays open until it is stopped.
+    let fleet = rt.block_on(common::spawn_fleet(
+        common::fleet_config(gw.mqtt_port, &provisioned, Knobs::default())?,
+        Duration::from_secs(30),
+    ))?;
+    for device in fleet.devices() {
+        rt.block_on(device.power_off())?;
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    api.ok_post("/v1/assignments", &json!({"sns": [devices[0], devices[1]], "key_source": "bdk-test"}))?;
+    let task = create_task(&api, &json!({"group": "audited"}))?;
+    api.ok_post(&format!("/v1/tasks/{task}/stop"), &json!({}))?;
+    api.ok_post(&format!("/v1/devices/{}/unlock", devices[2]), &json!({}))?;
+
+    let log = entries(&api.ok("/v1/audit")?);
+    let group = find(&log, "assignment.set", "group:audited").ok_or("no assignment of the group")?;
+    assert_eq!(group["details"]["devices"], 3, "{group}");
+    assert_eq!(group["details"]["key_source"], "bdk-test");
+    let by_sn = find(&log, "assignment.set", "devices:2").ok_or("no assignment by SN")?;
+    assert_eq!(by_sn["details"]["sns"], json!([devices[0], devices[1]]), "{by_sn}");
+    assert!(find(&log, "group.create", "group:audited").is_some(), "{log:?}");
+    let import = find(&log, "devices.import", "devices:3").ok_or("no import")?;
+    assert_eq!(import["details"]["group"], "audited", "{import}");
+    assert!(find(&log, "gudid.provision", "devices:3").is_some(), "{log:?}");
+    assert!(find(&log, "task.create", &format!("task:{task}")).is_some(), "{log:?}");
+    let stop = find(&log, "task.stop", &format!("task:{task}")).ok_or("no stop")?;
+    assert_eq!(stop["details"]["terminated"], 3, "{stop}");
+    assert!(find(&log, "device.unlock", &format!("device:{}", devices[2])).is_some(), "{log:?}");
+    for entry in &log {
+        assert!(!entry["actor"].as_str().unwrap_or_default().is_empty(), "an entry without an actor: {entry}");
+        let object = entry["object"].as_str().unwrap_or_default();
+        assert!(!object.contains('(') && !object.contains('"'), "a debug-formatted object: {entry}");
+    }
+
+    // The key owner's view holds the ceremony; nowhere does a component or the BDK appear.
+    let owner_log = entries(&gw.key_owner().ok("/v1/audit")?);
+    assert!(owner_log.iter().any(|e| e["action"] == "key_source.authorize"), "{owner_log:?}");
+    let text = format!("{log:?}{owner_log:?}").to_uppercase();
+    assert!(!text.contains(TEST_BDK), "the BDK appears in the audit log");
+    assert!(!text.contains("1111111111111111EEEEEEEEEEEEEEEE"), "a BDK component appears in the audit log");
+
+    // Another organization sees none of it.
+    let rival = rki_tests::Api::new(&gw.url(), &gw.init_org("rival")?);
+    let rival_log = entries(&rival.ok("/v1/audit")?);
+    assert!(
+        rival_log.iter().all(|e| !e["object"].as_str().unwrap_or_default().contains("audited")
+            && !e["object"].as_str().unwrap_or_default().starts_with("task:")),
+        "{rival_log:?}"
+    );
+    rt.block_on(fleet.shutdown());
+    Ok(())
+}
