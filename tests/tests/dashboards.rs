@@ -10,15 +10,16 @@
 //!   evaluates without error, and every dashboard expression returns data.
 //! - The dashboard's structure: provisioned datasource uid, unique panel ids, the `org` variable.
 //!
-//! Needs `prometheus` and `promtool` (Debian's `prometheus` package, installed by `.ci/run`); where
-//! they are missing, the tests pass after a loud SKIPPED line. The structure checks always run.
+//! Needs `prometheus` and `promtool` (Debian's `prometheus` package, installed by `.ci/run`);
+//! without them the tests that run them fail. The structure checks need neither.
 
 mod common;
+#[path = "support/prometheus.rs"]
+mod prometheus_support;
 
 use std::collections::BTreeSet;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use rki_protocol::frame::MacKey;
@@ -26,10 +27,12 @@ use rki_protocol::message::{Ack, Message};
 use rki_protocol::terminal::{InjectionType, KeySlot};
 use rki_protocol::SecretBytes;
 use rki_tests::{
-    create_task, free_port, mqtt_connect, provision, sns, temp_dir, wait_task, GatewayOptions, GatewayProcess,
-    RawDevice, TestResult,
+    create_task, mqtt_connect, provision, sns, temp_dir, wait_task, GatewayOptions, GatewayProcess, RawDevice,
+    TestResult,
 };
 use serde_json::{json, Value};
+
+use prometheus_support::{prometheus_tools, Prometheus};
 
 /// Label names an expression may use: the gateway's (see `LABEL_KEYS` in `gateway/src/metrics.rs`),
 /// the histogram bucket bound, and the two every scrape adds.
@@ -45,31 +48,6 @@ const GRAFANA_VARIABLES: &[(&str, &str)] =
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn on_path(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")
-        .map(|paths| std::env::split_paths(&paths).map(|dir| dir.join(name)).collect::<Vec<_>>())
-        .unwrap_or_default()
-        .into_iter()
-        .find(|path| path.is_file())
-}
-
-/// `prometheus` and `promtool`, or a loud skip (on the stderr handle: the harness captures eprintln!).
-fn prometheus_tools(test: &str) -> Option<(PathBuf, PathBuf)> {
-    match (on_path("prometheus"), on_path("promtool")) {
-        (Some(server), Some(tool)) => Some((server, tool)),
-        _ => {
-            let _ = writeln!(
-                std::io::stderr(),
-                "\n**********************************************************************\n\
-                 SKIPPED: prometheus not installed ({test}).\n\
-                 Install Debian's `prometheus` package (.ci/run does) to run this test.\n\
-                 **********************************************************************\n"
-            );
-            None
-        }
-    }
 }
 
 fn dashboard() -> TestResult<Value> {
@@ -343,7 +321,7 @@ fn every_dashboard_and_alert_expression_parses_and_names_only_what_the_gateway_e
             assert!(LABELS.contains(&l.as_str()), "{place}: label {l} is not one the gateway sets ({expr})");
         }
     }
-    let Some((_, promtool)) = prometheus_tools("PromQL parse check") else { return Ok(()) };
+    let (_, promtool) = prometheus_tools()?;
     let dir = temp_dir("promql");
     let path = dir.join("expressions.yml");
     std::fs::write(&path, rules_file(&all))?;
@@ -355,87 +333,9 @@ fn every_dashboard_and_alert_expression_parses_and_names_only_what_the_gateway_e
     Ok(())
 }
 
-/// A `prometheus` child process with its own storage directory, killed on drop. (The twin of the
-/// one in `prometheus.rs`: integration tests cannot share a module file here.)
-struct Prometheus {
-    child: Child,
-    dir: PathBuf,
-    url: String,
-    agent: ureq::Agent,
-}
-
-impl Prometheus {
-    fn start(server: &Path, target: &str, rule_files: &[PathBuf]) -> TestResult<Prometheus> {
-        let dir = temp_dir("prometheus-dash");
-        let rules: String = rule_files.iter().map(|p| format!("\n  - {}", p.display())).collect();
-        let config = format!(
-            "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\nrule_files:{rules}\n\
-             scrape_configs:\n  - job_name: rki-gateway\n    static_configs:\n      - targets: [\"{target}\"]\n"
-        );
-        std::fs::write(dir.join("prometheus.yml"), config)?;
-        let port = free_port();
-        let log = std::fs::File::create(dir.join("prometheus.log"))?;
-        let child = Command::new(server)
-            .arg(format!("--config.file={}", dir.join("prometheus.yml").display()))
-            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .arg("--log.level=warn")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()?;
-        let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(10)).build();
-        let mut p = Prometheus { child, dir, url: format!("http://127.0.0.1:{port}"), agent };
-        let started = Instant::now();
-        while p.agent.get(&format!("{}/-/ready", p.url)).call().is_err() {
-            if p.child.try_wait()?.is_some() || started.elapsed() > Duration::from_secs(30) {
-                return Err(format!(
-                    "prometheus did not start: {}",
-                    std::fs::read_to_string(p.dir.join("prometheus.log"))?
-                )
-                .into());
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Ok(p)
-    }
-
-    fn api(&self, path: &str, query: &[(&str, &str)]) -> TestResult<Value> {
-        let mut request = self.agent.get(&format!("{}/api/v1/{path}", self.url));
-        for (k, v) in query {
-            request = request.query(k, v);
-        }
-        let body: Value = match request.call() {
-            Ok(r) => r.into_json()?,
-            Err(ureq::Error::Status(_, r)) => r.into_json()?,
-            Err(e) => return Err(e.into()),
-        };
-        if body["status"] != "success" {
-            return Err(format!("{path} {query:?}: {body}").into());
-        }
-        Ok(body["data"].clone())
-    }
-
-    fn query(&self, promql: &str) -> TestResult<Vec<Value>> {
-        Ok(self.api("query", &[("query", promql)])?["result"].as_array().cloned().unwrap_or_default())
-    }
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() || std::env::var_os("RKI_TEST_KEEP").is_some() {
-            eprintln!("prometheus files kept in {}", self.dir.display());
-        } else {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
-    }
-}
-
 #[test]
 fn every_dashboard_and_alert_expression_evaluates_against_a_live_prometheus() -> TestResult {
-    let Some((server, _)) = prometheus_tools("live evaluation of the dashboard") else { return Ok(()) };
+    let (server, _) = prometheus_tools()?;
     let rt = common::runtime();
     let gw = GatewayProcess::start(GatewayOptions::default())?;
     let api = gw.api();

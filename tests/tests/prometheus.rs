@@ -1,7 +1,7 @@
 //! A real Prometheus scrapes a real gateway through a small push, and sees the right values.
 //!
 //! Needs the `prometheus` and `promtool` binaries (Debian's `prometheus` package, which `.ci/run`
-//! installs). Where they are missing every test here passes after printing a loud SKIPPED line.
+//! installs); without them the tests fail.
 //!
 //! - The shipped `deploy/prometheus/prometheus.yml` and `alerts.yml` pass `promtool check`, and
 //!   the alert rules pass their unit tests (`alerts.test.yml`).
@@ -13,235 +13,26 @@
 //!   the gateway-down alert once the gateway is killed.
 
 mod common;
+#[path = "support/prometheus.rs"]
+mod prometheus_support;
 
-use std::io::Write as _;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use rki_protocol::frame::MacKey;
 use rki_protocol::message::{Ack, Download, Message};
 use rki_protocol::terminal::InjectionType;
 use rki_protocol::SecretBytes;
 use rki_tests::{
-    create_task, free_port, mqtt_connect, provision, sns, temp_dir, wait_task, GatewayOptions, GatewayProcess,
-    RawDevice, TestResult,
+    create_task, mqtt_connect, provision, sns, wait_task, GatewayOptions, GatewayProcess, RawDevice, TestResult,
 };
-use serde_json::{json, Value};
+use serde_json::json;
 
-/// How long a value may take to reach Prometheus: the sampler's 5 s, a 1 s scrape, and slack for
-/// a loaded CI machine.
-const CONVERGE: Duration = Duration::from_secs(30);
-
-/// The path of an executable on `PATH`, if any.
-pub fn on_path(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")
-        .map(|paths| std::env::split_paths(&paths).map(|dir| dir.join(name)).collect::<Vec<_>>())
-        .unwrap_or_default()
-        .into_iter()
-        .find(|path| path.is_file())
-}
-
-/// `prometheus` and `promtool`, or a loud skip.
-fn prometheus_tools(test: &str) -> Option<(PathBuf, PathBuf)> {
-    match (on_path("prometheus"), on_path("promtool")) {
-        (Some(server), Some(tool)) => Some((server, tool)),
-        _ => {
-            // Written to the stderr handle, not with eprintln!, which the test harness captures:
-            // a skip must show in the CI log even though the test passes.
-            let _ = writeln!(
-                std::io::stderr(),
-                "\n**********************************************************************\n\
-                 SKIPPED: prometheus not installed ({test}).\n\
-                 Install Debian's `prometheus` package (.ci/run does) to run this test.\n\
-                 **********************************************************************\n"
-            );
-            None
-        }
-    }
-}
-
-fn deploy_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
-}
-
-/// Runs a command that must succeed; its output on failure.
-fn run_ok(command: &mut Command) -> TestResult<String> {
-    let out = command.output()?;
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    if !out.status.success() {
-        return Err(format!("{command:?} failed:\n{text}").into());
-    }
-    Ok(text)
-}
-
-/// A `prometheus` child process with its own storage directory, killed on drop.
-struct Prometheus {
-    child: Child,
-    dir: PathBuf,
-    url: String,
-    agent: ureq::Agent,
-}
-
-impl Prometheus {
-    /// The shipped `deploy/prometheus/prometheus.yml`, with the scrape and evaluation intervals
-    /// at 1 s, the target at `target`, and the rule files given instead of the shipped one.
-    fn shipped_config(target: &str, rule_files: &[PathBuf]) -> TestResult<String> {
-        let shipped = std::fs::read_to_string(deploy_dir().join("prometheus/prometheus.yml"))?;
-        let rules: String = rule_files.iter().map(|p| format!("\n  - {}", p.display())).collect();
-        let mut config = shipped;
-        for (from, to) in [
-            ("scrape_interval: 15s", "scrape_interval: 1s".to_string()),
-            ("scrape_timeout: 10s", "scrape_timeout: 1s".to_string()),
-            ("evaluation_interval: 15s", "evaluation_interval: 1s".to_string()),
-            ("\n  - alerts.yml", rules),
-            ("\"127.0.0.1:8080\"", format!("\"{target}\"")),
-        ] {
-            if config.matches(from).count() != 1 {
-                return Err(format!("deploy/prometheus/prometheus.yml no longer has exactly one {from:?}").into());
-            }
-            config = config.replace(from, &to);
-        }
-        Ok(config)
-    }
-
-    fn start(server: &Path, target: &str, rule_files: &[PathBuf]) -> TestResult<Prometheus> {
-        let dir = temp_dir("prometheus");
-        let config = dir.join("prometheus.yml");
-        std::fs::write(&config, Self::shipped_config(target, rule_files)?)?;
-        let port = free_port();
-        let log = std::fs::File::create(dir.join("prometheus.log"))?;
-        let child = Command::new(server)
-            .arg(format!("--config.file={}", config.display()))
-            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .arg("--log.level=warn")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()?;
-        let mut prometheus = Prometheus {
-            child,
-            dir,
-            url: format!("http://127.0.0.1:{port}"),
-            agent: ureq::AgentBuilder::new().timeout(Duration::from_secs(10)).build(),
-        };
-        prometheus.wait_ready()?;
-        Ok(prometheus)
-    }
-
-    fn wait_ready(&mut self) -> TestResult {
-        let started = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                return Err(format!("prometheus exited with {status}: {}", self.log()).into());
-            }
-            if self.agent.get(&format!("{}/-/ready", self.url)).call().is_ok() {
-                return Ok(());
-            }
-            if started.elapsed() > Duration::from_secs(30) {
-                return Err(format!("prometheus not ready after 30 s: {}", self.log()).into());
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("prometheus.log")).unwrap_or_default()
-    }
-
-    /// `GET /api/v1/{path}`: the `data` of a successful answer, or the error Prometheus gave.
-    fn api(&self, path: &str, query: &[(&str, &str)]) -> TestResult<Value> {
-        let mut request = self.agent.get(&format!("{}/api/v1/{path}", self.url));
-        for (k, v) in query {
-            request = request.query(k, v);
-        }
-        let body: Value = match request.call() {
-            Ok(r) => r.into_json()?,
-            Err(ureq::Error::Status(_, r)) => r.into_json()?,
-            Err(e) => return Err(e.into()),
-        };
-        if body["status"] != "success" {
-            return Err(format!("{path} {query:?}: {body}").into());
-        }
-        Ok(body["data"].clone())
-    }
-
-    /// An instant query: its result vector.
-    fn query(&self, promql: &str) -> TestResult<Vec<Value>> {
-        let data = self.api("query", &[("query", promql)])?;
-        Ok(data["result"].as_array().cloned().unwrap_or_default())
-    }
-
-    /// The value of a query that yields one sample, `None` if it yields none.
-    fn value(&self, promql: &str) -> TestResult<Option<f64>> {
-        let result = self.query(promql)?;
-        match result.as_slice() {
-            [] => Ok(None),
-            [one] => {
-                let text = one["value"][1].as_str().ok_or("no value")?;
-                Ok(Some(text.parse()?))
-            }
-            more => Err(format!("{promql}: {} series, expected one: {more:?}", more.len()).into()),
-        }
-    }
-
-    /// Polls until the query yields `expected`, or fails naming what it saw last.
-    fn expect(&self, promql: &str, expected: f64) -> TestResult {
-        let started = Instant::now();
-        loop {
-            let seen = self.value(promql)?;
-            if seen == Some(expected) {
-                return Ok(());
-            }
-            if started.elapsed() > CONVERGE {
-                return Err(format!("{promql}: expected {expected}, Prometheus has {seen:?}").into());
-            }
-            std::thread::sleep(Duration::from_millis(250));
-        }
-    }
-
-    /// The state (`pending`, `firing`) of an alert, if it is active.
-    fn alert_state(&self, name: &str) -> TestResult<Option<String>> {
-        let data = self.api("alerts", &[])?;
-        Ok(data["alerts"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|a| a["labels"]["alertname"] == name)
-            .and_then(|a| a["state"].as_str().map(str::to_string)))
-    }
-
-    fn expect_alert(&self, name: &str, states: &[&str]) -> TestResult {
-        let started = Instant::now();
-        loop {
-            let state = self.alert_state(name)?;
-            if state.as_deref().is_some_and(|s| states.contains(&s)) {
-                return Ok(());
-            }
-            if started.elapsed() > CONVERGE {
-                return Err(format!("alert {name}: expected one of {states:?}, it is {state:?}").into());
-            }
-            std::thread::sleep(Duration::from_millis(250));
-        }
-    }
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() || std::env::var_os("RKI_TEST_KEEP").is_some() {
-            eprintln!("prometheus files kept in {}", self.dir.display());
-        } else {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
-    }
-}
+use prometheus_support::{deploy_dir, prometheus_tools, run_ok, Prometheus};
 
 #[test]
 fn the_shipped_prometheus_config_and_alert_rules_pass_promtool_and_their_unit_tests() -> TestResult {
-    let Some((_, promtool)) = prometheus_tools("promtool checks") else { return Ok(()) };
+    let (_, promtool) = prometheus_tools()?;
     let dir = deploy_dir().join("prometheus");
     let config = run_ok(Command::new(&promtool).arg("check").arg("config").arg(dir.join("prometheus.yml")))?;
     assert!(config.contains("SUCCESS: 1 rule files found"), "{config}");
@@ -286,7 +77,7 @@ async fn download(device: &mut RawDevice) -> TestResult<Download> {
 
 #[test]
 fn a_real_prometheus_scrapes_a_push_and_sees_every_series_with_its_value() -> TestResult {
-    let Some((server, _)) = prometheus_tools("live Prometheus") else { return Ok(()) };
+    let (server, _) = prometheus_tools()?;
     let rt = common::runtime();
     let mut gw = GatewayProcess::start(GatewayOptions::default())?;
     let api = gw.api();
