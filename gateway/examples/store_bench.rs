@@ -13,7 +13,7 @@
 
 #[path = "../tests/store_suite/harness.rs"]
 mod harness;
-#[path = "../tests/store_suite/pg.rs"]
+#[path = "../../tests/src/pg.rs"]
 mod pg;
 
 use std::time::{Duration, Instant};

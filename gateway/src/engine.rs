@@ -44,6 +44,8 @@ pub const RETRY_INITIAL_MS: i64 = 15_000;
 pub const RETRY_MAX_MS: i64 = 600_000;
 /// How often the retry and expiry sweeps run.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// Executions one claim of the cluster sweep takes at most (it claims again while they come full).
+const CLAIM_BATCH_MAX: i64 = 2_000;
 /// Initialisations handled at once.
 const INIT_CONCURRENCY_MAX: usize = 256;
 /// Largest number of devices one task may target (the engine benchmark uses 1,000,000).
@@ -746,29 +748,8 @@ impl Engine {
                         _ => {}
                     }
                 }
-                let body = Body {
-                    party: sn.to_string(),
-                    counter: self.next_down_counter(),
-                    message: Message::Download(message::Download {
-                        execution_id: e.id as u64,
-                        slot: KeySlot(e.slot),
-                        key_type: KeyType::parse(&e.key_type).unwrap_or(KeyType::Ipek),
-                        key_block: e.key_block.clone(),
-                        key_id: e.key_id.clone(),
-                        kcv: hex::decode(&e.kcv).unwrap_or_default(),
-                    }),
-                };
-                match frame::seal(key, &body) {
-                    Ok(bytes) => {
-                        self.outbound.publish(topic::device_down(sn), bytes);
-                        e.last_sent = Some(Instant::now());
-                        e.sends = e.sends.saturating_add(1);
-                        if hello_at.is_some() {
-                            e.hello_at = hello_at;
-                        }
-                        delivered.push(e.id);
-                    }
-                    Err(err) => error!(execution = e.id, error = %err, "cannot seal a download"),
+                if self.publish_download(sn, key, e, hello_at) {
+                    delivered.push(e.id);
                 }
             }
         }
@@ -830,6 +811,37 @@ impl Engine {
             party: sn.to_string(),
             counter: self.next_down_counter(),
             message: Message::Unlock(message::Unlock { unlock_id: device_id as u64 }),
+    /// Seals and publishes one download; whether it went out.
+    fn publish_download(&self, sn: &str, key: &MacKey, e: &mut OpenExecution, hello_at: Option<Instant>) -> bool {
+        let body = Body {
+            party: sn.to_string(),
+            counter: self.next_down_counter(),
+            message: Message::Download(message::Download {
+                execution_id: e.id as u64,
+                slot: KeySlot(e.slot),
+                key_type: KeyType::parse(&e.key_type).unwrap_or(KeyType::Ipek),
+                key_block: e.key_block.clone(),
+                key_id: e.key_id.clone(),
+                kcv: hex::decode(&e.kcv).unwrap_or_default(),
+            }),
+        };
+        match frame::seal(key, &body) {
+            Ok(bytes) => {
+                self.outbound.publish(topic::device_down(sn), bytes);
+                e.last_sent = Some(Instant::now());
+                e.sends = e.sends.saturating_add(1);
+                if hello_at.is_some() {
+                    e.hello_at = hello_at;
+                }
+                true
+            }
+            Err(err) => {
+                error!(execution = e.id, error = %err, "cannot seal a download");
+                false
+            }
+        }
+    }
+
         };
         match frame::seal(key, &body) {
             Ok(bytes) => self.outbound.publish(topic::device_down(sn), bytes),
@@ -1481,6 +1493,12 @@ impl Engine {
             Err(e) => return Err(fail(build, EngineError::Internal(e.to_string()))),
         };
         drop(requests);
+        // Several nodes: the devices online here are a third of the fleet at best; the cluster
+        // sweep of whichever node claims them delivers the new executions to every device (within
+        // a sweep interval), and delivering here too would send those twice.
+        if self.is_shared() {
+            online.clear();
+        }
         build.derive += started.elapsed();
         let mut executions = Vec::with_capacity(wrapped.len());
         for ((w, key_id), c) in wrapped.into_iter().zip(key_ids).zip(&devices) {
@@ -1703,6 +1721,79 @@ async fn committer(engine: Arc<Engine>, mut rx: mpsc::Receiver<Pending>) {
         let writes: Vec<Write> = batch
             .iter()
             .filter(|p| !matches!(p.write, Write::Seen { device_id: -1, .. }))
+    /// Several nodes: delivers the executions this node claimed in the store (see
+    /// [`Store::claim_redeliveries`]): new ones at once, unacked ones after their backoff, whoever
+    /// delivered them before. Each claim is this node's alone, so every retry fires once across
+    /// the cluster, and the executions of a node that died (its acks lost with it) are taken
+    /// over by the others. Returns how many downloads went out.
+    pub async fn cluster_sweep(&self) -> usize {
+        let mut sent = 0;
+        loop {
+            let now = self.clock.now_ms();
+            let initial = self.retry_initial_ms();
+            let claimed = match self
+                .blocking(move |s| s.claim_redeliveries(now, 0, initial, RETRY_MAX_MS, CLAIM_BATCH_MAX))
+                .await
+            {
+                Ok(rows) => rows,
+                Err(e) => {
+                    warn!(error = %e, "re-delivery claim failed");
+                    return sent;
+                }
+            };
+            let full = claimed.len() as i64 >= CLAIM_BATCH_MAX;
+            sent += self.deliver_claimed(now, claimed).await;
+            if !full {
+                return sent;
+            }
+        }
+    }
+
+    async fn deliver_claimed(&self, now: Millis, claimed: Vec<ExecutionRow>) -> usize {
+        if claimed.is_empty() {
+            return 0;
+        }
+        // Devices not in the maps yet: their credentials in one read.
+        let mut missing: Vec<i64> =
+            claimed.iter().filter(|r| !self.devices.contains_key(&r.sn)).map(|r| r.device_id).collect();
+        missing.sort_unstable();
+        missing.dedup();
+        if !missing.is_empty() {
+            match self.blocking(move |s| s.credentials_for(&missing)).await {
+                Ok(creds) => {
+                    for c in &creds {
+                        self.devices
+                            .entry(c.sn.clone())
+                            .or_insert_with(|| Arc::new(Mutex::new(DeviceHot::from_credentials(c))));
+                    }
+                }
+                Err(e) => warn!(error = %e, "re-delivery: cannot read credentials"),
+            }
+        }
+        let mut delivered = Vec::with_capacity(claimed.len());
+        for row in &claimed {
+            let Some(hot) = self.devices.get(&row.sn).map(|h| h.clone()) else { continue };
+            self.insert_open(row);
+            let mut h = lock(&hot);
+            let Some(key) = self.signing_key(&mut h) else { continue };
+            if row.generation != h.generation {
+                // Made for an older initialisation: the device's next hello re-wraps it.
+                continue;
+            }
+            if let Some(e) = h.open.iter_mut().find(|e| e.id == row.id) {
+                if self.publish_download(&row.sn, &key, e, None) {
+                    delivered.push(row.id);
+                }
+            }
+        }
+        let n = delivered.len();
+        for id in delivered {
+            metrics::counter!(m::DELIVERIES_TOTAL).increment(1);
+            self.queue(Write::Delivered { execution_id: id, at: now }, None).await;
+        }
+        n
+    }
+
             .map(|p| p.write.clone())
             .collect();
         let started = Instant::now();
@@ -1758,7 +1849,11 @@ async fn sweeper(engine: Arc<Engine>) {
     loop {
         ticker.tick().await;
         ticks += 1;
-        engine.retry_sweep().await;
+        if engine.is_shared() {
+            engine.cluster_sweep().await;
+        } else {
+            engine.retry_sweep().await;
+        }
         if ticks % 5 == 0 {
             if let Err(e) = engine.expire_now().await {
                 warn!(error = %e, "expiry sweep failed");

@@ -75,7 +75,12 @@ impl ExternalLink {
             options.set_credentials(user.clone(), config.password.clone().unwrap_or_default());
         }
         options.set_keep_alive(Duration::from_secs(30));
-        options.set_clean_session(false);
+        // One node keeps its session, so what arrives while it restarts waits for it. Several
+        // nodes (a shared group) must not: a broker keeps routing the group's share of messages
+        // to a stopped member's persistent session (Mosquitto 2 does) instead of to the nodes
+        // still running. A message lost with a node is recovered by the cluster sweep, which
+        // re-delivers what stays unacked (the terminal answers a repeated download again).
+        options.set_clean_session(config.shared_group.is_none());
         options.set_inflight(INFLIGHT_MAX);
         options.set_max_packet_size(64 * 1024, 64 * 1024);
         let (client, eventloop) = AsyncClient::new(options, REQUEST_QUEUE_LEN);

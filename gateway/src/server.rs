@@ -39,7 +39,8 @@ pub fn open_store(config: &Config) -> Result<Arc<SqliteStore>, String> {
 /// Runs the gateway until SIGTERM or Ctrl-C.
 pub async fn run(config: Config) -> Result<(), String> {
     let fd_limit = raise_fd_limit();
-    let store = OpenedStore::open(&config)?;
+    // PostgreSQL's synchronous client runs its own runtime: never on an async thread.
+    let store = tokio::task::block_in_place(|| OpenedStore::open(&config))?;
     let master_path = config.master_key_path();
     let (master, created) = MasterKey::load_or_create(&master_path).map_err(|e| e.to_string())?;
     if created {
@@ -49,7 +50,7 @@ pub async fn run(config: Config) -> Result<(), String> {
              separately from the data directory, keep it offline, and never store it beside the backups"
         );
     }
-    check_master_key(&store, &master)?;
+    tokio::task::block_in_place(|| check_master_key(&store, &master))?;
     let keys = Arc::new(SoftwareKeyService::new(master));
     let clock = Arc::new(if config.clock == "adjustable" {
         warn!("the clock is adjustable (tests only)");

@@ -1,6 +1,6 @@
 //! The store test suite: the behaviour of [`Store`], written once against `&dyn Store` and run
 //! against both backends, `sqlite::…` (a file in a temporary directory) and `postgres::…` (a real
-//! PostgreSQL server started for this test binary, one database per test; see `store_suite/pg.rs`).
+//! PostgreSQL server started for this test binary, one database per test; see `tests/src/pg.rs`, shared with the end-to-end harness).
 //! A machine without PostgreSQL fails the `postgres::…` tests and names the package to install.
 //!
 //! Then one test across both: random batches give PostgreSQL's grouped `apply_batch` exactly the
@@ -8,7 +8,7 @@
 
 #[path = "store_suite/harness.rs"]
 mod harness;
-#[path = "store_suite/pg.rs"]
+#[path = "../../tests/src/pg.rs"]
 mod pg;
 
 use std::collections::HashSet;
@@ -794,7 +794,7 @@ fn records_refuse_update_and_delete(s: &Subject) {
 // ---------------------------------------------------------------- migrations and inherent methods
 
 fn migrations_run_once_and_reopening_keeps_everything(s: &Subject) {
-    const MIGRATIONS: i64 = 2;
+    const MIGRATIONS: i64 = 3;
     assert_eq!(s.opened.schema_version().must(), MIGRATIONS);
     let w = world(s.store(), "acme", 2);
     let again = s.reopen().must();
@@ -962,6 +962,70 @@ fn postgres_refuses_truncate_of_the_append_only_tables() {
     }
 }
 
+/// The cluster sweep's claims: two nodes claiming at once get disjoint sets covering every due
+/// execution; a claim holds an execution for the initial backoff; a delivery restarts its backoff,
+/// which doubles with the deliveries; ended and expired executions are never claimed.
+#[test]
+fn postgres_redelivery_claims_fire_once_per_execution_across_nodes() {
+    const DEVICES: usize = 300;
+    const INITIAL: i64 = 1_000;
+    const MAX: i64 = 600_000;
+    let s = Subject::postgres();
+    let st = s.store();
+    let w = world(st, "acme", DEVICES);
+    let (_, executions) = st.create_task(&new_task(&w, &(0..DEVICES).collect::<Vec<_>>(), T0, T0 + DAY_MS)).must();
+    // Not due before `first` after creation.
+    assert!(st.claim_redeliveries(T0, 10, INITIAL, MAX, 10_000).must().is_empty());
+    // Two nodes, small batches, at once: every execution claimed exactly once.
+    let claimed: Vec<i64> = std::thread::scope(|scope| {
+        let nodes: Vec<_> = (0..2)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut mine = Vec::new();
+                    loop {
+                        let batch = st.claim_redeliveries(T0 + 10, 10, INITIAL, MAX, 7).must();
+                        if batch.is_empty() {
+                            return mine;
+                        }
+                        mine.extend(batch.iter().map(|e| e.id));
+                    }
+                })
+            })
+            .collect();
+        nodes.into_iter().flat_map(|n| n.join().expect("claiming node")).collect()
+    });
+    assert_eq!(claimed.len(), DEVICES, "each execution claimed once");
+    assert_eq!(claimed.iter().collect::<HashSet<_>>().len(), DEVICES);
+    // Held for INITIAL; then due again if no delivery was written.
+    assert!(st.claim_redeliveries(T0 + 10 + INITIAL - 1, 10, INITIAL, MAX, 10_000).must().is_empty());
+    assert_eq!(st.claim_redeliveries(T0 + 10 + INITIAL, 10, INITIAL, MAX, 10_000).must().len(), DEVICES);
+    // Deliveries restart the backoff: the first one waits INITIAL, the second 2 × INITIAL.
+    let (a, b, c) = (executions[0].id, executions[1].id, executions[2].id);
+    let at = T0 + 10_000;
+    st.apply_batch(&[
+        Write::Delivered { execution_id: a, at },
+        Write::Delivered { execution_id: b, at },
+        Write::Delivered { execution_id: b, at },
+        Write::End(ending(c, ExecutionState::Succeeded, at)),
+    ])
+    .must();
+    let due = |now: i64| -> Vec<i64> {
+        st.claim_redeliveries(now, 10, INITIAL, MAX, 10_000)
+            .must()
+            .into_iter()
+            .map(|e| e.id)
+            .filter(|id| [a, b, c].contains(id))
+            .collect()
+    };
+    assert_eq!(due(at + INITIAL - 1), Vec::<i64>::new());
+    assert_eq!(due(at + INITIAL), vec![a], "one delivery: INITIAL");
+    // b after two deliveries: 2 × INITIAL; a again, its claim lapsed with no delivery written; the
+    // ended one never.
+    assert_eq!(due(at + 2 * INITIAL), vec![a, b]);
+    // Past the deadline nothing is claimed: expiry's business.
+    assert!(st.claim_redeliveries(T0 + DAY_MS, 10, INITIAL, MAX, 10_000).must().is_empty());
+}
+
 #[test]
 fn postgres_nodes_starting_together_migrate_one_database_once() {
     const NODES: usize = 4;
@@ -972,7 +1036,7 @@ fn postgres_nodes_starting_together_migrate_one_database_once() {
             .collect();
         nodes.into_iter().map(|n| n.join().expect("starting node")).collect()
     });
-    assert_eq!(versions, [2; NODES]);
+    assert_eq!(versions, [3; NODES]);
     let mut client = ::postgres::Client::connect(&url, ::postgres::NoTls).expect("connect");
     let recorded: Vec<i32> = client
         .query("SELECT version FROM schema_migrations ORDER BY version", &[])
@@ -980,7 +1044,7 @@ fn postgres_nodes_starting_together_migrate_one_database_once() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(recorded, [1, 2], "each migration recorded once");
+    assert_eq!(recorded, [1, 2, 3], "each migration recorded once");
 }
 
 #[test]

@@ -12,6 +12,8 @@
 //! - [`provision`]: key ceremony, device import, group, assignment, GUDIDs in one call.
 //! - [`RawDevice`]: a hand-driven terminal for forged, replayed and malformed messages.
 //! - [`expected_kcv`]: the KCV of an IPEK derived independently from the BDK and a KSN.
+//! - [`Mosquitto`], [`pg::PgServer`] and [`Cluster`]: the external broker, a throwaway PostgreSQL,
+//!   and several gateway nodes on both (`docs/SCALE-OUT.md`).
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
@@ -26,6 +28,11 @@ use rki_protocol::message::{Body, CreateKey, Message};
 use rki_protocol::{topic, KcvLen, SymmetricKey};
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 use serde_json::{json, Value};
+
+pub mod cluster;
+pub mod pg;
+
+pub use cluster::{Cluster, ClusterOptions};
 
 pub type TestResult<T = ()> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
@@ -91,50 +98,78 @@ fn token_from(output: &str) -> TestResult<String> {
 impl GatewayProcess {
     /// Bootstraps a key owner and the organization `acme`, then starts the gateway.
     pub fn start(options: GatewayOptions) -> TestResult<Self> {
+        Self::start_node(options, None)
+    }
+
+    /// Starts another node on a store that is already bootstrapped (several gateway nodes on one
+    /// PostgreSQL database): the tokens are the first node's.
+    pub fn join(options: GatewayOptions, key_owner_token: &str, org_token: &str) -> TestResult<Self> {
+        Self::start_node(options, Some((key_owner_token.to_string(), org_token.to_string())))
+    }
+
+    /// The bootstrap commands read the same configuration file and environment as the gateway,
+    /// so that they reach the configured store.
+    fn start_node(options: GatewayOptions, tokens: Option<(String, String)>) -> TestResult<Self> {
         let exe = binary("rki-gateway");
         if !exe.exists() {
             return Err(format!("{} is not built: run `cargo build --workspace --release` first", exe.display()).into());
         }
         let dir = temp_dir("gw");
-        let data = dir.join("data");
-        let run = |args: &[&str]| -> TestResult<String> {
-            let out = Command::new(&exe).args(args).arg("--data-dir").arg(&data).output()?;
-            if !out.status.success() {
-                return Err(format!("{args:?}: {}", String::from_utf8_lossy(&out.stderr)).into());
-            }
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        };
-        let key_owner_token = token_from(&run(&["init-key-owner"])?)?;
-        let org_token = token_from(&run(&["init-org", "acme"])?)?;
         let mut gw = GatewayProcess {
             child: None,
             dir,
             mqtt_port: free_port(),
             http_port: free_port(),
-            key_owner_token,
-            org_token,
+            key_owner_token: String::new(),
+            org_token: String::new(),
             options,
             starts: 0,
+        };
+        (gw.key_owner_token, gw.org_token) = match tokens {
+            Some(tokens) => tokens,
+            None => {
+                let run = |args: &[&str]| -> TestResult<String> {
+                    let out = gw.offline(args)?;
+                    if !out.status.success() {
+                        return Err(format!("{args:?}: {}", String::from_utf8_lossy(&out.stderr)).into());
+                    }
+                    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+                };
+                (token_from(&run(&["init-key-owner"])?)?, token_from(&run(&["init-org", "acme"])?)?)
+            }
         };
         gw.spawn()?;
         Ok(gw)
     }
 
+    /// `rki-gateway` with this gateway's data directory, configuration file and environment.
+    fn command(&self) -> TestResult<Command> {
+        let mut cmd = Command::new(binary("rki-gateway"));
+        cmd.arg("--data-dir").arg(self.dir.join("data"));
+        if let Some(toml) = &self.options.config_toml {
+            let path = self.dir.join("config.toml");
+            std::fs::write(&path, toml.replace("{dir}", &self.dir.display().to_string()))?;
+            cmd.arg("--config").arg(path);
+        }
+        for (k, v) in &self.options.env {
+            cmd.env(k, v);
+        }
+        Ok(cmd)
+    }
+
     /// Creates another organization offline (works while the gateway runs) and returns its token.
     pub fn init_org(&self, name: &str) -> TestResult<String> {
-        let out = Command::new(binary("rki-gateway"))
-            .args(["init-org", name, "--data-dir"])
-            .arg(self.dir.join("data"))
-            .output()?;
+        let out = self.offline(&["init-org", name])?;
         if !out.status.success() {
             return Err(String::from_utf8_lossy(&out.stderr).into_owned().into());
         }
         token_from(&String::from_utf8_lossy(&out.stdout))
     }
 
-    /// Runs `rki-gateway ARGS --data-dir <this gateway's data dir>` and returns its output.
+    /// Runs `rki-gateway ARGS --data-dir <this gateway's data dir>` (with its configuration file
+    /// and environment) and returns its output.
     pub fn offline(&self, args: &[&str]) -> TestResult<std::process::Output> {
-        Ok(Command::new(binary("rki-gateway")).args(args).arg("--data-dir").arg(self.dir.join("data")).output()?)
+        Ok(self.command()?.args(args).output()?)
     }
 
     /// Starts the process again after [`GatewayProcess::terminate`] or [`GatewayProcess::kill`].
@@ -145,10 +180,8 @@ impl GatewayProcess {
     fn spawn(&mut self) -> TestResult {
         self.starts += 1;
         let log = std::fs::File::create(self.dir.join(format!("gateway-{}.log", self.starts)))?;
-        let mut cmd = Command::new(binary("rki-gateway"));
-        cmd.arg("--data-dir")
-            .arg(self.dir.join("data"))
-            .arg("--mqtt-addr")
+        let mut cmd = self.command()?;
+        cmd.arg("--mqtt-addr")
             .arg(format!("127.0.0.1:{}", self.mqtt_port))
             .arg("--http-addr")
             .arg(format!("127.0.0.1:{}", self.http_port))
@@ -158,11 +191,6 @@ impl GatewayProcess {
             .stderr(log);
         if self.options.adjustable_clock {
             cmd.env("RKI_CLOCK", "adjustable");
-        }
-        if let Some(toml) = &self.options.config_toml {
-            let path = self.dir.join("config.toml");
-            std::fs::write(&path, toml.replace("{dir}", &self.dir.display().to_string()))?;
-            cmd.arg("--config").arg(path);
         }
         for (k, v) in &self.options.env {
             cmd.env(k, v);
@@ -568,12 +596,13 @@ impl RawDevice {
         )?;
         let _ = boot.disconnect().await;
         let password = String::from_utf8(secrets.mqtt_password.expose_secret().to_vec())?;
-        // An external broker may need a moment to load the new credentials.
+        // An external broker may need a moment to load the new credentials (with several nodes,
+        // up to the syncing node's 5 s rewrite when another node handled the CreateKey).
         let mut attempt = 0;
         let (client, events) = loop {
             match mqtt_connect(port, sn, &password, false).await {
                 Ok(c) => break c,
-                Err(e) if attempt >= 40 => return Err(e),
+                Err(e) if attempt >= 100 => return Err(e),
                 Err(_) => {
                     attempt += 1;
                     tokio::time::sleep(Duration::from_millis(100)).await;

@@ -1,4 +1,5 @@
-//! A throwaway PostgreSQL server for tests: Debian's `postgresql` package, a data directory in a
+//! A throwaway PostgreSQL server for tests (the store suite of `rki-gateway` includes this file by
+//! path; the end-to-end tests and the load tester use it as `rki_tests::pg`): Debian's `postgresql` package, a data directory in a
 //! temporary directory, a free loopback port, its unix socket beside the data, stopped on drop
 //! (and, for a server shared by a whole test binary, by a watchdog when the process exits).
 //!
@@ -230,6 +231,11 @@ impl PgServer {
     /// A connection string for database `db` over loopback TCP.
     pub fn url(&self, db: &str) -> String {
         format!("host=127.0.0.1 port={} user={USER} dbname={db}", self.port)
+    }
+
+    /// A `postgres://` URL for database `db`, the form the gateway's `store` setting takes.
+    pub fn uri(&self, db: &str) -> String {
+        format!("postgres://{USER}@127.0.0.1:{}/{db}", self.port)
     }
 
     /// Creates an empty database and returns its connection string.

@@ -527,6 +527,23 @@ pub trait Store: Send + Sync {
     fn list_records(&self, org_id: i64, filter: &RecordFilter) -> StoreResult<Vec<RecordRow>>;
     fn billing(&self, org_id: i64) -> StoreResult<Vec<BillingRow>>;
     fn count_records_for_execution(&self, execution_id: i64) -> StoreResult<i64>;
+    /// Several gateway nodes: claims up to `limit` open executions due for a (re)delivery, for
+    /// this node alone, and returns them. Due: not past the deadline, not claimed in the last
+    /// `initial_ms`, and either never sent (created at least `first_ms` ago) or last sent
+    /// `initial_ms × 2^(sends − 1)` (at most `max_ms`) ago. A claim holds the execution for
+    /// `initial_ms`; the delivery write that follows restarts its backoff. Two nodes claiming at
+    /// once get disjoint sets, so a retry timer fires once per execution across the cluster.
+    /// (The default claims nothing: one node with its own store retries from its own timers.)
+    fn claim_redeliveries(
+        &self,
+        _now: Millis,
+        _first_ms: i64,
+        _initial_ms: i64,
+        _max_ms: i64,
+        _limit: i64,
+    ) -> StoreResult<Vec<ExecutionRow>> {
+        Ok(Vec::new())
+    }
 
     // metrics snapshots
     fn execution_state_counts(&self) -> StoreResult<Vec<(i64, ExecutionState, i64)>>;

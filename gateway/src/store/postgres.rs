@@ -52,6 +52,8 @@ const MIGRATIONS: &[&str] = &[
     include_str!("postgres_schema.sql"),
     // 2: Mosquitto password hashes for the external-broker mode.
     "ALTER TABLE devices ADD COLUMN broker_password_hash TEXT;",
+    // 3: cluster-wide re-delivery: the last send (any node) and a node's claim on the next one.
+    "ALTER TABLE executions ADD COLUMN last_sent_at BIGINT, ADD COLUMN retry_claimed_until BIGINT;",
 ];
 
 /// Advisory lock key held while migrating, so nodes starting together migrate one at a time.
@@ -912,6 +914,29 @@ const EXPIRE_DUE: &str = end_and_record!(
 /// The kinds of [`Write`], in the order a round applies them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Kind {
+/// Claims the executions due for a re-delivery (see [`Store::claim_redeliveries`]): the rows are
+/// locked with `SKIP LOCKED` and marked claimed in the same statement, so a row another node is
+/// claiming is left to it and a row it claimed is not due any more. `$1` now, `$2` first, `$3`
+/// initial, `$4` max, `$5` limit.
+const CLAIM_REDELIVERIES: &str = concat!(
+    "WITH due AS (
+         SELECT id FROM executions
+         WHERE state IN ('queued', 'delivered') AND deadline > $1
+           AND COALESCE(retry_claimed_until, 0) <= $1
+           AND CASE WHEN last_sent_at IS NULL THEN created_at + $2 <= $1
+                    ELSE last_sent_at + LEAST($3 * power(2, LEAST(GREATEST(delivery_count - 1, 0), 16))::bigint, $4) <= $1
+               END
+         ORDER BY id
+         LIMIT $5
+         FOR UPDATE SKIP LOCKED
+     ),
+     claimed AS (
+         UPDATE executions e SET retry_claimed_until = $1 + $3 FROM due WHERE e.id = due.id RETURNING e.id
+     ) ",
+    execution_select!(),
+    " WHERE e.id IN (SELECT id FROM claimed) ORDER BY e.id"
+);
+
     Report,
     Seen,
     Counter,
@@ -1053,7 +1078,7 @@ const APPLY_COUNTERS: &str = "UPDATE devices d SET last_counter = GREATEST(d.las
 
 const APPLY_DELIVERED: &str =
     "UPDATE executions e SET state = 'delivered', delivered_at = COALESCE(e.delivered_at, i.at),
-        delivery_count = e.delivery_count + i.n
+        delivery_count = e.delivery_count + i.n, last_sent_at = GREATEST(e.last_sent_at, i.at)
      FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS i(execution_id, at, n)
      WHERE e.id = i.execution_id AND e.state IN ('queued', 'delivered')";
 
@@ -1695,6 +1720,20 @@ impl Store for PostgresStore {
             let found = s.query(
                 "SELECT DISTINCT device_id FROM executions WHERE org_id = $1 AND state IN ('queued', 'delivered')",
                 &[&org_id],
+    fn claim_redeliveries(
+        &self,
+        now: Millis,
+        first_ms: i64,
+        initial_ms: i64,
+        max_ms: i64,
+        limit: i64,
+    ) -> StoreResult<Vec<ExecutionRow>> {
+        self.write(|s| {
+            let found = s.query(CLAIM_REDELIVERIES, &[&now, &first_ms, &initial_ms, &max_ms, &limit])?;
+            rows(found, execution_row)
+        })
+    }
+
             )?;
             rows(found, |r| Ok(r.try_get(0)?))
         })

@@ -17,6 +17,9 @@ const MIGRATIONS: &[&str] = &[
     // 2: Mosquitto password hashes for the external-broker mode.
     "ALTER TABLE devices ADD COLUMN broker_password_hash TEXT;",
 ];
+    // 3: the columns of PostgreSQL's cluster-wide re-delivery claims, unused by a single node; they
+    // keep the two schemas' versions in step.
+    "ALTER TABLE executions ADD COLUMN last_sent_at INTEGER; ALTER TABLE executions ADD COLUMN retry_claimed_until INTEGER;",
 
 /// Reader connections: the admin API and the metrics sampler read while the writer commits.
 const READERS: usize = 3;

@@ -1,0 +1,197 @@
+//! Three gateway nodes on one Mosquitto and one PostgreSQL (`docs/SCALE-OUT.md`): 2,000 simulated
+//! terminals, one task created through one node, the work shared by the three through `$share`.
+//! Every terminal is injected once and recorded once, with or without a node SIGKILLed in the
+//! middle of the push; a retry timer fires once per execution across the cluster.
+//!
+//! The tests of this file run one at a time (each starts a PostgreSQL, a Mosquitto, three gateways
+//! and 2,000 terminals; two at once would only contend for this machine's two cores).
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use rki_device_sim::{BrokerAddr, Brokers, Fleet, Knobs};
+use rki_protocol::message::Message;
+use rki_tests::{
+    create_task, expected_kcv, provision, sns, wait_task_done, Cluster, ClusterOptions, RawDevice, TestResult,
+};
+use serde_json::json;
+
+const DEVICES: usize = 2_000;
+const SUCCEEDED: &str = "rki_acks_total{result=\"succeeded\"}";
+
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A cluster of three nodes, `DEVICES` terminals provisioned through node 1 and connected to
+/// Mosquitto (initialised, said hello).
+fn cluster_with_fleet(
+    rt: &tokio::runtime::Runtime,
+    prefix: &str,
+    extra_toml: &str,
+    knobs: Knobs,
+) -> TestResult<(Cluster, rki_tests::Provisioned, Fleet)> {
+    let _ = rki_device_sim::raise_fd_limit();
+    let cluster = Cluster::start(ClusterOptions { extra_toml: extra_toml.into(), ..Default::default() })?;
+    let provisioned = provision(&cluster.nodes[0], &sns(prefix, DEVICES), "fleet")?;
+    // Node 1 rewrites Mosquitto's files on the import (the bootstrap identities).
+    std::thread::sleep(Duration::from_millis(800));
+    let port = cluster.mosquitto.port;
+    let mut config = common::fleet_config(port, &provisioned, knobs)?;
+    config.brokers = Brokers::one(BrokerAddr::new("127.0.0.1", port));
+    let fleet = rt.block_on(common::spawn_fleet(config, Duration::from_secs(120)))?;
+    Ok((cluster, provisioned, fleet))
+}
+
+/// Records per SN of the task, each KCV recomputed here; and the terminals' own injections.
+fn check_exactly_once(cluster: &Cluster, task: i64, provisioned: &rki_tests::Provisioned, fleet: &Fleet) -> TestResult {
+    let records =
+        cluster.api(0).ok(&format!("/v1/records?task={task}"))?["records"].as_array().cloned().unwrap_or_default();
+    let mut per_sn: HashMap<String, usize> = HashMap::new();
+    for r in &records {
+        let sn = r["sn"].as_str().unwrap_or_default().to_string();
+        *per_sn.entry(sn.clone()).or_default() += 1;
+        assert_eq!(r["result"], "succeeded", "{r}");
+        let kcv = expected_kcv(r["key_id"].as_str().unwrap_or_default())?;
+        assert_eq!(r["kcv"].as_str(), Some(kcv.as_str()), "{sn}: the KCV is not the one derived here");
+    }
+    let lost: Vec<&String> = provisioned.sns.iter().filter(|sn| !per_sn.contains_key(*sn)).collect();
+    let twice: Vec<(&String, &usize)> = per_sn.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(lost.is_empty(), "{} devices without a record, e.g. {:?}", lost.len(), &lost[..lost.len().min(5)]);
+    assert!(twice.is_empty(), "devices recorded twice: {twice:?}");
+    assert_eq!(records.len(), DEVICES);
+    // The database agrees: one record per execution of the task, none for another task.
+    let mut sql = cluster.sql()?;
+    let row = sql.query_one(
+        "SELECT count(*), count(DISTINCT device_id), count(DISTINCT execution_id) FROM records WHERE task_id = $1",
+        &[&task],
+    )?;
+    let (n, devices, executions): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+    assert_eq!((n, devices, executions), (DEVICES as i64, DEVICES as i64, DEVICES as i64));
+    // Each terminal installed its key once (a repeated download is answered, not installed).
+    let twice_injected: Vec<String> = fleet
+        .devices()
+        .iter()
+        .filter(|d| d.status().injections != 1)
+        .map(|d| format!("{}: {}", d.sn(), d.status().injections))
+        .collect();
+    assert!(twice_injected.is_empty(), "terminals not injected exactly once: {twice_injected:?}");
+    Ok(())
+}
+
+#[test]
+fn three_nodes_inject_every_terminal_exactly_once_and_each_counts_its_own() -> TestResult {
+    let _serial = one_at_a_time();
+    let started = Instant::now();
+    let rt = common::runtime();
+    // Retries late enough that none is due during the push: every delivery is a first one.
+    let (cluster, provisioned, fleet) =
+        cluster_with_fleet(&rt, "TRIA", "retry_initial_seconds = 60", Knobs::default())?;
+    let connected = started.elapsed();
+    let task = create_task(&cluster.api(0), &json!({"group": "fleet"}))?;
+    let push = Instant::now();
+    let done = wait_task_done(&cluster.api(0), task, Duration::from_secs(120))?;
+    let push = push.elapsed();
+    assert_eq!(done["task"]["counts"]["succeeded"], DEVICES, "{}", done["task"]["counts"]);
+    check_exactly_once(&cluster, task, &provisioned, &fleet)?;
+
+    // Metrics are per node: each counts the acks it recorded, and they add up to the fleet.
+    std::thread::sleep(Duration::from_millis(300));
+    let per_node: Vec<f64> = cluster.nodes.iter().map(|n| n.metric(SUCCEEDED)).collect();
+    let injected: f64 = cluster.metric_sum("rki_keys_injected_total{org=\"acme\"}");
+    eprintln!("succeeded acks per node: {per_node:?}; connect {connected:?}, push {push:?}");
+    assert_eq!(per_node.iter().sum::<f64>(), DEVICES as f64, "per node: {per_node:?}");
+    assert_eq!(injected, DEVICES as f64);
+    assert!(per_node.iter().all(|n| *n > 0.0), "a node recorded no ack: {per_node:?}");
+    // One download per execution across the cluster: the new executions are claimed by one node
+    // each (the node that created the task does not deliver them itself as well).
+    let deliveries = cluster.metric_sum("rki_deliveries_total");
+    assert_eq!(deliveries, DEVICES as f64, "downloads published by the three nodes");
+    // Gauges read from the store are the same on every node (take max, not sum).
+    rt.block_on(fleet.shutdown());
+    Ok(())
+}
+
+#[test]
+fn a_node_killed_mid_push_loses_nothing_and_the_others_finish() -> TestResult {
+    let _serial = one_at_a_time();
+    let rt = common::runtime();
+    // Acks spread over a few seconds, so that the kill falls in the middle of the push.
+    let knobs = Knobs { ack_delay: Duration::from_millis(2500), ..Knobs::default() };
+    let (mut cluster, provisioned, fleet) = cluster_with_fleet(&rt, "TRIB", "retry_initial_seconds = 3", knobs)?;
+    let api = cluster.api(0);
+    let task = create_task(&api, &json!({"group": "fleet"}))?;
+    // Terminals ack after their delay; kill node 3 once some, not all, are recorded.
+    let started = Instant::now();
+    let at_kill = loop {
+        let counts = api.ok(&format!("/v1/tasks/{task}"))?["task"]["counts"].clone();
+        let succeeded = counts["succeeded"].as_i64().unwrap_or(0);
+        if succeeded >= (DEVICES / 10) as i64 {
+            break succeeded;
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            return Err(format!("the push did not start: {counts}").into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    cluster.nodes[2].kill()?;
+    let recorded_at_kill = cluster.metric_sum(SUCCEEDED);
+    eprintln!("node 3 SIGKILLed with {at_kill} records in the store");
+    assert!(at_kill < DEVICES as i64, "the push was over before the kill");
+    let done = wait_task_done(&api, task, Duration::from_secs(120))?;
+    assert_eq!(done["task"]["counts"]["succeeded"], DEVICES, "{}", done["task"]["counts"]);
+    check_exactly_once(&cluster, task, &provisioned, &fleet)?;
+    // The two survivors recorded the rest (node 3's count died with it).
+    let survivors = cluster.metric_sum(SUCCEEDED);
+    eprintln!("survivors' succeeded acks: {survivors} (at the kill: {recorded_at_kill})");
+    assert!(survivors < DEVICES as f64 && survivors > 0.0);
+    rt.block_on(fleet.shutdown());
+    Ok(())
+}
+
+#[test]
+fn a_retry_timer_fires_once_across_the_cluster() -> TestResult {
+    let _serial = one_at_a_time();
+    let rt = common::runtime();
+    let cluster =
+        Cluster::start(ClusterOptions { extra_toml: "retry_initial_seconds = 1".into(), ..Default::default() })?;
+    let provisioned = provision(&cluster.nodes[0], &sns("TRIR", 1), "one")?;
+    std::thread::sleep(Duration::from_millis(800));
+    let (sn, gudid) = provisioned.gudids[0].clone();
+    let mut device = rt.block_on(RawDevice::initialise(cluster.mosquitto.port, &sn, &gudid))?;
+    // Three hellos: the shared subscription hands them to the nodes in turn, so every node holds
+    // the device (online) in its cache, as after reconnections.
+    for _ in 0..3 {
+        rt.block_on(device.send(RawDevice::hello(false)))?;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    create_task(&cluster.api(0), &json!({"sns": [sn.clone()]}))?;
+    // The terminal never acks. Downloads of its one execution, as they arrive for 8 s.
+    let mut arrivals = Vec::new();
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(8) {
+        let left = Duration::from_secs(8).saturating_sub(started.elapsed());
+        match rt.block_on(device.next_down(left)) {
+            Ok(Message::Download(_)) => arrivals.push(started.elapsed()),
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    eprintln!("downloads at {arrivals:?}");
+    // One timer: sent, then again after 1 s, 2 s, 4 s (1 + 1 + 2 + 4 = 7 s): four downloads.
+    // A timer per node would send about three times as many, several within the same second.
+    assert!((3..=5).contains(&arrivals.len()), "downloads at {arrivals:?}");
+    for pair in arrivals.windows(2) {
+        assert!(pair[1] - pair[0] >= Duration::from_millis(800), "two downloads too close: {arrivals:?}");
+    }
+    // Every published download arrived (one may be on its way as the 8 s end).
+    let deliveries = cluster.metric_sum("rki_deliveries_total") as usize;
+    assert!((arrivals.len()..=arrivals.len() + 1).contains(&deliveries), "{deliveries} published");
+    Ok(())
+}
