@@ -165,8 +165,60 @@ struct TaskBuild {
     hot: HashMap<String, OpenExecution>,
     /// Time spent deriving and wrapping.
     derive: Duration,
+    /// Time spent in the store (credentials read, executions inserted).
+    store: Duration,
     /// Why a chunk failed, when it was not the store.
     failure: Option<EngineError>,
+    /// When the last chunk was in, and how long the commit (and its check) took from there.
+    filled: Option<Instant>,
+    committed: Option<Duration>,
+}
+
+impl TaskBuild {
+    /// Keeps an engine error for the caller; the store sees a failure and rolls back.
+    fn fail(&mut self, e: EngineError) -> StoreError {
+        let message = e.to_string();
+        self.failure = Some(e);
+        StoreError::Backend(message)
+    }
+}
+
+/// What every chunk of one task's creation shares.
+struct ChunkJob<'a> {
+    task: &'a NewTask,
+    sealed_bdk: &'a str,
+    algorithm: KeyAlgorithm,
+    key_set_id: &'a [u8],
+    /// The serial of the task's first device (serials follow the order of the ready devices).
+    first_serial: u64,
+}
+
+/// A chunk of devices to derive for, with their key IDs.
+struct Chunk {
+    devices: Vec<DeriveTarget>,
+    key_ids: Vec<Vec<u8>>,
+}
+
+/// A chunk's executions, ready to insert, and the SNs of their devices.
+struct Derived {
+    executions: Vec<NewExecution>,
+    sns: Vec<String>,
+    took: Duration,
+}
+
+/// Waits for a chunk's derivation.
+fn join_chunk(
+    handle: std::thread::ScopedJoinHandle<'_, EngineResult<Derived>>,
+    build: &mut TaskBuild,
+) -> StoreResult<Derived> {
+    match handle.join() {
+        Ok(Ok(derived)) => {
+            build.derive += derived.took;
+            Ok(derived)
+        }
+        Ok(Err(e)) => Err(build.fail(e)),
+        Err(_) => Err(build.fail(EngineError::Internal("a derivation thread panicked".into()))),
+    }
 }
 
 /// Proof that an ack's KCV, key ID and slot match the execution's derivation. Only
@@ -759,6 +811,37 @@ impl Engine {
         }
     }
 
+    /// Seals and publishes one download; whether it went out.
+    fn publish_download(&self, sn: &str, key: &MacKey, e: &mut OpenExecution, hello_at: Option<Instant>) -> bool {
+        let body = Body {
+            party: sn.to_string(),
+            counter: self.next_down_counter(),
+            message: Message::Download(message::Download {
+                execution_id: e.id as u64,
+                slot: KeySlot(e.slot),
+                key_type: KeyType::parse(&e.key_type).unwrap_or(KeyType::Ipek),
+                key_block: e.key_block.clone(),
+                key_id: e.key_id.clone(),
+                kcv: hex::decode(&e.kcv).unwrap_or_default(),
+            }),
+        };
+        match frame::seal(key, &body) {
+            Ok(bytes) => {
+                self.outbound.publish(topic::device_down(sn), bytes);
+                e.last_sent = Some(Instant::now());
+                e.sends = e.sends.saturating_add(1);
+                if hello_at.is_some() {
+                    e.hello_at = hello_at;
+                }
+                true
+            }
+            Err(err) => {
+                error!(execution = e.id, error = %err, "cannot seal a download");
+                false
+            }
+        }
+    }
+
     /// Re-wraps executions whose key block was made for an older initialisation of the device.
     async fn rewrap(&self, sn: &str, hot: &Arc<Mutex<DeviceHot>>, stale: Vec<OpenExecution>) {
         let (generation, kbpk_aes, kbpk_tdes) = {
@@ -811,37 +894,6 @@ impl Engine {
             party: sn.to_string(),
             counter: self.next_down_counter(),
             message: Message::Unlock(message::Unlock { unlock_id: device_id as u64 }),
-    /// Seals and publishes one download; whether it went out.
-    fn publish_download(&self, sn: &str, key: &MacKey, e: &mut OpenExecution, hello_at: Option<Instant>) -> bool {
-        let body = Body {
-            party: sn.to_string(),
-            counter: self.next_down_counter(),
-            message: Message::Download(message::Download {
-                execution_id: e.id as u64,
-                slot: KeySlot(e.slot),
-                key_type: KeyType::parse(&e.key_type).unwrap_or(KeyType::Ipek),
-                key_block: e.key_block.clone(),
-                key_id: e.key_id.clone(),
-                kcv: hex::decode(&e.kcv).unwrap_or_default(),
-            }),
-        };
-        match frame::seal(key, &body) {
-            Ok(bytes) => {
-                self.outbound.publish(topic::device_down(sn), bytes);
-                e.last_sent = Some(Instant::now());
-                e.sends = e.sends.saturating_add(1);
-                if hello_at.is_some() {
-                    e.hello_at = hello_at;
-                }
-                true
-            }
-            Err(err) => {
-                error!(execution = e.id, error = %err, "cannot seal a download");
-                false
-            }
-        }
-    }
-
         };
         match frame::seal(key, &body) {
             Ok(bytes) => self.outbound.publish(topic::device_down(sn), bytes),
@@ -1336,7 +1388,9 @@ impl Engine {
                 return Ok((task, preview));
             }
         }
+        let began = Instant::now();
         let mut preview = self.preview(org_id, spec).await?;
+        let preview_ms = began.elapsed().as_millis();
         let Some(key_source_id) = preview.key_source_id else {
             return Err(EngineError::Conflict("no key source: assign one to the devices or name it".into()));
         };
@@ -1374,21 +1428,18 @@ impl Engine {
             let mut build = TaskBuild::default();
             let result = engine.store.create_task_with(&new_task, &mut |sink| {
                 build = TaskBuild::default();
-                for (c, ids) in ready_ids.chunks(TASK_CHUNK).enumerate() {
-                    let first = first_serial as u64 + (c * TASK_CHUNK) as u64;
-                    engine.create_chunk(
-                        sink,
-                        &new_task,
-                        &source.sealed,
-                        algorithm,
-                        &key_set_id,
-                        first,
-                        ids,
-                        &mut build,
-                    )?;
-                }
-                Ok(())
+                let job = ChunkJob {
+                    task: &new_task,
+                    sealed_bdk: &source.sealed,
+                    algorithm,
+                    key_set_id: &key_set_id,
+                    first_serial: first_serial as u64,
+                };
+                let filled = engine.fill_task(sink, &job, &ready_ids, &mut build);
+                build.filled = Some(Instant::now());
+                filled
             });
+            build.committed = build.filled.map(|at| at.elapsed());
             (result, build, ready_ids)
         })
         .await
@@ -1400,8 +1451,19 @@ impl Engine {
             (Err(_), Some(failure)) => return Err(failure),
             (Err(e), None) => return Err(e.into()),
         };
-        let derive_ms = build.derive.as_millis();
-        info!(task = task.id, executions = task.counts.total, derive_ms, "download task created");
+        let (derive_ms, store_ms) = (build.derive.as_millis(), build.store.as_millis());
+        let commit_ms = build.committed.unwrap_or_default().as_millis();
+        let total_ms = began.elapsed().as_millis();
+        info!(
+            task = task.id,
+            executions = task.counts.total,
+            preview_ms,
+            derive_ms,
+            store_ms,
+            commit_ms,
+            total_ms,
+            "download task created"
+        );
         metrics::counter!(m::TASKS_CREATED_TOTAL, "org" => self.org_label(org_id).to_string()).increment(1);
         // Only devices already hot (online, or holding other open executions) get the new
         // execution in memory; the others read it from the store on their first message.
@@ -1431,6 +1493,12 @@ impl Engine {
                 online.push((sn, hot));
             }
         }
+        // Several nodes: the devices online here are a third of the fleet at best; the cluster
+        // sweep of whichever node claims them delivers the new executions to every device (within
+        // a sweep interval), and delivering here too would send those twice.
+        if self.is_shared() {
+            online.clear();
+        }
         for (sn, hot) in online {
             let key = { self.signing_key(&mut lock(&hot)) };
             if let Some(key) = key {
@@ -1440,72 +1508,90 @@ impl Engine {
         Ok((task, preview))
     }
 
-    /// One chunk of a task's creation, inside its transaction: the devices' credentials, one key
-    /// derived and wrapped per device (on every core), the executions inserted. Keeps the open
-    /// executions of devices that are hot, for the maps after the commit.
-    #[allow(clippy::too_many_arguments)]
-    fn create_chunk(
+    /// Streams a task's executions into its transaction, [`TASK_CHUNK`] devices at a time, as a
+    /// pipeline: while one chunk's keys are derived and wrapped (on every core), this thread
+    /// inserts the previous chunk and reads the next one's credentials.
+    fn fill_task(
         &self,
         sink: &mut dyn TaskSink,
-        task: &NewTask,
-        sealed_bdk: &str,
-        algorithm: KeyAlgorithm,
-        key_set_id: &[u8],
-        first_serial: u64,
-        ids: &[i64],
+        job: &ChunkJob<'_>,
+        ready_ids: &[i64],
         build: &mut TaskBuild,
     ) -> StoreResult<()> {
-        let fail = |build: &mut TaskBuild, e: EngineError| {
-            let message = e.to_string();
-            build.failure = Some(e);
-            StoreError::Backend(message)
-        };
-        let creds = sink.credentials_for(ids)?;
-        let by_id: HashMap<i64, &DeviceCredentials> = creds.iter().map(|c| (c.device_id, c)).collect();
-        let mut key_ids = Vec::with_capacity(ids.len());
-        let mut devices = Vec::with_capacity(ids.len());
+        std::thread::scope(|scope| {
+            let mut chunks = ready_ids.chunks(TASK_CHUNK).enumerate();
+            let mut next = match chunks.next() {
+                Some((c, ids)) => Some(self.read_chunk(sink, job, c, ids, build)?),
+                None => None,
+            };
+            let mut deriving = None;
+            while let Some(chunk) = next.take() {
+                let handle = scope.spawn(move || self.derive_chunk(job, chunk));
+                if let Some(previous) = deriving.take() {
+                    self.insert_chunk(sink, job, previous, build)?;
+                }
+                next = match chunks.next() {
+                    Some((c, ids)) => Some(self.read_chunk(sink, job, c, ids, build)?),
+                    None => None,
+                };
+                deriving = Some(join_chunk(handle, build)?);
+            }
+            if let Some(last) = deriving {
+                self.insert_chunk(sink, job, last, build)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// A chunk's credentials, read in the task's transaction, and each device's key ID.
+    fn read_chunk(
+        &self,
+        sink: &mut dyn TaskSink,
+        job: &ChunkJob<'_>,
+        index: usize,
+        ids: &[i64],
+        build: &mut TaskBuild,
+    ) -> StoreResult<Chunk> {
+        let read = Instant::now();
+        let targets = sink.derive_targets(ids, job.algorithm.is_aes())?;
+        build.store += read.elapsed();
+        let mut by_id: HashMap<i64, DeriveTarget> = targets.into_iter().map(|t| (t.device_id, t)).collect();
+        let mut chunk = Chunk { devices: Vec::with_capacity(ids.len()), key_ids: Vec::with_capacity(ids.len()) };
+        let first_serial = job.first_serial + (index * TASK_CHUNK) as u64;
         for (i, id) in ids.iter().enumerate() {
             // A device re-initialised or removed since the preview is skipped.
-            let Some(c) = by_id.get(id) else { continue };
+            let Some(c) = by_id.remove(id) else { continue };
             let serial = first_serial + i as u64;
-            let key_id = if algorithm.is_tdes() {
-                tdes_initial_ksn(key_set_id, serial).map(|k| k.as_bytes().to_vec())
+            let key_id = if job.algorithm.is_tdes() {
+                tdes_initial_ksn(job.key_set_id, serial).map(|k| k.as_bytes().to_vec())
             } else {
-                aes_initial_key_id(key_set_id, serial).map(|k| k.as_bytes().to_vec())
+                aes_initial_key_id(job.key_set_id, serial).map(|k| k.as_bytes().to_vec())
             };
             match key_id {
-                Ok(key_id) => key_ids.push(key_id),
-                Err(e) => return Err(fail(build, EngineError::Internal(e.to_string()))),
+                Ok(key_id) => chunk.key_ids.push(key_id),
+                Err(e) => return Err(build.fail(EngineError::Internal(e.to_string()))),
             }
-            devices.push(*c);
+            chunk.devices.push(c);
         }
+        Ok(chunk)
+    }
+
+    /// One key derived and wrapped per device of the chunk, on every core.
+    fn derive_chunk(&self, job: &ChunkJob<'_>, chunk: Chunk) -> EngineResult<Derived> {
         let started = Instant::now();
-        let requests: Vec<DeriveRequest<'_>> = key_ids
+        let requests: Vec<DeriveRequest<'_>> = chunk
+            .key_ids
             .iter()
-            .zip(&devices)
-            .map(|(key_id, c)| DeriveRequest {
-                key_id,
-                sealed_kbpk: if algorithm.is_aes() { &c.kbpk_aes } else { &c.kbpk_tdes },
-            })
+            .zip(&chunk.devices)
+            .map(|(key_id, t)| DeriveRequest { key_id, sealed_kbpk: &t.sealed_kbpk })
             .collect();
-        let wrapped = match self.keys.derive_and_wrap(sealed_bdk, &requests) {
-            Ok(w) => w,
-            Err(e) => return Err(fail(build, EngineError::Internal(e.to_string()))),
-        };
+        let wrapped =
+            self.keys.derive_and_wrap(job.sealed_bdk, &requests).map_err(|e| EngineError::Internal(e.to_string()))?;
         drop(requests);
-        // Several nodes: the devices online here are a third of the fleet at best; the cluster
-        // sweep of whichever node claims them delivers the new executions to every device (within
-        // a sweep interval), and delivering here too would send those twice.
-        if self.is_shared() {
-            online.clear();
-        }
-        build.derive += started.elapsed();
         let mut executions = Vec::with_capacity(wrapped.len());
-        for ((w, key_id), c) in wrapped.into_iter().zip(key_ids).zip(&devices) {
-            let w = match w {
-                Ok(w) => w,
-                Err(e) => return Err(fail(build, EngineError::Internal(format!("derivation failed: {e}")))),
-            };
+        let mut sns = Vec::with_capacity(wrapped.len());
+        for ((w, key_id), c) in wrapped.into_iter().zip(chunk.key_ids).zip(chunk.devices) {
+            let w = w.map_err(|e| EngineError::Internal(format!("derivation failed: {e}")))?;
             debug_assert_eq!(w.key_id, key_id);
             executions.push(NewExecution {
                 device_id: c.device_id,
@@ -1514,11 +1600,26 @@ impl Engine {
                 kcv: w.kcv.to_hex(),
                 generation: c.generation,
             });
+            sns.push(c.sn);
         }
-        let execution_ids = sink.insert(&executions)?;
-        for ((e, id), c) in executions.into_iter().zip(execution_ids).zip(&devices) {
-            if self.devices.contains_key(&c.sn) {
-                build.hot.insert(c.sn.clone(), OpenExecution::new_in(task, id, e));
+        Ok(Derived { executions, sns, took: started.elapsed() })
+    }
+
+    /// Inserts a derived chunk; keeps the open executions of devices that are hot, for the maps
+    /// after the commit.
+    fn insert_chunk(
+        &self,
+        sink: &mut dyn TaskSink,
+        job: &ChunkJob<'_>,
+        derived: Derived,
+        build: &mut TaskBuild,
+    ) -> StoreResult<()> {
+        let insert = Instant::now();
+        let execution_ids = sink.insert(&derived.executions)?;
+        build.store += insert.elapsed();
+        for ((e, id), sn) in derived.executions.into_iter().zip(execution_ids).zip(derived.sns) {
+            if self.devices.contains_key(&sn) {
+                build.hot.insert(sn, OpenExecution::new_in(job.task, id, e));
             }
         }
         Ok(())
@@ -1618,6 +1719,79 @@ impl Engine {
                 self.deliver_open(&sn, &hot, &key, None, false).await;
             }
         }
+    }
+
+    /// Several nodes: delivers the executions this node claimed in the store (see
+    /// [`Store::claim_redeliveries`]): new ones at once, unacked ones after their backoff, whoever
+    /// delivered them before. Each claim is this node's alone, so every retry fires once across
+    /// the cluster, and the executions of a node that died (its acks lost with it) are taken
+    /// over by the others. Returns how many downloads went out.
+    pub async fn cluster_sweep(&self) -> usize {
+        let mut sent = 0;
+        loop {
+            let now = self.clock.now_ms();
+            let initial = self.retry_initial_ms();
+            let claimed = match self
+                .blocking(move |s| s.claim_redeliveries(now, 0, initial, RETRY_MAX_MS, CLAIM_BATCH_MAX))
+                .await
+            {
+                Ok(rows) => rows,
+                Err(e) => {
+                    warn!(error = %e, "re-delivery claim failed");
+                    return sent;
+                }
+            };
+            let full = claimed.len() as i64 >= CLAIM_BATCH_MAX;
+            sent += self.deliver_claimed(now, claimed).await;
+            if !full {
+                return sent;
+            }
+        }
+    }
+
+    async fn deliver_claimed(&self, now: Millis, claimed: Vec<ExecutionRow>) -> usize {
+        if claimed.is_empty() {
+            return 0;
+        }
+        // Devices not in the maps yet: their credentials in one read.
+        let mut missing: Vec<i64> =
+            claimed.iter().filter(|r| !self.devices.contains_key(&r.sn)).map(|r| r.device_id).collect();
+        missing.sort_unstable();
+        missing.dedup();
+        if !missing.is_empty() {
+            match self.blocking(move |s| s.credentials_for(&missing)).await {
+                Ok(creds) => {
+                    for c in &creds {
+                        self.devices
+                            .entry(c.sn.clone())
+                            .or_insert_with(|| Arc::new(Mutex::new(DeviceHot::from_credentials(c))));
+                    }
+                }
+                Err(e) => warn!(error = %e, "re-delivery: cannot read credentials"),
+            }
+        }
+        let mut delivered = Vec::with_capacity(claimed.len());
+        for row in &claimed {
+            let Some(hot) = self.devices.get(&row.sn).map(|h| h.clone()) else { continue };
+            self.insert_open(row);
+            let mut h = lock(&hot);
+            let Some(key) = self.signing_key(&mut h) else { continue };
+            if row.generation != h.generation {
+                // Made for an older initialisation: the device's next hello re-wraps it.
+                continue;
+            }
+            if let Some(e) = h.open.iter_mut().find(|e| e.id == row.id) {
+                if self.publish_download(&row.sn, &key, e, None) {
+                    delivered.push(row.id);
+                }
+            }
+        }
+        let n = delivered.len();
+        for id in delivered {
+            metrics::counter!(m::DELIVERIES_TOTAL).increment(1);
+            self.queue(Write::Delivered { execution_id: id, at: now }, None).await;
+        }
+        n
     }
 
     /// Waits until every write queued so far is durable.
@@ -1721,79 +1895,6 @@ async fn committer(engine: Arc<Engine>, mut rx: mpsc::Receiver<Pending>) {
         let writes: Vec<Write> = batch
             .iter()
             .filter(|p| !matches!(p.write, Write::Seen { device_id: -1, .. }))
-    /// Several nodes: delivers the executions this node claimed in the store (see
-    /// [`Store::claim_redeliveries`]): new ones at once, unacked ones after their backoff, whoever
-    /// delivered them before. Each claim is this node's alone, so every retry fires once across
-    /// the cluster, and the executions of a node that died (its acks lost with it) are taken
-    /// over by the others. Returns how many downloads went out.
-    pub async fn cluster_sweep(&self) -> usize {
-        let mut sent = 0;
-        loop {
-            let now = self.clock.now_ms();
-            let initial = self.retry_initial_ms();
-            let claimed = match self
-                .blocking(move |s| s.claim_redeliveries(now, 0, initial, RETRY_MAX_MS, CLAIM_BATCH_MAX))
-                .await
-            {
-                Ok(rows) => rows,
-                Err(e) => {
-                    warn!(error = %e, "re-delivery claim failed");
-                    return sent;
-                }
-            };
-            let full = claimed.len() as i64 >= CLAIM_BATCH_MAX;
-            sent += self.deliver_claimed(now, claimed).await;
-            if !full {
-                return sent;
-            }
-        }
-    }
-
-    async fn deliver_claimed(&self, now: Millis, claimed: Vec<ExecutionRow>) -> usize {
-        if claimed.is_empty() {
-            return 0;
-        }
-        // Devices not in the maps yet: their credentials in one read.
-        let mut missing: Vec<i64> =
-            claimed.iter().filter(|r| !self.devices.contains_key(&r.sn)).map(|r| r.device_id).collect();
-        missing.sort_unstable();
-        missing.dedup();
-        if !missing.is_empty() {
-            match self.blocking(move |s| s.credentials_for(&missing)).await {
-                Ok(creds) => {
-                    for c in &creds {
-                        self.devices
-                            .entry(c.sn.clone())
-                            .or_insert_with(|| Arc::new(Mutex::new(DeviceHot::from_credentials(c))));
-                    }
-                }
-                Err(e) => warn!(error = %e, "re-delivery: cannot read credentials"),
-            }
-        }
-        let mut delivered = Vec::with_capacity(claimed.len());
-        for row in &claimed {
-            let Some(hot) = self.devices.get(&row.sn).map(|h| h.clone()) else { continue };
-            self.insert_open(row);
-            let mut h = lock(&hot);
-            let Some(key) = self.signing_key(&mut h) else { continue };
-            if row.generation != h.generation {
-                // Made for an older initialisation: the device's next hello re-wraps it.
-                continue;
-            }
-            if let Some(e) = h.open.iter_mut().find(|e| e.id == row.id) {
-                if self.publish_download(&row.sn, &key, e, None) {
-                    delivered.push(row.id);
-                }
-            }
-        }
-        let n = delivered.len();
-        for id in delivered {
-            metrics::counter!(m::DELIVERIES_TOTAL).increment(1);
-            self.queue(Write::Delivered { execution_id: id, at: now }, None).await;
-        }
-        n
-    }
-
             .map(|p| p.write.clone())
             .collect();
         let started = Instant::now();

@@ -320,6 +320,9 @@ fn measure(
     let _ = runtime.block_on(engine.preview(org.id, &spec))?;
     let preview_seconds = preview_started.elapsed().as_secs_f64();
     let derive_ms = logs.last_number("derive_ms");
+    let store_ms = logs.last_number("store_ms");
+    let commit_ms = logs.last_number("commit_ms");
+    let preview_ms = logs.last_number("preview_ms");
     let db_bytes = std::fs::metadata(dir.join(STORE_FILE)).map(|m| m.len()).unwrap_or(0)
         + std::fs::metadata(dir.join(format!("{STORE_FILE}-wal"))).map(|m| m.len()).unwrap_or(0);
     let mut summary = Summary {
@@ -347,6 +350,9 @@ fn measure(
     e.insert("peak_reset_before_create".into(), json!(peak_reset));
     e.insert("preview_seconds_warm".into(), json!(round3(preview_seconds)));
     e.insert("derive_and_wrap_seconds".into(), json!(derive_ms.map(|ms| round3(ms / 1000.0))));
+    e.insert("store_seconds".into(), json!(store_ms.map(|ms| round3(ms / 1000.0))));
+    e.insert("commit_seconds".into(), json!(commit_ms.map(|ms| round3(ms / 1000.0))));
+    e.insert("preview_seconds".into(), json!(preview_ms.map(|ms| round3(ms / 1000.0))));
     e.insert("store_bytes_after".into(), json!(db_bytes));
     drop(engine);
     drop(store);

@@ -147,6 +147,17 @@ pub struct DeviceCredentials {
     pub unlock_pending: bool,
 }
 
+/// What deriving and wrapping one device's key needs ([`TaskSink::derive_targets`]).
+#[derive(Debug, Clone)]
+pub struct DeriveTarget {
+    pub device_id: i64,
+    pub sn: String,
+    /// The device's credential generation the key is wrapped for.
+    pub generation: i64,
+    /// The device's key-block protection key for the BDK's family, sealed.
+    pub sealed_kbpk: String,
+}
+
 /// The new secrets of a device, sealed, as written by an initialisation.
 #[derive(Debug, Clone)]
 pub struct NewCredentials {
@@ -404,9 +415,10 @@ pub struct ImportRow {
 /// The inside of [`Store::create_task_with`]'s transaction: what the caller may read and write
 /// while it streams a task's executions in chunks.
 pub trait TaskSink {
-    /// The credentials of those of `device_ids` that are initialised (any order), read inside
-    /// the task's transaction.
-    fn credentials_for(&mut self, device_ids: &[i64]) -> StoreResult<Vec<DeviceCredentials>>;
+    /// What deriving for those of `device_ids` that are initialised needs (any order), read
+    /// inside the task's transaction: each one's key-block protection key for an AES BDK
+    /// (`aes`) or a TDES one.
+    fn derive_targets(&mut self, device_ids: &[i64], aes: bool) -> StoreResult<Vec<DeriveTarget>>;
     /// Inserts executions of the task, queued; returns their ids, in the order given.
     fn insert(&mut self, executions: &[NewExecution]) -> StoreResult<Vec<i64>>;
 }
@@ -515,18 +527,6 @@ pub trait Store: Send + Sync {
         Ok(open)
     }
     fn execution(&self, id: i64) -> StoreResult<ExecutionRow>;
-    /// Replaces the key block of an open execution (re-wrap after re-initialisation).
-    fn rewrap_execution(&self, id: i64, key_block: &str, generation: i64) -> StoreResult<()>;
-    /// Terminates every open execution of the task, with records. Returns the ended ids.
-    fn stop_task(&self, org_id: i64, task_id: i64, at: Millis) -> StoreResult<Vec<i64>>;
-    /// Expires every open execution whose deadline is at or before `now`, with records.
-    fn expire_due(&self, now: Millis) -> StoreResult<Vec<(i64, i64)>>;
-    fn apply_batch(&self, writes: &[Write]) -> StoreResult<BatchOutcome>;
-
-    // records
-    fn list_records(&self, org_id: i64, filter: &RecordFilter) -> StoreResult<Vec<RecordRow>>;
-    fn billing(&self, org_id: i64) -> StoreResult<Vec<BillingRow>>;
-    fn count_records_for_execution(&self, execution_id: i64) -> StoreResult<i64>;
     /// Several gateway nodes: claims up to `limit` open executions due for a (re)delivery, for
     /// this node alone, and returns them. Due: not past the deadline, not claimed in the last
     /// `initial_ms`, and either never sent (created at least `first_ms` ago) or last sent
@@ -544,6 +544,18 @@ pub trait Store: Send + Sync {
     ) -> StoreResult<Vec<ExecutionRow>> {
         Ok(Vec::new())
     }
+    /// Replaces the key block of an open execution (re-wrap after re-initialisation).
+    fn rewrap_execution(&self, id: i64, key_block: &str, generation: i64) -> StoreResult<()>;
+    /// Terminates every open execution of the task, with records. Returns the ended ids.
+    fn stop_task(&self, org_id: i64, task_id: i64, at: Millis) -> StoreResult<Vec<i64>>;
+    /// Expires every open execution whose deadline is at or before `now`, with records.
+    fn expire_due(&self, now: Millis) -> StoreResult<Vec<(i64, i64)>>;
+    fn apply_batch(&self, writes: &[Write]) -> StoreResult<BatchOutcome>;
+
+    // records
+    fn list_records(&self, org_id: i64, filter: &RecordFilter) -> StoreResult<Vec<RecordRow>>;
+    fn billing(&self, org_id: i64) -> StoreResult<Vec<BillingRow>>;
+    fn count_records_for_execution(&self, execution_id: i64) -> StoreResult<i64>;
 
     // metrics snapshots
     fn execution_state_counts(&self) -> StoreResult<Vec<(i64, ExecutionState, i64)>>;

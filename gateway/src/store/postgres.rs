@@ -733,18 +733,23 @@ impl PostgresTaskSink<'_, '_, '_> {
 }
 
 impl TaskSink for PostgresTaskSink<'_, '_, '_> {
-    fn credentials_for(&mut self, device_ids: &[i64]) -> StoreResult<Vec<DeviceCredentials>> {
-        let found = self.s.query(
-            concat!(
-                "SELECT ",
-                credential_columns!(),
-                " FROM devices WHERE signing_key IS NOT NULL AND id = ANY ($1) ORDER BY id"
-            ),
-            &[&device_ids],
-        );
+    fn derive_targets(&mut self, device_ids: &[i64], aes: bool) -> StoreResult<Vec<DeriveTarget>> {
+        let sql = if aes {
+            "SELECT id, sn, generation, kbpk_aes FROM devices WHERE signing_key IS NOT NULL AND id = ANY ($1)"
+        } else {
+            "SELECT id, sn, generation, kbpk_tdes FROM devices WHERE signing_key IS NOT NULL AND id = ANY ($1)"
+        };
+        let found = self.s.query(sql, &[&device_ids]);
         let found = self.keep(found)?;
-        let rows = rows(found, credentials_row);
-        self.keep(rows)
+        let targets = rows(found, |r| {
+            Ok(DeriveTarget {
+                device_id: r.try_get(0)?,
+                sn: r.try_get(1)?,
+                generation: r.try_get(2)?,
+                sealed_kbpk: r.try_get(3)?,
+            })
+        });
+        self.keep(targets)
     }
 
     fn insert(&mut self, executions: &[NewExecution]) -> StoreResult<Vec<i64>> {
@@ -909,11 +914,6 @@ const EXPIRE_DUE: &str = end_and_record!(
      )"
 );
 
-// ---------------------------------------------------------------- batches
-
-/// The kinds of [`Write`], in the order a round applies them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum Kind {
 /// Claims the executions due for a re-delivery (see [`Store::claim_redeliveries`]): the rows are
 /// locked with `SKIP LOCKED` and marked claimed in the same statement, so a row another node is
 /// claiming is left to it and a row it claimed is not due any more. `$1` now, `$2` first, `$3`
@@ -937,6 +937,11 @@ const CLAIM_REDELIVERIES: &str = concat!(
     " WHERE e.id IN (SELECT id FROM claimed) ORDER BY e.id"
 );
 
+// ---------------------------------------------------------------- batches
+
+/// The kinds of [`Write`], in the order a round applies them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Kind {
     Report,
     Seen,
     Counter,
@@ -1715,11 +1720,6 @@ impl Store for PostgresStore {
         })
     }
 
-    fn open_execution_device_ids(&self, org_id: i64) -> StoreResult<Vec<i64>> {
-        self.read(|s| {
-            let found = s.query(
-                "SELECT DISTINCT device_id FROM executions WHERE org_id = $1 AND state IN ('queued', 'delivered')",
-                &[&org_id],
     fn claim_redeliveries(
         &self,
         now: Millis,
@@ -1734,6 +1734,11 @@ impl Store for PostgresStore {
         })
     }
 
+    fn open_execution_device_ids(&self, org_id: i64) -> StoreResult<Vec<i64>> {
+        self.read(|s| {
+            let found = s.query(
+                "SELECT DISTINCT device_id FROM executions WHERE org_id = $1 AND state IN ('queued', 'delivered')",
+                &[&org_id],
             )?;
             rows(found, |r| Ok(r.try_get(0)?))
         })

@@ -3,6 +3,7 @@
 //! records, groups), SQL carries over to the PostgreSQL store unchanged in spirit, and SQLite's
 //! crash safety is the most tested there is.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -16,10 +17,10 @@ const MIGRATIONS: &[&str] = &[
     include_str!("schema.sql"),
     // 2: Mosquitto password hashes for the external-broker mode.
     "ALTER TABLE devices ADD COLUMN broker_password_hash TEXT;",
-];
     // 3: the columns of PostgreSQL's cluster-wide re-delivery claims, unused by a single node; they
     // keep the two schemas' versions in step.
     "ALTER TABLE executions ADD COLUMN last_sent_at INTEGER; ALTER TABLE executions ADD COLUMN retry_claimed_until INTEGER;",
+];
 
 /// Reader connections: the admin API and the metrics sampler read while the writer commits.
 const READERS: usize = 3;
@@ -337,35 +338,90 @@ struct SqliteTaskSink<'a> {
     inserted: usize,
 }
 
+/// Executions per INSERT statement of a task: fewer statements to step, one `RETURNING` each.
+const EXECUTIONS_PER_INSERT: usize = 64;
+
+/// `INSERT … VALUES` of `rows` executions: `?1`–`?4` the task's columns, then five per row.
+fn insert_executions_sql(rows: usize) -> String {
+    let mut sql = String::from(
+        "INSERT INTO executions (task_id, org_id, state, created_at, deadline, device_id, key_block, key_id, kcv, generation) VALUES ",
+    );
+    for r in 0..rows {
+        let p = 5 + r * 5;
+        if r > 0 {
+            sql.push(',');
+        }
+        sql.push_str(&format!("(?1, ?2, 'queued', ?3, ?4, ?{}, ?{}, ?{}, ?{}, ?{})", p, p + 1, p + 2, p + 3, p + 4));
+    }
+    sql.push_str(" RETURNING id, device_id");
+    sql
+}
+
 impl TaskSink for SqliteTaskSink<'_> {
-    fn credentials_for(&mut self, device_ids: &[i64]) -> StoreResult<Vec<DeviceCredentials>> {
-        credentials_in(self.tx, device_ids)
+    fn derive_targets(&mut self, device_ids: &[i64], aes: bool) -> StoreResult<Vec<DeriveTarget>> {
+        let kbpk = if aes { "kbpk_aes" } else { "kbpk_tdes" };
+        let mut out = Vec::with_capacity(device_ids.len());
+        for chunk in device_ids.chunks(IDS_PER_STATEMENT) {
+            let sql = format!(
+                "SELECT id, sn, generation, {kbpk} FROM devices WHERE signing_key IS NOT NULL AND id IN ({})",
+                in_list(chunk.len())
+            );
+            let mut stmt = self.tx.prepare_cached(&sql).map_err(backend)?;
+            let rows = stmt
+                .query_map(rusqlite::params_from_iter(chunk.iter()), |r| {
+                    Ok(DeriveTarget {
+                        device_id: r.get(0)?,
+                        sn: r.get(1)?,
+                        generation: r.get(2)?,
+                        sealed_kbpk: r.get(3)?,
+                    })
+                })
+                .map_err(backend)?;
+            for row in rows {
+                out.push(row.map_err(backend)?);
+            }
+        }
+        Ok(out)
     }
 
     fn insert(&mut self, executions: &[NewExecution]) -> StoreResult<Vec<i64>> {
-        let mut insert = self
-            .tx
-            .prepare_cached(
-                "INSERT INTO executions (task_id, org_id, device_id, state, key_block, key_id, kcv, generation, created_at, deadline)
-                 VALUES (?1, ?2, ?3, 'queued', ?4, ?5, ?6, ?7, ?8, ?9)",
-            )
-            .map_err(backend)?;
         let mut ids = Vec::with_capacity(executions.len());
-        for e in executions {
-            insert
-                .execute(params![
-                    self.task_id,
-                    self.task.org_id,
-                    e.device_id,
-                    e.key_block,
-                    e.key_id,
-                    e.kcv,
-                    e.generation,
-                    self.task.created_at,
-                    self.task.expires_at
-                ])
+        let mut by_device: HashMap<i64, i64> = HashMap::with_capacity(EXECUTIONS_PER_INSERT);
+        for rows in executions.chunks(EXECUTIONS_PER_INSERT) {
+            let mut insert = self.tx.prepare_cached(&insert_executions_sql(rows.len())).map_err(backend)?;
+            let task = [
+                &self.task_id as &dyn rusqlite::ToSql,
+                &self.task.org_id,
+                &self.task.created_at,
+                &self.task.expires_at,
+            ];
+            let mut params: Vec<&dyn rusqlite::ToSql> = Vec::with_capacity(4 + rows.len() * 5);
+            params.extend_from_slice(&task);
+            for e in rows {
+                params.extend_from_slice(&[
+                    &e.device_id as &dyn rusqlite::ToSql,
+                    &e.key_block,
+                    &e.key_id,
+                    &e.kcv,
+                    &e.generation,
+                ]);
+            }
+            // RETURNING promises no order: each id comes back with its device (one execution per
+            // device and task).
+            by_device.clear();
+            let returned = insert
+                .query_map(params.as_slice(), |r| Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(0)?)))
                 .map_err(backend)?;
-            ids.push(self.tx.last_insert_rowid());
+            for row in returned {
+                let (device, id) = row.map_err(backend)?;
+                by_device.insert(device, id);
+            }
+            for e in rows {
+                let id = by_device.get(&e.device_id).ok_or_else(|| {
+                    StoreError::Backend(format!("no execution id returned for device {}", e.device_id))
+                })?;
+                ids.push(*id);
+            }
         }
         self.inserted += executions.len();
         Ok(ids)
@@ -1309,5 +1365,103 @@ impl Store for SqliteStore {
             )
             .map_err(backend)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (SqliteStore, std::path::PathBuf) {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "rki-sqlite-unit-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        (SqliteStore::open(&dir.join("rki.sqlite")).expect("open"), dir)
+    }
+
+    fn execution(device_id: i64, i: usize) -> NewExecution {
+        NewExecution {
+            device_id,
+            key_block: format!("B0096P0TE00N0000{i:04}"),
+            key_id: vec![0xFF, 0xFF, 0x98, 0x76, 0x54, 0, 0, i as u8],
+            kcv: format!("{:06X}", 0xA0_0000 + i),
+            generation: 1,
+        }
+    }
+
+    #[test]
+    fn a_streamed_task_is_all_or_nothing_and_returns_each_execution_id() {
+        let (st, dir) = store();
+        let org = st.create_org("acme", 1).expect("org");
+        let source = st
+            .insert_key_source(&KeySourceRow {
+                id: 0,
+                org_id: org.id,
+                name: "bdk".into(),
+                algorithm: "tdes".into(),
+                kcv: "ABCDEF".into(),
+                sealed: "sealed:bdk".into(),
+                key_set_id: "FFFF987654".into(),
+                created_at: 1,
+            })
+            .expect("key source");
+        // More than one INSERT statement's worth, and a remainder.
+        let n = EXECUTIONS_PER_INSERT * 2 + 5;
+        let rows: Vec<ImportRow> =
+            (0..n).map(|i| ImportRow { line: i + 2, sn: format!("SN{i:04}"), model: None }).collect();
+        st.import_devices(org.id, &rows, 1).expect("import");
+        let mut devices = st.list_devices(org.id, &DeviceFilter::default()).expect("devices");
+        devices.sort_by_key(|d| d.id);
+        let task = NewTask {
+            org_id: org.id,
+            key_source_id: source.id,
+            slot: 1,
+            key_type: "ipek".into(),
+            created_at: 10,
+            expires_at: 20,
+            created_by: "ops".into(),
+            request_id: None,
+            executions: Vec::new(),
+        };
+        // A failure after some executions were inserted leaves no task and no execution.
+        let failed = st.create_task_with(&task, &mut |sink| {
+            sink.insert(&[execution(devices[0].id, 0)])?;
+            Err(StoreError::Backend("derivation failed".into()))
+        });
+        assert!(failed.is_err());
+        assert!(st.list_tasks(org.id, None, 10).expect("tasks").is_empty());
+        assert!(st.open_executions().expect("open").is_empty());
+        // Uninitialised devices have nothing to derive for.
+        let ids: Vec<i64> = devices.iter().map(|d| d.id).collect();
+        let mut returned = Vec::new();
+        let row = st
+            .create_task_with(&task, &mut |sink| {
+                returned.clear();
+                assert!(sink.derive_targets(&ids, true)?.is_empty());
+                let (first, rest) = devices.split_at(3);
+                for part in [first, rest] {
+                    let executions: Vec<NewExecution> = part.iter().map(|d| execution(d.id, d.id as usize)).collect();
+                    returned.extend(sink.insert(&executions)?.into_iter().zip(part.iter().map(|d| d.id)));
+                }
+                Ok(())
+            })
+            .expect("task");
+        assert_eq!(row.counts.total as usize, n);
+        assert_eq!(row.counts.queued as usize, n);
+        let stored = st.task_executions(row.id).expect("executions");
+        assert_eq!(stored.len(), n);
+        for (id, device_id) in returned {
+            let e = stored.iter().find(|e| e.id == id).expect("returned id stored");
+            assert_eq!(e.device_id, device_id);
+            assert_eq!(e.key_block, format!("B0096P0TE00N0000{:04}", device_id));
+            assert_eq!((e.created_at, e.deadline), (10, 20));
+        }
+        drop(st);
+        let _ = std::fs::remove_dir_all(dir);
     }
 }
