@@ -80,7 +80,7 @@ impl ExternalLink {
         // to a stopped member's persistent session (Mosquitto 2 does) instead of to the nodes
         // still running. A message lost with a node is recovered by the cluster sweep, which
         // re-delivers what stays unacked (the terminal answers a repeated download again).
-        options.set_clean_session(config.shared_group.is_none());
+        options.set_clean_session(config.shared_group.is_some());
         options.set_inflight(INFLIGHT_MAX);
         options.set_max_packet_size(64 * 1024, 64 * 1024);
         let (client, eventloop) = AsyncClient::new(options, REQUEST_QUEUE_LEN);
