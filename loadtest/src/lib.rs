@@ -17,6 +17,8 @@
 //! - [`procfs`]: RSS, peak RSS and CPU seconds of a process and of each of its threads.
 //! - [`progress`]: the live progress line on stderr.
 //! - [`summary`]: the figures of one run, as printed and as `--json`.
+//! - [`topology`]: one gateway with its embedded broker and SQLite, or N nodes on Mosquitto and
+//!   PostgreSQL (`fleet-push --gateways 3 --broker mosquitto --store postgres`).
 //! - [`plot`]: PNG line charts (the delivery curve, the scaling curve) with no font file.
 //!
 //! ## Invariants
@@ -34,6 +36,7 @@ pub mod progress;
 pub mod push;
 pub mod setup;
 pub mod summary;
+pub mod topology;
 
 /// The error of a run: a one-line reason for the operator.
 pub type Result<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;

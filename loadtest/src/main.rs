@@ -13,6 +13,7 @@ use rki_loadtest::gateway::Endpoint;
 use rki_loadtest::plot::{self, Chart, Series};
 use rki_loadtest::push::{self, Attach, PushOptions, Scenario};
 use rki_loadtest::summary::{round3, Summary};
+use rki_loadtest::topology::{BrokerKind, StoreKind, Topology};
 use rki_loadtest::Result;
 use serde_json::json;
 
@@ -111,6 +112,44 @@ struct FleetPushArgs {
     /// The gateway's process id (attach), for /proc readings.
     #[arg(long)]
     pid: Option<u32>,
+    /// Gateway nodes to start (more than one needs --broker mosquitto --store postgres).
+    #[arg(long, default_value_t = 1)]
+    gateways: usize,
+    /// The broker the terminals connect to: the gateway's embedded one, or a Mosquitto started
+    /// here whose clients the gateway nodes are (shared subscription).
+    #[arg(long, value_enum, default_value = "embedded")]
+    broker: BrokerArg,
+    /// The gateways' store: SQLite in the data directory, or a PostgreSQL started here.
+    #[arg(long, value_enum, default_value = "sqlite")]
+    store: StoreArg,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum BrokerArg {
+    Embedded,
+    Mosquitto,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum StoreArg {
+    Sqlite,
+    Postgres,
+}
+
+impl FleetPushArgs {
+    fn topology(&self) -> Topology {
+        Topology {
+            gateways: self.gateways,
+            broker: match self.broker {
+                BrokerArg::Embedded => BrokerKind::Embedded,
+                BrokerArg::Mosquitto => BrokerKind::Mosquitto,
+            },
+            store: match self.store {
+                StoreArg::Sqlite => StoreKind::Sqlite,
+                StoreArg::Postgres => StoreKind::Postgres,
+            },
+        }
+    }
 }
 
 #[derive(Args)]
@@ -176,8 +215,14 @@ fn run(cli: &Cli) -> Result<()> {
     match &cli.command {
         Command::FleetPush(args) => {
             let attach = attach_of(args)?;
+            let topology = args.topology();
+            topology.check()?;
+            if attach.is_some() && !topology.is_single_embedded() {
+                return Err("--url attaches to a running gateway: --gateways, --broker, --store do not apply".into());
+            }
             fleet_sizes(&args.fleet, cli, |devices| {
-                let options = push_options(&args.fleet, devices, attach.clone(), cli.quiet);
+                let mut options = push_options(&args.fleet, devices, attach.clone(), cli.quiet);
+                options.topology = topology;
                 let mut gateway = push::run(Scenario::FleetPush, &options, &rt)?;
                 eprintln!("{}", gateway.report());
                 if args.with_baseline {
@@ -287,6 +332,7 @@ fn push_options(fleet: &FleetArgs, devices: usize, attach: Option<Attach>, quiet
         attach,
         quiet,
         profile: fleet.profile.clone(),
+        topology: Topology::default(),
     }
 }
 

@@ -55,6 +55,38 @@ fn name_of_stat(stat: &str) -> Option<String> {
     Some(stat[open + 1..close].to_string())
 }
 
+/// `pid` and its children (one level: PostgreSQL's backends and workers under the postmaster),
+/// summed. CPU of children that already exited is not counted.
+pub fn tree_sample(pid: u32) -> ProcSample {
+    let mut total = sample(pid).unwrap_or_default();
+    for child in children(pid) {
+        if let Some(s) = sample(child) {
+            total.rss_bytes += s.rss_bytes;
+            total.rss_peak_bytes += s.rss_peak_bytes;
+            total.cpu_seconds += s.cpu_seconds;
+        }
+    }
+    total
+}
+
+/// The processes whose parent is `pid`.
+pub fn children(pid: u32) -> Vec<u32> {
+    let Ok(entries) = fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| {
+            fs::read_to_string(format!("/proc/{p}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    let rest = &stat[stat.rfind(')')? + 1..];
+                    rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+                })
+                .is_some_and(|parent| parent == pid)
+        })
+        .collect()
+}
+
 /// CPU seconds of each thread of `pid`, summed by thread name (tokio's workers share one name).
 pub fn threads(pid: u32) -> BTreeMap<String, f64> {
     let mut out = BTreeMap::new();

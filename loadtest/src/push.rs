@@ -22,6 +22,7 @@ use crate::procfs;
 use crate::progress::Progress;
 use crate::setup::{self, Counts};
 use crate::summary::{round3, Latency, Summary, ThreadCpu};
+use crate::topology::{self, ClusterPids, ClusterSample, Topology};
 use crate::Result;
 
 /// How often the task's counts are read while a push runs.
@@ -82,6 +83,8 @@ pub struct PushOptions {
     pub quiet: bool,
     /// Record `perf` profiles of the gateway's connect and push phases into this directory.
     pub profile: Option<PathBuf>,
+    /// One gateway (embedded broker, SQLite) or several nodes on Mosquitto and PostgreSQL.
+    pub topology: Topology,
 }
 
 /// Sampling rate of the optional `perf` profiles.
@@ -93,18 +96,51 @@ fn start_profile(options: &PushOptions, pid: Option<u32>, phase: &str) -> Option
     procfs::Profiler::start(pid?, &dir.join(format!("perf-{phase}-{}.data", options.devices)), PROFILE_HZ)
 }
 
-/// The gateway in use: started here (and owned) or attached.
+/// The gateway in use: started here (and owned), attached, or a cluster of nodes started here.
 enum Server {
     Child(GatewayChild),
     Attached(Endpoint),
+    Cluster(Box<rki_tests::Cluster>),
 }
 
 impl Server {
+    /// For a cluster: node 1's API, Mosquitto's port, no single pid (the nodes are read apart).
     fn endpoint(&self) -> Endpoint {
         match self {
             Server::Child(c) => c.endpoint(),
             Server::Attached(e) => e.clone(),
+            Server::Cluster(c) => Endpoint {
+                url: c.nodes[0].url(),
+                org_token: c.nodes[0].org_token.clone(),
+                key_owner_token: Some(c.nodes[0].key_owner_token.clone()),
+                mqtt_host: std::net::Ipv4Addr::LOCALHOST,
+                mqtt_port: c.mosquitto.port,
+                pid: None,
+            },
         }
+    }
+
+    /// Every node's admin URL.
+    fn urls(&self) -> Vec<String> {
+        match self {
+            Server::Cluster(c) => c.nodes.iter().map(|n| n.url()).collect(),
+            _ => vec![self.endpoint().url],
+        }
+    }
+
+    fn cluster_pids(&self) -> Option<ClusterPids> {
+        match self {
+            Server::Cluster(c) => Some(ClusterPids::of(c)),
+            _ => None,
+        }
+    }
+}
+
+/// The gateway's reading: its process, or the nodes summed.
+fn gateway_sample(pid: Option<u32>, cluster: Option<&ClusterSample>) -> procfs::ProcSample {
+    match cluster {
+        Some(c) => c.gateways(),
+        None => pid.and_then(procfs::sample).unwrap_or_default(),
     }
 }
 
@@ -123,8 +159,15 @@ pub fn peak_per_second(samples: &[(f64, u64)]) -> f64 {
 pub fn run(scenario: Scenario, options: &PushOptions, runtime: &tokio::runtime::Runtime) -> Result<Summary> {
     let load_start = procfs::load_average()[0];
     let own_cpu_start = procfs::sample(std::process::id()).map(|s| s.cpu_seconds).unwrap_or(0.0);
+    options.topology.check()?;
     let mut server = match &options.attach {
         Some(a) => Server::Attached(a.endpoint.clone()),
+        None if !options.topology.is_single_embedded() => {
+            if scenario != Scenario::FleetPush {
+                return Err(format!("{} runs on one gateway only", scenario.name()).into());
+            }
+            Server::Cluster(Box::new(topology::start_cluster(&options.topology)?))
+        }
         None => Server::Child(GatewayChild::start(
             &options.work_dir,
             &format!("{}-{}", scenario.name(), options.devices),
@@ -177,7 +220,11 @@ fn drive(
     summary.extra.insert("prepare_seconds".into(), json!(round3(prepared.seconds)));
     let mut endpoint = server.endpoint();
     let pid = endpoint.pid;
-    let before = pid.and_then(procfs::sample).unwrap_or_default();
+    let urls = server.urls();
+    let cluster = server.cluster_pids();
+    summary.extra.insert("topology".into(), options.topology.to_json());
+    let cluster_before = cluster.as_ref().map(ClusterPids::sample);
+    let before = gateway_sample(pid, cluster_before.as_ref());
     let threads_before = pid.map(procfs::threads).unwrap_or_default();
 
     // Connect: every terminal initialises with its GUDID, reconnects as itself, says hello.
@@ -187,7 +234,9 @@ fn drive(
         .iter()
         .map(|(sn, gudid)| Ok(FleetMember { profile: DeviceProfile::new(sn, Model::P3)?, gudid: Some(gudid.clone()) }))
         .collect::<Result<Vec<_>>>()?;
-    let mut config = FleetConfig::new(members, endpoint.brokers(options.addresses)?);
+    // Mosquitto listens on 127.0.0.1 only.
+    let addresses = if cluster.is_some() { 1 } else { options.addresses };
+    let mut config = FleetConfig::new(members, endpoint.brokers(addresses)?);
     config.knobs = Knobs { connect_timeout: options.connect_timeout, ..Knobs::default() };
     config.spawn_interval = options.spawn_interval;
     let gudid_of: HashMap<&str, &str> = prepared.gudids.iter().map(|(s, g)| (s.as_str(), g.as_str())).collect();
@@ -205,10 +254,11 @@ fn drive(
     if let Some(p) = profiler {
         p.stop();
     }
-    let online = setup::wait_gateway_online(&endpoint.url, n, ONLINE_TIMEOUT);
+    let online = setup::wait_gateways_online(&urls, n, ONLINE_TIMEOUT);
     summary.extra.insert("gateway_saw_every_hello".into(), json!(online));
     std::thread::sleep(SETTLE);
-    let idle = pid.and_then(procfs::sample).unwrap_or_default();
+    let cluster_idle = cluster.as_ref().map(ClusterPids::sample);
+    let idle = gateway_sample(pid, cluster_idle.as_ref());
     summary.bytes_per_device = round3(idle.rss_bytes.saturating_sub(before.rss_bytes) as f64 / n as f64);
     summary.extra.insert("gateway_rss_idle_bytes".into(), json!(idle.rss_bytes));
     summary.extra.insert("gateway_rss_before_fleet_bytes".into(), json!(before.rss_bytes));
@@ -281,7 +331,12 @@ fn drive(
         });
     }
     let pid = endpoint.pid;
-    let after = pid.and_then(procfs::sample).unwrap_or_default();
+    let cluster_after = cluster.as_ref().map(ClusterPids::sample);
+    let after = gateway_sample(pid, cluster_after.as_ref());
+    if let (Some(b), Some(a)) = (&cluster_idle, &cluster_after) {
+        let push = Duration::from_secs_f64(summary.push_seconds);
+        summary.extra.insert("cluster".into(), topology::report(b, a, &urls, push));
+    }
     let threads_after = pid.map(procfs::threads).unwrap_or_default();
     // After a restart the new process's whole life is the push.
     let (cpu_base, threads_base) = if matches!(scenario, Scenario::ReconnectStorm) {
@@ -307,7 +362,7 @@ fn drive(
     summary.duplicates = verdict.duplicates;
     let snapshot = fleet.snapshot();
     summary.errors = snapshot.errors;
-    let rejected = rejected_total(&endpoint.url) + snapshot.rejected_frames + snapshot.refusals_received;
+    let rejected = urls.iter().map(|u| rejected_total(u)).sum::<u64>() + snapshot.rejected_frames + snapshot.refusals_received;
     summary.extra.insert("rejected".into(), json!(rejected));
     runtime.block_on(fleet.shutdown());
     Ok(summary)

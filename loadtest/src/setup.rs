@@ -157,11 +157,12 @@ pub fn metric(url: &str, sample: &str) -> f64 {
     rki_tests::metric_value(&text, sample)
 }
 
-/// Polls until the gateway counts `n` devices online (their hello was handled), or `timeout`.
-pub fn wait_gateway_online(url: &str, n: usize, timeout: Duration) -> bool {
+/// Polls until the gateway nodes together count `n` devices online (each hello is handled by one
+/// node), or `timeout`.
+pub fn wait_gateways_online(urls: &[String], n: usize, timeout: Duration) -> bool {
     let started = std::time::Instant::now();
     while started.elapsed() < timeout {
-        if metric(url, "rki_devices_connected") as usize >= n {
+        if urls.iter().map(|u| metric(u, "rki_devices_connected")).sum::<f64>() as usize >= n {
             return true;
         }
         std::thread::sleep(Duration::from_millis(100));

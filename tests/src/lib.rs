@@ -790,6 +790,11 @@ impl Mosquitto {
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("mosquitto.log")).unwrap_or_default()
     }
+
+    /// The broker's process id, for `/proc` readings.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
 }
 
 impl Drop for Mosquitto {

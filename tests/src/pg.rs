@@ -220,6 +220,13 @@ impl PgServer {
             .spawn()
     }
 
+    /// The postmaster's process id (the first line of `postmaster.pid`), for `/proc` readings;
+    /// the server's other processes are its children.
+    pub fn postmaster_pid(&self) -> Option<u32> {
+        let text = std::fs::read_to_string(self.data().join("postmaster.pid")).ok()?;
+        text.lines().next()?.trim().parse().ok()
+    }
+
     pub fn port(&self) -> u16 {
         self.port
     }
