@@ -380,6 +380,9 @@ pub struct Engine {
     me: std::sync::OnceLock<std::sync::Weak<Engine>>,
     /// Woken when devices are registered or (re)initialised (the external broker's ACL sync).
     registry: tokio::sync::Notify,
+    /// Wakes the sweeper at once (several nodes: a task was created here, deliver it now rather
+    /// than at the next tick).
+    sweep_now: tokio::sync::Notify,
     /// Other gateway nodes share the store: the open executions are re-read from it on every
     /// hello and re-checked before a retry, since another node may have created, ended or
     /// stopped them.
@@ -420,6 +423,7 @@ impl Engine {
             init_permits: Arc::new(tokio::sync::Semaphore::new(INIT_CONCURRENCY_MAX)),
             me: std::sync::OnceLock::new(),
             registry: tokio::sync::Notify::new(),
+            sweep_now: tokio::sync::Notify::new(),
             shared_store: std::sync::atomic::AtomicBool::new(false),
             retry_initial_ms: AtomicI64::new(RETRY_INITIAL_MS),
         });
@@ -1498,6 +1502,7 @@ impl Engine {
         // a sweep interval), and delivering here too would send those twice.
         if self.is_shared() {
             online.clear();
+            self.sweep_now.notify_one();
         }
         for (sn, hot) in online {
             let key = { self.signing_key(&mut lock(&hot)) };
@@ -1947,15 +1952,20 @@ async fn committer(engine: Arc<Engine>, mut rx: mpsc::Receiver<Pending>) {
 async fn sweeper(engine: Arc<Engine>) {
     let mut ticker = tokio::time::interval(SWEEP_INTERVAL);
     let mut ticks: u64 = 0;
+    let mut expired_at: u64 = 0;
     loop {
-        ticker.tick().await;
-        ticks += 1;
+        tokio::select! {
+            _ = ticker.tick() => ticks += 1,
+            // No expiry on these wake-ups: it keeps its every-5-ticks pace.
+            _ = engine.sweep_now.notified() => {}
+        }
         if engine.is_shared() {
             engine.cluster_sweep().await;
         } else {
             engine.retry_sweep().await;
         }
-        if ticks % 5 == 0 {
+        if ticks % 5 == 0 && ticks != expired_at {
+            expired_at = ticks;
             if let Err(e) = engine.expire_now().await {
                 warn!(error = %e, "expiry sweep failed");
             }
