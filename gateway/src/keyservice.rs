@@ -178,6 +178,9 @@ pub trait KeyService: Send + Sync {
 /// Key service with keys in this process's memory, sealed at rest under the master key.
 pub struct SoftwareKeyService {
     master: MasterKey,
+    /// The master key with its TR-31 block keys derived once: every device's sealed KBPK is
+    /// opened under it for each derivation.
+    opener: tr31::PreparedKbpk,
     /// Worker threads for bulk derivation.
     threads: usize,
 }
@@ -185,7 +188,8 @@ pub struct SoftwareKeyService {
 impl SoftwareKeyService {
     pub fn new(master: MasterKey) -> Self {
         let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-        Self { master, threads }
+        let opener = tr31::PreparedKbpk::new(&master.0);
+        Self { master, opener, threads }
     }
 
     fn seal(&self, usage: [u8; 2], algorithm: u8, mode: u8, key: &SymmetricKey) -> Result<String, KeyServiceError> {
@@ -198,7 +202,7 @@ impl SoftwareKeyService {
     }
 
     fn unseal(&self, sealed: &str) -> Result<(Header, SecretBytes), KeyServiceError> {
-        tr31::unwrap(&self.master.0, sealed).map_err(|_| KeyServiceError::Unseal)
+        self.opener.unwrap(sealed).map_err(|_| KeyServiceError::Unseal)
     }
 
     fn unseal_key(&self, sealed: &str) -> Result<SymmetricKey, KeyServiceError> {

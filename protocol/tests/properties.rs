@@ -112,6 +112,35 @@ proptest! {
     }
 
     #[test]
+    fn a_prepared_kbpk_unwraps_exactly_like_unwrap(
+        case in case(),
+        position in any::<prop::sample::Index>(),
+        replacement in prop::char::range(' ', '~'),
+        other_kbpk in kbpk_algorithm(),
+    ) {
+        let at = position.index(case.block.len());
+        let mut changed = case.block.clone();
+        changed.replace_range(at..at + 1, &replacement.to_string());
+        let wrong = SymmetricKey::new(other_kbpk, SecretBytes::from_vec(vec![0x5A; other_kbpk.key_len()]))
+            .expect("key of the algorithm's length");
+        for kbpk in [&case.kbpk, &wrong] {
+            let prepared = tr31::PreparedKbpk::new(kbpk);
+            for block in [&case.block, &changed] {
+                let plain = tr31::unwrap(kbpk, block);
+                let fast = prepared.unwrap(block);
+                match (plain, fast) {
+                    (Ok((h1, k1)), Ok((h2, k2))) => {
+                        prop_assert_eq!(h1, h2);
+                        prop_assert!(k1 == k2);
+                    }
+                    (Err(e1), Err(e2)) => prop_assert_eq!(e1, e2),
+                    (a, b) => prop_assert!(false, "unwrap {:?} but prepared {:?}", a.map(|_| ()), b.map(|_| ())),
+                }
+            }
+        }
+    }
+
+    #[test]
     fn any_single_changed_character_is_refused(
         case in case(),
         position in any::<prop::sample::Index>(),

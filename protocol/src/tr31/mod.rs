@@ -282,6 +282,45 @@ fn push_upper_hex(out: &mut String, bytes: &[u8]) {
 /// Unwraps a key block of any version: the header and the key, once every check has passed
 /// (see the module docs for the order). Never panics, whatever `block` holds.
 pub fn unwrap(kbpk: &SymmetricKey, block: &str) -> Result<(Header, SecretBytes), Tr31Error> {
+    unwrap_inner(kbpk, None, block)
+}
+
+/// A KBPK with its derived block keys, for unwrapping many key blocks under one KBPK (the
+/// gateway's master key opening every sealed key): [`PreparedKbpk::unwrap`] is [`unwrap`]
+/// without deriving the KBEK and KBAK (or the variant keys) again for every block. Holds key
+/// material; its `Debug` prints none of it.
+pub struct PreparedKbpk {
+    kbpk: SymmetricKey,
+    binding: Option<BlockKeys>,
+    variant: Option<VariantKeys>,
+}
+
+impl fmt::Debug for PreparedKbpk {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PreparedKbpk({})", self.kbpk.algorithm())
+    }
+}
+
+impl PreparedKbpk {
+    /// Derives the keys of the derivation binding method (versions B and D) and, for a TDES
+    /// KBPK, those of the variant method (A and C).
+    pub fn new(kbpk: &SymmetricKey) -> Self {
+        let variant = if kbpk.algorithm().is_tdes() { VariantKeys::derive(kbpk) } else { None };
+        Self { kbpk: kbpk.clone_secret(), binding: BlockKeys::derive(kbpk), variant }
+    }
+
+    /// Exactly [`unwrap`] under this KBPK: the same checks, in the same order, with the same
+    /// errors.
+    pub fn unwrap(&self, block: &str) -> Result<(Header, SecretBytes), Tr31Error> {
+        unwrap_inner(&self.kbpk, Some(self), block)
+    }
+}
+
+fn unwrap_inner(
+    kbpk: &SymmetricKey,
+    prepared: Option<&PreparedKbpk>,
+    block: &str,
+) -> Result<(Header, SecretBytes), Tr31Error> {
     let text = block.as_bytes();
     if text.len() > KEY_BLOCK_LEN_MAX {
         return Err(Tr31Error::TooLong { len: text.len(), max: KEY_BLOCK_LEN_MAX });
@@ -305,11 +344,15 @@ pub fn unwrap(kbpk: &SymmetricKey, block: &str) -> Result<(Header, SecretBytes),
     let (mut secret, mac) = (payload.encrypted, payload.mac);
     let verified = match version {
         Version::A | Version::C => {
-            let keys = VariantKeys::derive(kbpk).ok_or(Tr31Error::KbpkAlgorithm {
-                version,
-                expected: version.kbpk_kind(),
-                got: kbpk.algorithm(),
-            })?;
+            let refused = || Tr31Error::KbpkAlgorithm { version, expected: version.kbpk_kind(), got: kbpk.algorithm() };
+            let derived;
+            let keys = match prepared {
+                Some(prepared) => prepared.variant.as_ref().ok_or_else(refused)?,
+                None => {
+                    derived = VariantKeys::derive(kbpk).ok_or_else(refused)?;
+                    &derived
+                }
+            };
             // The variant MAC covers the header text and the encrypted payload, so it is checked
             // before decryption.
             let computed = keys.tag(&[header_text, secret.expose_secret()]);
@@ -318,11 +361,15 @@ pub fn unwrap(kbpk: &SymmetricKey, block: &str) -> Result<(Header, SecretBytes),
             verified
         }
         Version::B | Version::D => {
-            let keys = BlockKeys::derive(kbpk).ok_or(Tr31Error::KbpkAlgorithm {
-                version,
-                expected: version.kbpk_kind(),
-                got: kbpk.algorithm(),
-            })?;
+            let refused = || Tr31Error::KbpkAlgorithm { version, expected: version.kbpk_kind(), got: kbpk.algorithm() };
+            let derived;
+            let keys = match prepared {
+                Some(prepared) => prepared.binding.as_ref().ok_or_else(refused)?,
+                None => {
+                    derived = BlockKeys::derive(kbpk).ok_or_else(refused)?;
+                    &derived
+                }
+            };
             // The derivation MAC covers the header and the clear payload, and is the CBC IV:
             // decrypt, then check before reading a byte of the result.
             keys.encryption.cbc_decrypt(&mac[..block_len], secret.expose_secret_mut());
