@@ -677,6 +677,21 @@ impl Engine {
         };
         let verified = match unverified.verify(&key) {
             Ok(v) => v,
+            // Several nodes: the device may have re-initialised through another one since this
+            // node cached its keys; read them again and check once more.
+            Err(_) if self.is_shared() && self.refresh_credentials(sn, &hot).await => {
+                let key = {
+                    let mut guard = lock(&hot);
+                    let Some(key) = self.signing_key(&mut guard) else {
+                        return reject(kind, Rejection::NotInitialised);
+                    };
+                    key
+                };
+                match frame::open(payload).and_then(|u| u.verify(&key)) {
+                    Ok(v) => v,
+                    Err(_) => return reject(kind, Rejection::BadMac),
+                }
+            }
             Err(_) => return reject(kind, Rejection::BadMac),
         };
         let proof = verified.proof;
@@ -1247,6 +1262,28 @@ impl Engine {
         self.shared_store.load(Ordering::Relaxed)
     }
 
+    /// Several nodes: re-reads the device's credentials when another node may have
+    /// re-initialised it (a MAC that does not verify, an execution of a newer generation).
+    /// Returns whether the cached ones were stale and are replaced.
+    async fn refresh_credentials(&self, sn: &str, hot: &Arc<Mutex<DeviceHot>>) -> bool {
+        let owned = sn.to_string();
+        let Ok(Some(creds)) = self.blocking(move |s| s.credentials(&owned)).await else { return false };
+        let mut h = lock(hot);
+        if creds.generation == h.generation && creds.signing_key == h.sealed_signing_key {
+            return false;
+        }
+        h.device_id = creds.device_id;
+        h.sealed_signing_key = creds.signing_key;
+        h.signing_key = None;
+        h.generation = creds.generation;
+        h.sealed_kbpk_aes = creds.kbpk_aes;
+        h.sealed_kbpk_tdes = creds.kbpk_tdes;
+        h.last_counter = h.last_counter.max(creds.last_counter);
+        h.unlock_pending = creds.unlock_pending;
+        info!(sn, generation = h.generation, "credentials re-read: the device re-initialised through another node");
+        true
+    }
+
     /// Replaces the device's cached open executions with the store's, keeping the retry state of
     /// the ones already known.
     async fn refresh_open(&self, sn: &str, hot: &Arc<Mutex<DeviceHot>>) {
@@ -1775,15 +1812,36 @@ impl Engine {
                 Err(e) => warn!(error = %e, "re-delivery: cannot read credentials"),
             }
         }
+        // An execution made for a newer initialisation than this node cached: another node
+        // initialised the device since; read its credentials again.
+        let mut stale: Vec<&ExecutionRow> = claimed
+            .iter()
+            .filter(|r| self.devices.get(&r.sn).is_some_and(|h| lock(&h).generation < r.generation))
+            .collect();
+        stale.dedup_by_key(|r| r.device_id);
+        for row in stale {
+            if let Some(hot) = self.devices.get(&row.sn).map(|h| h.clone()) {
+                self.refresh_credentials(&row.sn, &hot).await;
+            }
+        }
         let mut delivered = Vec::with_capacity(claimed.len());
         for row in &claimed {
-            let Some(hot) = self.devices.get(&row.sn).map(|h| h.clone()) else { continue };
+            let Some(hot) = self.devices.get(&row.sn).map(|h| h.clone()) else {
+                warn!(execution = row.id, sn = row.sn, "claimed execution not delivered: no credentials");
+                continue;
+            };
             self.insert_open(row);
             let mut h = lock(&hot);
             let Some(key) = self.signing_key(&mut h) else { continue };
             if row.generation != h.generation {
                 // Made for an older initialisation: the device's next hello re-wraps it.
+                warn!(execution = row.id, sn = row.sn, "claimed execution not delivered: wrapped for an older initialisation");
                 continue;
+            }
+            // A hello's refresh may have replaced the cached list since `insert_open`.
+            if !h.open.iter().any(|e| e.id == row.id) {
+                self.execution_sn.insert(row.id, row.sn.clone());
+                h.open.push(OpenExecution::from_row(row));
             }
             if let Some(e) = h.open.iter_mut().find(|e| e.id == row.id) {
                 if self.publish_download(&row.sn, &key, e, None) {
