@@ -139,7 +139,6 @@ fn three_nodes_inject_every_terminal_exactly_once_and_each_counts_its_own() -> T
     // each (the node that created the task does not deliver them itself as well).
     let deliveries = cluster.metric_sum("rki_deliveries_total");
     assert_eq!(deliveries, DEVICES as f64, "downloads published by the three nodes");
-    // Gauges read from the store are the same on every node (take max, not sum).
     rt.block_on(fleet.shutdown());
     Ok(())
 }
