@@ -1835,7 +1835,11 @@ impl Engine {
             let Some(key) = self.signing_key(&mut h) else { continue };
             if row.generation != h.generation {
                 // Made for an older initialisation: the device's next hello re-wraps it.
-                warn!(execution = row.id, sn = row.sn, "claimed execution not delivered: wrapped for an older initialisation");
+                warn!(
+                    execution = row.id,
+                    sn = row.sn,
+                    "claimed execution not delivered: wrapped for an older initialisation"
+                );
                 continue;
             }
             // A hello's refresh may have replaced the cached list since `insert_open`.

@@ -362,7 +362,8 @@ fn drive(
     summary.duplicates = verdict.duplicates;
     let snapshot = fleet.snapshot();
     summary.errors = snapshot.errors;
-    let rejected = urls.iter().map(|u| rejected_total(u)).sum::<u64>() + snapshot.rejected_frames + snapshot.refusals_received;
+    let rejected =
+        urls.iter().map(|u| rejected_total(u)).sum::<u64>() + snapshot.rejected_frames + snapshot.refusals_received;
     summary.extra.insert("rejected".into(), json!(rejected));
     runtime.block_on(fleet.shutdown());
     Ok(summary)
