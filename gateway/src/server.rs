@@ -77,7 +77,8 @@ pub async fn run(config: Config) -> Result<(), String> {
             let mut link = crate::external::ExternalLink::new(external)?;
             let engine =
                 Engine::start(store_dyn, keys, clock, link.outbound.clone()).await.map_err(|e| e.to_string())?;
-            engine.set_shared_store(true);
+            // Other nodes share the store only if it is PostgreSQL (an SQLite file has one node).
+            engine.set_shared_store(matches!(store, OpenedStore::Postgres(_)));
             let _ = cell.set(engine.clone());
             link.run(engine.clone())?;
             if let Some(sync) = &external.mosquitto_sync {
