@@ -492,7 +492,13 @@ pub trait Store: Send + Sync {
     ) -> StoreResult<DeviceCredentials>;
 
     // tasks and executions
-    fn create_task(&self, task: &NewTask) -> StoreResult<(TaskRow, Vec<ExecutionRow>)>;
+    /// Creates a task with `task.executions` and returns it with its executions read back (for
+    /// small tasks and tests; the engine streams through [`Store::create_task_with`]).
+    fn create_task(&self, task: &NewTask) -> StoreResult<(TaskRow, Vec<ExecutionRow>)> {
+        let row = self.create_task_with(task, &mut |_| Ok(()))?;
+        let executions = self.task_executions(row.id)?;
+        Ok((row, executions))
+    }
     /// Creates a task whose executions `fill` streams through the [`TaskSink`], chunk by chunk,
     /// so no caller holds a large task in memory at once; `task.executions` are inserted first.
     /// One transaction: the task exists with every execution `fill` inserted, or (if `fill` or

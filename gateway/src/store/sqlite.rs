@@ -999,12 +999,6 @@ impl Store for SqliteStore {
         })
     }
 
-    fn create_task(&self, task: &NewTask) -> StoreResult<(TaskRow, Vec<ExecutionRow>)> {
-        let row = self.create_task_with(task, &mut |_| Ok(()))?;
-        let executions = self.task_executions(row.id)?;
-        Ok((row, executions))
-    }
-
     fn create_task_with(
         &self,
         task: &NewTask,
