@@ -423,6 +423,19 @@ pub trait TaskSink {
     fn insert(&mut self, executions: &[NewExecution]) -> StoreResult<Vec<i64>>;
 }
 
+/// The task as read back after `create_task_with` committed it (its counts, not its executions),
+/// checked against the number of executions the backend inserted: the pair of assertions around
+/// the write.
+pub(crate) fn committed_task(row: TaskRow, inserted: usize) -> StoreResult<TaskRow> {
+    if row.counts.total as usize != inserted {
+        return Err(StoreError::Backend(format!(
+            "task {}: {} executions persisted, {inserted} inserted",
+            row.id, row.counts.total
+        )));
+    }
+    Ok(row)
+}
+
 /// The store interface. Every method is one transaction.
 pub trait Store: Send + Sync {
     // organizations and tokens

@@ -1025,16 +1025,7 @@ impl Store for SqliteStore {
             fill(&mut sink)?;
             Ok((sink.task_id, sink.inserted))
         })?;
-        // Read back what was committed (the counts, not the executions): the pair of
-        // assertions around the write.
-        let row = self.task(task.org_id, task_id)?;
-        if row.counts.total as usize != inserted {
-            return Err(StoreError::Backend(format!(
-                "task {task_id}: {} executions persisted, {inserted} inserted",
-                row.counts.total
-            )));
-        }
-        Ok(row)
+        committed_task(self.task(task.org_id, task_id)?, inserted)
     }
 
     fn task_by_request_id(&self, org_id: i64, request_id: i64) -> StoreResult<Option<TaskRow>> {
