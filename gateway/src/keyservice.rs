@@ -218,35 +218,33 @@ impl SoftwareKeyService {
     fn derive_one(&self, bdk: &Bdk<'_>, request: &DeriveRequest<'_>) -> Result<WrappedKey, KeyServiceError> {
         let kbpk = self.unseal_key(request.sealed_kbpk)?;
         let id_error = |e: rki_protocol::dukpt::DukptError| KeyServiceError::Derivation(e.to_string());
-        match bdk {
+        // The initial key, its ID as the block's KS or IK, and the TR-31 version of its family.
+        let (key, id, version) = match bdk {
             Bdk::Tdes(deriver) => {
-                let ksn = dukpt::tdes::Ksn::from_hex(&hex::encode(request.key_id)).map_err(id_error)?;
-                let ipek = deriver.derive(&ksn);
-                let kcv = ipek.kcv(KcvLen::Three);
                 if !kbpk.algorithm().is_tdes() {
                     return Err(KeyServiceError::Key("a TDES key needs a TDES key-block protection key".into()));
                 }
-                let header = Header::dukpt_initial_key(Version::B, DukptInitialKeyId::Tdes(ksn), Some(&kcv))
-                    .map_err(|e| KeyServiceError::Tr31(e.to_string()))?;
-                let key_block = tr31::wrap(&kbpk, &header, ipek.secret(), &mut os_random)
-                    .map_err(|e| KeyServiceError::Tr31(e.to_string()))?;
-                Ok(WrappedKey { key_block, key_id: ksn.as_bytes().to_vec(), kcv })
+                let ksn = dukpt::tdes::Ksn::from_hex(&hex::encode(request.key_id)).map_err(id_error)?;
+                (deriver.derive(&ksn), DukptInitialKeyId::Tdes(ksn), Version::B)
             }
             Bdk::Aes(bdk) => {
-                let id = dukpt::aes::InitialKeyId::from_hex(&hex::encode(request.key_id)).map_err(id_error)?;
-                let initial =
-                    dukpt::aes::derive_initial_key(bdk, &id).map_err(|e| KeyServiceError::Derivation(e.to_string()))?;
-                let kcv = initial.kcv(KcvLen::Three);
                 if !kbpk.algorithm().is_aes() {
                     return Err(KeyServiceError::Key("an AES key needs an AES key-block protection key".into()));
                 }
-                let header = Header::dukpt_initial_key(Version::D, DukptInitialKeyId::Aes(id), Some(&kcv))
-                    .map_err(|e| KeyServiceError::Tr31(e.to_string()))?;
-                let key_block = tr31::wrap(&kbpk, &header, initial.secret(), &mut os_random)
-                    .map_err(|e| KeyServiceError::Tr31(e.to_string()))?;
-                Ok(WrappedKey { key_block, key_id: id.as_bytes().to_vec(), kcv })
+                let id = dukpt::aes::InitialKeyId::from_hex(&hex::encode(request.key_id)).map_err(id_error)?;
+                (dukpt::aes::derive_initial_key(bdk, &id).map_err(id_error)?, DukptInitialKeyId::Aes(id), Version::D)
             }
-        }
+        };
+        let key_id = match &id {
+            DukptInitialKeyId::Tdes(ksn) => ksn.as_bytes().to_vec(),
+            DukptInitialKeyId::Aes(id) => id.as_bytes().to_vec(),
+        };
+        let kcv = key.kcv(KcvLen::Three);
+        let header =
+            Header::dukpt_initial_key(version, id, Some(&kcv)).map_err(|e| KeyServiceError::Tr31(e.to_string()))?;
+        let key_block = tr31::wrap(&kbpk, &header, key.secret(), &mut os_random)
+            .map_err(|e| KeyServiceError::Tr31(e.to_string()))?;
+        Ok(WrappedKey { key_block, key_id, kcv })
     }
 }
 
@@ -392,5 +390,54 @@ mod tests {
         let id = aes_initial_key_id(&[0x12, 0x34, 0x56, 0x78], 0x90123456).expect("id");
         assert_eq!(id.to_hex(), "1234567890123456");
         assert!(aes_initial_key_id(&[1, 2, 3], 0).is_err());
+    }
+
+    /// Both families through the whole batch path (more than 64 requests: the worker threads),
+    /// checked against an independent derivation, and a KBPK of the other family refused.
+    #[test]
+    fn derive_and_wrap_gives_each_device_its_own_key_under_its_own_kbpk() {
+        let service = SoftwareKeyService::new(MasterKey::generate().expect("master key"));
+        let secrets = DeviceSecrets {
+            signing_key: MacKey::new(SecretBytes::from_slice(&[1; 32])).expect("mac key"),
+            kbpk_aes: SymmetricKey::aes(SecretBytes::from_slice(&[2; 32])).expect("aes kbpk"),
+            kbpk_tdes: SymmetricKey::tdes(SecretBytes::from_slice(&(1..=24).collect::<Vec<u8>>())).expect("tdes kbpk"),
+            mqtt_password: SecretBytes::from_slice(&[b'A'; 64]),
+        };
+        let sealed = service.seal_device_secrets(&secrets).expect("seal secrets");
+        let tdes_bdk = SymmetricKey::tdes_from_hex("0123456789ABCDEFFEDCBA9876543210").expect("bdk");
+        let aes_bdk = SymmetricKey::aes_from_hex("FEDCBA9876543210F1F1F1F1F1F1F1F1").expect("bdk");
+        for (bdk, kbpk, sealed_kbpk, other) in [
+            (&tdes_bdk, &secrets.kbpk_tdes, &sealed.kbpk_tdes, &sealed.kbpk_aes),
+            (&aes_bdk, &secrets.kbpk_aes, &sealed.kbpk_aes, &sealed.kbpk_tdes),
+        ] {
+            let sealed_bdk = service.seal_bdk(bdk).expect("seal bdk").sealed;
+            let ids: Vec<Vec<u8>> = (0..70u64)
+                .map(|serial| match bdk.algorithm().is_tdes() {
+                    true => tdes_initial_ksn(&[0xFF, 0xFF, 0x98, 0x76, 0x54], serial).expect("ksn").as_bytes().to_vec(),
+                    false => aes_initial_key_id(&[0x12, 0x34, 0x56, 0x78], serial).expect("id").as_bytes().to_vec(),
+                })
+                .collect();
+            let requests: Vec<DeriveRequest<'_>> =
+                ids.iter().map(|id| DeriveRequest { key_id: id, sealed_kbpk }).collect();
+            let wrapped = service.derive_and_wrap(&sealed_bdk, &requests).expect("batch");
+            assert_eq!(wrapped.len(), ids.len());
+            for (id, result) in ids.iter().zip(wrapped) {
+                let wrapped = result.expect("derived and wrapped");
+                assert_eq!(&wrapped.key_id, id);
+                let (_, key) = tr31::unwrap(kbpk, &wrapped.key_block).expect("opens under the device's KBPK");
+                let expected = if bdk.algorithm().is_tdes() {
+                    let ksn = dukpt::tdes::Ksn::from_hex(&hex::encode(id)).expect("ksn");
+                    dukpt::tdes::derive_ipek(bdk, &ksn).expect("ipek")
+                } else {
+                    let initial = dukpt::aes::InitialKeyId::from_hex(&hex::encode(id)).expect("id");
+                    dukpt::aes::derive_initial_key(bdk, &initial).expect("initial key")
+                };
+                assert!(key == *expected.secret(), "the key of {}", hex::encode(id));
+                assert_eq!(wrapped.kcv, expected.kcv(KcvLen::Three));
+            }
+            let wrong = [DeriveRequest { key_id: &ids[0], sealed_kbpk: other }];
+            let refused = service.derive_and_wrap(&sealed_bdk, &wrong).expect("batch");
+            assert!(matches!(refused[0], Err(KeyServiceError::Key(_))), "{:?}", refused[0]);
+        }
     }
 }
