@@ -6,7 +6,8 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use rusqlite::{params, Connection, OptionalExtension, Row, Transaction};
 
@@ -26,6 +27,10 @@ const MIGRATIONS: &[&str] = &[
 const READERS: usize = 3;
 /// Rows per multi-row statement when a long list of ids is bound.
 const IDS_PER_STATEMENT: usize = 500;
+/// How often the background checkpointer copies the WAL into the database file.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(250);
+/// A WAL larger than this after a checkpoint is truncated once it has been fully copied.
+const WAL_SIZE_LIMIT_BYTES: i64 = 64 * 1024 * 1024;
 
 pub struct SqliteStore {
     /// The only connection that writes; SQLite allows one writer at a time anyway.
@@ -33,6 +38,54 @@ pub struct SqliteStore {
     /// WAL readers never block the writer nor each other.
     readers: Vec<Mutex<Connection>>,
     next_reader: AtomicUsize,
+    /// Copies the WAL into the database file off the commit path; stopped on drop.
+    _checkpointer: Checkpointer,
+}
+
+/// WAL checkpoints on a thread of their own. SQLite's automatic checkpoint runs inside the
+/// `COMMIT` that crosses 1,000 WAL pages, so one writer's commit in a thousand paid for copying
+/// every page written since (0.7 s of a million-device task's 1.2 s commit). The writer
+/// connection has `wal_autocheckpoint = 0`; this thread runs a `PASSIVE` checkpoint every
+/// [`CHECKPOINT_INTERVAL`] (it never blocks the writer or the readers). Durability does not
+/// depend on it: a commit is durable once its WAL frames are synced (`synchronous = FULL`).
+struct Checkpointer {
+    stop: Arc<(Mutex<bool>, Condvar)>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Checkpointer {
+    fn start(path: &Path) -> StoreResult<Self> {
+        let conn = open_connection(path)?;
+        conn.execute_batch(&format!("PRAGMA journal_size_limit = {WAL_SIZE_LIMIT_BYTES};")).map_err(backend)?;
+        let stop = Arc::new((Mutex::new(false), Condvar::new()));
+        let stopping = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("sqlite-checkpoint".into())
+            .spawn(move || {
+                let (flag, wake) = &*stopping;
+                let mut stopped = flag.lock().unwrap_or_else(|e| e.into_inner());
+                while !*stopped {
+                    stopped = wake.wait_timeout(stopped, CHECKPOINT_INTERVAL).unwrap_or_else(|e| e.into_inner()).0;
+                    // (busy, WAL frames, frames copied); a failure is retried at the next tick.
+                    if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(0)) {
+                        tracing::warn!(error = %e, "SQLite WAL checkpoint failed; retrying");
+                    }
+                }
+            })
+            .map_err(|e| StoreError::Backend(format!("checkpoint thread: {e}")))?;
+        Ok(Self { stop, thread: Some(thread) })
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        let (flag, wake) = &*self.stop;
+        *flag.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        wake.notify_all();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 fn backend(e: rusqlite::Error) -> StoreError {
@@ -63,8 +116,10 @@ impl SqliteStore {
     pub fn open(path: &Path) -> StoreResult<Self> {
         let mut writer = open_connection(path)?;
         migrate(&mut writer)?;
+        writer.execute_batch("PRAGMA wal_autocheckpoint = 0;").map_err(backend)?;
         let readers = (0..READERS).map(|_| open_connection(path).map(Mutex::new)).collect::<StoreResult<Vec<_>>>()?;
-        Ok(Self { writer: Mutex::new(writer), readers, next_reader: AtomicUsize::new(0) })
+        let checkpointer = Checkpointer::start(path)?;
+        Ok(Self { writer: Mutex::new(writer), readers, next_reader: AtomicUsize::new(0), _checkpointer: checkpointer })
     }
 
     fn write<T>(&self, f: impl FnOnce(&Transaction<'_>) -> StoreResult<T>) -> StoreResult<T> {
@@ -1448,5 +1503,28 @@ mod tests {
         }
         drop(st);
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn the_wal_is_copied_into_the_database_file_by_the_background_checkpointer() {
+        let (st, dir) = store();
+        let db = dir.join("rki.sqlite");
+        let size = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+        let before = size(&db);
+        // ~4 MiB in a few commits: far past SQLite's 1,000-page automatic checkpoint, which the
+        // writer does not run (`wal_autocheckpoint = 0`), so only the checkpointer grows the file.
+        let value = "x".repeat(512 * 1024);
+        for i in 0..8 {
+            st.set_meta(&format!("filler-{i}"), &value).expect("write");
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while size(&db) < before + 4 * 1024 * 1024 {
+            assert!(std::time::Instant::now() < deadline, "the WAL was not checkpointed within 10 s");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // Everything written is still read back, from the database file and what is left of the WAL.
+        assert_eq!(st.meta("filler-7").expect("read").as_deref(), Some(value.as_str()));
+        drop(st);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
