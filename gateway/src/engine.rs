@@ -50,6 +50,8 @@ const CLAIM_BATCH_MAX: i64 = 2_000;
 const INIT_CONCURRENCY_MAX: usize = 256;
 /// Largest number of devices one task may target (the engine benchmark uses 1,000,000).
 pub const TASK_DEVICES_MAX: usize = 2_000_000;
+/// A preview reads its devices in two parallel halves from this many on.
+const PARALLEL_READ_MIN: usize = 20_000;
 /// Devices per chunk of a task's creation: their credentials are read, their keys derived and
 /// wrapped and their executions inserted before the next chunk starts, all in the task's one
 /// transaction, so memory grows with the chunk, not with the task.
@@ -1362,9 +1364,23 @@ impl Engine {
             }
             None => None,
         };
-        let devices = self.blocking(move |s| s.devices_by_ids(&ids)).await?;
-        let pending: std::collections::HashSet<i64> =
-            self.blocking(move |s| s.open_execution_device_ids(org_id)).await?.into_iter().collect();
+        // A large target is read in two halves on two reader connections, beside the open
+        // executions: for a million devices this read is most of the preview, and serial time.
+        let (first, second) = if ids.len() >= PARALLEL_READ_MIN {
+            let second = ids[ids.len() / 2..].to_vec();
+            let mut first = ids;
+            first.truncate(first.len() - second.len());
+            (first, second)
+        } else {
+            (ids, Vec::new())
+        };
+        let (mut devices, rest, pending) = tokio::try_join!(
+            self.blocking(move |s| s.devices_by_ids(&first)),
+            self.blocking(move |s| if second.is_empty() { Ok(Vec::new()) } else { s.devices_by_ids(&second) }),
+            self.blocking(move |s| s.open_execution_device_ids(org_id)),
+        )?;
+        devices.extend(rest);
+        let pending: std::collections::HashSet<i64> = pending.into_iter().collect();
         // Without an explicit key source, the devices' common assignment is used.
         let chosen = match &key_source {
             Some(k) => Some(k.id),
