@@ -215,7 +215,38 @@ impl SoftwareKeyService {
         key.map_err(|e| KeyServiceError::Key(e.to_string()))
     }
 
-    fn derive_one(&self, bdk: &Bdk<'_>, request: &DeriveRequest<'_>) -> Result<WrappedKey, KeyServiceError> {
+    /// Derives and wraps every request, two at a time: the TR-31 B wraps of two devices are
+    /// interleaved ([`tr31::wrap_pair`]), and the padding comes from one buffered CSPRNG read.
+    fn derive_all(&self, bdk: &Bdk<'_>, requests: &[DeriveRequest<'_>]) -> Vec<Result<WrappedKey, KeyServiceError>> {
+        let mut padding = Padding::new();
+        let mut rng = |buf: &mut [u8]| padding.fill(buf);
+        let mut out = Vec::with_capacity(requests.len());
+        for pair in requests.chunks(2) {
+            let [first, second] = pair else {
+                out.extend(pair.iter().map(|r| self.derive_key(bdk, r).and_then(|d| d.wrap(&mut rng))));
+                continue;
+            };
+            match (self.derive_key(bdk, first), self.derive_key(bdk, second)) {
+                (Ok(a), Ok(b)) => {
+                    let [block_a, block_b] = tr31::wrap_pair(
+                        (&a.kbpk, &a.header, a.key.secret()),
+                        (&b.kbpk, &b.header, b.key.secret()),
+                        &mut rng,
+                    );
+                    out.push(a.finish(block_a));
+                    out.push(b.finish(block_b));
+                }
+                (a, b) => {
+                    out.push(a.and_then(|d| d.wrap(&mut rng)));
+                    out.push(b.and_then(|d| d.wrap(&mut rng)));
+                }
+            }
+        }
+        out
+    }
+
+    /// One device's initial key, derived, with its KBPK opened and its key block header made.
+    fn derive_key(&self, bdk: &Bdk<'_>, request: &DeriveRequest<'_>) -> Result<Derived, KeyServiceError> {
         let kbpk = self.unseal_key(request.sealed_kbpk)?;
         let id_error = |e: rki_protocol::dukpt::DukptError| KeyServiceError::Derivation(e.to_string());
         // The initial key, its ID as the block's KS or IK, and the TR-31 version of its family.
@@ -242,9 +273,58 @@ impl SoftwareKeyService {
         let kcv = key.kcv(KcvLen::Three);
         let header =
             Header::dukpt_initial_key(version, id, Some(&kcv)).map_err(|e| KeyServiceError::Tr31(e.to_string()))?;
-        let key_block = tr31::wrap(&kbpk, &header, key.secret(), &mut os_random)
-            .map_err(|e| KeyServiceError::Tr31(e.to_string()))?;
-        Ok(WrappedKey { key_block, key_id, kcv })
+        Ok(Derived { kbpk, key, key_id, kcv, header })
+    }
+}
+
+/// A device's derived initial key before its wrap: the clear key and the device's opened KBPK
+/// (both zeroized on drop), the key's ID and check value, the key block header.
+struct Derived {
+    kbpk: SymmetricKey,
+    key: SymmetricKey,
+    key_id: Vec<u8>,
+    kcv: Kcv,
+    header: Header,
+}
+
+impl Derived {
+    fn wrap(self, rng: &mut dyn FnMut(&mut [u8])) -> Result<WrappedKey, KeyServiceError> {
+        let block = tr31::wrap(&self.kbpk, &self.header, self.key.secret(), rng);
+        self.finish(block)
+    }
+
+    fn finish(self, block: Result<String, tr31::Tr31Error>) -> Result<WrappedKey, KeyServiceError> {
+        let key_block = block.map_err(|e| KeyServiceError::Tr31(e.to_string()))?;
+        Ok(WrappedKey { key_block, key_id: self.key_id, kcv: self.kcv })
+    }
+}
+
+/// TR-31 padding bytes from the OS CSPRNG, read [`Padding::BUFFER`] bytes at a time: one
+/// system call per few hundred key blocks instead of one per block. Padding is encrypted with
+/// the key it pads and only hides the key's length; the buffer is zeroized on drop all the same.
+struct Padding {
+    buffer: Zeroizing<[u8; Padding::BUFFER]>,
+    used: usize,
+}
+
+impl Padding {
+    const BUFFER: usize = 4096;
+
+    fn new() -> Self {
+        Self { buffer: Zeroizing::new([0u8; Self::BUFFER]), used: Self::BUFFER }
+    }
+
+    fn fill(&mut self, out: &mut [u8]) {
+        if out.len() > Self::BUFFER {
+            os_random(out);
+            return;
+        }
+        if Self::BUFFER - self.used < out.len() {
+            os_random(&mut self.buffer[..]);
+            self.used = 0;
+        }
+        out.copy_from_slice(&self.buffer[self.used..self.used + out.len()]);
+        self.used += out.len();
     }
 }
 
@@ -340,15 +420,13 @@ impl KeyService for SoftwareKeyService {
         let bdk = self.unseal_key(sealed_bdk)?;
         let bdk = Bdk::new(&bdk)?;
         if requests.len() < 64 || self.threads == 1 {
-            return Ok(requests.iter().map(|r| self.derive_one(&bdk, r)).collect());
+            return Ok(self.derive_all(&bdk, requests));
         }
         let chunk = requests.len().div_ceil(self.threads);
         let bdk = &bdk;
         let results = std::thread::scope(|scope| {
-            let handles: Vec<_> = requests
-                .chunks(chunk)
-                .map(|part| scope.spawn(move || part.iter().map(|r| self.derive_one(bdk, r)).collect::<Vec<_>>()))
-                .collect();
+            let handles: Vec<_> =
+                requests.chunks(chunk).map(|part| scope.spawn(move || self.derive_all(bdk, part))).collect();
             handles.into_iter().flat_map(|h| h.join().unwrap_or_default()).collect::<Vec<_>>()
         });
         if results.len() != requests.len() {
@@ -438,6 +516,15 @@ mod tests {
             let wrong = [DeriveRequest { key_id: &ids[0], sealed_kbpk: other }];
             let refused = service.derive_and_wrap(&sealed_bdk, &wrong).expect("batch");
             assert!(matches!(refused[0], Err(KeyServiceError::Key(_))), "{:?}", refused[0]);
+            // A refused device paired with a good one: each gets its own outcome.
+            let mixed = [requests[0], wrong[0], requests[1], requests[2]];
+            let outcomes = service.derive_and_wrap(&sealed_bdk, &mixed).expect("batch");
+            assert!(matches!(outcomes[1], Err(KeyServiceError::Key(_))), "{:?}", outcomes[1]);
+            for (i, id) in [(0, &ids[0]), (2, &ids[1]), (3, &ids[2])] {
+                let wrapped = outcomes[i].as_ref().expect("the good devices are wrapped");
+                assert_eq!(&wrapped.key_id, id);
+                tr31::unwrap(kbpk, &wrapped.key_block).expect("opens under the device's KBPK");
+            }
         }
     }
 }

@@ -38,6 +38,12 @@ fn tr31_b(c: &mut Criterion) {
     c.bench_function("tr31/b_wrap_tdes2_under_tdes3", |b| {
         b.iter(|| tr31::wrap(black_box(&kbpk), &header, black_box(key), &mut fixed_rng))
     });
+    // Two terminals' blocks at once, interleaved (what the gateway does for a task): per block,
+    // half the time of one iteration.
+    let kbpk_2 = SymmetricKey::tdes_from_hex("DDDDDDDDDDDDDDDDEEEEEEEEEEEEEEEEFFFFFFFFFFFFFFFF").expect("3-key KBPK");
+    c.bench_function("tr31/b_wrap_pair_tdes2_under_tdes3", |b| {
+        b.iter(|| tr31::wrap_pair((black_box(&kbpk), &header, black_box(key)), (&kbpk_2, &header, key), &mut fixed_rng))
+    });
     let block = tr31::wrap(&kbpk, &header, key, &mut fixed_rng).expect("wrap");
     c.bench_function("tr31/b_unwrap_tdes2_under_tdes3", |b| {
         b.iter(|| tr31::unwrap(black_box(&kbpk), black_box(&block)))
@@ -87,6 +93,32 @@ fn gateway_job(c: &mut Criterion) {
                 Header::dukpt_initial_key(Version::B, DukptInitialKeyId::Tdes(ksn), Some(&kcv)).expect("header");
             let block = tr31::wrap(&kbpk, &header, ipek.secret(), &mut fixed_rng).expect("wrap");
             signed_download(&signing_key, block, ksn.as_bytes().to_vec(), kcv.as_bytes().to_vec())
+        })
+    });
+    // Two devices per iteration, their wraps interleaved (the gateway's key service pairs the
+    // devices of a task): per device, half the time of one iteration.
+    let ksn_2 = Ksn::from_hex("FFFF9876543210E00001").expect("ksn");
+    c.bench_function("gateway/tdes_derive_wrap_sign_two_devices", |b| {
+        b.iter(|| {
+            let kbpk = SymmetricKey::tdes_from_hex(kbpk_hex).expect("3-key KBPK");
+            let kbpk_2 = SymmetricKey::tdes_from_hex(kbpk_hex).expect("3-key KBPK");
+            let (ipek, ipek_2) = (deriver.derive(black_box(&ksn)), deriver.derive(black_box(&ksn_2)));
+            let (kcv, kcv_2) = (ipek.kcv(KcvLen::Three), ipek_2.kcv(KcvLen::Three));
+            let header =
+                Header::dukpt_initial_key(Version::B, DukptInitialKeyId::Tdes(ksn), Some(&kcv)).expect("header");
+            let header_2 =
+                Header::dukpt_initial_key(Version::B, DukptInitialKeyId::Tdes(ksn_2), Some(&kcv_2)).expect("header");
+            let [block, block_2] =
+                tr31::wrap_pair((&kbpk, &header, ipek.secret()), (&kbpk_2, &header_2, ipek_2.secret()), &mut fixed_rng);
+            (
+                signed_download(&signing_key, block.expect("wrap"), ksn.as_bytes().to_vec(), kcv.as_bytes().to_vec()),
+                signed_download(
+                    &signing_key,
+                    block_2.expect("wrap"),
+                    ksn_2.as_bytes().to_vec(),
+                    kcv_2.as_bytes().to_vec(),
+                ),
+            )
         })
     });
     c.bench_function("gateway/tdes_derive_wrap_sign_bdk_per_device", |b| {

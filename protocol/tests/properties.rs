@@ -141,6 +141,50 @@ proptest! {
     }
 
     #[test]
+    fn wrap_pair_gives_what_two_wraps_give(
+        a in case(),
+        other in case(),
+        kbpk_seed in any::<u8>(),
+        key_seed in any::<u8>(),
+        rng_seed in any::<u8>(),
+        shape in 0usize..3,
+    ) {
+        // 0: a second terminal of the same task (a's header and key length, its own KBPK and
+        // key: the interleaved path when the KBPK is TDES); 1: an unrelated block (one by one);
+        // 2: a's header under the other case's KBPK (often the wrong family: errors in turn).
+        let (kbpk_b, header_b, key_b) = match shape {
+            0 => {
+                let algorithm = a.kbpk.algorithm();
+                let bytes = (0..algorithm.key_len()).map(|i| kbpk_seed ^ (i as u8).wrapping_mul(53)).collect();
+                let key = (0..a.key.len()).map(|i| key_seed.wrapping_add(i as u8 * 11)).collect();
+                (SymmetricKey::new(algorithm, SecretBytes::from_vec(bytes)).expect("key"), a.header.clone(), SecretBytes::from_vec(key))
+            }
+            1 => (other.kbpk.clone_secret(), other.header.clone(), SecretBytes::from_slice(other.key.expose_secret())),
+            _ => (other.kbpk.clone_secret(), a.header.clone(), SecretBytes::from_slice(a.key.expose_secret())),
+        };
+        let counter = |seed: u8| {
+            let mut state = seed;
+            move |buf: &mut [u8]| {
+                for byte in buf {
+                    state = state.wrapping_mul(167).wrapping_add(13);
+                    *byte = state;
+                }
+            }
+        };
+        let mut rng = counter(rng_seed);
+        let paired = tr31::wrap_pair((&a.kbpk, &a.header, &a.key), (&kbpk_b, &header_b, &key_b), &mut rng);
+        let mut rng = counter(rng_seed);
+        let first = tr31::wrap(&a.kbpk, &a.header, &a.key, &mut rng);
+        let second = tr31::wrap(&kbpk_b, &header_b, &key_b, &mut rng);
+        prop_assert_eq!(&paired[0], &first);
+        prop_assert_eq!(&paired[1], &second);
+        if let Ok(block) = &paired[1] {
+            let (_, key) = tr31::unwrap(&kbpk_b, block).expect("the paired block unwraps");
+            prop_assert!(key == key_b);
+        }
+    }
+
+    #[test]
     fn any_single_changed_character_is_refused(
         case in case(),
         position in any::<prop::sample::Index>(),

@@ -200,43 +200,22 @@ impl BlockKeys {
     /// and KBAK have the KBPK's algorithm and length.
     pub(super) fn derive(kbpk: &SymmetricKey) -> Option<Self> {
         let algorithm = kbpk.algorithm();
-        let indicator: u8 = match algorithm {
-            KeyAlgorithm::Tdes2 => 0,
-            KeyAlgorithm::Tdes3 => 1,
-            KeyAlgorithm::Aes128 => 2,
-            KeyAlgorithm::Aes192 => 3,
-            KeyAlgorithm::Aes256 => 4,
-        };
-        let bits = u16::try_from(algorithm.key_len() * 8).ok()?.to_be_bytes();
+        let key_len = algorithm.key_len();
         let cmac = Cmac::new(Cipher::from_key(kbpk)?);
         let block_len = cmac.block_len();
-
-        let key_len = algorithm.key_len();
-        let data = |usage: u8, index: usize| -> Option<[u8; 8]> {
-            let counter = u8::try_from(index + 1).ok()?;
-            Some([counter, 0, usage, 0, 0, indicator, bits[0], bits[1]])
-        };
         let (encryption, authentication) = if let Cipher::Tdes(tdes) = &cmac.cipher {
             // Every block of both keys is the CMAC of one complete block, E(KBPK, data XOR K1):
             // independent encryptions, done two at a time.
-            let per_key = key_len / 8;
-            let mut blocks = Zeroizing::new([[0u8; 8]; 6]);
-            for (i, block) in blocks[..2 * per_key].iter_mut().enumerate() {
-                let (usage, index) = (u8::from(i >= per_key), i % per_key);
-                *block = data(usage, index)?;
-                xor_into(block, &cmac.k1[..8]);
-            }
-            tdes.encrypt_each(&mut blocks[..2 * per_key]);
-            let mut keys = Zeroizing::new([0u8; 48]);
-            for (chunk, block) in keys.chunks_exact_mut(8).zip(blocks.iter()) {
-                chunk.copy_from_slice(block);
-            }
-            (Cipher::new(algorithm, &keys[..key_len])?, Cipher::new(algorithm, &keys[key_len..2 * key_len])?)
+            let mut blocks = tdes_derivation_blocks(algorithm, &cmac.k1[..])?;
+            let blocks = &mut blocks[..2 * key_len / 8];
+            tdes.encrypt_each(blocks);
+            let (encryption, authentication) = tdes_keys_from_blocks(blocks)?;
+            (Cipher::Tdes(encryption), Cipher::Tdes(authentication))
         } else {
             let derive_one = |usage: u8| -> Option<Cipher> {
                 let mut key = Zeroizing::new([0u8; 32]);
                 for (index, chunk) in key[..key_len].chunks_mut(block_len).enumerate() {
-                    let tag = Zeroizing::new(cmac.tag(&[&data(usage, index)?]));
+                    let tag = Zeroizing::new(cmac.tag(&[&derivation_data(algorithm, usage, index)?]));
                     chunk.copy_from_slice(&tag[..chunk.len()]);
                 }
                 Cipher::new(algorithm, &key[..key_len])
@@ -245,6 +224,143 @@ impl BlockKeys {
         };
         let authentication = Cmac::new(authentication);
         Some(Self { encryption, authentication })
+    }
+}
+
+/// The 8 bytes of derivation data of block `index` (from 0) of the KBEK (`usage` 0) or the KBAK
+/// (1): counter (from 1), key usage (`0000` KBEK, `0001` KBAK), separator `00`, algorithm
+/// (`0000` 2TDEA, `0001` 3TDEA, `0002`-`0004` AES-128/192/256) and length in bits.
+fn derivation_data(algorithm: KeyAlgorithm, usage: u8, index: usize) -> Option<[u8; 8]> {
+    let indicator: u8 = match algorithm {
+        KeyAlgorithm::Tdes2 => 0,
+        KeyAlgorithm::Tdes3 => 1,
+        KeyAlgorithm::Aes128 => 2,
+        KeyAlgorithm::Aes192 => 3,
+        KeyAlgorithm::Aes256 => 4,
+    };
+    let bits = u16::try_from(algorithm.key_len() * 8).ok()?.to_be_bytes();
+    let counter = u8::try_from(index + 1).ok()?;
+    Some([counter, 0, usage, 0, 0, indicator, bits[0], bits[1]])
+}
+
+/// The KBEK blocks then the KBAK blocks of a TDES KBPK, each `data XOR K1`, ready to be
+/// encrypted under the KBPK (the first `2 * key_len / 8` are used).
+fn tdes_derivation_blocks(algorithm: KeyAlgorithm, k1: &[u8]) -> Option<Zeroizing<[[u8; 8]; 6]>> {
+    let per_key = algorithm.key_len() / 8;
+    let mut blocks = Zeroizing::new([[0u8; 8]; 6]);
+    for (i, block) in blocks.get_mut(..2 * per_key)?.iter_mut().enumerate() {
+        *block = derivation_data(algorithm, u8::from(i >= per_key), i % per_key)?;
+        xor_into(block, &k1[..8]);
+    }
+    Some(blocks)
+}
+
+/// The KBEK and KBAK scheduled from their encrypted derivation blocks (KBEK's first).
+fn tdes_keys_from_blocks(blocks: &[[u8; 8]]) -> Option<(TdesSchedule, TdesSchedule)> {
+    let mut keys = Zeroizing::new([0u8; 48]);
+    for (chunk, block) in keys.chunks_exact_mut(8).zip(blocks) {
+        chunk.copy_from_slice(block);
+    }
+    let key_len = blocks.len() * 4;
+    Some((TdesSchedule::new(&keys[..key_len])?, TdesSchedule::new(&keys[key_len..2 * key_len])?))
+}
+
+/// CMAC subkeys K1 and K2 of a TDES key from L = E(K, 0).
+fn tdes_subkeys(l: [u8; 8]) -> (Zeroizing<[u8; 8]>, Zeroizing<[u8; 8]>) {
+    let mut k1 = Zeroizing::new(l);
+    double(&mut k1[..]);
+    let mut k2 = k1.clone();
+    double(&mut k2[..]);
+    (k1, k2)
+}
+
+/// The block keys of two TDES KBPKs of one length, derived and used together: every block
+/// encryption of one is paired with the same step of the other ([`TdesSchedule::encrypt_pair`]).
+/// Gives exactly the keys, MACs and ciphertexts of two [`BlockKeys`].
+pub(super) struct TdesBlockKeysPair {
+    encryption: [TdesSchedule; 2],
+    authentication: [TdesSchedule; 2],
+    /// CMAC subkeys of the two KBAKs.
+    k1: [Zeroizing<[u8; 8]>; 2],
+    k2: [Zeroizing<[u8; 8]>; 2],
+}
+
+impl TdesBlockKeysPair {
+    /// `None` unless both KBPKs are TDES of one algorithm (two-key or three-key).
+    pub(super) fn derive(a: &SymmetricKey, b: &SymmetricKey) -> Option<Self> {
+        let algorithm = a.algorithm();
+        if !algorithm.is_tdes() || b.algorithm() != algorithm {
+            return None;
+        }
+        let (kbpk_a, kbpk_b) = (TdesSchedule::new(a.expose_secret())?, TdesSchedule::new(b.expose_secret())?);
+        let (mut l_a, mut l_b) = ([0u8; 8], [0u8; 8]);
+        kbpk_a.encrypt_pair(&mut l_a, &kbpk_b, &mut l_b);
+        let (k1_a, _) = tdes_subkeys(l_a);
+        let (k1_b, _) = tdes_subkeys(l_b);
+        let used = 2 * algorithm.key_len() / 8;
+        let mut blocks_a = tdes_derivation_blocks(algorithm, &k1_a[..])?;
+        let mut blocks_b = tdes_derivation_blocks(algorithm, &k1_b[..])?;
+        for (x, y) in blocks_a[..used].iter_mut().zip(blocks_b[..used].iter_mut()) {
+            kbpk_a.encrypt_pair(x, &kbpk_b, y);
+        }
+        let (encryption_a, authentication_a) = tdes_keys_from_blocks(&blocks_a[..used])?;
+        let (encryption_b, authentication_b) = tdes_keys_from_blocks(&blocks_b[..used])?;
+        let (mut l_a, mut l_b) = ([0u8; 8], [0u8; 8]);
+        authentication_a.encrypt_pair(&mut l_a, &authentication_b, &mut l_b);
+        let ((k1_a, k2_a), (k1_b, k2_b)) = (tdes_subkeys(l_a), tdes_subkeys(l_b));
+        Some(Self {
+            encryption: [encryption_a, encryption_b],
+            authentication: [authentication_a, authentication_b],
+            k1: [k1_a, k1_b],
+            k2: [k2_a, k2_b],
+        })
+    }
+
+    /// The two CMACs, each under its own KBAK. The messages have one length (the caller checks:
+    /// a difference panics).
+    pub(super) fn tag(&self, messages: [&[u8]; 2]) -> [[u8; 8]; 2] {
+        let [a, b] = messages;
+        assert_eq!(a.len(), b.len(), "paired CMAC of messages of different lengths");
+        // Every block but the last is chained as it is; the last gets K1 (complete) or the
+        // 0x80 padding and K2.
+        let before_last = a.len().saturating_sub(1) / 8;
+        let mut state = [[0u8; 8]; 2];
+        for i in 0..before_last {
+            xor_into(&mut state[0], &a[8 * i..8 * i + 8]);
+            xor_into(&mut state[1], &b[8 * i..8 * i + 8]);
+            let [x, y] = &mut state;
+            self.authentication[0].encrypt_pair(x, &self.authentication[1], y);
+        }
+        for (lane, message) in [a, b].into_iter().enumerate() {
+            let rest = &message[8 * before_last..];
+            let mut last = Zeroizing::new([0u8; 8]);
+            last[..rest.len()].copy_from_slice(rest);
+            if rest.len() == 8 {
+                xor_into(&mut last[..], &self.k1[lane][..]);
+            } else {
+                last[rest.len()] = 0x80;
+                xor_into(&mut last[..], &self.k2[lane][..]);
+            }
+            xor_into(&mut state[lane], &last[..]);
+        }
+        let [x, y] = &mut state;
+        self.authentication[0].encrypt_pair(x, &self.authentication[1], y);
+        state
+    }
+
+    /// CBC encryption in place of two payloads of one length (whole blocks), each under its own
+    /// KBEK with its own IV (the caller checks the lengths: a difference panics).
+    pub(super) fn cbc_encrypt(&self, ivs: [&[u8; 8]; 2], data: [&mut [u8]; 2]) {
+        let [a, b] = data;
+        assert!(a.len() == b.len() && a.len() % 8 == 0, "paired CBC of payloads of different lengths");
+        let (mut chain_a, mut chain_b) = (*ivs[0], *ivs[1]);
+        for (x, y) in a.chunks_exact_mut(8).zip(b.chunks_exact_mut(8)) {
+            xor_into(&mut chain_a, x);
+            xor_into(&mut chain_b, y);
+            self.encryption[0].encrypt_pair(&mut chain_a, &self.encryption[1], &mut chain_b);
+            x.copy_from_slice(&chain_a);
+            y.copy_from_slice(&chain_b);
+        }
     }
 }
 

@@ -36,7 +36,7 @@ use std::fmt;
 
 use zeroize::Zeroizing;
 
-use self::cipher::{BlockKeys, VariantKeys, BLOCK_LEN_MAX};
+use self::cipher::{BlockKeys, TdesBlockKeysPair, VariantKeys, BLOCK_LEN_MAX};
 use self::header::{is_upper_hex, KEY_BLOCK_LEN_MAX};
 pub use self::header::{DukptInitialKeyId, Header, HeaderBuilder, OptionalBlock};
 use crate::keys::{KeyAlgorithm, SymmetricKey};
@@ -228,47 +228,125 @@ pub fn wrap(
     key: &SecretBytes,
     rng: &mut dyn FnMut(&mut [u8]),
 ) -> Result<String, Tr31Error> {
-    let version = header.version();
-    if matches!(version, Version::A | Version::C) {
-        return Err(Tr31Error::WrapVersionUnsupported(version));
+    seal_one(Unsealed::new(kbpk, header, key, rng), kbpk)
+}
+
+fn seal_one(unsealed: Result<Unsealed, Tr31Error>, kbpk: &SymmetricKey) -> Result<String, Tr31Error> {
+    let unsealed = unsealed?;
+    let keys = unsealed.block_keys(kbpk)?;
+    Ok(unsealed.seal(&keys))
+}
+
+/// Wraps two keys, each under its own KBPK: the same two results as [`wrap`] called on `first`
+/// then on `second` with the same `rng`. When the two have the same shape (version B, TDES KBPKs
+/// of one length, header and payload of one length: every terminal of one task), their TDES
+/// work is interleaved block by block ([`TdesSchedule::encrypt_pair`](crate::des_core)): a
+/// TR-31 B wrap is one long chain of dependent block encryptions, and two independent chains
+/// keep the core busy where one leaves it waiting. Otherwise the two are wrapped in turn.
+pub fn wrap_pair(
+    first: (&SymmetricKey, &Header, &SecretBytes),
+    second: (&SymmetricKey, &Header, &SecretBytes),
+    rng: &mut dyn FnMut(&mut [u8]),
+) -> [Result<String, Tr31Error>; 2] {
+    let a = Unsealed::new(first.0, first.1, first.2, rng);
+    let b = Unsealed::new(second.0, second.1, second.2, rng);
+    let (mut a, mut b) = match (a, b) {
+        (Ok(a), Ok(b)) => (a, b),
+        (a, b) => return [seal_one(a, first.0), seal_one(b, second.0)],
+    };
+    let same_shape = a.version == Version::B
+        && b.version == Version::B
+        && first.0.algorithm() == second.0.algorithm()
+        && a.header_text.len() == b.header_text.len()
+        && a.payload.len() == b.payload.len();
+    if same_shape {
+        if let Some(keys) = TdesBlockKeysPair::derive(first.0, second.0) {
+            let message = |u: &Unsealed| {
+                let mut m = Zeroizing::new(Vec::with_capacity(u.header_text.len() + u.payload.len()));
+                m.extend_from_slice(u.header_text.as_bytes());
+                m.extend_from_slice(u.payload.expose_secret());
+                m
+            };
+            let [mac_a, mac_b] = keys.tag([&message(&a), &message(&b)]);
+            keys.cbc_encrypt([&mac_a, &mac_b], [a.payload.expose_secret_mut(), b.payload.expose_secret_mut()]);
+            return [Ok(a.format(&mac_a)), Ok(b.format(&mac_b))];
+        }
     }
-    check_kbpk(version, kbpk)?;
-    check_key_len(header.algorithm(), key.len())?;
-    let key_bits = u16::try_from(key.len() * 8)
-        .map_err(|_| Tr31Error::KeyLength { algorithm: char::from(header.algorithm()), len: key.len() })?;
+    [seal_one(Ok(a), first.0), seal_one(Ok(b), second.0)]
+}
 
-    let block_len = version.block_len();
-    let mac_len = version.mac_len();
-    let field_len = 2 + masked_key_len(header.algorithm(), key.len());
-    let payload_len = field_len.div_ceil(block_len) * block_len;
-    let total_len = header.encoded_len() + 2 * (payload_len + mac_len);
-    if total_len > KEY_BLOCK_LEN_MAX {
-        return Err(Tr31Error::TooLong { len: total_len, max: KEY_BLOCK_LEN_MAX });
+/// A key block before its MAC and encryption: the formatted header and the clear payload.
+struct Unsealed {
+    version: Version,
+    mac_len: usize,
+    total_len: usize,
+    header_text: String,
+    payload: SecretBytes,
+}
+
+impl Unsealed {
+    /// Every check of [`wrap`] before any cipher work, and the payload with its padding.
+    fn new(
+        kbpk: &SymmetricKey,
+        header: &Header,
+        key: &SecretBytes,
+        rng: &mut dyn FnMut(&mut [u8]),
+    ) -> Result<Self, Tr31Error> {
+        let version = header.version();
+        if matches!(version, Version::A | Version::C) {
+            return Err(Tr31Error::WrapVersionUnsupported(version));
+        }
+        check_kbpk(version, kbpk)?;
+        check_key_len(header.algorithm(), key.len())?;
+        let key_bits = u16::try_from(key.len() * 8)
+            .map_err(|_| Tr31Error::KeyLength { algorithm: char::from(header.algorithm()), len: key.len() })?;
+
+        let block_len = version.block_len();
+        let mac_len = version.mac_len();
+        let field_len = 2 + masked_key_len(header.algorithm(), key.len());
+        let payload_len = field_len.div_ceil(block_len) * block_len;
+        let total_len = header.encoded_len() + 2 * (payload_len + mac_len);
+        if total_len > KEY_BLOCK_LEN_MAX {
+            return Err(Tr31Error::TooLong { len: total_len, max: KEY_BLOCK_LEN_MAX });
+        }
+        let header_text = header.format(total_len)?;
+
+        let mut payload = SecretBytes::zeroed(payload_len);
+        {
+            let bytes = payload.expose_secret_mut();
+            bytes[..2].copy_from_slice(&key_bits.to_be_bytes());
+            bytes[2..2 + key.len()].copy_from_slice(key.expose_secret());
+            rng(&mut bytes[2 + key.len()..]);
+        }
+        Ok(Self { version, mac_len, total_len, header_text, payload })
     }
-    let header_text = header.format(total_len)?;
 
-    let mut payload = SecretBytes::zeroed(payload_len);
-    {
-        let bytes = payload.expose_secret_mut();
-        bytes[..2].copy_from_slice(&key_bits.to_be_bytes());
-        bytes[2..2 + key.len()].copy_from_slice(key.expose_secret());
-        rng(&mut bytes[2 + key.len()..]);
+    fn block_keys(&self, kbpk: &SymmetricKey) -> Result<BlockKeys, Tr31Error> {
+        let version = self.version;
+        BlockKeys::derive(kbpk).ok_or(Tr31Error::KbpkAlgorithm {
+            version,
+            expected: version.kbpk_kind(),
+            got: kbpk.algorithm(),
+        })
     }
 
-    let keys = BlockKeys::derive(kbpk).ok_or(Tr31Error::KbpkAlgorithm {
-        version,
-        expected: version.kbpk_kind(),
-        got: kbpk.algorithm(),
-    })?;
-    let mac = keys.authentication.tag(&[header_text.as_bytes(), payload.expose_secret()]);
-    keys.encryption.cbc_encrypt(&mac[..block_len], payload.expose_secret_mut());
+    /// MAC over header and clear payload, then the payload encrypted with the MAC as its IV.
+    fn seal(mut self, keys: &BlockKeys) -> String {
+        let block_len = self.version.block_len();
+        let mac = keys.authentication.tag(&[self.header_text.as_bytes(), self.payload.expose_secret()]);
+        keys.encryption.cbc_encrypt(&mac[..block_len], self.payload.expose_secret_mut());
+        self.format(&mac)
+    }
 
-    let mut block = header_text;
-    block.reserve_exact(total_len - block.len());
-    push_upper_hex(&mut block, payload.expose_secret());
-    push_upper_hex(&mut block, &mac[..mac_len]);
-    debug_assert_eq!(block.len(), total_len);
-    Ok(block)
+    /// The key block text: header, encrypted payload and MAC in upper-case hex.
+    fn format(self, mac: &[u8]) -> String {
+        let mut block = self.header_text;
+        block.reserve_exact(self.total_len - block.len());
+        push_upper_hex(&mut block, self.payload.expose_secret());
+        push_upper_hex(&mut block, &mac[..self.mac_len]);
+        debug_assert_eq!(block.len(), self.total_len);
+        block
+    }
 }
 
 fn push_upper_hex(out: &mut String, bytes: &[u8]) {
