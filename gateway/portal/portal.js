@@ -21,6 +21,8 @@
   const TASKS_MAX = 200;
   /** Expanded tasks refreshed on each poll, at most. */
   const EXPANDED_MAX = 5;
+  /** Devices listed under an expanded task (a fleet-wide task has far more). */
+  const DEVICES_SHOWN_MAX = 1000;
   /** A success message disappears after this long; errors stay until the next message. */
   const STATUS_OK_MS = 12000;
 
@@ -722,7 +724,9 @@
 
   function executionsTable(detail) {
     if (!detail) return h('p', { class: 'muted' }, 'Loading…');
-    return h('table', { class: 'executions' },
+    const shown = detail.executions.length;
+    const total = detail.executions_total ?? shown;
+    const table = h('table', { class: 'executions' },
       h('caption', { class: 'sr-only' }, `Devices of task ${detail.task.id}`),
       h('thead', {}, h('tr', {},
         ['SN', 'State', 'Connection', 'Deliveries', 'Error code', 'Meaning', 'Key ID (KSN)', 'KCV', 'Ended'].map((t) => h('th', { scope: 'col' }, t)))),
@@ -740,6 +744,11 @@
           h('td', {}, mono(e.kcv)),
           h('td', {}, fmtTime(e.ended_at)));
       })));
+    if (total <= shown) return table;
+    return h('div', {},
+      h('p', { class: 'muted', dataset: { shown: 'partial' } },
+        `The first ${shown.toLocaleString()} of ${total.toLocaleString()} devices; the download records list them all.`),
+      table);
   }
 
   function buildTask(t) {
@@ -817,7 +826,7 @@
     const tasks = (data.tasks || []).slice().sort((a, b) => b.id - a.id);
     const ids = new Set(tasks.map((t) => t.id));
     const fetches = [...expanded.keys()].filter((id) => ids.has(id)).slice(0, EXPANDED_MAX)
-      .map(async (id) => expanded.set(id, await api('GET', `/v1/tasks/${id}`)));
+      .map(async (id) => expanded.set(id, await api('GET', `/v1/tasks/${id}${query({ limit: DEVICES_SHOWN_MAX })}`)));
     await Promise.all(fetches);
     if (status === 'unfinished') await announceFinished(ids);
     renderKeyed($('#tasks-table'), tasks, {
@@ -837,7 +846,7 @@
     for (const id of before) {
       if (ids.has(id) || stoppedHere.has(id)) continue;
       try {
-        const r = await api('GET', `/v1/tasks/${id}`);
+        const r = await api('GET', `/v1/tasks/${id}?limit=0`);
         if (r.task.status === 'done') say(`Task #${id} is done: ${r.task.outcome} (${countsText(r.task.counts)}).`);
       } catch (e) {
         /* the next poll tells */

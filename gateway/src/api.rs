@@ -804,10 +804,32 @@ fn task_json(t: &TaskRow) -> Value {
     v
 }
 
-async fn get_task(State(state): St, caller: Caller, Path(id): Path<i64>) -> ApiResult<Json<Value>> {
+/// `GET /v1/tasks/{id}`: `limit` executions from `offset` (by execution ID); without `limit`,
+/// every one. `limit=0` is the task and its counts alone: what a poller of a large task needs.
+#[derive(Deserialize, Default)]
+struct TaskDetailQuery {
+    limit: Option<usize>,
+    offset: Option<usize>,
+}
+
+async fn get_task(
+    State(state): St,
+    caller: Caller,
+    Path(id): Path<i64>,
+    Query(q): Query<TaskDetailQuery>,
+) -> ApiResult<Json<Value>> {
     let org = caller.org()?;
     let task = blocking(&state, move |s| s.task(org, id)).await?;
-    let executions = blocking(&state, move |s| s.task_executions(id)).await?;
+    let offset = q.offset.unwrap_or(0);
+    let (executions, total) = if q.limit == Some(0) {
+        (Vec::new(), task.counts.total)
+    } else {
+        let mut all = blocking(&state, move |s| s.task_executions(id)).await?;
+        let total = all.len() as i64;
+        all.drain(..offset.min(all.len()));
+        all.truncate(q.limit.unwrap_or(usize::MAX));
+        (all, total)
+    };
     let executions: Vec<Value> = executions
         .iter()
         .map(|e| {
@@ -819,7 +841,12 @@ async fn get_task(State(state): St, caller: Caller, Path(id): Path<i64>) -> ApiR
             v
         })
         .collect();
-    Ok(Json(json!({ "task": task_json(&task), "executions": executions })))
+    Ok(Json(json!({
+        "task": task_json(&task),
+        "executions": executions,
+        "executions_total": total,
+        "executions_offset": offset,
+    })))
 }
 
 async fn stop_task(State(state): St, caller: Caller, Path(id): Path<i64>) -> ApiResult<Json<Value>> {

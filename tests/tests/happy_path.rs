@@ -29,6 +29,20 @@ fn a_group_of_200_devices_gets_one_verified_key_each_and_ends_locked() -> TestRe
     assert_eq!(done["task"]["counts"]["succeeded"], 200, "{}", done["task"]);
     assert_eq!(done["task"]["outcome"], "succeeded");
     rt.block_on(fleet.wait_keys_installed(200, Duration::from_secs(10))).map_err(|e| format!("{e:?}"))?;
+    // The task's devices: every one by default, a page with limit/offset, none with limit=0.
+    let all = done["executions"].as_array().cloned().unwrap_or_default();
+    assert_eq!((all.len(), done["executions_total"].as_i64()), (200, Some(200)));
+    let counts_only = api.ok(&format!("/v1/tasks/{task}?limit=0"))?;
+    assert_eq!(counts_only["executions"], json!([]));
+    assert_eq!(
+        (counts_only["executions_total"].as_i64(), counts_only["task"]["counts"].clone()),
+        (Some(200), done["task"]["counts"].clone())
+    );
+    let page = api.ok(&format!("/v1/tasks/{task}?limit=3&offset=198"))?;
+    let page_ids: Vec<&serde_json::Value> =
+        page["executions"].as_array().map(|a| a.iter().map(|e| &e["id"]).collect()).unwrap_or_default();
+    assert_eq!(page_ids, vec![&all[198]["id"], &all[199]["id"]], "the last two of 200 from offset 198");
+    assert_eq!(page["executions_offset"], 198);
 
     let records = api.ok(&format!("/v1/records?task={task}"))?;
     let records = records["records"].as_array().cloned().unwrap_or_default();
