@@ -255,14 +255,14 @@ impl SoftwareKeyService {
                 if !kbpk.algorithm().is_tdes() {
                     return Err(KeyServiceError::Key("a TDES key needs a TDES key-block protection key".into()));
                 }
-                let ksn = dukpt::tdes::Ksn::from_hex(&hex::encode(request.key_id)).map_err(id_error)?;
+                let ksn = dukpt::tdes::Ksn::new(key_id_bytes(request.key_id, "TDES KSN")?);
                 (deriver.derive(&ksn), DukptInitialKeyId::Tdes(ksn), Version::B)
             }
             Bdk::Aes(bdk) => {
                 if !kbpk.algorithm().is_aes() {
                     return Err(KeyServiceError::Key("an AES key needs an AES key-block protection key".into()));
                 }
-                let id = dukpt::aes::InitialKeyId::from_hex(&hex::encode(request.key_id)).map_err(id_error)?;
+                let id = dukpt::aes::InitialKeyId::new(key_id_bytes(request.key_id, "AES DUKPT initial key ID")?);
                 (dukpt::aes::derive_initial_key(bdk, &id).map_err(id_error)?, DukptInitialKeyId::Aes(id), Version::D)
             }
         };
@@ -368,7 +368,12 @@ pub fn tdes_initial_ksn(key_set_id: &[u8], serial: u64) -> Result<dukpt::tdes::K
     let bytes = value.to_be_bytes();
     let mut ksn = [0u8; 10];
     ksn.copy_from_slice(&bytes[6..]);
-    dukpt::tdes::Ksn::from_hex(&hex::encode(ksn)).map_err(|e| KeyServiceError::Derivation(e.to_string()))
+    Ok(dukpt::tdes::Ksn::new(ksn))
+}
+
+/// A stored key ID as the fixed-size identifier it must be.
+fn key_id_bytes<const N: usize>(key_id: &[u8], what: &str) -> Result<[u8; N], KeyServiceError> {
+    key_id.try_into().map_err(|_| KeyServiceError::Derivation(format!("a {what} is {N} bytes, not {}", key_id.len())))
 }
 
 /// The AES DUKPT initial key ID of serial `serial`: 4-byte BDK ID, then the serial as the 4-byte
@@ -382,7 +387,7 @@ pub fn aes_initial_key_id(key_set_id: &[u8], serial: u64) -> Result<dukpt::aes::
     let mut id = [0u8; 8];
     id[..4].copy_from_slice(key_set_id);
     id[4..].copy_from_slice(&derivation_id.to_be_bytes());
-    dukpt::aes::InitialKeyId::from_hex(&hex::encode(id)).map_err(|e| KeyServiceError::Derivation(e.to_string()))
+    Ok(dukpt::aes::InitialKeyId::new(id))
 }
 
 impl KeyService for SoftwareKeyService {
@@ -516,6 +521,14 @@ mod tests {
             let wrong = [DeriveRequest { key_id: &ids[0], sealed_kbpk: other }];
             let refused = service.derive_and_wrap(&sealed_bdk, &wrong).expect("batch");
             assert!(matches!(refused[0], Err(KeyServiceError::Key(_))), "{:?}", refused[0]);
+            // A stored key ID of the wrong size is refused, not read past.
+            let short = [DeriveRequest { key_id: &ids[0][1..], sealed_kbpk }];
+            let refused = service.derive_and_wrap(&sealed_bdk, &short).expect("batch");
+            assert!(
+                matches!(&refused[0], Err(KeyServiceError::Derivation(m)) if m.contains("bytes")),
+                "{:?}",
+                refused[0]
+            );
             // A refused device paired with a good one: each gets its own outcome.
             let mixed = [requests[0], wrong[0], requests[1], requests[2]];
             let outcomes = service.derive_and_wrap(&sealed_bdk, &mixed).expect("batch");
