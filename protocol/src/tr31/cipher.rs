@@ -266,8 +266,8 @@ fn tdes_keys_from_blocks(blocks: &[[u8; 8]]) -> Option<(TdesSchedule, TdesSchedu
 }
 
 /// CMAC subkeys K1 and K2 of a TDES key from L = E(K, 0).
-fn tdes_subkeys(l: [u8; 8]) -> (Zeroizing<[u8; 8]>, Zeroizing<[u8; 8]>) {
-    let mut k1 = Zeroizing::new(l);
+fn tdes_subkeys(l: &[u8; 8]) -> (Zeroizing<[u8; 8]>, Zeroizing<[u8; 8]>) {
+    let mut k1 = Zeroizing::new(*l);
     double(&mut k1[..]);
     let mut k2 = k1.clone();
     double(&mut k2[..]);
@@ -293,8 +293,10 @@ impl TdesBlockKeysPair {
             return None;
         }
         let (kbpk_a, kbpk_b) = (TdesSchedule::new(a.expose_secret())?, TdesSchedule::new(b.expose_secret())?);
-        let (mut l_a, mut l_b) = ([0u8; 8], [0u8; 8]);
-        kbpk_a.encrypt_pair(&mut l_a, &kbpk_b, &mut l_b);
+        // L = E(K, 0) of each key, the source of its CMAC subkeys: zeroized like them.
+        let mut l = Zeroizing::new([[0u8; 8]; 2]);
+        let [l_a, l_b] = &mut *l;
+        kbpk_a.encrypt_pair(l_a, &kbpk_b, l_b);
         let (k1_a, _) = tdes_subkeys(l_a);
         let (k1_b, _) = tdes_subkeys(l_b);
         let used = 2 * algorithm.key_len() / 8;
@@ -305,8 +307,10 @@ impl TdesBlockKeysPair {
         }
         let (encryption_a, authentication_a) = tdes_keys_from_blocks(&blocks_a[..used])?;
         let (encryption_b, authentication_b) = tdes_keys_from_blocks(&blocks_b[..used])?;
-        let (mut l_a, mut l_b) = ([0u8; 8], [0u8; 8]);
-        authentication_a.encrypt_pair(&mut l_a, &authentication_b, &mut l_b);
+        let [l_a, l_b] = &mut *l;
+        *l_a = [0; 8];
+        *l_b = [0; 8];
+        authentication_a.encrypt_pair(l_a, &authentication_b, l_b);
         let ((k1_a, k2_a), (k1_b, k2_b)) = (tdes_subkeys(l_a), tdes_subkeys(l_b));
         Some(Self {
             encryption: [encryption_a, encryption_b],
