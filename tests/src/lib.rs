@@ -649,6 +649,23 @@ impl RawDevice {
         }
     }
 
+    /// The success ack a terminal sends for download `d`, echoing its KCV.
+    pub fn ack(d: &rki_protocol::message::Download) -> Message {
+        Self::ack_with_kcv(d, d.kcv.clone())
+    }
+
+    /// The same ack with another KCV (a terminal that installed some other key).
+    pub fn ack_with_kcv(d: &rki_protocol::message::Download, kcv: Vec<u8>) -> Message {
+        Message::Ack(rki_protocol::message::Ack {
+            execution_id: d.execution_id,
+            result: 0,
+            slot: d.slot,
+            key_id: d.key_id.clone(),
+            kcv,
+            injection: rki_protocol::terminal::InjectionType::Auto,
+        })
+    }
+
     /// A signed hello with a P3 at its minimum firmware.
     pub fn hello(locked: bool) -> Message {
         Message::Hello(rki_protocol::message::Hello {

@@ -6,8 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use rki_device_sim::{BrokerAddr, Brokers, Knobs};
-use rki_protocol::message::{Ack, Message};
-use rki_protocol::terminal::InjectionType;
+use rki_protocol::message::Message;
 use rki_protocol::topic;
 use rki_tests::{
     create_task, expected_kcv, free_port, provision, sns, wait_task_done, GatewayOptions, GatewayProcess, Mosquitto,
@@ -94,18 +93,8 @@ fn mosquitto_refuses_a_terminal_the_topics_of_another() -> TestResult {
     // read ACL instead, so the proof is what A receives, above.)
     // A publishes an ack for B's execution on B's topic: the broker drops it; the gateway never sees it.
     let before = gw.metric("rki_rejected_messages_total{kind=\"ack\",reason=\"bad_mac\"}");
-    let forged = rki_protocol::message::Body {
-        party: b_sn.clone(),
-        counter: a.next_counter(),
-        message: Message::Ack(Ack {
-            execution_id: d.execution_id,
-            result: 0,
-            slot: d.slot,
-            key_id: d.key_id.clone(),
-            kcv: d.kcv.clone(),
-            injection: InjectionType::Auto,
-        }),
-    };
+    let forged =
+        rki_protocol::message::Body { party: b_sn.clone(), counter: a.next_counter(), message: RawDevice::ack(&d) };
     rt.block_on(a.publish_raw(&topic::device_up(&b_sn), rki_protocol::frame::seal(&a.secrets.signing_key, &forged)?))?;
     std::thread::sleep(Duration::from_millis(800));
     assert_eq!(
@@ -115,14 +104,7 @@ fn mosquitto_refuses_a_terminal_the_topics_of_another() -> TestResult {
     );
     assert_eq!(api.ok(&format!("/v1/tasks/{task}"))?["task"]["status"], "unfinished");
     // B's own ack goes through.
-    rt.block_on(b.send(Message::Ack(Ack {
-        execution_id: d.execution_id,
-        result: 0,
-        slot: d.slot,
-        key_id: d.key_id.clone(),
-        kcv: d.kcv.clone(),
-        injection: InjectionType::Auto,
-    })))?;
+    rt.block_on(b.send(RawDevice::ack(&d)))?;
     wait_task_done(&api, task, Duration::from_secs(10))?;
     Ok(())
 }

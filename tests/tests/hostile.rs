@@ -6,24 +6,12 @@ mod common;
 use std::time::Duration;
 
 use rki_protocol::frame::MacKey;
-use rki_protocol::message::{Ack, Download, Message};
-use rki_protocol::terminal::InjectionType;
+use rki_protocol::message::{Download, Message};
 use rki_protocol::{topic, SecretBytes};
 use rki_tests::{
     create_task, mqtt_connect, provision, sns, wait_task, GatewayOptions, GatewayProcess, RawDevice, TestResult,
 };
 use serde_json::json;
-
-fn ack_for(d: &Download, kcv: Vec<u8>) -> Message {
-    Message::Ack(Ack {
-        execution_id: d.execution_id,
-        result: 0,
-        slot: d.slot,
-        key_id: d.key_id.clone(),
-        kcv,
-        injection: InjectionType::Auto,
-    })
-}
 
 fn rejected(gw: &GatewayProcess, kind: &str, reason: &str) -> f64 {
     gw.metric(&format!("rki_rejected_messages_total{{kind=\"{kind}\",reason=\"{reason}\"}}"))
@@ -68,20 +56,17 @@ fn hostile_acks_change_nothing_and_are_counted_then_the_honest_ack_succeeds() ->
 
     // A forged ack: right content, wrong key.
     let forger = MacKey::new(SecretBytes::from_slice(&[7u8; 32]))?;
-    rt.block_on(a.send_with(&forger, ack_for(&da, da.kcv.clone())))?;
+    rt.block_on(a.send_with(&forger, RawDevice::ack(&da)))?;
     wait_rejected(&gw, "ack", "bad_mac", 1.0)?;
     // A wrong KCV, properly signed.
-    rt.block_on(a.send(ack_for(&da, vec![0, 0, 0])))?;
+    rt.block_on(a.send(RawDevice::ack_with_kcv(&da, vec![0, 0, 0])))?;
     wait_rejected(&gw, "ack", "kcv_mismatch", 1.0)?;
     // B acks A's execution with B's own valid signature.
-    rt.block_on(b.send(ack_for(&da, da.kcv.clone())))?;
+    rt.block_on(b.send(RawDevice::ack(&da)))?;
     wait_rejected(&gw, "ack", "foreign_execution", 1.0)?;
     // B publishes on A's topic, signed by B: refused as a bad MAC under A's key.
-    let body = rki_protocol::message::Body {
-        party: sn_a.clone(),
-        counter: b.next_counter(),
-        message: ack_for(&da, da.kcv.clone()),
-    };
+    let body =
+        rki_protocol::message::Body { party: sn_a.clone(), counter: b.next_counter(), message: RawDevice::ack(&da) };
     let frame = rki_protocol::frame::seal(&b.secrets.signing_key, &body)?;
     rt.block_on(b.publish_raw(&topic::device_up(&sn_a), frame))?;
     wait_rejected(&gw, "ack", "bad_mac", 2.0)?;
@@ -95,11 +80,11 @@ fn hostile_acks_change_nothing_and_are_counted_then_the_honest_ack_succeeds() ->
     assert_eq!(api.ok("/v1/records")?["records"].as_array().map(Vec::len), Some(0));
 
     // The honest ack succeeds; replaying its exact bytes is refused and changes nothing.
-    let honest = rt.block_on(a.send(ack_for(&da, da.kcv.clone())))?;
+    let honest = rt.block_on(a.send(RawDevice::ack(&da)))?;
     wait_task(&api, task, Duration::from_secs(5), |c| c["succeeded"] == 1)?;
     rt.block_on(a.publish_raw(&topic::device_up(&sn_a), honest))?;
     wait_rejected(&gw, "ack", "replay", 1.0)?;
-    rt.block_on(b.send(ack_for(&db, db.kcv.clone())))?;
+    rt.block_on(b.send(RawDevice::ack(&db)))?;
     wait_task(&api, task, Duration::from_secs(5), |c| c["succeeded"] == 2)?;
     let records = api.ok(&format!("/v1/records?task={task}"))?;
     assert_eq!(records["records"].as_array().map(Vec::len), Some(2), "exactly one record per device");

@@ -8,8 +8,7 @@ use std::time::Duration;
 use hkdf::Hkdf;
 use rki_protocol::frame::{self, MacKey};
 use rki_protocol::init::Gudid;
-use rki_protocol::message::{Ack, Message, RefusalCode};
-use rki_protocol::terminal::InjectionType;
+use rki_protocol::message::{Message, RefusalCode};
 use rki_protocol::{tr31, SecretBytes, SymmetricKey};
 use rki_tests::{
     create_task, provision, sns, wait_task, Capture, GatewayOptions, GatewayProcess, RawBootstrap, RawDevice,
@@ -116,20 +115,10 @@ fn after_reinitialisation_the_old_key_is_refused_and_the_pending_key_comes_under
     let mut new = rt.block_on(RawDevice::initialise(gw.mqtt_port, &sn, &new_gudid))?;
     assert_ne!(old.secrets.signing_key, new.secrets.signing_key);
     // An ack signed with the old key is refused.
-    let ack = |d: &rki_protocol::message::Download| {
-        Message::Ack(Ack {
-            execution_id: d.execution_id,
-            result: 0,
-            slot: d.slot,
-            key_id: d.key_id.clone(),
-            kcv: d.kcv.clone(),
-            injection: InjectionType::Auto,
-        })
-    };
     let before = gw.metric("rki_rejected_messages_total{kind=\"ack\",reason=\"bad_mac\"}");
     // (Sent over the new connection: the broker dropped the old session when the new one came.)
     let old_key = old.secrets.signing_key.clone_secret();
-    rt.block_on(new.send_with(&old_key, ack(&first)))?;
+    rt.block_on(new.send_with(&old_key, RawDevice::ack(&first)))?;
     for _ in 0..100 {
         if gw.metric("rki_rejected_messages_total{kind=\"ack\",reason=\"bad_mac\"}") > before {
             break;
@@ -147,7 +136,7 @@ fn after_reinitialisation_the_old_key_is_refused_and_the_pending_key_comes_under
     assert_ne!(second.key_block, first.key_block);
     assert!(tr31::unwrap(&new.secrets.kbpk_tdes, &second.key_block).is_ok(), "new KBPK opens the new block");
     assert!(tr31::unwrap(&old.secrets.kbpk_tdes, &second.key_block).is_err(), "old KBPK does not");
-    rt.block_on(new.send(ack(&second)))?;
+    rt.block_on(new.send(RawDevice::ack(&second)))?;
     wait_task(&api, task, Duration::from_secs(5), |c| c["succeeded"] == 1)?;
     Ok(())
 }
@@ -218,14 +207,7 @@ fn a_full_capture_and_the_gudid_reveal_neither_device_keys_nor_the_injected_key(
     let Message::Download(d) = rt.block_on(victim.next_down(Duration::from_secs(5)))? else {
         return Err("no download".into());
     };
-    rt.block_on(victim.send(Message::Ack(Ack {
-        execution_id: d.execution_id,
-        result: 0,
-        slot: d.slot,
-        key_id: d.key_id.clone(),
-        kcv: d.kcv.clone(),
-        injection: InjectionType::Auto,
-    })))?;
+    rt.block_on(victim.send(RawDevice::ack(&d)))?;
     wait_task(&api, task, Duration::from_secs(5), |c| c["succeeded"] == 1)?;
     let captured = rt.block_on(capture.drain(Duration::from_millis(500))).to_vec();
     let kinds: Vec<String> = captured

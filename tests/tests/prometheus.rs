@@ -57,17 +57,6 @@ fn the_shipped_prometheus_config_and_alert_rules_pass_promtool_and_their_unit_te
     Ok(())
 }
 
-fn ack_for(d: &Download) -> Message {
-    Message::Ack(Ack {
-        execution_id: d.execution_id,
-        result: 0,
-        slot: d.slot,
-        key_id: d.key_id.clone(),
-        kcv: d.kcv.clone(),
-        injection: InjectionType::Auto,
-    })
-}
-
 async fn download(device: &mut RawDevice) -> TestResult<Download> {
     match device.next_down(Duration::from_secs(10)).await? {
         Message::Download(d) => Ok(d),
@@ -102,7 +91,7 @@ fn a_real_prometheus_scrapes_a_push_and_sees_every_series_with_its_value() -> Te
     let task = create_task(&api, &json!({"group": "shop", "expiry_days": 1}))?;
     for device in devices.iter_mut().take(5) {
         let d = rt.block_on(download(device))?;
-        rt.block_on(device.send(ack_for(&d)))?;
+        rt.block_on(device.send(RawDevice::ack(&d)))?;
     }
     wait_task(&api, task, Duration::from_secs(10), |c| c["succeeded"] == 5)?;
 
