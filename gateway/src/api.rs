@@ -821,15 +821,16 @@ async fn get_task(
     let org = caller.org()?;
     let task = blocking(&state, move |s| s.task(org, id)).await?;
     let offset = q.offset.unwrap_or(0);
-    let (executions, total) = if q.limit == Some(0) {
-        (Vec::new(), task.counts.total)
-    } else {
-        let mut all = blocking(&state, move |s| s.task_executions(id)).await?;
-        let total = all.len() as i64;
-        all.drain(..offset.min(all.len()));
-        all.truncate(q.limit.unwrap_or(usize::MAX));
-        (all, total)
+    let executions = match q.limit {
+        Some(0) => Vec::new(),
+        // The page is read from the store, not cut from every execution of a fleet-wide task.
+        limit => {
+            let (offset, limit) =
+                (offset.min(i64::MAX as usize) as i64, limit.map(|l| l.min(i64::MAX as usize) as i64));
+            blocking(&state, move |s| s.task_executions_page(id, offset, limit)).await?
+        }
     };
+    let total = task.counts.total;
     let executions: Vec<Value> = executions
         .iter()
         .map(|e| {

@@ -374,6 +374,15 @@ fn a_task_persists_one_queued_execution_per_device_with_its_counts(s: &Subject) 
     );
     assert_eq!((e.key_block.as_str(), e.key_id.len(), e.key_source_id), ("B0096P0TE00N00000002", 8, w.source.id));
     assert_eq!(st.execution(e.id).must().sn, "acme-0002");
+    // Pages by execution ID, read from the store.
+    let page = |offset, limit| -> Vec<i64> {
+        st.task_executions_page(t.id, offset, limit).must().into_iter().map(|e| e.id).collect()
+    };
+    assert_eq!(page(0, None), [executions[0].id, executions[1].id]);
+    assert_eq!(page(1, None), [executions[1].id]);
+    assert_eq!(page(0, Some(1)), [executions[0].id]);
+    assert_eq!(page(1, Some(5)), [executions[1].id]);
+    assert!(page(2, Some(5)).is_empty());
     let open: Vec<i64> = st.open_executions().must().into_iter().map(|e| e.id).collect();
     assert_eq!(open, executions.iter().map(|e| e.id).collect::<Vec<_>>());
     let mut devices = st.open_execution_device_ids(w.org.id).must();

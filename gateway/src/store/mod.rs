@@ -526,7 +526,12 @@ pub trait Store: Send + Sync {
     fn task_by_request_id(&self, org_id: i64, request_id: i64) -> StoreResult<Option<TaskRow>>;
     fn list_tasks(&self, org_id: i64, unfinished: Option<bool>, limit: i64) -> StoreResult<Vec<TaskRow>>;
     fn task(&self, org_id: i64, id: i64) -> StoreResult<TaskRow>;
-    fn task_executions(&self, task_id: i64) -> StoreResult<Vec<ExecutionRow>>;
+    /// Every execution of a task, by ID.
+    fn task_executions(&self, task_id: i64) -> StoreResult<Vec<ExecutionRow>> {
+        self.task_executions_page(task_id, 0, None)
+    }
+    /// A task's executions by ID, from the `offset`-th, at most `limit` of them (`None`: all).
+    fn task_executions_page(&self, task_id: i64, offset: i64, limit: Option<i64>) -> StoreResult<Vec<ExecutionRow>>;
     fn open_executions(&self) -> StoreResult<Vec<ExecutionRow>>;
     fn open_execution_device_ids(&self, org_id: i64) -> StoreResult<Vec<i64>>;
     /// The open executions of one device (several gateway nodes: the store, not a node's cache,

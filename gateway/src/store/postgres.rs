@@ -1667,9 +1667,13 @@ impl Store for PostgresStore {
         })
     }
 
-    fn task_executions(&self, task_id: i64) -> StoreResult<Vec<ExecutionRow>> {
+    fn task_executions_page(&self, task_id: i64, offset: i64, limit: Option<i64>) -> StoreResult<Vec<ExecutionRow>> {
         self.read(|s| {
-            let found = s.query(concat!(execution_select!(), " WHERE e.task_id = $1 ORDER BY e.id"), &[&task_id])?;
+            // PostgreSQL: LIMIT NULL is no limit.
+            let found = s.query(
+                concat!(execution_select!(), " WHERE e.task_id = $1 ORDER BY e.id LIMIT $2 OFFSET $3"),
+                &[&task_id, &limit, &offset.max(0)],
+            )?;
             rows(found, execution_row)
         })
     }

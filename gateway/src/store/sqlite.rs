@@ -1128,14 +1128,15 @@ impl Store for SqliteStore {
         })
     }
 
-    fn task_executions(&self, task_id: i64) -> StoreResult<Vec<ExecutionRow>> {
+    fn task_executions_page(&self, task_id: i64, offset: i64, limit: Option<i64>) -> StoreResult<Vec<ExecutionRow>> {
         self.read(|c| {
             let mut stmt = c
                 .prepare_cached(&format!(
-                    "SELECT {EXECUTION_COLUMNS} FROM {EXECUTION_FROM} WHERE e.task_id = ?1 ORDER BY e.id"
+                    "SELECT {EXECUTION_COLUMNS} FROM {EXECUTION_FROM} WHERE e.task_id = ?1 ORDER BY e.id LIMIT ?2 OFFSET ?3"
                 ))
                 .map_err(backend)?;
-            let rows = stmt.query_map([task_id], execution_row).map_err(backend)?;
+            // SQLite: a negative LIMIT is no limit.
+            let rows = stmt.query_map(params![task_id, limit.unwrap_or(-1), offset.max(0)], execution_row).map_err(backend)?;
             rows.collect::<Result<Vec<_>, _>>().map_err(backend)
         })
     }
