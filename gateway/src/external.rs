@@ -156,7 +156,7 @@ mod tests {
 
     #[test]
     fn shared_filters_carry_the_group() {
-        assert_eq!(filters(Some("rki"))[0], "$share/rki/rki/v1/dev/+/up");
-        assert_eq!(filters(None)[0], "rki/v1/dev/+/up");
+        assert_eq!(filters(Some("rki"))[0], "$share/rki/+/rki/v1/up");
+        assert_eq!(filters(None)[0], "+/rki/v1/up");
     }
 }

@@ -2,11 +2,18 @@
 //!
 //! | topic | direction | carries |
 //! | --- | --- | --- |
-//! | `rki/v1/dev/{sn}/up` | terminal → gateway | `Hello`, `Ack`, `Bye` (last will) |
-//! | `rki/v1/dev/{sn}/down` | gateway → terminal | `CreateKeyAnswer`, `Download`, `Unlock`, `Refusal` |
-//! | `rki/v1/init/{sn}` | terminal → gateway | `CreateKey` (the only topic a bootstrap identity needs) |
+//! | `{sn}/rki/v1/up` | terminal → gateway | `Hello`, `Ack`, `Bye` (last will) |
+//! | `{sn}/rki/v1/down` | gateway → terminal | `CreateKeyAnswer`, `Download`, `Unlock`, `Refusal` |
+//! | `{sn}/rki/v1/init` | terminal → gateway | `CreateKey` (the only topic a bootstrap identity needs) |
 //! | `rki/v1/backend/{org}/tasks` | RKI backend → gateway | `TaskRequest` |
 //! | `rki/v1/backend/{org}/events` | gateway → RKI backend | `TaskEvent` |
+//!
+//! A device's topics start with its SN. A broker matches the first publish on a new topic against
+//! every subscription filter, and every new filter against every topic (rumqttd by a linear scan,
+//! one filter per terminal): with the SN first, two device topics differ at their first level and
+//! the comparison stops there. Measured with the embedded broker at 5,000 terminals, the router's
+//! CPU time for the fleet's connect phase halved (16.4 s with `rki/v1/dev/{sn}/…`, 8.0 s with
+//! `{sn}/rki/v1/…`; docs/BENCHMARKS.md).
 
 /// The common prefix, versioned with the protocol.
 pub const PREFIX: &str = "rki/v1";
@@ -40,15 +47,15 @@ pub fn validate_name(name: &str) -> Result<(), NameError> {
 }
 
 pub fn device_up(sn: &str) -> String {
-    format!("{PREFIX}/dev/{sn}/up")
+    format!("{sn}/{PREFIX}/up")
 }
 
 pub fn device_down(sn: &str) -> String {
-    format!("{PREFIX}/dev/{sn}/down")
+    format!("{sn}/{PREFIX}/down")
 }
 
 pub fn init(sn: &str) -> String {
-    format!("{PREFIX}/init/{sn}")
+    format!("{sn}/{PREFIX}/init")
 }
 
 pub fn backend_tasks(org: &str) -> String {
@@ -74,8 +81,11 @@ pub fn bootstrap_sn(client_id: &str) -> Option<&str> {
 pub const BOOTSTRAP_PASSWORD: &str = "bootstrap";
 
 /// The filters the gateway subscribes to.
-pub const FILTER_DEVICE_UP: &str = "rki/v1/dev/+/up";
-pub const FILTER_INIT: &str = "rki/v1/init/+";
+pub const FILTER_DEVICE_UP: &str = "+/rki/v1/up";
+pub const FILTER_INIT: &str = "+/rki/v1/init";
+/// Every device topic, and every backend topic: the gateway's own rights on an external broker.
+pub const FILTER_ALL_DEVICES: &str = "+/rki/v1/#";
+pub const FILTER_ALL_BACKEND: &str = "rki/v1/backend/#";
 pub const FILTER_BACKEND_TASKS: &str = "rki/v1/backend/+/tasks";
 
 /// A topic the gateway receives on, parsed.
@@ -89,12 +99,11 @@ pub enum Inbound<'a> {
 /// Parses a topic the gateway subscribes to. Anything else, or a name that fails
 /// [`validate_name`], is `None`.
 pub fn parse_inbound(topic: &str) -> Option<Inbound<'_>> {
-    let rest = topic.strip_prefix(PREFIX)?.strip_prefix('/')?;
-    let parts: Vec<&str> = rest.split('/').collect();
+    let parts: Vec<&str> = topic.split('/').collect();
     let parsed = match parts.as_slice() {
-        ["dev", sn, "up"] => Inbound::DeviceUp { sn },
-        ["init", sn] => Inbound::Init { sn },
-        ["backend", org, "tasks"] => Inbound::BackendTasks { org },
+        [sn, "rki", "v1", "up"] => Inbound::DeviceUp { sn },
+        [sn, "rki", "v1", "init"] => Inbound::Init { sn },
+        ["rki", "v1", "backend", org, "tasks"] => Inbound::BackendTasks { org },
         _ => return None,
     };
     let name = match parsed {
@@ -115,6 +124,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn device_topics_start_with_the_sn() {
+        assert_eq!(device_up("SN1"), "SN1/rki/v1/up");
+        assert_eq!(device_down("SN1"), "SN1/rki/v1/down");
+        assert_eq!(init("SN1"), "SN1/rki/v1/init");
+        assert_eq!(backend_tasks("acme"), "rki/v1/backend/acme/tasks");
+        // Topics of an SN that is also the prefix's first level stay apart from the backend's.
+        assert_eq!(parse_inbound(&device_up("rki")), Some(Inbound::DeviceUp { sn: "rki" }));
+        assert!(is_own_topic("SN1", &init("SN1")) && !is_own_topic("SN1", &device_up("SN2")));
+    }
+
+    #[test]
     fn inbound_topics_round_trip() {
         assert_eq!(parse_inbound(&device_up("SN1")), Some(Inbound::DeviceUp { sn: "SN1" }));
         assert_eq!(parse_inbound(&init("SN-2")), Some(Inbound::Init { sn: "SN-2" }));
@@ -125,13 +145,17 @@ mod tests {
     fn outbound_and_malformed_topics_are_not_inbound() {
         for topic in [
             device_down("SN1").as_str(),
-            "rki/v1/dev/+/up",
-            "rki/v1/dev/#/up",
-            "rki/v1/dev//up",
-            "rki/v1/dev/a/b/up",
-            "rki/v2/dev/SN1/up",
+            "+/rki/v1/up",
+            "#/rki/v1/up",
+            "/rki/v1/up",
+            "a/b/rki/v1/up",
+            "SN1/rki/v2/up",
+            "SN1/rki/v1",
             "",
-            "rki/v1/init/SN1/extra",
+            "SN1/rki/v1/init/extra",
+            "rki/v1/dev/SN1/up",
+            "rki/v1/init/SN1",
+            "rki/v1/backend/+/tasks",
         ] {
             assert_eq!(parse_inbound(topic), None, "{topic}");
         }
