@@ -210,7 +210,7 @@ impl EmbeddedBroker {
                     Ok(Some(Notification::Forward(forward))) => {
                         let topic = String::from_utf8_lossy(&forward.publish.topic).into_owned();
                         let payload = forward.publish.payload.to_vec();
-                        engine.submit(InboundMessage { topic, payload }).await;
+                        engine.submit(InboundMessage::new(topic, payload)).await;
                     }
                     Ok(Some(Notification::Unschedule)) => {
                         if let Err(e) = link_rx.wake().await {

@@ -289,6 +289,15 @@ struct Pending {
 pub struct InboundMessage {
     pub topic: String,
     pub payload: Vec<u8>,
+    /// When the broker handed the message to the gateway; the wait until its shard takes it up
+    /// is the `rki_inbound_wait_seconds` histogram.
+    pub received: Instant,
+}
+
+impl InboundMessage {
+    pub fn new(topic: String, payload: Vec<u8>) -> Self {
+        Self { topic, payload, received: Instant::now() }
+    }
 }
 
 /// Operator-facing errors of the engine, each with a stable code for the API.
@@ -1959,6 +1968,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 async fn shard_worker(engine: Arc<Engine>, mut rx: mpsc::Receiver<InboundMessage>) {
     while let Some(message) = rx.recv().await {
+        metrics::histogram!(m::INBOUND_WAIT_SECONDS).record(message.received.elapsed().as_secs_f64());
         engine.handle(message).await;
     }
 }

@@ -122,7 +122,7 @@ impl ExternalLink {
                         }
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
-                        engine.submit(InboundMessage { topic: p.topic, payload: p.payload.to_vec() }).await;
+                        engine.submit(InboundMessage::new(p.topic, p.payload.to_vec())).await;
                     }
                     Ok(Event::Incoming(Packet::SubAck(ack))) => {
                         if ack.return_codes.iter().any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)) {

@@ -272,6 +272,7 @@ fn drive(
     progress.set_phase("push");
     let profiler = if matches!(scenario, Scenario::FleetPush) { start_profile(options, pid, "push") } else { None };
     let base = fleet.snapshot();
+    let wait_before = InboundWait::read(&urls);
     let push_started = Instant::now();
     // Latencies count from the creation request, on the system clock the gateway also stamps its
     // records with (same machine); the task's own `created_at` comes after derivation.
@@ -318,6 +319,8 @@ fn drive(
     summary.extra.insert("loadtest_cpu_seconds_push".into(), json!(round3(own_after - own_before)));
     if !matches!(scenario, Scenario::ReconnectStorm) {
         summary.extra.insert("stages_seconds".into(), stage_times(&timeline, n));
+        // A restart starts the histogram afresh, so the storm has no "before" to subtract.
+        summary.extra.insert("inbound_wait_ms".into(), InboundWait::read(&urls).since(&wait_before).summary());
     }
     if let Some(p) = profiler {
         p.stop();
@@ -702,6 +705,98 @@ pub fn curve(latencies_ms: &[f64]) -> Vec<(f64, f64)> {
     points
 }
 
+/// The gateways' `rki_inbound_wait_seconds` histogram (broker hand-over → the device's shard takes
+/// the message up), summed over the nodes: cumulative counts by upper bound, and the sum.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct InboundWait {
+    buckets: Vec<(f64, f64)>,
+    sum: f64,
+}
+
+impl InboundWait {
+    fn read(urls: &[String]) -> Self {
+        let mut total = InboundWait::default();
+        for url in urls {
+            let (_, text) = Api::new(url, "").get_text("/metrics");
+            total.add(&InboundWait::parse(&text));
+        }
+        total
+    }
+
+    fn parse(text: &str) -> Self {
+        let mut out = InboundWait::default();
+        for line in text.lines() {
+            let Some((name, value)) = line.rsplit_once(' ') else { continue };
+            let Ok(value) = value.parse::<f64>() else { continue };
+            if let Some(le) = name.strip_prefix("rki_inbound_wait_seconds_bucket{le=\"") {
+                let le = le.trim_end_matches("\"}");
+                let bound = if le == "+Inf" { f64::INFINITY } else { le.parse().unwrap_or(f64::NAN) };
+                out.buckets.push((bound, value));
+            } else if name == "rki_inbound_wait_seconds_sum" {
+                out.sum = value;
+            }
+        }
+        out
+    }
+
+    fn add(&mut self, other: &InboundWait) {
+        if self.buckets.is_empty() {
+            self.buckets = other.buckets.clone();
+        } else {
+            for (mine, theirs) in self.buckets.iter_mut().zip(&other.buckets) {
+                mine.1 += theirs.1;
+            }
+        }
+        self.sum += other.sum;
+    }
+
+    /// What was recorded between `before` and now.
+    fn since(&self, before: &InboundWait) -> Self {
+        let buckets = self
+            .buckets
+            .iter()
+            .map(|&(le, n)| (le, n - before.buckets.iter().find(|b| b.0 == le).map_or(0.0, |b| b.1)))
+            .collect();
+        InboundWait { buckets, sum: self.sum - before.sum }
+    }
+
+    fn count(&self) -> f64 {
+        self.buckets.last().map_or(0.0, |b| b.1)
+    }
+
+    /// The quantile as Prometheus's `histogram_quantile` estimates it: linear within the bucket.
+    fn quantile(&self, q: f64) -> Option<f64> {
+        let total = self.count();
+        if total <= 0.0 {
+            return None;
+        }
+        let rank = q * total;
+        let mut lower = (0.0, 0.0);
+        for &(le, n) in &self.buckets {
+            if n >= rank {
+                if le.is_infinite() {
+                    return Some(lower.0);
+                }
+                let share = if n > lower.1 { (rank - lower.1) / (n - lower.1) } else { 1.0 };
+                return Some(lower.0 + (le - lower.0) * share);
+            }
+            lower = (le, n);
+        }
+        None
+    }
+
+    fn summary(&self) -> serde_json::Value {
+        let ms = |s: Option<f64>| s.map(|s| round3(s * 1000.0));
+        let count = self.count();
+        json!({
+            "messages": count as u64,
+            "mean": ms((count > 0.0).then(|| self.sum / count)),
+            "p50": ms(self.quantile(0.5)),
+            "p99": ms(self.quantile(0.99)),
+        })
+    }
+}
+
 /// Sum of every `rki_rejected_messages_total` sample of the gateway.
 fn rejected_total(url: &str) -> u64 {
     let (_, text) = Api::new(url, "").get_text("/metrics");
@@ -709,4 +804,47 @@ fn rejected_total(url: &str) -> u64 {
         .filter(|l| l.starts_with("rki_rejected_messages_total"))
         .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
         .sum::<f64>() as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::InboundWait;
+
+    const BEFORE: &str = "# TYPE rki_inbound_wait_seconds histogram\n\
+        rki_inbound_wait_seconds_bucket{le=\"0.001\"} 10\n\
+        rki_inbound_wait_seconds_bucket{le=\"0.01\"} 10\n\
+        rki_inbound_wait_seconds_bucket{le=\"0.1\"} 10\n\
+        rki_inbound_wait_seconds_bucket{le=\"+Inf\"} 10\n\
+        rki_inbound_wait_seconds_sum 0.005\n\
+        rki_inbound_wait_seconds_count 10\n";
+    const AFTER: &str = "rki_inbound_wait_seconds_bucket{le=\"0.001\"} 10\n\
+        rki_inbound_wait_seconds_bucket{le=\"0.01\"} 60\n\
+        rki_inbound_wait_seconds_bucket{le=\"0.1\"} 110\n\
+        rki_inbound_wait_seconds_bucket{le=\"+Inf\"} 110\n\
+        rki_inbound_wait_seconds_sum 3.005\n\
+        rki_other_bucket{le=\"1\"} 7\n";
+
+    #[test]
+    fn the_push_window_is_the_difference_and_quantiles_interpolate_within_buckets() {
+        let push = InboundWait::parse(AFTER).since(&InboundWait::parse(BEFORE));
+        assert_eq!(push.count(), 100.0);
+        // 50 of 100 fell in (1 ms, 10 ms]: the median is that bucket's upper bound.
+        assert!((push.quantile(0.5).unwrap() - 0.01).abs() < 1e-12);
+        // The 99th is 49/50 of the way through (10 ms, 100 ms].
+        let p99 = push.quantile(0.99).unwrap();
+        assert!((p99 - (0.01 + 0.09 * 49.0 / 50.0)).abs() < 1e-12, "{p99}");
+        let s = push.summary();
+        assert_eq!(s["messages"], 100);
+        assert_eq!(s["mean"], 30.0);
+    }
+
+    #[test]
+    fn nodes_add_up_and_an_empty_window_has_no_quantile() {
+        let mut two = InboundWait::parse(AFTER);
+        two.add(&InboundWait::parse(AFTER));
+        assert_eq!(two.count(), 220.0);
+        let none = InboundWait::parse(BEFORE).since(&InboundWait::parse(BEFORE));
+        assert_eq!(none.quantile(0.5), None);
+        assert!(none.summary()["p50"].is_null());
+    }
 }
