@@ -272,7 +272,7 @@ fn drive(
     progress.set_phase("push");
     let profiler = if matches!(scenario, Scenario::FleetPush) { start_profile(options, pid, "push") } else { None };
     let base = fleet.snapshot();
-    let wait_before = InboundWait::read(&urls);
+    let histograms_before = read_histograms(&urls);
     let push_started = Instant::now();
     // Latencies count from the creation request, on the system clock the gateway also stamps its
     // records with (same machine); the task's own `created_at` comes after derivation.
@@ -320,7 +320,11 @@ fn drive(
     if !matches!(scenario, Scenario::ReconnectStorm) {
         summary.extra.insert("stages_seconds".into(), stage_times(&timeline, n));
         // A restart starts the histogram afresh, so the storm has no "before" to subtract.
-        summary.extra.insert("inbound_wait_ms".into(), InboundWait::read(&urls).since(&wait_before).summary());
+        for ((key, _, scale), (after, before)) in
+            PUSH_HISTOGRAMS.iter().zip(read_histograms(&urls).iter().zip(&histograms_before))
+        {
+            summary.extra.insert((*key).into(), after.since(before).summary(*scale));
+        }
     }
     if let Some(p) = profiler {
         p.stop();
@@ -705,41 +709,57 @@ pub fn curve(latencies_ms: &[f64]) -> Vec<(f64, f64)> {
     points
 }
 
-/// The gateways' `rki_inbound_wait_seconds` histogram (broker hand-over → the device's shard takes
-/// the message up), summed over the nodes: cumulative counts by upper bound, and the sum.
+/// One unlabelled histogram of the gateways (`rki_inbound_wait_seconds`: broker hand-over → the
+/// device's shard takes the message up; `rki_store_commit_seconds`, `rki_store_batch_writes`),
+/// summed over the nodes: cumulative counts by upper bound, and the sum.
 #[derive(Debug, Clone, Default, PartialEq)]
-struct InboundWait {
+struct Histogram {
     buckets: Vec<(f64, f64)>,
     sum: f64,
 }
 
-impl InboundWait {
-    fn read(urls: &[String]) -> Self {
-        let mut total = InboundWait::default();
-        for url in urls {
-            let (_, text) = Api::new(url, "").get_text("/metrics");
-            total.add(&InboundWait::parse(&text));
-        }
-        total
-    }
+/// The push-window histograms the summary reports.
+const PUSH_HISTOGRAMS: [(&str, &str, f64); 3] = [
+    ("inbound_wait_ms", "rki_inbound_wait_seconds", 1000.0),
+    ("store_commit_ms", "rki_store_commit_seconds", 1000.0),
+    ("store_batch_writes", "rki_store_batch_writes", 1.0),
+];
 
-    fn parse(text: &str) -> Self {
-        let mut out = InboundWait::default();
+/// Every histogram of [`PUSH_HISTOGRAMS`], read once from each node.
+fn read_histograms(urls: &[String]) -> Vec<Histogram> {
+    let texts: Vec<String> = urls.iter().map(|url| Api::new(url, "").get_text("/metrics").1).collect();
+    PUSH_HISTOGRAMS
+        .iter()
+        .map(|(_, name, _)| {
+            let mut total = Histogram::default();
+            for text in &texts {
+                total.add(&Histogram::parse(text, name));
+            }
+            total
+        })
+        .collect()
+}
+
+impl Histogram {
+    fn parse(text: &str, metric: &str) -> Self {
+        let mut out = Histogram::default();
+        let bucket = format!("{metric}_bucket{{le=\"");
+        let sum = format!("{metric}_sum");
         for line in text.lines() {
             let Some((name, value)) = line.rsplit_once(' ') else { continue };
             let Ok(value) = value.parse::<f64>() else { continue };
-            if let Some(le) = name.strip_prefix("rki_inbound_wait_seconds_bucket{le=\"") {
+            if let Some(le) = name.strip_prefix(&bucket) {
                 let le = le.trim_end_matches("\"}");
                 let bound = if le == "+Inf" { f64::INFINITY } else { le.parse().unwrap_or(f64::NAN) };
                 out.buckets.push((bound, value));
-            } else if name == "rki_inbound_wait_seconds_sum" {
+            } else if name == sum {
                 out.sum = value;
             }
         }
         out
     }
 
-    fn add(&mut self, other: &InboundWait) {
+    fn add(&mut self, other: &Histogram) {
         if self.buckets.is_empty() {
             self.buckets = other.buckets.clone();
         } else {
@@ -751,13 +771,13 @@ impl InboundWait {
     }
 
     /// What was recorded between `before` and now.
-    fn since(&self, before: &InboundWait) -> Self {
+    fn since(&self, before: &Histogram) -> Self {
         let buckets = self
             .buckets
             .iter()
             .map(|&(le, n)| (le, n - before.buckets.iter().find(|b| b.0 == le).map_or(0.0, |b| b.1)))
             .collect();
-        InboundWait { buckets, sum: self.sum - before.sum }
+        Histogram { buckets, sum: self.sum - before.sum }
     }
 
     fn count(&self) -> f64 {
@@ -785,14 +805,15 @@ impl InboundWait {
         None
     }
 
-    fn summary(&self) -> serde_json::Value {
-        let ms = |s: Option<f64>| s.map(|s| round3(s * 1000.0));
+    /// Count, mean, p50 and p99, the values multiplied by `scale` (1000: seconds to ms).
+    fn summary(&self, scale: f64) -> serde_json::Value {
+        let scaled = |s: Option<f64>| s.map(|s| round3(s * scale));
         let count = self.count();
         json!({
-            "messages": count as u64,
-            "mean": ms((count > 0.0).then(|| self.sum / count)),
-            "p50": ms(self.quantile(0.5)),
-            "p99": ms(self.quantile(0.99)),
+            "count": count as u64,
+            "mean": scaled((count > 0.0).then(|| self.sum / count)),
+            "p50": scaled(self.quantile(0.5)),
+            "p99": scaled(self.quantile(0.99)),
         })
     }
 }
@@ -808,7 +829,9 @@ fn rejected_total(url: &str) -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use super::InboundWait;
+    use super::Histogram;
+
+    const WAIT: &str = "rki_inbound_wait_seconds";
 
     const BEFORE: &str = "# TYPE rki_inbound_wait_seconds histogram\n\
         rki_inbound_wait_seconds_bucket{le=\"0.001\"} 10\n\
@@ -826,25 +849,27 @@ mod tests {
 
     #[test]
     fn the_push_window_is_the_difference_and_quantiles_interpolate_within_buckets() {
-        let push = InboundWait::parse(AFTER).since(&InboundWait::parse(BEFORE));
+        let push = Histogram::parse(AFTER, WAIT).since(&Histogram::parse(BEFORE, WAIT));
         assert_eq!(push.count(), 100.0);
         // 50 of 100 fell in (1 ms, 10 ms]: the median is that bucket's upper bound.
-        assert!((push.quantile(0.5).unwrap() - 0.01).abs() < 1e-12);
+        assert!((push.quantile(0.5).expect("a median") - 0.01).abs() < 1e-12);
         // The 99th is 49/50 of the way through (10 ms, 100 ms].
-        let p99 = push.quantile(0.99).unwrap();
+        let p99 = push.quantile(0.99).expect("a 99th percentile");
         assert!((p99 - (0.01 + 0.09 * 49.0 / 50.0)).abs() < 1e-12, "{p99}");
-        let s = push.summary();
-        assert_eq!(s["messages"], 100);
+        let s = push.summary(1000.0);
+        assert_eq!(s["count"], 100);
         assert_eq!(s["mean"], 30.0);
+        // Another metric's lines are not this one's.
+        assert_eq!(Histogram::parse(AFTER, "rki_other").count(), 7.0);
     }
 
     #[test]
     fn nodes_add_up_and_an_empty_window_has_no_quantile() {
-        let mut two = InboundWait::parse(AFTER);
-        two.add(&InboundWait::parse(AFTER));
+        let mut two = Histogram::parse(AFTER, WAIT);
+        two.add(&Histogram::parse(AFTER, WAIT));
         assert_eq!(two.count(), 220.0);
-        let none = InboundWait::parse(BEFORE).since(&InboundWait::parse(BEFORE));
+        let none = Histogram::parse(BEFORE, WAIT).since(&Histogram::parse(BEFORE, WAIT));
         assert_eq!(none.quantile(0.5), None);
-        assert!(none.summary()["p50"].is_null());
+        assert!(none.summary(1000.0)["p50"].is_null());
     }
 }
