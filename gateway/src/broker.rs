@@ -58,6 +58,47 @@ fn router_config(max_connections: usize, fleet_segment_bytes: usize) -> RouterCo
     }
 }
 
+/// The embedded broker's connection settings, without the auth handler (the gateway adds its
+/// own; `rki-plain-broker` runs without one).
+pub fn connection_settings() -> ConnectionSettings {
+    ConnectionSettings {
+        connection_timeout_ms: 10_000,
+        max_payload_size: MAX_PAYLOAD_BYTES,
+        max_inflight_count: 100,
+        auth: None,
+        external_auth: None,
+        dynamic_filters: false,
+    }
+}
+
+/// The embedded broker's whole rumqttd configuration: one v4 listener on `addr`, the router
+/// sized for the fleet, meters and alerts every second when `meters` is set. The gateway and the
+/// load tester's `rki-plain-broker` (rumqttd alone, as a baseline) both start from it.
+pub fn broker_config(
+    addr: SocketAddr,
+    max_connections: usize,
+    fleet_segment_bytes: usize,
+    connections: ConnectionSettings,
+    meters: bool,
+) -> Result<Config, String> {
+    let server =
+        ServerSettings { name: "v4".into(), listen: addr, tls: None, next_connection_delay_ms: 0, connections };
+    let every_second: rumqttd::MetricSettings =
+        serde_json::from_value(serde_json::json!({"push_interval": 1})).map_err(|e| e.to_string())?;
+    Ok(Config {
+        id: 0,
+        router: router_config(max_connections, fleet_segment_bytes.max(1024)),
+        v4: Some(HashMap::from([("1".to_string(), server)])),
+        metrics: meters.then(|| {
+            HashMap::from([
+                (rumqttd::MetricType::Meters, every_second.clone()),
+                (rumqttd::MetricType::Alerts, every_second),
+            ])
+        }),
+        ..Default::default()
+    })
+}
+
 /// Publishes through the broker's local link from a dedicated thread, so the engine never blocks
 /// on the router's channel.
 struct LinkOutbound {
@@ -92,14 +133,7 @@ impl EmbeddedBroker {
         fleet_segment_bytes: usize,
         engine: EngineCell,
     ) -> Result<Self, String> {
-        let mut connections = ConnectionSettings {
-            connection_timeout_ms: 10_000,
-            max_payload_size: MAX_PAYLOAD_BYTES,
-            max_inflight_count: 100,
-            auth: None,
-            external_auth: None,
-            dynamic_filters: false,
-        };
+        let mut connections = connection_settings();
         connections.set_auth_handler(move |client_id: String, username: String, password: String| {
             let engine = engine.clone();
             async move {
@@ -119,20 +153,7 @@ impl EmbeddedBroker {
                 }
             }
         });
-        let server =
-            ServerSettings { name: "v4".into(), listen: addr, tls: None, next_connection_delay_ms: 0, connections };
-        let every_second: rumqttd::MetricSettings =
-            serde_json::from_value(serde_json::json!({"push_interval": 1})).map_err(|e| e.to_string())?;
-        let config = Config {
-            id: 0,
-            router: router_config(max_connections, fleet_segment_bytes.max(1024)),
-            v4: Some(HashMap::from([("1".to_string(), server)])),
-            metrics: Some(HashMap::from([
-                (rumqttd::MetricType::Meters, every_second.clone()),
-                (rumqttd::MetricType::Alerts, every_second),
-            ])),
-            ..Default::default()
-        };
+        let config = broker_config(addr, max_connections, fleet_segment_bytes, connections, true)?;
         let mut broker = Broker::new(config);
         let meters = broker.meters().map_err(|e| format!("broker meters: {e}"))?;
         let alerts = broker.alerts().map_err(|e| format!("broker alerts: {e}"))?;

@@ -1,7 +1,9 @@
 //! `broker-baseline`: what a user would build instead. Mosquitto 2 (Debian's) as the broker,
 //! started here on a free port with its own configuration, and this process as the backend: it
 //! answers each hello with a download and waits for each ack. No derivation, no store, no MAC
-//! check at push time.
+//! check at push time. With `--baseline-broker rumqttd` the broker is `rki-plain-broker` instead:
+//! rumqttd with the gateway's embedded-broker settings and nothing else, which shows how much of
+//! a push is the embedded broker's own.
 //!
 //! The terminals are the same simulated terminals as in `fleet-push`, so their side costs the
 //! same in both runs and the messages have the same sizes. They start with preset secrets (as if
@@ -59,22 +61,67 @@ pub struct BaselineOptions {
     pub work_dir: PathBuf,
     pub keep: bool,
     pub quiet: bool,
+    pub broker: BaselineBroker,
 }
 
-/// Mosquitto as a child process.
-struct Mosquitto {
+/// The broker a baseline runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BaselineBroker {
+    /// Debian's Mosquitto 2, tuned for a burst.
+    Mosquitto,
+    /// rumqttd with the gateway's settings (`rki-plain-broker`).
+    Rumqttd,
+}
+
+impl BaselineBroker {
+    pub fn name(self) -> &'static str {
+        match self {
+            BaselineBroker::Mosquitto => "mosquitto",
+            BaselineBroker::Rumqttd => "rumqttd",
+        }
+    }
+}
+
+/// The baseline's broker as a child process.
+struct Broker {
     child: Child,
     port: u16,
     dir: PathBuf,
     keep: bool,
 }
 
-impl Mosquitto {
-    fn start(work_dir: &Path, label: &str, keep: bool) -> Result<Self> {
-        let dir = work_dir.join(format!("mosquitto-{label}"));
+impl Broker {
+    fn start(kind: BaselineBroker, work_dir: &Path, label: &str, keep: bool) -> Result<Self> {
+        let dir = work_dir.join(format!("{}-{label}", kind.name()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
         let port = rki_tests::free_port();
+        let log = std::fs::File::create(dir.join(format!("{}.log", kind.name())))?;
+        let child = match kind {
+            BaselineBroker::Mosquitto => Self::spawn_mosquitto(&dir, port, log)?,
+            BaselineBroker::Rumqttd => {
+                let exe = rki_tests::binary("rki-plain-broker");
+                Command::new(&exe)
+                    .arg("--listen")
+                    .arg(format!("0.0.0.0:{port}"))
+                    .stdin(Stdio::null())
+                    .stdout(log.try_clone()?)
+                    .stderr(log)
+                    .spawn()
+                    .map_err(|e| format!("{}: {e} (cargo build --release --workspace)", exe.display()))?
+            }
+        };
+        let started = Instant::now();
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if started.elapsed() > BROKER_START_TIMEOUT {
+                return Err(format!("{} not listening on {port}; see {}", kind.name(), dir.display()).into());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(Self { child, port, dir, keep })
+    }
+
+    fn spawn_mosquitto(dir: &Path, port: u16, log: std::fs::File) -> Result<Child> {
         // Tuned for a burst: no per-client queue limit the push could hit, a wide in-flight
         // window for the backend, no persistence (the baseline has no durability, by design).
         let conf = format!(
@@ -84,36 +131,32 @@ impl Mosquitto {
         );
         let conf_path = dir.join("mosquitto.conf");
         std::fs::write(&conf_path, conf)?;
-        let log = std::fs::File::create(dir.join("mosquitto.log"))?;
-        let child = Command::new("mosquitto")
+        Ok(Command::new("mosquitto")
             .arg("-c")
             .arg(&conf_path)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
-            .map_err(|e| format!("mosquitto: {e} (install it: apt-get install -y mosquitto)"))?;
-        let started = Instant::now();
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if started.elapsed() > BROKER_START_TIMEOUT {
-                return Err(format!("mosquitto not listening on {port}; see {}", dir.display()).into());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(Self { child, port, dir, keep })
+            .map_err(|e| format!("mosquitto: {e} (install it: apt-get install -y mosquitto)"))?)
     }
 
-    fn version() -> String {
-        Command::new("mosquitto")
-            .arg("-h")
-            .output()
-            .ok()
-            .and_then(|o| String::from_utf8_lossy(&o.stdout).lines().next().map(str::to_string))
-            .unwrap_or_default()
+    fn version(kind: BaselineBroker) -> String {
+        match kind {
+            BaselineBroker::Mosquitto => Command::new("mosquitto")
+                .arg("-h")
+                .output()
+                .ok()
+                .and_then(|o| String::from_utf8_lossy(&o.stdout).lines().next().map(str::to_string))
+                .unwrap_or_default(),
+            BaselineBroker::Rumqttd => {
+                "rumqttd 0.20 with the gateway's embedded-broker settings (rki-plain-broker)".into()
+            }
+        }
     }
 }
 
-impl Drop for Mosquitto {
+impl Drop for Broker {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -224,10 +267,11 @@ pub fn run(options: &BaselineOptions, runtime: &tokio::runtime::Runtime) -> Resu
     let load_start = procfs::load_average()[0];
     let own_cpu_start = procfs::sample(std::process::id()).map(|s| s.cpu_seconds).unwrap_or(0.0);
     let n = options.devices;
+    let kind = options.broker;
     let mut summary =
-        Summary { scenario: "broker-baseline".into(), server: "mosquitto".into(), devices: n, ..Summary::default() };
-    summary.extra.insert("broker_version".into(), json!(Mosquitto::version()));
-    let broker = Mosquitto::start(&options.work_dir, &n.to_string(), options.keep)?;
+        Summary { scenario: "broker-baseline".into(), server: kind.name().into(), devices: n, ..Summary::default() };
+    summary.extra.insert("broker_version".into(), json!(Broker::version(kind)));
+    let broker = Broker::start(kind, &options.work_dir, &n.to_string(), options.keep)?;
     let pid = broker.child.id();
 
     // Prepared before any clock: secrets, and the download each terminal will get.
@@ -275,7 +319,7 @@ pub fn run(options: &BaselineOptions, runtime: &tokio::runtime::Runtime) -> Resu
 fn drive(
     options: &BaselineOptions,
     runtime: &tokio::runtime::Runtime,
-    broker: &Mosquitto,
+    broker: &Broker,
     sns: &[String],
     seeds: Vec<SecretBytes>,
     backend: &Arc<Backend>,
@@ -316,7 +360,8 @@ fn drive(
         }
         if connect_started.elapsed() > options.phase_timeout {
             return Err(format!(
-                "only {connected} of {n} terminals connected to mosquitto ({} hellos) after {:?}",
+                "only {connected} of {n} terminals connected to {} ({} hellos) after {:?}",
+                options.broker.name(),
                 backend.hellos.load(Ordering::Relaxed),
                 options.phase_timeout
             )

@@ -8,7 +8,9 @@
 //!
 //! ## Layout
 //! - [`push`]: `fleet-push`, `reconnect-storm` and `churn` against the gateway.
-//! - [`baseline`]: `broker-baseline`, Mosquitto plus a backend with no crypto and no store.
+//! - [`baseline`]: `broker-baseline`, Mosquitto (or, with `--baseline-broker rumqttd`, rumqttd
+//!   alone with the gateway's settings: the `rki-plain-broker` binary) plus a backend with no
+//!   crypto and no store.
 //! - [`engine_scale`]: `engine`, one task for a million devices, derive + wrap + persist.
 //! - [`gateway`]: the gateway child process (MQTT on 0.0.0.0, so terminals can spread over
 //!   127.0.0.1–127.0.0.N) or an attached one.

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use rki_loadtest::baseline::{self, BaselineOptions};
+use rki_loadtest::baseline::{self, BaselineBroker, BaselineOptions};
 use rki_loadtest::engine_scale::{self, EngineOptions, Family};
 use rki_loadtest::gateway::Endpoint;
 use rki_loadtest::plot::{self, Chart, Series};
@@ -85,6 +85,10 @@ struct FleetArgs {
     /// into this directory (fleet-push).
     #[arg(long)]
     profile: Option<PathBuf>,
+    /// The broker broker-baseline runs on: Mosquitto, or rumqttd alone with the gateway's
+    /// embedded-broker settings (`rki-plain-broker`: the embedded broker's own share of a push).
+    #[arg(long, value_enum, default_value = "mosquitto")]
+    baseline_broker: BaselineBrokerArg,
 }
 
 #[derive(Args)]
@@ -122,6 +126,12 @@ struct FleetPushArgs {
     /// The gateways' store: SQLite in the data directory, or a PostgreSQL started here.
     #[arg(long, value_enum, default_value = "sqlite")]
     store: StoreArg,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum BaselineBrokerArg {
+    Mosquitto,
+    Rumqttd,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -229,7 +239,7 @@ fn run(cli: &Cli) -> Result<()> {
                     let base = baseline::run(&baseline_options(&args.fleet, devices, cli.quiet), &rt)?;
                     eprintln!("{}", base.report());
                     let ratio = gateway.keys_per_second / base.keys_per_second.max(1e-9);
-                    eprintln!("  throughput ratio rki-gateway / mosquitto baseline: {ratio:.3}");
+                    eprintln!("  throughput ratio rki-gateway / {} baseline: {ratio:.3}", base.server);
                     gateway.extra.insert("throughput_ratio_vs_baseline".into(), json!(round3(ratio)));
                     return Ok(vec![gateway, base]);
                 }
@@ -346,6 +356,10 @@ fn baseline_options(fleet: &FleetArgs, devices: usize, quiet: bool) -> BaselineO
         work_dir: fleet.work_dir.clone(),
         keep: fleet.keep,
         quiet,
+        broker: match fleet.baseline_broker {
+            BaselineBrokerArg::Mosquitto => BaselineBroker::Mosquitto,
+            BaselineBrokerArg::Rumqttd => BaselineBroker::Rumqttd,
+        },
     }
 }
 

@@ -1,0 +1,30 @@
+//! `rki-plain-broker`: rumqttd alone, with the gateway's embedded-broker settings and nothing of
+//! the gateway (no authentication, no engine, no store). `rki-loadtest broker-baseline
+//! --baseline-broker rumqttd` starts it, so that the embedded broker's own share of a push can be
+//! told apart from the gateway's work and from Mosquitto's.
+
+use std::net::SocketAddr;
+
+use clap::Parser;
+use rki_gateway::broker;
+
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// The address the MQTT listener binds.
+    #[arg(long)]
+    listen: SocketAddr,
+}
+
+fn main() -> Result<(), String> {
+    let cli = Cli::parse();
+    rki_device_sim::raise_fd_limit().map_err(|e| format!("open-file limit: {e}"))?;
+    let config = broker::broker_config(
+        cli.listen,
+        broker::max_connections_from_fd_limit(),
+        broker::FLEET_SEGMENT_BYTES,
+        broker::connection_settings(),
+        false,
+    )?;
+    rumqttd::Broker::new(config).start().map_err(|e| format!("rumqttd: {e}"))
+}
