@@ -11,9 +11,9 @@
 //! A device's topics start with its SN. A broker matches the first publish on a new topic against
 //! every subscription filter, and every new filter against every topic (rumqttd by a linear scan,
 //! one filter per terminal): with the SN first, two device topics differ at their first level and
-//! the comparison stops there. Measured with the embedded broker at 5,000 terminals, the router's
-//! CPU time for the fleet's connect phase halved (16.4 s with `rki/v1/dev/{sn}/…`, 8.0 s with
-//! `{sn}/rki/v1/…`; docs/BENCHMARKS.md).
+//! the comparison stops there. Measured with the embedded broker, the router's CPU time for the
+//! fleet's connect phase fell by about a quarter at 10,000 terminals and a third at 19,000
+//! (docs/BENCHMARKS.md, "Session 6").
 
 /// The common prefix, versioned with the protocol.
 pub const PREFIX: &str = "rki/v1";
