@@ -99,12 +99,16 @@ pub enum Inbound<'a> {
 /// Parses a topic the gateway subscribes to. Anything else, or a name that fails
 /// [`validate_name`], is `None`.
 pub fn parse_inbound(topic: &str) -> Option<Inbound<'_>> {
-    let parts: Vec<&str> = topic.split('/').collect();
-    let parsed = match parts.as_slice() {
-        [sn, "rki", "v1", "up"] => Inbound::DeviceUp { sn },
-        [sn, "rki", "v1", "init"] => Inbound::Init { sn },
-        ["rki", "v1", "backend", org, "tasks"] => Inbound::BackendTasks { org },
-        _ => return None,
+    let backend = topic.strip_prefix(PREFIX).and_then(|rest| rest.strip_prefix("/backend/"));
+    let parsed = if let Some(rest) = backend {
+        Inbound::BackendTasks { org: rest.strip_suffix("/tasks")? }
+    } else {
+        let (sn, rest) = topic.split_once('/')?;
+        match rest.strip_prefix(PREFIX)?.strip_prefix('/')? {
+            "up" => Inbound::DeviceUp { sn },
+            "init" => Inbound::Init { sn },
+            _ => return None,
+        }
     };
     let name = match parsed {
         Inbound::DeviceUp { sn } | Inbound::Init { sn } => sn,
@@ -132,6 +136,12 @@ mod tests {
         // Topics of an SN that is also the prefix's first level stay apart from the backend's.
         assert_eq!(parse_inbound(&device_up("rki")), Some(Inbound::DeviceUp { sn: "rki" }));
         assert!(is_own_topic("SN1", &init("SN1")) && !is_own_topic("SN1", &device_up("SN2")));
+        // The gateway's filters are the same scheme with a wildcard for the name.
+        assert_eq!(FILTER_DEVICE_UP, device_up("+"));
+        assert_eq!(FILTER_INIT, init("+"));
+        assert_eq!(FILTER_BACKEND_TASKS, backend_tasks("+"));
+        assert_eq!(FILTER_ALL_DEVICES, format!("+/{PREFIX}/#"));
+        assert_eq!(FILTER_ALL_BACKEND, format!("{PREFIX}/backend/#"));
     }
 
     #[test]
@@ -156,6 +166,9 @@ mod tests {
             "rki/v1/dev/SN1/up",
             "rki/v1/init/SN1",
             "rki/v1/backend/+/tasks",
+            "rki/v1/backend/a/b/tasks",
+            "rki/v1/backend/acme/events",
+            "rki/v1/backend//tasks",
         ] {
             assert_eq!(parse_inbound(topic), None, "{topic}");
         }
