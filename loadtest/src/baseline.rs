@@ -64,8 +64,8 @@ pub struct BaselineOptions {
     pub broker: BaselineBroker,
 }
 
-/// The broker a baseline runs on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The broker a baseline runs on (`--baseline-broker`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum BaselineBroker {
     /// Debian's Mosquitto 2, tuned for a burst.
     Mosquitto,

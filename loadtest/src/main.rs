@@ -88,7 +88,7 @@ struct FleetArgs {
     /// The broker broker-baseline runs on: Mosquitto, or rumqttd alone with the gateway's
     /// embedded-broker settings (`rki-plain-broker`: the embedded broker's own share of a push).
     #[arg(long, value_enum, default_value = "mosquitto")]
-    baseline_broker: BaselineBrokerArg,
+    baseline_broker: BaselineBroker,
 }
 
 #[derive(Args)]
@@ -126,12 +126,6 @@ struct FleetPushArgs {
     /// The gateways' store: SQLite in the data directory, or a PostgreSQL started here.
     #[arg(long, value_enum, default_value = "sqlite")]
     store: StoreArg,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum BaselineBrokerArg {
-    Mosquitto,
-    Rumqttd,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -356,10 +350,7 @@ fn baseline_options(fleet: &FleetArgs, devices: usize, quiet: bool) -> BaselineO
         work_dir: fleet.work_dir.clone(),
         keep: fleet.keep,
         quiet,
-        broker: match fleet.baseline_broker {
-            BaselineBrokerArg::Mosquitto => BaselineBroker::Mosquitto,
-            BaselineBrokerArg::Rumqttd => BaselineBroker::Rumqttd,
-        },
+        broker: fleet.baseline_broker,
     }
 }
 
