@@ -59,8 +59,8 @@ fn router_config(max_connections: usize, fleet_segment_bytes: usize) -> RouterCo
 }
 
 /// The embedded broker's connection settings, without the auth handler (the gateway adds its
-/// own; `rki-plain-broker` runs without one).
-pub fn connection_settings() -> ConnectionSettings {
+/// own; [`run_plain`] runs without one).
+fn connection_settings() -> ConnectionSettings {
     ConnectionSettings {
         connection_timeout_ms: 10_000,
         max_payload_size: MAX_PAYLOAD_BYTES,
@@ -72,9 +72,9 @@ pub fn connection_settings() -> ConnectionSettings {
 }
 
 /// The embedded broker's whole rumqttd configuration: one v4 listener on `addr`, the router
-/// sized for the fleet, meters and alerts every second when `meters` is set. The gateway and the
-/// load tester's `rki-plain-broker` (rumqttd alone, as a baseline) both start from it.
-pub fn broker_config(
+/// sized for the fleet, meters and alerts every second when `meters` is set. [`EmbeddedBroker`]
+/// and [`run_plain`] both start from it.
+fn broker_config(
     addr: SocketAddr,
     max_connections: usize,
     fleet_segment_bytes: usize,
@@ -97,6 +97,15 @@ pub fn broker_config(
         }),
         ..Default::default()
     })
+}
+
+/// Runs rumqttd alone on `addr`, with the embedded broker's settings and nothing of the gateway
+/// (no authentication, no local link, no engine), until it stops: the load tester's
+/// `rki-plain-broker`, a baseline that shows the embedded broker's own share of a push.
+pub fn run_plain(addr: SocketAddr) -> Result<(), String> {
+    let config =
+        broker_config(addr, max_connections_from_fd_limit(), FLEET_SEGMENT_BYTES, connection_settings(), false)?;
+    Broker::new(config).start().map_err(|e| format!("rumqttd: {e}"))
 }
 
 /// Publishes through the broker's local link from a dedicated thread, so the engine never blocks

@@ -6,7 +6,6 @@
 use std::net::SocketAddr;
 
 use clap::Parser;
-use rki_gateway::broker;
 
 #[derive(Parser)]
 #[command(version, about)]
@@ -19,12 +18,5 @@ struct Cli {
 fn main() -> Result<(), String> {
     let cli = Cli::parse();
     rki_device_sim::raise_fd_limit().map_err(|e| format!("open-file limit: {e}"))?;
-    let config = broker::broker_config(
-        cli.listen,
-        broker::max_connections_from_fd_limit(),
-        broker::FLEET_SEGMENT_BYTES,
-        broker::connection_settings(),
-        false,
-    )?;
-    rumqttd::Broker::new(config).start().map_err(|e| format!("rumqttd: {e}"))
+    rki_gateway::broker::run_plain(cli.listen)
 }
