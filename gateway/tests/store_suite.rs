@@ -803,7 +803,7 @@ fn records_refuse_update_and_delete(s: &Subject) {
 // ---------------------------------------------------------------- migrations and inherent methods
 
 fn migrations_run_once_and_reopening_keeps_everything(s: &Subject) {
-    const MIGRATIONS: i64 = 3;
+    const MIGRATIONS: i64 = 4;
     assert_eq!(s.opened.schema_version().must(), MIGRATIONS);
     let w = world(s.store(), "acme", 2);
     let again = s.reopen().must();
@@ -1035,6 +1035,70 @@ fn postgres_redelivery_claims_fire_once_per_execution_across_nodes() {
     assert!(st.claim_redeliveries(T0 + DAY_MS, 10, INITIAL, MAX, 10_000).must().is_empty());
 }
 
+/// A database written by a gateway of schema version 3 (credentials in the device row): after
+/// the upgrade to 4 the initialised device keeps its credentials, and the other device stays
+/// uninitialised.
+/// `blob_0102`: the backend's literal for the bytes 01 02.
+fn credentials_survive_the_upgrade_to_schema_4(
+    blob_0102: &str,
+    raw: &dyn Fn(&str),
+    reopen: &dyn Fn() -> Box<dyn Store>,
+) {
+    raw("INSERT INTO organizations (id, name, created_at) VALUES (1, 'acme', 0)");
+    raw(&format!(
+        "INSERT INTO devices (id, org_id, sn, created_at, last_counter, generation, x_pos_device_id, signing_key,
+                              kbpk_aes, kbpk_tdes, password_hash, broker_password_hash)
+         VALUES (1, 1, 'SN-A', 0, 41, 2, 'xpos-a', 'sealed:sign', 'sealed:aes', 'sealed:tdes', {blob_0102}, '$7$hash-a')"
+    ));
+    raw("INSERT INTO devices (id, org_id, sn, created_at) VALUES (2, 1, 'SN-B', 0)");
+    let st = reopen();
+    let creds = st.credentials("SN-A").must().expect("SN-A keeps its credentials");
+    assert_eq!(
+        (creds.signing_key.as_str(), creds.kbpk_aes.as_str(), creds.kbpk_tdes.as_str()),
+        ("sealed:sign", "sealed:aes", "sealed:tdes")
+    );
+    assert_eq!((creds.password_hash.as_slice(), creds.last_counter, creds.generation), (&[1u8, 2][..], 41, 2));
+    assert!(st.credentials("SN-B").must().is_none());
+    let mut devices = st.list_devices(1, &DeviceFilter::default()).must();
+    devices.sort_by_key(|d| d.id);
+    let initialised: Vec<(&str, bool)> = devices.iter().map(|d| (d.sn.as_str(), d.initialised)).collect();
+    assert_eq!(initialised, [("SN-A", true), ("SN-B", false)]);
+    assert_eq!(st.all_password_hashes().must(), [("SN-A".to_string(), vec![1, 2])]);
+    assert_eq!(
+        st.broker_devices().must(),
+        [("SN-A".to_string(), Some("$7$hash-a".to_string())), ("SN-B".to_string(), None)]
+    );
+}
+
+#[test]
+fn sqlite_credentials_survive_the_upgrade_to_schema_4() {
+    let dir = TempDir::new("rki-store-upgrade");
+    let path = dir.path().join("rki.sqlite");
+    rki_gateway::store::sqlite::SqliteStore::migrate_to_version(&path, 3).must();
+    let conn = rusqlite::Connection::open(&path).expect("open");
+    credentials_survive_the_upgrade_to_schema_4(
+        "X'0102'",
+        &|sql| {
+            conn.execute(sql, []).unwrap_or_else(|e| panic!("{sql}: {e}"));
+        },
+        &|| Box::new(rki_gateway::store::sqlite::SqliteStore::open(&path).must()),
+    );
+}
+
+#[test]
+fn postgres_credentials_survive_the_upgrade_to_schema_4() {
+    let url = pg_server().create_database("upgrade_to_4").unwrap_or_else(|e| panic!("{e}"));
+    PostgresStore::migrate_to_version(&url, 3).must();
+    let client = std::cell::RefCell::new(::postgres::Client::connect(&url, ::postgres::NoTls).expect("connect"));
+    credentials_survive_the_upgrade_to_schema_4(
+        "'\\x0102'::bytea",
+        &|sql| {
+            client.borrow_mut().execute(sql, &[]).unwrap_or_else(|e| panic!("{sql}: {e}"));
+        },
+        &|| Box::new(PostgresStore::connect(&url, 2).must()),
+    );
+}
+
 #[test]
 fn postgres_nodes_starting_together_migrate_one_database_once() {
     const NODES: usize = 4;
@@ -1045,7 +1109,7 @@ fn postgres_nodes_starting_together_migrate_one_database_once() {
             .collect();
         nodes.into_iter().map(|n| n.join().expect("starting node")).collect()
     });
-    assert_eq!(versions, [3; NODES]);
+    assert_eq!(versions, [4; NODES]);
     let mut client = ::postgres::Client::connect(&url, ::postgres::NoTls).expect("connect");
     let recorded: Vec<i32> = client
         .query("SELECT version FROM schema_migrations ORDER BY version", &[])
@@ -1053,7 +1117,7 @@ fn postgres_nodes_starting_together_migrate_one_database_once() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(recorded, [1, 2, 3], "each migration recorded once");
+    assert_eq!(recorded, [1, 2, 3, 4], "each migration recorded once");
 }
 
 #[test]

@@ -54,6 +54,21 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE devices ADD COLUMN broker_password_hash TEXT;",
     // 3: cluster-wide re-delivery: the last send (any node) and a node's claim on the next one.
     "ALTER TABLE executions ADD COLUMN last_sent_at BIGINT, ADD COLUMN retry_claimed_until BIGINT;",
+    // 4: a device's credentials in a table of their own (as SQLite's schema 4): the device row,
+    // rewritten on every ack and hello, no longer carries them into each new row version.
+    "CREATE TABLE device_credentials (
+         device_id            BIGINT PRIMARY KEY REFERENCES devices(id),
+         signing_key          TEXT NOT NULL,
+         kbpk_aes             TEXT,
+         kbpk_tdes            TEXT,
+         password_hash        BYTEA,
+         broker_password_hash TEXT
+     );
+     INSERT INTO device_credentials (device_id, signing_key, kbpk_aes, kbpk_tdes, password_hash, broker_password_hash)
+         SELECT id, signing_key, kbpk_aes, kbpk_tdes, password_hash, broker_password_hash FROM devices
+         WHERE signing_key IS NOT NULL;
+     ALTER TABLE devices DROP COLUMN signing_key, DROP COLUMN kbpk_aes, DROP COLUMN kbpk_tdes,
+         DROP COLUMN password_hash, DROP COLUMN broker_password_hash;",
 ];
 
 /// Advisory lock key held while migrating, so nodes starting together migrate one at a time.
@@ -422,7 +437,7 @@ impl PostgresStore {
                 count += 1;
             }
             let devices = s.query(
-                "SELECT id, signing_key, kbpk_aes, kbpk_tdes FROM devices WHERE signing_key IS NOT NULL ORDER BY id FOR UPDATE",
+                "SELECT device_id, signing_key, kbpk_aes, kbpk_tdes FROM device_credentials ORDER BY device_id FOR UPDATE",
                 &[],
             )?;
             for row in devices {
@@ -432,7 +447,7 @@ impl PostgresStore {
                     *slot = reseal(&row.try_get::<_, String>(i + 1)?).map_err(StoreError::Invalid)?;
                 }
                 s.execute(
-                    "UPDATE devices SET signing_key = $2, kbpk_aes = $3, kbpk_tdes = $4 WHERE id = $1",
+                    "UPDATE device_credentials SET signing_key = $2, kbpk_aes = $3, kbpk_tdes = $4 WHERE device_id = $1",
                     &[&id, &sealed[0], &sealed[1], &sealed[2]],
                 )?;
                 count += 3;
@@ -450,6 +465,17 @@ impl PostgresStore {
         self.read(|s| {
             Ok(s.query_one("SELECT COALESCE(max(version), 0)::bigint FROM schema_migrations", &[])?.try_get(0)?)
         })
+    }
+
+    /// Creates (or upgrades) the database at `url` to schema `version` and no further, without
+    /// opening a store: the upgrade tests start from an older schema with it.
+    #[doc(hidden)]
+    pub fn migrate_to_version(url: &str, version: usize) -> StoreResult<()> {
+        let config =
+            ::postgres::Config::from_str(url).map_err(|e| StoreError::Invalid(format!("PostgreSQL URL: {e}")))?;
+        let mut client =
+            config.connect(NoTls).map_err(|e| StoreError::Backend(format!("connect to PostgreSQL: {e}")))?;
+        migrate_to(&mut client, version).map_err(StoreError::from)
     }
 }
 
@@ -472,6 +498,11 @@ fn transaction<T>(
 }
 
 fn migrate(client: &mut Client) -> Result<(), Failure> {
+    migrate_to(client, MIGRATIONS.len())
+}
+
+/// Runs the migrations after the database's version, up to `version`.
+fn migrate_to(client: &mut Client, version: usize) -> Result<(), Failure> {
     let known = MIGRATIONS.len() as i32;
     loop {
         let mut tx = client.transaction()?;
@@ -488,7 +519,7 @@ fn migrate(client: &mut Client) -> Result<(), Failure> {
                 "database schema version {current} is newer than this gateway knows ({known}); upgrade the gateway"
             )));
         }
-        if current == known {
+        if current as usize >= version.min(MIGRATIONS.len()) {
             tx.commit()?;
             return Ok(());
         }
@@ -503,7 +534,7 @@ fn migrate(client: &mut Client) -> Result<(), Failure> {
 macro_rules! device_columns {
     () => {
         "id, org_id, sn, model, rom_version, app_version, region, debug_mode, debug_key_present, locked, last_seen,
-         assigned_key_source, signing_key IS NOT NULL, x_pos_device_id, created_at, unlock_pending, slots"
+         assigned_key_source, EXISTS (SELECT 1 FROM device_credentials c WHERE c.device_id = devices.id), x_pos_device_id, created_at, unlock_pending, slots"
     };
 }
 
@@ -529,9 +560,12 @@ fn device_row(r: &Row) -> Result<DeviceRow, Failure> {
     })
 }
 
-macro_rules! credential_columns {
+/// An initialised device's credentials; `WHERE` clauses name the device `d`.
+macro_rules! select_credentials {
     () => {
-        "id, org_id, sn, signing_key, kbpk_aes, kbpk_tdes, password_hash, last_counter, generation, unlock_pending"
+        "SELECT d.id, d.org_id, d.sn, c.signing_key, c.kbpk_aes, c.kbpk_tdes, c.password_hash, d.last_counter,
+                d.generation, d.unlock_pending
+         FROM devices d JOIN device_credentials c ON c.device_id = d.id"
     };
 }
 
@@ -735,9 +769,11 @@ impl PostgresTaskSink<'_, '_, '_> {
 impl TaskSink for PostgresTaskSink<'_, '_, '_> {
     fn derive_targets(&mut self, device_ids: &[i64], aes: bool) -> StoreResult<Vec<DeriveTarget>> {
         let sql = if aes {
-            "SELECT id, sn, generation, kbpk_aes FROM devices WHERE signing_key IS NOT NULL AND id = ANY ($1)"
+            "SELECT d.id, d.sn, d.generation, c.kbpk_aes FROM devices d JOIN device_credentials c ON c.device_id = d.id
+             WHERE d.id = ANY ($1)"
         } else {
-            "SELECT id, sn, generation, kbpk_tdes FROM devices WHERE signing_key IS NOT NULL AND id = ANY ($1)"
+            "SELECT d.id, d.sn, d.generation, c.kbpk_tdes FROM devices d JOIN device_credentials c ON c.device_id = d.id
+             WHERE d.id = ANY ($1)"
         };
         let found = self.s.query(sql, &[&device_ids]);
         let found = self.keep(found)?;
@@ -1149,24 +1185,26 @@ fn spend_gudid_in(
     if spent != 1 {
         return Ok(None);
     }
-    let row = s.query_one(
-        concat!(
-            "UPDATE devices SET signing_key = $2, kbpk_aes = $3, kbpk_tdes = $4, password_hash = $5, last_counter = $6,
-                    x_pos_device_id = $7, broker_password_hash = $8, generation = generation + 1
-             WHERE id = $1 RETURNING ",
-            credential_columns!()
-        ),
+    s.execute(
+        "UPDATE devices SET last_counter = $2, x_pos_device_id = $3, generation = generation + 1 WHERE id = $1",
+        &[&device_id, &(creds.counter as i64), &creds.x_pos_device_id],
+    )?;
+    s.execute(
+        "INSERT INTO device_credentials (device_id, signing_key, kbpk_aes, kbpk_tdes, password_hash, broker_password_hash)
+         VALUES ($1, $2, $3, $4, $5, $6)
+         ON CONFLICT (device_id) DO UPDATE SET signing_key = EXCLUDED.signing_key, kbpk_aes = EXCLUDED.kbpk_aes,
+             kbpk_tdes = EXCLUDED.kbpk_tdes, password_hash = EXCLUDED.password_hash,
+             broker_password_hash = EXCLUDED.broker_password_hash",
         &[
             &device_id,
             &creds.signing_key,
             &creds.kbpk_aes,
             &creds.kbpk_tdes,
             &creds.password_hash,
-            &(creds.counter as i64),
-            &creds.x_pos_device_id,
             &creds.broker_password_hash,
         ],
     )?;
+    let row = s.query_one(concat!(select_credentials!(), " WHERE d.id = $1"), &[&device_id])?;
     credentials_row(&row).map(Some)
 }
 
@@ -1423,39 +1461,37 @@ impl Store for PostgresStore {
 
     fn credentials(&self, sn: &str) -> StoreResult<Option<DeviceCredentials>> {
         self.read(|s| {
-            s.query_opt(
-                concat!("SELECT ", credential_columns!(), " FROM devices WHERE sn = $1 AND signing_key IS NOT NULL"),
-                &[&sn],
-            )?
-            .map(|r| credentials_row(&r))
-            .transpose()
+            s.query_opt(concat!(select_credentials!(), " WHERE d.sn = $1"), &[&sn])?
+                .map(|r| credentials_row(&r))
+                .transpose()
         })
     }
 
     fn credentials_for(&self, ids: &[i64]) -> StoreResult<Vec<DeviceCredentials>> {
         self.read(|s| {
-            let found = s.query(
-                concat!(
-                    "SELECT ",
-                    credential_columns!(),
-                    " FROM devices WHERE signing_key IS NOT NULL AND id = ANY ($1) ORDER BY id"
-                ),
-                &[&ids],
-            )?;
+            let found = s.query(concat!(select_credentials!(), " WHERE d.id = ANY ($1) ORDER BY d.id"), &[&ids])?;
             rows(found, credentials_row)
         })
     }
 
     fn all_password_hashes(&self) -> StoreResult<Vec<(String, Vec<u8>)>> {
         self.read(|s| {
-            let found = s.query("SELECT sn, password_hash FROM devices WHERE password_hash IS NOT NULL", &[])?;
+            let found = s.query(
+                "SELECT d.sn, c.password_hash FROM devices d JOIN device_credentials c ON c.device_id = d.id
+                 WHERE c.password_hash IS NOT NULL",
+                &[],
+            )?;
             rows(found, |r| Ok((r.try_get(0)?, r.try_get(1)?)))
         })
     }
 
     fn broker_devices(&self) -> StoreResult<Vec<(String, Option<String>)>> {
         self.read(|s| {
-            let found = s.query("SELECT sn, broker_password_hash FROM devices ORDER BY sn COLLATE \"C\"", &[])?;
+            let found = s.query(
+                "SELECT d.sn, c.broker_password_hash FROM devices d LEFT JOIN device_credentials c ON c.device_id = d.id
+                 ORDER BY d.sn COLLATE \"C\"",
+                &[],
+            )?;
             rows(found, |r| Ok((r.try_get(0)?, r.try_get(1)?)))
         })
     }
