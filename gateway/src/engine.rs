@@ -1566,13 +1566,44 @@ impl Engine {
             online.clear();
             self.sweep_now.notify_one();
         }
-        for (sn, hot) in online {
-            let key = { self.signing_key(&mut lock(&hot)) };
-            if let Some(key) = key {
-                self.deliver_open(&sn, &hot, &key, None, true).await;
+        let began = Instant::now();
+        let terminals = online.len();
+        self.deliver_to_online(online).await;
+        info!(
+            task = task.id,
+            terminals,
+            deliver_ms = began.elapsed().as_millis(),
+            "downloads sent to online terminals"
+        );
+        Ok((task, preview))
+    }
+
+    /// Seals and publishes the open executions of these online terminals, on one task per core:
+    /// each download is signed with its terminal's key, and a fleet-wide task is thousands of
+    /// them.
+    async fn deliver_to_online(&self, mut online: Vec<(String, Arc<Mutex<DeviceHot>>)>) {
+        let Some(engine) = self.me.get().and_then(std::sync::Weak::upgrade) else { return };
+        let workers =
+            std::thread::available_parallelism().map_or(1, |n| n.get()).min(online.len().div_ceil(256)).max(1);
+        let per_worker = online.len().div_ceil(workers);
+        let mut running = Vec::with_capacity(workers);
+        while !online.is_empty() {
+            let share = online.split_off(online.len().saturating_sub(per_worker));
+            let engine = engine.clone();
+            running.push(tokio::spawn(async move {
+                for (sn, hot) in share {
+                    let key = { engine.signing_key(&mut lock(&hot)) };
+                    if let Some(key) = key {
+                        engine.deliver_open(&sn, &hot, &key, None, true).await;
+                    }
+                }
+            }));
+        }
+        for worker in running {
+            if let Err(e) = worker.await {
+                error!(error = %e, "a delivery worker failed");
             }
         }
-        Ok((task, preview))
     }
 
     /// Streams a task's executions into its transaction, [`TASK_CHUNK`] devices at a time, as a
