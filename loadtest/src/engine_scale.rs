@@ -81,9 +81,11 @@ fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
-/// Builds the cached fleet of `n` devices if it is not there; returns its directory.
+/// Builds the cached fleet of `n` devices if it is not there; returns its directory. The cache is
+/// per schema version: a fleet built by an older gateway would be migrated on every run, and the
+/// measurement would carry the migration's WAL.
 pub fn ensure_fleet(options: &EngineOptions) -> Result<PathBuf> {
-    let cache = options.cache_dir.join(format!("engine-{}", options.devices));
+    let cache = options.cache_dir.join(format!("engine-{}-schema{}", options.devices, SqliteStore::SCHEMA_VERSION));
     if cache.join(STORE_FILE).exists() && !options.rebuild {
         return Ok(cache);
     }

@@ -531,10 +531,12 @@ fn migrate_to(client: &mut Client, version: usize) -> Result<(), Failure> {
 
 // ---------------------------------------------------------------- rows
 
+/// `generation > 0` is "initialised": every initialisation installs the credentials and counts
+/// the generation up in one transaction, and nothing else sets either.
 macro_rules! device_columns {
     () => {
         "id, org_id, sn, model, rom_version, app_version, region, debug_mode, debug_key_present, locked, last_seen,
-         assigned_key_source, EXISTS (SELECT 1 FROM device_credentials c WHERE c.device_id = devices.id), x_pos_device_id, created_at, unlock_pending, slots"
+         assigned_key_source, generation > 0, x_pos_device_id, created_at, unlock_pending, slots"
     };
 }
 
