@@ -9,7 +9,11 @@
 //! - every subscription filter has its own in-memory commitlog: device filters are sized small,
 //!   the gateway's wildcard filters large enough for a fleet-wide burst; a slow consumer that is
 //!   overtaken loses messages (`CursorJump`), which the retry design makes harmless;
-//! - the accept loop sleeps `next_connection_delay_ms` after each accept: 0 here;
+//! - the accept loop sleeps `next_connection_delay_ms` after each accept: 0 here, which tokio
+//!   still rounds up to its 1 ms tick, so one listener accepts at most ~760 connections/s;
+//! - the listener is bound with the standard library's backlog of 128, so a reconnect storm
+//!   overflows it and the terminals' SYNs are dropped and retried after 1, 3, 7, 15 s: the gateway
+//!   raises the backlog of rumqttd's socket once it is listening ([`raise_listen_backlog`]);
 //! - over `max_connections` a client gets no CONNACK: the limit is derived from the open-file limit.
 
 use std::collections::HashMap;
@@ -99,12 +103,69 @@ fn broker_config(
     })
 }
 
+/// The listen backlog the gateway gives rumqttd's listener (the kernel caps it at
+/// `net.core.somaxconn`, 4,096 by default): a queue for a few seconds of a reconnect storm at the
+/// accept loop's pace, instead of 128 connections.
+pub const LISTEN_BACKLOG: i32 = 4096;
+
+/// Raises the listen backlog of the listening TCP sockets of this process bound to exactly `addr`
+/// (rumqttd's, which rumqttd creates and never shows): each is duplicated with `pidfd_getfd`
+/// (the process's own descriptors; Linux 5.6 and later) and `listen` is called again on the
+/// duplicate, which Linux applies to the listening socket as a new backlog. Returns how many
+/// sockets it raised.
+pub fn raise_listen_backlog(addr: SocketAddr, backlog: i32) -> Result<usize, String> {
+    use rustix::process::{pidfd_getfd, pidfd_open, PidfdFlags, PidfdGetfdFlags};
+    let me = pidfd_open(rustix::process::getpid(), PidfdFlags::empty()).map_err(|e| format!("pidfd_open: {e}"))?;
+    let mut raised = 0;
+    for entry in std::fs::read_dir("/proc/self/fd").map_err(|e| format!("/proc/self/fd: {e}"))? {
+        let Some(number) = entry.ok().and_then(|e| e.file_name().to_str().and_then(|n| n.parse().ok())) else {
+            continue;
+        };
+        // A descriptor closed since the listing, or not a socket, is skipped.
+        let Ok(fd) = pidfd_getfd(&me, number, PidfdGetfdFlags::empty()) else { continue };
+        if !matches!(rustix::net::sockopt::socket_acceptconn(&fd), Ok(true)) {
+            continue;
+        }
+        let bound = rustix::net::getsockname(&fd).ok().and_then(|a| SocketAddr::try_from(a).ok());
+        if bound == Some(addr) {
+            rustix::net::listen(&fd, backlog).map_err(|e| format!("listen: {e}"))?;
+            raised += 1;
+        }
+    }
+    Ok(raised)
+}
+
+/// Waits (on a thread of its own, up to 10 s) for rumqttd to listen on `addr`, then raises its
+/// backlog; says in the log what it did. A port of 0 is left alone (the bound port is unknown).
+fn raise_backlog_when_listening(addr: SocketAddr) {
+    if addr.port() == 0 {
+        return;
+    }
+    let spawned = std::thread::Builder::new().name("listen-backlog".into()).spawn(move || {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match raise_listen_backlog(addr, LISTEN_BACKLOG) {
+                Ok(0) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20))
+                }
+                Ok(0) => return warn!(%addr, "MQTT listener not found: its listen backlog stays at 128"),
+                Ok(_) => return info!(%addr, backlog = LISTEN_BACKLOG, "MQTT listener backlog raised"),
+                Err(e) => return warn!(%addr, error = %e, "cannot raise the MQTT listener's backlog; it stays at 128"),
+            }
+        }
+    });
+    if let Err(e) = spawned {
+        warn!(error = %e, "cannot start the listen-backlog thread");
+    }
+}
+
 /// Runs rumqttd alone on `addr`, with the embedded broker's settings and nothing of the gateway
 /// (no authentication, no local link, no engine), until it stops: the load tester's
 /// `rki-plain-broker`, a baseline that shows the embedded broker's own share of a push.
 pub fn run_plain(addr: SocketAddr) -> Result<(), String> {
     let config =
         broker_config(addr, max_connections_from_fd_limit(), FLEET_SEGMENT_BYTES, connection_settings(), false)?;
+    raise_backlog_when_listening(addr);
     Broker::new(config).start().map_err(|e| format!("rumqttd: {e}"))
 }
 
@@ -179,6 +240,7 @@ impl EmbeddedBroker {
                 }
             })
             .map_err(|e| e.to_string())?;
+        raise_backlog_when_listening(addr);
         let (tx, rx) = std::sync::mpsc::channel::<(String, Vec<u8>)>();
         std::thread::Builder::new()
             .name("broker-publish".into())
@@ -287,5 +349,44 @@ fn publish_loop(mut link_tx: LinkTx, rx: std::sync::mpsc::Receiver<(String, Vec<
         if let Err(e) = link_tx.publish(topic, payload) {
             error!(error = %e, "broker publish failed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{TcpListener, TcpStream};
+    use std::time::Duration;
+
+    /// Connections a listener that never accepts lets complete, up to `limit`.
+    fn completed_connects(addr: SocketAddr, limit: usize) -> Vec<TcpStream> {
+        let mut open = Vec::new();
+        while open.len() < limit {
+            match TcpStream::connect_timeout(&addr, Duration::from_millis(300)) {
+                Ok(stream) => open.push(stream),
+                Err(_) => break,
+            }
+        }
+        open
+    }
+
+    #[test]
+    fn the_backlog_of_a_listener_this_process_holds_is_raised() {
+        // The standard library listens with a backlog of 128, as rumqttd's listener does.
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let other = TcpListener::bind("127.0.0.1:0").expect("bind");
+        assert_eq!(raise_listen_backlog(addr, 600), Ok(1), "exactly the listener on that address");
+        let open = completed_connects(addr, 500);
+        assert_eq!(open.len(), 500, "500 connections queue behind a backlog of 600 without an accept");
+        // The other listener kept its 128: its queue fills at 129.
+        let open_other = completed_connects(other.local_addr().expect("address"), 500);
+        assert!(open_other.len() < 200, "{} connections queued behind a backlog of 128", open_other.len());
+    }
+
+    #[test]
+    fn no_listener_on_the_address_raises_nothing() {
+        let free = TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("address");
+        assert_eq!(raise_listen_backlog(free, 600), Ok(0));
     }
 }
