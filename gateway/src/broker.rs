@@ -121,8 +121,13 @@ pub fn raise_listen_backlog(addr: SocketAddr, backlog: i32) -> Result<usize, Str
         let Some(number) = entry.ok().and_then(|e| e.file_name().to_str().and_then(|n| n.parse().ok())) else {
             continue;
         };
-        // A descriptor closed since the listing, or not a socket, is skipped.
-        let Ok(fd) = pidfd_getfd(&me, number, PidfdGetfdFlags::empty()) else { continue };
+        // A descriptor closed since the listing is skipped; a kernel or sandbox that refuses the
+        // call (before Linux 5.6, or a seccomp filter) is an error.
+        let fd = match pidfd_getfd(&me, number, PidfdGetfdFlags::empty()) {
+            Ok(fd) => fd,
+            Err(e) if e == rustix::io::Errno::BADF => continue,
+            Err(e) => return Err(format!("pidfd_getfd: {e}")),
+        };
         if !matches!(rustix::net::sockopt::socket_acceptconn(&fd), Ok(true)) {
             continue;
         }
