@@ -23,7 +23,8 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE executions ADD COLUMN last_sent_at INTEGER; ALTER TABLE executions ADD COLUMN retry_claimed_until INTEGER;",
     // 4: a device's credentials in a table of their own. They are written once per
     // initialisation, while the device row is rewritten on every ack (counter, lock) and hello:
-    // without them the row is about a fifth as long, so an ack dirties a fifth of the pages.
+    // without them a row holds ~90 bytes instead of ~570 (37 rows to a page instead of 5), so the
+    // acks of a push dirty a seventh of the device pages.
     include_str!("migration_4_credentials.sql"),
 ];
 
