@@ -51,15 +51,7 @@ fn bench(name: &str, st: &dyn Store) {
         // Fresh open executions for 1,000 devices, one task per run.
         let devices: Vec<usize> = (run * ACKS..(run + 1) * ACKS).map(|i| i % TASK_EXECUTIONS).collect();
         let (_, executions) = task(st, &w, &devices);
-        let writes: Vec<Write> = executions
-            .iter()
-            .flat_map(|e| {
-                [
-                    Write::Counter { device_id: e.device_id, counter: 1_000 + run as u64 },
-                    Write::End(ending(e.id, ExecutionState::Succeeded, T0 + 1)),
-                ]
-            })
-            .collect();
+        let writes = ack_writes(&executions, 1_000 + run as u64, T0 + 1);
         let started = Instant::now();
         let outcome = st.apply_batch(&writes).must();
         batch_samples.push(started.elapsed());

@@ -16,7 +16,6 @@ mod pg;
 
 use std::time::{Duration, Instant};
 
-use rki_gateway::domain::ExecutionState;
 use rki_gateway::store::sqlite::SqliteStore;
 use rki_gateway::store::*;
 
@@ -60,9 +59,7 @@ fn main() {
     let setup: Vec<Write> = (0..devices)
         .flat_map(|i| {
             let d = &w.devices[i];
-            let mut row = new_gudid(&w, i, 0xC0);
-            row.gudid_id = (i as u64).to_be_bytes().to_vec();
-            let gudid = st.insert_gudid(&row).must();
+            let gudid = st.insert_gudid(&new_gudid(&w, i, 0xC0)).must();
             [
                 Write::Initialise { gudid_row: gudid.id, device_id: d.id, creds: credentials(i), at: T0 + 1 },
                 Write::Report(report(d.id, false, T0 + 2)),
@@ -94,16 +91,7 @@ fn main() {
         let started = Instant::now();
         let mut ended = 0;
         for chunk in executions.chunks(ACKS_PER_BATCH) {
-            let writes: Vec<Write> = chunk
-                .iter()
-                .flat_map(|e| {
-                    [
-                        Write::Counter { device_id: e.device_id, counter: 10 + run as u64 },
-                        Write::End(ending(e.id, ExecutionState::Succeeded, T0 + 30)),
-                    ]
-                })
-                .collect();
-            ended += st.apply_batch(&writes).must().ended.len();
+            ended += st.apply_batch(&ack_writes(chunk, 10 + run as u64, T0 + 30)).must().ended.len();
         }
         assert_eq!(ended, devices);
         let ack_time = started.elapsed();

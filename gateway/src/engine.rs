@@ -387,7 +387,7 @@ pub struct Engine {
     online: AtomicI64,
     /// Bounds initialisations in flight (each holds an X25519 exchange and a pending commit).
     init_permits: Arc<tokio::sync::Semaphore>,
-    /// A weak handle to itself, to spawn initialisations.
+    /// A weak handle to itself, for work spawned beyond `&self` ([`Engine::arc`]).
     me: std::sync::OnceLock<std::sync::Weak<Engine>>,
     /// Woken when devices are registered or (re)initialised (the external broker's ACL sync).
     registry: tokio::sync::Notify,
@@ -495,6 +495,11 @@ impl Engine {
 
     /// Adds an open execution to the device's hot state, if the device is hot (a device that
     /// is not reads its open executions from the store on its first message: `hot_device`).
+    /// This engine as an `Arc`, for work spawned beyond `&self`; `None` once it is being dropped.
+    fn arc(&self) -> Option<Arc<Engine>> {
+        self.me.get().and_then(std::sync::Weak::upgrade)
+    }
+
     fn insert_open_execution(&self, sn: &str, open: OpenExecution) {
         let Some(hot) = self.devices.get(sn).map(|h| h.clone()) else {
             // A device without credentials cannot receive keys; its execution waits for an
@@ -614,7 +619,7 @@ impl Engine {
             Some(topic::Inbound::Init { sn }) => {
                 // Initialisations are independent of the device's other messages and wait for a
                 // durable commit: run them beside the shard, bounded by INIT_CONCURRENCY_MAX.
-                let Some(engine) = self.me.get().and_then(std::sync::Weak::upgrade) else { return };
+                let Some(engine) = self.arc() else { return };
                 let Ok(permit) = self.init_permits.clone().acquire_owned().await else { return };
                 let sn = sn.to_string();
                 tokio::spawn(async move {
@@ -1472,11 +1477,7 @@ impl Engine {
         let count = preview.ready_ids.len() as i64;
         let first_serial = self.blocking(move |s| s.allocate_serials(key_source_id, count)).await?;
         let key_set_id = hex::decode(&source.key_set_id).map_err(|_| EngineError::Internal("key set id".into()))?;
-        let engine = self
-            .me
-            .get()
-            .and_then(std::sync::Weak::upgrade)
-            .ok_or_else(|| EngineError::Internal("the engine is stopping".into()))?;
+        let engine = self.arc().ok_or_else(|| EngineError::Internal("the engine is stopping".into()))?;
         let now = self.clock.now_ms();
         let new_task = NewTask {
             org_id,
@@ -1582,7 +1583,7 @@ impl Engine {
     /// each download is signed with its terminal's key, and a fleet-wide task is thousands of
     /// them.
     async fn deliver_to_online(&self, mut online: Vec<(String, Arc<Mutex<DeviceHot>>)>) {
-        let Some(engine) = self.me.get().and_then(std::sync::Weak::upgrade) else { return };
+        let Some(engine) = self.arc() else { return };
         let workers =
             std::thread::available_parallelism().map_or(1, |n| n.get()).min(online.len().div_ceil(256)).max(1);
         let per_worker = online.len().div_ceil(workers);

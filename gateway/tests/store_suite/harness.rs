@@ -224,7 +224,7 @@ pub fn new_gudid(world: &World, device: usize, tag: u8) -> GudidRow {
         org_id: world.org.id,
         device_id: d.id,
         sn: d.sn.clone(),
-        gudid_id: vec![tag, device as u8, 0xA5, 0x5A],
+        gudid_id: [&[tag][..], &(device as u32).to_be_bytes(), &[0xA5, 0x5A]].concat(),
         mac_key: vec![0x11; 32],
         provisioned_by: "ops".into(),
         provisioned_at: T0,
@@ -282,6 +282,20 @@ pub fn ending(execution_id: i64, state: ExecutionState, at: Millis) -> Ending {
         at,
         lock_device: state == ExecutionState::Succeeded,
     }
+}
+
+/// What the committer writes for each successful ack: the device's counter, then the ending that
+/// records the execution and locks the device.
+pub fn ack_writes(executions: &[ExecutionRow], counter: u64, at: Millis) -> Vec<Write> {
+    executions
+        .iter()
+        .flat_map(|e| {
+            [
+                Write::Counter { device_id: e.device_id, counter },
+                Write::End(ending(e.id, ExecutionState::Succeeded, at)),
+            ]
+        })
+        .collect()
 }
 
 pub fn report(device_id: i64, locked: bool, at: Millis) -> DeviceReport {
