@@ -10,7 +10,7 @@
 //! - Delivery is driven by the device's signed hello and by retry timers with doubling backoff;
 //!   it never relies on the broker remembering a session.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -44,6 +44,12 @@ pub const RETRY_INITIAL_MS: i64 = 15_000;
 pub const RETRY_MAX_MS: i64 = 600_000;
 /// How often the retry and expiry sweeps run.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a send's `Delivered` write waits for an ack that would carry it in its ending instead
+/// ([`Ending::sends`]); at most half the first retry delay, so that a node sharing the store
+/// finds the send written before it could take the execution for a re-delivery.
+const DELIVERED_WRITE_DELAY_MS: i64 = 1_000;
+/// How often the deferred `Delivered` writes are looked at.
+const DELIVERED_WRITE_TICK: Duration = Duration::from_millis(200);
 /// Executions one claim of the cluster sweep takes at most (it claims again while they come full).
 const CLAIM_BATCH_MAX: i64 = 2_000;
 /// Initialisations handled at once.
@@ -81,6 +87,26 @@ struct OpenExecution {
     sends: u32,
     /// The hello that triggered the latest delivery, for the hello→ack latency.
     hello_at: Option<Instant>,
+}
+
+/// Sends whose `Delivered` write is deferred (see [`Ending::sends`]).
+#[derive(Default)]
+struct UnwrittenSends {
+    /// Execution → its unwritten sends and its deadline.
+    by_execution: HashMap<i64, (Sends, Millis)>,
+    /// Executions in the order of their first unwritten send, with that send's time. An entry
+    /// whose sends were taken meanwhile is skipped.
+    order: VecDeque<(Instant, i64)>,
+}
+
+/// Which deferred sends to take.
+enum DueSends {
+    /// Those first made at least this long ago.
+    OlderThan(Duration),
+    /// Those of executions whose deadline is at or before this time (before an expiry sweep).
+    DeadlineBy(Millis),
+    /// All of them (before a task is stopped, and before a flush).
+    All,
 }
 
 /// The hot state of one device.
@@ -400,6 +426,8 @@ pub struct Engine {
     shared_store: std::sync::atomic::AtomicBool,
     /// First re-delivery delay to an online device ([`RETRY_INITIAL_MS`] unless configured).
     retry_initial_ms: AtomicI64,
+    /// Sends not yet written as `Delivered`.
+    unwritten: Mutex<UnwrittenSends>,
 }
 
 impl Engine {
@@ -437,6 +465,7 @@ impl Engine {
             sweep_now: tokio::sync::Notify::new(),
             shared_store: std::sync::atomic::AtomicBool::new(false),
             retry_initial_ms: AtomicI64::new(RETRY_INITIAL_MS),
+            unwritten: Mutex::new(UnwrittenSends::default()),
         });
         let _ = engine.me.set(Arc::downgrade(&engine));
         engine.load().await?;
@@ -445,6 +474,7 @@ impl Engine {
             tokio::spawn(shard_worker(engine.clone(), rx));
         }
         tokio::spawn(sweeper(engine.clone()));
+        tokio::spawn(delivered_writer(engine.clone()));
         Ok(engine)
     }
 
@@ -836,13 +866,13 @@ impl Engine {
                     }
                 }
                 if self.publish_download(sn, key, e, hello_at) {
-                    delivered.push(e.id);
+                    delivered.push((e.id, e.deadline));
                 }
             }
         }
-        for id in delivered {
+        for (id, deadline) in delivered {
             metrics::counter!(m::DELIVERIES_TOTAL).increment(1);
-            self.queue(Write::Delivered { execution_id: id, at: now }, None).await;
+            self.defer_delivered(id, now, deadline);
         }
     }
 
@@ -988,6 +1018,7 @@ impl Engine {
                 injection: injection.into(),
                 at: now,
                 lock_device: succeeded,
+                sends: self.take_sends(id),
             }),
             Some(AckDone {
                 org: self.org_label(execution.org_id),
@@ -1037,6 +1068,76 @@ impl Engine {
                 self.queue(Write::Counter { device_id, counter }, None).await;
             }
         }
+    }
+
+    /// Records a send whose `Delivered` write waits: an ack within [`DELIVERED_WRITE_DELAY_MS`]
+    /// carries it in its ending (one write of the execution's row instead of two), otherwise the
+    /// delivery writer writes it.
+    fn defer_delivered(&self, execution_id: i64, at: Millis, deadline: Millis) {
+        let mut guard = lock(&self.unwritten);
+        let unwritten = &mut *guard;
+        match unwritten.by_execution.entry(execution_id) {
+            std::collections::hash_map::Entry::Occupied(mut e) => e.get_mut().0.add(at),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert((Sends::one(at), deadline));
+                unwritten.order.push_back((Instant::now(), execution_id));
+            }
+        }
+    }
+
+    /// The execution's sends not written yet, for its ending.
+    fn take_sends(&self, execution_id: i64) -> Option<Sends> {
+        lock(&self.unwritten).by_execution.remove(&execution_id).map(|(sends, _)| sends)
+    }
+
+    /// Takes the deferred sends that `which` selects.
+    fn due_sends(&self, which: DueSends) -> Vec<(i64, Sends)> {
+        let mut guard = lock(&self.unwritten);
+        let unwritten = &mut *guard;
+        let mut due = Vec::new();
+        match which {
+            DueSends::OlderThan(age) => {
+                while let Some((first, id)) = unwritten.order.front().copied() {
+                    if first.elapsed() < age {
+                        break;
+                    }
+                    unwritten.order.pop_front();
+                    if let Some((sends, _)) = unwritten.by_execution.remove(&id) {
+                        due.push((id, sends));
+                    }
+                }
+            }
+            DueSends::DeadlineBy(at) => unwritten.by_execution.retain(|id, (sends, deadline)| {
+                let keep = *deadline > at;
+                if !keep {
+                    due.push((*id, *sends));
+                }
+                keep
+            }),
+            DueSends::All => {
+                unwritten.order.clear();
+                due.extend(unwritten.by_execution.drain().map(|(id, (sends, _))| (id, sends)));
+            }
+        }
+        if unwritten.by_execution.is_empty() {
+            unwritten.order.clear();
+        }
+        due
+    }
+
+    /// Queues the `Delivered` writes of deferred sends: one per send, the first at its time, the
+    /// others at the last one's.
+    async fn write_sends(&self, due: Vec<(i64, Sends)>) {
+        for (execution_id, sends) in due {
+            self.queue(Write::Delivered { execution_id, at: sends.first_at }, None).await;
+            for _ in 1..sends.count {
+                self.queue(Write::Delivered { execution_id, at: sends.last_at }, None).await;
+            }
+        }
+    }
+
+    fn delivered_write_delay(&self) -> Duration {
+        Duration::from_millis(DELIVERED_WRITE_DELAY_MS.min(self.retry_initial_ms() / 2).max(0) as u64)
     }
 
     async fn queue(&self, write: Write, ack: Option<AckDone>) {
@@ -1726,6 +1827,8 @@ impl Engine {
 
     /// Stops a task: its open executions end as terminated ("manually terminated").
     pub async fn stop_task(&self, org_id: i64, task_id: i64) -> EngineResult<usize> {
+        // The deferred sends first, so that the stopped executions' rows count them.
+        self.flush().await?;
         let now = self.clock.now_ms();
         let ended = self.blocking(move |s| s.stop_task(org_id, task_id, now)).await?;
         self.forget(&ended);
@@ -1767,6 +1870,12 @@ impl Engine {
     /// Expires every open execution past its deadline (on the injected clock).
     pub async fn expire_now(&self) -> EngineResult<usize> {
         let now = self.clock.now_ms();
+        // The deferred sends of executions that may expire now, so that their rows count them.
+        let unwritten = self.due_sends(DueSends::DeadlineBy(now));
+        if !unwritten.is_empty() {
+            self.write_sends(unwritten).await;
+            self.flush().await?;
+        }
         let due = self.blocking(move |s| s.expire_due(now)).await?;
         let ids: Vec<i64> = due.iter().map(|(id, _)| *id).collect();
         self.forget(&ids);
@@ -1906,20 +2015,21 @@ impl Engine {
             }
             if let Some(e) = h.open.iter_mut().find(|e| e.id == row.id) {
                 if self.publish_download(&row.sn, &key, e, None) {
-                    delivered.push(row.id);
+                    delivered.push((row.id, row.deadline));
                 }
             }
         }
         let n = delivered.len();
-        for id in delivered {
+        for (id, deadline) in delivered {
             metrics::counter!(m::DELIVERIES_TOTAL).increment(1);
-            self.queue(Write::Delivered { execution_id: id, at: now }, None).await;
+            self.defer_delivered(id, now, deadline);
         }
         n
     }
 
-    /// Waits until every write queued so far is durable.
+    /// Waits until every write queued so far is durable, the deferred `Delivered` writes included.
     pub async fn flush(&self) -> EngineResult<()> {
+        self.write_sends(self.due_sends(DueSends::All)).await;
         self.write_durably(vec![Write::Seen { device_id: -1, at: 0 }]).await.map(|_| ())
     }
 }
@@ -2065,6 +2175,16 @@ async fn committer(engine: Arc<Engine>, mut rx: mpsc::Receiver<Pending>) {
                 let _ = reply.send(result.clone());
             }
         }
+    }
+}
+
+/// Writes the deferred `Delivered` of sends that no ack carried within the delay.
+async fn delivered_writer(engine: Arc<Engine>) {
+    let mut ticker = tokio::time::interval(DELIVERED_WRITE_TICK);
+    loop {
+        ticker.tick().await;
+        let due = engine.due_sends(DueSends::OlderThan(engine.delivered_write_delay()));
+        engine.write_sends(due).await;
     }
 }
 

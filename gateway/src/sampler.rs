@@ -508,6 +508,7 @@ mod tests {
                 injection: "auto".into(),
                 at: now,
                 lock_device: true,
+                sends: None,
             }),
         ])?;
         for (n, expires_at) in [(1, now + day), (2, now - 1)] {

@@ -49,6 +49,7 @@ suite! {
     a_repeated_request_id_finds_the_task_and_cannot_create_another,
     a_devices_open_executions_and_the_still_open_ids_follow_the_endings,
     delivered_writes_count_deliveries_and_keep_the_first_time,
+    an_ending_counts_the_sends_it_carries_as_delivered_writes_would,
     a_successful_ending_writes_one_record_and_locks_the_device,
     a_failed_ending_records_the_error_code_and_no_kcv,
     a_second_ending_of_one_execution_is_skipped_and_not_reported,
@@ -450,6 +451,39 @@ fn delivered_writes_count_deliveries_and_keep_the_first_time(s: &Subject) {
     st.apply_batch(&[Write::Delivered { execution_id: id, at: T0 + 40 }]).must();
     let e = st.execution(id).must();
     assert_eq!((e.state, e.delivery_count), (ExecutionState::Failed, 3), "an ended execution is not delivered again");
+}
+
+fn an_ending_counts_the_sends_it_carries_as_delivered_writes_would(s: &Subject) {
+    let st = s.store();
+    let w = world(st, "acme", 3);
+    let (_, executions) = task(st, &w, &[0, 1, 2]);
+    let (fresh, written, closed) = (executions[0].id, executions[1].id, executions[2].id);
+    let sends = |first: i64, last: i64, count: u32| Some(Sends { first_at: T0 + first, last_at: T0 + last, count });
+    // A queued execution acked before its send was written: the ending writes the send.
+    st.apply_batch(&[Write::End(Ending { sends: sends(5, 5, 1), ..ending(fresh, ExecutionState::Succeeded, T0 + 8) })])
+        .must();
+    let e = st.execution(fresh).must();
+    assert_eq!((e.state, e.delivered_at, e.delivery_count), (ExecutionState::Succeeded, Some(T0 + 5), 1));
+    // A send already written, two more carried: the first time stays, the counts add up.
+    st.apply_batch(&[Write::Delivered { execution_id: written, at: T0 + 2 }]).must();
+    st.apply_batch(&[Write::End(Ending {
+        sends: sends(10, 12, 2),
+        ..ending(written, ExecutionState::Failed, T0 + 20)
+    })])
+    .must();
+    let e = st.execution(written).must();
+    assert_eq!((e.state, e.delivered_at, e.delivery_count), (ExecutionState::Failed, Some(T0 + 2), 3));
+    // An ending that is skipped skips its sends, as `Delivered` after the end would be skipped.
+    st.apply_batch(&[Write::End(ending(closed, ExecutionState::Terminated, T0 + 30))]).must();
+    let outcome = st
+        .apply_batch(&[Write::End(Ending {
+            sends: sends(31, 31, 1),
+            ..ending(closed, ExecutionState::Succeeded, T0 + 32)
+        })])
+        .must();
+    assert!(outcome.ended.is_empty());
+    let e = st.execution(closed).must();
+    assert_eq!((e.state, e.delivered_at, e.delivery_count), (ExecutionState::Terminated, None, 0));
 }
 
 fn a_successful_ending_writes_one_record_and_locks_the_device(s: &Subject) {
@@ -898,7 +932,13 @@ fn random_write(rng: &mut Rng, w: &World, executions: &[ExecutionRow], gudids: &
             // Endings end: only the final states (an "ending" to an open state is refused).
             let finals: Vec<ExecutionState> = ExecutionState::ALL.into_iter().filter(|s| !s.is_open()).collect();
             let state = finals[rng.below(finals.len())];
-            Write::End(Ending { lock_device: rng.below(3) != 0, ..ending(execution, state, at) })
+            // Half carry unwritten sends, as an ack that overtook its `Delivered` write does.
+            let sends = (rng.below(2) == 0).then(|| Sends {
+                first_at: at - 1 - rng.below(5) as i64,
+                last_at: at,
+                count: 1 + rng.below(3) as u32,
+            });
+            Write::End(Ending { lock_device: rng.below(3) != 0, sends, ..ending(execution, state, at) })
         }
         _ => {
             let gudid = &gudids[rng.below(gudids.len())];

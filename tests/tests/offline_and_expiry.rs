@@ -104,3 +104,74 @@ fn a_180_day_task_survives_day_179_and_delivers_then() -> TestResult {
     );
     Ok(())
 }
+
+/// The executions of `task` by SN: (state, delivery_count, delivered_at is set).
+fn sends_by_sn(api: &rki_tests::Api, task: i64) -> TestResult<std::collections::HashMap<String, (String, i64, bool)>> {
+    let v = api.ok(&format!("/v1/tasks/{task}?limit=100"))?;
+    let executions = v["executions"].as_array().ok_or("no executions")?;
+    Ok(executions
+        .iter()
+        .map(|e| {
+            let sn = e["sn"].as_str().unwrap_or_default().to_string();
+            let state = e["state"].as_str().unwrap_or_default().to_string();
+            (sn, (state, e["delivery_count"].as_i64().unwrap_or(-1), !e["delivered_at"].is_null()))
+        })
+        .collect())
+}
+
+/// Every send is counted once, whichever way it is written: an ack that comes at once carries
+/// its send in its ending, a download left unacked is marked delivered by the delivery writer
+/// about a second later, and a graceful stop writes the sends still waiting.
+#[test]
+fn every_send_is_counted_whether_the_ack_comes_at_once_later_or_not_before_a_stop() -> TestResult {
+    let rt = common::runtime();
+    let mut gw = GatewayProcess::start(GatewayOptions::default())?;
+    let api = gw.api();
+    let provisioned = provision(&gw, &sns("SEND", 3), "sends")?;
+    let mut devices = Vec::new();
+    for (sn, gudid) in &provisioned.gudids {
+        let mut device = rt.block_on(RawDevice::initialise(gw.mqtt_port, sn, gudid))?;
+        // Online before the task: the task's creation sends each download once.
+        rt.block_on(device.send(RawDevice::hello(false)))?;
+        devices.push(device);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let task = create_task(&api, &json!({"group": "sends"}))?;
+    let mut downloads = Vec::new();
+    for device in devices.iter_mut() {
+        let Message::Download(download) = rt.block_on(device.next_down(Duration::from_secs(5)))? else {
+            return Err("expected a download".into());
+        };
+        downloads.push(download);
+    }
+    let sn = |i: usize| provisioned.gudids[i].0.clone();
+    // At once: recorded with its one send.
+    rt.block_on(devices[0].send(RawDevice::ack(&downloads[0])))?;
+    wait_task(&api, task, Duration::from_secs(5), |c| c["succeeded"] == 1)?;
+    // Left unacked: written as delivered, once each.
+    wait_task(&api, task, Duration::from_secs(5), |c| c["delivered"] == 2)?;
+    let sends = sends_by_sn(&api, task)?;
+    assert_eq!(sends[&sn(0)], ("succeeded".to_string(), 1, true), "the fast ack's ending counts its send");
+    assert_eq!(sends[&sn(1)], ("delivered".to_string(), 1, true));
+    assert_eq!(sends[&sn(2)], ("delivered".to_string(), 1, true));
+    // A late ack adds no send.
+    rt.block_on(devices[1].send(RawDevice::ack(&downloads[1])))?;
+    wait_task(&api, task, Duration::from_secs(5), |c| c["succeeded"] == 2)?;
+    assert_eq!(sends_by_sn(&api, task)?[&sn(1)], ("succeeded".to_string(), 1, true));
+    // A second send (the hello re-delivers), then SIGTERM well within the write's delay: the
+    // graceful stop writes it.
+    rt.block_on(devices[2].send(RawDevice::hello(false)))?;
+    let Message::Download(again) = rt.block_on(devices[2].next_down(Duration::from_secs(5)))? else {
+        return Err("expected the download again".into());
+    };
+    assert_eq!(again.execution_id, downloads[2].execution_id);
+    let status = gw.terminate()?;
+    assert!(status.success(), "graceful stop: {status}");
+    gw.start_again()?;
+    assert_eq!(
+        sends_by_sn(&gw.api(), task)?[&sn(2)],
+        ("delivered".to_string(), 2, true),
+        "the send made just before the stop is counted"
+    );
+    Ok(())
+}

@@ -326,6 +326,35 @@ pub struct Ending {
     pub at: Millis,
     /// On success: the device is locked in the same transaction.
     pub lock_device: bool,
+    /// Sends of the execution that no [`Write::Delivered`] has recorded yet. The engine writes a
+    /// send's `Delivered` up to a second late, and an ack that comes sooner carries its sends in
+    /// its ending instead, so a fast ack rewrites the execution's row once, not twice. Applied as
+    /// those `Delivered` writes would have been just before the ending: `delivered_at` keeps the
+    /// first time, `delivery_count` adds the count (and PostgreSQL's `last_sent_at` takes the
+    /// last time); an ending that is skipped (the execution is no longer open) skips them too,
+    /// as the `Delivered` writes would have been.
+    pub sends: Option<Sends>,
+}
+
+/// Sends of one execution, not yet written (see [`Ending::sends`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sends {
+    pub first_at: Millis,
+    pub last_at: Millis,
+    pub count: u32,
+}
+
+impl Sends {
+    pub fn one(at: Millis) -> Sends {
+        Sends { first_at: at, last_at: at, count: 1 }
+    }
+
+    /// Adds a later send.
+    pub fn add(&mut self, at: Millis) {
+        self.first_at = self.first_at.min(at);
+        self.last_at = self.last_at.max(at);
+        self.count = self.count.saturating_add(1);
+    }
 }
 
 /// What a device last reported in its hello.

@@ -873,11 +873,15 @@ macro_rules! record_ended {
 /// of the devices that succeeded. Returns the ended ones as indexes into `endings`.
 const END_EXECUTIONS: &str = concat!(
     "WITH input AS (
-         SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::int[], $5::text[], $6::bigint[], $7::bool[])
-             WITH ORDINALITY AS i(execution_id, state, from_states, result, injection, at, lock_device, ord)
+         SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::int[], $5::text[], $6::bigint[], $7::bool[],
+                              $8::bigint[], $9::bigint[], $10::bigint[])
+             WITH ORDINALITY AS i(execution_id, state, from_states, result, injection, at, lock_device,
+                                  sent_first, sent_last, sends, ord)
      ),
      ended AS (
-         UPDATE executions e SET state = i.state, ended_at = i.at, result = i.result
+         UPDATE executions e SET state = i.state, ended_at = i.at, result = i.result,
+             delivered_at = COALESCE(e.delivered_at, i.sent_first), delivery_count = e.delivery_count + i.sends,
+             last_sent_at = GREATEST(e.last_sent_at, i.sent_last)
          FROM input i
          WHERE e.id = i.execution_id AND e.state IN ('queued', 'delivered')
            AND e.state = ANY (string_to_array(i.from_states, ','))
@@ -904,7 +908,13 @@ fn end_executions(s: &mut Tx<'_, '_>, endings: &[&Ending]) -> Result<Vec<usize>,
     let injections: Vec<&str> = endings.iter().map(|e| e.injection.as_str()).collect();
     let ats: Vec<i64> = endings.iter().map(|e| e.at).collect();
     let locks: Vec<bool> = endings.iter().map(|e| e.lock_device).collect();
-    let ended = s.query(END_EXECUTIONS, &[&ids, &states, &from, &results, &injections, &ats, &locks])?;
+    let sent_first: Vec<Option<i64>> = endings.iter().map(|e| e.sends.map(|s| s.first_at)).collect();
+    let sent_last: Vec<Option<i64>> = endings.iter().map(|e| e.sends.map(|s| s.last_at)).collect();
+    let sends: Vec<i64> = endings.iter().map(|e| e.sends.map_or(0, |s| i64::from(s.count))).collect();
+    let ended = s.query(
+        END_EXECUTIONS,
+        &[&ids, &states, &from, &results, &injections, &ats, &locks, &sent_first, &sent_last, &sends],
+    )?;
     let mut out = Vec::with_capacity(ended.len());
     for row in &ended {
         let ord: i64 = row.try_get(0)?;

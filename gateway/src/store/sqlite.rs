@@ -524,21 +524,34 @@ fn task_counts(conn: &Connection, task_id: i64) -> StoreResult<TaskCounts> {
 /// Ends one open execution and writes its record, in the caller's transaction. Returns false
 /// (and writes nothing) if the execution is no longer open or the transition is not allowed.
 fn end_execution(tx: &Transaction<'_>, ending: &Ending) -> StoreResult<bool> {
-    let current: Option<(String, i64)> = tx
-        .prepare_cached("SELECT state, device_id FROM executions WHERE id = ?1")
-        .map_err(backend)?
-        .query_row([ending.execution_id], |r| Ok((r.get(0)?, r.get(1)?)))
-        .optional()
-        .map_err(backend)?;
-    let Some((state, device_id)) = current else { return Ok(false) };
-    let Some(state) = ExecutionState::parse(&state) else { return Ok(false) };
-    if !state.can_become(ending.state) {
+    // In the transition table, every state an execution can end in is reached from exactly the
+    // open states, and `Queued` from none: so the state test below is `can_become`.
+    if !ExecutionState::Queued.can_become(ending.state) {
         return Ok(false);
     }
-    tx.prepare_cached("UPDATE executions SET state = ?2, ended_at = ?3, result = ?4 WHERE id = ?1")
+    let sends = ending.sends;
+    let device_id: Option<i64> = tx
+        .prepare_cached(
+            "UPDATE executions SET state = ?2, ended_at = ?3, result = ?4, delivered_at = COALESCE(delivered_at, ?5),
+                    delivery_count = delivery_count + ?6
+             WHERE id = ?1 AND state IN ('queued','delivered')
+             RETURNING device_id",
+        )
         .map_err(backend)?
-        .execute(params![ending.execution_id, ending.state.as_str(), ending.at, ending.result])
+        .query_row(
+            params![
+                ending.execution_id,
+                ending.state.as_str(),
+                ending.at,
+                ending.result,
+                sends.map(|s| s.first_at),
+                sends.map_or(0, |s| s.count)
+            ],
+            |r| r.get(0),
+        )
+        .optional()
         .map_err(backend)?;
+    let Some(device_id) = device_id else { return Ok(false) };
     tx.prepare_cached(
         "INSERT INTO records (org_id, execution_id, task_id, device_id, sn, key_source, key_source_id, key_type, injection, result, error_code, at, key_id, kcv)
          SELECT e.org_id, e.id, e.task_id, e.device_id, d.sn, k.name, k.id, t.key_type, ?2, ?3, ?4, ?5, upper(hex(e.key_id)),
@@ -1277,6 +1290,7 @@ impl Store for SqliteStore {
                         injection: "auto".into(),
                         at,
                         lock_device: false,
+                        sends: None,
                     },
                 )?;
             }
@@ -1307,6 +1321,7 @@ impl Store for SqliteStore {
                         injection: "auto".into(),
                         at: now,
                         lock_device: false,
+                        sends: None,
                     },
                 )?;
             }

@@ -281,6 +281,7 @@ pub fn ending(execution_id: i64, state: ExecutionState, at: Millis) -> Ending {
         injection: "auto".into(),
         at,
         lock_device: state == ExecutionState::Succeeded,
+        sends: None,
     }
 }
 
