@@ -87,27 +87,53 @@ pub fn children(pid: u32) -> Vec<u32> {
         .collect()
 }
 
-/// CPU seconds of each thread of `pid`, summed by thread name (tokio's workers share one name).
-pub fn threads(pid: u32) -> BTreeMap<String, f64> {
-    let mut out = BTreeMap::new();
+/// What the threads of one name spent: seconds on a CPU, and seconds runnable but waiting for
+/// one (`/proc/<pid>/task/<tid>/schedstat`, 0 where the kernel does not keep it).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ThreadTimes {
+    pub cpu: f64,
+    pub waiting: f64,
+}
+
+/// The seconds a thread waited for a CPU, from its `schedstat` line (nanoseconds on a CPU,
+/// nanoseconds waiting in a run queue, time slices).
+fn waiting_of_schedstat(schedstat: &str) -> Option<f64> {
+    schedstat.split_whitespace().nth(1)?.parse::<u64>().ok().map(|ns| ns as f64 / 1e9)
+}
+
+/// [`ThreadTimes`] of each thread of `pid`, summed by thread name (tokio's workers share one name).
+pub fn threads(pid: u32) -> BTreeMap<String, ThreadTimes> {
+    let mut out: BTreeMap<String, ThreadTimes> = BTreeMap::new();
     let Ok(entries) = fs::read_dir(format!("/proc/{pid}/task")) else { return out };
     for entry in entries.flatten() {
         let Ok(stat) = fs::read_to_string(entry.path().join("stat")) else { continue };
         if let (Some(name), Some(cpu)) = (name_of_stat(&stat), cpu_of_stat(&stat)) {
-            *out.entry(name).or_insert(0.0) += cpu;
+            let waiting = fs::read_to_string(entry.path().join("schedstat"))
+                .ok()
+                .and_then(|s| waiting_of_schedstat(&s))
+                .unwrap_or(0.0);
+            let t = out.entry(name).or_default();
+            t.cpu += cpu;
+            t.waiting += waiting;
         }
     }
     out
 }
 
-/// CPU seconds per thread name spent between two [`threads`] readings, largest first.
-pub fn thread_delta(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>) -> Vec<(String, f64)> {
-    let mut out: Vec<(String, f64)> = after
+/// What each thread name spent between two [`threads`] readings, most CPU first.
+pub fn thread_delta(
+    before: &BTreeMap<String, ThreadTimes>,
+    after: &BTreeMap<String, ThreadTimes>,
+) -> Vec<(String, ThreadTimes)> {
+    let mut out: Vec<(String, ThreadTimes)> = after
         .iter()
-        .map(|(name, cpu)| (name.clone(), cpu - before.get(name).copied().unwrap_or(0.0)))
-        .filter(|(_, cpu)| *cpu > 0.0)
+        .map(|(name, t)| {
+            let b = before.get(name).copied().unwrap_or_default();
+            (name.clone(), ThreadTimes { cpu: t.cpu - b.cpu, waiting: (t.waiting - b.waiting).max(0.0) })
+        })
+        .filter(|(_, t)| t.cpu > 0.0)
         .collect();
-    out.sort_by(|a, b| b.1.total_cmp(&a.1));
+    out.sort_by(|a, b| b.1.cpu.total_cmp(&a.1.cpu));
     out
 }
 
@@ -160,6 +186,36 @@ mod tests {
         let stat = "42 (tokio-runtime w) S 1 42 42 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 3 0 1 1 1";
         assert_eq!(cpu_of_stat(stat), Some(3.0));
         assert_eq!(name_of_stat(stat).as_deref(), Some("tokio-runtime w"));
+    }
+
+    #[test]
+    fn a_schedstat_line_gives_the_wait_for_a_cpu() {
+        assert_eq!(waiting_of_schedstat("976213 6605748 2\n"), Some(0.006605748));
+        assert_eq!(waiting_of_schedstat("976213"), None);
+    }
+
+    #[test]
+    fn a_busy_thread_of_this_process_shows_its_cpu_and_the_names_add_up() {
+        let worker = std::thread::Builder::new()
+            .name("procfs-spin".into())
+            .spawn(|| {
+                let started = std::time::Instant::now();
+                let mut x = 0u64;
+                while started.elapsed() < std::time::Duration::from_millis(300) {
+                    x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+                }
+                std::hint::black_box(x);
+                std::thread::sleep(std::time::Duration::from_millis(500));
+            })
+            .expect("thread");
+        std::thread::sleep(std::time::Duration::from_millis(400));
+        let times = threads(std::process::id());
+        let spin = times.get("procfs-spin").copied().expect("the named thread is listed");
+        assert!(spin.cpu >= 0.1, "it ran ~0.3 s: {spin:?}");
+        assert!(spin.waiting >= 0.0);
+        let delta = thread_delta(&BTreeMap::new(), &times);
+        assert!(delta.windows(2).all(|w| w[0].1.cpu >= w[1].1.cpu), "most CPU first");
+        worker.join().expect("join");
     }
 
     #[test]

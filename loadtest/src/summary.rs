@@ -28,16 +28,22 @@ impl Latency {
     }
 }
 
-/// CPU seconds of one thread name during one phase.
+/// CPU seconds of one thread name during one phase, and seconds its threads were runnable but
+/// waited for a CPU (0 in results from before it was measured).
 #[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct ThreadCpu {
     pub thread: String,
     pub cpu_seconds: f64,
+    #[serde(default)]
+    pub waiting_seconds: f64,
 }
 
 impl ThreadCpu {
-    pub fn list(delta: Vec<(String, f64)>) -> Vec<ThreadCpu> {
-        delta.into_iter().map(|(thread, cpu_seconds)| ThreadCpu { thread, cpu_seconds: round3(cpu_seconds) }).collect()
+    pub fn list(delta: Vec<(String, crate::procfs::ThreadTimes)>) -> Vec<ThreadCpu> {
+        delta
+            .into_iter()
+            .map(|(thread, t)| ThreadCpu { thread, cpu_seconds: round3(t.cpu), waiting_seconds: round3(t.waiting) })
+            .collect()
     }
 }
 
@@ -124,9 +130,12 @@ impl Summary {
         );
         for (label, threads) in [("connect", &self.threads_connect), ("push", &self.threads_push)] {
             if !threads.is_empty() {
-                let top: Vec<String> =
-                    threads.iter().take(6).map(|t| format!("{} {:.2}", t.thread, t.cpu_seconds)).collect();
-                out.push_str(&format!("\n  server threads ({label}, CPU s): {}", top.join(", ")));
+                let top: Vec<String> = threads
+                    .iter()
+                    .take(6)
+                    .map(|t| format!("{} {:.2} ({:.2})", t.thread, t.cpu_seconds, t.waiting_seconds))
+                    .collect();
+                out.push_str(&format!("\n  server threads ({label}, CPU s (waiting for a CPU s)): {}", top.join(", ")));
             }
         }
         for (k, v) in &self.extra {
