@@ -156,7 +156,9 @@ fn log_subscriber(filter: tracing_subscriber::EnvFilter, json: bool) -> Box<dyn 
 fn run(config: Config) -> Result<(), String> {
     let json = config.log_format == "json";
     let filter = tracing_subscriber::EnvFilter::try_from_env("RKI_LOG").unwrap_or_else(|_| "info,rumqttd=warn".into());
-    tracing::subscriber::set_global_default(log_subscriber(filter, json)).map_err(|e| e.to_string())?;
+    // `try_init`, not `set_global_default`: it also forwards the `log` crate's records (the
+    // PostgreSQL client's among them) into the same subscriber.
+    tracing_subscriber::util::SubscriberInitExt::try_init(log_subscriber(filter, json)).map_err(|e| e.to_string())?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;
     runtime.block_on(server::run(config))
 }
