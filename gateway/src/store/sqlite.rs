@@ -1485,6 +1485,19 @@ mod tests {
     }
 
     #[test]
+    fn the_endings_state_test_is_the_transition_table() {
+        // `end_execution` tests `state IN ('queued','delivered')` once `Queued.can_become(next)`:
+        // that is `can_become` only while every open state allows the same next states and no
+        // other state allows any.
+        for next in ExecutionState::ALL {
+            for from in ExecutionState::ALL {
+                let by_the_sql = from.is_open() && ExecutionState::Queued.can_become(next);
+                assert_eq!(from.can_become(next), by_the_sql, "{from} → {next}");
+            }
+        }
+    }
+
+    #[test]
     fn a_streamed_task_is_all_or_nothing_and_returns_each_execution_id() {
         let (st, dir) = store();
         let org = st.create_org("acme", 1).expect("org");
