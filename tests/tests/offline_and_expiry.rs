@@ -135,7 +135,16 @@ fn every_send_is_counted_whether_the_ack_comes_at_once_later_or_not_before_a_sto
         rt.block_on(device.send(RawDevice::hello(false)))?;
         devices.push(device);
     }
-    std::thread::sleep(Duration::from_millis(300));
+    // Every hello handled before the task exists, so its creation is the one send.
+    let started = std::time::Instant::now();
+    for (sn, _) in &provisioned.gudids {
+        while api.ok(&format!("/v1/devices/{sn}"))?["device"]["online"] != true {
+            if started.elapsed() > Duration::from_secs(10) {
+                return Err(format!("{sn} is not online 10 s after its hello").into());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
     let task = create_task(&api, &json!({"group": "sends"}))?;
     let mut downloads = Vec::new();
     for device in devices.iter_mut() {
