@@ -523,13 +523,13 @@ impl Engine {
         self.insert_open_execution(&e.sn, OpenExecution::from_row(e));
     }
 
-    /// Adds an open execution to the device's hot state, if the device is hot (a device that
-    /// is not reads its open executions from the store on its first message: `hot_device`).
     /// This engine as an `Arc`, for work spawned beyond `&self`; `None` once it is being dropped.
     fn arc(&self) -> Option<Arc<Engine>> {
         self.me.get().and_then(std::sync::Weak::upgrade)
     }
 
+    /// Adds an open execution to the device's hot state, if the device is hot (a device that
+    /// is not reads its open executions from the store on its first message: `hot_device`).
     fn insert_open_execution(&self, sn: &str, open: OpenExecution) {
         let Some(hot) = self.devices.get(sn).map(|h| h.clone()) else {
             // A device without credentials cannot receive keys; its execution waits for an
@@ -1873,8 +1873,7 @@ impl Engine {
         // The deferred sends of executions that may expire now, so that their rows count them.
         let unwritten = self.due_sends(DueSends::DeadlineBy(now));
         if !unwritten.is_empty() {
-            self.write_sends(unwritten).await;
-            self.flush().await?;
+            self.write_sends_durably(unwritten).await?;
         }
         let due = self.blocking(move |s| s.expire_due(now)).await?;
         let ids: Vec<i64> = due.iter().map(|(id, _)| *id).collect();
@@ -2029,7 +2028,13 @@ impl Engine {
 
     /// Waits until every write queued so far is durable, the deferred `Delivered` writes included.
     pub async fn flush(&self) -> EngineResult<()> {
-        self.write_sends(self.due_sends(DueSends::All)).await;
+        self.write_sends_durably(self.due_sends(DueSends::All)).await
+    }
+
+    /// Queues the `Delivered` writes of `due`, then waits until they and every write queued
+    /// before them are durable.
+    async fn write_sends_durably(&self, due: Vec<(i64, Sends)>) -> EngineResult<()> {
+        self.write_sends(due).await;
         self.write_durably(vec![Write::Seen { device_id: -1, at: 0 }]).await.map(|_| ())
     }
 }
