@@ -41,8 +41,10 @@ const SCREENSHOT_DIR = env('SCREENSHOT_DIR');
 
 /** How long the page may take to show something that the gateway does at once. */
 const SHOWN_MS = 20000;
-/** Delay of the simulated terminals' acks: long enough to see a task in progress. */
-const ACK_DELAY_MS = 2500;
+/** Delay of the simulated terminals' acks: long enough to see a task in progress, and its
+ * devices `delivered` over more than one of the page's 1.5 s polls (the gateway writes a send as
+ * delivered once it has gone a second without an ack). */
+const ACK_DELAY_MS = 5000;
 
 mkdirSync(SCREENSHOT_DIR, { recursive: true });
 mkdirSync(WORK_DIR, { recursive: true });
