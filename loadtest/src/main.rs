@@ -17,6 +17,11 @@ use rki_loadtest::topology::{BrokerKind, StoreKind, Topology};
 use rki_loadtest::Result;
 use serde_json::json;
 
+/// The gateway's allocator: the `engine` scenario runs the gateway's engine and store in this
+/// process, and its peak memory should be the gateway's.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Bytes in a MiB, for the memory axis.
 const MIB: f64 = 1024.0 * 1024.0;
 

@@ -7,6 +7,10 @@ use std::net::SocketAddr;
 
 use clap::Parser;
 
+/// The gateway's allocator, so that "rumqttd alone" differs from the gateway only by the gateway.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(version, about)]
 struct Cli {
