@@ -1,17 +1,15 @@
 //! The gateway under test: a child process started here (its own data directory, free ports, MQTT
 //! on every loopback address), or one already running that the tool attaches to.
 //!
-//! The `rki-tests` harness's `GatewayProcess` binds MQTT to 127.0.0.1 only; spreading terminals
-//! over 127.0.0.1–127.0.0.N needs the listener on 0.0.0.0, so the load tester starts the binary
-//! itself, the same way (same bootstrap commands, same health check).
+//! The child is the `rki-tests` harness's `GatewayProcess` (same bootstrap commands, same health
+//! check), with the listener on 0.0.0.0 so that terminals can spread over 127.0.0.1–127.0.0.N.
 
 use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::time::Duration;
 
 use rki_device_sim::{BrokerAddr, Brokers};
-use rki_tests::{binary, free_port, Api};
+use rki_tests::{Api, GatewayOptions, GatewayProcess};
 
 use crate::Result;
 
@@ -54,141 +52,55 @@ pub fn spread(first: Ipv4Addr, port: u16, count: u8) -> Result<Brokers> {
     Ok(Brokers::new(addresses)?)
 }
 
-/// A gateway child process with its own data directory.
+/// A gateway child process with its own data directory: the end-to-end harness's
+/// `GatewayProcess`, with MQTT on 0.0.0.0, the directory under the tool's work directory, the
+/// gateway's own log filter, and a longer start timeout (a large store takes a while to load).
 pub struct GatewayChild {
-    child: Option<Child>,
-    pub dir: PathBuf,
-    pub mqtt_port: u16,
-    pub http_port: u16,
-    pub key_owner_token: String,
-    pub org_token: String,
-    /// Number of starts, to name each start's log file.
-    starts: u32,
-    /// Keep the directory (logs, store) when dropped.
-    keep: bool,
-}
-
-fn token_from(output: &str) -> Result<String> {
-    output
-        .lines()
-        .find_map(|l| l.split("): ").nth(1).map(|t| t.trim().to_string()))
-        .ok_or_else(|| format!("no token in {output:?}").into())
+    process: GatewayProcess,
 }
 
 impl GatewayChild {
     /// Bootstraps a key owner and the organization `acme` in a fresh directory under `work_dir`,
     /// then starts the gateway with MQTT on 0.0.0.0.
     pub fn start(work_dir: &Path, label: &str, keep: bool) -> Result<Self> {
-        let exe = binary("rki-gateway");
-        if !exe.exists() {
-            return Err(format!("{} is not built: run `cargo build --release --workspace` first", exe.display()).into());
-        }
-        let dir = work_dir.join(format!("gateway-{label}"));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir)?;
-        let data = dir.join("data");
-        let run = |args: &[&str]| -> Result<String> {
-            let out = Command::new(&exe).args(args).arg("--data-dir").arg(&data).output()?;
-            if !out.status.success() {
-                return Err(format!("rki-gateway {args:?}: {}", String::from_utf8_lossy(&out.stderr)).into());
-            }
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        let options = GatewayOptions {
+            mqtt_bind: Ipv4Addr::UNSPECIFIED,
+            dir: Some(work_dir.join(format!("gateway-{label}"))),
+            keep_dir: keep,
+            log_filter: None,
+            healthy_timeout: HEALTHY_TIMEOUT,
+            ..GatewayOptions::default()
         };
-        let key_owner_token = token_from(&run(&["init-key-owner"])?)?;
-        let org_token = token_from(&run(&["init-org", "acme"])?)?;
-        let mut gateway = GatewayChild {
-            child: None,
-            dir,
-            mqtt_port: free_port(),
-            http_port: free_port(),
-            key_owner_token,
-            org_token,
-            starts: 0,
-            keep,
-        };
-        gateway.spawn()?;
-        Ok(gateway)
+        Ok(GatewayChild { process: GatewayProcess::start(options)? })
     }
 
-    /// Starts the process on the same directory and ports and waits until it is healthy.
-    /// Returns how long that took.
+    /// Starts the process again on the same directory and ports (after [`GatewayChild::kill`])
+    /// and waits until it is healthy. Returns how long that took.
     pub fn spawn(&mut self) -> Result<Duration> {
-        let started = Instant::now();
-        self.starts += 1;
-        let log = std::fs::File::create(self.log_path())?;
-        let child = Command::new(binary("rki-gateway"))
-            .arg("--data-dir")
-            .arg(self.dir.join("data"))
-            .arg("--mqtt-addr")
-            .arg(format!("0.0.0.0:{}", self.mqtt_port))
-            .arg("--http-addr")
-            .arg(format!("127.0.0.1:{}", self.http_port))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()?;
-        self.child = Some(child);
-        self.wait_healthy()?;
-        Ok(started.elapsed())
-    }
-
-    fn log_path(&self) -> PathBuf {
-        self.dir.join(format!("gateway-{}.log", self.starts))
-    }
-
-    fn wait_healthy(&mut self) -> Result<()> {
-        let started = Instant::now();
-        let api = Api::new(&self.url(), "");
-        loop {
-            if let Some(child) = self.child.as_mut() {
-                if let Some(status) = child.try_wait()? {
-                    return Err(format!("gateway exited with {status}; log {}", self.log_path().display()).into());
-                }
-            }
-            if api.get("/healthz").0 == 200 {
-                return Ok(());
-            }
-            if started.elapsed() > HEALTHY_TIMEOUT {
-                return Err(format!("gateway not healthy after {HEALTHY_TIMEOUT:?}").into());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.process.start_again()
     }
 
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.http_port)
+        self.process.url()
     }
 
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
+        self.process.pid()
     }
 
     pub fn endpoint(&self) -> Endpoint {
         Endpoint {
             url: self.url(),
-            org_token: self.org_token.clone(),
-            key_owner_token: Some(self.key_owner_token.clone()),
+            org_token: self.process.org_token.clone(),
+            key_owner_token: Some(self.process.key_owner_token.clone()),
             mqtt_host: Ipv4Addr::LOCALHOST,
-            mqtt_port: self.mqtt_port,
+            mqtt_port: self.process.mqtt_port,
             pid: self.pid(),
         }
     }
 
     /// SIGKILL: no flush, no goodbye.
     pub fn kill(&mut self) -> Result<()> {
-        if let Some(mut child) = self.child.take() {
-            child.kill()?;
-            child.wait()?;
-        }
-        Ok(())
-    }
-}
-
-impl Drop for GatewayChild {
-    fn drop(&mut self) {
-        let _ = self.kill();
-        if !self.keep {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
+        self.process.kill()
     }
 }

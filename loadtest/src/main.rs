@@ -63,13 +63,13 @@ enum Command {
 #[derive(Args, Clone)]
 struct FleetArgs {
     /// Fleet size.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 1000, value_parser = fleet_size)]
     devices: usize,
     /// Run at each size (comma-separated) and plot time and memory against fleet size.
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', value_parser = fleet_size)]
     sweep: Vec<usize>,
     /// Terminals spread over 127.0.0.1 ..= 127.0.0.N (ephemeral ports are per destination).
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u8).range(1..))]
     addresses: u8,
     /// Pause between two terminals' start, in microseconds (0: all at once).
     #[arg(long, default_value_t = 0)]
@@ -166,10 +166,10 @@ struct ChurnArgs {
     #[command(flatten)]
     fleet: FleetArgs,
     /// Share of terminals power-cycled or cut from the network once during the push.
-    #[arg(long, default_value_t = 0.2)]
+    #[arg(long, default_value_t = 0.2, value_parser = share)]
     churn_fraction: f64,
     /// Share of terminals flapping (2 s online, 1 s offline) for the whole push.
-    #[arg(long, default_value_t = 0.05)]
+    #[arg(long, default_value_t = 0.05, value_parser = share)]
     flapping_fraction: f64,
     /// The churn events fall within this many seconds after task creation.
     #[arg(long, default_value_t = 5)]
@@ -184,7 +184,7 @@ enum FamilyArg {
 
 #[derive(Args)]
 struct EngineArgs {
-    #[arg(long, default_value_t = 1_000_000)]
+    #[arg(long, default_value_t = 1_000_000, value_parser = fleet_size)]
     devices: usize,
     /// The BDK family: TDES (TR-31 B) or AES-128 (TR-31 D).
     #[arg(long, value_enum, default_value = "tdes")]
@@ -201,6 +201,24 @@ struct EngineArgs {
     /// Build the fleet again even if it is cached.
     #[arg(long)]
     rebuild: bool,
+}
+
+/// A fleet size: a whole number of devices, at least one.
+fn fleet_size(text: &str) -> std::result::Result<usize, String> {
+    match text.trim().parse::<usize>() {
+        Ok(0) => Err("a fleet has at least 1 device".to_string()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("not a number of devices: {e}")),
+    }
+}
+
+/// A share of the fleet, from 0 to 1.
+fn share(text: &str) -> std::result::Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(x) if (0.0..=1.0).contains(&x) => Ok(x),
+        Ok(x) => Err(format!("{x} is not a share of the fleet (0 to 1)")),
+        Err(e) => Err(format!("not a number: {e}")),
+    }
 }
 
 fn main() -> ExitCode {
@@ -370,7 +388,10 @@ fn fleet_sizes(fleet: &FleetArgs, cli: &Cli, mut one: impl FnMut(usize) -> Resul
         match one(devices) {
             Ok(run) => runs.push(run),
             Err(e) => {
-                eprintln!("rki-loadtest: {devices} devices: {e}");
+                // A single size's error is the command's; a sweep's is said as it happens.
+                if !fleet.sweep.is_empty() {
+                    eprintln!("rki-loadtest: {devices} devices: {e}");
+                }
                 failures.push(format!("{devices} devices: {e}"));
             }
         }

@@ -16,7 +16,7 @@
 //!   and several gateway nodes on both (`docs/SCALE-OUT.md`).
 
 use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
+use std::net::{Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -66,7 +66,7 @@ pub fn temp_dir(label: &str) -> PathBuf {
     dir
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct GatewayOptions {
     /// Use the adjustable clock (`POST /v1/admin/clock`).
     pub adjustable_clock: bool,
@@ -74,6 +74,34 @@ pub struct GatewayOptions {
     pub env: Vec<(String, String)>,
     /// A TOML configuration file's content (`{dir}` is replaced by the gateway's directory).
     pub config_toml: Option<String>,
+    /// The address the MQTT listener binds: 127.0.0.1 by default. The load tester binds 0.0.0.0,
+    /// to spread its terminals over 127.0.0.1–127.0.0.N.
+    pub mqtt_bind: Ipv4Addr,
+    /// The gateway's directory, emptied first; by default a fresh one under the system temp dir.
+    pub dir: Option<PathBuf>,
+    /// Keep the directory when dropped (it is also kept when a test panics, or with
+    /// `RKI_TEST_KEEP` set).
+    pub keep_dir: bool,
+    /// `RKI_LOG` for the process: the tests keep rumqttd to its errors; `None` leaves the
+    /// gateway's own default (or the caller's environment), as the load tester measures it.
+    pub log_filter: Option<String>,
+    /// How long a start may take until `/healthz` answers.
+    pub healthy_timeout: Duration,
+}
+
+impl Default for GatewayOptions {
+    fn default() -> Self {
+        GatewayOptions {
+            adjustable_clock: false,
+            env: Vec::new(),
+            config_toml: None,
+            mqtt_bind: Ipv4Addr::LOCALHOST,
+            dir: None,
+            keep_dir: false,
+            log_filter: Some("info,rumqttd=error".to_string()),
+            healthy_timeout: Duration::from_secs(30),
+        }
+    }
 }
 
 /// A running `rki-gateway` child process with its own data directory.
@@ -114,7 +142,14 @@ impl GatewayProcess {
         if !exe.exists() {
             return Err(format!("{} is not built: run `cargo build --workspace --release` first", exe.display()).into());
         }
-        let dir = temp_dir("gw");
+        let dir = match &options.dir {
+            Some(dir) => {
+                let _ = std::fs::remove_dir_all(dir);
+                std::fs::create_dir_all(dir)?;
+                dir.clone()
+            }
+            None => temp_dir("gw"),
+        };
         let mut gw = GatewayProcess {
             child: None,
             dir,
@@ -172,23 +207,27 @@ impl GatewayProcess {
         Ok(self.command()?.args(args).output()?)
     }
 
-    /// Starts the process again after [`GatewayProcess::terminate`] or [`GatewayProcess::kill`].
-    pub fn start_again(&mut self) -> TestResult {
+    /// Starts the process again after [`GatewayProcess::terminate`] or [`GatewayProcess::kill`],
+    /// on the same directory and ports; returns how long it took to answer `/healthz`.
+    pub fn start_again(&mut self) -> TestResult<Duration> {
         self.spawn()
     }
 
-    fn spawn(&mut self) -> TestResult {
+    fn spawn(&mut self) -> TestResult<Duration> {
+        let started = Instant::now();
         self.starts += 1;
-        let log = std::fs::File::create(self.dir.join(format!("gateway-{}.log", self.starts)))?;
+        let log = std::fs::File::create(self.log_path())?;
         let mut cmd = self.command()?;
         cmd.arg("--mqtt-addr")
-            .arg(format!("127.0.0.1:{}", self.mqtt_port))
+            .arg(format!("{}:{}", self.options.mqtt_bind, self.mqtt_port))
             .arg("--http-addr")
             .arg(format!("127.0.0.1:{}", self.http_port))
-            .env("RKI_LOG", "info,rumqttd=error")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
+        if let Some(filter) = &self.options.log_filter {
+            cmd.env("RKI_LOG", filter);
+        }
         if self.options.adjustable_clock {
             cmd.env("RKI_CLOCK", "adjustable");
         }
@@ -196,7 +235,13 @@ impl GatewayProcess {
             cmd.env(k, v);
         }
         self.child = Some(cmd.spawn()?);
-        self.wait_healthy(Duration::from_secs(30))
+        self.wait_healthy(self.options.healthy_timeout)?;
+        Ok(started.elapsed())
+    }
+
+    /// The log file of the current start (`gateway-N.log` in the gateway's directory).
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join(format!("gateway-{}.log", self.starts))
     }
 
     fn wait_healthy(&mut self, timeout: Duration) -> TestResult {
@@ -214,14 +259,13 @@ impl GatewayProcess {
             if started.elapsed() > timeout {
                 return Err(format!("gateway not healthy after {timeout:?}; log: {}", self.log_tail()).into());
             }
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
     /// The last lines of the current log, for failure messages.
     pub fn log_tail(&self) -> String {
-        let path = self.dir.join(format!("gateway-{}.log", self.starts));
-        let lines: Vec<String> = std::fs::File::open(path)
+        let lines: Vec<String> = std::fs::File::open(self.log_path())
             .map(|f| BufReader::new(f).lines().map_while(Result::ok).collect())
             .unwrap_or_default();
         lines[lines.len().saturating_sub(30)..].join("\n")
@@ -274,7 +318,7 @@ impl GatewayProcess {
     /// Starts the process again on the same data directory and ports.
     pub fn restart(&mut self) -> TestResult {
         self.kill()?;
-        self.spawn()
+        self.spawn().map(drop)
     }
 
     /// The value of one sample of `/metrics`, e.g. `rki_acks_total{result="succeeded"}`; 0 if absent.
@@ -311,8 +355,8 @@ pub fn metric_value(text: &str, sample: &str) -> f64 {
 impl Drop for GatewayProcess {
     fn drop(&mut self) {
         let _ = self.kill();
-        // Kept for diagnosis when a test panics or RKI_TEST_KEEP is set.
-        if !std::thread::panicking() && std::env::var_os("RKI_TEST_KEEP").is_none() {
+        // Kept for diagnosis when a test panics or RKI_TEST_KEEP is set, and when asked to.
+        if !self.options.keep_dir && !std::thread::panicking() && std::env::var_os("RKI_TEST_KEEP").is_none() {
             let _ = std::fs::remove_dir_all(&self.dir);
         } else {
             eprintln!("gateway files kept in {}", self.dir.display());
