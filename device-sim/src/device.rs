@@ -697,6 +697,15 @@ impl Terminal {
         })
     }
 
+    /// Counts a refused or timed-out connection attempt by its kind (`error` counts it too).
+    fn count_connect_failure(&self, error: &ConnectionError) {
+        match connect_failure(error) {
+            Some(ConnectFailure::Refused) => self.counters.add(&self.counters.connects_refused, 1),
+            Some(ConnectFailure::TimedOut) => self.counters.add(&self.counters.connects_timed_out, 1),
+            None => {}
+        }
+    }
+
     fn error(&mut self, message: String) {
         tracing::warn!(sn = %self.state.sn, "{message}");
         self.counters.add(&self.counters.errors, 1);
@@ -870,6 +879,7 @@ impl Terminal {
                     Ok(Event::Outgoing(outgoing)) => link.on_outgoing(&outgoing),
                     Ok(_) => {}
                     Err(error) => {
+                        self.count_connect_failure(&error);
                         self.error(connection_error(&self.broker, &error));
                         break SessionEnd::Lost;
                     }
@@ -1054,7 +1064,10 @@ impl Terminal {
         let mut ephemeral = None;
         let mut create_key_body = Vec::new();
         let secrets = loop {
-            let event = event_loop.poll().await.map_err(|e| DeviceError::Mqtt(connection_error(&self.broker, &e)))?;
+            let event = event_loop.poll().await.map_err(|e| {
+                self.count_connect_failure(&e);
+                DeviceError::Mqtt(connection_error(&self.broker, &e))
+            })?;
             match event {
                 Event::Incoming(Packet::ConnAck(_)) => {
                     client
@@ -1177,11 +1190,45 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ConnectFailure {
+    Refused,
+    TimedOut,
+}
+
+/// Whether a connection attempt was refused at the TCP level or timed out; `None` for every other
+/// failure (a CONNACK refusal, a connection lost after it was up, a protocol error).
+fn connect_failure(error: &ConnectionError) -> Option<ConnectFailure> {
+    match error {
+        ConnectionError::NetworkTimeout => Some(ConnectFailure::TimedOut),
+        ConnectionError::Io(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Some(ConnectFailure::Refused),
+        ConnectionError::Io(e) if e.kind() == std::io::ErrorKind::TimedOut => Some(ConnectFailure::TimedOut),
+        _ => None,
+    }
+}
+
 fn connection_error(broker: &BrokerAddr, error: &ConnectionError) -> String {
     match error {
         ConnectionError::ConnectionRefused(code) => {
             format!("{broker} refused the connection: {code:?}")
         }
         other => format!("{broker}: {other}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_or_timed_out_connect_is_told_apart_from_other_failures() {
+        let io = |kind: std::io::ErrorKind| ConnectionError::Io(std::io::Error::from(kind));
+        assert_eq!(connect_failure(&io(std::io::ErrorKind::ConnectionRefused)), Some(ConnectFailure::Refused));
+        assert_eq!(connect_failure(&io(std::io::ErrorKind::TimedOut)), Some(ConnectFailure::TimedOut));
+        assert_eq!(connect_failure(&ConnectionError::NetworkTimeout), Some(ConnectFailure::TimedOut));
+        // A connection that was up and broke, and a CONNACK refusal, are other failures.
+        assert_eq!(connect_failure(&io(std::io::ErrorKind::ConnectionReset)), None);
+        let refused = ConnectionError::ConnectionRefused(rumqttc::ConnectReturnCode::NotAuthorized);
+        assert_eq!(connect_failure(&refused), None);
     }
 }

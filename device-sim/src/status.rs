@@ -84,6 +84,11 @@ pub struct FleetCounters {
     pub refusals_received: AtomicU64,
     /// Connection losses, failed initialisations and storage errors.
     pub errors: AtomicU64,
+    /// Of `errors`: connection attempts refused at the TCP level (nothing listening yet).
+    pub connects_refused: AtomicU64,
+    /// Of `errors`: connection attempts that timed out (the TCP connect, or the wait for the
+    /// broker's CONNACK, past the terminal's connect timeout).
+    pub connects_timed_out: AtomicU64,
     /// Woken on every change, for [`FleetCounters::wait_until`].
     changed: Notify,
 }
@@ -101,6 +106,8 @@ pub struct FleetSnapshot {
     pub rejected_frames: u64,
     pub refusals_received: u64,
     pub errors: u64,
+    pub connects_refused: u64,
+    pub connects_timed_out: u64,
 }
 
 impl FleetSnapshot {
@@ -143,6 +150,8 @@ impl FleetCounters {
             rejected_frames: read(&self.rejected_frames),
             refusals_received: read(&self.refusals_received),
             errors: read(&self.errors),
+            connects_refused: read(&self.connects_refused),
+            connects_timed_out: read(&self.connects_timed_out),
         }
     }
 

@@ -369,6 +369,8 @@ fn drive(
     summary.duplicates = verdict.duplicates;
     let snapshot = fleet.snapshot();
     summary.errors = snapshot.errors;
+    summary.extra.insert("connects_refused".into(), json!(snapshot.connects_refused));
+    summary.extra.insert("connects_timed_out".into(), json!(snapshot.connects_timed_out));
     let rejected =
         urls.iter().map(|u| rejected_total(u)).sum::<u64>() + snapshot.rejected_frames + snapshot.refusals_received;
     summary.extra.insert("rejected".into(), json!(rejected));

@@ -51,6 +51,9 @@ fn assert_every_key_verified(v: &Value, scenario: &str) {
     assert!(0.0 <= p50 && p50 <= p95 && p95 <= p99 && p99 <= max, "latency quantiles out of order: {l}");
     assert!(number(v, "gateway_rss_peak_bytes") > 1e6, "{v}");
     assert!(number(v, "gateway_cpu_seconds") >= 0.0, "{v}");
+    // The failed connection attempts by kind are part of all the errors.
+    let (refused, timed_out) = (number(&v["extra"], "connects_refused"), number(&v["extra"], "connects_timed_out"));
+    assert!(refused + timed_out <= number(v, "errors"), "{v}");
 }
 
 #[test]
