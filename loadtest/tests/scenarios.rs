@@ -92,6 +92,7 @@ fn a_reconnect_storm_delivers_every_open_execution_after_a_sigkill() -> TestResu
     assert!(number(extra, "restart_to_all_open_delivered_seconds") > 0.0, "{v}");
     let (healthy, acked) = (number(extra, "restart_to_healthy_seconds"), number(extra, "restart_to_all_acked_seconds"));
     assert!(0.0 < healthy && healthy <= acked, "{v}");
+    assert!(number(extra, "restart_to_all_reconnected_seconds") >= healthy, "{v}");
     // --keep leaves the gateway's directory, with one log per start.
     let dir = work.join(format!("gateway-reconnect-storm-{DEVICES}"));
     assert!(dir.join("gateway-1.log").exists() && dir.join("gateway-2.log").exists());
