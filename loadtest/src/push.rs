@@ -302,7 +302,8 @@ fn drive(
             summary.extra.insert("open_executions_at_restart".into(), json!(counts.total - counts.ended()));
             summary.extra.insert("restart_to_healthy_seconds".into(), json!(round3(healthy.as_secs_f64())));
             progress.set_phase("storm");
-            let storm = watch_storm(&fleet, api, &endpoint.url, task, n, restarted, options.phase_timeout, progress)?;
+            let storm =
+                watch_storm(runtime, &fleet, api, &endpoint.url, task, n, restarted, options.phase_timeout, progress)?;
             for (k, v) in storm {
                 summary.extra.insert(k, v);
             }
@@ -581,6 +582,7 @@ fn wait_push(
 /// for every execution still open, when every one had ended.
 #[allow(clippy::too_many_arguments)]
 fn watch_storm(
+    runtime: &tokio::runtime::Runtime,
     fleet: &Fleet,
     api: &Api,
     url: &str,
@@ -618,13 +620,8 @@ fn watch_storm(
     // Every terminal acked, but a terminal that gave up on a congested broker may still be
     // reconnecting: the fleet is all online at once only later. Its count is in-process, so
     // waiting for it costs the gateway nothing.
-    let grace = Instant::now() + RECONNECT_GRACE;
-    while reconnected.is_none() && Instant::now() < grace {
-        if fleet.snapshot().connected as usize >= n {
-            reconnected = Some(restarted.elapsed().as_secs_f64());
-        } else {
-            std::thread::sleep(POLL_INTERVAL);
-        }
+    if reconnected.is_none() && runtime.block_on(fleet.wait_connected(n as u64, RECONNECT_GRACE)).is_ok() {
+        reconnected = Some(restarted.elapsed().as_secs_f64());
     }
     out.push(("restart_to_all_reconnected_seconds".into(), json!(reconnected.map(round3))));
     out.push(("restart_to_all_open_delivered_seconds".into(), json!(delivered.map(round3))));
