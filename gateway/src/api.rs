@@ -22,6 +22,7 @@ use sha2::{Digest, Sha256};
 
 use crate::engine::{Engine, EngineError, Target, TaskSpec};
 use crate::metrics as m;
+use crate::store::health::StoreFault;
 use crate::store::*;
 
 pub struct AppState {
@@ -31,6 +32,8 @@ pub struct AppState {
 
 type St = State<Arc<AppState>>;
 
+/// Longest read probe of `/healthz` before the store counts as unavailable.
+const HEALTH_PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 /// Largest request body: a CSV of 100,000 SNs fits.
 pub const BODY_BYTES_MAX: usize = 4 * 1024 * 1024;
 /// Longest names of organizations, groups and key sources.
@@ -39,6 +42,8 @@ const NAME_LEN_MAX: usize = 64;
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/readyz", get(healthz))
+        .route("/livez", get(livez))
         .route("/metrics", get(metrics_page))
         .route("/v1/whoami", get(whoami))
         .route("/v1/orgs", post(create_org).get(list_orgs))
@@ -63,6 +68,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/admin/expire", post(expire_now))
         .merge(crate::portal::router())
         .layer(axum::extract::DefaultBodyLimit::max(BODY_BYTES_MAX))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), refuse_changes_without_space))
         .with_state(state)
 }
 
@@ -96,6 +102,13 @@ impl From<EngineError> for ApiError {
             EngineError::NotFound(d) => ApiError::new(StatusCode::NOT_FOUND, "not_found", d),
             EngineError::Invalid(d) => ApiError::bad("invalid", d),
             EngineError::Conflict(d) => ApiError::new(StatusCode::CONFLICT, "conflict", d),
+            EngineError::Store(fault) => {
+                let status = match fault.code() {
+                    "storage_full" => StatusCode::INSUFFICIENT_STORAGE,
+                    _ => StatusCode::SERVICE_UNAVAILABLE,
+                };
+                ApiError::new(status, fault.code(), fault.detail())
+            }
             EngineError::Internal(d) => {
                 tracing::error!(error = %d, "internal error");
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error; see the gateway log")
@@ -199,10 +212,35 @@ async fn blocking<T: Send + 'static>(
     f: impl FnOnce(&dyn Store) -> StoreResult<T> + Send + 'static,
 ) -> ApiResult<T> {
     let store = state.engine.store.clone();
-    tokio::task::spawn_blocking(move || f(store.as_ref()))
+    let out = tokio::task::spawn_blocking(move || f(store.as_ref()))
         .await
-        .map_err(|e| ApiError::from(EngineError::Internal(e.to_string())))?
-        .map_err(ApiError::from)
+        .map_err(|e| ApiError::from(EngineError::Internal(e.to_string())))?;
+    state.engine.health.record(out.as_ref().map(|_| ()));
+    out.map_err(ApiError::from)
+}
+
+/// Refuses every change (any method but GET and HEAD) with 507 `storage_full` while the data
+/// directory's filesystem is below `store_min_free_bytes`: the space left goes to the
+/// terminals' acks, which the engine keeps committing. A change that succeeds tells the store's
+/// health that writes work again.
+async fn refuse_changes_without_space(
+    State(state): St,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let reads = matches!(*request.method(), axum::http::Method::GET | axum::http::Method::HEAD);
+    if reads {
+        return next.run(request).await;
+    }
+    if let Some(fault) = state.engine.health.space_fault() {
+        return ApiError::from(EngineError::Store(fault)).into_response();
+    }
+    let response = next.run(request).await;
+    if response.status().is_success() {
+        // A change was committed: the store writes again.
+        state.engine.health.write_succeeded();
+    }
+    response
 }
 
 async fn audit(
@@ -239,13 +277,33 @@ fn json_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
 
 // ------------------------------------------------------------------ health and metrics
 
+/// Liveness: the process answers. Restarting it would not mend a store outage, so the store is
+/// not part of it.
+async fn livez() -> Response {
+    (StatusCode::OK, Json(json!({"status": "ok"}))).into_response()
+}
+
+/// Readiness (`/healthz`, `/readyz`): the store can be read (a probe, bounded by
+/// [`HEALTH_PROBE_TIMEOUT`]) and has neither failed a write since the last that succeeded, nor
+/// run short of space, nor committed slowly. 503 with the fault's code and detail otherwise;
+/// `rki_store_up` says the same.
 async fn healthz(State(state): St) -> Response {
     let store = state.engine.store.clone();
-    let ok = tokio::task::spawn_blocking(move || store.list_orgs().is_ok()).await.unwrap_or(false);
-    if ok {
-        (StatusCode::OK, Json(json!({"status": "ok"}))).into_response()
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "store unavailable"}))).into_response()
+    let probe = tokio::time::timeout(HEALTH_PROBE_TIMEOUT, tokio::task::spawn_blocking(move || store.list_orgs()));
+    let fault = match probe.await {
+        Err(_) => Some(StoreFault::Unavailable(format!("a read took over {HEALTH_PROBE_TIMEOUT:?}"))),
+        Ok(Err(e)) => Some(StoreFault::Unavailable(format!("read probe: {e}"))),
+        Ok(Ok(Err(e))) => Some(StoreFault::Unavailable(format!("read probe: {e}"))),
+        Ok(Ok(Ok(_))) => state.engine.health.fault(),
+    };
+    metrics::gauge!(m::STORE_UP).set(if fault.is_none() { 1.0 } else { 0.0 });
+    match fault {
+        None => (StatusCode::OK, Json(json!({"status": "ok"}))).into_response(),
+        Some(fault) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": fault.code(), "store": fault.code(), "detail": fault.detail()})),
+        )
+            .into_response(),
     }
 }
 

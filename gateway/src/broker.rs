@@ -121,6 +121,14 @@ pub fn raise_listen_backlog(addr: SocketAddr, backlog: i32) -> Result<usize, Str
         let Some(number) = entry.ok().and_then(|e| e.file_name().to_str().and_then(|n| n.parse().ok())) else {
             continue;
         };
+        // Only sockets are duplicated. Closing a duplicate of a regular file would release every
+        // POSIX (`fcntl`) lock this process holds on that file: SQLite's locks on the store, its
+        // WAL and its shared memory. Another process opening the store would then take itself
+        // for the last connection and delete the WAL the gateway still writes into. `readlink`
+        // on `/proc/self/fd/N` opens nothing.
+        if !is_socket_descriptor(number) {
+            continue;
+        }
         // A descriptor closed since the listing is skipped; a kernel or sandbox that refuses the
         // call (before Linux 5.6, or a seccomp filter) is an error.
         let fd = match pidfd_getfd(&me, number, PidfdGetfdFlags::empty()) {
@@ -140,11 +148,19 @@ pub fn raise_listen_backlog(addr: SocketAddr, backlog: i32) -> Result<usize, Str
     Ok(raised)
 }
 
+/// Whether descriptor `number` of this process is a socket, read from its `/proc/self/fd` link
+/// (`socket:[inode]`) without opening anything.
+fn is_socket_descriptor(number: i32) -> bool {
+    std::fs::read_link(format!("/proc/self/fd/{number}"))
+        .map(|target| target.as_os_str().as_encoded_bytes().starts_with(b"socket:"))
+        .unwrap_or(false)
+}
+
 /// Waits (on a thread of its own, up to 10 s) for rumqttd to listen on `addr`, then raises its
 /// backlog; says in the log what it did. A port of 0 is left alone (the bound port is unknown).
-fn raise_backlog_when_listening(addr: SocketAddr) {
+fn raise_backlog_when_listening(addr: SocketAddr) -> Option<std::thread::JoinHandle<()>> {
     if addr.port() == 0 {
-        return;
+        return None;
     }
     let spawned = std::thread::Builder::new().name("listen-backlog".into()).spawn(move || {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -159,8 +175,12 @@ fn raise_backlog_when_listening(addr: SocketAddr) {
             }
         }
     });
-    if let Err(e) = spawned {
-        warn!(error = %e, "cannot start the listen-backlog thread");
+    match spawned {
+        Ok(handle) => Some(handle),
+        Err(e) => {
+            warn!(error = %e, "cannot start the listen-backlog thread");
+            None
+        }
     }
 }
 
@@ -170,7 +190,7 @@ fn raise_backlog_when_listening(addr: SocketAddr) {
 pub fn run_plain(addr: SocketAddr) -> Result<(), String> {
     let config =
         broker_config(addr, max_connections_from_fd_limit(), FLEET_SEGMENT_BYTES, connection_settings(), false)?;
-    raise_backlog_when_listening(addr);
+    let _backlog = raise_backlog_when_listening(addr);
     Broker::new(config).start().map_err(|e| format!("rumqttd: {e}"))
 }
 
@@ -198,6 +218,9 @@ pub struct EmbeddedBroker {
     meters: Option<rumqttd::meters::MetersLink>,
     alerts: Option<rumqttd::alerts::AlertsLink>,
     pub max_connections: usize,
+    /// The thread raising the listener's backlog; the server waits for it before it checks that
+    /// the store's locks are still held.
+    backlog: Option<std::thread::JoinHandle<()>>,
 }
 
 impl EmbeddedBroker {
@@ -245,7 +268,7 @@ impl EmbeddedBroker {
                 }
             })
             .map_err(|e| e.to_string())?;
-        raise_backlog_when_listening(addr);
+        let backlog = raise_backlog_when_listening(addr);
         let (tx, rx) = std::sync::mpsc::channel::<(String, Vec<u8>)>();
         std::thread::Builder::new()
             .name("broker-publish".into())
@@ -260,7 +283,15 @@ impl EmbeddedBroker {
             meters: Some(meters),
             alerts: Some(alerts),
             max_connections,
+            backlog,
         })
+    }
+
+    /// Waits until the listener's backlog has been raised (or given up on, after at most 10 s).
+    pub fn wait_for_backlog(&mut self) {
+        if let Some(handle) = self.backlog.take() {
+            let _ = handle.join();
+        }
     }
 
     /// Exports the router's meters and alerts as metrics, until the broker stops.

@@ -36,6 +36,15 @@ pub struct Config {
     /// Embedded broker: in-memory log segment of each of the gateway's own subscriptions (bytes,
     /// 4 segments kept). A consumer that falls further behind loses messages, which retries repair.
     pub broker_segment_bytes: usize,
+    /// The integrity check SQLite runs on the store before the gateway trusts it: `"quick"`
+    /// (`PRAGMA quick_check`, the default), `"full"` (`PRAGMA integrity_check`) or `"off"`.
+    pub store_check: String,
+    /// SQLite: below this much free space on the data directory's filesystem, API changes are
+    /// refused with 507 `storage_full` and `/healthz` reports it, so the space left goes to the
+    /// terminals' acks.
+    pub store_min_free_bytes: u64,
+    /// A store commit that takes longer than this makes `/healthz` report the store as slow.
+    pub store_slow_commit_ms: u64,
 }
 
 /// Which MQTT broker the gateway uses.
@@ -97,6 +106,9 @@ impl Default for Config {
             store_pool_size: 8,
             retry_initial_seconds: 15,
             broker_segment_bytes: crate::broker::FLEET_SEGMENT_BYTES,
+            store_check: "quick".into(),
+            store_min_free_bytes: 64 * 1024 * 1024,
+            store_slow_commit_ms: 5_000,
         }
     }
 }
@@ -175,6 +187,15 @@ impl Config {
         if let Some(v) = get("RKI_STORE") {
             self.store = v;
         }
+        if let Some(v) = get("RKI_STORE_CHECK") {
+            self.store_check = v;
+        }
+        if let Some(v) = get("RKI_STORE_MIN_FREE_BYTES") {
+            self.store_min_free_bytes = v.parse().map_err(|e| format!("RKI_STORE_MIN_FREE_BYTES={v:?}: {e}"))?;
+        }
+        if let Some(v) = get("RKI_STORE_SLOW_COMMIT_MS") {
+            self.store_slow_commit_ms = v.parse().map_err(|e| format!("RKI_STORE_SLOW_COMMIT_MS={v:?}: {e}"))?;
+        }
         if let Some(v) = get("RKI_MAX_CONNECTIONS") {
             self.max_connections = v.parse().map_err(|e| format!("RKI_MAX_CONNECTIONS={v:?}: {e}"))?;
         }
@@ -206,6 +227,12 @@ impl Config {
         }
         if self.store_pool_size == 0 || self.store_pool_size > 256 {
             return Err("store_pool_size must be 1 to 256".into());
+        }
+        if !matches!(self.store_check.as_str(), "quick" | "full" | "off") {
+            return Err(format!("store_check = {:?}: expected \"quick\", \"full\" or \"off\"", self.store_check));
+        }
+        if self.store_slow_commit_ms == 0 {
+            return Err("store_slow_commit_ms must be at least 1".into());
         }
         if !matches!(self.log_format.as_str(), "text" | "json") {
             return Err(format!("log_format = {:?}: expected \"text\" or \"json\"", self.log_format));

@@ -28,6 +28,7 @@ use crate::clock::{Clock, Millis};
 use crate::domain::{ExecutionState, NotReady, EXPIRY_DAYS_DEFAULT, EXPIRY_DAYS_MAX, SECONDS_PER_DAY};
 use crate::keyservice::{aes_initial_key_id, tdes_initial_ksn, DeriveRequest, KeyService};
 use crate::metrics as m;
+use crate::store::health::{StoreFault, StoreHealth};
 use crate::store::*;
 
 /// Inbound workers. Each handles the devices whose SN hashes to it, in arrival order.
@@ -270,6 +271,9 @@ pub enum Rejection {
     SlotMismatch,
     KeyIdMismatch,
     NotOpen,
+    /// The store could not be read to check the message: not the device's fault, and not lost
+    /// (the device acks again when the download is re-delivered).
+    StoreUnavailable,
 }
 
 impl Rejection {
@@ -288,6 +292,7 @@ impl Rejection {
             Rejection::SlotMismatch => "slot_mismatch",
             Rejection::KeyIdMismatch => "key_id_mismatch",
             Rejection::NotOpen => "not_open",
+            Rejection::StoreUnavailable => "store_unavailable",
         }
     }
 }
@@ -308,7 +313,7 @@ struct AckDone {
 struct Pending {
     write: Write,
     ack: Option<AckDone>,
-    reply: Option<oneshot::Sender<Result<BatchOutcome, String>>>,
+    reply: Option<oneshot::Sender<Result<BatchOutcome, StoreError>>>,
 }
 
 /// An inbound MQTT message.
@@ -337,6 +342,9 @@ pub enum EngineError {
     Conflict(String),
     #[error("internal error: {0}")]
     Internal(String),
+    /// The store is full, unavailable or too slow: an outage, answered with 503 or 507.
+    #[error("{}", .0.detail())]
+    Store(StoreFault),
 }
 
 impl From<StoreError> for EngineError {
@@ -345,6 +353,8 @@ impl From<StoreError> for EngineError {
             StoreError::NotFound(s) => EngineError::NotFound(s),
             StoreError::Conflict(s) => EngineError::Conflict(s),
             StoreError::Invalid(s) => EngineError::Invalid(s),
+            StoreError::Full(s) => EngineError::Store(StoreFault::Full(s)),
+            StoreError::Unavailable(s) => EngineError::Store(StoreFault::Unavailable(s)),
             StoreError::Backend(s) => EngineError::Internal(s),
         }
     }
@@ -428,6 +438,12 @@ pub struct Engine {
     retry_initial_ms: AtomicI64,
     /// Sends not yet written as `Delivered`.
     unwritten: Mutex<UnwrittenSends>,
+    /// The store's health as the engine's own reads and commits find it (`/healthz`).
+    pub health: Arc<StoreHealth>,
+    /// Executions whose ending was in a batch that failed to commit (a full disk, an outage):
+    /// they left the hot state with their ack, so the sweeper reads them back and, if they are
+    /// still open, delivers them again until the device re-acks.
+    unrecorded_endings: Mutex<Vec<i64>>,
 }
 
 impl Engine {
@@ -466,6 +482,8 @@ impl Engine {
             shared_store: std::sync::atomic::AtomicBool::new(false),
             retry_initial_ms: AtomicI64::new(RETRY_INITIAL_MS),
             unwritten: Mutex::new(UnwrittenSends::default()),
+            health: Arc::new(StoreHealth::default()),
+            unrecorded_endings: Mutex::new(Vec::new()),
         });
         let _ = engine.me.set(Arc::downgrade(&engine));
         engine.load().await?;
@@ -486,7 +504,7 @@ impl Engine {
         let out = tokio::task::spawn_blocking(move || f(store.as_ref()))
             .await
             .map_err(|e| EngineError::Internal(format!("store task: {e}")))?;
-        metrics::gauge!(m::STORE_UP).set(if matches!(out, Err(StoreError::Backend(_))) { 0.0 } else { 1.0 });
+        self.health.record(out.as_ref().map(|_| ()));
         Ok(out?)
     }
 
@@ -542,6 +560,28 @@ impl Engine {
         }
         self.execution_sn.insert(open.id, sn.to_string());
         hot.open.push(open);
+    }
+
+    /// Puts back into the hot state the executions whose ending failed to commit and that are
+    /// still open in the store, so that they are delivered again; those that cannot be read yet
+    /// are tried again at the next sweep.
+    async fn restore_unrecorded_endings(&self) {
+        let ids = std::mem::take(&mut *lock(&self.unrecorded_endings));
+        if ids.is_empty() {
+            return;
+        }
+        let mut again = Vec::new();
+        for id in ids {
+            match self.blocking(move |s| s.execution(id)).await {
+                Ok(row) if row.state.is_open() => {
+                    self.insert_open(&row);
+                    info!(execution = id, "an ack whose record failed to commit: the download will be sent again");
+                }
+                Ok(_) | Err(EngineError::NotFound(_)) => {}
+                Err(_) => again.push(id),
+            }
+        }
+        lock(&self.unrecorded_endings).extend(again);
     }
 
     /// Reads the device's open executions from the store into its hot state.
@@ -671,7 +711,10 @@ impl Engine {
             return Ok(hot);
         }
         let owned = sn.to_string();
-        let creds = self.blocking(move |s| s.credentials(&owned)).await.map_err(|_| Rejection::UnknownDevice)?;
+        let creds = self.blocking(move |s| s.credentials(&owned)).await.map_err(|e| match e {
+            EngineError::Store(_) => Rejection::StoreUnavailable,
+            _ => Rejection::UnknownDevice,
+        })?;
         let Some(creds) = creds else {
             let owned = sn.to_string();
             let known = self.blocking(move |s| s.device_org_by_sn(&owned)).await.ok().flatten().is_some();
@@ -1048,6 +1091,7 @@ impl Engine {
         let device_id = lock(hot).device_id;
         let row = self.blocking(move |s| s.execution(id)).await;
         match row {
+            Err(EngineError::Store(_)) => reject("ack", Rejection::StoreUnavailable),
             Err(_) => reject("ack", Rejection::UnknownExecution),
             Ok(row) if row.device_id != device_id || row.sn != sn => reject("ack", Rejection::ForeignExecution),
             Ok(row) if row.state.is_open() => {
@@ -1166,7 +1210,7 @@ impl Engine {
         }
         match last {
             Some(rx) => {
-                rx.await.map_err(|_| EngineError::Internal("committer stopped".into()))?.map_err(EngineError::Internal)
+                rx.await.map_err(|_| EngineError::Internal("committer stopped".into()))?.map_err(EngineError::from)
             }
             None => Ok(BatchOutcome::default()),
         }
@@ -2137,22 +2181,25 @@ async fn committer(engine: Arc<Engine>, mut rx: mpsc::Receiver<Pending>) {
             .filter(|p| !matches!(p.write, Write::Seen { device_id: -1, .. }))
             .map(|p| p.write.clone())
             .collect();
-        let started = Instant::now();
+        let started = engine.health.commit_started();
         let store = engine.store.clone();
         let n = writes.len();
+        let failed_endings: Vec<i64> =
+            writes.iter().filter_map(|w| if let Write::End(e) = w { Some(e.execution_id) } else { None }).collect();
         let result = tokio::task::spawn_blocking(move || store.apply_batch(&writes)).await;
         let result = match result {
             Ok(Ok(outcome)) => Ok(outcome),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(e) => Err(e.to_string()),
+            Ok(Err(e)) => Err(e),
+            Err(e) => Err(StoreError::Backend(e.to_string())),
         };
         metrics::histogram!(m::STORE_COMMIT_SECONDS).record(started.elapsed().as_secs_f64());
         metrics::histogram!(m::STORE_BATCH_WRITES).record(n as f64);
-        metrics::gauge!(m::STORE_UP).set(if result.is_ok() { 1.0 } else { 0.0 });
+        engine.health.commit_finished(started, result.as_ref().map(|_| ()));
         let ended: std::collections::HashSet<i64> = match &result {
             Ok(outcome) => outcome.ended.iter().map(|(id, _)| *id).collect(),
             Err(e) => {
                 error!(error = %e, writes = n, "store batch failed");
+                lock(&engine.unrecorded_endings).extend(failed_endings);
                 Default::default()
             }
         };
@@ -2204,6 +2251,7 @@ async fn sweeper(engine: Arc<Engine>) {
             // No expiry on these wake-ups: it keeps its every-5-ticks pace.
             _ = engine.sweep_now.notified() => {}
         }
+        engine.restore_unrecorded_endings().await;
         if engine.is_shared() {
             engine.cluster_sweep().await;
         } else {

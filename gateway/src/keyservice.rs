@@ -60,11 +60,8 @@ impl MasterKey {
                     return Err(err(format!("permissions {:o} are too open; run chmod 600 on it", mode & 0o777)));
                 }
             }
-            let text = Zeroizing::new(fs::read_to_string(path).map_err(|e| err(e.to_string()))?);
-            let bytes = SecretBytes::from_hex(text.trim()).map_err(|_| err("not hex".into()))?;
-            let key = SymmetricKey::new(KeyAlgorithm::Aes256, bytes)
-                .map_err(|_| err("must be 64 hex digits (AES-256)".into()))?;
-            return Ok((MasterKey(key), false));
+            let raw = Zeroizing::new(fs::read(path).map_err(|e| err(e.to_string()))?);
+            return Self::parse(&raw).map(|key| (key, false)).map_err(err);
         }
         if let Some(dir) = path.parent() {
             if !dir.as_os_str().is_empty() {
@@ -86,6 +83,25 @@ impl MasterKey {
             .and_then(|_| file.sync_all())
             .map_err(|e| err(e.to_string()))?;
         Ok((MasterKey(key), true))
+    }
+
+    /// The master key file's contents: 64 hexadecimal digits (an AES-256 key), on one line. Every
+    /// refusal says what was expected and what was found, never the file's bytes.
+    fn parse(raw: &[u8]) -> Result<MasterKey, String> {
+        const EXPECTED: &str = "expected 64 hexadecimal digits (an AES-256 key) on one line, as the gateway writes it";
+        let Ok(text) = std::str::from_utf8(raw) else {
+            return Err(format!(
+                "{EXPECTED}; found {} bytes that are not text (a raw binary key? write it as hex: xxd -p -c 64)",
+                raw.len()
+            ));
+        };
+        let text = text.trim();
+        if text.len() != 64 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
+            let digits = text.bytes().filter(u8::is_ascii_hexdigit).count();
+            return Err(format!("{EXPECTED}; found {} characters, {digits} of them hexadecimal digits", text.len()));
+        }
+        let bytes = SecretBytes::from_hex(text).map_err(|_| EXPECTED.to_string())?;
+        SymmetricKey::new(KeyAlgorithm::Aes256, bytes).map(MasterKey).map_err(|_| EXPECTED.to_string())
     }
 
     /// A fresh random master key (not yet written anywhere).
@@ -466,6 +482,22 @@ mod tests {
         assert_eq!(b.counter(), 0);
         assert_eq!(a.to_hex(), "FFFF9876540000000000");
         assert_eq!(b.to_hex(), "FFFF9876540000200000");
+    }
+
+    #[test]
+    fn a_master_key_file_in_the_wrong_format_is_refused_with_the_expected_format() {
+        let good = "00112233445566778899AABBCCDDEEFF00112233445566778899AABBCCDDEEFF\n";
+        assert!(MasterKey::parse(good.as_bytes()).is_ok());
+        let cases: [(&[u8], &str); 4] = [
+            (&[0xA5; 32], "32 bytes that are not text"),
+            (b"0011\n", "found 4 characters"),
+            (b"zz112233445566778899AABBCCDDEEFF00112233445566778899AABBCCDDEEFF", "62 of them hexadecimal"),
+            (b"", "found 0 characters"),
+        ];
+        for (raw, found) in cases {
+            let Err(e) = MasterKey::parse(raw) else { panic!("{found}: accepted") };
+            assert!(e.contains("expected 64 hexadecimal digits") && e.contains(found), "{e}");
+        }
     }
 
     #[test]

@@ -33,6 +33,10 @@ struct Cli {
     /// Admin API and /metrics listen address. Default 127.0.0.1:8080.
     #[arg(long)]
     http_addr: Option<std::net::SocketAddr>,
+    /// Start a new, empty store even though the master key file already exists (a missing or
+    /// empty store beside an existing key is refused otherwise: a wrong data_dir, a lost disk).
+    #[arg(long)]
+    init: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -50,9 +54,15 @@ enum Command {
         #[arg(long, default_value = "key-owner")]
         label: String,
     },
+    /// Write a consistent copy of the SQLite store to FILE (mode 0600), safe while the gateway
+    /// runs. The copy holds sealed keys only: back the master key up separately.
+    Backup { file: PathBuf },
 }
 
 fn main() -> ExitCode {
+    // Every file this process creates (the store, its WAL and shared memory, the lock file, the
+    // master key, backups) is private to its user, and every directory too.
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     let cli = Cli::parse();
     let mut config = match Config::load(cli.config.as_deref()) {
         Ok(c) => c,
@@ -71,10 +81,11 @@ fn main() -> ExitCode {
         config.http_addr = a;
     }
     let result = match cli.command.unwrap_or(Command::Run) {
-        Command::Run => run(config),
+        Command::Run => run(config, cli.init),
         Command::InitOrg { name } => init_org(&config, &name),
         Command::InitKeyOwner { label } => init_key_owner(&config, &label),
         Command::RotateMasterKey => rotate_master_key(&config),
+        Command::Backup { file } => backup(&config, &file),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -90,6 +101,7 @@ fn now_ms() -> i64 {
 }
 
 fn init_org(config: &Config, name: &str) -> Result<(), String> {
+    let _lock = server::lock_data_dir(config, "rki-gateway init-org")?;
     let store = server::OpenedStore::open(config)?.as_dyn();
     let (org, token) = bootstrap::create_org(store.as_ref(), name, now_ms()).map_err(|e| e.to_string())?;
     println!("organization {} created (id {})", org.name, org.id);
@@ -98,6 +110,7 @@ fn init_org(config: &Config, name: &str) -> Result<(), String> {
 }
 
 fn init_key_owner(config: &Config, label: &str) -> Result<(), String> {
+    let _lock = server::lock_data_dir(config, "rki-gateway init-key-owner")?;
     let store = server::OpenedStore::open(config)?.as_dyn();
     let token = bootstrap::create_key_owner_token(store.as_ref(), label, now_ms()).map_err(|e| e.to_string())?;
     println!("key owner token (shown once; keep it secret): {token}");
@@ -110,6 +123,7 @@ fn rotate_master_key(config: &Config) -> Result<(), String> {
     if !path.exists() {
         return Err(format!("no master key at {}", path.display()));
     }
+    let _lock = server::lock_data_dir(config, "rki-gateway rotate-master-key")?;
     let (old, _) = MasterKey::load_or_create(&path).map_err(|e| e.to_string())?;
     let store = server::OpenedStore::open(config)?;
     if store.meta("master_key_kcv")?.is_some_and(|kcv| kcv != old.kcv().to_hex()) {
@@ -139,6 +153,34 @@ fn rotate_master_key(config: &Config) -> Result<(), String> {
     Ok(())
 }
 
+/// `VACUUM INTO` a temporary file beside FILE, checked, then renamed: FILE is either the whole
+/// copy or absent. Needs no lock on the data directory: the copy is one read transaction, and the
+/// running gateway's locks keep SQLite's WAL in place.
+fn backup(config: &Config, file: &std::path::Path) -> Result<(), String> {
+    if config.store != "sqlite" {
+        return Err("backup copies the SQLite store; back a PostgreSQL store up with pg_dump or pg_basebackup".into());
+    }
+    if file.exists() {
+        return Err(format!("{} exists; nothing written (choose a new file)", file.display()));
+    }
+    let mut staged = file.as_os_str().to_owned();
+    staged.push(format!(".partial-{}", std::process::id()));
+    let staged = PathBuf::from(staged);
+    let started = std::time::Instant::now();
+    let bytes = rki_gateway::store::sqlite::SqliteStore::backup(&config.store_path(), &staged).map_err(|e| {
+        let _ = std::fs::remove_file(&staged);
+        format!("backup of {}: {e}", config.store_path().display())
+    })?;
+    std::fs::rename(&staged, file).map_err(|e| format!("{}: {e}", file.display()))?;
+    println!(
+        "backed up {} to {} ({bytes} bytes, {:.1} s); the master key is not in it: back it up separately",
+        config.store_path().display(),
+        file.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
 /// Whether the log sees a span or event: everything but rumqttd's spans. rumqttd opens an
 /// ERROR-level span for every publish it routes (`publish`, with the topic formatted by `Debug`)
 /// and for every batch of packets, so a filter that lets rumqttd's errors and warnings through
@@ -160,14 +202,14 @@ fn log_subscriber(filter: tracing_subscriber::EnvFilter, json: bool) -> Box<dyn 
     }
 }
 
-fn run(config: Config) -> Result<(), String> {
+fn run(config: Config, init: bool) -> Result<(), String> {
     let json = config.log_format == "json";
     let filter = tracing_subscriber::EnvFilter::try_from_env("RKI_LOG").unwrap_or_else(|_| "info,rumqttd=warn".into());
     // `try_init`, not `set_global_default`: it also forwards the `log` crate's records (the
     // PostgreSQL client's among them) into the same subscriber.
     tracing_subscriber::util::SubscriberInitExt::try_init(log_subscriber(filter, json)).map_err(|e| e.to_string())?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;
-    runtime.block_on(server::run(config))
+    runtime.block_on(server::run(config, init))
 }
 
 #[cfg(test)]

@@ -20,6 +20,9 @@ pub const STORE_COMMIT_SECONDS: &str = "rki_store_commit_seconds";
 pub const INBOUND_WAIT_SECONDS: &str = "rki_inbound_wait_seconds";
 pub const STORE_BATCH_WRITES: &str = "rki_store_batch_writes";
 pub const STORE_UP: &str = "rki_store_up";
+pub const STORE_COMMIT_LATENCY_SECONDS: &str = "rki_store_commit_latency_seconds";
+pub const STORE_FREE_BYTES: &str = "rki_store_free_bytes";
+pub const STORE_LOCKS_HELD: &str = "rki_store_locks_held";
 pub const BROKER_UP: &str = "rki_broker_up";
 pub const MQTT_CONNECT_REFUSED_TOTAL: &str = "rki_mqtt_connect_refused_total";
 pub const MQTT_CONNECTIONS_MAX: &str = "rki_mqtt_connections_max";
@@ -125,7 +128,22 @@ fn describe() {
         Unit::Seconds,
         "Time a device message waits between the broker's hand-over and its shard taking it up."
     );
-    describe_gauge!(STORE_UP, "1 when the last store operation succeeded.");
+    describe_gauge!(
+        STORE_UP,
+        "1 when the store can be read and written at normal speed (what /healthz reports); 0 while it is \
+         unavailable, full, short of space or slow."
+    );
+    describe_gauge!(
+        STORE_COMMIT_LATENCY_SECONDS,
+        Unit::Seconds,
+        "The longer of the last store commit's duration and the age of the commit running now."
+    );
+    describe_gauge!(STORE_FREE_BYTES, Unit::Bytes, "SQLite: free space on the data directory's filesystem.");
+    describe_gauge!(
+        STORE_LOCKS_HELD,
+        "SQLite: 1 while the gateway holds SQLite's locks on its store (checked in /proc/locks); 0 is an \
+         emergency: another process opening the store could delete its write-ahead log."
+    );
     describe_gauge!(BROKER_UP, "1 while the MQTT broker (embedded or external) is up.");
     describe_counter!(MQTT_CONNECT_REFUSED_TOTAL, "MQTT CONNECTs refused, by reason.");
     describe_gauge!(MQTT_CONNECTIONS_MAX, "The broker's connection limit (from the open-file limit).");

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use metrics::Label;
-use tracing::warn;
+use tracing::{error, warn};
 
 use crate::clock::Millis;
 use crate::domain::ExecutionState;
@@ -313,11 +313,13 @@ impl GudidTally {
 
 /// Starts the sampler on the current runtime. `store_path` is the store's main file; its size and
 /// its write-ahead log's are exported as `rki_store_file_bytes`.
-pub fn spawn(engine: Arc<Engine>, store_path: PathBuf) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(run(engine, store_path))
+/// With `sqlite`, it also checks every tick that the process still holds SQLite's locks on it
+/// (`rki_store_locks_held`).
+pub fn spawn(engine: Arc<Engine>, store_path: PathBuf, sqlite: bool) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(run(engine, store_path, sqlite))
 }
 
-async fn run(engine: Arc<Engine>, store_path: PathBuf) {
+async fn run(engine: Arc<Engine>, store_path: PathBuf, sqlite: bool) {
     metrics::gauge!(m::BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     let wal_path = PathBuf::from(format!("{}-wal", store_path.display()));
     let mut ticker = tokio::time::interval(SAMPLE_INTERVAL);
@@ -350,13 +352,24 @@ async fn run(engine: Arc<Engine>, store_path: PathBuf) {
                 for g in &gauges {
                     g.set();
                 }
-                metrics::gauge!(m::STORE_UP).set(1.0);
+                metrics::gauge!(m::STORE_UP).set(if engine.health.fault().is_none() { 1.0 } else { 0.0 });
             }
             Err(e) => {
                 warn!(error = %e, "metrics sample failed");
                 metrics::counter!(m::SAMPLER_ERRORS_TOTAL).increment(1);
                 metrics::gauge!(m::STORE_UP).set(0.0);
             }
+        }
+        metrics::gauge!(m::STORE_COMMIT_LATENCY_SECONDS).set(engine.health.commit_latency_ms() as f64 / 1000.0);
+        if let Some(free) = engine.health.free_bytes() {
+            metrics::gauge!(m::STORE_FREE_BYTES).set(free as f64);
+        }
+        if sqlite {
+            let held = crate::store::guard::check_sqlite_locks_held(&store_path);
+            if let Err(e) = &held {
+                error!(error = %e, "the store's locks are lost: restart the gateway now");
+            }
+            metrics::gauge!(m::STORE_LOCKS_HELD).set(if held.is_ok() { 1.0 } else { 0.0 });
         }
         metrics::gauge!(m::DEVICES_CONNECTED).set(engine.online_count() as f64);
         for (file, path) in [("database", &store_path), ("wal", &wal_path)] {

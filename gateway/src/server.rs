@@ -3,6 +3,7 @@
 
 use std::sync::{Arc, OnceLock};
 
+use rki_protocol::SecretBytes;
 use tracing::{info, warn};
 
 use crate::api::{self, AppState};
@@ -11,6 +12,7 @@ use crate::clock::Clock;
 use crate::config::Config;
 use crate::engine::Engine;
 use crate::keyservice::{MasterKey, SoftwareKeyService};
+use crate::store::guard::{self, DataDirLock};
 use crate::store::sqlite::SqliteStore;
 use crate::store::Store;
 
@@ -28,20 +30,76 @@ pub fn raise_fd_limit() -> u64 {
     }
 }
 
-/// Opens the store, creating the data directory. Used by `run` and by the offline commands.
+/// Opens the store, creating the data directory (0700; the store's files 0600). Used by `run` and
+/// by the offline commands, each holding the data directory's lock ([`lock_data_dir`]).
 pub fn open_store(config: &Config) -> Result<Arc<SqliteStore>, String> {
-    std::fs::create_dir_all(&config.data_dir).map_err(|e| format!("data dir {}: {e}", config.data_dir.display()))?;
-    let store =
-        SqliteStore::open(&config.store_path()).map_err(|e| format!("store {}: {e}", config.store_path().display()))?;
+    create_data_dir(config)?;
+    let path = config.store_path();
+    let store = SqliteStore::open(&path).map_err(|e| format!("store {}: {e}", path.display()))?;
+    guard::make_private(&config.data_dir, &path)?;
     Ok(Arc::new(store))
 }
 
-/// Runs the gateway until SIGTERM or Ctrl-C.
-pub async fn run(config: Config) -> Result<(), String> {
-    let fd_limit = raise_fd_limit();
-    // PostgreSQL's synchronous client runs its own runtime: never on an async thread.
-    let store = tokio::task::block_in_place(|| OpenedStore::open(&config))?;
+fn create_data_dir(config: &Config) -> Result<(), String> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&config.data_dir)
+        .map_err(|e| format!("data dir {}: {e}", config.data_dir.display()))
+}
+
+/// Takes the data directory's lock for `what`, for an SQLite store: one process at a time may
+/// open it for writing (see [`guard`]). `None` for PostgreSQL, which many nodes share.
+pub fn lock_data_dir(config: &Config, what: &str) -> Result<Option<DataDirLock>, String> {
+    if config.store != "sqlite" {
+        return Ok(None);
+    }
+    create_data_dir(config)?;
+    DataDirLock::acquire(&config.data_dir, what).map(Some)
+}
+
+/// Whether the configured SQLite store is missing or empty (0 bytes); `None` for PostgreSQL,
+/// which says so only once connected (no stamp).
+fn sqlite_store_is_empty(config: &Config) -> Option<bool> {
+    (config.store == "sqlite").then(|| std::fs::metadata(config.store_path()).map(|m| m.len() == 0).unwrap_or(true))
+}
+
+/// Opens the store only if it is the one the master key belongs to: a missing or empty store
+/// beside an existing master key (a mis-pointed data directory, a lost disk) is refused unless
+/// `init` says a new store is intended, and a store sealed under a master key that is missing is
+/// refused too. Then SQLite checks the database (`store_check`), and the store is stamped with
+/// its identity and the master key's KCV.
+pub fn open_checked(config: &Config, init: bool) -> Result<(OpenedStore, MasterKey), String> {
     let master_path = config.master_key_path();
+    let master_exists = master_path.exists();
+    if master_exists && sqlite_store_is_empty(config) == Some(true) && !init {
+        return Err(format!(
+            "the store {} is missing or empty, but the master key {} exists: the data directory may be the \
+             wrong one, or its files lost. Point data_dir at the store this key belongs to, or restore it from \
+             a backup. To start a new, empty store under this key on purpose, run with --init",
+            config.store_path().display(),
+            master_path.display()
+        ));
+    }
+    let store = OpenedStore::open(config)?;
+    store.check_integrity(&config.store_check)?;
+    let stamped = store.meta("master_key_kcv")?;
+    if let (false, Some(kcv)) = (master_exists, &stamped) {
+        return Err(format!(
+            "the store is sealed under a master key (KCV {kcv}), but there is no master key at {}: point \
+             master_key_file at it. A new key would open nothing in this store",
+            master_path.display()
+        ));
+    }
+    if master_exists && stamped.is_none() && !init {
+        return Err(format!(
+            "the store {} has never been used with the master key {}: it may be the wrong store. To start it \
+             under this key on purpose, run with --init",
+            redact_url(&config.store),
+            master_path.display()
+        ));
+    }
     let (master, created) = MasterKey::load_or_create(&master_path).map_err(|e| e.to_string())?;
     if created {
         warn!(
@@ -50,7 +108,17 @@ pub async fn run(config: Config) -> Result<(), String> {
              separately from the data directory, keep it offline, and never store it beside the backups"
         );
     }
-    tokio::task::block_in_place(|| check_master_key(&store, &master))?;
+    check_master_key(&store, &master)?;
+    Ok((store, master))
+}
+
+/// Runs the gateway until SIGTERM or Ctrl-C. `init`: a missing or empty store may be created
+/// beside an existing master key ([`open_checked`]).
+pub async fn run(config: Config, init: bool) -> Result<(), String> {
+    let fd_limit = raise_fd_limit();
+    let _data_dir_lock = lock_data_dir(&config, "the running gateway (rki-gateway run)")?;
+    // PostgreSQL's synchronous client runs its own runtime: never on an async thread.
+    let (store, master) = tokio::task::block_in_place(|| open_checked(&config, init))?;
     let keys = Arc::new(SoftwareKeyService::new(master));
     let clock = Arc::new(if config.clock == "adjustable" {
         warn!("the clock is adjustable (tests only)");
@@ -71,6 +139,7 @@ pub async fn run(config: Config) -> Result<(), String> {
                 Engine::start(store_dyn, keys, clock, broker.outbound.clone()).await.map_err(|e| e.to_string())?;
             let _ = cell.set(engine.clone());
             broker.run_inbound(engine.clone())?;
+            tokio::task::block_in_place(|| broker.wait_for_backlog());
             engine
         }
         Some(external) => {
@@ -89,7 +158,19 @@ pub async fn run(config: Config) -> Result<(), String> {
         }
     };
     engine.set_retry_initial_ms(config.retry_initial_seconds.saturating_mul(1000) as i64);
-    crate::sampler::spawn(engine.clone(), config.store_path());
+    let sqlite = matches!(store, OpenedStore::Sqlite(_));
+    engine.health.configure(
+        config.store_slow_commit_ms,
+        sqlite.then(|| config.data_dir.clone()),
+        config.store_min_free_bytes,
+    );
+    if sqlite {
+        // Everything that could touch the store's descriptors has started: nothing may have
+        // released SQLite's locks (see `store::guard`).
+        crate::store::guard::check_sqlite_locks_held(&config.store_path())?;
+        metrics::gauge!(crate::metrics::STORE_LOCKS_HELD).set(1.0);
+    }
+    crate::sampler::spawn(engine.clone(), config.store_path(), sqlite);
     let state = Arc::new(AppState { engine: engine.clone(), prometheus });
     let listener =
         tokio::net::TcpListener::bind(config.http_addr).await.map_err(|e| format!("http {}: {e}", config.http_addr))?;
@@ -143,6 +224,25 @@ impl OpenedStore {
         .map_err(|e| e.to_string())
     }
 
+    /// Runs the configured integrity check (`quick`, `full` or `off`) on an SQLite store; refuses a
+    /// store that fails it, with its first findings.
+    pub fn check_integrity(&self, check: &str) -> Result<(), String> {
+        let OpenedStore::Sqlite(s) = self else { return Ok(()) };
+        if check == "off" {
+            return Ok(());
+        }
+        // A page too damaged to walk makes the check itself fail (SQLITE_CORRUPT): the same verdict.
+        let findings = s.check_integrity(check == "full").unwrap_or_else(|e| vec![e.to_string()]);
+        if findings.is_empty() {
+            return Ok(());
+        }
+        Err(format!(
+            "the store failed SQLite's {check} check, so it is not trusted: {}. Restore it from a backup \
+             (docs/OPERATIONS.md, \"Backups\")",
+            findings.join("; ")
+        ))
+    }
+
     pub fn reseal_all(&self, reseal: impl Fn(&str) -> Result<String, String>, kcv: &str) -> Result<usize, String> {
         match self {
             OpenedStore::Sqlite(s) => s.reseal_all(reseal, kcv),
@@ -173,7 +273,18 @@ fn check_master_key(store: &OpenedStore, master: &MasterKey) -> Result<(), Strin
         )),
         Some(_) => Ok(()),
         None => store.set_meta("master_key_kcv", &kcv).map_err(|e| e.to_string()),
-    }
+    }?;
+    // The store's identity, in the log of every start: a restored or swapped store shows.
+    let id = match store.meta("store_id")? {
+        Some(id) => id,
+        None => {
+            let id = hex::encode(SecretBytes::random(16).map_err(|e| e.to_string())?.expose_secret());
+            store.set_meta("store_id", &id)?;
+            id
+        }
+    };
+    info!(store_id = %id, master_key_kcv = %kcv, "store opened");
+    Ok(())
 }
 
 async fn shutdown_signal() {

@@ -87,6 +87,9 @@ pub struct GatewayOptions {
     pub log_filter: Option<String>,
     /// How long a start may take until `/healthz` answers.
     pub healthy_timeout: Duration,
+    /// The data directory, when it is not `<dir>/data` (a test that puts it on a filesystem of
+    /// its own). The master key stays beside it, `<data_dir>.master.key`.
+    pub data_dir: Option<PathBuf>,
 }
 
 impl Default for GatewayOptions {
@@ -100,6 +103,7 @@ impl Default for GatewayOptions {
             keep_dir: false,
             log_filter: Some("info,rumqttd=error".to_string()),
             healthy_timeout: Duration::from_secs(30),
+            data_dir: None,
         }
     }
 }
@@ -177,10 +181,15 @@ impl GatewayProcess {
         Ok(gw)
     }
 
+    /// The data directory: `<dir>/data` unless the options name another.
+    pub fn data_dir(&self) -> PathBuf {
+        self.options.data_dir.clone().unwrap_or_else(|| self.dir.join("data"))
+    }
+
     /// `rki-gateway` with this gateway's data directory, configuration file and environment.
     fn command(&self) -> TestResult<Command> {
         let mut cmd = Command::new(binary("rki-gateway"));
-        cmd.arg("--data-dir").arg(self.dir.join("data"));
+        cmd.arg("--data-dir").arg(self.data_dir());
         if let Some(toml) = &self.options.config_toml {
             let path = self.dir.join("config.toml");
             std::fs::write(&path, toml.replace("{dir}", &self.dir.display().to_string()))?;
@@ -192,13 +201,15 @@ impl GatewayProcess {
         Ok(cmd)
     }
 
-    /// Creates another organization offline (works while the gateway runs) and returns its token.
+    /// Creates another organization through the running gateway's API, as the key owner
+    /// (`rki-gateway init-org` is refused while the gateway holds its data directory), and
+    /// returns its admin token.
     pub fn init_org(&self, name: &str) -> TestResult<String> {
-        let out = self.offline(&["init-org", name])?;
-        if !out.status.success() {
-            return Err(String::from_utf8_lossy(&out.stderr).into_owned().into());
+        let (status, v) = self.key_owner().post("/v1/orgs", &json!({ "name": name }));
+        if status != 201 {
+            return Err(format!("create org {name}: {status} {v}").into());
         }
-        token_from(&String::from_utf8_lossy(&out.stdout))
+        v["admin_token"].as_str().map(str::to_string).ok_or_else(|| format!("no admin_token in {v}").into())
     }
 
     /// Runs `rki-gateway ARGS --data-dir <this gateway's data dir>` (with its configuration file

@@ -170,12 +170,25 @@ impl Session {
             dir.join("env.sh"),
             format!("export PATH='{path}'\nexport RKI_URL='http://127.0.0.1:{http_port}'\nexport LC_ALL=C\n"),
         )?;
-        // Terminal 1: `cargo run --release --bin rki-gateway` in the directory, on the test's ports.
-        let log = std::fs::File::create(dir.join("gateway.log"))?;
-        let gateway = Command::new(&gateway_exe)
-            .current_dir(&work)
-            .env("RKI_HTTP_ADDR", format!("127.0.0.1:{http_port}"))
-            .env("RKI_MQTT_ADDR", format!("127.0.0.1:{mqtt_port}"))
+        Ok(Session {
+            dir,
+            work,
+            http_port,
+            mqtt_port,
+            gateway: None,
+            background: Vec::new(),
+            transcript: String::new(),
+        })
+    }
+
+    /// The transcript's `rki-gateway … &` step: the gateway in the directory, on the test's
+    /// ports, until the test ends; returns once it is healthy.
+    fn start_gateway(&mut self, command: &str) -> TestResult {
+        let log = std::fs::File::create(self.dir.join("gateway.log"))?;
+        let gateway = Command::new(binary("rki-gateway"))
+            .current_dir(&self.work)
+            .env("RKI_HTTP_ADDR", format!("127.0.0.1:{}", self.http_port))
+            .env("RKI_MQTT_ADDR", format!("127.0.0.1:{}", self.mqtt_port))
             .env_remove("RKI_CONFIG")
             .env_remove("RKI_DATA_DIR")
             .env("RKI_LOG", "info,rumqttd=error")
@@ -183,17 +196,9 @@ impl Session {
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()?;
-        let mut session = Session {
-            dir,
-            work,
-            http_port,
-            mqtt_port,
-            gateway: Some(gateway),
-            background: Vec::new(),
-            transcript: String::new(),
-        };
-        session.wait_healthy()?;
-        Ok(session)
+        self.gateway = Some(gateway);
+        self.transcript.push_str(&format!("$ {command} &\n"));
+        self.wait_healthy()
     }
 
     fn wait_healthy(&mut self) -> TestResult {
@@ -281,6 +286,10 @@ impl Session {
     }
 
     fn step(&mut self, step: &Step) -> TestResult<String> {
+        if step.background && step.command.starts_with("rki-gateway ") {
+            self.start_gateway(&step.command)?;
+            return Ok(String::new());
+        }
         if step.background {
             self.spawn(&step.command)?;
             return Ok(String::new());

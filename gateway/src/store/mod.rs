@@ -12,6 +12,8 @@
 //! Row types here are storage types: they may derive `Serialize`, and hold key material only as
 //! sealed key blocks (TR-31 under the master key), never in the clear.
 
+pub mod guard;
+pub mod health;
 pub mod postgres;
 pub mod sqlite;
 
@@ -22,7 +24,7 @@ use crate::domain::ExecutionState;
 
 /// Errors of the store. `Conflict` and `NotFound` are the caller's fault and map to 409 / 404;
 /// `Backend` is ours.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("not found: {0}")]
     NotFound(String),
@@ -30,6 +32,12 @@ pub enum StoreError {
     Conflict(String),
     #[error("invalid: {0}")]
     Invalid(String),
+    /// The store cannot be reached or failed an I/O: an outage, not the request's fault.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// The store's disk is full.
+    #[error("store full: {0}")]
+    Full(String),
     #[error("store backend: {0}")]
     Backend(String),
 }

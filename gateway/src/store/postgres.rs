@@ -151,6 +151,10 @@ impl From<::postgres::Error> for Failure {
             Some(code) if code.code().starts_with("23") => Failure::Store(StoreError::Conflict(
                 e.as_db_error().map_or_else(|| e.to_string(), |db| db.message().into()),
             )),
+            // Class 53, insufficient resources: 53100 is a full disk, the others an overloaded
+            // server (out of memory, too many connections).
+            Some(code) if *code == SqlState::DISK_FULL => Failure::Store(StoreError::Full(describe(&e))),
+            Some(code) if code.code().starts_with("53") => Failure::Store(StoreError::Unavailable(describe(&e))),
             _ => Failure::Store(StoreError::Backend(describe(&e))),
         }
     }
@@ -160,7 +164,7 @@ impl From<Failure> for StoreError {
     fn from(f: Failure) -> Self {
         match f {
             Failure::Store(e) => e,
-            Failure::Transient { reason, .. } => StoreError::Backend(reason),
+            Failure::Transient { reason, .. } => StoreError::Unavailable(reason),
         }
     }
 }
@@ -241,13 +245,13 @@ impl Pool {
                     Err(e) => {
                         self.lock().open -= 1;
                         self.returned.notify_one();
-                        Err(Failure::Store(StoreError::Backend(format!("connect to PostgreSQL: {e}"))))
+                        Err(Failure::Store(StoreError::Unavailable(format!("connect to PostgreSQL: {e}"))))
                     }
                 };
             }
             let now = Instant::now();
             if now >= deadline {
-                return Err(Failure::Store(StoreError::Backend(format!(
+                return Err(Failure::Store(StoreError::Unavailable(format!(
                     "no PostgreSQL connection free within {POOL_WAIT_MAX:?} (pool of {})",
                     self.size
                 ))));
@@ -490,7 +494,7 @@ fn transaction<T>(
         // The COMMIT may or may not have taken effect: not safe to run again. The session is
         // dropped all the same.
         Failure::Transient { reason, session_lost } if session_lost => {
-            Failure::Store(StoreError::Backend(format!("commit outcome unknown: {reason}")))
+            Failure::Store(StoreError::Unavailable(format!("commit outcome unknown: {reason}")))
         }
         other => other,
     })?;
@@ -758,9 +762,11 @@ impl PostgresTaskSink<'_, '_, '_> {
                 Failure::Store(StoreError::NotFound(m)) => StoreError::NotFound(m.clone()),
                 Failure::Store(StoreError::Conflict(m)) => StoreError::Conflict(m.clone()),
                 Failure::Store(StoreError::Invalid(m)) => StoreError::Invalid(m.clone()),
-                Failure::Store(StoreError::Backend(m)) | Failure::Transient { reason: m, .. } => {
-                    StoreError::Backend(m.clone())
+                Failure::Store(StoreError::Full(m)) => StoreError::Full(m.clone()),
+                Failure::Store(StoreError::Unavailable(m)) | Failure::Transient { reason: m, .. } => {
+                    StoreError::Unavailable(m.clone())
                 }
+                Failure::Store(StoreError::Backend(m)) => StoreError::Backend(m.clone()),
             };
             self.failure = Some(failure);
             error

@@ -99,6 +99,21 @@ fn backend(e: rusqlite::Error) -> StoreError {
         rusqlite::Error::SqliteFailure(code, ref msg) if code.code == rusqlite::ErrorCode::ConstraintViolation => {
             StoreError::Conflict(msg.clone().unwrap_or_else(|| "constraint violated".into()))
         }
+        rusqlite::Error::SqliteFailure(code, _) if code.code == rusqlite::ErrorCode::DiskFull => {
+            StoreError::Full(e.to_string())
+        }
+        rusqlite::Error::SqliteFailure(code, _)
+            if matches!(
+                code.code,
+                rusqlite::ErrorCode::SystemIoFailure
+                    | rusqlite::ErrorCode::CannotOpen
+                    | rusqlite::ErrorCode::DatabaseBusy
+                    | rusqlite::ErrorCode::DatabaseLocked
+                    | rusqlite::ErrorCode::ReadOnly
+            ) =>
+        {
+            StoreError::Unavailable(e.to_string())
+        }
         other => StoreError::Backend(other.to_string()),
     }
 }
@@ -213,6 +228,44 @@ impl SqliteStore {
     /// Creates (or upgrades) the database at `path` to schema `version` and no further, without
     /// opening a store: the upgrade tests start from an older schema with it.
     #[doc(hidden)]
+    /// SQLite's own check of the database: `PRAGMA quick_check` (page structure, record
+    /// formats, constraints), or with `full` `PRAGMA integrity_check` (also every index against
+    /// its table). Returns the first findings; empty when the database is sound.
+    pub fn check_integrity(&self, full: bool) -> StoreResult<Vec<String>> {
+        let conn = self.writer.lock().map_err(|_| StoreError::Backend("writer lock poisoned".into()))?;
+        let pragma = if full { "PRAGMA integrity_check(20)" } else { "PRAGMA quick_check(20)" };
+        let mut statement = conn.prepare(pragma).map_err(backend)?;
+        let rows = statement.query_map([], |r| r.get::<_, String>(0)).map_err(backend)?;
+        let findings = rows.collect::<Result<Vec<_>, _>>().map_err(backend)?;
+        Ok(findings.into_iter().filter(|f| f != "ok").collect())
+    }
+
+    /// Writes a consistent copy of the database at `path` into `out` (which must not exist):
+    /// `VACUUM INTO` over a read-only connection, a snapshot taken in one read transaction,
+    /// safe beside a running gateway (whose locks keep the WAL in place). Returns the copy's
+    /// size in bytes.
+    pub fn backup(path: &Path, out: &Path) -> StoreResult<u64> {
+        use rusqlite::OpenFlags;
+        if !path.exists() {
+            return Err(StoreError::NotFound(format!("no store at {}", path.display())));
+        }
+        let conn =
+            Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+                .map_err(backend)?;
+        conn.execute_batch("PRAGMA busy_timeout = 10000;").map_err(backend)?;
+        let target = out.to_str().ok_or_else(|| StoreError::Invalid("the backup path is not UTF-8".into()))?;
+        conn.execute("VACUUM INTO ?1", [target]).map_err(backend)?;
+        drop(conn);
+        let copy = Connection::open_with_flags(out, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(backend)?;
+        let findings: String = copy.query_row("PRAGMA quick_check", [], |r| r.get(0)).map_err(backend)?;
+        if findings != "ok" {
+            return Err(StoreError::Backend(format!("the copy failed its check: {findings}")));
+        }
+        drop(copy);
+        std::fs::File::open(out).and_then(|f| f.sync_all()).map_err(|e| StoreError::Backend(e.to_string()))?;
+        Ok(std::fs::metadata(out).map(|m| m.len()).unwrap_or(0))
+    }
+
     pub fn migrate_to_version(path: &Path, version: usize) -> StoreResult<()> {
         let mut conn = open_connection(path)?;
         migrate_to(&mut conn, version)
