@@ -222,6 +222,19 @@ impl PgServer {
 
     /// The postmaster's process id (the first line of `postmaster.pid`), for `/proc` readings;
     /// the server's other processes are its children.
+    /// Stops the server (fast shutdown: sessions are ended, nothing committed is lost), as an
+    /// outage does.
+    pub fn stop(&self) -> Result<(), String> {
+        let mut c = self.command("pg_ctl");
+        c.arg("-D").arg(self.data()).args(["-m", "fast", "-w", "-t", START_WAIT_SECONDS, "stop"]);
+        self.run("pg_ctl stop", c)
+    }
+
+    /// Starts the server again after [`PgServer::stop`], on the same port and data.
+    pub fn start_again(&self) -> Result<(), String> {
+        self.pg_ctl_start()
+    }
+
     pub fn postmaster_pid(&self) -> Option<u32> {
         let text = std::fs::read_to_string(self.data().join("postmaster.pid")).ok()?;
         text.lines().next()?.trim().parse().ok()
