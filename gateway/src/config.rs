@@ -18,6 +18,14 @@ pub struct Config {
     pub mqtt_addr: SocketAddr,
     /// Admin API, `/metrics` and `/healthz`.
     pub http_addr: SocketAddr,
+    /// If set, `/metrics` is served on this address (with `/healthz` and `/livez`) and no longer
+    /// on `http_addr`: Prometheus then needs no route to the API port.
+    pub metrics_addr: Option<SocketAddr>,
+    /// The admin port closes a connection that has not sent a whole request head within this
+    /// (a new one, or an idle keep-alive one).
+    pub http_header_timeout_seconds: u64,
+    /// A request body must arrive whole within this.
+    pub http_body_timeout_seconds: u64,
     /// `system`, or `adjustable` (tests only: enables `POST /v1/admin/clock`).
     pub clock: String,
     /// `text` or `json`.
@@ -98,6 +106,9 @@ impl Default for Config {
             master_key_file: None,
             mqtt_addr: "127.0.0.1:1883".parse().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 1883))),
             http_addr: "127.0.0.1:8080".parse().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 8080))),
+            metrics_addr: None,
+            http_header_timeout_seconds: 10,
+            http_body_timeout_seconds: 30,
             clock: "system".into(),
             log_format: "text".into(),
             max_connections: 0,
@@ -142,6 +153,17 @@ impl Config {
         }
         if let Some(v) = get("RKI_HTTP_ADDR") {
             self.http_addr = addr("RKI_HTTP_ADDR", v)?;
+        }
+        if let Some(v) = get("RKI_METRICS_ADDR") {
+            self.metrics_addr = Some(addr("RKI_METRICS_ADDR", v)?);
+        }
+        if let Some(v) = get("RKI_HTTP_HEADER_TIMEOUT_SECONDS") {
+            self.http_header_timeout_seconds =
+                v.parse().map_err(|e| format!("RKI_HTTP_HEADER_TIMEOUT_SECONDS={v:?}: {e}"))?;
+        }
+        if let Some(v) = get("RKI_HTTP_BODY_TIMEOUT_SECONDS") {
+            self.http_body_timeout_seconds =
+                v.parse().map_err(|e| format!("RKI_HTTP_BODY_TIMEOUT_SECONDS={v:?}: {e}"))?;
         }
         if let Some(v) = get("RKI_CLOCK") {
             self.clock = v;
@@ -230,6 +252,11 @@ impl Config {
         }
         if !matches!(self.store_check.as_str(), "quick" | "full" | "off") {
             return Err(format!("store_check = {:?}: expected \"quick\", \"full\" or \"off\"", self.store_check));
+        }
+        if !(1..=600).contains(&self.http_header_timeout_seconds)
+            || !(1..=3600).contains(&self.http_body_timeout_seconds)
+        {
+            return Err("http_header_timeout_seconds must be 1 to 600 and http_body_timeout_seconds 1 to 3600".into());
         }
         if self.store_slow_commit_ms == 0 {
             return Err("store_slow_commit_ms must be at least 1".into());

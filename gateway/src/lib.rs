@@ -14,6 +14,7 @@
 //!   retry and expiry sweeps, operator actions.
 //! - [`broker`]: rumqttd embedded in the process, reached through local links.
 //! - [`api`]: the axum admin API, `/metrics`, `/healthz`.
+//! - [`http`]: the admin HTTP server's connections: a cap, header and body deadlines.
 //! - [`metrics`]: every metric name, once.
 //! - [`bootstrap`]: creating organizations and tokens.
 //! - [`portal`]: the fleet manager's web portal under `/portal/`, static files over the `/v1` API.
@@ -30,6 +31,7 @@ pub mod config;
 pub mod domain;
 pub mod engine;
 pub mod external;
+pub mod http;
 pub mod keyservice;
 pub mod metrics;
 pub mod mosquitto;

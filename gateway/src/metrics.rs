@@ -20,6 +20,7 @@ pub const STORE_COMMIT_SECONDS: &str = "rki_store_commit_seconds";
 pub const INBOUND_WAIT_SECONDS: &str = "rki_inbound_wait_seconds";
 pub const STORE_BATCH_WRITES: &str = "rki_store_batch_writes";
 pub const STORE_UP: &str = "rki_store_up";
+pub const HTTP_ACCEPT_ERRORS_TOTAL: &str = "rki_http_accept_errors_total";
 pub const STORE_COMMIT_LATENCY_SECONDS: &str = "rki_store_commit_latency_seconds";
 pub const STORE_FREE_BYTES: &str = "rki_store_free_bytes";
 pub const STORE_LOCKS_HELD: &str = "rki_store_locks_held";
@@ -132,6 +133,10 @@ fn describe() {
         STORE_UP,
         "1 when the store can be read and written at normal speed (what /healthz reports); 0 while it is \
          unavailable, full, short of space or slow."
+    );
+    describe_counter!(
+        HTTP_ACCEPT_ERRORS_TOTAL,
+        "Failed accepts on the admin HTTP port (out of descriptors); each backs off 100 ms."
     );
     describe_gauge!(
         STORE_COMMIT_LATENCY_SECONDS,

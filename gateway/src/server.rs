@@ -171,14 +171,34 @@ pub async fn run(config: Config, init: bool) -> Result<(), String> {
         metrics::gauge!(crate::metrics::STORE_LOCKS_HELD).set(1.0);
     }
     crate::sampler::spawn(engine.clone(), config.store_path(), sqlite);
-    let state = Arc::new(AppState { engine: engine.clone(), prometheus });
+    let state = Arc::new(AppState::new(engine.clone(), prometheus));
     let listener =
         tokio::net::TcpListener::bind(config.http_addr).await.map_err(|e| format!("http {}: {e}", config.http_addr))?;
-    info!(http = %config.http_addr, mqtt = %config.mqtt_addr, fd_limit, data_dir = %config.data_dir.display(), "rki-gateway ready");
-    axum::serve(listener, api::router(state))
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .map_err(|e| e.to_string())?;
+    let http_connections = crate::http::max_connections(fd_limit, max_connections);
+    let limits = crate::http::Limits {
+        max_connections: http_connections,
+        header_read_timeout: std::time::Duration::from_secs(config.http_header_timeout_seconds),
+        body_read_timeout: std::time::Duration::from_secs(config.http_body_timeout_seconds),
+    };
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let metrics_server = match config.metrics_addr {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("metrics {addr}: {e}"))?;
+            let router = api::metrics_router(state.clone());
+            let limits = crate::http::Limits { max_connections: 16, ..limits };
+            Some(tokio::spawn(crate::http::serve(listener, router, limits, stop_rx.clone())))
+        }
+        None => None,
+    };
+    info!(http = %config.http_addr, mqtt = %config.mqtt_addr, fd_limit, http_connections, data_dir = %config.data_dir.display(), "rki-gateway ready");
+    let api_server =
+        tokio::spawn(crate::http::serve(listener, api::router(state, config.metrics_addr.is_none()), limits, stop_rx));
+    shutdown_signal().await;
+    let _ = stop_tx.send(true);
+    let _ = api_server.await;
+    if let Some(server) = metrics_server {
+        let _ = server.await;
+    }
     info!("shutting down: flushing the store");
     engine.flush().await.map_err(|e| e.to_string())?;
     info!("stopped");

@@ -176,6 +176,12 @@ fn devices_are_listed_by_sn_fragment_ignoring_case_by_group_and_by_page(s: &Subj
         ["acme-0001", "acme-0002"]
     );
     assert_eq!(sns(DeviceFilter { sn_contains: Some("e_x".into()), ..Default::default() }), ["ACME_X"], "_ is literal");
+    // Keyset pages: bytewise order, each page after the last SN of the previous one.
+    assert_eq!(
+        sns(DeviceFilter { after_sn: Some("acme-0001".into()), limit: 2, ..Default::default() }),
+        ["acme-0002", "acme-0003"]
+    );
+    assert_eq!(sns(DeviceFilter { after_sn: Some("acme-0004".into()), ..Default::default() }), Vec::<String>::new());
     let group = st.create_group(w.org.id, "north", "").must();
     st.add_group_members(group.id, &[w.devices[3].id, w.devices[1].id]).must();
     assert_eq!(sns(DeviceFilter { group: Some(group.id), ..Default::default() }), ["acme-0001", "acme-0003"]);
@@ -763,6 +769,15 @@ fn records_are_filtered_by_sn_and_task_and_billed_per_source_and_month(s: &Subje
         [e1[1].id, e1[0].id]
     );
     assert_eq!(ids(RecordFilter { task_id: Some(t2.id), ..Default::default() }), [e2[0].id]);
+    // Keyset pages, newest first: everything older than the last record of the previous page.
+    let first_page = st.list_records(w.org.id, &RecordFilter { limit: 2, ..Default::default() }).must();
+    assert_eq!(first_page.iter().map(|r| r.execution_id).collect::<Vec<_>>(), [e2[0].id, e1[2].id]);
+    let cursor = first_page.last().map(|r| r.id);
+    assert_eq!(
+        ids(RecordFilter { before_id: cursor, limit: 2, ..Default::default() }),
+        [e1[1].id, e1[0].id],
+        "the next page"
+    );
     let billing: Vec<(String, String, i64)> =
         st.billing(w.org.id).must().into_iter().map(|b| (b.key_source, b.month, b.keys)).collect();
     assert_eq!(

@@ -90,6 +90,8 @@ pub struct GatewayOptions {
     /// The data directory, when it is not `<dir>/data` (a test that puts it on a filesystem of
     /// its own). The master key stays beside it, `<data_dir>.master.key`.
     pub data_dir: Option<PathBuf>,
+    /// Start the gateway under `prlimit --nofile=N:N`: a low open-file limit.
+    pub nofile_limit: Option<u64>,
 }
 
 impl Default for GatewayOptions {
@@ -104,6 +106,7 @@ impl Default for GatewayOptions {
             log_filter: Some("info,rumqttd=error".to_string()),
             healthy_timeout: Duration::from_secs(30),
             data_dir: None,
+            nofile_limit: None,
         }
     }
 }
@@ -228,7 +231,21 @@ impl GatewayProcess {
         let started = Instant::now();
         self.starts += 1;
         let log = std::fs::File::create(self.log_path())?;
-        let mut cmd = self.command()?;
+        let mut cmd = match self.options.nofile_limit {
+            // prlimit sets the limit on itself and execs the gateway: same process, same pid.
+            Some(n) => {
+                let inner = self.command()?;
+                let mut cmd = Command::new("prlimit");
+                cmd.arg(format!("--nofile={n}:{n}")).arg(inner.get_program()).args(inner.get_args());
+                for (k, v) in inner.get_envs() {
+                    if let Some(v) = v {
+                        cmd.env(k, v);
+                    }
+                }
+                cmd
+            }
+            None => self.command()?,
+        };
         cmd.arg("--mqtt-addr")
             .arg(format!("{}:{}", self.options.mqtt_bind, self.mqtt_port))
             .arg("--http-addr")

@@ -424,6 +424,8 @@ pub struct DeviceFilter {
     pub group: Option<i64>,
     pub limit: i64,
     pub offset: i64,
+    /// Keyset pagination: only devices whose SN sorts (bytewise) after this one.
+    pub after_sn: Option<String>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -432,6 +434,9 @@ pub struct RecordFilter {
     pub task_id: Option<i64>,
     pub limit: i64,
     pub offset: i64,
+    /// Keyset pagination: only records older than this one (records are listed newest first, and
+    /// are append-only, so a cursor never skips or repeats one).
+    pub before_id: Option<i64>,
 }
 
 #[derive(Debug, Clone, Serialize)]

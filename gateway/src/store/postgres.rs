@@ -1428,9 +1428,10 @@ impl Store for PostgresStore {
                     " FROM devices WHERE org_id = $1
                       AND ($2::text IS NULL OR sn ILIKE $2 ESCAPE '\\')
                       AND ($3::bigint IS NULL OR id IN (SELECT device_id FROM group_members WHERE group_id = $3))
+                      AND ($6::text IS NULL OR sn COLLATE \"C\" > $6)
                       ORDER BY sn COLLATE \"C\" LIMIT $4 OFFSET $5"
                 ),
-                &[&org_id, &pattern, &f.group, &limit, &offset],
+                &[&org_id, &pattern, &f.group, &limit, &offset, &f.after_sn],
             )?;
             rows(found, device_row)
         })
@@ -1885,8 +1886,9 @@ impl Store for PostgresStore {
                 "SELECT id, org_id, execution_id, task_id, sn, key_source, key_type, injection, result, error_code, at,
                         key_id, kcv
                  FROM records WHERE org_id = $1 AND ($2::text IS NULL OR sn = $2) AND ($3::bigint IS NULL OR task_id = $3)
+                 AND ($6::bigint IS NULL OR id < $6)
                  ORDER BY id DESC LIMIT $4 OFFSET $5",
-                &[&org_id, &f.sn, &f.task_id, &limit, &offset],
+                &[&org_id, &f.sn, &f.task_id, &limit, &offset, &f.before_id],
             )?;
             rows(found, record_row)
         })

@@ -900,12 +900,14 @@ impl Store for SqliteStore {
                 "SELECT {DEVICE_COLUMNS} FROM devices WHERE org_id = ?1
                  AND (?2 IS NULL OR sn LIKE ?2 ESCAPE '\\')
                  AND (?3 IS NULL OR id IN (SELECT device_id FROM group_members WHERE group_id = ?3))
+                 AND (?6 IS NULL OR sn > ?6)
                  ORDER BY sn LIMIT ?4 OFFSET ?5"
             );
             let mut stmt = c.prepare_cached(&sql).map_err(backend)?;
             let limit = if f.limit <= 0 { i64::MAX } else { f.limit };
-            let rows =
-                stmt.query_map(params![org_id, pattern, f.group, limit, f.offset], device_row).map_err(backend)?;
+            let rows = stmt
+                .query_map(params![org_id, pattern, f.group, limit, f.offset, f.after_sn], device_row)
+                .map_err(backend)?;
             rows.collect::<Result<Vec<_>, _>>().map_err(backend)
         })
     }
@@ -1449,11 +1451,12 @@ impl Store for SqliteStore {
         self.read(|c| {
             let sql = format!(
                 "SELECT {RECORD_COLUMNS} FROM records WHERE org_id = ?1 AND (?2 IS NULL OR sn = ?2) AND (?3 IS NULL OR task_id = ?3)
+                 AND (?6 IS NULL OR id < ?6)
                  ORDER BY id DESC LIMIT ?4 OFFSET ?5"
             );
             let mut stmt = c.prepare_cached(&sql).map_err(backend)?;
             let limit = if f.limit <= 0 { i64::MAX } else { f.limit };
-            let rows = stmt.query_map(params![org_id, f.sn, f.task_id, limit, f.offset], record_row).map_err(backend)?;
+            let rows = stmt.query_map(params![org_id, f.sn, f.task_id, limit, f.offset, f.before_id], record_row).map_err(backend)?;
             rows.collect::<Result<Vec<_>, _>>().map_err(backend)
         })
     }

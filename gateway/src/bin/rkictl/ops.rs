@@ -343,14 +343,31 @@ pub fn devices(c: &Client, cmd: DevicesCommand, json_out: bool) -> Result<Output
             })
         }
         DevicesCommand::List { sn, group, limit } => {
-            let mut path = format!("/v1/devices?limit={limit}");
-            if let Some(sn) = sn {
-                path.push_str(&format!("&sn={}", enc(&sn)));
+            // Pages of at most 1,000 (the API's largest), following next_cursor up to `limit`.
+            let mut devices: Vec<Value> = Vec::new();
+            let mut cursor: Option<String> = None;
+            let mut total = Value::Null;
+            while (devices.len() as i64) < limit {
+                let page = (limit - devices.len() as i64).min(1000);
+                let mut path = format!("/v1/devices?limit={page}");
+                if let Some(sn) = &sn {
+                    path.push_str(&format!("&sn={}", enc(sn)));
+                }
+                if let Some(g) = &group {
+                    path.push_str(&format!("&group={}", enc(g)));
+                }
+                if let Some(c) = &cursor {
+                    path.push_str(&format!("&cursor={}", enc(c)));
+                }
+                let v = c.get(&path)?;
+                devices.extend(v["devices"].as_array().cloned().unwrap_or_default());
+                total = v["total"].clone();
+                match v["next_cursor"].as_str() {
+                    Some(next) => cursor = Some(next.to_string()),
+                    None => break,
+                }
             }
-            if let Some(g) = group {
-                path.push_str(&format!("&group={}", enc(&g)));
-            }
-            let v = c.get(&path)?;
+            let v = json!({ "devices": devices, "total": total });
             if json_out {
                 return Ok(Output::Json(v));
             }

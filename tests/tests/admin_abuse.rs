@@ -1,0 +1,218 @@
+//! The admin HTTP port under abuse, on the real binary and bounded: slow and idle connections are
+//! closed at their deadlines, a flood of idle connections at a low open-file limit leaves MQTT
+//! serving, huge pages are refused with memory unchanged, and every malformed request gets
+//! problem+json with `no-store` and `nosniff`.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use rki_tests::{provision, sns, GatewayOptions, GatewayProcess, RawDevice, TestResult};
+use serde_json::{json, Value};
+
+/// Whether the server has closed `stream` (EOF or reset), waiting at most `within`.
+fn closed_within(stream: &mut TcpStream, within: Duration) -> bool {
+    let _ = stream.set_read_timeout(Some(within));
+    let mut buf = [0u8; 512];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return true,
+            // A 408 or an error page before the close counts too: read on to the close.
+            Ok(_) => continue,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                return false
+            }
+            Err(_) => return true,
+        }
+    }
+}
+
+fn rss_kib(pid: u32) -> TestResult<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:").and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok()))
+        .ok_or_else(|| "no VmRSS".into())
+}
+
+#[test]
+fn slow_headers_idle_connections_and_slow_bodies_are_closed_at_their_deadlines() -> TestResult {
+    let _ = rki_device_sim::raise_fd_limit();
+    let gw = GatewayProcess::start(GatewayOptions {
+        env: vec![
+            ("RKI_HTTP_HEADER_TIMEOUT_SECONDS".into(), "2".into()),
+            ("RKI_HTTP_BODY_TIMEOUT_SECONDS".into(), "2".into()),
+        ],
+        ..GatewayOptions::default()
+    })?;
+    let addr = format!("127.0.0.1:{}", gw.http_port);
+    let mut slow = Vec::new();
+    for i in 0..300 {
+        let mut s = TcpStream::connect(&addr)?;
+        match i % 3 {
+            // Slow headers: a request line and one header, never the blank line.
+            0 => s.write_all(b"GET /v1/devices HTTP/1.1\r\nHost: x\r\n")?,
+            // Idle: connected, nothing sent.
+            1 => {}
+            // A partial body: headers promise 1,000 bytes, 10 arrive.
+            _ => s.write_all(
+                format!(
+                    "POST /v1/groups HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{\"name\":\"",
+                    gw.org_token
+                )
+                .as_bytes(),
+            )?,
+        }
+        slow.push(s);
+    }
+    let started = Instant::now();
+    // One deadline for all: 2 s of timeout, and 6 s of slack on a loaded machine.
+    let deadline = started + Duration::from_secs(8);
+    let mut open_after = 0;
+    for s in slow.iter_mut() {
+        let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(10));
+        if !closed_within(s, left) {
+            open_after += 1;
+        }
+    }
+    assert_eq!(open_after, 0, "{open_after} of 300 slow connections still open after {:?}", started.elapsed());
+    // An honest client is served all along.
+    let (status, _) = gw.api().get("/v1/whoami");
+    assert_eq!(status, 200);
+    Ok(())
+}
+
+#[test]
+fn a_flood_of_idle_http_connections_at_a_low_file_limit_leaves_mqtt_serving() -> TestResult {
+    let _ = rki_device_sim::raise_fd_limit();
+    let rt = common::runtime();
+    // The gateway's hard limit: 1,024 descriptors (its MQTT share is what rumqttd's limit takes).
+    let gw = GatewayProcess::start(GatewayOptions { nofile_limit: Some(1024), ..GatewayOptions::default() })?;
+    let provisioned = provision(&gw, &sns("FLOOD", 1), "fleet")?;
+    let addr = format!("127.0.0.1:{}", gw.http_port);
+    let mut flood = Vec::new();
+    // Up to 1,500 connections within 15 s; the accept loop takes its share, the backlog the rest,
+    // and a connect that times out (backlog full) is tried again until 20 in a row fail.
+    let (started, mut failures) = (Instant::now(), 0);
+    while flood.len() < 1500 && failures < 20 && started.elapsed() < Duration::from_secs(15) {
+        match TcpStream::connect_timeout(&addr.parse()?, Duration::from_millis(200)) {
+            Ok(s) => {
+                flood.push(s);
+                failures = 0;
+            }
+            Err(_) => failures += 1,
+        }
+    }
+    // More than the admin port's cap at this limit (1,024 - 724 for MQTT - 64 = 236): the rest wait in the backlog.
+    assert!(flood.len() > 236, "only {} flood connections opened", flood.len());
+    // MQTT still accepts and serves a terminal's initialisation.
+    let (sn, gudid) = provisioned.gudids[0].clone();
+    let device = rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(20), RawDevice::initialise(gw.mqtt_port, &sn, &gudid)).await
+    });
+    assert!(matches!(device, Ok(Ok(_))), "MQTT did not serve during the HTTP flood");
+    drop(flood);
+    // Once the flood ends, the admin port serves again.
+    let started = Instant::now();
+    while gw.api().get("/v1/whoami").0 != 200 {
+        assert!(started.elapsed() < Duration::from_secs(30), "admin port not back 30 s after the flood");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+#[test]
+fn huge_pages_are_refused_and_memory_stays_bounded() -> TestResult {
+    let gw = GatewayProcess::start(GatewayOptions::default())?;
+    let csv = std::iter::once("sn,model".to_string())
+        .chain((0..20_000).map(|i| format!("PAGE{i:06},P3")))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let (status, v) = gw.api().post_csv("/v1/devices/import", &csv);
+    assert_eq!(status, 200, "{v}");
+    let pid = gw.pid().ok_or("no pid")?;
+    let before = rss_kib(pid)?;
+    for _ in 0..4 {
+        let (status, v) = gw.api().get("/v1/devices?limit=100000");
+        assert_eq!(status, 400, "{v}");
+        assert_eq!(v["code"], "bad_limit");
+    }
+    // The whole fleet, page by page through the cursor.
+    let mut seen = 0;
+    let mut cursor: Option<String> = None;
+    for _ in 0..30 {
+        let path = match &cursor {
+            Some(c) => format!("/v1/devices?limit=1000&cursor={c}"),
+            None => "/v1/devices?limit=1000".to_string(),
+        };
+        let v = gw.api().ok(&path)?;
+        seen += v["devices"].as_array().map_or(0, Vec::len);
+        match v["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => break,
+        }
+    }
+    assert_eq!(seen, 20_000);
+    let after = rss_kib(pid)?;
+    assert!(after < before + 64 * 1024, "RSS grew from {before} to {after} KiB");
+    Ok(())
+}
+
+#[test]
+fn every_malformed_request_gets_problem_json_and_no_answer_is_cached_or_sniffed() -> TestResult {
+    let gw = GatewayProcess::start(GatewayOptions::default())?;
+    let url = gw.url();
+    let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(10)).build();
+    let auth = format!("Bearer {}", gw.org_token);
+    let big = "x".repeat(5 * 1024 * 1024);
+    let cases: Vec<(&str, &str, Option<&str>, u16)> = vec![
+        ("GET", "/v1/no-such-thing", None, 404),
+        ("DELETE", "/v1/devices", None, 405),
+        ("GET", "/v1/devices?limit=abc", None, 400),
+        ("GET", "/v1/devices?limit=0", None, 400),
+        ("POST", "/v1/groups", Some("{not json"), 400),
+        ("POST", "/v1/groups", Some(&big), 413),
+        ("GET", "/v1/records?format=xml", None, 400),
+        ("GET", "/v1/devices?cursor=zz", None, 400),
+    ];
+    for (method, path, body, expected) in cases {
+        let request = agent.request(method, &format!("{url}{path}")).set("Authorization", &auth);
+        let result = match body {
+            Some(b) => request.set("Content-Type", "application/json").send_string(b),
+            None => request.call(),
+        };
+        let response = match result {
+            Ok(r) => r,
+            Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => return Err(format!("{method} {path}: {e}").into()),
+        };
+        assert_eq!(response.status(), expected, "{method} {path}");
+        assert_eq!(response.header("content-type"), Some("application/problem+json"), "{method} {path}");
+        assert_eq!(response.header("cache-control"), Some("no-store"), "{method} {path}");
+        assert_eq!(response.header("x-content-type-options"), Some("nosniff"), "{method} {path}");
+        let v: Value = serde_json::from_str(&response.into_string()?)?;
+        assert!(v["code"].is_string() && v["detail"].is_string(), "{method} {path}: {v}");
+    }
+    // A success carries the headers too; no token, no entry.
+    let ok = agent.get(&format!("{url}/v1/whoami")).set("Authorization", &auth).call()?;
+    assert_eq!(ok.header("cache-control"), Some("no-store"));
+    let (status, v) = rki_tests::Api::new(&url, "").get("/v1/devices");
+    assert_eq!(status, 401, "{v}");
+    Ok(())
+}
+
+#[test]
+fn names_that_cannot_be_addressed_or_read_as_another_are_refused() -> TestResult {
+    let gw = GatewayProcess::start(GatewayOptions::default())?;
+    for bad in ["..", ".", "a/b", " padded", "shop\u{202E}evil", "zero\u{200B}width"] {
+        let (status, v) = gw.api().post("/v1/groups", &json!({"name": bad}));
+        assert_eq!(status, 400, "{bad:?}: {v}");
+        assert_eq!(v["code"], "invalid_name", "{bad:?}: {v}");
+    }
+    let (status, groups) = gw.api().get("/v1/groups");
+    assert_eq!(status, 200);
+    assert_eq!(groups["groups"].as_array().map(Vec::len), Some(0), "{groups}");
+    Ok(())
+}
