@@ -148,11 +148,10 @@ async fn problems_and_headers(request: axum::extract::Request, next: axum::middl
     let portal = request.uri().path().starts_with("/portal");
     let mut response = next.run(request).await;
     let status = response.status();
-    let is_problem = response
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/problem+json"));
-    if (status.is_client_error() || status.is_server_error()) && !is_problem {
+    // axum's own rejections and empty error bodies: plain text or nothing. JSON answers (a
+    // problem already, or /healthz's own body) stay as they are.
+    let plain = response.headers().get(header::CONTENT_TYPE).is_none_or(|v| v.as_bytes().starts_with(b"text/plain"));
+    if (status.is_client_error() || status.is_server_error()) && plain {
         let body = std::mem::take(response.body_mut());
         let text = axum::body::to_bytes(body, PLAIN_ERROR_BYTES_MAX).await.unwrap_or_default();
         let code = match status {

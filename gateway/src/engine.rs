@@ -575,7 +575,20 @@ impl Engine {
             match self.blocking(move |s| s.execution(id)).await {
                 Ok(row) if row.state.is_open() => {
                     self.insert_open(&row);
-                    info!(execution = id, "an ack whose record failed to commit: the download will be sent again");
+                    info!(execution = id, "an ack whose record failed to commit: the download is sent again");
+                    // An online device says no new hello: send it now, and the retry timer after.
+                    let Some(hot) = self.devices.get(&row.sn).map(|h| h.clone()) else { continue };
+                    let key = {
+                        let mut h = lock(&hot);
+                        if h.online {
+                            self.signing_key(&mut h)
+                        } else {
+                            None
+                        }
+                    };
+                    if let Some(key) = key {
+                        self.deliver_open(&row.sn, &hot, &key, None, false).await;
+                    }
                 }
                 Ok(_) | Err(EngineError::NotFound(_)) => {}
                 Err(_) => again.push(id),
