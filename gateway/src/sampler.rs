@@ -405,6 +405,7 @@ mod tests {
             provisioned_at: 0,
             expires_at,
             used_at,
+            bootstrap_hash: None,
         }
     }
 
@@ -523,6 +524,7 @@ mod tests {
                 provisioned_at: 0,
                 expires_at,
                 used_at: None,
+                bootstrap_hash: None,
             })?;
         }
         let mut memo = Memo::default();

@@ -95,17 +95,24 @@ fn hostile_acks_change_nothing_and_are_counted_then_the_honest_ack_succeeds() ->
 fn unknown_sns_and_wrong_passwords_are_refused_at_connect_and_counted() -> TestResult {
     let rt = common::runtime();
     let gw = GatewayProcess::start(GatewayOptions::default())?;
-    provision(&gw, &sns("CONN", 1), "one")?;
+    let provisioned = provision(&gw, &sns("CONN", 1), "one")?;
     let unknown = rt.block_on(mqtt_connect(gw.mqtt_port, "NOSUCHSN", "x", false));
     assert!(unknown.is_err(), "an unknown SN was let in");
     let wrong = rt.block_on(mqtt_connect(gw.mqtt_port, "CONN000001", "not-the-password", false));
     assert!(wrong.is_err(), "a device that never initialised was let in with a made-up password");
-    let boot_unknown = rt.block_on(mqtt_connect(gw.mqtt_port, "init@NOSUCHSN", "bootstrap", true));
+    let boot_unknown = rt.block_on(mqtt_connect(gw.mqtt_port, "init@NOSUCHSN", &"0".repeat(64), true));
     assert!(boot_unknown.is_err(), "bootstrap for an unregistered SN was let in");
-    assert!(gw.metric("rki_mqtt_connect_refused_total{reason=\"unknown_sn\"}") >= 2.0);
+    // The old public bootstrap password opens nothing: the bootstrap identity proves a live GUDID.
+    let boot_public = rt.block_on(mqtt_connect(gw.mqtt_port, "init@CONN000001", "bootstrap", true));
+    assert!(boot_public.is_err(), "the bootstrap identity was let in without its GUDID");
+    assert!(gw.metric("rki_mqtt_connect_refused_total{reason=\"unknown_sn\"}") >= 1.0);
     assert!(gw.metric("rki_mqtt_connect_refused_total{reason=\"not_initialised\"}") >= 1.0);
-    let boot = rt.block_on(mqtt_connect(gw.mqtt_port, "init@CONN000001", "bootstrap", true));
-    assert!(boot.is_ok(), "a registered device may bootstrap");
+    assert!(gw.metric("rki_mqtt_connect_refused_total{reason=\"no_live_gudid\"}") >= 1.0);
+    assert!(gw.metric("rki_mqtt_connect_refused_total{reason=\"bad_bootstrap\"}") >= 1.0);
+    let gudid = rki_protocol::init::Gudid::parse(&provisioned.gudids[0].1)?;
+    let password = rki_tests::bootstrap_password(&gudid, "CONN000001");
+    let boot = rt.block_on(mqtt_connect(gw.mqtt_port, "init@CONN000001", &password, true));
+    assert!(boot.is_ok(), "a registered device with a live GUDID may bootstrap");
     Ok(())
 }
 

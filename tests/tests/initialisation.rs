@@ -40,7 +40,7 @@ fn every_bad_gudid_is_refused_clearly_counted_and_changes_nothing() -> TestResul
     let (sn, gudid_text) = provisioned.gudids[0].clone();
     let (other_sn, other_gudid) = provisioned.gudids[1].clone();
     let gudid = Gudid::parse(&gudid_text)?;
-    let mut boot = rt.block_on(RawBootstrap::connect(gw.mqtt_port, &sn))?;
+    let mut boot = rt.block_on(RawBootstrap::connect(gw.mqtt_port, &sn, &gudid))?;
 
     // A GUDID for another SN.
     rt.block_on(boot.send(RawBootstrap::create_key(&sn, &Gudid::parse(&other_gudid)?)?))?;
@@ -80,7 +80,7 @@ fn every_bad_gudid_is_refused_clearly_counted_and_changes_nothing() -> TestResul
     assert_eq!(gudid_status(&gw, &sn)?, vec!["used"]);
 
     // A GUDID past 72 hours, on the injected clock.
-    let mut other_boot = rt.block_on(RawBootstrap::connect(gw.mqtt_port, &other_sn))?;
+    let mut other_boot = rt.block_on(RawBootstrap::connect(gw.mqtt_port, &other_sn, &Gudid::parse(&other_gudid)?))?;
     gw.advance_days(3)?;
     std::thread::sleep(Duration::from_millis(10));
     let _ = gw.key_owner().post("/v1/admin/clock", &json!({"advance_seconds": 60}));
