@@ -188,12 +188,16 @@ mod tests {
         assert_eq!(client.lock().queue(down(9), 8).err(), Some(Dropped::SessionFull));
         let resumed = client.attach(2, Arc::new(Notify::new()), true, hour, t0 + Duration::from_secs(60));
         assert!(resumed.session_present && resumed.replaced.is_none());
-        assert_eq!((client.lock().inflight.len(), client.lock().pending.len()), (1, 7));
-        assert!(client.lock().acknowledge(pkid) && !client.lock().acknowledge(pkid));
+        {
+            let mut state = client.lock();
+            assert_eq!((state.inflight.len(), state.pending.len()), (1, 7));
+            assert!(state.acknowledge(pkid) && !state.acknowledge(pkid));
+        }
         // After its lifetime, a session is gone: nothing to resume.
         assert!(client.detach(2, t0));
         assert!(client.lock().is_forgettable(t0 + Duration::from_secs(3601)));
-        assert!(!client.attach(3, Arc::new(Notify::new()), true, hour, t0 + Duration::from_secs(3601)).session_present);
+        let clean = client.attach(3, Arc::new(Notify::new()), true, None, t0 + Duration::from_secs(3601));
+        assert!(!clean.session_present);
         assert!(client.lock().pending.is_empty());
         // A clean session drops everything with its connection.
         client.lock().subscribed = true;
@@ -211,7 +215,9 @@ mod tests {
         let attached = client.attach(2, Arc::new(Notify::new()), true, None, t0);
         assert!(attached.session_present, "the live session is resumed");
         assert!(attached.replaced.is_some_and(|w| Arc::ptr_eq(&w, &old_wake)));
-        assert!(!client.lock().is_current(1) && client.lock().is_current(2));
+        let old_is_current = client.lock().is_current(1);
+        let new_is_current = client.lock().is_current(2);
+        assert!(!old_is_current && new_is_current);
         assert!(!client.detach(1, t0), "the replaced connection's end touches nothing");
         assert!(client.lock().subscribed);
     }
