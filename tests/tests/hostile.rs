@@ -64,12 +64,6 @@ fn hostile_acks_change_nothing_and_are_counted_then_the_honest_ack_succeeds() ->
     // B acks A's execution with B's own valid signature.
     rt.block_on(b.send(RawDevice::ack(&da)))?;
     wait_rejected(&gw, "ack", "foreign_execution", 1.0)?;
-    // B publishes on A's topic, signed by B: refused as a bad MAC under A's key.
-    let body =
-        rki_protocol::message::Body { party: sn_a.clone(), counter: b.next_counter(), message: RawDevice::ack(&da) };
-    let frame = rki_protocol::frame::seal(&b.secrets.signing_key, &body)?;
-    rt.block_on(b.publish_raw(&topic::device_up(&sn_a), frame))?;
-    wait_rejected(&gw, "ack", "bad_mac", 2.0)?;
     // Garbage and an oversized payload.
     rt.block_on(a.publish_raw(&topic::device_up(&sn_a), b"\x01\xff\xff\xff garbage".to_vec()))?;
     wait_rejected(&gw, "device", "malformed", 1.0)?;
@@ -88,6 +82,26 @@ fn hostile_acks_change_nothing_and_are_counted_then_the_honest_ack_succeeds() ->
     wait_task(&api, task, Duration::from_secs(5), |c| c["succeeded"] == 2)?;
     let records = api.ok(&format!("/v1/records?task={task}"))?;
     assert_eq!(records["records"].as_array().map(Vec::len), Some(2), "exactly one record per device");
+
+    // B publishes on A's topic, signed by B: the endpoint refuses it before the engine sees it
+    // (MQTT 3.1.1: B's connection is closed), so no frame reaches A's verification at all.
+    let bad_mac_before = rejected(&gw, "ack", "bad_mac");
+    let body =
+        rki_protocol::message::Body { party: sn_a.clone(), counter: b.next_counter(), message: RawDevice::ack(&da) };
+    let frame = rki_protocol::frame::seal(&b.secrets.signing_key, &body)?;
+    let _ = rt.block_on(b.publish_raw(&topic::device_up(&sn_a), frame));
+    for _ in 0..100 {
+        if gw.metric("rki_mqtt_refusals_total{reason=\"foreign_publish\"}") >= 1.0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        gw.metric("rki_mqtt_refusals_total{reason=\"foreign_publish\"}") >= 1.0,
+        "the foreign publish was not refused"
+    );
+    assert_eq!(rejected(&gw, "ack", "bad_mac"), bad_mac_before, "the foreign frame reached the engine");
+    assert_eq!(api.ok("/v1/records")?["records"].as_array().map(Vec::len), Some(2));
     Ok(())
 }
 
