@@ -131,7 +131,8 @@ fn every_refused_connect_gets_the_connack_code_that_says_why_in_both_versions() 
     let boot = format!("init@{sn}");
     use v4::ConnectReturnCode as C4;
     use v5::ConnectReturnCode as C5;
-    let cases: &[(&str, Option<(&str, &str)>, C4, C5, &str)] = &[
+    type Case<'a> = (&'a str, Option<(&'a str, &'a str)>, C4, C5, &'a str);
+    let cases: &[Case] = &[
         ("a/b", Some(("a/b", "x")), C4::BadClientId, C5::ClientIdentifierNotValid, "bad_client_id"),
         (&sn, None, C4::BadUserNamePassword, C5::BadUserNamePassword, "no_credentials"),
         (&sn, Some(("OTHER", "x")), C4::NotAuthorized, C5::NotAuthorized, "client_id_mismatch"),

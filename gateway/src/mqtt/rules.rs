@@ -289,7 +289,8 @@ mod tests {
     #[test]
     fn a_connect_claims_an_identity_only_with_matching_credentials() {
         use ConnectRefusal::*;
-        let cases: &[(&str, Option<&str>, bool, Result<Identity, ConnectRefusal>)] = &[
+        type Case<'a> = (&'a str, Option<&'a str>, bool, Result<Identity, ConnectRefusal>);
+        let cases: &[Case] = &[
             ("SN1", Some("SN1"), true, Ok(Identity::Device("SN1".into()))),
             ("init@SN1", Some("init@SN1"), true, Ok(Identity::Bootstrap("SN1".into()))),
             ("SN1", Some("SN2"), true, Err(ClientIdMismatch)),
