@@ -46,8 +46,6 @@ const PACKET_LEN_MAX: usize = frame::FRAME_LEN_MAX + 512;
 const COMMAND_CHANNEL_CAP: usize = 4;
 /// How long a polite DISCONNECT may take to go out.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
-/// The bootstrap identity's MQTT password: it proves nothing, the GUDID's tag does.
-use rki_protocol::topic::BOOTSTRAP_PASSWORD;
 
 /// Why a device operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -1057,7 +1055,9 @@ impl Terminal {
     async fn create_key(&mut self, gudid: &Gudid) -> Result<DeviceSecrets, DeviceError> {
         let sn = self.state.sn.clone();
         let client_id = topic::bootstrap_client_id(&sn);
-        let options = self.mqtt_options(&client_id, BOOTSTRAP_PASSWORD, true);
+        // The bootstrap password proves, at CONNECT, that the terminal holds a live GUDID for its SN.
+        let password = String::from_utf8_lossy(gudid.bootstrap_password(&sn).expose_secret()).into_owned();
+        let options = self.mqtt_options(&client_id, &password, true);
         let (client, mut event_loop) = self.event_loop(options);
         let down_topic = topic::device_down(&sn);
         let mac_key = gudid.mac_key();

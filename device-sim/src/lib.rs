@@ -22,7 +22,8 @@
 //! - [`fleet`]: many terminals at once ([`Fleet`]), SN patterns and fleet CSV files.
 //!
 //! ## Identities
-//! - Bootstrap (initialising): client ID = username = `init@{SN}`, password `bootstrap`, clean
+//! - Bootstrap (initialising): client ID = username = `init@{SN}`, password the GUDID's bootstrap
+//!   password (`Gudid::bootstrap_password`, PROTOCOL.md §2.2), clean
 //!   session. It only sends CreateKey.
 //! - Device: client ID = username = `{SN}`, password from the initialisation, persistent session,
 //!   last will = a signed `Bye` on the up topic.

@@ -30,7 +30,8 @@ async fn an_initialised_terminal_connects_under_its_device_identity_and_says_hel
     let connects = net.broker.connects.lock().expect("log").clone();
     let own: Vec<_> = connects.iter().filter(|(id, _, _)| id.ends_with("INIT0001")).collect();
     assert_eq!(own[0].0, "init@INIT0001", "bootstrap first");
-    assert_eq!((own[0].1.as_str(), own[0].2.as_str()), ("init@INIT0001", "bootstrap"));
+    let bootstrap_password = rki_protocol::init::Gudid::parse(&gudid).expect("gudid").bootstrap_password("INIT0001");
+    assert_eq!((own[0].1.as_str(), own[0].2.as_bytes()), ("init@INIT0001", bootstrap_password.expose_secret()));
     let device_connect = own.iter().find(|(id, _, _)| id == "INIT0001").expect("device identity");
     assert_eq!(device_connect.1, "INIT0001");
     assert_eq!(device_connect.2.len(), 64, "the password is 64 hex characters");

@@ -14,8 +14,10 @@ pub struct Config {
     /// The master key file. Default: `<data_dir>.master.key`, beside the data directory and
     /// outside it, so a backup of the data directory does not carry the key that opens it.
     pub master_key_file: Option<PathBuf>,
-    /// MQTT listener of the embedded broker.
+    /// Plain-TCP listener of the MQTT endpoint.
     pub mqtt_addr: SocketAddr,
+    /// The MQTT endpoint's TLS listener, deadlines and session bounds.
+    pub mqtt: MqttConfig,
     /// Admin API, `/metrics` and `/healthz`.
     pub http_addr: SocketAddr,
     /// If set, `/metrics` is served on this address (with `/healthz` and `/livez`) and no longer
@@ -30,9 +32,9 @@ pub struct Config {
     pub clock: String,
     /// `text` or `json`.
     pub log_format: String,
-    /// Broker connection limit; 0 = derived from the open-file limit.
+    /// MQTT endpoint connection bound; 0 = derived from the open-file limit.
     pub max_connections: usize,
-    /// `"embedded"` (default: rumqttd in this process) or a table for an external broker.
+    /// `"embedded"` (default: the gateway's own MQTT endpoint) or a table for an external broker.
     pub broker: BrokerConfig,
     /// `"sqlite"` (default: `<data_dir>/rki.sqlite`) or a PostgreSQL URL
     /// (`postgres://user:password@host:port/database`).
@@ -41,9 +43,6 @@ pub struct Config {
     pub store_pool_size: usize,
     /// First re-delivery of an unacknowledged download to an online device; doubles up to 10 min.
     pub retry_initial_seconds: u64,
-    /// Embedded broker: in-memory log segment of each of the gateway's own subscriptions (bytes,
-    /// 4 segments kept). A consumer that falls further behind loses messages, which retries repair.
-    pub broker_segment_bytes: usize,
     /// The integrity check SQLite runs on the store before the gateway trusts it: `"quick"`
     /// (`PRAGMA quick_check`, the default), `"full"` (`PRAGMA integrity_check`) or `"off"`.
     pub store_check: String,
@@ -53,6 +52,37 @@ pub struct Config {
     pub store_min_free_bytes: u64,
     /// A store commit that takes longer than this makes `/healthz` report the store as slow.
     pub store_slow_commit_ms: u64,
+}
+
+/// `[mqtt]`: the MQTT endpoint beyond its plain listener (`mqtt_addr`).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttConfig {
+    /// TLS listener; needs `tls_cert` and `tls_key`. Plain and TLS may listen together.
+    pub tls_addr: Option<SocketAddr>,
+    /// PEM certificate chain of the TLS listener.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of the TLS listener.
+    pub tls_key: Option<PathBuf>,
+    /// Time from the TCP accept to a complete CONNECT, the TLS handshake included (ms).
+    pub connect_timeout_ms: u64,
+    /// Downlinks a session keeps, queued or unacknowledged, at most.
+    pub session_messages_max: usize,
+    /// Longest a persistent session outlives its connection (seconds).
+    pub session_expiry_seconds_max: u64,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        Self {
+            tls_addr: None,
+            tls_cert: None,
+            tls_key: None,
+            connect_timeout_ms: 10_000,
+            session_messages_max: 32,
+            session_expiry_seconds_max: 3600,
+        }
+    }
 }
 
 /// Which MQTT broker the gateway uses.
@@ -105,6 +135,7 @@ impl Default for Config {
             data_dir: PathBuf::from("./rki-data"),
             master_key_file: None,
             mqtt_addr: "127.0.0.1:1883".parse().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 1883))),
+            mqtt: MqttConfig::default(),
             http_addr: "127.0.0.1:8080".parse().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 8080))),
             metrics_addr: None,
             http_header_timeout_seconds: 10,
@@ -116,7 +147,6 @@ impl Default for Config {
             store: "sqlite".into(),
             store_pool_size: 8,
             retry_initial_seconds: 15,
-            broker_segment_bytes: crate::broker::FLEET_SEGMENT_BYTES,
             store_check: "quick".into(),
             store_min_free_bytes: 64 * 1024 * 1024,
             store_slow_commit_ms: 5_000,
@@ -203,8 +233,17 @@ impl Config {
         if let Some(v) = get("RKI_RETRY_INITIAL_SECONDS") {
             self.retry_initial_seconds = v.parse().map_err(|e| format!("RKI_RETRY_INITIAL_SECONDS={v:?}: {e}"))?;
         }
-        if let Some(v) = get("RKI_BROKER_SEGMENT_BYTES") {
-            self.broker_segment_bytes = v.parse().map_err(|e| format!("RKI_BROKER_SEGMENT_BYTES={v:?}: {e}"))?;
+        if let Some(v) = get("RKI_MQTT_TLS_ADDR") {
+            self.mqtt.tls_addr = Some(addr("RKI_MQTT_TLS_ADDR", v)?);
+        }
+        if let Some(v) = get("RKI_MQTT_TLS_CERT") {
+            self.mqtt.tls_cert = Some(v.into());
+        }
+        if let Some(v) = get("RKI_MQTT_TLS_KEY") {
+            self.mqtt.tls_key = Some(v.into());
+        }
+        if let Some(v) = get("RKI_MQTT_CONNECT_TIMEOUT_MS") {
+            self.mqtt.connect_timeout_ms = v.parse().map_err(|e| format!("RKI_MQTT_CONNECT_TIMEOUT_MS={v:?}: {e}"))?;
         }
         if let Some(v) = get("RKI_STORE") {
             self.store = v;
@@ -244,8 +283,20 @@ impl Config {
         if !(1..=600).contains(&self.retry_initial_seconds) {
             return Err("retry_initial_seconds must be 1 to 600".into());
         }
-        if self.broker_segment_bytes < 1024 {
-            return Err("broker_segment_bytes must be at least 1024".into());
+        let m = &self.mqtt;
+        if !(100..=120_000).contains(&m.connect_timeout_ms) {
+            return Err("mqtt.connect_timeout_ms must be 100 to 120000".into());
+        }
+        if !(1..=10_000).contains(&m.session_messages_max) {
+            return Err("mqtt.session_messages_max must be 1 to 10000".into());
+        }
+        if m.session_expiry_seconds_max > 7 * 86_400 {
+            return Err("mqtt.session_expiry_seconds_max must be at most 604800 (7 days)".into());
+        }
+        if m.tls_addr.is_some() != (m.tls_cert.is_some() && m.tls_key.is_some())
+            || m.tls_cert.is_some() != m.tls_key.is_some()
+        {
+            return Err("mqtt: tls_addr, tls_cert and tls_key go together".into());
         }
         if self.store_pool_size == 0 || self.store_pool_size > 256 {
             return Err("store_pool_size must be 1 to 256".into());
@@ -312,6 +363,20 @@ mod tests {
         assert_eq!(c.broker.external().map(|e| e.url.as_str()), Some("mqtt://127.0.0.1:1884"));
         let c: Config = toml::from_str("broker = \"mosquitto\"").expect("toml");
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn the_mqtt_table_has_its_defaults_and_tls_needs_all_three_settings() {
+        let c: Config = toml::from_str("[mqtt]\nconnect_timeout_ms = 1000").expect("toml");
+        assert_eq!((c.mqtt.connect_timeout_ms, c.mqtt.session_messages_max), (1000, 32));
+        assert!(c.validate().is_ok());
+        let c: Config = toml::from_str("[mqtt]\ntls_addr = \"127.0.0.1:8883\"").expect("toml");
+        assert!(c.validate().is_err(), "a TLS listener without a certificate");
+        let c: Config =
+            toml::from_str("[mqtt]\ntls_addr = \"127.0.0.1:8883\"\ntls_cert = \"c.pem\"\ntls_key = \"k.pem\"")
+                .expect("toml");
+        assert!(c.validate().is_ok());
+        assert!(toml::from_str::<Config>("[mqtt]\nunknown = 1").is_err());
     }
 
     #[test]

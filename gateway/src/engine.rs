@@ -647,23 +647,23 @@ impl Engine {
     // ---------------------------------------------------------------- MQTT authentication
 
     /// CONNECT check: `client_id == username == SN` with that device's password, or the bootstrap
-    /// identity `init@{SN}` / password `bootstrap` of a registered device.
+    /// identity `init@{SN}` with the bootstrap password of a live GUDID for that SN
+    /// (`Gudid::bootstrap_password`), checked against the hash stored at provisioning.
     pub fn authenticate(&self, client_id: &str, username: &str, password: &str) -> Result<(), &'static str> {
         if client_id != username {
             return Err("client_id_mismatch");
         }
         if let Some(sn) = topic::bootstrap_sn(client_id) {
-            if password != topic::BOOTSTRAP_PASSWORD {
-                return Err("bad_bootstrap");
-            }
             if topic::validate_name(sn).is_err() {
                 return Err("bad_sn");
             }
-            return match self.store.device_org_by_sn(sn) {
-                Ok(Some(_)) => Ok(()),
-                Ok(None) => Err("unknown_sn"),
-                Err(_) => Err("store"),
-            };
+            // An unknown SN and an SN without a live GUDID look the same from outside.
+            let live = self.store.live_bootstrap_hashes(Some(sn), self.clock.now_ms()).map_err(|_| "store")?;
+            if live.is_empty() {
+                return Err("no_live_gudid");
+            }
+            let proven = live.iter().any(|(_, hash)| crate::mosquitto::verify_password_hash(password.as_bytes(), hash));
+            return if proven { Ok(()) } else { Err("bad_bootstrap") };
         }
         if topic::validate_name(client_id).is_err() {
             return Err("bad_sn");
@@ -806,6 +806,14 @@ impl Engine {
             Message::Ack(ack) if body.counter > last_counter => self.on_ack(sn, &hot, body.counter, ack, proof).await,
             Message::Hello(_) | Message::Ack(_) => reject(kind, Rejection::Replay),
             _ => reject(kind, Rejection::WrongTopic),
+        }
+    }
+
+    /// The MQTT endpoint saw the device's connection end (DISCONNECT, a dropped socket or a
+    /// keep-alive time-out): the device is offline at once, as after a `Bye`.
+    pub fn device_disconnected(&self, sn: &str) {
+        if let Some(hot) = self.devices.get(sn).map(|h| h.clone()) {
+            self.on_bye(&hot);
         }
     }
 
@@ -1391,6 +1399,8 @@ impl Engine {
     pub async fn provision_gudid(&self, org_id: i64, sn: &str, actor: &str) -> EngineResult<(String, GudidRow)> {
         let device = self.device(org_id, sn).await?;
         let gudid = init::Gudid::random().map_err(|_| EngineError::Internal("no randomness".into()))?;
+        let bootstrap_hash = crate::mosquitto::password_hash(gudid.bootstrap_password(sn).expose_secret())
+            .map_err(EngineError::Internal)?;
         let now = self.clock.now_ms();
         let row = GudidRow {
             id: 0,
@@ -1403,8 +1413,11 @@ impl Engine {
             provisioned_at: now,
             expires_at: now + (GUDID_VALIDITY_SECONDS as i64) * 1000,
             used_at: None,
+            bootstrap_hash: Some(bootstrap_hash),
         };
         let row = self.blocking(move |s| s.insert_gudid(&row)).await?;
+        // An external broker's password file gains the SN's bootstrap identity now.
+        self.notify_registry_changed();
         Ok((gudid.expose_text().to_string(), row))
     }
 

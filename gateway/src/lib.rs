@@ -1,6 +1,6 @@
 //! # rki-gateway
 //!
-//! The RKI service: an embedded MQTT broker, a durable task engine that derives, wraps and delivers
+//! The RKI service: the terminals' MQTT endpoint, a durable task engine that derives, wraps and delivers
 //! one DUKPT initial key per terminal, verifies each signed ack and records it for good, an admin
 //! API and Prometheus metrics.
 //!
@@ -12,7 +12,8 @@
 //! - [`keyservice`]: the narrow key-service interface; every clear key lives behind it.
 //! - [`engine`]: inbound device messages, delivery, ack verification, the batched committer,
 //!   retry and expiry sweeps, operator actions.
-//! - [`broker`]: rumqttd embedded in the process, reached through local links.
+//! - [`mqtt`]: the terminals' MQTT endpoint (3.1.1 and 5.0, optional TLS): identities, access
+//!   rules, sessions and QoS 1 downlinks, routing by SN. The only module that knows MQTT packets.
 //! - [`api`]: the axum admin API, `/metrics`, `/healthz`.
 //! - [`http`]: the admin HTTP server's connections: a cap, header and body deadlines.
 //! - [`metrics`]: every metric name, once.
@@ -25,7 +26,6 @@
 
 pub mod api;
 pub mod bootstrap;
-pub mod broker;
 pub mod clock;
 pub mod config;
 pub mod domain;
@@ -35,6 +35,7 @@ pub mod http;
 pub mod keyservice;
 pub mod metrics;
 pub mod mosquitto;
+pub mod mqtt;
 pub mod portal;
 pub mod sampler;
 pub mod server;

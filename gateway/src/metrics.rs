@@ -38,11 +38,13 @@ pub const STORE_FILE_BYTES: &str = "rki_store_file_bytes";
 pub const SAMPLER_DURATION_SECONDS: &str = "rki_sampler_duration_seconds";
 pub const SAMPLER_ERRORS_TOTAL: &str = "rki_sampler_errors_total";
 pub const BUILD_INFO: &str = "rki_build_info";
-pub const BROKER_CONNECTIONS: &str = "rki_broker_connections";
-pub const BROKER_SUBSCRIPTIONS: &str = "rki_broker_subscriptions";
-pub const BROKER_PUBLISHES_TOTAL: &str = "rki_broker_publishes_total";
-pub const BROKER_FAILED_PUBLISHES_TOTAL: &str = "rki_broker_failed_publishes_total";
-pub const BROKER_ALERTS_TOTAL: &str = "rki_broker_alerts_total";
+pub const MQTT_CONNECTIONS: &str = "rki_mqtt_connections";
+pub const MQTT_CONNECTIONS_CLOSED_TOTAL: &str = "rki_mqtt_connections_closed_total";
+pub const MQTT_REFUSALS_TOTAL: &str = "rki_mqtt_refusals_total";
+pub const MQTT_ACCEPT_ERRORS_TOTAL: &str = "rki_mqtt_accept_errors_total";
+pub const MQTT_SESSIONS: &str = "rki_mqtt_sessions";
+pub const MQTT_DOWNLINKS_TOTAL: &str = "rki_mqtt_downlinks_total";
+pub const MQTT_DOWNLINKS_DROPPED_TOTAL: &str = "rki_mqtt_downlinks_dropped_total";
 
 /// Histogram buckets for delivery latency (creation → durable ack, hello → durable ack): from a
 /// few milliseconds on a live push (a 100-terminal push here: 50 to 100 ms from creation) to days
@@ -84,10 +86,13 @@ fn register_closed_series() {
     for state in ExecutionState::ALL.into_iter().filter(|s| !s.is_open()) {
         metrics::counter!(EXECUTIONS_ENDED_TOTAL, "state" => state.as_str()).increment(0);
     }
-    // rumqttd's alert kinds (`AlertKind::name`).
-    for kind in ["cursor_jump", "bad_publish"] {
-        metrics::counter!(BROKER_ALERTS_TOTAL, "kind" => kind).increment(0);
+    for reason in ["connect_timeout", "packet_too_large", "keep_alive", "dropped", "disconnect", "taken_over"] {
+        metrics::counter!(MQTT_CONNECTIONS_CLOSED_TOTAL, "reason" => reason).increment(0);
     }
+    for reason in ["foreign_subscribe", "wildcard_subscribe", "foreign_publish", "retain", "qos2"] {
+        metrics::counter!(MQTT_REFUSALS_TOTAL, "reason" => reason).increment(0);
+    }
+    metrics::counter!(MQTT_ACCEPT_ERRORS_TOTAL, "kind" => "descriptors").increment(0);
     for name in [DELIVERIES_TOTAL, DUPLICATE_ACKS_TOTAL, INITIALISATIONS_TOTAL, SAMPLER_ERRORS_TOTAL] {
         metrics::counter!(name).increment(0);
     }
@@ -149,9 +154,9 @@ fn describe() {
         "SQLite: 1 while the gateway holds SQLite's locks on its store (checked in /proc/locks); 0 is an \
          emergency: another process opening the store could delete its write-ahead log."
     );
-    describe_gauge!(BROKER_UP, "1 while the MQTT broker (embedded or external) is up.");
+    describe_gauge!(BROKER_UP, "1 while the MQTT endpoint listens, or the external broker is connected.");
     describe_counter!(MQTT_CONNECT_REFUSED_TOTAL, "MQTT CONNECTs refused, by reason.");
-    describe_gauge!(MQTT_CONNECTIONS_MAX, "The broker's connection limit (from the open-file limit).");
+    describe_gauge!(MQTT_CONNECTIONS_MAX, "The MQTT endpoint's connection bound (from the open-file limit).");
     describe_gauge!(GUDIDS, "GUDIDs by state (unused, used, expired), by organization.");
     describe_counter!(GUDID_REFUSALS_TOTAL, "CreateKey requests refused, by reason.");
     describe_counter!(INITIALISATIONS_TOTAL, "Successful device initialisations.");
@@ -163,16 +168,21 @@ fn describe() {
     describe_gauge!(SAMPLER_DURATION_SECONDS, Unit::Seconds, "How long the last metrics sample took.");
     describe_counter!(SAMPLER_ERRORS_TOTAL, "Metrics samples that failed (the store could not be read).");
     describe_gauge!(BUILD_INFO, "Always 1; the version label names the running build.");
-    describe_gauge!(BROKER_CONNECTIONS, "Embedded broker: MQTT connections open (rumqttd router meter).");
-    describe_gauge!(BROKER_SUBSCRIPTIONS, "Embedded broker: subscriptions (rumqttd router meter).");
-    describe_counter!(BROKER_PUBLISHES_TOTAL, "Embedded broker: publishes routed.");
+    describe_gauge!(MQTT_CONNECTIONS, "MQTT endpoint: accepted (CONNACKed) connections open now.");
     describe_counter!(
-        BROKER_FAILED_PUBLISHES_TOTAL,
-        "Embedded broker: publishes it could not route (e.g. no matching filter)."
+        MQTT_CONNECTIONS_CLOSED_TOTAL,
+        "MQTT endpoint: connections ended, by reason (connect_timeout, packet_too_large, keep_alive, dropped, ...)."
     );
     describe_counter!(
-        BROKER_ALERTS_TOTAL,
-        "Embedded broker alerts by kind (cursor_jump: a slow subscriber lost messages)."
+        MQTT_REFUSALS_TOTAL,
+        "MQTT endpoint: SUBSCRIBEs and PUBLISHes refused by the access rules, by reason."
+    );
+    describe_counter!(MQTT_ACCEPT_ERRORS_TOTAL, "MQTT endpoint: failed accepts, by kind (descriptors, other).");
+    describe_gauge!(MQTT_SESSIONS, "MQTT endpoint: client sessions held (connected, or kept after a disconnect).");
+    describe_counter!(MQTT_DOWNLINKS_TOTAL, "MQTT endpoint: downlinks written at QoS 1 (first sends).");
+    describe_counter!(
+        MQTT_DOWNLINKS_DROPPED_TOTAL,
+        "MQTT endpoint: downlinks not queued, by reason (no_session, session_full); the retry timer or the next hello sends them again."
     );
 }
 

@@ -17,7 +17,6 @@ pub const PBKDF2_ITERATIONS: u32 = 101;
 const SYNC_INTERVAL_MAX: std::time::Duration = std::time::Duration::from_secs(5);
 /// Salt length Mosquitto uses.
 const SALT_LEN: usize = 12;
-use rki_protocol::topic::BOOTSTRAP_PASSWORD;
 
 /// A `$7$` hash of `password` with a fresh random salt.
 pub fn password_hash(password: &[u8]) -> Result<String, String> {
@@ -30,6 +29,53 @@ pub fn password_hash_with_salt(password: &[u8], salt: &[u8], iterations: u32) ->
     let mut hash = [0u8; 64];
     pbkdf2_hmac::<Sha512>(password, salt, iterations, &mut hash);
     format!("$7${iterations}${}${}", base64(salt), base64(&hash))
+}
+
+/// Whether `password` matches a `$7$` hash made by [`password_hash`], in constant time. A hash
+/// that does not parse, or asks for more than [`PBKDF2_ITERATIONS_MAX`] iterations, matches
+/// nothing.
+pub fn verify_password_hash(password: &[u8], stored: &str) -> bool {
+    let mut fields = stored.split('$');
+    let (Some(""), Some("7"), Some(iterations), Some(salt), Some(hash), None) =
+        (fields.next(), fields.next(), fields.next(), fields.next(), fields.next(), fields.next())
+    else {
+        return false;
+    };
+    let (Ok(iterations), Some(salt), Some(hash)) = (iterations.parse::<u32>(), unbase64(salt), unbase64(hash)) else {
+        return false;
+    };
+    if iterations == 0 || iterations > PBKDF2_ITERATIONS_MAX || hash.len() != 64 {
+        return false;
+    }
+    let mut computed = [0u8; 64];
+    pbkdf2_hmac::<Sha512>(password, &salt, iterations, &mut computed);
+    rki_protocol::secret::ct_eq(&computed, &hash)
+}
+
+/// Most iterations a stored hash may ask for: a forged row cannot make a check arbitrarily slow.
+const PBKDF2_ITERATIONS_MAX: u32 = 100_000;
+
+/// Standard base64 with padding, decoded; `None` on any other character or a bad length.
+fn unbase64(text: &str) -> Option<Vec<u8>> {
+    const TABLE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    if text.len() % 4 != 0 {
+        return None;
+    }
+    let mut out = Vec::with_capacity(text.len() / 4 * 3);
+    for chunk in text.as_bytes().chunks(4) {
+        let pad = chunk.iter().rev().take_while(|&&c| c == b'=').count();
+        if pad > 2 || chunk[..4 - pad].contains(&b'=') {
+            return None;
+        }
+        let mut n = 0u32;
+        for &c in &chunk[..4 - pad] {
+            n = n << 6 | TABLE.iter().position(|&t| t == c)? as u32;
+        }
+        n <<= 6 * pad as u32;
+        let bytes = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
+        out.extend_from_slice(&bytes[..3 - pad]);
+    }
+    Some(out)
 }
 
 /// Standard base64 with padding.
@@ -56,6 +102,9 @@ pub struct BrokerDevice {
     pub sn: String,
     /// `$7$` hash of its MQTT password; `None` until it initialises.
     pub password_hash: Option<String>,
+    /// `$7$` hash of the bootstrap password of its newest live GUDID; `None` without one, and then
+    /// no one can connect as `init@{SN}`.
+    pub bootstrap_hash: Option<String>,
 }
 
 /// The password file: the gateway's own user, each device's identity, and each SN's bootstrap
@@ -66,14 +115,15 @@ pub fn password_file(
     devices: &[BrokerDevice],
 ) -> Result<String, String> {
     let mut out = format!("{gateway_user}:{gateway_password_hash}\n");
-    // The bootstrap password is the same public word for every SN: one hash per rewrite, not one
-    // per device (at 10,000 devices a PBKDF2 per SN made every rewrite cost about a CPU second).
-    let bootstrap = password_hash(BOOTSTRAP_PASSWORD.as_bytes())?;
     for d in devices {
         if let Some(hash) = &d.password_hash {
             let _ = writeln!(out, "{}:{hash}", d.sn);
         }
-        let _ = writeln!(out, "{}:{bootstrap}", topic::bootstrap_client_id(&d.sn));
+        // The bootstrap identity exists only while the SN has a live GUDID; its hash was made at
+        // provisioning (the only moment the gateway held the password), so no PBKDF2 runs here.
+        if let Some(hash) = &d.bootstrap_hash {
+            let _ = writeln!(out, "{}:{hash}", topic::bootstrap_client_id(&d.sn));
+        }
     }
     Ok(out)
 }
@@ -119,7 +169,9 @@ pub fn spawn_sync(
         loop {
             let store = engine.store.clone();
             let (user, hash, sync) = (user.clone(), gateway_hash.clone(), sync.clone());
-            let written = tokio::task::spawn_blocking(move || write_files(store.as_ref(), &user, &hash, &sync)).await;
+            let now = engine.clock.now_ms();
+            let written =
+                tokio::task::spawn_blocking(move || write_files(store.as_ref(), &user, &hash, &sync, now)).await;
             match written {
                 Ok(Ok(n)) => tracing::debug!(devices = n, "mosquitto files rewritten"),
                 Ok(Err(e)) => tracing::error!(error = %e, "mosquitto files not written"),
@@ -138,12 +190,18 @@ pub fn write_files(
     gateway_user: &str,
     gateway_hash: &str,
     sync: &crate::config::MosquittoSync,
+    now: crate::clock::Millis,
 ) -> Result<usize, String> {
+    let mut bootstrap: std::collections::HashMap<String, String> = std::collections::HashMap::new();
+    // Newest first: the first hash seen for an SN is its newest live GUDID's.
+    for (sn, hash) in store.live_bootstrap_hashes(None, now).map_err(|e| e.to_string())? {
+        bootstrap.entry(sn).or_insert(hash);
+    }
     let devices: Vec<BrokerDevice> = store
         .broker_devices()
         .map_err(|e| e.to_string())?
         .into_iter()
-        .map(|(sn, password_hash)| BrokerDevice { sn, password_hash })
+        .map(|(sn, password_hash)| BrokerDevice { bootstrap_hash: bootstrap.remove(&sn), sn, password_hash })
         .collect();
     atomic_write(&sync.password_file, &password_file(gateway_user, gateway_hash, &devices)?)?;
     atomic_write(&sync.acl_file, &acl_file(gateway_user, &devices))?;
@@ -189,6 +247,27 @@ mod tests {
     }
 
     #[test]
+    fn a_hash_verifies_its_password_and_nothing_else() {
+        let line = "$7$101$9uK4hSK1Jw8Qh79Z$wUWSAMy/kTtDWllMhci41JQZIrmkogdnJQUemGtbCiF0wztLygosJkFG0CMoB+gzNqZ0B+/1OH1SwTNVPurhyA==";
+        assert!(verify_password_hash(b"secret", line));
+        let fresh = password_hash(b"another").expect("hash");
+        assert!(verify_password_hash(b"another", &fresh));
+        for (password, stored) in [
+            (&b"Secret"[..], line),
+            (b"secret", ""),
+            (b"secret", "$7$101$9uK4hSK1Jw8Qh79Z"),
+            (b"secret", "$6$101$9uK4hSK1Jw8Qh79Z$wUWSAMy/kTtDWllMhci41JQZIrmkogdnJQUemGtbCiF0wztLygosJkFG0CMoB+gzNqZ0B+/1OH1SwTNVPurhyA=="),
+            (b"secret", "$7$999999999$9uK4hSK1Jw8Qh79Z$wUWSAMy/kTtDWllMhci41JQZIrmkogdnJQUemGtbCiF0wztLygosJkFG0CMoB+gzNqZ0B+/1OH1SwTNVPurhyA=="),
+            (b"secret", "$7$101$9uK4hSK1Jw8Qh79Z$abc"),
+        ] {
+            assert!(!verify_password_hash(password, stored), "{stored}");
+        }
+        assert_eq!(unbase64("Zm8="), Some(b"fo".to_vec()));
+        assert_eq!(unbase64("Zg=="), Some(b"f".to_vec()));
+        assert_eq!(unbase64("Z==="), None);
+    }
+
+    #[test]
     fn base64_pads() {
         assert_eq!(base64(b"f"), "Zg==");
         assert_eq!(base64(b"fo"), "Zm8=");
@@ -197,7 +276,7 @@ mod tests {
 
     #[test]
     fn the_acl_confines_each_identity() {
-        let acl = acl_file("gw", &[BrokerDevice { sn: "SN1".into(), password_hash: None }]);
+        let acl = acl_file("gw", &[BrokerDevice { sn: "SN1".into(), password_hash: None, bootstrap_hash: None }]);
         assert!(acl.contains("pattern read %u/rki/v1/down\npattern write %u/rki/v1/up\n"));
         assert!(acl.contains("user gw\ntopic readwrite +/rki/v1/#\ntopic readwrite rki/v1/backend/#\n"));
         assert!(acl.contains("user init@SN1\ntopic write SN1/rki/v1/init\ntopic read SN1/rki/v1/down"));

@@ -418,6 +418,7 @@ mod tests {
             provisioned_at: 0,
             expires_at,
             used_at,
+            bootstrap_hash: None,
         }
     }
 
@@ -536,6 +537,7 @@ mod tests {
                 provisioned_at: 0,
                 expires_at,
                 used_at: None,
+                bootstrap_hash: None,
             })?;
         }
         let mut memo = Memo::default();

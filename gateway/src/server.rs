@@ -1,13 +1,12 @@
-//! Wiring: store, key service, engine, broker and HTTP, started in that order; stopped in reverse
-//! on SIGTERM or Ctrl-C, with the store flushed.
+//! Wiring: store, key service, engine, MQTT endpoint (or external broker link) and HTTP, started
+//! in that order; stopped in reverse on SIGTERM or Ctrl-C, with the store flushed.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use rki_protocol::SecretBytes;
 use tracing::{info, warn};
 
 use crate::api::{self, AppState};
-use crate::broker::{self, EmbeddedBroker};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::engine::Engine;
@@ -127,19 +126,27 @@ pub async fn run(config: Config, init: bool) -> Result<(), String> {
         Clock::system()
     });
     let prometheus = crate::metrics::install()?;
-    let max_connections =
-        if config.max_connections > 0 { config.max_connections } else { broker::max_connections_from_fd_limit() };
-    let cell: broker::EngineCell = Arc::new(OnceLock::new());
+    let max_connections = if config.max_connections > 0 {
+        config.max_connections
+    } else {
+        crate::mqtt::rules::connection_bound(rlimit::getrlimit(rlimit::Resource::NOFILE).ok().map(|(_, hard)| hard))
+    };
     let store_dyn: Arc<dyn Store> = store.as_dyn();
     let engine = match config.broker.external() {
         None => {
-            let mut broker =
-                EmbeddedBroker::start(config.mqtt_addr, max_connections, config.broker_segment_bytes, cell.clone())?;
-            let engine =
-                Engine::start(store_dyn, keys, clock, broker.outbound.clone()).await.map_err(|e| e.to_string())?;
-            let _ = cell.set(engine.clone());
-            broker.run_inbound(engine.clone())?;
-            tokio::task::block_in_place(|| broker.wait_for_backlog());
+            let m = &config.mqtt;
+            let endpoint = crate::mqtt::Endpoint::new(crate::mqtt::Settings {
+                connect_timeout: std::time::Duration::from_millis(m.connect_timeout_ms),
+                session_messages_max: m.session_messages_max,
+                session_lifetime_max: std::time::Duration::from_secs(m.session_expiry_seconds_max),
+                connections_max: max_connections,
+            });
+            let engine = Engine::start(store_dyn, keys, clock, endpoint.outbound()).await.map_err(|e| e.to_string())?;
+            let tls = match (m.tls_addr, &m.tls_cert, &m.tls_key) {
+                (Some(addr), Some(cert), Some(key)) => Some((addr, cert.as_path(), key.as_path())),
+                _ => None,
+            };
+            endpoint.serve(engine.clone(), Some(config.mqtt_addr), tls).await?;
             engine
         }
         Some(external) => {
@@ -148,7 +155,6 @@ pub async fn run(config: Config, init: bool) -> Result<(), String> {
                 Engine::start(store_dyn, keys, clock, link.outbound.clone()).await.map_err(|e| e.to_string())?;
             // Other nodes share the store only if it is PostgreSQL (an SQLite file has one node).
             engine.set_shared_store(matches!(store, OpenedStore::Postgres(_)));
-            let _ = cell.set(engine.clone());
             link.run(engine.clone())?;
             if let Some(sync) = &external.mosquitto_sync {
                 crate::mosquitto::spawn_sync(engine.clone(), sync.clone(), external.clone())?;

@@ -164,6 +164,7 @@ fn build_fleet(dir: &Path, n: usize) -> Result<()> {
                 provisioned_at: now,
                 expires_at: now + GUDID_VALIDITY_SECONDS as i64 * 1000,
                 used_at: None,
+                bootstrap_hash: None,
             })?;
             writes.push(StoreWrite::Initialise { gudid_row: gudid.id, device_id: d.id, creds, at: now });
         }

@@ -16,6 +16,7 @@
 use std::fmt;
 
 use hkdf::Hkdf;
+use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 use x25519_dalek::{PublicKey, StaticSecret};
 use zeroize::Zeroizing;
@@ -26,6 +27,8 @@ use crate::secret::SecretBytes;
 
 /// GUDID length in bytes (128 bits).
 pub const GUDID_LEN: usize = 16;
+/// The label of [`Gudid::bootstrap_password`]'s HMAC input, before the SN.
+pub const BOOTSTRAP_PASSWORD_LABEL: &[u8] = b"rki/v1 bootstrap password";
 /// A GUDID is valid for 72 hours after provisioning.
 pub const GUDID_VALIDITY_SECONDS: u64 = 72 * 3600;
 
@@ -60,6 +63,23 @@ impl Gudid {
         hash.update(b"rki/v1 gudid id");
         hash.update(self.0.expose_secret());
         hash.finalize().into()
+    }
+
+    /// The MQTT password of the bootstrap identity `init@{SN}`, which proves at CONNECT that the
+    /// terminal holds a live GUDID for that SN: `HMAC-SHA256(key = GUDID, "rki/v1 bootstrap
+    /// password" || SN)` as 64 upper-case hex digits (ASCII). The gateway stores only a salted
+    /// one-way hash of it, so neither the store nor the GUDID's two public hashes yield it.
+    pub fn bootstrap_password(&self, sn: &str) -> SecretBytes {
+        type HmacSha256 = Hmac<Sha256>;
+        // HMAC takes a key of any length; a 16-byte GUDID never fails.
+        let mut mac = match <HmacSha256 as Mac>::new_from_slice(self.0.expose_secret()) {
+            Ok(mac) => mac,
+            Err(_) => return SecretBytes::zeroed(0),
+        };
+        mac.update(BOOTSTRAP_PASSWORD_LABEL);
+        mac.update(sn.as_bytes());
+        let tag = Zeroizing::new(<[u8; 32]>::from(mac.finalize().into_bytes()));
+        SecretBytes::from_vec(SecretBytes::from_slice(tag.as_slice()).to_hex_upper().as_bytes().to_vec())
     }
 
     /// The key CreateKey and its answer are tagged under: `SHA-256("rki/v1 gudid mac" || gudid)`.
@@ -233,6 +253,17 @@ mod tests {
         assert!(Gudid::parse("1234").is_err());
         assert!(Gudid::parse(&"Z".repeat(32)).is_err());
         assert!(!format!("{gudid:?}").contains(&text[..8]));
+    }
+
+    #[test]
+    fn the_bootstrap_password_depends_on_the_gudid_and_the_sn() {
+        let gudid = Gudid::parse("0F1E2D3C-4B5A6978-8796A5B4-C3D2E1F0").expect("gudid");
+        let password = gudid.bootstrap_password("SN1");
+        assert_eq!(password.expose_secret().len(), 64);
+        assert!(password.expose_secret().iter().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_lowercase()));
+        assert_ne!(password, gudid.bootstrap_password("SN2"));
+        assert_ne!(password, Gudid::random().expect("gudid").bootstrap_password("SN1"));
+        assert_eq!(password, gudid.bootstrap_password("SN1"), "deterministic");
     }
 
     #[test]

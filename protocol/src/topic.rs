@@ -66,6 +66,12 @@ pub fn backend_events(org: &str) -> String {
     format!("{PREFIX}/backend/{org}/events")
 }
 
+/// The SN of a device's down topic, if `topic` is one (and its SN passes [`validate_name`]).
+pub fn parse_device_down(topic: &str) -> Option<&str> {
+    let (sn, rest) = topic.split_once('/')?;
+    (rest.strip_prefix(PREFIX)? == "/down" && validate_name(sn).is_ok()).then_some(sn)
+}
+
 /// The MQTT client id and user name of a terminal that is not yet initialised: `init@{SN}`. The
 /// `@` cannot occur in an SN, and unlike `:` it is valid in a Mosquitto password file.
 pub fn bootstrap_client_id(sn: &str) -> String {
@@ -76,9 +82,6 @@ pub fn bootstrap_client_id(sn: &str) -> String {
 pub fn bootstrap_sn(client_id: &str) -> Option<&str> {
     client_id.strip_prefix("init@")
 }
-
-/// The password of every bootstrap identity: it proves nothing; CreateKey's GUDID tag does.
-pub const BOOTSTRAP_PASSWORD: &str = "bootstrap";
 
 /// The filters the gateway subscribes to.
 pub const FILTER_DEVICE_UP: &str = "+/rki/v1/up";
@@ -133,6 +136,10 @@ mod tests {
         assert_eq!(device_down("SN1"), "SN1/rki/v1/down");
         assert_eq!(init("SN1"), "SN1/rki/v1/init");
         assert_eq!(backend_tasks("acme"), "rki/v1/backend/acme/tasks");
+        assert_eq!(parse_device_down(&device_down("SN1")), Some("SN1"));
+        for other in ["SN1/rki/v1/up", "+/rki/v1/down", "a/b/rki/v1/down", "SN1/rki/v1/down/x", "/rki/v1/down"] {
+            assert_eq!(parse_device_down(other), None, "{other}");
+        }
         // Topics of an SN that is also the prefix's first level stay apart from the backend's.
         assert_eq!(parse_inbound(&device_up("rki")), Some(Inbound::DeviceUp { sn: "rki" }));
         assert!(is_own_topic("SN1", &init("SN1")) && !is_own_topic("SN1", &device_up("SN2")));

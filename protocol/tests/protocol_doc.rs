@@ -383,6 +383,14 @@ fn build() -> Examples {
     ex.hex("gudid.bytes", plain(&gudid_bytes, "GUDID, 16 bytes"));
     ex.hex("gudid.id", plain(&gudid_id, "SHA-256(\"rki/v1 gudid id\" || GUDID)"));
     ex.hex("gudid.mac_key", plain(gudid_mac.expose_secret(), "SHA-256(\"rki/v1 gudid mac\" || GUDID)"));
+    // The bootstrap identity's MQTT password: HMAC-SHA256 under the GUDID, of the label and the SN.
+    let bootstrap_password = gudid.bootstrap_password(SN);
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&gudid_bytes).expect("HMAC takes any key");
+    mac.update(b"rki/v1 bootstrap password");
+    mac.update(SN.as_bytes());
+    let tag = mac.finalize().into_bytes();
+    assert_eq!(bootstrap_password.expose_secret(), hex::encode_upper(tag).as_bytes());
+    ex.text("gudid.bootstrap_password", std::str::from_utf8(bootstrap_password.expose_secret()).expect("ascii"));
 
     // The two ephemeral key pairs.
     let device_secret = StaticSecret::from(hex32(DEVICE_X25519_PRIVATE));

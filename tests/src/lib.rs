@@ -636,7 +636,7 @@ impl RawDevice {
     /// Initialises `sn` with `gudid` over the bootstrap identity, then connects as the device.
     pub async fn initialise(port: u16, sn: &str, gudid: &str) -> TestResult<RawDevice> {
         let gudid = Gudid::parse(gudid)?;
-        let (boot, mut rx) = mqtt_connect(port, &format!("init@{sn}"), "bootstrap", true).await?;
+        let (boot, mut rx) = mqtt_connect(port, &format!("init@{sn}"), &bootstrap_password(&gudid, sn), true).await?;
         boot.subscribe(topic::device_down(sn), QoS::AtLeastOnce).await?;
         tokio::time::sleep(Duration::from_millis(100)).await;
         let ephemeral = Ephemeral::random()?;
@@ -756,7 +756,12 @@ fn now_us() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
 }
 
-/// A bootstrap connection (`init@{SN}` / `bootstrap`) that sends hand-made CreateKey frames and
+/// The bootstrap identity's password for `sn` under `gudid` (PROTOCOL.md §2.2).
+pub fn bootstrap_password(gudid: &Gudid, sn: &str) -> String {
+    String::from_utf8_lossy(gudid.bootstrap_password(sn).expose_secret()).into_owned()
+}
+
+/// A bootstrap connection (`init@{SN}`, proving `gudid`) that sends hand-made CreateKey frames and
 /// reads what comes back on the device's down topic.
 pub struct RawBootstrap {
     pub sn: String,
@@ -765,8 +770,8 @@ pub struct RawBootstrap {
 }
 
 impl RawBootstrap {
-    pub async fn connect(port: u16, sn: &str) -> TestResult<RawBootstrap> {
-        let (client, events) = mqtt_connect(port, &format!("init@{sn}"), "bootstrap", true).await?;
+    pub async fn connect(port: u16, sn: &str, gudid: &Gudid) -> TestResult<RawBootstrap> {
+        let (client, events) = mqtt_connect(port, &format!("init@{sn}"), &bootstrap_password(gudid, sn), true).await?;
         client.subscribe(topic::device_down(sn), QoS::AtLeastOnce).await?;
         tokio::time::sleep(Duration::from_millis(150)).await;
         Ok(RawBootstrap { sn: sn.to_string(), client, events })
@@ -799,7 +804,7 @@ impl RawBootstrap {
     }
 }
 
-/// A client subscribed to `#`: records every publish the broker lets it see.
+/// A client that asks for `#`: records every publish the endpoint (or a broker) lets it see.
 pub struct Capture {
     pub client: AsyncClient,
     events: tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>)>,

@@ -64,12 +64,6 @@ fn hostile_acks_change_nothing_and_are_counted_then_the_honest_ack_succeeds() ->
     // B acks A's execution with B's own valid signature.
     rt.block_on(b.send(RawDevice::ack(&da)))?;
     wait_rejected(&gw, "ack", "foreign_execution", 1.0)?;
-    // B publishes on A's topic, signed by B: refused as a bad MAC under A's key.
-    let body =
-        rki_protocol::message::Body { party: sn_a.clone(), counter: b.next_counter(), message: RawDevice::ack(&da) };
-    let frame = rki_protocol::frame::seal(&b.secrets.signing_key, &body)?;
-    rt.block_on(b.publish_raw(&topic::device_up(&sn_a), frame))?;
-    wait_rejected(&gw, "ack", "bad_mac", 2.0)?;
     // Garbage and an oversized payload.
     rt.block_on(a.publish_raw(&topic::device_up(&sn_a), b"\x01\xff\xff\xff garbage".to_vec()))?;
     wait_rejected(&gw, "device", "malformed", 1.0)?;
@@ -88,6 +82,26 @@ fn hostile_acks_change_nothing_and_are_counted_then_the_honest_ack_succeeds() ->
     wait_task(&api, task, Duration::from_secs(5), |c| c["succeeded"] == 2)?;
     let records = api.ok(&format!("/v1/records?task={task}"))?;
     assert_eq!(records["records"].as_array().map(Vec::len), Some(2), "exactly one record per device");
+
+    // B publishes on A's topic, signed by B: the endpoint refuses it before the engine sees it
+    // (MQTT 3.1.1: B's connection is closed), so no frame reaches A's verification at all.
+    let bad_mac_before = rejected(&gw, "ack", "bad_mac");
+    let body =
+        rki_protocol::message::Body { party: sn_a.clone(), counter: b.next_counter(), message: RawDevice::ack(&da) };
+    let frame = rki_protocol::frame::seal(&b.secrets.signing_key, &body)?;
+    let _ = rt.block_on(b.publish_raw(&topic::device_up(&sn_a), frame));
+    for _ in 0..100 {
+        if gw.metric("rki_mqtt_refusals_total{reason=\"foreign_publish\"}") >= 1.0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        gw.metric("rki_mqtt_refusals_total{reason=\"foreign_publish\"}") >= 1.0,
+        "the foreign publish was not refused"
+    );
+    assert_eq!(rejected(&gw, "ack", "bad_mac"), bad_mac_before, "the foreign frame reached the engine");
+    assert_eq!(api.ok("/v1/records")?["records"].as_array().map(Vec::len), Some(2));
     Ok(())
 }
 
@@ -95,17 +109,24 @@ fn hostile_acks_change_nothing_and_are_counted_then_the_honest_ack_succeeds() ->
 fn unknown_sns_and_wrong_passwords_are_refused_at_connect_and_counted() -> TestResult {
     let rt = common::runtime();
     let gw = GatewayProcess::start(GatewayOptions::default())?;
-    provision(&gw, &sns("CONN", 1), "one")?;
+    let provisioned = provision(&gw, &sns("CONN", 1), "one")?;
     let unknown = rt.block_on(mqtt_connect(gw.mqtt_port, "NOSUCHSN", "x", false));
     assert!(unknown.is_err(), "an unknown SN was let in");
     let wrong = rt.block_on(mqtt_connect(gw.mqtt_port, "CONN000001", "not-the-password", false));
     assert!(wrong.is_err(), "a device that never initialised was let in with a made-up password");
-    let boot_unknown = rt.block_on(mqtt_connect(gw.mqtt_port, "init@NOSUCHSN", "bootstrap", true));
+    let boot_unknown = rt.block_on(mqtt_connect(gw.mqtt_port, "init@NOSUCHSN", &"0".repeat(64), true));
     assert!(boot_unknown.is_err(), "bootstrap for an unregistered SN was let in");
-    assert!(gw.metric("rki_mqtt_connect_refused_total{reason=\"unknown_sn\"}") >= 2.0);
+    // The old public bootstrap password opens nothing: the bootstrap identity proves a live GUDID.
+    let boot_public = rt.block_on(mqtt_connect(gw.mqtt_port, "init@CONN000001", "bootstrap", true));
+    assert!(boot_public.is_err(), "the bootstrap identity was let in without its GUDID");
+    assert!(gw.metric("rki_mqtt_connect_refused_total{reason=\"unknown_sn\"}") >= 1.0);
     assert!(gw.metric("rki_mqtt_connect_refused_total{reason=\"not_initialised\"}") >= 1.0);
-    let boot = rt.block_on(mqtt_connect(gw.mqtt_port, "init@CONN000001", "bootstrap", true));
-    assert!(boot.is_ok(), "a registered device may bootstrap");
+    assert!(gw.metric("rki_mqtt_connect_refused_total{reason=\"no_live_gudid\"}") >= 1.0);
+    assert!(gw.metric("rki_mqtt_connect_refused_total{reason=\"bad_bootstrap\"}") >= 1.0);
+    let gudid = rki_protocol::init::Gudid::parse(&provisioned.gudids[0].1)?;
+    let password = rki_tests::bootstrap_password(&gudid, "CONN000001");
+    let boot = rt.block_on(mqtt_connect(gw.mqtt_port, "init@CONN000001", &password, true));
+    assert!(boot.is_ok(), "a registered device with a live GUDID may bootstrap");
     Ok(())
 }
 

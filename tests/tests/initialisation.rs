@@ -11,8 +11,7 @@ use rki_protocol::init::Gudid;
 use rki_protocol::message::{Message, RefusalCode};
 use rki_protocol::{tr31, SecretBytes, SymmetricKey};
 use rki_tests::{
-    create_task, provision, sns, wait_task, Capture, GatewayOptions, GatewayProcess, RawBootstrap, RawDevice,
-    TestResult,
+    create_task, provision, sns, wait_task, GatewayOptions, GatewayProcess, RawBootstrap, RawDevice, TestResult,
 };
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -40,7 +39,7 @@ fn every_bad_gudid_is_refused_clearly_counted_and_changes_nothing() -> TestResul
     let (sn, gudid_text) = provisioned.gudids[0].clone();
     let (other_sn, other_gudid) = provisioned.gudids[1].clone();
     let gudid = Gudid::parse(&gudid_text)?;
-    let mut boot = rt.block_on(RawBootstrap::connect(gw.mqtt_port, &sn))?;
+    let mut boot = rt.block_on(RawBootstrap::connect(gw.mqtt_port, &sn, &gudid))?;
 
     // A GUDID for another SN.
     rt.block_on(boot.send(RawBootstrap::create_key(&sn, &Gudid::parse(&other_gudid)?)?))?;
@@ -80,7 +79,7 @@ fn every_bad_gudid_is_refused_clearly_counted_and_changes_nothing() -> TestResul
     assert_eq!(gudid_status(&gw, &sn)?, vec!["used"]);
 
     // A GUDID past 72 hours, on the injected clock.
-    let mut other_boot = rt.block_on(RawBootstrap::connect(gw.mqtt_port, &other_sn))?;
+    let mut other_boot = rt.block_on(RawBootstrap::connect(gw.mqtt_port, &other_sn, &Gudid::parse(&other_gudid)?))?;
     gw.advance_days(3)?;
     std::thread::sleep(Duration::from_millis(10));
     let _ = gw.key_owner().post("/v1/admin/clock", &json!({"advance_seconds": 60}));
@@ -196,11 +195,12 @@ fn a_full_capture_and_the_gudid_reveal_neither_device_keys_nor_the_injected_key(
     let provisioned = provision(&gw, &sns("CAPT", 2), "c")?;
     let (sn, gudid_text) = provisioned.gudids[0].clone();
     let (spy_sn, spy_gudid) = provisioned.gudids[1].clone();
-    // The spy is a legitimate terminal of the same fleet, subscribed to everything.
+    // A network attacker taps every byte between the terminal and the gateway (the endpoint no
+    // longer lets any client subscribe to `#`): a recording TCP relay in front of the endpoint.
+    // A legitimate terminal of the same fleet, whose own keys the last check tries.
     let spy = rt.block_on(RawDevice::initialise(gw.mqtt_port, &spy_sn, &spy_gudid))?;
-    let spy_password = String::from_utf8(spy.secrets.mqtt_password.expose_secret().to_vec())?;
-    let mut capture = rt.block_on(Capture::start(gw.mqtt_port, &spy_sn, &spy_password))?;
-    let mut victim = rt.block_on(RawDevice::initialise(gw.mqtt_port, &sn, &gudid_text))?;
+    let tap = Tap::start(gw.mqtt_port)?;
+    let mut victim = rt.block_on(RawDevice::initialise(tap.port, &sn, &gudid_text))?;
     rt.block_on(victim.send(RawDevice::hello(false)))?;
     std::thread::sleep(Duration::from_millis(200));
     let task = create_task(&api, &json!({"sns": [sn.clone()]}))?;
@@ -209,7 +209,8 @@ fn a_full_capture_and_the_gudid_reveal_neither_device_keys_nor_the_injected_key(
     };
     rt.block_on(victim.send(RawDevice::ack(&d)))?;
     wait_task(&api, task, Duration::from_secs(5), |c| c["succeeded"] == 1)?;
-    let captured = rt.block_on(capture.drain(Duration::from_millis(500))).to_vec();
+    std::thread::sleep(Duration::from_millis(300));
+    let captured = tap.publishes();
     let kinds: Vec<String> = captured
         .iter()
         .filter_map(|(_, b)| frame::open(b).ok().map(|u| u.peek().message.kind().as_str().to_string()))
@@ -261,4 +262,64 @@ fn a_full_capture_and_the_gudid_reveal_neither_device_keys_nor_the_injected_key(
     // The spy holds a valid identity, yet its view is useless: its own KBPK does not open the victim's block.
     assert!(tr31::unwrap(&spy.secrets.kbpk_tdes, &d.key_block).is_err());
     Ok(())
+}
+
+/// A TCP relay that records both directions of every connection through it.
+struct Tap {
+    port: u16,
+    recorded: std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
+}
+
+impl Tap {
+    fn start(upstream: u16) -> TestResult<Tap> {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let port = listener.local_addr()?.port();
+        let recorded = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let streams = recorded.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming().take(16).flatten() {
+                let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", upstream)) else { return };
+                for (mut from, mut to) in [
+                    (client.try_clone().ok(), server.try_clone().ok()),
+                    (server.try_clone().ok(), client.try_clone().ok()),
+                ]
+                .into_iter()
+                .filter_map(|(a, b)| Some((a?, b?)))
+                {
+                    let streams = streams.clone();
+                    std::thread::spawn(move || {
+                        let index = {
+                            let mut all = streams.lock().expect("tap");
+                            all.push(Vec::new());
+                            all.len() - 1
+                        };
+                        let mut chunk = [0u8; 8192];
+                        while let Ok(n) = from.read(&mut chunk) {
+                            if n == 0 || to.write_all(&chunk[..n]).is_err() {
+                                break;
+                            }
+                            streams.lock().expect("tap")[index].extend_from_slice(&chunk[..n]);
+                        }
+                        let _ = to.shutdown(std::net::Shutdown::Write);
+                    });
+                }
+            }
+        });
+        Ok(Tap { port, recorded })
+    }
+
+    /// Every PUBLISH recorded, in either direction: (topic, payload).
+    fn publishes(&self) -> Vec<(String, Vec<u8>)> {
+        let mut out = Vec::new();
+        for stream in self.recorded.lock().expect("tap").iter() {
+            let mut buf = bytes::BytesMut::from(&stream[..]);
+            while let Ok(packet) = rumqttc::mqttbytes::v4::Packet::read(&mut buf, 64 * 1024) {
+                if let rumqttc::mqttbytes::v4::Packet::Publish(p) = packet {
+                    out.push((p.topic, p.payload.to_vec()));
+                }
+            }
+        }
+        out
+    }
 }

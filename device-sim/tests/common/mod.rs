@@ -34,7 +34,9 @@ pub type CredentialBook = Arc<Mutex<HashMap<String, [u8; 32]>>>;
 pub type ConnectLog = Arc<Mutex<Vec<(String, String, String)>>>;
 
 /// A rumqttd broker on 127.0.0.1 and a free port, running on its own threads until the process
-/// ends. Its authentication accepts the bootstrap identity `init@{SN}`/`bootstrap` and the
+/// ends. Its authentication accepts the bootstrap identity `init@{SN}` with a password shaped like
+/// a GUDID's bootstrap password (64 upper-case hex digits; the fake gateway keeps no GUDID hashes,
+/// and the initialisation test checks the exact value) and the
 /// device identity `{SN}` with the password the fake gateway issued, and nothing else.
 pub struct TestBroker {
     pub addr: BrokerAddr,
@@ -105,7 +107,8 @@ fn test_broker_accepts(credentials: &CredentialBook, client_id: &str, username: 
         return true;
     }
     if let Some(sn) = client_id.strip_prefix("init@") {
-        return password == "bootstrap" && topic::validate_name(sn).is_ok();
+        let shaped = password.len() == 64 && password.bytes().all(|b| b.is_ascii_digit() || b.is_ascii_uppercase());
+        return shaped && topic::validate_name(sn).is_ok();
     }
     let Ok(book) = credentials.lock() else {
         return false;

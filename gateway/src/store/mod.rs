@@ -198,6 +198,12 @@ pub struct GudidRow {
     pub gudid_id: Vec<u8>,
     #[serde(skip)]
     pub mac_key: Vec<u8>,
+    /// A salted one-way hash (`$7$`, see `mosquitto::password_hash`) of the bootstrap identity's
+    /// password (`Gudid::bootstrap_password`): the MQTT endpoint checks `init@{SN}` against it.
+    /// It does not yield the password, so a copy of the store cannot open a bootstrap session.
+    /// `None` on GUDIDs provisioned before schema 5: those cannot open one at all.
+    #[serde(skip)]
+    pub bootstrap_hash: Option<String>,
     pub provisioned_by: String,
     pub provisioned_at: Millis,
     pub expires_at: Millis,
@@ -535,6 +541,9 @@ pub trait Store: Send + Sync {
     // GUDIDs and initialisation
     fn insert_gudid(&self, row: &GudidRow) -> StoreResult<GudidRow>;
     fn gudid_by_id(&self, gudid_id: &[u8]) -> StoreResult<Option<GudidRow>>;
+    /// The bootstrap hashes of the live GUDIDs (unspent, not expired at `now`), of one SN or of
+    /// every SN, newest first: `(sn, bootstrap_hash)`.
+    fn live_bootstrap_hashes(&self, sn: Option<&str>, now: Millis) -> StoreResult<Vec<(String, String)>>;
     fn list_gudids(&self, org_id: i64, sn: Option<&str>) -> StoreResult<Vec<GudidRow>>;
     /// Spends the GUDID and installs the device's new credentials, atomically. Fails with
     /// `Conflict` if the GUDID was spent meanwhile.

@@ -69,6 +69,8 @@ const MIGRATIONS: &[&str] = &[
          WHERE signing_key IS NOT NULL;
      ALTER TABLE devices DROP COLUMN signing_key, DROP COLUMN kbpk_aes, DROP COLUMN kbpk_tdes,
          DROP COLUMN password_hash, DROP COLUMN broker_password_hash;",
+    // 5: the hash of each GUDID's bootstrap password (as SQLite's schema 5).
+    "ALTER TABLE gudids ADD COLUMN bootstrap_hash TEXT;",
 ];
 
 /// Advisory lock key held while migrating, so nodes starting together migrate one at a time.
@@ -612,7 +614,7 @@ fn key_source_row(r: &Row) -> Result<KeySourceRow, Failure> {
 macro_rules! gudid_select {
     () => {
         "SELECT g.id, g.org_id, g.device_id, d.sn, g.gudid_id, g.mac_key, g.provisioned_by, g.provisioned_at,
-                g.expires_at, g.used_at
+                g.expires_at, g.used_at, g.bootstrap_hash
          FROM gudids g JOIN devices d ON d.id = g.device_id"
     };
 }
@@ -629,6 +631,7 @@ fn gudid_row(r: &Row) -> Result<GudidRow, Failure> {
         provisioned_at: r.try_get(7)?,
         expires_at: r.try_get(8)?,
         used_at: r.try_get(9)?,
+        bootstrap_hash: r.try_get(10)?,
     })
 }
 
@@ -1608,8 +1611,9 @@ impl Store for PostgresStore {
         self.write(|s| {
             let id = s
                 .query_one(
-                    "INSERT INTO gudids (org_id, device_id, gudid_id, mac_key, provisioned_by, provisioned_at, expires_at)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
+                    "INSERT INTO gudids (org_id, device_id, gudid_id, mac_key, provisioned_by, provisioned_at, expires_at,
+                                         bootstrap_hash)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id",
                     &[
                         &row.org_id,
                         &row.device_id,
@@ -1618,10 +1622,24 @@ impl Store for PostgresStore {
                         &row.provisioned_by,
                         &row.provisioned_at,
                         &row.expires_at,
+                        &row.bootstrap_hash,
                     ],
                 )?
                 .try_get(0)?;
             Ok(GudidRow { id, ..row.clone() })
+        })
+    }
+
+    fn live_bootstrap_hashes(&self, sn: Option<&str>, now: Millis) -> StoreResult<Vec<(String, String)>> {
+        self.read(|s| {
+            let found = s.query(
+                "SELECT d.sn, g.bootstrap_hash FROM gudids g JOIN devices d ON d.id = g.device_id
+                 WHERE ($1::text IS NULL OR d.sn = $1) AND g.used_at IS NULL AND g.expires_at > $2
+                   AND g.bootstrap_hash IS NOT NULL
+                 ORDER BY g.id DESC",
+                &[&sn, &now],
+            )?;
+            rows(found, |r| Ok((r.try_get(0)?, r.try_get(1)?)))
         })
     }
 

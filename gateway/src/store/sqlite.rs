@@ -26,6 +26,8 @@ const MIGRATIONS: &[&str] = &[
     // without them a row holds ~90 bytes instead of ~570 (37 rows to a page instead of 5), so the
     // acks of a push dirty a seventh of the device pages.
     include_str!("migration_4_credentials.sql"),
+    // 5: the hash of each GUDID's bootstrap password, which the MQTT endpoint checks at CONNECT.
+    "ALTER TABLE gudids ADD COLUMN bootstrap_hash TEXT;",
 ];
 
 /// Reader connections: the admin API and the metrics sampler read while the writer commits.
@@ -355,7 +357,7 @@ fn key_source_row(r: &Row<'_>) -> rusqlite::Result<KeySourceRow> {
     })
 }
 
-const GUDID_COLUMNS: &str = "g.id, g.org_id, g.device_id, d.sn, g.gudid_id, g.mac_key, g.provisioned_by, g.provisioned_at, g.expires_at, g.used_at";
+const GUDID_COLUMNS: &str = "g.id, g.org_id, g.device_id, d.sn, g.gudid_id, g.mac_key, g.provisioned_by, g.provisioned_at, g.expires_at, g.used_at, g.bootstrap_hash";
 
 fn gudid_row(r: &Row<'_>) -> rusqlite::Result<GudidRow> {
     Ok(GudidRow {
@@ -369,6 +371,7 @@ fn gudid_row(r: &Row<'_>) -> rusqlite::Result<GudidRow> {
         provisioned_at: r.get(7)?,
         expires_at: r.get(8)?,
         used_at: r.get(9)?,
+        bootstrap_hash: r.get(10)?,
     })
 }
 
@@ -1108,11 +1111,26 @@ impl Store for SqliteStore {
     fn insert_gudid(&self, row: &GudidRow) -> StoreResult<GudidRow> {
         self.write(|tx| {
             tx.execute(
-                "INSERT INTO gudids (org_id, device_id, gudid_id, mac_key, provisioned_by, provisioned_at, expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                params![row.org_id, row.device_id, row.gudid_id, row.mac_key, row.provisioned_by, row.provisioned_at, row.expires_at],
+                "INSERT INTO gudids (org_id, device_id, gudid_id, mac_key, provisioned_by, provisioned_at, expires_at, bootstrap_hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![row.org_id, row.device_id, row.gudid_id, row.mac_key, row.provisioned_by, row.provisioned_at, row.expires_at, row.bootstrap_hash],
             )
             .map_err(backend)?;
             Ok(GudidRow { id: tx.last_insert_rowid(), ..row.clone() })
+        })
+    }
+
+    fn live_bootstrap_hashes(&self, sn: Option<&str>, now: Millis) -> StoreResult<Vec<(String, String)>> {
+        self.read(|c| {
+            let mut stmt = c
+                .prepare_cached(
+                    "SELECT d.sn, g.bootstrap_hash FROM gudids g JOIN devices d ON d.id = g.device_id
+                     WHERE (?1 IS NULL OR d.sn = ?1) AND g.used_at IS NULL AND g.expires_at > ?2
+                       AND g.bootstrap_hash IS NOT NULL
+                     ORDER BY g.id DESC",
+                )
+                .map_err(backend)?;
+            let rows = stmt.query_map(params![sn, now], |r| Ok((r.get(0)?, r.get(1)?))).map_err(backend)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(backend)
         })
     }
 

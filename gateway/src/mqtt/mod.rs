@@ -1,0 +1,225 @@
+//! The terminals' MQTT endpoint: the gateway is their MQTT server, on its own tokio runtime.
+//!
+//! Layout:
+//! - [`codec`]: packets in and out, by rumqttc's MQTT 3.1.1 and 5.0 codecs (the only MQTT bytes);
+//! - [`rules`]: pure decisions: identities and their topics, CONNACK codes, the connection bound,
+//!   keep-alive and session lifetimes;
+//! - [`session`]: per client id, the live connection, the subscription and the QoS 1 downlinks;
+//! - [`connection`]: one task per connection, from the TCP accept (and TLS handshake) to its end;
+//! - this file: the listeners' accept loops, and [`MqttOutbound`], the engine's way out.
+//!
+//! Only this module knows MQTT packets. Routing is by SN, in O(1): a downlink's topic names its SN,
+//! and the SN names the client.
+
+pub mod codec;
+mod connection;
+pub mod rules;
+pub mod session;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use rki_protocol::topic;
+use tokio::net::{TcpListener, TcpSocket};
+use tracing::{info, warn};
+
+use crate::engine::{Engine, Outbound};
+use crate::metrics as m;
+use session::{Client, Down};
+
+/// The listen backlog of the endpoint's sockets (the kernel caps it at `net.core.somaxconn`,
+/// 4,096 by default): a reconnect storm queues instead of having its SYNs dropped.
+pub const LISTEN_BACKLOG: u32 = 4096;
+/// Pause of an accept loop after the process ran out of descriptors: long enough not to spin,
+/// short enough that the endpoint serves again as soon as descriptors are freed.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+/// How often kept sessions past their lifetime are forgotten.
+const SESSION_SWEEP_INTERVAL: Duration = Duration::from_secs(10);
+
+/// The endpoint's settings (`[mqtt]` in the configuration).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Time from the TCP accept to a complete CONNECT (the TLS handshake included).
+    pub connect_timeout: Duration,
+    /// Downlinks a session keeps (queued and unacknowledged) at most.
+    pub session_messages_max: usize,
+    /// Longest a session outlives its connection.
+    pub session_lifetime_max: Duration,
+    /// Connections accepted at once; over it a CONNECT gets "server unavailable".
+    pub connections_max: usize,
+}
+
+/// What every connection task shares.
+pub struct Shared {
+    settings: Settings,
+    /// Client id → its state; an entry lives while connected, or while its session is kept.
+    clients: DashMap<String, Arc<Client>>,
+    /// The engine, once started (connections are served only then).
+    engine: std::sync::OnceLock<Arc<Engine>>,
+    /// Accepted (CONNACKed) connections open now, against `settings.connections_max`.
+    open: AtomicUsize,
+    next_conn_id: AtomicU64,
+    /// Second (since `started`) of the last refusal or accept-error log line: at most one a second.
+    last_log_second: AtomicU64,
+    started: Instant,
+}
+
+impl Shared {
+    /// Whether a rate-limited log line may be written now.
+    fn may_log(&self) -> bool {
+        let second = self.started.elapsed().as_secs() + 1;
+        self.last_log_second.swap(second, Ordering::Relaxed) != second
+    }
+}
+
+/// The engine's publishes, routed to the connection (or kept session) of the SN they name.
+pub struct MqttOutbound {
+    shared: Arc<Shared>,
+}
+
+impl Outbound for MqttOutbound {
+    fn publish(&self, topic_name: String, payload: Vec<u8>) {
+        let Some(sn) = topic::parse_device_down(&topic_name) else {
+            metrics::counter!(m::MQTT_DOWNLINKS_DROPPED_TOTAL, "reason" => "not_a_device_topic").increment(1);
+            return;
+        };
+        let down = Down { topic: Arc::from(topic_name.as_str()), payload: payload.into() };
+        let mut outcome = Err(session::Dropped::NoSession);
+        // The device, and the SN's bootstrap identity (a CreateKeyAnswer or a Refusal awaited).
+        for client_id in [sn.to_string(), topic::bootstrap_client_id(sn)] {
+            let Some(client) = self.shared.clients.get(&client_id).map(|c| c.clone()) else { continue };
+            let queued = client.lock().queue(down.clone(), self.shared.settings.session_messages_max);
+            match queued {
+                Ok(wake) => {
+                    if let Some(wake) = wake {
+                        wake.notify_one();
+                    }
+                    outcome = Ok(());
+                }
+                Err(why) if outcome.is_err() => outcome = Err(why),
+                Err(_) => {}
+            }
+        }
+        if let Err(why) = outcome {
+            // The retry timer or the device's next hello sends it again.
+            metrics::counter!(m::MQTT_DOWNLINKS_DROPPED_TOTAL, "reason" => why.reason()).increment(1);
+        }
+    }
+}
+
+/// The endpoint, before and after it listens.
+pub struct Endpoint {
+    shared: Arc<Shared>,
+}
+
+impl Endpoint {
+    pub fn new(settings: Settings) -> Self {
+        metrics::gauge!(m::MQTT_CONNECTIONS_MAX).set(settings.connections_max as f64);
+        metrics::gauge!(m::MQTT_CONNECTIONS).set(0.0);
+        for reason in rules::CONNECT_REFUSAL_REASONS {
+            metrics::counter!(m::MQTT_CONNECT_REFUSED_TOTAL, "reason" => *reason).increment(0);
+        }
+        Self {
+            shared: Arc::new(Shared {
+                settings,
+                clients: DashMap::new(),
+                engine: std::sync::OnceLock::new(),
+                open: AtomicUsize::new(0),
+                next_conn_id: AtomicU64::new(1),
+                last_log_second: AtomicU64::new(0),
+                started: Instant::now(),
+            }),
+        }
+    }
+
+    /// The engine's way out, to give to `Engine::start`.
+    pub fn outbound(&self) -> Arc<dyn Outbound> {
+        Arc::new(MqttOutbound { shared: self.shared.clone() })
+    }
+
+    /// Binds the plain listener on `plain` and, with a certificate, the TLS one on `tls`, and serves
+    /// both with `engine`. Returns the bound addresses (a port of 0 picks one).
+    pub async fn serve(
+        &self,
+        engine: Arc<Engine>,
+        plain: Option<SocketAddr>,
+        tls: Option<(SocketAddr, &Path, &Path)>,
+    ) -> Result<Vec<SocketAddr>, String> {
+        let _ = self.shared.engine.set(engine);
+        let mut bound = Vec::new();
+        if let Some(addr) = plain {
+            let listener = listen(addr)?;
+            bound.push(listener.local_addr().map_err(|e| e.to_string())?);
+            tokio::spawn(accept_loop(listener, self.shared.clone(), None));
+        }
+        if let Some((addr, cert, key)) = tls {
+            let acceptor = connection::tls_acceptor(cert, key)?;
+            let listener = listen(addr)?;
+            bound.push(listener.local_addr().map_err(|e| e.to_string())?);
+            tokio::spawn(accept_loop(listener, self.shared.clone(), Some(acceptor)));
+        }
+        tokio::spawn(sweep_sessions(self.shared.clone()));
+        metrics::gauge!(m::BROKER_UP).set(1.0);
+        info!(listeners = ?bound, connections_max = self.shared.settings.connections_max, "MQTT endpoint listening");
+        Ok(bound)
+    }
+}
+
+/// A listening socket with the endpoint's backlog.
+fn listen(addr: SocketAddr) -> Result<TcpListener, String> {
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() };
+    let socket = socket.map_err(|e| format!("mqtt {addr}: {e}"))?;
+    socket.set_reuseaddr(true).map_err(|e| format!("mqtt {addr}: {e}"))?;
+    socket.bind(addr).map_err(|e| format!("mqtt {addr}: {e}"))?;
+    socket.listen(LISTEN_BACKLOG).map_err(|e| format!("mqtt {addr}: {e}"))
+}
+
+/// Whether an accept error means the process or the system ran out of descriptors
+/// (EMFILE 24, ENFILE 23 on Linux).
+fn is_descriptor_exhaustion(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(23) | Some(24))
+}
+
+/// Accepts without pause; one task per connection. When descriptors run out, it backs off
+/// briefly, logging at most one line a second, so it never spins.
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tls: Option<tokio_rustls::TlsAcceptor>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                let conn = shared.next_conn_id.fetch_add(1, Ordering::Relaxed);
+                tokio::spawn(connection::run(shared.clone(), stream, peer, tls.clone(), conn));
+            }
+            Err(e) if is_descriptor_exhaustion(&e) => {
+                metrics::counter!(m::MQTT_ACCEPT_ERRORS_TOTAL, "kind" => "descriptors").increment(1);
+                if shared.may_log() {
+                    warn!(error = %e, "MQTT accept: out of file descriptors; backing off");
+                }
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+            }
+            Err(e) => {
+                // A connection reset before it was accepted, and the like: the next one is fine.
+                metrics::counter!(m::MQTT_ACCEPT_ERRORS_TOTAL, "kind" => "other").increment(1);
+                if shared.may_log() {
+                    warn!(error = %e, "MQTT accept failed");
+                }
+                tokio::task::yield_now().await;
+            }
+        }
+    }
+}
+
+/// Forgets disconnected sessions past their lifetime.
+async fn sweep_sessions(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(SESSION_SWEEP_INTERVAL);
+    loop {
+        tick.tick().await;
+        let now = Instant::now();
+        shared.clients.retain(|_, client| !client.lock().is_forgettable(now));
+        metrics::gauge!(m::MQTT_SESSIONS).set(shared.clients.len() as f64);
+    }
+}
