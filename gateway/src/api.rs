@@ -82,6 +82,8 @@ pub fn router(state: Arc<AppState>, with_metrics: bool) -> Router {
         .route("/v1/orgs", post(create_org).get(list_orgs))
         .route("/v1/orgs/{org}/key-sources", post(authorize_key_source))
         .route("/v1/key-sources", get(list_key_sources))
+        .route("/v1/orgs/{org}/keks", post(create_kek))
+        .route("/v1/keks", get(list_keks))
         .route("/v1/devices", get(list_devices))
         .route("/v1/devices/import", post(import_devices))
         .route("/v1/devices/{sn}", get(get_device))
@@ -618,6 +620,60 @@ async fn list_key_sources(State(state): St, caller: Caller) -> ApiResult<Json<Va
     let org = caller.org()?;
     let rows = blocking(&state, move |s| s.list_key_sources(org)).await?;
     Ok(Json(json!({ "key_sources": rows })))
+}
+
+/// A key-encryption key for an organization, entered once as 2 or 3 clear components.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateKek {
+    name: String,
+    /// `tdes` or `aes`.
+    algorithm: String,
+    components: Vec<Component>,
+    /// The KCV of the combined KEK, if the key owner wants it checked.
+    kcv: Option<String>,
+}
+
+async fn create_kek(
+    State(state): St,
+    caller: Caller,
+    Path(org_name): Path<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    caller.key_owner()?;
+    let req: CreateKek = json_body(&body)?;
+    check_name("name", &req.name)?;
+    let org = org_named(&state, org_name).await?;
+    let family = key_family(&req.algorithm)?;
+    let (components, kcv) = (Component::for_ceremony(req.components), req.kcv);
+    let sealed = ceremony(&state, move |k| k.kek_from_components(family, &components, kcv.as_deref())).await?;
+    let row = KekRow {
+        id: 0,
+        org_id: org.id,
+        name: req.name,
+        algorithm: sealed.algorithm.as_str().into(),
+        kcv: sealed.kcv.to_hex(),
+        sealed: sealed.sealed,
+        created_at: state.engine.clock.now_ms(),
+    };
+    let row = blocking(&state, move |s| s.insert_kek(&row)).await?;
+    let details = json!({"algorithm": row.algorithm, "kcv": row.kcv});
+    audit(&state, &caller, Some(org.id), "kek.create", format!("kek:{}", row.name), details).await?;
+    Ok((StatusCode::CREATED, Json(json!({"kek": kek_json(&row, &org.name)}))).into_response())
+}
+
+fn kek_json(k: &KekRow, org: &str) -> Value {
+    json!({"org": org, "name": k.name, "algorithm": k.algorithm, "kcv": k.kcv, "created_at": k.created_at})
+}
+
+/// Every organization's KEKs, for the key owner: name, algorithm, KCV, created; never the key.
+async fn list_keks(State(state): St, caller: Caller) -> ApiResult<Json<Value>> {
+    caller.key_owner()?;
+    let (keks, orgs) = blocking(&state, |s| Ok((s.list_keks(None)?, s.list_orgs()?))).await?;
+    let orgs: std::collections::HashMap<i64, String> = orgs.into_iter().map(|o| (o.id, o.name)).collect();
+    let keks: Vec<Value> =
+        keks.iter().map(|k| kek_json(k, orgs.get(&k.org_id).map(String::as_str).unwrap_or_default())).collect();
+    Ok(Json(json!({ "keks": keks })))
 }
 
 // ------------------------------------------------------------------ devices and groups

@@ -183,7 +183,51 @@ pub enum KeySourcesCommand {
         #[arg(long)]
         kcv: Option<String>,
     },
+    /// Import a BDK for an organization (key owner token) as a TR-31 key block under one of the
+    /// organization's KEKs (see `rkictl keks create`). The block must say usage B0, mode of use X
+    /// or N, exportability N, version B (TDES KEK) or D (AES KEK). Prints the BDK's KCV.
+    Import {
+        #[arg(long)]
+        org: String,
+        #[arg(long)]
+        name: String,
+        /// The BDK's family, which the block's algorithm must match.
+        #[arg(long, value_parser = ["tdes", "aes"])]
+        algorithm: String,
+        /// The KEK the block is wrapped under, by name.
+        #[arg(long)]
+        kek: String,
+        /// The TR-31 key block (encrypted under the KEK; it holds no clear key).
+        #[arg(long)]
+        key_block: String,
+        /// KCV the BDK must have.
+        #[arg(long)]
+        kcv: Option<String>,
+    },
     /// Key sources authorized for the organization: name, algorithm, KCV.
+    List,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KeksCommand {
+    /// Enter a key-encryption key (the key owner's ZMK) for an organization, once, as 2 or 3
+    /// clear components with their KCVs, from a file (`HEXKEY KCV` per line) or typed at a
+    /// prompt. BDKs then come as TR-31 blocks under it (`key-sources import`).
+    Create {
+        #[arg(long)]
+        org: String,
+        #[arg(long)]
+        name: String,
+        #[arg(long, value_parser = ["tdes", "aes"])]
+        algorithm: String,
+        /// File with one component per line: `HEXKEY KCV`.
+        #[arg(long)]
+        components_file: Option<PathBuf>,
+        /// KCV the combined KEK must have.
+        #[arg(long)]
+        kcv: Option<String>,
+    },
+    /// Every organization's KEKs (key owner token): organization, name, algorithm, KCV.
     List,
 }
 
@@ -877,6 +921,24 @@ pub fn key_sources(c: &Client, cmd: KeySourcesCommand, json_out: bool) -> Result
                 ))
             })
         }
+        KeySourcesCommand::Import { org, name, algorithm, kek, key_block, kcv } => {
+            let mut body = json!({"name": name, "algorithm": algorithm, "kek": kek, "key_block": key_block});
+            if let Some(k) = kcv {
+                body["kcv"] = json!(k);
+            }
+            let v = c.post(&format!("/v1/orgs/{}/key-sources", enc(&org)), &body)?;
+            Ok(if json_out {
+                Output::Json(v)
+            } else {
+                let k = &v["key_source"];
+                Output::Text(format!(
+                    "key source {} imported for {org} under KEK {kek}: {} KCV {}",
+                    s(&k["name"]),
+                    s(&k["algorithm"]),
+                    s(&k["kcv"])
+                ))
+            })
+        }
         KeySourcesCommand::List => {
             let v = c.get("/v1/key-sources")?;
             if json_out {
@@ -891,6 +953,47 @@ pub fn key_sources(c: &Client, cmd: KeySourcesCommand, json_out: bool) -> Result
                 })
                 .unwrap_or_default();
             Ok(Output::Text(table(&["KEY SOURCE", "ALGORITHM", "KCV", "AUTHORIZED"], rows)))
+        }
+    }
+}
+
+pub fn keks(c: &Client, cmd: KeksCommand, json_out: bool) -> Result<Output, String> {
+    match cmd {
+        KeksCommand::Create { org, name, algorithm, components_file, kcv } => {
+            let components = read_components(components_file)?;
+            let mut body = json!({"name": name, "algorithm": algorithm, "components": components});
+            if let Some(k) = kcv {
+                body["kcv"] = json!(k);
+            }
+            let v = c.post(&format!("/v1/orgs/{}/keks", enc(&org)), &body)?;
+            Ok(if json_out {
+                Output::Json(v)
+            } else {
+                let k = &v["kek"];
+                Output::Text(format!(
+                    "KEK {} entered for {org}: {} KCV {}",
+                    s(&k["name"]),
+                    s(&k["algorithm"]),
+                    s(&k["kcv"])
+                ))
+            })
+        }
+        KeksCommand::List => {
+            let v = c.get("/v1/keks")?;
+            if json_out {
+                return Ok(Output::Json(v));
+            }
+            let rows = v["keks"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|k| {
+                            vec![s(&k["org"]), s(&k["name"]), s(&k["algorithm"]), s(&k["kcv"]), time(&k["created_at"])]
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            Ok(Output::Text(table(&["ORG", "KEK", "ALGORITHM", "KCV", "CREATED"], rows)))
         }
     }
 }
