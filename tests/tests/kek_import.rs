@@ -246,6 +246,7 @@ fn bad_key_blocks_are_refused_with_their_code_and_change_nothing() -> TestResult
         ("wrong usage (initial key)", rkictl_wrap(&kek, "B0000B1TX00N0000", TEST_BDK)?, "key_block_usage_refused"),
         ("tampered", tampered, "key_block_mac_mismatch"),
         ("exportable", psec_wrap(&kek, "B0000B0TX00E0000", TEST_BDK)?, "key_block_exportability_refused"),
+        ("mode of use E", psec_wrap(&kek, "B0000B0TE00N0000", TEST_BDK)?, "key_block_mode_refused"),
         ("version A", psec_wrap(&kek, "A0000B0TX00N0000", TEST_BDK)?, "key_block_version_refused"),
     ];
     let before = (gw.api().ok("/v1/key-sources")?, owner.ok("/v1/audit?limit=100")?);

@@ -226,9 +226,21 @@ pub fn check_block_version(block: &str) -> Result<(), CeremonyError> {
     }
 }
 
-/// Maps an unwrap failure to the refusal the key owner needs to read.
+/// Maps an unwrap failure to the refusal the key owner needs to read. The header's own checks
+/// (TR-31's usage table) run before the MAC: a usage or mode no BDK can have is named as such.
 pub fn unwrap_error(e: tr31::Tr31Error) -> CeremonyError {
+    let is_bdk = |usage: &str| usage.as_bytes() == ImportPolicy::KEY_USAGE;
     match e {
+        tr31::Tr31Error::UnknownKeyUsage(usage) => CeremonyError::KeyBlockUsage(usage),
+        tr31::Tr31Error::ModeOfUseNotAllowed { usage, mode } if is_bdk(&usage) => {
+            CeremonyError::KeyBlockModeOfUse(mode)
+        }
+        tr31::Tr31Error::AlgorithmNotAllowed { usage, algorithm } if is_bdk(&usage) => {
+            CeremonyError::KeyBlockAlgorithm { declared: "a BDK", found: format!("algorithm {algorithm:?}") }
+        }
+        tr31::Tr31Error::ModeOfUseNotAllowed { usage, .. } | tr31::Tr31Error::AlgorithmNotAllowed { usage, .. } => {
+            CeremonyError::KeyBlockUsage(usage)
+        }
         tr31::Tr31Error::MacMismatch => CeremonyError::KeyBlockMac,
         tr31::Tr31Error::KbpkAlgorithm { version, expected, got } => {
             CeremonyError::KeyBlockKekFamily { version: char::from(version.as_byte()), expected, kek: got }
@@ -403,6 +415,9 @@ mod tests {
             ("usage K0", KeyFamily::Tdes, block(&kek, "B0000K0TB00N0000", BDK), "key_block_usage_refused"),
             ("usage P0", KeyFamily::Tdes, block(&kek, "B0000P0TE00N0000", BDK), "key_block_usage_refused"),
             ("exportable", KeyFamily::Tdes, block(&kek, "B0000B0TX00E0000", BDK), "key_block_exportability_refused"),
+            ("mode E", KeyFamily::Tdes, good.replacen("B0TX00N", "B0TE00N", 1), "key_block_mode_refused"),
+            ("HMAC BDK", KeyFamily::Tdes, good.replacen("B0TX00N", "B0HX00N", 1), "key_block_algorithm_mismatch"),
+            ("unknown usage", KeyFamily::Tdes, good.replacen("B0TX00N", "Q7TX00N", 1), "key_block_usage_refused"),
             ("sensitive", KeyFamily::Tdes, block(&kek, "B0000B0TX00S0000", BDK), "key_block_exportability_refused"),
             ("declared aes", KeyFamily::Aes, good.clone(), "key_block_algorithm_mismatch"),
             (
