@@ -213,10 +213,28 @@ fn bdks_imported_under_a_kek_from_rkictl_and_psec_blocks_give_terminals_the_righ
     rt.block_on(fleet.wait_keys_installed(10, Duration::from_secs(10))).map_err(|e| format!("{e:?}"))?;
     rt.block_on(fleet.shutdown());
 
-    // Neither the KEK, its components nor the BDK appear in the gateway's log.
+    // Neither the KEKs, their components nor the BDKs appear in the gateway's log, its API
+    // answers or its store files, as hex or as raw bytes.
+    let secrets = [kek.as_str(), KEK_COMPONENT_1, KEK_COMPONENT_2, TEST_BDK, AES_KEK, AES_BDK];
     let log = std::fs::read_to_string(gw.log_path())?.to_uppercase();
-    for secret in [kek.as_str(), KEK_COMPONENT_1, KEK_COMPONENT_2, TEST_BDK, AES_KEK, AES_BDK] {
+    let answers = format!("{}{}{}", gw.key_owner().get("/v1/keks").1, sources, audit).to_uppercase();
+    for secret in secrets {
         assert!(!log.contains(secret), "a secret is in the log");
+        assert!(!answers.contains(secret), "a secret is in an API answer");
+    }
+    let mut store = Vec::new();
+    for entry in std::fs::read_dir(gw.data_dir())? {
+        let path = entry?.path();
+        if path.file_name().is_some_and(|n| n.to_string_lossy().starts_with("rki.sqlite")) {
+            store.extend(std::fs::read(&path)?);
+        }
+    }
+    assert!(store.len() > 4096, "the store files were read");
+    let store_upper = String::from_utf8_lossy(&store).to_uppercase();
+    for secret in secrets {
+        let raw = hex::decode(secret)?;
+        assert!(!store.windows(raw.len()).any(|w| w == raw.as_slice()), "a secret's bytes are in the store");
+        assert!(!store_upper.contains(secret), "a secret's hex is in the store");
     }
     Ok(())
 }
