@@ -23,7 +23,7 @@ use serde_json::{json, Value};
 
 /// The KEK's two components, as two custodians hold them; the KEK is their XOR.
 const KEK_COMPONENT_1: &str = "89ABCDEF0123456776543210FEDCBA98";
-const KEK_COMPONENT_2: &str = "1111111111111111EEEEEEEEEEEEEEEE";
+const KEK_COMPONENT_2: &str = "11111111111111112222222222222222";
 /// Another TDES key: a block under it is under the wrong KEK.
 const OTHER_KEK: &str = "00112233445566778899AABBCCDDEEFF";
 const AES_KEK: &str = "000102030405060708090A0B0C0D0E0F101112131415161718191A1B1C1D1E1F";

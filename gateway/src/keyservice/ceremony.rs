@@ -116,6 +116,8 @@ pub enum CeremonyError {
     KeyBlockAlgorithm { declared: &'static str, found: String },
     #[error("a {bdk} BDK cannot come under a {kek} KEK: the KEK would be the weaker key")]
     KekTooWeak { bdk: KeyAlgorithm, kek: KeyAlgorithm },
+    #[error("the key is single DES in disguise: two adjacent TDES key parts are equal")]
+    DegenerateKey,
     #[error(transparent)]
     Service(#[from] KeyServiceError),
 }
@@ -138,6 +140,7 @@ impl CeremonyError {
             CeremonyError::KeyBlockExportability(_) => "key_block_exportability_refused",
             CeremonyError::KeyBlockAlgorithm { .. } => "key_block_algorithm_mismatch",
             CeremonyError::KekTooWeak { .. } => "kek_too_weak",
+            CeremonyError::DegenerateKey => "degenerate_key",
             CeremonyError::Service(_) => "internal",
         }
     }
@@ -179,7 +182,26 @@ pub fn combine_components(family: KeyFamily, components: &[Component]) -> Result
         });
     }
     let bytes = combined.ok_or(CeremonyError::ComponentCount(0))?;
-    family.key(bytes).map_err(|e| CeremonyError::Component { index: components.len(), reason: e.to_string() })
+    let key =
+        family.key(bytes).map_err(|e| CeremonyError::Component { index: components.len(), reason: e.to_string() })?;
+    refuse_degenerate(&key)?;
+    Ok(key)
+}
+
+/// Refuses a TDES key whose first and second (or second and third) 8-byte parts are the same DES
+/// key: TDES with such a key is single DES (EDE with K1 = K2 cancels out). DES ignores each
+/// byte's low (parity) bit, so the parts are compared without it, in constant time.
+pub fn refuse_degenerate(key: &SymmetricKey) -> Result<(), CeremonyError> {
+    if !key.algorithm().is_tdes() {
+        return Ok(());
+    }
+    let mut masked = SecretBytes::from_slice(key.expose_secret());
+    masked.expose_secret_mut().iter_mut().for_each(|b| *b &= 0xFE);
+    let parts: Vec<&[u8]> = masked.expose_secret().chunks(8).collect();
+    if parts.windows(2).any(|pair| ct_eq(pair[0], pair[1])) {
+        return Err(CeremonyError::DegenerateKey);
+    }
+    Ok(())
 }
 
 /// Checks `key` against the KCV the key owner expects, if one was given (3 to 5 bytes, constant
@@ -273,6 +295,7 @@ pub fn check_bdk_block(
         });
     }
     let bdk = family.key(key).map_err(|e| CeremonyError::KeyBlockMalformed(e.to_string()))?;
+    refuse_degenerate(&bdk)?;
     if strength_bits(bdk.algorithm()) > strength_bits(kek) {
         return Err(CeremonyError::KekTooWeak { bdk: bdk.algorithm(), kek });
     }
@@ -298,7 +321,7 @@ mod tests {
     const BDK: &str = "0123456789ABCDEFFEDCBA9876543210";
     const AES_BDK: &str = "FEDCBA9876543210F1F1F1F1F1F1F1F1";
     const KEK_C1: &str = "89ABCDEF0123456776543210FEDCBA98";
-    const KEK_C2: &str = "1111111111111111EEEEEEEEEEEEEEEE";
+    const KEK_C2: &str = "11111111111111112222222222222222";
     const AES_KEK: &str = "000102030405060708090A0B0C0D0E0F101112131415161718191A1B1C1D1E1F";
 
     fn service() -> SoftwareKeyService {
@@ -433,6 +456,12 @@ mod tests {
                 block(&aes_kek, "D0000B0TX00N0000", BDK),
                 "key_block_kek_mismatch",
             ),
+            (
+                "single DES BDK",
+                KeyFamily::Tdes,
+                block(&kek, "B0000B0TX00N0000", &"0123456789ABCDEF".repeat(2)),
+                "degenerate_key",
+            ),
             ("version A", KeyFamily::Tdes, format!("A{}", &good[1..]), "key_block_version_refused"),
             ("version C", KeyFamily::Tdes, format!("C{}", &good[1..]), "key_block_version_refused"),
         ];
@@ -458,6 +487,12 @@ mod tests {
             ("not hex", vec![c("XY", "08D7B4"), c(&zero, "8CA64D")], None, "bad_component"),
             ("lengths", vec![c(BDK, "08D7B4"), c(&"0".repeat(48), "8CA64D")], None, "bad_component"),
             ("combined KCV", vec![c(BDK, "08D7B4"), c(&zero, "8CA64D")], Some("111111"), "kcv_mismatch"),
+            (
+                "single DES",
+                vec![c(BDK, "08D7B4"), c("0000000000000000FFFFFFFFFFFFFFFF", "9295B5")],
+                None,
+                "degenerate_key",
+            ),
         ];
         for (what, components, kcv, code) in cases {
             assert_eq!(refused(service.bdk_from_components(KeyFamily::Tdes, &components, kcv)), code, "BDK: {what}");
