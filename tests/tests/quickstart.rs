@@ -378,6 +378,7 @@ fn the_sample_config_names_every_option_and_loads_as_shipped_and_fully_uncomment
     let sample = std::fs::read_to_string(repo().join("deploy/rki-gateway.toml"))?;
     let sections = [
         ("", struct_fields(&source, "Config")),
+        ("[mqtt]", struct_fields(&source, "MqttConfig")),
         ("[broker]", struct_fields(&source, "ExternalBroker")),
         ("[broker.mosquitto_sync]", struct_fields(&source, "MosquittoSync")),
     ];
