@@ -11,7 +11,9 @@ mod common;
 use std::time::{Duration, Instant};
 
 use rki_device_sim::Knobs;
-use rki_tests::{create_task, provision, sns, wait_task_done, Api, GatewayOptions, GatewayProcess, TestResult};
+use rki_tests::{
+    create_task, provision, sns, wait_task, wait_task_done, Api, GatewayOptions, GatewayProcess, TestResult,
+};
 use serde_json::{json, Value};
 
 const DAY_SECONDS: i64 = 86_400;
@@ -132,7 +134,8 @@ fn a_terminal_refusing_a_replayed_download_shows_on_the_execution_and_a_retry_re
     let refused = wait_refused(&api, far, 2)?;
     for e in &refused {
         let refusal = &e["last_refusal"];
-        assert_eq!(e["state"], "delivered", "{e}");
+        // Open: `queued` until the send's deferred `Delivered` write (up to a second), then `delivered`.
+        assert!(e["state"] == "queued" || e["state"] == "delivered", "{e}");
         assert_eq!(refusal["code"], "replay", "{e}");
         assert_eq!(refusal["frame"], "download", "{e}");
         let (refused_counter, accepted) = (refusal["refused_counter"].as_u64(), refusal["accepted_counter"].as_u64());
@@ -153,9 +156,11 @@ fn a_terminal_refusing_a_replayed_download_shows_on_the_execution_and_a_retry_re
     for e in done["executions"].as_array().cloned().unwrap_or_default() {
         assert!(e["last_refusal"].is_null(), "an ended execution keeps no refusal: {e}");
     }
-    // The far ones stay refused and visible.
-    let v = api.ok(&format!("/v1/tasks/{far}"))?;
-    assert_eq!(v["task"]["counts"]["delivered"], 2, "{}", v["task"]["counts"]);
+    // The far ones stay refused and visible, delivered and never acked.
+    let v = wait_task(&api, far, Duration::from_secs(10), |counts| counts["delivered"] == 2)?;
+    for e in v["executions"].as_array().cloned().unwrap_or_default() {
+        assert_eq!(e["last_refusal"]["code"], "replay", "{e}");
+    }
     for fleet in fleets {
         rt.block_on(fleet.shutdown());
     }
