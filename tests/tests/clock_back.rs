@@ -1,7 +1,8 @@
 //! Counters that survive any clock (issue 20, part 2), on the real binaries with the adjustable
 //! clock, which steps both ways and keeps its offset across a restart:
-//! - a gateway that ran 20 days ahead, then restarted with its clock set back, still gets its
-//!   downloads and unlocks accepted by the terminals, and its record times do not run backwards;
+//! - a gateway that ran 20 days ahead, then restarted with its clock set back (stepped back, or
+//!   at real time again), still gets its downloads and unlocks accepted by the terminals, and its
+//!   record times do not run backwards;
 //! - a terminal that refuses a download as a replay says so, and the execution shows it; a
 //!   refusal within reach moves the gateway's counter, and the re-delivery, fired by moving the
 //!   clock, is accepted.
@@ -48,12 +49,31 @@ fn wait_devices(api: &Api, sns: &[String], what: &str, condition: impl Fn(&Value
     Ok(())
 }
 
+/// How the clock comes back behind the time the terminals last saw.
+#[derive(Debug, Clone, Copy)]
+enum SetBack {
+    /// A step of the adjustable clock to a day behind real time, kept across the restart.
+    StepBack,
+    /// The adjustable clock's offset file removed: the restarted gateway runs at real time again,
+    /// as a gateway that ran under `faketime` and was restarted without it (the issue's case).
+    OffsetLost,
+}
+
 #[test]
-fn a_restart_with_the_clock_set_back_keeps_downloads_and_unlocks_accepted() -> TestResult {
+fn a_restart_with_the_clock_stepped_back_keeps_downloads_and_unlocks_accepted() -> TestResult {
+    ahead_then_restarted_behind(SetBack::StepBack, "CLKS")
+}
+
+#[test]
+fn a_restart_at_real_time_after_running_ahead_keeps_downloads_and_unlocks_accepted() -> TestResult {
+    ahead_then_restarted_behind(SetBack::OffsetLost, "CLKL")
+}
+
+fn ahead_then_restarted_behind(set_back: SetBack, prefix: &str) -> TestResult {
     let rt = common::runtime();
     let mut gw = GatewayProcess::start(GatewayOptions { adjustable_clock: true, ..Default::default() })?;
     let api = gw.api();
-    let provisioned = provision(&gw, &sns("CLK", 4), "clock")?;
+    let provisioned = provision(&gw, &sns(prefix, 4), "clock")?;
     let fleet = rt.block_on(common::spawn_fleet(
         common::fleet_config(gw.mqtt_port, &provisioned, Knobs::default())?,
         Duration::from_secs(30),
@@ -64,9 +84,16 @@ fn a_restart_with_the_clock_set_back_keeps_downloads_and_unlocks_accepted() -> T
     let done = wait_task_done(&api, first, Duration::from_secs(30))?;
     assert_eq!(done["task"]["counts"]["succeeded"], 4, "{}", done["task"]["counts"]);
     let first_times = record_times(&api, first)?;
-    // Set back 21 days, to a day behind real time, and restart: the offset survives the restart.
-    let stepped = step_clock(&gw, -21 * DAY_SECONDS)?;
-    assert_eq!(stepped["offset_ms"].as_i64(), Some(-DAY_SECONDS * 1000));
+    match set_back {
+        SetBack::StepBack => {
+            // To a day behind real time; the offset survives the restart.
+            let stepped = step_clock(&gw, -21 * DAY_SECONDS)?;
+            assert_eq!(stepped["offset_ms"].as_i64(), Some(-DAY_SECONDS * 1000));
+        }
+        SetBack::OffsetLost => {
+            let _ = std::fs::remove_file(gw.dir.join("data").join("adjustable-clock-offset-ms"));
+        }
+    }
     gw.restart()?;
     rt.block_on(fleet.wait_connected(4, Duration::from_secs(30)))
         .map_err(|e| format!("{e:?}: {}", fleet.snapshot().status_line()))?;
