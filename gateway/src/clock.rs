@@ -5,7 +5,8 @@
 //! A clock has two readings, and neither goes backwards inside a run:
 //! - [`Clock::now_ms`], wall time for timestamps and deadlines (expiry, GUDID validity): the system
 //!   time (plus the adjustable offset), but never below a reading already given, nor below the
-//!   floor the engine restores from the store at start ([`Clock::raise_floor`]). A backward step
+//!   floor the engine restores from the store at start ([`Clock::raise_floor`]; SQLite only: with
+//!   a store several nodes share, their clocks must agree with each other). A backward step
 //!   of the system clock therefore stops this reading until the system clock has caught up:
 //!   timestamps repeat, and expiries and GUDID validity pause for the length of the step. A forward
 //!   step moves them at once (a deadline inside the step passes).

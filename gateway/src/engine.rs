@@ -582,7 +582,10 @@ impl Engine {
     /// Restores the clock's floor and the downlink counter's high-water mark, and reserves the
     /// first block above both the mark and the clock.
     async fn restore_marks(&self) -> EngineResult<()> {
-        let floor = self.blocking(|s| s.mark(MARK_CLOCK_FLOOR_MS)).await?;
+        // Not in a store that several nodes share: a floor written ahead by one node would run
+        // another's clock ahead of the others', and the cluster's retry claims compare times
+        // that the nodes wrote.
+        let floor = if self.store.is_shared() { None } else { self.blocking(|s| s.mark(MARK_CLOCK_FLOOR_MS)).await? };
         if let Some(floor) = floor {
             self.clock.raise_floor(floor);
         }
@@ -606,6 +609,9 @@ impl Engine {
     /// Writes the clock's floor, [`CLOCK_FLOOR_AHEAD_MS`] ahead of its reading, once less than
     /// half of the last one written is left.
     pub async fn persist_clock_floor(&self) {
+        if self.store.is_shared() {
+            return;
+        }
         let now = self.clock.now_ms();
         if now.saturating_add(CLOCK_FLOOR_AHEAD_MS / 2) <= self.clock_floor_written.load(Ordering::Relaxed) {
             return;

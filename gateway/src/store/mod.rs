@@ -627,6 +627,12 @@ pub trait Store: Send + Sync {
     fn execution_state_counts(&self) -> StoreResult<Vec<(i64, ExecutionState, i64)>>;
     fn expiring_within(&self, now: Millis, within_ms: i64) -> StoreResult<i64>;
 
+    /// Whether several gateway nodes may share this store (PostgreSQL). Their clocks must agree
+    /// with each other, so the engine keeps no clock floor in a shared store.
+    fn is_shared(&self) -> bool {
+        false
+    }
+
     // marks: monotonic values in `meta` (the downlink counter's high-water mark, the clock's floor)
     /// The mark `key`, if one was ever raised.
     fn mark(&self, key: &str) -> StoreResult<Option<i64>>;

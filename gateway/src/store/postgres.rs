@@ -1936,6 +1936,10 @@ impl Store for PostgresStore {
         })
     }
 
+    fn is_shared(&self) -> bool {
+        true
+    }
+
     fn mark(&self, key: &str) -> StoreResult<Option<i64>> {
         Ok(parse_mark(self.meta(key)?))
     }
