@@ -1304,6 +1304,7 @@ impl Engine {
                     match self.blocking(move |s| s.execution(id)).await {
                         Ok(row) if row.device_id == device_id && row.sn == sn => {}
                         Ok(_) => return reject("device_refusal", Rejection::ForeignExecution),
+                        Err(EngineError::Store(_)) => return reject("device_refusal", Rejection::StoreUnavailable),
                         Err(_) => return reject("device_refusal", Rejection::UnknownExecution),
                     }
                 }
