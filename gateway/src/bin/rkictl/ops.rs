@@ -428,6 +428,16 @@ pub fn devices(c: &Client, cmd: DevicesCommand, json_out: bool) -> Result<Output
                 out.push_str(&format!("{k:<16} {}\n", s(&d[k])));
             }
             out.push_str(&format!("{:<16} {}\n", "last_seen", time(&d["last_seen"])));
+            if d["last_unlock_refusal"].is_object() {
+                let r = &d["last_unlock_refusal"];
+                out.push_str(&format!(
+                    "{:<16} {} at {}: {}\n",
+                    "unlock_refused",
+                    s(&r["code"]),
+                    time(&r["at"]),
+                    s(&r["meaning"])
+                ));
+            }
             let slots: Vec<Vec<String>> = d["slots"]
                 .as_array()
                 .map(|a| {
