@@ -2,7 +2,7 @@
 //! - Mosquitto stopped with SIGTERM and started again at once in the middle of a 500-terminal push
 //!   through it: every terminal that installed a key has exactly one record within the retry time;
 //! - a `Bye` older than the device's latest hello (a last will the broker published late) does not
-//!   take the device offline; a current one does.
+//!   take the device offline; a current one does, and so does a terminal's own will.
 
 mod common;
 
@@ -212,5 +212,24 @@ fn a_late_bye_from_before_the_latest_hello_does_not_mark_the_device_offline() ->
     rt.block_on(device.publish_raw(&topic::device_up(&sn), current_will))?;
     wait_online(&gw, &sn, false)?;
     assert_eq!(gw.metric(stale), before + 1.0);
+    Ok(())
+}
+
+/// The reference terminal seals its will with the counter of its session's first hello, so its
+/// own will, published when its connection drops, still takes it offline.
+#[test]
+fn a_terminals_own_last_will_still_takes_it_offline() -> TestResult {
+    let rt = common::runtime();
+    let gw = GatewayProcess::start(GatewayOptions::default())?;
+    let provisioned = provision(&gw, &sns("WILL", 1), "will")?;
+    let config = common::fleet_config(gw.mqtt_port, &provisioned, Knobs::default())?;
+    let fleet = rt.block_on(common::spawn_fleet(config, Duration::from_secs(30)))?;
+    let sn = provisioned.sns[0].clone();
+    wait_online(&gw, &sn, true)?;
+    // The connection drops without a DISCONNECT: the broker publishes the will.
+    rt.block_on(fleet.devices()[0].go_offline(Duration::from_secs(60)))?;
+    wait_online(&gw, &sn, false)?;
+    assert_eq!(gw.metric("rki_rejected_messages_total{kind=\"bye\",reason=\"stale_bye\"}"), 0.0);
+    rt.block_on(fleet.shutdown());
     Ok(())
 }
