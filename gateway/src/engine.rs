@@ -1041,6 +1041,8 @@ impl Engine {
             }
             if !hello.locked {
                 h.unlock_pending = false;
+                // Unlocked: an earlier refusal of an unlock is history.
+                self.unlock_refusals.remove(sn);
             }
             let generation = h.generation;
             let stale: Vec<OpenExecution> = h.open.iter().filter(|e| e.generation != generation).cloned().collect();
@@ -1761,6 +1763,7 @@ impl Engine {
         };
         for id in gone {
             self.execution_sn.remove(&id);
+            self.refusals.remove(&id);
         }
         for row in rows.iter().filter(|r| r.sn == sn) {
             self.insert_open(row);
@@ -2265,6 +2268,7 @@ impl Engine {
             }
             for id in ended {
                 self.execution_sn.remove(&id);
+                self.refusals.remove(&id);
             }
         }
         for (sn, hot) in due {
