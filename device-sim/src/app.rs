@@ -7,7 +7,9 @@
 
 use rki_protocol::frame::{self, MacKey};
 use rki_protocol::init::DeviceSecrets;
-use rki_protocol::message::{Ack, Download, Message, Refusal, SlotStatus, Unlock};
+use rki_protocol::message::{
+    Ack, DeviceRefusal, Download, Message, Refusal, RefusalCode, RefusedFrame, SlotStatus, Unlock,
+};
 use rki_protocol::secret::ct_eq;
 use rki_protocol::terminal::{firmware_refusal, InjectionType, TerminalError};
 use rki_protocol::tr31::{self, Version};
@@ -78,6 +80,28 @@ pub fn accept_down_frame(state: &TerminalState, bytes: &[u8]) -> Result<(DownCom
         }
         _ => Err(Rejection::Unexpected),
     }
+}
+
+/// The signed refusal a terminal sends for a down frame refused as a replay: a `Download` or an
+/// `Unlock` whose tag verified under its signing key but whose counter is not above the last one it
+/// accepted. `None` for anything else: a frame that does not verify proves nothing about who sent
+/// it, and answering it would give a forger an oracle.
+pub fn replay_refusal(state: &TerminalState, bytes: &[u8]) -> Option<DeviceRefusal> {
+    let unverified = frame::open(bytes).ok()?;
+    if unverified.peek().party != state.sn {
+        return None;
+    }
+    let verified = unverified.verify(&state.secrets.as_ref()?.signing_key).ok()?;
+    let refused_counter = verified.body.counter;
+    if refused_counter > state.last_down_counter {
+        return None;
+    }
+    let frame = match verified.body.message {
+        Message::Download(d) => RefusedFrame::Download { execution_id: d.execution_id },
+        Message::Unlock(u) => RefusedFrame::Unlock { unlock_id: u.unlock_id },
+        _ => return None,
+    };
+    Some(DeviceRefusal { refused_counter, accepted_counter: state.last_down_counter, frame, code: RefusalCode::Replay })
 }
 
 /// What the app decides about a download.
@@ -381,5 +405,35 @@ mod tests {
         // Before initialisation there is no key a download or unlock could verify under.
         state.secrets = None;
         assert_eq!(accept_down_frame(&state, &good).err(), Some(Rejection::BadTag));
+    }
+
+    #[test]
+    fn only_a_verified_replay_gets_a_signed_refusal_naming_the_frame() {
+        let mut state = terminal();
+        let key = state.secrets.as_ref().expect("secrets").signing_key.clone_secret();
+        state.last_down_counter = 10;
+        let unlock = |party: &str, counter| {
+            let body = Body { party: party.into(), counter, message: Message::Unlock(Unlock { unlock_id: 5 }) };
+            frame::seal(&key, &body).expect("seal")
+        };
+        let refusal = replay_refusal(&state, &unlock("APP0001", 9)).expect("a replay is refused with a reason");
+        assert_eq!(
+            refusal,
+            DeviceRefusal {
+                refused_counter: 9,
+                accepted_counter: 10,
+                frame: RefusedFrame::Unlock { unlock_id: 5 },
+                code: RefusalCode::Replay
+            }
+        );
+        let d = download(&state, 12, KeySlot::PRODUCTION);
+        let body = Body { party: "APP0001".into(), counter: 10, message: Message::Download(d) };
+        let refused = replay_refusal(&state, &frame::seal(&key, &body).expect("seal")).expect("refused");
+        assert_eq!(refused.frame, RefusedFrame::Download { execution_id: 12 });
+        // A fresh frame, another party's, or one under another key gets no answer.
+        assert_eq!(replay_refusal(&state, &unlock("APP0001", 11)), None);
+        assert_eq!(replay_refusal(&state, &unlock("APP0002", 9)), None);
+        let forged = Body { party: "APP0001".into(), counter: 9, message: Message::Unlock(Unlock { unlock_id: 5 }) };
+        assert_eq!(replay_refusal(&state, &frame::seal(&MacKey::public_refusal_key(), &forged).expect("seal")), None);
     }
 }

@@ -306,6 +306,9 @@ pub struct Knobs {
     /// First reconnect delay after a lost connection; doubles up to [`Knobs::reconnect_delay_max`].
     pub reconnect_delay: Duration,
     pub reconnect_delay_max: Duration,
+    /// Test knob: the down counter the terminal holds as accepted once initialised, as if a
+    /// gateway whose clock ran far ahead had sent it frames; every lower counter is a replay.
+    pub accepted_down_counter_at_init: Option<u64>,
 }
 
 impl Default for Knobs {
@@ -321,6 +324,7 @@ impl Default for Knobs {
             init_timeout: Duration::from_secs(10),
             reconnect_delay: Duration::from_millis(200),
             reconnect_delay_max: Duration::from_secs(10),
+            accepted_down_counter_at_init: None,
         }
     }
 }

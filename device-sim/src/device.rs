@@ -144,6 +144,7 @@ impl Device {
             reconnect_delay: None,
             jitter: Jitter::seeded(&sn),
             shutdown_reply: None,
+            will_counter: None,
         };
         if fresh {
             terminal.persist().await?;
@@ -452,6 +453,8 @@ struct Terminal {
     jitter: Jitter,
     /// The caller of a shutdown, answered once the task has cleaned up.
     shutdown_reply: Option<oneshot::Sender<()>>,
+    /// The counter of the current session's last will, for its first hello.
+    will_counter: Option<u64>,
 }
 
 impl Terminal {
@@ -741,8 +744,13 @@ impl Terminal {
     }
 
     fn seal(&mut self, secrets_missing_is_bug: &str, message: Message) -> Option<Vec<u8>> {
+        let counter = self.up.next_counter();
+        self.seal_with_counter(secrets_missing_is_bug, message, counter)
+    }
+
+    fn seal_with_counter(&mut self, secrets_missing_is_bug: &str, message: Message, counter: u64) -> Option<Vec<u8>> {
         let secrets = self.state.secrets.as_ref()?;
-        let body = Body { party: self.state.sn.clone(), counter: self.up.next_counter(), message };
+        let body = Body { party: self.state.sn.clone(), counter, message };
         match frame::seal(&secrets.signing_key, &body) {
             Ok(bytes) => Some(bytes),
             Err(error) => {
@@ -766,10 +774,25 @@ impl Terminal {
     }
 
     fn queue_hello(&mut self, link: &mut Link) {
-        if let Some(payload) = self.seal("sealing a hello", self.hello()) {
+        // The first hello of a session reuses the will's counter, if nothing was sealed since.
+        let counter = match self.will_counter.take() {
+            Some(will) if will == self.up.last() => will,
+            _ => self.up.next_counter(),
+        };
+        if let Some(payload) = self.seal_with_counter("sealing a hello", self.hello(), counter) {
             link.outbox.push_back(OutgoingFrame { payload, ack_of: None });
             self.counters.add(&self.counters.hellos_sent, 1);
             self.status.send_modify(|s| s.hellos_sent += 1);
+        }
+    }
+
+    /// Tells the gateway that a verified down frame was refused as a replay, and why.
+    fn queue_refusal(&mut self, link: &mut Link, bytes: &[u8]) {
+        let Some(refusal) = app::replay_refusal(&self.state, bytes) else { return };
+        if let Some(payload) = self.seal("sealing a refusal", Message::DeviceRefusal(refusal)) {
+            link.outbox.push_back(OutgoingFrame { payload, ack_of: None });
+            self.counters.add(&self.counters.refusals_sent, 1);
+            self.status.send_modify(|s| s.refusals_sent += 1);
         }
     }
 
@@ -813,8 +836,12 @@ impl Terminal {
         let password = String::from_utf8_lossy(secrets.mqtt_password.expose_secret()).into_owned();
         let sn = self.state.sn.clone();
         let mut options = self.mqtt_options(&sn, &password, false);
+        // The session's first hello carries the will's counter (docs/PROTOCOL.md §5.6): the
+        // gateway counts a bye only if it is not older than the latest hello, so this session's
+        // will counts and a previous session's, published late, does not.
         if let Some(bye) = self.seal("sealing the last will", Message::Bye) {
             options.set_last_will(LastWill::new(topic::device_up(&sn), bye, QoS::AtLeastOnce, false));
+            self.will_counter = Some(self.up.last());
         }
         let (client, mut event_loop) = self.event_loop(options);
         let mut link = Link::new(client, &sn);
@@ -968,6 +995,9 @@ impl Terminal {
             Ok(accepted) => accepted,
             Err(rejection) => {
                 self.reject(rejection);
+                if rejection == Rejection::Replay {
+                    self.queue_refusal(link, bytes);
+                }
                 return None;
             }
         };
@@ -1039,8 +1069,8 @@ impl Terminal {
         let first = self.state.secrets.is_none();
         self.state.secrets = Some(secrets);
         // A new signing key starts a new down channel: the gateway's counters under the old key
-        // say nothing about the new one.
-        self.state.last_down_counter = 0;
+        // say nothing about the new one. (A test knob may pretend it saw a gateway far ahead.)
+        self.state.last_down_counter = self.knobs.accepted_down_counter_at_init.unwrap_or(0);
         self.persist().await?;
         if first {
             self.counters.add(&self.counters.initialised, 1);

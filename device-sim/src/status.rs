@@ -60,6 +60,8 @@ pub struct DeviceStatus {
     /// Refusals received from the gateway, and the last one's code.
     pub refusals: u64,
     pub last_refusal: Option<RefusalCode>,
+    /// Signed refusals this terminal sent for replayed down frames.
+    pub refusals_sent: u64,
     pub rejected: RejectedFrames,
     /// The last error the terminal met (connection, initialisation, storage), for diagnosis.
     pub last_error: Option<String>,
@@ -82,6 +84,8 @@ pub struct FleetCounters {
     pub hellos_sent: AtomicU64,
     pub rejected_frames: AtomicU64,
     pub refusals_received: AtomicU64,
+    /// Signed refusals sent for replayed down frames.
+    pub refusals_sent: AtomicU64,
     /// Connection losses, failed initialisations and storage errors.
     pub errors: AtomicU64,
     /// Of `errors`: connection attempts refused at the TCP level (nothing listening yet).
@@ -105,6 +109,7 @@ pub struct FleetSnapshot {
     pub hellos_sent: u64,
     pub rejected_frames: u64,
     pub refusals_received: u64,
+    pub refusals_sent: u64,
     pub errors: u64,
     pub connects_refused: u64,
     pub connects_timed_out: u64,
@@ -149,6 +154,7 @@ impl FleetCounters {
             hellos_sent: read(&self.hellos_sent),
             rejected_frames: read(&self.rejected_frames),
             refusals_received: read(&self.refusals_received),
+            refusals_sent: read(&self.refusals_sent),
             errors: read(&self.errors),
             connects_refused: read(&self.connects_refused),
             connects_timed_out: read(&self.connects_timed_out),

@@ -739,7 +739,9 @@
           h('td', {}, e.online ? badge('ok', 'online') : badge('idle', 'offline')),
           h('td', { class: 'num' }, e.delivery_count),
           h('td', { class: 'num' }, code),
-          h('td', {}, e.result ? dash(e.result_meaning) : '—'),
+          // An open execution whose terminal refuses the download says why (a signed refusal).
+          h('td', {}, e.result ? dash(e.result_meaning)
+            : (e.last_refusal ? `refused by the terminal (${e.last_refusal.code}): ${e.last_refusal.meaning}` : '—')),
           h('td', {}, mono(e.key_id)),
           h('td', {}, mono(e.kcv)),
           h('td', {}, fmtTime(e.ended_at)));

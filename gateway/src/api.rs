@@ -702,6 +702,7 @@ fn device_json(state: &AppState, d: &DeviceRow, pending: bool) -> Value {
         "locked": d.locked,
         "lock": if d.locked { "locked" } else { "ready" },
         "unlock_pending": d.unlock_pending,
+        "last_unlock_refusal": state.engine.last_unlock_refusal(&d.sn),
         "debug_mode": d.debug_mode,
         "debug_key_present": d.debug_key_present,
         "assigned_key_source": d.assigned_key_source,
@@ -1118,6 +1119,8 @@ async fn get_task(
             v["error_remedy"] =
                 json!(e.result.and_then(rki_protocol::terminal::TerminalError::from_code).map(|t| t.remedy()));
             v["online"] = json!(state.engine.is_online(&e.sn));
+            // Why a delivery does not end: the terminal's latest signed refusal, if any.
+            v["last_refusal"] = json!(state.engine.last_refusal(e.id));
             v
         })
         .collect();
@@ -1360,22 +1363,34 @@ async fn list_audit(State(state): St, caller: Caller, Query(q): Query<AuditQuery
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ClockRequest {
+    /// Seconds to step the adjustable clock: forward, or back when negative.
     advance_seconds: i64,
 }
 
-/// Test-only: moves the adjustable clock forward, then runs the expiry sweep.
+/// Test-only: steps the adjustable clock (forward, or back with a negative amount; the offset is
+/// kept across restarts), then runs the expiry sweep. A step back holds the wall reading where it
+/// was until the stepped time catches up (see `clock`): this reproduces a system clock set back.
 async fn advance_clock(State(state): St, caller: Caller, headers: HeaderMap, body: Bytes) -> ApiResult<Json<Value>> {
     caller.key_owner()?;
     let _ = headers;
     let req: ClockRequest = json_body(&body)?;
+    if !state.engine.clock.is_adjustable() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "clock_not_adjustable",
+            "the clock is not adjustable (set clock = \"adjustable\" in tests only)",
+        ));
+    }
     let now = state
         .engine
         .clock
-        .advance(req.advance_seconds.saturating_mul(1000))
-        .map_err(|e| ApiError::new(StatusCode::CONFLICT, "clock_not_adjustable", e))?;
+        .step(req.advance_seconds.saturating_mul(1000))
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "clock_not_persisted", e))?;
+    // A step forward moves the reading past the floor the store holds: write the new one now.
+    state.engine.persist_clock_floor().await;
     let expired = state.engine.expire_now().await?;
     audit(&state, &caller, None, "clock.advance", "clock".into(), json!({"seconds": req.advance_seconds})).await?;
-    Ok(Json(json!({ "now": now, "expired": expired })))
+    Ok(Json(json!({ "now": now, "expired": expired, "offset_ms": state.engine.clock.offset_ms() })))
 }
 
 async fn expire_now(State(state): St, caller: Caller) -> ApiResult<Json<Value>> {

@@ -107,6 +107,12 @@ pub struct ExternalBroker {
     pub client_id: Option<String>,
     /// Shared-subscription group: nodes with the same group split the device traffic.
     pub shared_group: Option<String>,
+    /// Connect with a persistent session (MQTT clean session 0), so that what the broker
+    /// receives while this node is away (its own connection lost, the broker restarting with
+    /// `persistence true`) waits for it. Default: on with a configured `client_id` and an SQLite
+    /// store (one node), off otherwise (a one-off client id would leave orphan sessions, and
+    /// several nodes recover a lost message by the cluster sweep instead). docs/SCALE-OUT.md.
+    pub persistent_session: Option<bool>,
     /// Keep a Mosquitto password file and ACL file in step with the device registry.
     pub mosquitto_sync: Option<MosquittoSync>,
 }
@@ -210,6 +216,7 @@ impl Config {
                     password: None,
                     client_id: None,
                     shared_group: None,
+                    persistent_session: None,
                     mosquitto_sync: None,
                 },
             };
@@ -228,6 +235,10 @@ impl Config {
             }
             if let Some(v) = get("RKI_BROKER_SHARED_GROUP") {
                 e.shared_group = Some(v);
+            }
+            if let Some(v) = get("RKI_BROKER_PERSISTENT_SESSION") {
+                e.persistent_session =
+                    Some(v.parse().map_err(|e| format!("RKI_BROKER_PERSISTENT_SESSION={v:?}: {e} (true or false)"))?);
             }
         }
         if let Some(v) = get("RKI_RETRY_INITIAL_SECONDS") {

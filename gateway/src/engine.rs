@@ -11,14 +11,14 @@
 //!   it never relies on the broker remembering a session.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use rki_protocol::frame::{self, MacKey, MacVerified};
 use rki_protocol::init::{self, Ephemeral, GUDID_VALIDITY_SECONDS};
-use rki_protocol::message::{self, Body, CreateKey, Message, RefusalCode};
+use rki_protocol::message::{self, Body, CreateKey, Message, RefusalCode, RefusedFrame};
 use rki_protocol::terminal::{firmware_refusal, InjectionType, KeySlot, KeyType, Region, TerminalError};
 use rki_protocol::{topic, Kcv, KeyAlgorithm};
 use tokio::sync::{mpsc, oneshot};
@@ -55,6 +55,19 @@ const DELIVERED_WRITE_TICK: Duration = Duration::from_millis(200);
 const CLAIM_BATCH_MAX: i64 = 2_000;
 /// Initialisations handled at once.
 const INIT_CONCURRENCY_MAX: usize = 256;
+/// Downlink counters reserved ahead in the store: a new high-water mark is written only when
+/// the block is used up. The counter follows the clock in microseconds, so this is two seconds of
+/// sending per write; a new block is reserved in the background when half of one is left.
+pub const DOWN_COUNTER_BLOCK: u64 = 2_000_000;
+/// A terminal's refusal may move the downlink counter up to its accepted counter only if that is
+/// at most this far ahead of the clock (400 days): further than any clock error, and far below
+/// the counter's range, so that a terminal cannot push the gateway's counter to its end.
+const REFUSAL_COUNTER_AHEAD_MAX_US: u64 = 400 * 86_400 * 1_000_000;
+/// How far ahead of the clock's reading its floor is written to the store, so that a restarted
+/// gateway's wall reading does not go below anything this one stamped: the sweeper writes a new
+/// floor each second once less than half of this is left (a write every 5 s), as does a step of
+/// the adjustable clock. A restart therefore holds the wall reading for up to this long.
+const CLOCK_FLOOR_AHEAD_MS: i64 = 10_000;
 /// Largest number of devices one task may target (the engine benchmark uses 1,000,000).
 pub const TASK_DEVICES_MAX: usize = 2_000_000;
 /// A preview reads its devices in two parallel halves from this many on.
@@ -83,8 +96,8 @@ struct OpenExecution {
     generation: i64,
     created_at: Millis,
     deadline: Millis,
-    /// Wall time of the last publish, for the retry backoff.
-    last_sent: Option<Instant>,
+    /// [`Clock::ticks_ms`] of the last publish, for the retry backoff.
+    last_sent: Option<i64>,
     sends: u32,
     /// The hello that triggered the latest delivery, for the hello→ack latency.
     hello_at: Option<Instant>,
@@ -120,7 +133,14 @@ struct DeviceHot {
     sealed_kbpk_aes: String,
     sealed_kbpk_tdes: String,
     last_counter: u64,
+    /// The counter of the latest accepted hello: a bye below it is older than the device's
+    /// presence (a will published late) and is ignored.
+    hello_counter: u64,
     online: bool,
+    /// The gateway's connection to the broker came back after this device was sent a download
+    /// that is not acked yet: re-deliver it on the backoff whether or not the device is believed
+    /// online, until an ack, the expiry, or a hello (presence is rebuilt from the hellos).
+    presence_unsure: bool,
     unlock_pending: bool,
     open: Vec<OpenExecution>,
     /// `open` holds every open execution the store had for the device when it was loaded; until
@@ -138,7 +158,9 @@ impl DeviceHot {
             sealed_kbpk_aes: c.kbpk_aes.clone(),
             sealed_kbpk_tdes: c.kbpk_tdes.clone(),
             last_counter: c.last_counter,
+            hello_counter: 0,
             online: false,
+            presence_unsure: false,
             unlock_pending: c.unlock_pending,
             open: Vec::new(),
             open_loaded: false,
@@ -274,6 +296,8 @@ pub enum Rejection {
     /// The store could not be read to check the message: not the device's fault, and not lost
     /// (the device acks again when the download is re-delivered).
     StoreUnavailable,
+    /// A bye older than the device's latest hello: a last will the broker published late.
+    StaleBye,
 }
 
 impl Rejection {
@@ -293,6 +317,7 @@ impl Rejection {
             Rejection::KeyIdMismatch => "key_id_mismatch",
             Rejection::NotOpen => "not_open",
             Rejection::StoreUnavailable => "store_unavailable",
+            Rejection::StaleBye => "stale_bye",
         }
     }
 }
@@ -300,6 +325,34 @@ impl Rejection {
 fn reject(kind: &'static str, why: Rejection) {
     metrics::counter!(m::REJECTED_MESSAGES_TOTAL, "kind" => kind, "reason" => why.reason()).increment(1);
     debug!(kind, reason = why.reason(), "message rejected");
+}
+
+/// A terminal's signed refusal of a down frame, as the operator sees it on the execution.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LastRefusal {
+    /// `download` or `unlock`.
+    pub frame: &'static str,
+    /// The refusal code (`replay`, …).
+    pub code: &'static str,
+    pub meaning: &'static str,
+    /// The counter of the refused frame, and the last one the terminal had accepted.
+    pub refused_counter: u64,
+    pub accepted_counter: u64,
+    /// When the gateway received it.
+    pub at: Millis,
+}
+
+/// What a refusal code means to an operator.
+fn refusal_meaning(code: RefusalCode) -> &'static str {
+    match code {
+        RefusalCode::Replay => {
+            "the terminal accepted a higher gateway counter before (the gateway's clock or store went back); \
+             the next re-delivery uses a counter above it"
+        }
+        RefusalCode::BadTag => "the frame's tag did not verify under the terminal's key",
+        RefusalCode::Malformed => "the terminal could not decode the frame",
+        _ => "see docs/PROTOCOL.md §6",
+    }
 }
 
 /// What an ack that became durable did, for metrics.
@@ -417,9 +470,22 @@ pub struct Engine {
     org_names: DashMap<i64, Arc<str>>,
     commits: mpsc::Sender<Pending>,
     shards: Vec<mpsc::Sender<InboundMessage>>,
-    /// Last counter used on a gateway → device frame: microseconds since the epoch, strictly
-    /// increasing, so it needs no store write and survives restarts.
+    /// Last counter used on a gateway → device frame: microseconds since the epoch of the clock,
+    /// strictly increasing, and above every counter of a previous run (see `down_mark`).
     down_counter: AtomicU64,
+    /// The durable high-water mark ([`MARK_DOWN_COUNTER`]): no counter above it is used before
+    /// the store holds a higher one, so a restart, whatever the wall clock says, starts above
+    /// every counter a terminal has seen.
+    down_mark: AtomicU64,
+    /// A background reservation of the next block is under way.
+    down_reserving: AtomicBool,
+    /// The last clock floor written ([`MARK_CLOCK_FLOOR_MS`]).
+    clock_floor_written: AtomicI64,
+    /// The latest signed refusal of each open execution's download, for the operator (in memory:
+    /// a refusal repeats at the next delivery after a restart).
+    refusals: DashMap<i64, LastRefusal>,
+    /// The latest signed refusal of an unlock, by SN.
+    unlock_refusals: DashMap<String, LastRefusal>,
     online: AtomicI64,
     /// Bounds initialisations in flight (each holds an X25519 exchange and a pending commit).
     init_permits: Arc<tokio::sync::Semaphore>,
@@ -474,6 +540,11 @@ impl Engine {
             commits: commit_tx,
             shards,
             down_counter: AtomicU64::new(0),
+            down_mark: AtomicU64::new(0),
+            down_reserving: AtomicBool::new(false),
+            clock_floor_written: AtomicI64::new(i64::MIN),
+            refusals: DashMap::new(),
+            unlock_refusals: DashMap::new(),
             online: AtomicI64::new(0),
             init_permits: Arc::new(tokio::sync::Semaphore::new(INIT_CONCURRENCY_MAX)),
             me: std::sync::OnceLock::new(),
@@ -508,8 +579,55 @@ impl Engine {
         Ok(out?)
     }
 
+    /// Restores the clock's floor and the downlink counter's high-water mark, and reserves the
+    /// first block above both the mark and the clock.
+    async fn restore_marks(&self) -> EngineResult<()> {
+        // Not in a store that several nodes share: a floor written ahead by one node would run
+        // another's clock ahead of the others', and the cluster's retry claims compare times
+        // that the nodes wrote.
+        let floor = if self.store.is_shared() { None } else { self.blocking(|s| s.mark(MARK_CLOCK_FLOOR_MS)).await? };
+        if let Some(floor) = floor {
+            self.clock.raise_floor(floor);
+        }
+        let mark = self.blocking(|s| s.mark(MARK_DOWN_COUNTER)).await?.unwrap_or(0).max(0) as u64;
+        let now_us = (self.clock.now_ms().max(0) as u64).saturating_mul(1000);
+        let start = now_us.max(mark);
+        self.down_counter.store(start, Ordering::Relaxed);
+        let wanted = start.saturating_add(DOWN_COUNTER_BLOCK).min(i64::MAX as u64) as i64;
+        let reserved = self.blocking(move |s| s.raise_mark(MARK_DOWN_COUNTER, wanted)).await?;
+        self.down_mark.store(reserved.max(0) as u64, Ordering::Relaxed);
+        info!(
+            down_counter = start,
+            down_counter_mark = reserved,
+            clock_floor_ms = floor,
+            "downlink counter resumes above its high-water mark"
+        );
+        self.persist_clock_floor().await;
+        Ok(())
+    }
+
+    /// Writes the clock's floor, [`CLOCK_FLOOR_AHEAD_MS`] ahead of its reading, once less than
+    /// half of the last one written is left.
+    pub async fn persist_clock_floor(&self) {
+        if self.store.is_shared() {
+            return;
+        }
+        let now = self.clock.now_ms();
+        if now.saturating_add(CLOCK_FLOOR_AHEAD_MS / 2) <= self.clock_floor_written.load(Ordering::Relaxed) {
+            return;
+        }
+        let floor = now.saturating_add(CLOCK_FLOOR_AHEAD_MS);
+        match self.blocking(move |s| s.raise_mark(MARK_CLOCK_FLOOR_MS, floor)).await {
+            Ok(written) => {
+                self.clock_floor_written.fetch_max(written, Ordering::Relaxed);
+            }
+            Err(e) => warn!(error = %e, "cannot write the clock's floor"),
+        }
+    }
+
     /// Rebuilds the hot maps from the store.
     async fn load(&self) -> EngineResult<()> {
+        self.restore_marks().await?;
         let hashes = self.blocking(|s| s.all_password_hashes()).await?;
         for (sn, hash) in hashes {
             if let Ok(hash) = <[u8; 32]>::try_from(hash.as_slice()) {
@@ -631,17 +749,71 @@ impl Engine {
         name
     }
 
-    /// The next gateway → device counter.
-    fn next_down_counter(&self) -> u64 {
+    /// The next gateway → device counter: above the last, and within the durable mark. `None`
+    /// when the mark cannot be raised (the store is down): nothing is sent, and the retry timer
+    /// or the next hello sends it later.
+    fn next_down_counter(&self) -> Option<u64> {
         let now_us = (self.clock.now_ms().max(0) as u64).saturating_mul(1000);
         let mut last = self.down_counter.load(Ordering::Relaxed);
-        loop {
-            let next = now_us.max(last + 1);
+        let next = loop {
+            let next = now_us.max(last.saturating_add(1));
             match self.down_counter.compare_exchange_weak(last, next, Ordering::Relaxed, Ordering::Relaxed) {
-                Ok(_) => return next,
+                Ok(_) => break next,
                 Err(actual) => last = actual,
             }
+        };
+        let mark = self.down_mark.load(Ordering::Relaxed);
+        if next > mark && !self.reserve_down_counter_now(next) {
+            return None;
         }
+        if next.saturating_add(DOWN_COUNTER_BLOCK / 2) > mark {
+            self.reserve_down_counter_later(next);
+        }
+        Some(next)
+    }
+
+    /// Raises the durable mark above `counter` before it is used (a blocking store write: it
+    /// happens when the clock jumped ahead of the background reservation).
+    fn reserve_down_counter_now(&self, counter: u64) -> bool {
+        let wanted = counter.saturating_add(DOWN_COUNTER_BLOCK).min(i64::MAX as u64) as i64;
+        let raise = || self.store.raise_mark(MARK_DOWN_COUNTER, wanted);
+        let raised = match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(raise)
+            }
+            _ => raise(),
+        };
+        match raised {
+            Ok(mark) => {
+                self.down_mark.fetch_max(mark.max(0) as u64, Ordering::Relaxed);
+                counter <= mark.max(0) as u64
+            }
+            Err(e) => {
+                error!(error = %e, "cannot reserve downlink counters; nothing is sent until the store answers");
+                false
+            }
+        }
+    }
+
+    /// Reserves the next block in the background, once at a time.
+    fn reserve_down_counter_later(&self, counter: u64) {
+        if self.down_reserving.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (Some(engine), Ok(runtime)) = (self.arc(), tokio::runtime::Handle::try_current()) else {
+            self.down_reserving.store(false, Ordering::Release);
+            return;
+        };
+        let wanted = counter.saturating_add(DOWN_COUNTER_BLOCK).min(i64::MAX as u64) as i64;
+        runtime.spawn(async move {
+            match engine.blocking(move |s| s.raise_mark(MARK_DOWN_COUNTER, wanted)).await {
+                Ok(mark) => {
+                    engine.down_mark.fetch_max(mark.max(0) as u64, Ordering::Relaxed);
+                }
+                Err(e) => warn!(error = %e, "cannot reserve downlink counters ahead"),
+            }
+            engine.down_reserving.store(false, Ordering::Release);
+        });
     }
 
     // ---------------------------------------------------------------- MQTT authentication
@@ -799,12 +971,15 @@ impl Engine {
         let proof = verified.proof;
         let body = verified.body;
         match body.message {
-            Message::Bye => self.on_bye(&hot),
+            Message::Bye => self.on_bye(&hot, body.counter),
             Message::Hello(hello) if body.counter > last_counter => {
                 self.on_hello(sn, &hot, &key, body.counter, hello, proof).await
             }
             Message::Ack(ack) if body.counter > last_counter => self.on_ack(sn, &hot, body.counter, ack, proof).await,
-            Message::Hello(_) | Message::Ack(_) => reject(kind, Rejection::Replay),
+            Message::DeviceRefusal(refusal) if body.counter > last_counter => {
+                self.on_device_refusal(sn, &hot, body.counter, refusal, proof).await
+            }
+            Message::Hello(_) | Message::Ack(_) | Message::DeviceRefusal(_) => reject(kind, Rejection::Replay),
             _ => reject(kind, Rejection::WrongTopic),
         }
     }
@@ -813,12 +988,21 @@ impl Engine {
     /// keep-alive time-out): the device is offline at once, as after a `Bye`.
     pub fn device_disconnected(&self, sn: &str) {
         if let Some(hot) = self.devices.get(sn).map(|h| h.clone()) {
-            self.on_bye(&hot);
+            // The endpoint saw it end: newer than any message of the device.
+            self.on_bye(&hot, u64::MAX);
         }
     }
 
-    fn on_bye(&self, hot: &Arc<Mutex<DeviceHot>>) {
+    /// A bye counts only if it is not older than the device's latest hello: the last will is
+    /// sealed at CONNECT with the counter that the session's first hello then carries
+    /// (docs/PROTOCOL.md §5.6), so a will of an earlier session, published late (a broker
+    /// shutting down publishes every will), is below the hello of the session that followed it.
+    fn on_bye(&self, hot: &Arc<Mutex<DeviceHot>>, counter: u64) {
         let mut h = lock(hot);
+        if counter < h.hello_counter {
+            drop(h);
+            return reject("bye", Rejection::StaleBye);
+        }
         if h.online {
             h.online = false;
             self.online.fetch_sub(1, Ordering::Relaxed);
@@ -856,6 +1040,9 @@ impl Engine {
         let (device_id, stale, unlock) = {
             let mut h = lock(hot);
             h.last_counter = counter;
+            h.hello_counter = counter;
+            // The device's own word on its presence replaces any doubt after a broker outage.
+            h.presence_unsure = false;
             if !h.online {
                 h.online = true;
                 self.online.fetch_add(1, Ordering::Relaxed);
@@ -863,6 +1050,8 @@ impl Engine {
             }
             if !hello.locked {
                 h.unlock_pending = false;
+                // Unlocked: an earlier refusal of an unlock is history.
+                self.unlock_refusals.remove(sn);
             }
             let generation = h.generation;
             let stale: Vec<OpenExecution> = h.open.iter().filter(|e| e.generation != generation).cloned().collect();
@@ -914,6 +1103,7 @@ impl Engine {
         on_hello: bool,
     ) {
         let now = self.clock.now_ms();
+        let ticks = self.clock.ticks_ms();
         let mut delivered = Vec::new();
         {
             let mut h = lock(hot);
@@ -925,7 +1115,7 @@ impl Engine {
                 if !on_hello {
                     let backoff = retry_backoff_ms(self.retry_initial_ms(), e.sends);
                     match e.last_sent {
-                        Some(at) if (at.elapsed().as_millis() as i64) < backoff => continue,
+                        Some(at) if ticks - at < backoff => continue,
                         _ => {}
                     }
                 }
@@ -942,9 +1132,10 @@ impl Engine {
 
     /// Seals and publishes one download; whether it went out.
     fn publish_download(&self, sn: &str, key: &MacKey, e: &mut OpenExecution, hello_at: Option<Instant>) -> bool {
+        let Some(counter) = self.next_down_counter() else { return false };
         let body = Body {
             party: sn.to_string(),
-            counter: self.next_down_counter(),
+            counter,
             message: Message::Download(message::Download {
                 execution_id: e.id as u64,
                 slot: KeySlot(e.slot),
@@ -957,7 +1148,7 @@ impl Engine {
         match frame::seal(key, &body) {
             Ok(bytes) => {
                 self.outbound.publish(topic::device_down(sn), bytes);
-                e.last_sent = Some(Instant::now());
+                e.last_sent = Some(self.clock.ticks_ms());
                 e.sends = e.sends.saturating_add(1);
                 if hello_at.is_some() {
                     e.hello_at = hello_at;
@@ -1019,9 +1210,12 @@ impl Engine {
     }
 
     fn send_unlock(&self, sn: &str, key: &MacKey, device_id: i64) {
+        let Some(counter) = self.next_down_counter() else {
+            return warn!(sn, "unlock not sent: no downlink counter (the next hello sends it)");
+        };
         let body = Body {
             party: sn.to_string(),
-            counter: self.next_down_counter(),
+            counter,
             message: Message::Unlock(message::Unlock { unlock_id: device_id as u64 }),
         };
         match frame::seal(key, &body) {
@@ -1067,6 +1261,7 @@ impl Engine {
             Err(()) => return self.on_ack_for_closed(sn, hot, counter, &ack, _proof).await,
         };
         self.execution_sn.remove(&id);
+        self.refusals.remove(&id);
         let succeeded = matched.is_some();
         let state = if succeeded { ExecutionState::Succeeded } else { ExecutionState::Failed };
         let injection = match ack.injection {
@@ -1096,6 +1291,102 @@ impl Engine {
             let meaning = rki_protocol::terminal::result_meaning(ack.result);
             info!(sn, execution = id, code = ack.result, meaning, "device reported an error");
         }
+    }
+
+    /// A terminal refused a down frame whose tag verified (docs/PROTOCOL.md §5.9). Counted, and
+    /// kept on the execution (or the device, for an unlock) for the operator; a refusal of a
+    /// replayed counter also moves the downlink counter above the one the terminal accepted, when
+    /// that is not absurdly far ahead, so that the next re-delivery is accepted.
+    async fn on_device_refusal(
+        &self,
+        sn: &str,
+        hot: &Arc<Mutex<DeviceHot>>,
+        counter: u64,
+        refusal: message::DeviceRefusal,
+        _proof: MacVerified,
+    ) {
+        let device_id = lock(hot).device_id;
+        // Checks first: a refusal of another device's execution changes nothing.
+        let (what, execution) = match refusal.frame {
+            RefusedFrame::Download { execution_id } => {
+                let id = execution_id as i64;
+                let known = lock(hot).open.iter().any(|e| e.id == id);
+                if !known {
+                    match self.blocking(move |s| s.execution(id)).await {
+                        Ok(row) if row.device_id == device_id && row.sn == sn => {}
+                        Ok(_) => return reject("device_refusal", Rejection::ForeignExecution),
+                        Err(EngineError::Store(_)) => return reject("device_refusal", Rejection::StoreUnavailable),
+                        Err(_) => return reject("device_refusal", Rejection::UnknownExecution),
+                    }
+                }
+                ("download", Some(id))
+            }
+            RefusedFrame::Unlock { .. } => ("unlock", None),
+        };
+        lock(hot).last_counter = counter;
+        self.queue(Write::Counter { device_id, counter }, None).await;
+        let seen = LastRefusal {
+            frame: what,
+            code: refusal.code.as_str(),
+            meaning: refusal_meaning(refusal.code),
+            refused_counter: refusal.refused_counter,
+            accepted_counter: refusal.accepted_counter,
+            at: self.clock.now_ms(),
+        };
+        metrics::counter!(m::DEVICE_REFUSALS_TOTAL, "frame" => what, "code" => seen.code).increment(1);
+        warn!(
+            sn,
+            execution = execution,
+            frame = what,
+            code = seen.code,
+            refused_counter = seen.refused_counter,
+            accepted_counter = seen.accepted_counter,
+            "a terminal refused a frame"
+        );
+        if refusal.code == RefusalCode::Replay {
+            let now_us = (self.clock.now_ms().max(0) as u64).saturating_mul(1000);
+            if refusal.accepted_counter <= now_us.saturating_add(REFUSAL_COUNTER_AHEAD_MAX_US) {
+                self.down_counter.fetch_max(refusal.accepted_counter, Ordering::Relaxed);
+            }
+        }
+        match execution {
+            Some(id) => {
+                self.refusals.insert(id, seen);
+            }
+            None => {
+                self.unlock_refusals.insert(sn.to_string(), seen);
+            }
+        }
+    }
+
+    /// The latest refusal of an open execution's download, if its terminal sent one.
+    pub fn last_refusal(&self, execution_id: i64) -> Option<LastRefusal> {
+        self.refusals.get(&execution_id).map(|r| r.clone())
+    }
+
+    /// The latest refusal of an unlock by this device, if it sent one.
+    pub fn last_unlock_refusal(&self, sn: &str) -> Option<LastRefusal> {
+        self.unlock_refusals.get(sn).map(|r| r.clone())
+    }
+
+    /// The gateway's own connection to the broker came back (external broker mode). Around the
+    /// outage acks may have been dropped (published before the gateway subscribed again) and
+    /// last wills published late, so the gateway's view of who is online is not trusted: every
+    /// device with a download sent and not acked is re-delivered on its backoff, online or not,
+    /// until an ack, the expiry, or its next hello, from which presence is rebuilt. Returns how
+    /// many devices that concerns.
+    pub fn on_broker_reconnected(&self) -> usize {
+        let mut unsure = 0;
+        for entry in self.devices.iter() {
+            let mut h = lock(entry.value());
+            if h.open.iter().any(|e| e.last_sent.is_some()) {
+                h.presence_unsure = true;
+                unsure += 1;
+            }
+        }
+        metrics::counter!(m::BROKER_RECONNECTS_TOTAL).increment(1);
+        info!(devices = unsure, "broker connection back: unacked downloads are re-delivered whatever the presence");
+        unsure
     }
 
     /// An ack whose execution is not open here: a duplicate of a recorded ack, another device's
@@ -1314,7 +1605,7 @@ impl Engine {
         let ephemeral = Ephemeral::random().map_err(|_| RefusalCode::Malformed)?;
         let answer = Body {
             party: sn.to_string(),
-            counter: self.next_down_counter(),
+            counter: self.next_down_counter().ok_or(RefusalCode::Malformed)?,
             message: Message::CreateKeyAnswer(message::CreateKeyAnswer {
                 gudid_id: request.gudid_id,
                 gateway_public: ephemeral.public(),
@@ -1383,9 +1674,10 @@ impl Engine {
     }
 
     fn publish_refusal(&self, sn: &str, request_counter: u64, code: RefusalCode) {
+        let Some(counter) = self.next_down_counter() else { return };
         let body = Body {
             party: sn.to_string(),
-            counter: self.next_down_counter(),
+            counter,
             message: Message::Refusal(message::Refusal { request_counter, code }),
         };
         if let Ok(bytes) = frame::seal(&MacKey::public_refusal_key(), &body) {
@@ -1485,6 +1777,7 @@ impl Engine {
         };
         for id in gone {
             self.execution_sn.remove(&id);
+            self.refusals.remove(&id);
         }
         for row in rows.iter().filter(|r| r.sn == sn) {
             self.insert_open(row);
@@ -1929,6 +2222,7 @@ impl Engine {
 
     fn forget(&self, execution_ids: &[i64]) {
         for id in execution_ids {
+            self.refusals.remove(id);
             if let Some((_, sn)) = self.execution_sn.remove(id) {
                 if let Some(hot) = self.devices.get(&sn) {
                     lock(&hot).open.retain(|e| e.id != *id);
@@ -1955,18 +2249,18 @@ impl Engine {
         Ok(ids.len())
     }
 
-    /// Re-publishes unacked downloads to online devices whose backoff elapsed.
+    /// Re-publishes unacked downloads whose backoff elapsed (on [`Clock::ticks_ms`]) to online
+    /// devices, and to devices whose presence is unsure since the broker connection came back.
     async fn retry_sweep(&self) {
+        let ticks = self.clock.ticks_ms();
         let due: Vec<(String, Arc<Mutex<DeviceHot>>)> = self
             .devices
             .iter()
             .filter(|entry| {
                 let h = lock(entry.value());
-                h.online
+                (h.online || h.presence_unsure)
                     && h.open.iter().any(|e| {
-                        e.last_sent.is_some_and(|at| {
-                            at.elapsed().as_millis() as i64 >= retry_backoff_ms(self.retry_initial_ms(), e.sends)
-                        })
+                        e.last_sent.is_some_and(|at| ticks - at >= retry_backoff_ms(self.retry_initial_ms(), e.sends))
                     })
             })
             .map(|entry| (entry.key().clone(), entry.value().clone()))
@@ -1988,6 +2282,7 @@ impl Engine {
             }
             for id in ended {
                 self.execution_sn.remove(&id);
+                self.refusals.remove(&id);
             }
         }
         for (sn, hot) in due {
@@ -2278,6 +2573,7 @@ async fn sweeper(engine: Arc<Engine>) {
             _ = engine.sweep_now.notified() => {}
         }
         engine.restore_unrecorded_endings().await;
+        engine.persist_clock_floor().await;
         if engine.is_shared() {
             engine.cluster_sweep().await;
         } else {
@@ -2347,6 +2643,82 @@ mod tests {
         let mut a = ack(vec![0xAA, 0xBB, 0xCC], 0);
         a.slot = KeySlot(4);
         assert_eq!(check_ack(&open("AABBCC"), &a).err(), Some(Rejection::SlotMismatch));
+    }
+
+    struct NoOutbound;
+
+    impl Outbound for NoOutbound {
+        fn publish(&self, _topic: String, _payload: Vec<u8>) {}
+    }
+
+    /// An engine on an SQLite store in `dir` (shared by the engines of one test, as by restarts).
+    async fn engine_in(dir: &std::path::Path, clock: Clock) -> Arc<Engine> {
+        std::fs::create_dir_all(dir).expect("dir");
+        let store: Arc<dyn Store> =
+            Arc::new(crate::store::sqlite::SqliteStore::open(&dir.join("rki.sqlite")).expect("store"));
+        let keys = Arc::new(crate::keyservice::SoftwareKeyService::new(
+            crate::keyservice::MasterKey::generate().expect("master key"),
+        ));
+        Engine::start(store, keys, Arc::new(clock), Arc::new(NoOutbound)).await.expect("engine")
+    }
+
+    fn test_dir(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("rki-engine-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime")
+    }
+
+    #[test]
+    fn no_downlink_counter_is_used_above_the_durable_mark_even_across_a_clock_jump() {
+        let dir = test_dir("mark");
+        runtime().block_on(async {
+            let clock = Clock::adjustable();
+            let engine = engine_in(&dir, clock).await;
+            let mark = || engine.store.mark(MARK_DOWN_COUNTER).expect("mark").expect("a mark") as u64;
+            let mut last = 0;
+            for _ in 0..10_000 {
+                let counter = engine.next_down_counter().expect("counter");
+                assert!(counter > last);
+                assert!(counter <= mark(), "counter {counter} above the durable mark");
+                last = counter;
+            }
+            // The clock jumps a day ahead: the next counter is reserved before it is used.
+            engine.clock.step(86_400_000).expect("step");
+            let counter = engine.next_down_counter().expect("counter");
+            assert!(counter >= last + 86_400_000_000 - 1_000_000);
+            assert!(counter <= mark());
+        });
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_restart_with_the_clock_set_back_starts_above_every_counter_used() {
+        let dir = test_dir("restart");
+        let rt = runtime();
+        let last = rt.block_on(async {
+            let ahead = Clock::adjustable();
+            ahead.step(31 * 86_400_000).expect("step");
+            let engine = engine_in(&dir, ahead).await;
+            let mut last = 0;
+            for _ in 0..100 {
+                last = engine.next_down_counter().expect("counter");
+            }
+            last
+        });
+        drop(rt);
+        runtime().block_on(async {
+            // Real time now, 31 days behind the previous run.
+            let engine = engine_in(&dir, Clock::system()).await;
+            let first = engine.next_down_counter().expect("counter");
+            assert!(first > last, "counter {first} not above the previous run's {last}");
+            // The wall reading does not go back either: the previous run's floor holds it.
+            assert!(engine.clock.now_ms() >= (last / 1000) as i64 - CLOCK_FLOOR_AHEAD_MS);
+        });
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -46,6 +46,11 @@ pub fn parse_url(url: &str) -> Result<(String, u16), String> {
     }
 }
 
+/// Whether the gateway's session at the broker is persistent (see [`ExternalBroker::persistent_session`]).
+pub fn persistent_session(config: &ExternalBroker, shared_store: bool) -> bool {
+    config.persistent_session.unwrap_or(config.client_id.is_some() && !shared_store)
+}
+
 struct ClientOutbound {
     tx: mpsc::UnboundedSender<(String, Vec<u8>)>,
 }
@@ -67,7 +72,9 @@ pub struct ExternalLink {
 }
 
 impl ExternalLink {
-    pub fn new(config: &ExternalBroker) -> Result<Self, String> {
+    /// `shared_store`: other nodes may share the store (PostgreSQL), which decides the default
+    /// of [`ExternalBroker::persistent_session`].
+    pub fn new(config: &ExternalBroker, shared_store: bool) -> Result<Self, String> {
         let (host, port) = parse_url(&config.url)?;
         let client_id = config.client_id.clone().unwrap_or_else(|| format!("rki-gateway-{}", std::process::id()));
         let mut options = MqttOptions::new(client_id, host, port);
@@ -75,12 +82,20 @@ impl ExternalLink {
             options.set_credentials(user.clone(), config.password.clone().unwrap_or_default());
         }
         options.set_keep_alive(Duration::from_secs(30));
-        // One node keeps its session, so what arrives while it restarts waits for it. Several
-        // nodes (a shared group) must not: a broker keeps routing the group's share of messages
-        // to a stopped member's persistent session (Mosquitto 2 does) instead of to the nodes
-        // still running. A message lost with a node is recovered by the cluster sweep, which
-        // re-delivers what stays unacked (the terminal answers a repeated download again).
-        options.set_clean_session(config.shared_group.is_some());
+        // One node keeps its session (shared group or not), so that what arrives while its
+        // connection is down (a broker restart, with Mosquitto's `persistence true`) waits for
+        // it instead of being dropped. Several nodes (PostgreSQL) must not by default: a broker
+        // keeps routing the group's share of messages to a stopped member's persistent session
+        // (Mosquitto 2 does) instead of to the nodes still running. A message lost with a node is
+        // recovered by the cluster sweep, which re-delivers what stays unacked (the terminal
+        // answers a repeated download again). A session under a one-off client id would be
+        // orphaned at the next start: persistent only with a configured `client_id`.
+        let persistent = persistent_session(config, shared_store);
+        if persistent && config.client_id.is_none() {
+            return Err("broker.persistent_session needs a stable broker.client_id".into());
+        }
+        info!(client_id = ?config.client_id, persistent, "external broker session");
+        options.set_clean_session(!persistent);
         options.set_inflight(INFLIGHT_MAX);
         options.set_max_packet_size(64 * 1024, 64 * 1024);
         let (client, eventloop) = AsyncClient::new(options, REQUEST_QUEUE_LEN);
@@ -110,11 +125,18 @@ impl ExternalLink {
         let client = self.client.clone();
         let filters = self.filters.clone();
         tokio::spawn(async move {
+            let mut connected_before = false;
             loop {
                 match eventloop.poll().await {
-                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                        info!(filters = ?filters, "connected to the external broker");
+                    Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                        info!(filters = ?filters, session_present = ack.session_present, "connected to the external broker");
                         metrics::gauge!(m::BROKER_UP).set(1.0);
+                        if connected_before {
+                            // What happened while the connection was down is unknown: acks may
+                            // have been dropped and wills published late.
+                            engine.on_broker_reconnected();
+                        }
+                        connected_before = true;
                         for filter in &filters {
                             if let Err(e) = client.subscribe(filter.clone(), QoS::AtLeastOnce).await {
                                 error!(error = %e, filter, "subscribe failed");
@@ -152,6 +174,28 @@ mod tests {
         assert_eq!(parse_url("mqtt://broker").ok(), Some(("broker".into(), 1883)));
         assert!(parse_url("http://x:1").is_err());
         assert!(parse_url("mqtt://:1").is_err());
+    }
+
+    #[test]
+    fn one_node_with_a_stable_client_id_keeps_its_session_and_several_nodes_do_not() {
+        let mut config = ExternalBroker {
+            url: "mqtt://127.0.0.1:1883".into(),
+            username: None,
+            password: None,
+            client_id: Some("rki-gateway-1".into()),
+            shared_group: Some("rki".into()),
+            persistent_session: None,
+            mosquitto_sync: None,
+        };
+        assert!(persistent_session(&config, false), "one node (SQLite), stable id");
+        assert!(!persistent_session(&config, true), "several nodes (PostgreSQL)");
+        config.persistent_session = Some(true);
+        assert!(persistent_session(&config, true), "explicitly asked for");
+        config.persistent_session = None;
+        config.client_id = None;
+        assert!(!persistent_session(&config, false), "a one-off client id");
+        config.persistent_session = Some(true);
+        assert!(ExternalLink::new(&config, false).is_err(), "a persistent session needs a stable id");
     }
 
     #[test]

@@ -29,6 +29,8 @@ pub const MQTT_CONNECT_REFUSED_TOTAL: &str = "rki_mqtt_connect_refused_total";
 pub const MQTT_CONNECTIONS_MAX: &str = "rki_mqtt_connections_max";
 pub const GUDIDS: &str = "rki_gudids";
 pub const GUDID_REFUSALS_TOTAL: &str = "rki_gudid_refusals_total";
+pub const DEVICE_REFUSALS_TOTAL: &str = "rki_device_refusals_total";
+pub const BROKER_RECONNECTS_TOTAL: &str = "rki_broker_reconnects_total";
 pub const INITIALISATIONS_TOTAL: &str = "rki_initialisations_total";
 pub const TASKS_CREATED_TOTAL: &str = "rki_tasks_created_total";
 pub const API_ERRORS_TOTAL: &str = "rki_api_errors_total";
@@ -159,6 +161,14 @@ fn describe() {
     describe_gauge!(MQTT_CONNECTIONS_MAX, "The MQTT endpoint's connection bound (from the open-file limit).");
     describe_gauge!(GUDIDS, "GUDIDs by state (unused, used, expired), by organization.");
     describe_counter!(GUDID_REFUSALS_TOTAL, "CreateKey requests refused, by reason.");
+    describe_counter!(
+        DEVICE_REFUSALS_TOTAL,
+        "Signed refusals from terminals of down frames they did not act on, by frame and code."
+    );
+    describe_counter!(
+        BROKER_RECONNECTS_TOTAL,
+        "External broker mode: the gateway's connection to the broker came back after a loss."
+    );
     describe_counter!(INITIALISATIONS_TOTAL, "Successful device initialisations.");
     describe_counter!(TASKS_CREATED_TOTAL, "Download tasks created, by organization.");
     describe_counter!(API_ERRORS_TOTAL, "Admin API requests answered with an error, by code.");
@@ -197,7 +207,7 @@ mod tests {
     /// Label keys in use. Each takes a bounded set of values: organization names, states,
     /// reasons and codes from closed vocabularies. An SN, a task ID or a GUDID never is one.
     const LABEL_KEYS: &[&str] =
-        &["org", "state", "status", "result", "kind", "reason", "code", "from", "window", "file", "version"];
+        &["org", "state", "status", "result", "kind", "reason", "code", "from", "window", "file", "version", "frame"];
 
     /// `CONSTANT → "rki_name"` for every metric name declared in this file.
     fn declared() -> BTreeMap<String, String> {

@@ -120,8 +120,9 @@ pub async fn run(config: Config, init: bool) -> Result<(), String> {
     let (store, master) = tokio::task::block_in_place(|| open_checked(&config, init))?;
     let keys = Arc::new(SoftwareKeyService::new(master));
     let clock = Arc::new(if config.clock == "adjustable" {
-        warn!("the clock is adjustable (tests only)");
-        Clock::adjustable()
+        let clock = Clock::adjustable_persisted(&config.data_dir)?;
+        warn!(offset_ms = clock.offset_ms(), "the clock is adjustable (tests only)");
+        clock
     } else {
         Clock::system()
     });
@@ -150,11 +151,12 @@ pub async fn run(config: Config, init: bool) -> Result<(), String> {
             engine
         }
         Some(external) => {
-            let mut link = crate::external::ExternalLink::new(external)?;
+            let shared_store = matches!(store, OpenedStore::Postgres(_));
+            let mut link = crate::external::ExternalLink::new(external, shared_store)?;
             let engine =
                 Engine::start(store_dyn, keys, clock, link.outbound.clone()).await.map_err(|e| e.to_string())?;
             // Other nodes share the store only if it is PostgreSQL (an SQLite file has one node).
-            engine.set_shared_store(matches!(store, OpenedStore::Postgres(_)));
+            engine.set_shared_store(shared_store);
             link.run(engine.clone())?;
             if let Some(sync) = &external.mosquitto_sync {
                 crate::mosquitto::spawn_sync(engine.clone(), sync.clone(), external.clone())?;

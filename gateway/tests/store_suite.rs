@@ -67,6 +67,7 @@ suite! {
     records_refuse_update_and_delete,
     migrations_run_once_and_reopening_keeps_everything,
     meta_values_are_set_and_replaced,
+    marks_only_go_up_and_two_threads_raising_one_keep_the_highest,
     reseal_all_reseals_every_key_or_none,
 }
 
@@ -915,6 +916,25 @@ fn meta_values_are_set_and_replaced(s: &Subject) {
     s.opened.set_meta("master_key_kcv", "AAAAAA").must();
     s.opened.set_meta("master_key_kcv", "BBBBBB").must();
     assert_eq!(s.opened.meta("master_key_kcv").must().as_deref(), Some("BBBBBB"));
+}
+
+fn marks_only_go_up_and_two_threads_raising_one_keep_the_highest(s: &Subject) {
+    let st = s.store();
+    assert_eq!(st.mark(MARK_DOWN_COUNTER).must(), None);
+    assert_eq!(st.raise_mark(MARK_DOWN_COUNTER, 1_700_000_000_000_000).must(), 1_700_000_000_000_000);
+    assert_eq!(st.raise_mark(MARK_DOWN_COUNTER, 5).must(), 1_700_000_000_000_000, "a mark never goes down");
+    assert_eq!(st.mark(MARK_DOWN_COUNTER).must(), Some(1_700_000_000_000_000));
+    assert_eq!(st.mark(MARK_CLOCK_FLOOR_MS).must(), None, "marks are independent");
+    std::thread::scope(|scope| {
+        for t in 0..2i64 {
+            scope.spawn(move || {
+                for i in 0..50i64 {
+                    st.raise_mark(MARK_CLOCK_FLOOR_MS, 1000 + i * 2 + t).must();
+                }
+            });
+        }
+    });
+    assert_eq!(st.mark(MARK_CLOCK_FLOOR_MS).must(), Some(1000 + 49 * 2 + 1));
 }
 
 fn reseal_all_reseals_every_key_or_none(s: &Subject) {

@@ -66,6 +66,9 @@ pub enum Message {
     TaskRequest(TaskRequest),
     /// 9. gateway → RKI backend, signed with the organization's backend key.
     TaskEvent(TaskEvent),
+    /// 10. terminal → gateway, on `dev/{sn}/up`, signed with the device signing key: the terminal
+    ///     did not act on a down frame whose tag verified (a replayed counter), and says why.
+    DeviceRefusal(DeviceRefusal),
 }
 
 impl Message {
@@ -81,6 +84,7 @@ impl Message {
             Message::Refusal(_) => MessageKind::Refusal,
             Message::TaskRequest(_) => MessageKind::TaskRequest,
             Message::TaskEvent(_) => MessageKind::TaskEvent,
+            Message::DeviceRefusal(_) => MessageKind::DeviceRefusal,
         }
     }
 }
@@ -98,6 +102,7 @@ pub enum MessageKind {
     Refusal,
     TaskRequest,
     TaskEvent,
+    DeviceRefusal,
 }
 
 impl MessageKind {
@@ -113,6 +118,7 @@ impl MessageKind {
             MessageKind::Refusal => "refusal",
             MessageKind::TaskRequest => "task_request",
             MessageKind::TaskEvent => "task_event",
+            MessageKind::DeviceRefusal => "device_refusal",
         }
     }
 }
@@ -230,6 +236,28 @@ pub struct Refusal {
     pub code: RefusalCode,
 }
 
+/// The down frame a terminal refused: what it asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RefusedFrame {
+    /// 0. a [`Download`] of this execution.
+    Download { execution_id: u64 },
+    /// 1. an [`Unlock`] with this id.
+    Unlock { unlock_id: u64 },
+}
+
+/// Terminal → gateway: a down frame whose tag verified was not acted on. Without it a refused
+/// download is visible only on the terminal, and the operator sees a delivery that never ends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceRefusal {
+    /// The `counter` of the refused frame.
+    pub refused_counter: u64,
+    /// The last gateway counter the terminal accepted (a replay: the refused one is not above it).
+    pub accepted_counter: u64,
+    pub frame: RefusedFrame,
+    /// Why: [`RefusalCode::Replay`] for a counter not above `accepted_counter`.
+    pub code: RefusalCode,
+}
+
 /// The RKI backend asks for a download task.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TaskRequest {
@@ -286,7 +314,11 @@ impl Body {
         debug_assert!(self.party.len() <= SN_LEN_MAX);
         match &self.message {
             Message::CreateKey(m) => short("x_pos_device_id", &m.x_pos_device_id),
-            Message::CreateKeyAnswer(_) | Message::Bye | Message::Unlock(_) | Message::Refusal(_) => Ok(()),
+            Message::CreateKeyAnswer(_)
+            | Message::Bye
+            | Message::Unlock(_)
+            | Message::Refusal(_)
+            | Message::DeviceRefusal(_) => Ok(()),
             Message::Hello(m) => {
                 short("model", &m.model)?;
                 short("rom_version", &m.rom_version)?;

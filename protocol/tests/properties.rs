@@ -275,15 +275,15 @@ mod frames {
 
     use rki_protocol::frame::{self, FrameError, MacKey, FRAME_LEN_MAX};
     use rki_protocol::message::{
-        limits, Ack, Body, CreateKey, CreateKeyAnswer, Download, Hello, Message, Refusal, RefusalCode, SlotStatus,
-        TaskEvent, TaskRequest, TaskTarget, Unlock,
+        limits, Ack, Body, CreateKey, CreateKeyAnswer, DeviceRefusal, Download, Hello, Message, Refusal, RefusalCode,
+        RefusedFrame, SlotStatus, TaskEvent, TaskRequest, TaskTarget, Unlock,
     };
     use rki_protocol::terminal::{InjectionType, KeySlot, KeyType, Region};
     use rki_protocol::SecretBytes;
 
     const CASES: u32 = 512;
     /// Message variants, for drawing one kind at a time.
-    const KINDS: usize = 10;
+    const KINDS: usize = 11;
     /// SNs a generated `TaskRequest` names: the limit allows 1000, but 1000 SNs do not fit in one
     /// 4096-byte frame, and a property over valid frames must stay within it.
     const TASK_DEVICES_GENERATED_MAX: usize = 8;
@@ -404,6 +404,19 @@ mod frames {
                     Message::TaskRequest(TaskRequest { request_id, target, key_source, slot, expiry_days })
                 })
                 .boxed(),
+            10 => (
+                any::<u64>(),
+                any::<u64>(),
+                prop_oneof![
+                    any::<u64>().prop_map(|execution_id| RefusedFrame::Download { execution_id }),
+                    any::<u64>().prop_map(|unlock_id| RefusedFrame::Unlock { unlock_id }),
+                ],
+                refusal_code(),
+            )
+                .prop_map(|(refused_counter, accepted_counter, frame, code)| {
+                    Message::DeviceRefusal(DeviceRefusal { refused_counter, accepted_counter, frame, code })
+                })
+                .boxed(),
             _ => prop_oneof![
                 (any::<u64>(), any::<u64>(), any::<u32>()).prop_map(|(request_id, task_id, executions)| {
                     TaskEvent::Created { request_id, task_id, executions }
@@ -452,7 +465,7 @@ mod frames {
         fn frame_shaped_bytes_never_panic_open(
             version in prop_oneof![Just(1u8), any::<u8>()],
             body in prop::collection::vec(any::<u8>(), 0..600),
-            kind in 0u8..12,
+            kind in 0u8..13,
             tag in any::<[u8; 32]>(),
         ) {
             // A plausible frame around a random body that starts with a party and a message index.

@@ -30,7 +30,8 @@ use rki_protocol::dukpt::{self, InitialKeyId, Ksn};
 use rki_protocol::frame::{self, MacKey, FRAME_VERSION};
 use rki_protocol::init::{self, Ephemeral, Gudid};
 use rki_protocol::message::{
-    Ack, Body, CreateKey, CreateKeyAnswer, Download, Hello, Message, Refusal, RefusalCode, SlotStatus, Unlock,
+    Ack, Body, CreateKey, CreateKeyAnswer, DeviceRefusal, Download, Hello, Message, Refusal, RefusalCode, RefusedFrame,
+    SlotStatus, Unlock,
 };
 use rki_protocol::terminal::{InjectionType, KeySlot, KeyType, Region, TerminalError};
 use rki_protocol::tr31::{self, DukptInitialKeyId, Header, Version};
@@ -59,6 +60,8 @@ const DOWNLOAD_AES_COUNTER: u64 = 1_700_000_002_000_000;
 const ACK_REFUSED_COUNTER: u64 = 1_700_000_002_300_000;
 const UNLOCK_COUNTER: u64 = 1_700_000_003_000_000;
 const BYE_COUNTER: u64 = 1_700_000_004_000_000;
+const REPLAYED_DOWNLOAD_COUNTER: u64 = 1_700_000_002_500_000;
+const DEVICE_REFUSAL_COUNTER: u64 = 1_700_000_003_500_000;
 
 /// The X9.24-1-2009 Annex A test BDK and initial KSN.
 const TDES_BDK: &str = "0123456789ABCDEFFEDCBA9876543210";
@@ -565,6 +568,27 @@ fn build() -> Examples {
     body_head(&mut l, &unlock_body, 6, "Unlock");
     l.u64("unlock_id", unlock.unlock_id);
     ex.message("unlock", &signing_key, &unlock_body, l);
+
+    // A download of execution 43 whose counter is below the unlock's, which the terminal accepted.
+    let device_refusal = DeviceRefusal {
+        refused_counter: REPLAYED_DOWNLOAD_COUNTER,
+        accepted_counter: UNLOCK_COUNTER,
+        frame: RefusedFrame::Download { execution_id: AES_EXECUTION_ID },
+        code: RefusalCode::Replay,
+    };
+    let device_refusal_body = Body {
+        party: SN.into(),
+        counter: DEVICE_REFUSAL_COUNTER,
+        message: Message::DeviceRefusal(device_refusal.clone()),
+    };
+    let mut l = Layout::default();
+    body_head(&mut l, &device_refusal_body, 10, "DeviceRefusal");
+    l.u64("refused_counter", device_refusal.refused_counter)
+        .u64("accepted_counter", device_refusal.accepted_counter)
+        .variant("frame", 0, "RefusedFrame::Download")
+        .u64("execution_id", AES_EXECUTION_ID)
+        .variant("code", device_refusal.code as u32, &format!("{:?}", device_refusal.code));
+    ex.message("device_refusal", &signing_key, &device_refusal_body, l);
 
     let bye_body = Body { party: SN.into(), counter: BYE_COUNTER, message: Message::Bye };
     let mut l = Layout::default();

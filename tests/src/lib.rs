@@ -837,6 +837,9 @@ pub struct Mosquitto {
     pub dir: PathBuf,
 }
 
+/// How long a restarted Mosquitto may take to exit on SIGTERM (it writes its persistence file).
+const MOSQUITTO_STOP_TIMEOUT: Duration = Duration::from_secs(20);
+
 impl Mosquitto {
     /// The binary, or an error naming the package to install.
     pub fn binary() -> TestResult<PathBuf> {
@@ -851,23 +854,84 @@ impl Mosquitto {
     /// Starts Mosquitto with `password_file` and `acl_file` (which must exist), writing its pid to
     /// `pid_file` so that the gateway can make it reload them.
     pub fn start(port: u16, password_file: &Path, acl_file: &Path, pid_file: &Path) -> TestResult<Mosquitto> {
+        Self::start_with(port, password_file, acl_file, pid_file, false)
+    }
+
+    /// The same, with `persistence true` (sessions, subscriptions and queued messages saved in its
+    /// directory at shutdown and loaded at start), as `deploy/mosquitto.conf` ships it.
+    pub fn start_persistent(
+        port: u16,
+        password_file: &Path,
+        acl_file: &Path,
+        pid_file: &Path,
+    ) -> TestResult<Mosquitto> {
+        Self::start_with(port, password_file, acl_file, pid_file, true)
+    }
+
+    fn start_with(
+        port: u16,
+        password_file: &Path,
+        acl_file: &Path,
+        pid_file: &Path,
+        persistence: bool,
+    ) -> TestResult<Mosquitto> {
         let dir = temp_dir("mosquitto");
         let conf = dir.join("mosquitto.conf");
         std::fs::write(
             &conf,
             format!(
                 "user root\nlistener {port} 127.0.0.1\nallow_anonymous false\npassword_file {}\nacl_file {}\npid_file {}\n\
-                 persistence false\nmax_inflight_messages 1000\nmax_queued_messages 100000\nlog_dest file {}\n\
+                 persistence {persistence}\npersistence_location {}/\n\
+                 max_inflight_messages 1000\nmax_queued_messages 100000\nlog_dest file {}\n\
                  log_type error\nlog_type warning\nlog_type notice\nlog_type subscribe\nlog_type unsubscribe\n",
                 password_file.display(),
                 acl_file.display(),
                 pid_file.display(),
+                dir.display(),
                 dir.join("mosquitto.log").display()
             ),
         )?;
-        let child =
-            Command::new(Self::binary()?).arg("-c").arg(&conf).stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
-        let mut m = Mosquitto { child, port, dir };
+        let child = Self::spawn(&conf)?;
+        let m = Mosquitto { child, port, dir };
+        m.wait_listening()
+    }
+
+    fn spawn(conf: &Path) -> TestResult<Child> {
+        Ok(Command::new(Self::binary()?).arg("-c").arg(conf).stdout(Stdio::null()).stderr(Stdio::null()).spawn()?)
+    }
+
+    /// SIGTERM (Mosquitto publishes the wills of its clients, saves its persistence file and
+    /// exits), then starts it again at once on the same configuration and port. Returns how long
+    /// it was not listening.
+    pub fn terminate_and_restart(&mut self) -> TestResult<Duration> {
+        let stopped = Instant::now();
+        Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status()?;
+        loop {
+            if self.child.try_wait()?.is_some() {
+                break;
+            }
+            if stopped.elapsed() > MOSQUITTO_STOP_TIMEOUT {
+                return Err(format!("mosquitto did not exit within {MOSQUITTO_STOP_TIMEOUT:?} of SIGTERM").into());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.child = Self::spawn(&self.dir.join("mosquitto.conf"))?;
+        let started = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            if let Some(status) = self.child.try_wait()? {
+                return Err(format!("mosquitto exited after a restart: {status}; log: {}", self.log()).into());
+            }
+            if started.elapsed() > Duration::from_secs(10) {
+                return Err("mosquitto did not listen again within 10 s".into());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(stopped.elapsed())
+    }
+
+    fn wait_listening(mut self) -> TestResult<Mosquitto> {
+        let m = &mut self;
+        let port = m.port;
         let started = Instant::now();
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             if let Some(status) = m.child.try_wait()? {
@@ -878,7 +942,7 @@ impl Mosquitto {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        Ok(m)
+        Ok(self)
     }
 
     pub fn log(&self) -> String {

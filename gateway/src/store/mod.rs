@@ -659,4 +659,28 @@ pub trait Store: Send + Sync {
     // metrics snapshots
     fn execution_state_counts(&self) -> StoreResult<Vec<(i64, ExecutionState, i64)>>;
     fn expiring_within(&self, now: Millis, within_ms: i64) -> StoreResult<i64>;
+
+    /// Whether several gateway nodes may share this store (PostgreSQL). Their clocks must agree
+    /// with each other, so the engine keeps no clock floor in a shared store.
+    fn is_shared(&self) -> bool {
+        false
+    }
+
+    // marks: monotonic values in `meta` (the downlink counter's high-water mark, the clock's floor)
+    /// The mark `key`, if one was ever raised.
+    fn mark(&self, key: &str) -> StoreResult<Option<i64>>;
+    /// Raises the mark `key` to `value` if it is below (never lowers it), durably; returns the
+    /// mark after. Several nodes raising one mark at once keep the highest value.
+    fn raise_mark(&self, key: &str, value: i64) -> StoreResult<i64>;
+}
+
+/// The `meta` key of the downlink counter's high-water mark: no gateway → device frame ever
+/// carried a counter above it, so a restarted gateway starts above it ([`crate::engine`]).
+pub const MARK_DOWN_COUNTER: &str = "down_counter_mark";
+/// The `meta` key of the clock's floor: the wall reading a restarted gateway does not go below.
+pub const MARK_CLOCK_FLOOR_MS: &str = "clock_floor_ms";
+
+/// A mark as `meta` stores it (text); a value that is not a number reads as absent.
+pub(crate) fn parse_mark(text: Option<String>) -> Option<i64> {
+    text.and_then(|t| t.trim().parse().ok())
 }

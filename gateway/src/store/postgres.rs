@@ -2024,4 +2024,26 @@ impl Store for PostgresStore {
             .try_get(0)?)
         })
     }
+
+    fn is_shared(&self) -> bool {
+        true
+    }
+
+    fn mark(&self, key: &str) -> StoreResult<Option<i64>> {
+        Ok(parse_mark(self.meta(key)?))
+    }
+
+    fn raise_mark(&self, key: &str, value: i64) -> StoreResult<i64> {
+        // One statement: nodes raising the mark at once keep the highest (a row lock orders them).
+        let text = value.to_string();
+        let raised: String = self.write(|s| {
+            Ok(s.query_one(
+                "INSERT INTO meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE \
+                 SET value = GREATEST(meta.value::bigint, EXCLUDED.value::bigint)::text RETURNING value",
+                &[&key, &text],
+            )?
+            .try_get(0)?)
+        })?;
+        parse_mark(Some(raised)).ok_or_else(|| StoreError::Backend(format!("meta {key}: not a number")))
+    }
 }

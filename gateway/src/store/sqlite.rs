@@ -1601,6 +1601,29 @@ impl Store for SqliteStore {
             .map_err(backend)
         })
     }
+
+    fn mark(&self, key: &str) -> StoreResult<Option<i64>> {
+        Ok(parse_mark(self.meta(key)?))
+    }
+
+    fn raise_mark(&self, key: &str, value: i64) -> StoreResult<i64> {
+        self.write(|tx| {
+            let current: Option<String> = tx
+                .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+                .optional()
+                .map_err(backend)?;
+            let current = parse_mark(current);
+            let raised = current.map_or(value, |c| c.max(value));
+            if current != Some(raised) {
+                tx.execute(
+                    "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = ?2",
+                    params![key, raised.to_string()],
+                )
+                .map_err(backend)?;
+            }
+            Ok(raised)
+        })
+    }
 }
 
 #[cfg(test)]

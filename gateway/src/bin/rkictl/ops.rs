@@ -235,7 +235,13 @@ pub enum KeksCommand {
 #[derive(Subcommand, Debug)]
 pub enum ClockCommand {
     /// Test only: move the gateway's adjustable clock forward, then expire what is due.
-    Advance { seconds: i64 },
+    Advance { seconds: u32 },
+    /// Test only: step the gateway's adjustable clock by SECONDS, back when negative (the wall
+    /// reading then holds until the stepped time catches up); the offset survives a restart.
+    Step {
+        #[arg(allow_negative_numbers = true)]
+        seconds: i64,
+    },
 }
 
 pub struct Client {
@@ -475,6 +481,16 @@ pub fn devices(c: &Client, cmd: DevicesCommand, json_out: bool) -> Result<Output
                 out.push_str(&format!("{k:<16} {}\n", s(&d[k])));
             }
             out.push_str(&format!("{:<16} {}\n", "last_seen", time(&d["last_seen"])));
+            if d["last_unlock_refusal"].is_object() {
+                let r = &d["last_unlock_refusal"];
+                out.push_str(&format!(
+                    "{:<16} {} at {}: {}\n",
+                    "unlock_refused",
+                    s(&r["code"]),
+                    time(&r["at"]),
+                    s(&r["meaning"])
+                ));
+            }
             let slots: Vec<Vec<String>> = d["slots"]
                 .as_array()
                 .map(|a| {
@@ -654,13 +670,19 @@ pub fn tasks(c: &Client, cmd: TasksCommand, json_out: bool) -> Result<Output, St
                                 s(&e["key_id"]),
                                 s(&e["kcv"]),
                                 time(&e["deadline"]),
+                                // A delivery the terminal refuses, and why.
+                                if e["last_refusal"].is_object() {
+                                    format!("{} at {}", s(&e["last_refusal"]["code"]), time(&e["last_refusal"]["at"]))
+                                } else {
+                                    String::new()
+                                },
                             ]
                         })
                         .collect()
                 })
                 .unwrap_or_default();
             out.push_str(&table(
-                &["SN", "STATE", "ERROR", "CONNECTION", "SENT", "KSN / KEY ID", "KCV", "EXPIRES"],
+                &["SN", "STATE", "ERROR", "CONNECTION", "SENT", "KSN / KEY ID", "KCV", "EXPIRES", "REFUSED"],
                 rows,
             ));
             Ok(Output::Text(out))
@@ -1060,15 +1082,23 @@ pub fn audit(c: &Client, limit: i64, json_out: bool) -> Result<Output, String> {
 
 pub fn clock(c: &Client, cmd: ClockCommand, json_out: bool) -> Result<Output, String> {
     match cmd {
-        ClockCommand::Advance { seconds } => {
-            let v = c.post("/v1/admin/clock", &json!({"advance_seconds": seconds}))?;
-            Ok(if json_out {
-                Output::Json(v)
-            } else {
-                Output::Text(format!("clock now {}; {} execution(s) expired", time(&v["now"]), s(&v["expired"])))
-            })
-        }
+        ClockCommand::Advance { seconds } => clock_step(c, i64::from(seconds), json_out),
+        ClockCommand::Step { seconds } => clock_step(c, seconds, json_out),
     }
+}
+
+fn clock_step(c: &Client, seconds: i64, json_out: bool) -> Result<Output, String> {
+    let v = c.post("/v1/admin/clock", &json!({"advance_seconds": seconds}))?;
+    Ok(if json_out {
+        Output::Json(v)
+    } else {
+        Output::Text(format!(
+            "clock now {} (offset {} ms); {} execution(s) expired",
+            time(&v["now"]),
+            s(&v["offset_ms"]),
+            s(&v["expired"])
+        ))
+    })
 }
 
 #[cfg(test)]
