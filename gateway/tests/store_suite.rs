@@ -1229,7 +1229,7 @@ fn postgres_nodes_starting_together_migrate_one_database_once() {
             .collect();
         nodes.into_iter().map(|n| n.join().expect("starting node")).collect()
     });
-    assert_eq!(versions, [5; NODES]);
+    assert_eq!(versions, [6; NODES]);
     let mut client = ::postgres::Client::connect(&url, ::postgres::NoTls).expect("connect");
     let recorded: Vec<i32> = client
         .query("SELECT version FROM schema_migrations ORDER BY version", &[])
