@@ -15,12 +15,15 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
-use rki_protocol::{KcvLen, KeyAlgorithm, SecretBytes, SymmetricKey};
+use rki_protocol::{KeyAlgorithm, SecretBytes};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
+use zeroize::Zeroizing;
 
 use crate::engine::{Engine, EngineError, Target, TaskSpec};
+use crate::keyservice::ceremony::{CeremonyError, Component as CeremonyComponent, KeyFamily};
+use crate::keyservice::KeyService;
 use crate::metrics as m;
 use crate::store::health::StoreFault;
 use crate::store::*;
@@ -79,6 +82,8 @@ pub fn router(state: Arc<AppState>, with_metrics: bool) -> Router {
         .route("/v1/orgs", post(create_org).get(list_orgs))
         .route("/v1/orgs/{org}/key-sources", post(authorize_key_source))
         .route("/v1/key-sources", get(list_key_sources))
+        .route("/v1/orgs/{org}/keks", post(create_kek))
+        .route("/v1/keks", get(list_keks))
         .route("/v1/devices", get(list_devices))
         .route("/v1/devices/import", post(import_devices))
         .route("/v1/devices/{sn}", get(get_device))
@@ -487,12 +492,26 @@ async fn list_orgs(State(state): St, caller: Caller) -> ApiResult<Json<Value>> {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Component {
-    /// Clear component, hex. Entered by one custodian.
-    key: String,
+    /// Clear component, hex. Entered by one custodian; zeroized when the request is dropped.
+    #[serde(deserialize_with = "zeroizing_string")]
+    key: Zeroizing<String>,
     /// The component's own check value, hex.
     kcv: String,
 }
 
+impl Component {
+    /// The request's components as the key service takes them (moved, not copied).
+    fn for_ceremony(components: Vec<Component>) -> Vec<CeremonyComponent> {
+        components.into_iter().map(|c| CeremonyComponent::new(c.key, c.kcv)).collect()
+    }
+}
+
+fn zeroizing_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Zeroizing<String>, D::Error> {
+    String::deserialize(d).map(Zeroizing::new)
+}
+
+/// A BDK for an organization: as 2 or 3 clear `components`, or as a TR-31 `key_block` under one
+/// of the organization's KEKs (`kek`, by name).
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct AuthorizeKeySource {
@@ -500,49 +519,46 @@ struct AuthorizeKeySource {
     /// `tdes` or `aes`.
     algorithm: String,
     /// 2 or 3 components, XORed into the BDK.
+    #[serde(default)]
     components: Vec<Component>,
-    /// The KCV of the combined BDK, if the key owner wants it checked.
+    /// The KEK the key block is wrapped under.
+    kek: Option<String>,
+    /// The BDK as a TR-31 key block under `kek`.
+    key_block: Option<String>,
+    /// The KCV of the BDK, if the key owner wants it checked.
     kcv: Option<String>,
 }
 
-/// Combines clear components into a BDK at a key ceremony: each component is checked against its
-/// own KCV, then all are XORed. Nothing here is logged.
-fn combine_components(algorithm: &str, components: &[Component]) -> ApiResult<SymmetricKey> {
-    if !(2..=3).contains(&components.len()) {
-        return Err(ApiError::bad("bad_components", "a BDK is entered as 2 or 3 components"));
-    }
-    let mut combined: Option<SecretBytes> = None;
-    for (i, c) in components.iter().enumerate() {
-        let bytes = SecretBytes::from_hex(c.key.trim())
-            .map_err(|_| ApiError::bad("bad_component", format!("component {} is not hex", i + 1)))?;
-        let key = match algorithm {
-            "tdes" => SymmetricKey::tdes(bytes),
-            "aes" => SymmetricKey::aes(bytes),
-            _ => return Err(ApiError::bad("bad_algorithm", "algorithm must be tdes or aes")),
+fn key_family(algorithm: &str) -> ApiResult<KeyFamily> {
+    KeyFamily::parse(algorithm).ok_or_else(|| ApiError::bad("bad_algorithm", "algorithm must be tdes or aes"))
+}
+
+impl From<CeremonyError> for ApiError {
+    fn from(e: CeremonyError) -> Self {
+        match e {
+            CeremonyError::Service(e) => EngineError::Internal(e.to_string()).into(),
+            refused => ApiError::bad(refused.code(), refused.to_string()),
         }
-        .map_err(|e| ApiError::bad("bad_component", format!("component {}: {e}", i + 1)))?;
-        let kcv = rki_protocol::Kcv::from_hex(c.kcv.trim())
-            .ok_or_else(|| ApiError::bad("bad_kcv", format!("component {} KCV is not 3 to 5 bytes of hex", i + 1)))?;
-        let actual = key.kcv(KcvLen::Five);
-        if !rki_protocol::secret::ct_eq(&actual.as_bytes()[..kcv.as_bytes().len()], kcv.as_bytes()) {
-            return Err(ApiError::bad("component_kcv_mismatch", format!("component {} does not match its KCV", i + 1)));
-        }
-        combined = Some(match combined {
-            None => key.into_secret(),
-            Some(mut acc) => {
-                if acc.len() != key.len() {
-                    return Err(ApiError::bad("bad_component", "components differ in length"));
-                }
-                for (a, b) in acc.expose_secret_mut().iter_mut().zip(key.expose_secret()) {
-                    *a ^= b;
-                }
-                acc
-            }
-        });
     }
-    let bytes = combined.ok_or_else(|| ApiError::bad("bad_components", "no component"))?;
-    let key = if algorithm == "tdes" { SymmetricKey::tdes(bytes) } else { SymmetricKey::aes(bytes) };
-    key.map_err(|e| ApiError::bad("bad_component", e.to_string()))
+}
+
+async fn org_named(state: &AppState, org_name: String) -> ApiResult<OrgRow> {
+    let name = org_name.clone();
+    blocking(state, move |s| s.org_by_name(&name))
+        .await?
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("organization {org_name:?}")))
+}
+
+/// Runs a ceremony step of the key service off the async threads: it is CPU work on clear keys.
+async fn ceremony<T: Send + 'static>(
+    state: &AppState,
+    f: impl FnOnce(&dyn KeyService) -> Result<T, CeremonyError> + Send + 'static,
+) -> ApiResult<T> {
+    let keys = state.engine.keys.clone();
+    tokio::task::spawn_blocking(move || f(keys.as_ref()))
+        .await
+        .map_err(|e| ApiError::from(EngineError::Internal(e.to_string())))?
+        .map_err(ApiError::from)
 }
 
 async fn authorize_key_source(
@@ -554,20 +570,28 @@ async fn authorize_key_source(
     caller.key_owner()?;
     let req: AuthorizeKeySource = json_body(&body)?;
     check_name("name", &req.name)?;
-    let name = org_name.clone();
-    let org = blocking(&state, move |s| s.org_by_name(&name))
-        .await?
-        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("organization {org_name:?}")))?;
-    let bdk = combine_components(&req.algorithm, &req.components)?;
-    let kcv = bdk.kcv(KcvLen::Three);
-    if let Some(expected) = &req.kcv {
-        let expected =
-            rki_protocol::Kcv::from_hex(expected.trim()).ok_or_else(|| ApiError::bad("bad_kcv", "kcv is not hex"))?;
-        if expected.short() != kcv {
-            return Err(ApiError::bad("kcv_mismatch", "the combined key does not match the given KCV"));
+    let org = org_named(&state, org_name).await?;
+    let family = key_family(&req.algorithm)?;
+    let kcv = req.kcv;
+    let (sealed, kek) = match (req.components, req.kek, req.key_block) {
+        (components, None, None) => {
+            let components = Component::for_ceremony(components);
+            (ceremony(&state, move |k| k.bdk_from_components(family, &components, kcv.as_deref())).await?, None)
         }
-    }
-    let sealed = state.engine.keys.seal_bdk(&bdk).map_err(|e| ApiError::from(EngineError::Internal(e.to_string())))?;
+        (components, Some(kek_name), Some(key_block)) if components.is_empty() => {
+            let (org_id, name) = (org.id, kek_name.clone());
+            let kek = blocking(&state, move |s| s.kek_by_name(org_id, &name)).await?;
+            let sealed_kek = kek.sealed;
+            let sealed = ceremony(&state, move |k| k.import_bdk(&sealed_kek, family, &key_block, kcv.as_deref()));
+            (sealed.await?, Some(kek_name))
+        }
+        _ => {
+            return Err(ApiError::bad(
+                "bad_key_source",
+                "a BDK comes either as components, or as a key_block under a kek (both fields)",
+            ))
+        }
+    };
     let algorithm: KeyAlgorithm = sealed.algorithm;
     let key_set_len = if algorithm.is_tdes() { 5 } else { 4 };
     let key_set_id =
@@ -584,15 +608,11 @@ async fn authorize_key_source(
         created_at: state.engine.clock.now_ms(),
     };
     let row = blocking(&state, move |s| s.insert_key_source(&row)).await?;
-    audit(
-        &state,
-        &caller,
-        Some(org.id),
-        "key_source.authorize",
-        format!("key_source:{}", row.name),
-        json!({"algorithm": row.algorithm, "kcv": row.kcv}),
-    )
-    .await?;
+    let (action, details) = match &kek {
+        None => ("key_source.authorize", json!({"algorithm": row.algorithm, "kcv": row.kcv})),
+        Some(kek) => ("key_source.import", json!({"algorithm": row.algorithm, "kcv": row.kcv, "kek": kek})),
+    };
+    audit(&state, &caller, Some(org.id), action, format!("key_source:{}", row.name), details).await?;
     Ok((StatusCode::CREATED, Json(json!({"key_source": row}))).into_response())
 }
 
@@ -600,6 +620,60 @@ async fn list_key_sources(State(state): St, caller: Caller) -> ApiResult<Json<Va
     let org = caller.org()?;
     let rows = blocking(&state, move |s| s.list_key_sources(org)).await?;
     Ok(Json(json!({ "key_sources": rows })))
+}
+
+/// A key-encryption key for an organization, entered once as 2 or 3 clear components.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateKek {
+    name: String,
+    /// `tdes` or `aes`.
+    algorithm: String,
+    components: Vec<Component>,
+    /// The KCV of the combined KEK, if the key owner wants it checked.
+    kcv: Option<String>,
+}
+
+async fn create_kek(
+    State(state): St,
+    caller: Caller,
+    Path(org_name): Path<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    caller.key_owner()?;
+    let req: CreateKek = json_body(&body)?;
+    check_name("name", &req.name)?;
+    let org = org_named(&state, org_name).await?;
+    let family = key_family(&req.algorithm)?;
+    let (components, kcv) = (Component::for_ceremony(req.components), req.kcv);
+    let sealed = ceremony(&state, move |k| k.kek_from_components(family, &components, kcv.as_deref())).await?;
+    let row = KekRow {
+        id: 0,
+        org_id: org.id,
+        name: req.name,
+        algorithm: sealed.algorithm.as_str().into(),
+        kcv: sealed.kcv.to_hex(),
+        sealed: sealed.sealed,
+        created_at: state.engine.clock.now_ms(),
+    };
+    let row = blocking(&state, move |s| s.insert_kek(&row)).await?;
+    let details = json!({"algorithm": row.algorithm, "kcv": row.kcv});
+    audit(&state, &caller, Some(org.id), "kek.create", format!("kek:{}", row.name), details).await?;
+    Ok((StatusCode::CREATED, Json(json!({"kek": kek_json(&row, &org.name)}))).into_response())
+}
+
+fn kek_json(k: &KekRow, org: &str) -> Value {
+    json!({"org": org, "name": k.name, "algorithm": k.algorithm, "kcv": k.kcv, "created_at": k.created_at})
+}
+
+/// Every organization's KEKs, for the key owner: name, algorithm, KCV, created; never the key.
+async fn list_keks(State(state): St, caller: Caller) -> ApiResult<Json<Value>> {
+    caller.key_owner()?;
+    let (keks, orgs) = blocking(&state, |s| Ok((s.list_keks(None)?, s.list_orgs()?))).await?;
+    let orgs: std::collections::HashMap<i64, String> = orgs.into_iter().map(|o| (o.id, o.name)).collect();
+    let keks: Vec<Value> =
+        keks.iter().map(|k| kek_json(k, orgs.get(&k.org_id).map(String::as_str).unwrap_or_default())).collect();
+    Ok(Json(json!({ "keks": keks })))
 }
 
 // ------------------------------------------------------------------ devices and groups
@@ -1375,18 +1449,5 @@ mod tests {
         assert_eq!(rows.len(), 2);
         assert_eq!(rows[1].model.as_deref(), Some("P3"));
         assert!(parse_device_csv("").is_err());
-    }
-
-    #[test]
-    fn components_are_checked_and_combined() {
-        let c1 = Component { key: "0123456789ABCDEFFEDCBA9876543210".into(), kcv: String::new() };
-        let key = SymmetricKey::tdes_from_hex(&c1.key).expect("k");
-        let c1 = Component { kcv: key.kcv(KcvLen::Three).to_hex(), ..c1 };
-        let c2 = Component { key: "00000000000000000000000000000000".into(), kcv: "8CA64D".into() };
-        let combined = combine_components("tdes", &[c1, c2]).expect("combined");
-        assert_eq!(combined.kcv(KcvLen::Three).to_hex(), key.kcv(KcvLen::Three).to_hex());
-        let bad = Component { key: "00000000000000000000000000000000".into(), kcv: "000000".into() };
-        let good = Component { key: "00000000000000000000000000000000".into(), kcv: "8CA64D".into() };
-        assert!(combine_components("tdes", &[good, bad]).is_err());
     }
 }

@@ -7,7 +7,15 @@
 //! (PKCS#11) replaces it without touching the engine.
 //!
 //! At rest every key is a TR-31 version D key block under the master key (AES-256): BDKs with
-//! usage `B0`, key-block protection keys with `K1`, device signing keys with `M7` (HMAC).
+//! usage `B0`, key-encryption keys with `K0` (mode `D`: they only unwrap), key-block protection
+//! keys with `K1`, device signing keys with `M7` (HMAC). Unsealing checks the usage, so a key
+//! sealed as one kind is refused where another is expected: a KEK never derives, a BDK never
+//! unwraps.
+//!
+//! Keys enter at the key ceremony ([`ceremony`]): as clear components, or as TR-31 blocks under a
+//! KEK.
+
+pub mod ceremony;
 
 use std::fs;
 use std::io::Write as _;
@@ -19,6 +27,8 @@ use rki_protocol::init::DeviceSecrets;
 use rki_protocol::tr31::{self, DukptInitialKeyId, Header, Version};
 use rki_protocol::{Kcv, KcvLen, KeyAlgorithm, SecretBytes, SymmetricKey};
 use zeroize::Zeroizing;
+
+use self::ceremony::{CeremonyError, Component, KeyFamily};
 
 /// Errors of the key service. Messages never contain key bytes.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +45,8 @@ pub enum KeyServiceError {
     Random,
     #[error("key: {0}")]
     Key(String),
+    #[error("a sealed {found} key was given where a {expected} key is expected")]
+    WrongUsage { expected: &'static str, found: String },
 }
 
 /// The master key: AES-256, kept in a file outside the store, never logged.
@@ -177,6 +189,31 @@ pub struct WrappedKey {
 pub trait KeyService: Send + Sync {
     /// Seals a BDK entered at a key ceremony.
     fn seal_bdk(&self, bdk: &SymmetricKey) -> Result<SealedKey, KeyServiceError>;
+    /// Key ceremony: combines 2 or 3 clear components, each checked against its own KCV, into a
+    /// BDK of `family`; checks it against `kcv` if the key owner gave one; seals it (`B0`).
+    fn bdk_from_components(
+        &self,
+        family: KeyFamily,
+        components: &[Component],
+        kcv: Option<&str>,
+    ) -> Result<SealedKey, CeremonyError>;
+    /// Key ceremony: the same for a key-encryption key, sealed as `K0` with mode `D`: only
+    /// [`KeyService::import_bdk`] ever opens it.
+    fn kek_from_components(
+        &self,
+        family: KeyFamily,
+        components: &[Component],
+        kcv: Option<&str>,
+    ) -> Result<SealedKey, CeremonyError>;
+    /// Opens a BDK sent as a TR-31 key block under the sealed KEK, checks the block against
+    /// [`ceremony::ImportPolicy`] and the BDK against `kcv` if given, and seals it as a BDK.
+    fn import_bdk(
+        &self,
+        sealed_kek: &str,
+        family: KeyFamily,
+        key_block: &str,
+        kcv: Option<&str>,
+    ) -> Result<SealedKey, CeremonyError>;
     /// Seals a device's new secrets.
     fn seal_device_secrets(&self, secrets: &DeviceSecrets) -> Result<SealedDeviceSecrets, KeyServiceError>;
     /// Opens a device signing key, for verifying its messages and signing those sent to it.
@@ -221,8 +258,16 @@ impl SoftwareKeyService {
         self.opener.unwrap(sealed).map_err(|_| KeyServiceError::Unseal)
     }
 
-    fn unseal_key(&self, sealed: &str) -> Result<SymmetricKey, KeyServiceError> {
+    /// Opens a sealed key that must be of kind `kind` (its usage, and its mode of use where the
+    /// kind fixes one).
+    fn unseal_key(&self, sealed: &str, kind: SealedKind) -> Result<SymmetricKey, KeyServiceError> {
         let (header, bytes) = self.unseal(sealed)?;
+        if header.key_usage() != kind.usage() || kind.mode().is_some_and(|mode| header.mode_of_use() != mode) {
+            return Err(KeyServiceError::WrongUsage {
+                expected: kind.name(),
+                found: format!("{}/{}", header.key_usage_str(), char::from(header.mode_of_use())),
+            });
+        }
         let key = match header.algorithm() {
             b'T' => SymmetricKey::tdes(bytes),
             b'A' => SymmetricKey::aes(bytes),
@@ -263,7 +308,7 @@ impl SoftwareKeyService {
 
     /// One device's initial key, derived, with its KBPK opened and its key block header made.
     fn derive_key(&self, bdk: &Bdk<'_>, request: &DeriveRequest<'_>) -> Result<Derived, KeyServiceError> {
-        let kbpk = self.unseal_key(request.sealed_kbpk)?;
+        let kbpk = self.unseal_key(request.sealed_kbpk, SealedKind::Kbpk)?;
         let id_error = |e: rki_protocol::dukpt::DukptError| KeyServiceError::Derivation(e.to_string());
         // The initial key, its ID as the block's KS or IK, and the TR-31 version of its family.
         let (key, id, version) = match bdk {
@@ -408,9 +453,45 @@ pub fn aes_initial_key_id(key_set_id: &[u8], serial: u64) -> Result<dukpt::aes::
 
 impl KeyService for SoftwareKeyService {
     fn seal_bdk(&self, bdk: &SymmetricKey) -> Result<SealedKey, KeyServiceError> {
-        let algorithm = if bdk.algorithm().is_tdes() { b'T' } else { b'A' };
-        let sealed = self.seal(*b"B0", algorithm, b'X', bdk)?;
-        Ok(SealedKey { sealed, algorithm: bdk.algorithm(), kcv: bdk.kcv(KcvLen::Three) })
+        self.seal_as(SealedKind::Bdk, bdk)
+    }
+
+    fn bdk_from_components(
+        &self,
+        family: KeyFamily,
+        components: &[Component],
+        kcv: Option<&str>,
+    ) -> Result<SealedKey, CeremonyError> {
+        let bdk = ceremony::combine_components(family, components)?;
+        ceremony::check_expected_kcv(&bdk, kcv)?;
+        Ok(self.seal_as(SealedKind::Bdk, &bdk)?)
+    }
+
+    fn kek_from_components(
+        &self,
+        family: KeyFamily,
+        components: &[Component],
+        kcv: Option<&str>,
+    ) -> Result<SealedKey, CeremonyError> {
+        let kek = ceremony::combine_components(family, components)?;
+        ceremony::check_expected_kcv(&kek, kcv)?;
+        Ok(self.seal_as(SealedKind::Kek, &kek)?)
+    }
+
+    fn import_bdk(
+        &self,
+        sealed_kek: &str,
+        family: KeyFamily,
+        key_block: &str,
+        kcv: Option<&str>,
+    ) -> Result<SealedKey, CeremonyError> {
+        let key_block = key_block.trim();
+        ceremony::check_block_version(key_block)?;
+        let kek = self.unseal_key(sealed_kek, SealedKind::Kek)?;
+        let (header, key) = tr31::unwrap(&kek, key_block).map_err(ceremony::unwrap_error)?;
+        let bdk = ceremony::check_bdk_block(&header, key, family, kek.algorithm())?;
+        ceremony::check_expected_kcv(&bdk, kcv)?;
+        Ok(self.seal_as(SealedKind::Bdk, &bdk)?)
     }
 
     fn seal_device_secrets(&self, s: &DeviceSecrets) -> Result<SealedDeviceSecrets, KeyServiceError> {
@@ -438,7 +519,7 @@ impl KeyService for SoftwareKeyService {
         sealed_bdk: &str,
         requests: &[DeriveRequest<'_>],
     ) -> Result<Vec<Result<WrappedKey, KeyServiceError>>, KeyServiceError> {
-        let bdk = self.unseal_key(sealed_bdk)?;
+        let bdk = self.unseal_key(sealed_bdk, SealedKind::Bdk)?;
         let bdk = Bdk::new(&bdk)?;
         if requests.len() < 64 || self.threads == 1 {
             return Ok(self.derive_all(&bdk, requests));
@@ -457,7 +538,53 @@ impl KeyService for SoftwareKeyService {
     }
 }
 
+/// What a key sealed at rest is for: its TR-31 usage and, where it is fixed, mode of use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SealedKind {
+    /// A key source: usage `B0`, mode `X` (derivation).
+    Bdk,
+    /// A key-encryption key: usage `K0`, mode `D` (decrypt and unwrap only).
+    Kek,
+    /// A device's key-block protection key: usage `K1`.
+    Kbpk,
+}
+
+impl SealedKind {
+    fn usage(self) -> [u8; 2] {
+        match self {
+            SealedKind::Bdk => *b"B0",
+            SealedKind::Kek => *b"K0",
+            SealedKind::Kbpk => *b"K1",
+        }
+    }
+
+    /// The mode of use written at sealing, and required at unsealing where it is `Some`.
+    fn mode(self) -> Option<u8> {
+        match self {
+            SealedKind::Bdk => None,
+            SealedKind::Kek => Some(b'D'),
+            SealedKind::Kbpk => None,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            SealedKind::Bdk => "BDK (B0)",
+            SealedKind::Kek => "key-encryption key (K0/D)",
+            SealedKind::Kbpk => "key-block protection key (K1)",
+        }
+    }
+}
+
 impl SoftwareKeyService {
+    /// Seals a BDK or a KEK with the header of its kind.
+    fn seal_as(&self, kind: SealedKind, key: &SymmetricKey) -> Result<SealedKey, KeyServiceError> {
+        let algorithm = if key.algorithm().is_tdes() { b'T' } else { b'A' };
+        let mode = kind.mode().unwrap_or(b'X');
+        let sealed = self.seal(kind.usage(), algorithm, mode, key)?;
+        Ok(SealedKey { sealed, algorithm: key.algorithm(), kcv: key.kcv(KcvLen::Three) })
+    }
+
     fn seal_hmac(&self, key: &SymmetricKey) -> Result<String, KeyServiceError> {
         let header = Header::builder(Version::D, *b"M7", b'H', b'C')
             .exportability(b'N')

@@ -41,6 +41,7 @@ suite! {
     groups_are_unique_per_organization_and_count_each_member_once,
     assignment_changes_only_the_organizations_own_devices,
     key_sources_are_unique_per_organization_and_hidden_from_others,
+    keks_are_unique_per_organization_listed_per_organization_or_all_and_resealed,
     serials_allocated_by_two_threads_at_once_are_disjoint_ranges,
     a_gudid_installs_credentials_once_and_a_second_spend_is_a_conflict,
     two_concurrent_spends_of_one_gudid_have_exactly_one_winner,
@@ -270,6 +271,43 @@ fn key_sources_are_unique_per_organization_and_hidden_from_others(s: &Subject) {
     assert_eq!(st.key_source(w.org.id, second.id).must().name, "bdk-2");
     assert!(is_not_found(st.key_source(other.org.id, second.id)));
     assert_eq!(st.list_key_sources(other.org.id).must().len(), 1);
+}
+
+fn keks_are_unique_per_organization_listed_per_organization_or_all_and_resealed(s: &Subject) {
+    let st = s.store();
+    let w = world(st, "acme", 0);
+    let other = world(st, "globex", 0);
+    let kek = |org: &OrgRow, name: &str| KekRow {
+        id: 0,
+        org_id: org.id,
+        name: name.into(),
+        algorithm: "tdes2".into(),
+        kcv: "08D7B4".into(),
+        sealed: format!("sealed:{}:{name}", org.name),
+        created_at: T0 + 1,
+    };
+    let zmk = st.insert_kek(&kek(&w.org, "zmk-1")).must();
+    assert_eq!(conflict(st.insert_kek(&kek(&w.org, "zmk-1"))), "KEK \"zmk-1\" exists");
+    st.insert_kek(&kek(&w.org, "zmk-2")).must();
+    st.insert_kek(&kek(&other.org, "zmk-1")).must();
+    let found = st.kek_by_name(w.org.id, "zmk-1").must();
+    assert_eq!(
+        (found.id, found.name.as_str(), found.algorithm.as_str(), found.kcv.as_str(), found.sealed.as_str()),
+        (zmk.id, "zmk-1", "tdes2", "08D7B4", "sealed:acme:zmk-1")
+    );
+    assert_eq!(found.created_at, T0 + 1);
+    assert_eq!(st.kek_by_name(other.org.id, "zmk-1").must().sealed, "sealed:globex:zmk-1");
+    assert!(is_not_found(st.kek_by_name(other.org.id, "zmk-2")), "another organization's KEK is not found");
+    let names = |org: Option<i64>| -> Vec<(i64, String)> {
+        st.list_keks(org).must().into_iter().map(|k| (k.org_id, k.name)).collect()
+    };
+    assert_eq!(names(Some(w.org.id)), [(w.org.id, "zmk-1".into()), (w.org.id, "zmk-2".into())]);
+    assert_eq!(names(Some(other.org.id)), [(other.org.id, "zmk-1".into())]);
+    assert_eq!(names(None).len(), 3);
+    // A master key rotation re-seals the KEKs with everything else.
+    let count = s.opened.reseal_all(|sealed| Ok(format!("new:{sealed}")), "NEWKCV").must();
+    assert_eq!(count, 2 + 3, "two BDKs and three KEKs");
+    assert_eq!(st.kek_by_name(w.org.id, "zmk-2").must().sealed, "new:sealed:acme:zmk-2");
 }
 
 fn serials_allocated_by_two_threads_at_once_are_disjoint_ranges(s: &Subject) {
@@ -853,7 +891,7 @@ fn records_refuse_update_and_delete(s: &Subject) {
 // ---------------------------------------------------------------- migrations and inherent methods
 
 fn migrations_run_once_and_reopening_keeps_everything(s: &Subject) {
-    const MIGRATIONS: i64 = 4;
+    const MIGRATIONS: i64 = 5;
     assert_eq!(s.opened.schema_version().must(), MIGRATIONS);
     let w = world(s.store(), "acme", 2);
     let again = s.reopen().must();
@@ -1184,7 +1222,7 @@ fn postgres_nodes_starting_together_migrate_one_database_once() {
             .collect();
         nodes.into_iter().map(|n| n.join().expect("starting node")).collect()
     });
-    assert_eq!(versions, [4; NODES]);
+    assert_eq!(versions, [5; NODES]);
     let mut client = ::postgres::Client::connect(&url, ::postgres::NoTls).expect("connect");
     let recorded: Vec<i32> = client
         .query("SELECT version FROM schema_migrations ORDER BY version", &[])
@@ -1192,7 +1230,7 @@ fn postgres_nodes_starting_together_migrate_one_database_once() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(recorded, [1, 2, 3, 4], "each migration recorded once");
+    assert_eq!(recorded, [1, 2, 3, 4, 5], "each migration recorded once");
 }
 
 #[test]

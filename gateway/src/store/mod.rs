@@ -115,6 +115,23 @@ pub struct KeySourceRow {
     pub created_at: Millis,
 }
 
+/// A key-encryption key (the key owner's ZMK) of an organization: entered once as components,
+/// it only ever unwraps the TR-31 blocks its BDKs arrive in.
+#[derive(Debug, Clone, Serialize)]
+pub struct KekRow {
+    pub id: i64,
+    pub org_id: i64,
+    pub name: String,
+    /// `KeyAlgorithm::as_str` of the KEK.
+    pub algorithm: String,
+    /// KCV of the KEK, 3 bytes hex.
+    pub kcv: String,
+    /// The KEK, sealed under the master key (usage K0, mode D). Never leaves the key service.
+    #[serde(skip)]
+    pub sealed: String,
+    pub created_at: Millis,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct DeviceRow {
     pub id: i64,
@@ -507,6 +524,13 @@ pub trait Store: Send + Sync {
     fn key_source_by_name(&self, org_id: i64, name: &str) -> StoreResult<KeySourceRow>;
     /// Reserves `count` consecutive serials of the key source; returns the first.
     fn allocate_serials(&self, key_source_id: i64, count: i64) -> StoreResult<i64>;
+
+    // key-encryption keys
+    /// Stores a KEK; a name is unique per organization (`Conflict`).
+    fn insert_kek(&self, row: &KekRow) -> StoreResult<KekRow>;
+    /// The KEKs of one organization, or of every organization (`None`), oldest first.
+    fn list_keks(&self, org_id: Option<i64>) -> StoreResult<Vec<KekRow>>;
+    fn kek_by_name(&self, org_id: i64, name: &str) -> StoreResult<KekRow>;
 
     // devices and groups
     /// All or nothing: on any conflict, nothing is imported and every conflicting line is named.

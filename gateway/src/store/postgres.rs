@@ -69,6 +69,18 @@ const MIGRATIONS: &[&str] = &[
          WHERE signing_key IS NOT NULL;
      ALTER TABLE devices DROP COLUMN signing_key, DROP COLUMN kbpk_aes, DROP COLUMN kbpk_tdes,
          DROP COLUMN password_hash, DROP COLUMN broker_password_hash;",
+    // 5: key-encryption keys (as SQLite's schema 5), entered once per organization; BDKs then
+    // arrive as TR-31 key blocks under them.
+    "CREATE TABLE keks (
+         id         BIGSERIAL PRIMARY KEY,
+         org_id     BIGINT NOT NULL REFERENCES organizations(id),
+         name       TEXT NOT NULL,
+         algorithm  TEXT NOT NULL,
+         kcv        TEXT NOT NULL,
+         sealed     TEXT NOT NULL,
+         created_at BIGINT NOT NULL,
+         UNIQUE (org_id, name)
+     );",
 ];
 
 /// Advisory lock key held while migrating, so nodes starting together migrate one at a time.
@@ -440,6 +452,12 @@ impl PostgresStore {
                 s.execute("UPDATE key_sources SET sealed = $2 WHERE id = $1", &[&id, &new])?;
                 count += 1;
             }
+            for row in s.query("SELECT id, sealed FROM keks ORDER BY id FOR UPDATE", &[])? {
+                let (id, sealed): (i64, String) = (row.try_get(0)?, row.try_get(1)?);
+                let new = reseal(&sealed).map_err(StoreError::Invalid)?;
+                s.execute("UPDATE keks SET sealed = $2 WHERE id = $1", &[&id, &new])?;
+                count += 1;
+            }
             let devices = s.query(
                 "SELECT device_id, signing_key, kbpk_aes, kbpk_tdes FROM device_credentials ORDER BY device_id FOR UPDATE",
                 &[],
@@ -594,6 +612,24 @@ macro_rules! key_source_columns {
     () => {
         "id, org_id, name, algorithm, kcv, sealed, key_set_id, created_at"
     };
+}
+
+macro_rules! kek_columns {
+    () => {
+        "id, org_id, name, algorithm, kcv, sealed, created_at"
+    };
+}
+
+fn kek_row(r: &Row) -> Result<KekRow, Failure> {
+    Ok(KekRow {
+        id: r.try_get(0)?,
+        org_id: r.try_get(1)?,
+        name: r.try_get(2)?,
+        algorithm: r.try_get(3)?,
+        kcv: r.try_get(4)?,
+        sealed: r.try_get(5)?,
+        created_at: r.try_get(6)?,
+    })
 }
 
 fn key_source_row(r: &Row) -> Result<KeySourceRow, Failure> {
@@ -1381,6 +1417,41 @@ impl Store for PostgresStore {
                 &[&key_source_id, &count],
             )?
             .try_get(0)?)
+        })
+    }
+
+    fn insert_kek(&self, row: &KekRow) -> StoreResult<KekRow> {
+        self.write(|s| {
+            let id = s
+                .query_one(
+                    "INSERT INTO keks (org_id, name, algorithm, kcv, sealed, created_at)
+                     VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
+                    &[&row.org_id, &row.name, &row.algorithm, &row.kcv, &row.sealed, &row.created_at],
+                )
+                .map_err(conflict_as(format!("KEK {:?} exists", row.name)))?
+                .try_get(0)?;
+            Ok(KekRow { id, ..row.clone() })
+        })
+    }
+
+    fn list_keks(&self, org_id: Option<i64>) -> StoreResult<Vec<KekRow>> {
+        self.read(|s| {
+            let found = s.query(
+                concat!("SELECT ", kek_columns!(), " FROM keks WHERE $1::bigint IS NULL OR org_id = $1 ORDER BY id"),
+                &[&org_id],
+            )?;
+            rows(found, kek_row)
+        })
+    }
+
+    fn kek_by_name(&self, org_id: i64, name: &str) -> StoreResult<KekRow> {
+        self.read(|s| {
+            s.query_opt(
+                concat!("SELECT ", kek_columns!(), " FROM keks WHERE org_id = $1 AND name = $2"),
+                &[&org_id, &name],
+            )?
+            .map(|r| kek_row(&r))
+            .unwrap_or_else(|| Err(not_found(format!("KEK {name:?}"))))
         })
     }
 

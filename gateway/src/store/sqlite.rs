@@ -26,6 +26,18 @@ const MIGRATIONS: &[&str] = &[
     // without them a row holds ~90 bytes instead of ~570 (37 rows to a page instead of 5), so the
     // acks of a push dirty a seventh of the device pages.
     include_str!("migration_4_credentials.sql"),
+    // 5: key-encryption keys, entered once per organization at a key ceremony; BDKs then arrive
+    // as TR-31 key blocks under them.
+    "CREATE TABLE keks (
+         id         INTEGER PRIMARY KEY,
+         org_id     INTEGER NOT NULL REFERENCES organizations(id),
+         name       TEXT NOT NULL,
+         algorithm  TEXT NOT NULL,
+         kcv        TEXT NOT NULL,
+         sealed     TEXT NOT NULL,
+         created_at INTEGER NOT NULL,
+         UNIQUE (org_id, name)
+     );",
 ];
 
 /// Reader connections: the admin API and the metrics sampler read while the writer commits.
@@ -191,6 +203,16 @@ impl SqliteStore {
                 tx.execute("UPDATE key_sources SET sealed = ?2 WHERE id = ?1", params![id, new]).map_err(backend)?;
                 count += 1;
             }
+            let keks: Vec<(i64, String)> = {
+                let mut stmt = tx.prepare("SELECT id, sealed FROM keks").map_err(backend)?;
+                let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).map_err(backend)?;
+                rows.collect::<Result<Vec<_>, _>>().map_err(backend)?
+            };
+            for (id, sealed) in keks {
+                let new = reseal(&sealed).map_err(StoreError::Invalid)?;
+                tx.execute("UPDATE keks SET sealed = ?2 WHERE id = ?1", params![id, new]).map_err(backend)?;
+                count += 1;
+            }
             let devices: Vec<(i64, String, String, String)> = {
                 let mut stmt = tx
                     .prepare("SELECT device_id, signing_key, kbpk_aes, kbpk_tdes FROM device_credentials")
@@ -352,6 +374,20 @@ fn key_source_row(r: &Row<'_>) -> rusqlite::Result<KeySourceRow> {
         sealed: r.get(5)?,
         key_set_id: r.get(6)?,
         created_at: r.get(7)?,
+    })
+}
+
+const KEK_COLUMNS: &str = "id, org_id, name, algorithm, kcv, sealed, created_at";
+
+fn kek_row(r: &Row<'_>) -> rusqlite::Result<KekRow> {
+    Ok(KekRow {
+        id: r.get(0)?,
+        org_id: r.get(1)?,
+        name: r.get(2)?,
+        algorithm: r.get(3)?,
+        kcv: r.get(4)?,
+        sealed: r.get(5)?,
+        created_at: r.get(6)?,
     })
 }
 
@@ -862,6 +898,41 @@ impl Store for SqliteStore {
             )
             .map_err(backend)?;
             Ok(first)
+        })
+    }
+
+    fn insert_kek(&self, row: &KekRow) -> StoreResult<KekRow> {
+        self.write(|tx| {
+            tx.execute(
+                "INSERT INTO keks (org_id, name, algorithm, kcv, sealed, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![row.org_id, row.name, row.algorithm, row.kcv, row.sealed, row.created_at],
+            )
+            .map_err(|e| match backend(e) {
+                StoreError::Conflict(_) => StoreError::Conflict(format!("KEK {:?} exists", row.name)),
+                other => other,
+            })?;
+            Ok(KekRow { id: tx.last_insert_rowid(), ..row.clone() })
+        })
+    }
+
+    fn list_keks(&self, org_id: Option<i64>) -> StoreResult<Vec<KekRow>> {
+        self.read(|c| {
+            let mut stmt = c
+                .prepare(&format!("SELECT {KEK_COLUMNS} FROM keks WHERE ?1 IS NULL OR org_id = ?1 ORDER BY id"))
+                .map_err(backend)?;
+            let rows = stmt.query_map([org_id], kek_row).map_err(backend)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(backend)
+        })
+    }
+
+    fn kek_by_name(&self, org_id: i64, name: &str) -> StoreResult<KekRow> {
+        self.read(|c| {
+            c.query_row(
+                &format!("SELECT {KEK_COLUMNS} FROM keks WHERE org_id = ?1 AND name = ?2"),
+                params![org_id, name],
+                kek_row,
+            )
+            .map_err(|_| StoreError::NotFound(format!("KEK {name:?}")))
         })
     }
 

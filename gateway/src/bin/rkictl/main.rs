@@ -62,9 +62,12 @@ enum Command {
     /// Organizations (key owner).
     #[command(subcommand)]
     Orgs(ops::OrgsCommand),
-    /// Key sources (BDKs): authorize (key owner), list.
+    /// Key sources (BDKs): authorize from components or import a TR-31 block (key owner), list.
     #[command(subcommand)]
     KeySources(ops::KeySourcesCommand),
+    /// Key-encryption keys (key owner): create from components, list.
+    #[command(subcommand)]
+    Keks(ops::KeksCommand),
     /// The audit log of operator and key-owner actions.
     Audit {
         #[arg(long, default_value_t = 100)]
@@ -112,6 +115,7 @@ fn main() -> ExitCode {
         Command::Gudids(c) => ops::gudids(&client, c, json),
         Command::Orgs(c) => ops::orgs(&client, c, json),
         Command::KeySources(c) => ops::key_sources(&client, c, json),
+        Command::Keks(c) => ops::keks(&client, c, json),
         Command::Audit { limit } => ops::audit(&client, limit, json),
         Command::Clock(c) => ops::clock(&client, c, json),
     };
