@@ -169,7 +169,17 @@ pub async fn run(config: Config, init: bool) -> Result<(), String> {
     if sqlite {
         // Everything that could touch the store's descriptors has started: nothing may have
         // released SQLite's locks (see `store::guard`).
-        crate::store::guard::check_sqlite_locks_held(&config.store_path())?;
+        // Asked a few times: a lock being re-taken by a connection between two statements is
+        // not a lost one.
+        let mut held = crate::store::guard::check_sqlite_locks_held(&config.store_path());
+        for _ in 0..10 {
+            if held.is_ok() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            held = crate::store::guard::check_sqlite_locks_held(&config.store_path());
+        }
+        held?;
         metrics::gauge!(crate::metrics::STORE_LOCKS_HELD).set(1.0);
     }
     crate::sampler::spawn(engine.clone(), config.store_path(), sqlite);
