@@ -44,6 +44,10 @@ pub enum StoreError {
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
+/// The tables whose `sealed` column holds one key sealed under the master key (a master key
+/// rotation re-seals each row); device credentials hold three and are re-sealed apart.
+pub(crate) const SEALED_KEY_TABLES: [&str; 2] = ["key_sources", "keks"];
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {

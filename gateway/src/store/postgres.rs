@@ -448,17 +448,19 @@ impl PostgresStore {
     pub fn reseal_all(&self, reseal: impl Fn(&str) -> Result<String, String>, master_kcv: &str) -> StoreResult<usize> {
         self.write(|s| {
             let mut count = 0;
-            for row in s.query("SELECT id, sealed FROM key_sources ORDER BY id FOR UPDATE", &[])? {
-                let (id, sealed): (i64, String) = (row.try_get(0)?, row.try_get(1)?);
-                let new = reseal(&sealed).map_err(StoreError::Invalid)?;
-                s.execute("UPDATE key_sources SET sealed = $2 WHERE id = $1", &[&id, &new])?;
-                count += 1;
-            }
-            for row in s.query("SELECT id, sealed FROM keks ORDER BY id FOR UPDATE", &[])? {
-                let (id, sealed): (i64, String) = (row.try_get(0)?, row.try_get(1)?);
-                let new = reseal(&sealed).map_err(StoreError::Invalid)?;
-                s.execute("UPDATE keks SET sealed = $2 WHERE id = $1", &[&id, &new])?;
-                count += 1;
+            // The tables of `store::SEALED_KEY_TABLES`, as the static statements the session's
+            // statement cache takes.
+            const SEALED_KEYS: [(&str, &str); 2] = [
+                ("SELECT id, sealed FROM key_sources ORDER BY id FOR UPDATE", "UPDATE key_sources SET sealed = $2 WHERE id = $1"),
+                ("SELECT id, sealed FROM keks ORDER BY id FOR UPDATE", "UPDATE keks SET sealed = $2 WHERE id = $1"),
+            ];
+            for (select, update) in SEALED_KEYS {
+                for row in s.query(select, &[])? {
+                    let (id, sealed): (i64, String) = (row.try_get(0)?, row.try_get(1)?);
+                    let new = reseal(&sealed).map_err(StoreError::Invalid)?;
+                    s.execute(update, &[&id, &new])?;
+                    count += 1;
+                }
             }
             let devices = s.query(
                 "SELECT device_id, signing_key, kbpk_aes, kbpk_tdes FROM device_credentials ORDER BY device_id FOR UPDATE",

@@ -195,25 +195,18 @@ impl SqliteStore {
     pub fn reseal_all(&self, reseal: impl Fn(&str) -> Result<String, String>, master_kcv: &str) -> StoreResult<usize> {
         self.write(|tx| {
             let mut count = 0;
-            let sources: Vec<(i64, String)> = {
-                let mut stmt = tx.prepare("SELECT id, sealed FROM key_sources").map_err(backend)?;
-                let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).map_err(backend)?;
-                rows.collect::<Result<Vec<_>, _>>().map_err(backend)?
-            };
-            for (id, sealed) in sources {
-                let new = reseal(&sealed).map_err(StoreError::Invalid)?;
-                tx.execute("UPDATE key_sources SET sealed = ?2 WHERE id = ?1", params![id, new]).map_err(backend)?;
-                count += 1;
-            }
-            let keks: Vec<(i64, String)> = {
-                let mut stmt = tx.prepare("SELECT id, sealed FROM keks").map_err(backend)?;
-                let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).map_err(backend)?;
-                rows.collect::<Result<Vec<_>, _>>().map_err(backend)?
-            };
-            for (id, sealed) in keks {
-                let new = reseal(&sealed).map_err(StoreError::Invalid)?;
-                tx.execute("UPDATE keks SET sealed = ?2 WHERE id = ?1", params![id, new]).map_err(backend)?;
-                count += 1;
+            for table in SEALED_KEY_TABLES {
+                let keys: Vec<(i64, String)> = {
+                    let mut stmt = tx.prepare(&format!("SELECT id, sealed FROM {table}")).map_err(backend)?;
+                    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).map_err(backend)?;
+                    rows.collect::<Result<Vec<_>, _>>().map_err(backend)?
+                };
+                for (id, sealed) in keys {
+                    let new = reseal(&sealed).map_err(StoreError::Invalid)?;
+                    tx.execute(&format!("UPDATE {table} SET sealed = ?2 WHERE id = ?1"), params![id, new])
+                        .map_err(backend)?;
+                    count += 1;
+                }
             }
             let devices: Vec<(i64, String, String, String)> = {
                 let mut stmt = tx
