@@ -830,7 +830,7 @@ impl Engine {
                 return Err("bad_sn");
             }
             // An unknown SN and an SN without a live GUDID look the same from outside.
-            let live = self.store.live_bootstrap_hashes(Some(sn), self.clock.now_ms()).map_err(|_| "store")?;
+            let live = self.store.live_bootstrap_hashes(Some(sn), self.clock.now_ms(), None).map_err(|_| "store")?;
             if live.is_empty() {
                 return Err("no_live_gudid");
             }

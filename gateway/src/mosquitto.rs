@@ -15,6 +15,12 @@ use sha2::Sha512;
 pub const PBKDF2_ITERATIONS: u32 = 101;
 /// Longest pause between two rewrites of the Mosquitto files.
 const SYNC_INTERVAL_MAX: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long a spent GUDID's bootstrap identity stays in the password file. The gateway spends
+/// the GUDID, rewrites the file and signals Mosquitto while its CreateKeyAnswer is still on the
+/// way; Mosquitto re-checks connected clients at a reload, and without this grace it would cut
+/// the terminal off before the answer arrives, leaving a spent GUDID and no key. The identity
+/// opens only that SN's initialisation topics, and the gateway refuses a spent GUDID's CreateKey.
+const SPENT_BOOTSTRAP_GRACE: std::time::Duration = std::time::Duration::from_secs(120);
 /// Salt length Mosquitto uses.
 const SALT_LEN: usize = 12;
 
@@ -194,7 +200,8 @@ pub fn write_files(
 ) -> Result<usize, String> {
     let mut bootstrap: std::collections::HashMap<String, String> = std::collections::HashMap::new();
     // Newest first: the first hash seen for an SN is its newest live GUDID's.
-    for (sn, hash) in store.live_bootstrap_hashes(None, now).map_err(|e| e.to_string())? {
+    let spent_after = now.saturating_sub(SPENT_BOOTSTRAP_GRACE.as_millis() as crate::clock::Millis);
+    for (sn, hash) in store.live_bootstrap_hashes(None, now, Some(spent_after)).map_err(|e| e.to_string())? {
         bootstrap.entry(sn).or_insert(hash);
     }
     let devices: Vec<BrokerDevice> = store

@@ -345,10 +345,10 @@ fn a_gudid_installs_credentials_once_and_a_second_spend_is_a_conflict(s: &Subjec
     assert_eq!((found.id, found.sn.as_str(), found.used_at), (gudid.id, "acme-0000", None));
     assert_eq!(found.bootstrap_hash.as_deref(), Some("$7$101$salt1$hash0"), "the bootstrap hash is kept");
     let live = vec![("acme-0000".to_string(), "$7$101$salt1$hash0".to_string())];
-    assert_eq!(st.live_bootstrap_hashes(Some("acme-0000"), T0).must(), live);
-    assert_eq!(st.live_bootstrap_hashes(None, T0).must(), live);
-    assert!(st.live_bootstrap_hashes(Some("acme-0001"), T0).must().is_empty());
-    assert!(st.live_bootstrap_hashes(None, T0 + 30 * DAY_MS).must().is_empty(), "expired");
+    assert_eq!(st.live_bootstrap_hashes(Some("acme-0000"), T0, None).must(), live);
+    assert_eq!(st.live_bootstrap_hashes(None, T0, None).must(), live);
+    assert!(st.live_bootstrap_hashes(Some("acme-0001"), T0, None).must().is_empty());
+    assert!(st.live_bootstrap_hashes(None, T0 + 30 * DAY_MS, None).must().is_empty(), "expired");
     let creds = st.spend_gudid(gudid.id, w.devices[0].id, &new_credentials("first"), T0 + 10).must();
     assert_eq!(
         (creds.device_id, creds.signing_key.as_str(), creds.last_counter, creds.generation),
@@ -360,7 +360,12 @@ fn a_gudid_installs_credentials_once_and_a_second_spend_is_a_conflict(s: &Subjec
     );
     assert_eq!(st.credentials("acme-0000").must().map(|c| c.signing_key), Some("sealed:sign:first".to_string()));
     assert_eq!(st.gudid_by_id(&gudid.gudid_id).must().and_then(|g| g.used_at), Some(T0 + 10));
-    assert!(st.live_bootstrap_hashes(None, T0 + 20).must().is_empty(), "a spent GUDID opens no bootstrap session");
+    assert!(
+        st.live_bootstrap_hashes(None, T0 + 20, None).must().is_empty(),
+        "a spent GUDID opens no bootstrap session"
+    );
+    assert_eq!(st.live_bootstrap_hashes(None, T0 + 20, Some(T0 + 9)).must(), live, "spent within the grace");
+    assert!(st.live_bootstrap_hashes(None, T0 + 20, Some(T0 + 10)).must().is_empty(), "spent before the grace");
     let device = st.device(w.org.id, "acme-0000").must();
     assert_eq!((device.initialised, device.x_pos_device_id.as_deref()), (true, Some("xpos-first")));
     let listed = st.list_gudids(w.org.id, Some("acme-0000")).must();

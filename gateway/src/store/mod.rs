@@ -569,9 +569,16 @@ pub trait Store: Send + Sync {
     // GUDIDs and initialisation
     fn insert_gudid(&self, row: &GudidRow) -> StoreResult<GudidRow>;
     fn gudid_by_id(&self, gudid_id: &[u8]) -> StoreResult<Option<GudidRow>>;
-    /// The bootstrap hashes of the live GUDIDs (unspent, not expired at `now`), of one SN or of
-    /// every SN, newest first: `(sn, bootstrap_hash)`.
-    fn live_bootstrap_hashes(&self, sn: Option<&str>, now: Millis) -> StoreResult<Vec<(String, String)>>;
+    /// The bootstrap hashes of the live GUDIDs (not expired at `now`, and unspent or spent after
+    /// `spent_after`), of one SN or of every SN, newest first: `(sn, bootstrap_hash)`. The MQTT
+    /// endpoint passes `None` (a spent GUDID opens nothing); the Mosquitto password file keeps a
+    /// just-spent GUDID's identity a little longer, so that a reload cannot cut the answer off.
+    fn live_bootstrap_hashes(
+        &self,
+        sn: Option<&str>,
+        now: Millis,
+        spent_after: Option<Millis>,
+    ) -> StoreResult<Vec<(String, String)>>;
     fn list_gudids(&self, org_id: i64, sn: Option<&str>) -> StoreResult<Vec<GudidRow>>;
     /// Spends the GUDID and installs the device's new credentials, atomically. Fails with
     /// `Conflict` if the GUDID was spent meanwhile.

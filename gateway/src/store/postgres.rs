@@ -1703,14 +1703,21 @@ impl Store for PostgresStore {
         })
     }
 
-    fn live_bootstrap_hashes(&self, sn: Option<&str>, now: Millis) -> StoreResult<Vec<(String, String)>> {
+    fn live_bootstrap_hashes(
+        &self,
+        sn: Option<&str>,
+        now: Millis,
+        spent_after: Option<Millis>,
+    ) -> StoreResult<Vec<(String, String)>> {
+        let spent_after = spent_after.unwrap_or(Millis::MAX);
         self.read(|s| {
             let found = s.query(
                 "SELECT d.sn, g.bootstrap_hash FROM gudids g JOIN devices d ON d.id = g.device_id
-                 WHERE ($1::text IS NULL OR d.sn = $1) AND g.used_at IS NULL AND g.expires_at > $2
+                 WHERE ($1::text IS NULL OR d.sn = $1) AND g.expires_at > $2
+                   AND (g.used_at IS NULL OR g.used_at > $3)
                    AND g.bootstrap_hash IS NOT NULL
                  ORDER BY g.id DESC",
-                &[&sn, &now],
+                &[&sn, &now, &spent_after],
             )?;
             rows(found, |r| Ok((r.try_get(0)?, r.try_get(1)?)))
         })

@@ -1183,17 +1183,25 @@ impl Store for SqliteStore {
         })
     }
 
-    fn live_bootstrap_hashes(&self, sn: Option<&str>, now: Millis) -> StoreResult<Vec<(String, String)>> {
+    fn live_bootstrap_hashes(
+        &self,
+        sn: Option<&str>,
+        now: Millis,
+        spent_after: Option<Millis>,
+    ) -> StoreResult<Vec<(String, String)>> {
         self.read(|c| {
             let mut stmt = c
                 .prepare_cached(
                     "SELECT d.sn, g.bootstrap_hash FROM gudids g JOIN devices d ON d.id = g.device_id
-                     WHERE (?1 IS NULL OR d.sn = ?1) AND g.used_at IS NULL AND g.expires_at > ?2
+                     WHERE (?1 IS NULL OR d.sn = ?1) AND g.expires_at > ?2
+                       AND (g.used_at IS NULL OR g.used_at > ?3)
                        AND g.bootstrap_hash IS NOT NULL
                      ORDER BY g.id DESC",
                 )
                 .map_err(backend)?;
-            let rows = stmt.query_map(params![sn, now], |r| Ok((r.get(0)?, r.get(1)?))).map_err(backend)?;
+            let spent_after = spent_after.unwrap_or(Millis::MAX);
+            let rows =
+                stmt.query_map(params![sn, now, spent_after], |r| Ok((r.get(0)?, r.get(1)?))).map_err(backend)?;
             rows.collect::<Result<Vec<_>, _>>().map_err(backend)
         })
     }
