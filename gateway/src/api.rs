@@ -105,6 +105,9 @@ pub fn router(state: Arc<AppState>, with_metrics: bool) -> Router {
         .fallback(no_such_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(BODY_BYTES_MAX))
+        // Refuses a declared Content-Length over the limit at once, before any of the body is
+        // read; DefaultBodyLimit alone would wait for the bytes (a chunked body still meets it).
+        .layer(tower_http::limit::RequestBodyLimitLayer::new(BODY_BYTES_MAX))
         .layer(axum::middleware::from_fn_with_state(state.clone(), refuse_changes_without_space))
         .layer(axum::middleware::from_fn(problems_and_headers))
         .with_state(state)

@@ -18,7 +18,7 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 #[command(
     name = "rki-gateway",
     version,
-    about = "Remote key injection gateway: embedded MQTT broker, task engine, admin API"
+    about = "Remote key injection gateway: MQTT endpoint for terminals, task engine, admin API"
 )]
 struct Cli {
     /// TOML configuration file.
@@ -181,58 +181,22 @@ fn backup(config: &Config, file: &std::path::Path) -> Result<(), String> {
     Ok(())
 }
 
-/// Whether the log sees a span or event: everything but rumqttd's spans. rumqttd opens an
-/// ERROR-level span for every publish it routes (`publish`, with the topic formatted by `Debug`)
-/// and for every batch of packets, so a filter that lets rumqttd's errors and warnings through
-/// also builds, formats and stores those spans, on the router's thread, once per message.
-/// rumqttd's events still pass the level filter (without the span context).
-fn not_a_broker_span(meta: &tracing::Metadata<'_>) -> bool {
-    !(meta.is_span() && meta.target().starts_with("rumqttd"))
-}
-
-/// The process's log: `filter` (`RKI_LOG`), text or JSON lines, rumqttd's spans left out.
+/// The process's log: `filter` (`RKI_LOG`), text or JSON lines.
 fn log_subscriber(filter: tracing_subscriber::EnvFilter, json: bool) -> Box<dyn tracing::Subscriber + Send + Sync> {
-    use tracing_subscriber::layer::SubscriberExt;
-    let broker_spans = tracing_subscriber::filter::filter_fn(not_a_broker_span);
     let fmt = tracing_subscriber::fmt().with_env_filter(filter);
     if json {
-        Box::new(fmt.json().finish().with(broker_spans))
+        Box::new(fmt.json().finish())
     } else {
-        Box::new(fmt.finish().with(broker_spans))
+        Box::new(fmt.finish())
     }
 }
 
 fn run(config: Config, init: bool) -> Result<(), String> {
     let json = config.log_format == "json";
-    let filter = tracing_subscriber::EnvFilter::try_from_env("RKI_LOG").unwrap_or_else(|_| "info,rumqttd=warn".into());
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RKI_LOG").unwrap_or_else(|_| "info".into());
     // `try_init`, not `set_global_default`: it also forwards the `log` crate's records (the
     // PostgreSQL client's among them) into the same subscriber.
     tracing_subscriber::util::SubscriberInitExt::try_init(log_subscriber(filter, json)).map_err(|e| e.to_string())?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;
     runtime.block_on(server::run(config, init))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn rumqttds_spans_are_left_out_and_its_errors_and_the_gateways_spans_kept() {
-        let subscriber = log_subscriber("info,rumqttd=warn".parse().expect("filter"), false);
-        tracing::subscriber::with_default(subscriber, || {
-            let topic = b"SN0001/rki/v1/up";
-            let broker = tracing::error_span!(target: "rumqttd::router::routing", "publish", topic = ?topic);
-            assert!(broker.is_disabled(), "rumqttd's per-message span is not built");
-            let ours = tracing::info_span!(target: "rki_gateway::engine", "task", id = 7);
-            assert!(!ours.is_disabled(), "the gateway's own spans stay");
-            assert!(
-                tracing::event_enabled!(target: "rumqttd::router::routing", tracing::Level::ERROR),
-                "rumqttd's errors stay"
-            );
-            assert!(
-                !tracing::event_enabled!(target: "rumqttd::router::routing", tracing::Level::DEBUG),
-                "below rumqttd's level: filtered as before"
-            );
-        });
-    }
 }

@@ -25,7 +25,7 @@ pub const STORE_COMMIT_LATENCY_SECONDS: &str = "rki_store_commit_latency_seconds
 pub const STORE_FREE_BYTES: &str = "rki_store_free_bytes";
 pub const STORE_LOCKS_HELD: &str = "rki_store_locks_held";
 pub const BROKER_UP: &str = "rki_broker_up";
-pub const MQTT_CONNECT_REFUSED_TOTAL: &str = "rki_mqtt_connect_refused_total";
+pub const MQTT_CONNECT_REFUSED_TOTAL: &str = "rki_mqtt_connects_refused_total";
 pub const MQTT_CONNECTIONS_MAX: &str = "rki_mqtt_connections_max";
 pub const GUDIDS: &str = "rki_gudids";
 pub const GUDID_REFUSALS_TOTAL: &str = "rki_gudid_refusals_total";
@@ -93,6 +93,18 @@ fn register_closed_series() {
     }
     for reason in ["foreign_subscribe", "wildcard_subscribe", "foreign_publish", "retain", "qos2"] {
         metrics::counter!(MQTT_REFUSALS_TOTAL, "reason" => reason).increment(0);
+    }
+    for reason in crate::mqtt::rules::CONNECT_REFUSAL_REASONS {
+        metrics::counter!(MQTT_CONNECT_REFUSED_TOTAL, "reason" => *reason).increment(0);
+    }
+    for reason in ["not_a_device_topic", "no_session", "session_full"] {
+        metrics::counter!(MQTT_DOWNLINKS_DROPPED_TOTAL, "reason" => reason).increment(0);
+    }
+    {
+        use rki_protocol::message::RefusalCode::*;
+        for code in [UnknownGudid, GudidUsed, GudidExpired, GudidWrongDevice, BadTag, Malformed] {
+            metrics::counter!(GUDID_REFUSALS_TOTAL, "reason" => code.as_str()).increment(0);
+        }
     }
     metrics::counter!(MQTT_ACCEPT_ERRORS_TOTAL, "kind" => "descriptors").increment(0);
     for name in [DELIVERIES_TOTAL, DUPLICATE_ACKS_TOTAL, INITIALISATIONS_TOTAL, SAMPLER_ERRORS_TOTAL] {

@@ -82,7 +82,7 @@ pub struct GatewayOptions {
     /// Keep the directory when dropped (it is also kept when a test panics, or with
     /// `RKI_TEST_KEEP` set).
     pub keep_dir: bool,
-    /// `RKI_LOG` for the process: the tests keep rumqttd to its errors; `None` leaves the
+    /// `RKI_LOG` for the process ("info" in the tests); `None` leaves the
     /// gateway's own default (or the caller's environment), as the load tester measures it.
     pub log_filter: Option<String>,
     /// How long a start may take until `/healthz` answers.
@@ -103,7 +103,7 @@ impl Default for GatewayOptions {
             mqtt_bind: Ipv4Addr::LOCALHOST,
             dir: None,
             keep_dir: false,
-            log_filter: Some("info,rumqttd=error".to_string()),
+            log_filter: Some("info".to_string()),
             healthy_timeout: Duration::from_secs(30),
             data_dir: None,
             nofile_limit: None,

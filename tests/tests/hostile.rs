@@ -119,10 +119,10 @@ fn unknown_sns_and_wrong_passwords_are_refused_at_connect_and_counted() -> TestR
     // The old public bootstrap password opens nothing: the bootstrap identity proves a live GUDID.
     let boot_public = rt.block_on(mqtt_connect(gw.mqtt_port, "init@CONN000001", "bootstrap", true));
     assert!(boot_public.is_err(), "the bootstrap identity was let in without its GUDID");
-    assert!(gw.metric("rki_mqtt_connect_refused_total{reason=\"unknown_sn\"}") >= 1.0);
-    assert!(gw.metric("rki_mqtt_connect_refused_total{reason=\"not_initialised\"}") >= 1.0);
-    assert!(gw.metric("rki_mqtt_connect_refused_total{reason=\"no_live_gudid\"}") >= 1.0);
-    assert!(gw.metric("rki_mqtt_connect_refused_total{reason=\"bad_bootstrap\"}") >= 1.0);
+    assert!(gw.metric("rki_mqtt_connects_refused_total{reason=\"unknown_sn\"}") >= 1.0);
+    assert!(gw.metric("rki_mqtt_connects_refused_total{reason=\"not_initialised\"}") >= 1.0);
+    assert!(gw.metric("rki_mqtt_connects_refused_total{reason=\"no_live_gudid\"}") >= 1.0);
+    assert!(gw.metric("rki_mqtt_connects_refused_total{reason=\"bad_bootstrap\"}") >= 1.0);
     let gudid = rki_protocol::init::Gudid::parse(&provisioned.gudids[0].1)?;
     let password = rki_tests::bootstrap_password(&gudid, "CONN000001");
     let boot = rt.block_on(mqtt_connect(gw.mqtt_port, "init@CONN000001", &password, true));

@@ -148,7 +148,7 @@ fn every_refused_connect_gets_the_connack_code_that_says_why_in_both_versions() 
         ),
     ];
     for (client_id, login, code4, code5, reason) in cases {
-        let before = gw.metric(&format!("rki_mqtt_connect_refused_total{{reason=\"{reason}\"}}"));
+        let before = gw.metric(&format!("rki_mqtt_connects_refused_total{{reason=\"{reason}\"}}"));
         let mut raw = Raw::open(gw.mqtt_port)?;
         raw.connect_v4(client_id, *login, true)?;
         assert_eq!(v4_code(&mut raw)?, *code4, "3.1.1 {reason}");
@@ -156,7 +156,7 @@ fn every_refused_connect_gets_the_connack_code_that_says_why_in_both_versions() 
         let mut raw = Raw::open(gw.mqtt_port)?;
         raw.connect_v5(client_id, *login)?;
         assert_eq!(v5_code(&mut raw)?, *code5, "5.0 {reason}");
-        let after = gw.metric(&format!("rki_mqtt_connect_refused_total{{reason=\"{reason}\"}}"));
+        let after = gw.metric(&format!("rki_mqtt_connects_refused_total{{reason=\"{reason}\"}}"));
         assert_eq!(after - before, 2.0, "{reason} counted once per refusal");
     }
     // The refusal log never holds a password.

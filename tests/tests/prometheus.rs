@@ -112,8 +112,10 @@ fn a_real_prometheus_scrapes_a_push_and_sees_every_series_with_its_value() -> Te
         ("rki_initialisations_total".to_string(), 7.0),
         (format!("rki_tasks_created_total{{{org}}}"), 1.0),
         ("rki_delivery_latency_seconds_count{from=\"creation\"}".to_string(), 5.0),
-        ("rki_gudid_refusals_total{reason=\"gudid_used\"}".to_string(), 1.0),
-        ("rki_mqtt_connect_refused_total{reason=\"not_initialised\"}".to_string(), 1.0),
+        // A spent GUDID no longer opens the bootstrap identity: refused at CONNECT.
+        ("rki_mqtt_connects_refused_total{reason=\"no_live_gudid\"}".to_string(), 1.0),
+        ("rki_gudid_refusals_total{reason=\"gudid_used\"}".to_string(), 0.0),
+        ("rki_mqtt_connects_refused_total{reason=\"not_initialised\"}".to_string(), 1.0),
         ("rki_api_errors_total{code=\"not_found\"}".to_string(), 1.0),
         (format!("rki_executions{{{org},state=\"succeeded\"}}"), 5.0),
         (format!("rki_executions{{{org},state=\"queued\"}}"), 2.0),

@@ -191,7 +191,7 @@ impl Session {
             .env("RKI_MQTT_ADDR", format!("127.0.0.1:{}", self.mqtt_port))
             .env_remove("RKI_CONFIG")
             .env_remove("RKI_DATA_DIR")
-            .env("RKI_LOG", "info,rumqttd=error")
+            .env("RKI_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -47,7 +47,7 @@ impl Identity {
     }
 }
 
-/// Why a CONNECT was refused: the label of `rki_mqtt_connect_refused_total{reason}`, and the
+/// Why a CONNECT was refused: the label of `rki_mqtt_connects_refused_total{reason}`, and the
 /// CONNACK code the client gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConnectRefusal {

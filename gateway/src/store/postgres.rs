@@ -377,6 +377,9 @@ fn retrying<T>(mut attempt: impl FnMut() -> Result<T, Failure>) -> StoreResult<T
 // ---------------------------------------------------------------- open and migrate
 
 impl PostgresStore {
+    /// The schema version this build migrates a database to.
+    pub const SCHEMA_VERSION: usize = MIGRATIONS.len();
+
     /// Connects to the database at `url` (`postgres://user:password@host:port/db` or the
     /// `key=value` form) with at most `pool_size` connections, and runs pending migrations.
     pub fn connect(url: &str, pool_size: usize) -> StoreResult<Self> {
