@@ -225,12 +225,14 @@ pub fn new_gudid(world: &World, device: usize, tag: u8) -> GudidRow {
         device_id: d.id,
         sn: d.sn.clone(),
         gudid_id: [&[tag][..], &(device as u32).to_be_bytes(), &[0xA5, 0x5A]].concat(),
-        mac_key: vec![0x11; 32],
+        sealed_mac_key: format!("sealed:gudid:{tag}:{device}"),
         provisioned_by: "ops".into(),
         provisioned_at: T0,
         expires_at: T0 + 30 * DAY_MS,
         used_at: None,
         bootstrap_hash: Some(format!("$7$101$salt{tag}$hash{device}")),
+        revoked_at: None,
+        revoked_by: None,
     }
 }
 
