@@ -1321,17 +1321,18 @@ fn gudid_json(g: &GudidRow, now: Millis) -> Value {
 async fn provision_gudids(State(state): St, caller: Caller, body: Bytes) -> ApiResult<Response> {
     let org = caller.org()?;
     let req: GudidRequest = json_body(&body)?;
-    let sns =
-        match (req.sn, req.sns) {
-            (Some(sn), None) => vec![sn],
-            (None, Some(sns)) if !sns.is_empty() && sns.len() <= GUDIDS_PER_REQUEST_MAX => sns,
-            _ => return Err(ApiError::bad(
+    let sns = match (req.sn, req.sns) {
+        (Some(sn), None) => vec![sn],
+        (None, Some(sns)) if !sns.is_empty() && sns.len() <= GUDIDS_PER_REQUEST_MAX => sns,
+        _ => {
+            return Err(ApiError::bad(
                 "bad_target",
                 format!(
                     "name `sn`, or `sns` with 1 to {GUDIDS_PER_REQUEST_MAX} SNs (a larger fleet takes several calls)"
                 ),
-            )),
-        };
+            ))
+        }
+    };
     let mut seen = std::collections::HashSet::with_capacity(sns.len());
     let duplicates: Vec<&String> = sns.iter().filter(|sn| !seen.insert(sn.as_str())).collect();
     if !duplicates.is_empty() {
