@@ -955,7 +955,7 @@
       key: (g) => g.id,
       sig: (g) => JSON.stringify(g),
       build: (g) => {
-        const kind = { unused: 'ok', used: 'idle', expired: 'warn' }[g.status] || 'idle';
+        const kind = { unused: 'ok', used: 'idle', expired: 'warn', revoked: 'warn' }[g.status] || 'idle';
         return h('tr', { dataset: { sn: g.sn, status: g.status } },
           h('th', { scope: 'row' }, mono(g.sn)),
           h('td', {}, badge(kind, g.status)),

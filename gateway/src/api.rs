@@ -21,6 +21,7 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
+use crate::clock::Millis;
 use crate::engine::{Engine, EngineError, Target, TaskSpec};
 use crate::keyservice::ceremony::{CeremonyError, Component as CeremonyComponent, KeyFamily};
 use crate::keyservice::KeyService;
@@ -98,6 +99,7 @@ pub fn router(state: Arc<AppState>, with_metrics: bool) -> Router {
         .route("/v1/records", get(list_records))
         .route("/v1/billing", get(billing))
         .route("/v1/gudids", post(provision_gudids).get(list_gudids))
+        .route("/v1/gudids/{id}/revoke", post(revoke_gudid))
         .route("/v1/audit", get(list_audit))
         .route("/v1/admin/clock", post(advance_clock))
         .route("/v1/admin/expire", post(expire_now))
@@ -1303,49 +1305,106 @@ struct GudidRequest {
     sns: Option<Vec<String>>,
 }
 
-/// Provisions one GUDID per named SN (never spares). Each GUDID is shown once, here.
+/// Most GUDIDs one `POST /v1/gudids` provisions: GUDIDs are made as terminals need them, a
+/// site's or a shipment's worth at a time, never as bulk spares (a larger fleet takes several
+/// calls). Each is made, sealed and audited inside the request.
+pub const GUDIDS_PER_REQUEST_MAX: usize = 1000;
+
+/// A GUDID row as the API shows it: no hash, no sealed key; its `status` at `now`.
+fn gudid_json(g: &GudidRow, now: Millis) -> Value {
+    let mut v = serde_json::to_value(g).unwrap_or(Value::Null);
+    v["status"] = json!(g.status(now));
+    v
+}
+
+/// Provisions one GUDID per named SN (never spares), all or nothing: an SN that is not one of the
+/// organization's devices answers 404 naming every such SN, and nothing is provisioned. A new
+/// GUDID revokes the SN's live one (at most one live GUDID per SN). Each GUDID is shown once,
+/// here; each provisioning and each revocation is audited in the same transaction.
 async fn provision_gudids(State(state): St, caller: Caller, body: Bytes) -> ApiResult<Response> {
     let org = caller.org()?;
     let req: GudidRequest = json_body(&body)?;
     let sns = match (req.sn, req.sns) {
         (Some(sn), None) => vec![sn],
-        (None, Some(sns)) if !sns.is_empty() && sns.len() <= 10_000 => sns,
-        _ => return Err(ApiError::bad("bad_target", "name `sn`, or `sns` with 1 to 10000 SNs")),
+        (None, Some(sns)) if !sns.is_empty() && sns.len() <= GUDIDS_PER_REQUEST_MAX => sns,
+        _ => {
+            return Err(ApiError::bad(
+                "bad_target",
+                format!(
+                    "name `sn`, or `sns` with 1 to {GUDIDS_PER_REQUEST_MAX} SNs (a larger fleet takes several calls)"
+                ),
+            ))
+        }
     };
-    let mut out = Vec::new();
-    for sn in &sns {
-        let (gudid, row) = state.engine.provision_gudid(org, sn, &caller.label).await?;
-        out.push(json!({"sn": sn, "gudid": gudid, "expires_at": row.expires_at}));
+    let mut seen = std::collections::HashSet::with_capacity(sns.len());
+    let duplicates: Vec<&String> = sns.iter().filter(|sn| !seen.insert(sn.as_str())).collect();
+    if !duplicates.is_empty() {
+        return Err(ApiError::bad("duplicate_sn", "each SN at most once: one live GUDID per SN")
+            .with(json!({"duplicates": duplicates})));
     }
-    audit(&state, &caller, Some(org), "gudid.provision", format!("devices:{}", sns.len()), json!({"sns": sns})).await?;
+    let _permit = if sns.len() > 10 { Some(state.expensive()?) } else { None };
+    // Unknown SNs answer before any GUDID is made; the store checks again inside its
+    // transaction, so a device removed meanwhile still leaves nothing behind.
+    let wanted = sns.clone();
+    let found = blocking(&state, move |s| s.device_ids_by_sn(org, &wanted)).await?;
+    let unknown: Vec<String> = found.into_iter().filter(|(_, id)| id.is_none()).map(|(sn, _)| sn).collect();
+    if !unknown.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("{} unknown device(s); no GUDID was provisioned", unknown.len()),
+        )
+        .with(json!({"unknown": unknown})));
+    }
+    let actor = Actor { label: caller.label.clone(), token_id: Some(caller.token_id) };
+    let provisioned = state.engine.provision_gudids(org, &sns, actor).await?;
+    let out: Vec<Value> = provisioned
+        .iter()
+        .map(|(text, p)| {
+            json!({
+                "id": p.row.id,
+                "sn": p.row.sn,
+                "gudid": text.as_str(),
+                "expires_at": p.row.expires_at,
+                "revoked": p.revoked,
+            })
+        })
+        .collect();
     Ok((StatusCode::CREATED, Json(json!({ "gudids": out }))).into_response())
 }
 
 #[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 struct GudidQuery {
     sn: Option<String>,
+    /// `true`: only the live GUDIDs (unspent, unrevoked, unexpired).
+    live: Option<bool>,
+    limit: Option<i64>,
 }
 
+/// The organization's GUDIDs, newest first, at most `limit` (default and most [`PAGE_MAX`]):
+/// of one SN with `sn`, only the live ones with `live=true`.
 async fn list_gudids(State(state): St, caller: Caller, Query(q): Query<GudidQuery>) -> ApiResult<Json<Value>> {
     let org = caller.org()?;
     let now = state.engine.clock.now_ms();
-    let rows = blocking(&state, move |s| s.list_gudids(org, q.sn.as_deref())).await?;
-    let out: Vec<Value> = rows
-        .iter()
-        .map(|g| {
-            let status = if g.used_at.is_some() {
-                "used"
-            } else if now >= g.expires_at {
-                "expired"
-            } else {
-                "unused"
-            };
-            let mut v = serde_json::to_value(g).unwrap_or(Value::Null);
-            v["status"] = json!(status);
-            v
-        })
-        .collect();
+    let filter = GudidFilter {
+        sn: q.sn,
+        live_at: q.live.unwrap_or(false).then_some(now),
+        limit: q.limit.unwrap_or(PAGE_MAX).clamp(1, PAGE_MAX),
+    };
+    let rows = blocking(&state, move |s| s.list_gudids(org, &filter)).await?;
+    let out: Vec<Value> = rows.iter().map(|g| gudid_json(g, now)).collect();
     Ok(Json(json!({ "gudids": out })))
+}
+
+/// Revokes a live GUDID of the organization: it no longer opens the bootstrap identity nor
+/// initialises a terminal. 404 for an unknown (or another organization's) GUDID, 409 for one
+/// already used, revoked or expired. Audited in the same transaction.
+async fn revoke_gudid(State(state): St, caller: Caller, Path(id): Path<i64>) -> ApiResult<Json<Value>> {
+    let org = caller.org()?;
+    let actor = Actor { label: caller.label.clone(), token_id: Some(caller.token_id) };
+    let row = state.engine.revoke_gudid(org, id, actor).await?;
+    Ok(Json(json!({ "gudid": gudid_json(&row, state.engine.clock.now_ms()) })))
 }
 
 #[derive(Deserialize, Default)]

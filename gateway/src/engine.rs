@@ -23,6 +23,7 @@ use rki_protocol::terminal::{firmware_refusal, InjectionType, KeySlot, KeyType, 
 use rki_protocol::{topic, Kcv, KeyAlgorithm};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, warn};
+use zeroize::Zeroizing;
 
 use crate::clock::{Clock, Millis};
 use crate::domain::{ExecutionState, NotReady, EXPIRY_DAYS_DEFAULT, EXPIRY_DAYS_MAX, SECONDS_PER_DAY};
@@ -1560,8 +1561,14 @@ impl Engine {
             Ok(None) => return refuse(RefusalCode::UnknownGudid),
             Err(_) => return refuse(RefusalCode::UnknownGudid),
         };
-        let Ok(mac_key) = MacKey::new(rki_protocol::SecretBytes::from_slice(&gudid.mac_key)) else {
-            return refuse(RefusalCode::UnknownGudid);
+        // The MAC key is kept sealed under the master key: a copy of the store cannot tag a
+        // CreateKey. A row that does not open (a tampered store) is as good as unknown.
+        let mac_key = match self.keys.open_gudid_mac_key(&gudid.sealed_mac_key) {
+            Ok(key) => key,
+            Err(e) => {
+                warn!(sn, error = %e, "a GUDID's sealed MAC key does not open");
+                return refuse_as(RefusalCode::UnknownGudid, "gudid_unsealable");
+            }
         };
         let create_key_body = unverified.body_bytes().to_vec();
         if unverified.verify(&mac_key).is_err() {
@@ -1580,6 +1587,11 @@ impl Engine {
         }
         if gudid.used_at.is_some() {
             return refuse(RefusalCode::GudidUsed);
+        }
+        // A revoked GUDID is, to the terminal, no longer valid: the same code as an expired one
+        // (PROTOCOL.md §7.3); the metric says which.
+        if gudid.revoked_at.is_some() {
+            return refuse_as(RefusalCode::GudidExpired, "gudid_revoked");
         }
         if self.clock.now_ms() >= gudid.expires_at {
             return refuse(RefusalCode::GudidExpired);
@@ -1687,30 +1699,52 @@ impl Engine {
 
     // ---------------------------------------------------------------- operator actions
 
-    /// GUDID provisioning: a fresh GUDID for the SN, shown once.
-    pub async fn provision_gudid(&self, org_id: i64, sn: &str, actor: &str) -> EngineResult<(String, GudidRow)> {
-        let device = self.device(org_id, sn).await?;
-        let gudid = init::Gudid::random().map_err(|_| EngineError::Internal("no randomness".into()))?;
-        let bootstrap_hash = crate::mosquitto::password_hash(gudid.bootstrap_password(sn).expose_secret())
-            .map_err(EngineError::Internal)?;
+    /// GUDID provisioning: one fresh GUDID per SN, each shown once (the text returned), all or
+    /// nothing. Each GUDID's MAC key is sealed under the master key and its bootstrap password
+    /// kept only as a salted hash; the GUDID itself is never stored. A new GUDID revokes the
+    /// SN's live one. Audited by the store in the same transaction.
+    pub async fn provision_gudids(
+        &self,
+        org_id: i64,
+        sns: &[String],
+        actor: Actor,
+    ) -> EngineResult<Vec<(Zeroizing<String>, ProvisionedGudid)>> {
         let now = self.clock.now_ms();
-        let row = GudidRow {
-            id: 0,
-            org_id,
-            device_id: device.id,
-            sn: sn.to_string(),
-            gudid_id: gudid.id().to_vec(),
-            mac_key: gudid.mac_key().expose_secret().to_vec(),
-            provisioned_by: actor.to_string(),
-            provisioned_at: now,
-            expires_at: now + (GUDID_VALIDITY_SECONDS as i64) * 1000,
-            used_at: None,
-            bootstrap_hash: Some(bootstrap_hash),
-        };
-        let row = self.blocking(move |s| s.insert_gudid(&row)).await?;
-        // An external broker's password file gains the SN's bootstrap identity now.
+        let expires_at = now + (GUDID_VALIDITY_SECONDS as i64) * 1000;
+        let mut texts = Vec::with_capacity(sns.len());
+        let mut rows = Vec::with_capacity(sns.len());
+        for sn in sns {
+            let gudid = init::Gudid::random().map_err(|_| EngineError::Internal("no randomness".into()))?;
+            let bootstrap_hash = crate::mosquitto::password_hash(gudid.bootstrap_password(sn).expose_secret())
+                .map_err(EngineError::Internal)?;
+            let sealed_mac_key = self
+                .keys
+                .seal_gudid_mac_key(&gudid.mac_key())
+                .map_err(|e| EngineError::Internal(format!("sealing a GUDID: {e}")))?;
+            rows.push(NewGudid {
+                sn: sn.clone(),
+                gudid_id: gudid.id().to_vec(),
+                sealed_mac_key,
+                bootstrap_hash,
+                expires_at,
+            });
+            texts.push(gudid.expose_text());
+        }
+        let provisioned = self.blocking(move |s| s.provision_gudids(org_id, &rows, now, &actor)).await?;
+        // An external broker's password file gains the SNs' bootstrap identities now (and loses
+        // those of the GUDIDs revoked).
         self.notify_registry_changed();
-        Ok((gudid.expose_text().to_string(), row))
+        Ok(texts.into_iter().zip(provisioned).collect())
+    }
+
+    /// Revokes a live GUDID: it no longer opens `init@{SN}` nor initialises. Audited by the
+    /// store in the same transaction.
+    pub async fn revoke_gudid(&self, org_id: i64, id: i64, actor: Actor) -> EngineResult<GudidRow> {
+        let now = self.clock.now_ms();
+        let row = self.blocking(move |s| s.revoke_gudid(org_id, id, now, &actor)).await?;
+        self.notify_registry_changed();
+        info!(sn = %row.sn, gudid = id, "GUDID revoked");
+        Ok(row)
     }
 
     pub async fn device(&self, org_id: i64, sn: &str) -> EngineResult<DeviceRow> {

@@ -8,9 +8,11 @@
 //!
 //! At rest every key is a TR-31 version D key block under the master key (AES-256): BDKs with
 //! usage `B0`, key-encryption keys with `K0` (mode `D`: they only unwrap), key-block protection
-//! keys with `K1`, device signing keys with `M7` (HMAC). Unsealing checks the usage, so a key
+//! keys with `K1`, device signing keys with `M7` (HMAC), and each GUDID's MAC key with `M7` and
+//! the proprietary optional block `0G` ([`GUDID_MAC_BLOCK`]). Unsealing checks the usage, so a key
 //! sealed as one kind is refused where another is expected: a KEK never derives, a BDK never
-//! unwraps.
+//! unwraps, a GUDID's MAC key never signs a device's frames and a device's signing key never
+//! passes for a GUDID's.
 //!
 //! Keys enter at the key ceremony ([`ceremony`]): as clear components, or as TR-31 blocks under a
 //! KEK.
@@ -151,6 +153,12 @@ impl MasterKey {
     }
 }
 
+/// The proprietary TR-31 optional block (IDs starting with a digit are proprietary) that marks a
+/// sealed GUDID MAC key, so that it and a device's signing key (both `M7`) are never taken for
+/// each other.
+pub const GUDID_MAC_BLOCK: [u8; 2] = *b"0G";
+const GUDID_MAC_BLOCK_DATA: &str = "GUDID";
+
 /// A BDK sealed for storage, with its public facts.
 #[derive(Debug, Clone)]
 pub struct SealedKey {
@@ -218,6 +226,12 @@ pub trait KeyService: Send + Sync {
     fn seal_device_secrets(&self, secrets: &DeviceSecrets) -> Result<SealedDeviceSecrets, KeyServiceError>;
     /// Opens a device signing key, for verifying its messages and signing those sent to it.
     fn open_signing_key(&self, sealed: &str) -> Result<MacKey, KeyServiceError>;
+    /// Seals a GUDID's MAC key (`gudid_mac_key`, PROTOCOL.md §7.2) for the store: the key that
+    /// tags `CreateKey` and its answer and salts the device secrets' HKDF. Stored only sealed, so
+    /// a copy of the store cannot run an initialisation.
+    fn seal_gudid_mac_key(&self, key: &MacKey) -> Result<String, KeyServiceError>;
+    /// Opens a sealed GUDID MAC key; a key sealed as anything else is refused.
+    fn open_gudid_mac_key(&self, sealed: &str) -> Result<MacKey, KeyServiceError>;
     /// Derives the DUKPT initial key of each request from the sealed BDK and wraps it under the
     /// device's KBPK: TR-31 version B for TDES, version D for AES. Spreads the work over the
     /// machine's cores. Used at task creation and to re-wrap after a re-initialisation.
@@ -508,8 +522,32 @@ impl KeyService for SoftwareKeyService {
 
     fn open_signing_key(&self, sealed: &str) -> Result<MacKey, KeyServiceError> {
         let (header, bytes) = self.unseal(sealed)?;
-        if header.key_usage() != *b"M7" {
+        if header.key_usage() != *b"M7" || header.optional_block(GUDID_MAC_BLOCK).is_some() {
             return Err(KeyServiceError::Unseal);
+        }
+        MacKey::new(bytes).map_err(|_| KeyServiceError::Unseal)
+    }
+
+    fn seal_gudid_mac_key(&self, key: &MacKey) -> Result<String, KeyServiceError> {
+        let header = Header::builder(Version::D, *b"M7", b'H', b'C')
+            .exportability(b'N')
+            .optional_block(
+                tr31::OptionalBlock::new(GUDID_MAC_BLOCK, GUDID_MAC_BLOCK_DATA)
+                    .map_err(|e| KeyServiceError::Tr31(e.to_string()))?,
+            )
+            .build()
+            .map_err(|e| KeyServiceError::Tr31(e.to_string()))?;
+        tr31::wrap(&self.master.0, &header, &SecretBytes::from_slice(key.expose_secret()), &mut os_random)
+            .map_err(|e| KeyServiceError::Tr31(e.to_string()))
+    }
+
+    fn open_gudid_mac_key(&self, sealed: &str) -> Result<MacKey, KeyServiceError> {
+        let (header, bytes) = self.unseal(sealed)?;
+        if header.key_usage() != *b"M7" || header.optional_block(GUDID_MAC_BLOCK) != Some(GUDID_MAC_BLOCK_DATA) {
+            return Err(KeyServiceError::WrongUsage {
+                expected: "GUDID MAC key (M7, block 0G)",
+                found: header.key_usage_str().to_string(),
+            });
         }
         MacKey::new(bytes).map_err(|_| KeyServiceError::Unseal)
     }
@@ -625,6 +663,37 @@ mod tests {
             let Err(e) = MasterKey::parse(raw) else { panic!("{found}: accepted") };
             assert!(e.contains("expected 64 hexadecimal digits") && e.contains(found), "{e}");
         }
+    }
+
+    /// A GUDID's MAC key is kept only sealed: it opens under the master key it was sealed under,
+    /// as a GUDID MAC key only, and the sealed text does not hold the key.
+    #[test]
+    fn a_gudid_mac_key_opens_only_as_itself_and_only_under_its_master_key() {
+        let service = SoftwareKeyService::new(MasterKey::generate().expect("master key"));
+        let key = MacKey::new(SecretBytes::from_slice(&[0x5A; 32])).expect("mac key");
+        let sealed = service.seal_gudid_mac_key(&key).expect("seal");
+        assert!(!sealed.to_uppercase().contains(&"5A".repeat(32)), "the clear key is in the sealed text");
+        let opened = service.open_gudid_mac_key(&sealed).expect("open");
+        assert_eq!(opened.expose_secret(), key.expose_secret());
+        assert!(service.open_signing_key(&sealed).is_err(), "a GUDID MAC key passed for a signing key");
+        let secrets = DeviceSecrets {
+            signing_key: MacKey::new(SecretBytes::from_slice(&[1; 32])).expect("mac key"),
+            kbpk_aes: SymmetricKey::aes(SecretBytes::from_slice(&[2; 32])).expect("aes kbpk"),
+            kbpk_tdes: SymmetricKey::tdes(SecretBytes::from_slice(&(1..=24).collect::<Vec<u8>>())).expect("tdes"),
+            mqtt_password: SecretBytes::from_slice(&[b'A'; 64]),
+        };
+        let device = service.seal_device_secrets(&secrets).expect("seal secrets");
+        assert!(service.open_gudid_mac_key(&device.signing_key).is_err(), "a signing key passed for a GUDID's");
+        assert!(service.open_gudid_mac_key(&device.kbpk_aes).is_err(), "a KBPK passed for a GUDID's");
+        let other = SoftwareKeyService::new(MasterKey::generate().expect("master key"));
+        assert!(matches!(other.open_gudid_mac_key(&sealed), Err(KeyServiceError::Unseal)));
+        // A master key rotation re-seals it like any other key.
+        let (old, new) = (MasterKey::generate().expect("old"), MasterKey::generate().expect("new"));
+        let sealed_old =
+            SoftwareKeyService::new(MasterKey(old.0.clone_secret())).seal_gudid_mac_key(&key).expect("seal");
+        let resealed = old.reseal(&sealed_old, &new).expect("reseal");
+        let opened = SoftwareKeyService::new(new).open_gudid_mac_key(&resealed).expect("open after rotation");
+        assert_eq!(opened.expose_secret(), key.expose_secret());
     }
 
     #[test]

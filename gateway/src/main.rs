@@ -129,6 +129,12 @@ fn rotate_master_key(config: &Config) -> Result<(), String> {
     if store.meta("master_key_kcv")?.is_some_and(|kcv| kcv != old.kcv().to_hex()) {
         return Err("the master key file does not match this store; nothing changed".into());
     }
+    // GUDID MAC keys an older gateway stored in the clear are sealed (under the old key) first,
+    // so that the rotation re-seals them with every other key.
+    let old_keys = rki_gateway::keyservice::SoftwareKeyService::new(
+        MasterKey::load_or_create(&path).map_err(|e| e.to_string())?.0,
+    );
+    server::seal_legacy_gudid_keys(&store, &old_keys)?;
     let new = MasterKey::generate().map_err(|e| e.to_string())?;
     let staged = path.with_extension("key.new");
     new.write_new(&staged).map_err(|e| e.to_string())?;

@@ -23,7 +23,7 @@ use crate::clock::Millis;
 use crate::domain::ExecutionState;
 use crate::engine::Engine;
 use crate::metrics as m;
-use crate::store::{DeviceFilter, DeviceRow, GudidRow, Store, StoreResult};
+use crate::store::{DeviceFilter, DeviceRow, GudidFilter, GudidRow, Store, StoreResult};
 
 /// How often the gauges are refreshed. Prometheus scrapes every 15 s by default; a sample every
 /// 5 s keeps each scrape at most one interval behind at a small cost.
@@ -43,7 +43,7 @@ pub const EXPIRING_WINDOWS: [(&str, i64); 2] = [("24h", 86_400_000), ("7d", 7 * 
 pub const DEVICE_STATES: [&str; 7] =
     ["registered", "initialised", "online", "never_seen", "locked", "assigned", "pending"];
 /// The `state` values of `rki_gudids`.
-pub const GUDID_STATES: [&str; 3] = ["unused", "used", "expired"];
+pub const GUDID_STATES: [&str; 4] = ["unused", "used", "expired", "revoked"];
 /// The `status` values of `rki_tasks`, as the portal names them.
 pub const TASK_STATUSES: [&str; 2] = ["unfinished", "done"];
 
@@ -200,8 +200,11 @@ fn sample_devices(
         out.push(Gauge::new(m::DEVICES, &[("org", org), ("state", state)], value));
     }
     // A device has one GUDID per initialisation attempt: the device count bounds the scan.
-    let gudids =
-        if registered <= SCAN_ROWS_MAX { Some(GudidTally::of(&store.list_gudids(org_id, None)?, now)) } else { None };
+    let gudids = if registered <= SCAN_ROWS_MAX {
+        Some(GudidTally::of(&store.list_gudids(org_id, &GudidFilter::default())?, now))
+    } else {
+        None
+    };
     for state in GUDID_STATES {
         let value = gudids.as_ref().map(|g| g.get(state) as f64).unwrap_or(f64::NAN);
         out.push(Gauge::new(m::GUDIDS, &[("org", org), ("state", state)], value));
@@ -286,16 +289,18 @@ struct GudidTally {
     unused: i64,
     used: i64,
     expired: i64,
+    revoked: i64,
 }
 
 impl GudidTally {
     fn of(rows: &[GudidRow], now: Millis) -> Self {
         let mut t = GudidTally::default();
         for g in rows {
-            match (g.used_at, now >= g.expires_at) {
-                (Some(_), _) => t.used += 1,
-                (None, true) => t.expired += 1,
-                (None, false) => t.unused += 1,
+            match g.status(now) {
+                "used" => t.used += 1,
+                "revoked" => t.revoked += 1,
+                "expired" => t.expired += 1,
+                _ => t.unused += 1,
             }
         }
         t
@@ -306,6 +311,7 @@ impl GudidTally {
             "unused" => self.unused,
             "used" => self.used,
             "expired" => self.expired,
+            "revoked" => self.revoked,
             _ => 0,
         }
     }
@@ -413,12 +419,14 @@ mod tests {
             device_id: 1,
             sn: "A".into(),
             gudid_id: vec![],
-            mac_key: vec![],
+            sealed_mac_key: String::new(),
             provisioned_by: "t".into(),
             provisioned_at: 0,
             expires_at,
             used_at,
             bootstrap_hash: None,
+            revoked_at: None,
+            revoked_by: None,
         }
     }
 
@@ -441,9 +449,10 @@ mod tests {
     #[test]
     fn a_gudid_is_used_once_spent_and_expired_only_if_never_spent() {
         let now = 1_000;
-        let rows = [gudid(Some(10), 500), gudid(None, 1_000), gudid(None, 1_001), gudid(Some(10), 2_000)];
+        let revoked = GudidRow { revoked_at: Some(900), ..gudid(None, 2_000) };
+        let rows = [gudid(Some(10), 500), gudid(None, 1_000), gudid(None, 1_001), gudid(Some(10), 2_000), revoked];
         let t = GudidTally::of(&rows, now);
-        assert_eq!(t, GudidTally { unused: 1, used: 2, expired: 1 });
+        assert_eq!(t, GudidTally { unused: 1, used: 2, expired: 1, revoked: 1 });
         assert_eq!(GUDID_STATES.iter().map(|s| t.get(s)).sum::<i64>(), rows.len() as i64);
     }
 
@@ -532,12 +541,14 @@ mod tests {
                 device_id: ids[0],
                 sn: "S1".into(),
                 gudid_id: vec![n],
-                mac_key: vec![0; 32],
+                sealed_mac_key: "sealed:gudid".into(),
                 provisioned_by: "test".into(),
                 provisioned_at: 0,
                 expires_at,
                 used_at: None,
                 bootstrap_hash: None,
+                revoked_at: None,
+                revoked_by: None,
             })?;
         }
         let mut memo = Memo::default();

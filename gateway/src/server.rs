@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use rki_protocol::frame::MacKey;
 use rki_protocol::SecretBytes;
 use tracing::{info, warn};
 
@@ -10,7 +11,7 @@ use crate::api::{self, AppState};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::engine::Engine;
-use crate::keyservice::{MasterKey, SoftwareKeyService};
+use crate::keyservice::{KeyService, MasterKey, SoftwareKeyService};
 use crate::store::guard::{self, DataDirLock};
 use crate::store::sqlite::SqliteStore;
 use crate::store::Store;
@@ -119,6 +120,7 @@ pub async fn run(config: Config, init: bool) -> Result<(), String> {
     // PostgreSQL's synchronous client runs its own runtime: never on an async thread.
     let (store, master) = tokio::task::block_in_place(|| open_checked(&config, init))?;
     let keys = Arc::new(SoftwareKeyService::new(master));
+    tokio::task::block_in_place(|| seal_legacy_gudid_keys(&store, keys.as_ref()))?;
     let clock = Arc::new(if config.clock == "adjustable" {
         let clock = Clock::adjustable_persisted(&config.data_dir)?;
         warn!(offset_ms = clock.offset_ms(), "the clock is adjustable (tests only)");
@@ -288,6 +290,30 @@ impl OpenedStore {
         }
         .map_err(|e| e.to_string())
     }
+}
+
+/// Seals the MAC keys of the GUDIDs a pre-schema-7 gateway stored in the clear (PROTOCOL.md
+/// §7.2's `gudid_mac_key`), so that nothing in the store lets anyone initialise a terminal
+/// without the master key. Runs at every start, once the master key is checked; a no-op once done.
+pub fn seal_legacy_gudid_keys(store: &OpenedStore, keys: &dyn KeyService) -> Result<(), String> {
+    let seal = |clear: &[u8]| -> Result<String, String> {
+        let key = MacKey::new(SecretBytes::from_slice(clear)).map_err(|e| format!("a stored GUDID MAC key: {e}"))?;
+        keys.seal_gudid_mac_key(&key).map_err(|e| e.to_string())
+    };
+    let sealed = match store {
+        OpenedStore::Sqlite(s) => s.seal_legacy_gudid_keys(seal),
+        OpenedStore::Postgres(s) => s.seal_legacy_gudid_keys(seal),
+    }
+    .map_err(|e| format!("sealing the GUDID MAC keys stored in the clear: {e}"))?;
+    if sealed > 0 {
+        warn!(
+            sealed,
+            "sealed the MAC keys of {sealed} GUDIDs that an older gateway stored in the clear; backups taken before \
+             this start still hold them: revoke the live GUDIDs provisioned before the upgrade if such a backup may \
+             have leaked (rkictl gudids list --live, rkictl gudids revoke ID)"
+        );
+    }
+    Ok(())
 }
 
 /// A database URL without its password, for messages.

@@ -13,6 +13,7 @@ mod pg;
 
 use std::collections::HashSet;
 
+use rki_gateway::clock::Millis;
 use rki_gateway::domain::ExecutionState;
 use rki_gateway::store::postgres::PostgresStore;
 use rki_gateway::store::*;
@@ -69,6 +70,12 @@ suite! {
     meta_values_are_set_and_replaced,
     marks_only_go_up_and_two_threads_raising_one_keep_the_highest,
     reseal_all_reseals_every_key_or_none,
+    provisioning_is_all_or_nothing_and_audited_in_its_transaction,
+    a_new_gudid_revokes_the_live_one_of_its_sn_and_the_revocation_is_audited,
+    two_provisionings_for_one_sn_at_once_leave_one_live_gudid,
+    a_revoked_gudid_opens_nothing_initialises_nothing_and_is_revoked_once,
+    gudids_are_listed_newest_first_live_only_and_by_page,
+    clear_gudid_mac_keys_of_an_older_gateway_are_sealed_once_and_then_resealed,
 }
 
 fn conflict<T: std::fmt::Debug>(result: StoreResult<T>) -> String {
@@ -76,6 +83,10 @@ fn conflict<T: std::fmt::Debug>(result: StoreResult<T>) -> String {
         Err(StoreError::Conflict(message)) => message,
         other => panic!("expected a conflict, got {other:?}"),
     }
+}
+
+fn by_sn(sn: &str) -> GudidFilter {
+    GudidFilter { sn: Some(sn.to_string()), ..GudidFilter::default() }
 }
 
 fn is_not_found<T>(result: StoreResult<T>) -> bool {
@@ -368,9 +379,9 @@ fn a_gudid_installs_credentials_once_and_a_second_spend_is_a_conflict(s: &Subjec
     assert!(st.live_bootstrap_hashes(None, T0 + 20, Some(T0 + 10)).must().is_empty(), "spent before the grace");
     let device = st.device(w.org.id, "acme-0000").must();
     assert_eq!((device.initialised, device.x_pos_device_id.as_deref()), (true, Some("xpos-first")));
-    let listed = st.list_gudids(w.org.id, Some("acme-0000")).must();
+    let listed = st.list_gudids(w.org.id, &by_sn("acme-0000")).must();
     assert_eq!(listed.iter().map(|g| g.id).collect::<Vec<_>>(), [gudid.id]);
-    assert!(st.list_gudids(w.org.id, Some("acme-0001")).must().is_empty());
+    assert!(st.list_gudids(w.org.id, &by_sn("acme-0001")).must().is_empty());
     let broker = st.broker_devices().must();
     assert_eq!(broker, [("acme-0000".to_string(), Some("$7$hash-first".to_string())), ("acme-0001".to_string(), None)]);
 }
@@ -903,7 +914,7 @@ fn records_refuse_update_and_delete(s: &Subject) {
 // ---------------------------------------------------------------- migrations and inherent methods
 
 fn migrations_run_once_and_reopening_keeps_everything(s: &Subject) {
-    const MIGRATIONS: i64 = 6;
+    const MIGRATIONS: i64 = 7;
     assert_eq!(s.opened.schema_version().must(), MIGRATIONS);
     let w = world(s.store(), "acme", 2);
     let again = s.reopen().must();
@@ -954,7 +965,9 @@ fn reseal_all_reseals_every_key_or_none(s: &Subject) {
     assert_eq!(st.key_source(w.org.id, w.source.id).must().sealed, "sealed:bdk-1", "nothing re-sealed");
     assert_eq!(s.opened.meta("master_key_kcv").must(), None);
     let count = s.opened.reseal_all(|sealed| Ok(format!("new:{sealed}")), "NEWKCV").must();
-    assert_eq!(count, 1 + 3, "one BDK and one initialised device's three keys");
+    assert_eq!(count, 1 + 1 + 3, "one BDK, the GUDID's MAC key and one initialised device's three keys");
+    let gudid = st.list_gudids(w.org.id, &GudidFilter::default()).must().remove(0);
+    assert_eq!(gudid.sealed_mac_key, "new:sealed:gudid:192:1", "the GUDID's MAC key is re-sealed too");
     assert_eq!(st.key_source(w.org.id, w.source.id).must().sealed, "new:sealed:bdk-1");
     let creds = st.credentials("acme-0001").must().expect("initialised");
     assert_eq!(
@@ -962,6 +975,251 @@ fn reseal_all_reseals_every_key_or_none(s: &Subject) {
         ("new:sealed:sign:acme-0001", "new:sealed:aes:acme-0001", "new:sealed:tdes:acme-0001")
     );
     assert_eq!(s.opened.meta("master_key_kcv").must().as_deref(), Some("NEWKCV"));
+}
+
+// ---------------------------------------------------------------- GUDID custody and revocation
+
+const HOUR_MS: Millis = 3_600_000;
+
+fn ops() -> Actor {
+    Actor { label: "ops".into(), token_id: Some(7) }
+}
+
+/// A GUDID as the engine hands it to the store: hashes and a sealed key only.
+fn fresh(sn: &str, tag: u8) -> NewGudid {
+    NewGudid {
+        sn: sn.to_string(),
+        gudid_id: [sn.as_bytes(), &[tag]].concat(),
+        sealed_mac_key: format!("sealed:gudid:{sn}:{tag}"),
+        bootstrap_hash: format!("$7$101$salt{tag}$hash-{sn}"),
+        expires_at: T0 + 72 * HOUR_MS,
+    }
+}
+
+fn gudid_entries(st: &dyn Store, org_id: i64) -> Vec<AuditEntry> {
+    let mut entries: Vec<AuditEntry> =
+        st.list_audit(Some(org_id), 100).must().into_iter().filter(|e| e.action.starts_with("gudid.")).collect();
+    entries.reverse();
+    entries
+}
+
+fn provisioning_is_all_or_nothing_and_audited_in_its_transaction(s: &Subject) {
+    let st = s.store();
+    let w = world(st, "acme", 3);
+    let other = world(st, "globex", 1);
+    // Two of the organization's SNs, one unknown and one of another organization: nothing at all.
+    let batch = [fresh("acme-0000", 1), fresh("acme-0001", 1), fresh("nope", 1), fresh("globex-0000", 1)];
+    match st.provision_gudids(w.org.id, &batch, T0, &ops()) {
+        Err(StoreError::NotFound(message)) => {
+            assert!(message.contains("2 unknown device(s): nope, globex-0000"), "{message}")
+        }
+        other => panic!("expected NotFound, got {other:?}"),
+    }
+    assert!(st.list_gudids(w.org.id, &GudidFilter::default()).must().is_empty(), "a GUDID was stored");
+    assert!(st.gudid_by_id(&batch[0].gudid_id).must().is_none());
+    assert!(st.live_bootstrap_hashes(None, T0, None).must().is_empty());
+    assert!(st.list_audit(None, 100).must().is_empty(), "a refused provisioning was audited");
+    assert!(st.list_gudids(other.org.id, &GudidFilter::default()).must().is_empty());
+
+    let done = st.provision_gudids(w.org.id, &batch[..2], T0, &ops()).must();
+    assert_eq!(done.iter().map(|p| p.row.sn.as_str()).collect::<Vec<_>>(), ["acme-0000", "acme-0001"]);
+    assert!(done.iter().all(|p| p.revoked.is_empty()));
+    let found = st.gudid_by_id(&batch[1].gudid_id).must().expect("stored");
+    assert_eq!(
+        (found.id, found.device_id, found.sealed_mac_key.as_str(), found.provisioned_by.as_str()),
+        (done[1].row.id, w.devices[1].id, "sealed:gudid:acme-0001:1", "ops")
+    );
+    assert_eq!(found.bootstrap_hash.as_deref(), Some("$7$101$salt1$hash-acme-0001"));
+    assert_eq!((found.expires_at, found.used_at, found.revoked_at), (T0 + 72 * HOUR_MS, None, None));
+    let entries = gudid_entries(st, w.org.id);
+    assert_eq!(entries.len(), 2, "{entries:?}");
+    for (entry, p) in entries.iter().zip(&done) {
+        assert_eq!(
+            (entry.action.as_str(), entry.object.clone(), entry.actor.as_str(), entry.token_id, entry.at),
+            ("gudid.provision", format!("device:{}", p.row.sn), "ops", Some(7), T0)
+        );
+        assert_eq!(entry.details["gudid"], p.row.id, "{entry:?}");
+        assert_eq!(entry.details["revoked"], serde_json::json!([]));
+    }
+}
+
+fn a_new_gudid_revokes_the_live_one_of_its_sn_and_the_revocation_is_audited(s: &Subject) {
+    let st = s.store();
+    let w = world(st, "acme", 2);
+    let first = st.provision_gudids(w.org.id, &[fresh("acme-0000", 1), fresh("acme-0001", 1)], T0, &ops()).must();
+    let second = st.provision_gudids(w.org.id, &[fresh("acme-0000", 2)], T0 + 5, &ops()).must().remove(0);
+    assert_eq!(second.revoked, [first[0].row.id], "the SN's live GUDID is revoked");
+    let old = st.gudid_by_id(&fresh("acme-0000", 1).gudid_id).must().expect("kept");
+    assert_eq!((old.revoked_at, old.revoked_by.as_deref()), (Some(T0 + 5), Some("ops")));
+    assert_eq!(old.status(T0 + 5), "revoked");
+    let live = st.list_gudids(w.org.id, &GudidFilter { live_at: Some(T0 + 5), ..by_sn("acme-0000") }).must();
+    assert_eq!(live.iter().map(|g| g.id).collect::<Vec<_>>(), [second.row.id], "one live GUDID per SN");
+    assert_eq!(
+        st.live_bootstrap_hashes(Some("acme-0000"), T0 + 5, None).must(),
+        [("acme-0000".to_string(), "$7$101$salt2$hash-acme-0000".to_string())],
+        "only the new GUDID opens the bootstrap identity"
+    );
+    assert_eq!(st.live_bootstrap_hashes(Some("acme-0001"), T0 + 5, None).must().len(), 1, "another SN's stays");
+    let entries = gudid_entries(st, w.org.id);
+    let actions: Vec<(&str, &str)> = entries.iter().map(|e| (e.action.as_str(), e.object.as_str())).collect();
+    assert_eq!(
+        actions,
+        [
+            ("gudid.provision", "device:acme-0000"),
+            ("gudid.provision", "device:acme-0001"),
+            ("gudid.revoke", "device:acme-0000"),
+            ("gudid.provision", "device:acme-0000"),
+        ]
+    );
+    assert_eq!(
+        entries[2].details,
+        serde_json::json!({"gudid": first[0].row.id, "reason": "replaced", "replaced_by": second.row.id})
+    );
+    assert_eq!(entries[3].details["revoked"], serde_json::json!([first[0].row.id]));
+    // The revoked GUDID initialises nothing, directly or in a batch; the new one does.
+    conflict(st.spend_gudid(first[0].row.id, w.devices[0].id, &new_credentials("old"), T0 + 6));
+    let outcome = st
+        .apply_batch(&[Write::Initialise {
+            gudid_row: first[0].row.id,
+            device_id: w.devices[0].id,
+            creds: new_credentials("old"),
+            at: T0 + 6,
+        }])
+        .must();
+    assert!(matches!(outcome.initialised.as_slice(), [(_, None)]), "{:?}", outcome.initialised);
+    assert!(st.credentials("acme-0000").must().is_none());
+    st.spend_gudid(second.row.id, w.devices[0].id, &new_credentials("new"), T0 + 7).must();
+    // Neither a spent nor an expired GUDID is revoked by a newer one: they are not live.
+    let third = st.provision_gudids(w.org.id, &[fresh("acme-0000", 3)], T0 + 8, &ops()).must().remove(0);
+    assert!(third.revoked.is_empty(), "a spent GUDID was revoked");
+    let late = T0 + 73 * HOUR_MS;
+    let later = NewGudid { expires_at: late + 72 * HOUR_MS, ..fresh("acme-0000", 4) };
+    let fourth = st.provision_gudids(w.org.id, &[later], late, &ops()).must().remove(0);
+    assert!(fourth.revoked.is_empty(), "an expired GUDID was revoked");
+    let listed = st.list_gudids(w.org.id, &by_sn("acme-0000")).must();
+    let statuses: Vec<&str> = listed.iter().map(|g| g.status(late)).collect();
+    assert_eq!(statuses, ["unused", "expired", "used", "revoked"]);
+}
+
+fn two_provisionings_for_one_sn_at_once_leave_one_live_gudid(s: &Subject) {
+    const ROUNDS: u8 = 5;
+    let st = s.store();
+    let w = world(st, "acme", 1);
+    for round in 0..ROUNDS {
+        std::thread::scope(|scope| {
+            for t in 0..2u8 {
+                let org = w.org.id;
+                scope.spawn(move || st.provision_gudids(org, &[fresh("acme-0000", round * 2 + t)], T0, &ops()).must());
+            }
+        });
+        let live = st.list_gudids(w.org.id, &GudidFilter { live_at: Some(T0), ..by_sn("acme-0000") }).must();
+        assert_eq!(live.len(), 1, "round {round}: {live:?}");
+        assert_eq!(st.live_bootstrap_hashes(Some("acme-0000"), T0, None).must().len(), 1);
+    }
+    let all = st.list_gudids(w.org.id, &GudidFilter::default()).must();
+    assert_eq!(all.len(), 2 * ROUNDS as usize);
+    let revocations = gudid_entries(st, w.org.id).iter().filter(|e| e.action == "gudid.revoke").count();
+    assert_eq!(revocations, 2 * ROUNDS as usize - 1, "every revocation audited once");
+}
+
+fn a_revoked_gudid_opens_nothing_initialises_nothing_and_is_revoked_once(s: &Subject) {
+    let st = s.store();
+    let w = world(st, "acme", 2);
+    let rival = world(st, "globex", 1);
+    let done = st.provision_gudids(w.org.id, &[fresh("acme-0000", 1), fresh("acme-0001", 1)], T0, &ops()).must();
+    let id = done[0].row.id;
+    assert!(is_not_found(st.revoke_gudid(rival.org.id, id, T0 + 1, &ops())), "another organization's GUDID");
+    assert!(is_not_found(st.revoke_gudid(w.org.id, 999_999, T0 + 1, &ops())));
+    let operator = Actor { label: "night-shift".into(), token_id: Some(9) };
+    let revoked = st.revoke_gudid(w.org.id, id, T0 + 1, &operator).must();
+    assert_eq!(
+        (revoked.id, revoked.revoked_at, revoked.revoked_by.as_deref()),
+        (id, Some(T0 + 1), Some("night-shift"))
+    );
+    assert!(conflict(st.revoke_gudid(w.org.id, id, T0 + 2, &ops())).contains("is revoked"));
+    assert!(st.live_bootstrap_hashes(Some("acme-0000"), T0 + 2, None).must().is_empty(), "opens init@SN");
+    assert!(
+        st.live_bootstrap_hashes(None, T0 + 2, Some(T0)).must().iter().all(|(sn, _)| sn != "acme-0000"),
+        "the broker's grace for spent GUDIDs keeps a revoked one"
+    );
+    conflict(st.spend_gudid(id, w.devices[0].id, &new_credentials("x"), T0 + 3));
+    assert!(st.credentials("acme-0000").must().is_none());
+    assert_eq!(st.gudid_by_id(&fresh("acme-0000", 1).gudid_id).must().map(|g| g.status(T0 + 3)), Some("revoked"));
+    // Neither a used nor an expired GUDID can be revoked.
+    st.spend_gudid(done[1].row.id, w.devices[1].id, &new_credentials("y"), T0 + 4).must();
+    assert!(conflict(st.revoke_gudid(w.org.id, done[1].row.id, T0 + 5, &ops())).contains("is used"));
+    let late = st.provision_gudids(w.org.id, &[fresh("acme-0001", 2)], T0 + 6, &ops()).must().remove(0);
+    assert!(conflict(st.revoke_gudid(w.org.id, late.row.id, T0 + 80 * HOUR_MS, &ops())).contains("is expired"));
+    let entries = gudid_entries(st, w.org.id);
+    let revocations: Vec<&AuditEntry> = entries.iter().filter(|e| e.action == "gudid.revoke").collect();
+    assert_eq!(revocations.len(), 1, "{entries:?}");
+    assert_eq!(
+        (revocations[0].object.as_str(), revocations[0].actor.as_str(), revocations[0].token_id),
+        ("device:acme-0000", "night-shift", Some(9))
+    );
+    assert_eq!(revocations[0].details, serde_json::json!({"gudid": id, "reason": "revoked"}));
+}
+
+fn gudids_are_listed_newest_first_live_only_and_by_page(s: &Subject) {
+    let st = s.store();
+    let w = world(st, "acme", 3);
+    let batch: Vec<NewGudid> = (0..3).map(|i| fresh(&format!("acme-{i:04}"), 1)).collect();
+    let done = st.provision_gudids(w.org.id, &batch, T0, &ops()).must();
+    st.spend_gudid(done[0].row.id, w.devices[0].id, &new_credentials("a"), T0 + 1).must();
+    st.revoke_gudid(w.org.id, done[1].row.id, T0 + 1, &ops()).must();
+    let ids = |f: GudidFilter| st.list_gudids(w.org.id, &f).must().iter().map(|g| g.id).collect::<Vec<_>>();
+    assert_eq!(ids(GudidFilter::default()), [done[2].row.id, done[1].row.id, done[0].row.id]);
+    assert_eq!(ids(GudidFilter { live_at: Some(T0 + 2), ..GudidFilter::default() }), [done[2].row.id]);
+    assert!(ids(GudidFilter { live_at: Some(T0 + 72 * HOUR_MS), ..GudidFilter::default() }).is_empty(), "expired");
+    assert_eq!(ids(GudidFilter { limit: 2, ..GudidFilter::default() }), [done[2].row.id, done[1].row.id]);
+}
+
+fn clear_gudid_mac_keys_of_an_older_gateway_are_sealed_once_and_then_resealed(s: &Subject) {
+    let st = s.store();
+    let w = world(st, "acme", 1);
+    // A row as a schema-6 gateway wrote it, after the migration to 7: the MAC key in the clear.
+    let clear: Vec<u8> = (0x40..0x60).collect();
+    let hex_key = hex::encode(&clear);
+    let device = w.devices[0].id;
+    let org = w.org.id;
+    let insert = if s.is_postgres() {
+        format!(
+            "INSERT INTO gudids (org_id, device_id, gudid_id, mac_key, provisioned_by, provisioned_at, expires_at)
+             VALUES ({org}, {device}, '\\xAA01'::bytea, '\\x{hex_key}'::bytea, 'ops', {T0}, {})",
+            T0 + DAY_MS
+        )
+    } else {
+        format!(
+            "INSERT INTO gudids (org_id, device_id, gudid_id, mac_key, provisioned_by, provisioned_at, expires_at)
+             VALUES ({org}, {device}, X'AA01', X'{hex_key}', 'ops', {T0}, {})",
+            T0 + DAY_MS
+        )
+    };
+    assert_eq!(s.raw_execute(&insert).expect("legacy row"), 1);
+    let in_files = |s: &Subject| s.sqlite_files().map(|b| b.windows(clear.len()).any(|w| w == clear.as_slice()));
+    if let Some(found) = in_files(s) {
+        assert!(found, "the test's clear key should be in the SQLite files before the re-seal");
+    }
+    let legacy = st.gudid_by_id(&[0xAA, 0x01]).must().expect("legacy row");
+    assert_eq!(legacy.sealed_mac_key, "", "not sealed yet: refused at CreateKey, never used in the clear");
+    let sealed = s.opened.seal_legacy_gudid_keys(|key| Ok(format!("sealed:{}", hex::encode(key)))).must();
+    assert_eq!(sealed, 1);
+    let row = st.gudid_by_id(&[0xAA, 0x01]).must().expect("kept");
+    assert_eq!(row.sealed_mac_key, format!("sealed:{hex_key}"));
+    let clear_left = s.raw_execute("UPDATE gudids SET provisioned_by = provisioned_by WHERE length(mac_key) > 0");
+    assert_eq!(clear_left, Ok(0), "a clear MAC key is left in the store");
+    if let Some(found) = in_files(s) {
+        assert!(!found, "the clear key is still in the SQLite files");
+    }
+    assert_eq!(s.opened.seal_legacy_gudid_keys(|_| Err("must not run".into())).must(), 0, "done once");
+    // A failing seal changes nothing.
+    assert_eq!(s.raw_execute(&insert.replace("AA01", "AA02")).expect("second legacy row"), 1);
+    assert!(s.opened.seal_legacy_gudid_keys(|_| Err("no key service".into())).is_err());
+    assert_eq!(st.gudid_by_id(&[0xAA, 0x02]).must().map(|g| g.sealed_mac_key), Some(String::new()));
+    s.opened.seal_legacy_gudid_keys(|key| Ok(format!("sealed:{}", hex::encode(key)))).must();
+    // From then on a master key rotation re-seals them with every other key.
+    s.opened.reseal_all(|sealed| Ok(format!("new:{sealed}")), "NEWKCV").must();
+    assert_eq!(st.gudid_by_id(&[0xAA, 0x01]).must().map(|g| g.sealed_mac_key), Some(format!("new:sealed:{hex_key}")));
 }
 
 // ---------------------------------------------------------------- across the backends
@@ -1234,7 +1492,7 @@ fn postgres_nodes_starting_together_migrate_one_database_once() {
             .collect();
         nodes.into_iter().map(|n| n.join().expect("starting node")).collect()
     });
-    assert_eq!(versions, [6; NODES]);
+    assert_eq!(versions, [7; NODES]);
     let mut client = ::postgres::Client::connect(&url, ::postgres::NoTls).expect("connect");
     let recorded: Vec<i32> = client
         .query("SELECT version FROM schema_migrations ORDER BY version", &[])

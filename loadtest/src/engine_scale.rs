@@ -159,12 +159,14 @@ fn build_fleet(dir: &Path, n: usize) -> Result<()> {
                 device_id: d.id,
                 sn: d.sn.clone(),
                 gudid_id: SecretBytes::random(32)?.expose_secret().to_vec(),
-                mac_key: SecretBytes::random(32)?.expose_secret().to_vec(),
+                sealed_mac_key: keys.seal_gudid_mac_key(&MacKey::random()?)?,
                 provisioned_by: "rki-loadtest".into(),
                 provisioned_at: now,
                 expires_at: now + GUDID_VALIDITY_SECONDS as i64 * 1000,
                 used_at: None,
                 bootstrap_hash: None,
+                revoked_at: None,
+                revoked_by: None,
             })?;
             writes.push(StoreWrite::Initialise { gudid_row: gudid.id, device_id: d.id, creds, at: now });
         }

@@ -499,13 +499,16 @@ fn reprovision_spent(fleet: &Fleet, api: &Api, runtime: &tokio::runtime::Runtime
         return Ok(0);
     }
     let sns: Vec<&str> = stuck.iter().map(|d| d.sn()).collect();
-    let answer = api.ok_post("/v1/gudids", &json!({ "sns": sns }))?;
-    let fresh: HashMap<String, String> = answer["gudids"]
-        .as_array()
-        .map(|a| {
-            a.iter().filter_map(|g| Some((g["sn"].as_str()?.to_string(), g["gudid"].as_str()?.to_string()))).collect()
-        })
-        .unwrap_or_default();
+    let mut fresh: HashMap<String, String> = HashMap::with_capacity(sns.len());
+    // The API provisions at most 1,000 GUDIDs per call.
+    for chunk in sns.chunks(1000) {
+        let answer = api.ok_post("/v1/gudids", &json!({ "sns": chunk }))?;
+        for g in answer["gudids"].as_array().into_iter().flatten() {
+            if let (Some(sn), Some(gudid)) = (g["sn"].as_str(), g["gudid"].as_str()) {
+                fresh.insert(sn.to_string(), gudid.to_string());
+            }
+        }
+    }
     for device in &stuck {
         if let Some(gudid) = fresh.get(device.sn()).cloned() {
             let device = device.clone();

@@ -14,8 +14,8 @@ use crate::Result;
 pub const KEY_SOURCE: &str = "bdk-loadtest";
 /// The second component of the test BDK; the first is `TEST_BDK` XOR this.
 const COMPONENT_2: &str = "0F1E2D3C4B5A69788796A5B4C3D2E1F0";
-/// GUDIDs per provisioning request (the API takes at most 10,000).
-const GUDIDS_PER_REQUEST: usize = 5000;
+/// GUDIDs per provisioning request (the API takes at most 1,000).
+const GUDIDS_PER_REQUEST: usize = 1000;
 
 /// What the operator set up: the SNs in order, each with its GUDID.
 #[derive(Debug, Clone)]

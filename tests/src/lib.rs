@@ -508,7 +508,8 @@ pub fn provision(gw: &GatewayProcess, sns: &[String], group: &str) -> TestResult
     }
     api.ok_post("/v1/assignments", &json!({"group": group, "key_source": "bdk-test"}))?;
     let mut gudids = Vec::with_capacity(sns.len());
-    for chunk in sns.chunks(5000) {
+    // At most 1000 GUDIDs per call (`api::GUDIDS_PER_REQUEST_MAX`).
+    for chunk in sns.chunks(1000) {
         let v = api.ok_post("/v1/gudids", &json!({"sns": chunk}))?;
         for g in v["gudids"].as_array().cloned().unwrap_or_default() {
             gudids.push((

@@ -48,7 +48,11 @@ fn every_operator_change_is_audited_with_a_readable_object_and_no_key_material()
     assert!(find(&log, "group.create", "group:audited").is_some(), "{log:?}");
     let import = find(&log, "devices.import", "devices:3").ok_or("no import")?;
     assert_eq!(import["details"]["group"], "audited", "{import}");
-    assert!(find(&log, "gudid.provision", "devices:3").is_some(), "{log:?}");
+    // One entry per GUDID, written with it (object `device:SN`, the GUDID's row id in details).
+    for sn in &devices {
+        let entry = find(&log, "gudid.provision", &format!("device:{sn}")).ok_or("no GUDID provisioning")?;
+        assert!(entry["details"]["gudid"].as_i64().is_some(), "{entry}");
+    }
     assert!(find(&log, "task.create", &format!("task:{task}")).is_some(), "{log:?}");
     let stop = find(&log, "task.stop", &format!("task:{task}")).ok_or("no stop")?;
     assert_eq!(stop["details"]["terminated"], 3, "{stop}");

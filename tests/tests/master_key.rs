@@ -40,7 +40,7 @@ fn rotating_the_master_key_keeps_every_key_usable_and_a_wrong_key_is_refused_at_
     assert_ne!(before, after);
     assert_eq!(std::fs::read_to_string(gw.dir.join("data.master.key.old"))?, before);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("re-sealed 11 keys"), "1 BDK + 1 KEK + 3 devices x 3 keys: {stdout}");
+    assert!(stdout.contains("re-sealed 14 keys"), "1 BDK + 1 KEK + 3 GUDIDs + 3 devices x 3 keys: {stdout}");
     assert!(!stdout.contains(after.trim()) && !stdout.contains(before.trim()), "a master key was printed");
 
     // The old key no longer opens this store: the gateway refuses to start with it.

@@ -44,9 +44,11 @@ pub enum StoreError {
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
-/// The tables whose `sealed` column holds one key sealed under the master key (a master key
-/// rotation re-seals each row); device credentials hold three and are re-sealed apart.
-pub(crate) const SEALED_KEY_TABLES: [&str; 2] = ["key_sources", "keks"];
+/// The tables whose column holds one key sealed under the master key, `(table, column)`: a master
+/// key rotation re-seals each row where it is set (a GUDID row of a pre-schema-7 gateway has none
+/// until the start-time re-seal). Device credentials hold three and are re-sealed apart.
+pub(crate) const SEALED_KEY_COLUMNS: [(&str, &str); 3] =
+    [("key_sources", "sealed"), ("keks", "sealed"), ("gudids", "sealed_mac_key")];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -215,13 +217,21 @@ pub struct GudidRow {
     pub org_id: i64,
     pub device_id: i64,
     pub sn: String,
+    /// `SHA-256("rki/v1 gudid id" || GUDID)`: the name the terminal's `CreateKey` carries. A
+    /// one-way hash of 128 random bits; it opens nothing.
     #[serde(skip)]
     pub gudid_id: Vec<u8>,
+    /// The GUDID's MAC key (`gudid_mac_key`, PROTOCOL.md §7.2: the `CreateKey` tag key and the
+    /// HKDF salt), sealed under the master key (`KeyService::seal_gudid_mac_key`), re-sealed by a
+    /// master key rotation. Never in the clear in the store: a copy of the store without the
+    /// master key cannot tag a `CreateKey`. Empty on a row a pre-schema-7 gateway wrote until
+    /// the start-time re-seal (`seal_legacy_gudid_keys`) has sealed it.
     #[serde(skip)]
-    pub mac_key: Vec<u8>,
+    pub sealed_mac_key: String,
     /// A salted one-way hash (`$7$`, see `mosquitto::password_hash`) of the bootstrap identity's
     /// password (`Gudid::bootstrap_password`): the MQTT endpoint checks `init@{SN}` against it.
-    /// It does not yield the password, so a copy of the store cannot open a bootstrap session.
+    /// It does not yield the password (a PBKDF2 hash of an HMAC of 128 random bits: nothing to
+    /// guess), so a copy of the store cannot open a bootstrap session.
     /// `None` on GUDIDs provisioned before schema 5: those cannot open one at all.
     #[serde(skip)]
     pub bootstrap_hash: Option<String>,
@@ -229,6 +239,99 @@ pub struct GudidRow {
     pub provisioned_at: Millis,
     pub expires_at: Millis,
     pub used_at: Option<Millis>,
+    /// When the GUDID was revoked (by an operator, or by a newer GUDID for the same SN), and by
+    /// whom. A revoked GUDID opens no bootstrap identity and initialises nothing.
+    pub revoked_at: Option<Millis>,
+    pub revoked_by: Option<String>,
+}
+
+impl GudidRow {
+    /// Unspent, unrevoked and not expired at `now`: it can still open `init@{SN}` and initialise.
+    pub fn is_live(&self, now: Millis) -> bool {
+        self.used_at.is_none() && self.revoked_at.is_none() && now < self.expires_at
+    }
+
+    /// `used`, `revoked`, `expired` or `unused` (live), in that order of precedence.
+    pub fn status(&self, now: Millis) -> &'static str {
+        if self.used_at.is_some() {
+            "used"
+        } else if self.revoked_at.is_some() {
+            "revoked"
+        } else if now >= self.expires_at {
+            "expired"
+        } else {
+            "unused"
+        }
+    }
+}
+
+/// A GUDID to provision for one SN ([`Store::provision_gudids`]): only what the store keeps of
+/// it (the GUDID itself is shown once to the operator and never stored).
+#[derive(Debug, Clone)]
+pub struct NewGudid {
+    pub sn: String,
+    pub gudid_id: Vec<u8>,
+    /// Sealed under the master key ([`GudidRow::sealed_mac_key`]).
+    pub sealed_mac_key: String,
+    pub bootstrap_hash: String,
+    pub expires_at: Millis,
+}
+
+/// A GUDID as provisioned, with the rows of the GUDIDs of its SN it revoked.
+#[derive(Debug, Clone)]
+pub struct ProvisionedGudid {
+    pub row: GudidRow,
+    pub revoked: Vec<i64>,
+}
+
+/// Who acts: the audit entries a store method writes in the action's own transaction name them.
+#[derive(Debug, Clone)]
+pub struct Actor {
+    pub label: String,
+    pub token_id: Option<i64>,
+}
+
+/// Which GUDIDs [`Store::list_gudids`] returns, newest first.
+#[derive(Debug, Clone, Default)]
+pub struct GudidFilter {
+    pub sn: Option<String>,
+    /// Only the GUDIDs live at this time ([`GudidRow::is_live`]).
+    pub live_at: Option<Millis>,
+    /// At most this many (0: all).
+    pub limit: i64,
+}
+
+/// The audit entry of a GUDID action, as [`Store::provision_gudids`] and
+/// [`Store::revoke_gudid`] write it inside their transaction.
+pub(crate) fn gudid_audit(
+    org_id: i64,
+    actor: &Actor,
+    at: Millis,
+    action: &str,
+    sn: &str,
+    details: serde_json::Value,
+) -> AuditEntry {
+    AuditEntry {
+        id: 0,
+        at,
+        org_id: Some(org_id),
+        actor: actor.label.clone(),
+        token_id: actor.token_id,
+        action: action.to_string(),
+        object: format!("device:{sn}"),
+        details,
+    }
+}
+
+/// SNs of a provisioning that are not the organization's devices, as the `NotFound` message
+/// names them (the API maps it to 404 and nothing is stored).
+pub(crate) fn unknown_sns_error(unknown: &[String]) -> StoreError {
+    const SHOWN: usize = 20;
+    let mut names = unknown.iter().take(SHOWN).cloned().collect::<Vec<_>>().join(", ");
+    if unknown.len() > SHOWN {
+        names.push_str(&format!(" and {} more", unknown.len() - SHOWN));
+    }
+    StoreError::NotFound(format!("{} unknown device(s): {names}; no GUDID was provisioned", unknown.len()))
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -567,21 +670,41 @@ pub trait Store: Send + Sync {
     fn device_ids_by_sn(&self, org_id: i64, sns: &[String]) -> StoreResult<Vec<(String, Option<i64>)>>;
 
     // GUDIDs and initialisation
+    /// Inserts one GUDID row as given, without revoking or auditing anything: for the store
+    /// specs and the load test's fleet build. The API provisions through
+    /// [`Store::provision_gudids`].
     fn insert_gudid(&self, row: &GudidRow) -> StoreResult<GudidRow>;
+    /// Provisions one GUDID per entry for the organization's devices, all or nothing: if any SN
+    /// is not one of the organization's devices, nothing is written and `NotFound` names them.
+    /// Each SN keeps at most one live GUDID: its live ones are revoked (`revoked_by` = the
+    /// actor). Every GUDID provisioned (`gudid.provision`) and every one revoked (`gudid.revoke`)
+    /// is audited in the same transaction, object `device:{SN}`.
+    fn provision_gudids(
+        &self,
+        org_id: i64,
+        gudids: &[NewGudid],
+        at: Millis,
+        actor: &Actor,
+    ) -> StoreResult<Vec<ProvisionedGudid>>;
+    /// Revokes a live GUDID of the organization, audited (`gudid.revoke`) in the same
+    /// transaction. `NotFound` for another organization's or an unknown row; `Conflict` if it is
+    /// no longer live (used, revoked or expired).
+    fn revoke_gudid(&self, org_id: i64, id: i64, at: Millis, actor: &Actor) -> StoreResult<GudidRow>;
     fn gudid_by_id(&self, gudid_id: &[u8]) -> StoreResult<Option<GudidRow>>;
-    /// The bootstrap hashes of the live GUDIDs (not expired at `now`, and unspent or spent after
-    /// `spent_after`), of one SN or of every SN, newest first: `(sn, bootstrap_hash)`. The MQTT
-    /// endpoint passes `None` (a spent GUDID opens nothing); the Mosquitto password file keeps a
-    /// just-spent GUDID's identity a little longer, so that a reload cannot cut the answer off.
+    /// The bootstrap hashes of the live GUDIDs (unrevoked, not expired at `now`, and unspent or
+    /// spent after `spent_after`), of one SN or of every SN, newest first: `(sn, bootstrap_hash)`.
+    /// The MQTT endpoint passes `None` (a spent GUDID opens nothing); the Mosquitto password file
+    /// keeps a just-spent GUDID's identity a little longer, so that a reload cannot cut the
+    /// answer off. A revoked GUDID is never kept.
     fn live_bootstrap_hashes(
         &self,
         sn: Option<&str>,
         now: Millis,
         spent_after: Option<Millis>,
     ) -> StoreResult<Vec<(String, String)>>;
-    fn list_gudids(&self, org_id: i64, sn: Option<&str>) -> StoreResult<Vec<GudidRow>>;
+    fn list_gudids(&self, org_id: i64, filter: &GudidFilter) -> StoreResult<Vec<GudidRow>>;
     /// Spends the GUDID and installs the device's new credentials, atomically. Fails with
-    /// `Conflict` if the GUDID was spent meanwhile.
+    /// `Conflict` if the GUDID was spent or revoked meanwhile.
     fn spend_gudid(
         &self,
         gudid_row: i64,

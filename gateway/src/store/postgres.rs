@@ -83,6 +83,11 @@ const MIGRATIONS: &[&str] = &[
          created_at BIGINT NOT NULL,
          UNIQUE (org_id, name)
      );",
+    // 7: GUDID custody (as SQLite's schema 7): each GUDID's MAC key sealed under the master key
+    // (the clear `mac_key` column is emptied by the start-time re-seal and written empty from
+    // now on); revocation; the unspent GUDIDs of a device found by index.
+    "ALTER TABLE gudids ADD COLUMN sealed_mac_key TEXT, ADD COLUMN revoked_at BIGINT, ADD COLUMN revoked_by TEXT;
+     CREATE INDEX gudids_device_unspent ON gudids(device_id) WHERE used_at IS NULL AND revoked_at IS NULL;",
 ];
 
 /// Advisory lock key held while migrating, so nodes starting together migrate one at a time.
@@ -451,11 +456,15 @@ impl PostgresStore {
     pub fn reseal_all(&self, reseal: impl Fn(&str) -> Result<String, String>, master_kcv: &str) -> StoreResult<usize> {
         self.write(|s| {
             let mut count = 0;
-            // The tables of `store::SEALED_KEY_TABLES`, as the static statements the session's
+            // The columns of `store::SEALED_KEY_COLUMNS`, as the static statements the session's
             // statement cache takes.
-            const SEALED_KEYS: [(&str, &str); 2] = [
+            const SEALED_KEYS: [(&str, &str); SEALED_KEY_COLUMNS.len()] = [
                 ("SELECT id, sealed FROM key_sources ORDER BY id FOR UPDATE", "UPDATE key_sources SET sealed = $2 WHERE id = $1"),
                 ("SELECT id, sealed FROM keks ORDER BY id FOR UPDATE", "UPDATE keks SET sealed = $2 WHERE id = $1"),
+                (
+                    "SELECT id, sealed_mac_key FROM gudids WHERE sealed_mac_key <> '' ORDER BY id FOR UPDATE",
+                    "UPDATE gudids SET sealed_mac_key = $2 WHERE id = $1",
+                ),
             ];
             for (select, update) in SEALED_KEYS {
                 for row in s.query(select, &[])? {
@@ -486,6 +495,28 @@ impl PostgresStore {
                 &[&master_kcv],
             )?;
             Ok(count)
+        })
+    }
+
+    /// Seals the clear MAC key of every GUDID a pre-schema-7 gateway wrote with `seal`, and
+    /// empties the clear column, in one transaction; returns how many. Run at every start once the
+    /// master key is checked (a no-op when there is none). The old row versions stay in the
+    /// table's files until PostgreSQL reuses their space; `pg_dump` copies never hold them.
+    pub fn seal_legacy_gudid_keys(&self, seal: impl Fn(&[u8]) -> Result<String, String>) -> StoreResult<usize> {
+        self.write(|s| {
+            let rows = s.query(
+                "SELECT id, mac_key FROM gudids
+                 WHERE length(mac_key) > 0 AND (sealed_mac_key IS NULL OR sealed_mac_key = '')
+                 ORDER BY id FOR UPDATE",
+                &[],
+            )?;
+            for row in &rows {
+                let id: i64 = row.try_get(0)?;
+                let clear = zeroize::Zeroizing::new(row.try_get::<_, Vec<u8>>(1)?);
+                let sealed = seal(&clear).map_err(StoreError::Invalid)?;
+                s.execute("UPDATE gudids SET sealed_mac_key = $2, mac_key = '\\x' WHERE id = $1", &[&id, &sealed])?;
+            }
+            Ok(rows.len())
         })
     }
 
@@ -654,8 +685,8 @@ fn key_source_row(r: &Row) -> Result<KeySourceRow, Failure> {
 
 macro_rules! gudid_select {
     () => {
-        "SELECT g.id, g.org_id, g.device_id, d.sn, g.gudid_id, g.mac_key, g.provisioned_by, g.provisioned_at,
-                g.expires_at, g.used_at, g.bootstrap_hash
+        "SELECT g.id, g.org_id, g.device_id, d.sn, g.gudid_id, COALESCE(g.sealed_mac_key, ''), g.provisioned_by,
+                g.provisioned_at, g.expires_at, g.used_at, g.bootstrap_hash, g.revoked_at, g.revoked_by
          FROM gudids g JOIN devices d ON d.id = g.device_id"
     };
 }
@@ -667,12 +698,14 @@ fn gudid_row(r: &Row) -> Result<GudidRow, Failure> {
         device_id: r.try_get(2)?,
         sn: r.try_get(3)?,
         gudid_id: r.try_get(4)?,
-        mac_key: r.try_get(5)?,
+        sealed_mac_key: r.try_get(5)?,
         provisioned_by: r.try_get(6)?,
         provisioned_at: r.try_get(7)?,
         expires_at: r.try_get(8)?,
         used_at: r.try_get(9)?,
         bootstrap_hash: r.try_get(10)?,
+        revoked_at: r.try_get(11)?,
+        revoked_by: r.try_get(12)?,
     })
 }
 
@@ -1234,8 +1267,19 @@ fn apply_round(
     Ok(())
 }
 
-/// Spends the GUDID if unused and installs the credentials; `None` if it was already spent. A
-/// concurrent spend waits for the first's row lock, then finds `used_at` set.
+/// Appends an audit entry inside the caller's transaction.
+fn audit_in(s: &mut Tx<'_, '_>, e: &AuditEntry) -> Result<(), Failure> {
+    let details = e.details.to_string();
+    s.execute(
+        "INSERT INTO audit (at, org_id, actor, token_id, action, object, details) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        &[&e.at, &e.org_id, &e.actor, &e.token_id, &e.action, &e.object, &details],
+    )?;
+    Ok(())
+}
+
+/// Spends the GUDID if unused and unrevoked and installs the credentials; `None` if it was
+/// already spent or revoked. A concurrent spend (or revocation) waits for the first's row lock,
+/// then finds `used_at` (or `revoked_at`) set.
 fn spend_gudid_in(
     s: &mut Tx<'_, '_>,
     gudid_row: i64,
@@ -1243,7 +1287,10 @@ fn spend_gudid_in(
     creds: &NewCredentials,
     at: Millis,
 ) -> Result<Option<DeviceCredentials>, Failure> {
-    let spent = s.execute("UPDATE gudids SET used_at = $2 WHERE id = $1 AND used_at IS NULL", &[&gudid_row, &at])?;
+    let spent = s.execute(
+        "UPDATE gudids SET used_at = $2 WHERE id = $1 AND used_at IS NULL AND revoked_at IS NULL",
+        &[&gudid_row, &at],
+    )?;
     if spent != 1 {
         return Ok(None);
     }
@@ -1338,14 +1385,7 @@ impl Store for PostgresStore {
     }
 
     fn append_audit(&self, e: &AuditEntry) -> StoreResult<()> {
-        let details = e.details.to_string();
-        self.write(|s| {
-            s.execute(
-                "INSERT INTO audit (at, org_id, actor, token_id, action, object, details) VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                &[&e.at, &e.org_id, &e.actor, &e.token_id, &e.action, &e.object, &details],
-            )?;
-            Ok(())
-        })
+        self.write(|s| audit_in(s, e))
     }
 
     fn list_audit(&self, org_id: Option<i64>, limit: i64) -> StoreResult<Vec<AuditEntry>> {
@@ -1687,22 +1727,131 @@ impl Store for PostgresStore {
         self.write(|s| {
             let id = s
                 .query_one(
-                    "INSERT INTO gudids (org_id, device_id, gudid_id, mac_key, provisioned_by, provisioned_at, expires_at,
-                                         bootstrap_hash)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id",
+                    "INSERT INTO gudids (org_id, device_id, gudid_id, mac_key, sealed_mac_key, provisioned_by, provisioned_at,
+                                         expires_at, used_at, bootstrap_hash, revoked_at, revoked_by)
+                     VALUES ($1, $2, $3, '\\x', $4, $5, $6, $7, $8, $9, $10, $11) RETURNING id",
                     &[
                         &row.org_id,
                         &row.device_id,
                         &row.gudid_id,
-                        &row.mac_key,
+                        &row.sealed_mac_key,
                         &row.provisioned_by,
                         &row.provisioned_at,
                         &row.expires_at,
+                        &row.used_at,
                         &row.bootstrap_hash,
+                        &row.revoked_at,
+                        &row.revoked_by,
                     ],
                 )?
                 .try_get(0)?;
             Ok(GudidRow { id, ..row.clone() })
+        })
+    }
+
+    fn provision_gudids(
+        &self,
+        org_id: i64,
+        gudids: &[NewGudid],
+        at: Millis,
+        actor: &Actor,
+    ) -> StoreResult<Vec<ProvisionedGudid>> {
+        let sns: Vec<&str> = gudids.iter().map(|g| g.sn.as_str()).collect();
+        self.write(|s| {
+            // The devices' rows locked (not against the foreign keys that point at them): two
+            // provisionings for one SN at once run one after the other, so the second revokes
+            // the first's GUDID and one stays live.
+            let found = s.query(
+                "SELECT id, sn FROM devices WHERE org_id = $1 AND sn = ANY($2) ORDER BY id FOR NO KEY UPDATE",
+                &[&org_id, &sns],
+            )?;
+            let mut devices = HashMap::with_capacity(found.len());
+            for row in &found {
+                devices.insert(row.try_get::<_, String>(1)?, row.try_get::<_, i64>(0)?);
+            }
+            let unknown: Vec<String> =
+                gudids.iter().filter(|g| !devices.contains_key(&g.sn)).map(|g| g.sn.clone()).collect();
+            if !unknown.is_empty() {
+                return Err(unknown_sns_error(&unknown).into());
+            }
+            let mut out = Vec::with_capacity(gudids.len());
+            for g in gudids {
+                let device_id = devices[&g.sn];
+                let id: i64 = s
+                    .query_one(
+                        "INSERT INTO gudids (org_id, device_id, gudid_id, mac_key, sealed_mac_key, provisioned_by,
+                                             provisioned_at, expires_at, bootstrap_hash)
+                         VALUES ($1, $2, $3, '\\x', $4, $5, $6, $7, $8) RETURNING id",
+                        &[
+                            &org_id,
+                            &device_id,
+                            &g.gudid_id,
+                            &g.sealed_mac_key,
+                            &actor.label,
+                            &at,
+                            &g.expires_at,
+                            &g.bootstrap_hash,
+                        ],
+                    )?
+                    .try_get(0)?;
+                let revoked: Vec<i64> = rows(
+                    s.query(
+                        "UPDATE gudids SET revoked_at = $2, revoked_by = $3
+                         WHERE device_id = $1 AND id <> $4 AND used_at IS NULL AND revoked_at IS NULL
+                           AND expires_at > $2
+                         RETURNING id",
+                        &[&device_id, &at, &actor.label, &id],
+                    )?,
+                    |r| Ok(r.try_get(0)?),
+                )?;
+                for old in &revoked {
+                    let details = serde_json::json!({"gudid": old, "reason": "replaced", "replaced_by": id});
+                    audit_in(s, &gudid_audit(org_id, actor, at, "gudid.revoke", &g.sn, details))?;
+                }
+                let details = serde_json::json!({"gudid": id, "expires_at": g.expires_at, "revoked": revoked});
+                audit_in(s, &gudid_audit(org_id, actor, at, "gudid.provision", &g.sn, details))?;
+                let row = GudidRow {
+                    id,
+                    org_id,
+                    device_id,
+                    sn: g.sn.clone(),
+                    gudid_id: g.gudid_id.clone(),
+                    sealed_mac_key: g.sealed_mac_key.clone(),
+                    bootstrap_hash: Some(g.bootstrap_hash.clone()),
+                    provisioned_by: actor.label.clone(),
+                    provisioned_at: at,
+                    expires_at: g.expires_at,
+                    used_at: None,
+                    revoked_at: None,
+                    revoked_by: None,
+                };
+                out.push(ProvisionedGudid { row, revoked });
+            }
+            Ok(out)
+        })
+    }
+
+    fn revoke_gudid(&self, org_id: i64, id: i64, at: Millis, actor: &Actor) -> StoreResult<GudidRow> {
+        self.write(|s| {
+            let row = s
+                .query_opt(
+                    concat!(gudid_select!(), " WHERE g.id = $1 AND g.org_id = $2 FOR UPDATE OF g"),
+                    &[&id, &org_id],
+                )?
+                .map(|r| gudid_row(&r))
+                .transpose()?
+                .ok_or_else(|| Failure::from(StoreError::NotFound(format!("no GUDID {id}"))))?;
+            if !row.is_live(at) {
+                return Err(StoreError::Conflict(format!(
+                    "GUDID {id} is {}: only a live GUDID can be revoked",
+                    row.status(at)
+                ))
+                .into());
+            }
+            s.execute("UPDATE gudids SET revoked_at = $2, revoked_by = $3 WHERE id = $1", &[&id, &at, &actor.label])?;
+            let details = serde_json::json!({"gudid": id, "reason": "revoked"});
+            audit_in(s, &gudid_audit(org_id, actor, at, "gudid.revoke", &row.sn, details))?;
+            Ok(GudidRow { revoked_at: Some(at), revoked_by: Some(actor.label.clone()), ..row })
         })
     }
 
@@ -1718,6 +1867,7 @@ impl Store for PostgresStore {
                 "SELECT d.sn, g.bootstrap_hash FROM gudids g JOIN devices d ON d.id = g.device_id
                  WHERE ($1::text IS NULL OR d.sn = $1) AND g.expires_at > $2
                    AND (g.used_at IS NULL OR g.used_at > $3)
+                   AND g.revoked_at IS NULL
                    AND g.bootstrap_hash IS NOT NULL
                  ORDER BY g.id DESC",
                 &[&sn, &now, &spent_after],
@@ -1734,11 +1884,17 @@ impl Store for PostgresStore {
         })
     }
 
-    fn list_gudids(&self, org_id: i64, sn: Option<&str>) -> StoreResult<Vec<GudidRow>> {
+    fn list_gudids(&self, org_id: i64, filter: &GudidFilter) -> StoreResult<Vec<GudidRow>> {
+        let limit = (filter.limit > 0).then_some(filter.limit);
         self.read(|s| {
             let found = s.query(
-                concat!(gudid_select!(), " WHERE g.org_id = $1 AND ($2::text IS NULL OR d.sn = $2) ORDER BY g.id DESC"),
-                &[&org_id, &sn],
+                concat!(
+                    gudid_select!(),
+                    " WHERE g.org_id = $1 AND ($2::text IS NULL OR d.sn = $2)
+                       AND ($3::bigint IS NULL OR (g.used_at IS NULL AND g.revoked_at IS NULL AND g.expires_at > $3))
+                     ORDER BY g.id DESC LIMIT $4"
+                ),
+                &[&org_id, &filter.sn, &filter.live_at, &limit],
             )?;
             rows(found, gudid_row)
         })

@@ -40,6 +40,13 @@ const MIGRATIONS: &[&str] = &[
          created_at INTEGER NOT NULL,
          UNIQUE (org_id, name)
      );",
+    // 7: GUDID custody. The MAC key of each GUDID sealed under the master key (the clear
+    // `mac_key` column is emptied by the start-time re-seal, `seal_legacy_gudid_keys`, and
+    // written empty from now on); revocation; at most one live GUDID per device, found by index.
+    "ALTER TABLE gudids ADD COLUMN sealed_mac_key TEXT;
+     ALTER TABLE gudids ADD COLUMN revoked_at INTEGER;
+     ALTER TABLE gudids ADD COLUMN revoked_by TEXT;
+     CREATE INDEX gudids_device_unspent ON gudids(device_id) WHERE used_at IS NULL AND revoked_at IS NULL;",
 ];
 
 /// Reader connections: the admin API and the metrics sampler read while the writer commits.
@@ -195,15 +202,19 @@ impl SqliteStore {
     pub fn reseal_all(&self, reseal: impl Fn(&str) -> Result<String, String>, master_kcv: &str) -> StoreResult<usize> {
         self.write(|tx| {
             let mut count = 0;
-            for table in SEALED_KEY_TABLES {
+            for (table, column) in SEALED_KEY_COLUMNS {
                 let keys: Vec<(i64, String)> = {
-                    let mut stmt = tx.prepare(&format!("SELECT id, sealed FROM {table}")).map_err(backend)?;
+                    let mut stmt = tx
+                        .prepare(&format!(
+                            "SELECT id, {column} FROM {table} WHERE {column} IS NOT NULL AND {column} <> ''"
+                        ))
+                        .map_err(backend)?;
                     let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).map_err(backend)?;
                     rows.collect::<Result<Vec<_>, _>>().map_err(backend)?
                 };
                 for (id, sealed) in keys {
                     let new = reseal(&sealed).map_err(StoreError::Invalid)?;
-                    tx.execute(&format!("UPDATE {table} SET sealed = ?2 WHERE id = ?1"), params![id, new])
+                    tx.execute(&format!("UPDATE {table} SET {column} = ?2 WHERE id = ?1"), params![id, new])
                         .map_err(backend)?;
                     count += 1;
                 }
@@ -235,6 +246,52 @@ impl SqliteStore {
             .map_err(backend)?;
             Ok(count)
         })
+    }
+
+    /// Seals the clear MAC key of every GUDID a pre-schema-7 gateway wrote with `seal`, and
+    /// empties the clear column, in one transaction; returns how many. Run at every start once the
+    /// master key is checked (a no-op when there is none). `secure_delete` overwrites the freed
+    /// bytes of the clear keys, and a checkpoint moves the rewritten pages out of the WAL, so the
+    /// database file and later backups no longer hold them.
+    pub fn seal_legacy_gudid_keys(&self, seal: impl Fn(&[u8]) -> Result<String, String>) -> StoreResult<usize> {
+        let mut conn = self.writer.lock().map_err(|_| StoreError::Backend("writer lock poisoned".into()))?;
+        let pending: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM gudids WHERE length(mac_key) > 0 AND (sealed_mac_key IS NULL OR sealed_mac_key = '')",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(backend)?;
+        if pending == 0 {
+            return Ok(0);
+        }
+        conn.execute_batch("PRAGMA secure_delete = ON;").map_err(backend)?;
+        let sealed = (|| -> StoreResult<usize> {
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(backend)?;
+            let rows: Vec<(i64, zeroize::Zeroizing<Vec<u8>>)> = {
+                let mut stmt = tx
+                    .prepare(
+                        "SELECT id, mac_key FROM gudids
+                         WHERE length(mac_key) > 0 AND (sealed_mac_key IS NULL OR sealed_mac_key = '')",
+                    )
+                    .map_err(backend)?;
+                let rows = stmt
+                    .query_map([], |r| Ok((r.get(0)?, zeroize::Zeroizing::new(r.get::<_, Vec<u8>>(1)?))))
+                    .map_err(backend)?;
+                rows.collect::<Result<Vec<_>, _>>().map_err(backend)?
+            };
+            for (id, clear) in &rows {
+                let sealed = seal(clear).map_err(StoreError::Invalid)?;
+                tx.execute("UPDATE gudids SET sealed_mac_key = ?2, mac_key = X'' WHERE id = ?1", params![id, sealed])
+                    .map_err(backend)?;
+            }
+            tx.commit().map_err(backend)?;
+            Ok(rows.len())
+        })();
+        let _ = conn.execute_batch("PRAGMA secure_delete = OFF;");
+        let sealed = sealed?;
+        let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get::<_, i64>(0));
+        Ok(sealed)
     }
 
     /// The schema version after migrations.
@@ -386,7 +443,7 @@ fn kek_row(r: &Row<'_>) -> rusqlite::Result<KekRow> {
     })
 }
 
-const GUDID_COLUMNS: &str = "g.id, g.org_id, g.device_id, d.sn, g.gudid_id, g.mac_key, g.provisioned_by, g.provisioned_at, g.expires_at, g.used_at, g.bootstrap_hash";
+const GUDID_COLUMNS: &str = "g.id, g.org_id, g.device_id, d.sn, g.gudid_id, COALESCE(g.sealed_mac_key, ''), g.provisioned_by, g.provisioned_at, g.expires_at, g.used_at, g.bootstrap_hash, g.revoked_at, g.revoked_by";
 
 fn gudid_row(r: &Row<'_>) -> rusqlite::Result<GudidRow> {
     Ok(GudidRow {
@@ -395,12 +452,14 @@ fn gudid_row(r: &Row<'_>) -> rusqlite::Result<GudidRow> {
         device_id: r.get(2)?,
         sn: r.get(3)?,
         gudid_id: r.get(4)?,
-        mac_key: r.get(5)?,
+        sealed_mac_key: r.get(5)?,
         provisioned_by: r.get(6)?,
         provisioned_at: r.get(7)?,
         expires_at: r.get(8)?,
         used_at: r.get(9)?,
         bootstrap_hash: r.get(10)?,
+        revoked_at: r.get(11)?,
+        revoked_by: r.get(12)?,
     })
 }
 
@@ -662,7 +721,19 @@ fn end_execution(tx: &Transaction<'_>, ending: &Ending) -> StoreResult<bool> {
     Ok(true)
 }
 
-/// Spends the GUDID if unused and installs the credentials; `None` if it was already spent.
+/// Appends an audit entry inside the caller's transaction.
+fn audit_in(tx: &Transaction<'_>, e: &AuditEntry) -> StoreResult<()> {
+    tx.prepare_cached(
+        "INSERT INTO audit (at, org_id, actor, token_id, action, object, details) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )
+    .map_err(backend)?
+    .execute(params![e.at, e.org_id, e.actor, e.token_id, e.action, e.object, e.details.to_string()])
+    .map_err(backend)?;
+    Ok(())
+}
+
+/// Spends the GUDID if unused and unrevoked and installs the credentials; `None` if it was
+/// already spent or revoked.
 fn spend_gudid_in(
     tx: &Transaction<'_>,
     gudid_row_id: i64,
@@ -671,7 +742,7 @@ fn spend_gudid_in(
     at: Millis,
 ) -> StoreResult<Option<DeviceCredentials>> {
     let spent = tx
-        .prepare_cached("UPDATE gudids SET used_at = ?2 WHERE id = ?1 AND used_at IS NULL")
+        .prepare_cached("UPDATE gudids SET used_at = ?2 WHERE id = ?1 AND used_at IS NULL AND revoked_at IS NULL")
         .map_err(backend)?
         .execute(params![gudid_row_id, at])
         .map_err(backend)?;
@@ -803,14 +874,7 @@ impl Store for SqliteStore {
     }
 
     fn append_audit(&self, e: &AuditEntry) -> StoreResult<()> {
-        self.write(|tx| {
-            tx.execute(
-                "INSERT INTO audit (at, org_id, actor, token_id, action, object, details) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                params![e.at, e.org_id, e.actor, e.token_id, e.action, e.object, e.details.to_string()],
-            )
-            .map_err(backend)?;
-            Ok(())
-        })
+        self.write(|tx| audit_in(tx, e))
     }
 
     fn list_audit(&self, org_id: Option<i64>, limit: i64) -> StoreResult<Vec<AuditEntry>> {
@@ -1175,11 +1239,144 @@ impl Store for SqliteStore {
     fn insert_gudid(&self, row: &GudidRow) -> StoreResult<GudidRow> {
         self.write(|tx| {
             tx.execute(
-                "INSERT INTO gudids (org_id, device_id, gudid_id, mac_key, provisioned_by, provisioned_at, expires_at, bootstrap_hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                params![row.org_id, row.device_id, row.gudid_id, row.mac_key, row.provisioned_by, row.provisioned_at, row.expires_at, row.bootstrap_hash],
+                "INSERT INTO gudids (org_id, device_id, gudid_id, mac_key, sealed_mac_key, provisioned_by, provisioned_at,
+                                     expires_at, used_at, bootstrap_hash, revoked_at, revoked_by)
+                 VALUES (?1, ?2, ?3, X'', ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                params![
+                    row.org_id,
+                    row.device_id,
+                    row.gudid_id,
+                    row.sealed_mac_key,
+                    row.provisioned_by,
+                    row.provisioned_at,
+                    row.expires_at,
+                    row.used_at,
+                    row.bootstrap_hash,
+                    row.revoked_at,
+                    row.revoked_by
+                ],
             )
             .map_err(backend)?;
             Ok(GudidRow { id: tx.last_insert_rowid(), ..row.clone() })
+        })
+    }
+
+    fn provision_gudids(
+        &self,
+        org_id: i64,
+        gudids: &[NewGudid],
+        at: Millis,
+        actor: &Actor,
+    ) -> StoreResult<Vec<ProvisionedGudid>> {
+        self.write(|tx| {
+            let mut devices = Vec::with_capacity(gudids.len());
+            let mut unknown = Vec::new();
+            {
+                let mut find =
+                    tx.prepare_cached("SELECT id FROM devices WHERE org_id = ?1 AND sn = ?2").map_err(backend)?;
+                for g in gudids {
+                    match find.query_row(params![org_id, g.sn], |r| r.get::<_, i64>(0)).optional().map_err(backend)? {
+                        Some(id) => devices.push(id),
+                        None => unknown.push(g.sn.clone()),
+                    }
+                }
+            }
+            if !unknown.is_empty() {
+                return Err(unknown_sns_error(&unknown));
+            }
+            let mut out = Vec::with_capacity(gudids.len());
+            for (g, device_id) in gudids.iter().zip(devices) {
+                tx.prepare_cached(
+                    "INSERT INTO gudids (org_id, device_id, gudid_id, mac_key, sealed_mac_key, provisioned_by,
+                                         provisioned_at, expires_at, bootstrap_hash)
+                     VALUES (?1, ?2, ?3, X'', ?4, ?5, ?6, ?7, ?8)",
+                )
+                .map_err(backend)?
+                .execute(params![
+                    org_id,
+                    device_id,
+                    g.gudid_id,
+                    g.sealed_mac_key,
+                    actor.label,
+                    at,
+                    g.expires_at,
+                    g.bootstrap_hash
+                ])
+                .map_err(backend)?;
+                let id = tx.last_insert_rowid();
+                let revoked: Vec<i64> = {
+                    let mut stmt = tx
+                        .prepare_cached(
+                            "UPDATE gudids SET revoked_at = ?2, revoked_by = ?3
+                             WHERE device_id = ?1 AND id <> ?4 AND used_at IS NULL AND revoked_at IS NULL
+                               AND expires_at > ?2
+                             RETURNING id",
+                        )
+                        .map_err(backend)?;
+                    let rows =
+                        stmt.query_map(params![device_id, at, actor.label, id], |r| r.get(0)).map_err(backend)?;
+                    rows.collect::<Result<Vec<_>, _>>().map_err(backend)?
+                };
+                for old in &revoked {
+                    let details = serde_json::json!({"gudid": old, "reason": "replaced", "replaced_by": id});
+                    audit_in(tx, &gudid_audit(org_id, actor, at, "gudid.revoke", &g.sn, details))?;
+                }
+                let details = serde_json::json!({"gudid": id, "expires_at": g.expires_at, "revoked": revoked});
+                audit_in(tx, &gudid_audit(org_id, actor, at, "gudid.provision", &g.sn, details))?;
+                let row = GudidRow {
+                    id,
+                    org_id,
+                    device_id,
+                    sn: g.sn.clone(),
+                    gudid_id: g.gudid_id.clone(),
+                    sealed_mac_key: g.sealed_mac_key.clone(),
+                    bootstrap_hash: Some(g.bootstrap_hash.clone()),
+                    provisioned_by: actor.label.clone(),
+                    provisioned_at: at,
+                    expires_at: g.expires_at,
+                    used_at: None,
+                    revoked_at: None,
+                    revoked_by: None,
+                };
+                out.push(ProvisionedGudid { row, revoked });
+            }
+            Ok(out)
+        })
+    }
+
+    fn revoke_gudid(&self, org_id: i64, id: i64, at: Millis, actor: &Actor) -> StoreResult<GudidRow> {
+        self.write(|tx| {
+            let row = tx
+                .query_row(
+                    &format!(
+                        "SELECT {GUDID_COLUMNS} FROM gudids g JOIN devices d ON d.id = g.device_id
+                         WHERE g.id = ?1 AND g.org_id = ?2"
+                    ),
+                    params![id, org_id],
+                    gudid_row,
+                )
+                .optional()
+                .map_err(backend)?
+                .ok_or_else(|| StoreError::NotFound(format!("no GUDID {id}")))?;
+            if !row.is_live(at) {
+                return Err(StoreError::Conflict(format!(
+                    "GUDID {id} is {}: only a live GUDID can be revoked",
+                    row.status(at)
+                )));
+            }
+            let changed = tx
+                .execute(
+                    "UPDATE gudids SET revoked_at = ?2, revoked_by = ?3
+                     WHERE id = ?1 AND used_at IS NULL AND revoked_at IS NULL",
+                    params![id, at, actor.label],
+                )
+                .map_err(backend)?;
+            if changed != 1 {
+                return Err(StoreError::Conflict(format!("GUDID {id} was spent or revoked meanwhile")));
+            }
+            let details = serde_json::json!({"gudid": id, "reason": "revoked"});
+            audit_in(tx, &gudid_audit(org_id, actor, at, "gudid.revoke", &row.sn, details))?;
+            Ok(GudidRow { revoked_at: Some(at), revoked_by: Some(actor.label.clone()), ..row })
         })
     }
 
@@ -1195,6 +1392,7 @@ impl Store for SqliteStore {
                     "SELECT d.sn, g.bootstrap_hash FROM gudids g JOIN devices d ON d.id = g.device_id
                      WHERE (?1 IS NULL OR d.sn = ?1) AND g.expires_at > ?2
                        AND (g.used_at IS NULL OR g.used_at > ?3)
+                       AND g.revoked_at IS NULL
                        AND g.bootstrap_hash IS NOT NULL
                      ORDER BY g.id DESC",
                 )
@@ -1220,15 +1418,18 @@ impl Store for SqliteStore {
         })
     }
 
-    fn list_gudids(&self, org_id: i64, sn: Option<&str>) -> StoreResult<Vec<GudidRow>> {
+    fn list_gudids(&self, org_id: i64, filter: &GudidFilter) -> StoreResult<Vec<GudidRow>> {
         self.read(|c| {
             let mut stmt = c
                 .prepare(&format!(
                     "SELECT {GUDID_COLUMNS} FROM gudids g JOIN devices d ON d.id = g.device_id
-                     WHERE g.org_id = ?1 AND (?2 IS NULL OR d.sn = ?2) ORDER BY g.id DESC"
+                     WHERE g.org_id = ?1 AND (?2 IS NULL OR d.sn = ?2)
+                       AND (?3 IS NULL OR (g.used_at IS NULL AND g.revoked_at IS NULL AND g.expires_at > ?3))
+                     ORDER BY g.id DESC LIMIT ?4"
                 ))
                 .map_err(backend)?;
-            let rows = stmt.query_map(params![org_id, sn], gudid_row).map_err(backend)?;
+            let limit = if filter.limit > 0 { filter.limit } else { -1 };
+            let rows = stmt.query_map(params![org_id, filter.sn, filter.live_at, limit], gudid_row).map_err(backend)?;
             rows.collect::<Result<Vec<_>, _>>().map_err(backend)
         })
     }

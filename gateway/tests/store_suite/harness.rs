@@ -112,6 +112,13 @@ impl Opened {
             Opened::Postgres(s) => s.reseal_all(reseal, kcv),
         }
     }
+
+    pub fn seal_legacy_gudid_keys(&self, seal: impl Fn(&[u8]) -> Result<String, String>) -> StoreResult<usize> {
+        match self {
+            Opened::Sqlite(s) => s.seal_legacy_gudid_keys(seal),
+            Opened::Postgres(s) => s.seal_legacy_gudid_keys(seal),
+        }
+    }
 }
 
 enum Location {
@@ -146,6 +153,17 @@ impl Subject {
 
     pub fn is_postgres(&self) -> bool {
         matches!(self.location, Location::Postgres { .. })
+    }
+
+    /// The SQLite database file and its WAL, as raw bytes (`None` for PostgreSQL): what a copy of
+    /// the data directory would hold.
+    pub fn sqlite_files(&self) -> Option<Vec<u8>> {
+        let Location::Sqlite { dir } = &self.location else { return None };
+        let mut bytes = Vec::new();
+        for name in ["rki.sqlite", "rki.sqlite-wal"] {
+            bytes.extend(std::fs::read(dir.path().join(name)).unwrap_or_default());
+        }
+        Some(bytes)
     }
 
     /// Opens the same database again (running migrations again).
@@ -225,12 +243,14 @@ pub fn new_gudid(world: &World, device: usize, tag: u8) -> GudidRow {
         device_id: d.id,
         sn: d.sn.clone(),
         gudid_id: [&[tag][..], &(device as u32).to_be_bytes(), &[0xA5, 0x5A]].concat(),
-        mac_key: vec![0x11; 32],
+        sealed_mac_key: format!("sealed:gudid:{tag}:{device}"),
         provisioned_by: "ops".into(),
         provisioned_at: T0,
         expires_at: T0 + 30 * DAY_MS,
         used_at: None,
         bootstrap_hash: Some(format!("$7$101$salt{tag}$hash{device}")),
+        revoked_at: None,
+        revoked_by: None,
     }
 }
 

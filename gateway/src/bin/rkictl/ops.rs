@@ -144,16 +144,22 @@ pub enum TasksCommand {
 
 #[derive(Subcommand, Debug)]
 pub enum GudidsCommand {
-    /// Provision one GUDID per SN (shown once; expires after 72 h; single use).
+    /// Provision one GUDID per SN (shown once; expires after 72 h; single use), all or nothing,
+    /// at most 1000 SNs per call. A new GUDID revokes the SN's live one.
     Provision {
         #[arg(required = true)]
         sns: Vec<String>,
     },
-    /// List GUDIDs as unused, used or expired.
+    /// List GUDIDs (newest first, at most 1000) as unused, used, revoked or expired.
     List {
         #[arg(long)]
         sn: Option<String>,
+        /// Only the live ones: unused, unrevoked, unexpired.
+        #[arg(long)]
+        live: bool,
     },
+    /// Revoke a live GUDID by its ID (the first column of `list`): it no longer initialises.
+    Revoke { id: i64 },
 }
 
 #[derive(Subcommand, Debug)]
@@ -819,14 +825,26 @@ pub fn gudids(c: &Client, cmd: GudidsCommand, json_out: bool) -> Result<Output, 
                 .map(|a| a.iter().map(|g| vec![s(&g["sn"]), s(&g["gudid"]), time(&g["expires_at"])]).collect())
                 .unwrap_or_default();
             let mut out = table(&["SN", "GUDID (shown once)", "EXPIRES"], rows);
+            let replaced = v["gudids"]
+                .as_array()
+                .map(|a| a.iter().filter(|g| g["revoked"].as_array().is_some_and(|r| !r.is_empty())).count())
+                .unwrap_or(0);
+            if replaced > 0 {
+                out.push_str(&format!("revoked the earlier live GUDID of {replaced} SN(s): only the new one works\n"));
+            }
             out.push_str("type each GUDID into its terminal; each works once, within 72 hours");
             Ok(Output::Text(out))
         }
-        GudidsCommand::List { sn } => {
-            let path = match sn {
-                Some(sn) => format!("/v1/gudids?sn={}", enc(&sn)),
-                None => "/v1/gudids".into(),
-            };
+        GudidsCommand::List { sn, live } => {
+            let mut query = Vec::new();
+            if let Some(sn) = sn {
+                query.push(format!("sn={}", enc(&sn)));
+            }
+            if live {
+                query.push("live=true".to_string());
+            }
+            let path =
+                if query.is_empty() { "/v1/gudids".to_string() } else { format!("/v1/gudids?{}", query.join("&")) };
             let v = c.get(&path)?;
             if json_out {
                 return Ok(Output::Json(v));
@@ -837,18 +855,35 @@ pub fn gudids(c: &Client, cmd: GudidsCommand, json_out: bool) -> Result<Output, 
                     a.iter()
                         .map(|g| {
                             vec![
+                                s(&g["id"]),
                                 s(&g["sn"]),
                                 s(&g["status"]),
                                 s(&g["provisioned_by"]),
                                 time(&g["provisioned_at"]),
                                 time(&g["expires_at"]),
                                 time(&g["used_at"]),
+                                time(&g["revoked_at"]),
                             ]
                         })
                         .collect()
                 })
                 .unwrap_or_default();
-            Ok(Output::Text(table(&["SN", "STATUS", "PROVISIONED BY", "PROVISIONED", "EXPIRES", "USED"], rows)))
+            Ok(Output::Text(table(
+                &["ID", "SN", "STATUS", "PROVISIONED BY", "PROVISIONED", "EXPIRES", "USED", "REVOKED"],
+                rows,
+            )))
+        }
+        GudidsCommand::Revoke { id } => {
+            let v = c.post(&format!("/v1/gudids/{id}/revoke"), &json!({}))?;
+            if json_out {
+                return Ok(Output::Json(v));
+            }
+            let g = &v["gudid"];
+            Ok(Output::Text(format!(
+                "GUDID {} of {} revoked: it no longer initialises the terminal",
+                s(&g["id"]),
+                s(&g["sn"])
+            )))
         }
     }
 }
