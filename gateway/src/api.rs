@@ -2,8 +2,8 @@
 //!
 //! Every `/v1` route needs `Authorization: Bearer <token>`. An organization's token sees and acts
 //! on that organization's objects only; the key owner's token authorizes BDKs, creates
-//! organizations and uploads each organization's SNs. Errors are problem+json bodies with a stable `code`. Every action that changes
-//! state is written to the append-only audit log.
+//! organizations and uploads each organization's SNs. Errors are problem+json bodies with a
+//! stable `code`. Every action that changes state is written to the append-only audit log.
 
 use std::sync::Arc;
 
@@ -86,7 +86,7 @@ pub fn router(state: Arc<AppState>, with_metrics: bool) -> Router {
         .route("/v1/orgs/{org}/devices/import", post(upload_devices))
         .route("/v1/keks", get(list_keks))
         .route("/v1/devices", get(list_devices))
-        .route("/v1/devices/import", post(import_devices))
+        .route("/v1/devices/import", post(org_import_refused))
         .route("/v1/devices/{sn}", get(get_device))
         .route("/v1/devices/{sn}/unlock", post(unlock_device))
         .route("/v1/groups", post(create_group).get(list_groups))
@@ -825,7 +825,7 @@ const UPLOAD_ROUTE: &str = "POST /v1/orgs/{org}/devices/import";
 /// `POST /v1/devices/import`, kept only to say where devices come from. An organization cannot
 /// register SNs itself: otherwise any organization could claim another's terminals before they
 /// arrive, and learn from a refusal that an SN exists elsewhere.
-async fn import_devices(caller: Caller) -> ApiError {
+async fn org_import_refused(caller: Caller) -> ApiError {
     let detail = match caller.role {
         Role::KeyOwner => format!("devices are uploaded to an organization: {UPLOAD_ROUTE}"),
         Role::Admin => format!("devices are uploaded by the key owner: {UPLOAD_ROUTE}"),
@@ -910,14 +910,13 @@ async fn upload_devices(
     let (org_id, rows_for_store) = (org.id, rows.clone());
     // The store checks the owners again inside its transaction: an SN taken since the check above
     // refuses the whole upload too.
-    let imported = blocking(&state, move |s| s.import_devices(org_id, &rows_for_store, now)).await.map_err(|e| {
-        match e {
+    let imported =
+        blocking(&state, move |s| s.import_devices(org_id, &rows_for_store, now)).await.map_err(|e| match e {
             ApiError { status: StatusCode::CONFLICT, detail, .. } => {
                 refused(detail.split("; ").map(|d| json!({"reason": d})).collect(), &org.name)
             }
             other => other,
-        }
-    })?;
+        })?;
     state.engine.notify_registry_changed();
     let already = rows.len() - imported;
     audit(

@@ -172,7 +172,11 @@ fn sn_owners_names_the_organization_of_each_registered_sn_only(s: &Subject) {
     owners.sort();
     assert_eq!(
         owners,
-        vec![("acme-0000".into(), acme.org.id), ("acme-0001".into(), acme.org.id), ("globex-0000".into(), globex.org.id)]
+        vec![
+            ("acme-0000".into(), acme.org.id),
+            ("acme-0001".into(), acme.org.id),
+            ("globex-0000".into(), globex.org.id)
+        ]
     );
     assert!(st.sn_owners(&[]).must().is_empty());
 }

@@ -189,8 +189,7 @@ fn a_fleet_manager_pushes_keys_through_the_portal_in_headless_chromium() -> Test
     assert_eq!(initech.ok("/v1/devices")?["total"], 1, "the refused upload touched initech's SN");
     let other = rki_tests::Api::new(&gw.url(), &globex_token);
     assert_eq!(other.ok("/v1/devices")?["total"], 0);
-    for shot in
-    [
+    for shot in [
         "signin",
         "provider-upload-errors",
         "provider",
@@ -201,8 +200,7 @@ fn a_fleet_manager_pushes_keys_through_the_portal_in_headless_chromium() -> Test
         "tasks",
         "records",
         "gudids",
-    ]
-    {
+    ] {
         assert!(screenshots.join(format!("{shot}.png")).exists(), "no screenshot {shot}.png");
     }
     let _ = std::fs::remove_dir_all(&work);

@@ -225,7 +225,8 @@ fn rkictl_uploads_for_the_key_owner_and_lists_every_problem() -> TestResult {
     let bad = dir.join("bad.csv");
     std::fs::write(&bad, "sn,model\nCLI0003,P3\nbad sn,P3\n")?;
     let rkictl = |token: &str, args: &[&str]| -> TestResult<(bool, String, String)> {
-        let out = Command::new(binary("rkictl")).env("RKI_URL", gw.url()).env("RKI_TOKEN", token).args(args).output()?;
+        let out =
+            Command::new(binary("rkictl")).env("RKI_URL", gw.url()).env("RKI_TOKEN", token).args(args).output()?;
         Ok((
             out.status.success(),
             String::from_utf8_lossy(&out.stdout).trim().to_string(),
