@@ -1,8 +1,10 @@
-// RKI portal: the fleet manager's page over the gateway's `/v1` admin API.
+// RKI portal: the fleet manager's page over the gateway's `/v1` admin API, and the key owner's
+// (the provider's) page for uploading each organization's devices.
 //
 // Every fact shown comes from the API, and every action is one API call: the page holds no rule of
-// its own (readiness, outcomes, meanings and counts are the API's). The organization's token lives
-// in sessionStorage (this tab only) and travels only in the Authorization header, never in a URL.
+// its own (readiness, outcomes, meanings and counts are the API's). The token (an organization's,
+// or the key owner's) lives in sessionStorage (this tab only) and travels only in the
+// Authorization header, never in a URL.
 // Untrusted text is only ever put in the page as text (`textContent`), never as HTML.
 'use strict';
 
@@ -376,7 +378,7 @@
           h('td', {}, lockCell(d)),
           h('td', {}, assignmentCell(d)),
           h('td', {}, taskCell(d))),
-      empty: emptyRow(tbody, sn || group ? 'No device matches.' : 'No device yet: import a CSV below.'),
+      empty: emptyRow(tbody, sn || group ? 'No device matches.' : 'No device yet: your devices come from your provider, who uploads them to the portal.'),
     });
     refreshAgo(tbody);
     const more = devices.length >= DEVICE_PAGE ? ` (the first ${DEVICE_PAGE}; search by SN to narrow)` : '';
@@ -415,24 +417,24 @@
         await Promise.all([loadGroups(), loadDevices()]);
       }, ev.submitter);
     });
-
-    wireImport();
   }
 
-  // ---- CSV import: always a dry run first, and the import sends exactly the text that was checked.
+  // ------------------------------------------------------------------ Provider: the key owner uploads devices
 
-  let checkedImport = null;
+  // Always a dry run first; the upload sends exactly the text that was checked, to the
+  // organization it was checked for.
+  let checkedUpload = null;
 
-  function importResult(...children) {
-    $('#import-result').replaceChildren(...children);
+  function uploadResult(...children) {
+    $('#upload-result').replaceChildren(...children);
   }
 
-  function importErrors(problem) {
+  function uploadErrors(problem) {
     const errors = problem.errors || [];
-    return h('div', { class: 'notice bad', id: 'import-errors' },
+    return h('div', { class: 'notice bad', id: 'upload-errors' },
       h('h4', {}, problem.detail || 'The file has errors.'),
       h('table', {},
-        h('caption', { class: 'sr-only' }, 'Lines with errors'),
+        h('caption', { class: 'sr-only' }, 'Lines with problems'),
         h('thead', {}, h('tr', {}, h('th', { scope: 'col' }, 'Line'), h('th', { scope: 'col' }, 'SN'), h('th', { scope: 'col' }, 'Problem'))),
         h('tbody', {}, errors.map((e) =>
           h('tr', { dataset: { line: e.line ?? '' } },
@@ -441,67 +443,83 @@
             h('td', {}, e.reason))))));
   }
 
-  function wireImport() {
-    const text = $('#import-text');
-    const runButton = $('#import-run');
+  async function loadOrgs() {
+    const data = await api('GET', '/v1/orgs');
+    const orgs = data.orgs || [];
+    const select = $('#upload-org');
+    const keep = select.value;
+    const options = orgs.map((o) => h('option', { value: o.name }, o.name));
+    if (orgs.length === 0) options.push(h('option', { value: '' }, 'No organization yet'));
+    select.replaceChildren(...options);
+    if ([...select.options].some((o) => o.value === keep)) select.value = keep;
+  }
+
+  function wireUpload() {
+    const text = $('#upload-text');
+    const org = $('#upload-org');
+    const runButton = $('#upload-run');
     const stale = () => {
-      if (checkedImport && checkedImport.text !== text.value) {
-        checkedImport = null;
+      if (checkedUpload && (checkedUpload.text !== text.value || checkedUpload.org !== org.value)) {
+        checkedUpload = null;
         runButton.disabled = true;
-        $('#import-check').textContent = 'Check file';
+        runButton.textContent = 'Upload';
       }
     };
     text.addEventListener('input', stale);
-    $('#import-file').addEventListener('change', async (ev) => {
+    org.addEventListener('change', stale);
+    $('#upload-file').addEventListener('change', async (ev) => {
       const file = ev.target.files && ev.target.files[0];
       if (!file) return;
       text.value = await file.text();
       stale();
-      say(`${file.name} loaded: check it before importing.`);
+      say(`${file.name} loaded: check it before uploading.`);
     });
 
-    $('#import-form').addEventListener('submit', (ev) => {
+    $('#upload-form').addEventListener('submit', (ev) => {
       ev.preventDefault();
       run(async () => {
         const csv = text.value;
-        checkedImport = null;
+        const name = org.value;
+        if (!name) throw new Error('choose an organization');
+        checkedUpload = null;
         runButton.disabled = true;
+        runButton.textContent = 'Upload';
         try {
-          const r = await api('POST', '/v1/devices/import?dry_run=true', csv);
-          checkedImport = { text: csv };
+          const r = await api('POST', `/v1/orgs/${encodeURIComponent(name)}/devices/import?dry_run=true`, csv);
+          checkedUpload = { text: csv, org: name };
           runButton.disabled = false;
-          runButton.textContent = `Import ${r.valid} device(s)`;
-          importResult(h('p', { class: 'notice ok', id: 'import-ok' }, `${r.valid} valid device line(s). Nothing has been imported yet.`));
+          runButton.textContent = `Upload ${r.valid} device(s) to ${name}`;
+          uploadResult(h('p', { class: 'notice ok', id: 'upload-ok' },
+            `${r.valid} valid device line(s) for ${name}: ${r.new} new, ${r.already_registered} already registered. Nothing has been uploaded yet.`));
         } catch (e) {
           if (!(e instanceof ApiError) || e.problem.code !== 'invalid_csv') throw e;
-          importResult(importErrors(e.problem));
+          uploadResult(uploadErrors(e.problem));
           say(`${e.message}. Fix the lines shown and check again.`, true);
         }
       }, ev.submitter);
     });
 
     runButton.addEventListener('click', () => {
-      if (!checkedImport || checkedImport.text !== text.value) return;
-      const csv = checkedImport.text;
-      const group = $('#import-group').value;
+      if (!checkedUpload || checkedUpload.text !== text.value || checkedUpload.org !== org.value) return;
+      const { text: csv, org: name } = checkedUpload;
       run(async () => {
         try {
-          const r = await api('POST', `/v1/devices/import${query({ group })}`, csv);
-          const inGroup = group ? `; ${r.added_to_group} added to group ${group}` : '';
-          const msg = `Imported ${r.imported} new device(s); ${r.already_registered} already registered${inGroup}.`;
-          importResult(h('p', { class: 'notice ok', id: 'import-done' }, msg));
+          const r = await api('POST', `/v1/orgs/${encodeURIComponent(name)}/devices/import`, csv);
+          const msg = `Uploaded ${r.imported} new device(s) to ${name}; ${r.already_registered} already registered.`;
+          uploadResult(h('p', { class: 'notice ok', id: 'upload-done' }, msg));
           say(msg);
-          checkedImport = null;
+          checkedUpload = null;
           text.value = '';
-          $('#import-file').value = '';
-          runButton.textContent = 'Import';
-          await Promise.all([loadDevices(), loadGroups()]);
+          $('#upload-file').value = '';
+          runButton.textContent = 'Upload';
         } catch (e) {
           if (!(e instanceof ApiError) || e.problem.code !== 'invalid_csv') throw e;
-          importResult(importErrors(e.problem));
+          uploadResult(uploadErrors(e.problem));
+          checkedUpload = null;
+          runButton.textContent = 'Upload';
           throw e;
         } finally {
-          runButton.disabled = checkedImport === null;
+          runButton.disabled = checkedUpload === null;
         }
       });
     });
@@ -1072,24 +1090,34 @@
     location.replace(location.pathname);
   }
 
+  /** Who a token is (`t`, else the signed-in one): `{role, org}` from `GET /v1/whoami`. */
   async function whoami(t) {
-    // Proposed `GET /v1/whoami`; until the API has it, the page says only that it is signed in.
-    try {
-      const r = await api('GET', '/v1/whoami', undefined, t);
-      if (r && r.org && r.org.name) return `Organization ${r.org.name}`;
-    } catch (e) {
-      /* not offered by this gateway */
-    }
-    return 'Signed in with an organization token';
+    return api('GET', '/v1/whoami', undefined, t);
   }
 
   async function enter() {
+    let me;
+    try {
+      me = await whoami(); // the signed-in token: a 401 signs out
+    } catch (e) {
+      if (e instanceof ApiError && e.status === 401) return; // signed out by api()
+      say(`Cannot reach the gateway: ${e.message}`, true);
+      return;
+    }
     $('#signin').hidden = true;
-    $('#app').hidden = false;
     $('#sign-out').hidden = false;
     const who = $('#who');
-    who.textContent = await whoami(token);
     who.hidden = false;
+    if (me.role === 'key_owner') {
+      // The provider's page: uploading each organization's devices, nothing of any organization's fleet.
+      who.textContent = 'Key owner (provider)';
+      $('#provider').hidden = false;
+      history.replaceState(null, '', location.pathname);
+      run(loadOrgs);
+      return;
+    }
+    who.textContent = me.org && me.org.name ? `Organization ${me.org.name}` : 'Signed in with an organization token';
+    $('#app').hidden = false;
     showTab(location.hash.slice(1));
   }
 
@@ -1100,12 +1128,9 @@
     const candidate = input.value.trim();
     error.hidden = true;
     try {
-      await api('GET', '/v1/key-sources', undefined, candidate);
+      await whoami(candidate);
     } catch (e) {
-      error.textContent =
-        e.status === 401 ? 'This token is not valid.'
-          : e.status === 403 ? "This is not an organization's token: the portal is for fleet managers."
-            : `Cannot sign in: ${e.message}`;
+      error.textContent = e.status === 401 ? 'This token is not valid.' : `Cannot sign in: ${e.message}`;
       error.hidden = false;
       input.focus();
       return;
@@ -1127,6 +1152,7 @@
     wireTasks();
     wireRecords();
     wireGudids();
+    wireUpload();
     document.addEventListener('visibilitychange', () => {
       if (!document.hidden && currentTab) schedulePoll();
     });

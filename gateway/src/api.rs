@@ -1,9 +1,9 @@
 //! The admin HTTP API (`/v1`, JSON), `/metrics` and `/healthz`.
 //!
 //! Every `/v1` route needs `Authorization: Bearer <token>`. An organization's token sees and acts
-//! on that organization's objects only; the key owner's token authorizes BDKs and creates
-//! organizations. Errors are problem+json bodies with a stable `code`. Every action that changes
-//! state is written to the append-only audit log.
+//! on that organization's objects only; the key owner's token authorizes BDKs, creates
+//! organizations and uploads each organization's SNs. Errors are problem+json bodies with a
+//! stable `code`. Every action that changes state is written to the append-only audit log.
 
 use std::sync::Arc;
 
@@ -84,9 +84,10 @@ pub fn router(state: Arc<AppState>, with_metrics: bool) -> Router {
         .route("/v1/orgs/{org}/key-sources", post(authorize_key_source))
         .route("/v1/key-sources", get(list_key_sources))
         .route("/v1/orgs/{org}/keks", post(create_kek))
+        .route("/v1/orgs/{org}/devices/import", post(upload_devices))
         .route("/v1/keks", get(list_keks))
         .route("/v1/devices", get(list_devices))
-        .route("/v1/devices/import", post(import_devices))
+        .route("/v1/devices/import", post(org_import_refused))
         .route("/v1/devices/{sn}", get(get_device))
         .route("/v1/devices/{sn}/unlock", post(unlock_device))
         .route("/v1/groups", post(create_group).get(list_groups))
@@ -768,6 +769,17 @@ async fn get_device(State(state): St, caller: Caller, Path(sn): Path<String>) ->
 /// Parses a device CSV: one SN per line, optionally `sn,model`; a header line `sn[,model]`, blank
 /// lines and `#` comments are skipped. Every bad line is reported; nothing is imported if any is bad.
 pub fn parse_device_csv(text: &str) -> Result<Vec<ImportRow>, Vec<Value>> {
+    let (rows, errors) = check_device_csv(text);
+    if errors.is_empty() {
+        Ok(rows)
+    } else {
+        Err(errors)
+    }
+}
+
+/// The good lines of a device CSV and the problem of each bad one (`line`, `sn` when there is
+/// one, `reason`), in line order; an empty file is one problem, at line 0.
+fn check_device_csv(text: &str) -> (Vec<ImportRow>, Vec<Value>) {
     let mut rows = Vec::new();
     let mut errors = Vec::new();
     let mut seen = std::collections::HashSet::new();
@@ -806,79 +818,126 @@ pub fn parse_device_csv(text: &str) -> Result<Vec<ImportRow>, Vec<Value>> {
     if rows.is_empty() && errors.is_empty() {
         errors.push(json!({"line": 0, "reason": "no device in the file"}));
     }
-    if errors.is_empty() {
-        Ok(rows)
-    } else {
-        Err(errors)
-    }
+    (rows, errors)
+}
+
+/// Where devices come from: the key owner uploads them to an organization.
+const UPLOAD_ROUTE: &str = "POST /v1/orgs/{org}/devices/import";
+
+/// `POST /v1/devices/import`, kept only to say where devices come from. An organization cannot
+/// register SNs itself: otherwise any organization could claim another's terminals before they
+/// arrive, and learn from a refusal that an SN exists elsewhere.
+async fn org_import_refused(caller: Caller) -> ApiError {
+    let detail = match caller.role {
+        Role::KeyOwner => format!("devices are uploaded to an organization: {UPLOAD_ROUTE}"),
+        Role::Admin => format!("devices are uploaded by the key owner: {UPLOAD_ROUTE}"),
+    };
+    ApiError::new(StatusCode::FORBIDDEN, "uploaded_by_key_owner", detail)
 }
 
 #[derive(Deserialize, Default)]
-struct ImportQuery {
-    group: Option<String>,
-    /// Only validate and report; import nothing.
+struct UploadQuery {
+    /// Only check and report; upload nothing.
     dry_run: Option<bool>,
+    /// Refused with a reason: groups are the organization's.
+    group: Option<String>,
 }
 
-async fn import_devices(
+/// `POST /v1/orgs/{org}/devices/import` (key owner): uploads a CSV of SNs to the organization,
+/// all or nothing. Every bad line and every SN that another organization holds is listed, line by
+/// line, and then nothing is stored; the key owner is platform-level and may know which SNs are
+/// held elsewhere. SNs the organization already holds are counted, not added twice. `dry_run`
+/// checks exactly as the upload does and stores nothing.
+async fn upload_devices(
     State(state): St,
     caller: Caller,
-    Query(q): Query<ImportQuery>,
+    Path(org_name): Path<String>,
+    Query(q): Query<UploadQuery>,
     body: Bytes,
 ) -> ApiResult<Response> {
-    let org = caller.org()?;
+    caller.key_owner()?;
+    if q.group.is_some() {
+        return Err(ApiError::bad(
+            "bad_query",
+            "group: groups are the organization's; it adds the devices it was given with POST /v1/groups/{name}/devices",
+        ));
+    }
+    let org = org_named(&state, org_name).await?;
     let _permit = state.expensive()?;
     let text = std::str::from_utf8(&body).map_err(|_| ApiError::bad("bad_csv", "the CSV is not UTF-8"))?;
-    let rows = parse_device_csv(text).map_err(|errors| {
+    let (rows, mut errors) = check_device_csv(text);
+    let sns: Vec<String> = rows.iter().map(|r| r.sn.clone()).collect();
+    let (owners, orgs) = blocking(&state, move |s| Ok((s.sn_owners(&sns)?, s.list_orgs()?))).await?;
+    let owners: std::collections::HashMap<String, i64> = owners.into_iter().collect();
+    let names: std::collections::HashMap<i64, String> = orgs.into_iter().map(|o| (o.id, o.name)).collect();
+    let mut already = 0;
+    for row in &rows {
+        match owners.get(&row.sn) {
+            Some(&owner) if owner == org.id => already += 1,
+            Some(owner) => {
+                let holder = names.get(owner).map(String::as_str).unwrap_or("?");
+                errors.push(json!({
+                    "line": row.line,
+                    "sn": row.sn,
+                    "reason": format!("SN is held by another organization ({holder})"),
+                }));
+            }
+            None => {}
+        }
+    }
+    let refused = |errors: Vec<Value>, org: &str| {
         ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid_csv",
-            format!("{} invalid line(s); nothing was imported", errors.len()),
+            format!("{} problem line(s); nothing was uploaded to {org}", errors.len()),
         )
-        .with(json!({ "errors": errors }))
-    })?;
-    if q.dry_run.unwrap_or(false) {
-        return Ok(Json(json!({"valid": rows.len(), "imported": 0, "dry_run": true})).into_response());
-    }
-    let group = match &q.group {
-        Some(name) => {
-            let name = name.clone();
-            Some(blocking(&state, move |s| s.group_by_name(org, &name)).await?)
-        }
-        None => None,
+        .with(json!({ "org": org, "errors": errors }))
     };
+    if !errors.is_empty() {
+        errors.sort_by_key(|e| e["line"].as_u64().unwrap_or(0));
+        return Err(refused(errors, &org.name));
+    }
+    if q.dry_run.unwrap_or(false) {
+        return Ok(Json(json!({
+            "org": org.name,
+            "valid": rows.len(),
+            "new": rows.len() - already,
+            "already_registered": already,
+            "imported": 0,
+            "dry_run": true,
+        }))
+        .into_response());
+    }
     let now = state.engine.clock.now_ms();
-    let rows_for_store = rows.clone();
+    let (org_id, rows_for_store) = (org.id, rows.clone());
+    // The store checks the owners again inside its transaction: an SN taken since the check above
+    // refuses the whole upload too.
     let imported =
-        blocking(&state, move |s| s.import_devices(org, &rows_for_store, now)).await.map_err(|e| match e {
+        blocking(&state, move |s| s.import_devices(org_id, &rows_for_store, now)).await.map_err(|e| match e {
             ApiError { status: StatusCode::CONFLICT, detail, .. } => {
-                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_csv", "nothing was imported")
-                    .with(json!({ "errors": detail.split("; ").map(|d| json!({"reason": d})).collect::<Vec<_>>() }))
+                refused(detail.split("; ").map(|d| json!({"reason": d})).collect(), &org.name)
             }
             other => other,
         })?;
     state.engine.notify_registry_changed();
-    let mut added_to_group = 0;
-    if let Some(group) = &group {
-        let sns: Vec<String> = rows.iter().map(|r| r.sn.clone()).collect();
-        let ids: Vec<i64> = blocking(&state, move |s| s.device_ids_by_sn(org, &sns))
-            .await?
-            .into_iter()
-            .filter_map(|(_, id)| id)
-            .collect();
-        let gid = group.id;
-        added_to_group = blocking(&state, move |s| s.add_group_members(gid, &ids)).await?;
-    }
+    let already = rows.len() - imported;
     audit(
         &state,
         &caller,
-        Some(org),
-        "devices.import",
+        Some(org.id),
+        "devices.upload",
         format!("devices:{}", rows.len()),
-        json!({"imported": imported, "group": q.group}),
+        json!({"org": org.name, "imported": imported, "already_registered": already}),
     )
     .await?;
-    Ok(Json(json!({"valid": rows.len(), "imported": imported, "already_registered": rows.len() - imported, "added_to_group": added_to_group})).into_response())
+    Ok(Json(json!({
+        "org": org.name,
+        "valid": rows.len(),
+        "imported": imported,
+        "already_registered": already,
+        "dry_run": false,
+    }))
+    .into_response())
 }
 
 #[derive(Deserialize)]

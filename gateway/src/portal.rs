@@ -1,9 +1,10 @@
-//! The fleet manager's portal: a static page under `/portal/`, served on the API's port.
+//! The portal: a static page under `/portal/`, served on the API's port.
 //!
 //! The page (`gateway/portal/`: HTML, one stylesheet, one script, an icon) is embedded in the
 //! binary, so the gateway serves it without a file system, a CDN or the internet. It is a client
 //! of the `/v1` admin API and nothing else: it has no route of its own that reads or changes
-//! state, and it signs in with the organization's bearer token like `rkictl` does. See
+//! state, and it signs in with a bearer token like `rkictl` does: an organization's (the fleet
+//! manager's page) or the key owner's (the provider's page, which uploads devices). See
 //! `docs/PORTAL.md`.
 //!
 //! **Invariant.** Nothing here touches the engine or the store; the router needs no state.

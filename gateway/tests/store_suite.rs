@@ -37,6 +37,7 @@ suite! {
     tokens_are_found_by_hash_with_their_role_and_a_hash_is_used_once,
     import_adds_new_serial_numbers_and_skips_the_organizations_own,
     import_is_all_or_nothing_and_names_every_line_registered_elsewhere,
+    sn_owners_names_the_organization_of_each_registered_sn_only,
     devices_are_listed_by_sn_fragment_ignoring_case_by_group_and_by_page,
     unknown_rows_are_not_found,
     groups_are_unique_per_organization_and_count_each_member_once,
@@ -171,6 +172,24 @@ fn import_is_all_or_nothing_and_names_every_line_registered_elsewhere(s: &Subjec
     assert_eq!(st.count_devices(acme.org.id).must(), 2);
     assert_eq!(st.device_org_by_sn("acme-0001").must(), Some((acme.devices[1].id, acme.org.id)));
     assert!(st.device_org_by_sn("globex-new").must().is_none());
+}
+
+fn sn_owners_names_the_organization_of_each_registered_sn_only(s: &Subject) {
+    let st = s.store();
+    let acme = world(st, "acme", 2);
+    let globex = world(st, "globex", 1);
+    let asked: Vec<String> = ["acme-0001", "nobody-1", "globex-0000", "acme-0000"].map(String::from).to_vec();
+    let mut owners = st.sn_owners(&asked).must();
+    owners.sort();
+    assert_eq!(
+        owners,
+        vec![
+            ("acme-0000".into(), acme.org.id),
+            ("acme-0001".into(), acme.org.id),
+            ("globex-0000".into(), globex.org.id)
+        ]
+    );
+    assert!(st.sn_owners(&[]).must().is_empty());
 }
 
 fn devices_are_listed_by_sn_fragment_ignoring_case_by_group_and_by_page(s: &Subject) {

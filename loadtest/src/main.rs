@@ -104,7 +104,7 @@ struct FleetPushArgs {
     #[arg(long)]
     with_baseline: bool,
     /// Attach to a running gateway's admin API (e.g. http://127.0.0.1:8080) instead of starting one.
-    #[arg(long, requires_all = ["token", "mqtt"])]
+    #[arg(long, requires_all = ["token", "mqtt", "key_owner_token"])]
     url: Option<String>,
     /// The organization admin token (attach).
     #[arg(long, env = "RKI_TOKEN")]
@@ -112,7 +112,8 @@ struct FleetPushArgs {
     /// The organization's name (attach).
     #[arg(long, default_value = "acme")]
     org: String,
-    /// The key owner's token, to authorize the test BDK if the organization lacks it (attach).
+    /// The key owner's token (attach): it uploads the fleet's SNs to the organization, and
+    /// authorizes the test BDK if the organization lacks it.
     #[arg(long)]
     key_owner_token: Option<String>,
     /// The gateway's MQTT address (attach); with --addresses > 1 it must listen on 0.0.0.0.
@@ -332,7 +333,7 @@ fn run(cli: &Cli) -> Result<()> {
 fn attach_of(args: &FleetPushArgs) -> Result<Option<Attach>> {
     let Some(url) = &args.url else { return Ok(None) };
     let (Some(token), Some(mqtt)) = (&args.token, args.mqtt) else {
-        return Err("--url needs --token and --mqtt".into());
+        return Err("--url needs --token, --key-owner-token and --mqtt".into());
     };
     Ok(Some(Attach {
         endpoint: Endpoint {

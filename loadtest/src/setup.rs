@@ -1,6 +1,6 @@
 //! Getting a fleet ready through the real admin API, as an operator would: the key ceremony (the
-//! test BDK, entered as two components), device import into a group, assignment, and one GUDID
-//! per terminal. Nothing is written behind the gateway's back.
+//! test BDK, entered as two components) and the upload of the SNs, both the key owner's; then the
+//! organization's: the devices into a group, assignment, and one GUDID per terminal. Nothing is written behind the gateway's back.
 
 use std::time::Duration;
 
@@ -57,7 +57,8 @@ pub fn ensure_key_source(api: &Api, key_owner: Option<&Api>, org: &str) -> Resul
     Ok(())
 }
 
-/// Imports `sns` into `group`, assigns the test BDK and provisions one GUDID per SN.
+/// The key owner uploads `sns` to `org`; the organization adds them to `group`, assigns the test
+/// BDK and provisions one GUDID per SN.
 pub fn prepare_fleet(api: &Api, key_owner: Option<&Api>, org: &str, sns: &[String], group: &str) -> Result<Prepared> {
     let started = std::time::Instant::now();
     ensure_key_source(api, key_owner, org)?;
@@ -65,14 +66,17 @@ pub fn prepare_fleet(api: &Api, key_owner: Option<&Api>, org: &str, sns: &[Strin
         .chain(sns.iter().map(|sn| format!("{sn},P3")))
         .collect::<Vec<_>>()
         .join("\n");
+    // The provider's part: the key owner uploads the SNs to the organization.
+    let key_owner = key_owner.ok_or("uploading the fleet's SNs is the key owner's: pass --key-owner-token")?;
+    let (status, v) = key_owner.post_csv(&format!("/v1/orgs/{org}/devices/import"), &csv);
+    if status != 200 {
+        return Err(format!("upload: {status} {v}").into());
+    }
     let (status, v) = api.post("/v1/groups", &json!({"name": group}));
     if status != 201 && status != 409 {
         return Err(format!("create group: {status} {v}").into());
     }
-    let (status, v) = api.post_csv(&format!("/v1/devices/import?group={group}"), &csv);
-    if status != 200 {
-        return Err(format!("import: {status} {v}").into());
-    }
+    api.ok_post(&format!("/v1/groups/{group}/devices"), &json!({"sns": sns}))?;
     api.ok_post("/v1/assignments", &json!({"group": group, "key_source": KEY_SOURCE}))?;
     let mut gudids = Vec::with_capacity(sns.len());
     for chunk in sns.chunks(GUDIDS_PER_REQUEST) {

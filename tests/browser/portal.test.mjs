@@ -1,7 +1,8 @@
 // The portal in a real browser: headless Debian Chromium, driven by playwright-core, against a real
 // rki-gateway and simulated terminals (rki-device-sim processes). Started by the Rust test
 // `tests/tests/portal.rs`, which starts the gateway, authorizes the key sources (the key owner's
-// job, not the portal's) and passes everything in the environment:
+// job, done with rkictl, not in the portal), uploads one SN to a third organization, initech, and
+// passes everything in the environment:
 //
 //   PORTAL_URL        http://127.0.0.1:PORT (the gateway's HTTP address)
 //   ORG_TOKEN         acme's admin token; KEY_OWNER_TOKEN; OTHER_ORG_TOKEN (globex)
@@ -11,8 +12,8 @@
 //   CHROMIUM          the browser executable; DEVICE_SIM the rki-device-sim binary; MQTT host:port
 //   WORK_DIR          scratch directory; SCREENSHOT_DIR where the tab screenshots go
 //
-// Everything is done through the page, as an operator would; the test reads back only what the
-// page shows.
+// Everything else is done through the page, as the provider (the key owner uploads acme's devices)
+// and the fleet manager would; the test reads back only what the page shows.
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
@@ -148,23 +149,71 @@ async function main() {
     await shot('signin');
   });
 
-  await step('a wrong token and the key owner token are refused with a reason', async () => {
-    await page.getByLabel('Organization token').fill('not-a-token');
+  await step('a wrong token is refused with a reason', async () => {
+    await page.getByLabel('Token').fill('not-a-token');
     await page.getByRole('button', { name: 'Sign in' }).click();
     await eventually(async () => assert.equal(await text(page.locator('#signin-error')), 'This token is not valid.'));
-    await page.getByLabel('Organization token').fill(KEY_OWNER_TOKEN);
-    await page.getByRole('button', { name: 'Sign in' }).click();
-    await eventually(async () => assert.match(await text(page.locator('#signin-error')), /not an organization's token/));
     assert.equal(await page.locator('#app').isHidden(), true);
+    assert.equal(await page.locator('#provider').isHidden(), true);
+  });
+
+  await step('the key owner signs in to the provider view: organizations to upload to, no fleet', async () => {
+    await page.getByLabel('Token').fill(KEY_OWNER_TOKEN);
+    await page.getByLabel('Token').press('Enter');
+    await page.getByRole('heading', { name: 'Upload devices to an organization' }).waitFor();
+    assert.equal(await text(page.locator('#who')), 'Key owner (provider)');
+    assert.equal(await page.locator('#app').isHidden(), true, "the organization's tabs are shown to the key owner");
+    assert.ok(!page.url().includes(KEY_OWNER_TOKEN), page.url());
+    await eventually(async () => assert.deepEqual(
+      await page.locator('#upload-org option').allTextContents(), ['acme', 'globex', 'initech']));
+  });
+
+  await step('a CSV with a bad line and an SN held by another organization is refused line by line', async () => {
+    const csv = 'sn,model\nSHOP001,P3\nSHOP002,P3\nSHOP 003,P3\nSHOP004,P3\nSHOP005,P3\nHELD001,P3\n';
+    await page.getByLabel('Organization', { exact: true }).selectOption('acme');
+    await page.getByLabel('CSV file').setInputFiles({ name: 'fleet.csv', mimeType: 'text/csv', buffer: Buffer.from(csv) });
+    await eventually(async () => assert.equal(await page.getByLabel('or paste the lines').inputValue(), csv));
+    await page.getByRole('button', { name: 'Check file' }).click();
+    const bad = page.locator('#upload-errors tbody tr');
+    await eventually(async () => assert.equal(await bad.count(), 2));
+    assert.equal(await bad.nth(0).getAttribute('data-line'), '4');
+    assert.match(await text(bad.nth(0)), /^4 SHOP 003 invalid SN/);
+    assert.equal(await bad.nth(1).getAttribute('data-line'), '7');
+    assert.equal(await text(bad.nth(1)), '7 HELD001 SN is held by another organization (initech)');
+    assert.match(await text(page.locator('#upload-errors h4')), /2 problem line\(s\); nothing was uploaded to acme/);
+    assert.equal(await page.locator('#upload-run').isDisabled(), true);
+    await shot('provider-upload-errors');
+  });
+
+  await step('the fixed CSV is checked for one organization, then uploaded to it', async () => {
+    const fixed = 'sn,model\nSHOP001,P3\nSHOP002,P3\nSHOP003,P3\nSHOP004,P3\nSHOP005,P3\nSPARE001,P3\n';
+    await page.getByLabel('or paste the lines').fill(fixed);
+    await page.getByRole('button', { name: 'Check file' }).click();
+    // Six new: the refused file stored nothing.
+    await eventually(async () => assert.equal(await text(page.locator('#upload-ok')),
+      '6 valid device line(s) for acme: 6 new, 0 already registered. Nothing has been uploaded yet.'));
+    // A check holds for the organization it was made for.
+    await page.getByLabel('Organization', { exact: true }).selectOption('globex');
+    assert.equal(await page.locator('#upload-run').isDisabled(), true);
+    await page.getByLabel('Organization', { exact: true }).selectOption('acme');
+    await page.getByRole('button', { name: 'Check file' }).click();
+    await page.getByRole('button', { name: 'Upload 6 device(s) to acme' }).click();
+    await status(/Uploaded 6 new device\(s\) to acme; 0 already registered\./);
+    assert.equal(await page.getByLabel('or paste the lines').inputValue(), '');
+    await shot('provider');
+    await page.getByRole('button', { name: 'Sign out' }).click();
+    await page.getByLabel('Token').waitFor();
+    assert.equal(await page.evaluate(() => sessionStorage.getItem('rki.portal.token')), null);
   });
 
   await step('the organization signs in; the token stays out of the URL and out of localStorage', async () => {
-    await page.getByLabel('Organization token').fill(ORG_TOKEN);
-    await page.getByLabel('Organization token').press('Enter');
+    await page.getByLabel('Token').fill(ORG_TOKEN);
+    await page.getByLabel('Token').press('Enter');
     await page.getByRole('tab', { name: 'Devices' }).waitFor();
     assert.ok(!page.url().includes(ORG_TOKEN), page.url());
     assert.equal(await page.evaluate(() => localStorage.length), 0);
     assert.equal(await page.evaluate(() => sessionStorage.getItem('rki.portal.token')), ORG_TOKEN);
+    assert.equal(await page.locator('#provider').isHidden(), true);
   });
   // A mark on this page's window: a reload would wipe it.
   const notReloaded = async () => assert.equal(await page.evaluate(() => window.portalTestMark), 'still the same page', 'the page was reloaded');
@@ -188,59 +237,37 @@ async function main() {
     assert.equal(await page.evaluate(() => document.activeElement.id), 'tab-devices');
   });
 
-  await step('a group is created', async () => {
+  await step('the uploaded devices are listed; the organization has no import of its own', async () => {
+    await eventually(async () => assert.equal(await page.locator('#devices-table tbody tr[data-key]').count(), 6));
+    assert.equal(await page.locator('#import-form, #upload-form:visible').count(), 0);
+    assert.equal(await page.getByLabel('CSV file').isVisible(), false);
+  });
+
+  await step('a group is created and filled with the uploaded devices by SN', async () => {
     await page.getByLabel('Name', { exact: true }).fill('shop');
     await page.getByLabel('Description (optional)').fill('devices of the shop floor');
     await page.getByRole('button', { name: 'Create group' }).click();
     await status(/Group shop created/);
     await eventually(async () => assert.match(await rowText('#groups-table', 'shop'), /shop devices of the shop floor 0/));
-  });
-
-  await step('a CSV with one bad line is reported line by line and nothing is imported', async () => {
-    const csv = 'sn,model\nSHOP001,P3\nSHOP002,P3\nSHOP 003,P3\nSHOP004,P3\nSHOP005,P3\n';
-    await page.getByLabel('CSV file').setInputFiles({ name: 'fleet.csv', mimeType: 'text/csv', buffer: Buffer.from(csv) });
-    await eventually(async () => assert.equal(await page.getByLabel('or paste the lines').inputValue(), csv));
-    await page.getByLabel('Add the devices to group').selectOption('shop');
-    await page.getByRole('button', { name: 'Check file' }).click();
-    const bad = page.locator('#import-errors tbody tr');
-    await eventually(async () => assert.equal(await bad.count(), 1));
-    assert.equal(await bad.first().getAttribute('data-line'), '4');
-    assert.match(await text(bad.first()), /^4 SHOP 003 invalid SN/);
-    assert.equal(await page.locator('#import-run').isDisabled(), true);
-    // Nothing was imported: the device table is still empty.
-    await eventually(async () => assert.match(await text(page.locator('#devices-table tbody')), /No device yet/));
-    await page.locator('#import-form').scrollIntoViewIfNeeded();
-    await shot('devices-import-errors');
-  });
-
-  await step('the fixed CSV is checked, then imported into the group', async () => {
-    const fixed = 'sn,model\nSHOP001,P3\nSHOP002,P3\nSHOP003,P3\nSHOP004,P3\nSHOP005,P3\n';
-    await page.getByLabel('or paste the lines').fill(fixed);
-    await page.getByRole('button', { name: 'Check file' }).click();
-    await eventually(async () => assert.match(await text(page.locator('#import-ok')), /5 valid device line\(s\)\. Nothing has been imported yet\./));
-    await page.getByRole('button', { name: 'Import 5 device(s)' }).click();
-    await status(/Imported 5 new device\(s\); 0 already registered; 5 added to group shop/);
-    await eventually(async () => assert.equal(await page.locator('#devices-table tbody tr[data-key]').count(), 5));
+    await page.locator('#group-add-group').selectOption('shop');
+    await page.locator('#group-add-sns').fill('SHOP001\nSHOP002, SHOP003\nSHOP004 SHOP005');
+    await page.getByRole('button', { name: 'Add to group' }).click();
+    await status(/Group shop: 5 device\(s\) added \(5 named\)/);
     await eventually(async () => assert.match(await rowText('#groups-table', 'shop'), /shop devices of the shop floor 5/));
   });
 
-  await step('adding an unknown SN to a group is refused; once imported it is added', async () => {
+  await step("adding an SN the organization was not given is refused; an uploaded one is added", async () => {
     await page.getByLabel('Name', { exact: true }).fill('lab');
     await page.getByRole('button', { name: 'Create group' }).click();
     await status(/Group lab created/);
     await page.locator('#group-add-group').selectOption('lab');
-    await page.getByLabel('SNs (one per line, or separated by commas)').first().fill('SPARE001');
+    // HELD001 is another organization's: refused exactly like an SN that does not exist.
+    await page.locator('#group-add-sns').fill('HELD001');
     await page.getByRole('button', { name: 'Add to group' }).click();
     await eventually(async () => {
-      assert.match(await text(page.locator('#status')), /SPARE001/);
+      assert.equal(await text(page.locator('#status')), 'unknown SN(s): HELD001');
       assert.equal(await page.locator('#status').getAttribute('class'), 'status error');
     });
-    await page.getByLabel('Add the devices to group').selectOption('');
-    await page.getByLabel('or paste the lines').fill('SPARE001,P3\n');
-    await page.getByRole('button', { name: 'Check file' }).click();
-    await page.getByRole('button', { name: 'Import 1 device(s)' }).click();
-    await status(/Imported 1 new device/);
-    await page.locator('#group-add-group').selectOption('lab');
     await page.locator('#group-add-sns').fill('SPARE001');
     await page.getByRole('button', { name: 'Add to group' }).click();
     await status(/Group lab: 1 device\(s\) added/);
@@ -433,12 +460,13 @@ async function main() {
 
   await step("another organization's token sees none of the first one's objects", async () => {
     await page.getByRole('button', { name: 'Sign out' }).click();
-    await page.getByLabel('Organization token').waitFor();
+    await page.getByLabel('Token').waitFor();
     assert.equal(await page.evaluate(() => sessionStorage.getItem('rki.portal.token')), null);
-    await page.getByLabel('Organization token').fill(OTHER_ORG_TOKEN);
+    await page.getByLabel('Token').fill(OTHER_ORG_TOKEN);
     await page.getByRole('button', { name: 'Sign in' }).click();
     await tab('Devices');
-    await eventually(async () => assert.match(await text(page.locator('#devices-table tbody')), /^No device yet/));
+    await eventually(async () => assert.equal(await text(page.locator('#devices-table tbody')),
+      'No device yet: your devices come from your provider, who uploads them to the portal.'));
     await eventually(async () => assert.match(await text(page.locator('#groups-table tbody')), /^No group yet/));
     await eventually(async () => assert.match(await text(page.locator('#device-count')), /0 shown of 0 device/));
     await page.getByLabel('Search by SN').fill('SHOP001');

@@ -215,6 +215,12 @@ impl GatewayProcess {
         v["admin_token"].as_str().map(str::to_string).ok_or_else(|| format!("no admin_token in {v}").into())
     }
 
+    /// The key owner uploads the device CSV `csv` (`sn[,model]` per line) to the organization
+    /// `org`, as the provider does for each of its partners; the answer as it comes.
+    pub fn upload_devices(&self, org: &str, csv: &str) -> (u16, Value) {
+        self.key_owner().post_csv(&format!("/v1/orgs/{org}/devices/import"), csv)
+    }
+
     /// Runs `rki-gateway ARGS --data-dir <this gateway's data dir>` (with its configuration file
     /// and environment) and returns its output.
     pub fn offline(&self, args: &[&str]) -> TestResult<std::process::Output> {
@@ -490,7 +496,8 @@ pub struct Provisioned {
 }
 
 /// The key ceremony (the test BDK as two components, `bdk-test` authorized for `acme`) if not done
-/// yet, then: import `sns` into `group`, assign `bdk-test`, and provision one GUDID per SN.
+/// yet, then: the key owner uploads `sns` to `acme`, which adds them to `group`, assigns `bdk-test`
+/// and provisions one GUDID per SN.
 pub fn provision(gw: &GatewayProcess, sns: &[String], group: &str) -> TestResult<Provisioned> {
     let api = gw.api();
     let sources = api.ok("/v1/key-sources")?;
@@ -501,11 +508,12 @@ pub fn provision(gw: &GatewayProcess, sns: &[String], group: &str) -> TestResult
         .chain(sns.iter().map(|sn| format!("{sn},P3")))
         .collect::<Vec<_>>()
         .join("\n");
-    let _ = api.post("/v1/groups", &json!({"name": group}));
-    let (status, v) = api.post_csv(&format!("/v1/devices/import?group={group}"), &csv);
+    let (status, v) = gw.upload_devices("acme", &csv);
     if status != 200 {
-        return Err(format!("import: {status} {v}").into());
+        return Err(format!("upload: {status} {v}").into());
     }
+    let _ = api.post("/v1/groups", &json!({"name": group}));
+    api.ok_post(&format!("/v1/groups/{group}/devices"), &json!({"sns": sns}))?;
     api.ok_post("/v1/assignments", &json!({"group": group, "key_source": "bdk-test"}))?;
     let mut gudids = Vec::with_capacity(sns.len());
     // At most 1000 GUDIDs per call (`api::GUDIDS_PER_REQUEST_MAX`).

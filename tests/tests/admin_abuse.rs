@@ -130,7 +130,7 @@ fn huge_pages_are_refused_and_memory_stays_bounded() -> TestResult {
         .chain((0..20_000).map(|i| format!("PAGE{i:06},P3")))
         .collect::<Vec<_>>()
         .join("\n");
-    let (status, v) = gw.api().post_csv("/v1/devices/import", &csv);
+    let (status, v) = gw.upload_devices("acme", &csv);
     assert_eq!(status, 200, "{v}");
     let pid = gw.pid().ok_or("no pid")?;
     let before = rss_kib(pid)?;

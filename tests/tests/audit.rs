@@ -46,8 +46,11 @@ fn every_operator_change_is_audited_with_a_readable_object_and_no_key_material()
     let by_sn = find(&log, "assignment.set", "devices:2").ok_or("no assignment by SN")?;
     assert_eq!(by_sn["details"]["sns"], json!([devices[0], devices[1]]), "{by_sn}");
     assert!(find(&log, "group.create", "group:audited").is_some(), "{log:?}");
-    let import = find(&log, "devices.import", "devices:3").ok_or("no import")?;
-    assert_eq!(import["details"]["group"], "audited", "{import}");
+    // The key owner's upload is in the organization's log too, naming the organization and the count.
+    let upload = find(&log, "devices.upload", "devices:3").ok_or("no upload")?;
+    assert_eq!((&upload["details"]["org"], &upload["details"]["imported"]), (&json!("acme"), &json!(3)), "{upload}");
+    let grouped = find(&log, "group.add_devices", "group:audited").ok_or("no group addition")?;
+    assert_eq!(grouped["details"]["added"], 3, "{grouped}");
     // One entry per GUDID, written with it (object `device:SN`, the GUDID's row id in details).
     for sn in &devices {
         let entry = find(&log, "gudid.provision", &format!("device:{sn}")).ok_or("no GUDID provisioning")?;

@@ -134,7 +134,7 @@ fn unknown_sns_and_wrong_passwords_are_refused_at_connect_and_counted() -> TestR
 fn a_bad_csv_imports_nothing_and_names_each_bad_line() -> TestResult {
     let gw = GatewayProcess::start(GatewayOptions::default())?;
     let api = gw.api();
-    let (status, v) = api.post_csv("/v1/devices/import", "sn,model\nGOOD1,P3\nbad sn,P3\nGOOD2,P99\nGOOD1,P3\n");
+    let (status, v) = gw.upload_devices("acme", "sn,model\nGOOD1,P3\nbad sn,P3\nGOOD2,P99\nGOOD1,P3\n");
     assert_eq!(status, 422, "{v}");
     let lines: Vec<i64> =
         v["errors"].as_array().map(|e| e.iter().filter_map(|x| x["line"].as_i64()).collect()).unwrap_or_default();
@@ -158,9 +158,9 @@ fn another_organizations_token_sees_and_touches_nothing() -> TestResult {
     assert_eq!(other.post("/v1/devices/MINE000001/unlock", &json!({})).0, 404);
     assert_eq!(other.post("/v1/gudids", &json!({"sn": "MINE000001"})).0, 404);
     assert_eq!(other.post("/v1/tasks/preview", &json!({"group": "mine"})).0, 404);
-    // Its import of the same SNs is refused: an SN belongs to one organization.
+    // It cannot register SNs at all: the key owner uploads each organization's devices.
     let (status, v) = other.post_csv("/v1/devices/import", "MINE000001\n");
-    assert_eq!(status, 422, "{v}");
+    assert_eq!(status, 403, "{v}");
     // The key owner's token is not an organization's token, and no token is no access.
     assert_eq!(gw.key_owner().get("/v1/devices").0, 403);
     assert_eq!(rki_tests::Api::new(&gw.url(), "rki_org_forged").get("/v1/devices").0, 401);

@@ -55,7 +55,7 @@ fn every_bad_gudid_is_refused_clearly_counted_and_changes_nothing() -> TestResul
     assert_eq!(refusal(rt.block_on(boot.next(Duration::from_secs(5)))?)?, RefusalCode::UnknownGudid);
     // Another organization's GUDID, for one of its own devices.
     let rival = rki_tests::Api::new(&gw.url(), &gw.init_org("rival")?);
-    let (status, v) = rival.post_csv("/v1/devices/import", "RIVAL1\n");
+    let (status, v) = gw.upload_devices("rival", "RIVAL1\n");
     assert_eq!(status, 200, "{v}");
     let rival_gudid = rival.ok_post("/v1/gudids", &json!({"sn": "RIVAL1"}))?["gudids"][0]["gudid"]
         .as_str()

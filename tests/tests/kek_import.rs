@@ -249,7 +249,7 @@ fn bad_key_blocks_are_refused_with_their_code_and_change_nothing() -> TestResult
         {"key": KEK_COMPONENT_2, "kcv": tdes_kcv(KEK_COMPONENT_2)?},
     ]);
     owner.ok_post("/v1/orgs/acme/keks", &json!({"name": "zmk-1", "algorithm": "tdes", "components": components}))?;
-    let (status, v) = gw.api().post_csv("/v1/devices/import", "sn\nKEKBAD0001\n");
+    let (status, v) = gw.upload_devices("acme", "sn\nKEKBAD0001\n");
     assert_eq!(status, 200, "{v}");
     let good = psec_wrap(&kek, BDK_HEADER, TEST_BDK)?;
     let tampered = {

@@ -2,9 +2,10 @@
 //! headless Chromium drives it through a whole push to simulated terminals.
 //!
 //! The browser part is `tests/browser/portal.test.mjs` (playwright-core, driving Debian's
-//! `chromium`); this file starts the gateway, does the key owner's part (authorizing key sources
-//! is not the fleet manager's), runs the script with `node`, then checks through the API that what
-//! the page did really happened. Without Chromium or Node.js it fails and says what to install
+//! `chromium`); this file starts the gateway, does the key owner's part that the portal does not
+//! (authorizing key sources), runs the script with `node` (which uploads acme's devices as the
+//! key owner, then acts as acme's fleet manager), then checks through the API that what the page
+//! did really happened. Without Chromium or Node.js it fails and says what to install
 //! (`.ci/run` installs both).
 
 use std::path::{Path, PathBuf};
@@ -119,6 +120,10 @@ fn a_fleet_manager_pushes_keys_through_the_portal_in_headless_chromium() -> Test
     let kcv = acme_source["key_source"]["kcv"].as_str().ok_or("no KCV")?.to_string();
     let globex_token = gw.init_org("globex")?;
     authorize_test_bdk(&gw, "globex", "bdk-globex")?;
+    // An SN held by a third organization: the page's upload of it to acme must be refused.
+    let initech_token = gw.init_org("initech")?;
+    let (status, v) = gw.upload_devices("initech", "HELD001\n");
+    assert_eq!(status, 200, "{v}");
 
     let work = temp_dir("portal");
     let screenshots = screenshot_dir();
@@ -179,11 +184,23 @@ fn a_fleet_manager_pushes_keys_through_the_portal_in_headless_chromium() -> Test
     let expected =
         [("SHOP001", "succeeded"), ("SHOP002", "succeeded"), ("SHOP003", "failed"), ("SPARE001", "terminated")];
     assert_eq!(results, expected.map(|(s, r)| (s.to_string(), r.to_string())));
+    assert_eq!(api.ok("/v1/devices")?["total"], 6, "the key owner's upload through the page");
+    let initech = rki_tests::Api::new(&gw.url(), &initech_token);
+    assert_eq!(initech.ok("/v1/devices")?["total"], 1, "the refused upload touched initech's SN");
     let other = rki_tests::Api::new(&gw.url(), &globex_token);
     assert_eq!(other.ok("/v1/devices")?["total"], 0);
-    for shot in
-        ["signin", "keys", "devices", "devices-import-errors", "assign", "task-preview", "tasks", "records", "gudids"]
-    {
+    for shot in [
+        "signin",
+        "provider-upload-errors",
+        "provider",
+        "keys",
+        "devices",
+        "assign",
+        "task-preview",
+        "tasks",
+        "records",
+        "gudids",
+    ] {
         assert!(screenshots.join(format!("{shot}.png")).exists(), "no screenshot {shot}.png");
     }
     let _ = std::fs::remove_dir_all(&work);

@@ -14,7 +14,7 @@ fn import(gw: &GatewayProcess, prefix: &str, n: usize) -> (u16, serde_json::Valu
         .chain((0..n).map(|i| format!("{prefix}{i:04},P3")))
         .collect::<Vec<_>>()
         .join("\n");
-    gw.api().post_csv("/v1/devices/import", &csv)
+    gw.upload_devices("acme", &csv)
 }
 
 #[test]

@@ -52,7 +52,7 @@ fn import(gw: &GatewayProcess, prefix: &str, n: usize) -> (u16, Value) {
         .chain((0..n).map(|i| format!("{prefix}{i:06},P3")))
         .collect::<Vec<_>>()
         .join("\n");
-    gw.api().post_csv("/v1/devices/import", &csv)
+    gw.upload_devices("acme", &csv)
 }
 
 fn device_count(gw: &GatewayProcess) -> TestResult<i64> {

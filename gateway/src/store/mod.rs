@@ -654,6 +654,10 @@ pub trait Store: Send + Sync {
     fn device_by_id(&self, id: i64) -> StoreResult<DeviceRow>;
     fn devices_by_ids(&self, ids: &[i64]) -> StoreResult<Vec<DeviceRow>>;
     fn device_org_by_sn(&self, sn: &str) -> StoreResult<Option<(i64, i64)>>;
+    /// The organization of each of `sns` that is registered, as `(sn, org_id)`, in no particular
+    /// order; an SN that is not registered is left out. For the key owner's uploads only: an
+    /// organization never learns of an SN it does not hold.
+    fn sn_owners(&self, sns: &[String]) -> StoreResult<Vec<(String, i64)>>;
     fn credentials(&self, sn: &str) -> StoreResult<Option<DeviceCredentials>>;
     fn credentials_for(&self, device_ids: &[i64]) -> StoreResult<Vec<DeviceCredentials>>;
     /// Every initialised device's SN and password hash (CONNECT authentication cache).

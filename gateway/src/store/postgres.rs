@@ -1597,6 +1597,13 @@ impl Store for PostgresStore {
         })
     }
 
+    fn sn_owners(&self, sns: &[String]) -> StoreResult<Vec<(String, i64)>> {
+        self.read(|s| {
+            let found = s.query("SELECT sn, org_id FROM devices WHERE sn = ANY ($1)", &[&sns])?;
+            rows(found, |r| Ok((r.try_get(0)?, r.try_get(1)?)))
+        })
+    }
+
     fn credentials(&self, sn: &str) -> StoreResult<Option<DeviceCredentials>> {
         self.read(|s| {
             s.query_opt(concat!(select_credentials!(), " WHERE d.sn = $1"), &[&sn])?

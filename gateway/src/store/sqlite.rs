@@ -1090,6 +1090,20 @@ impl Store for SqliteStore {
         })
     }
 
+    fn sn_owners(&self, sns: &[String]) -> StoreResult<Vec<(String, i64)>> {
+        self.read(|c| {
+            let mut stmt = c.prepare_cached("SELECT org_id FROM devices WHERE sn = ?1").map_err(backend)?;
+            let mut out = Vec::new();
+            for sn in sns {
+                let org: Option<i64> = stmt.query_row([sn], |r| r.get(0)).optional().map_err(backend)?;
+                if let Some(org) = org {
+                    out.push((sn.clone(), org));
+                }
+            }
+            Ok(out)
+        })
+    }
+
     fn credentials(&self, sn: &str) -> StoreResult<Option<DeviceCredentials>> {
         self.read(|c| {
             c.query_row(&format!("{SELECT_CREDENTIALS} WHERE d.sn = ?1"), [sn], credentials_row)

@@ -29,7 +29,7 @@ enum Command {
     /// Offline key calculator: DUKPT initial keys, check values, TR-31 key blocks.
     #[command(subcommand)]
     Key(key::KeyCommand),
-    /// Devices: import from CSV, list with their states, show, unlock.
+    /// Devices: upload from CSV (key owner), list with their states, show, unlock.
     #[command(subcommand)]
     Devices(ops::DevicesCommand),
     /// Device groups.

@@ -23,13 +23,15 @@ pub struct ApiArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum DevicesCommand {
-    /// Import devices from a CSV (`sn[,model]` per line). All or nothing: every bad line is reported.
+    /// Upload an organization's devices from a CSV (`sn[,model]` per line), with the key owner's
+    /// token. All or nothing: every bad line, and every SN another organization holds, is reported
+    /// and nothing is stored. The organization then groups, assigns and pushes them itself.
     Import {
-        file: PathBuf,
-        /// Also add the devices to this group.
+        /// The organization the devices are for.
         #[arg(long)]
-        group: Option<String>,
-        /// Validate only.
+        org: String,
+        file: PathBuf,
+        /// Check only: report what the upload would do, store nothing.
         #[arg(long)]
         dry_run: bool,
     },
@@ -388,22 +390,25 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 
 pub fn devices(c: &Client, cmd: DevicesCommand, json_out: bool) -> Result<Output, String> {
     match cmd {
-        DevicesCommand::Import { file, group, dry_run } => {
+        DevicesCommand::Import { org, file, dry_run } => {
             let text = std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
-            let mut path = format!("/v1/devices/import?dry_run={dry_run}");
-            if let Some(g) = group {
-                path.push_str(&format!("&group={}", enc(&g)));
-            }
+            let path = format!("/v1/orgs/{}/devices/import?dry_run={dry_run}", enc(&org));
             let v = c.post_text(&path, &text)?;
             Ok(if json_out {
                 Output::Json(v)
+            } else if dry_run {
+                Output::Text(format!(
+                    "{} valid, {} new, {} already registered to {org}; nothing uploaded (dry run)",
+                    s(&v["valid"]),
+                    s(&v["new"]),
+                    s(&v["already_registered"]),
+                ))
             } else {
                 Output::Text(format!(
-                    "{} valid, {} imported, {} already registered{}",
+                    "{} valid, {} uploaded to {org}, {} already registered",
                     s(&v["valid"]),
                     s(&v["imported"]),
                     s(&v["already_registered"]),
-                    v.get("added_to_group").map(|n| format!(", {} added to the group", s(n))).unwrap_or_default()
                 ))
             })
         }
