@@ -718,15 +718,21 @@ fn device_json(state: &AppState, d: &DeviceRow, pending: bool) -> Value {
     })
 }
 
+/// A page's size: `default` without `limit`, else 1 to [`PAGE_MAX`].
+fn page_limit(limit: Option<i64>, default: i64) -> ApiResult<i64> {
+    let limit = limit.unwrap_or(default);
+    if !(1..=PAGE_MAX).contains(&limit) {
+        return Err(ApiError::bad("bad_limit", format!("limit must be 1 to {PAGE_MAX}; page with next_cursor")));
+    }
+    Ok(limit)
+}
+
 /// `GET /v1/devices`: one page of at most [`PAGE_MAX`] devices by SN, with `next_cursor` when
 /// there may be more (pass it as `cursor`).
 async fn list_devices(State(state): St, caller: Caller, Query(q): Query<DeviceQuery>) -> ApiResult<Json<Value>> {
     let org = caller.org()?;
     let _permit = state.expensive()?;
-    let limit = q.limit.unwrap_or(PAGE_MAX);
-    if !(1..=PAGE_MAX).contains(&limit) {
-        return Err(ApiError::bad("bad_limit", format!("limit must be 1 to {PAGE_MAX}; page with next_cursor")));
-    }
+    let limit = page_limit(q.limit, PAGE_MAX)?;
     let after_sn = match q.cursor {
         Some(c) => Some(
             hex::decode(&c)
@@ -1086,7 +1092,7 @@ async fn create_task(State(state): St, caller: Caller, body: Bytes) -> ApiResult
         &caller,
         Some(org),
         "task.create",
-        format!("task:{}", task.id),
+        format!("task:{}", task.number),
         json!({"executions": task.counts.total, "key_source": task.key_source, "slot": task.slot}),
     )
     .await?;
@@ -1097,6 +1103,8 @@ async fn create_task(State(state): St, caller: Caller, body: Bytes) -> ApiResult
 struct TaskQuery {
     status: Option<String>,
     limit: Option<i64>,
+    /// The previous page's `next_cursor`: tasks numbered below it.
+    cursor: Option<i64>,
 }
 
 async fn list_tasks(State(state): St, caller: Caller, Query(q): Query<TaskQuery>) -> ApiResult<Json<Value>> {
@@ -1109,11 +1117,13 @@ async fn list_tasks(State(state): St, caller: Caller, Query(q): Query<TaskQuery>
             return Err(ApiError::bad("bad_status", format!("status {other:?}: use unfinished, done or all")))
         }
     };
-    let limit = q.limit.unwrap_or(100).clamp(1, 10_000);
-    let tasks = blocking(&state, move |s| s.list_tasks(org, unfinished, limit)).await?;
+    let limit = page_limit(q.limit, 100)?;
+    let cursor = q.cursor;
+    let tasks = blocking(&state, move |s| s.list_tasks(org, unfinished, limit, cursor)).await?;
+    let next_cursor = (tasks.len() as i64 == limit).then(|| tasks.last().map(|t| t.number)).flatten();
     let mut summary =
         json!({"unfinished": 0, "done": 0, "succeeded": 0, "failed": 0, "expired": 0, "terminated": 0, "open": 0});
-    let all = blocking(&state, move |s| s.list_tasks(org, None, i64::MAX)).await?;
+    let all = blocking(&state, move |s| s.list_tasks(org, None, i64::MAX, None)).await?;
     for t in &all {
         let key = if t.counts.open() > 0 { "unfinished" } else { "done" };
         summary[key] = json!(summary[key].as_i64().unwrap_or(0) + 1);
@@ -1128,7 +1138,13 @@ async fn list_tasks(State(state): St, caller: Caller, Query(q): Query<TaskQuery>
         }
     }
     let tasks: Vec<Value> = tasks.iter().map(task_json).collect();
-    Ok(Json(json!({ "tasks": tasks, "summary": summary })))
+    Ok(Json(json!({ "tasks": tasks, "summary": summary, "next_cursor": next_cursor })))
+}
+
+/// The store's id of the caller's task number `number`: task ids in the API are numbered per
+/// organization, so that one organization cannot count another's tasks.
+async fn task_id(state: &Arc<AppState>, org: i64, number: i64) -> ApiResult<i64> {
+    blocking(state, move |s| s.task_id_by_number(org, number)).await
 }
 
 fn task_json(t: &TaskRow) -> Value {
@@ -1159,10 +1175,11 @@ struct TaskDetailQuery {
 async fn get_task(
     State(state): St,
     caller: Caller,
-    Path(id): Path<i64>,
+    Path(number): Path<i64>,
     Query(q): Query<TaskDetailQuery>,
 ) -> ApiResult<Json<Value>> {
     let org = caller.org()?;
+    let id = task_id(&state, org, number).await?;
     let task = blocking(&state, move |s| s.task(org, id)).await?;
     let offset = q.offset.unwrap_or(0);
     let executions = match q.limit {
@@ -1179,6 +1196,7 @@ async fn get_task(
         .iter()
         .map(|e| {
             let mut v = serde_json::to_value(e).unwrap_or(Value::Null);
+            v["task_id"] = json!(task.number);
             v["result_meaning"] = json!(e.result.map(rki_protocol::terminal::result_meaning));
             v["error_remedy"] =
                 json!(e.result.and_then(rki_protocol::terminal::TerminalError::from_code).map(|t| t.remedy()));
@@ -1196,10 +1214,11 @@ async fn get_task(
     })))
 }
 
-async fn stop_task(State(state): St, caller: Caller, Path(id): Path<i64>) -> ApiResult<Json<Value>> {
+async fn stop_task(State(state): St, caller: Caller, Path(number): Path<i64>) -> ApiResult<Json<Value>> {
     let org = caller.org()?;
+    let id = task_id(&state, org, number).await?;
     let terminated = state.engine.stop_task(org, id).await?;
-    audit(&state, &caller, Some(org), "task.stop", format!("task:{id}"), json!({"terminated": terminated})).await?;
+    audit(&state, &caller, Some(org), "task.stop", format!("task:{number}"), json!({"terminated": terminated})).await?;
     let task = blocking(&state, move |s| s.task(org, id)).await?;
     Ok(Json(json!({ "terminated": terminated, "task": task_json(&task) })))
 }
@@ -1241,7 +1260,7 @@ fn record_csv_line(r: &RecordRow) -> String {
         r.at,
         csv_field(&r.key_id),
         csv_field(&r.kcv),
-        r.task_id,
+        r.task_number,
         r.execution_id
     )
 }
@@ -1259,22 +1278,19 @@ fn record_json(r: &RecordRow) -> Value {
 /// the store [`EXPORT_PAGE`] records at a time, so its memory does not grow with the history.
 async fn list_records(State(state): St, caller: Caller, Query(q): Query<RecordQuery>) -> ApiResult<Response> {
     let org = caller.org()?;
+    let task = match q.task {
+        Some(number) => Some(task_id(&state, org, number).await?),
+        None => None,
+    };
     let csv = match q.format.as_deref() {
         Some("csv") => true,
         None | Some("json") => false,
         Some(other) => return Err(ApiError::bad("bad_format", format!("format {other:?}: use json or csv"))),
     };
     if let Some(limit) = q.limit {
-        if !(1..=PAGE_MAX).contains(&limit) {
-            return Err(ApiError::bad("bad_limit", format!("limit must be 1 to {PAGE_MAX}; page with next_cursor")));
-        }
-        let filter = RecordFilter {
-            sn: q.sn,
-            task_id: q.task,
-            limit,
-            offset: q.offset.unwrap_or(0).max(0),
-            before_id: q.cursor,
-        };
+        let limit = page_limit(Some(limit), PAGE_MAX)?;
+        let filter =
+            RecordFilter { sn: q.sn, task_id: task, limit, offset: q.offset.unwrap_or(0).max(0), before_id: q.cursor };
         let rows = blocking(&state, move |s| s.list_records(org, &filter)).await?;
         let next_cursor = (rows.len() as i64 == limit).then(|| rows.last().map(|r| r.id)).flatten();
         if csv {
@@ -1286,7 +1302,7 @@ async fn list_records(State(state): St, caller: Caller, Query(q): Query<RecordQu
         return Ok(Json(json!({ "records": records, "next_cursor": next_cursor })).into_response());
     }
     let permit = state.expensive()?;
-    let base = RecordFilter { sn: q.sn, task_id: q.task, limit: EXPORT_PAGE, offset: 0, before_id: None };
+    let base = RecordFilter { sn: q.sn, task_id: task, limit: EXPORT_PAGE, offset: 0, before_id: None };
     let store = state.engine.store.clone();
     // (next page's cursor, whether the first line is out, done)
     let pages = futures_util::stream::unfold((None::<i64>, false, false), move |(cursor, started, done)| {
@@ -1469,6 +1485,8 @@ async fn revoke_gudid(State(state): St, caller: Caller, Path(id): Path<i64>) -> 
 #[derive(Deserialize, Default)]
 struct AuditQuery {
     limit: Option<i64>,
+    /// The previous page's `next_cursor`.
+    cursor: Option<i64>,
 }
 
 async fn list_audit(State(state): St, caller: Caller, Query(q): Query<AuditQuery>) -> ApiResult<Json<Value>> {
@@ -1476,9 +1494,11 @@ async fn list_audit(State(state): St, caller: Caller, Query(q): Query<AuditQuery
         Role::KeyOwner => None,
         Role::Admin => Some(caller.org()?),
     };
-    let limit = q.limit.unwrap_or(200).clamp(1, 10_000);
-    let rows = blocking(&state, move |s| s.list_audit(org, limit)).await?;
-    Ok(Json(json!({ "audit": rows })))
+    let limit = page_limit(q.limit, 200)?;
+    let cursor = q.cursor;
+    let rows = blocking(&state, move |s| s.list_audit(org, limit, cursor)).await?;
+    let next_cursor = (rows.len() as i64 == limit).then(|| rows.last().map(|r| r.id)).flatten();
+    Ok(Json(json!({ "audit": rows, "next_cursor": next_cursor })))
 }
 
 #[derive(Deserialize)]

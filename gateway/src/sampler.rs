@@ -116,7 +116,7 @@ pub fn sample(
     let mut unfinished_ids = BTreeSet::new();
     let mut unfinished_lists = Vec::with_capacity(orgs.len());
     for org in &orgs {
-        let tasks = store.list_tasks(org.id, Some(true), TASKS_LISTED_MAX)?;
+        let tasks = store.list_tasks(org.id, Some(true), TASKS_LISTED_MAX, None)?;
         unfinished_ids.extend(tasks.iter().map(|t| t.id));
         unfinished_lists.push(tasks);
     }
@@ -132,7 +132,7 @@ pub fn sample(
         }
         out.push(Gauge::new(m::TASKS, &[("org", name), ("status", "unfinished")], capped(unfinished.len())));
         if recount_done || !memo.done_tasks.contains_key(&org.id) {
-            let done = store.list_tasks(org.id, Some(false), TASKS_LISTED_MAX)?;
+            let done = store.list_tasks(org.id, Some(false), TASKS_LISTED_MAX, None)?;
             memo.done_tasks.insert(org.id, capped(done.len()));
         }
         let done = memo.done_tasks.get(&org.id).copied().unwrap_or(f64::NAN);

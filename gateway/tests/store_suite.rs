@@ -479,13 +479,24 @@ fn a_task_persists_one_queued_execution_per_device_with_its_counts(s: &Subject) 
     assert!(st.open_execution_device_ids(other.org.id).must().is_empty());
     let (done, _) = task(st, &w, &[1]);
     st.stop_task(w.org.id, done.id, T0 + 1).must();
-    let ids =
-        |unfinished| -> Vec<i64> { st.list_tasks(w.org.id, unfinished, 10).must().into_iter().map(|t| t.id).collect() };
+    let ids = |unfinished| -> Vec<i64> {
+        st.list_tasks(w.org.id, unfinished, 10, None).must().into_iter().map(|t| t.id).collect()
+    };
     assert_eq!(ids(None), [done.id, t.id], "newest first");
     assert_eq!(ids(Some(true)), [t.id]);
     assert_eq!(ids(Some(false)), [done.id]);
-    assert_eq!(st.list_tasks(w.org.id, None, 1).must().len(), 1);
-    assert_eq!(st.list_tasks(w.org.id, None, -1).must().len(), 2, "a negative limit is no limit");
+    assert_eq!(st.list_tasks(w.org.id, None, 1, None).must().len(), 1);
+    assert_eq!(st.list_tasks(w.org.id, None, -1, None).must().len(), 2, "a negative limit is no limit");
+    // Numbered per organization: the other organization's first task is its number 1 as well.
+    assert_eq!((t.number, done.number), (1, 2));
+    let (theirs, _) = task(st, &other, &[0]);
+    assert_eq!(theirs.number, 1, "numbers do not count another organization's tasks");
+    assert_eq!(st.task_id_by_number(w.org.id, 2).must(), done.id);
+    assert_eq!(st.task_id_by_number(other.org.id, 1).must(), theirs.id);
+    assert!(matches!(st.task_id_by_number(other.org.id, 2), Err(StoreError::NotFound(_))), "not another's task");
+    let after = st.list_tasks(w.org.id, None, 1, Some(done.number)).must();
+    assert_eq!(after.iter().map(|t| t.id).collect::<Vec<_>>(), [t.id], "the page below the cursor");
+    assert!(st.list_tasks(w.org.id, None, 1, Some(t.number)).must().is_empty());
     assert_eq!(st.task(w.org.id, done.id).must().counts, TaskCounts { total: 1, terminated: 1, ..Default::default() });
 }
 
@@ -498,7 +509,7 @@ fn a_repeated_request_id_finds_the_task_and_cannot_create_another(s: &Subject) {
     assert_eq!(st.task_by_request_id(w.org.id, 42).must().map(|t| t.id), Some(t.id));
     assert!(st.task_by_request_id(w.org.id, 43).must().is_none());
     conflict(st.create_task(&new));
-    assert_eq!(st.list_tasks(w.org.id, None, 10).must().len(), 1, "the conflicting task left nothing behind");
+    assert_eq!(st.list_tasks(w.org.id, None, 10, None).must().len(), 1, "the conflicting task left nothing behind");
     assert_eq!(st.open_executions().must().len(), 1);
     st.create_task(&NewTask { request_id: Some(42), ..new_task(&other, &[0], T0, T0 + DAY_MS) }).must();
 }
@@ -905,17 +916,19 @@ fn the_audit_log_is_newest_first_per_organization_and_refuses_change(s: &Subject
     st.append_audit(&entry(None, "org.create")).must();
     st.append_audit(&entry(Some(acme.id), "assign")).must();
     let actions =
-        |org, limit| -> Vec<String> { st.list_audit(org, limit).must().into_iter().map(|e| e.action).collect() };
+        |org, limit| -> Vec<String> { st.list_audit(org, limit, None).must().into_iter().map(|e| e.action).collect() };
     assert_eq!(actions(Some(acme.id), 10), ["assign", "import"]);
     assert_eq!(actions(None, 10), ["assign", "org.create", "import"]);
     assert_eq!(actions(None, 1), ["assign"]);
-    let newest = &st.list_audit(None, 1).must()[0];
+    let newest = &st.list_audit(None, 1, None).must()[0];
+    let older: Vec<String> = st.list_audit(None, 10, Some(newest.id)).must().into_iter().map(|e| e.action).collect();
+    assert_eq!(older, ["org.create", "import"], "the page below the cursor");
     assert_eq!(newest.details, serde_json::json!({ "reason": "assign", "n": 3 }));
     let refused = s.raw_execute("UPDATE audit SET actor = 'intruder'").expect_err("UPDATE of the audit log is refused");
     assert!(refused.contains("audit log is append-only"), "{refused}");
     let refused = s.raw_execute("DELETE FROM audit").expect_err("DELETE from the audit log is refused");
     assert!(refused.contains("audit log is append-only"), "{refused}");
-    assert_eq!(st.list_audit(None, 10).must().len(), 3);
+    assert_eq!(st.list_audit(None, 10, None).must().len(), 3);
 }
 
 fn records_refuse_update_and_delete(s: &Subject) {

@@ -229,3 +229,65 @@ fn names_that_cannot_be_addressed_or_read_as_another_are_refused() -> TestResult
     assert_eq!(groups["groups"].as_array().map(Vec::len), Some(0), "{groups}");
     Ok(())
 }
+
+/// Task ids are numbered per organization: neither organization can count the other's tasks, or
+/// reach them by their number; task and audit lists page with a cursor.
+#[test]
+fn task_ids_are_numbered_per_organization_and_lists_page_with_a_cursor() -> TestResult {
+    let gw = GatewayProcess::start(GatewayOptions::default())?;
+    let acme = gw.api();
+    let rt = common::runtime();
+    let provisioned = provision(&gw, &sns("TASKNO", 1), "g")?;
+    let (sn, gudid) = provisioned.gudids[0].clone();
+    let _acme_device = rt.block_on(RawDevice::initialise(gw.mqtt_port, &sn, &gudid))?;
+    let mut acme_tasks = Vec::new();
+    for _ in 0..3 {
+        let task = rki_tests::create_task(&acme, &json!({"group": "g"}))?;
+        acme.ok_post(&format!("/v1/tasks/{task}/stop"), &json!({}))?;
+        acme_tasks.push(task);
+    }
+    assert_eq!(acme_tasks, [1, 2, 3]);
+    let globex = rki_tests::Api::new(&gw.url(), &gw.init_org("globex")?);
+    rki_tests::authorize_test_bdk(&gw, "globex", "bdk-globex")?;
+    let (status, v) = gw.upload_devices("globex", "sn,model\nGLOBEX-1,P3");
+    assert_eq!(status, 200, "{v}");
+    globex.ok_post("/v1/assignments", &json!({"sns": ["GLOBEX-1"], "key_source": "bdk-globex"}))?;
+    let gudid = globex.ok_post("/v1/gudids", &json!({"sns": ["GLOBEX-1"]}))?["gudids"][0]["gudid"]
+        .as_str()
+        .ok_or("no GUDID")?
+        .to_string();
+    let _globex_device = rt.block_on(RawDevice::initialise(gw.mqtt_port, "GLOBEX-1", &gudid))?;
+    let theirs = rki_tests::create_task(&globex, &json!({"sns": ["GLOBEX-1"]}))?;
+    assert_eq!(theirs, 1, "globex's first task is its number 1, whatever acme did before");
+    // Number 2 exists only in acme: globex gets the answer of a task that never existed.
+    let (status, v) = globex.get("/v1/tasks/2");
+    assert_eq!((status, v["code"].as_str()), (404, Some("not_found")), "{v}");
+    let (status, _) = globex.post("/v1/tasks/2/stop", &json!({}));
+    assert_eq!(status, 404);
+    let (status, _) = globex.get("/v1/records?task=2");
+    assert_eq!(status, 404);
+    let task = globex.ok("/v1/tasks/1")?;
+    assert_eq!(task["task"]["id"], 1);
+    assert_eq!(task["executions"][0]["task_id"], 1, "{task}");
+    // Pages: newest first, then below the cursor.
+    let first = acme.ok("/v1/tasks?limit=2")?;
+    let ids = |v: &Value| -> Vec<i64> {
+        v["tasks"].as_array().map(|a| a.iter().filter_map(|t| t["id"].as_i64()).collect()).unwrap_or_default()
+    };
+    assert_eq!(ids(&first), [3, 2]);
+    let cursor = first["next_cursor"].as_i64().ok_or("no next_cursor")?;
+    let second = acme.ok(&format!("/v1/tasks?limit=2&cursor={cursor}"))?;
+    assert_eq!(ids(&second), [1]);
+    assert!(second["next_cursor"].is_null(), "{second}");
+    let (status, v) = acme.get("/v1/tasks?limit=1001");
+    assert_eq!((status, v["code"].as_str()), (400, Some("bad_limit")), "{v}");
+    let audit = acme.ok("/v1/audit?limit=2")?;
+    let entries = audit["audit"].as_array().cloned().unwrap_or_default();
+    assert_eq!(entries.len(), 2);
+    let cursor = audit["next_cursor"].as_i64().ok_or("no audit cursor")?;
+    let older = acme.ok(&format!("/v1/audit?limit=1000&cursor={cursor}"))?;
+    let older = older["audit"].as_array().cloned().unwrap_or_default();
+    assert!(!older.is_empty() && older.iter().all(|e| e["id"].as_i64() < Some(cursor)), "{older:?}");
+    assert!(entries.iter().any(|e| e["object"] == "task:3"), "the audit names the organization's number: {entries:?}");
+    Ok(())
+}

@@ -336,7 +336,12 @@ pub(crate) fn unknown_sns_error(unknown: &[String]) -> StoreError {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct TaskRow {
+    /// The store's own id, never shown outside: the API shows `number`.
+    #[serde(skip)]
     pub id: i64,
+    /// The task's number within its organization (1, 2, …): its id in the API.
+    #[serde(rename = "id")]
+    pub number: i64,
     pub org_id: i64,
     pub key_source_id: i64,
     pub key_source: String,
@@ -442,7 +447,12 @@ pub struct RecordRow {
     pub id: i64,
     pub org_id: i64,
     pub execution_id: i64,
+    /// The store's id of the task, never shown outside.
+    #[serde(skip)]
     pub task_id: i64,
+    /// The task's number within its organization: `task_id` in the API and the exports.
+    #[serde(rename = "task_id")]
+    pub task_number: i64,
     pub sn: String,
     pub key_source: String,
     pub key_type: String,
@@ -628,7 +638,8 @@ pub trait Store: Send + Sync {
 
     // audit
     fn append_audit(&self, entry: &AuditEntry) -> StoreResult<()>;
-    fn list_audit(&self, org_id: Option<i64>, limit: i64) -> StoreResult<Vec<AuditEntry>>;
+    /// Newest first, `limit` entries older than the entry `before` (a page's cursor).
+    fn list_audit(&self, org_id: Option<i64>, limit: i64, before: Option<i64>) -> StoreResult<Vec<AuditEntry>>;
 
     // key sources
     fn insert_key_source(&self, row: &KeySourceRow) -> StoreResult<KeySourceRow>;
@@ -737,8 +748,17 @@ pub trait Store: Send + Sync {
         fill: &mut dyn FnMut(&mut dyn TaskSink) -> StoreResult<()>,
     ) -> StoreResult<TaskRow>;
     fn task_by_request_id(&self, org_id: i64, request_id: i64) -> StoreResult<Option<TaskRow>>;
-    fn list_tasks(&self, org_id: i64, unfinished: Option<bool>, limit: i64) -> StoreResult<Vec<TaskRow>>;
+    /// Newest first, `limit` tasks numbered below `before` (a page's cursor: a task number).
+    fn list_tasks(
+        &self,
+        org_id: i64,
+        unfinished: Option<bool>,
+        limit: i64,
+        before: Option<i64>,
+    ) -> StoreResult<Vec<TaskRow>>;
     fn task(&self, org_id: i64, id: i64) -> StoreResult<TaskRow>;
+    /// The store's id of the organization's task number `number` (its id in the API).
+    fn task_id_by_number(&self, org_id: i64, number: i64) -> StoreResult<i64>;
     /// Every execution of a task, by ID.
     fn task_executions(&self, task_id: i64) -> StoreResult<Vec<ExecutionRow>> {
         self.task_executions_page(task_id, 0, None)

@@ -88,6 +88,11 @@ const MIGRATIONS: &[&str] = &[
     // now on); revocation; the unspent GUDIDs of a device found by index.
     "ALTER TABLE gudids ADD COLUMN sealed_mac_key TEXT, ADD COLUMN revoked_at BIGINT, ADD COLUMN revoked_by TEXT;
      CREATE INDEX gudids_device_unspent ON gudids(device_id) WHERE used_at IS NULL AND revoked_at IS NULL;",
+    // 8 (as SQLite's schema 8): tasks numbered per organization: the API shows the number, so
+    // one organization cannot count another's tasks from their ids.
+    "ALTER TABLE tasks ADD COLUMN number BIGINT;
+     UPDATE tasks SET number = (SELECT COUNT(*) FROM tasks t2 WHERE t2.org_id = tasks.org_id AND t2.id <= tasks.id);
+     CREATE UNIQUE INDEX tasks_org_number ON tasks (org_id, number);",
 ];
 
 /// Advisory lock key held while migrating, so nodes starting together migrate one at a time.
@@ -713,7 +718,7 @@ fn gudid_row(r: &Row) -> Result<GudidRow, Failure> {
 macro_rules! task_select {
     () => {
         "SELECT t.id, t.org_id, t.key_source_id, k.name, t.slot, t.key_type, t.created_at, t.expires_at,
-                t.created_by, t.stopped_at, t.request_id, c.states, c.counts
+                t.created_by, t.stopped_at, t.request_id, c.states, c.counts, t.number
          FROM tasks t JOIN key_sources k ON k.id = t.key_source_id
          LEFT JOIN LATERAL (
              SELECT array_agg(s.state) AS states, array_agg(s.n) AS counts
@@ -743,6 +748,7 @@ fn task_row(r: &Row) -> Result<TaskRow, Failure> {
         created_by: r.try_get(8)?,
         stopped_at: r.try_get(9)?,
         request_id: r.try_get(10)?,
+        number: r.try_get(13)?,
         counts,
     })
 }
@@ -801,6 +807,7 @@ fn record_row(r: &Row) -> Result<RecordRow, Failure> {
         at: r.try_get(10)?,
         key_id: r.try_get(11)?,
         kcv: r.try_get(12)?,
+        task_number: r.try_get(13)?,
     })
 }
 
@@ -1388,12 +1395,12 @@ impl Store for PostgresStore {
         self.write(|s| audit_in(s, e))
     }
 
-    fn list_audit(&self, org_id: Option<i64>, limit: i64) -> StoreResult<Vec<AuditEntry>> {
+    fn list_audit(&self, org_id: Option<i64>, limit: i64, before: Option<i64>) -> StoreResult<Vec<AuditEntry>> {
         self.read(|s| {
             let found = s.query(
                 "SELECT id, at, org_id, actor, token_id, action, object, details FROM audit
-                 WHERE ($1::bigint IS NULL OR org_id = $1) ORDER BY id DESC LIMIT $2",
-                &[&org_id, &limit_or_all(limit)],
+                 WHERE ($1::bigint IS NULL OR org_id = $1) AND ($3::bigint IS NULL OR id < $3) ORDER BY id DESC LIMIT $2",
+                &[&org_id, &limit_or_all(limit), &before],
             )?;
             rows(found, |r| {
                 let details: String = r.try_get(7)?;
@@ -1926,10 +1933,13 @@ impl Store for PostgresStore {
         fill: &mut dyn FnMut(&mut dyn TaskSink) -> StoreResult<()>,
     ) -> StoreResult<TaskRow> {
         let (task_id, inserted) = self.write(|s| {
+            // The organization's row, locked, orders the nodes numbering its tasks at once.
+            s.execute("SELECT 1 FROM organizations WHERE id = $1 FOR UPDATE", &[&task.org_id])?;
             let task_id: i64 = s
                 .query_one(
-                    "INSERT INTO tasks (org_id, key_source_id, slot, key_type, created_at, expires_at, created_by, request_id)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id",
+                    "INSERT INTO tasks (org_id, key_source_id, slot, key_type, created_at, expires_at, created_by, request_id, number)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8,
+                             (SELECT COALESCE(MAX(number), 0) + 1 FROM tasks WHERE org_id = $1)) RETURNING id",
                     &[
                         &task.org_id,
                         &task.key_source_id,
@@ -1963,18 +1973,33 @@ impl Store for PostgresStore {
         })
     }
 
-    fn list_tasks(&self, org_id: i64, unfinished: Option<bool>, limit: i64) -> StoreResult<Vec<TaskRow>> {
+    fn list_tasks(
+        &self,
+        org_id: i64,
+        unfinished: Option<bool>,
+        limit: i64,
+        before: Option<i64>,
+    ) -> StoreResult<Vec<TaskRow>> {
         self.read(|s| {
             let found = s.query(
                 concat!(
                     task_select!(),
                     " WHERE t.org_id = $1 AND ($2::boolean IS NULL OR
                         EXISTS (SELECT 1 FROM executions e WHERE e.task_id = t.id AND e.state IN ('queued', 'delivered')) = $2)
-                      ORDER BY t.id DESC LIMIT $3"
+                      AND ($4::bigint IS NULL OR t.number < $4)
+                      ORDER BY t.number DESC LIMIT $3"
                 ),
-                &[&org_id, &unfinished, &limit_or_all(limit)],
+                &[&org_id, &unfinished, &limit_or_all(limit), &before],
             )?;
             rows(found, task_row)
+        })
+    }
+
+    fn task_id_by_number(&self, org_id: i64, number: i64) -> StoreResult<i64> {
+        self.read(|s| {
+            s.query_opt("SELECT id FROM tasks WHERE org_id = $1 AND number = $2", &[&org_id, &number])?
+                .map(|r| r.try_get(0).map_err(Failure::from))
+                .unwrap_or_else(|| Err(not_found(format!("task {number}"))))
         })
     }
 
@@ -2148,7 +2173,7 @@ impl Store for PostgresStore {
         self.read(|s| {
             let found = s.query(
                 "SELECT id, org_id, execution_id, task_id, sn, key_source, key_type, injection, result, error_code, at,
-                        key_id, kcv
+                        key_id, kcv, (SELECT number FROM tasks WHERE tasks.id = records.task_id)
                  FROM records WHERE org_id = $1 AND ($2::text IS NULL OR sn = $2) AND ($3::bigint IS NULL OR task_id = $3)
                  AND ($6::bigint IS NULL OR id < $6)
                  ORDER BY id DESC LIMIT $4 OFFSET $5",

@@ -47,6 +47,11 @@ const MIGRATIONS: &[&str] = &[
      ALTER TABLE gudids ADD COLUMN revoked_at INTEGER;
      ALTER TABLE gudids ADD COLUMN revoked_by TEXT;
      CREATE INDEX gudids_device_unspent ON gudids(device_id) WHERE used_at IS NULL AND revoked_at IS NULL;",
+    // 8: tasks numbered per organization: the API shows the number, so one organization cannot
+    // count another's tasks from their ids.
+    "ALTER TABLE tasks ADD COLUMN number INTEGER;
+     UPDATE tasks SET number = (SELECT COUNT(*) FROM tasks t2 WHERE t2.org_id = tasks.org_id AND t2.id <= tasks.id);
+     CREATE UNIQUE INDEX tasks_org_number ON tasks (org_id, number);",
 ];
 
 /// Reader connections: the admin API and the metrics sampler read while the writer commits.
@@ -463,7 +468,7 @@ fn gudid_row(r: &Row<'_>) -> rusqlite::Result<GudidRow> {
     })
 }
 
-const TASK_COLUMNS: &str = "t.id, t.org_id, t.key_source_id, k.name, t.slot, t.key_type, t.created_at, t.expires_at, t.created_by, t.stopped_at, t.request_id";
+const TASK_COLUMNS: &str = "t.id, t.org_id, t.key_source_id, k.name, t.slot, t.key_type, t.created_at, t.expires_at, t.created_by, t.stopped_at, t.request_id, t.number";
 
 fn task_row(r: &Row<'_>) -> rusqlite::Result<TaskRow> {
     Ok(TaskRow {
@@ -478,6 +483,7 @@ fn task_row(r: &Row<'_>) -> rusqlite::Result<TaskRow> {
         created_by: r.get(8)?,
         stopped_at: r.get(9)?,
         request_id: r.get(10)?,
+        number: r.get(11)?,
         counts: TaskCounts::default(),
     })
 }
@@ -517,7 +523,8 @@ fn execution_row(r: &Row<'_>) -> rusqlite::Result<ExecutionRow> {
 }
 
 const RECORD_COLUMNS: &str =
-    "id, org_id, execution_id, task_id, sn, key_source, key_type, injection, result, error_code, at, key_id, kcv";
+    "id, org_id, execution_id, task_id, sn, key_source, key_type, injection, result, error_code, at, key_id, kcv,
+     (SELECT number FROM tasks WHERE tasks.id = records.task_id)";
 
 fn record_row(r: &Row<'_>) -> rusqlite::Result<RecordRow> {
     Ok(RecordRow {
@@ -534,6 +541,7 @@ fn record_row(r: &Row<'_>) -> rusqlite::Result<RecordRow> {
         at: r.get(10)?,
         key_id: r.get(11)?,
         kcv: r.get(12)?,
+        task_number: r.get(13)?,
     })
 }
 
@@ -877,13 +885,13 @@ impl Store for SqliteStore {
         self.write(|tx| audit_in(tx, e))
     }
 
-    fn list_audit(&self, org_id: Option<i64>, limit: i64) -> StoreResult<Vec<AuditEntry>> {
+    fn list_audit(&self, org_id: Option<i64>, limit: i64, before: Option<i64>) -> StoreResult<Vec<AuditEntry>> {
         self.read(|c| {
             let sql = "SELECT id, at, org_id, actor, token_id, action, object, details FROM audit
-                       WHERE (?1 IS NULL OR org_id = ?1) ORDER BY id DESC LIMIT ?2";
+                       WHERE (?1 IS NULL OR org_id = ?1) AND (?3 IS NULL OR id < ?3) ORDER BY id DESC LIMIT ?2";
             let mut stmt = c.prepare(sql).map_err(backend)?;
             let rows = stmt
-                .query_map(params![org_id, limit], |r| {
+                .query_map(params![org_id, limit, before], |r| {
                     let details: String = r.get(7)?;
                     Ok(AuditEntry {
                         id: r.get(0)?,
@@ -1468,8 +1476,8 @@ impl Store for SqliteStore {
     ) -> StoreResult<TaskRow> {
         let (task_id, inserted) = self.write(|tx| {
             tx.execute(
-                "INSERT INTO tasks (org_id, key_source_id, slot, key_type, created_at, expires_at, created_by, request_id)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                "INSERT INTO tasks (org_id, key_source_id, slot, key_type, created_at, expires_at, created_by, request_id, number)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, (SELECT COALESCE(MAX(number), 0) + 1 FROM tasks WHERE org_id = ?1))",
                 params![
                     task.org_id,
                     task.key_source_id,
@@ -1503,21 +1511,37 @@ impl Store for SqliteStore {
         id.map(|id| self.task(org_id, id)).transpose()
     }
 
-    fn list_tasks(&self, org_id: i64, unfinished: Option<bool>, limit: i64) -> StoreResult<Vec<TaskRow>> {
+    fn list_tasks(
+        &self,
+        org_id: i64,
+        unfinished: Option<bool>,
+        limit: i64,
+        before: Option<i64>,
+    ) -> StoreResult<Vec<TaskRow>> {
         self.read(|c| {
             let sql = format!(
                 "SELECT {TASK_COLUMNS} FROM tasks t JOIN key_sources k ON k.id = t.key_source_id
                  WHERE t.org_id = ?1 AND (?2 IS NULL OR
                     (EXISTS (SELECT 1 FROM executions e WHERE e.task_id = t.id AND e.state IN ('queued','delivered'))) = ?2)
-                 ORDER BY t.id DESC LIMIT ?3"
+                   AND (?4 IS NULL OR t.number < ?4)
+                 ORDER BY t.number DESC LIMIT ?3"
             );
             let mut stmt = c.prepare_cached(&sql).map_err(backend)?;
-            let rows = stmt.query_map(params![org_id, unfinished, limit], task_row).map_err(backend)?;
+            let rows = stmt.query_map(params![org_id, unfinished, limit, before], task_row).map_err(backend)?;
             let mut tasks = rows.collect::<Result<Vec<_>, _>>().map_err(backend)?;
             for t in &mut tasks {
                 t.counts = task_counts(c, t.id)?;
             }
             Ok(tasks)
+        })
+    }
+
+    fn task_id_by_number(&self, org_id: i64, number: i64) -> StoreResult<i64> {
+        self.read(|c| {
+            c.query_row("SELECT id FROM tasks WHERE org_id = ?1 AND number = ?2", params![org_id, number], |r| r.get(0))
+                .optional()
+                .map_err(backend)?
+                .ok_or_else(|| StoreError::NotFound(format!("task {number}")))
         })
     }
 
@@ -1921,7 +1945,7 @@ mod tests {
             Err(StoreError::Backend("derivation failed".into()))
         });
         assert!(failed.is_err());
-        assert!(st.list_tasks(org.id, None, 10).expect("tasks").is_empty());
+        assert!(st.list_tasks(org.id, None, 10, None).expect("tasks").is_empty());
         assert!(st.open_executions().expect("open").is_empty());
         // Uninitialised devices have nothing to derive for.
         let ids: Vec<i64> = devices.iter().map(|d| d.id).collect();
