@@ -1030,7 +1030,7 @@ fn fresh(sn: &str, tag: u8) -> NewGudid {
 
 fn gudid_entries(st: &dyn Store, org_id: i64) -> Vec<AuditEntry> {
     let mut entries: Vec<AuditEntry> =
-        st.list_audit(Some(org_id), 100).must().into_iter().filter(|e| e.action.starts_with("gudid.")).collect();
+        st.list_audit(Some(org_id), 100, None).must().into_iter().filter(|e| e.action.starts_with("gudid.")).collect();
     entries.reverse();
     entries
 }
@@ -1050,7 +1050,7 @@ fn provisioning_is_all_or_nothing_and_audited_in_its_transaction(s: &Subject) {
     assert!(st.list_gudids(w.org.id, &GudidFilter::default()).must().is_empty(), "a GUDID was stored");
     assert!(st.gudid_by_id(&batch[0].gudid_id).must().is_none());
     assert!(st.live_bootstrap_hashes(None, T0, None).must().is_empty());
-    assert!(st.list_audit(None, 100).must().is_empty(), "a refused provisioning was audited");
+    assert!(st.list_audit(None, 100, None).must().is_empty(), "a refused provisioning was audited");
     assert!(st.list_gudids(other.org.id, &GudidFilter::default()).must().is_empty());
 
     let done = st.provision_gudids(w.org.id, &batch[..2], T0, &ops()).must();
