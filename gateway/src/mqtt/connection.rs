@@ -174,11 +174,21 @@ async fn admit(shared: &Shared, connect: &Connect) -> Result<Identity, ConnectRe
         return Err(ConnectRefusal::OverConnectionBound);
     }
     let engine = shared.engine.get().cloned().ok_or(ConnectRefusal::Unavailable("starting"))?;
-    let (client_id, username) = (connect.client_id.clone(), connect.username.clone().unwrap_or_default());
-    let password = connect.password.clone().unwrap_or_default();
-    // The check may read the store, which must not run on an async thread.
-    let checked = tokio::task::spawn_blocking(move || engine.authenticate(&client_id, &username, &password)).await;
-    match checked.unwrap_or(Err("internal")) {
+    let (username, password) =
+        (connect.username.as_deref().unwrap_or_default(), connect.password.as_deref().unwrap_or_default());
+    // A device's CONNECT is decided from memory, here; only a check that reads the store (a
+    // bootstrap identity's live GUDIDs, an SN not cached) takes a blocking thread, which must not
+    // be an async one. A reconnect storm of known devices thus costs no thread at all.
+    let checked = match engine.authenticate_in_memory(&connect.client_id, username, password) {
+        Some(verdict) => verdict,
+        None => {
+            let (client_id, username, password) = (connect.client_id.clone(), username.to_owned(), password.to_owned());
+            let checked =
+                tokio::task::spawn_blocking(move || engine.authenticate(&client_id, &username, &password)).await;
+            checked.unwrap_or(Err("internal"))
+        }
+    };
+    match checked {
         Ok(()) => Ok(identity),
         Err(reason) => Err(ConnectRefusal::from_authentication(reason)),
     }
