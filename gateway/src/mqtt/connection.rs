@@ -20,7 +20,7 @@ use tracing::{debug, info};
 use super::codec::{self, Close, Connect, Grant, Inbound, ReadError, Version, Writer};
 use super::rules::{self, ConnectRefusal, Identity};
 use super::session::Client;
-use super::Shared;
+use super::{BootstrapSlot, Shared};
 use crate::engine::InboundMessage;
 use crate::metrics as m;
 
@@ -139,8 +139,8 @@ pub async fn run(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, tls: 
         Err(_) => return closed("connect_timeout"),
     };
     let version = connect.version;
-    let identity = match admit(&shared, &connect).await {
-        Ok(identity) => identity,
+    let (identity, _bootstrap_slot) = match admit(&shared, &connect).await {
+        Ok(admitted) => admitted,
         Err(refusal) => {
             metrics::counter!(m::MQTT_CONNECT_REFUSED_TOTAL, "reason" => refusal.reason()).increment(1);
             if shared.may_log() {
@@ -161,10 +161,19 @@ pub async fn run(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, tls: 
     closed(reason);
 }
 
-/// The CONNECT's verdict: the identity it proved, or why not.
-async fn admit(shared: &Shared, connect: &Connect) -> Result<Identity, ConnectRefusal> {
+/// The CONNECT's verdict: the identity it proved (with, for a bootstrap identity, its place among
+/// the initialisations under way, held until the connection ends), or why not.
+async fn admit<'a>(
+    shared: &'a Shared,
+    connect: &Connect,
+) -> Result<(Identity, Option<BootstrapSlot<'a>>), ConnectRefusal> {
     let identity =
         rules::claimed_identity(&connect.client_id, connect.username.as_deref(), connect.password.is_some())?;
+    // Before any store read or hash: a refusal here costs the gateway nothing.
+    let slot = match identity {
+        Identity::Bootstrap(_) => Some(shared.bootstrap_slot().ok_or(ConnectRefusal::Unavailable("bootstrap_busy"))?),
+        Identity::Device(_) => None,
+    };
     if let Some(will) = &connect.will {
         if !identity.may_publish(&will.topic) || will.qos > 1 || (will.retain && connect.version == Version::V5) {
             return Err(ConnectRefusal::ForeignWill);
@@ -189,7 +198,7 @@ async fn admit(shared: &Shared, connect: &Connect) -> Result<Identity, ConnectRe
         }
     };
     match checked {
-        Ok(()) => Ok(identity),
+        Ok(()) => Ok((identity, slot)),
         Err(reason) => Err(ConnectRefusal::from_authentication(reason)),
     }
 }
