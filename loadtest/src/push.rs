@@ -486,10 +486,12 @@ fn kick_stuck(fleet: &Fleet, gudids: &HashMap<&str, &str>, runtime: &tokio::runt
 
 /// Whether a terminal's last error says its GUDID is spent: its CreateKey was refused as
 /// `gudid_used`, or (the gateway's own endpoint checks the GUDID at CONNECT) its bootstrap
-/// CONNECT was refused as not authorized, which for a terminal holding the GUDID it was given
+/// CONNECT was refused for its credentials, which for a terminal holding the GUDID it was given
 /// means the GUDID is no longer live.
 fn gudid_spent(error: &str) -> bool {
-    error.contains("gudid_used") || (error.contains("initialisation failed") && error.contains("NotAuthorized"))
+    error.contains("gudid_used")
+        || (error.contains("initialisation failed")
+            && (error.contains("BadUserNamePassword") || error.contains("NotAuthorized")))
 }
 
 /// New GUDIDs for the terminals whose GUDID is spent ([`gudid_spent`]).

@@ -169,9 +169,11 @@ async fn admit<'a>(
 ) -> Result<(Identity, Option<BootstrapSlot<'a>>), ConnectRefusal> {
     let identity =
         rules::claimed_identity(&connect.client_id, connect.username.as_deref(), connect.password.is_some())?;
-    // Before any store read or hash: a refusal here costs the gateway nothing.
+    // Before any store read or hash: waiting in line, or a refusal, costs the gateway nothing.
     let slot = match identity {
-        Identity::Bootstrap(_) => Some(shared.bootstrap_slot().ok_or(ConnectRefusal::Unavailable("bootstrap_busy"))?),
+        Identity::Bootstrap(_) => {
+            Some(shared.bootstrap_slot().await.ok_or(ConnectRefusal::Unavailable("bootstrap_busy"))?)
+        }
         Identity::Device(_) => None,
     };
     if let Some(will) = &connect.will {

@@ -47,6 +47,10 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 /// up, and their retries are refused. At ~1,000 initialisations a second, 512 in flight is
 /// about half a second of queue.
 pub const BOOTSTRAP_SESSIONS_MAX: usize = 512;
+/// How long a bootstrap CONNECT waits for a place before it is refused as busy: well within a
+/// terminal's CONNACK timeout (10 s in the simulated fleet), so that a terminal waits in line
+/// rather than backing off for seconds after a refusal.
+const BOOTSTRAP_QUEUE_WAIT: Duration = Duration::from_secs(4);
 /// How often kept sessions past their lifetime are forgotten.
 const SESSION_SWEEP_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -72,8 +76,8 @@ pub struct Shared {
     engine: std::sync::OnceLock<Arc<Engine>>,
     /// Accepted (CONNACKed) connections open now, against `settings.connections_max`.
     open: AtomicUsize,
-    /// Bootstrap connections being checked or open, against [`BOOTSTRAP_SESSIONS_MAX`].
-    bootstrapping: AtomicUsize,
+    /// Places of bootstrap connections being checked or open ([`BOOTSTRAP_SESSIONS_MAX`]).
+    bootstrapping: tokio::sync::Semaphore,
     next_conn_id: AtomicU64,
     /// Second (since `started`) of the last refusal or accept-error log line: at most one a second.
     last_log_second: AtomicU64,
@@ -81,21 +85,13 @@ pub struct Shared {
 }
 
 /// One of the [`BOOTSTRAP_SESSIONS_MAX`] places of a bootstrap connection, given back on drop.
-struct BootstrapSlot<'a>(&'a Shared);
-
-impl Drop for BootstrapSlot<'_> {
-    fn drop(&mut self) {
-        self.0.bootstrapping.fetch_sub(1, Ordering::Relaxed);
-    }
-}
+type BootstrapSlot<'a> = tokio::sync::SemaphorePermit<'a>;
 
 impl Shared {
-    /// A bootstrap connection's place, if one is free.
-    fn bootstrap_slot(&self) -> Option<BootstrapSlot<'_>> {
-        self.bootstrapping
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n < BOOTSTRAP_SESSIONS_MAX).then_some(n + 1))
-            .ok()
-            .map(|_| BootstrapSlot(self))
+    /// A bootstrap connection's place: at once if one is free, else the first to free up within
+    /// [`BOOTSTRAP_QUEUE_WAIT`] (waiters are served in order); `None` past it.
+    async fn bootstrap_slot(&self) -> Option<BootstrapSlot<'_>> {
+        tokio::time::timeout(BOOTSTRAP_QUEUE_WAIT, self.bootstrapping.acquire()).await.ok()?.ok()
     }
 
     /// Whether a rate-limited log line may be written now.
@@ -158,7 +154,7 @@ impl Endpoint {
                 clients: DashMap::new(),
                 engine: std::sync::OnceLock::new(),
                 open: AtomicUsize::new(0),
-                bootstrapping: AtomicUsize::new(0),
+                bootstrapping: tokio::sync::Semaphore::new(BOOTSTRAP_SESSIONS_MAX),
                 next_conn_id: AtomicU64::new(1),
                 last_log_second: AtomicU64::new(0),
                 started: Instant::now(),
