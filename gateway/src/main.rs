@@ -10,7 +10,7 @@ use rki_gateway::{bootstrap, server};
 /// jemalloc instead of glibc's malloc: a fleet's per-connection buffers and the broker's topic and
 /// filter strings sit in size-class slabs, which keeps the resident memory per connected terminal
 /// about a fifth lower and the broker router's scans over those strings cheaper
-/// (docs/BENCHMARKS.md, "Session 9").
+/// (docs/benchmarks/HISTORY.md, "Session 9").
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
