@@ -10,9 +10,16 @@ use rki_gateway::{bootstrap, server};
 /// jemalloc instead of glibc's malloc: a fleet's per-connection buffers and the broker's topic and
 /// filter strings sit in size-class slabs, which keeps the resident memory per connected terminal
 /// about a fifth lower and the broker router's scans over those strings cheaper
-/// (docs/BENCHMARKS.md, "Session 9").
+/// (docs/benchmarks/HISTORY.md, "Session 9").
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// Threads of the runtime's blocking pool (tokio's default is 512). Blocking work is store calls,
+/// which queue on the store's few connections anyway (SQLite: one writer, three readers), and the
+/// initialisations' key wrapping; past a few dozen, more threads only wait on those locks, and
+/// each one keeps its stack and its allocator cache resident (a 19,000-terminal connect phase
+/// grew the pool to 512 threads, ~50 MB).
+const BLOCKING_THREADS_MAX: usize = 64;
 
 #[derive(Parser)]
 #[command(
@@ -203,6 +210,10 @@ fn run(config: Config, init: bool) -> Result<(), String> {
     // `try_init`, not `set_global_default`: it also forwards the `log` crate's records (the
     // PostgreSQL client's among them) into the same subscriber.
     tracing_subscriber::util::SubscriberInitExt::try_init(log_subscriber(filter, json)).map_err(|e| e.to_string())?;
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .max_blocking_threads(BLOCKING_THREADS_MAX)
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
     runtime.block_on(server::run(config, init))
 }

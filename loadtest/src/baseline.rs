@@ -416,6 +416,8 @@ fn drive(
     summary.extra.insert("repeated_acks".into(), json!(backend.extra_acks.load(Ordering::Relaxed)));
     let snapshot = fleet.snapshot();
     summary.errors = snapshot.errors;
+    summary.extra.insert("connects_refused".into(), json!(snapshot.connects_refused));
+    summary.extra.insert("connects_timed_out".into(), json!(snapshot.connects_timed_out));
     summary.extra.insert("rejected".into(), json!(snapshot.rejected_frames + snapshot.refusals_received));
     runtime.block_on(fleet.shutdown());
     Ok(())

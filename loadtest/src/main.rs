@@ -90,10 +90,12 @@ struct FleetArgs {
     /// into this directory (fleet-push).
     #[arg(long)]
     profile: Option<PathBuf>,
-    /// The broker broker-baseline runs on: Mosquitto, or rumqttd alone with the gateway's
-    /// embedded-broker settings (`rki-plain-broker`: the embedded broker's own share of a push).
-    #[arg(long, value_enum, default_value = "mosquitto")]
-    baseline_broker: BaselineBroker,
+    /// The broker(s) broker-baseline runs on, comma-separated, each at every size: Mosquitto, or
+    /// rumqttd alone with the old embedded broker's settings (`rki-plain-broker`). With
+    /// `fleet-push --with-baseline --baseline-broker mosquitto,rumqttd` both run in the same run
+    /// as the gateway; the first is `baseline` in the JSON, every one is in `baselines`.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "mosquitto")]
+    baseline_broker: Vec<BaselineBroker>,
 }
 
 #[derive(Args)]
@@ -254,12 +256,20 @@ fn run(cli: &Cli) -> Result<()> {
                 let mut gateway = push::run(Scenario::FleetPush, &options, &rt)?;
                 eprintln!("{}", gateway.report());
                 if args.with_baseline {
-                    let base = baseline::run(&baseline_options(&args.fleet, devices, cli.quiet), &rt)?;
-                    eprintln!("{}", base.report());
-                    let ratio = gateway.keys_per_second / base.keys_per_second.max(1e-9);
-                    eprintln!("  throughput ratio rki-gateway / {} baseline: {ratio:.3}", base.server);
-                    gateway.extra.insert("throughput_ratio_vs_baseline".into(), json!(round3(ratio)));
-                    return Ok(vec![gateway, base]);
+                    let mut run = Vec::new();
+                    for broker in &args.fleet.baseline_broker {
+                        let base = baseline::run(&baseline_options(&args.fleet, devices, *broker, cli.quiet), &rt)?;
+                        eprintln!("{}", base.report());
+                        compare(&mut gateway, &base, run.is_empty());
+                        run.push(base);
+                    }
+                    if let Some(mosquitto) = run.iter().find(|b| b.server == BaselineBroker::Mosquitto.name()) {
+                        let targets = issue21_targets(&gateway, mosquitto);
+                        eprintln!("  issue 21 targets: {targets}");
+                        gateway.extra.insert("targets".into(), targets);
+                    }
+                    run.insert(0, gateway);
+                    return Ok(run);
                 }
                 Ok(vec![gateway])
             })
@@ -282,9 +292,13 @@ fn run(cli: &Cli) -> Result<()> {
             Ok(vec![summary])
         }),
         Command::BrokerBaseline(fleet) => fleet_sizes(fleet, cli, |devices| {
-            let summary = baseline::run(&baseline_options(fleet, devices, cli.quiet), &rt)?;
-            eprintln!("{}", summary.report());
-            Ok(vec![summary])
+            let mut run = Vec::new();
+            for broker in &fleet.baseline_broker {
+                let summary = baseline::run(&baseline_options(fleet, devices, *broker, cli.quiet), &rt)?;
+                eprintln!("{}", summary.report());
+                run.push(summary);
+            }
+            Ok(run)
         }),
         Command::Plot { files } => {
             let path = cli.plot.as_ref().ok_or("plot needs --plot FILE.png")?;
@@ -297,8 +311,13 @@ fn run(cli: &Cli) -> Result<()> {
                 };
                 for entry in entries {
                     let mut run: Vec<Summary> = vec![serde_json::from_value(entry.clone())?];
-                    if let Some(base) = entry.get("baseline") {
-                        run.push(serde_json::from_value(base.clone())?);
+                    let bases = match (entry.get("baselines").and_then(|b| b.as_array()), entry.get("baseline")) {
+                        (Some(all), _) => all.clone(),
+                        (None, Some(one)) => vec![one.clone()],
+                        (None, None) => Vec::new(),
+                    };
+                    for base in bases {
+                        run.push(serde_json::from_value(base)?);
                     }
                     runs.push(run);
                 }
@@ -364,7 +383,7 @@ fn push_options(fleet: &FleetArgs, devices: usize, attach: Option<Attach>, quiet
     }
 }
 
-fn baseline_options(fleet: &FleetArgs, devices: usize, quiet: bool) -> BaselineOptions {
+fn baseline_options(fleet: &FleetArgs, devices: usize, broker: BaselineBroker, quiet: bool) -> BaselineOptions {
     BaselineOptions {
         devices,
         addresses: fleet.addresses,
@@ -374,8 +393,46 @@ fn baseline_options(fleet: &FleetArgs, devices: usize, quiet: bool) -> BaselineO
         work_dir: fleet.work_dir.clone(),
         keep: fleet.keep,
         quiet,
-        broker: fleet.baseline_broker,
+        broker,
     }
+}
+
+/// The gateway's figures against one baseline of the same run, into the gateway's `extra`:
+/// throughput, connect time and memory per idle terminal, each as gateway / baseline. The first
+/// baseline's throughput ratio is also `throughput_ratio_vs_baseline`, as before.
+fn compare(gateway: &mut Summary, base: &Summary, first: bool) {
+    let ratio = |a: f64, b: f64| round3(a / b.max(1e-9));
+    let throughput = ratio(gateway.keys_per_second, base.keys_per_second);
+    let connect = ratio(gateway.connect_seconds, base.connect_seconds);
+    let memory = ratio(gateway.bytes_per_device, base.bytes_per_device);
+    eprintln!(
+        "  rki-gateway / {}: throughput {throughput:.3}, connect time {connect:.3}, memory per idle terminal {memory:.3}",
+        base.server
+    );
+    if first {
+        gateway.extra.insert("throughput_ratio_vs_baseline".into(), json!(throughput));
+    }
+    gateway.extra.insert(format!("throughput_ratio_vs_{}", base.server), json!(throughput));
+    gateway.extra.insert(format!("connect_ratio_vs_{}", base.server), json!(connect));
+    gateway.extra.insert(format!("memory_ratio_vs_{}", base.server), json!(memory));
+}
+
+/// Issue 21's fleet-push figures against their goals, Mosquitto from the same run.
+fn issue21_targets(gateway: &Summary, mosquitto: &Summary) -> serde_json::Value {
+    let number = |key: &str| gateway.extra.get(key).and_then(|v| v.as_f64()).unwrap_or(f64::NAN);
+    let connect_ratio = round3(gateway.connect_seconds / mosquitto.connect_seconds.max(1e-9));
+    let throughput_ratio = round3(gateway.keys_per_second / mosquitto.keys_per_second.max(1e-9));
+    let (timed_out, reprovisioned) = (number("connects_timed_out"), number("gudids_reprovisioned"));
+    json!({
+        "connect_ratio_vs_mosquitto": {"value": connect_ratio, "goal": "<= 1.5", "met": connect_ratio <= 1.5},
+        "connects_timed_out": {"value": timed_out, "goal": "0", "met": timed_out == 0.0},
+        "gudids_reprovisioned": {"value": reprovisioned, "goal": "0", "met": reprovisioned == 0.0},
+        "throughput_ratio_vs_mosquitto": {"value": throughput_ratio, "goal": ">= 1.5", "met": throughput_ratio >= 1.5},
+        "bytes_per_idle_terminal": {
+            "value": gateway.bytes_per_device, "goal": "<= 4096", "met": gateway.bytes_per_device <= 4096.0,
+            "mosquitto": mosquitto.bytes_per_device,
+        },
+    })
 }
 
 /// Runs `one` at `--devices`, or at each size of `--sweep`; prints the JSON and draws the plot.
@@ -419,11 +476,13 @@ fn fleet_sizes(fleet: &FleetArgs, cli: &Cli, mut one: impl FnMut(usize) -> Resul
     }
 }
 
-/// The gateway's summary, with the baseline's nested under `baseline` when it ran.
+/// The gateway's summary, with the first baseline's nested under `baseline` when it ran, and
+/// every baseline's under `baselines`.
 fn summary_json(run: &[Summary]) -> serde_json::Value {
     let mut main = serde_json::to_value(&run[0]).unwrap_or_default();
     if let Some(base) = run.get(1) {
         main["baseline"] = serde_json::to_value(base).unwrap_or_default();
+        main["baselines"] = serde_json::to_value(&run[1..]).unwrap_or_default();
     }
     main
 }
@@ -465,6 +524,13 @@ fn draw(path: &Path, runs: &[Vec<Summary>], sweep: bool) -> Result<()> {
             x_label: "devices".into(),
             y_label: "MiB".into(),
             series: by_size(&|s| s.gateway_rss_peak_bytes as f64 / MIB),
+            markers: true,
+        });
+        charts.push(Chart {
+            title: "Server RSS growth, every terminal connected and idle".into(),
+            x_label: "devices".into(),
+            y_label: "MiB".into(),
+            series: by_size(&|s| s.bytes_per_device * s.devices as f64 / MIB),
             markers: true,
         });
         charts.push(Chart {

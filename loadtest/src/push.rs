@@ -466,7 +466,7 @@ fn kick_stuck(fleet: &Fleet, gudids: &HashMap<&str, &str>, runtime: &tokio::runt
     let mut out = Vec::new();
     for device in fleet.devices() {
         let status = device.status();
-        if status.connected || status.last_error.as_deref().is_some_and(|e| e.contains("gudid_used")) {
+        if status.connected || status.last_error.as_deref().is_some_and(gudid_spent) {
             continue;
         }
         out.push(format!("{}: {}", device.sn(), status.last_error.unwrap_or_default()));
@@ -484,14 +484,24 @@ fn kick_stuck(fleet: &Fleet, gudids: &HashMap<&str, &str>, runtime: &tokio::runt
     out
 }
 
-/// New GUDIDs for the terminals whose initialisation was refused as `gudid_used`.
+/// Whether a terminal's last error says its GUDID is spent: its CreateKey was refused as
+/// `gudid_used`, or (the gateway's own endpoint checks the GUDID at CONNECT) its bootstrap
+/// CONNECT was refused for its credentials, which for a terminal holding the GUDID it was given
+/// means the GUDID is no longer live.
+fn gudid_spent(error: &str) -> bool {
+    error.contains("gudid_used")
+        || (error.contains("initialisation failed")
+            && (error.contains("BadUserNamePassword") || error.contains("NotAuthorized")))
+}
+
+/// New GUDIDs for the terminals whose GUDID is spent ([`gudid_spent`]).
 fn reprovision_spent(fleet: &Fleet, api: &Api, runtime: &tokio::runtime::Runtime) -> Result<usize> {
     let stuck: Vec<_> = fleet
         .devices()
         .iter()
         .filter(|d| {
             let status = d.status();
-            !status.initialised && status.last_error.is_some_and(|e| e.contains("gudid_used"))
+            !status.initialised && status.last_error.is_some_and(|e| gudid_spent(&e))
         })
         .cloned()
         .collect();

@@ -13,7 +13,7 @@
 //! one filter per terminal): with the SN first, two device topics differ at their first level and
 //! the comparison stops there. Measured with the embedded broker, the router's CPU time for the
 //! fleet's connect phase fell by about a quarter at 10,000 terminals and a third at 19,000
-//! (docs/BENCHMARKS.md, "Session 6").
+//! (docs/benchmarks/HISTORY.md, "Session 6").
 
 /// The common prefix, versioned with the protocol.
 pub const PREFIX: &str = "rki/v1";

@@ -22,7 +22,7 @@ pub fn fleet_config(port: u16, provisioned: &Provisioned, knobs: Knobs) -> TestR
     let mut config = FleetConfig::new(members, Brokers::one(BrokerAddr::new("127.0.0.1", port)));
     config.knobs = knobs;
     // Terminals are switched on over a few seconds, as a warehouse does, not in one instant: the
-    // embedded broker accepts connections on one thread (see docs/BENCHMARKS.md).
+    // embedded broker accepts connections on one thread (see docs/benchmarks/HISTORY.md).
     config.spawn_interval = Duration::from_micros(1500);
     Ok(config)
 }

@@ -20,7 +20,7 @@ use tracing::{debug, info};
 use super::codec::{self, Close, Connect, Grant, Inbound, ReadError, Version, Writer};
 use super::rules::{self, ConnectRefusal, Identity};
 use super::session::Client;
-use super::Shared;
+use super::{BootstrapSlot, Shared};
 use crate::engine::InboundMessage;
 use crate::metrics as m;
 
@@ -139,8 +139,8 @@ pub async fn run(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, tls: 
         Err(_) => return closed("connect_timeout"),
     };
     let version = connect.version;
-    let identity = match admit(&shared, &connect).await {
-        Ok(identity) => identity,
+    let (identity, _bootstrap_slot) = match admit(&shared, &connect).await {
+        Ok(admitted) => admitted,
         Err(refusal) => {
             metrics::counter!(m::MQTT_CONNECT_REFUSED_TOTAL, "reason" => refusal.reason()).increment(1);
             if shared.may_log() {
@@ -161,10 +161,21 @@ pub async fn run(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, tls: 
     closed(reason);
 }
 
-/// The CONNECT's verdict: the identity it proved, or why not.
-async fn admit(shared: &Shared, connect: &Connect) -> Result<Identity, ConnectRefusal> {
+/// The CONNECT's verdict: the identity it proved (with, for a bootstrap identity, its place among
+/// the initialisations under way, held until the connection ends), or why not.
+async fn admit<'a>(
+    shared: &'a Shared,
+    connect: &Connect,
+) -> Result<(Identity, Option<BootstrapSlot<'a>>), ConnectRefusal> {
     let identity =
         rules::claimed_identity(&connect.client_id, connect.username.as_deref(), connect.password.is_some())?;
+    // Before any store read or hash: waiting in line, or a refusal, costs the gateway nothing.
+    let slot = match identity {
+        Identity::Bootstrap(_) => {
+            Some(shared.bootstrap_slot().await.ok_or(ConnectRefusal::Unavailable("bootstrap_busy"))?)
+        }
+        Identity::Device(_) => None,
+    };
     if let Some(will) = &connect.will {
         if !identity.may_publish(&will.topic) || will.qos > 1 || (will.retain && connect.version == Version::V5) {
             return Err(ConnectRefusal::ForeignWill);
@@ -174,12 +185,22 @@ async fn admit(shared: &Shared, connect: &Connect) -> Result<Identity, ConnectRe
         return Err(ConnectRefusal::OverConnectionBound);
     }
     let engine = shared.engine.get().cloned().ok_or(ConnectRefusal::Unavailable("starting"))?;
-    let (client_id, username) = (connect.client_id.clone(), connect.username.clone().unwrap_or_default());
-    let password = connect.password.clone().unwrap_or_default();
-    // The check may read the store, which must not run on an async thread.
-    let checked = tokio::task::spawn_blocking(move || engine.authenticate(&client_id, &username, &password)).await;
-    match checked.unwrap_or(Err("internal")) {
-        Ok(()) => Ok(identity),
+    let (username, password) =
+        (connect.username.as_deref().unwrap_or_default(), connect.password.as_deref().unwrap_or_default());
+    // A device's CONNECT is decided from memory, here; only a check that reads the store (a
+    // bootstrap identity's live GUDIDs, an SN not cached) takes a blocking thread, which must not
+    // be an async one. A reconnect storm of known devices thus costs no thread at all.
+    let checked = match engine.authenticate_in_memory(&connect.client_id, username, password) {
+        Some(verdict) => verdict,
+        None => {
+            let (client_id, username, password) = (connect.client_id.clone(), username.to_owned(), password.to_owned());
+            let checked =
+                tokio::task::spawn_blocking(move || engine.authenticate(&client_id, &username, &password)).await;
+            checked.unwrap_or(Err("internal"))
+        }
+    };
+    match checked {
+        Ok(()) => Ok((identity, slot)),
         Err(reason) => Err(ConnectRefusal::from_authentication(reason)),
     }
 }

@@ -37,6 +37,20 @@ pub const LISTEN_BACKLOG: u32 = 4096;
 /// Pause of an accept loop after the process ran out of descriptors: long enough not to spin,
 /// short enough that the endpoint serves again as soon as descriptors are freed.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+/// Bootstrap (`init@{SN}`) connections open at once, from the CONNECT's check to the end of the
+/// connection. Each is an initialisation under way: a store read and a PBKDF2 check at CONNECT,
+/// then an X25519 exchange, three key seals and a durable commit. Over the bound a bootstrap
+/// CONNECT is refused at once, before any of that, as "server unavailable" (`bootstrap_busy`),
+/// and the terminal retries after its backoff with its GUDID untouched. Without it a fleet
+/// powered on at once queues more initialisations than the gateway answers within a
+/// terminal's CreateKey timeout: answers come late, GUDIDs are spent for terminals that gave
+/// up, and their retries are refused. At ~1,000 initialisations a second, 512 in flight is
+/// about half a second of queue.
+pub const BOOTSTRAP_SESSIONS_MAX: usize = 512;
+/// How long a bootstrap CONNECT waits for a place before it is refused as busy: well within a
+/// terminal's CONNACK timeout (10 s in the simulated fleet), so that a terminal waits in line
+/// rather than backing off for seconds after a refusal.
+const BOOTSTRAP_QUEUE_WAIT: Duration = Duration::from_secs(4);
 /// How often kept sessions past their lifetime are forgotten.
 const SESSION_SWEEP_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -62,13 +76,24 @@ pub struct Shared {
     engine: std::sync::OnceLock<Arc<Engine>>,
     /// Accepted (CONNACKed) connections open now, against `settings.connections_max`.
     open: AtomicUsize,
+    /// Places of bootstrap connections being checked or open ([`BOOTSTRAP_SESSIONS_MAX`]).
+    bootstrapping: tokio::sync::Semaphore,
     next_conn_id: AtomicU64,
     /// Second (since `started`) of the last refusal or accept-error log line: at most one a second.
     last_log_second: AtomicU64,
     started: Instant,
 }
 
+/// One of the [`BOOTSTRAP_SESSIONS_MAX`] places of a bootstrap connection, given back on drop.
+type BootstrapSlot<'a> = tokio::sync::SemaphorePermit<'a>;
+
 impl Shared {
+    /// A bootstrap connection's place: at once if one is free, else the first to free up within
+    /// [`BOOTSTRAP_QUEUE_WAIT`] (waiters are served in order); `None` past it.
+    async fn bootstrap_slot(&self) -> Option<BootstrapSlot<'_>> {
+        tokio::time::timeout(BOOTSTRAP_QUEUE_WAIT, self.bootstrapping.acquire()).await.ok()?.ok()
+    }
+
     /// Whether a rate-limited log line may be written now.
     fn may_log(&self) -> bool {
         let second = self.started.elapsed().as_secs() + 1;
@@ -129,6 +154,7 @@ impl Endpoint {
                 clients: DashMap::new(),
                 engine: std::sync::OnceLock::new(),
                 open: AtomicUsize::new(0),
+                bootstrapping: tokio::sync::Semaphore::new(BOOTSTRAP_SESSIONS_MAX),
                 next_conn_id: AtomicU64::new(1),
                 last_log_second: AtomicU64::new(0),
                 started: Instant::now(),

@@ -65,7 +65,8 @@ pub enum ConnectRefusal {
     ForeignWill,
     /// The process holds as many connections as its bound allows.
     OverConnectionBound,
-    /// The gateway is starting, or its store did not answer.
+    /// The gateway is starting, its store did not answer, or (`bootstrap_busy`) it holds as many
+    /// initialising terminals as it answers promptly.
     Unavailable(&'static str),
 }
 
@@ -150,6 +151,7 @@ pub const CONNECT_REFUSAL_REASONS: &[&str] = &[
     "over_connection_bound",
     "starting",
     "store",
+    "bootstrap_busy",
 ];
 
 /// Who the CONNECT claims to be, from its client id and user name, before any password is
@@ -325,6 +327,7 @@ mod tests {
             (OverConnectionBound, "over_connection_bound", 3, 0x88),
             (Unavailable("starting"), "starting", 3, 0x88),
             (Unavailable("store"), "store", 3, 0x88),
+            (Unavailable("bootstrap_busy"), "bootstrap_busy", 3, 0x88),
         ];
         for (refusal, reason, v4, v5) in cases {
             assert_eq!((refusal.reason(), refusal.v4_code(), refusal.v5_code()), (*reason, *v4, *v5), "{refusal:?}");

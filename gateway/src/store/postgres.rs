@@ -1876,16 +1876,28 @@ impl Store for PostgresStore {
         spent_after: Option<Millis>,
     ) -> StoreResult<Vec<(String, String)>> {
         let spent_after = spent_after.unwrap_or(Millis::MAX);
-        self.read(|s| {
-            let found = s.query(
-                "SELECT d.sn, g.bootstrap_hash FROM gudids g JOIN devices d ON d.id = g.device_id
-                 WHERE ($1::text IS NULL OR d.sn = $1) AND g.expires_at > $2
+        // One SN (every bootstrap CONNECT): index searches, not a plan that must also serve "all".
+        let sql = match sn {
+            Some(_) => {
+                "SELECT d.sn, g.bootstrap_hash FROM devices d
+                 JOIN gudids g ON g.org_id = d.org_id AND g.device_id = d.id
+                 WHERE d.sn = $1::text AND g.expires_at > $2
                    AND (g.used_at IS NULL OR g.used_at > $3)
                    AND g.revoked_at IS NULL
                    AND g.bootstrap_hash IS NOT NULL
-                 ORDER BY g.id DESC",
-                &[&sn, &now, &spent_after],
-            )?;
+                 ORDER BY g.id DESC"
+            }
+            None => {
+                "SELECT d.sn, g.bootstrap_hash FROM gudids g JOIN devices d ON d.id = g.device_id
+                 WHERE $1::text IS NULL AND g.expires_at > $2
+                   AND (g.used_at IS NULL OR g.used_at > $3)
+                   AND g.revoked_at IS NULL
+                   AND g.bootstrap_hash IS NOT NULL
+                 ORDER BY g.id DESC"
+            }
+        };
+        self.read(|s| {
+            let found = s.query(sql, &[&sn, &now, &spent_after])?;
             rows(found, |r| Ok((r.try_get(0)?, r.try_get(1)?)))
         })
     }
