@@ -4,110 +4,16 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
+use rki_tests::mqtt::{v5_qos, Raw};
 use rki_tests::{bootstrap_password, provision, sns, GatewayOptions, GatewayProcess, RawDevice, TestResult};
 use rumqttc::mqttbytes::v4;
 use rumqttc::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5;
-
-/// A raw MQTT connection: packets written by rumqttc's codecs, answers read back by them.
-struct Raw {
-    stream: TcpStream,
-    buf: BytesMut,
-}
-
-impl Raw {
-    fn open(port: u16) -> TestResult<Raw> {
-        let stream = TcpStream::connect(("127.0.0.1", port))?;
-        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-        Ok(Raw { stream, buf: BytesMut::new() })
-    }
-
-    fn send(&mut self, bytes: &BytesMut) -> TestResult {
-        self.stream.write_all(bytes)?;
-        Ok(())
-    }
-
-    fn connect_v4(&mut self, client_id: &str, login: Option<(&str, &str)>, clean: bool) -> TestResult {
-        let mut c = v4::Connect::new(client_id);
-        c.clean_session = clean;
-        c.keep_alive = 30;
-        if let Some((u, p)) = login {
-            c.set_login(u, p);
-        }
-        let mut out = BytesMut::new();
-        c.write(&mut out)?;
-        self.send(&out)
-    }
-
-    fn connect_v5(&mut self, client_id: &str, login: Option<(&str, &str)>) -> TestResult {
-        let c = v5::Connect { keep_alive: 30, client_id: client_id.into(), clean_start: true, properties: None };
-        let mut out = BytesMut::new();
-        v5::Packet::Connect(c, None, login.map(|(u, p)| v5::Login::new(u, p))).write(&mut out, None)?;
-        self.send(&out)
-    }
-
-    /// Reads until one whole packet decodes with `read`, or the peer closes (`None`).
-    fn next<T>(
-        &mut self,
-        read: impl Fn(&mut BytesMut) -> Result<T, String>,
-        insufficient: impl Fn(&str) -> bool,
-    ) -> TestResult<Option<T>> {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            match read(&mut self.buf) {
-                Ok(packet) => return Ok(Some(packet)),
-                Err(e) if insufficient(&e) => {}
-                Err(e) => return Err(e.into()),
-            }
-            if Instant::now() > deadline {
-                return Err("no packet within 5 s".into());
-            }
-            let mut chunk = [0u8; 4096];
-            match self.stream.read(&mut chunk) {
-                Ok(0) => return Ok(None),
-                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
-                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Ok(None),
-                Err(e) => return Err(e.into()),
-            }
-        }
-    }
-
-    fn next_v4(&mut self) -> TestResult<Option<v4::Packet>> {
-        self.next(
-            |b| v4::Packet::read(b, 64 * 1024).map_err(|e| format!("{e:?}")),
-            |e| e.starts_with("InsufficientBytes"),
-        )
-    }
-
-    fn next_v5(&mut self) -> TestResult<Option<v5::Packet>> {
-        self.next(
-            |b| v5::Packet::read(b, Some(64 * 1024)).map_err(|e| format!("{e:?}")),
-            |e| e.starts_with("InsufficientBytes"),
-        )
-    }
-
-    /// Whether the server closed the connection (within 5 s), ignoring what it sent first.
-    fn closed(&mut self) -> bool {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let mut chunk = [0u8; 1024];
-        while Instant::now() < deadline {
-            match self.stream.read(&mut chunk) {
-                Ok(0) => return true,
-                Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {
-                    return false
-                }
-                Err(_) => return true,
-            }
-        }
-        false
-    }
-}
 
 fn v4_code(raw: &mut Raw) -> TestResult<v4::ConnectReturnCode> {
     match raw.next_v4()? {
@@ -268,14 +174,6 @@ fn subscriptions_and_publications_outside_the_identitys_own_topics_are_refused()
     assert!(gw.metric("rki_mqtt_refusals_total{reason=\"retain\"}") >= 1.0);
     assert!(gw.metric("rki_mqtt_refusals_total{reason=\"qos2\"}") >= 1.0);
     Ok(())
-}
-
-fn v5_qos(qos: u8) -> rumqttc::v5::mqttbytes::QoS {
-    match qos {
-        0 => rumqttc::v5::mqttbytes::QoS::AtMostOnce,
-        1 => rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
-        _ => rumqttc::v5::mqttbytes::QoS::ExactlyOnce,
-    }
 }
 
 #[test]
