@@ -426,3 +426,119 @@ fn a_connection_silent_for_one_and_a_half_keep_alives_is_closed_and_its_device_g
     assert!(gw.metric("rki_mqtt_connections_closed_total{reason=\"keep_alive\"}") >= 2.0);
     Ok(())
 }
+
+/// Waits until the endpoint has counted `n` more connections closed for `reason` than `before`:
+/// the closed connection's task has then finished, its session detached.
+fn wait_closed(gw: &GatewayProcess, reason: &str, before: f64, n: f64) -> TestResult {
+    let sample = format!("rki_mqtt_connections_closed_total{{reason=\"{reason}\"}}");
+    wait_for(Duration::from_secs(5), &sample, || gw.metric(&sample) >= before + n).map(drop)
+}
+
+#[test]
+fn a_takeover_needs_valid_credentials_and_a_refused_one_never_touches_the_live_connection() -> TestResult {
+    let gw = GatewayProcess::start(GatewayOptions::default())?;
+    let port = gw.mqtt_port;
+    let provisioned = provision(&gw, &sns("TAKE", 3), "take")?;
+    let (sn, gudid) = provisioned.gudids[0].clone();
+    let mut terminal = Terminal::initialise(port, &sn, &gudid)?;
+    let taken_over = gw.metric("rki_mqtt_connections_closed_total{reason=\"taken_over\"}");
+
+    // The live connection: 5.0, persistent session, online.
+    let mut old = online_v5(&gw, &mut terminal, false, 30, Some(300))?;
+    // CONNECTs for the same client id without the right credentials: each refused with its code.
+    let password = terminal.password.clone();
+    let refused_v4: &[(Option<(&str, &str)>, v4::ConnectReturnCode)] = &[
+        (Some((&sn, "wrong")), v4::ConnectReturnCode::BadUserNamePassword),
+        (None, v4::ConnectReturnCode::BadUserNamePassword),
+        (Some(("OTHER", &password)), v4::ConnectReturnCode::NotAuthorized),
+    ];
+    for (login, code) in refused_v4 {
+        let mut raw = Raw::open(port)?;
+        raw.connect_v4(&sn, *login, false)?;
+        assert_eq!(raw.connack_v4()?.code, *code, "3.1.1 {login:?}");
+        assert!(raw.closed(), "3.1.1 {login:?}: open after its refusal");
+    }
+    let mut raw = Raw::open(port)?;
+    raw.connect_v5_session(&sn, Some((&sn, "wrong")), false, 30, Some(300))?;
+    assert_eq!(raw.connack_v5()?.code, v5::ConnectReturnCode::BadUserNamePassword);
+    // The live connection was not touched: still online, still served, and it gets the download.
+    assert!(device_online(&gw, &sn)?, "a refused CONNECT put the device offline");
+    let task = create_task(&gw.api(), &json!({"sns": [sn]}))?;
+    let first = publish_v5(&mut old, "the download on the live connection")?;
+    terminal.download(&first.payload)?;
+    assert_eq!(gw.metric("rki_mqtt_connections_closed_total{reason=\"taken_over\"}"), taken_over);
+
+    // The right credentials replace it (3.1.1 here): the old one gets DISCONNECT 0x8E, the new one
+    // the session with its unacknowledged download, and the device stays online.
+    let mut new = Raw::open(port)?;
+    new.connect_v4(&sn, Some(terminal.login()), false)?;
+    assert!(new.connack_v4()?.session_present, "the taken-over session is not present");
+    match old.read_v5(Duration::from_secs(5))? {
+        Got::Packet(v5::Packet::Disconnect(d)) => assert_eq!(d.reason_code, v5::DisconnectReasonCode::SessionTakenOver),
+        other => return Err(format!("expected DISCONNECT session taken over, got {other:?}").into()),
+    }
+    assert!(old.closed(), "the replaced connection stayed open");
+    let again = publish_v4(&mut new, "the download on the new connection")?;
+    assert!(again.dup && again.pkid == first.pkid && again.payload == first.payload, "{again:?}");
+    wait_closed(&gw, "taken_over", taken_over, 1.0)?;
+    assert!(device_online(&gw, &sn)?, "the replaced connection's end put the device offline");
+    // The new connection is the device: its ack succeeds.
+    new.puback_v4(again.pkid)?;
+    let ack = terminal.seal(RawDevice::ack(&terminal.download(&again.payload)?))?;
+    new.publish_v4(&terminal.up(), QoS::AtLeastOnce, 3, &ack, false)?;
+    rki_tests::wait_task(&gw.api(), task, Duration::from_secs(10), |c| c["succeeded"] == 1)?;
+
+    // init@SN: a newcomer without the GUDID is refused, and the first connection completes its
+    // exchange.
+    let (boot_sn, boot_gudid) = provisioned.gudids[1].clone();
+    let boot_gudid = rki_protocol::init::Gudid::parse(&boot_gudid)?;
+    let boot_id = format!("init@{boot_sn}");
+    let boot_password = bootstrap_password(&boot_gudid, &boot_sn);
+    let mut first = Raw::open(port)?;
+    first.connect_v5(&boot_id, Some((&boot_id, &boot_password)))?;
+    assert_eq!(first.connack_v5()?.code, v5::ConnectReturnCode::Success);
+    first.subscribe_v5_granted(1, &rki_protocol::topic::device_down(&boot_sn))?;
+    // A password from another SN's GUDID, and a made-up one.
+    let (other_sn, other_gudid) = provisioned.gudids[2].clone();
+    let foreign = bootstrap_password(&rki_protocol::init::Gudid::parse(&other_gudid)?, &other_sn);
+    for password in [foreign.as_str(), &"0".repeat(64)] {
+        let mut raw = Raw::open(port)?;
+        raw.connect_v4(&boot_id, Some((&boot_id, password)), true)?;
+        assert_eq!(raw.connack_v4()?.code, v4::ConnectReturnCode::BadUserNamePassword);
+        let mut raw = Raw::open(port)?;
+        raw.connect_v5(&boot_id, Some((&boot_id, password)))?;
+        assert_eq!(raw.connack_v5()?.code, v5::ConnectReturnCode::BadUserNamePassword);
+    }
+    first.publish_v5(
+        &rki_protocol::topic::init(&boot_sn),
+        1,
+        2,
+        &rki_tests::RawBootstrap::create_key(&boot_sn, &boot_gudid)?,
+        false,
+    )?;
+    let answer = publish_v5(&mut first, "the CreateKeyAnswer on the first bootstrap connection")?;
+    let message = rki_protocol::frame::open(&answer.payload)?.peek().message.clone();
+    assert!(matches!(message, rki_protocol::message::Message::CreateKeyAnswer(_)), "{message:?}");
+
+    // A newcomer that proves the GUDID too replaces the first one.
+    let (taken_sn, taken_gudid) = (other_sn, rki_protocol::init::Gudid::parse(&other_gudid)?);
+    let taken_id = format!("init@{taken_sn}");
+    let mut first = Raw::open(port)?;
+    first.connect_v5(&taken_id, Some((&taken_id, &foreign)))?;
+    assert_eq!(first.connack_v5()?.code, v5::ConnectReturnCode::Success);
+    let mut second = Raw::open(port)?;
+    second.connect_v4(&taken_id, Some((&taken_id, &foreign)), true)?;
+    assert_eq!(second.connack_v4()?.code, v4::ConnectReturnCode::Success);
+    match first.read_v5(Duration::from_secs(5))? {
+        Got::Packet(v5::Packet::Disconnect(d)) => assert_eq!(d.reason_code, v5::DisconnectReasonCode::SessionTakenOver),
+        other => return Err(format!("bootstrap: expected DISCONNECT session taken over, got {other:?}").into()),
+    }
+    assert!(first.closed(), "the replaced bootstrap connection stayed open");
+    second.subscribe_v4_granted(1, &rki_protocol::topic::device_down(&taken_sn))?;
+    let create_key = rki_tests::RawBootstrap::create_key(&taken_sn, &taken_gudid)?;
+    second.publish_v4(&rki_protocol::topic::init(&taken_sn), QoS::AtLeastOnce, 2, &create_key, false)?;
+    let answer = publish_v4(&mut second, "the CreateKeyAnswer on the newcomer")?;
+    let message = rki_protocol::frame::open(&answer.payload)?.peek().message.clone();
+    assert!(matches!(message, rki_protocol::message::Message::CreateKeyAnswer(_)), "{message:?}");
+    Ok(())
+}
