@@ -542,3 +542,185 @@ fn a_takeover_needs_valid_credentials_and_a_refused_one_never_touches_the_live_c
     assert!(matches!(message, rki_protocol::message::Message::CreateKeyAnswer(_)), "{message:?}");
     Ok(())
 }
+
+/// Descriptors the process `pid` holds open now.
+fn open_descriptors(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+}
+
+/// CPU time (user and system, in clock ticks of 10 ms) the process `pid` used so far.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> =
+        stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+    [11, 12].iter().filter_map(|i| fields.get(*i).and_then(|v| v.parse::<u64>().ok())).sum()
+}
+
+/// The seconds of day of the log lines that contain `needle` (the log's RFC 3339 time stamps).
+fn log_times(log: &str, needle: &str) -> Vec<f64> {
+    log.lines()
+        .filter(|l| l.contains(needle))
+        .filter_map(|line| {
+            // Without its colour codes, a line starts with 2026-12-06T02:50:26.729740Z.
+            let mut plain = String::new();
+            let mut chars = line.chars();
+            while let Some(c) = chars.next() {
+                if c == '\u{1b}' {
+                    chars.by_ref().find(|c| *c == 'm');
+                } else {
+                    plain.push(c);
+                }
+            }
+            let time = plain.get(11..26)?;
+            let mut parts = time.split(':');
+            let (h, m, s) = (parts.next()?.parse::<f64>().ok()?, parts.next()?.parse::<f64>().ok()?, parts.next()?);
+            Some(h * 3600.0 + m * 60.0 + s.parse::<f64>().ok()?)
+        })
+        .collect()
+}
+
+/// `n` bootstrap connections (`init@SN`, each proving its own live GUDID), all accepted.
+fn hold_bootstrap_connections(port: u16, gudids: &[(String, String)]) -> TestResult<Vec<Raw>> {
+    let mut held = Vec::with_capacity(gudids.len());
+    for (sn, gudid) in gudids {
+        let id = format!("init@{sn}");
+        let password = bootstrap_password(&rki_protocol::init::Gudid::parse(gudid)?, sn);
+        let mut raw = Raw::open(port)?;
+        raw.connect_v4(&id, Some((&id, &password)), true)?;
+        assert_eq!(raw.connack_v4()?.code, v4::ConnectReturnCode::Success, "{id}, under the bound");
+        held.push(raw);
+    }
+    Ok(held)
+}
+
+/// Opens sockets that never send CONNECT, `count` at most, while `more` says so.
+fn idle_sockets(port: u16, count: usize, mut more: impl FnMut(usize) -> bool) -> TestResult<Vec<TcpStream>> {
+    let mut idle = Vec::with_capacity(count);
+    while idle.len() < count && more(idle.len()) {
+        idle.push(TcpStream::connect(("127.0.0.1", port))?);
+    }
+    Ok(idle)
+}
+
+#[test]
+fn at_a_low_open_file_limit_over_bound_clients_get_server_unavailable_and_a_socket_flood_spares_the_reserve(
+) -> TestResult {
+    const NOFILE: u64 = 200;
+    let gw = GatewayProcess::start(GatewayOptions { nofile_limit: Some(NOFILE), ..Default::default() })?;
+    let pid = gw.pid().ok_or("no pid")?;
+    let port = gw.mqtt_port;
+    // The endpoint's share of a limit this low is half of it (rules::connection_bound), a
+    // few of which (8) are kept for sockets before their CONNACK (rules::pending_bound).
+    let bound = gw.metric("rki_mqtt_connections_max") as usize;
+    assert_eq!(bound, 100 - 8, "rki_mqtt_connections_max at nofile {NOFILE}");
+    let provisioned = provision(&gw, &sns("FD", bound + 2), "fd")?;
+    let (device_sn, device_gudid) = provisioned.gudids[bound + 1].clone();
+    let terminal = Terminal::initialise(port, &device_sn, &device_gudid)?;
+
+    // Up to the bound with bootstrap identities; over it, valid credentials get "server
+    // unavailable" in both versions.
+    let held = hold_bootstrap_connections(port, &provisioned.gudids[..bound])?;
+    let (over_sn, over_gudid) = provisioned.gudids[bound].clone();
+    let over_id = format!("init@{over_sn}");
+    let over_password = bootstrap_password(&rki_protocol::init::Gudid::parse(&over_gudid)?, &over_sn);
+    let mut raw = Raw::open(port)?;
+    raw.connect_v4(&over_id, Some((&over_id, &over_password)), true)?;
+    assert_eq!(raw.connack_v4()?.code, v4::ConnectReturnCode::ServiceUnavailable);
+    let mut raw = Raw::open(port)?;
+    raw.connect_v5(&device_sn, Some(terminal.login()))?;
+    assert_eq!(raw.connack_v5()?.code, v5::ConnectReturnCode::ServerUnavailable);
+    drop(raw);
+    assert_eq!(gw.metric("rki_mqtt_connect_refused_total{reason=\"over_connection_bound\"}"), 2.0);
+
+    // A flood of sockets that never send CONNECT: the endpoint holds a few (its pending share)
+    // and leaves the rest in the backlog, so the descriptors of the store and the admin port stay
+    // free. (Before the pending bound, these took every descriptor: the admin port stopped
+    // answering and the store's lock check failed with EMFILE.)
+    let log_before = std::fs::metadata(gw.log_path())?.len();
+    let idle = idle_sockets(port, 300, |_| true)?;
+    let mut waiting = Raw::open(port)?;
+    waiting.connect_v4(&device_sn, Some(terminal.login()), true)?;
+    let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(2)).build();
+    let started = Instant::now();
+    let mut most = 0;
+    while started.elapsed() < Duration::from_millis(2500) {
+        most = most.max(open_descriptors(pid));
+        let health = agent.get(&format!("{}/healthz", gw.url())).call();
+        assert!(health.is_ok(), "the admin port did not answer during the flood: {health:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!((most as u64) < NOFILE - 40, "{most} of {NOFILE} descriptors open during the flood");
+    let log_during = std::fs::metadata(gw.log_path())?.len() - log_before;
+
+    // The flood ends: the waiting terminal is served, and so is a new connection.
+    drop(idle);
+    drop(held);
+    let ack = waiting.connack_v4()?;
+    assert_eq!(ack.code, v4::ConnectReturnCode::Success, "the CONNECT that waited out the flood");
+    let mut fresh = Raw::open(port)?;
+    fresh.connect_v5(&device_sn, Some(terminal.login()))?;
+    assert_eq!(fresh.connack_v5()?.code, v5::ConnectReturnCode::Success, "a CONNECT after the flood");
+    let log = std::fs::read_to_string(gw.log_path())?;
+    assert!(!log.contains("locks are lost"), "the flood starved the store's lock check:\n{}", gw.log_tail());
+    assert!(log_during < 2048, "{log_during} bytes of log during the flood:\n{}", gw.log_tail());
+    assert_eq!(gw.metric("rki_mqtt_accept_errors_total{kind=\"descriptors\"}"), 0.0);
+    Ok(())
+}
+
+#[test]
+fn when_descriptors_run_out_all_the_same_the_endpoint_backs_off_quietly_and_serves_again() -> TestResult {
+    // A `max_connections` far above what the open-file limit allows: descriptors run out first.
+    const NOFILE: u64 = 200;
+    let gw = GatewayProcess::start(GatewayOptions {
+        nofile_limit: Some(NOFILE),
+        config_toml: Some("max_connections = 10000\n".into()),
+        ..Default::default()
+    })?;
+    let pid = gw.pid().ok_or("no pid")?;
+    let port = gw.mqtt_port;
+    let provisioned = provision(&gw, &sns("EMF", 1), "emf")?;
+    let terminal = Terminal::initialise(port, &provisioned.gudids[0].0, &provisioned.gudids[0].1)?;
+
+    // Idle sockets until the gateway holds its whole limit, then 50 more in the backlog.
+    let log_before = std::fs::metadata(gw.log_path())?.len();
+    let mut exhausted_at = None;
+    let idle = idle_sockets(port, 400, |opened| {
+        if exhausted_at.is_none() && opened % 10 == 9 {
+            let full = wait_for(Duration::from_millis(300), "", || open_descriptors(pid) as u64 >= NOFILE - 1);
+            exhausted_at = full.is_ok().then_some(opened);
+        }
+        exhausted_at.is_none_or(|at| opened < at + 50)
+    })?;
+    let exhausted_at =
+        exhausted_at.ok_or_else(|| format!("descriptors never ran out: {} of {NOFILE} open", open_descriptors(pid)))?;
+    // A terminal's CONNECT during the pressure waits in the backlog.
+    let mut waiting = Raw::open(port)?;
+    waiting.connect_v4(&terminal.sn, Some(terminal.login()), true)?;
+    // The pressure lasts: the accept loop backs off without spinning or flooding the log.
+    std::thread::sleep(Duration::from_millis(2000));
+    let cpu_before = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_millis(1000));
+    let cpu_second = cpu_ticks(pid) - cpu_before;
+    let log_during = std::fs::metadata(gw.log_path())?.len() - log_before;
+
+    // The pressure ends: the waiting terminal is served, and so is a new connection.
+    drop(idle);
+    assert_eq!(waiting.connack_v4()?.code, v4::ConnectReturnCode::Success, "the CONNECT that waited");
+    let mut fresh = Raw::open(port)?;
+    fresh.connect_v5(&terminal.sn, Some(terminal.login()))?;
+    assert_eq!(fresh.connack_v5()?.code, v5::ConnectReturnCode::Success, "a CONNECT after the pressure");
+
+    let log = std::fs::read_to_string(gw.log_path())?;
+    let lines = log_times(&log, "out of file descriptors");
+    assert!(!lines.is_empty(), "the exhaustion was not logged");
+    assert!(lines.windows(2).all(|w| w[1] - w[0] >= 0.999), "more than one line a second: {lines:?}");
+    assert!(
+        log_during < 4096,
+        "{log_during} bytes of log in 3 s of exhaustion ({exhausted_at} idle sockets):\n{}",
+        gw.log_tail()
+    );
+    // Backing off, not spinning: well under a core (100 ticks a second).
+    assert!(cpu_second < 30, "{cpu_second} CPU ticks in a second of exhaustion");
+    assert!(gw.metric("rki_mqtt_accept_errors_total{kind=\"descriptors\"}") >= 1.0);
+    Ok(())
+}
