@@ -278,7 +278,9 @@ impl<'a> Session<'a> {
             Ok(reason) => return self.end(reason).await,
             Err(close) => close,
         };
-        self.out.clear();
+        // What was answered before the close goes out first: above all the CONNACK of a
+        // connection taken over before its first write (a burst of CONNECTs for one client id),
+        // which would otherwise see its socket close without one.
         self.writer().disconnect(close);
         if !self.out.is_empty() {
             let out = std::mem::take(&mut self.out);
