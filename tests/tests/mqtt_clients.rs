@@ -39,7 +39,8 @@ fn paho_mqtt_gets_every_refusal_code_and_access_rule_in_both_versions() -> TestR
     let login = Some((sn.as_str(), terminal.password.as_str()));
 
     // (version, client id, login, expected CONNACK code)
-    let connects: Vec<(u8, &str, Option<(&str, &str)>, i64)> = vec![
+    type Connect<'a> = (u8, &'a str, Option<(&'a str, &'a str)>, i64);
+    let connects: Vec<Connect> = vec![
         (4, "NOSUCHSN", Some(("NOSUCHSN", "x")), 4),
         (4, &sn, Some((&sn, "wrong")), 4),
         (4, &sn, Some(("OTHER", &terminal.password)), 5),
