@@ -12,6 +12,8 @@
 //! - [`provision`]: key ceremony, device import, group, assignment, GUDIDs in one call.
 //! - [`RawDevice`]: a hand-driven terminal for forged, replayed and malformed messages.
 //! - [`expected_kcv`]: the KCV of an IPEK derived independently from the BDK and a KSN.
+//! - [`mqtt`]: raw MQTT connections (rumqttc's codecs, plain or TLS), a terminal's credentials,
+//!   and the independent clients (paho-mqtt, mosquitto_pub/sub) for the endpoint tests.
 //! - [`Mosquitto`], [`pg::PgServer`] and [`Cluster`]: the external broker, a throwaway PostgreSQL,
 //!   and several gateway nodes on both (`docs/SCALE-OUT.md`).
 
@@ -30,6 +32,7 @@ use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 use serde_json::{json, Value};
 
 pub mod cluster;
+pub mod mqtt;
 pub mod pg;
 
 pub use cluster::{Cluster, ClusterOptions};
@@ -644,6 +647,30 @@ pub async fn mqtt_connect(
 impl RawDevice {
     /// Initialises `sn` with `gudid` over the bootstrap identity, then connects as the device.
     pub async fn initialise(port: u16, sn: &str, gudid: &str) -> TestResult<RawDevice> {
+        let secrets = Self::initialise_secrets(port, sn, gudid).await?;
+        let counter = now_us();
+        let password = String::from_utf8(secrets.mqtt_password.expose_secret().to_vec())?;
+        // An external broker may need a moment to load the new credentials (with several nodes,
+        // up to the syncing node's 5 s rewrite when another node handled the CreateKey).
+        let mut attempt = 0;
+        let (client, events) = loop {
+            match mqtt_connect(port, sn, &password, false).await {
+                Ok(c) => break c,
+                Err(e) if attempt >= 100 => return Err(e),
+                Err(_) => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        };
+        client.subscribe(topic::device_down(sn), QoS::AtLeastOnce).await?;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        Ok(RawDevice { sn: sn.to_string(), secrets, client, events, counter })
+    }
+
+    /// Initialises `sn` with `gudid` over the bootstrap identity (the `CreateKey` exchange) and
+    /// returns the device's secrets, without connecting as the device.
+    pub async fn initialise_secrets(port: u16, sn: &str, gudid: &str) -> TestResult<DeviceSecrets> {
         let gudid = Gudid::parse(gudid)?;
         let (boot, mut rx) = mqtt_connect(port, &format!("init@{sn}"), &bootstrap_password(&gudid, sn), true).await?;
         boot.subscribe(topic::device_down(sn), QoS::AtLeastOnce).await?;
@@ -676,23 +703,7 @@ impl RawDevice {
             &answer_body,
         )?;
         let _ = boot.disconnect().await;
-        let password = String::from_utf8(secrets.mqtt_password.expose_secret().to_vec())?;
-        // An external broker may need a moment to load the new credentials (with several nodes,
-        // up to the syncing node's 5 s rewrite when another node handled the CreateKey).
-        let mut attempt = 0;
-        let (client, events) = loop {
-            match mqtt_connect(port, sn, &password, false).await {
-                Ok(c) => break c,
-                Err(e) if attempt >= 100 => return Err(e),
-                Err(_) => {
-                    attempt += 1;
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-        };
-        client.subscribe(topic::device_down(sn), QoS::AtLeastOnce).await?;
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        Ok(RawDevice { sn: sn.to_string(), secrets, client, events, counter })
+        Ok(secrets)
     }
 
     pub fn next_counter(&mut self) -> u64 {
@@ -761,7 +772,7 @@ impl RawDevice {
     }
 }
 
-fn now_us() -> u64 {
+pub(crate) fn now_us() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
 }
 

@@ -411,7 +411,21 @@ impl Writer<'_> {
         };
         match self.version {
             Version::V4 => true,
-            Version::V5 => v5::Disconnect::new(code).write(self.out).is_ok(),
+            // With a Reason String (the metric's label): rumqttc 0.25 writes a reason code
+            // without properties as a remaining length of 1 followed by two bytes (the code and a
+            // property length of 0), a malformed packet its own reader refuses and that leaves a
+            // stray byte; and empty properties lose the reason code (`E0 00`).
+            Version::V5 => v5::Disconnect {
+                reason_code: code,
+                properties: Some(v5::DisconnectProperties {
+                    session_expiry_interval: None,
+                    reason_string: Some(reason.reason().to_string()),
+                    user_properties: Vec::new(),
+                    server_reference: None,
+                }),
+            }
+            .write(self.out)
+            .is_ok(),
         }
     }
 }
@@ -495,6 +509,54 @@ mod tests {
         // The size is refused from the fixed header alone, before the body arrives.
         let mut head = BytesMut::from(&big[..20]);
         assert_eq!(read_connect(&mut head).err(), Some(ReadError::TooLarge));
+    }
+
+    /// Every packet the writer makes, in both versions, reads back whole with the same codecs a
+    /// client uses: nothing left over, nothing missing.
+    #[test]
+    fn every_packet_written_reads_back_whole_in_both_versions() {
+        fn check(version: Version, write: impl Fn(&mut Writer<'_>) -> bool, what: &str) {
+            let mut out = BytesMut::new();
+            assert!(write(&mut Writer { version, out: &mut out }), "{version:?} {what}: not written");
+            let written = out.clone();
+            let read = match version {
+                Version::V4 => {
+                    v4::Packet::read(&mut out, 64 * 1024).map(|p| format!("{p:?}")).map_err(|e| format!("{e:?}"))
+                }
+                Version::V5 => {
+                    v5::Packet::read(&mut out, Some(64 * 1024)).map(|p| format!("{p:?}")).map_err(|e| format!("{e:?}"))
+                }
+            };
+            assert!(read.is_ok(), "{version:?} {what} {written:02X?}: {read:?}");
+            assert!(out.is_empty(), "{version:?} {what} {written:02X?}: {} bytes left over", out.len());
+        }
+        let payload = Bytes::from_static(b"frame");
+        for version in [Version::V4, Version::V5] {
+            check(version, |w| w.connack_accepted(true, Some(60)), "CONNACK accepted");
+            check(version, |w| w.connack_accepted(false, None), "CONNACK accepted, no expiry");
+            for (v4_code, v5_code) in [(1, 0x84), (2, 0x85), (3, 0x88), (4, 0x86), (5, 0x87)] {
+                check(version, |w| w.connack_refused(v4_code, v5_code), &format!("CONNACK {v4_code}/{v5_code:#x}"));
+            }
+            check(version, |w| w.suback(7, &[Grant::NotAuthorized, Grant::QoS(1), Grant::QoS(0)]), "SUBACK");
+            check(version, |w| w.unsuback(8, 2), "UNSUBACK");
+            check(version, |w| w.puback(9, true), "PUBACK");
+            check(version, |w| w.puback(9, false), "PUBACK not authorized");
+            check(version, |w| w.pingresp(), "PINGRESP");
+            check(version, |w| w.publish("SN1/rki/v1/down", &payload, 10, true), "PUBLISH");
+        }
+        for close in [
+            Close::TakenOver,
+            Close::KeepAlive,
+            Close::TooLarge,
+            Close::QoS2,
+            Close::Retain,
+            Close::NotAuthorized,
+            Close::Malformed,
+            Close::Protocol,
+            Close::ShuttingDown,
+        ] {
+            check(Version::V5, |w| w.disconnect(close), &format!("DISCONNECT {close:?}"));
+        }
     }
 
     #[test]

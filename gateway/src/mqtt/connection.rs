@@ -12,7 +12,7 @@ use std::time::Instant;
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, OwnedSemaphorePermit};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info};
@@ -103,7 +103,16 @@ fn refused_by_rule(reason: &'static str) {
 }
 
 /// One connection, from the accept to its end.
-pub async fn run(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, tls: Option<TlsAcceptor>, conn: u64) {
+/// `pending`: the socket's place among those awaiting their CONNACK, given back once it has one
+/// (or closes).
+pub async fn run(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    tls: Option<TlsAcceptor>,
+    conn: u64,
+    pending: OwnedSemaphorePermit,
+) {
     let deadline = tokio::time::Instant::now() + shared.settings.connect_timeout;
     let opened = async {
         let mut transport = match tls {
@@ -154,6 +163,7 @@ pub async fn run(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, tls: 
         }
     };
     let open = shared.open.fetch_add(1, Ordering::Relaxed) + 1;
+    drop(pending);
     metrics::gauge!(m::MQTT_CONNECTIONS).set(open as f64);
     let reason = Session::new(&shared, transport, buf, connect, identity, conn).await.serve().await;
     let open = shared.open.fetch_sub(1, Ordering::Relaxed) - 1;
@@ -181,7 +191,7 @@ async fn admit<'a>(
             return Err(ConnectRefusal::ForeignWill);
         }
     }
-    if !rules::admits(shared.open.load(Ordering::Relaxed), shared.settings.connections_max) {
+    if !rules::admits(shared.open.load(Ordering::Relaxed), shared.authenticated_max) {
         return Err(ConnectRefusal::OverConnectionBound);
     }
     let engine = shared.engine.get().cloned().ok_or(ConnectRefusal::Unavailable("starting"))?;
@@ -289,7 +299,9 @@ impl<'a> Session<'a> {
             Ok(reason) => return self.end(reason).await,
             Err(close) => close,
         };
-        self.out.clear();
+        // What was answered before the close goes out first: above all the CONNACK of a
+        // connection taken over before its first write (a burst of CONNECTs for one client id),
+        // which would otherwise see its socket close without one.
         self.writer().disconnect(close);
         if !self.out.is_empty() {
             let out = std::mem::take(&mut self.out);

@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 use dashmap::DashMap;
 use rki_protocol::topic;
 use tokio::net::{TcpListener, TcpSocket};
+use tokio::sync::Semaphore;
 use tracing::{info, warn};
 
 use crate::engine::{Engine, Outbound};
@@ -63,7 +64,10 @@ pub struct Settings {
     pub session_messages_max: usize,
     /// Longest a session outlives its connection.
     pub session_lifetime_max: Duration,
-    /// Connections accepted at once; over it a CONNECT gets "server unavailable".
+    /// Sockets the endpoint holds at once: its share of the open-file limit. A fiftieth of them
+    /// (8 to 512, `rules::pending_bound`) are for connections before their CONNACK; over that
+    /// the accept loop waits, leaving new sockets in the backlog. The rest are for authenticated
+    /// connections; over that a CONNECT gets "server unavailable".
     pub connections_max: usize,
 }
 
@@ -74,13 +78,18 @@ pub struct Shared {
     clients: DashMap<String, Arc<Client>>,
     /// The engine, once started (connections are served only then).
     engine: std::sync::OnceLock<Arc<Engine>>,
-    /// Accepted (CONNACKed) connections open now, against `settings.connections_max`.
+    /// Accepted (CONNACKed) connections open now, against `authenticated_max`.
     open: AtomicUsize,
     /// Places of bootstrap connections being checked or open ([`BOOTSTRAP_SESSIONS_MAX`]).
     bootstrapping: tokio::sync::Semaphore,
+    /// Authenticated connections at most (`rules::authenticated_bound`).
+    authenticated_max: usize,
+    /// One permit per socket accepted and not yet CONNACKed (`rules::pending_bound`).
+    pending: Arc<Semaphore>,
     next_conn_id: AtomicU64,
-    /// Second (since `started`) of the last refusal or accept-error log line: at most one a second.
-    last_log_second: AtomicU64,
+    /// Millisecond (since `started`, plus one; 0: none yet) of the last refusal or accept-error log
+    /// line: at most one a second.
+    last_log_ms: AtomicU64,
     started: Instant,
 }
 
@@ -95,9 +104,15 @@ impl Shared {
     }
 
     /// Whether a rate-limited log line may be written now.
+    /// At least a second after the previous one, not merely in another calendar second (which let
+    /// two lines through a few milliseconds apart).
     fn may_log(&self) -> bool {
-        let second = self.started.elapsed().as_secs() + 1;
-        self.last_log_second.swap(second, Ordering::Relaxed) != second
+        let now = self.started.elapsed().as_millis() as u64 + 1;
+        let last = self.last_log_ms.load(Ordering::Relaxed);
+        if last != 0 && now < last + 1000 {
+            return false;
+        }
+        self.last_log_ms.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
     }
 }
 
@@ -143,7 +158,9 @@ pub struct Endpoint {
 
 impl Endpoint {
     pub fn new(settings: Settings) -> Self {
-        metrics::gauge!(m::MQTT_CONNECTIONS_MAX).set(settings.connections_max as f64);
+        let authenticated_max = rules::authenticated_bound(settings.connections_max);
+        let pending = rules::pending_bound(settings.connections_max);
+        metrics::gauge!(m::MQTT_CONNECTIONS_MAX).set(authenticated_max as f64);
         metrics::gauge!(m::MQTT_CONNECTIONS).set(0.0);
         for reason in rules::CONNECT_REFUSAL_REASONS {
             metrics::counter!(m::MQTT_CONNECT_REFUSED_TOTAL, "reason" => *reason).increment(0);
@@ -155,8 +172,10 @@ impl Endpoint {
                 engine: std::sync::OnceLock::new(),
                 open: AtomicUsize::new(0),
                 bootstrapping: tokio::sync::Semaphore::new(BOOTSTRAP_SESSIONS_MAX),
+                authenticated_max,
+                pending: Arc::new(Semaphore::new(pending)),
                 next_conn_id: AtomicU64::new(1),
-                last_log_second: AtomicU64::new(0),
+                last_log_ms: AtomicU64::new(0),
                 started: Instant::now(),
             }),
         }
@@ -190,7 +209,12 @@ impl Endpoint {
         }
         tokio::spawn(sweep_sessions(self.shared.clone()));
         metrics::gauge!(m::BROKER_UP).set(1.0);
-        info!(listeners = ?bound, connections_max = self.shared.settings.connections_max, "MQTT endpoint listening");
+        info!(
+            listeners = ?bound,
+            connections_max = self.shared.authenticated_max,
+            pending_max = rules::pending_bound(self.shared.settings.connections_max),
+            "MQTT endpoint listening"
+        );
         Ok(bound)
     }
 }
@@ -210,15 +234,17 @@ fn is_descriptor_exhaustion(e: &std::io::Error) -> bool {
     matches!(e.raw_os_error(), Some(23) | Some(24))
 }
 
-/// Accepts without pause; one task per connection. When descriptors run out, it backs off
-/// briefly, logging at most one line a second, so it never spins.
+/// Accepts while fewer than the pending bound of sockets await their CONNACK (then the next ones
+/// wait in the listen backlog); one task per connection. When descriptors run out all the same,
+/// it backs off briefly, logging at most one line a second, so it never spins.
 async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tls: Option<tokio_rustls::TlsAcceptor>) {
     loop {
+        let Ok(permit) = shared.pending.clone().acquire_owned().await else { return };
         match listener.accept().await {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
                 let conn = shared.next_conn_id.fetch_add(1, Ordering::Relaxed);
-                tokio::spawn(connection::run(shared.clone(), stream, peer, tls.clone(), conn));
+                tokio::spawn(connection::run(shared.clone(), stream, peer, tls.clone(), conn, permit));
             }
             Err(e) if is_descriptor_exhaustion(&e) => {
                 metrics::counter!(m::MQTT_ACCEPT_ERRORS_TOTAL, "kind" => "descriptors").increment(1);

@@ -191,6 +191,21 @@ pub fn connection_bound(fd_limit: Option<u64>) -> usize {
     }
 }
 
+/// The part of the endpoint's sockets (`sockets`, its share of the open-file limit) kept for
+/// connections that have not had their CONNACK yet: a fiftieth, 8 to 512 (at most half, at least
+/// one). A CONNECT takes milliseconds, so a reconnect storm fits; the accept loop holds
+/// at most this many sockets before their CONNACK, so that sockets that never send a CONNECT (a
+/// flood of them) wait in the listen backlog instead of taking the descriptors the store and the
+/// admin port need; authenticated connections get the rest.
+pub fn pending_bound(sockets: usize) -> usize {
+    (sockets / 50).clamp(8, 512).min(sockets / 2).max(1)
+}
+
+/// Authenticated connections at most, out of `sockets`: what [`pending_bound`] leaves, at least 1.
+pub fn authenticated_bound(sockets: usize) -> usize {
+    sockets.saturating_sub(pending_bound(sockets)).max(1)
+}
+
 /// Whether one more authenticated connection fits, with `open` already admitted.
 pub fn admits(open: usize, bound: usize) -> bool {
     open < bound
@@ -353,6 +368,16 @@ mod tests {
         ];
         for (limit, bound) in cases {
             assert_eq!(connection_bound(*limit), *bound, "{limit:?}");
+        }
+        // Sockets before their CONNACK and authenticated connections share the bound.
+        let cases: &[(usize, usize, usize)] =
+            &[(1_000_000, 512, 999_488), (19_700, 394, 19_306), (100, 8, 92), (10, 5, 5), (1, 1, 1)];
+        for (sockets, pending, authenticated) in cases {
+            assert_eq!(
+                (pending_bound(*sockets), authenticated_bound(*sockets)),
+                (*pending, *authenticated),
+                "{sockets}"
+            );
         }
         assert!(admits(0, 1) && admits(723, 724));
         assert!(!admits(724, 724) && !admits(725, 724) && !admits(0, 0));
