@@ -946,7 +946,7 @@ fn records_refuse_update_and_delete(s: &Subject) {
 // ---------------------------------------------------------------- migrations and inherent methods
 
 fn migrations_run_once_and_reopening_keeps_everything(s: &Subject) {
-    const MIGRATIONS: i64 = 7;
+    const MIGRATIONS: i64 = PostgresStore::SCHEMA_VERSION as i64;
     assert_eq!(s.opened.schema_version().must(), MIGRATIONS);
     let w = world(s.store(), "acme", 2);
     let again = s.reopen().must();
@@ -1524,7 +1524,7 @@ fn postgres_nodes_starting_together_migrate_one_database_once() {
             .collect();
         nodes.into_iter().map(|n| n.join().expect("starting node")).collect()
     });
-    assert_eq!(versions, [7; NODES]);
+    assert_eq!(versions, [PostgresStore::SCHEMA_VERSION as i64; NODES]);
     let mut client = ::postgres::Client::connect(&url, ::postgres::NoTls).expect("connect");
     let recorded: Vec<i32> = client
         .query("SELECT version FROM schema_migrations ORDER BY version", &[])

@@ -41,7 +41,8 @@ pub type TestResult<T = ()> = Result<T, Box<dyn std::error::Error + Send + Sync>
 
 /// The test BDK (ANSI X9.24-1 sample BDK), entered as two components.
 pub const TEST_BDK: &str = "0123456789ABCDEFFEDCBA9876543210";
-const COMPONENT_2: &str = "1111111111111111EEEEEEEEEEEEEEEE";
+/// The second of its two components (the first is the BDK XOR this).
+pub const COMPONENT_2: &str = "1111111111111111EEEEEEEEEEEEEEEE";
 
 /// A free TCP port on 127.0.0.1.
 pub fn free_port() -> u16 {

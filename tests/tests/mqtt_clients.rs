@@ -183,8 +183,8 @@ fn mosquitto_clients_are_refused_with_their_code_and_a_terminal_reads_and_acks_i
     let out = run_bounded(cmd, wait)?;
     assert!(!out.status.success(), "mosquitto_pub as another user: {}", text(&out));
     assert!(text(&out).to_lowercase().contains("not authori"), "mosquitto_pub as another user: {}", text(&out));
-    assert!(gw.metric("rki_mqtt_connect_refused_total{reason=\"bad_password\"}") >= 2.0);
-    assert!(gw.metric("rki_mqtt_connect_refused_total{reason=\"client_id_mismatch\"}") >= 1.0);
+    assert!(gw.metric("rki_mqtt_connects_refused_total{reason=\"bad_password\"}") >= 2.0);
+    assert!(gw.metric("rki_mqtt_connects_refused_total{reason=\"client_id_mismatch\"}") >= 1.0);
 
     // `#` is refused to the device identity itself: every subscription denied.
     for version in ["mqttv311", "mqttv5"] {

@@ -630,7 +630,7 @@ fn at_a_low_open_file_limit_over_bound_clients_get_server_unavailable_and_a_sock
     raw.connect_v5(&device_sn, Some(terminal.login()))?;
     assert_eq!(raw.connack_v5()?.code, v5::ConnectReturnCode::ServerUnavailable);
     drop(raw);
-    assert_eq!(gw.metric("rki_mqtt_connect_refused_total{reason=\"over_connection_bound\"}"), 2.0);
+    assert_eq!(gw.metric("rki_mqtt_connects_refused_total{reason=\"over_connection_bound\"}"), 2.0);
 
     // A flood of sockets that never send CONNECT: the endpoint holds a few (its pending share)
     // and leaves the rest in the backlog, so the descriptors of the store and the admin port stay
