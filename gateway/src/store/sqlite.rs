@@ -1415,23 +1415,21 @@ impl Store for SqliteStore {
             Some(_) => {
                 "SELECT d.sn, g.bootstrap_hash FROM devices d
                  JOIN gudids g ON g.org_id = d.org_id AND g.device_id = d.id
-                 WHERE d.sn = ?1 AND g.expires_at > ?2
-                   AND (g.used_at IS NULL OR g.used_at > ?3)
-                   AND g.revoked_at IS NULL
-                   AND g.bootstrap_hash IS NOT NULL
-                 ORDER BY g.id DESC"
+                 WHERE d.sn = ?1"
             }
             None => {
                 "SELECT d.sn, g.bootstrap_hash FROM gudids g JOIN devices d ON d.id = g.device_id
-                 WHERE ?1 IS NULL AND g.expires_at > ?2
-                   AND (g.used_at IS NULL OR g.used_at > ?3)
-                   AND g.revoked_at IS NULL
-                   AND g.bootstrap_hash IS NOT NULL
-                 ORDER BY g.id DESC"
+                 WHERE ?1 IS NULL"
             }
         };
         self.read(|c| {
-            let mut stmt = c.prepare_cached(sql).map_err(backend)?;
+            // Live: not expired, unspent (or spent after `spent_after`), not revoked.
+            let sql = format!(
+                "{sql} AND g.expires_at > ?2 AND (g.used_at IS NULL OR g.used_at > ?3)
+                   AND g.revoked_at IS NULL AND g.bootstrap_hash IS NOT NULL
+                 ORDER BY g.id DESC"
+            );
+            let mut stmt = c.prepare_cached(&sql).map_err(backend)?;
             let spent_after = spent_after.unwrap_or(Millis::MAX);
             let rows =
                 stmt.query_map(params![sn, now, spent_after], |r| Ok((r.get(0)?, r.get(1)?))).map_err(backend)?;
