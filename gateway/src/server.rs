@@ -10,7 +10,7 @@ use tracing::{info, warn};
 use crate::api::{self, AppState};
 use crate::clock::Clock;
 use crate::config::Config;
-use crate::engine::Engine;
+use crate::engine::{Coordination, Engine, EngineOptions};
 use crate::keyservice::{KeyService, MasterKey, SoftwareKeyService};
 use crate::store::guard::{self, DataDirLock};
 use crate::store::sqlite::SqliteStore;
@@ -135,6 +135,10 @@ pub async fn run(config: Config, init: bool) -> Result<(), String> {
         crate::mqtt::rules::connection_bound(rlimit::getrlimit(rlimit::Resource::NOFILE).ok().map(|(_, hard)| hard))
     };
     let store_dyn: Arc<dyn Store> = store.as_dyn();
+    let options = EngineOptions {
+        retry_initial_ms: config.retry_initial_seconds.saturating_mul(1000) as i64,
+        ..EngineOptions::default()
+    };
     let engine = match config.broker.external() {
         None => {
             let m = &config.mqtt;
@@ -144,7 +148,9 @@ pub async fn run(config: Config, init: bool) -> Result<(), String> {
                 session_lifetime_max: std::time::Duration::from_secs(m.session_expiry_seconds_max),
                 connections_max: max_connections,
             });
-            let engine = Engine::start(store_dyn, keys, clock, endpoint.outbound()).await.map_err(|e| e.to_string())?;
+            let engine = Engine::start_with(store_dyn, keys, clock, endpoint.outbound(), options)
+                .await
+                .map_err(|e| e.to_string())?;
             let tls = match (m.tls_addr, &m.tls_cert, &m.tls_key) {
                 (Some(addr), Some(cert), Some(key)) => Some((addr, cert.as_path(), key.as_path())),
                 _ => None,
@@ -155,10 +161,12 @@ pub async fn run(config: Config, init: bool) -> Result<(), String> {
         Some(external) => {
             let shared_store = matches!(store, OpenedStore::Postgres(_));
             let mut link = crate::external::ExternalLink::new(external, shared_store)?;
-            let engine =
-                Engine::start(store_dyn, keys, clock, link.outbound.clone()).await.map_err(|e| e.to_string())?;
             // Other nodes share the store only if it is PostgreSQL (an SQLite file has one node).
-            engine.set_shared_store(shared_store);
+            let coordination = if shared_store { Coordination::Shared } else { Coordination::Single };
+            let options = EngineOptions { coordination, ..options };
+            let engine = Engine::start_with(store_dyn, keys, clock, link.outbound.clone(), options)
+                .await
+                .map_err(|e| e.to_string())?;
             link.run(engine.clone())?;
             if let Some(sync) = &external.mosquitto_sync {
                 crate::mosquitto::spawn_sync(engine.clone(), sync.clone(), external.clone())?;
@@ -167,7 +175,6 @@ pub async fn run(config: Config, init: bool) -> Result<(), String> {
             engine
         }
     };
-    engine.set_retry_initial_ms(config.retry_initial_seconds.saturating_mul(1000) as i64);
     let sqlite = matches!(store, OpenedStore::Sqlite(_));
     engine.health.configure(
         config.store_slow_commit_ms,

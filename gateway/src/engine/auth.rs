@@ -1,0 +1,56 @@
+//! CONNECT authentication for the MQTT endpoint: a device identity against its cached password
+//! hash, the bootstrap identity `init@{SN}` against the live GUDIDs' bootstrap hashes.
+
+use super::*;
+
+impl Engine {
+    /// CONNECT check: `client_id == username == SN` with that device's password, or the bootstrap
+    /// identity `init@{SN}` with the bootstrap password of a live GUDID for that SN
+    /// (`Gudid::bootstrap_password`), checked against the hash stored at provisioning.
+    pub fn authenticate(&self, client_id: &str, username: &str, password: &str) -> Result<(), &'static str> {
+        if let Some(verdict) = self.authenticate_in_memory(client_id, username, password) {
+            return verdict;
+        }
+        if let Some(sn) = topic::bootstrap_sn(client_id) {
+            if topic::validate_name(sn).is_err() {
+                return Err("bad_sn");
+            }
+            // An unknown SN and an SN without a live GUDID look the same from outside.
+            let live = self.store.live_bootstrap_hashes(Some(sn), self.clock.now_ms(), None).map_err(|_| "store")?;
+            if live.is_empty() {
+                return Err("no_live_gudid");
+            }
+            let proven = live.iter().any(|(_, hash)| crate::mosquitto::verify_password_hash(password.as_bytes(), hash));
+            return if proven { Ok(()) } else { Err("bad_bootstrap") };
+        }
+        match self.store.device_org_by_sn(client_id) {
+            Ok(Some(_)) => Err("not_initialised"),
+            Ok(None) => Err("unknown_sn"),
+            Err(_) => Err("store"),
+        }
+    }
+
+    /// The CONNECT check's verdict when memory alone decides it (a device whose password hash is
+    /// cached, a malformed identity), without touching the store: the endpoint calls it on its
+    /// async thread and takes a blocking thread only for `None` (a bootstrap identity, whose live
+    /// GUDIDs are in the store, or an SN not cached).
+    pub fn authenticate_in_memory(
+        &self,
+        client_id: &str,
+        username: &str,
+        password: &str,
+    ) -> Option<Result<(), &'static str>> {
+        if client_id != username {
+            return Some(Err("client_id_mismatch"));
+        }
+        if topic::bootstrap_sn(client_id).is_some() {
+            return None;
+        }
+        if topic::validate_name(client_id).is_err() {
+            return Some(Err("bad_sn"));
+        }
+        let expected = self.passwords.get(client_id)?;
+        let given = rki_protocol::init::password_hash(password.as_bytes());
+        Some(if rki_protocol::secret::ct_eq(&given, expected.value()) { Ok(()) } else { Err("bad_password") })
+    }
+}

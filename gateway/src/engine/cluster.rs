@@ -1,0 +1,124 @@
+//! Several gateway nodes on one store: which node delivers what.
+//!
+//! One node ([`Coordination::Single`]) keeps its open executions in memory and retries them on
+//! its own timers. Several nodes sharing a PostgreSQL store ([`Coordination::Shared`]) re-read the
+//! open executions on every hello and claim re-deliveries in the store, so that each retry fires
+//! once across the cluster and a dead node's executions are taken over.
+
+use super::*;
+
+/// Whether other gateway nodes share the engine's store. Chosen when the engine is built.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Coordination {
+    /// The only node on its store (SQLite, or PostgreSQL with one node).
+    #[default]
+    Single,
+    /// Other nodes share the store (an external broker and PostgreSQL): the open executions are
+    /// re-read from it on every hello and re-checked before a retry, since another node may have
+    /// created, ended or stopped them.
+    Shared,
+}
+
+impl Engine {
+    pub(super) fn is_shared(&self) -> bool {
+        self.coordination == Coordination::Shared
+    }
+
+    /// Several nodes: delivers the executions this node claimed in the store (see
+    /// [`Store::claim_redeliveries`]): new ones at once, unacked ones after their backoff, whoever
+    /// delivered them before. Each claim is this node's alone, so every retry fires once across
+    /// the cluster, and the executions of a node that died (its acks lost with it) are taken
+    /// over by the others. Returns how many downloads went out.
+    pub async fn cluster_sweep(&self) -> usize {
+        let mut sent = 0;
+        loop {
+            let now = self.clock.now_ms();
+            let initial = self.retry_initial_ms();
+            let claimed = match self
+                .blocking(move |s| s.claim_redeliveries(now, 0, initial, RETRY_MAX_MS, CLAIM_BATCH_MAX))
+                .await
+            {
+                Ok(rows) => rows,
+                Err(e) => {
+                    warn!(error = %e, "re-delivery claim failed");
+                    return sent;
+                }
+            };
+            let full = claimed.len() as i64 >= CLAIM_BATCH_MAX;
+            sent += self.deliver_claimed(now, claimed).await;
+            if !full {
+                return sent;
+            }
+        }
+    }
+
+    pub(super) async fn deliver_claimed(&self, now: Millis, claimed: Vec<ExecutionRow>) -> usize {
+        if claimed.is_empty() {
+            return 0;
+        }
+        // Devices not in the maps yet: their credentials in one read.
+        let mut missing: Vec<i64> =
+            claimed.iter().filter(|r| !self.devices.contains_key(&r.sn)).map(|r| r.device_id).collect();
+        missing.sort_unstable();
+        missing.dedup();
+        if !missing.is_empty() {
+            match self.blocking(move |s| s.credentials_for(&missing)).await {
+                Ok(creds) => {
+                    for c in &creds {
+                        self.devices
+                            .entry(c.sn.clone())
+                            .or_insert_with(|| Arc::new(Mutex::new(DeviceHot::from_credentials(c))));
+                    }
+                }
+                Err(e) => warn!(error = %e, "re-delivery: cannot read credentials"),
+            }
+        }
+        // An execution made for a newer initialisation than this node cached: another node
+        // initialised the device since; read its credentials again.
+        let mut stale: Vec<&ExecutionRow> = claimed
+            .iter()
+            .filter(|r| self.devices.get(&r.sn).is_some_and(|h| lock(&h).generation < r.generation))
+            .collect();
+        stale.dedup_by_key(|r| r.device_id);
+        for row in stale {
+            if let Some(hot) = self.devices.get(&row.sn).map(|h| h.clone()) {
+                self.refresh_credentials(&row.sn, &hot).await;
+            }
+        }
+        let mut delivered = Vec::with_capacity(claimed.len());
+        for row in &claimed {
+            let Some(hot) = self.devices.get(&row.sn).map(|h| h.clone()) else {
+                warn!(execution = row.id, sn = row.sn, "claimed execution not delivered: no credentials");
+                continue;
+            };
+            self.insert_open(row);
+            let mut h = lock(&hot);
+            let Some(key) = self.signing_key(&mut h) else { continue };
+            if row.generation != h.generation {
+                // Made for an older initialisation: the device's next hello re-wraps it.
+                warn!(
+                    execution = row.id,
+                    sn = row.sn,
+                    "claimed execution not delivered: wrapped for an older initialisation"
+                );
+                continue;
+            }
+            // A hello's refresh may have replaced the cached list since `insert_open`.
+            if !h.open.iter().any(|e| e.id == row.id) {
+                self.execution_sn.insert(row.id, row.sn.clone());
+                h.open.push(OpenExecution::from_row(row));
+            }
+            if let Some(e) = h.open.iter_mut().find(|e| e.id == row.id) {
+                if self.publish_download(&row.sn, &key, e, None) {
+                    delivered.push((row.id, row.deadline));
+                }
+            }
+        }
+        let n = delivered.len();
+        for (id, deadline) in delivered {
+            metrics::counter!(m::DELIVERIES_TOTAL).increment(1);
+            self.defer_delivered(id, now, deadline);
+        }
+        n
+    }
+}
