@@ -25,7 +25,6 @@
 //! - [`server`]: wiring it all together, and graceful shutdown.
 
 pub mod api;
-pub mod bootstrap;
 pub mod clock;
 pub mod config;
 pub mod domain;
@@ -39,4 +38,5 @@ pub mod mqtt;
 pub mod portal;
 pub mod sampler;
 pub mod server;
+pub mod service;
 pub mod store;

@@ -5,7 +5,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use rki_gateway::config::Config;
-use rki_gateway::{bootstrap, server};
+use rki_gateway::server;
+use rki_gateway::service::orgs;
+use rki_gateway::store::Actor;
 
 /// jemalloc instead of glibc's malloc: a fleet's per-connection buffers and the broker's topic and
 /// filter strings sit in size-class slabs, which keeps the resident memory per connected terminal
@@ -110,16 +112,18 @@ fn now_ms() -> i64 {
 fn init_org(config: &Config, name: &str) -> Result<(), String> {
     let _lock = server::lock_data_dir(config, "rki-gateway init-org")?;
     let store = server::OpenedStore::open(config)?.as_dyn();
-    let (org, token) = bootstrap::create_org(store.as_ref(), name, now_ms()).map_err(|e| e.to_string())?;
-    println!("organization {} created (id {})", org.name, org.id);
-    println!("admin token (shown once; keep it secret): {token}");
+    let actor = Actor::named("rki-gateway init-org");
+    let created = orgs::create_org(store.as_ref(), name, &actor, now_ms()).map_err(|e| e.to_string())?;
+    println!("organization {} created (id {})", created.org.name, created.org.id);
+    println!("admin token (shown once; keep it secret): {}", created.admin_token);
     Ok(())
 }
 
 fn init_key_owner(config: &Config, label: &str) -> Result<(), String> {
     let _lock = server::lock_data_dir(config, "rki-gateway init-key-owner")?;
     let store = server::OpenedStore::open(config)?.as_dyn();
-    let token = bootstrap::create_key_owner_token(store.as_ref(), label, now_ms()).map_err(|e| e.to_string())?;
+    let actor = Actor::named("rki-gateway init-key-owner");
+    let token = orgs::create_key_owner_token(store.as_ref(), label, &actor, now_ms()).map_err(|e| e.to_string())?;
     println!("key owner token (shown once; keep it secret): {token}");
     Ok(())
 }

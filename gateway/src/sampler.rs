@@ -388,6 +388,10 @@ async fn run(engine: Arc<Engine>, store_path: PathBuf, sqlite: bool) {
 
 #[cfg(test)]
 mod tests {
+    /// The audit entry of an action in these tests.
+    fn audit(action: &'static str) -> crate::store::Audit {
+        crate::store::Audit::new(&crate::store::Actor::named("test"), None, action, "", serde_json::json!({}), 0)
+    }
     use super::*;
 
     fn device(sn: &str, locked: bool, seen: bool, assigned: bool, initialised: bool) -> DeviceRow {
@@ -480,26 +484,29 @@ mod tests {
         let store = SqliteStore::open(&dir.join("rki.sqlite"))?;
         let day = 86_400_000;
         let now = 100 * day;
-        let org = store.create_org("acme", 0)?;
+        let org = store.create_org("acme", 0, &audit("org.create"))?;
         let rows: Vec<ImportRow> = ["S1", "S2", "S3"]
             .iter()
             .enumerate()
             .map(|(i, sn)| ImportRow { line: i + 2, sn: sn.to_string(), model: None })
             .collect();
-        store.import_devices(org.id, &rows, 0)?;
+        store.import_devices(org.id, &rows, 0, &audit("devices.upload"))?;
         let ids: Vec<i64> =
             store.device_ids_by_sn(org.id, &["S1".into(), "S2".into()])?.into_iter().filter_map(|(_, id)| id).collect();
-        let source = store.insert_key_source(&KeySourceRow {
-            id: 0,
-            org_id: org.id,
-            name: "bdk".into(),
-            algorithm: "tdes2".into(),
-            kcv: "000000".into(),
-            sealed: "sealed".into(),
-            key_set_id: "FFFF9876543210".into(),
-            created_at: 0,
-        })?;
-        store.assign(org.id, &ids, Some(source.id))?;
+        let source = store.insert_key_source(
+            &KeySourceRow {
+                id: 0,
+                org_id: org.id,
+                name: "bdk".into(),
+                algorithm: "tdes2".into(),
+                kcv: "000000".into(),
+                sealed: "sealed".into(),
+                key_set_id: "FFFF9876543210".into(),
+                created_at: 0,
+            },
+            &audit("key_source.authorize"),
+        )?;
+        store.assign(org.id, &ids, Some(source.id), &audit("assignment.set"))?;
         let executions = ids
             .iter()
             .map(|id| NewExecution {

@@ -98,10 +98,10 @@ fn is_not_found<T>(result: StoreResult<T>) -> bool {
 
 fn organizations_are_unique_by_name_and_found_by_name_and_id(s: &Subject) {
     let st = s.store();
-    let acme = st.create_org("acme", T0).must();
-    let globex = st.create_org("globex", T0 + 1).must();
+    let acme = st.create_org("acme", T0, &audit("org.create")).must();
+    let globex = st.create_org("globex", T0 + 1, &audit("org.create")).must();
     assert_ne!(acme.id, globex.id);
-    assert_eq!(conflict(st.create_org("acme", T0 + 2)), "organization \"acme\" exists");
+    assert_eq!(conflict(st.create_org("acme", T0 + 2, &audit("org.create"))), "organization \"acme\" exists");
     assert_eq!(st.org_by_name("globex").must().map(|o| o.id), Some(globex.id));
     assert!(st.org_by_name("initech").must().is_none());
     let found = st.org(acme.id).must();
@@ -112,11 +112,11 @@ fn organizations_are_unique_by_name_and_found_by_name_and_id(s: &Subject) {
 
 fn tokens_are_found_by_hash_with_their_role_and_a_hash_is_used_once(s: &Subject) {
     let st = s.store();
-    let org = st.create_org("acme", T0).must();
+    let org = st.create_org("acme", T0, &audit("org.create")).must();
     assert!(!st.has_key_owner().must());
-    let admin = st.insert_token(Some(org.id), Role::Admin, "ops", b"hash-admin", T0).must();
+    let admin = st.insert_token(Some(org.id), Role::Admin, "ops", b"hash-admin", T0, &audit("token.create")).must();
     assert!(!st.has_key_owner().must(), "an admin token is not the key owner");
-    let owner = st.insert_token(None, Role::KeyOwner, "owner", b"hash-owner", T0).must();
+    let owner = st.insert_token(None, Role::KeyOwner, "owner", b"hash-owner", T0, &audit("token.create")).must();
     assert!(st.has_key_owner().must());
     let found = st.token_by_hash(b"hash-admin").must().expect("admin token found");
     assert_eq!(
@@ -126,7 +126,7 @@ fn tokens_are_found_by_hash_with_their_role_and_a_hash_is_used_once(s: &Subject)
     let found = st.token_by_hash(b"hash-owner").must().expect("owner token found");
     assert_eq!((found.id, found.org_id, found.role), (owner.id, None, Role::KeyOwner));
     assert!(st.token_by_hash(b"hash-unknown").must().is_none());
-    conflict(st.insert_token(Some(org.id), Role::Admin, "again", b"hash-admin", T0));
+    conflict(st.insert_token(Some(org.id), Role::Admin, "again", b"hash-admin", T0, &audit("token.create")));
 }
 
 // ---------------------------------------------------------------- devices and groups
@@ -139,7 +139,11 @@ fn import_adds_new_serial_numbers_and_skips_the_organizations_own(s: &Subject) {
         ImportRow { line: 3, sn: "acme-0100".into(), model: Some("A80".into()) },
         ImportRow { line: 4, sn: "acme-0100".into(), model: None },
     ];
-    assert_eq!(st.import_devices(w.org.id, &rows, T0 + 5).must(), 1, "only the new SN is added, once");
+    assert_eq!(
+        st.import_devices(w.org.id, &rows, T0 + 5, &audit("devices.upload")).must(),
+        1,
+        "only the new SN is added, once"
+    );
     assert_eq!(st.count_devices(w.org.id).must(), 3);
     let added = st.device(w.org.id, "acme-0100").must();
     assert_eq!(
@@ -163,7 +167,7 @@ fn import_is_all_or_nothing_and_names_every_line_registered_elsewhere(s: &Subjec
         ImportRow { line: 4, sn: "globex-other".into(), model: None },
         ImportRow { line: 5, sn: "acme-0000".into(), model: None },
     ];
-    let message = conflict(st.import_devices(globex.org.id, &rows, T0));
+    let message = conflict(st.import_devices(globex.org.id, &rows, T0, &audit("devices.upload")));
     assert_eq!(
         message,
         "line 3: SN acme-0001 is registered to another organization; line 5: SN acme-0000 is registered to another organization"
@@ -196,7 +200,7 @@ fn devices_are_listed_by_sn_fragment_ignoring_case_by_group_and_by_page(s: &Subj
     let st = s.store();
     let w = world(st, "acme", 5);
     let rows = vec![ImportRow { line: 2, sn: "ACME_X".into(), model: None }];
-    st.import_devices(w.org.id, &rows, T0).must();
+    st.import_devices(w.org.id, &rows, T0, &audit("devices.upload")).must();
     let sns =
         |f: DeviceFilter| -> Vec<String> { st.list_devices(w.org.id, &f).must().into_iter().map(|d| d.sn).collect() };
     assert_eq!(
@@ -214,8 +218,8 @@ fn devices_are_listed_by_sn_fragment_ignoring_case_by_group_and_by_page(s: &Subj
         ["acme-0002", "acme-0003"]
     );
     assert_eq!(sns(DeviceFilter { after_sn: Some("acme-0004".into()), ..Default::default() }), Vec::<String>::new());
-    let group = st.create_group(w.org.id, "north", "").must();
-    st.add_group_members(group.id, &[w.devices[3].id, w.devices[1].id]).must();
+    let group = st.create_group(w.org.id, "north", "", &audit("group.create")).must();
+    st.add_group_members(group.id, &[w.devices[3].id, w.devices[1].id], &audit("group.add_devices")).must();
     assert_eq!(sns(DeviceFilter { group: Some(group.id), ..Default::default() }), ["acme-0001", "acme-0003"]);
     let by_id: Vec<String> =
         st.devices_by_ids(&[w.devices[4].id, w.devices[0].id]).must().into_iter().map(|d| d.sn).collect();
@@ -248,7 +252,7 @@ fn unknown_rows_are_not_found(s: &Subject) {
     assert!(is_not_found(st.group_by_name(w.org.id, "south")));
     assert!(is_not_found(st.task(other.org.id, t.id)), "another organization's task");
     assert!(is_not_found(st.execution(executions[0].id + 1_000)));
-    assert!(is_not_found(st.stop_task(other.org.id, t.id, T0)));
+    assert!(is_not_found(st.stop_task(other.org.id, t.id, T0, &audit("task.stop"))));
     assert!(is_not_found(st.allocate_serials(9_999, 1)));
     assert!(st.credentials("nope").must().is_none());
     assert!(st.gudid_by_id(b"nope").must().is_none());
@@ -258,19 +262,23 @@ fn groups_are_unique_per_organization_and_count_each_member_once(s: &Subject) {
     let st = s.store();
     let w = world(st, "acme", 3);
     let other = world(st, "globex", 0);
-    let north = st.create_group(w.org.id, "north", "northern shops").must();
-    assert_eq!(conflict(st.create_group(w.org.id, "north", "")), "group \"north\" exists");
-    st.create_group(other.org.id, "north", "").must();
-    st.create_group(w.org.id, "east", "").must();
+    let north = st.create_group(w.org.id, "north", "northern shops", &audit("group.create")).must();
+    assert_eq!(conflict(st.create_group(w.org.id, "north", "", &audit("group.create"))), "group \"north\" exists");
+    st.create_group(other.org.id, "north", "", &audit("group.create")).must();
+    st.create_group(w.org.id, "east", "", &audit("group.create")).must();
     let ids = [w.devices[0].id, w.devices[2].id, w.devices[0].id];
-    assert_eq!(st.add_group_members(north.id, &ids).must(), 2);
-    assert_eq!(st.add_group_members(north.id, &[w.devices[2].id]).must(), 0, "already a member");
+    assert_eq!(st.add_group_members(north.id, &ids, &audit("group.add_devices")).must(), 2);
+    assert_eq!(
+        st.add_group_members(north.id, &[w.devices[2].id], &audit("group.add_devices")).must(),
+        0,
+        "already a member"
+    );
     assert_eq!(st.group_member_ids(north.id).must(), [w.devices[0].id, w.devices[2].id]);
     let found = st.group_by_name(w.org.id, "north").must();
     assert_eq!((found.id, found.description.as_str(), found.members), (north.id, "northern shops", 2));
     let listed: Vec<(String, i64)> = st.list_groups(w.org.id).must().into_iter().map(|g| (g.name, g.members)).collect();
     assert_eq!(listed, [("east".to_string(), 0), ("north".to_string(), 2)]);
-    conflict(st.add_group_members(north.id, &[9_999]));
+    conflict(st.add_group_members(north.id, &[9_999], &audit("group.add_devices")));
 }
 
 fn assignment_changes_only_the_organizations_own_devices(s: &Subject) {
@@ -278,13 +286,13 @@ fn assignment_changes_only_the_organizations_own_devices(s: &Subject) {
     let w = world(st, "acme", 3);
     let other = world(st, "globex", 1);
     let ids = [w.devices[0].id, w.devices[1].id, other.devices[0].id];
-    assert_eq!(st.assign(w.org.id, &ids, Some(w.source.id)).must(), 2);
+    assert_eq!(st.assign(w.org.id, &ids, Some(w.source.id), &audit("assignment.set")).must(), 2);
     assert_eq!(st.device_by_id(w.devices[1].id).must().assigned_key_source, Some(w.source.id));
     assert_eq!(st.device_by_id(w.devices[2].id).must().assigned_key_source, None);
     assert_eq!(st.device_by_id(other.devices[0].id).must().assigned_key_source, None);
-    assert_eq!(st.assign(w.org.id, &[w.devices[1].id], None).must(), 1);
+    assert_eq!(st.assign(w.org.id, &[w.devices[1].id], None, &audit("assignment.set")).must(), 1);
     assert_eq!(st.device_by_id(w.devices[1].id).must().assigned_key_source, None, "unassigned");
-    st.set_unlock_pending(w.devices[2].id, true).must();
+    st.set_unlock_pending(w.devices[2].id, true, None).must();
     assert!(st.device_by_id(w.devices[2].id).must().unlock_pending);
 }
 
@@ -292,8 +300,13 @@ fn key_sources_are_unique_per_organization_and_hidden_from_others(s: &Subject) {
     let st = s.store();
     let w = world(st, "acme", 0);
     let other = world(st, "globex", 0);
-    assert_eq!(conflict(st.insert_key_source(&w.source)), "key source \"bdk-1\" exists");
-    let second = st.insert_key_source(&KeySourceRow { name: "bdk-2".into(), ..w.source.clone() }).must();
+    assert_eq!(
+        conflict(st.insert_key_source(&w.source, &audit("key_source.authorize"))),
+        "key source \"bdk-1\" exists"
+    );
+    let second = st
+        .insert_key_source(&KeySourceRow { name: "bdk-2".into(), ..w.source.clone() }, &audit("key_source.authorize"))
+        .must();
     let names: Vec<String> = st.list_key_sources(w.org.id).must().into_iter().map(|k| k.name).collect();
     assert_eq!(names, ["bdk-1", "bdk-2"]);
     let found = st.key_source_by_name(w.org.id, "bdk-2").must();
@@ -316,10 +329,10 @@ fn keks_are_unique_per_organization_listed_per_organization_or_all_and_resealed(
         sealed: format!("sealed:{}:{name}", org.name),
         created_at: T0 + 1,
     };
-    let zmk = st.insert_kek(&kek(&w.org, "zmk-1")).must();
-    assert_eq!(conflict(st.insert_kek(&kek(&w.org, "zmk-1"))), "KEK \"zmk-1\" exists");
-    st.insert_kek(&kek(&w.org, "zmk-2")).must();
-    st.insert_kek(&kek(&other.org, "zmk-1")).must();
+    let zmk = st.insert_kek(&kek(&w.org, "zmk-1"), &audit("kek.create")).must();
+    assert_eq!(conflict(st.insert_kek(&kek(&w.org, "zmk-1"), &audit("kek.create"))), "KEK \"zmk-1\" exists");
+    st.insert_kek(&kek(&w.org, "zmk-2"), &audit("kek.create")).must();
+    st.insert_kek(&kek(&other.org, "zmk-1"), &audit("kek.create")).must();
     let found = st.kek_by_name(w.org.id, "zmk-1").must();
     assert_eq!(
         (found.id, found.name.as_str(), found.algorithm.as_str(), found.kcv.as_str(), found.sealed.as_str()),
@@ -478,7 +491,7 @@ fn a_task_persists_one_queued_execution_per_device_with_its_counts(s: &Subject) 
     assert_eq!(devices, [w.devices[0].id, w.devices[2].id]);
     assert!(st.open_execution_device_ids(other.org.id).must().is_empty());
     let (done, _) = task(st, &w, &[1]);
-    st.stop_task(w.org.id, done.id, T0 + 1).must();
+    st.stop_task(w.org.id, done.id, T0 + 1, &audit("task.stop")).must();
     let ids = |unfinished| -> Vec<i64> {
         st.list_tasks(w.org.id, unfinished, 10, None).must().into_iter().map(|t| t.id).collect()
     };
@@ -702,7 +715,7 @@ fn device_writes_of_a_batch_take_effect_in_batch_order(s: &Subject) {
     let w = world(st, "acme", 2);
     let (_, executions) = task(st, &w, &[0, 1]);
     let (d0, d1) = (w.devices[0].id, w.devices[1].id);
-    st.set_unlock_pending(d1, true).must();
+    st.set_unlock_pending(d1, true, None).must();
     st.apply_batch(&[
         // Device 0: hello, delivered, success (locks), then a later hello saying it is unlocked.
         Write::Counter { device_id: d0, counter: 5 },
@@ -762,7 +775,7 @@ fn stopping_a_task_terminates_its_open_executions_with_records_once(s: &Subject)
         Write::End(ending(executions[2].id, ExecutionState::Succeeded, T0 + 2)),
     ])
     .must();
-    let mut stopped = st.stop_task(w.org.id, t.id, T0 + 10).must();
+    let mut stopped = st.stop_task(w.org.id, t.id, T0 + 10, &audit("task.stop")).must();
     stopped.sort();
     assert_eq!(stopped, [executions[0].id, executions[1].id], "the open ones, queued and delivered");
     for e in &executions[..2] {
@@ -779,7 +792,7 @@ fn stopping_a_task_terminates_its_open_executions_with_records_once(s: &Subject)
         .collect();
     assert_eq!(terminated.len(), 2);
     assert!(terminated.iter().all(|(_, injection, kcv)| injection == "auto" && kcv.is_empty()));
-    assert!(st.stop_task(w.org.id, t.id, T0 + 20).must().is_empty(), "a second stop ends nothing");
+    assert!(st.stop_task(w.org.id, t.id, T0 + 20, &audit("task.stop")).must().is_empty(), "a second stop ends nothing");
     assert_eq!(st.task(w.org.id, t.id).must().stopped_at, Some(T0 + 10), "and keeps the first stop time");
     assert_eq!(all_records(st, w.org.id).len(), 3);
     assert_eq!(st.task(w.org.id, kept.id).must().counts.open(), 1, "another task is untouched");
@@ -833,7 +846,9 @@ fn records_are_filtered_by_sn_and_task_and_billed_per_source_and_month(s: &Subje
     let st = s.store();
     let w = world(st, "acme", 3);
     let other = world(st, "globex", 1);
-    let second = st.insert_key_source(&KeySourceRow { name: "bdk-0".into(), ..w.source.clone() }).must();
+    let second = st
+        .insert_key_source(&KeySourceRow { name: "bdk-0".into(), ..w.source.clone() }, &audit("key_source.authorize"))
+        .must();
     let (t1, e1) = task(st, &w, &[0, 1, 2]);
     let (t2, e2) =
         st.create_task(&NewTask { key_source_id: second.id, ..new_task(&w, &[0], T0, T0 + 90 * DAY_MS) }).must();
@@ -901,7 +916,7 @@ fn execution_state_counts_and_expiring_within_count_open_executions(s: &Subject)
 
 fn the_audit_log_is_newest_first_per_organization_and_refuses_change(s: &Subject) {
     let st = s.store();
-    let acme = st.create_org("acme", T0).must();
+    let acme = st.create_org("acme", T0, &audit("org.create")).must();
     let entry = |org_id, action: &str| AuditEntry {
         id: 0,
         at: T0,
@@ -955,7 +970,7 @@ fn migrations_run_once_and_reopening_keeps_everything(s: &Subject) {
         assert_eq!(opened.schema_version().must(), MIGRATIONS);
         assert_eq!(opened.store().count_devices(w.org.id).must(), 2);
     }
-    twice.store().create_org("globex", T0).must();
+    twice.store().create_org("globex", T0, &audit("org.create")).must();
     assert_eq!(s.store().list_orgs().must().len(), 2, "one database behind every handle");
 }
 
@@ -1555,7 +1570,7 @@ fn postgres_store_reconnects_after_the_server_ends_its_sessions() {
         .expect("terminate the store's sessions");
     assert!(ended >= 1, "the store had sessions to end");
     assert_eq!(st.count_devices(w.org.id).must(), 2, "a read after the sessions ended");
-    st.create_org("globex", T0).must();
+    st.create_org("globex", T0, &audit("org.create")).must();
     assert_eq!(st.list_orgs().must().len(), 2, "a write after the sessions ended");
 }
 
@@ -1563,7 +1578,7 @@ fn postgres_store_reconnects_after_the_server_ends_its_sessions() {
 fn postgres_store_prepares_again_after_another_node_changes_a_column_type() {
     let s = Subject::postgres();
     let st = s.store();
-    st.create_org("acme", T0).must();
+    st.create_org("acme", T0, &audit("org.create")).must();
     std::thread::scope(|scope| {
         for _ in 0..4 {
             scope.spawn(|| st.list_orgs().must());

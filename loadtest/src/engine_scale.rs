@@ -15,12 +15,14 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rki_gateway::bootstrap;
 use rki_gateway::clock::Clock;
 use rki_gateway::engine::{Engine, Outbound, Target, TaskSpec};
 use rki_gateway::keyservice::{KeyService, MasterKey, SoftwareKeyService};
+use rki_gateway::service::orgs;
 use rki_gateway::store::sqlite::SqliteStore;
-use rki_gateway::store::{DeviceFilter, GudidRow, ImportRow, KeySourceRow, NewCredentials, Store, Write as StoreWrite};
+use rki_gateway::store::{
+    Actor, Audit, DeviceFilter, GudidRow, ImportRow, KeySourceRow, NewCredentials, Store, Write as StoreWrite,
+};
 use rki_protocol::frame::MacKey;
 use rki_protocol::init::{self, DeviceSecrets, GUDID_VALIDITY_SECONDS};
 use rki_protocol::{KeyAlgorithm, SecretBytes, SymmetricKey};
@@ -116,22 +118,28 @@ fn build_fleet(dir: &Path, n: usize) -> Result<()> {
     store.set_meta("master_key_kcv", &master.kcv().to_hex())?;
     let keys = SoftwareKeyService::new(master);
     let now = now_ms();
-    let (org, _token) = bootstrap::create_org(&store, ORG, now)?;
+    let actor = Actor::named("rki-loadtest");
+    let audit =
+        |action: &'static str, object: &str| Audit::new(&actor, None, action, object, serde_json::json!({}), now);
+    let org = orgs::create_org(&store, ORG, &actor, now)?.org;
     for (family, bdk, key_set_len) in [
         (Family::Tdes, SymmetricKey::tdes_from_hex(rki_tests::TEST_BDK)?, 5),
         (Family::Aes, SymmetricKey::random(KeyAlgorithm::Aes128)?, 4),
     ] {
         let sealed = keys.seal_bdk(&bdk)?;
-        store.insert_key_source(&KeySourceRow {
-            id: 0,
-            org_id: org.id,
-            name: family.key_source().into(),
-            algorithm: sealed.algorithm.as_str().into(),
-            kcv: sealed.kcv.to_hex(),
-            sealed: sealed.sealed,
-            key_set_id: hex::encode_upper(SecretBytes::random(key_set_len)?.expose_secret()),
-            created_at: now,
-        })?;
+        store.insert_key_source(
+            &KeySourceRow {
+                id: 0,
+                org_id: org.id,
+                name: family.key_source().into(),
+                algorithm: sealed.algorithm.as_str().into(),
+                kcv: sealed.kcv.to_hex(),
+                sealed: sealed.sealed,
+                key_set_id: hex::encode_upper(SecretBytes::random(key_set_len)?.expose_secret()),
+                created_at: now,
+            },
+            &audit("key_source.authorize", family.key_source()),
+        )?;
     }
     let sns: Vec<String> = (1..=n).map(|i| format!("ENG{i:07}")).collect();
     for (c, chunk) in sns.chunks(BUILD_CHUNK * 10).enumerate() {
@@ -140,13 +148,13 @@ fn build_fleet(dir: &Path, n: usize) -> Result<()> {
             .enumerate()
             .map(|(i, sn)| ImportRow { line: c * BUILD_CHUNK * 10 + i + 2, sn: sn.clone(), model: Some("P3".into()) })
             .collect();
-        store.import_devices(org.id, &rows, now)?;
+        store.import_devices(org.id, &rows, now, &audit("devices.upload", "fleet"))?;
     }
     let devices = store.list_devices(org.id, &DeviceFilter { limit: 0, ..DeviceFilter::default() })?;
     let ids: Vec<i64> = devices.iter().map(|d| d.id).collect();
-    let group = store.create_group(org.id, GROUP, "rki-loadtest engine fleet")?;
+    let group = store.create_group(org.id, GROUP, "rki-loadtest engine fleet", &audit("group.create", GROUP))?;
     for chunk in ids.chunks(BUILD_CHUNK * 10) {
-        store.add_group_members(group.id, chunk)?;
+        store.add_group_members(group.id, chunk, &audit("group.add_devices", GROUP))?;
     }
     let started = Instant::now();
     for (c, chunk) in devices.chunks(BUILD_CHUNK).enumerate() {
@@ -289,7 +297,9 @@ fn measure(
     let source = store.key_source_by_name(org.id, family.key_source())?;
     let group = store.group_by_name(org.id, GROUP)?;
     let ids = store.group_member_ids(group.id)?;
-    store.assign(org.id, &ids, Some(source.id))?;
+    let actor = Actor::named("rki-loadtest");
+    let audit = Audit::new(&actor, Some(org.id), "assignment.set", GROUP, serde_json::json!({}), now_ms());
+    store.assign(org.id, &ids, Some(source.id), &audit)?;
     drop(ids);
     let me = std::process::id();
     let started = Instant::now();
@@ -307,7 +317,7 @@ fn measure(
         request_id: None,
     };
     let created = Instant::now();
-    let (task, preview) = runtime.block_on(engine.create_task(org.id, &spec, "rki-loadtest"))?;
+    let (task, preview) = runtime.block_on(engine.create_task(org.id, &spec, &actor))?;
     let create_seconds = created.elapsed().as_secs_f64();
     let after = procfs::sample(me).unwrap_or_default();
     let threads_after = procfs::threads(me);

@@ -177,7 +177,7 @@ impl Engine {
 
     /// Creates a task for every ready device of the preview: derives and wraps one key per
     /// device, persists the task and its executions, then delivers to the online devices.
-    pub async fn create_task(&self, org_id: i64, spec: &TaskSpec, actor: &str) -> EngineResult<(TaskRow, Preview)> {
+    pub async fn create_task(&self, org_id: i64, spec: &TaskSpec, actor: &Actor) -> EngineResult<(TaskRow, Preview)> {
         if let Some(request_id) = spec.request_id {
             if let Some(task) = self.blocking(move |s| s.task_by_request_id(org_id, request_id)).await? {
                 let preview = self.preview(org_id, spec).await.unwrap_or_else(|_| Preview {
@@ -220,14 +220,16 @@ impl Engine {
             key_type: KeyType::Ipek.as_str().into(),
             created_at: now,
             expires_at: now + i64::from(preview.expiry_days) * (SECONDS_PER_DAY as i64) * 1000,
-            created_by: actor.to_string(),
+            created_by: actor.label.clone(),
             request_id: spec.request_id,
             executions: Vec::new(),
         };
         let ready_ids = std::mem::take(&mut preview.ready_ids);
+        let details = serde_json::json!({"key_source": source.name, "slot": spec.slot, "request_id": spec.request_id});
+        let audit = Audit::new(actor, Some(org_id), "task.create", "", details, now);
         let created = tokio::task::spawn_blocking(move || {
             let mut build = TaskBuild::default();
-            let result = engine.store.create_task_with(&new_task, &mut |sink| {
+            let result = engine.store.create_task_with(&new_task, &audit, &mut |sink| {
                 build = TaskBuild::default();
                 let job = ChunkJob {
                     task: &new_task,
@@ -431,11 +433,12 @@ impl Engine {
     }
 
     /// Stops a task: its open executions end as terminated ("manually terminated").
-    pub async fn stop_task(&self, org_id: i64, task_id: i64) -> EngineResult<usize> {
+    pub async fn stop_task(&self, org_id: i64, task_id: i64, audit: &Audit) -> EngineResult<usize> {
         // The deferred sends first, so that the stopped executions' rows count them.
         self.flush().await?;
         let now = self.clock.now_ms();
-        let ended = self.blocking(move |s| s.stop_task(org_id, task_id, now)).await?;
+        let audit = audit.clone();
+        let ended = self.blocking(move |s| s.stop_task(org_id, task_id, now, &audit)).await?;
         self.forget(&ended);
         metrics::counter!(m::EXECUTIONS_ENDED_TOTAL, "state" => "terminated").increment(ended.len() as u64);
         Ok(ended.len())
@@ -443,13 +446,14 @@ impl Engine {
 
     /// Asks a device to unlock: the signed unlock goes out now if the device is online, else on
     /// its next hello. The device confirms by reporting itself unlocked.
-    pub async fn unlock(&self, org_id: i64, sn: &str) -> EngineResult<bool> {
+    pub async fn unlock(&self, org_id: i64, sn: &str, audit: &Audit) -> EngineResult<bool> {
         let device = self.device(org_id, sn).await?;
         if !device.initialised {
             return Err(EngineError::Conflict(format!("device {sn} is not initialised")));
         }
         let id = device.id;
-        self.blocking(move |s| s.set_unlock_pending(id, true)).await?;
+        let audit = audit.clone();
+        self.blocking(move |s| s.set_unlock_pending(id, true, Some(&audit))).await?;
         let hot = self.hot_device(sn).await.map_err(|r| EngineError::Internal(r.reason().into()))?;
         let (online, key) = {
             let mut h = lock(&hot);

@@ -291,6 +291,75 @@ pub struct Actor {
     pub token_id: Option<i64>,
 }
 
+impl Actor {
+    /// An actor that is not an API token: a command line, a test, the engine itself.
+    pub fn named(label: impl Into<String>) -> Self {
+        Self { label: label.into(), token_id: None }
+    }
+}
+
+/// An action's audit entry, handed to the store method that performs the action and written in
+/// the same transaction: after a crash, both the action and its entry are there, or neither.
+#[derive(Debug, Clone)]
+pub struct Audit {
+    pub actor: Actor,
+    pub org_id: Option<i64>,
+    /// `group.create`, `task.stop`, … (docs/OPERATIONS.md lists them).
+    pub action: &'static str,
+    /// What is acted on (`group:NAME`); the store fills it in when only the transaction knows it
+    /// (a new task's number).
+    pub object: String,
+    /// A JSON object; the store adds what only the transaction knows (rows imported, executions
+    /// terminated).
+    pub details: serde_json::Value,
+    pub at: Millis,
+}
+
+impl Audit {
+    pub fn new(
+        actor: &Actor,
+        org_id: Option<i64>,
+        action: &'static str,
+        object: impl Into<String>,
+        details: serde_json::Value,
+        at: Millis,
+    ) -> Self {
+        Self { actor: actor.clone(), org_id, action, object: object.into(), details, at }
+    }
+
+    /// The entry as the store writes it: `object` and `org_id` when the transaction decides them,
+    /// and `facts` added to the details.
+    pub(crate) fn entry(
+        &self,
+        object: Option<String>,
+        org_id: Option<i64>,
+        facts: &[(&str, serde_json::Value)],
+    ) -> AuditEntry {
+        let mut details = match &self.details {
+            serde_json::Value::Object(map) => map.clone(),
+            serde_json::Value::Null => serde_json::Map::new(),
+            other => {
+                let mut map = serde_json::Map::new();
+                map.insert("value".into(), other.clone());
+                map
+            }
+        };
+        for (key, value) in facts {
+            details.insert((*key).to_string(), value.clone());
+        }
+        AuditEntry {
+            id: 0,
+            at: self.at,
+            org_id: org_id.or(self.org_id),
+            actor: self.actor.label.clone(),
+            token_id: self.actor.token_id,
+            action: self.action.to_string(),
+            object: object.unwrap_or_else(|| self.object.clone()),
+            details: serde_json::Value::Object(details),
+        }
+    }
+}
+
 /// Which GUDIDs [`Store::list_gudids`] returns, newest first.
 #[derive(Debug, Clone, Default)]
 pub struct GudidFilter {
@@ -621,7 +690,8 @@ pub(crate) fn committed_task(row: TaskRow, inserted: usize) -> StoreResult<TaskR
 /// The store interface. Every method is one transaction.
 pub trait Store: Send + Sync {
     // organizations and tokens
-    fn create_org(&self, name: &str, at: Millis) -> StoreResult<OrgRow>;
+    /// Audited (`audit`, its organization the new one) in the same transaction.
+    fn create_org(&self, name: &str, at: Millis, audit: &Audit) -> StoreResult<OrgRow>;
     fn org_by_name(&self, name: &str) -> StoreResult<Option<OrgRow>>;
     fn org(&self, id: i64) -> StoreResult<OrgRow>;
     fn list_orgs(&self) -> StoreResult<Vec<OrgRow>>;
@@ -632,6 +702,7 @@ pub trait Store: Send + Sync {
         label: &str,
         hash: &[u8],
         at: Millis,
+        audit: &Audit,
     ) -> StoreResult<TokenRow>;
     fn token_by_hash(&self, hash: &[u8]) -> StoreResult<Option<TokenRow>>;
     fn has_key_owner(&self) -> StoreResult<bool>;
@@ -642,7 +713,7 @@ pub trait Store: Send + Sync {
     fn list_audit(&self, org_id: Option<i64>, limit: i64, before: Option<i64>) -> StoreResult<Vec<AuditEntry>>;
 
     // key sources
-    fn insert_key_source(&self, row: &KeySourceRow) -> StoreResult<KeySourceRow>;
+    fn insert_key_source(&self, row: &KeySourceRow, audit: &Audit) -> StoreResult<KeySourceRow>;
     fn list_key_sources(&self, org_id: i64) -> StoreResult<Vec<KeySourceRow>>;
     fn key_source(&self, org_id: i64, id: i64) -> StoreResult<KeySourceRow>;
     fn key_source_by_name(&self, org_id: i64, name: &str) -> StoreResult<KeySourceRow>;
@@ -651,14 +722,15 @@ pub trait Store: Send + Sync {
 
     // key-encryption keys
     /// Stores a KEK; a name is unique per organization (`Conflict`).
-    fn insert_kek(&self, row: &KekRow) -> StoreResult<KekRow>;
+    fn insert_kek(&self, row: &KekRow, audit: &Audit) -> StoreResult<KekRow>;
     /// The KEKs of one organization, or of every organization (`None`), oldest first.
     fn list_keks(&self, org_id: Option<i64>) -> StoreResult<Vec<KekRow>>;
     fn kek_by_name(&self, org_id: i64, name: &str) -> StoreResult<KekRow>;
 
     // devices and groups
     /// All or nothing: on any conflict, nothing is imported and every conflicting line is named.
-    fn import_devices(&self, org_id: i64, rows: &[ImportRow], at: Millis) -> StoreResult<usize>;
+    /// Audited with `imported` added to the details.
+    fn import_devices(&self, org_id: i64, rows: &[ImportRow], at: Millis, audit: &Audit) -> StoreResult<usize>;
     fn list_devices(&self, org_id: i64, filter: &DeviceFilter) -> StoreResult<Vec<DeviceRow>>;
     fn count_devices(&self, org_id: i64) -> StoreResult<i64>;
     fn device(&self, org_id: i64, sn: &str) -> StoreResult<DeviceRow>;
@@ -675,12 +747,14 @@ pub trait Store: Send + Sync {
     fn all_password_hashes(&self) -> StoreResult<Vec<(String, Vec<u8>)>>;
     /// Every registered SN with its broker password hash (`None` before initialisation).
     fn broker_devices(&self) -> StoreResult<Vec<(String, Option<String>)>>;
-    fn assign(&self, org_id: i64, device_ids: &[i64], key_source_id: Option<i64>) -> StoreResult<usize>;
-    fn set_unlock_pending(&self, device_id: i64, pending: bool) -> StoreResult<()>;
-    fn create_group(&self, org_id: i64, name: &str, description: &str) -> StoreResult<GroupRow>;
+    fn assign(&self, org_id: i64, device_ids: &[i64], key_source_id: Option<i64>, audit: &Audit) -> StoreResult<usize>;
+    /// Audited when `audit` is given (an operator's unlock; the engine clears the flag unaudited).
+    fn set_unlock_pending(&self, device_id: i64, pending: bool, audit: Option<&Audit>) -> StoreResult<()>;
+    fn create_group(&self, org_id: i64, name: &str, description: &str, audit: &Audit) -> StoreResult<GroupRow>;
     fn list_groups(&self, org_id: i64) -> StoreResult<Vec<GroupRow>>;
     fn group_by_name(&self, org_id: i64, name: &str) -> StoreResult<GroupRow>;
-    fn add_group_members(&self, group_id: i64, device_ids: &[i64]) -> StoreResult<usize>;
+    /// Audited with `added` added to the details.
+    fn add_group_members(&self, group_id: i64, device_ids: &[i64], audit: &Audit) -> StoreResult<usize>;
     fn group_member_ids(&self, group_id: i64) -> StoreResult<Vec<i64>>;
     fn device_ids_by_sn(&self, org_id: i64, sns: &[String]) -> StoreResult<Vec<(String, Option<i64>)>>;
 
@@ -732,7 +806,15 @@ pub trait Store: Send + Sync {
     /// Creates a task with `task.executions` and returns it with its executions read back (for
     /// small tasks and tests; the engine streams through [`Store::create_task_with`]).
     fn create_task(&self, task: &NewTask) -> StoreResult<(TaskRow, Vec<ExecutionRow>)> {
-        let row = self.create_task_with(task, &mut |_| Ok(()))?;
+        let audit = Audit::new(
+            &Actor::named(&task.created_by),
+            Some(task.org_id),
+            "task.create",
+            "",
+            serde_json::json!({}),
+            task.created_at,
+        );
+        let row = self.create_task_with(task, &audit, &mut |_| Ok(()))?;
         let executions = self.task_executions(row.id)?;
         Ok((row, executions))
     }
@@ -742,9 +824,11 @@ pub trait Store: Send + Sync {
     /// any insert fails) not at all. `fill` may be called again from the start when a transaction
     /// is retried after a transient failure (PostgreSQL), so it must start over on each call.
     /// Returns the task as committed, without reading its executions back.
+    /// Audited in the same transaction: object `task:{number}`, with `executions` added.
     fn create_task_with(
         &self,
         task: &NewTask,
+        audit: &Audit,
         fill: &mut dyn FnMut(&mut dyn TaskSink) -> StoreResult<()>,
     ) -> StoreResult<TaskRow>;
     fn task_by_request_id(&self, org_id: i64, request_id: i64) -> StoreResult<Option<TaskRow>>;
@@ -804,7 +888,8 @@ pub trait Store: Send + Sync {
     /// Replaces the key block of an open execution (re-wrap after re-initialisation).
     fn rewrap_execution(&self, id: i64, key_block: &str, generation: i64) -> StoreResult<()>;
     /// Terminates every open execution of the task, with records. Returns the ended ids.
-    fn stop_task(&self, org_id: i64, task_id: i64, at: Millis) -> StoreResult<Vec<i64>>;
+    /// Audited with `terminated` added to the details.
+    fn stop_task(&self, org_id: i64, task_id: i64, at: Millis, audit: &Audit) -> StoreResult<Vec<i64>>;
     /// Expires every open execution whose deadline is at or before `now`, with records.
     fn expire_due(&self, now: Millis) -> StoreResult<Vec<(i64, i64)>>;
     fn apply_batch(&self, writes: &[Write]) -> StoreResult<BatchOutcome>;

@@ -1327,12 +1327,14 @@ fn spend_gudid_in(
 // ---------------------------------------------------------------- the store
 
 impl Store for PostgresStore {
-    fn create_org(&self, name: &str, at: Millis) -> StoreResult<OrgRow> {
+    fn create_org(&self, name: &str, at: Millis, audit: &Audit) -> StoreResult<OrgRow> {
         self.write(|s| {
             let row = s
                 .query_one("INSERT INTO organizations (name, created_at) VALUES ($1, $2) RETURNING id", &[&name, &at])
                 .map_err(conflict_as(format!("organization {name:?} exists")))?;
-            Ok(OrgRow { id: row.try_get(0)?, name: name.to_string(), created_at: at })
+            let id = row.try_get(0)?;
+            audit_in(s, &audit.entry(None, Some(id), &[]))?;
+            Ok(OrgRow { id, name: name.to_string(), created_at: at })
         })
     }
 
@@ -1359,13 +1361,16 @@ impl Store for PostgresStore {
         label: &str,
         hash: &[u8],
         at: Millis,
+        audit: &Audit,
     ) -> StoreResult<TokenRow> {
         self.write(|s| {
             let row = s.query_one(
                 "INSERT INTO tokens (org_id, role, label, token_hash, created_at) VALUES ($1, $2, $3, $4, $5) RETURNING id",
                 &[&org_id, &role.as_str(), &label, &hash, &at],
             )?;
-            Ok(TokenRow { id: row.try_get(0)?, org_id, role, label: label.to_string() })
+            let id: i64 = row.try_get(0)?;
+            audit_in(s, &audit.entry(None, org_id, &[("token_id", id.into())]))?;
+            Ok(TokenRow { id, org_id, role, label: label.to_string() })
         })
     }
 
@@ -1418,7 +1423,7 @@ impl Store for PostgresStore {
         })
     }
 
-    fn insert_key_source(&self, row: &KeySourceRow) -> StoreResult<KeySourceRow> {
+    fn insert_key_source(&self, row: &KeySourceRow, audit: &Audit) -> StoreResult<KeySourceRow> {
         self.write(|s| {
             let id = s
                 .query_one(
@@ -1428,6 +1433,7 @@ impl Store for PostgresStore {
                 )
                 .map_err(conflict_as(format!("key source {:?} exists", row.name)))?
                 .try_get(0)?;
+            audit_in(s, &audit.entry(None, None, &[]))?;
             Ok(KeySourceRow { id, ..row.clone() })
         })
     }
@@ -1475,7 +1481,7 @@ impl Store for PostgresStore {
         })
     }
 
-    fn insert_kek(&self, row: &KekRow) -> StoreResult<KekRow> {
+    fn insert_kek(&self, row: &KekRow, audit: &Audit) -> StoreResult<KekRow> {
         self.write(|s| {
             let id = s
                 .query_one(
@@ -1485,6 +1491,7 @@ impl Store for PostgresStore {
                 )
                 .map_err(conflict_as(format!("KEK {:?} exists", row.name)))?
                 .try_get(0)?;
+            audit_in(s, &audit.entry(None, None, &[]))?;
             Ok(KekRow { id, ..row.clone() })
         })
     }
@@ -1510,7 +1517,7 @@ impl Store for PostgresStore {
         })
     }
 
-    fn import_devices(&self, org_id: i64, rows: &[ImportRow], at: Millis) -> StoreResult<usize> {
+    fn import_devices(&self, org_id: i64, rows: &[ImportRow], at: Millis, audit: &Audit) -> StoreResult<usize> {
         let sns: Vec<&str> = rows.iter().map(|r| r.sn.as_str()).collect();
         let models: Vec<Option<&str>> = rows.iter().map(|r| r.model.as_deref()).collect();
         self.write(|s| {
@@ -1537,6 +1544,7 @@ impl Store for PostgresStore {
                     .collect();
                 return Err(StoreError::Conflict(conflicts.join("; ")).into());
             }
+            audit_in(s, &audit.entry(None, None, &[("imported", added.into())]))?;
             Ok(added as usize)
         })
     }
@@ -1648,7 +1656,7 @@ impl Store for PostgresStore {
         })
     }
 
-    fn assign(&self, org_id: i64, ids: &[i64], key_source_id: Option<i64>) -> StoreResult<usize> {
+    fn assign(&self, org_id: i64, ids: &[i64], key_source_id: Option<i64>, audit: &Audit) -> StoreResult<usize> {
         self.write(|s| {
             // Counted per id given, repeats included, as SQLite's one UPDATE per id counts.
             let row = s.query_one(
@@ -1658,18 +1666,22 @@ impl Store for PostgresStore {
                  SELECT count(*) FROM unnest($2::bigint[]) AS i(id) JOIN updated u ON u.id = i.id",
                 &[&org_id, &ids, &key_source_id],
             )?;
+            audit_in(s, &audit.entry(None, None, &[]))?;
             Ok(row.try_get::<_, i64>(0)? as usize)
         })
     }
 
-    fn set_unlock_pending(&self, device_id: i64, pending: bool) -> StoreResult<()> {
+    fn set_unlock_pending(&self, device_id: i64, pending: bool, audit: Option<&Audit>) -> StoreResult<()> {
         self.write(|s| {
             s.execute("UPDATE devices SET unlock_pending = $2 WHERE id = $1", &[&device_id, &pending])?;
+            if let Some(audit) = audit {
+                audit_in(s, &audit.entry(None, None, &[]))?;
+            }
             Ok(())
         })
     }
 
-    fn create_group(&self, org_id: i64, name: &str, description: &str) -> StoreResult<GroupRow> {
+    fn create_group(&self, org_id: i64, name: &str, description: &str, audit: &Audit) -> StoreResult<GroupRow> {
         self.write(|s| {
             let id = s
                 .query_one(
@@ -1678,6 +1690,7 @@ impl Store for PostgresStore {
                 )
                 .map_err(conflict_as(format!("group {name:?} exists")))?
                 .try_get(0)?;
+            audit_in(s, &audit.entry(None, None, &[]))?;
             Ok(GroupRow { id, org_id, name: name.into(), description: description.into(), members: 0 })
         })
     }
@@ -1705,7 +1718,7 @@ impl Store for PostgresStore {
         })
     }
 
-    fn add_group_members(&self, group_id: i64, ids: &[i64]) -> StoreResult<usize> {
+    fn add_group_members(&self, group_id: i64, ids: &[i64], audit: &Audit) -> StoreResult<usize> {
         self.write(|s| {
             let added = s.execute(
                 "INSERT INTO group_members (group_id, device_id)
@@ -1713,6 +1726,7 @@ impl Store for PostgresStore {
                  ON CONFLICT DO NOTHING",
                 &[&group_id, &ids],
             )?;
+            audit_in(s, &audit.entry(None, None, &[("added", added.into())]))?;
             Ok(added as usize)
         })
     }
@@ -1942,6 +1956,7 @@ impl Store for PostgresStore {
     fn create_task_with(
         &self,
         task: &NewTask,
+        audit: &Audit,
         fill: &mut dyn FnMut(&mut dyn TaskSink) -> StoreResult<()>,
     ) -> StoreResult<TaskRow> {
         let (task_id, inserted) = self.write(|s| {
@@ -1967,9 +1982,14 @@ impl Store for PostgresStore {
             let mut sink = PostgresTaskSink { s, task, task_id, inserted: 0, failure: None };
             // A failure inside the sink is kept whole, so a transient one retries the transaction.
             let filled = sink.insert(&task.executions).map(|_| ()).and_then(|()| fill(&mut sink));
-            let PostgresTaskSink { inserted, failure, .. } = sink;
+            let PostgresTaskSink { s, inserted, failure, .. } = sink;
             match (filled, failure) {
-                (Ok(()), _) => Ok((task_id, inserted)),
+                (Ok(()), _) => {
+                    let number: i64 = s.query_one("SELECT number FROM tasks WHERE id = $1", &[&task_id])?.try_get(0)?;
+                    let facts = [("executions", serde_json::Value::from(inserted))];
+                    audit_in(s, &audit.entry(Some(format!("task:{number}")), None, &facts))?;
+                    Ok((task_id, inserted))
+                }
                 (Err(_), Some(failure)) => Err(failure),
                 (Err(e), None) => Err(Failure::Store(e)),
             }
@@ -2107,7 +2127,7 @@ impl Store for PostgresStore {
         })
     }
 
-    fn stop_task(&self, org_id: i64, task_id: i64, at: Millis) -> StoreResult<Vec<i64>> {
+    fn stop_task(&self, org_id: i64, task_id: i64, at: Millis, audit: &Audit) -> StoreResult<Vec<i64>> {
         let terminated = ExecutionState::Terminated;
         let from = states_that_can_become(terminated);
         self.write(|s| {
@@ -2120,6 +2140,7 @@ impl Store for PostgresStore {
             let ended = s.query(STOP_TASK, &[&task_id, &at, &terminated.as_str(), &from])?;
             let ids = rows(ended, |r| Ok(r.try_get(0)?))?;
             s.execute("UPDATE tasks SET stopped_at = COALESCE(stopped_at, $2) WHERE id = $1", &[&task_id, &at])?;
+            audit_in(s, &audit.entry(None, None, &[("terminated", ids.len().into())]))?;
             Ok(ids)
         })
     }

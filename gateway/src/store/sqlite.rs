@@ -798,7 +798,7 @@ fn in_list(n: usize) -> String {
 }
 
 impl Store for SqliteStore {
-    fn create_org(&self, name: &str, at: Millis) -> StoreResult<OrgRow> {
+    fn create_org(&self, name: &str, at: Millis, audit: &Audit) -> StoreResult<OrgRow> {
         self.write(|tx| {
             tx.execute("INSERT INTO organizations (name, created_at) VALUES (?1, ?2)", params![name, at]).map_err(
                 |e| match backend(e) {
@@ -806,7 +806,9 @@ impl Store for SqliteStore {
                     other => other,
                 },
             )?;
-            Ok(OrgRow { id: tx.last_insert_rowid(), name: name.to_string(), created_at: at })
+            let id = tx.last_insert_rowid();
+            audit_in(tx, &audit.entry(None, Some(id), &[]))?;
+            Ok(OrgRow { id, name: name.to_string(), created_at: at })
         })
     }
 
@@ -846,6 +848,7 @@ impl Store for SqliteStore {
         label: &str,
         hash: &[u8],
         at: Millis,
+        audit: &Audit,
     ) -> StoreResult<TokenRow> {
         self.write(|tx| {
             tx.execute(
@@ -853,7 +856,9 @@ impl Store for SqliteStore {
                 params![org_id, role.as_str(), label, hash, at],
             )
             .map_err(backend)?;
-            Ok(TokenRow { id: tx.last_insert_rowid(), org_id, role, label: label.to_string() })
+            let id = tx.last_insert_rowid();
+            audit_in(tx, &audit.entry(None, org_id, &[("token_id", id.into())]))?;
+            Ok(TokenRow { id, org_id, role, label: label.to_string() })
         })
     }
 
@@ -909,7 +914,7 @@ impl Store for SqliteStore {
         })
     }
 
-    fn insert_key_source(&self, row: &KeySourceRow) -> StoreResult<KeySourceRow> {
+    fn insert_key_source(&self, row: &KeySourceRow, audit: &Audit) -> StoreResult<KeySourceRow> {
         self.write(|tx| {
             tx.execute(
                 "INSERT INTO key_sources (org_id, name, algorithm, kcv, sealed, key_set_id, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
@@ -919,7 +924,9 @@ impl Store for SqliteStore {
                 StoreError::Conflict(_) => StoreError::Conflict(format!("key source {:?} exists", row.name)),
                 other => other,
             })?;
-            Ok(KeySourceRow { id: tx.last_insert_rowid(), ..row.clone() })
+            let id = tx.last_insert_rowid();
+            audit_in(tx, &audit.entry(None, None, &[]))?;
+            Ok(KeySourceRow { id, ..row.clone() })
         })
     }
 
@@ -969,7 +976,7 @@ impl Store for SqliteStore {
         })
     }
 
-    fn insert_kek(&self, row: &KekRow) -> StoreResult<KekRow> {
+    fn insert_kek(&self, row: &KekRow, audit: &Audit) -> StoreResult<KekRow> {
         self.write(|tx| {
             tx.execute(
                 "INSERT INTO keks (org_id, name, algorithm, kcv, sealed, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
@@ -979,7 +986,9 @@ impl Store for SqliteStore {
                 StoreError::Conflict(_) => StoreError::Conflict(format!("KEK {:?} exists", row.name)),
                 other => other,
             })?;
-            Ok(KekRow { id: tx.last_insert_rowid(), ..row.clone() })
+            let id = tx.last_insert_rowid();
+            audit_in(tx, &audit.entry(None, None, &[]))?;
+            Ok(KekRow { id, ..row.clone() })
         })
     }
 
@@ -1004,7 +1013,7 @@ impl Store for SqliteStore {
         })
     }
 
-    fn import_devices(&self, org_id: i64, rows: &[ImportRow], at: Millis) -> StoreResult<usize> {
+    fn import_devices(&self, org_id: i64, rows: &[ImportRow], at: Millis, audit: &Audit) -> StoreResult<usize> {
         self.write(|tx| {
             let mut conflicts = Vec::new();
             {
@@ -1028,6 +1037,7 @@ impl Store for SqliteStore {
             for row in rows {
                 added += insert.execute(params![org_id, row.sn, row.model, at]).map_err(backend)?;
             }
+            audit_in(tx, &audit.entry(None, None, &[("imported", added.into())]))?;
             Ok(added)
         })
     }
@@ -1150,7 +1160,7 @@ impl Store for SqliteStore {
         })
     }
 
-    fn assign(&self, org_id: i64, ids: &[i64], key_source_id: Option<i64>) -> StoreResult<usize> {
+    fn assign(&self, org_id: i64, ids: &[i64], key_source_id: Option<i64>, audit: &Audit) -> StoreResult<usize> {
         self.write(|tx| {
             let mut stmt = tx
                 .prepare_cached("UPDATE devices SET assigned_key_source = ?3 WHERE org_id = ?1 AND id = ?2")
@@ -1159,19 +1169,23 @@ impl Store for SqliteStore {
             for id in ids {
                 n += stmt.execute(params![org_id, id, key_source_id]).map_err(backend)?;
             }
+            audit_in(tx, &audit.entry(None, None, &[]))?;
             Ok(n)
         })
     }
 
-    fn set_unlock_pending(&self, device_id: i64, pending: bool) -> StoreResult<()> {
+    fn set_unlock_pending(&self, device_id: i64, pending: bool, audit: Option<&Audit>) -> StoreResult<()> {
         self.write(|tx| {
             tx.execute("UPDATE devices SET unlock_pending = ?2 WHERE id = ?1", params![device_id, pending])
                 .map_err(backend)?;
+            if let Some(audit) = audit {
+                audit_in(tx, &audit.entry(None, None, &[]))?;
+            }
             Ok(())
         })
     }
 
-    fn create_group(&self, org_id: i64, name: &str, description: &str) -> StoreResult<GroupRow> {
+    fn create_group(&self, org_id: i64, name: &str, description: &str, audit: &Audit) -> StoreResult<GroupRow> {
         self.write(|tx| {
             tx.execute(
                 "INSERT INTO groups (org_id, name, description) VALUES (?1, ?2, ?3)",
@@ -1181,13 +1195,9 @@ impl Store for SqliteStore {
                 StoreError::Conflict(_) => StoreError::Conflict(format!("group {name:?} exists")),
                 other => other,
             })?;
-            Ok(GroupRow {
-                id: tx.last_insert_rowid(),
-                org_id,
-                name: name.into(),
-                description: description.into(),
-                members: 0,
-            })
+            let id = tx.last_insert_rowid();
+            audit_in(tx, &audit.entry(None, None, &[]))?;
+            Ok(GroupRow { id, org_id, name: name.into(), description: description.into(), members: 0 })
         })
     }
 
@@ -1220,7 +1230,7 @@ impl Store for SqliteStore {
         })
     }
 
-    fn add_group_members(&self, group_id: i64, ids: &[i64]) -> StoreResult<usize> {
+    fn add_group_members(&self, group_id: i64, ids: &[i64], audit: &Audit) -> StoreResult<usize> {
         self.write(|tx| {
             let mut stmt = tx
                 .prepare_cached(
@@ -1231,6 +1241,7 @@ impl Store for SqliteStore {
             for id in ids {
                 n += stmt.execute(params![group_id, id]).map_err(backend)?;
             }
+            audit_in(tx, &audit.entry(None, None, &[("added", n.into())]))?;
             Ok(n)
         })
     }
@@ -1483,6 +1494,7 @@ impl Store for SqliteStore {
     fn create_task_with(
         &self,
         task: &NewTask,
+        audit: &Audit,
         fill: &mut dyn FnMut(&mut dyn TaskSink) -> StoreResult<()>,
     ) -> StoreResult<TaskRow> {
         let (task_id, inserted) = self.write(|tx| {
@@ -1504,7 +1516,11 @@ impl Store for SqliteStore {
             let mut sink = SqliteTaskSink { tx, task, task_id: tx.last_insert_rowid(), inserted: 0 };
             sink.insert(&task.executions)?;
             fill(&mut sink)?;
-            Ok((sink.task_id, sink.inserted))
+            let (task_id, inserted) = (sink.task_id, sink.inserted);
+            let number: i64 =
+                tx.query_row("SELECT number FROM tasks WHERE id = ?1", [task_id], |r| r.get(0)).map_err(backend)?;
+            audit_in(tx, &audit.entry(Some(format!("task:{number}")), None, &[("executions", inserted.into())]))?;
+            Ok((task_id, inserted))
         })?;
         committed_task(self.task(task.org_id, task_id)?, inserted)
     }
@@ -1659,7 +1675,7 @@ impl Store for SqliteStore {
         })
     }
 
-    fn stop_task(&self, org_id: i64, task_id: i64, at: Millis) -> StoreResult<Vec<i64>> {
+    fn stop_task(&self, org_id: i64, task_id: i64, at: Millis, audit: &Audit) -> StoreResult<Vec<i64>> {
         self.write(|tx| {
             let owned: Option<i64> = tx
                 .query_row("SELECT id FROM tasks WHERE org_id = ?1 AND id = ?2", params![org_id, task_id], |r| r.get(0))
@@ -1691,6 +1707,7 @@ impl Store for SqliteStore {
             }
             tx.execute("UPDATE tasks SET stopped_at = COALESCE(stopped_at, ?2) WHERE id = ?1", params![task_id, at])
                 .map_err(backend)?;
+            audit_in(tx, &audit.entry(None, None, &[("terminated", ids.len().into())]))?;
             Ok(ids)
         })
     }
@@ -1879,6 +1896,10 @@ impl Store for SqliteStore {
 
 #[cfg(test)]
 mod tests {
+    /// The audit entry of an action in these tests.
+    fn audit(action: &'static str) -> crate::store::Audit {
+        crate::store::Audit::new(&crate::store::Actor::named("test"), None, action, "", serde_json::json!({}), 0)
+    }
     use super::*;
 
     fn store() -> (SqliteStore, std::path::PathBuf) {
@@ -1919,24 +1940,27 @@ mod tests {
     #[test]
     fn a_streamed_task_is_all_or_nothing_and_returns_each_execution_id() {
         let (st, dir) = store();
-        let org = st.create_org("acme", 1).expect("org");
+        let org = st.create_org("acme", 1, &audit("org.create")).expect("org");
         let source = st
-            .insert_key_source(&KeySourceRow {
-                id: 0,
-                org_id: org.id,
-                name: "bdk".into(),
-                algorithm: "tdes".into(),
-                kcv: "ABCDEF".into(),
-                sealed: "sealed:bdk".into(),
-                key_set_id: "FFFF987654".into(),
-                created_at: 1,
-            })
+            .insert_key_source(
+                &KeySourceRow {
+                    id: 0,
+                    org_id: org.id,
+                    name: "bdk".into(),
+                    algorithm: "tdes".into(),
+                    kcv: "ABCDEF".into(),
+                    sealed: "sealed:bdk".into(),
+                    key_set_id: "FFFF987654".into(),
+                    created_at: 1,
+                },
+                &audit("key_source.authorize"),
+            )
             .expect("key source");
         // More than one INSERT statement's worth, and a remainder.
         let n = EXECUTIONS_PER_INSERT * 2 + 5;
         let rows: Vec<ImportRow> =
             (0..n).map(|i| ImportRow { line: i + 2, sn: format!("SN{i:04}"), model: None }).collect();
-        st.import_devices(org.id, &rows, 1).expect("import");
+        st.import_devices(org.id, &rows, 1, &audit("devices.upload")).expect("import");
         let mut devices = st.list_devices(org.id, &DeviceFilter::default()).expect("devices");
         devices.sort_by_key(|d| d.id);
         let task = NewTask {
@@ -1951,7 +1975,7 @@ mod tests {
             executions: Vec::new(),
         };
         // A failure after some executions were inserted leaves no task and no execution.
-        let failed = st.create_task_with(&task, &mut |sink| {
+        let failed = st.create_task_with(&task, &audit("task.create"), &mut |sink| {
             sink.insert(&[execution(devices[0].id, 0)])?;
             Err(StoreError::Backend("derivation failed".into()))
         });
@@ -1962,7 +1986,7 @@ mod tests {
         let ids: Vec<i64> = devices.iter().map(|d| d.id).collect();
         let mut returned = Vec::new();
         let row = st
-            .create_task_with(&task, &mut |sink| {
+            .create_task_with(&task, &audit("task.create"), &mut |sink| {
                 returned.clear();
                 assert!(sink.derive_targets(&ids, true)?.is_empty());
                 let (first, rest) = devices.split_at(3);

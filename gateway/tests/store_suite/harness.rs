@@ -16,6 +16,11 @@ use crate::pg::PgServer;
 
 /// 2023-11-14T22:13:20Z: every time in the specs counts from here.
 pub const T0: Millis = 1_700_000_000_000;
+
+/// The audit entry a store spec's action writes (the specs that check the log name what they need).
+pub fn audit(action: &'static str) -> Audit {
+    Audit::new(&Actor::named("store suite"), None, action, "", serde_json::json!({}), T0)
+}
 pub const DAY_MS: Millis = 86_400_000;
 /// Connections per PostgreSQL store in the specs: enough for the concurrency specs' threads.
 const PG_POOL_SIZE: usize = 4;
@@ -201,23 +206,26 @@ pub struct World {
 }
 
 pub fn world(store: &dyn Store, org: &str, devices: usize) -> World {
-    let org = store.create_org(org, T0).must();
+    let org = store.create_org(org, T0, &audit("org.create")).must();
     let source = store
-        .insert_key_source(&KeySourceRow {
-            id: 0,
-            org_id: org.id,
-            name: "bdk-1".into(),
-            algorithm: "tdes".into(),
-            kcv: "ABCDEF".into(),
-            sealed: "sealed:bdk-1".into(),
-            key_set_id: "FFFF987654".into(),
-            created_at: T0,
-        })
+        .insert_key_source(
+            &KeySourceRow {
+                id: 0,
+                org_id: org.id,
+                name: "bdk-1".into(),
+                algorithm: "tdes".into(),
+                kcv: "ABCDEF".into(),
+                sealed: "sealed:bdk-1".into(),
+                key_set_id: "FFFF987654".into(),
+                created_at: T0,
+            },
+            &audit("key_source.authorize"),
+        )
         .must();
     let rows: Vec<ImportRow> = (0..devices)
         .map(|i| ImportRow { line: i + 2, sn: format!("{}-{i:04}", org.name), model: Some("A920".into()) })
         .collect();
-    assert_eq!(store.import_devices(org.id, &rows, T0).must(), devices);
+    assert_eq!(store.import_devices(org.id, &rows, T0, &audit("devices.upload")).must(), devices);
     let mut listed = store.list_devices(org.id, &DeviceFilter::default()).must();
     listed.sort_by_key(|d| d.id);
     World { org, source, devices: listed }
