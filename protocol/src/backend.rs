@@ -18,9 +18,11 @@
 
 use std::fmt;
 
+use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
 use crate::frame::{MacKey, MAC_KEY_LEN};
+use crate::message::Request;
 use crate::secret::SecretBytes;
 use crate::topic::{validate_name, NameError};
 
@@ -32,6 +34,29 @@ pub const CLIENT_ID_PREFIX: &str = "backend@";
 pub const MQTT_PASSWORD_LABEL: &[u8] = b"rki/v1 backend mqtt password";
 /// The label of [`BackendSecret::mac_key`]'s HMAC input.
 pub const MAC_KEY_LABEL: &[u8] = b"rki/v1 backend mac key";
+
+/// Events one `Answer::Events` announces at most: `last <= after + EVENTS_BATCH_MAX`, so that one
+/// request never makes the gateway publish an unbounded backlog at once.
+pub const EVENTS_BATCH_MAX: u64 = 1000;
+/// The gateway keeps every event at least this long; older ones may be gone (`Answer::Gap`).
+pub const EVENTS_RETAINED_DAYS_MIN: u64 = 7;
+/// The gateway remembers the answer of a state-changing request at least this long, across
+/// restarts and nodes; a backend retries well within it.
+pub const REQUESTS_REMEMBERED_DAYS_MIN: u64 = 30;
+/// The label of [`request_digest`].
+pub const REQUEST_DIGEST_LABEL: &[u8] = b"rki/v1 backend request";
+
+/// What the gateway remembers of a request beside its id, to tell a repeat (same digest: the
+/// first answer again) from a reused id (another digest: `request_id_reused`):
+/// `SHA-256("rki/v1 backend request" || postcard(request))`, over the canonical re-encoding, so
+/// that two encodings of one request are the same request.
+pub fn request_digest(request: &Request) -> [u8; 32] {
+    let mut hash = Sha256::new();
+    hash.update(REQUEST_DIGEST_LABEL);
+    // Encoding a decoded request cannot fail: postcard fails only on unsupported types.
+    hash.update(postcard::to_stdvec(request).unwrap_or_default());
+    hash.finalize().into()
+}
 
 /// Why a backend client id or secret does not parse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -201,6 +226,22 @@ mod tests {
         let random = BackendSecret::random().expect("random");
         assert_ne!(random, BackendSecret::random().expect("random"));
         assert_eq!(random.expose_text().len(), 64);
+    }
+
+    #[test]
+    fn a_repeated_request_has_the_same_digest_and_another_request_another() {
+        use crate::message::{TaskOrder, TaskTarget};
+        use crate::terminal::KeySlot;
+        let order = |slot| TaskOrder {
+            target: TaskTarget::Devices(vec!["SN1".into()]),
+            key_source: String::new(),
+            slot: KeySlot(slot),
+            expiry_days: 0,
+        };
+        let digest = request_digest(&Request::CreateTask(order(1)));
+        assert_eq!(digest, request_digest(&Request::CreateTask(order(1))));
+        assert_ne!(digest, request_digest(&Request::CreateTask(order(4))));
+        assert_ne!(digest, request_digest(&Request::Preview(order(1))));
     }
 
     #[test]

@@ -480,8 +480,14 @@ mod frames {
 
     fn event() -> impl Strategy<Value = Event> {
         prop_oneof![
-            (any::<u64>(), any::<u64>(), any::<u32>())
-                .prop_map(|(task_id, request_id, executions)| Event::TaskCreated { task_id, request_id, executions }),
+            (any::<u64>(), prop_oneof![Just(String::new()), name()], any::<u64>(), any::<u32>()).prop_map(
+                |(task_id, backend, request_id, executions)| Event::TaskCreated {
+                    task_id,
+                    backend,
+                    request_id,
+                    executions
+                }
+            ),
             (
                 (any::<u64>(), any::<u64>(), name(), short_text()),
                 (

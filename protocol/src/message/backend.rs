@@ -184,9 +184,10 @@ pub struct BackendEvent {
 /// The events. Variant indices are stable; new events are only ever appended.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Event {
-    /// 0. A task was created, by this or another backend (`request_id` is then that backend's)
-    ///    or by an operator (`request_id == 0`).
-    TaskCreated { task_id: u64, request_id: u64, executions: u32 },
+    /// 0. A task was created: by the backend named `backend` (of this organization: this one or
+    ///    another) for its request `request_id`, or by an operator (`backend` empty,
+    ///    `request_id == 0`). Request ids are per backend, hence the name beside it.
+    TaskCreated { task_id: u64, backend: String, request_id: u64, executions: u32 },
     /// 1. An execution ended; the download record in brief.
     ExecutionEnded {
         task_id: u64,
@@ -432,6 +433,9 @@ impl BackendEvent {
                 bytes("ksn", ksn, limits::KEY_ID_LEN_MAX)?;
                 bytes("kcv", kcv, limits::KCV_LEN_MAX)
             }
+            Event::TaskCreated { backend, .. } if !backend.is_empty() => {
+                validate_name(backend).map_err(|e| InvalidBody::Name("backend", e))
+            }
             Event::TaskCreated { .. } | Event::TaskDone { .. } => Ok(()),
         }
     }
@@ -598,6 +602,13 @@ mod tests {
             },
         };
         assert_eq!(ended("SN1", "succeeded".into(), 16, 5).validate(), Ok(()));
+        let created = |backend: &str| BackendEvent {
+            seq: 1,
+            event: Event::TaskCreated { task_id: 1, backend: backend.into(), request_id: 0, executions: 1 },
+        };
+        assert_eq!(created("").validate(), Ok(()), "an operator's task");
+        assert_eq!(created("erp-1").validate(), Ok(()));
+        assert!(created("erp/1").validate().is_err());
         for e in [
             ended("SN1", "succeeded".into(), 17, 3),
             ended("SN1", "succeeded".into(), 10, 6),
