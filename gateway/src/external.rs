@@ -24,7 +24,7 @@ const INFLIGHT_MAX: u16 = 1000;
 
 /// The filters the gateway subscribes to, shared across nodes when a group is set.
 pub fn filters(shared_group: Option<&str>) -> Vec<String> {
-    [topic::FILTER_DEVICE_UP, topic::FILTER_INIT, topic::FILTER_BACKEND_TASKS]
+    [topic::FILTER_DEVICE_UP, topic::FILTER_INIT, topic::FILTER_BACKEND_REQUESTS]
         .iter()
         .map(|f| match shared_group {
             Some(group) => format!("$share/{group}/{f}"),

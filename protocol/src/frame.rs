@@ -23,6 +23,11 @@ pub const FRAME_VERSION: u8 = 1;
 /// Largest frame accepted or produced. A hello with 16 slots or a download with an AES-256 key
 /// block is well under 1 KiB; the limit leaves room and bounds the decoder's work.
 pub const FRAME_LEN_MAX: usize = 4096;
+/// Largest frame on the backend channel (`docs/PROTOCOL.md` §12): a request naming 1000 SNs of 64
+/// characters, or a preview listing 1000 not-ready devices with every reason, is about 75 KiB;
+/// the limit leaves room and still bounds the decoder's work. Device frames keep
+/// [`FRAME_LEN_MAX`].
+pub const BACKEND_FRAME_LEN_MAX: usize = 128 * 1024;
 /// HMAC-SHA256 tag length.
 pub const TAG_LEN: usize = 32;
 /// Length of every HMAC key used on the wire.
@@ -79,7 +84,7 @@ impl MacKey {
 /// Why a frame was refused. Each variant is a metrics label ([`FrameError::reason`]).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FrameError {
-    #[error("frame of {0} bytes exceeds the {FRAME_LEN_MAX}-byte limit")]
+    #[error("frame of {0} bytes exceeds its channel's limit ({FRAME_LEN_MAX} or {BACKEND_FRAME_LEN_MAX} bytes)")]
     Oversized(usize),
     #[error("frame is not valid postcard or has trailing bytes")]
     Malformed,
@@ -118,13 +123,24 @@ struct WireFrame<'a> {
     tag: [u8; TAG_LEN],
 }
 
-/// Encodes `body` and tags it under `key`.
+/// The frame limit of a body's channel: [`BACKEND_FRAME_LEN_MAX`] for the backend messages,
+/// [`FRAME_LEN_MAX`] for every other.
+pub fn frame_len_max(body: &Body) -> usize {
+    if body.message.kind().is_backend() {
+        BACKEND_FRAME_LEN_MAX
+    } else {
+        FRAME_LEN_MAX
+    }
+}
+
+/// Encodes `body` and tags it under `key`. The frame must fit its channel's limit
+/// ([`frame_len_max`]).
 pub fn seal(key: &MacKey, body: &Body) -> Result<Vec<u8>, FrameError> {
     let body_bytes = postcard::to_stdvec(body).map_err(|_| FrameError::Malformed)?;
     let tag = key.tag(&[&[FRAME_VERSION], &body_bytes]);
     let frame = WireFrame { version: FRAME_VERSION, body: &body_bytes, tag };
     let bytes = postcard::to_stdvec(&frame).map_err(|_| FrameError::Malformed)?;
-    if bytes.len() > FRAME_LEN_MAX {
+    if bytes.len() > frame_len_max(body) {
         return Err(FrameError::Oversized(bytes.len()));
     }
     Ok(bytes)
@@ -150,9 +166,20 @@ pub struct Verified {
     pub proof: MacVerified,
 }
 
-/// Decodes a frame: size, structure, version, then the body, then the body's limits.
+/// Decodes a frame from a device's topics: size (at most [`FRAME_LEN_MAX`]), structure,
+/// version, then the body, then the body's limits.
 pub fn open(bytes: &[u8]) -> Result<Unverified<'_>, FrameError> {
-    if bytes.len() > FRAME_LEN_MAX {
+    open_within(bytes, FRAME_LEN_MAX)
+}
+
+/// [`open`] for the backend channel, whose frames may reach [`BACKEND_FRAME_LEN_MAX`]. The
+/// receiver still checks that the message is one its topic carries.
+pub fn open_backend(bytes: &[u8]) -> Result<Unverified<'_>, FrameError> {
+    open_within(bytes, BACKEND_FRAME_LEN_MAX)
+}
+
+fn open_within(bytes: &[u8], len_max: usize) -> Result<Unverified<'_>, FrameError> {
+    if bytes.len() > len_max {
         return Err(FrameError::Oversized(bytes.len()));
     }
     let (frame, rest): (WireFrame<'_>, &[u8]) = postcard::take_from_bytes(bytes).map_err(|_| FrameError::Malformed)?;
@@ -255,6 +282,75 @@ mod tests {
         assert_eq!(open(&bytes).err(), Some(FrameError::UnknownVersion(2)));
         assert_eq!(open(&vec![0u8; FRAME_LEN_MAX + 1]).err(), Some(FrameError::Oversized(FRAME_LEN_MAX + 1)));
         assert_eq!(open(&[]).err(), Some(FrameError::Malformed));
+    }
+
+    /// The largest body each backend limit allows, every string at its longest.
+    fn largest_backend_bodies() -> Vec<Body> {
+        use crate::message::{
+            limits, Answer, BackendAnswer, BackendRequest, NotReady, NotReadyReason, Request, TaskOrder, TaskTarget,
+        };
+        let sn = |i: usize| format!("{i:0>64}");
+        let sns: Vec<String> = (0..limits::TASK_DEVICES_MAX).map(sn).collect();
+        let party = "o".repeat(64);
+        let body = |message| Body { party: party.clone(), counter: u64::MAX, message };
+        let order = TaskOrder {
+            target: TaskTarget::Devices(sns.clone()),
+            key_source: "k".repeat(limits::SHORT_TEXT_LEN_MAX),
+            slot: KeySlot(u16::MAX),
+            expiry_days: u16::MAX,
+        };
+        let not_ready = (0..limits::NOT_READY_LISTED_MAX)
+            .map(|i| NotReady { sn: sn(i), reasons: NotReadyReason::ALL[..limits::NOT_READY_REASONS_MAX].to_vec() })
+            .collect();
+        vec![
+            body(Message::BackendRequest(BackendRequest { request_id: u64::MAX, request: Request::CreateTask(order) })),
+            body(Message::BackendRequest(BackendRequest {
+                request_id: u64::MAX,
+                request: Request::Unlock { sns: sns.clone() },
+            })),
+            body(Message::BackendAnswer(BackendAnswer {
+                request_id: u64::MAX,
+                answer: Answer::Preview { ready: u32::MAX, not_ready_total: u32::MAX, not_ready },
+            })),
+            body(Message::BackendAnswer(BackendAnswer {
+                request_id: u64::MAX,
+                answer: Answer::Unlocked { unlocked: u32::MAX, unknown: sns },
+            })),
+        ]
+    }
+
+    #[test]
+    fn the_largest_valid_backend_messages_fit_a_backend_frame() {
+        for body in largest_backend_bodies() {
+            assert_eq!(body.validate(), Ok(()));
+            let bytes = seal(&key(1), &body).expect("within BACKEND_FRAME_LEN_MAX");
+            assert!(bytes.len() > FRAME_LEN_MAX, "a device frame could carry it: the larger limit is not needed");
+            assert_eq!(open(&bytes).err(), Some(FrameError::Oversized(bytes.len())), "not on a device topic");
+            let verified = open_backend(&bytes).expect("open").verify(&key(1)).expect("verify");
+            assert_eq!(verified.body, body);
+        }
+        assert_eq!(
+            open_backend(&vec![0u8; BACKEND_FRAME_LEN_MAX + 1]).err(),
+            Some(FrameError::Oversized(BACKEND_FRAME_LEN_MAX + 1))
+        );
+    }
+
+    #[test]
+    fn a_device_message_keeps_the_device_limit_when_sealed() {
+        use crate::message::Download;
+        let body = Body {
+            party: "SN1".into(),
+            counter: 1,
+            message: Message::Download(Download {
+                execution_id: 1,
+                slot: KeySlot::PRODUCTION,
+                key_type: crate::terminal::KeyType::Ipek,
+                key_block: "B".repeat(FRAME_LEN_MAX),
+                key_id: vec![],
+                kcv: vec![],
+            }),
+        };
+        assert!(matches!(seal(&key(1), &body), Err(FrameError::Oversized(_))));
     }
 
     #[test]

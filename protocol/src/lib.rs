@@ -16,8 +16,11 @@
 //! - [`message`]: every wire message, postcard-encoded.
 //! - [`frame`]: the signed envelope around every message (HMAC-SHA256 plus counter).
 //! - [`init`]: device initialisation crypto (GUDID, X25519 + HKDF-SHA256 key agreement).
+//! - [`backend`]: an RKI backend's identity (`backend@{org}:{name}`) and the MQTT password and
+//!   frame MAC key derived from its secret; its messages are in [`message`].
 #![forbid(unsafe_code)]
 
+pub mod backend;
 mod des_core;
 pub mod dukpt;
 pub mod frame;

@@ -13,6 +13,12 @@ use serde::{Deserialize, Serialize};
 use crate::terminal::{InjectionType, KeySlot, KeyType, Region};
 use crate::topic::{validate_name, SN_LEN_MAX};
 
+mod backend;
+pub use backend::{
+    Answer, BackendAnswer, BackendEvent, BackendRefusalCode, BackendRequest, Event, ExecutionCounts, NotReady,
+    NotReadyReason, Request, TaskOrder, TaskTarget,
+};
+
 /// Length limits, checked by [`Body::validate`] on every decoded message.
 pub mod limits {
     /// Model, ROM, app version, device id and reason strings.
@@ -25,8 +31,14 @@ pub mod limits {
     pub const KCV_LEN_MAX: usize = 5;
     /// Slots a hello may report.
     pub const SLOTS_MAX: usize = 16;
-    /// Devices one backend task request may name.
+    /// SNs one backend request may name (a task's `TaskTarget::Devices`, an `Unlock`), and SNs
+    /// one answer may list (`Answer::Unlocked::unknown`).
     pub const TASK_DEVICES_MAX: usize = 1000;
+    /// Not-ready devices one `Answer::Preview` lists; `not_ready_total` counts them all (a group
+    /// may hold many more).
+    pub const NOT_READY_LISTED_MAX: usize = 1000;
+    /// Reasons one not-ready device may carry: each [`super::NotReadyReason`] at most once.
+    pub const NOT_READY_REASONS_MAX: usize = 8;
 }
 
 /// The authenticated content of a frame: who it concerns, its counter, and the message.
@@ -62,13 +74,19 @@ pub enum Message {
     /// 7. gateway → terminal: a request was refused. Informational; changes no state on the
     ///    terminal, so it may be tagged under the public refusal key when no shared key exists.
     Refusal(Refusal),
-    /// 8. RKI backend → gateway, signed with the organization's backend key.
-    TaskRequest(TaskRequest),
-    /// 9. gateway → RKI backend, signed with the organization's backend key.
-    TaskEvent(TaskEvent),
+    /// 8. RKI backend → gateway, on `rki/v1/backend/{org}/{name}/req`, tagged under the
+    ///    backend's MAC key ([`crate::backend::BackendSecret::mac_key`]). (Index 8 was a reserved
+    ///    `TaskRequest` that no gateway ever served.)
+    BackendRequest(BackendRequest),
+    /// 9. gateway → RKI backend, on `rki/v1/backend/{org}/{name}/reply`, tagged under the same
+    ///    key: the answer to one [`BackendRequest`]. (Was the reserved, never served `TaskEvent`.)
+    BackendAnswer(BackendAnswer),
     /// 10. terminal → gateway, on `dev/{sn}/up`, signed with the device signing key: the terminal
     ///     did not act on a down frame whose tag verified (a replayed counter), and says why.
     DeviceRefusal(DeviceRefusal),
+    /// 11. gateway → RKI backend, on `rki/v1/backend/{org}/{name}/events`, tagged under the
+    ///     backend's MAC key: one numbered event of the organization.
+    BackendEvent(BackendEvent),
 }
 
 impl Message {
@@ -82,9 +100,10 @@ impl Message {
             Message::Download(_) => MessageKind::Download,
             Message::Unlock(_) => MessageKind::Unlock,
             Message::Refusal(_) => MessageKind::Refusal,
-            Message::TaskRequest(_) => MessageKind::TaskRequest,
-            Message::TaskEvent(_) => MessageKind::TaskEvent,
+            Message::BackendRequest(_) => MessageKind::BackendRequest,
+            Message::BackendAnswer(_) => MessageKind::BackendAnswer,
             Message::DeviceRefusal(_) => MessageKind::DeviceRefusal,
+            Message::BackendEvent(_) => MessageKind::BackendEvent,
         }
     }
 }
@@ -100,9 +119,10 @@ pub enum MessageKind {
     Download,
     Unlock,
     Refusal,
-    TaskRequest,
-    TaskEvent,
+    BackendRequest,
+    BackendAnswer,
     DeviceRefusal,
+    BackendEvent,
 }
 
 impl MessageKind {
@@ -116,10 +136,17 @@ impl MessageKind {
             MessageKind::Download => "download",
             MessageKind::Unlock => "unlock",
             MessageKind::Refusal => "refusal",
-            MessageKind::TaskRequest => "task_request",
-            MessageKind::TaskEvent => "task_event",
+            MessageKind::BackendRequest => "backend_request",
+            MessageKind::BackendAnswer => "backend_answer",
             MessageKind::DeviceRefusal => "device_refusal",
+            MessageKind::BackendEvent => "backend_event",
         }
+    }
+
+    /// Whether the message travels on the backend channel (§12 of `docs/PROTOCOL.md`) rather
+    /// than a device's topics. Backend frames may be larger ([`crate::frame::BACKEND_FRAME_LEN_MAX`]).
+    pub fn is_backend(self) -> bool {
+        matches!(self, MessageKind::BackendRequest | MessageKind::BackendAnswer | MessageKind::BackendEvent)
     }
 }
 
@@ -258,32 +285,6 @@ pub struct DeviceRefusal {
     pub code: RefusalCode,
 }
 
-/// The RKI backend asks for a download task.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TaskRequest {
-    /// The backend's idempotency key: a repeated request id creates nothing new.
-    pub request_id: u64,
-    pub target: TaskTarget,
-    pub key_source: String,
-    pub slot: KeySlot,
-    /// 0 means the default (30 days); at most 180.
-    pub expiry_days: u16,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum TaskTarget {
-    Devices(Vec<String>),
-    Group(String),
-}
-
-/// The gateway tells the backend what happened.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum TaskEvent {
-    Created { request_id: u64, task_id: u64, executions: u32 },
-    Rejected { request_id: u64, reason: String },
-    ExecutionEnded { task_id: u64, execution_id: u64, sn: String, state: String, result: i32, kcv: Vec<u8> },
-}
-
 /// Why a decoded body is not acceptable.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum InvalidBody {
@@ -291,16 +292,18 @@ pub enum InvalidBody {
     Party(crate::topic::NameError),
     #[error("field {0} is too long")]
     TooLong(&'static str),
+    #[error("field {0}: {1}")]
+    Name(&'static str, crate::topic::NameError),
 }
 
-fn short(field: &'static str, text: &str) -> Result<(), InvalidBody> {
+pub(crate) fn short(field: &'static str, text: &str) -> Result<(), InvalidBody> {
     if text.len() > limits::SHORT_TEXT_LEN_MAX {
         return Err(InvalidBody::TooLong(field));
     }
     Ok(())
 }
 
-fn bytes(field: &'static str, value: &[u8], max: usize) -> Result<(), InvalidBody> {
+pub(crate) fn bytes(field: &'static str, value: &[u8], max: usize) -> Result<(), InvalidBody> {
     if value.len() > max {
         return Err(InvalidBody::TooLong(field));
     }
@@ -343,30 +346,9 @@ impl Body {
                 bytes("key_id", &m.key_id, limits::KEY_ID_LEN_MAX)?;
                 bytes("kcv", &m.kcv, limits::KCV_LEN_MAX)
             }
-            Message::TaskRequest(m) => {
-                short("key_source", &m.key_source)?;
-                match &m.target {
-                    TaskTarget::Devices(sns) => {
-                        if sns.len() > limits::TASK_DEVICES_MAX {
-                            return Err(InvalidBody::TooLong("target.devices"));
-                        }
-                        for sn in sns {
-                            validate_name(sn).map_err(InvalidBody::Party)?;
-                        }
-                        Ok(())
-                    }
-                    TaskTarget::Group(name) => short("target.group", name),
-                }
-            }
-            Message::TaskEvent(event) => match event {
-                TaskEvent::Rejected { reason, .. } => short("reason", reason),
-                TaskEvent::ExecutionEnded { sn, state, kcv, .. } => {
-                    short("sn", sn)?;
-                    short("state", state)?;
-                    bytes("kcv", kcv, limits::KCV_LEN_MAX)
-                }
-                TaskEvent::Created { .. } => Ok(()),
-            },
+            Message::BackendRequest(m) => m.validate(),
+            Message::BackendAnswer(m) => m.validate(),
+            Message::BackendEvent(m) => m.validate(),
         }
     }
 }

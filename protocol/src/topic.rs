@@ -5,8 +5,9 @@
 //! | `{sn}/rki/v1/up` | terminal → gateway | `Hello`, `Ack`, `Bye` (last will) |
 //! | `{sn}/rki/v1/down` | gateway → terminal | `CreateKeyAnswer`, `Download`, `Unlock`, `Refusal` |
 //! | `{sn}/rki/v1/init` | terminal → gateway | `CreateKey` (the only topic a bootstrap identity needs) |
-//! | `rki/v1/backend/{org}/tasks` | RKI backend → gateway | `TaskRequest` |
-//! | `rki/v1/backend/{org}/events` | gateway → RKI backend | `TaskEvent` |
+//! | `rki/v1/backend/{org}/{name}/req` | RKI backend → gateway | `BackendRequest` |
+//! | `rki/v1/backend/{org}/{name}/reply` | gateway → RKI backend | `BackendAnswer` |
+//! | `rki/v1/backend/{org}/{name}/events` | gateway → RKI backend | `BackendEvent` |
 //!
 //! A device's topics start with its SN. A broker matches the first publish on a new topic against
 //! every subscription filter, and every new filter against every topic (rumqttd by a linear scan,
@@ -58,12 +59,30 @@ pub fn init(sn: &str) -> String {
     format!("{sn}/{PREFIX}/init")
 }
 
-pub fn backend_tasks(org: &str) -> String {
-    format!("{PREFIX}/backend/{org}/tasks")
+/// Where the backend `{org}/{name}` publishes its requests.
+pub fn backend_request(org: &str, name: &str) -> String {
+    format!("{PREFIX}/backend/{org}/{name}/req")
 }
 
-pub fn backend_events(org: &str) -> String {
-    format!("{PREFIX}/backend/{org}/events")
+/// Where the gateway publishes the answers to the backend `{org}/{name}`.
+pub fn backend_reply(org: &str, name: &str) -> String {
+    format!("{PREFIX}/backend/{org}/{name}/reply")
+}
+
+/// Where the gateway publishes the organization's events to the backend `{org}/{name}`.
+pub fn backend_events(org: &str, name: &str) -> String {
+    format!("{PREFIX}/backend/{org}/{name}/events")
+}
+
+/// Whether the backend `{org}/{name}` may publish on `topic`: its own request topic only.
+pub fn backend_may_publish(org: &str, name: &str, topic: &str) -> bool {
+    topic == backend_request(org, name)
+}
+
+/// Whether the backend `{org}/{name}` may subscribe to `filter`: its own reply and events topics
+/// only, written out (no wildcard).
+pub fn backend_may_subscribe(org: &str, name: &str, filter: &str) -> bool {
+    filter == backend_reply(org, name) || filter == backend_events(org, name)
 }
 
 /// The SN of a device's down topic, if `topic` is one (and its SN passes [`validate_name`]).
@@ -89,35 +108,35 @@ pub const FILTER_INIT: &str = "+/rki/v1/init";
 /// Every device topic, and every backend topic: the gateway's own rights on an external broker.
 pub const FILTER_ALL_DEVICES: &str = "+/rki/v1/#";
 pub const FILTER_ALL_BACKEND: &str = "rki/v1/backend/#";
-pub const FILTER_BACKEND_TASKS: &str = "rki/v1/backend/+/tasks";
+/// Every backend's request topic: what the gateway subscribes to on an external broker.
+pub const FILTER_BACKEND_REQUESTS: &str = "rki/v1/backend/+/+/req";
 
 /// A topic the gateway receives on, parsed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Inbound<'a> {
     DeviceUp { sn: &'a str },
     Init { sn: &'a str },
-    BackendTasks { org: &'a str },
+    BackendRequest { org: &'a str, name: &'a str },
 }
 
 /// Parses a topic the gateway subscribes to. Anything else, or a name that fails
 /// [`validate_name`], is `None`.
 pub fn parse_inbound(topic: &str) -> Option<Inbound<'_>> {
     let backend = topic.strip_prefix(PREFIX).and_then(|rest| rest.strip_prefix("/backend/"));
-    let parsed = if let Some(rest) = backend {
-        Inbound::BackendTasks { org: rest.strip_suffix("/tasks")? }
-    } else {
-        let (sn, rest) = topic.split_once('/')?;
-        match rest.strip_prefix(PREFIX)?.strip_prefix('/')? {
-            "up" => Inbound::DeviceUp { sn },
-            "init" => Inbound::Init { sn },
-            _ => return None,
-        }
+    if let Some(rest) = backend {
+        let (org, rest) = rest.split_once('/')?;
+        let name = rest.strip_suffix("/req")?;
+        validate_name(org).ok()?;
+        validate_name(name).ok()?;
+        return Some(Inbound::BackendRequest { org, name });
+    }
+    let (sn, rest) = topic.split_once('/')?;
+    let parsed = match rest.strip_prefix(PREFIX)?.strip_prefix('/')? {
+        "up" => Inbound::DeviceUp { sn },
+        "init" => Inbound::Init { sn },
+        _ => return None,
     };
-    let name = match parsed {
-        Inbound::DeviceUp { sn } | Inbound::Init { sn } => sn,
-        Inbound::BackendTasks { org } => org,
-    };
-    validate_name(name).ok()?;
+    validate_name(sn).ok()?;
     Some(parsed)
 }
 
@@ -135,7 +154,9 @@ mod tests {
         assert_eq!(device_up("SN1"), "SN1/rki/v1/up");
         assert_eq!(device_down("SN1"), "SN1/rki/v1/down");
         assert_eq!(init("SN1"), "SN1/rki/v1/init");
-        assert_eq!(backend_tasks("acme"), "rki/v1/backend/acme/tasks");
+        assert_eq!(backend_request("acme", "erp"), "rki/v1/backend/acme/erp/req");
+        assert_eq!(backend_reply("acme", "erp"), "rki/v1/backend/acme/erp/reply");
+        assert_eq!(backend_events("acme", "erp"), "rki/v1/backend/acme/erp/events");
         assert_eq!(parse_device_down(&device_down("SN1")), Some("SN1"));
         for other in ["SN1/rki/v1/up", "+/rki/v1/down", "a/b/rki/v1/down", "SN1/rki/v1/down/x", "/rki/v1/down"] {
             assert_eq!(parse_device_down(other), None, "{other}");
@@ -146,7 +167,7 @@ mod tests {
         // The gateway's filters are the same scheme with a wildcard for the name.
         assert_eq!(FILTER_DEVICE_UP, device_up("+"));
         assert_eq!(FILTER_INIT, init("+"));
-        assert_eq!(FILTER_BACKEND_TASKS, backend_tasks("+"));
+        assert_eq!(FILTER_BACKEND_REQUESTS, backend_request("+", "+"));
         assert_eq!(FILTER_ALL_DEVICES, format!("+/{PREFIX}/#"));
         assert_eq!(FILTER_ALL_BACKEND, format!("{PREFIX}/backend/#"));
     }
@@ -155,7 +176,12 @@ mod tests {
     fn inbound_topics_round_trip() {
         assert_eq!(parse_inbound(&device_up("SN1")), Some(Inbound::DeviceUp { sn: "SN1" }));
         assert_eq!(parse_inbound(&init("SN-2")), Some(Inbound::Init { sn: "SN-2" }));
-        assert_eq!(parse_inbound(&backend_tasks("acme")), Some(Inbound::BackendTasks { org: "acme" }));
+        assert_eq!(
+            parse_inbound(&backend_request("acme", "erp-1")),
+            Some(Inbound::BackendRequest { org: "acme", name: "erp-1" })
+        );
+        // An SN that is also the prefix's first level stays a device.
+        assert_eq!(parse_inbound("rki/rki/v1/up"), Some(Inbound::DeviceUp { sn: "rki" }));
     }
 
     #[test]
@@ -172,12 +198,46 @@ mod tests {
             "SN1/rki/v1/init/extra",
             "rki/v1/dev/SN1/up",
             "rki/v1/init/SN1",
-            "rki/v1/backend/+/tasks",
-            "rki/v1/backend/a/b/tasks",
-            "rki/v1/backend/acme/events",
-            "rki/v1/backend//tasks",
+            "rki/v1/backend/+/+/req",
+            "rki/v1/backend/acme/+/req",
+            "rki/v1/backend/acme/erp/reply",
+            "rki/v1/backend/acme/erp/events",
+            "rki/v1/backend/acme/req",
+            "rki/v1/backend/acme/tasks",
+            "rki/v1/backend/a/b/c/req",
+            "rki/v1/backend//erp/req",
+            "rki/v1/backend/acme//req",
+            "rki/v1/backend/acme/erp/req/x",
+            "rki/v1/backend/acme:x/erp/req",
         ] {
             assert_eq!(parse_inbound(topic), None, "{topic}");
+        }
+    }
+
+    #[test]
+    fn a_backend_publishes_only_on_its_request_topic_and_reads_only_its_own_answers() {
+        assert!(backend_may_publish("acme", "erp", &backend_request("acme", "erp")));
+        for topic in [
+            backend_reply("acme", "erp"),
+            backend_events("acme", "erp"),
+            backend_request("acme", "other"),
+            backend_request("other", "erp"),
+            device_up("SN1"),
+            FILTER_BACKEND_REQUESTS.to_string(),
+        ] {
+            assert!(!backend_may_publish("acme", "erp", &topic), "{topic}");
+        }
+        assert!(backend_may_subscribe("acme", "erp", &backend_reply("acme", "erp")));
+        assert!(backend_may_subscribe("acme", "erp", &backend_events("acme", "erp")));
+        for filter in [
+            backend_request("acme", "erp"),
+            backend_reply("acme", "+"),
+            backend_events("acme", "other"),
+            "rki/v1/backend/acme/#".to_string(),
+            "#".to_string(),
+            device_down("SN1"),
+        ] {
+            assert!(!backend_may_subscribe("acme", "erp", &filter), "{filter}");
         }
     }
 

@@ -273,20 +273,21 @@ proptest! {
 mod frames {
     use proptest::prelude::*;
 
-    use rki_protocol::frame::{self, FrameError, MacKey, FRAME_LEN_MAX};
+    use rki_protocol::frame::{self, FrameError, MacKey, BACKEND_FRAME_LEN_MAX, FRAME_LEN_MAX};
     use rki_protocol::message::{
-        limits, Ack, Body, CreateKey, CreateKeyAnswer, DeviceRefusal, Download, Hello, Message, Refusal, RefusalCode,
-        RefusedFrame, SlotStatus, TaskEvent, TaskRequest, TaskTarget, Unlock,
+        limits, Ack, Answer, BackendAnswer, BackendEvent, BackendRequest, Body, CreateKey, CreateKeyAnswer,
+        DeviceRefusal, Download, Event, ExecutionCounts, Hello, Message, NotReady, NotReadyReason, Refusal,
+        RefusalCode, RefusedFrame, Request, SlotStatus, TaskOrder, TaskTarget, Unlock,
     };
     use rki_protocol::terminal::{InjectionType, KeySlot, KeyType, Region};
     use rki_protocol::SecretBytes;
 
     const CASES: u32 = 512;
     /// Message variants, for drawing one kind at a time.
-    const KINDS: usize = 11;
-    /// SNs a generated `TaskRequest` names: the limit allows 1000, but 1000 SNs do not fit in one
-    /// 4096-byte frame, and a property over valid frames must stay within it.
-    const TASK_DEVICES_GENERATED_MAX: usize = 8;
+    const KINDS: usize = 12;
+    /// SNs (or not-ready devices) a generated backend message lists: the limit allows 1000, which
+    /// `frame`'s own test seals at its longest; a few keep the property fast.
+    const LIST_GENERATED_MAX: usize = 8;
 
     fn key(byte: u8) -> MacKey {
         MacKey::new(SecretBytes::from_slice(&[byte; 32])).expect("32-byte key")
@@ -390,19 +391,11 @@ mod frames {
             7 => (any::<u64>(), refusal_code())
                 .prop_map(|(request_counter, code)| Message::Refusal(Refusal { request_counter, code }))
                 .boxed(),
-            8 => (
-                any::<u64>(),
-                prop_oneof![
-                    prop::collection::vec(name(), 0..=TASK_DEVICES_GENERATED_MAX).prop_map(TaskTarget::Devices),
-                    short_text().prop_map(TaskTarget::Group),
-                ],
-                short_text(),
-                slot(),
-                any::<u16>(),
-            )
-                .prop_map(|(request_id, target, key_source, slot, expiry_days)| {
-                    Message::TaskRequest(TaskRequest { request_id, target, key_source, slot, expiry_days })
-                })
+            8 => (any::<u64>(), request())
+                .prop_map(|(request_id, request)| Message::BackendRequest(BackendRequest { request_id, request }))
+                .boxed(),
+            9 => (any::<u64>(), answer())
+                .prop_map(|(request_id, answer)| Message::BackendAnswer(BackendAnswer { request_id, answer }))
                 .boxed(),
             10 => (
                 any::<u64>(),
@@ -417,26 +410,121 @@ mod frames {
                     Message::DeviceRefusal(DeviceRefusal { refused_counter, accepted_counter, frame, code })
                 })
                 .boxed(),
-            _ => prop_oneof![
-                (any::<u64>(), any::<u64>(), any::<u32>()).prop_map(|(request_id, task_id, executions)| {
-                    TaskEvent::Created { request_id, task_id, executions }
-                }),
-                (any::<u64>(), short_text())
-                    .prop_map(|(request_id, reason)| TaskEvent::Rejected { request_id, reason }),
+            _ => (any::<u64>(), event())
+                .prop_map(|(seq, event)| Message::BackendEvent(BackendEvent { seq, event }))
+                .boxed(),
+        }
+    }
+
+    fn sns() -> impl Strategy<Value = Vec<String>> {
+        prop::collection::vec(name(), 0..=LIST_GENERATED_MAX)
+    }
+
+    fn task_order() -> impl Strategy<Value = TaskOrder> {
+        (
+            prop_oneof![sns().prop_map(TaskTarget::Devices), short_text().prop_map(TaskTarget::Group)],
+            short_text(),
+            slot(),
+            any::<u16>(),
+        )
+            .prop_map(|(target, key_source, slot, expiry_days)| TaskOrder {
+                target,
+                key_source,
+                slot,
+                expiry_days,
+            })
+    }
+
+    fn request() -> impl Strategy<Value = Request> {
+        prop_oneof![
+            task_order().prop_map(Request::CreateTask),
+            task_order().prop_map(Request::Preview),
+            any::<u64>().prop_map(|task_id| Request::StopTask { task_id }),
+            sns().prop_map(|sns| Request::Unlock { sns }),
+            any::<u64>().prop_map(|task_id| Request::QueryTask { task_id }),
+            any::<u64>().prop_map(|after| Request::Events { after }),
+        ]
+    }
+
+    fn not_ready() -> impl Strategy<Value = NotReady> {
+        (
+            name(),
+            prop::collection::vec(
+                prop::sample::select(NotReadyReason::ALL.to_vec()),
+                0..=limits::NOT_READY_REASONS_MAX,
+            ),
+        )
+            .prop_map(|(sn, reasons)| NotReady { sn, reasons })
+    }
+
+    fn answer() -> impl Strategy<Value = Answer> {
+        let counts = any::<[u32; 6]>().prop_map(|[pending, delivered, succeeded, failed, expired, terminated]| {
+            ExecutionCounts { pending, delivered, succeeded, failed, expired, terminated }
+        });
+        prop_oneof![
+            (any::<u64>(), any::<u32>()).prop_map(|(task_id, executions)| Answer::TaskCreated { task_id, executions }),
+            (any::<u32>(), any::<u32>(), prop::collection::vec(not_ready(), 0..=LIST_GENERATED_MAX))
+                .prop_map(|(ready, not_ready_total, not_ready)| Answer::Preview { ready, not_ready_total, not_ready }),
+            (any::<u64>(), any::<u32>()).prop_map(|(task_id, terminated)| Answer::Stopped { task_id, terminated }),
+            (any::<u32>(), sns()).prop_map(|(unlocked, unknown)| Answer::Unlocked { unlocked, unknown }),
+            (any::<u64>(), short_text(), counts).prop_map(|(task_id, state, counts)| Answer::TaskState {
+                task_id,
+                state,
+                counts
+            }),
+            (any::<u64>(), any::<u64>()).prop_map(|(after, last)| Answer::Events { after, last }),
+            (any::<u64>(), any::<u64>()).prop_map(|(after, oldest)| Answer::Gap { after, oldest }),
+            (any::<u16>(), short_text()).prop_map(|(code, reason)| Answer::Refused { code, reason }),
+        ]
+    }
+
+    fn event() -> impl Strategy<Value = Event> {
+        prop_oneof![
+            (any::<u64>(), prop_oneof![Just(String::new()), name()], any::<u64>(), any::<u32>()).prop_map(
+                |(task_id, backend, request_id, executions)| Event::TaskCreated {
+                    task_id,
+                    backend,
+                    request_id,
+                    executions
+                }
+            ),
+            (
+                (any::<u64>(), any::<u64>(), name(), short_text()),
                 (
-                    any::<u64>(),
-                    any::<u64>(),
-                    short_text(),
-                    short_text(),
                     any::<i32>(),
-                    bytes_up_to(limits::KCV_LEN_MAX)
-                )
-                    .prop_map(|(task_id, execution_id, sn, state, result, kcv)| {
-                        TaskEvent::ExecutionEnded { task_id, execution_id, sn, state, result, kcv }
-                    }),
-            ]
-            .prop_map(Message::TaskEvent)
-            .boxed(),
+                    short_text(),
+                    bytes_up_to(limits::KEY_ID_LEN_MAX),
+                    bytes_up_to(limits::KCV_LEN_MAX),
+                    any::<u64>()
+                ),
+            )
+                .prop_map(
+                    |((task_id, execution_id, sn, outcome), (error_code, meaning, ksn, kcv, at_ms))| {
+                        Event::ExecutionEnded {
+                            task_id,
+                            execution_id,
+                            sn,
+                            outcome,
+                            error_code,
+                            meaning,
+                            ksn,
+                            kcv,
+                            at_ms,
+                        }
+                    }
+                ),
+            (any::<u64>(), any::<[u32; 4]>()).prop_map(|(task_id, [succeeded, failed, expired, terminated])| {
+                Event::TaskDone { task_id, succeeded, failed, expired, terminated }
+            }),
+        ]
+    }
+
+    /// Opens a frame as the receiver of `body`'s channel does.
+    fn open_for<'a>(body: &Body, bytes: &'a [u8]) -> Result<frame::Unverified<'a>, FrameError> {
+        if body.message.kind().is_backend() {
+            frame::open_backend(bytes)
+        } else {
+            frame::open(bytes)
         }
     }
 
@@ -458,6 +546,32 @@ mod frames {
         fn arbitrary_bytes_never_panic_open_or_verify(bytes in prop::collection::vec(any::<u8>(), 0..FRAME_LEN_MAX + 16)) {
             if let Ok(unverified) = frame::open(&bytes) {
                 let _ = unverified.verify(&key(1));
+            }
+            if let Ok(unverified) = frame::open_backend(&bytes) {
+                let _ = unverified.verify(&key(1));
+            }
+        }
+
+        #[test]
+        fn backend_shaped_bytes_never_panic_open_backend_or_check(
+            kind in prop_oneof![Just(8u8), Just(9), Just(11), any::<u8>()],
+            variant in 0u8..10,
+            body in prop::collection::vec(any::<u8>(), 0..2048),
+        ) {
+            // A party, a counter, a backend message index, a request id, a variant index, then
+            // noise: reaches every field decoder of the backend messages.
+            let mut inner = vec![4, b'a', b'c', b'm', b'e', 7, kind, 1, variant];
+            inner.extend_from_slice(&body);
+            let mut bytes = vec![1u8];
+            bytes.extend(postcard::to_stdvec(&inner.len()).expect("varint"));
+            bytes.extend_from_slice(&inner);
+            bytes.extend_from_slice(&[0u8; 32]);
+            if let Ok(unverified) = frame::open_backend(&bytes) {
+                prop_assert_eq!(unverified.peek().validate(), Ok(()));
+                if let Message::BackendRequest(request) = &unverified.peek().message {
+                    let _ = request.check();
+                }
+                prop_assert_eq!(unverified.verify(&key(1)).err(), Some(FrameError::BadTag));
             }
         }
 
@@ -485,13 +599,13 @@ mod frames {
         fn every_valid_body_seals_opens_and_verifies_to_itself(body in body()) {
             prop_assert_eq!(body.validate(), Ok(()));
             let sealed = frame::seal(&key(1), &body).expect("a valid body fits a frame");
-            let unverified = frame::open(&sealed).expect("a sealed frame opens");
+            let unverified = open_for(&body, &sealed).expect("a sealed frame opens");
             prop_assert_eq!(unverified.peek(), &body);
             let encoded = postcard::to_stdvec(&body).expect("encode");
             prop_assert_eq!(unverified.body_bytes(), encoded.as_slice());
             let verified = unverified.verify(&key(1)).expect("verifies under its key");
             prop_assert_eq!(&verified.body, &body);
-            let other = frame::open(&sealed).expect("opens").verify(&key(2));
+            let other = open_for(&body, &sealed).expect("opens").verify(&key(2));
             prop_assert_eq!(other.err(), Some(FrameError::BadTag));
         }
 
@@ -505,8 +619,99 @@ mod frames {
             let mut flipped = sealed.clone();
             let at = position.index(flipped.len());
             flipped[at] ^= 1 << bit;
-            let outcome = frame::open(&flipped).and_then(|u| u.verify(&key(1)));
+            let outcome = open_for(&body, &flipped).and_then(|u| u.verify(&key(1)));
             prop_assert!(outcome.is_err(), "{} with bit {} of byte {} flipped was accepted", body.message.kind().as_str(), bit, at);
+        }
+    }
+
+    /// A backend message with one field drawn past its limit.
+    fn over_limit_backend_message() -> impl Strategy<Value = (&'static str, Message)> {
+        let long_text = "[a-z]{65,100}";
+        let too_many = (limits::TASK_DEVICES_MAX + 1)..(limits::TASK_DEVICES_MAX + 8);
+        let names_over = too_many.clone().prop_map(|n| (0..n).map(|i| format!("SN{i}")).collect::<Vec<_>>());
+        let request = |request| Message::BackendRequest(BackendRequest { request_id: 1, request });
+        let answer = |answer| Message::BackendAnswer(BackendAnswer { request_id: 1, answer });
+        let order = |target, key_source| TaskOrder { target, key_source, slot: KeySlot(1), expiry_days: 0 };
+        let ended = |sn: String, outcome: String, meaning: String, ksn: Vec<u8>, kcv: Vec<u8>| {
+            Message::BackendEvent(BackendEvent {
+                seq: 1,
+                event: Event::ExecutionEnded {
+                    task_id: 1,
+                    execution_id: 2,
+                    sn,
+                    outcome,
+                    error_code: 0,
+                    meaning,
+                    ksn,
+                    kcv,
+                    at_ms: 3,
+                },
+            })
+        };
+        prop_oneof![
+            names_over.clone().prop_map(move |sns| (
+                "devices",
+                request(Request::CreateTask(order(TaskTarget::Devices(sns), String::new())))
+            )),
+            "[A-Za-z0-9]{0,8}[/+# :@][A-Za-z0-9]{0,8}".prop_map(move |sn| (
+                "bad sn",
+                request(Request::Preview(order(TaskTarget::Devices(vec![sn]), String::new())))
+            )),
+            long_text
+                .prop_map(move |g| ("group", request(Request::Preview(order(TaskTarget::Group(g), String::new()))))),
+            long_text.prop_map(move |k| (
+                "key_source",
+                request(Request::CreateTask(order(TaskTarget::Group("g".into()), k)))
+            )),
+            names_over.clone().prop_map(move |sns| ("unlock", request(Request::Unlock { sns }))),
+            ((limits::NOT_READY_LISTED_MAX + 1)..(limits::NOT_READY_LISTED_MAX + 4)).prop_map(move |n| (
+                "not_ready",
+                answer(Answer::Preview {
+                    ready: 0,
+                    not_ready_total: n as u32,
+                    not_ready: (0..n).map(|i| NotReady { sn: format!("SN{i}"), reasons: vec![] }).collect(),
+                })
+            )),
+            ((limits::NOT_READY_REASONS_MAX + 1)..20).prop_map(move |n| (
+                "reasons",
+                answer(Answer::Preview {
+                    ready: 0,
+                    not_ready_total: 1,
+                    not_ready: vec![NotReady { sn: "SN1".into(), reasons: vec![NotReadyReason::Locked; n] }],
+                })
+            )),
+            names_over.prop_map(move |unknown| ("unknown", answer(Answer::Unlocked { unlocked: 0, unknown }))),
+            long_text.prop_map(move |state| (
+                "state",
+                answer(Answer::TaskState { task_id: 1, state, counts: ExecutionCounts::default() })
+            )),
+            long_text.prop_map(move |reason| ("reason", answer(Answer::Refused { code: 1, reason }))),
+            long_text.prop_map(move |o| ("outcome", ended("SN1".into(), o, String::new(), vec![], vec![]))),
+            long_text.prop_map(move |m| ("meaning", ended("SN1".into(), "failed".into(), m, vec![], vec![]))),
+            prop::collection::vec(any::<u8>(), (limits::KEY_ID_LEN_MAX + 1)..40).prop_map(move |ksn| (
+                "ksn",
+                ended("SN1".into(), "succeeded".into(), String::new(), ksn, vec![1, 2, 3])
+            )),
+            prop::collection::vec(any::<u8>(), (limits::KCV_LEN_MAX + 1)..20)
+                .prop_map(move |kcv| ("kcv", ended("SN1".into(), "succeeded".into(), String::new(), vec![], kcv))),
+            Just(("empty sn", ended(String::new(), "failed".into(), String::new(), vec![], vec![]))),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// `seal` does not check the limits; `open_backend` does.
+        #[test]
+        fn a_backend_body_with_one_field_past_its_limit_is_refused_by_open_backend(
+            (field, message) in over_limit_backend_message(),
+            party in name(),
+        ) {
+            let body = Body { party, counter: 1, message };
+            prop_assert!(body.validate().is_err(), "{} past its limit validated", field);
+            let sealed = frame::seal(&key(1), &body).expect("seal does not check limits");
+            prop_assert!(sealed.len() <= BACKEND_FRAME_LEN_MAX);
+            prop_assert!(matches!(frame::open_backend(&sealed), Err(FrameError::InvalidBody(_))), "{} was accepted", field);
         }
     }
 

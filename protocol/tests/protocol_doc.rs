@@ -26,12 +26,14 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use x25519_dalek::{PublicKey, StaticSecret};
 
+use rki_protocol::backend::{BackendId, BackendSecret};
 use rki_protocol::dukpt::{self, InitialKeyId, Ksn};
 use rki_protocol::frame::{self, MacKey, FRAME_VERSION};
 use rki_protocol::init::{self, Ephemeral, Gudid};
 use rki_protocol::message::{
-    Ack, Body, CreateKey, CreateKeyAnswer, DeviceRefusal, Download, Hello, Message, Refusal, RefusalCode, RefusedFrame,
-    SlotStatus, Unlock,
+    Ack, Answer, BackendAnswer, BackendEvent, BackendRefusalCode, BackendRequest, Body, CreateKey, CreateKeyAnswer,
+    DeviceRefusal, Download, Event, Hello, Message, Refusal, RefusalCode, RefusedFrame, Request, SlotStatus, TaskOrder,
+    TaskTarget, Unlock,
 };
 use rki_protocol::terminal::{InjectionType, KeySlot, KeyType, Region, TerminalError};
 use rki_protocol::tr31::{self, DukptInitialKeyId, Header, Version};
@@ -71,6 +73,19 @@ const AES_BDK: &str = "FEDCBA9876543210F1F1F1F1F1F1F1F1";
 const AES_INITIAL_KEY_ID: &str = "1234567890123456";
 /// The TR-31 payload padding of the examples (the gateway uses random bytes).
 const PADDING_BYTE: u8 = 0x5A;
+
+/// The backend of §12: its organization, name and secret (as the admin was shown it).
+const ORG: &str = "acme";
+const BACKEND_NAME: &str = "erp-1";
+const BACKEND_SECRET: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
+const BACKEND_REQUEST_ID: u64 = 1001;
+const BACKEND_REQUEST_COUNTER: u64 = 1_700_000_010_000_000;
+const BACKEND_ANSWER_COUNTER: u64 = 1_700_000_010_040_000;
+const BACKEND_EVENT_COUNTER: u64 = 1_700_000_010_050_000;
+const BACKEND_EVENT_SEQ: u64 = 17;
+const BACKEND_TASK_ID: u64 = 5;
+/// When the gateway recorded the ack of execution 42 (milliseconds since the UNIX epoch).
+const EXECUTION_ENDED_AT_MS: u64 = 1_700_000_001_520;
 
 const TDES_EXECUTION_ID: u64 = 42;
 const AES_EXECUTION_ID: u64 = 43;
@@ -130,6 +145,14 @@ impl Layout {
 
     fn variant(&mut self, name: &str, index: u32, label: &str) -> &mut Self {
         self.field(&index, format!("{name}: variant {index} = {label}"))
+    }
+
+    fn u16(&mut self, name: &str, value: u16) -> &mut Self {
+        self.field(&value, format!("{name}: u16 varint = {value}"))
+    }
+
+    fn i32(&mut self, name: &str, value: i32) -> &mut Self {
+        self.field(&value, format!("{name}: i32 zigzag varint = {value}"))
     }
 
     fn boolean(&mut self, name: &str, value: bool) -> &mut Self {
@@ -288,7 +311,8 @@ impl Examples {
         frame_layout.check_against(&format!("{name}.frame"), &sealed);
 
         // What the receiver sees: the same body, the same bytes, a tag that verifies.
-        let opened = frame::open(&sealed).expect("open");
+        let opened = if body.message.kind().is_backend() { frame::open_backend(&sealed) } else { frame::open(&sealed) }
+            .expect("open");
         assert_eq!(opened.body_bytes(), body_bytes.as_slice(), "{name}: body bytes");
         assert_eq!(opened.peek(), body, "{name}: decoded body");
         let verified = opened.verify(key).expect("own tag verifies");
@@ -595,6 +619,8 @@ fn build() -> Examples {
     body_head(&mut l, &bye_body, 4, "Bye (no fields)");
     ex.message("bye", &signing_key, &bye_body, l);
 
+    backend_examples(&mut ex, &ksn, &ipek_kcv);
+
     // The encoding rules, one value each.
     let mut rule = |name: &str, bytes: Vec<u8>, comment: &str| ex.hex(name, plain(&bytes, comment));
     rule("encoding.u64_300", enc(&300u64), "varint: 300 = 0b10_0101100 -> AC 02");
@@ -606,6 +632,106 @@ fn build() -> Examples {
     rule("encoding.string_p3", enc(&"P3"), "string: length 2, then UTF-8");
     rule("encoding.bytes_empty", enc(&Vec::<u8>::new()), "empty bytes: length 0");
     ex
+}
+
+/// `HMAC-SHA256(secret, label || org || 00 || name)`, with the `hmac` crate directly.
+fn backend_derivation(secret: &[u8], label: &[u8]) -> [u8; 32] {
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret).expect("HMAC takes any key");
+    mac.update(label);
+    mac.update(ORG.as_bytes());
+    mac.update(&[0]);
+    mac.update(BACKEND_NAME.as_bytes());
+    mac.finalize().into_bytes().into()
+}
+
+/// §12: the backend `acme`/`erp-1`, its keys, and one frame of each message.
+fn backend_examples(ex: &mut Examples, ksn: &Ksn, kcv: &rki_protocol::Kcv) {
+    let secret = BackendSecret::parse(BACKEND_SECRET).expect("secret");
+    assert_eq!(secret.expose_text().as_str(), BACKEND_SECRET, "the text form is canonical");
+    let id = BackendId::new(ORG, BACKEND_NAME).expect("names");
+    assert_eq!(BackendId::parse_client_id(&id.client_id()), Ok(id.clone()));
+    let secret_bytes = hex::decode(BACKEND_SECRET).expect("hex");
+    let password = secret.mqtt_password(&id);
+    let spec_password = hex::encode(backend_derivation(&secret_bytes, b"rki/v1 backend mqtt password"));
+    assert_eq!(password.expose_secret(), spec_password.as_bytes());
+    let mac_key = secret.mac_key(&id);
+    assert_eq!(mac_key.expose_secret(), backend_derivation(&secret_bytes, b"rki/v1 backend mac key"));
+    ex.text("backend.secret", BACKEND_SECRET);
+    ex.text("backend.client_id", &id.client_id());
+    ex.text("backend.mqtt_password", &spec_password);
+    ex.hex(
+        "backend.mac_key",
+        plain(mac_key.expose_secret(), "HMAC-SHA256(secret, \"rki/v1 backend mac key\" || org || 00 || name)"),
+    );
+
+    let devices = vec![SN.to_string(), "P3-0002".to_string()];
+    let order = TaskOrder {
+        target: TaskTarget::Devices(devices.clone()),
+        key_source: "BDK-2024".into(),
+        slot: KeySlot::PRODUCTION,
+        expiry_days: 0,
+    };
+    let request = BackendRequest { request_id: BACKEND_REQUEST_ID, request: Request::CreateTask(order.clone()) };
+    assert_eq!(request.check(), Ok(()));
+    let body =
+        Body { party: ORG.into(), counter: BACKEND_REQUEST_COUNTER, message: Message::BackendRequest(request.clone()) };
+    let mut l = Layout::default();
+    body_head(&mut l, &body, 8, "BackendRequest");
+    l.u64("request_id", request.request_id)
+        .variant("request", 0, "Request::CreateTask")
+        .variant("target", 0, "TaskTarget::Devices")
+        .field(&(devices.len() as u32), format!("target.devices: sequence, length {}", devices.len()));
+    for (i, sn) in devices.iter().enumerate() {
+        l.string(&format!("target.devices[{i}]"), sn);
+    }
+    l.string("key_source", &order.key_source).slot("slot", order.slot).u16("expiry_days", order.expiry_days);
+    ex.message("backend_request", &mac_key, &body, l);
+
+    let code = BackendRefusalCode::NoDeviceReady;
+    let reason = "no device is ready";
+    let answer = BackendAnswer { request_id: BACKEND_REQUEST_ID, answer: Answer::refused(code, reason) };
+    let body =
+        Body { party: ORG.into(), counter: BACKEND_ANSWER_COUNTER, message: Message::BackendAnswer(answer.clone()) };
+    let mut l = Layout::default();
+    body_head(&mut l, &body, 9, "BackendAnswer");
+    l.u64("request_id", answer.request_id)
+        .variant("answer", 7, "Answer::Refused")
+        .field(&code.code(), format!("code: u16 varint = {} ({})", code.code(), code.as_str()))
+        .string("reason", reason);
+    ex.message("backend_answer", &mac_key, &body, l);
+
+    let outcome = "succeeded";
+    let meaning = rki_protocol::terminal::result_meaning(0);
+    let event = BackendEvent {
+        seq: BACKEND_EVENT_SEQ,
+        event: Event::ExecutionEnded {
+            task_id: BACKEND_TASK_ID,
+            execution_id: TDES_EXECUTION_ID,
+            sn: SN.into(),
+            outcome: outcome.into(),
+            error_code: 0,
+            meaning: meaning.into(),
+            ksn: ksn.as_bytes().to_vec(),
+            kcv: kcv.as_bytes().to_vec(),
+            at_ms: EXECUTION_ENDED_AT_MS,
+        },
+    };
+    let body =
+        Body { party: ORG.into(), counter: BACKEND_EVENT_COUNTER, message: Message::BackendEvent(event.clone()) };
+    let mut l = Layout::default();
+    body_head(&mut l, &body, 11, "BackendEvent");
+    l.u64("seq", event.seq)
+        .variant("event", 1, "Event::ExecutionEnded")
+        .u64("task_id", BACKEND_TASK_ID)
+        .u64("execution_id", TDES_EXECUTION_ID)
+        .string("sn", SN)
+        .string("outcome", outcome)
+        .i32("error_code", 0)
+        .string("meaning", meaning)
+        .bytes("ksn", ksn.as_bytes())
+        .bytes("kcv", kcv.as_bytes())
+        .u64("at_ms", EXECUTION_ENDED_AT_MS);
+    ex.message("backend_event", &mac_key, &body, l);
 }
 
 fn enc<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {

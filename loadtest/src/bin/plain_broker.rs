@@ -37,7 +37,7 @@ struct Cli {
 
 fn config(addr: SocketAddr, max_connections: usize) -> Config {
     let mut custom = HashMap::new();
-    for filter in [topic::FILTER_DEVICE_UP, topic::FILTER_INIT, topic::FILTER_BACKEND_TASKS] {
+    for filter in [topic::FILTER_DEVICE_UP, topic::FILTER_INIT, topic::FILTER_BACKEND_REQUESTS] {
         custom
             .insert(filter.to_string(), SegmentConfig { max_segment_size: FLEET_SEGMENT_BYTES, max_segment_count: 4 });
     }
