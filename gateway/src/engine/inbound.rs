@@ -63,7 +63,7 @@ impl Engine {
                     drop(permit);
                 });
             }
-            Some(topic::Inbound::BackendTasks { .. }) => reject("task_request", Rejection::WrongTopic),
+            Some(topic::Inbound::BackendRequest { .. }) => reject("task_request", Rejection::WrongTopic),
             None => reject("unknown", Rejection::WrongTopic),
         }
     }
