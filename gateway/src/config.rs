@@ -52,6 +52,11 @@ pub struct Config {
     pub store_min_free_bytes: u64,
     /// A store commit that takes longer than this makes `/healthz` report the store as slow.
     pub store_slow_commit_ms: u64,
+    /// Backend channel: events are kept this many days (at least 7), whether acknowledged or not;
+    /// an `Events` request for older ones gets `Gap`.
+    pub backend_events_retention_days: u32,
+    /// Backend channel: at most this many events are kept per organization (the newest).
+    pub backend_events_per_org_max: u64,
 }
 
 /// `[mqtt]`: the MQTT endpoint beyond its plain listener (`mqtt_addr`).
@@ -156,6 +161,8 @@ impl Default for Config {
             store_check: "quick".into(),
             store_min_free_bytes: 64 * 1024 * 1024,
             store_slow_commit_ms: 5_000,
+            backend_events_retention_days: 30,
+            backend_events_per_org_max: 10_000_000,
         }
     }
 }
@@ -241,6 +248,14 @@ impl Config {
                     Some(v.parse().map_err(|e| format!("RKI_BROKER_PERSISTENT_SESSION={v:?}: {e} (true or false)"))?);
             }
         }
+        if let Some(v) = get("RKI_BACKEND_EVENTS_RETENTION_DAYS") {
+            self.backend_events_retention_days =
+                v.parse().map_err(|e| format!("RKI_BACKEND_EVENTS_RETENTION_DAYS={v:?}: {e}"))?;
+        }
+        if let Some(v) = get("RKI_BACKEND_EVENTS_PER_ORG_MAX") {
+            self.backend_events_per_org_max =
+                v.parse().map_err(|e| format!("RKI_BACKEND_EVENTS_PER_ORG_MAX={v:?}: {e}"))?;
+        }
         if let Some(v) = get("RKI_RETRY_INITIAL_SECONDS") {
             self.retry_initial_seconds = v.parse().map_err(|e| format!("RKI_RETRY_INITIAL_SECONDS={v:?}: {e}"))?;
         }
@@ -293,6 +308,13 @@ impl Config {
         }
         if !(1..=600).contains(&self.retry_initial_seconds) {
             return Err("retry_initial_seconds must be 1 to 600".into());
+        }
+        let days_min = rki_protocol::backend::EVENTS_RETAINED_DAYS_MIN;
+        if !(days_min..=3650).contains(&u64::from(self.backend_events_retention_days)) {
+            return Err(format!("backend_events_retention_days must be {days_min} to 3650"));
+        }
+        if self.backend_events_per_org_max < rki_protocol::backend::EVENTS_BATCH_MAX {
+            return Err("backend_events_per_org_max must be at least 1000".into());
         }
         let m = &self.mqtt;
         if !(100..=120_000).contains(&m.connect_timeout_ms) {

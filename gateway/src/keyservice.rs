@@ -158,6 +158,10 @@ impl MasterKey {
 /// each other.
 pub const GUDID_MAC_BLOCK: [u8; 2] = *b"0G";
 const GUDID_MAC_BLOCK_DATA: &str = "GUDID";
+/// The proprietary optional block that marks a sealed backend MAC key (`docs/PROTOCOL.md`
+/// §12.1), so that it is never taken for a GUDID's MAC key or a device's signing key (all `M7`).
+pub const BACKEND_MAC_BLOCK: [u8; 2] = *b"0B";
+const BACKEND_MAC_BLOCK_DATA: &str = "BACKEND";
 
 /// A BDK sealed for storage, with its public facts.
 #[derive(Debug, Clone)]
@@ -232,6 +236,11 @@ pub trait KeyService: Send + Sync {
     fn seal_gudid_mac_key(&self, key: &MacKey) -> Result<String, KeyServiceError>;
     /// Opens a sealed GUDID MAC key; a key sealed as anything else is refused.
     fn open_gudid_mac_key(&self, sealed: &str) -> Result<MacKey, KeyServiceError>;
+    /// Seals a backend's frame MAC key (`docs/PROTOCOL.md` §12.1) for the store, marked as such
+    /// (block `0B`): it opens only as a backend MAC key.
+    fn seal_backend_mac_key(&self, key: &MacKey) -> Result<String, KeyServiceError>;
+    /// Opens a sealed backend MAC key; a key sealed as anything else is refused.
+    fn open_backend_mac_key(&self, sealed: &str) -> Result<MacKey, KeyServiceError>;
     /// Derives the DUKPT initial key of each request from the sealed BDK and wraps it under the
     /// device's KBPK: TR-31 version B for TDES, version D for AES. Spreads the work over the
     /// machine's cores. Used at task creation and to re-wrap after a re-initialisation.
@@ -522,23 +531,35 @@ impl KeyService for SoftwareKeyService {
 
     fn open_signing_key(&self, sealed: &str) -> Result<MacKey, KeyServiceError> {
         let (header, bytes) = self.unseal(sealed)?;
-        if header.key_usage() != *b"M7" || header.optional_block(GUDID_MAC_BLOCK).is_some() {
+        if header.key_usage() != *b"M7"
+            || header.optional_block(GUDID_MAC_BLOCK).is_some()
+            || header.optional_block(BACKEND_MAC_BLOCK).is_some()
+        {
             return Err(KeyServiceError::Unseal);
         }
         MacKey::new(bytes).map_err(|_| KeyServiceError::Unseal)
     }
 
+    fn seal_backend_mac_key(&self, key: &MacKey) -> Result<String, KeyServiceError> {
+        self.seal_marked_mac_key(key, BACKEND_MAC_BLOCK, BACKEND_MAC_BLOCK_DATA)
+    }
+
+    fn open_backend_mac_key(&self, sealed: &str) -> Result<MacKey, KeyServiceError> {
+        let (header, bytes) = self.unseal(sealed)?;
+        if header.key_usage() != *b"M7"
+            || header.optional_block(BACKEND_MAC_BLOCK) != Some(BACKEND_MAC_BLOCK_DATA)
+            || header.optional_block(GUDID_MAC_BLOCK).is_some()
+        {
+            return Err(KeyServiceError::WrongUsage {
+                expected: "backend MAC key (M7, block 0B)",
+                found: header.key_usage_str().to_string(),
+            });
+        }
+        MacKey::new(bytes).map_err(|_| KeyServiceError::Unseal)
+    }
+
     fn seal_gudid_mac_key(&self, key: &MacKey) -> Result<String, KeyServiceError> {
-        let header = Header::builder(Version::D, *b"M7", b'H', b'C')
-            .exportability(b'N')
-            .optional_block(
-                tr31::OptionalBlock::new(GUDID_MAC_BLOCK, GUDID_MAC_BLOCK_DATA)
-                    .map_err(|e| KeyServiceError::Tr31(e.to_string()))?,
-            )
-            .build()
-            .map_err(|e| KeyServiceError::Tr31(e.to_string()))?;
-        tr31::wrap(&self.master.0, &header, &SecretBytes::from_slice(key.expose_secret()), &mut os_random)
-            .map_err(|e| KeyServiceError::Tr31(e.to_string()))
+        self.seal_marked_mac_key(key, GUDID_MAC_BLOCK, GUDID_MAC_BLOCK_DATA)
     }
 
     fn open_gudid_mac_key(&self, sealed: &str) -> Result<MacKey, KeyServiceError> {
@@ -629,6 +650,20 @@ impl SoftwareKeyService {
             .build()
             .map_err(|e| KeyServiceError::Tr31(e.to_string()))?;
         tr31::wrap(&self.master.0, &header, key.secret(), &mut os_random)
+            .map_err(|e| KeyServiceError::Tr31(e.to_string()))
+    }
+}
+
+impl SoftwareKeyService {
+    /// Seals an HMAC key (`M7`) marked by a proprietary optional block, so that it opens only as
+    /// the kind of key the block names.
+    fn seal_marked_mac_key(&self, key: &MacKey, block: [u8; 2], data: &str) -> Result<String, KeyServiceError> {
+        let header = Header::builder(Version::D, *b"M7", b'H', b'C')
+            .exportability(b'N')
+            .optional_block(tr31::OptionalBlock::new(block, data).map_err(|e| KeyServiceError::Tr31(e.to_string()))?)
+            .build()
+            .map_err(|e| KeyServiceError::Tr31(e.to_string()))?;
+        tr31::wrap(&self.master.0, &header, &SecretBytes::from_slice(key.expose_secret()), &mut os_random)
             .map_err(|e| KeyServiceError::Tr31(e.to_string()))
     }
 }

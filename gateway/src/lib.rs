@@ -15,6 +15,8 @@
 //! - [`mqtt`]: the terminals' MQTT endpoint (3.1.1 and 5.0, optional TLS): identities, access
 //!   rules, sessions and QoS 1 downlinks, routing by SN. The only module that knows MQTT packets.
 //! - [`api`]: the axum admin API, `/metrics`, `/healthz`.
+//! - [`channel`]: the backend channel: an RKI backend's signed requests over MQTT, answered
+//!   through [`service`], and its organization's numbered events.
 //! - [`http`]: the admin HTTP server's connections: a cap, header and body deadlines.
 //! - [`metrics`]: every metric name, once.
 //! - [`bootstrap`]: creating organizations and tokens.
@@ -25,6 +27,7 @@
 //! - [`server`]: wiring it all together, and graceful shutdown.
 
 pub mod api;
+pub mod channel;
 pub mod clock;
 pub mod config;
 pub mod domain;

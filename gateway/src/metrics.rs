@@ -12,6 +12,9 @@ pub const EXECUTIONS_EXPIRING_NEVER_SEEN: &str = "rki_executions_expiring_never_
 pub const DELIVERIES_TOTAL: &str = "rki_deliveries_total";
 pub const ACKS_TOTAL: &str = "rki_acks_total";
 pub const REJECTED_MESSAGES_TOTAL: &str = "rki_rejected_messages_total";
+pub const BACKEND_REQUESTS_TOTAL: &str = "rki_backend_requests_total";
+pub const BACKEND_REQUESTS_REFUSED_TOTAL: &str = "rki_backend_requests_refused_total";
+pub const BACKEND_EVENTS_PUBLISHED_TOTAL: &str = "rki_backend_events_published_total";
 pub const DUPLICATE_ACKS_TOTAL: &str = "rki_duplicate_acks_total";
 pub const EXECUTIONS_ENDED_TOTAL: &str = "rki_executions_ended_total";
 pub const KEYS_INJECTED_TOTAL: &str = "rki_keys_injected_total";
@@ -128,6 +131,12 @@ fn describe() {
         "Open executions of devices never seen online whose deadline falls within the window (24h, 7d)."
     );
     describe_counter!(DELIVERIES_TOTAL, "Download messages published to devices (first and repeated).");
+    describe_counter!(BACKEND_REQUESTS_TOTAL, "Backend requests verified and answered, by request.");
+    describe_counter!(
+        BACKEND_REQUESTS_REFUSED_TOTAL,
+        "Backend requests dropped unanswered (bad frame, MAC, replay, …) or refused, by reason."
+    );
+    describe_counter!(BACKEND_EVENTS_PUBLISHED_TOTAL, "Backend events published (first and repeated).");
     describe_counter!(ACKS_TOTAL, "Verified, durable acks by result (succeeded, failed).");
     describe_counter!(
         REJECTED_MESSAGES_TOTAL,

@@ -175,6 +175,16 @@ pub async fn run(config: Config, init: bool) -> Result<(), String> {
             engine
         }
     };
+    let channel_settings = crate::channel::ChannelSettings {
+        events_retention_days: config.backend_events_retention_days,
+        events_per_org_max: config.backend_events_per_org_max,
+    };
+    let requests = crate::channel::BackendChannel::start(
+        crate::service::Service::new(engine.clone()),
+        engine.outbound(),
+        channel_settings,
+    );
+    engine.attach_backend_channel(requests);
     let sqlite = matches!(store, OpenedStore::Sqlite(_));
     engine.health.configure(
         config.store_slow_commit_ms,

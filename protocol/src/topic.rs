@@ -85,6 +85,15 @@ pub fn backend_may_subscribe(org: &str, name: &str, filter: &str) -> bool {
     filter == backend_reply(org, name) || filter == backend_events(org, name)
 }
 
+/// The `{org}` and `{name}` of a backend's reply or events topic (what the gateway publishes to
+/// a backend), if `topic` is one and both are names.
+pub fn parse_backend_outbound(topic: &str) -> Option<(&str, &str)> {
+    let rest = topic.strip_prefix(PREFIX)?.strip_prefix("/backend/")?;
+    let (org, rest) = rest.split_once('/')?;
+    let name = rest.strip_suffix("/reply").or_else(|| rest.strip_suffix("/events"))?;
+    (validate_name(org).is_ok() && validate_name(name).is_ok()).then_some((org, name))
+}
+
 /// The SN of a device's down topic, if `topic` is one (and its SN passes [`validate_name`]).
 pub fn parse_device_down(topic: &str) -> Option<&str> {
     let (sn, rest) = topic.split_once('/')?;

@@ -34,6 +34,7 @@ use crate::store::*;
 
 mod admin;
 mod auth;
+mod backends;
 mod devices;
 mod error;
 mod gudids;
@@ -44,6 +45,7 @@ mod tasks;
 
 use admin::*;
 pub use auth::Caller;
+use backends::*;
 use devices::*;
 pub use error::ApiError;
 use error::ApiResult;
@@ -131,6 +133,8 @@ pub fn router(state: Arc<AppState>, with_metrics: bool) -> Router {
         .route("/v1/gudids", post(provision_gudids).get(list_gudids))
         .route("/v1/gudids/{id}/revoke", post(revoke_gudid))
         .route("/v1/audit", get(list_audit))
+        .route("/v1/backends", post(create_backend).get(list_backends))
+        .route("/v1/backends/{name}/revoke", post(revoke_backend))
         .route("/v1/admin/clock", post(advance_clock))
         .route("/v1/admin/expire", post(expire_now))
         .merge(crate::portal::router())

@@ -11,6 +11,9 @@ impl Engine {
         if let Some(verdict) = self.authenticate_in_memory(client_id, username, password) {
             return verdict;
         }
+        if client_id.starts_with(rki_protocol::backend::CLIENT_ID_PREFIX) {
+            return self.authenticate_backend(client_id, password);
+        }
         if let Some(sn) = topic::bootstrap_sn(client_id) {
             if topic::validate_name(sn).is_err() {
                 return Err("bad_sn");
@@ -30,6 +33,22 @@ impl Engine {
         }
     }
 
+    /// A backend identity `backend@{org}:{name}` against the hash of its MQTT password. An unknown
+    /// organization or backend, a revoked one and a wrong password look the same from outside.
+    fn authenticate_backend(&self, client_id: &str, password: &str) -> Result<(), &'static str> {
+        let id = rki_protocol::backend::BackendId::parse_client_id(client_id).map_err(|_| "bad_sn")?;
+        let Some(org) = self.store.org_by_name(id.org()).map_err(|_| "store")? else { return Err("bad_password") };
+        let Some(backend) = self.store.backend_by_name(org.id, id.name()).map_err(|_| "store")? else {
+            return Err("bad_password");
+        };
+        let proven = crate::mosquitto::verify_password_hash(password.as_bytes(), &backend.password_hash);
+        if proven && backend.revoked_at.is_none() {
+            Ok(())
+        } else {
+            Err("bad_password")
+        }
+    }
+
     /// The CONNECT check's verdict when memory alone decides it (a device whose password hash is
     /// cached, a malformed identity), without touching the store: the endpoint calls it on its
     /// async thread and takes a blocking thread only for `None` (a bootstrap identity, whose live
@@ -43,7 +62,7 @@ impl Engine {
         if client_id != username {
             return Some(Err("client_id_mismatch"));
         }
-        if topic::bootstrap_sn(client_id).is_some() {
+        if topic::bootstrap_sn(client_id).is_some() || client_id.starts_with(rki_protocol::backend::CLIENT_ID_PREFIX) {
             return None;
         }
         if topic::validate_name(client_id).is_err() {

@@ -63,7 +63,15 @@ impl Engine {
                     drop(permit);
                 });
             }
-            Some(topic::Inbound::BackendRequest { .. }) => reject("task_request", Rejection::WrongTopic),
+            Some(topic::Inbound::BackendRequest { .. }) => match self.backend_requests.get() {
+                // Never waits: a full queue drops the request, and the backend asks again.
+                Some(requests) => {
+                    if requests.try_send(msg).is_err() {
+                        metrics::counter!(m::BACKEND_REQUESTS_REFUSED_TOTAL, "reason" => "overloaded").increment(1);
+                    }
+                }
+                None => reject("backend_request", Rejection::WrongTopic),
+            },
             None => reject("unknown", Rejection::WrongTopic),
         }
     }

@@ -311,6 +311,9 @@ pub struct Engine {
     unwritten: Mutex<UnwrittenSends>,
     /// The store's health as the engine's own reads and commits find it (`/healthz`).
     pub health: Arc<StoreHealth>,
+    /// Where backend request messages go (`crate::channel`), once its worker runs; before, they
+    /// are dropped as on a wrong topic.
+    backend_requests: std::sync::OnceLock<mpsc::Sender<InboundMessage>>,
     /// Executions whose ending was in a batch that failed to commit (a full disk, an outage):
     /// they left the hot state with their ack, so the sweeper reads them back and, if they are
     /// still open, delivers them again until the device re-acks.
@@ -389,6 +392,7 @@ impl Engine {
             retry_initial_ms: options.retry_initial_ms.clamp(1000, RETRY_MAX_MS),
             unwritten: Mutex::new(UnwrittenSends::default()),
             health: Arc::new(StoreHealth::default()),
+            backend_requests: std::sync::OnceLock::new(),
             unrecorded_endings: Mutex::new(Vec::new()),
         });
         let _ = engine.me.set(Arc::downgrade(&engine));
@@ -465,5 +469,15 @@ impl Engine {
 
     pub fn online_count(&self) -> i64 {
         self.online.load(Ordering::Relaxed)
+    }
+
+    /// The broker link the engine publishes through, for the backend channel's answers and events.
+    pub fn outbound(&self) -> Arc<dyn Outbound> {
+        self.outbound.clone()
+    }
+
+    /// Hands backend request messages to the backend channel's worker from now on.
+    pub fn attach_backend_channel(&self, requests: mpsc::Sender<InboundMessage>) {
+        let _ = self.backend_requests.set(requests);
     }
 }

@@ -204,16 +204,16 @@ pub fn read_connect(buf: &mut BytesMut) -> Result<Connect, ReadError> {
     }
 }
 
-/// Reads the next packet at the head of `buf`.
-pub fn read(version: Version, buf: &mut BytesMut) -> Result<Inbound, ReadError> {
+/// Reads the next packet at the head of `buf`, at most `len_max` bytes long.
+pub fn read(version: Version, buf: &mut BytesMut, len_max: usize) -> Result<Inbound, ReadError> {
     match version {
-        Version::V4 => read_v4(buf),
-        Version::V5 => read_v5(buf),
+        Version::V4 => read_v4(buf, len_max),
+        Version::V5 => read_v5(buf, len_max),
     }
 }
 
-fn read_v4(buf: &mut BytesMut) -> Result<Inbound, ReadError> {
-    Ok(match v4::Packet::read(buf, PACKET_LEN_MAX).map_err(read_error_v4)? {
+fn read_v4(buf: &mut BytesMut, len_max: usize) -> Result<Inbound, ReadError> {
+    Ok(match v4::Packet::read(buf, len_max).map_err(read_error_v4)? {
         v4::Packet::Publish(p) => {
             Inbound::Publish { topic: p.topic, payload: p.payload, qos: qos_of(p.qos), pkid: p.pkid, retain: p.retain }
         }
@@ -229,14 +229,14 @@ fn read_v4(buf: &mut BytesMut) -> Result<Inbound, ReadError> {
     })
 }
 
-fn read_v5(buf: &mut BytesMut) -> Result<Inbound, ReadError> {
+fn read_v5(buf: &mut BytesMut, len_max: usize) -> Result<Inbound, ReadError> {
     // A DISCONNECT with reason 0 and no properties may have a remaining length of 0, which the
     // codec refuses; it is two bytes, and nothing else starts with them.
     if buf.len() >= 2 && buf[0] == 0xE0 && buf[1] == 0 {
         let _ = buf.split_to(2);
         return Ok(Inbound::Disconnect);
     }
-    Ok(match v5::Packet::read(buf, Some(PACKET_LEN_MAX as u32)).map_err(read_error_v5)? {
+    Ok(match v5::Packet::read(buf, Some(len_max as u32)).map_err(read_error_v5)? {
         v5::Packet::Publish(p) => Inbound::Publish {
             topic: String::from_utf8(p.topic.to_vec()).map_err(|_| ReadError::Malformed)?,
             payload: p.payload,
@@ -562,7 +562,7 @@ mod tests {
     #[test]
     fn a_v5_disconnect_without_a_reason_is_read() {
         let mut buf = BytesMut::from(&[0xE0, 0x00][..]);
-        assert!(matches!(read(Version::V5, &mut buf), Ok(Inbound::Disconnect)));
+        assert!(matches!(read(Version::V5, &mut buf, PACKET_LEN_MAX), Ok(Inbound::Disconnect)));
         assert!(buf.is_empty());
     }
 }

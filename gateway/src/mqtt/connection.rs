@@ -184,10 +184,10 @@ async fn admit<'a>(
         Identity::Bootstrap(_) => {
             Some(shared.bootstrap_slot().await.ok_or(ConnectRefusal::Unavailable("bootstrap_busy"))?)
         }
-        Identity::Device(_) => None,
+        Identity::Device(_) | Identity::Backend(_) => None,
     };
     if let Some(will) = &connect.will {
-        if !identity.may_publish(&will.topic) || will.qos > 1 || (will.retain && connect.version == Version::V5) {
+        if !identity.may_will(&will.topic) || will.qos > 1 || (will.retain && connect.version == Version::V5) {
             return Err(ConnectRefusal::ForeignWill);
         }
     }
@@ -381,7 +381,7 @@ impl<'a> Session<'a> {
     /// DISCONNECT.
     async fn handle_packets(&mut self) -> Result<Option<&'static str>, Close> {
         loop {
-            match codec::read(self.version, &mut self.buf) {
+            match codec::read(self.version, &mut self.buf, self.identity.packet_len_max()) {
                 Ok(packet) => {
                     if let Some(reason) = self.handle(packet).await? {
                         return Ok(Some(reason));

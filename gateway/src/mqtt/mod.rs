@@ -123,6 +123,13 @@ pub struct MqttOutbound {
 
 impl Outbound for MqttOutbound {
     fn publish(&self, topic_name: String, payload: Vec<u8>) {
+        if let Some((org, name)) = topic::parse_backend_outbound(&topic_name) {
+            return self.publish_to_backend(
+                format!("{}{org}:{name}", rki_protocol::backend::CLIENT_ID_PREFIX),
+                topic_name,
+                payload,
+            );
+        }
         let Some(sn) = topic::parse_device_down(&topic_name) else {
             metrics::counter!(m::MQTT_DOWNLINKS_DROPPED_TOTAL, "reason" => "not_a_device_topic").increment(1);
             return;
@@ -147,6 +154,23 @@ impl Outbound for MqttOutbound {
         if let Err(why) = outcome {
             // The retry timer or the device's next hello sends it again.
             metrics::counter!(m::MQTT_DOWNLINKS_DROPPED_TOTAL, "reason" => why.reason()).increment(1);
+        }
+    }
+}
+
+impl MqttOutbound {
+    /// A backend's answer or event, to its connection or kept session.
+    fn publish_to_backend(&self, client_id: String, topic_name: String, payload: Vec<u8>) {
+        let down = Down { topic: Arc::from(topic_name.as_str()), payload: payload.into() };
+        let outcome = match self.shared.clients.get(&client_id).map(|c| c.clone()) {
+            Some(client) => client.lock().queue(down, rules::BACKEND_SESSION_MESSAGES_MAX),
+            None => Err(session::Dropped::NoSession),
+        };
+        match outcome {
+            Ok(Some(wake)) => wake.notify_one(),
+            Ok(None) => {}
+            // The backend asks again (`Events`) and gets it from the store.
+            Err(why) => metrics::counter!(m::MQTT_DOWNLINKS_DROPPED_TOTAL, "reason" => why.reason()).increment(1),
         }
     }
 }

@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use rki_protocol::backend::BackendId;
 use rki_protocol::topic;
 
 /// Who a connection is, once its CONNECT is accepted.
@@ -14,38 +15,60 @@ pub enum Identity {
     Device(String),
     /// A terminal initialising: `init@{SN}`, proven by a live GUDID's bootstrap password.
     Bootstrap(String),
+    /// An organization's RKI backend: `backend@{org}:{name}` (`docs/PROTOCOL.md` §12.1).
+    Backend(BackendId),
 }
 
 impl Identity {
-    pub fn sn(&self) -> &str {
-        match self {
-            Identity::Device(sn) | Identity::Bootstrap(sn) => sn,
-        }
-    }
-
     /// The MQTT client id, which is also the key of its session.
     pub fn client_id(&self) -> String {
         match self {
             Identity::Device(sn) => sn.clone(),
             Identity::Bootstrap(sn) => topic::bootstrap_client_id(sn),
+            Identity::Backend(id) => id.client_id(),
         }
     }
 
-    /// The only topic filter it may subscribe to: the SN's down topic, where the downlinks
-    /// (`CreateKeyAnswer` for a bootstrap identity; `Download`, `Unlock` for a device) arrive.
+    /// The only topic filters it may subscribe to: the SN's down topic, where the downlinks
+    /// (`CreateKeyAnswer` for a bootstrap identity; `Download`, `Unlock` for a device) arrive; a
+    /// backend's own reply and events topics, written out.
     pub fn may_subscribe(&self, filter: &str) -> bool {
-        filter == topic::device_down(self.sn())
+        match self {
+            Identity::Device(sn) | Identity::Bootstrap(sn) => filter == topic::device_down(sn),
+            Identity::Backend(id) => topic::backend_may_subscribe(id.org(), id.name(), filter),
+        }
     }
 
     /// The only topic it may publish on: its uplink (`{SN}/rki/v1/up` for a device,
-    /// `{SN}/rki/v1/init` for a bootstrap identity). A will may name this topic only.
+    /// `{SN}/rki/v1/init` for a bootstrap identity, its own request topic for a backend). A will
+    /// may name a terminal's uplink only: a backend has none.
     pub fn may_publish(&self, topic_name: &str) -> bool {
         match self {
             Identity::Device(sn) => topic_name == topic::device_up(sn),
             Identity::Bootstrap(sn) => topic_name == topic::init(sn),
+            Identity::Backend(id) => topic::backend_may_publish(id.org(), id.name(), topic_name),
+        }
+    }
+
+    /// Whether a will on `topic_name` is allowed: a terminal's own uplink only.
+    pub fn may_will(&self, topic_name: &str) -> bool {
+        !matches!(self, Identity::Backend(_)) && self.may_publish(topic_name)
+    }
+
+    /// The largest packet it may send after its CONNECT: a backend frame is up to 128 KiB.
+    pub fn packet_len_max(&self) -> usize {
+        match self {
+            Identity::Backend(_) => BACKEND_PACKET_LEN_MAX,
+            _ => super::codec::PACKET_LEN_MAX,
         }
     }
 }
+
+/// A backend's packets: its frame (`BACKEND_FRAME_LEN_MAX`) and the PUBLISH header (topic,
+/// properties) beside it.
+pub const BACKEND_PACKET_LEN_MAX: usize = rki_protocol::frame::BACKEND_FRAME_LEN_MAX + 1024;
+/// Downlinks a backend's session holds at most: a batch of events and its answers.
+pub const BACKEND_SESSION_MESSAGES_MAX: usize = 2 * rki_protocol::backend::EVENTS_BATCH_MAX as usize + 64;
 
 /// Why a CONNECT was refused: the label of `rki_mqtt_connects_refused_total{reason}`, and the
 /// CONNACK code the client gets.
@@ -161,13 +184,20 @@ pub fn claimed_identity(
     username: Option<&str>,
     has_password: bool,
 ) -> Result<Identity, ConnectRefusal> {
-    let identity = match topic::bootstrap_sn(client_id) {
-        Some(sn) => Identity::Bootstrap(sn.to_string()),
-        None => Identity::Device(client_id.to_string()),
+    let identity = if client_id.starts_with(rki_protocol::backend::CLIENT_ID_PREFIX) {
+        Identity::Backend(BackendId::parse_client_id(client_id).map_err(|_| ConnectRefusal::BadClientId)?)
+    } else {
+        let identity = match topic::bootstrap_sn(client_id) {
+            Some(sn) => Identity::Bootstrap(sn.to_string()),
+            None => Identity::Device(client_id.to_string()),
+        };
+        if let Identity::Device(sn) | Identity::Bootstrap(sn) = &identity {
+            if topic::validate_name(sn).is_err() {
+                return Err(ConnectRefusal::BadClientId);
+            }
+        }
+        identity
     };
-    if topic::validate_name(identity.sn()).is_err() {
-        return Err(ConnectRefusal::BadClientId);
-    }
     match username {
         None => Err(ConnectRefusal::NoCredentials),
         Some(_) if !has_password => Err(ConnectRefusal::NoCredentials),

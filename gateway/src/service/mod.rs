@@ -11,6 +11,7 @@
 //! - `registry`: the key owner's device uploads, groups and key-source assignments.
 //! - `tasks`: preview, creation, stop, unlock.
 //! - `gudids`: provisioning and revocation of initialisation secrets.
+//! - `backends`: the RKI backends' credentials (the backend channel, `crate::channel`).
 
 use std::sync::Arc;
 
@@ -20,6 +21,7 @@ use crate::clock::Millis;
 use crate::engine::{Engine, EngineError};
 use crate::store::{Actor, Audit, Store, StoreError, StoreResult};
 
+pub mod backends;
 pub mod gudids;
 pub mod keys;
 pub mod orgs;

@@ -12,10 +12,13 @@
 //! Row types here are storage types: they may derive `Serialize`, and hold key material only as
 //! sealed key blocks (TR-31 under the master key), never in the clear.
 
+pub mod channel;
 pub mod guard;
 pub mod health;
 pub mod postgres;
+mod postgres_channel;
 pub mod sqlite;
+mod sqlite_channel;
 
 use serde::Serialize;
 
@@ -47,8 +50,8 @@ pub type StoreResult<T> = Result<T, StoreError>;
 /// The tables whose column holds one key sealed under the master key, `(table, column)`: a master
 /// key rotation re-seals each row where it is set (a GUDID row of a pre-schema-7 gateway has none
 /// until the start-time re-seal). Device credentials hold three and are re-sealed apart.
-pub(crate) const SEALED_KEY_COLUMNS: [(&str, &str); 3] =
-    [("key_sources", "sealed"), ("keks", "sealed"), ("gudids", "sealed_mac_key")];
+pub(crate) const SEALED_KEY_COLUMNS: [(&str, &str); 4] =
+    [("key_sources", "sealed"), ("keks", "sealed"), ("gudids", "sealed_mac_key"), ("backends", "sealed_mac_key")];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -687,8 +690,11 @@ pub(crate) fn committed_task(row: TaskRow, inserted: usize) -> StoreResult<TaskR
     Ok(row)
 }
 
-/// The store interface. Every method is one transaction.
-pub trait Store: Send + Sync {
+pub use channel::ChannelStore;
+
+/// The store interface. Every method is one transaction. The backend channel's part is
+/// [`ChannelStore`] (`store/channel.rs`).
+pub trait Store: ChannelStore + Send + Sync {
     // organizations and tokens
     /// Audited (`audit`, its organization the new one) in the same transaction.
     fn create_org(&self, name: &str, at: Millis, audit: &Audit) -> StoreResult<OrgRow>;

@@ -93,6 +93,8 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE tasks ADD COLUMN number BIGINT;
      UPDATE tasks SET number = (SELECT COUNT(*) FROM tasks t2 WHERE t2.org_id = tasks.org_id AND t2.id <= tasks.id);
      CREATE UNIQUE INDEX tasks_org_number ON tasks (org_id, number);",
+    // 9 (as SQLite's schema 9): the backend channel's tables.
+    super::postgres_channel::MIGRATION,
 ];
 
 /// Advisory lock key held while migrating, so nodes starting together migrate one at a time.
@@ -119,7 +121,7 @@ pub struct PostgresStore {
 // ---------------------------------------------------------------- errors
 
 /// A failure inside a transaction: final, or worth retrying the whole transaction.
-enum Failure {
+pub(super) enum Failure {
     Store(StoreError),
     /// Rolled back by the server (deadlock, serialization) or lost before commit: nothing was
     /// written, so running the transaction again is safe. `session_lost`: the connection is
@@ -201,7 +203,7 @@ fn conflict_as(message: String) -> impl FnOnce(Failure) -> Failure {
     }
 }
 
-fn not_found(what: String) -> Failure {
+pub(super) fn not_found(what: String) -> Failure {
     Failure::Store(StoreError::NotFound(what))
 }
 
@@ -327,7 +329,7 @@ impl std::ops::DerefMut for Pooled<'_> {
 
 /// A connection or a transaction, with the connection's prepared statements: every query goes
 /// through a statement prepared once per connection (one round trip per query, not two).
-struct Session<'a, C: GenericClient> {
+pub(super) struct Session<'a, C: GenericClient> {
     client: &'a mut C,
     statements: &'a mut HashMap<&'static str, Statement>,
 }
@@ -344,27 +346,27 @@ impl<C: GenericClient> Session<'_, C> {
         Ok(statement)
     }
 
-    fn query(&mut self, sql: &'static str, params: &Params<'_>) -> Result<Vec<Row>, Failure> {
+    pub(super) fn query(&mut self, sql: &'static str, params: &Params<'_>) -> Result<Vec<Row>, Failure> {
         let statement = self.statement(sql)?;
         Ok(self.client.query(&statement, params)?)
     }
 
-    fn query_opt(&mut self, sql: &'static str, params: &Params<'_>) -> Result<Option<Row>, Failure> {
+    pub(super) fn query_opt(&mut self, sql: &'static str, params: &Params<'_>) -> Result<Option<Row>, Failure> {
         let statement = self.statement(sql)?;
         Ok(self.client.query_opt(&statement, params)?)
     }
 
-    fn query_one(&mut self, sql: &'static str, params: &Params<'_>) -> Result<Row, Failure> {
+    pub(super) fn query_one(&mut self, sql: &'static str, params: &Params<'_>) -> Result<Row, Failure> {
         self.query_opt(sql, params)?.ok_or_else(|| not_found("no such row".into()))
     }
 
-    fn execute(&mut self, sql: &'static str, params: &Params<'_>) -> Result<u64, Failure> {
+    pub(super) fn execute(&mut self, sql: &'static str, params: &Params<'_>) -> Result<u64, Failure> {
         let statement = self.statement(sql)?;
         Ok(self.client.execute(&statement, params)?)
     }
 }
 
-type Tx<'s, 't> = Session<'s, Transaction<'t>>;
+pub(super) type Tx<'s, 't> = Session<'s, Transaction<'t>>;
 
 /// Runs `attempt` until it succeeds, fails for good, or has failed transiently
 /// [`TRANSIENT_TRIES_MAX`] times.
@@ -421,7 +423,7 @@ impl PostgresStore {
         Ok(store)
     }
 
-    fn read<T>(&self, mut f: impl FnMut(&mut Session<'_, Client>) -> Result<T, Failure>) -> StoreResult<T> {
+    pub(super) fn read<T>(&self, mut f: impl FnMut(&mut Session<'_, Client>) -> Result<T, Failure>) -> StoreResult<T> {
         retrying(|| {
             let mut pooled = self.pool.get()?;
             let Conn { client, statements } = &mut *pooled;
@@ -432,7 +434,10 @@ impl PostgresStore {
 
     /// One transaction; retried whole if it failed transiently, so `f` must only touch the
     /// database and its own locals.
-    fn write<T>(&self, mut f: impl FnMut(&mut Session<'_, Transaction<'_>>) -> Result<T, Failure>) -> StoreResult<T> {
+    pub(super) fn write<T>(
+        &self,
+        mut f: impl FnMut(&mut Session<'_, Transaction<'_>>) -> Result<T, Failure>,
+    ) -> StoreResult<T> {
         retrying(|| {
             let mut pooled = self.pool.get()?;
             let result = transaction(&mut pooled, &mut f);
@@ -469,6 +474,10 @@ impl PostgresStore {
                 (
                     "SELECT id, sealed_mac_key FROM gudids WHERE sealed_mac_key <> '' ORDER BY id FOR UPDATE",
                     "UPDATE gudids SET sealed_mac_key = $2 WHERE id = $1",
+                ),
+                (
+                    "SELECT id, sealed_mac_key FROM backends ORDER BY id FOR UPDATE",
+                    "UPDATE backends SET sealed_mac_key = $2 WHERE id = $1",
                 ),
             ];
             for (select, update) in SEALED_KEYS {
@@ -825,7 +834,7 @@ fn org_row(r: &Row) -> Result<OrgRow, Failure> {
     Ok(OrgRow { id: r.try_get(0)?, name: r.try_get(1)?, created_at: r.try_get(2)? })
 }
 
-fn rows<T>(rows: Vec<Row>, f: impl Fn(&Row) -> Result<T, Failure>) -> Result<Vec<T>, Failure> {
+pub(super) fn rows<T>(rows: Vec<Row>, f: impl Fn(&Row) -> Result<T, Failure>) -> Result<Vec<T>, Failure> {
     rows.iter().map(f).collect()
 }
 
@@ -1275,7 +1284,7 @@ fn apply_round(
 }
 
 /// Appends an audit entry inside the caller's transaction.
-fn audit_in(s: &mut Tx<'_, '_>, e: &AuditEntry) -> Result<(), Failure> {
+pub(super) fn audit_in(s: &mut Tx<'_, '_>, e: &AuditEntry) -> Result<(), Failure> {
     let details = e.details.to_string();
     s.execute(
         "INSERT INTO audit (at, org_id, actor, token_id, action, object, details) VALUES ($1, $2, $3, $4, $5, $6, $7)",
@@ -1988,6 +1997,7 @@ impl Store for PostgresStore {
                     let number: i64 = s.query_one("SELECT number FROM tasks WHERE id = $1", &[&task_id])?.try_get(0)?;
                     let facts = [("executions", serde_json::Value::from(inserted))];
                     audit_in(s, &audit.entry(Some(format!("task:{number}")), None, &facts))?;
+                    super::postgres_channel::on_task_created(s, task, number, inserted)?;
                     Ok((task_id, inserted))
                 }
                 (Err(_), Some(failure)) => Err(failure),
@@ -2139,6 +2149,7 @@ impl Store for PostgresStore {
             }
             let ended = s.query(STOP_TASK, &[&task_id, &at, &terminated.as_str(), &from])?;
             let ids = rows(ended, |r| Ok(r.try_get(0)?))?;
+            super::postgres_channel::on_executions_ended(s, &ids)?;
             s.execute("UPDATE tasks SET stopped_at = COALESCE(stopped_at, $2) WHERE id = $1", &[&task_id, &at])?;
             audit_in(s, &audit.entry(None, None, &[("terminated", ids.len().into())]))?;
             Ok(ids)
@@ -2150,7 +2161,10 @@ impl Store for PostgresStore {
         let from = states_that_can_become(expired);
         self.write(|s| {
             let ended = s.query(EXPIRE_DUE, &[&now, &expired.as_str(), &from])?;
-            rows(ended, |r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            let due: Vec<(i64, i64)> = rows(ended, |r| Ok((r.try_get(0)?, r.try_get(1)?)))?;
+            let ids: Vec<i64> = due.iter().map(|(id, _)| *id).collect();
+            super::postgres_channel::on_executions_ended(s, &ids)?;
+            Ok(due)
         })
     }
 
@@ -2193,6 +2207,8 @@ impl Store for PostgresStore {
             }
             ended.sort_by_key(|(index, _, _)| *index);
             initialised.sort_by_key(|(index, _, _)| *index);
+            let ids: Vec<i64> = ended.iter().map(|(_, id, _)| *id).collect();
+            super::postgres_channel::on_executions_ended(s, &ids)?;
             Ok(BatchOutcome {
                 ended: ended.into_iter().map(|(_, id, state)| (id, state)).collect(),
                 initialised: initialised.into_iter().map(|(_, gudid, creds)| (gudid, creds)).collect(),

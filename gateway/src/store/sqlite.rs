@@ -52,6 +52,8 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE tasks ADD COLUMN number INTEGER;
      UPDATE tasks SET number = (SELECT COUNT(*) FROM tasks t2 WHERE t2.org_id = tasks.org_id AND t2.id <= tasks.id);
      CREATE UNIQUE INDEX tasks_org_number ON tasks (org_id, number);",
+    // 9: the backend channel: backend identities, remembered requests, event streams and events.
+    super::sqlite_channel::MIGRATION,
 ];
 
 /// Reader connections: the admin API and the metrics sampler read while the writer commits.
@@ -119,7 +121,7 @@ impl Drop for Checkpointer {
     }
 }
 
-fn backend(e: rusqlite::Error) -> StoreError {
+pub(super) fn backend(e: rusqlite::Error) -> StoreError {
     match e {
         rusqlite::Error::QueryReturnedNoRows => StoreError::NotFound("no such row".into()),
         rusqlite::Error::SqliteFailure(code, ref msg) if code.code == rusqlite::ErrorCode::ConstraintViolation => {
@@ -171,7 +173,7 @@ impl SqliteStore {
         Ok(Self { writer: Mutex::new(writer), readers, next_reader: AtomicUsize::new(0), _checkpointer: checkpointer })
     }
 
-    fn write<T>(&self, f: impl FnOnce(&Transaction<'_>) -> StoreResult<T>) -> StoreResult<T> {
+    pub(super) fn write<T>(&self, f: impl FnOnce(&Transaction<'_>) -> StoreResult<T>) -> StoreResult<T> {
         let mut conn = self.writer.lock().map_err(|_| StoreError::Backend("writer lock poisoned".into()))?;
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(backend)?;
         let out = f(&tx)?;
@@ -179,7 +181,7 @@ impl SqliteStore {
         Ok(out)
     }
 
-    fn read<T>(&self, f: impl FnOnce(&Connection) -> StoreResult<T>) -> StoreResult<T> {
+    pub(super) fn read<T>(&self, f: impl FnOnce(&Connection) -> StoreResult<T>) -> StoreResult<T> {
         let i = self.next_reader.fetch_add(1, Ordering::Relaxed) % self.readers.len();
         let conn = self.readers[i].lock().map_err(|_| StoreError::Backend("reader lock poisoned".into()))?;
         f(&conn)
@@ -658,7 +660,7 @@ impl TaskSink for SqliteTaskSink<'_> {
     }
 }
 
-fn task_counts(conn: &Connection, task_id: i64) -> StoreResult<TaskCounts> {
+pub(super) fn task_counts(conn: &Connection, task_id: i64) -> StoreResult<TaskCounts> {
     let mut stmt = conn
         .prepare_cached("SELECT state, COUNT(*) FROM executions WHERE task_id = ?1 GROUP BY state")
         .map_err(backend)?;
@@ -730,7 +732,7 @@ fn end_execution(tx: &Transaction<'_>, ending: &Ending) -> StoreResult<bool> {
 }
 
 /// Appends an audit entry inside the caller's transaction.
-fn audit_in(tx: &Transaction<'_>, e: &AuditEntry) -> StoreResult<()> {
+pub(super) fn audit_in(tx: &Transaction<'_>, e: &AuditEntry) -> StoreResult<()> {
     tx.prepare_cached(
         "INSERT INTO audit (at, org_id, actor, token_id, action, object, details) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
     )
@@ -1520,6 +1522,7 @@ impl Store for SqliteStore {
             let number: i64 =
                 tx.query_row("SELECT number FROM tasks WHERE id = ?1", [task_id], |r| r.get(0)).map_err(backend)?;
             audit_in(tx, &audit.entry(Some(format!("task:{number}")), None, &[("executions", inserted.into())]))?;
+            super::sqlite_channel::on_task_created(tx, task, number, inserted)?;
             Ok((task_id, inserted))
         })?;
         committed_task(self.task(task.org_id, task_id)?, inserted)
@@ -1691,8 +1694,9 @@ impl Store for SqliteStore {
                 let rows = stmt.query_map([task_id], |r| r.get(0)).map_err(backend)?;
                 rows.collect::<Result<Vec<_>, _>>().map_err(backend)?
             };
+            let mut ended = Vec::with_capacity(ids.len());
             for id in &ids {
-                end_execution(
+                let done = end_execution(
                     tx,
                     &Ending {
                         execution_id: *id,
@@ -1704,7 +1708,11 @@ impl Store for SqliteStore {
                         sends: None,
                     },
                 )?;
+                if done {
+                    ended.push(*id);
+                }
             }
+            super::sqlite_channel::on_executions_ended(tx, &ended)?;
             tx.execute("UPDATE tasks SET stopped_at = COALESCE(stopped_at, ?2) WHERE id = ?1", params![task_id, at])
                 .map_err(backend)?;
             audit_in(tx, &audit.entry(None, None, &[("terminated", ids.len().into())]))?;
@@ -1723,8 +1731,9 @@ impl Store for SqliteStore {
                 let rows = stmt.query_map([now], |r| Ok((r.get(0)?, r.get(1)?))).map_err(backend)?;
                 rows.collect::<Result<Vec<_>, _>>().map_err(backend)?
             };
+            let mut ended = Vec::with_capacity(due.len());
             for (id, _) in &due {
-                end_execution(
+                let done = end_execution(
                     tx,
                     &Ending {
                         execution_id: *id,
@@ -1736,7 +1745,11 @@ impl Store for SqliteStore {
                         sends: None,
                     },
                 )?;
+                if done {
+                    ended.push(*id);
+                }
             }
+            super::sqlite_channel::on_executions_ended(tx, &ended)?;
             Ok(due)
         })
     }
@@ -1800,6 +1813,8 @@ impl Store for SqliteStore {
                     }
                 }
             }
+            let ended: Vec<i64> = outcome.ended.iter().map(|(id, _)| *id).collect();
+            super::sqlite_channel::on_executions_ended(tx, &ended)?;
             Ok(outcome)
         })
     }
