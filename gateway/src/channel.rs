@@ -480,6 +480,18 @@ impl BackendChannel {
     /// After an `Events` answer: the events `after + 1 ..= last`, then live ones from the pump.
     async fn serve_events(&mut self, a: &Accepted, after: u64, last: u64) {
         let key = (a.org.clone(), a.name.clone());
+        // An acknowledgement that moves forward within what this node has published: the events
+        // after it are on their way already, so they are not published twice; the window moves
+        // on. Any other `after` (a first request, a step back, no progress since the last one: a
+        // backend that misses an event) publishes again from `after + 1`.
+        if let Some(p) = self.pushers.get_mut(&key) {
+            if after > p.acked && after <= p.cursor {
+                p.acked = after;
+                p.until = Instant::now() + PUSH_LEASE;
+                self.push(&key, last).await;
+                return;
+            }
+        }
         if !self.pushers.contains_key(&key) && self.pushers.len() >= PUSHERS_MAX {
             if let Some(oldest) = self.pushers.iter().min_by_key(|(_, p)| p.until).map(|(k, _)| k.clone()) {
                 self.pushers.remove(&oldest);

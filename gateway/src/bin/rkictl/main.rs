@@ -3,6 +3,7 @@
 //!
 //! Exit codes: 0 done, 1 refused input or failed command (one line on stderr), 2 bad usage.
 
+mod backend;
 mod key;
 mod ops;
 
@@ -76,6 +77,12 @@ enum Command {
     /// Test only: the gateway's adjustable clock.
     #[command(subcommand)]
     Clock(ops::ClockCommand),
+    /// RKI backend credentials: create (the secret is shown once), list, revoke.
+    #[command(subcommand)]
+    Backends(backend::BackendsCommand),
+    /// Act as an RKI backend over MQTT: `watch` prints the organization's events, acking them.
+    #[command(subcommand)]
+    Backend(backend::BackendCommand),
 }
 
 /// What a command prints: named values in order; one JSON object with `--json`, otherwise
@@ -118,6 +125,16 @@ fn main() -> ExitCode {
         Command::Keks(c) => ops::keks(&client, c, json),
         Command::Audit { limit } => ops::audit(&client, limit, json),
         Command::Clock(c) => ops::clock(&client, c, json),
+        Command::Backends(c) => backend::backends(&client, c, json),
+        Command::Backend(c) => {
+            return match backend::watch(c) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(reason) => {
+                    eprintln!("rkictl: {}", one_line(&reason));
+                    ExitCode::from(1)
+                }
+            };
+        }
     };
     let result: Result<(), String> = api_result.and_then(|output| {
         let mut out = io::stdout().lock();

@@ -1,0 +1,458 @@
+//! The backend channel end to end (`docs/PROTOCOL.md` §12): an RKI backend creates tasks over
+//! MQTT and receives every outcome exactly once, by `seq`, across its own absences and the
+//! gateway's crash. Drives the real gateway binary, simulated terminals, the Python example
+//! client (`docs/examples/backend.py`, paho-mqtt) and `rkictl backend watch`.
+
+mod common;
+
+use std::collections::{BTreeMap, HashSet};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use rki_device_sim::Knobs;
+use rki_protocol::backend::{BackendId, BackendSecret};
+use rki_protocol::frame::{self, MacKey};
+use rki_protocol::message::{
+    Answer, BackendRefusalCode, BackendRequest, Body, Event, Message, Request, TaskOrder, TaskTarget,
+};
+use rki_protocol::terminal::KeySlot;
+use rki_protocol::topic;
+use rki_tests::{binary, mqtt_connect, provision, sns, wait_task_done, GatewayOptions, GatewayProcess, TestResult};
+use rumqttc::{AsyncClient, QoS};
+use serde_json::{json, Value};
+
+/// A backend credential as the API shows it once.
+struct Credential {
+    name: String,
+    secret: String,
+}
+
+fn create_backend(gw: &GatewayProcess, name: &str) -> TestResult<Credential> {
+    let v = gw.api().ok_post("/v1/backends", &json!({ "name": name }))?;
+    assert_eq!(v["client_id"], format!("backend@acme:{name}"), "{v}");
+    let secret = v["secret"].as_str().ok_or("no secret")?.to_string();
+    assert_eq!(secret.len(), 64);
+    assert!(v["backend"].get("password_hash").is_none() && v["backend"].get("sealed_mac_key").is_none(), "{v}");
+    Ok(Credential { name: name.to_string(), secret })
+}
+
+/// A hand-driven backend: signs what a test asks, forged or not.
+struct RawBackend {
+    id: BackendId,
+    key: MacKey,
+    client: AsyncClient,
+    inbox: tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>)>,
+    counter: u64,
+}
+
+impl RawBackend {
+    async fn connect(port: u16, cred: &Credential) -> TestResult<RawBackend> {
+        let id = BackendId::new("acme", &cred.name)?;
+        let secret = BackendSecret::parse(&cred.secret)?;
+        let password = String::from_utf8(secret.mqtt_password(&id).expose_secret().to_vec())?;
+        let (client, inbox) = mqtt_connect(port, &id.client_id(), &password, true).await?;
+        client.subscribe(topic::backend_reply(id.org(), id.name()), QoS::AtLeastOnce).await?;
+        client.subscribe(topic::backend_events(id.org(), id.name()), QoS::AtLeastOnce).await?;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let counter = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_micros() as u64;
+        Ok(RawBackend { key: secret.mac_key(&id), id, client, inbox, counter })
+    }
+
+    /// The frame of `request`, sealed under `key` with a fresh counter and `party`.
+    fn frame(&mut self, key: &MacKey, party: &str, request_id: u64, request: Request) -> TestResult<Vec<u8>> {
+        self.counter += 1;
+        let body = Body {
+            party: party.to_string(),
+            counter: self.counter,
+            message: Message::BackendRequest(BackendRequest { request_id, request }),
+        };
+        Ok(frame::seal(key, &body)?)
+    }
+
+    async fn publish(&self, bytes: Vec<u8>) -> TestResult {
+        self.client
+            .publish(topic::backend_request(self.id.org(), self.id.name()), QoS::AtLeastOnce, false, bytes)
+            .await?;
+        Ok(())
+    }
+
+    async fn send(&mut self, request_id: u64, request: Request) -> TestResult<Vec<u8>> {
+        let key = self.key.clone_secret();
+        let bytes = self.frame(&key, "acme", request_id, request)?;
+        self.publish(bytes.clone()).await?;
+        Ok(bytes)
+    }
+
+    /// The next verified message, or `None` after `quiet` without one.
+    async fn next(&mut self, quiet: Duration) -> Option<Message> {
+        loop {
+            let (_, bytes) = tokio::time::timeout(quiet, self.inbox.recv()).await.ok()??;
+            let Ok(verified) = frame::open_backend(&bytes).and_then(|u| u.verify(&self.key)) else { continue };
+            if verified.body.party == "acme" {
+                return Some(verified.body.message);
+            }
+        }
+    }
+
+    /// Whether no event arrives within `quiet` (answers to earlier requests may).
+    async fn no_event_within(&mut self, quiet: Duration) -> bool {
+        loop {
+            match self.next(quiet).await {
+                Some(Message::BackendEvent(e)) => {
+                    eprintln!("unexpected event {e:?}");
+                    return false;
+                }
+                Some(_) => {}
+                None => return true,
+            }
+        }
+    }
+
+    async fn answer(&mut self, request_id: u64, timeout: Duration) -> TestResult<Answer> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            match self.next(deadline.saturating_duration_since(Instant::now())).await {
+                Some(Message::BackendAnswer(a)) if a.request_id == request_id => return Ok(a.answer),
+                Some(_) => {}
+                None => break,
+            }
+        }
+        Err(format!("no answer to request {request_id}").into())
+    }
+
+    /// Every event from `after + 1` on, as a backend processes them (§12.6), until `stop` holds
+    /// for the events so far or `timeout`: each `seq` exactly once, in order.
+    async fn events(
+        &mut self,
+        after: u64,
+        timeout: Duration,
+        stop: impl Fn(&[(u64, Event)]) -> bool,
+    ) -> TestResult<Vec<(u64, Event)>> {
+        let deadline = Instant::now() + timeout;
+        let mut processed = after;
+        let mut out = Vec::new();
+        let mut asked = 900_000_000 + after;
+        self.send(asked, Request::Events { after: processed }).await?;
+        let mut outstanding = true;
+        let mut last_ack = Instant::now();
+        let mut since_ack = 0usize;
+        while Instant::now() < deadline && !stop(&out) {
+            match self.next(Duration::from_millis(500)).await {
+                Some(Message::BackendEvent(e)) if e.seq == processed + 1 => {
+                    processed = e.seq;
+                    out.push((e.seq, e.event));
+                    since_ack += 1;
+                }
+                Some(Message::BackendEvent(e)) if e.seq > processed + 1 && !outstanding => {
+                    asked += 1;
+                    self.send(asked, Request::Events { after: processed }).await?;
+                    outstanding = true;
+                }
+                Some(Message::BackendAnswer(a)) if a.request_id == asked => outstanding = false,
+                _ => {}
+            }
+            if !outstanding && (last_ack.elapsed() > Duration::from_secs(1) || since_ack >= 100) {
+                since_ack = 0;
+                asked += 1;
+                self.send(asked, Request::Events { after: processed }).await?;
+                outstanding = true;
+                last_ack = Instant::now();
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn order(target: TaskTarget) -> TaskOrder {
+    TaskOrder { target, key_source: String::new(), slot: KeySlot(1), expiry_days: 0 }
+}
+
+fn tasks(gw: &GatewayProcess) -> TestResult<Vec<Value>> {
+    Ok(gw.api().ok("/v1/tasks")?["tasks"].as_array().cloned().unwrap_or_default())
+}
+
+/// Checks the sequence an exactly-once backend saw for one task of `n` executions: contiguous
+/// numbers, one `TaskCreated`, one ending per execution (each SN once), one `TaskDone` last.
+fn check_task_events(events: &[(u64, Event)], task: u64, n: usize) -> TestResult<BTreeMap<String, String>> {
+    for pair in events.windows(2) {
+        assert_eq!(pair[1].0, pair[0].0 + 1, "seq numbers have a hole or a repeat");
+    }
+    let mine: Vec<&Event> = events
+        .iter()
+        .map(|(_, e)| e)
+        .filter(|e| match e {
+            Event::TaskCreated { task_id, .. }
+            | Event::ExecutionEnded { task_id, .. }
+            | Event::TaskDone { task_id, .. } => *task_id == task,
+        })
+        .collect();
+    let created = mine.iter().filter(|e| matches!(e, Event::TaskCreated { .. })).count();
+    assert_eq!(created, 1, "one TaskCreated");
+    let mut outcomes = BTreeMap::new();
+    let mut executions = HashSet::new();
+    for e in &mine {
+        if let Event::ExecutionEnded { sn, outcome, execution_id, ksn, kcv, error_code, .. } = e {
+            assert!(outcomes.insert(sn.clone(), outcome.clone()).is_none(), "{sn} ended twice");
+            assert!(executions.insert(*execution_id));
+            if outcome == "succeeded" {
+                assert!(!ksn.is_empty() && kcv.len() == 3 && *error_code == 0, "{e:?}");
+            }
+        }
+    }
+    assert_eq!(outcomes.len(), n, "one ending per execution");
+    match mine.last() {
+        Some(Event::TaskDone { succeeded, failed, expired, terminated, .. }) => {
+            assert_eq!((*succeeded + *failed + *expired + *terminated) as usize, n)
+        }
+        other => return Err(format!("the last event of the task is not TaskDone: {other:?}").into()),
+    }
+    assert_eq!(mine.iter().filter(|e| matches!(e, Event::TaskDone { .. })).count(), 1, "one TaskDone");
+    Ok(outcomes)
+}
+
+fn is_done(task: u64) -> impl Fn(&[(u64, Event)]) -> bool {
+    move |events| events.iter().any(|(_, e)| matches!(e, Event::TaskDone { task_id, .. } if *task_id == task))
+}
+
+#[test]
+fn the_python_example_creates_a_task_for_50_terminals_and_receives_every_outcome_once() -> TestResult {
+    let rt = common::runtime();
+    let gw = GatewayProcess::start(GatewayOptions::default())?;
+    let provisioned = provision(&gw, &sns("PYB", 50), "warehouse")?;
+    let fleet = rt.block_on(common::spawn_fleet(
+        common::fleet_config(gw.mqtt_port, &provisioned, Knobs::default())?,
+        Duration::from_secs(60),
+    ))?;
+    let cred = create_backend(&gw, "erp-1")?;
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/examples/backend.py");
+    let out = Command::new("python3")
+        .arg(&script)
+        .args(["--port", &gw.mqtt_port.to_string(), "--org", "acme", "--name", "erp-1", "--group", "warehouse"])
+        .args(["--request-id", "1001", "--timeout", "90"])
+        .env("RKI_BACKEND_SECRET", &cred.secret)
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "backend.py failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<Value> = stdout.lines().map(serde_json::from_str).collect::<Result<_, _>>()?;
+    let answer = lines.iter().find(|l| l["answer"].is_string()).ok_or("no answer")?;
+    assert_eq!(answer["answer"], "TaskCreated", "{answer}");
+    assert_eq!(answer["executions"], 50);
+    let task = answer["task_id"].clone();
+    let events: Vec<&Value> = lines.iter().filter(|l| l["seq"].is_u64()).collect();
+    let seqs: Vec<u64> = events.iter().filter_map(|e| e["seq"].as_u64()).collect();
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>(), "every seq once, in order");
+    let created: Vec<&&Value> = events.iter().filter(|e| e["event"] == "task_created").collect();
+    assert_eq!(created.len(), 1);
+    assert_eq!((created[0]["backend"].as_str(), created[0]["request_id"].as_u64()), (Some("erp-1"), Some(1001)));
+    let ended: Vec<&&Value> =
+        events.iter().filter(|e| e["event"] == "execution_ended" && e["task_id"] == task).collect();
+    assert_eq!(ended.len(), 50);
+    let sns_ended: HashSet<&str> = ended.iter().filter_map(|e| e["sn"].as_str()).collect();
+    assert_eq!(sns_ended.len(), 50);
+    for e in &ended {
+        assert_eq!((e["outcome"].as_str(), e["meaning"].as_str()), (Some("succeeded"), Some("success")), "{e}");
+        let ksn = e["ksn"].as_str().unwrap_or_default();
+        assert_eq!(e["kcv"].as_str(), Some(rki_tests::expected_kcv(ksn)?.as_str()), "{e}");
+    }
+    let done = events.last().ok_or("no events")?;
+    assert_eq!((done["event"].as_str(), done["succeeded"].as_u64()), (Some("task_done"), Some(50)), "{done}");
+    // Through the service layer: the task and its audit entry name the backend.
+    let audit = gw.api().ok("/v1/audit?limit=20")?;
+    let entry = audit["audit"]
+        .as_array()
+        .and_then(|a| a.iter().find(|e| e["action"] == "task.create").cloned())
+        .ok_or(format!("no task.create entry: {audit}"))?;
+    assert_eq!(entry["actor"], "backend:erp-1", "{entry}");
+    assert!(gw.metric("rki_backend_events_published_total") >= 52.0);
+    rt.block_on(fleet.shutdown());
+    Ok(())
+}
+
+#[test]
+fn a_repeated_request_id_yields_one_task_and_a_reused_one_is_refused() -> TestResult {
+    let rt = common::runtime();
+    let gw = GatewayProcess::start(GatewayOptions::default())?;
+    let provisioned = provision(&gw, &sns("DUP", 5), "dup")?;
+    let fleet = rt.block_on(common::spawn_fleet(
+        common::fleet_config(gw.mqtt_port, &provisioned, Knobs::default())?,
+        Duration::from_secs(60),
+    ))?;
+    let cred = create_backend(&gw, "erp-dup")?;
+    rt.block_on(async {
+        let mut b = RawBackend::connect(gw.mqtt_port, &cred).await?;
+        let create = Request::CreateTask(order(TaskTarget::Group("dup".into())));
+        b.send(7, create.clone()).await?;
+        let first = b.answer(7, Duration::from_secs(30)).await?;
+        assert!(matches!(first, Answer::TaskCreated { executions: 5, .. }), "{first:?}");
+        // The same request again (a retry with a new counter): the first answer, nothing new.
+        b.send(7, create.clone()).await?;
+        assert_eq!(b.answer(7, Duration::from_secs(10)).await?, first);
+        // The same id for another request: refused, nothing done.
+        b.send(7, Request::CreateTask(order(TaskTarget::Devices(vec!["DUP-00001".into()])))).await?;
+        let reused = b.answer(7, Duration::from_secs(10)).await?;
+        assert!(matches!(reused, Answer::Refused { code, .. } if code == BackendRefusalCode::RequestIdReused.code()));
+        // Read-only requests are answered afresh.
+        let Answer::TaskCreated { task_id, .. } = first else { unreachable!() };
+        b.send(8, Request::QueryTask { task_id }).await?;
+        assert!(matches!(b.answer(8, Duration::from_secs(10)).await?, Answer::TaskState { .. }));
+        b.send(9, Request::QueryTask { task_id: task_id + 100 }).await?;
+        let missing = b.answer(9, Duration::from_secs(10)).await?;
+        assert!(matches!(missing, Answer::Refused { code, .. } if code == BackendRefusalCode::NotFound.code()));
+        TestResult::Ok(())
+    })?;
+    assert_eq!(tasks(&gw)?.len(), 1, "one task");
+    // Across a restart too: the answer is durable.
+    let mut gw = gw;
+    gw.restart()?;
+    rt.block_on(async {
+        let mut b = RawBackend::connect(gw.mqtt_port, &cred).await?;
+        b.send(7, Request::CreateTask(order(TaskTarget::Group("dup".into())))).await?;
+        let again = b.answer(7, Duration::from_secs(10)).await?;
+        assert!(matches!(again, Answer::TaskCreated { executions: 5, .. }), "{again:?}");
+        TestResult::Ok(())
+    })?;
+    assert_eq!(tasks(&gw)?.len(), 1, "still one task after a restart");
+    rt.block_on(fleet.shutdown());
+    Ok(())
+}
+
+#[test]
+fn forged_replayed_and_foreign_requests_are_dropped_counted_and_change_nothing() -> TestResult {
+    let rt = common::runtime();
+    let gw = GatewayProcess::start(GatewayOptions::default())?;
+    provision(&gw, &sns("FORGE", 3), "forge")?;
+    let cred = create_backend(&gw, "erp-f")?;
+    let other = create_backend(&gw, "erp-other")?;
+    for reason in ["bad_mac", "replay", "party_mismatch", "unknown_backend", "bad_frame"] {
+        let sample = format!("rki_backend_requests_refused_total{{reason=\"{reason}\"}}");
+        let (_, text) = gw.api().get_text("/metrics");
+        assert!(text.contains(&sample), "{sample} is exported from the start");
+    }
+    rt.block_on(async {
+        let mut b = RawBackend::connect(gw.mqtt_port, &cred).await?;
+        let create = || Request::CreateTask(order(TaskTarget::Group("forge".into())));
+        // A tag under another backend's key (the organization's other backend).
+        let other_key = BackendSecret::parse(&other.secret)?.mac_key(&BackendId::new("acme", &other.name)?);
+        let forged = b.frame(&other_key, "acme", 1, create())?;
+        b.publish(forged).await?;
+        // A frame for another organization, under the right key.
+        let key = b.key.clone_secret();
+        let foreign = b.frame(&key, "globex", 2, create())?;
+        b.publish(foreign).await?;
+        // Garbage.
+        b.publish(vec![1, 2, 3]).await?;
+        assert!(b.next(Duration::from_secs(2)).await.is_none(), "no answer to a dropped frame (no oracle)");
+        // A valid request, then the very same frame again: a replay.
+        let valid = b.send(3, Request::QueryTask { task_id: 1 }).await?;
+        let _ = b.answer(3, Duration::from_secs(10)).await?;
+        b.publish(valid).await?;
+        assert!(b.next(Duration::from_secs(2)).await.is_none(), "no answer to a replay");
+        TestResult::Ok(())
+    })?;
+    assert_eq!(gw.metric("rki_backend_requests_refused_total{reason=\"bad_mac\"}"), 1.0);
+    assert_eq!(gw.metric("rki_backend_requests_refused_total{reason=\"party_mismatch\"}"), 1.0);
+    assert_eq!(gw.metric("rki_backend_requests_refused_total{reason=\"bad_frame\"}"), 1.0);
+    assert_eq!(gw.metric("rki_backend_requests_refused_total{reason=\"replay\"}"), 1.0);
+    assert!(tasks(&gw)?.is_empty(), "nothing was created");
+    // A wrong password, and a revoked backend, are refused at CONNECT.
+    rt.block_on(async {
+        let id = BackendId::new("acme", "erp-f")?;
+        assert!(mqtt_connect(gw.mqtt_port, &id.client_id(), &"0".repeat(64), true).await.is_err());
+        gw.api().ok_post("/v1/backends/erp-f/revoke", &json!({}))?;
+        assert!(RawBackend::connect(gw.mqtt_port, &cred).await.is_err(), "a revoked backend cannot connect");
+        TestResult::Ok(())
+    })?;
+    let listed = gw.api().ok("/v1/backends")?;
+    let revoked = listed["backends"].as_array().and_then(|a| a.iter().find(|b| b["name"] == "erp-f").cloned());
+    assert!(revoked.is_some_and(|b| !b["revoked_at"].is_null()), "{listed}");
+    Ok(())
+}
+
+#[test]
+fn a_backend_offline_during_the_push_receives_every_event_after_it_reconnects_exactly_once() -> TestResult {
+    let rt = common::runtime();
+    let gw = GatewayProcess::start(GatewayOptions::default())?;
+    let provisioned = provision(&gw, &sns("OFF", 30), "off")?;
+    let fleet = rt.block_on(common::spawn_fleet(
+        common::fleet_config(gw.mqtt_port, &provisioned, Knobs::default())?,
+        Duration::from_secs(60),
+    ))?;
+    let cred = create_backend(&gw, "erp-off")?;
+    // An operator's task, pushed while no backend is connected.
+    let task = rki_tests::create_task(&gw.api(), &json!({"group": "off"}))?;
+    wait_task_done(&gw.api(), task, Duration::from_secs(60))?;
+    // `rkictl backend watch` catches up from the start, acknowledging as it goes.
+    let out = Command::new(binary("rkictl"))
+        .args(["backend", "watch", "--mqtt", &format!("127.0.0.1:{}", gw.mqtt_port), "--org", "acme"])
+        .args(["--name", "erp-off", "--count", "32", "--idle-seconds", "30"])
+        .env("RKI_BACKEND_SECRET", &cred.secret)
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<Value> = stdout.lines().map(serde_json::from_str).collect::<Result<_, _>>()?;
+    let seqs: Vec<u64> = lines.iter().filter_map(|l| l["seq"].as_u64()).collect();
+    assert_eq!(seqs, (1..=32).collect::<Vec<_>>(), "{stdout}");
+    assert_eq!(lines[0]["event"], "task_created");
+    assert_eq!((lines[0]["backend"].as_str(), lines[0]["request_id"].as_u64()), (Some(""), Some(0)), "an operator's");
+    assert_eq!(lines[31]["event"], "task_done");
+    // A second absence: half the events processed, then gone; the rest comes once on return.
+    rt.block_on(async {
+        let mut b = RawBackend::connect(gw.mqtt_port, &cred).await?;
+        let events = b.events(16, Duration::from_secs(20), |e| e.len() >= 16).await?;
+        assert_eq!(events.iter().map(|(s, _)| *s).collect::<Vec<_>>(), (17..=32).collect::<Vec<_>>());
+        assert!(b.no_event_within(Duration::from_secs(1)).await, "nothing more, nothing twice");
+        // Up to date: the answer says so and nothing follows; above the latest: a conflict.
+        b.send(50, Request::Events { after: 32 }).await?;
+        assert_eq!(b.answer(50, Duration::from_secs(5)).await?, Answer::Events { after: 32, last: 32 });
+        b.send(51, Request::Events { after: 33 }).await?;
+        let above = b.answer(51, Duration::from_secs(5)).await?;
+        assert!(matches!(above, Answer::Refused { code, .. } if code == BackendRefusalCode::Conflict.code()));
+        TestResult::Ok(())
+    })?;
+    rt.block_on(fleet.shutdown());
+    Ok(())
+}
+
+#[test]
+fn sigkill_mid_push_loses_no_event_and_doubles_none() -> TestResult {
+    let rt = common::runtime();
+    let mut gw = GatewayProcess::start(GatewayOptions::default())?;
+    let provisioned = provision(&gw, &sns("KILLB", 300), "killb")?;
+    let knobs = Knobs { ack_delay: Duration::from_millis(1500), ..Knobs::default() };
+    let fleet = rt.block_on(common::spawn_fleet(
+        common::fleet_config(gw.mqtt_port, &provisioned, knobs)?,
+        Duration::from_secs(90),
+    ))?;
+    let cred = create_backend(&gw, "erp-kill")?;
+    let task = rt.block_on(async {
+        let mut b = RawBackend::connect(gw.mqtt_port, &cred).await?;
+        b.send(1, Request::CreateTask(order(TaskTarget::Group("killb".into())))).await?;
+        match b.answer(1, Duration::from_secs(60)).await? {
+            Answer::TaskCreated { task_id, executions: 300 } => TestResult::Ok(task_id),
+            other => Err(format!("{other:?}").into()),
+        }
+    })?;
+    let started = Instant::now();
+    loop {
+        let counts = gw.api().ok(&format!("/v1/tasks/{task}"))?["task"]["counts"].clone();
+        if counts["succeeded"].as_i64().unwrap_or(0) >= 1 || started.elapsed() > Duration::from_secs(30) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    gw.kill()?;
+    gw.restart()?;
+    let done = wait_task_done(&gw.api(), task as i64, Duration::from_secs(120))?;
+    assert_eq!(done["task"]["counts"]["succeeded"], 300, "{}", done["task"]["counts"]);
+    // The backend reads everything from the start: exactly the store's endings, once each.
+    rt.block_on(async {
+        let mut b = RawBackend::connect(gw.mqtt_port, &cred).await?;
+        let events = b.events(0, Duration::from_secs(60), is_done(task)).await?;
+        let outcomes = check_task_events(&events, task, 300)?;
+        assert!(outcomes.values().all(|o| o == "succeeded"));
+        assert!(b.no_event_within(Duration::from_secs(1)).await, "nothing twice");
+        TestResult::Ok(())
+    })?;
+    rt.block_on(fleet.shutdown());
+    Ok(())
+}
