@@ -6,6 +6,8 @@
 //! Then one test across both: random batches give PostgreSQL's grouped `apply_batch` exactly the
 //! results of SQLite's write-by-write one.
 
+#[path = "store_suite/channel.rs"]
+mod channel_specs;
 #[path = "store_suite/harness.rs"]
 mod harness;
 #[path = "../../tests/src/pg.rs"]
@@ -18,6 +20,7 @@ use rki_gateway::domain::ExecutionState;
 use rki_gateway::store::postgres::PostgresStore;
 use rki_gateway::store::*;
 
+use channel_specs::*;
 use harness::*;
 
 /// Generates `sqlite::$spec` and `postgres::$spec` for every spec function.
@@ -77,6 +80,13 @@ suite! {
     a_revoked_gudid_opens_nothing_initialises_nothing_and_is_revoked_once,
     gudids_are_listed_newest_first_live_only_and_by_page,
     clear_gudid_mac_keys_of_an_older_gateway_are_sealed_once_and_then_resealed,
+    // The backend channel (store_suite/channel.rs).
+    backends_are_unique_per_organization_revoked_once_and_audited,
+    a_backend_counter_only_goes_up_once_per_value_and_a_revoked_backend_accepts_none,
+    a_request_is_claimed_once_per_backend_and_its_answer_remembered,
+    events_follow_tasks_and_endings_in_their_own_transactions_without_holes,
+    two_batches_ending_one_tasks_last_executions_at_once_write_one_task_done,
+    old_events_and_requests_are_pruned_and_the_oldest_kept_is_reported,
 }
 
 fn conflict<T: std::fmt::Debug>(result: StoreResult<T>) -> String {
