@@ -267,7 +267,13 @@ pub struct Writer<'a> {
 impl Writer<'_> {
     /// A CONNACK accepting the connection. MQTT 5.0 also says what the endpoint does not offer:
     /// QoS 2, retained messages, wildcard and shared subscriptions; and its packet size limit.
-    pub fn connack_accepted(&mut self, session_present: bool, session_expiry: Option<u32>) -> bool {
+    /// `packet_len_max`: the largest packet the client may send (5.0 says so in the CONNACK).
+    pub fn connack_accepted(
+        &mut self,
+        session_present: bool,
+        session_expiry: Option<u32>,
+        packet_len_max: usize,
+    ) -> bool {
         match self.version {
             Version::V4 => v4::ConnAck::new(v4::ConnectReturnCode::Success, session_present).write(self.out).is_ok(),
             Version::V5 => {
@@ -275,7 +281,7 @@ impl Writer<'_> {
                     session_expiry_interval: session_expiry,
                     max_qos: Some(1),
                     retain_available: Some(0),
-                    max_packet_size: Some(PACKET_LEN_MAX as u32),
+                    max_packet_size: Some(packet_len_max as u32),
                     wildcard_subscription_available: Some(0),
                     shared_subscription_available: Some(0),
                     subscription_identifiers_available: Some(0),
@@ -532,8 +538,8 @@ mod tests {
         }
         let payload = Bytes::from_static(b"frame");
         for version in [Version::V4, Version::V5] {
-            check(version, |w| w.connack_accepted(true, Some(60)), "CONNACK accepted");
-            check(version, |w| w.connack_accepted(false, None), "CONNACK accepted, no expiry");
+            check(version, |w| w.connack_accepted(true, Some(60), PACKET_LEN_MAX), "CONNACK accepted");
+            check(version, |w| w.connack_accepted(false, None, PACKET_LEN_MAX), "CONNACK accepted, no expiry");
             for (v4_code, v5_code) in [(1, 0x84), (2, 0x85), (3, 0x88), (4, 0x86), (5, 0x87)] {
                 check(version, |w| w.connack_refused(v4_code, v5_code), &format!("CONNACK {v4_code}/{v5_code:#x}"));
             }

@@ -277,7 +277,8 @@ impl<'a> Session<'a> {
         };
         let expiry = lifetime.map(|l| l.as_secs().min(u64::from(u32::MAX)) as u32);
         let granted_expiry = if version == Version::V5 && connect.session_expiry != expiry { expiry } else { None };
-        session.writer().connack_accepted(attached.session_present, granted_expiry);
+        let packet_len_max = session.identity.packet_len_max();
+        session.writer().connack_accepted(attached.session_present, granted_expiry, packet_len_max);
         if attached.session_present {
             // Unacknowledged downlinks go out again first, with DUP set, under their packet ids.
             let again: Vec<(u16, super::session::Down)> = session.client.lock().inflight.iter().cloned().collect();
