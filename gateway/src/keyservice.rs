@@ -803,4 +803,19 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn a_backend_mac_key_opens_only_as_itself() {
+        let service = SoftwareKeyService::new(MasterKey::generate().expect("master key"));
+        let key = MacKey::new(SecretBytes::from_slice(&[0x3C; 32])).expect("mac key");
+        let backend = service.seal_backend_mac_key(&key).expect("seal");
+        assert!(!backend.to_uppercase().contains(&"3C".repeat(32)), "the clear key is in the sealed text");
+        assert_eq!(service.open_backend_mac_key(&backend).expect("open").expose_secret(), key.expose_secret());
+        assert!(service.open_gudid_mac_key(&backend).is_err(), "a backend key is not a GUDID key");
+        assert!(service.open_signing_key(&backend).is_err(), "a backend key is not a device signing key");
+        let gudid = service.seal_gudid_mac_key(&key).expect("seal");
+        assert!(service.open_backend_mac_key(&gudid).is_err(), "a GUDID key is not a backend key");
+        let other = SoftwareKeyService::new(MasterKey::generate().expect("master key"));
+        assert!(other.open_backend_mac_key(&backend).is_err(), "only under its own master key");
+    }
 }

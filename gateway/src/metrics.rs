@@ -227,8 +227,10 @@ mod tests {
 
     /// Label keys in use. Each takes a bounded set of values: organization names, states,
     /// reasons and codes from closed vocabularies. An SN, a task ID or a GUDID never is one.
-    const LABEL_KEYS: &[&str] =
-        &["org", "state", "status", "result", "kind", "reason", "code", "from", "window", "file", "version", "frame"];
+    const LABEL_KEYS: &[&str] = &[
+        "org", "state", "status", "result", "kind", "reason", "code", "from", "window", "file", "version", "frame",
+        "request",
+    ];
 
     /// `CONSTANT → "rki_name"` for every metric name declared in this file.
     fn declared() -> BTreeMap<String, String> {

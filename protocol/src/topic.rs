@@ -259,4 +259,18 @@ mod tests {
         assert_eq!(validate_name(&"x".repeat(65)), Err(NameError::TooLong));
         assert_eq!(validate_name("P3-0001_a.b"), Ok(()));
     }
+
+    #[test]
+    fn a_backends_reply_and_events_topics_name_it_and_nothing_else_does() {
+        assert_eq!(parse_backend_outbound(&backend_reply("acme", "erp-1")), Some(("acme", "erp-1")));
+        assert_eq!(parse_backend_outbound(&backend_events("acme", "erp-1")), Some(("acme", "erp-1")));
+        for other in [
+            backend_request("acme", "erp-1"),
+            device_down("SN1"),
+            "rki/v1/backend/acme/+/reply".into(),
+            "rki/v1/backend/acme/a/b/reply".into(),
+        ] {
+            assert_eq!(parse_backend_outbound(&other), None, "{other}");
+        }
+    }
 }

@@ -443,4 +443,42 @@ mod tests {
         assert!(long.chars().count() <= 25, "{long}");
         assert!(log_prefix(&"\u{1b}".repeat(100)).len() <= 60);
     }
+
+    #[test]
+    fn a_backend_identity_reaches_its_own_three_topics_only_and_has_no_will() {
+        let backend = claimed_identity("backend@acme:erp-1", Some("backend@acme:erp-1"), true).expect("a backend");
+        assert_eq!(backend.client_id(), "backend@acme:erp-1");
+        assert!(backend.may_publish("rki/v1/backend/acme/erp-1/req"));
+        assert!(!backend.may_will("rki/v1/backend/acme/erp-1/req"), "no will at all");
+        for foreign in [
+            "rki/v1/backend/acme/erp-2/req",
+            "rki/v1/backend/globex/erp-1/req",
+            "SN1/rki/v1/up",
+            "rki/v1/backend/acme/erp-1/reply",
+        ] {
+            assert!(!backend.may_publish(foreign), "{foreign}");
+        }
+        assert!(backend.may_subscribe("rki/v1/backend/acme/erp-1/reply"));
+        assert!(backend.may_subscribe("rki/v1/backend/acme/erp-1/events"));
+        for foreign in [
+            "rki/v1/backend/acme/+/events",
+            "rki/v1/backend/#",
+            "#",
+            "rki/v1/backend/acme/erp-2/events",
+            "SN1/rki/v1/down",
+        ] {
+            assert!(!backend.may_subscribe(foreign), "{foreign}");
+        }
+        assert!(backend.packet_len_max() > 128 * 1024);
+        assert_eq!(Identity::Device("SN1".into()).packet_len_max(), super::super::codec::PACKET_LEN_MAX);
+        let refused = [
+            ("backend@acme", Some("backend@acme"), ConnectRefusal::BadClientId),
+            ("backend@acme:e/rp", Some("backend@acme:e/rp"), ConnectRefusal::BadClientId),
+            ("backend@acme:erp", Some("backend@acme:crm"), ConnectRefusal::ClientIdMismatch),
+            ("backend@acme:erp", None, ConnectRefusal::NoCredentials),
+        ];
+        for (client_id, user, refusal) in refused {
+            assert_eq!(claimed_identity(client_id, user, true), Err(refusal), "{client_id}");
+        }
+    }
 }
