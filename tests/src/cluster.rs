@@ -12,7 +12,7 @@ use crate::{free_port, temp_dir, Api, GatewayOptions, GatewayProcess, Mosquitto,
 
 /// The gateway's own broker identity in a cluster.
 pub const GATEWAY_USER: &str = "rki-gateway";
-const GATEWAY_PASSWORD: &str = "gw-secret";
+pub const GATEWAY_PASSWORD: &str = "gw-secret";
 
 /// How a cluster is started.
 #[derive(Debug, Clone)]

@@ -456,3 +456,71 @@ fn sigkill_mid_push_loses_no_event_and_doubles_none() -> TestResult {
     rt.block_on(fleet.shutdown());
     Ok(())
 }
+
+/// External-broker mode, two nodes on Mosquitto and PostgreSQL: a request published once reaches
+/// one node through the shared subscription and is answered once; its repeat is answered from the
+/// shared store by whichever node gets it. (Mosquitto's files do not hold backend identities yet,
+/// PROTOCOL.md §12.8: the test publishes the signed frames as the gateway's own broker user; the
+/// gateway trusts the tag, not the MQTT identity.)
+#[test]
+fn with_two_nodes_on_an_external_broker_a_request_is_handled_once() -> TestResult {
+    use rki_tests::cluster::{GATEWAY_PASSWORD, GATEWAY_USER};
+    let rt = common::runtime();
+    let cluster = rki_tests::Cluster::start(rki_tests::ClusterOptions { nodes: 2, ..Default::default() })?;
+    let v = cluster.api(0).ok_post("/v1/backends", &json!({ "name": "erp-ext" }))?;
+    let secret = BackendSecret::parse(v["secret"].as_str().ok_or("no secret")?)?;
+    let id = BackendId::new("acme", "erp-ext")?;
+    let key = secret.mac_key(&id);
+    let port = cluster.mosquitto.port;
+    rt.block_on(async {
+        let options = {
+            let mut o = rumqttc::MqttOptions::new("backend-test-publisher", "127.0.0.1", port);
+            o.set_credentials(GATEWAY_USER, GATEWAY_PASSWORD);
+            o
+        };
+        let (client, mut events) = rumqttc::AsyncClient::new(options, 64);
+        let (tx, mut inbox) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok(event) = events.poll().await {
+                if let rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) = event {
+                    let _ = tx.send(p.payload.to_vec());
+                }
+            }
+        });
+        client.subscribe(topic::backend_reply("acme", "erp-ext"), QoS::AtLeastOnce).await?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let mut counter = 1_700_000_000_000_000u64;
+        let mut send = |request_id: u64, request: Request| {
+            counter += 1;
+            let body = Body {
+                party: "acme".into(),
+                counter,
+                message: Message::BackendRequest(BackendRequest { request_id, request }),
+            };
+            frame::seal(&key, &body)
+        };
+        let unlock = Request::Unlock { sns: vec!["NOT-A-DEVICE".into()] };
+        let requests = [(1, Request::QueryTask { task_id: 1 }), (2, unlock.clone()), (2, unlock)];
+        let mut answers = Vec::new();
+        for (request_id, request) in requests {
+            client
+                .publish(topic::backend_request("acme", "erp-ext"), QoS::AtLeastOnce, false, send(request_id, request)?)
+                .await?;
+            let bytes = tokio::time::timeout(Duration::from_secs(10), inbox.recv()).await?.ok_or("closed")?;
+            let verified = frame::open_backend(&bytes)?.verify(&key).map_err(|e| format!("{e}"))?;
+            let Message::BackendAnswer(a) = verified.body.message else { return Err("not an answer".into()) };
+            answers.push(a);
+        }
+        assert!(
+            matches!(answers[0].answer, Answer::Refused { code, .. } if code == BackendRefusalCode::NotFound.code())
+        );
+        assert_eq!(answers[1].answer, Answer::Unlocked { unlocked: 0, unknown: vec!["NOT-A-DEVICE".into()] });
+        assert_eq!(answers[2], answers[1], "the repeat gets the first answer");
+        assert!(tokio::time::timeout(Duration::from_secs(2), inbox.recv()).await.is_err(), "one answer each");
+        TestResult::Ok(())
+    })?;
+    let handled = |request: &str| cluster.metric_sum(&format!("rki_backend_requests_total{{request=\"{request}\"}}"));
+    assert_eq!((handled("query_task"), handled("unlock")), (1.0, 2.0), "each request handled by one node");
+    assert_eq!(cluster.metric_sum("rki_backend_requests_refused_total{reason=\"replay\"}"), 0.0);
+    Ok(())
+}
