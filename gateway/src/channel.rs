@@ -54,6 +54,9 @@ const LIVENESS_INTERVAL: Duration = Duration::from_secs(1);
 /// How often the retention sweep deletes old events and remembered requests.
 const PRUNE_INTERVAL: Duration = Duration::from_secs(60);
 const MS_PER_DAY: i64 = 86_400_000;
+/// Rows one prune deletes at most per kind, so that it never holds the store's writer long; a
+/// backlog goes over the following minutes.
+const PRUNE_ROWS_MAX: u64 = 20_000;
 
 /// Every reason a request is dropped or refused: `rki_backend_requests_refused_total{reason}`.
 pub const REFUSAL_REASONS: &[&str] = &[
@@ -325,7 +328,21 @@ impl BackendChannel {
         if let Err(e) = stored {
             warn!(error = %e, "backend answer not remembered");
         }
-        answer
+        if unavailable {
+            return answer;
+        }
+        // What the store remembers wins: when two nodes carried out one request at once (a
+        // duplicate delivery), the first write's answer is the answer, for both copies.
+        let again =
+            RequestClaim { org_id: a.org_id, backend_id, request_id, digest, task_request_id, at: self.service.now() };
+        match self.service.blocking(move |s| s.claim_backend_request(&again)).await {
+            Ok(Some(remembered)) => remembered
+                .answer
+                .as_deref()
+                .and_then(|bytes| postcard::from_bytes::<Answer>(bytes).ok())
+                .unwrap_or(answer),
+            _ => answer,
+        }
     }
 
     async fn remember_refusal(&self, a: &Accepted, answer: &Answer) {
@@ -590,6 +607,7 @@ impl BackendChannel {
             events_before: now - days * MS_PER_DAY,
             events_per_org_max: self.settings.events_per_org_max,
             requests_before: now - (REQUESTS_REMEMBERED_DAYS_MIN as i64) * MS_PER_DAY,
+            rows_max: PRUNE_ROWS_MAX,
         };
         match self.service.blocking(move |s| s.prune_channel(&retention)).await {
             Ok((events, requests)) if events + requests > 0 => {

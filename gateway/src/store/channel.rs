@@ -96,6 +96,8 @@ pub struct Retention {
     pub events_per_org_max: u64,
     /// Remembered requests older than this are forgotten.
     pub requests_before: Millis,
+    /// Rows one prune deletes at most per statement (it holds the store's writer meanwhile).
+    pub rows_max: u64,
 }
 
 /// The store's side of the backend channel. Every method is one transaction.

@@ -354,15 +354,23 @@ impl ChannelStore for PostgresStore {
 
     fn prune_channel(&self, retention: &Retention) -> StoreResult<(u64, u64)> {
         let keep = as_sql(retention.events_per_org_max);
+        let rows_max = as_sql(retention.rows_max);
         self.write(|s| {
-            let mut events = s.execute("DELETE FROM backend_events WHERE at < $1", &[&retention.events_before])?;
+            let mut events = s.execute(
+                "DELETE FROM backend_events WHERE (org_id, seq) IN
+                     (SELECT org_id, seq FROM backend_events WHERE at < $1 LIMIT $2)",
+                &[&retention.events_before, &rows_max],
+            )?;
             events += s.execute(
-                "DELETE FROM backend_events e USING event_streams x WHERE x.org_id = e.org_id AND e.seq <= x.last_seq - $1",
-                &[&keep],
+                "DELETE FROM backend_events WHERE (org_id, seq) IN
+                     (SELECT e.org_id, e.seq FROM backend_events e JOIN event_streams x ON x.org_id = e.org_id
+                      WHERE e.seq <= x.last_seq - $1 LIMIT $2)",
+                &[&keep, &rows_max],
             )?;
             let requests = s.execute(
-                "DELETE FROM backend_requests WHERE at < $1 AND answer IS NOT NULL",
-                &[&retention.requests_before],
+                "DELETE FROM backend_requests WHERE (backend_id, request_id) IN
+                     (SELECT backend_id, request_id FROM backend_requests WHERE at < $1 AND answer IS NOT NULL LIMIT $2)",
+                &[&retention.requests_before, &rows_max],
             )?;
             Ok((events, requests))
         })

@@ -312,20 +312,27 @@ impl ChannelStore for SqliteStore {
 
     fn prune_channel(&self, retention: &Retention) -> StoreResult<(u64, u64)> {
         self.write(|tx| {
+            let rows_max = as_sql(retention.rows_max);
             let mut events = tx
-                .execute("DELETE FROM backend_events WHERE at < ?1", [retention.events_before])
+                .execute(
+                    "DELETE FROM backend_events WHERE (org_id, seq) IN
+                         (SELECT org_id, seq FROM backend_events WHERE at < ?1 LIMIT ?2)",
+                    params![retention.events_before, rows_max],
+                )
                 .map_err(backend)? as u64;
             events += tx
                 .execute(
-                    "DELETE FROM backend_events WHERE seq <= (SELECT s.last_seq - ?1 FROM event_streams s
-                                                             WHERE s.org_id = backend_events.org_id)",
-                    [as_sql(retention.events_per_org_max)],
+                    "DELETE FROM backend_events WHERE (org_id, seq) IN
+                         (SELECT e.org_id, e.seq FROM backend_events e JOIN event_streams s ON s.org_id = e.org_id
+                          WHERE e.seq <= s.last_seq - ?1 LIMIT ?2)",
+                    params![as_sql(retention.events_per_org_max), rows_max],
                 )
                 .map_err(backend)? as u64;
             let requests = tx
                 .execute(
-                    "DELETE FROM backend_requests WHERE at < ?1 AND answer IS NOT NULL",
-                    [retention.requests_before],
+                    "DELETE FROM backend_requests WHERE (backend_id, request_id) IN
+                         (SELECT backend_id, request_id FROM backend_requests WHERE at < ?1 AND answer IS NOT NULL LIMIT ?2)",
+                    params![retention.requests_before, rows_max],
                 )
                 .map_err(backend)? as u64;
             Ok((events, requests))

@@ -266,17 +266,27 @@ pub fn old_events_and_requests_are_pruned_and_the_oldest_kept_is_reported(s: &Su
     };
     st.claim_backend_request(&claim).must();
     st.remember_backend_answer(erp.id, 1, b"a").must();
-    let keep_all = Retention { events_before: T0, events_per_org_max: 100, requests_before: T0 };
+    let keep_all = Retention { events_before: T0, events_per_org_max: 100, requests_before: T0, rows_max: 1000 };
     assert_eq!(st.prune_channel(&keep_all).must(), (0, 0));
     // The first day's events go by age, then all but the newest four by count.
-    let by_age = Retention { events_before: T0 + DAY_MS, events_per_org_max: 100, requests_before: T0 + 1 };
+    let by_age =
+        Retention { events_before: T0 + DAY_MS, events_per_org_max: 100, requests_before: T0 + 1, rows_max: 1000 };
     assert_eq!(st.prune_channel(&by_age).must(), (3, 1));
     assert_eq!(st.event_bounds(w.org.id).must(), EventBounds { last: 9, oldest: Some(4) });
-    let by_count = Retention { events_before: T0, events_per_org_max: 4, requests_before: T0 };
+    let by_count = Retention { events_before: T0, events_per_org_max: 4, requests_before: T0, rows_max: 1000 };
     assert_eq!(st.prune_channel(&by_count).must().0, 2);
     assert_eq!(st.event_bounds(w.org.id).must(), EventBounds { last: 9, oldest: Some(6) });
     assert_eq!(st.claim_backend_request(&claim).must(), None, "the remembered request was forgotten");
+    // A prune deletes at most `rows_max` rows per kind; the rest goes on the next ones.
+    for i in 0..2 {
+        let (t, _) = st.create_task(&new_task(&w, &[i], T0, T0 + 90 * DAY_MS)).must();
+        st.stop_task(w.org.id, t.id, T0, &audit("task.stop")).must();
+    }
+    let bounded = Retention { events_before: T0 + DAY_MS, events_per_org_max: 100, requests_before: T0, rows_max: 4 };
+    assert_eq!(st.prune_channel(&bounded).must().0, 4);
+    assert_eq!(st.prune_channel(&bounded).must().0, 2);
+    assert_eq!(st.prune_channel(&bounded).must().0, 0);
     // Numbering goes on after a prune.
     task(st, &w, &[0]);
-    assert_eq!(st.event_bounds(w.org.id).must().last, 10);
+    assert_eq!(st.event_bounds(w.org.id).must().last, 16);
 }
