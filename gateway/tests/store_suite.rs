@@ -617,7 +617,7 @@ fn a_successful_ending_writes_one_record_and_locks_the_device(s: &Subject) {
     let r = &records[0];
     assert_eq!(
         (r.execution_id, r.task_id, r.sn.as_str(), r.key_source.as_str(), r.key_type.as_str()),
-        (executions[0].id, t.id, "acme-0000", "bdk-1", "tdes_dukpt")
+        (executions[0].id, t.id, "acme-0000", "bdk-1", "IPEK")
     );
     assert_eq!(
         (r.injection.as_str(), r.result.as_str(), r.error_code, r.at, r.key_id.as_str(), r.kcv.as_str()),

@@ -15,6 +15,7 @@
 pub mod guard;
 pub mod health;
 pub mod postgres;
+mod rows;
 pub mod sqlite;
 
 use serde::Serialize;

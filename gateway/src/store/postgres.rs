@@ -44,6 +44,7 @@ use ::postgres::error::SqlState;
 use ::postgres::types::ToSql;
 use ::postgres::{Client, GenericClient, NoTls, Row, Statement, Transaction};
 
+use super::rows::*;
 use super::*;
 
 /// Schema migrations, applied in order; `schema_migrations` holds one row per migration run,
@@ -596,237 +597,49 @@ fn migrate_to(client: &mut Client, version: usize) -> Result<(), Failure> {
 
 // ---------------------------------------------------------------- rows
 
-/// `generation > 0` is "initialised": every initialisation installs the credentials and counts
-/// the generation up in one transaction, and nothing else sets either.
-macro_rules! device_columns {
-    () => {
-        "id, org_id, sn, model, rom_version, app_version, region, debug_mode, debug_key_present, locked, last_seen,
-         assigned_key_source, generation > 0, x_pos_device_id, created_at, unlock_pending, slots"
-    };
-}
-
-fn device_row(r: &Row) -> Result<DeviceRow, Failure> {
-    Ok(DeviceRow {
-        id: r.try_get(0)?,
-        org_id: r.try_get(1)?,
-        sn: r.try_get(2)?,
-        model: r.try_get(3)?,
-        rom_version: r.try_get(4)?,
-        app_version: r.try_get(5)?,
-        region: r.try_get(6)?,
-        debug_mode: r.try_get(7)?,
-        debug_key_present: r.try_get(8)?,
-        locked: r.try_get(9)?,
-        last_seen: r.try_get(10)?,
-        assigned_key_source: r.try_get(11)?,
-        initialised: r.try_get(12)?,
-        x_pos_device_id: r.try_get(13)?,
-        created_at: r.try_get(14)?,
-        unlock_pending: r.try_get(15)?,
-        slots_json: r.try_get(16)?,
-    })
-}
-
-/// An initialised device's credentials; `WHERE` clauses name the device `d`.
-macro_rules! select_credentials {
-    () => {
-        "SELECT d.id, d.org_id, d.sn, c.signing_key, c.kbpk_aes, c.kbpk_tdes, c.password_hash, d.last_counter,
-                d.generation, d.unlock_pending
-         FROM devices d JOIN device_credentials c ON c.device_id = d.id"
-    };
-}
-
-fn credentials_row(r: &Row) -> Result<DeviceCredentials, Failure> {
-    Ok(DeviceCredentials {
-        device_id: r.try_get(0)?,
-        org_id: r.try_get(1)?,
-        sn: r.try_get(2)?,
-        signing_key: r.try_get(3)?,
-        kbpk_aes: r.try_get(4)?,
-        kbpk_tdes: r.try_get(5)?,
-        password_hash: r.try_get(6)?,
-        last_counter: r.try_get::<_, i64>(7)? as u64,
-        generation: r.try_get(8)?,
-        unlock_pending: r.try_get(9)?,
-    })
-}
-
-macro_rules! key_source_columns {
-    () => {
-        "id, org_id, name, algorithm, kcv, sealed, key_set_id, created_at"
-    };
-}
-
-macro_rules! kek_columns {
-    () => {
-        "id, org_id, name, algorithm, kcv, sealed, created_at"
-    };
-}
-
-fn kek_row(r: &Row) -> Result<KekRow, Failure> {
-    Ok(KekRow {
-        id: r.try_get(0)?,
-        org_id: r.try_get(1)?,
-        name: r.try_get(2)?,
-        algorithm: r.try_get(3)?,
-        kcv: r.try_get(4)?,
-        sealed: r.try_get(5)?,
-        created_at: r.try_get(6)?,
-    })
-}
-
-fn key_source_row(r: &Row) -> Result<KeySourceRow, Failure> {
-    Ok(KeySourceRow {
-        id: r.try_get(0)?,
-        org_id: r.try_get(1)?,
-        name: r.try_get(2)?,
-        algorithm: r.try_get(3)?,
-        kcv: r.try_get(4)?,
-        sealed: r.try_get(5)?,
-        key_set_id: r.try_get(6)?,
-        created_at: r.try_get(7)?,
-    })
-}
-
 macro_rules! gudid_select {
     () => {
-        "SELECT g.id, g.org_id, g.device_id, d.sn, g.gudid_id, COALESCE(g.sealed_mac_key, ''), g.provisioned_by,
-                g.provisioned_at, g.expires_at, g.used_at, g.bootstrap_hash, g.revoked_at, g.revoked_by
-         FROM gudids g JOIN devices d ON d.id = g.device_id"
+        concat!("SELECT ", gudid_columns!(), " FROM gudids g JOIN devices d ON d.id = g.device_id")
     };
-}
-
-fn gudid_row(r: &Row) -> Result<GudidRow, Failure> {
-    Ok(GudidRow {
-        id: r.try_get(0)?,
-        org_id: r.try_get(1)?,
-        device_id: r.try_get(2)?,
-        sn: r.try_get(3)?,
-        gudid_id: r.try_get(4)?,
-        sealed_mac_key: r.try_get(5)?,
-        provisioned_by: r.try_get(6)?,
-        provisioned_at: r.try_get(7)?,
-        expires_at: r.try_get(8)?,
-        used_at: r.try_get(9)?,
-        bootstrap_hash: r.try_get(10)?,
-        revoked_at: r.try_get(11)?,
-        revoked_by: r.try_get(12)?,
-    })
 }
 
 /// A task with its execution counts by state, read in the same statement (one snapshot).
 macro_rules! task_select {
     () => {
-        "SELECT t.id, t.org_id, t.key_source_id, k.name, t.slot, t.key_type, t.created_at, t.expires_at,
-                t.created_by, t.stopped_at, t.request_id, c.states, c.counts, t.number
+        concat!(
+            "SELECT ",
+            task_columns!(),
+            ", c.states, c.counts
          FROM tasks t JOIN key_sources k ON k.id = t.key_source_id
          LEFT JOIN LATERAL (
              SELECT array_agg(s.state) AS states, array_agg(s.n) AS counts
              FROM (SELECT e.state, count(*) AS n FROM executions e WHERE e.task_id = t.id GROUP BY e.state) s
          ) c ON TRUE"
+        )
     };
 }
 
-fn task_row(r: &Row) -> Result<TaskRow, Failure> {
-    let mut counts = TaskCounts::default();
-    let states: Option<Vec<String>> = r.try_get(11)?;
-    let numbers: Option<Vec<i64>> = r.try_get(12)?;
+/// A task of [`task_select!`] with its counts.
+fn task_with_counts(r: &Row) -> StoreResult<TaskRow> {
+    let mut task = task_row(r)?;
+    // Arrays: PostgreSQL's alone, so read by its own driver.
+    let states: Option<Vec<String>> = r.try_get(12).map_err(|e| StoreError::Backend(format!("task counts: {e}")))?;
+    let numbers: Option<Vec<i64>> = r.try_get(13).map_err(|e| StoreError::Backend(format!("task counts: {e}")))?;
     for (state, n) in states.unwrap_or_default().iter().zip(numbers.unwrap_or_default()) {
-        if let Some(state) = ExecutionState::parse(state) {
-            counts.add(state, n);
-        }
+        count_state(&mut task.counts, state, n)?;
     }
-    Ok(TaskRow {
-        id: r.try_get(0)?,
-        org_id: r.try_get(1)?,
-        key_source_id: r.try_get(2)?,
-        key_source: r.try_get(3)?,
-        slot: slot(r, 4)?,
-        key_type: r.try_get(5)?,
-        created_at: r.try_get(6)?,
-        expires_at: r.try_get(7)?,
-        created_by: r.try_get(8)?,
-        stopped_at: r.try_get(9)?,
-        request_id: r.try_get(10)?,
-        number: r.try_get(13)?,
-        counts,
-    })
-}
-
-fn slot(r: &Row, i: usize) -> Result<u16, Failure> {
-    let slot: i32 = r.try_get(i)?;
-    u16::try_from(slot).map_err(|_| corrupt(format!("key slot {slot} out of range")))
+    Ok(task)
 }
 
 macro_rules! execution_select {
     () => {
-        "SELECT e.id, e.task_id, e.org_id, e.device_id, d.sn, e.state, t.slot, t.key_type, e.key_block, e.key_id,
-                e.kcv, e.generation, e.created_at, e.deadline, e.delivered_at, e.delivery_count, e.ended_at,
-                e.result, t.key_source_id
-         FROM executions e JOIN devices d ON d.id = e.device_id JOIN tasks t ON t.id = e.task_id"
+        concat!("SELECT ", execution_columns!(), " FROM ", execution_from!())
     };
 }
 
-fn execution_row(r: &Row) -> Result<ExecutionRow, Failure> {
-    let state: String = r.try_get(5)?;
-    Ok(ExecutionRow {
-        id: r.try_get(0)?,
-        task_id: r.try_get(1)?,
-        org_id: r.try_get(2)?,
-        device_id: r.try_get(3)?,
-        sn: r.try_get(4)?,
-        state: ExecutionState::parse(&state).ok_or_else(|| corrupt(format!("bad state {state}")))?,
-        slot: slot(r, 6)?,
-        key_type: r.try_get(7)?,
-        key_block: r.try_get(8)?,
-        key_id: r.try_get(9)?,
-        kcv: r.try_get(10)?,
-        generation: r.try_get(11)?,
-        created_at: r.try_get(12)?,
-        deadline: r.try_get(13)?,
-        delivered_at: r.try_get(14)?,
-        delivery_count: r.try_get(15)?,
-        ended_at: r.try_get(16)?,
-        result: r.try_get(17)?,
-        key_source_id: r.try_get(18)?,
-    })
-}
-
-fn record_row(r: &Row) -> Result<RecordRow, Failure> {
-    Ok(RecordRow {
-        id: r.try_get(0)?,
-        org_id: r.try_get(1)?,
-        execution_id: r.try_get(2)?,
-        task_id: r.try_get(3)?,
-        sn: r.try_get(4)?,
-        key_source: r.try_get(5)?,
-        key_type: r.try_get(6)?,
-        injection: r.try_get(7)?,
-        result: r.try_get(8)?,
-        error_code: r.try_get(9)?,
-        at: r.try_get(10)?,
-        key_id: r.try_get(11)?,
-        kcv: r.try_get(12)?,
-        task_number: r.try_get(13)?,
-    })
-}
-
-fn group_row(r: &Row) -> Result<GroupRow, Failure> {
-    Ok(GroupRow {
-        id: r.try_get(0)?,
-        org_id: r.try_get(1)?,
-        name: r.try_get(2)?,
-        description: r.try_get(3)?,
-        members: r.try_get(4)?,
-    })
-}
-
-fn org_row(r: &Row) -> Result<OrgRow, Failure> {
-    Ok(OrgRow { id: r.try_get(0)?, name: r.try_get(1)?, created_at: r.try_get(2)? })
-}
-
-fn rows<T>(rows: Vec<Row>, f: impl Fn(&Row) -> Result<T, Failure>) -> Result<Vec<T>, Failure> {
-    rows.iter().map(f).collect()
+/// The rows, each read by a shared row mapper ([`super::rows`]).
+fn rows<T>(rows: Vec<Row>, f: impl Fn(&Row) -> StoreResult<T>) -> Result<Vec<T>, Failure> {
+    Ok(rows.iter().map(f).collect::<StoreResult<Vec<T>>>()?)
 }
 
 /// [`TaskSink`] inside `create_task_with`'s transaction. A database failure is kept in
@@ -869,14 +682,7 @@ impl TaskSink for PostgresTaskSink<'_, '_, '_> {
         };
         let found = self.s.query(sql, &[&device_ids]);
         let found = self.keep(found)?;
-        let targets = rows(found, |r| {
-            Ok(DeriveTarget {
-                device_id: r.try_get(0)?,
-                sn: r.try_get(1)?,
-                generation: r.try_get(2)?,
-                sealed_kbpk: r.try_get(3)?,
-            })
-        });
+        let targets = rows(found, derive_target_row);
         self.keep(targets)
     }
 
@@ -912,8 +718,8 @@ impl TaskSink for PostgresTaskSink<'_, '_, '_> {
                 ],
             );
             let found = self.keep(found)?;
-            let returned = self.keep(rows(found, |r| Ok((r.try_get::<_, i64>(1)?, r.try_get::<_, i64>(0)?))))?;
-            let by_device: HashMap<i64, i64> = returned.into_iter().collect();
+            let returned: Vec<(i64, i64)> = self.keep(rows(found, pair_row))?;
+            let by_device: HashMap<i64, i64> = returned.into_iter().map(|(id, device)| (device, id)).collect();
             for e in chunk {
                 match by_device.get(&e.device_id) {
                     Some(id) => ids.push(*id),
@@ -1321,7 +1127,7 @@ fn spend_gudid_in(
         ],
     )?;
     let row = s.query_one(concat!(select_credentials!(), " WHERE d.id = $1"), &[&device_id])?;
-    credentials_row(&row).map(Some)
+    Ok(Some(credentials_row(&row)?))
 }
 
 // ---------------------------------------------------------------- the store
@@ -1340,18 +1146,23 @@ impl Store for PostgresStore {
 
     fn org_by_name(&self, name: &str) -> StoreResult<Option<OrgRow>> {
         self.read(|s| {
-            s.query_opt("SELECT id, name, created_at FROM organizations WHERE name = $1", &[&name])?
-                .map(|r| org_row(&r))
+            s.query_opt(concat!("SELECT ", org_columns!(), " FROM organizations WHERE name = $1"), &[&name])?
+                .map(|r| org_row(&r).map_err(Failure::from))
                 .transpose()
         })
     }
 
     fn org(&self, id: i64) -> StoreResult<OrgRow> {
-        self.read(|s| org_row(&s.query_one("SELECT id, name, created_at FROM organizations WHERE id = $1", &[&id])?))
+        self.read(|s| {
+            let row = s.query_one(concat!("SELECT ", org_columns!(), " FROM organizations WHERE id = $1"), &[&id])?;
+            Ok(org_row(&row)?)
+        })
     }
 
     fn list_orgs(&self) -> StoreResult<Vec<OrgRow>> {
-        self.read(|s| rows(s.query("SELECT id, name, created_at FROM organizations ORDER BY id", &[])?, org_row))
+        self.read(|s| {
+            rows(s.query(concat!("SELECT ", org_columns!(), " FROM organizations ORDER BY id"), &[])?, org_row)
+        })
     }
 
     fn insert_token(
@@ -1376,17 +1187,9 @@ impl Store for PostgresStore {
 
     fn token_by_hash(&self, hash: &[u8]) -> StoreResult<Option<TokenRow>> {
         self.read(|s| {
-            let Some(r) = s.query_opt("SELECT id, org_id, role, label FROM tokens WHERE token_hash = $1", &[&hash])?
-            else {
-                return Ok(None);
-            };
-            let role: String = r.try_get(2)?;
-            Ok(Some(TokenRow {
-                id: r.try_get(0)?,
-                org_id: r.try_get(1)?,
-                role: Role::parse(&role).unwrap_or(Role::Admin),
-                label: r.try_get(3)?,
-            }))
+            s.query_opt(concat!("SELECT ", token_columns!(), " FROM tokens WHERE token_hash = $1"), &[&hash])?
+                .map(|r| token_row(&r).map_err(Failure::from))
+                .transpose()
         })
     }
 
@@ -1403,23 +1206,15 @@ impl Store for PostgresStore {
     fn list_audit(&self, org_id: Option<i64>, limit: i64, before: Option<i64>) -> StoreResult<Vec<AuditEntry>> {
         self.read(|s| {
             let found = s.query(
-                "SELECT id, at, org_id, actor, token_id, action, object, details FROM audit
-                 WHERE ($1::bigint IS NULL OR org_id = $1) AND ($3::bigint IS NULL OR id < $3) ORDER BY id DESC LIMIT $2",
+                concat!(
+                    "SELECT ",
+                    audit_columns!(),
+                    " FROM audit
+                 WHERE ($1::bigint IS NULL OR org_id = $1) AND ($3::bigint IS NULL OR id < $3) ORDER BY id DESC LIMIT $2"
+                ),
                 &[&org_id, &limit_or_all(limit), &before],
             )?;
-            rows(found, |r| {
-                let details: String = r.try_get(7)?;
-                Ok(AuditEntry {
-                    id: r.try_get(0)?,
-                    at: r.try_get(1)?,
-                    org_id: r.try_get(2)?,
-                    actor: r.try_get(3)?,
-                    token_id: r.try_get(4)?,
-                    action: r.try_get(5)?,
-                    object: r.try_get(6)?,
-                    details: serde_json::from_str(&details).unwrap_or(serde_json::Value::Null),
-                })
-            })
+            rows(found, audit_row)
         })
     }
 
@@ -1454,7 +1249,7 @@ impl Store for PostgresStore {
                 concat!("SELECT ", key_source_columns!(), " FROM key_sources WHERE org_id = $1 AND id = $2"),
                 &[&org_id, &id],
             )?
-            .map(|r| key_source_row(&r))
+            .map(|r| key_source_row(&r).map_err(Failure::from))
             .unwrap_or_else(|| Err(not_found(format!("key source {id}"))))
         })
     }
@@ -1465,7 +1260,7 @@ impl Store for PostgresStore {
                 concat!("SELECT ", key_source_columns!(), " FROM key_sources WHERE org_id = $1 AND name = $2"),
                 &[&org_id, &name],
             )?
-            .map(|r| key_source_row(&r))
+            .map(|r| key_source_row(&r).map_err(Failure::from))
             .unwrap_or_else(|| Err(not_found(format!("key source {name:?}"))))
         })
     }
@@ -1512,7 +1307,7 @@ impl Store for PostgresStore {
                 concat!("SELECT ", kek_columns!(), " FROM keks WHERE org_id = $1 AND name = $2"),
                 &[&org_id, &name],
             )?
-            .map(|r| kek_row(&r))
+            .map(|r| kek_row(&r).map_err(Failure::from))
             .unwrap_or_else(|| Err(not_found(format!("KEK {name:?}"))))
         })
     }
@@ -1581,7 +1376,7 @@ impl Store for PostgresStore {
                 concat!("SELECT ", device_columns!(), " FROM devices WHERE org_id = $1 AND sn = $2"),
                 &[&org_id, &sn],
             )?
-            .map(|r| device_row(&r))
+            .map(|r| device_row(&r).map_err(Failure::from))
             .unwrap_or_else(|| Err(not_found(format!("device {sn}"))))
         })
     }
@@ -1589,7 +1384,7 @@ impl Store for PostgresStore {
     fn device_by_id(&self, id: i64) -> StoreResult<DeviceRow> {
         self.read(|s| {
             s.query_opt(concat!("SELECT ", device_columns!(), " FROM devices WHERE id = $1"), &[&id])?
-                .map(|r| device_row(&r))
+                .map(|r| device_row(&r).map_err(Failure::from))
                 .unwrap_or_else(|| Err(not_found(format!("device #{id}"))))
         })
     }
@@ -1615,14 +1410,14 @@ impl Store for PostgresStore {
     fn sn_owners(&self, sns: &[String]) -> StoreResult<Vec<(String, i64)>> {
         self.read(|s| {
             let found = s.query("SELECT sn, org_id FROM devices WHERE sn = ANY ($1)", &[&sns])?;
-            rows(found, |r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            rows(found, pair_row)
         })
     }
 
     fn credentials(&self, sn: &str) -> StoreResult<Option<DeviceCredentials>> {
         self.read(|s| {
             s.query_opt(concat!(select_credentials!(), " WHERE d.sn = $1"), &[&sn])?
-                .map(|r| credentials_row(&r))
+                .map(|r| credentials_row(&r).map_err(Failure::from))
                 .transpose()
         })
     }
@@ -1641,7 +1436,7 @@ impl Store for PostgresStore {
                  WHERE c.password_hash IS NOT NULL",
                 &[],
             )?;
-            rows(found, |r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            rows(found, pair_row)
         })
     }
 
@@ -1652,7 +1447,7 @@ impl Store for PostgresStore {
                  ORDER BY d.sn COLLATE \"C\"",
                 &[],
             )?;
-            rows(found, |r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            rows(found, pair_row)
         })
     }
 
@@ -1698,8 +1493,11 @@ impl Store for PostgresStore {
     fn list_groups(&self, org_id: i64) -> StoreResult<Vec<GroupRow>> {
         self.read(|s| {
             let found = s.query(
-                "SELECT g.id, g.org_id, g.name, g.description, (SELECT count(*) FROM group_members m WHERE m.group_id = g.id)
-                 FROM groups g WHERE g.org_id = $1 ORDER BY g.name COLLATE \"C\"",
+                concat!(
+                    "SELECT ",
+                    group_columns!(),
+                    " FROM groups g WHERE g.org_id = $1 ORDER BY g.name COLLATE \"C\""
+                ),
                 &[&org_id],
             )?;
             rows(found, group_row)
@@ -1709,11 +1507,10 @@ impl Store for PostgresStore {
     fn group_by_name(&self, org_id: i64, name: &str) -> StoreResult<GroupRow> {
         self.read(|s| {
             s.query_opt(
-                "SELECT g.id, g.org_id, g.name, g.description, (SELECT count(*) FROM group_members m WHERE m.group_id = g.id)
-                 FROM groups g WHERE g.org_id = $1 AND g.name = $2",
+                concat!("SELECT ", group_columns!(), " FROM groups g WHERE g.org_id = $1 AND g.name = $2"),
                 &[&org_id, &name],
             )?
-            .map(|r| group_row(&r))
+            .map(|r| group_row(&r).map_err(Failure::from))
             .unwrap_or_else(|| Err(not_found(format!("group {name:?}"))))
         })
     }
@@ -1735,7 +1532,7 @@ impl Store for PostgresStore {
         self.read(|s| {
             let found =
                 s.query("SELECT device_id FROM group_members WHERE group_id = $1 ORDER BY device_id", &[&group_id])?;
-            rows(found, |r| Ok(r.try_get(0)?))
+            rows(found, first)
         })
     }
 
@@ -1747,7 +1544,7 @@ impl Store for PostgresStore {
                  ORDER BY i.ord",
                 &[&org_id, &sns],
             )?;
-            rows(found, |r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            rows(found, pair_row)
         })
     }
 
@@ -1830,7 +1627,7 @@ impl Store for PostgresStore {
                          RETURNING id",
                         &[&device_id, &at, &actor.label, &id],
                     )?,
-                    |r| Ok(r.try_get(0)?),
+                    first,
                 )?;
                 for old in &revoked {
                     let details = serde_json::json!({"gudid": old, "reason": "replaced", "replaced_by": id});
@@ -1866,7 +1663,7 @@ impl Store for PostgresStore {
                     concat!(gudid_select!(), " WHERE g.id = $1 AND g.org_id = $2 FOR UPDATE OF g"),
                     &[&id, &org_id],
                 )?
-                .map(|r| gudid_row(&r))
+                .map(|r| gudid_row(&r).map_err(Failure::from))
                 .transpose()?
                 .ok_or_else(|| Failure::from(StoreError::NotFound(format!("no GUDID {id}"))))?;
             if !row.is_live(at) {
@@ -1912,14 +1709,14 @@ impl Store for PostgresStore {
         };
         self.read(|s| {
             let found = s.query(sql, &[&sn, &now, &spent_after])?;
-            rows(found, |r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            rows(found, pair_row)
         })
     }
 
     fn gudid_by_id(&self, gudid_id: &[u8]) -> StoreResult<Option<GudidRow>> {
         self.read(|s| {
             s.query_opt(concat!(gudid_select!(), " WHERE g.gudid_id = $1"), &[&gudid_id])?
-                .map(|r| gudid_row(&r))
+                .map(|r| gudid_row(&r).map_err(Failure::from))
                 .transpose()
         })
     }
@@ -2000,7 +1797,7 @@ impl Store for PostgresStore {
     fn task_by_request_id(&self, org_id: i64, request_id: i64) -> StoreResult<Option<TaskRow>> {
         self.read(|s| {
             s.query_opt(concat!(task_select!(), " WHERE t.org_id = $1 AND t.request_id = $2"), &[&org_id, &request_id])?
-                .map(|r| task_row(&r))
+                .map(|r| task_with_counts(&r).map_err(Failure::from))
                 .transpose()
         })
     }
@@ -2023,7 +1820,7 @@ impl Store for PostgresStore {
                 ),
                 &[&org_id, &unfinished, &limit_or_all(limit), &before],
             )?;
-            rows(found, task_row)
+            rows(found, task_with_counts)
         })
     }
 
@@ -2038,7 +1835,7 @@ impl Store for PostgresStore {
     fn task(&self, org_id: i64, id: i64) -> StoreResult<TaskRow> {
         self.read(|s| {
             s.query_opt(concat!(task_select!(), " WHERE t.org_id = $1 AND t.id = $2"), &[&org_id, &id])?
-                .map(|r| task_row(&r))
+                .map(|r| task_with_counts(&r).map_err(Failure::from))
                 .unwrap_or_else(|| Err(not_found(format!("task {id}"))))
         })
     }
@@ -2081,7 +1878,7 @@ impl Store for PostgresStore {
                 "SELECT id FROM executions WHERE state IN ('queued', 'delivered') AND id = ANY ($1) ORDER BY id",
                 &[&ids],
             )?;
-            rows(found, |r| Ok(r.try_get(0)?))
+            rows(found, first)
         })
     }
 
@@ -2105,14 +1902,14 @@ impl Store for PostgresStore {
                 "SELECT DISTINCT device_id FROM executions WHERE org_id = $1 AND state IN ('queued', 'delivered')",
                 &[&org_id],
             )?;
-            rows(found, |r| Ok(r.try_get(0)?))
+            rows(found, first)
         })
     }
 
     fn execution(&self, id: i64) -> StoreResult<ExecutionRow> {
         self.read(|s| {
             s.query_opt(concat!(execution_select!(), " WHERE e.id = $1"), &[&id])?
-                .map(|r| execution_row(&r))
+                .map(|r| execution_row(&r).map_err(Failure::from))
                 .unwrap_or_else(|| Err(not_found(format!("execution {id}"))))
         })
     }
@@ -2138,7 +1935,7 @@ impl Store for PostgresStore {
                 return Err(not_found(format!("task {task_id}")));
             }
             let ended = s.query(STOP_TASK, &[&task_id, &at, &terminated.as_str(), &from])?;
-            let ids = rows(ended, |r| Ok(r.try_get(0)?))?;
+            let ids = rows(ended, first)?;
             s.execute("UPDATE tasks SET stopped_at = COALESCE(stopped_at, $2) WHERE id = $1", &[&task_id, &at])?;
             audit_in(s, &audit.entry(None, None, &[("terminated", ids.len().into())]))?;
             Ok(ids)
@@ -2150,7 +1947,7 @@ impl Store for PostgresStore {
         let from = states_that_can_become(expired);
         self.write(|s| {
             let ended = s.query(EXPIRE_DUE, &[&now, &expired.as_str(), &from])?;
-            rows(ended, |r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            rows(ended, pair_row)
         })
     }
 
@@ -2205,11 +2002,13 @@ impl Store for PostgresStore {
         let offset = f.offset.max(0);
         self.read(|s| {
             let found = s.query(
-                "SELECT id, org_id, execution_id, task_id, sn, key_source, key_type, injection, result, error_code, at,
-                        key_id, kcv, (SELECT number FROM tasks WHERE tasks.id = records.task_id)
-                 FROM records WHERE org_id = $1 AND ($2::text IS NULL OR sn = $2) AND ($3::bigint IS NULL OR task_id = $3)
+                concat!(
+                    "SELECT ",
+                    record_columns!(),
+                    " FROM records WHERE org_id = $1 AND ($2::text IS NULL OR sn = $2) AND ($3::bigint IS NULL OR task_id = $3)
                  AND ($6::bigint IS NULL OR id < $6)
-                 ORDER BY id DESC LIMIT $4 OFFSET $5",
+                 ORDER BY id DESC LIMIT $4 OFFSET $5"
+                ),
                 &[&org_id, &f.sn, &f.task_id, &limit, &offset, &f.before_id],
             )?;
             rows(found, record_row)
@@ -2224,7 +2023,7 @@ impl Store for PostgresStore {
                  GROUP BY key_source, month ORDER BY month, key_source COLLATE \"C\"",
                 &[&org_id],
             )?;
-            rows(found, |r| Ok(BillingRow { key_source: r.try_get(0)?, month: r.try_get(1)?, keys: r.try_get(2)? }))
+            rows(found, billing_row)
         })
     }
 
@@ -2237,14 +2036,7 @@ impl Store for PostgresStore {
     fn execution_state_counts(&self) -> StoreResult<Vec<(i64, ExecutionState, i64)>> {
         self.read(|s| {
             let found = s.query("SELECT org_id, state, count(*) FROM executions GROUP BY org_id, state", &[])?;
-            let mut out = Vec::with_capacity(found.len());
-            for r in &found {
-                let state: String = r.try_get(1)?;
-                if let Some(state) = ExecutionState::parse(&state) {
-                    out.push((r.try_get(0)?, state, r.try_get(2)?));
-                }
-            }
-            Ok(out)
+            rows(found, state_count_row)
         })
     }
 

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use rusqlite::{params, Connection, OptionalExtension, Row, Transaction};
 
+use super::rows::*;
 use super::*;
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
@@ -139,6 +140,13 @@ fn backend(e: rusqlite::Error) -> StoreError {
             ) =>
         {
             StoreError::Unavailable(e.to_string())
+        }
+        // A shared row mapper's error, carried through rusqlite by `mapped`.
+        rusqlite::Error::FromSqlConversionFailure(_, _, e) if e.is::<StoreError>() => {
+            match e.downcast::<StoreError>() {
+                Ok(store) => *store,
+                Err(other) => StoreError::Backend(other.to_string()),
+            }
         }
         other => StoreError::Backend(other.to_string()),
     }
@@ -373,176 +381,29 @@ fn migrate_to(conn: &mut Connection, version: usize) -> StoreResult<()> {
     Ok(())
 }
 
-/// `generation > 0` is "initialised": every initialisation installs the credentials and counts
-/// the generation up in one transaction, and nothing else sets either (a column of the device row,
-/// so a listing of a million devices reads no second table).
-const DEVICE_COLUMNS: &str = "id, org_id, sn, model, rom_version, app_version, region, debug_mode, debug_key_present, locked, last_seen, assigned_key_source, generation > 0, x_pos_device_id, created_at, unlock_pending, slots";
+const DEVICE_COLUMNS: &str = device_columns!();
+const SELECT_CREDENTIALS: &str = select_credentials!();
+const KEY_SOURCE_COLUMNS: &str = key_source_columns!();
+const KEK_COLUMNS: &str = kek_columns!();
+const GUDID_COLUMNS: &str = gudid_columns!();
+const TASK_COLUMNS: &str = task_columns!();
+const EXECUTION_COLUMNS: &str = execution_columns!();
+const EXECUTION_FROM: &str = execution_from!();
+const RECORD_COLUMNS: &str = record_columns!();
 
-fn device_row(r: &Row<'_>) -> rusqlite::Result<DeviceRow> {
-    Ok(DeviceRow {
-        id: r.get(0)?,
-        org_id: r.get(1)?,
-        sn: r.get(2)?,
-        model: r.get(3)?,
-        rom_version: r.get(4)?,
-        app_version: r.get(5)?,
-        region: r.get(6)?,
-        debug_mode: r.get(7)?,
-        debug_key_present: r.get(8)?,
-        locked: r.get(9)?,
-        last_seen: r.get(10)?,
-        assigned_key_source: r.get(11)?,
-        initialised: r.get(12)?,
-        x_pos_device_id: r.get(13)?,
-        created_at: r.get(14)?,
-        unlock_pending: r.get(15)?,
-        slots_json: r.get(16)?,
-    })
+/// A shared row mapper ([`super::rows`]) as rusqlite's row callback: its error travels boxed,
+/// and [`backend`] unboxes it.
+fn mapped<'s, T>(r: &Row<'s>, map: impl FnOnce(&Row<'s>) -> StoreResult<T>) -> rusqlite::Result<T> {
+    map(r).map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Null, Box::new(e)))
 }
 
-/// An initialised device's credentials; `WHERE` clauses name the device `d`.
-const SELECT_CREDENTIALS: &str = "SELECT d.id, d.org_id, d.sn, c.signing_key, c.kbpk_aes, c.kbpk_tdes, c.password_hash, d.last_counter, d.generation, d.unlock_pending
-     FROM devices d JOIN device_credentials c ON c.device_id = d.id";
-
-fn credentials_row(r: &Row<'_>) -> rusqlite::Result<DeviceCredentials> {
-    Ok(DeviceCredentials {
-        device_id: r.get(0)?,
-        org_id: r.get(1)?,
-        sn: r.get(2)?,
-        signing_key: r.get(3)?,
-        kbpk_aes: r.get(4)?,
-        kbpk_tdes: r.get(5)?,
-        password_hash: r.get(6)?,
-        last_counter: r.get::<_, i64>(7)? as u64,
-        generation: r.get(8)?,
-        unlock_pending: r.get(9)?,
-    })
-}
-
-const KEY_SOURCE_COLUMNS: &str = "id, org_id, name, algorithm, kcv, sealed, key_set_id, created_at";
-
-fn key_source_row(r: &Row<'_>) -> rusqlite::Result<KeySourceRow> {
-    Ok(KeySourceRow {
-        id: r.get(0)?,
-        org_id: r.get(1)?,
-        name: r.get(2)?,
-        algorithm: r.get(3)?,
-        kcv: r.get(4)?,
-        sealed: r.get(5)?,
-        key_set_id: r.get(6)?,
-        created_at: r.get(7)?,
-    })
-}
-
-const KEK_COLUMNS: &str = "id, org_id, name, algorithm, kcv, sealed, created_at";
-
-fn kek_row(r: &Row<'_>) -> rusqlite::Result<KekRow> {
-    Ok(KekRow {
-        id: r.get(0)?,
-        org_id: r.get(1)?,
-        name: r.get(2)?,
-        algorithm: r.get(3)?,
-        kcv: r.get(4)?,
-        sealed: r.get(5)?,
-        created_at: r.get(6)?,
-    })
-}
-
-const GUDID_COLUMNS: &str = "g.id, g.org_id, g.device_id, d.sn, g.gudid_id, COALESCE(g.sealed_mac_key, ''), g.provisioned_by, g.provisioned_at, g.expires_at, g.used_at, g.bootstrap_hash, g.revoked_at, g.revoked_by";
-
-fn gudid_row(r: &Row<'_>) -> rusqlite::Result<GudidRow> {
-    Ok(GudidRow {
-        id: r.get(0)?,
-        org_id: r.get(1)?,
-        device_id: r.get(2)?,
-        sn: r.get(3)?,
-        gudid_id: r.get(4)?,
-        sealed_mac_key: r.get(5)?,
-        provisioned_by: r.get(6)?,
-        provisioned_at: r.get(7)?,
-        expires_at: r.get(8)?,
-        used_at: r.get(9)?,
-        bootstrap_hash: r.get(10)?,
-        revoked_at: r.get(11)?,
-        revoked_by: r.get(12)?,
-    })
-}
-
-const TASK_COLUMNS: &str = "t.id, t.org_id, t.key_source_id, k.name, t.slot, t.key_type, t.created_at, t.expires_at, t.created_by, t.stopped_at, t.request_id, t.number";
-
-fn task_row(r: &Row<'_>) -> rusqlite::Result<TaskRow> {
-    Ok(TaskRow {
-        id: r.get(0)?,
-        org_id: r.get(1)?,
-        key_source_id: r.get(2)?,
-        key_source: r.get(3)?,
-        slot: r.get(4)?,
-        key_type: r.get(5)?,
-        created_at: r.get(6)?,
-        expires_at: r.get(7)?,
-        created_by: r.get(8)?,
-        stopped_at: r.get(9)?,
-        request_id: r.get(10)?,
-        number: r.get(11)?,
-        counts: TaskCounts::default(),
-    })
-}
-
-const EXECUTION_COLUMNS: &str = "e.id, e.task_id, e.org_id, e.device_id, d.sn, e.state, t.slot, t.key_type, e.key_block, e.key_id, e.kcv, e.generation, e.created_at, e.deadline, e.delivered_at, e.delivery_count, e.ended_at, e.result, t.key_source_id";
-const EXECUTION_FROM: &str = "executions e JOIN devices d ON d.id = e.device_id JOIN tasks t ON t.id = e.task_id";
-
-fn execution_row(r: &Row<'_>) -> rusqlite::Result<ExecutionRow> {
-    let state: String = r.get(5)?;
-    Ok(ExecutionRow {
-        id: r.get(0)?,
-        task_id: r.get(1)?,
-        org_id: r.get(2)?,
-        device_id: r.get(3)?,
-        sn: r.get(4)?,
-        state: ExecutionState::parse(&state).ok_or_else(|| {
-            rusqlite::Error::FromSqlConversionFailure(
-                5,
-                rusqlite::types::Type::Text,
-                format!("bad state {state}").into(),
-            )
-        })?,
-        slot: r.get(6)?,
-        key_type: r.get(7)?,
-        key_block: r.get(8)?,
-        key_id: r.get(9)?,
-        kcv: r.get(10)?,
-        generation: r.get(11)?,
-        created_at: r.get(12)?,
-        deadline: r.get(13)?,
-        delivered_at: r.get(14)?,
-        delivery_count: r.get(15)?,
-        ended_at: r.get(16)?,
-        result: r.get(17)?,
-        key_source_id: r.get(18)?,
-    })
-}
-
-const RECORD_COLUMNS: &str =
-    "id, org_id, execution_id, task_id, sn, key_source, key_type, injection, result, error_code, at, key_id, kcv,
-     (SELECT number FROM tasks WHERE tasks.id = records.task_id)";
-
-fn record_row(r: &Row<'_>) -> rusqlite::Result<RecordRow> {
-    Ok(RecordRow {
-        id: r.get(0)?,
-        org_id: r.get(1)?,
-        execution_id: r.get(2)?,
-        task_id: r.get(3)?,
-        sn: r.get(4)?,
-        key_source: r.get(5)?,
-        key_type: r.get(6)?,
-        injection: r.get(7)?,
-        result: r.get(8)?,
-        error_code: r.get(9)?,
-        at: r.get(10)?,
-        key_id: r.get(11)?,
-        kcv: r.get(12)?,
-        task_number: r.get(13)?,
-    })
+/// `NotFound(what)` when there is no row; any other failure as it is (a row that cannot be read
+/// is corruption, not absence).
+fn or_not_found(what: String) -> impl FnOnce(rusqlite::Error) -> StoreError {
+    move |e| match e {
+        rusqlite::Error::QueryReturnedNoRows => StoreError::NotFound(what),
+        other => backend(other),
+    }
 }
 
 /// The credentials of those of `ids` that are initialised, on any connection.
@@ -551,7 +412,9 @@ fn credentials_in(c: &Connection, ids: &[i64]) -> StoreResult<Vec<DeviceCredenti
     for chunk in ids.chunks(IDS_PER_STATEMENT) {
         let sql = format!("{SELECT_CREDENTIALS} WHERE d.id IN ({})", in_list(chunk.len()));
         let mut stmt = c.prepare_cached(&sql).map_err(backend)?;
-        let rows = stmt.query_map(rusqlite::params_from_iter(chunk.iter()), credentials_row).map_err(backend)?;
+        let rows = stmt
+            .query_map(rusqlite::params_from_iter(chunk.iter()), |r| mapped(r, credentials_row))
+            .map_err(backend)?;
         for row in rows {
             out.push(row.map_err(backend)?);
         }
@@ -598,14 +461,7 @@ impl TaskSink for SqliteTaskSink<'_> {
             );
             let mut stmt = self.tx.prepare_cached(&sql).map_err(backend)?;
             let rows = stmt
-                .query_map(rusqlite::params_from_iter(chunk.iter()), |r| {
-                    Ok(DeriveTarget {
-                        device_id: r.get(0)?,
-                        sn: r.get(1)?,
-                        generation: r.get(2)?,
-                        sealed_kbpk: r.get(3)?,
-                    })
-                })
+                .query_map(rusqlite::params_from_iter(chunk.iter()), |r| mapped(r, derive_target_row))
                 .map_err(backend)?;
             for row in rows {
                 out.push(row.map_err(backend)?);
@@ -666,9 +522,7 @@ fn task_counts(conn: &Connection, task_id: i64) -> StoreResult<TaskCounts> {
     let rows = stmt.query_map([task_id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))).map_err(backend)?;
     for row in rows {
         let (state, n) = row.map_err(backend)?;
-        if let Some(state) = ExecutionState::parse(&state) {
-            counts.add(state, n);
-        }
+        count_state(&mut counts, &state, n)?;
     }
     Ok(counts)
 }
@@ -781,7 +635,7 @@ fn spend_gudid_in(
     .map_err(backend)?;
     tx.prepare_cached(&format!("{SELECT_CREDENTIALS} WHERE d.id = ?1"))
         .map_err(backend)?
-        .query_row([device_id], credentials_row)
+        .query_row([device_id], |r| mapped(r, credentials_row))
         .map(Some)
         .map_err(backend)
 }
@@ -814,8 +668,8 @@ impl Store for SqliteStore {
 
     fn org_by_name(&self, name: &str) -> StoreResult<Option<OrgRow>> {
         self.read(|c| {
-            c.query_row("SELECT id, name, created_at FROM organizations WHERE name = ?1", [name], |r| {
-                Ok(OrgRow { id: r.get(0)?, name: r.get(1)?, created_at: r.get(2)? })
+            c.query_row(concat!("SELECT ", org_columns!(), " FROM organizations WHERE name = ?1"), [name], |r| {
+                mapped(r, org_row)
             })
             .optional()
             .map_err(backend)
@@ -824,8 +678,8 @@ impl Store for SqliteStore {
 
     fn org(&self, id: i64) -> StoreResult<OrgRow> {
         self.read(|c| {
-            c.query_row("SELECT id, name, created_at FROM organizations WHERE id = ?1", [id], |r| {
-                Ok(OrgRow { id: r.get(0)?, name: r.get(1)?, created_at: r.get(2)? })
+            c.query_row(concat!("SELECT ", org_columns!(), " FROM organizations WHERE id = ?1"), [id], |r| {
+                mapped(r, org_row)
             })
             .map_err(backend)
         })
@@ -833,10 +687,9 @@ impl Store for SqliteStore {
 
     fn list_orgs(&self) -> StoreResult<Vec<OrgRow>> {
         self.read(|c| {
-            let mut stmt = c.prepare("SELECT id, name, created_at FROM organizations ORDER BY id").map_err(backend)?;
-            let rows = stmt
-                .query_map([], |r| Ok(OrgRow { id: r.get(0)?, name: r.get(1)?, created_at: r.get(2)? }))
-                .map_err(backend)?;
+            let mut stmt =
+                c.prepare(concat!("SELECT ", org_columns!(), " FROM organizations ORDER BY id")).map_err(backend)?;
+            let rows = stmt.query_map([], |r| mapped(r, org_row)).map_err(backend)?;
             rows.collect::<Result<Vec<_>, _>>().map_err(backend)
         })
     }
@@ -864,14 +717,8 @@ impl Store for SqliteStore {
 
     fn token_by_hash(&self, hash: &[u8]) -> StoreResult<Option<TokenRow>> {
         self.read(|c| {
-            c.query_row("SELECT id, org_id, role, label FROM tokens WHERE token_hash = ?1", [hash], |r| {
-                let role: String = r.get(2)?;
-                Ok(TokenRow {
-                    id: r.get(0)?,
-                    org_id: r.get(1)?,
-                    role: Role::parse(&role).unwrap_or(Role::Admin),
-                    label: r.get(3)?,
-                })
+            c.query_row(concat!("SELECT ", token_columns!(), " FROM tokens WHERE token_hash = ?1"), [hash], |r| {
+                mapped(r, token_row)
             })
             .optional()
             .map_err(backend)
@@ -892,24 +739,14 @@ impl Store for SqliteStore {
 
     fn list_audit(&self, org_id: Option<i64>, limit: i64, before: Option<i64>) -> StoreResult<Vec<AuditEntry>> {
         self.read(|c| {
-            let sql = "SELECT id, at, org_id, actor, token_id, action, object, details FROM audit
-                       WHERE (?1 IS NULL OR org_id = ?1) AND (?3 IS NULL OR id < ?3) ORDER BY id DESC LIMIT ?2";
+            let sql = concat!(
+                "SELECT ",
+                audit_columns!(),
+                " FROM audit
+                       WHERE (?1 IS NULL OR org_id = ?1) AND (?3 IS NULL OR id < ?3) ORDER BY id DESC LIMIT ?2"
+            );
             let mut stmt = c.prepare(sql).map_err(backend)?;
-            let rows = stmt
-                .query_map(params![org_id, limit, before], |r| {
-                    let details: String = r.get(7)?;
-                    Ok(AuditEntry {
-                        id: r.get(0)?,
-                        at: r.get(1)?,
-                        org_id: r.get(2)?,
-                        actor: r.get(3)?,
-                        token_id: r.get(4)?,
-                        action: r.get(5)?,
-                        object: r.get(6)?,
-                        details: serde_json::from_str(&details).unwrap_or(serde_json::Value::Null),
-                    })
-                })
-                .map_err(backend)?;
+            let rows = stmt.query_map(params![org_id, limit, before], |r| mapped(r, audit_row)).map_err(backend)?;
             rows.collect::<Result<Vec<_>, _>>().map_err(backend)
         })
     }
@@ -935,7 +772,7 @@ impl Store for SqliteStore {
             let mut stmt = c
                 .prepare(&format!("SELECT {KEY_SOURCE_COLUMNS} FROM key_sources WHERE org_id = ?1 ORDER BY id"))
                 .map_err(backend)?;
-            let rows = stmt.query_map([org_id], key_source_row).map_err(backend)?;
+            let rows = stmt.query_map([org_id], |r| mapped(r, key_source_row)).map_err(backend)?;
             rows.collect::<Result<Vec<_>, _>>().map_err(backend)
         })
     }
@@ -945,9 +782,9 @@ impl Store for SqliteStore {
             c.query_row(
                 &format!("SELECT {KEY_SOURCE_COLUMNS} FROM key_sources WHERE org_id = ?1 AND id = ?2"),
                 params![org_id, id],
-                key_source_row,
+                |r| mapped(r, key_source_row),
             )
-            .map_err(|_| StoreError::NotFound(format!("key source {id}")))
+            .map_err(or_not_found(format!("key source {id}")))
         })
     }
 
@@ -956,9 +793,9 @@ impl Store for SqliteStore {
             c.query_row(
                 &format!("SELECT {KEY_SOURCE_COLUMNS} FROM key_sources WHERE org_id = ?1 AND name = ?2"),
                 params![org_id, name],
-                key_source_row,
+                |r| mapped(r, key_source_row),
             )
-            .map_err(|_| StoreError::NotFound(format!("key source {name:?}")))
+            .map_err(or_not_found(format!("key source {name:?}")))
         })
     }
 
@@ -997,7 +834,7 @@ impl Store for SqliteStore {
             let mut stmt = c
                 .prepare(&format!("SELECT {KEK_COLUMNS} FROM keks WHERE ?1 IS NULL OR org_id = ?1 ORDER BY id"))
                 .map_err(backend)?;
-            let rows = stmt.query_map([org_id], kek_row).map_err(backend)?;
+            let rows = stmt.query_map([org_id], |r| mapped(r, kek_row)).map_err(backend)?;
             rows.collect::<Result<Vec<_>, _>>().map_err(backend)
         })
     }
@@ -1007,9 +844,9 @@ impl Store for SqliteStore {
             c.query_row(
                 &format!("SELECT {KEK_COLUMNS} FROM keks WHERE org_id = ?1 AND name = ?2"),
                 params![org_id, name],
-                kek_row,
+                |r| mapped(r, kek_row),
             )
-            .map_err(|_| StoreError::NotFound(format!("KEK {name:?}")))
+            .map_err(or_not_found(format!("KEK {name:?}")))
         })
     }
 
@@ -1055,7 +892,7 @@ impl Store for SqliteStore {
             let mut stmt = c.prepare_cached(&sql).map_err(backend)?;
             let limit = if f.limit <= 0 { i64::MAX } else { f.limit };
             let rows = stmt
-                .query_map(params![org_id, pattern, f.group, limit, f.offset, f.after_sn], device_row)
+                .query_map(params![org_id, pattern, f.group, limit, f.offset, f.after_sn], |r| mapped(r, device_row))
                 .map_err(backend)?;
             rows.collect::<Result<Vec<_>, _>>().map_err(backend)
         })
@@ -1072,16 +909,16 @@ impl Store for SqliteStore {
             c.query_row(
                 &format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE org_id = ?1 AND sn = ?2"),
                 params![org_id, sn],
-                device_row,
+                |r| mapped(r, device_row),
             )
-            .map_err(|_| StoreError::NotFound(format!("device {sn}")))
+            .map_err(or_not_found(format!("device {sn}")))
         })
     }
 
     fn device_by_id(&self, id: i64) -> StoreResult<DeviceRow> {
         self.read(|c| {
-            c.query_row(&format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE id = ?1"), [id], device_row)
-                .map_err(|_| StoreError::NotFound(format!("device #{id}")))
+            c.query_row(&format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE id = ?1"), [id], |r| mapped(r, device_row))
+                .map_err(or_not_found(format!("device #{id}")))
         })
     }
 
@@ -1091,7 +928,9 @@ impl Store for SqliteStore {
             for chunk in ids.chunks(IDS_PER_STATEMENT) {
                 let sql = format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE id IN ({})", in_list(chunk.len()));
                 let mut stmt = c.prepare_cached(&sql).map_err(backend)?;
-                let rows = stmt.query_map(rusqlite::params_from_iter(chunk.iter()), device_row).map_err(backend)?;
+                let rows = stmt
+                    .query_map(rusqlite::params_from_iter(chunk.iter()), |r| mapped(r, device_row))
+                    .map_err(backend)?;
                 for row in rows {
                     out.push(row.map_err(backend)?);
                 }
@@ -1124,7 +963,7 @@ impl Store for SqliteStore {
 
     fn credentials(&self, sn: &str) -> StoreResult<Option<DeviceCredentials>> {
         self.read(|c| {
-            c.query_row(&format!("{SELECT_CREDENTIALS} WHERE d.sn = ?1"), [sn], credentials_row)
+            c.query_row(&format!("{SELECT_CREDENTIALS} WHERE d.sn = ?1"), [sn], |r| mapped(r, credentials_row))
                 .optional()
                 .map_err(backend)
         })
@@ -1204,16 +1043,9 @@ impl Store for SqliteStore {
     fn list_groups(&self, org_id: i64) -> StoreResult<Vec<GroupRow>> {
         self.read(|c| {
             let mut stmt = c
-                .prepare(
-                    "SELECT g.id, g.org_id, g.name, g.description, (SELECT COUNT(*) FROM group_members m WHERE m.group_id = g.id)
-                     FROM groups g WHERE g.org_id = ?1 ORDER BY g.name",
-                )
+                .prepare(concat!("SELECT ", group_columns!(), " FROM groups g WHERE g.org_id = ?1 ORDER BY g.name"))
                 .map_err(backend)?;
-            let rows = stmt
-                .query_map([org_id], |r| {
-                    Ok(GroupRow { id: r.get(0)?, org_id: r.get(1)?, name: r.get(2)?, description: r.get(3)?, members: r.get(4)? })
-                })
-                .map_err(backend)?;
+            let rows = stmt.query_map([org_id], |r| mapped(r, group_row)).map_err(backend)?;
             rows.collect::<Result<Vec<_>, _>>().map_err(backend)
         })
     }
@@ -1221,12 +1053,11 @@ impl Store for SqliteStore {
     fn group_by_name(&self, org_id: i64, name: &str) -> StoreResult<GroupRow> {
         self.read(|c| {
             c.query_row(
-                "SELECT g.id, g.org_id, g.name, g.description, (SELECT COUNT(*) FROM group_members m WHERE m.group_id = g.id)
-                 FROM groups g WHERE g.org_id = ?1 AND g.name = ?2",
+                concat!("SELECT ", group_columns!(), " FROM groups g WHERE g.org_id = ?1 AND g.name = ?2"),
                 params![org_id, name],
-                |r| Ok(GroupRow { id: r.get(0)?, org_id: r.get(1)?, name: r.get(2)?, description: r.get(3)?, members: r.get(4)? }),
+                |r| mapped(r, group_row),
             )
-            .map_err(|_| StoreError::NotFound(format!("group {name:?}")))
+            .map_err(or_not_found(format!("group {name:?}")))
         })
     }
 
@@ -1386,7 +1217,7 @@ impl Store for SqliteStore {
                          WHERE g.id = ?1 AND g.org_id = ?2"
                     ),
                     params![id, org_id],
-                    gudid_row,
+                    |r| mapped(r, gudid_row),
                 )
                 .optional()
                 .map_err(backend)?
@@ -1455,7 +1286,7 @@ impl Store for SqliteStore {
                     "SELECT {GUDID_COLUMNS} FROM gudids g JOIN devices d ON d.id = g.device_id WHERE g.gudid_id = ?1"
                 ),
                 [gudid_id],
-                gudid_row,
+                |r| mapped(r, gudid_row),
             )
             .optional()
             .map_err(backend)
@@ -1473,7 +1304,9 @@ impl Store for SqliteStore {
                 ))
                 .map_err(backend)?;
             let limit = if filter.limit > 0 { filter.limit } else { -1 };
-            let rows = stmt.query_map(params![org_id, filter.sn, filter.live_at, limit], gudid_row).map_err(backend)?;
+            let rows = stmt
+                .query_map(params![org_id, filter.sn, filter.live_at, limit], |r| mapped(r, gudid_row))
+                .map_err(backend)?;
             rows.collect::<Result<Vec<_>, _>>().map_err(backend)
         })
     }
@@ -1554,7 +1387,7 @@ impl Store for SqliteStore {
                  ORDER BY t.number DESC LIMIT ?3"
             );
             let mut stmt = c.prepare_cached(&sql).map_err(backend)?;
-            let rows = stmt.query_map(params![org_id, unfinished, limit, before], task_row).map_err(backend)?;
+            let rows = stmt.query_map(params![org_id, unfinished, limit, before], |r| mapped(r, task_row)).map_err(backend)?;
             let mut tasks = rows.collect::<Result<Vec<_>, _>>().map_err(backend)?;
             for t in &mut tasks {
                 t.counts = task_counts(c, t.id)?;
@@ -1578,9 +1411,9 @@ impl Store for SqliteStore {
                 .query_row(
                     &format!("SELECT {TASK_COLUMNS} FROM tasks t JOIN key_sources k ON k.id = t.key_source_id WHERE t.org_id = ?1 AND t.id = ?2"),
                     params![org_id, id],
-                    task_row,
+                    |r| mapped(r, task_row),
                 )
-                .map_err(|_| StoreError::NotFound(format!("task {id}")))?;
+                .map_err(or_not_found(format!("task {id}")))?;
             t.counts = task_counts(c, id)?;
             Ok(t)
         })
@@ -1594,7 +1427,7 @@ impl Store for SqliteStore {
                 ))
                 .map_err(backend)?;
             // SQLite: a negative LIMIT is no limit.
-            let rows = stmt.query_map(params![task_id, limit.unwrap_or(-1), offset.max(0)], execution_row).map_err(backend)?;
+            let rows = stmt.query_map(params![task_id, limit.unwrap_or(-1), offset.max(0)], |r| mapped(r, execution_row)).map_err(backend)?;
             rows.collect::<Result<Vec<_>, _>>().map_err(backend)
         })
     }
@@ -1606,7 +1439,7 @@ impl Store for SqliteStore {
                     "SELECT {EXECUTION_COLUMNS} FROM {EXECUTION_FROM} WHERE e.state IN ('queued','delivered') ORDER BY e.id"
                 ))
                 .map_err(backend)?;
-            let rows = stmt.query_map([], execution_row).map_err(backend)?;
+            let rows = stmt.query_map([], |r| mapped(r, execution_row)).map_err(backend)?;
             rows.collect::<Result<Vec<_>, _>>().map_err(backend)
         })
     }
@@ -1618,7 +1451,7 @@ impl Store for SqliteStore {
                     "SELECT {EXECUTION_COLUMNS} FROM {EXECUTION_FROM} WHERE e.device_id = ?1 AND e.state IN ('queued','delivered') ORDER BY e.id"
                 ))
                 .map_err(backend)?;
-            let rows = stmt.query_map([device_id], execution_row).map_err(backend)?;
+            let rows = stmt.query_map([device_id], |r| mapped(r, execution_row)).map_err(backend)?;
             rows.collect::<Result<Vec<_>, _>>().map_err(backend)
         })
     }
@@ -1655,12 +1488,10 @@ impl Store for SqliteStore {
 
     fn execution(&self, id: i64) -> StoreResult<ExecutionRow> {
         self.read(|c| {
-            c.query_row(
-                &format!("SELECT {EXECUTION_COLUMNS} FROM {EXECUTION_FROM} WHERE e.id = ?1"),
-                [id],
-                execution_row,
-            )
-            .map_err(|_| StoreError::NotFound(format!("execution {id}")))
+            c.query_row(&format!("SELECT {EXECUTION_COLUMNS} FROM {EXECUTION_FROM} WHERE e.id = ?1"), [id], |r| {
+                mapped(r, execution_row)
+            })
+            .map_err(or_not_found(format!("execution {id}")))
         })
     }
 
@@ -1813,7 +1644,7 @@ impl Store for SqliteStore {
             );
             let mut stmt = c.prepare_cached(&sql).map_err(backend)?;
             let limit = if f.limit <= 0 { i64::MAX } else { f.limit };
-            let rows = stmt.query_map(params![org_id, f.sn, f.task_id, limit, f.offset, f.before_id], record_row).map_err(backend)?;
+            let rows = stmt.query_map(params![org_id, f.sn, f.task_id, limit, f.offset, f.before_id], |r| mapped(r, record_row)).map_err(backend)?;
             rows.collect::<Result<Vec<_>, _>>().map_err(backend)
         })
     }
@@ -1826,9 +1657,7 @@ impl Store for SqliteStore {
                      WHERE org_id = ?1 AND result = 'succeeded' GROUP BY key_source, month ORDER BY month, key_source",
                 )
                 .map_err(backend)?;
-            let rows = stmt
-                .query_map([org_id], |r| Ok(BillingRow { key_source: r.get(0)?, month: r.get(1)?, keys: r.get(2)? }))
-                .map_err(backend)?;
+            let rows = stmt.query_map([org_id], |r| mapped(r, billing_row)).map_err(backend)?;
             rows.collect::<Result<Vec<_>, _>>().map_err(backend)
         })
     }
@@ -1845,17 +1674,8 @@ impl Store for SqliteStore {
             let mut stmt = c
                 .prepare_cached("SELECT org_id, state, COUNT(*) FROM executions GROUP BY org_id, state")
                 .map_err(backend)?;
-            let rows = stmt
-                .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?)))
-                .map_err(backend)?;
-            let mut out = Vec::new();
-            for row in rows {
-                let (org, state, n) = row.map_err(backend)?;
-                if let Some(state) = ExecutionState::parse(&state) {
-                    out.push((org, state, n));
-                }
-            }
-            Ok(out)
+            let rows = stmt.query_map([], |r| mapped(r, state_count_row)).map_err(backend)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(backend)
         })
     }
 
@@ -1947,7 +1767,7 @@ mod tests {
                     id: 0,
                     org_id: org.id,
                     name: "bdk".into(),
-                    algorithm: "tdes".into(),
+                    algorithm: "tdes2".into(),
                     kcv: "ABCDEF".into(),
                     sealed: "sealed:bdk".into(),
                     key_set_id: "FFFF987654".into(),
