@@ -67,6 +67,7 @@ suite! {
     execution_state_counts_and_expiring_within_count_open_executions,
     the_audit_log_is_newest_first_per_organization_and_refuses_change,
     records_refuse_update_and_delete,
+    a_stored_value_that_does_not_parse_fails_the_read_naming_its_column,
     migrations_run_once_and_reopening_keeps_everything,
     meta_values_are_set_and_replaced,
     marks_only_go_up_and_two_threads_raising_one_keep_the_highest,
@@ -956,6 +957,100 @@ fn records_refuse_update_and_delete(s: &Subject) {
     let refused = s.raw_execute("DELETE FROM records").expect_err("DELETE of records is refused");
     assert!(refused.contains("records are permanent"), "{refused}");
     assert_eq!(all_records(st, w.org.id)[0].result, "succeeded");
+}
+
+/// A stored value this build cannot read (a hand edit, a newer gateway's value, a bad restore) is
+/// corruption: the read fails with a backend error naming the column, and never yields a default
+/// (an admin role, empty details, an uncounted execution). Each case corrupts one column behind
+/// the store's back, then puts it back (the append-only audit log cannot be, so it comes last).
+fn a_stored_value_that_does_not_parse_fails_the_read_naming_its_column(s: &Subject) {
+    let st = s.store();
+    let w = world(st, "acme", 1);
+    let (t, executions) = task(st, &w, &[0]);
+    st.insert_token(Some(w.org.id), Role::Admin, "ops", b"hash-ops", T0, &audit("token.create")).must();
+    let kek = KekRow {
+        id: 0,
+        org_id: w.org.id,
+        name: "zmk".into(),
+        algorithm: "tdes2".into(),
+        kcv: "123456".into(),
+        sealed: "sealed:zmk".into(),
+        created_at: T0,
+    };
+    st.insert_kek(&kek, &audit("kek.create")).must();
+    type Read<'a> = Box<dyn Fn() -> StoreResult<()> + 'a>;
+    let cases: Vec<(&str, Option<&str>, &str, Vec<Read<'_>>)> = vec![
+        (
+            "UPDATE tokens SET role = 'superuser'",
+            Some("UPDATE tokens SET role = 'admin'"),
+            "role",
+            vec![Box::new(|| st.token_by_hash(b"hash-ops").map(drop))],
+        ),
+        (
+            "UPDATE key_sources SET algorithm = 'rot13'",
+            Some("UPDATE key_sources SET algorithm = 'tdes2'"),
+            "algorithm",
+            vec![Box::new(|| st.key_source(w.org.id, w.source.id).map(drop))],
+        ),
+        (
+            "UPDATE keks SET algorithm = 'rot13'",
+            Some("UPDATE keks SET algorithm = 'tdes2'"),
+            "algorithm",
+            vec![Box::new(|| st.list_keks(None).map(drop))],
+        ),
+        (
+            "UPDATE devices SET slots = '[{'",
+            Some("UPDATE devices SET slots = '[]'"),
+            "slots",
+            vec![Box::new(|| st.device(w.org.id, &w.devices[0].sn).map(drop))],
+        ),
+        (
+            "UPDATE executions SET state = 'lost'",
+            Some("UPDATE executions SET state = 'queued'"),
+            "state",
+            vec![
+                Box::new(|| st.execution(executions[0].id).map(drop)),
+                Box::new(|| st.task(w.org.id, t.id).map(drop)),
+                Box::new(|| st.execution_state_counts().map(drop)),
+            ],
+        ),
+        (
+            "UPDATE tasks SET key_type = 'SESAME'",
+            Some("UPDATE tasks SET key_type = 'IPEK'"),
+            "key_type",
+            vec![
+                Box::new(|| st.list_tasks(w.org.id, None, 10, None).map(drop)),
+                Box::new(|| st.open_executions().map(drop)),
+            ],
+        ),
+        (
+            "INSERT INTO audit (at, org_id, actor, token_id, action, object, details)
+             VALUES (1, NULL, 'intruder', NULL, 'x', 'y', '{not json')",
+            None,
+            "details",
+            vec![Box::new(|| st.list_audit(None, 100, None).map(drop))],
+        ),
+    ];
+    for (corrupt, undo, column, reads) in cases {
+        for read in &reads {
+            read().unwrap_or_else(|e| panic!("before `{corrupt}`: {e}"));
+        }
+        s.raw_execute(corrupt).unwrap_or_else(|e| panic!("{corrupt}: {e}"));
+        for read in &reads {
+            match read() {
+                Err(StoreError::Backend(message)) => {
+                    assert!(message.contains(&format!("column {column}: cannot parse")), "after `{corrupt}`: {message}")
+                }
+                other => panic!("after `{corrupt}`: expected a backend error naming {column}, got {other:?}"),
+            }
+        }
+        if let Some(undo) = undo {
+            s.raw_execute(undo).unwrap_or_else(|e| panic!("{undo}: {e}"));
+            for read in &reads {
+                read().unwrap_or_else(|e| panic!("after `{undo}`: {e}"));
+            }
+        }
+    }
 }
 
 // ---------------------------------------------------------------- migrations and inherent methods
