@@ -1595,6 +1595,41 @@ fn credentials_survive_the_upgrade_to_schema_4(
     );
 }
 
+/// The schema version of `store_suite/schema8_by_main.sqlite`: a store made by the gateway whose
+/// migrations were still strings in its code (commit dfa6129, `rki-gateway init-org acme`),
+/// vacuumed to 512-byte pages to keep the file small.
+const OLD_STORE_VERSION: usize = 8;
+
+/// SQLite's own record of a database's schema: every table, index and trigger with the text of
+/// the statement that created it.
+fn sqlite_schema(path: &std::path::Path) -> Vec<(String, String, Option<String>)> {
+    let conn = rusqlite::Connection::open(path).expect("open");
+    let mut statement = conn
+        .prepare("SELECT type, name, sql FROM sqlite_master WHERE name NOT LIKE 'sqlite_%' ORDER BY type, name")
+        .expect("prepare");
+    let rows = statement.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).expect("query");
+    rows.collect::<Result<_, _>>().expect("schema")
+}
+
+#[test]
+fn sqlite_a_store_made_before_the_migration_files_has_their_schema_and_opens_with_its_data() {
+    let old = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/store_suite/schema8_by_main.sqlite");
+    let dir = TempDir::new("rki-store-old");
+    let path = dir.path().join("rki.sqlite");
+    std::fs::copy(&old, &path).expect("copy the old store");
+    let fresh = dir.path().join("fresh.sqlite");
+    rki_gateway::store::sqlite::SqliteStore::migrate_to_version(&fresh, OLD_STORE_VERSION).must();
+    let schema = sqlite_schema(&path);
+    assert!(schema.len() >= 20, "the old store has its tables, indexes and triggers: {schema:?}");
+    assert_eq!(sqlite_schema(&fresh), schema, "the migration files make the schema the old gateway made");
+    let store = rki_gateway::store::sqlite::SqliteStore::open(&path).must();
+    assert_eq!(store.schema_version().must(), rki_gateway::store::sqlite::SqliteStore::SCHEMA_VERSION as i64);
+    let acme = store.org_by_name("acme").must().expect("the old store's organization");
+    assert_eq!((acme.id, store.list_orgs().must().len()), (1, 1));
+    let entries = store.list_audit(None, 10, None).must();
+    assert_eq!(entries.iter().map(|e| e.action.as_str()).collect::<Vec<_>>(), ["token.create", "org.create"]);
+}
+
 #[test]
 fn sqlite_credentials_survive_the_upgrade_to_schema_4() {
     let dir = TempDir::new("rki-store-upgrade");

@@ -14,6 +14,7 @@
 
 pub mod guard;
 pub mod health;
+mod migrations;
 pub mod postgres;
 mod rows;
 pub mod sqlite;

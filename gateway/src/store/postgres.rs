@@ -44,57 +44,9 @@ use ::postgres::error::SqlState;
 use ::postgres::types::ToSql;
 use ::postgres::{Client, GenericClient, NoTls, Row, Statement, Transaction};
 
+use super::migrations;
 use super::rows::*;
 use super::*;
-
-/// Schema migrations, applied in order; `schema_migrations` holds one row per migration run,
-/// numbered like SQLite's `PRAGMA user_version`.
-const MIGRATIONS: &[&str] = &[
-    include_str!("postgres_schema.sql"),
-    // 2: Mosquitto password hashes for the external-broker mode.
-    "ALTER TABLE devices ADD COLUMN broker_password_hash TEXT;",
-    // 3: cluster-wide re-delivery: the last send (any node) and a node's claim on the next one.
-    "ALTER TABLE executions ADD COLUMN last_sent_at BIGINT, ADD COLUMN retry_claimed_until BIGINT;",
-    // 4: a device's credentials in a table of their own (as SQLite's schema 4): the device row,
-    // rewritten on every ack and hello, no longer carries them into each new row version.
-    "CREATE TABLE device_credentials (
-         device_id            BIGINT PRIMARY KEY REFERENCES devices(id),
-         signing_key          TEXT NOT NULL,
-         kbpk_aes             TEXT,
-         kbpk_tdes            TEXT,
-         password_hash        BYTEA,
-         broker_password_hash TEXT
-     );
-     INSERT INTO device_credentials (device_id, signing_key, kbpk_aes, kbpk_tdes, password_hash, broker_password_hash)
-         SELECT id, signing_key, kbpk_aes, kbpk_tdes, password_hash, broker_password_hash FROM devices
-         WHERE signing_key IS NOT NULL;
-     ALTER TABLE devices DROP COLUMN signing_key, DROP COLUMN kbpk_aes, DROP COLUMN kbpk_tdes,
-         DROP COLUMN password_hash, DROP COLUMN broker_password_hash;",
-    // 5: the hash of each GUDID's bootstrap password (as SQLite's schema 5).
-    "ALTER TABLE gudids ADD COLUMN bootstrap_hash TEXT;",
-    // 6: key-encryption keys (as SQLite's schema 6), entered once per organization; BDKs then
-    // arrive as TR-31 key blocks under them.
-    "CREATE TABLE keks (
-         id         BIGSERIAL PRIMARY KEY,
-         org_id     BIGINT NOT NULL REFERENCES organizations(id),
-         name       TEXT NOT NULL,
-         algorithm  TEXT NOT NULL,
-         kcv        TEXT NOT NULL,
-         sealed     TEXT NOT NULL,
-         created_at BIGINT NOT NULL,
-         UNIQUE (org_id, name)
-     );",
-    // 7: GUDID custody (as SQLite's schema 7): each GUDID's MAC key sealed under the master key
-    // (the clear `mac_key` column is emptied by the start-time re-seal and written empty from
-    // now on); revocation; the unspent GUDIDs of a device found by index.
-    "ALTER TABLE gudids ADD COLUMN sealed_mac_key TEXT, ADD COLUMN revoked_at BIGINT, ADD COLUMN revoked_by TEXT;
-     CREATE INDEX gudids_device_unspent ON gudids(device_id) WHERE used_at IS NULL AND revoked_at IS NULL;",
-    // 8 (as SQLite's schema 8): tasks numbered per organization: the API shows the number, so
-    // one organization cannot count another's tasks from their ids.
-    "ALTER TABLE tasks ADD COLUMN number BIGINT;
-     UPDATE tasks SET number = (SELECT COUNT(*) FROM tasks t2 WHERE t2.org_id = tasks.org_id AND t2.id <= tasks.id);
-     CREATE UNIQUE INDEX tasks_org_number ON tasks (org_id, number);",
-];
 
 /// Advisory lock key held while migrating, so nodes starting together migrate one at a time.
 const MIGRATION_LOCK_KEY: i64 = 0x726b_695f_6d69_6772; // "rki_migr"
@@ -389,7 +341,7 @@ fn retrying<T>(mut attempt: impl FnMut() -> Result<T, Failure>) -> StoreResult<T
 
 impl PostgresStore {
     /// The schema version this build migrates a database to.
-    pub const SCHEMA_VERSION: usize = MIGRATIONS.len();
+    pub const SCHEMA_VERSION: usize = migrations::POSTGRES.len();
 
     /// Connects to the database at `url` (`postgres://user:password@host:port/db` or the
     /// `key=value` form) with at most `pool_size` connections, and runs pending migrations.
@@ -564,14 +516,24 @@ fn transaction<T>(
 }
 
 fn migrate(client: &mut Client) -> Result<(), Failure> {
-    migrate_to(client, MIGRATIONS.len())
+    migrate_to(client, migrations::POSTGRES.len())
 }
 
 /// Runs the migrations after the database's version, up to `version`.
 fn migrate_to(client: &mut Client, version: usize) -> Result<(), Failure> {
-    let known = MIGRATIONS.len() as i32;
-    loop {
-        let mut tx = client.transaction()?;
+    migrations::run(&mut Ledger(client), migrations::POSTGRES, version)
+}
+
+/// PostgreSQL's schema version is the highest in `schema_migrations` (one row per migration run,
+/// numbered like SQLite's `PRAGMA user_version`). Each step holds the migration lock, so nodes
+/// starting together migrate one at a time.
+struct Ledger<'c>(&'c mut Client);
+
+impl migrations::Ledger for Ledger<'_> {
+    type Error = Failure;
+
+    fn step(&mut self, next: &migrations::Next<'_>) -> Result<bool, Failure> {
+        let mut tx = self.0.transaction()?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK_KEY])?;
         tx.batch_execute(
             "CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -580,18 +542,15 @@ fn migrate_to(client: &mut Client, version: usize) -> Result<(), Failure> {
              )",
         )?;
         let current: i32 = tx.query_one("SELECT COALESCE(max(version), 0) FROM schema_migrations", &[])?.try_get(0)?;
-        if current > known {
-            return Err(corrupt(format!(
-                "database schema version {current} is newer than this gateway knows ({known}); upgrade the gateway"
-            )));
-        }
-        if current as usize >= version.min(MIGRATIONS.len()) {
+        let Some((version, migration)) = next(i64::from(current))? else {
             tx.commit()?;
-            return Ok(());
-        }
-        tx.batch_execute(MIGRATIONS[current as usize])?;
-        tx.execute("INSERT INTO schema_migrations (version) VALUES ($1)", &[&(current + 1)])?;
+            return Ok(false);
+        };
+        let version = i32::try_from(version).map_err(|_| corrupt(format!("schema version {version}")))?;
+        tx.batch_execute(migration.sql)?;
+        tx.execute("INSERT INTO schema_migrations (version) VALUES ($1)", &[&version])?;
         tx.commit()?;
+        Ok(true)
     }
 }
 

@@ -11,49 +11,9 @@ use std::time::Duration;
 
 use rusqlite::{params, Connection, OptionalExtension, Row, Transaction};
 
+use super::migrations;
 use super::rows::*;
 use super::*;
-
-/// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
-const MIGRATIONS: &[&str] = &[
-    include_str!("schema.sql"),
-    // 2: Mosquitto password hashes for the external-broker mode.
-    "ALTER TABLE devices ADD COLUMN broker_password_hash TEXT;",
-    // 3: the columns of PostgreSQL's cluster-wide re-delivery claims, unused by a single node; they
-    // keep the two schemas' versions in step.
-    "ALTER TABLE executions ADD COLUMN last_sent_at INTEGER; ALTER TABLE executions ADD COLUMN retry_claimed_until INTEGER;",
-    // 4: a device's credentials in a table of their own. They are written once per
-    // initialisation, while the device row is rewritten on every ack (counter, lock) and hello:
-    // without them a row holds ~90 bytes instead of ~570 (37 rows to a page instead of 5), so the
-    // acks of a push dirty a seventh of the device pages.
-    include_str!("migration_4_credentials.sql"),
-    // 5: the hash of each GUDID's bootstrap password, which the MQTT endpoint checks at CONNECT.
-    "ALTER TABLE gudids ADD COLUMN bootstrap_hash TEXT;",
-    // 6: key-encryption keys, entered once per organization at a key ceremony; BDKs then arrive
-    // as TR-31 key blocks under them.
-    "CREATE TABLE keks (
-         id         INTEGER PRIMARY KEY,
-         org_id     INTEGER NOT NULL REFERENCES organizations(id),
-         name       TEXT NOT NULL,
-         algorithm  TEXT NOT NULL,
-         kcv        TEXT NOT NULL,
-         sealed     TEXT NOT NULL,
-         created_at INTEGER NOT NULL,
-         UNIQUE (org_id, name)
-     );",
-    // 7: GUDID custody. The MAC key of each GUDID sealed under the master key (the clear
-    // `mac_key` column is emptied by the start-time re-seal, `seal_legacy_gudid_keys`, and
-    // written empty from now on); revocation; at most one live GUDID per device, found by index.
-    "ALTER TABLE gudids ADD COLUMN sealed_mac_key TEXT;
-     ALTER TABLE gudids ADD COLUMN revoked_at INTEGER;
-     ALTER TABLE gudids ADD COLUMN revoked_by TEXT;
-     CREATE INDEX gudids_device_unspent ON gudids(device_id) WHERE used_at IS NULL AND revoked_at IS NULL;",
-    // 8: tasks numbered per organization: the API shows the number, so one organization cannot
-    // count another's tasks from their ids.
-    "ALTER TABLE tasks ADD COLUMN number INTEGER;
-     UPDATE tasks SET number = (SELECT COUNT(*) FROM tasks t2 WHERE t2.org_id = tasks.org_id AND t2.id <= tasks.id);
-     CREATE UNIQUE INDEX tasks_org_number ON tasks (org_id, number);",
-];
 
 /// Reader connections: the admin API and the metrics sampler read while the writer commits.
 const READERS: usize = 3;
@@ -167,7 +127,7 @@ fn open_connection(path: &Path) -> StoreResult<Connection> {
 
 impl SqliteStore {
     /// The schema version this build migrates a store to.
-    pub const SCHEMA_VERSION: usize = MIGRATIONS.len();
+    pub const SCHEMA_VERSION: usize = migrations::SQLITE.len();
 
     /// Opens (creating if needed) the database at `path` and runs pending migrations.
     pub fn open(path: &Path) -> StoreResult<Self> {
@@ -360,25 +320,29 @@ impl SqliteStore {
 }
 
 fn migrate(conn: &mut Connection) -> StoreResult<()> {
-    migrate_to(conn, MIGRATIONS.len())
+    migrate_to(conn, migrations::SQLITE.len())
 }
 
 /// Runs the migrations after the database's version, up to `version`.
 fn migrate_to(conn: &mut Connection, version: usize) -> StoreResult<()> {
-    let current: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(backend)?;
-    let known = MIGRATIONS.len() as i64;
-    if current > known {
-        return Err(StoreError::Backend(format!(
-            "database schema version {current} is newer than this gateway knows ({known}); upgrade the gateway"
-        )));
-    }
-    for (i, sql) in MIGRATIONS.iter().enumerate().take(version).skip(current as usize) {
-        let tx = conn.transaction().map_err(backend)?;
-        tx.execute_batch(sql).map_err(backend)?;
-        tx.execute_batch(&format!("PRAGMA user_version = {}", i + 1)).map_err(backend)?;
+    migrations::run(&mut Ledger(conn), migrations::SQLITE, version)
+}
+
+/// SQLite's schema version is `PRAGMA user_version`, set in the migration's own transaction.
+struct Ledger<'c>(&'c mut Connection);
+
+impl migrations::Ledger for Ledger<'_> {
+    type Error = StoreError;
+
+    fn step(&mut self, next: &migrations::Next<'_>) -> StoreResult<bool> {
+        let tx = self.0.transaction().map_err(backend)?;
+        let current: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(backend)?;
+        let Some((version, migration)) = next(current)? else { return Ok(false) };
+        tx.execute_batch(migration.sql).map_err(backend)?;
+        tx.execute_batch(&format!("PRAGMA user_version = {version}")).map_err(backend)?;
         tx.commit().map_err(backend)?;
+        Ok(true)
     }
-    Ok(())
 }
 
 const DEVICE_COLUMNS: &str = device_columns!();
