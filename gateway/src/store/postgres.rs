@@ -30,7 +30,7 @@
 //! failover), prepared statements gone stale (another node changed a column's type); the last
 //! two on a fresh connection. A COMMIT whose outcome is unknown is reported, never run again.
 //!
-//! **Batches.** [`Store::apply_batch`] must give exactly the result of applying its writes one by
+//! **Batches.** [`Delivery::apply_batch`] must give exactly the result of applying its writes one by
 //! one, in order (SQLite does that). One statement per write would cost one round trip each, so
 //! the writes are grouped into *rounds* (`plan_rounds`) and each round applies one set-based
 //! statement per kind of write: a batch of a thousand acks is a handful of statements.
@@ -817,7 +817,7 @@ const EXPIRE_DUE: &str = end_and_record!(
      )"
 );
 
-/// Claims the executions due for a re-delivery (see [`Store::claim_redeliveries`]): the rows are
+/// Claims the executions due for a re-delivery (see [`Delivery::claim_redeliveries`]): the rows are
 /// locked with `SKIP LOCKED` and marked claimed in the same statement, so a row another node is
 /// claiming is left to it and a row it claimed is not due any more. `$1` now, `$2` first, `$3`
 /// initial, `$4` max, `$5` limit.
@@ -1091,7 +1091,7 @@ fn spend_gudid_in(
 
 // ---------------------------------------------------------------- the store
 
-impl Store for PostgresStore {
+impl Registry for PostgresStore {
     fn create_org(&self, name: &str, at: Millis, audit: &Audit) -> StoreResult<OrgRow> {
         self.write(|s| {
             let row = s
@@ -1155,119 +1155,6 @@ impl Store for PostgresStore {
     fn has_key_owner(&self) -> StoreResult<bool> {
         self.read(|s| {
             Ok(s.query_one("SELECT EXISTS (SELECT 1 FROM tokens WHERE role = 'key_owner')", &[])?.try_get(0)?)
-        })
-    }
-
-    fn append_audit(&self, e: &AuditEntry) -> StoreResult<()> {
-        self.write(|s| audit_in(s, e))
-    }
-
-    fn list_audit(&self, org_id: Option<i64>, limit: i64, before: Option<i64>) -> StoreResult<Vec<AuditEntry>> {
-        self.read(|s| {
-            let found = s.query(
-                concat!(
-                    "SELECT ",
-                    audit_columns!(),
-                    " FROM audit
-                 WHERE ($1::bigint IS NULL OR org_id = $1) AND ($3::bigint IS NULL OR id < $3) ORDER BY id DESC LIMIT $2"
-                ),
-                &[&org_id, &limit_or_all(limit), &before],
-            )?;
-            rows(found, audit_row)
-        })
-    }
-
-    fn insert_key_source(&self, row: &KeySourceRow, audit: &Audit) -> StoreResult<KeySourceRow> {
-        self.write(|s| {
-            let id = s
-                .query_one(
-                    "INSERT INTO key_sources (org_id, name, algorithm, kcv, sealed, key_set_id, created_at)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
-                    &[&row.org_id, &row.name, &row.algorithm, &row.kcv, &row.sealed, &row.key_set_id, &row.created_at],
-                )
-                .map_err(conflict_as(format!("key source {:?} exists", row.name)))?
-                .try_get(0)?;
-            audit_in(s, &audit.entry(None, None, &[]))?;
-            Ok(KeySourceRow { id, ..row.clone() })
-        })
-    }
-
-    fn list_key_sources(&self, org_id: i64) -> StoreResult<Vec<KeySourceRow>> {
-        self.read(|s| {
-            let found = s.query(
-                concat!("SELECT ", key_source_columns!(), " FROM key_sources WHERE org_id = $1 ORDER BY id"),
-                &[&org_id],
-            )?;
-            rows(found, key_source_row)
-        })
-    }
-
-    fn key_source(&self, org_id: i64, id: i64) -> StoreResult<KeySourceRow> {
-        self.read(|s| {
-            s.query_opt(
-                concat!("SELECT ", key_source_columns!(), " FROM key_sources WHERE org_id = $1 AND id = $2"),
-                &[&org_id, &id],
-            )?
-            .map(|r| key_source_row(&r).map_err(Failure::from))
-            .unwrap_or_else(|| Err(not_found(format!("key source {id}"))))
-        })
-    }
-
-    fn key_source_by_name(&self, org_id: i64, name: &str) -> StoreResult<KeySourceRow> {
-        self.read(|s| {
-            s.query_opt(
-                concat!("SELECT ", key_source_columns!(), " FROM key_sources WHERE org_id = $1 AND name = $2"),
-                &[&org_id, &name],
-            )?
-            .map(|r| key_source_row(&r).map_err(Failure::from))
-            .unwrap_or_else(|| Err(not_found(format!("key source {name:?}"))))
-        })
-    }
-
-    fn allocate_serials(&self, key_source_id: i64, count: i64) -> StoreResult<i64> {
-        // One statement: the row lock makes concurrent allocations on any node disjoint.
-        self.write(|s| {
-            Ok(s.query_one(
-                "UPDATE key_sources SET next_serial = next_serial + $2 WHERE id = $1 RETURNING next_serial - $2",
-                &[&key_source_id, &count],
-            )?
-            .try_get(0)?)
-        })
-    }
-
-    fn insert_kek(&self, row: &KekRow, audit: &Audit) -> StoreResult<KekRow> {
-        self.write(|s| {
-            let id = s
-                .query_one(
-                    "INSERT INTO keks (org_id, name, algorithm, kcv, sealed, created_at)
-                     VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
-                    &[&row.org_id, &row.name, &row.algorithm, &row.kcv, &row.sealed, &row.created_at],
-                )
-                .map_err(conflict_as(format!("KEK {:?} exists", row.name)))?
-                .try_get(0)?;
-            audit_in(s, &audit.entry(None, None, &[]))?;
-            Ok(KekRow { id, ..row.clone() })
-        })
-    }
-
-    fn list_keks(&self, org_id: Option<i64>) -> StoreResult<Vec<KekRow>> {
-        self.read(|s| {
-            let found = s.query(
-                concat!("SELECT ", kek_columns!(), " FROM keks WHERE $1::bigint IS NULL OR org_id = $1 ORDER BY id"),
-                &[&org_id],
-            )?;
-            rows(found, kek_row)
-        })
-    }
-
-    fn kek_by_name(&self, org_id: i64, name: &str) -> StoreResult<KekRow> {
-        self.read(|s| {
-            s.query_opt(
-                concat!("SELECT ", kek_columns!(), " FROM keks WHERE org_id = $1 AND name = $2"),
-                &[&org_id, &name],
-            )?
-            .map(|r| kek_row(&r).map_err(Failure::from))
-            .unwrap_or_else(|| Err(not_found(format!("KEK {name:?}"))))
         })
     }
 
@@ -1506,7 +1393,126 @@ impl Store for PostgresStore {
             rows(found, pair_row)
         })
     }
+}
 
+impl AuditLog for PostgresStore {
+    fn append_audit(&self, e: &AuditEntry) -> StoreResult<()> {
+        self.write(|s| audit_in(s, e))
+    }
+
+    fn list_audit(&self, org_id: Option<i64>, limit: i64, before: Option<i64>) -> StoreResult<Vec<AuditEntry>> {
+        self.read(|s| {
+            let found = s.query(
+                concat!(
+                    "SELECT ",
+                    audit_columns!(),
+                    " FROM audit
+                 WHERE ($1::bigint IS NULL OR org_id = $1) AND ($3::bigint IS NULL OR id < $3) ORDER BY id DESC LIMIT $2"
+                ),
+                &[&org_id, &limit_or_all(limit), &before],
+            )?;
+            rows(found, audit_row)
+        })
+    }
+}
+
+impl KeySources for PostgresStore {
+    fn insert_key_source(&self, row: &KeySourceRow, audit: &Audit) -> StoreResult<KeySourceRow> {
+        self.write(|s| {
+            let id = s
+                .query_one(
+                    "INSERT INTO key_sources (org_id, name, algorithm, kcv, sealed, key_set_id, created_at)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
+                    &[&row.org_id, &row.name, &row.algorithm, &row.kcv, &row.sealed, &row.key_set_id, &row.created_at],
+                )
+                .map_err(conflict_as(format!("key source {:?} exists", row.name)))?
+                .try_get(0)?;
+            audit_in(s, &audit.entry(None, None, &[]))?;
+            Ok(KeySourceRow { id, ..row.clone() })
+        })
+    }
+
+    fn list_key_sources(&self, org_id: i64) -> StoreResult<Vec<KeySourceRow>> {
+        self.read(|s| {
+            let found = s.query(
+                concat!("SELECT ", key_source_columns!(), " FROM key_sources WHERE org_id = $1 ORDER BY id"),
+                &[&org_id],
+            )?;
+            rows(found, key_source_row)
+        })
+    }
+
+    fn key_source(&self, org_id: i64, id: i64) -> StoreResult<KeySourceRow> {
+        self.read(|s| {
+            s.query_opt(
+                concat!("SELECT ", key_source_columns!(), " FROM key_sources WHERE org_id = $1 AND id = $2"),
+                &[&org_id, &id],
+            )?
+            .map(|r| key_source_row(&r).map_err(Failure::from))
+            .unwrap_or_else(|| Err(not_found(format!("key source {id}"))))
+        })
+    }
+
+    fn key_source_by_name(&self, org_id: i64, name: &str) -> StoreResult<KeySourceRow> {
+        self.read(|s| {
+            s.query_opt(
+                concat!("SELECT ", key_source_columns!(), " FROM key_sources WHERE org_id = $1 AND name = $2"),
+                &[&org_id, &name],
+            )?
+            .map(|r| key_source_row(&r).map_err(Failure::from))
+            .unwrap_or_else(|| Err(not_found(format!("key source {name:?}"))))
+        })
+    }
+
+    fn allocate_serials(&self, key_source_id: i64, count: i64) -> StoreResult<i64> {
+        // One statement: the row lock makes concurrent allocations on any node disjoint.
+        self.write(|s| {
+            Ok(s.query_one(
+                "UPDATE key_sources SET next_serial = next_serial + $2 WHERE id = $1 RETURNING next_serial - $2",
+                &[&key_source_id, &count],
+            )?
+            .try_get(0)?)
+        })
+    }
+
+    fn insert_kek(&self, row: &KekRow, audit: &Audit) -> StoreResult<KekRow> {
+        self.write(|s| {
+            let id = s
+                .query_one(
+                    "INSERT INTO keks (org_id, name, algorithm, kcv, sealed, created_at)
+                     VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
+                    &[&row.org_id, &row.name, &row.algorithm, &row.kcv, &row.sealed, &row.created_at],
+                )
+                .map_err(conflict_as(format!("KEK {:?} exists", row.name)))?
+                .try_get(0)?;
+            audit_in(s, &audit.entry(None, None, &[]))?;
+            Ok(KekRow { id, ..row.clone() })
+        })
+    }
+
+    fn list_keks(&self, org_id: Option<i64>) -> StoreResult<Vec<KekRow>> {
+        self.read(|s| {
+            let found = s.query(
+                concat!("SELECT ", kek_columns!(), " FROM keks WHERE $1::bigint IS NULL OR org_id = $1 ORDER BY id"),
+                &[&org_id],
+            )?;
+            rows(found, kek_row)
+        })
+    }
+
+    fn kek_by_name(&self, org_id: i64, name: &str) -> StoreResult<KekRow> {
+        self.read(|s| {
+            s.query_opt(
+                concat!("SELECT ", kek_columns!(), " FROM keks WHERE org_id = $1 AND name = $2"),
+                &[&org_id, &name],
+            )?
+            .map(|r| kek_row(&r).map_err(Failure::from))
+            .unwrap_or_else(|| Err(not_found(format!("KEK {name:?}"))))
+        })
+    }
+}
+
+impl Gudids for PostgresStore {
     fn insert_gudid(&self, row: &GudidRow) -> StoreResult<GudidRow> {
         self.write(|s| {
             let id = s
@@ -1708,7 +1714,9 @@ impl Store for PostgresStore {
                 .ok_or_else(|| StoreError::Conflict("GUDID already used".into()).into())
         })
     }
+}
 
+impl Tasks for PostgresStore {
     fn create_task_with(
         &self,
         task: &NewTask,
@@ -1841,20 +1849,6 @@ impl Store for PostgresStore {
         })
     }
 
-    fn claim_redeliveries(
-        &self,
-        now: Millis,
-        first_ms: i64,
-        initial_ms: i64,
-        max_ms: i64,
-        limit: i64,
-    ) -> StoreResult<Vec<ExecutionRow>> {
-        self.write(|s| {
-            let found = s.query(CLAIM_REDELIVERIES, &[&now, &first_ms, &initial_ms, &max_ms, &limit])?;
-            rows(found, execution_row)
-        })
-    }
-
     fn open_execution_device_ids(&self, org_id: i64) -> StoreResult<Vec<i64>> {
         self.read(|s| {
             let found = s.query(
@@ -1873,16 +1867,6 @@ impl Store for PostgresStore {
         })
     }
 
-    fn rewrap_execution(&self, id: i64, key_block: &str, generation: i64) -> StoreResult<()> {
-        self.write(|s| {
-            s.execute(
-                "UPDATE executions SET key_block = $2, generation = $3 WHERE id = $1 AND state IN ('queued', 'delivered')",
-                &[&id, &key_block, &generation],
-            )?;
-            Ok(())
-        })
-    }
-
     fn stop_task(&self, org_id: i64, task_id: i64, at: Millis, audit: &Audit) -> StoreResult<Vec<i64>> {
         let terminated = ExecutionState::Terminated;
         let from = states_that_can_become(terminated);
@@ -1898,6 +1882,85 @@ impl Store for PostgresStore {
             s.execute("UPDATE tasks SET stopped_at = COALESCE(stopped_at, $2) WHERE id = $1", &[&task_id, &at])?;
             audit_in(s, &audit.entry(None, None, &[("terminated", ids.len().into())]))?;
             Ok(ids)
+        })
+    }
+
+    fn list_records(&self, org_id: i64, f: &RecordFilter) -> StoreResult<Vec<RecordRow>> {
+        let limit = (f.limit > 0).then_some(f.limit);
+        let offset = f.offset.max(0);
+        self.read(|s| {
+            let found = s.query(
+                concat!(
+                    "SELECT ",
+                    record_columns!(),
+                    " FROM records WHERE org_id = $1 AND ($2::text IS NULL OR sn = $2) AND ($3::bigint IS NULL OR task_id = $3)
+                 AND ($6::bigint IS NULL OR id < $6)
+                 ORDER BY id DESC LIMIT $4 OFFSET $5"
+                ),
+                &[&org_id, &f.sn, &f.task_id, &limit, &offset, &f.before_id],
+            )?;
+            rows(found, record_row)
+        })
+    }
+
+    fn billing(&self, org_id: i64) -> StoreResult<Vec<BillingRow>> {
+        self.read(|s| {
+            let found = s.query(
+                "SELECT key_source, to_char(to_timestamp(at / 1000) AT TIME ZONE 'UTC', 'YYYY-MM') AS month, count(*)
+                 FROM records WHERE org_id = $1 AND result = 'succeeded'
+                 GROUP BY key_source, month ORDER BY month, key_source COLLATE \"C\"",
+                &[&org_id],
+            )?;
+            rows(found, billing_row)
+        })
+    }
+
+    fn count_records_for_execution(&self, execution_id: i64) -> StoreResult<i64> {
+        self.read(|s| {
+            Ok(s.query_one("SELECT count(*) FROM records WHERE execution_id = $1", &[&execution_id])?.try_get(0)?)
+        })
+    }
+
+    fn execution_state_counts(&self) -> StoreResult<Vec<(i64, ExecutionState, i64)>> {
+        self.read(|s| {
+            let found = s.query("SELECT org_id, state, count(*) FROM executions GROUP BY org_id, state", &[])?;
+            rows(found, state_count_row)
+        })
+    }
+
+    fn expiring_within(&self, now: Millis, within_ms: i64) -> StoreResult<i64> {
+        self.read(|s| {
+            Ok(s.query_one(
+                "SELECT count(*) FROM executions WHERE state IN ('queued', 'delivered') AND deadline <= $1",
+                &[&(now + within_ms)],
+            )?
+            .try_get(0)?)
+        })
+    }
+}
+
+impl Delivery for PostgresStore {
+    fn claim_redeliveries(
+        &self,
+        now: Millis,
+        first_ms: i64,
+        initial_ms: i64,
+        max_ms: i64,
+        limit: i64,
+    ) -> StoreResult<Vec<ExecutionRow>> {
+        self.write(|s| {
+            let found = s.query(CLAIM_REDELIVERIES, &[&now, &first_ms, &initial_ms, &max_ms, &limit])?;
+            rows(found, execution_row)
+        })
+    }
+
+    fn rewrap_execution(&self, id: i64, key_block: &str, generation: i64) -> StoreResult<()> {
+        self.write(|s| {
+            s.execute(
+                "UPDATE executions SET key_block = $2, generation = $3 WHERE id = $1 AND state IN ('queued', 'delivered')",
+                &[&id, &key_block, &generation],
+            )?;
+            Ok(())
         })
     }
 
@@ -1953,59 +2016,6 @@ impl Store for PostgresStore {
                 ended: ended.into_iter().map(|(_, id, state)| (id, state)).collect(),
                 initialised: initialised.into_iter().map(|(_, gudid, creds)| (gudid, creds)).collect(),
             })
-        })
-    }
-
-    fn list_records(&self, org_id: i64, f: &RecordFilter) -> StoreResult<Vec<RecordRow>> {
-        let limit = (f.limit > 0).then_some(f.limit);
-        let offset = f.offset.max(0);
-        self.read(|s| {
-            let found = s.query(
-                concat!(
-                    "SELECT ",
-                    record_columns!(),
-                    " FROM records WHERE org_id = $1 AND ($2::text IS NULL OR sn = $2) AND ($3::bigint IS NULL OR task_id = $3)
-                 AND ($6::bigint IS NULL OR id < $6)
-                 ORDER BY id DESC LIMIT $4 OFFSET $5"
-                ),
-                &[&org_id, &f.sn, &f.task_id, &limit, &offset, &f.before_id],
-            )?;
-            rows(found, record_row)
-        })
-    }
-
-    fn billing(&self, org_id: i64) -> StoreResult<Vec<BillingRow>> {
-        self.read(|s| {
-            let found = s.query(
-                "SELECT key_source, to_char(to_timestamp(at / 1000) AT TIME ZONE 'UTC', 'YYYY-MM') AS month, count(*)
-                 FROM records WHERE org_id = $1 AND result = 'succeeded'
-                 GROUP BY key_source, month ORDER BY month, key_source COLLATE \"C\"",
-                &[&org_id],
-            )?;
-            rows(found, billing_row)
-        })
-    }
-
-    fn count_records_for_execution(&self, execution_id: i64) -> StoreResult<i64> {
-        self.read(|s| {
-            Ok(s.query_one("SELECT count(*) FROM records WHERE execution_id = $1", &[&execution_id])?.try_get(0)?)
-        })
-    }
-
-    fn execution_state_counts(&self) -> StoreResult<Vec<(i64, ExecutionState, i64)>> {
-        self.read(|s| {
-            let found = s.query("SELECT org_id, state, count(*) FROM executions GROUP BY org_id, state", &[])?;
-            rows(found, state_count_row)
-        })
-    }
-
-    fn expiring_within(&self, now: Millis, within_ms: i64) -> StoreResult<i64> {
-        self.read(|s| {
-            Ok(s.query_one(
-                "SELECT count(*) FROM executions WHERE state IN ('queued', 'delivered') AND deadline <= $1",
-                &[&(now + within_ms)],
-            )?
-            .try_get(0)?)
         })
     }
 

@@ -615,7 +615,7 @@ fn in_list(n: usize) -> String {
     s
 }
 
-impl Store for SqliteStore {
+impl Registry for SqliteStore {
     fn create_org(&self, name: &str, at: Millis, audit: &Audit) -> StoreResult<OrgRow> {
         self.write(|tx| {
             tx.execute("INSERT INTO organizations (name, created_at) VALUES (?1, ?2)", params![name, at]).map_err(
@@ -694,123 +694,6 @@ impl Store for SqliteStore {
             c.query_row("SELECT COUNT(*) FROM tokens WHERE role = 'key_owner'", [], |r| r.get::<_, i64>(0))
                 .map(|n| n > 0)
                 .map_err(backend)
-        })
-    }
-
-    fn append_audit(&self, e: &AuditEntry) -> StoreResult<()> {
-        self.write(|tx| audit_in(tx, e))
-    }
-
-    fn list_audit(&self, org_id: Option<i64>, limit: i64, before: Option<i64>) -> StoreResult<Vec<AuditEntry>> {
-        self.read(|c| {
-            let sql = concat!(
-                "SELECT ",
-                audit_columns!(),
-                " FROM audit
-                       WHERE (?1 IS NULL OR org_id = ?1) AND (?3 IS NULL OR id < ?3) ORDER BY id DESC LIMIT ?2"
-            );
-            let mut stmt = c.prepare(sql).map_err(backend)?;
-            let rows = stmt.query_map(params![org_id, limit, before], |r| mapped(r, audit_row)).map_err(backend)?;
-            rows.collect::<Result<Vec<_>, _>>().map_err(backend)
-        })
-    }
-
-    fn insert_key_source(&self, row: &KeySourceRow, audit: &Audit) -> StoreResult<KeySourceRow> {
-        self.write(|tx| {
-            tx.execute(
-                "INSERT INTO key_sources (org_id, name, algorithm, kcv, sealed, key_set_id, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                params![row.org_id, row.name, row.algorithm, row.kcv, row.sealed, row.key_set_id, row.created_at],
-            )
-            .map_err(|e| match backend(e) {
-                StoreError::Conflict(_) => StoreError::Conflict(format!("key source {:?} exists", row.name)),
-                other => other,
-            })?;
-            let id = tx.last_insert_rowid();
-            audit_in(tx, &audit.entry(None, None, &[]))?;
-            Ok(KeySourceRow { id, ..row.clone() })
-        })
-    }
-
-    fn list_key_sources(&self, org_id: i64) -> StoreResult<Vec<KeySourceRow>> {
-        self.read(|c| {
-            let mut stmt = c
-                .prepare(&format!("SELECT {KEY_SOURCE_COLUMNS} FROM key_sources WHERE org_id = ?1 ORDER BY id"))
-                .map_err(backend)?;
-            let rows = stmt.query_map([org_id], |r| mapped(r, key_source_row)).map_err(backend)?;
-            rows.collect::<Result<Vec<_>, _>>().map_err(backend)
-        })
-    }
-
-    fn key_source(&self, org_id: i64, id: i64) -> StoreResult<KeySourceRow> {
-        self.read(|c| {
-            c.query_row(
-                &format!("SELECT {KEY_SOURCE_COLUMNS} FROM key_sources WHERE org_id = ?1 AND id = ?2"),
-                params![org_id, id],
-                |r| mapped(r, key_source_row),
-            )
-            .map_err(or_not_found(format!("key source {id}")))
-        })
-    }
-
-    fn key_source_by_name(&self, org_id: i64, name: &str) -> StoreResult<KeySourceRow> {
-        self.read(|c| {
-            c.query_row(
-                &format!("SELECT {KEY_SOURCE_COLUMNS} FROM key_sources WHERE org_id = ?1 AND name = ?2"),
-                params![org_id, name],
-                |r| mapped(r, key_source_row),
-            )
-            .map_err(or_not_found(format!("key source {name:?}")))
-        })
-    }
-
-    fn allocate_serials(&self, key_source_id: i64, count: i64) -> StoreResult<i64> {
-        self.write(|tx| {
-            let first: i64 = tx
-                .query_row("SELECT next_serial FROM key_sources WHERE id = ?1", [key_source_id], |r| r.get(0))
-                .map_err(backend)?;
-            tx.execute(
-                "UPDATE key_sources SET next_serial = next_serial + ?2 WHERE id = ?1",
-                params![key_source_id, count],
-            )
-            .map_err(backend)?;
-            Ok(first)
-        })
-    }
-
-    fn insert_kek(&self, row: &KekRow, audit: &Audit) -> StoreResult<KekRow> {
-        self.write(|tx| {
-            tx.execute(
-                "INSERT INTO keks (org_id, name, algorithm, kcv, sealed, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![row.org_id, row.name, row.algorithm, row.kcv, row.sealed, row.created_at],
-            )
-            .map_err(|e| match backend(e) {
-                StoreError::Conflict(_) => StoreError::Conflict(format!("KEK {:?} exists", row.name)),
-                other => other,
-            })?;
-            let id = tx.last_insert_rowid();
-            audit_in(tx, &audit.entry(None, None, &[]))?;
-            Ok(KekRow { id, ..row.clone() })
-        })
-    }
-
-    fn list_keks(&self, org_id: Option<i64>) -> StoreResult<Vec<KekRow>> {
-        self.read(|c| {
-            let mut stmt = c
-                .prepare(&format!("SELECT {KEK_COLUMNS} FROM keks WHERE ?1 IS NULL OR org_id = ?1 ORDER BY id"))
-                .map_err(backend)?;
-            let rows = stmt.query_map([org_id], |r| mapped(r, kek_row)).map_err(backend)?;
-            rows.collect::<Result<Vec<_>, _>>().map_err(backend)
-        })
-    }
-
-    fn kek_by_name(&self, org_id: i64, name: &str) -> StoreResult<KekRow> {
-        self.read(|c| {
-            c.query_row(
-                &format!("SELECT {KEK_COLUMNS} FROM keks WHERE org_id = ?1 AND name = ?2"),
-                params![org_id, name],
-                |r| mapped(r, kek_row),
-            )
-            .map_err(or_not_found(format!("KEK {name:?}")))
         })
     }
 
@@ -1063,7 +946,130 @@ impl Store for SqliteStore {
                 .collect()
         })
     }
+}
 
+impl AuditLog for SqliteStore {
+    fn append_audit(&self, e: &AuditEntry) -> StoreResult<()> {
+        self.write(|tx| audit_in(tx, e))
+    }
+
+    fn list_audit(&self, org_id: Option<i64>, limit: i64, before: Option<i64>) -> StoreResult<Vec<AuditEntry>> {
+        self.read(|c| {
+            let sql = concat!(
+                "SELECT ",
+                audit_columns!(),
+                " FROM audit
+                       WHERE (?1 IS NULL OR org_id = ?1) AND (?3 IS NULL OR id < ?3) ORDER BY id DESC LIMIT ?2"
+            );
+            let mut stmt = c.prepare(sql).map_err(backend)?;
+            let rows = stmt.query_map(params![org_id, limit, before], |r| mapped(r, audit_row)).map_err(backend)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(backend)
+        })
+    }
+}
+
+impl KeySources for SqliteStore {
+    fn insert_key_source(&self, row: &KeySourceRow, audit: &Audit) -> StoreResult<KeySourceRow> {
+        self.write(|tx| {
+            tx.execute(
+                "INSERT INTO key_sources (org_id, name, algorithm, kcv, sealed, key_set_id, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![row.org_id, row.name, row.algorithm, row.kcv, row.sealed, row.key_set_id, row.created_at],
+            )
+            .map_err(|e| match backend(e) {
+                StoreError::Conflict(_) => StoreError::Conflict(format!("key source {:?} exists", row.name)),
+                other => other,
+            })?;
+            let id = tx.last_insert_rowid();
+            audit_in(tx, &audit.entry(None, None, &[]))?;
+            Ok(KeySourceRow { id, ..row.clone() })
+        })
+    }
+
+    fn list_key_sources(&self, org_id: i64) -> StoreResult<Vec<KeySourceRow>> {
+        self.read(|c| {
+            let mut stmt = c
+                .prepare(&format!("SELECT {KEY_SOURCE_COLUMNS} FROM key_sources WHERE org_id = ?1 ORDER BY id"))
+                .map_err(backend)?;
+            let rows = stmt.query_map([org_id], |r| mapped(r, key_source_row)).map_err(backend)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(backend)
+        })
+    }
+
+    fn key_source(&self, org_id: i64, id: i64) -> StoreResult<KeySourceRow> {
+        self.read(|c| {
+            c.query_row(
+                &format!("SELECT {KEY_SOURCE_COLUMNS} FROM key_sources WHERE org_id = ?1 AND id = ?2"),
+                params![org_id, id],
+                |r| mapped(r, key_source_row),
+            )
+            .map_err(or_not_found(format!("key source {id}")))
+        })
+    }
+
+    fn key_source_by_name(&self, org_id: i64, name: &str) -> StoreResult<KeySourceRow> {
+        self.read(|c| {
+            c.query_row(
+                &format!("SELECT {KEY_SOURCE_COLUMNS} FROM key_sources WHERE org_id = ?1 AND name = ?2"),
+                params![org_id, name],
+                |r| mapped(r, key_source_row),
+            )
+            .map_err(or_not_found(format!("key source {name:?}")))
+        })
+    }
+
+    fn allocate_serials(&self, key_source_id: i64, count: i64) -> StoreResult<i64> {
+        self.write(|tx| {
+            let first: i64 = tx
+                .query_row("SELECT next_serial FROM key_sources WHERE id = ?1", [key_source_id], |r| r.get(0))
+                .map_err(backend)?;
+            tx.execute(
+                "UPDATE key_sources SET next_serial = next_serial + ?2 WHERE id = ?1",
+                params![key_source_id, count],
+            )
+            .map_err(backend)?;
+            Ok(first)
+        })
+    }
+
+    fn insert_kek(&self, row: &KekRow, audit: &Audit) -> StoreResult<KekRow> {
+        self.write(|tx| {
+            tx.execute(
+                "INSERT INTO keks (org_id, name, algorithm, kcv, sealed, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![row.org_id, row.name, row.algorithm, row.kcv, row.sealed, row.created_at],
+            )
+            .map_err(|e| match backend(e) {
+                StoreError::Conflict(_) => StoreError::Conflict(format!("KEK {:?} exists", row.name)),
+                other => other,
+            })?;
+            let id = tx.last_insert_rowid();
+            audit_in(tx, &audit.entry(None, None, &[]))?;
+            Ok(KekRow { id, ..row.clone() })
+        })
+    }
+
+    fn list_keks(&self, org_id: Option<i64>) -> StoreResult<Vec<KekRow>> {
+        self.read(|c| {
+            let mut stmt = c
+                .prepare(&format!("SELECT {KEK_COLUMNS} FROM keks WHERE ?1 IS NULL OR org_id = ?1 ORDER BY id"))
+                .map_err(backend)?;
+            let rows = stmt.query_map([org_id], |r| mapped(r, kek_row)).map_err(backend)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(backend)
+        })
+    }
+
+    fn kek_by_name(&self, org_id: i64, name: &str) -> StoreResult<KekRow> {
+        self.read(|c| {
+            c.query_row(
+                &format!("SELECT {KEK_COLUMNS} FROM keks WHERE org_id = ?1 AND name = ?2"),
+                params![org_id, name],
+                |r| mapped(r, kek_row),
+            )
+            .map_err(or_not_found(format!("KEK {name:?}")))
+        })
+    }
+}
+
+impl Gudids for SqliteStore {
     fn insert_gudid(&self, row: &GudidRow) -> StoreResult<GudidRow> {
         self.write(|tx| {
             tx.execute(
@@ -1287,7 +1293,9 @@ impl Store for SqliteStore {
                 .ok_or_else(|| StoreError::Conflict("GUDID already used".into()))
         })
     }
+}
 
+impl Tasks for SqliteStore {
     fn create_task_with(
         &self,
         task: &NewTask,
@@ -1459,17 +1467,6 @@ impl Store for SqliteStore {
         })
     }
 
-    fn rewrap_execution(&self, id: i64, key_block: &str, generation: i64) -> StoreResult<()> {
-        self.write(|tx| {
-            tx.execute(
-                "UPDATE executions SET key_block = ?2, generation = ?3 WHERE id = ?1 AND state IN ('queued','delivered')",
-                params![id, key_block, generation],
-            )
-            .map_err(backend)?;
-            Ok(())
-        })
-    }
-
     fn stop_task(&self, org_id: i64, task_id: i64, at: Millis, audit: &Audit) -> StoreResult<Vec<i64>> {
         self.write(|tx| {
             let owned: Option<i64> = tx
@@ -1504,6 +1501,74 @@ impl Store for SqliteStore {
                 .map_err(backend)?;
             audit_in(tx, &audit.entry(None, None, &[("terminated", ids.len().into())]))?;
             Ok(ids)
+        })
+    }
+
+    fn list_records(&self, org_id: i64, f: &RecordFilter) -> StoreResult<Vec<RecordRow>> {
+        self.read(|c| {
+            let sql = format!(
+                "SELECT {RECORD_COLUMNS} FROM records WHERE org_id = ?1 AND (?2 IS NULL OR sn = ?2) AND (?3 IS NULL OR task_id = ?3)
+                 AND (?6 IS NULL OR id < ?6)
+                 ORDER BY id DESC LIMIT ?4 OFFSET ?5"
+            );
+            let mut stmt = c.prepare_cached(&sql).map_err(backend)?;
+            let limit = if f.limit <= 0 { i64::MAX } else { f.limit };
+            let rows = stmt.query_map(params![org_id, f.sn, f.task_id, limit, f.offset, f.before_id], |r| mapped(r, record_row)).map_err(backend)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(backend)
+        })
+    }
+
+    fn billing(&self, org_id: i64) -> StoreResult<Vec<BillingRow>> {
+        self.read(|c| {
+            let mut stmt = c
+                .prepare(
+                    "SELECT key_source, strftime('%Y-%m', at / 1000, 'unixepoch') AS month, COUNT(*) FROM records
+                     WHERE org_id = ?1 AND result = 'succeeded' GROUP BY key_source, month ORDER BY month, key_source",
+                )
+                .map_err(backend)?;
+            let rows = stmt.query_map([org_id], |r| mapped(r, billing_row)).map_err(backend)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(backend)
+        })
+    }
+
+    fn count_records_for_execution(&self, execution_id: i64) -> StoreResult<i64> {
+        self.read(|c| {
+            c.query_row("SELECT COUNT(*) FROM records WHERE execution_id = ?1", [execution_id], |r| r.get(0))
+                .map_err(backend)
+        })
+    }
+
+    fn execution_state_counts(&self) -> StoreResult<Vec<(i64, ExecutionState, i64)>> {
+        self.read(|c| {
+            let mut stmt = c
+                .prepare_cached("SELECT org_id, state, COUNT(*) FROM executions GROUP BY org_id, state")
+                .map_err(backend)?;
+            let rows = stmt.query_map([], |r| mapped(r, state_count_row)).map_err(backend)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(backend)
+        })
+    }
+
+    fn expiring_within(&self, now: Millis, within_ms: i64) -> StoreResult<i64> {
+        self.read(|c| {
+            c.query_row(
+                "SELECT COUNT(*) FROM executions WHERE state IN ('queued','delivered') AND deadline <= ?1",
+                [now + within_ms],
+                |r| r.get(0),
+            )
+            .map_err(backend)
+        })
+    }
+}
+
+impl Delivery for SqliteStore {
+    fn rewrap_execution(&self, id: i64, key_block: &str, generation: i64) -> StoreResult<()> {
+        self.write(|tx| {
+            tx.execute(
+                "UPDATE executions SET key_block = ?2, generation = ?3 WHERE id = ?1 AND state IN ('queued','delivered')",
+                params![id, key_block, generation],
+            )
+            .map_err(backend)?;
+            Ok(())
         })
     }
 
@@ -1596,61 +1661,6 @@ impl Store for SqliteStore {
                 }
             }
             Ok(outcome)
-        })
-    }
-
-    fn list_records(&self, org_id: i64, f: &RecordFilter) -> StoreResult<Vec<RecordRow>> {
-        self.read(|c| {
-            let sql = format!(
-                "SELECT {RECORD_COLUMNS} FROM records WHERE org_id = ?1 AND (?2 IS NULL OR sn = ?2) AND (?3 IS NULL OR task_id = ?3)
-                 AND (?6 IS NULL OR id < ?6)
-                 ORDER BY id DESC LIMIT ?4 OFFSET ?5"
-            );
-            let mut stmt = c.prepare_cached(&sql).map_err(backend)?;
-            let limit = if f.limit <= 0 { i64::MAX } else { f.limit };
-            let rows = stmt.query_map(params![org_id, f.sn, f.task_id, limit, f.offset, f.before_id], |r| mapped(r, record_row)).map_err(backend)?;
-            rows.collect::<Result<Vec<_>, _>>().map_err(backend)
-        })
-    }
-
-    fn billing(&self, org_id: i64) -> StoreResult<Vec<BillingRow>> {
-        self.read(|c| {
-            let mut stmt = c
-                .prepare(
-                    "SELECT key_source, strftime('%Y-%m', at / 1000, 'unixepoch') AS month, COUNT(*) FROM records
-                     WHERE org_id = ?1 AND result = 'succeeded' GROUP BY key_source, month ORDER BY month, key_source",
-                )
-                .map_err(backend)?;
-            let rows = stmt.query_map([org_id], |r| mapped(r, billing_row)).map_err(backend)?;
-            rows.collect::<Result<Vec<_>, _>>().map_err(backend)
-        })
-    }
-
-    fn count_records_for_execution(&self, execution_id: i64) -> StoreResult<i64> {
-        self.read(|c| {
-            c.query_row("SELECT COUNT(*) FROM records WHERE execution_id = ?1", [execution_id], |r| r.get(0))
-                .map_err(backend)
-        })
-    }
-
-    fn execution_state_counts(&self) -> StoreResult<Vec<(i64, ExecutionState, i64)>> {
-        self.read(|c| {
-            let mut stmt = c
-                .prepare_cached("SELECT org_id, state, COUNT(*) FROM executions GROUP BY org_id, state")
-                .map_err(backend)?;
-            let rows = stmt.query_map([], |r| mapped(r, state_count_row)).map_err(backend)?;
-            rows.collect::<Result<Vec<_>, _>>().map_err(backend)
-        })
-    }
-
-    fn expiring_within(&self, now: Millis, within_ms: i64) -> StoreResult<i64> {
-        self.read(|c| {
-            c.query_row(
-                "SELECT COUNT(*) FROM executions WHERE state IN ('queued','delivered') AND deadline <= ?1",
-                [now + within_ms],
-                |r| r.get(0),
-            )
-            .map_err(backend)
         })
     }
 
