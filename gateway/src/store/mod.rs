@@ -2,9 +2,14 @@
 //! that must survive a crash is here.
 //!
 //! [`Store`] is the narrow interface the engine and the API use. It is synchronous and
-//! object-safe, so the engine holds an `Arc<dyn Store>` and calls it from blocking threads; a
-//! PostgreSQL implementation can follow without touching the engine. [`sqlite::SqliteStore`] is the
-//! embedded default (SQLite in WAL mode with `synchronous = FULL`).
+//! object-safe, so the engine holds an `Arc<dyn Store>` and calls it from blocking threads. It is
+//! the union of six role traits, [`Registry`], [`AuditLog`], [`KeySources`], [`Gudids`],
+//! [`Tasks`] and [`Delivery`], each implemented by both backends in a file of its own:
+//! [`sqlite::SqliteStore`], the embedded default (SQLite in WAL mode with `synchronous = FULL`),
+//! and [`postgres::PostgresStore`], for several gateway nodes on one database.
+//!
+//! What the backends share is here once: the row mappers and column lists (`rows`), and the
+//! migrations runner over the numbered `.sql` files of `gateway/migrations/` (`migrations`).
 //!
 //! Batching of commits is the engine's job (`engine::committer`): it gathers the writes of many
 //! acks and hellos and hands them to [`Delivery::apply_batch`], one transaction, one fsync.
