@@ -377,6 +377,51 @@ pub struct GudidFilter {
     pub limit: i64,
 }
 
+impl NewGudid {
+    /// The row of this GUDID as [`Gudids::provision_gudids`] stores it: row `id`, for
+    /// `device_id`, provisioned by `actor` at `at`, live.
+    pub(crate) fn provisioned(&self, id: i64, org_id: i64, device_id: i64, actor: &Actor, at: Millis) -> GudidRow {
+        GudidRow {
+            id,
+            org_id,
+            device_id,
+            sn: self.sn.clone(),
+            gudid_id: self.gudid_id.clone(),
+            sealed_mac_key: self.sealed_mac_key.clone(),
+            bootstrap_hash: Some(self.bootstrap_hash.clone()),
+            provisioned_by: actor.label.clone(),
+            provisioned_at: at,
+            expires_at: self.expires_at,
+            used_at: None,
+            revoked_at: None,
+            revoked_by: None,
+        }
+    }
+}
+
+/// The audit entries of one GUDID provisioned as row `id`, in the order
+/// [`Gudids::provision_gudids`] writes them in its transaction: a `gudid.revoke` for each live
+/// GUDID of its SN it replaced (`revoked`), then its `gudid.provision`.
+pub(crate) fn provision_audits(
+    org_id: i64,
+    actor: &Actor,
+    at: Millis,
+    g: &NewGudid,
+    id: i64,
+    revoked: &[i64],
+) -> Vec<AuditEntry> {
+    let mut entries: Vec<AuditEntry> = revoked
+        .iter()
+        .map(|old| {
+            let details = serde_json::json!({"gudid": old, "reason": "replaced", "replaced_by": id});
+            gudid_audit(org_id, actor, at, "gudid.revoke", &g.sn, details)
+        })
+        .collect();
+    let details = serde_json::json!({"gudid": id, "expires_at": g.expires_at, "revoked": revoked});
+    entries.push(gudid_audit(org_id, actor, at, "gudid.provision", &g.sn, details));
+    entries
+}
+
 /// The audit entry of a GUDID action, as [`Gudids::provision_gudids`] and
 /// [`Gudids::revoke_gudid`] write it inside their transaction.
 pub(crate) fn gudid_audit(

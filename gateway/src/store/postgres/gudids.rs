@@ -84,28 +84,10 @@ impl Gudids for PostgresStore {
                     )?,
                     first,
                 )?;
-                for old in &revoked {
-                    let details = serde_json::json!({"gudid": old, "reason": "replaced", "replaced_by": id});
-                    audit_in(s, &gudid_audit(org_id, actor, at, "gudid.revoke", &g.sn, details))?;
+                for entry in provision_audits(org_id, actor, at, g, id, &revoked) {
+                    audit_in(s, &entry)?;
                 }
-                let details = serde_json::json!({"gudid": id, "expires_at": g.expires_at, "revoked": revoked});
-                audit_in(s, &gudid_audit(org_id, actor, at, "gudid.provision", &g.sn, details))?;
-                let row = GudidRow {
-                    id,
-                    org_id,
-                    device_id,
-                    sn: g.sn.clone(),
-                    gudid_id: g.gudid_id.clone(),
-                    sealed_mac_key: g.sealed_mac_key.clone(),
-                    bootstrap_hash: Some(g.bootstrap_hash.clone()),
-                    provisioned_by: actor.label.clone(),
-                    provisioned_at: at,
-                    expires_at: g.expires_at,
-                    used_at: None,
-                    revoked_at: None,
-                    revoked_by: None,
-                };
-                out.push(ProvisionedGudid { row, revoked });
+                out.push(ProvisionedGudid { row: g.provisioned(id, org_id, device_id, actor, at), revoked });
             }
             Ok(out)
         })
