@@ -18,14 +18,18 @@ pub(crate) struct Migration {
     pub sql: &'static str,
 }
 
-/// The migrations of one backend, from their files, in order.
+/// The migrations of both backends, from their files, in order: one list of names, since
+/// version N is the same change in each dialect (`migrations/{sqlite,postgres}/NNNN_what.sql`).
 macro_rules! migrations {
-    ($backend:literal: $($file:literal),* $(,)?) => {
-        &[$(Migration { file: $file, sql: include_str!(concat!("../../migrations/", $backend, "/", $file)) }),*]
+    ($($file:literal),* $(,)?) => {
+        (
+            &[$(Migration { file: $file, sql: include_str!(concat!("../../migrations/sqlite/", $file)) }),*],
+            &[$(Migration { file: $file, sql: include_str!(concat!("../../migrations/postgres/", $file)) }),*],
+        )
     };
 }
 
-pub(crate) const SQLITE: &[Migration] = migrations!("sqlite":
+const BOTH: (&[Migration], &[Migration]) = migrations!(
     "0001_initial.sql",
     "0002_broker_password_hash.sql",
     "0003_redelivery_claims.sql",
@@ -36,16 +40,8 @@ pub(crate) const SQLITE: &[Migration] = migrations!("sqlite":
     "0008_task_numbers.sql",
 );
 
-pub(crate) const POSTGRES: &[Migration] = migrations!("postgres":
-    "0001_initial.sql",
-    "0002_broker_password_hash.sql",
-    "0003_redelivery_claims.sql",
-    "0004_device_credentials.sql",
-    "0005_gudid_bootstrap_hash.sql",
-    "0006_keks.sql",
-    "0007_gudid_custody.sql",
-    "0008_task_numbers.sql",
-);
+pub(crate) const SQLITE: &[Migration] = BOTH.0;
+pub(crate) const POSTGRES: &[Migration] = BOTH.1;
 
 /// The next migration to run on a database at `current`, if any below `target`; a database newer
 /// than this build is refused.
