@@ -353,6 +353,29 @@ impl GatewayProcess {
         }
     }
 
+    /// Replaces the extra environment of the next start (e.g. to start again without a crash
+    /// point).
+    pub fn set_env(&mut self, env: Vec<(String, String)>) {
+        self.options.env = env;
+    }
+
+    /// Waits for the process to exit on its own (a crash point), at most `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> TestResult<std::process::ExitStatus> {
+        let mut child = self.child.take().ok_or("not running")?;
+        let started = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status);
+            }
+            if started.elapsed() > timeout {
+                child.kill()?;
+                child.wait()?;
+                return Err(format!("the gateway did not exit within {timeout:?}").into());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Starts the process again on the same data directory and ports.
     pub fn restart(&mut self) -> TestResult {
         self.kill()?;

@@ -550,8 +550,16 @@ fn transaction<T>(
 ) -> Result<T, Failure> {
     let Conn { client, statements } = conn;
     let mut tx = client.transaction()?;
-    let out = f(&mut Session { client: &mut tx, statements })?;
-    tx.commit().map_err(|e| match Failure::from(e) {
+    let out = match f(&mut Session { client: &mut tx, statements }) {
+        Ok(out) => out,
+        Err(e) => {
+            crash::finished(false);
+            return Err(e);
+        }
+    };
+    let committed = tx.commit();
+    crash::finished(committed.is_ok());
+    committed.map_err(|e| match Failure::from(e) {
         // The COMMIT may or may not have taken effect: not safe to run again. The session is
         // dropped all the same.
         Failure::Transient { reason, session_lost } if session_lost => {
@@ -1276,6 +1284,7 @@ fn apply_round(
 
 /// Appends an audit entry inside the caller's transaction.
 fn audit_in(s: &mut Tx<'_, '_>, e: &AuditEntry) -> Result<(), Failure> {
+    crash::audited(&e.action);
     let details = e.details.to_string();
     s.execute(
         "INSERT INTO audit (at, org_id, actor, token_id, action, object, details) VALUES ($1, $2, $3, $4, $5, $6, $7)",

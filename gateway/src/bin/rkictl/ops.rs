@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Subcommand};
+use rki_gateway::api::types::{Preview, PreviewAnswer, Task, TaskCreated, TaskDetail, TaskList, TaskStopped};
 use serde_json::{json, Value};
 use zeroize::Zeroizing;
 
@@ -294,6 +295,23 @@ impl Client {
         serde_json::from_str(&text).map_err(|e| format!("bad JSON from the gateway: {e}"))
     }
 
+    /// A GET whose answer is one of the API's typed answers ([`rki_gateway::api::types`]).
+    pub fn get_as<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, String> {
+        let text = Self::answer(self.request("GET", path)?.call())?;
+        serde_json::from_str(&text).map_err(|e| format!("unexpected answer from the gateway: {e}"))
+    }
+
+    /// A POST of a typed request whose answer is typed.
+    pub fn post_as<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &impl serde::Serialize,
+    ) -> Result<T, String> {
+        let body = serde_json::to_value(body).map_err(|e| e.to_string())?;
+        let text = Self::answer(self.request("POST", path)?.send_json(body))?;
+        serde_json::from_str(&text).map_err(|e| format!("unexpected answer from the gateway: {e}"))
+    }
+
     pub fn get_text(&self, path: &str) -> Result<String, String> {
         Self::answer(self.request("GET", path)?.call())
     }
@@ -315,6 +333,10 @@ impl Client {
         let text = Self::answer(self.request("POST", path)?.set("Content-Type", "text/csv").send_string(body))?;
         serde_json::from_str(&text).map_err(|e| format!("bad JSON from the gateway: {e}"))
     }
+}
+
+fn to_json(v: &impl serde::Serialize) -> Result<Value, String> {
+    serde_json::to_value(v).map_err(|e| e.to_string())
 }
 
 fn enc(s: &str) -> String {
@@ -561,44 +583,42 @@ pub fn assign(c: &Client, key_source: Option<String>, target: TargetArgs, json_o
     })
 }
 
-fn preview_text(p: &Value) -> String {
+fn preview_text(p: &Preview) -> String {
     let mut out = format!(
         "key source {}, slot {}, expires after {} days\nready: {}\n",
-        s(&p["key_source"]),
-        s(&p["slot"]),
-        s(&p["expiry_days"]),
-        p["ready"].as_array().map(|a| a.len()).unwrap_or(0)
+        p.key_source.as_deref().unwrap_or("-"),
+        p.slot,
+        p.expiry_days,
+        p.ready.len()
     );
-    if let Some(never) = p["never_seen"].as_array().filter(|a| !a.is_empty()) {
-        out.push_str(&format!("  of which never seen online (firmware unknown): {}\n", never.len()));
+    if !p.never_seen.is_empty() {
+        out.push_str(&format!("  of which never seen online (firmware unknown): {}\n", p.never_seen.len()));
     }
-    let not_ready = p["not_ready"].as_array().cloned().unwrap_or_default();
-    out.push_str(&format!("not ready: {}\n", not_ready.len()));
-    for d in not_ready.iter().take(50) {
-        let reasons: Vec<String> = d["reasons"].as_array().map(|r| r.iter().map(s).collect()).unwrap_or_default();
-        out.push_str(&format!("  {:<20} {}\n", s(&d["sn"]), reasons.join(", ")));
+    out.push_str(&format!("not ready: {}\n", p.not_ready.len()));
+    for d in p.not_ready.iter().take(50) {
+        out.push_str(&format!("  {:<20} {}\n", d.sn, d.reasons.join(", ")));
     }
-    if not_ready.len() > 50 {
-        out.push_str(&format!("  … and {} more (use --json for all)\n", not_ready.len() - 50));
+    if p.not_ready.len() > 50 {
+        out.push_str(&format!("  … and {} more (use --json for all)\n", p.not_ready.len() - 50));
     }
     out
 }
 
-fn task_line(t: &Value) -> Vec<String> {
-    let c = &t["counts"];
+fn task_line(t: &Task) -> Vec<String> {
+    let c = &t.counts;
     vec![
-        s(&t["id"]),
-        s(&t["key_source"]),
-        s(&t["slot"]),
-        s(&t["status"]),
-        s(&t["outcome"]),
-        format!("{}/{}", c["succeeded"].as_i64().unwrap_or(0), c["total"].as_i64().unwrap_or(0)),
-        s(&c["failed"]),
-        s(&c["expired"]),
-        s(&c["terminated"]),
-        format!("{}", c["queued"].as_i64().unwrap_or(0) + c["delivered"].as_i64().unwrap_or(0)),
-        time(&t["created_at"]),
-        time(&t["expires_at"]),
+        t.id.to_string(),
+        t.key_source.clone(),
+        t.slot.to_string(),
+        t.status.clone(),
+        t.outcome.clone(),
+        format!("{}/{}", c.succeeded, c.total),
+        c.failed.to_string(),
+        c.expired.to_string(),
+        c.terminated.to_string(),
+        t.open().to_string(),
+        time(&json!(t.created_at)),
+        time(&json!(t.expires_at)),
     ]
 }
 
@@ -620,78 +640,63 @@ const TASK_HEADERS: [&str; 12] = [
 pub fn tasks(c: &Client, cmd: TasksCommand, json_out: bool) -> Result<Output, String> {
     match cmd {
         TasksCommand::Preview(args) => {
-            let v = c.post("/v1/tasks/preview", &args.into_json()?)?;
-            Ok(if json_out { Output::Json(v) } else { Output::Text(preview_text(&v["preview"])) })
+            let v: PreviewAnswer = c.post_as("/v1/tasks/preview", &args.into_json()?)?;
+            Ok(if json_out { Output::Json(to_json(&v)?) } else { Output::Text(preview_text(&v.preview)) })
         }
         TasksCommand::Create(args) => {
-            let v = c.post("/v1/tasks", &args.into_json()?)?;
+            let v: TaskCreated = c.post_as("/v1/tasks", &args.into_json()?)?;
             if json_out {
-                return Ok(Output::Json(v));
+                return Ok(Output::Json(to_json(&v)?));
             }
-            let mut out = preview_text(&v["preview"]);
-            out.push_str(&format!(
-                "task {} created with {} execution(s)",
-                s(&v["task"]["id"]),
-                s(&v["task"]["counts"]["total"])
-            ));
+            let mut out = preview_text(&v.preview);
+            out.push_str(&format!("task {} created with {} execution(s)", v.task.id, v.task.counts.total));
             Ok(Output::Text(out))
         }
         TasksCommand::List { status } => {
-            let v = c.get(&format!("/v1/tasks?status={status}"))?;
+            let v: TaskList = c.get_as(&format!("/v1/tasks?status={status}"))?;
             if json_out {
-                return Ok(Output::Json(v));
+                return Ok(Output::Json(to_json(&v)?));
             }
-            let sm = &v["summary"];
+            let sm = &v.summary;
             let mut out = format!(
                 "unfinished {}  done {}  |  succeeded {}  failed {}  expired {}  terminated {}  open {}\n\n",
-                s(&sm["unfinished"]),
-                s(&sm["done"]),
-                s(&sm["succeeded"]),
-                s(&sm["failed"]),
-                s(&sm["expired"]),
-                s(&sm["terminated"]),
-                s(&sm["open"])
+                sm.unfinished, sm.done, sm.succeeded, sm.failed, sm.expired, sm.terminated, sm.open
             );
-            let rows = v["tasks"].as_array().map(|a| a.iter().map(task_line).collect()).unwrap_or_default();
+            let rows = v.tasks.iter().map(task_line).collect();
             out.push_str(&table(&TASK_HEADERS, rows));
             Ok(Output::Text(out))
         }
         TasksCommand::Show { id } => {
-            let v = c.get(&format!("/v1/tasks/{id}"))?;
+            let v: TaskDetail = c.get_as(&format!("/v1/tasks/{id}"))?;
             if json_out {
-                return Ok(Output::Json(v));
+                return Ok(Output::Json(to_json(&v)?));
             }
-            let mut out = table(&TASK_HEADERS, vec![task_line(&v["task"])]);
+            let mut out = table(&TASK_HEADERS, vec![task_line(&v.task)]);
             out.push('\n');
-            let rows = v["executions"]
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .map(|e| {
-                            vec![
-                                s(&e["sn"]),
-                                s(&e["state"]),
-                                e["result"]
-                                    .as_i64()
-                                    .filter(|r| *r != 0)
-                                    .map(|r| format!("{r} ({})", s(&e["result_meaning"])))
-                                    .unwrap_or_default(),
-                                if e["online"].as_bool() == Some(true) { "online".into() } else { "offline".into() },
-                                s(&e["delivery_count"]),
-                                s(&e["key_id"]),
-                                s(&e["kcv"]),
-                                time(&e["deadline"]),
-                                // A delivery the terminal refuses, and why.
-                                if e["last_refusal"].is_object() {
-                                    format!("{} at {}", s(&e["last_refusal"]["code"]), time(&e["last_refusal"]["at"]))
-                                } else {
-                                    String::new()
-                                },
-                            ]
-                        })
-                        .collect()
+            let rows = v
+                .executions
+                .iter()
+                .map(|e| {
+                    vec![
+                        e.sn.clone(),
+                        e.state.clone(),
+                        e.result
+                            .filter(|r| *r != 0)
+                            .map(|r| format!("{r} ({})", e.result_meaning.as_deref().unwrap_or("")))
+                            .unwrap_or_default(),
+                        if e.online { "online".into() } else { "offline".into() },
+                        e.delivery_count.to_string(),
+                        e.key_id.clone(),
+                        e.kcv.clone(),
+                        time(&json!(e.deadline)),
+                        // A delivery the terminal refuses, and why.
+                        e.last_refusal
+                            .as_ref()
+                            .map(|r| format!("{} at {}", r.code, time(&json!(r.at))))
+                            .unwrap_or_default(),
+                    ]
                 })
-                .unwrap_or_default();
+                .collect();
             out.push_str(&table(
                 &["SN", "STATE", "ERROR", "CONNECTION", "SENT", "KSN / KEY ID", "KCV", "EXPIRES", "REFUSED"],
                 rows,
@@ -710,40 +715,37 @@ pub fn tasks(c: &Client, cmd: TasksCommand, json_out: bool) -> Result<Output, St
                     return Err("not stopped".into());
                 }
             }
-            let v = c.post(&format!("/v1/tasks/{id}/stop"), &json!({}))?;
+            let v: TaskStopped = c.post_as(&format!("/v1/tasks/{id}/stop"), &json!({}))?;
             Ok(if json_out {
-                Output::Json(v)
+                Output::Json(to_json(&v)?)
             } else {
-                Output::Text(format!(
-                    "task {id}: {} execution(s) terminated; {}",
-                    s(&v["terminated"]),
-                    s(&v["task"]["outcome"])
-                ))
+                Output::Text(format!("task {id}: {} execution(s) terminated; {}", v.terminated, v.task.outcome))
             })
         }
         TasksCommand::Watch { id, timeout_seconds } => {
             let started = Instant::now();
             loop {
-                let v = c.get(&format!("/v1/tasks/{id}"))?;
-                let t = &v["task"];
-                let cn = &t["counts"];
-                let open = cn["queued"].as_i64().unwrap_or(0) + cn["delivered"].as_i64().unwrap_or(0);
+                // The task and its counts alone: a fleet-wide task has thousands of executions.
+                let v: TaskDetail = c.get_as(&format!("/v1/tasks/{id}?limit=0"))?;
+                let (t, cn) = (&v.task, &v.task.counts);
+                let open = t.open();
                 eprint!(
                     "\rtask {id}: {}/{} succeeded, {} failed, {} expired, {} terminated, {} open ({:.0}s)   ",
-                    cn["succeeded"].as_i64().unwrap_or(0),
-                    cn["total"].as_i64().unwrap_or(0),
-                    s(&cn["failed"]),
-                    s(&cn["expired"]),
-                    s(&cn["terminated"]),
+                    cn.succeeded,
+                    cn.total,
+                    cn.failed,
+                    cn.expired,
+                    cn.terminated,
                     open,
                     started.elapsed().as_secs_f64()
                 );
                 if open == 0 {
                     eprintln!();
                     return Ok(if json_out {
-                        Output::Json(v)
+                        // Done: the whole task, every execution.
+                        Output::Json(to_json(&c.get_as::<TaskDetail>(&format!("/v1/tasks/{id}"))?)?)
                     } else {
-                        Output::Text(format!("task {id} done: {}", s(&t["outcome"])))
+                        Output::Text(format!("task {id} done: {}", t.outcome))
                     });
                 }
                 if timeout_seconds > 0 && started.elapsed() > Duration::from_secs(timeout_seconds) {
