@@ -40,8 +40,8 @@ fn cluster_with_fleet(
     let cluster = Cluster::start(ClusterOptions { extra_toml: extra_toml.into(), ..Default::default() })?;
     let provisioned = provision(&cluster.nodes[0], &sns(prefix, DEVICES), "fleet")?;
     // Node 1 rewrites Mosquitto's files on the import (the bootstrap identities).
-    std::thread::sleep(Duration::from_millis(800));
     let port = cluster.mosquitto.port;
+    rt.block_on(rki_tests::wait_bootstrap_admitted(port, &provisioned.gudids, Duration::from_secs(15)))?;
     let mut config = common::fleet_config(port, &provisioned, knobs)?;
     config.brokers = Brokers::one(BrokerAddr::new("127.0.0.1", port));
     let fleet = rt.block_on(common::spawn_fleet(config, Duration::from_secs(120)))?;
@@ -127,8 +127,11 @@ fn three_nodes_inject_every_terminal_exactly_once_and_each_counts_its_own() -> T
     assert_eq!(done["task"]["counts"]["succeeded"], DEVICES, "{}", done["task"]["counts"]);
     check_exactly_once(&cluster, task, &provisioned, &fleet)?;
 
-    // Metrics are per node: each counts the acks it recorded, and they add up to the fleet.
-    std::thread::sleep(Duration::from_millis(300));
+    // Metrics are per node: each counts the acks it recorded (once its batch is durable), and
+    // they add up to the fleet.
+    rki_tests::wait::until("the nodes' succeeded acks to add up to the fleet", Duration::from_secs(10), || {
+        cluster.metric_sum(SUCCEEDED) >= DEVICES as f64
+    })?;
     let per_node: Vec<f64> = cluster.nodes.iter().map(|n| n.metric(SUCCEEDED)).collect();
     let injected: f64 = cluster.metric_sum("rki_keys_injected_total{org=\"acme\"}");
     eprintln!("succeeded acks per node: {per_node:?}; connect {connected:?}, push {push:?}");
@@ -199,16 +202,21 @@ fn a_retry_timer_fires_once_across_the_cluster() -> TestResult {
     let cluster =
         Cluster::start(ClusterOptions { extra_toml: "retry_initial_seconds = 1".into(), ..Default::default() })?;
     let provisioned = provision(&cluster.nodes[0], &sns("TRIR", 1), "one")?;
-    std::thread::sleep(Duration::from_millis(800));
+    rt.block_on(rki_tests::wait_bootstrap_admitted(
+        cluster.mosquitto.port,
+        &provisioned.gudids,
+        Duration::from_secs(15),
+    ))?;
     let (sn, gudid) = provisioned.gudids[0].clone();
     let mut device = rt.block_on(RawDevice::initialise(cluster.mosquitto.port, &sn, &gudid))?;
     // Three hellos: the shared subscription hands them to the nodes in turn, so every node holds
     // the device (online) in its cache, as after reconnections.
     for _ in 0..3 {
         rt.block_on(device.send(RawDevice::hello(false)))?;
-        std::thread::sleep(Duration::from_millis(100));
     }
-    std::thread::sleep(Duration::from_millis(500));
+    for node in &cluster.nodes {
+        node.wait_online(&[&sn], true)?;
+    }
     create_task(&cluster.api(0), &json!({"sns": [sn.clone()]}))?;
     // The terminal never acks. Downloads of its one execution, as they arrive for 8 s.
     let mut arrivals = Vec::new();
