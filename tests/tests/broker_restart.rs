@@ -109,17 +109,15 @@ fn one_restart_mid_push(run: usize, persistence: Persistence) -> TestResult {
         Ok::<(), rki_device_sim::DeviceError>(())
     })?;
     let task = create_task(&api, &json!({"group": "restart"}))?;
-    let waited = Instant::now();
-    let at_restart = loop {
-        let succeeded = api.ok(&format!("/v1/tasks/{task}?limit=0"))?["task"]["counts"]["succeeded"].as_i64();
-        if succeeded.unwrap_or(0) >= (DEVICES / 5) as i64 {
-            break succeeded.unwrap_or(0);
+    let at_restart = wait::poll(&format!("run {run}: the push to start"), Duration::from_secs(60), || {
+        let v = api.ok(&format!("/v1/tasks/{task}?limit=0")).map_err(|e| e.to_string())?;
+        let succeeded = v["task"]["counts"]["succeeded"].as_i64().unwrap_or(0);
+        if succeeded >= (DEVICES / 5) as i64 {
+            Ok(succeeded)
+        } else {
+            Err(v["task"]["counts"].to_string())
         }
-        if waited.elapsed() > Duration::from_secs(60) {
-            return Err(format!("run {run}: the push did not start").into());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    })?;
     let down = mosquitto.terminate_and_restart()?;
     let restarted = Instant::now();
     eprintln!("run {run}: Mosquitto restarted ({} ms down) with {at_restart} records", down.as_millis());

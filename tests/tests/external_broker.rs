@@ -68,6 +68,7 @@ fn mosquitto_refuses_a_terminal_the_topics_of_another() -> TestResult {
     let (gw, mosquitto) = gateway_and_mosquitto()?;
     let api = gw.api();
     let provisioned = provision(&gw, &sns("ACL", 2), "acl")?;
+    rt.block_on(wait_bootstrap_admitted(mosquitto.port, &provisioned.gudids, Duration::from_secs(15)))?;
     let (a_sn, a_gudid) = provisioned.gudids[0].clone();
     let (b_sn, b_gudid) = provisioned.gudids[1].clone();
     let mut a = rt.block_on(RawDevice::initialise(mosquitto.port, &a_sn, &a_gudid))?;

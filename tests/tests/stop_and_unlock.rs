@@ -25,7 +25,9 @@ fn stopping_a_task_mid_push_terminates_the_rest_as_manually_terminated() -> Test
     for device in &fleet.devices()[3..] {
         rt.block_on(device.power_off())?;
     }
-    gw.wait_online(&fleet.devices()[3..].iter().map(|d| d.sn().to_string()).collect::<Vec<_>>(), false)?;
+    wait::until("the three terminals to be powered off and disconnected", Duration::from_secs(10), || {
+        fleet.devices()[3..].iter().all(|d| !d.status().powered && !d.status().connected)
+    })?;
     let task = create_task(&api, &json!({"group": "stop"}))?;
     wait_task(&api, task, Duration::from_secs(20), |c| c["succeeded"] == 3)?;
     let (status, v) = api.post(&format!("/v1/tasks/{task}/stop"), &json!({}));

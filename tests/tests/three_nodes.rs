@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 use rki_device_sim::{BrokerAddr, Brokers, Fleet, Knobs};
 use rki_protocol::message::Message;
 use rki_tests::{
-    create_task, expected_kcv, provision, sns, wait_task_done, Cluster, ClusterOptions, RawDevice, TestResult,
+    create_task, expected_kcv, provision, sns, wait_task, wait_task_done, Cluster, ClusterOptions, RawDevice,
+    TestResult,
 };
 use serde_json::json;
 
@@ -163,18 +164,11 @@ fn a_node_killed_mid_push_loses_nothing_and_the_others_finish() -> TestResult {
     let api = cluster.api(0);
     let task = create_task(&api, &json!({"group": "fleet"}))?;
     // Terminals ack after their delay; kill node 3 once some, not all, are recorded.
-    let started = Instant::now();
-    let at_kill = loop {
-        let counts = api.ok(&format!("/v1/tasks/{task}"))?["task"]["counts"].clone();
-        let succeeded = counts["succeeded"].as_i64().unwrap_or(0);
-        if succeeded >= (DEVICES / 10) as i64 {
-            break succeeded;
-        }
-        if started.elapsed() > Duration::from_secs(60) {
-            return Err(format!("the push did not start: {counts}").into());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let at_kill = wait_task(&api, task, Duration::from_secs(60), |c| {
+        c["succeeded"].as_i64().unwrap_or(0) >= (DEVICES / 10) as i64
+    })?["task"]["counts"]["succeeded"]
+        .as_i64()
+        .unwrap_or(0);
     let node3_at_kill = cluster.nodes[2].metric(SUCCEEDED);
     cluster.nodes[2].kill()?;
     eprintln!("node 3 SIGKILLed with {at_kill} records in the store, {node3_at_kill} of them by node 3");
