@@ -5,7 +5,7 @@
 //! keeps Mosquitto's password and ACL files; the others join with its tokens.
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::pg::PgServer;
 use crate::{free_port, temp_dir, Api, GatewayOptions, GatewayProcess, Mosquitto, TestResult};
@@ -13,6 +13,9 @@ use crate::{free_port, temp_dir, Api, GatewayOptions, GatewayProcess, Mosquitto,
 /// The gateway's own broker identity in a cluster.
 pub const GATEWAY_USER: &str = "rki-gateway";
 const GATEWAY_PASSWORD: &str = "gw-secret";
+/// The filters a gateway node subscribes to on the broker (`rki_gateway::external::filters`: device
+/// up, init, backend tasks).
+pub const NODE_SUBSCRIPTIONS: usize = 3;
 
 /// How a cluster is started.
 #[derive(Debug, Clone)]
@@ -68,13 +71,10 @@ impl Cluster {
         let node_options =
             |i: usize| GatewayOptions { config_toml: Some(config(i)), env: options.env.clone(), ..Default::default() };
         let first = GatewayProcess::start(node_options(1))?;
-        let started = Instant::now();
-        while !shared.join("mosq.acl").exists() {
-            if started.elapsed() > Duration::from_secs(10) {
-                return Err(format!("node 1 wrote no ACL file: {}", first.log_tail()).into());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        crate::wait::until("node 1 to write its ACL file", Duration::from_secs(10), || {
+            shared.join("mosq.acl").exists()
+        })
+        .map_err(|e| format!("{e}: {}", first.log_tail()))?;
         let mosquitto = Mosquitto::start(
             broker_port,
             &shared.join("mosq.passwd"),
@@ -91,18 +91,19 @@ impl Cluster {
         Ok(cluster)
     }
 
-    /// Waits until every node is connected to the broker (and, a moment later, subscribed).
+    /// Waits until every node is connected to the broker and subscribed (the broker's log shows
+    /// each node's subscriptions).
     pub fn wait_connected(&self, timeout: Duration) -> TestResult {
-        let started = Instant::now();
-        for node in &self.nodes {
-            while node.metric("rki_broker_up") < 1.0 {
-                if started.elapsed() > timeout {
-                    return Err(format!("a node is not connected to Mosquitto: {}", node.log_tail()).into());
-                }
-                std::thread::sleep(Duration::from_millis(50));
+        for (i, node) in self.nodes.iter().enumerate() {
+            if node.pid().is_none() {
+                continue;
             }
+            crate::wait::until(&format!("node {} to connect to Mosquitto", i + 1), timeout, || {
+                node.metric("rki_broker_up") >= 1.0
+            })
+            .map_err(|e| format!("{e}: {}", node.log_tail()))?;
+            self.mosquitto.wait_subscribed(&format!("rki-gateway-{}", i + 1), NODE_SUBSCRIPTIONS, timeout)?;
         }
-        std::thread::sleep(Duration::from_millis(500));
         Ok(())
     }
 

@@ -93,6 +93,25 @@ fn free_port() -> Result<u16, String> {
     listener.local_addr().map(|a| a.port()).map_err(|e| format!("probe a free port: {e}"))
 }
 
+/// Whether a test that needs a PostgreSQL server should run here. With the server's binaries
+/// installed: yes. Without them, the fast tier (`cargo test`, which needs nothing but Cargo) skips
+/// it with a note on stderr, while the full tier (`scripts/test`, which sets `RKI_TEST_FULL=1`
+/// after installing PostgreSQL) fails it, naming the package to install: there a missing server
+/// is a broken machine, not a reason to skip.
+pub fn installed_or_skip(test: &str) -> bool {
+    match find_bindir() {
+        Ok(_) => true,
+        Err(missing) if std::env::var_os(FULL_TIER_ENV).is_some() => panic!("{test}: {missing}"),
+        Err(_) => {
+            eprintln!("{test}: skipped, PostgreSQL is not installed (scripts/test installs it and runs this)");
+            false
+        }
+    }
+}
+
+/// Set by `scripts/test`: every service the full tier installs must be there.
+pub const FULL_TIER_ENV: &str = "RKI_TEST_FULL";
+
 impl PgServer {
     /// Creates a cluster in a new temporary directory and starts it on a free loopback port.
     pub fn start() -> Result<Self, String> {
@@ -200,12 +219,14 @@ impl PgServer {
     /// A shell that waits for this process to end, then stops the server and removes its
     /// directory: the cleanup for servers held in statics, which Rust never drops. SIGQUIT is
     /// the immediate shutdown (no checkpoint for a cluster about to be deleted); root may signal
-    /// the server whoever runs it.
+    /// the server whoever runs it. The first loop lives as long as the test process (it is the
+    /// point: the watchdog outlives it by a second at most); the second is bounded (30 s).
     fn spawn_watchdog(&self) -> std::io::Result<Child> {
         let script = format!(
             "while kill -0 {pid} 2>/dev/null; do sleep 1; done; \
              pg=$(head -n 1 '{data}/postmaster.pid' 2>/dev/null); \
-             if [ -n \"$pg\" ]; then kill -QUIT \"$pg\"; while kill -0 \"$pg\" 2>/dev/null; do sleep 0.2; done; fi; \
+             if [ -n \"$pg\" ]; then kill -QUIT \"$pg\"; n=0; \
+             while kill -0 \"$pg\" 2>/dev/null && [ $n -lt 150 ]; do sleep 0.2; n=$((n+1)); done; fi; \
              rm -rf '{dir}'",
             pid = std::process::id(),
             data = self.data().display(),

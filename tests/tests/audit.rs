@@ -33,7 +33,7 @@ fn every_operator_change_is_audited_with_a_readable_object_and_no_key_material()
     for device in fleet.devices() {
         rt.block_on(device.power_off())?;
     }
-    std::thread::sleep(Duration::from_millis(300));
+    gw.wait_online(&devices, false)?;
     api.ok_post("/v1/assignments", &json!({"sns": [devices[0], devices[1]], "key_source": "bdk-test"}))?;
     let task = create_task(&api, &json!({"group": "audited"}))?;
     api.ok_post(&format!("/v1/tasks/{task}/stop"), &json!({}))?;

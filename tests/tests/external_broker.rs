@@ -3,14 +3,14 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rki_device_sim::{BrokerAddr, Brokers, Knobs};
 use rki_protocol::message::Message;
 use rki_protocol::topic;
 use rki_tests::{
-    create_task, expected_kcv, free_port, provision, sns, wait_task_done, GatewayOptions, GatewayProcess, Mosquitto,
-    RawDevice, TestResult,
+    cluster::NODE_SUBSCRIPTIONS, create_task, expected_kcv, free_port, provision, sns, wait, wait_bootstrap_admitted,
+    wait_task_done, GatewayOptions, GatewayProcess, Mosquitto, RawDevice, TestResult,
 };
 use rumqttc::QoS;
 use serde_json::json;
@@ -27,17 +27,13 @@ fn external_config(port: u16) -> String {
 fn gateway_and_mosquitto() -> TestResult<(GatewayProcess, Mosquitto)> {
     let port = free_port();
     let gw = GatewayProcess::start(GatewayOptions { config_toml: Some(external_config(port)), ..Default::default() })?;
-    let started = Instant::now();
-    while !gw.dir.join("mosq.acl").exists() {
-        if started.elapsed() > Duration::from_secs(10) {
-            return Err(format!("the gateway wrote no ACL file: {}", gw.log_tail()).into());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait::until("the gateway to write its ACL file", Duration::from_secs(10), || gw.dir.join("mosq.acl").exists())
+        .map_err(|e| format!("{e}: {}", gw.log_tail()))?;
     let mosquitto =
         Mosquitto::start(port, &gw.dir.join("mosq.passwd"), &gw.dir.join("mosq.acl"), &gw.dir.join("mosq.pid"))?;
     // The gateway connects (it retries every second) and subscribes.
-    std::thread::sleep(Duration::from_millis(1500));
+    gw.wait_metric("rki_broker_up", Duration::from_secs(15), |v| v >= 1.0)?;
+    mosquitto.wait_subscribed("rki-gateway-1", NODE_SUBSCRIPTIONS, Duration::from_secs(15))?;
     Ok((gw, mosquitto))
 }
 
@@ -48,7 +44,7 @@ fn a_push_through_mosquitto_injects_every_device_once() -> TestResult {
     let (gw, mosquitto) = gateway_and_mosquitto()?;
     let api = gw.api();
     let provisioned = provision(&gw, &sns("MOSQ", 50), "mq")?;
-    std::thread::sleep(Duration::from_millis(500));
+    rt.block_on(wait_bootstrap_admitted(mosquitto.port, &provisioned.gudids, Duration::from_secs(15)))?;
     let mut config = common::fleet_config(mosquitto.port, &provisioned, Knobs::default())?;
     config.brokers = Brokers::one(BrokerAddr::new("127.0.0.1", mosquitto.port));
     let fleet = rt.block_on(common::spawn_fleet(config, Duration::from_secs(60)))?;
@@ -72,7 +68,7 @@ fn mosquitto_refuses_a_terminal_the_topics_of_another() -> TestResult {
     let (gw, mosquitto) = gateway_and_mosquitto()?;
     let api = gw.api();
     let provisioned = provision(&gw, &sns("ACL", 2), "acl")?;
-    std::thread::sleep(Duration::from_millis(500));
+    rt.block_on(wait_bootstrap_admitted(mosquitto.port, &provisioned.gudids, Duration::from_secs(15)))?;
     let (a_sn, a_gudid) = provisioned.gudids[0].clone();
     let (b_sn, b_gudid) = provisioned.gudids[1].clone();
     let mut a = rt.block_on(RawDevice::initialise(mosquitto.port, &a_sn, &a_gudid))?;
@@ -81,7 +77,7 @@ fn mosquitto_refuses_a_terminal_the_topics_of_another() -> TestResult {
     rt.block_on(a.client.subscribe(topic::device_down(&b_sn), QoS::AtLeastOnce))?;
     rt.block_on(a.client.subscribe("#", QoS::AtLeastOnce))?;
     rt.block_on(b.send(RawDevice::hello(false)))?;
-    std::thread::sleep(Duration::from_millis(500));
+    gw.wait_online(&[&b_sn], true)?;
     let task = create_task(&api, &json!({"sns": [b_sn.clone()]}))?;
     let Message::Download(d) = rt.block_on(b.next_down(Duration::from_secs(10)))? else {
         return Err("no download for B".into());
@@ -96,6 +92,8 @@ fn mosquitto_refuses_a_terminal_the_topics_of_another() -> TestResult {
     let forged =
         rki_protocol::message::Body { party: b_sn.clone(), counter: a.next_counter(), message: RawDevice::ack(&d) };
     rt.block_on(a.publish_raw(&topic::device_up(&b_sn), rki_protocol::frame::seal(&a.secrets.signing_key, &forged)?))?;
+    // Time passing is the point: the forged publish must not reach the gateway within 800 ms
+    // (the broker drops it; there is no event to wait for).
     std::thread::sleep(Duration::from_millis(800));
     assert_eq!(
         gw.metric("rki_rejected_messages_total{kind=\"ack\",reason=\"bad_mac\"}"),
