@@ -16,13 +16,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use rki_gateway::bootstrap;
 use rki_gateway::clock::Clock;
 use rki_gateway::domain::ExecutionState;
-use rki_gateway::engine::{Engine, InboundMessage, Outbound, Target, TaskSpec, RETRY_MAX_MS};
+use rki_gateway::engine::{Engine, EngineOptions, InboundMessage, Outbound, Target, TaskSpec, RETRY_MAX_MS};
 use rki_gateway::keyservice::{KeyService, MasterKey, SoftwareKeyService};
+use rki_gateway::service::orgs;
 use rki_gateway::store::sqlite::SqliteStore;
-use rki_gateway::store::{Actor, ExecutionRow, ImportRow, KeySourceRow, RecordFilter, RecordRow, Store};
+use rki_gateway::store::{Actor, Audit, ExecutionRow, ImportRow, KeySourceRow, RecordFilter, RecordRow, Store};
 use rki_protocol::frame::{self, MacKey};
 use rki_protocol::init::{self, DeviceSecrets, Ephemeral, Gudid};
 use rki_protocol::message::{Ack, Body, CreateKey, Download, Hello, Message, RefusalCode};
@@ -134,20 +134,24 @@ impl World {
         let store = SqliteStore::open(&dir.path().join("rki.sqlite")).expect("open the store");
         let keys = Self::keys(dir.path());
         let now = Clock::system().now_ms();
-        let (org, _token) = bootstrap::create_org(&store, ORG, now).expect("create the organization");
+        let org =
+            orgs::create_org(&store, ORG, &Actor::named("engine-suite"), now).expect("create the organization").org;
         let bdk = SymmetricKey::tdes_from_hex(TEST_BDK).expect("test BDK");
         let sealed = keys.seal_bdk(&bdk).expect("seal the BDK");
         store
-            .insert_key_source(&KeySourceRow {
-                id: 0,
-                org_id: org.id,
-                name: KEY_SOURCE.into(),
-                algorithm: sealed.algorithm.as_str().into(),
-                kcv: sealed.kcv.to_hex(),
-                sealed: sealed.sealed,
-                key_set_id: hex::encode_upper(SecretBytes::random(5).expect("randomness").expose_secret()),
-                created_at: now,
-            })
+            .insert_key_source(
+                &KeySourceRow {
+                    id: 0,
+                    org_id: org.id,
+                    name: KEY_SOURCE.into(),
+                    algorithm: sealed.algorithm.as_str().into(),
+                    kcv: sealed.kcv.to_hex(),
+                    sealed: sealed.sealed,
+                    key_set_id: hex::encode_upper(SecretBytes::random(5).expect("randomness").expose_secret()),
+                    created_at: now,
+                },
+                &audit("key_source.authorize"),
+            )
             .expect("authorize the BDK");
         drop(store);
         Self::start(dir, org.id)
@@ -169,11 +173,11 @@ impl World {
         let out = Arc::new(Recorder::default());
         let store_dyn: Arc<dyn Store> = store.clone();
         let outbound: Arc<dyn Outbound> = out.clone();
-        let engine = runtime
-            .block_on(Engine::start(store_dyn, keys, clock.clone(), outbound))
-            .unwrap_or_else(|e| panic!("engine start: {e}"));
         // No re-delivery by the retry timer while a test counts deliveries: only a hello sends.
-        engine.set_retry_initial_ms(RETRY_MAX_MS);
+        let options = EngineOptions { retry_initial_ms: RETRY_MAX_MS, ..EngineOptions::default() };
+        let engine = runtime
+            .block_on(Engine::start_with(store_dyn, keys, clock.clone(), outbound, options))
+            .unwrap_or_else(|e| panic!("engine start: {e}"));
         World { dir, runtime: Some(runtime), store, clock, out, engine: Some(engine), org_id }
     }
 
@@ -221,15 +225,18 @@ impl World {
             .map(|(i, sn)| ImportRow { line: i + 2, sn: sn.to_string(), model: Some("P3".into()) })
             .collect();
         let now = self.clock.now_ms();
-        self.store.import_devices(self.org_id, &rows, now).expect("import devices");
+        self.store.import_devices(self.org_id, &rows, now, &audit("devices.upload")).expect("import devices");
         let group = match self.store.group_by_name(self.org_id, "shop") {
             Ok(group) => group,
-            Err(_) => self.store.create_group(self.org_id, "shop", "engine suite").expect("create group"),
+            Err(_) => self
+                .store
+                .create_group(self.org_id, "shop", "engine suite", &audit("group.create"))
+                .expect("create group"),
         };
         let ids: Vec<i64> = sns.iter().map(|sn| self.device(sn).id).collect();
-        self.store.add_group_members(group.id, &ids).expect("add to group");
+        self.store.add_group_members(group.id, &ids, &audit("group.add_devices")).expect("add to group");
         let source = self.store.key_source_by_name(self.org_id, KEY_SOURCE).expect("key source");
-        self.store.assign(self.org_id, &ids, Some(source.id)).expect("assign");
+        self.store.assign(self.org_id, &ids, Some(source.id), &audit("assignment.set")).expect("assign");
         let owned: Vec<String> = sns.iter().map(|s| s.to_string()).collect();
         let org_id = self.org_id;
         let provisioned = self.run(|e| async move {
@@ -251,7 +258,9 @@ impl World {
         };
         let org_id = self.org_id;
         let (task, preview) = self.run(|e| async move {
-            e.create_task(org_id, &spec, "engine-suite").await.unwrap_or_else(|err| panic!("create task: {err}"))
+            e.create_task(org_id, &spec, &Actor::named("engine-suite"))
+                .await
+                .unwrap_or_else(|err| panic!("create task: {err}"))
         });
         assert_eq!(task.counts.total as usize, sns.len(), "one execution per device: {preview:?}");
         task.id
@@ -611,8 +620,9 @@ fn an_unlock_is_sent_signed_and_the_devices_unlocked_hello_clears_the_lock() {
 
     let mark = w.out.mark();
     let org_id = w.org_id;
-    let online =
-        w.run(|e| async move { e.unlock(org_id, "SUITE041").await.unwrap_or_else(|err| panic!("unlock: {err}")) });
+    let online = w.run(|e| async move {
+        e.unlock(org_id, "SUITE041", &audit("device.unlock")).await.unwrap_or_else(|err| panic!("unlock: {err}"))
+    });
     assert!(online, "the device said hello, so it is online and the unlock goes out now");
     let frames = w.wait_published(mark, &topic::device_down("SUITE041"), 1, "the unlock");
     let verified =
@@ -750,7 +760,9 @@ fn stopping_a_task_terminates_its_open_executions_and_nothing_is_delivered_after
 
     let task = w.execution(id1).task_id;
     let org_id = w.org_id;
-    let stopped = w.run(|e| async move { e.stop_task(org_id, task).await.unwrap_or_else(|err| panic!("stop: {err}")) });
+    let stopped = w.run(|e| async move {
+        e.stop_task(org_id, task, &audit("task.stop")).await.unwrap_or_else(|err| panic!("stop: {err}"))
+    });
 
     assert_eq!(stopped, 1, "only the open execution is terminated");
     let id2 = d2.execution_id as i64;
@@ -816,4 +828,9 @@ fn a_restarted_engine_on_the_same_store_keeps_devices_tasks_records_and_counters
     let task = w.execution(id1).task_id;
     let counts = w.store.task(w.org_id, task).expect("task").counts;
     assert_eq!((counts.total, counts.succeeded, counts.open()), (2, 2, 0), "{counts:?}");
+}
+
+/// The audit entry of an action the suite makes directly on the store or the engine.
+fn audit(action: &'static str) -> Audit {
+    Audit::new(&Actor::named("engine-suite"), None, action, "", serde_json::json!({}), 0)
 }
