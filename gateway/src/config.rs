@@ -115,6 +115,24 @@ pub struct ExternalBroker {
     pub persistent_session: Option<bool>,
     /// Keep a Mosquitto password file and ACL file in step with the device registry.
     pub mosquitto_sync: Option<MosquittoSync>,
+    /// Manage the broker's clients and roles through Mosquitto's dynamic security plugin
+    /// (`$CONTROL/dynamic-security/v1`), on every node. Exclusive with `mosquitto_sync`.
+    pub dynsec: Option<Box<Dynsec>>,
+}
+
+/// The gateway's admin identity at Mosquitto's dynamic security plugin: the only identity
+/// allowed `$CONTROL`. Its password is read from a file (mode 0600, the same on every node),
+/// never from the configuration text, and `rki-gateway dynsec-init` generates it.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Dynsec {
+    #[serde(default = "default_dynsec_admin")]
+    pub admin_username: String,
+    pub admin_password_file: PathBuf,
+}
+
+fn default_dynsec_admin() -> String {
+    "rki-admin".into()
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -218,6 +236,7 @@ impl Config {
                     shared_group: None,
                     persistent_session: None,
                     mosquitto_sync: None,
+                    dynsec: None,
                 },
             };
             external.url = url;
@@ -284,7 +303,15 @@ impl Config {
                     "broker = {name:?}: expected \"embedded\" or a table with url = \"mqtt://host:port\""
                 ));
             }
-            BrokerConfig::External(e) => crate::external::parse_url(&e.url).map(|_| ())?,
+            BrokerConfig::External(e) => {
+                crate::external::parse_url(&e.url)?;
+                if e.dynsec.is_some() && e.mosquitto_sync.is_some() {
+                    return Err("broker: choose dynsec or mosquitto_sync, not both".into());
+                }
+                if e.dynsec.is_some() && e.username.is_none() {
+                    return Err("broker.dynsec needs broker.username (the gateway's own identity)".into());
+                }
+            }
             BrokerConfig::Named(_) => {}
         }
         if !(self.store == "sqlite" || self.store.starts_with("postgres://") || self.store.starts_with("postgresql://"))

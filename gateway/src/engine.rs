@@ -81,6 +81,15 @@ pub const TASK_CHUNK: usize = 20_000;
 /// Publishes to the broker. Non-blocking: implementations queue.
 pub trait Outbound: Send + Sync + 'static {
     fn publish(&self, topic: String, payload: Vec<u8>);
+    /// Hands new broker passwords to an external broker that keeps its own registry (Mosquitto's
+    /// dynamic security plugin); resolves once they are applied or given up. The default (the
+    /// embedded endpoint, the file mode) has nothing to do.
+    fn broker_passwords(
+        &self,
+        _changes: Vec<(crate::dynsec::BrokerIdentity, rki_protocol::secret::SecretBytes)>,
+    ) -> futures_util::future::BoxFuture<'static, ()> {
+        Box::pin(std::future::ready(()))
+    }
 }
 
 /// One open execution, as the message path needs it.
@@ -1690,6 +1699,9 @@ impl Engine {
         // An external broker learns the new credentials through the registry sync; a device that
         // reconnects before the broker reloaded is refused once and retries.
         self.notify_registry_changed();
+        // The broker knows the new password before the answer that lets the device use it.
+        let identity = crate::dynsec::BrokerIdentity::Device(sn.to_string());
+        self.outbound.broker_passwords(vec![(identity, secrets.mqtt_password.clone_secret())]).await;
         self.outbound.publish(topic::device_down(sn), answer_frame);
         metrics::counter!(m::INITIALISATIONS_TOTAL).increment(1);
         info!(sn, "device initialised");
@@ -1724,8 +1736,11 @@ impl Engine {
         let expires_at = now + (GUDID_VALIDITY_SECONDS as i64) * 1000;
         let mut texts = Vec::with_capacity(sns.len());
         let mut rows = Vec::with_capacity(sns.len());
+        let mut bootstrap_passwords = Vec::with_capacity(sns.len());
         for sn in sns {
             let gudid = init::Gudid::random().map_err(|_| EngineError::Internal("no randomness".into()))?;
+            bootstrap_passwords
+                .push((crate::dynsec::BrokerIdentity::Bootstrap(sn.clone()), gudid.bootstrap_password(sn)));
             let bootstrap_hash = crate::mosquitto::password_hash(gudid.bootstrap_password(sn).expose_secret())
                 .map_err(EngineError::Internal)?;
             let sealed_mac_key = self
@@ -1742,6 +1757,8 @@ impl Engine {
             texts.push(gudid.expose_text());
         }
         let provisioned = self.blocking(move |s| s.provision_gudids(org_id, &rows, now, &actor)).await?;
+        // Not awaited: a large import would hold the API call while the broker saves each change.
+        tokio::spawn(self.outbound.broker_passwords(bootstrap_passwords));
         // An external broker's password file gains the SNs' bootstrap identities now (and loses
         // those of the GUDIDs revoked).
         self.notify_registry_changed();

@@ -53,6 +53,9 @@ pub fn persistent_session(config: &ExternalBroker, shared_store: bool) -> bool {
 
 struct ClientOutbound {
     tx: mpsc::UnboundedSender<(String, Vec<u8>)>,
+    /// The admin link to Mosquitto's dynamic security plugin, when the broker keeps its own
+    /// registry: new passwords go there (the file mode and other brokers read the store).
+    dynsec: Option<crate::dynsec::Admin>,
 }
 
 impl Outbound for ClientOutbound {
@@ -61,10 +64,22 @@ impl Outbound for ClientOutbound {
             error!("broker client closed; publish dropped (the retry timer will re-deliver)");
         }
     }
+
+    fn broker_passwords(
+        &self,
+        changes: Vec<(crate::dynsec::BrokerIdentity, rki_protocol::secret::SecretBytes)>,
+    ) -> futures_util::future::BoxFuture<'static, ()> {
+        match self.dynsec.clone() {
+            Some(admin) => Box::pin(async move { admin.put_identities(changes).await }),
+            None => Box::pin(std::future::ready(())),
+        }
+    }
 }
 
 pub struct ExternalLink {
     pub outbound: Arc<dyn Outbound>,
+    /// This node's admin link to the dynamic security plugin (`[broker.dynsec]`).
+    pub dynsec: Option<crate::dynsec::Admin>,
     client: AsyncClient,
     eventloop: Option<EventLoop>,
     publishes: Option<mpsc::UnboundedReceiver<(String, Vec<u8>)>>,
@@ -100,8 +115,10 @@ impl ExternalLink {
         options.set_max_packet_size(64 * 1024, 64 * 1024);
         let (client, eventloop) = AsyncClient::new(options, REQUEST_QUEUE_LEN);
         let (tx, rx) = mpsc::unbounded_channel();
+        let dynsec = config.dynsec.as_ref().map(|d| crate::dynsec::Admin::connect(config, d)).transpose()?;
         Ok(Self {
-            outbound: Arc::new(ClientOutbound { tx }),
+            outbound: Arc::new(ClientOutbound { tx, dynsec: dynsec.clone() }),
+            dynsec,
             client,
             eventloop: Some(eventloop),
             publishes: Some(rx),
@@ -186,6 +203,7 @@ mod tests {
             shared_group: Some("rki".into()),
             persistent_session: None,
             mosquitto_sync: None,
+            dynsec: None,
         };
         assert!(persistent_session(&config, false), "one node (SQLite), stable id");
         assert!(!persistent_session(&config, true), "several nodes (PostgreSQL)");

@@ -29,6 +29,7 @@ pub mod bootstrap;
 pub mod clock;
 pub mod config;
 pub mod domain;
+pub mod dynsec;
 pub mod engine;
 pub mod external;
 pub mod http;
