@@ -126,6 +126,8 @@ pub fn gateway_acls() -> Vec<Acl> {
     let mut acls = Vec::new();
     for filter in [topic::FILTER_ALL_DEVICES, topic::FILTER_ALL_BACKEND] {
         acls.push(Acl::new(AclKind::SubscribePattern, filter));
+        // The plugin checks a shared subscription with its `$share/{group}/` prefix.
+        acls.push(Acl::new(AclKind::SubscribePattern, format!("$share/+/{filter}")));
         acls.push(Acl::new(AclKind::PublishClientReceive, filter));
     }
     acls.push(Acl::new(AclKind::PublishClientSend, topic::device_down("+")));
@@ -386,7 +388,7 @@ impl Admin {
 }
 
 /// The admin link: one MQTT connection, requests batched into `$CONTROL` messages, answers
-/// matched by correlation data.
+/// matched by correlation data (`{link}-{slot}`, `link` random per process).
 async fn run_link(client: AsyncClient, mut eventloop: rumqttc::EventLoop, mut rx: mpsc::Receiver<Request>) {
     struct Pending {
         answers: Vec<Option<Response>>,
@@ -395,6 +397,13 @@ async fn run_link(client: AsyncClient, mut eventloop: rumqttc::EventLoop, mut rx
         deadline: tokio::time::Instant,
     }
     static NEXT: AtomicU64 = AtomicU64::new(1);
+    // Mosquitto 2.0 publishes every answer to every subscriber of the response topic, i.e. to
+    // every node's admin link: a random prefix tells this link's answers from the others'.
+    let link = {
+        let mut bytes = [0u8; 8];
+        let _ = getrandom::getrandom(&mut bytes);
+        u64::from_le_bytes(bytes)
+    };
     let mut pending: HashMap<u64, Pending> = HashMap::new();
     // correlation id -> (request, index)
     let mut slots: HashMap<u64, (u64, usize)> = HashMap::new();
@@ -426,7 +435,15 @@ async fn run_link(client: AsyncClient, mut eventloop: rumqttc::EventLoop, mut rx
                         continue;
                     };
                     for answer in answers.responses {
-                        let Some(slot) = answer.correlation.as_deref().and_then(|c| c.parse::<u64>().ok()) else { continue };
+                        let Some(slot) = answer
+                            .correlation
+                            .as_deref()
+                            .and_then(|c| c.split_once('-'))
+                            .filter(|(prefix, _)| prefix.parse::<u64>().ok() == Some(link))
+                            .and_then(|(_, slot)| slot.parse::<u64>().ok())
+                        else {
+                            continue;
+                        };
                         let Some((request, index)) = slots.remove(&slot) else { continue };
                         let Some(p) = pending.get_mut(&request) else { continue };
                         if p.answers[index].is_none() {
@@ -485,7 +502,7 @@ async fn run_link(client: AsyncClient, mut eventloop: rumqttc::EventLoop, mut rx
                         }
                         // `{"command":…}` + `,"correlationData":"n"}`
                         body.push_str(&command.0[..command.0.len() - 1]);
-                        body.push_str(&format!(",\"correlationData\":\"{slot}\"}}"));
+                        body.push_str(&format!(",\"correlationData\":\"{link}-{slot}\"}}"));
                         count += 1;
                     }
                     let deadline = tokio::time::Instant::now() + RESPONSE_TIMEOUT;

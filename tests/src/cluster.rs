@@ -1,8 +1,9 @@
 //! Several gateway nodes on one PostgreSQL database and one Mosquitto broker, as
 //! `docs/SCALE-OUT.md` describes: each node its own data directory, HTTP port and MQTT client id,
 //! all in one shared subscription group, all with the same master key file (they share the
-//! sealed keys in the database). The first node bootstraps the store (key owner, `acme`) and
-//! keeps Mosquitto's password and ACL files; the others join with its tokens.
+//! sealed keys in the database). Mosquitto runs the dynamic security plugin on a configuration
+//! `rki-gateway dynsec-init` wrote; every node manages its clients over `$CONTROL`. The first
+//! node bootstraps the store (key owner, `acme`); the others join with its tokens.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -35,7 +36,7 @@ pub struct Cluster {
     pub nodes: Vec<GatewayProcess>,
     pub mosquitto: Mosquitto,
     pub pg: PgServer,
-    /// The master key, Mosquitto's files and its pid file.
+    /// The master key, the broker admin's password file and the plugin's configuration.
     pub shared: PathBuf,
     pub store_url: String,
 }
@@ -49,39 +50,19 @@ impl Cluster {
         let shared = temp_dir("cluster");
         let broker_port = free_port();
         let config = |i: usize| {
-            let sync = if i == 1 {
-                format!(
-                    "[broker.mosquitto_sync]\npassword_file = \"{0}/mosq.passwd\"\nacl_file = \"{0}/mosq.acl\"\npid_file = \"{0}/mosq.pid\"\n",
-                    shared.display()
-                )
-            } else {
-                String::new()
-            };
             format!(
-                "store = \"{store_url}\"\nmaster_key_file = \"{}/master.key\"\n{}\n\
+                "store = \"{store_url}\"\nmaster_key_file = \"{0}/master.key\"\n{1}\n\
                  [broker]\nurl = \"mqtt://127.0.0.1:{broker_port}\"\nusername = \"{GATEWAY_USER}\"\n\
-                 password = \"{GATEWAY_PASSWORD}\"\nclient_id = \"rki-gateway-{i}\"\nshared_group = \"rki\"\n{sync}",
+                 password = \"{GATEWAY_PASSWORD}\"\nclient_id = \"rki-gateway-{i}\"\nshared_group = \"rki\"\n\
+                 [broker.dynsec]\nadmin_password_file = \"{0}/broker-admin.secret\"\n",
                 shared.display(),
                 options.extra_toml
             )
         };
+        let mosquitto = seed_and_start_mosquitto(&config(1), &shared, broker_port)?;
         let node_options =
             |i: usize| GatewayOptions { config_toml: Some(config(i)), env: options.env.clone(), ..Default::default() };
-        let first = GatewayProcess::start(node_options(1))?;
-        let started = Instant::now();
-        while !shared.join("mosq.acl").exists() {
-            if started.elapsed() > Duration::from_secs(10) {
-                return Err(format!("node 1 wrote no ACL file: {}", first.log_tail()).into());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let mosquitto = Mosquitto::start(
-            broker_port,
-            &shared.join("mosq.passwd"),
-            &shared.join("mosq.acl"),
-            &shared.join("mosq.pid"),
-        )?;
-        let mut nodes = vec![first];
+        let mut nodes = vec![GatewayProcess::start(node_options(1))?];
         for i in 2..=options.nodes {
             let node = GatewayProcess::join(node_options(i), &nodes[0].key_owner_token, &nodes[0].org_token)?;
             nodes.push(node);
@@ -91,11 +72,12 @@ impl Cluster {
         Ok(cluster)
     }
 
-    /// Waits until every node is connected to the broker (and, a moment later, subscribed).
+    /// Waits until every node is connected to the broker and its dynamic security admin link is
+    /// ready (and, a moment later, subscribed).
     pub fn wait_connected(&self, timeout: Duration) -> TestResult {
         let started = Instant::now();
         for node in &self.nodes {
-            while node.metric("rki_broker_up") < 1.0 {
+            while node.metric("rki_broker_up") < 1.0 || node.metric("rki_dynsec_up") < 1.0 {
                 if started.elapsed() > timeout {
                     return Err(format!("a node is not connected to Mosquitto: {}", node.log_tail()).into());
                 }
@@ -131,4 +113,25 @@ impl Drop for Cluster {
             let _ = std::fs::remove_dir_all(&self.shared);
         }
     }
+}
+
+/// Writes the dynamic security plugin's configuration with `rki-gateway dynsec-init` (on the
+/// configuration `toml`, which names the admin password file it generates) into
+/// `dir/dynamic-security.json`, and starts Mosquitto on it.
+pub fn seed_and_start_mosquitto(toml: &str, dir: &std::path::Path, port: u16) -> TestResult<Mosquitto> {
+    let config = dir.join("seed.toml");
+    std::fs::write(&config, toml)?;
+    let file = dir.join("dynamic-security.json");
+    let out = std::process::Command::new(crate::binary("rki-gateway"))
+        .arg("--config")
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(dir.join("seed-data"))
+        .arg("dynsec-init")
+        .arg(&file)
+        .output()?;
+    if !out.status.success() {
+        return Err(format!("dynsec-init: {}", String::from_utf8_lossy(&out.stderr)).into());
+    }
+    Mosquitto::start_dynsec(port, &file)
 }
