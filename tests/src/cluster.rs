@@ -1,9 +1,11 @@
 //! Several gateway nodes on one PostgreSQL database and one Mosquitto broker, as
 //! `docs/SCALE-OUT.md` describes: each node its own data directory, HTTP port and MQTT client id,
 //! all in one shared subscription group, all with the same master key file (they share the
-//! sealed keys in the database). Mosquitto runs the dynamic security plugin on a configuration
-//! `rki-gateway dynsec-init` wrote; every node manages its clients over `$CONTROL`. The first
-//! node bootstraps the store (key owner, `acme`); the others join with its tokens.
+//! sealed keys in the database). Mosquitto authenticates the terminals either from the password
+//! and ACL files node 1 keeps ([`BrokerAuth::Files`]) or through its dynamic security plugin,
+//! seeded by `rki-gateway dynsec-init` and changed by every node over `$CONTROL`
+//! ([`BrokerAuth::Dynsec`]). The first node bootstraps the store (key owner, `acme`); the others
+//! join with its tokens.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -15,10 +17,22 @@ use crate::{free_port, temp_dir, Api, GatewayOptions, GatewayProcess, Mosquitto,
 pub const GATEWAY_USER: &str = "rki-gateway";
 const GATEWAY_PASSWORD: &str = "gw-secret";
 
+/// How Mosquitto learns the terminals' credentials and access rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BrokerAuth {
+    /// Password and ACL files that node 1 rewrites (`[broker.mosquitto_sync]`) and Mosquitto
+    /// reloads on SIGHUP.
+    #[default]
+    Files,
+    /// The dynamic security plugin, which every node changes over `$CONTROL` (`[broker.dynsec]`).
+    Dynsec,
+}
+
 /// How a cluster is started.
 #[derive(Debug, Clone)]
 pub struct ClusterOptions {
     pub nodes: usize,
+    pub broker_auth: BrokerAuth,
     /// Top-level TOML lines added to every node's configuration (e.g. `retry_initial_seconds = 2`).
     pub extra_toml: String,
     /// Extra environment for every node.
@@ -27,7 +41,7 @@ pub struct ClusterOptions {
 
 impl Default for ClusterOptions {
     fn default() -> Self {
-        Self { nodes: 3, extra_toml: String::new(), env: Vec::new() }
+        Self { nodes: 3, broker_auth: BrokerAuth::default(), extra_toml: String::new(), env: Vec::new() }
     }
 }
 
@@ -36,9 +50,11 @@ pub struct Cluster {
     pub nodes: Vec<GatewayProcess>,
     pub mosquitto: Mosquitto,
     pub pg: PgServer,
-    /// The master key, the broker admin's password file and the plugin's configuration.
+    /// The master key, and Mosquitto's files (password and ACL files, or the plugin's
+    /// configuration and the admin's password file).
     pub shared: PathBuf,
     pub store_url: String,
+    pub broker_auth: BrokerAuth,
 }
 
 impl Cluster {
@@ -50,24 +66,55 @@ impl Cluster {
         let shared = temp_dir("cluster");
         let broker_port = free_port();
         let config = |i: usize| {
+            let auth = match (options.broker_auth, i) {
+                (BrokerAuth::Dynsec, _) => {
+                    format!("[broker.dynsec]\nadmin_password_file = \"{}/broker-admin.secret\"\n", shared.display())
+                }
+                (BrokerAuth::Files, 1) => format!(
+                    "[broker.mosquitto_sync]\npassword_file = \"{0}/mosq.passwd\"\nacl_file = \"{0}/mosq.acl\"\npid_file = \"{0}/mosq.pid\"\n",
+                    shared.display()
+                ),
+                (BrokerAuth::Files, _) => String::new(),
+            };
             format!(
-                "store = \"{store_url}\"\nmaster_key_file = \"{0}/master.key\"\n{1}\n\
+                "store = \"{store_url}\"\nmaster_key_file = \"{}/master.key\"\n{}\n\
                  [broker]\nurl = \"mqtt://127.0.0.1:{broker_port}\"\nusername = \"{GATEWAY_USER}\"\n\
-                 password = \"{GATEWAY_PASSWORD}\"\nclient_id = \"rki-gateway-{i}\"\nshared_group = \"rki\"\n\
-                 [broker.dynsec]\nadmin_password_file = \"{0}/broker-admin.secret\"\n",
+                 password = \"{GATEWAY_PASSWORD}\"\nclient_id = \"rki-gateway-{i}\"\nshared_group = \"rki\"\n{auth}",
                 shared.display(),
                 options.extra_toml
             )
         };
-        let mosquitto = seed_and_start_mosquitto(&config(1), &shared, broker_port)?;
         let node_options =
             |i: usize| GatewayOptions { config_toml: Some(config(i)), env: options.env.clone(), ..Default::default() };
-        let mut nodes = vec![GatewayProcess::start(node_options(1))?];
+        let (first, mosquitto) = match options.broker_auth {
+            BrokerAuth::Dynsec => {
+                let mosquitto = seed_and_start_mosquitto(&config(1), &shared, broker_port)?;
+                (GatewayProcess::start(node_options(1))?, mosquitto)
+            }
+            BrokerAuth::Files => {
+                let first = GatewayProcess::start(node_options(1))?;
+                let started = Instant::now();
+                while !shared.join("mosq.acl").exists() {
+                    if started.elapsed() > Duration::from_secs(10) {
+                        return Err(format!("node 1 wrote no ACL file: {}", first.log_tail()).into());
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                let mosquitto = Mosquitto::start(
+                    broker_port,
+                    &shared.join("mosq.passwd"),
+                    &shared.join("mosq.acl"),
+                    &shared.join("mosq.pid"),
+                )?;
+                (first, mosquitto)
+            }
+        };
+        let mut nodes = vec![first];
         for i in 2..=options.nodes {
             let node = GatewayProcess::join(node_options(i), &nodes[0].key_owner_token, &nodes[0].org_token)?;
             nodes.push(node);
         }
-        let cluster = Cluster { nodes, mosquitto, pg, shared, store_url };
+        let cluster = Cluster { nodes, mosquitto, pg, shared, store_url, broker_auth: options.broker_auth };
         cluster.wait_connected(Duration::from_secs(15))?;
         Ok(cluster)
     }
@@ -77,7 +124,8 @@ impl Cluster {
     pub fn wait_connected(&self, timeout: Duration) -> TestResult {
         let started = Instant::now();
         for node in &self.nodes {
-            while node.metric("rki_broker_up") < 1.0 || node.metric("rki_dynsec_up") < 1.0 {
+            let dynsec = self.broker_auth == BrokerAuth::Dynsec;
+            while node.metric("rki_broker_up") < 1.0 || (dynsec && node.metric("rki_dynsec_up") < 1.0) {
                 if started.elapsed() > timeout {
                     return Err(format!("a node is not connected to Mosquitto: {}", node.log_tail()).into());
                 }

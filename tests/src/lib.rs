@@ -35,7 +35,7 @@ pub mod cluster;
 pub mod mqtt;
 pub mod pg;
 
-pub use cluster::{Cluster, ClusterOptions};
+pub use cluster::{BrokerAuth, Cluster, ClusterOptions};
 
 pub type TestResult<T = ()> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 

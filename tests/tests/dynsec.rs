@@ -8,7 +8,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use rki_tests::{mqtt_connect, provision, sns, Cluster, ClusterOptions, RawDevice, TestResult};
+use rki_tests::{mqtt_connect, provision, sns, BrokerAuth, Cluster, ClusterOptions, RawDevice, TestResult};
 use serde_json::json;
 
 const TERMINALS: usize = 60;
@@ -37,7 +37,7 @@ fn password(secrets: &rki_protocol::init::DeviceSecrets) -> TestResult<String> {
 fn terminals_initialised_through_every_node_connect_at_once_and_a_reinitialised_one_loses_its_old_password(
 ) -> TestResult {
     let rt = common::runtime();
-    let cluster = Cluster::start(ClusterOptions::default())?;
+    let cluster = Cluster::start(ClusterOptions { broker_auth: BrokerAuth::Dynsec, ..Default::default() })?;
     let port = cluster.mosquitto.port;
     let provisioned = provision(&cluster.nodes[0], &sns("DYN", TERMINALS), "dyn")?;
     // Every terminal initialises at once, then connects once as itself: no retry allowed.
@@ -102,7 +102,7 @@ fn terminals_initialised_through_every_node_connect_at_once_and_a_reinitialised_
 #[test]
 fn only_the_admin_identity_reaches_the_control_topic() -> TestResult {
     let rt = common::runtime();
-    let cluster = Cluster::start(ClusterOptions { nodes: 1, ..Default::default() })?;
+    let cluster = Cluster::start(ClusterOptions { nodes: 1, broker_auth: BrokerAuth::Dynsec, ..Default::default() })?;
     let port = cluster.mosquitto.port;
     let provisioned = provision(&cluster.nodes[0], &sns("CTL", 1), "ctl")?;
     let (sn, gudid) = provisioned.gudids[0].clone();
