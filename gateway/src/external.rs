@@ -21,6 +21,9 @@ use crate::metrics as m;
 const REQUEST_QUEUE_LEN: usize = 65_536;
 /// QoS 1 publishes in flight on the gateway's connection.
 const INFLIGHT_MAX: u16 = 1000;
+/// Longest wait for the dynamic security plugin to confirm a device's new password before its
+/// CreateKeyAnswer goes out anyway (the terminal then retries its CONNECT until the put lands).
+const BROKER_PASSWORD_WAIT_MAX: Duration = Duration::from_secs(10);
 
 /// The filters the gateway subscribes to, shared across nodes when a group is set.
 pub fn filters(shared_group: Option<&str>) -> Vec<String> {
@@ -70,7 +73,14 @@ impl Outbound for ClientOutbound {
         changes: Vec<(crate::dynsec::BrokerIdentity, rki_protocol::secret::SecretBytes)>,
     ) -> futures_util::future::BoxFuture<'static, ()> {
         match self.dynsec.clone() {
-            Some(admin) => Box::pin(async move { admin.put_identities(changes).await }),
+            // The put goes on in its own task; the caller (a CreateKeyAnswer held back, its
+            // inbound shard with it) waits for it at most BROKER_PASSWORD_WAIT_MAX.
+            Some(admin) => Box::pin(async move {
+                let put = tokio::spawn(async move { admin.put_identities(changes).await });
+                if tokio::time::timeout(BROKER_PASSWORD_WAIT_MAX, put).await.is_err() {
+                    warn!("the broker has not confirmed new credentials in time; going on without");
+                }
+            }),
             None => Box::pin(std::future::ready(())),
         }
     }
