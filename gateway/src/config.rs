@@ -37,7 +37,8 @@ pub struct Config {
     /// `"embedded"` (default: the gateway's own MQTT endpoint) or a table for an external broker.
     pub broker: BrokerConfig,
     /// `"sqlite"` (default: `<data_dir>/rki.sqlite`) or a PostgreSQL URL
-    /// (`postgres://user:password@host:port/database`).
+    /// (`postgres://user:password@host:port/database`, optionally `?sslmode=…&sslrootcert=…`:
+    /// [`crate::store::pg_tls`]).
     pub store: String,
     /// Connections to PostgreSQL.
     pub store_pool_size: usize,
@@ -116,7 +117,8 @@ pub struct ExternalBroker {
     /// Keep a Mosquitto password file and ACL file in step with the device registry.
     pub mosquitto_sync: Option<MosquittoSync>,
     /// Manage the broker's clients and roles through Mosquitto's dynamic security plugin
-    /// (`$CONTROL/dynamic-security/v1`), on every node. Exclusive with `mosquitto_sync`.
+    /// (`$CONTROL/dynamic-security/v1`), on every node. Use it or `mosquitto_sync`: with both,
+    /// the files are written too, for a Mosquitto that does not load the plugin.
     pub dynsec: Option<Box<Dynsec>>,
 }
 
@@ -305,9 +307,6 @@ impl Config {
             }
             BrokerConfig::External(e) => {
                 crate::external::parse_url(&e.url)?;
-                if e.dynsec.is_some() && e.mosquitto_sync.is_some() {
-                    return Err("broker: choose dynsec or mosquitto_sync, not both".into());
-                }
                 if e.dynsec.is_some() && e.username.is_none() {
                     return Err("broker.dynsec needs broker.username (the gateway's own identity)".into());
                 }
