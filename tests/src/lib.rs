@@ -37,7 +37,7 @@ pub mod mqtt;
 pub mod pg;
 pub mod wait;
 
-pub use cluster::{Cluster, ClusterOptions};
+pub use cluster::{BrokerAuth, Cluster, ClusterOptions};
 
 pub type TestResult<T = ()> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
@@ -1011,6 +1011,39 @@ impl Mosquitto {
         let child = Self::spawn(&conf)?;
         let m = Mosquitto { child, port, dir };
         m.wait_listening()
+    }
+
+    /// Starts Mosquitto with the dynamic security plugin on `config_file` (the plugin's JSON,
+    /// which must exist: `rki-gateway dynsec-init` writes it), and no password or ACL file.
+    pub fn start_dynsec(port: u16, config_file: &Path) -> TestResult<Mosquitto> {
+        let dir = temp_dir("mosquitto");
+        let conf = dir.join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "user root\nper_listener_settings false\nlistener {port} 127.0.0.1\nallow_anonymous false\n\
+                 plugin {}\nplugin_opt_config_file {}\npersistence false\n\
+                 max_inflight_messages 1000\nmax_queued_messages 100000\nlog_dest file {}\n\
+                 log_type error\nlog_type warning\nlog_type notice\n",
+                Self::dynsec_plugin()?.display(),
+                config_file.display(),
+                dir.join("mosquitto.log").display()
+            ),
+        )?;
+        let child = Self::spawn(&conf)?;
+        let m = Mosquitto { child, port, dir };
+        m.wait_listening()
+    }
+
+    /// Debian's `mosquitto_dynamic_security.so`.
+    pub fn dynsec_plugin() -> TestResult<PathBuf> {
+        for dir in ["/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib", "/usr/local/lib"] {
+            let path = Path::new(dir).join("mosquitto_dynamic_security.so");
+            if path.exists() {
+                return Ok(path);
+            }
+        }
+        Err("mosquitto_dynamic_security.so not found (Debian's `mosquitto` package ships it)".into())
     }
 
     fn spawn(conf: &Path) -> TestResult<Child> {

@@ -243,6 +243,34 @@ impl PgServer {
 
     /// The postmaster's process id (the first line of `postmaster.pid`), for `/proc` readings;
     /// the server's other processes are its children.
+    /// Turns TLS on (`ssl = on`) with this certificate chain and key (PEM), and restarts the
+    /// server; plain connections stay allowed (`pg_hba` trusts loopback either way), so that a
+    /// test can tell which one a client made (`pg_stat_ssl`).
+    pub fn enable_tls(&self, cert_pem: &str, key_pem: &str) -> Result<(), String> {
+        let data = self.data();
+        let write = |name: &str, text: &str| -> Result<(), String> {
+            use std::os::unix::fs::PermissionsExt;
+            let path = data.join(name);
+            std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            if let Some(user) = self.run_as {
+                let (uid, gid) = (id_of("-u", user)?, id_of("-g", user)?);
+                std::os::unix::fs::chown(&path, Some(uid), Some(gid))
+                    .map_err(|e| format!("chown {}: {e}", path.display()))?;
+            }
+            Ok(())
+        };
+        write("server.crt", cert_pem)?;
+        write("server.key", key_pem)?;
+        let conf = data.join("postgresql.conf");
+        let mut text = std::fs::read_to_string(&conf).map_err(|e| format!("{}: {e}", conf.display()))?;
+        text.push_str("\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
+        std::fs::write(&conf, text).map_err(|e| format!("{}: {e}", conf.display()))?;
+        self.stop()?;
+        self.start_again()
+    }
+
     /// Stops the server (fast shutdown: sessions are ended, nothing committed is lost), as an
     /// outage does.
     pub fn stop(&self) -> Result<(), String> {

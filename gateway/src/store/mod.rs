@@ -14,6 +14,7 @@
 
 pub mod guard;
 pub mod health;
+pub mod pg_tls;
 pub mod postgres;
 pub mod sqlite;
 
