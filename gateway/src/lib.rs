@@ -28,6 +28,7 @@ pub mod api;
 pub mod clock;
 pub mod config;
 pub mod domain;
+pub mod dynsec;
 pub mod engine;
 pub mod external;
 pub mod http;

@@ -20,6 +20,7 @@
 pub mod guard;
 pub mod health;
 mod migrations;
+pub mod pg_tls;
 pub mod postgres;
 mod rows;
 pub mod sqlite;
@@ -476,7 +477,7 @@ pub struct TaskRow {
     pub counts: TaskCounts,
 }
 
-#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct TaskCounts {
     pub total: i64,
     pub queued: i64,
@@ -990,4 +991,63 @@ pub const MARK_CLOCK_FLOOR_MS: &str = "clock_floor_ms";
 /// A mark as `meta` stores it (text); a value that is not a number reads as absent.
 pub(crate) fn parse_mark(text: Option<String>) -> Option<i64> {
     text.and_then(|t| t.trim().parse().ok())
+}
+
+/// Crash points for the crash tests: with `RKI_CRASH_POINT=ACTION` in its environment, the
+/// process SIGKILLs itself right after the transaction of the first audited `ACTION` (e.g.
+/// `group.create`) commits; with `ACTION@transaction`, inside that transaction, after its writes
+/// and its audit entry, before the commit. Unset (production), each check is one load of a
+/// `OnceLock`. The tests use it to kill the gateway between an action and what follows it, at
+/// exactly that point rather than by luck.
+pub(crate) mod crash {
+    use std::cell::RefCell;
+    use std::sync::OnceLock;
+
+    /// The action, and whether the point is inside its transaction.
+    fn point() -> Option<&'static (String, bool)> {
+        static POINT: OnceLock<Option<(String, bool)>> = OnceLock::new();
+        POINT
+            .get_or_init(|| {
+                let value = std::env::var("RKI_CRASH_POINT").ok()?;
+                Some(match value.strip_suffix("@transaction") {
+                    Some(action) => (action.to_string(), true),
+                    None => (value, false),
+                })
+            })
+            .as_ref()
+    }
+
+    thread_local! {
+        /// The audited action of the transaction under way on this thread.
+        static AUDITED: RefCell<Option<String>> = const { RefCell::new(None) };
+    }
+
+    /// An audit entry for `action` was written in the transaction under way on this thread.
+    pub(crate) fn audited(action: &str) {
+        let Some((wanted, in_transaction)) = point() else { return };
+        if wanted != action {
+            return;
+        }
+        if *in_transaction {
+            die(action);
+        }
+        AUDITED.with(|a| *a.borrow_mut() = Some(action.to_string()));
+    }
+
+    /// The transaction under way on this thread committed (or failed: nothing to crash after).
+    pub(crate) fn finished(committed: bool) {
+        if point().is_none() {
+            return;
+        }
+        let action = AUDITED.with(|a| a.borrow_mut().take());
+        if let (true, Some(action)) = (committed, action) {
+            die(&action);
+        }
+    }
+
+    fn die(action: &str) -> ! {
+        eprintln!("RKI_CRASH_POINT: killing the process at {action}");
+        let _ = rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::KILL);
+        std::process::abort()
+    }
 }

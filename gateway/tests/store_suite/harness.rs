@@ -144,6 +144,12 @@ impl Subject {
         Subject { opened, location: Location::Sqlite { dir } }
     }
 
+    /// A PostgreSQL subject, or `None` (with a note) where PostgreSQL is not installed: the
+    /// fast tier runs without it; the full tier (`RKI_TEST_FULL`, set by `scripts/test`) fails.
+    pub fn postgres_or_skip(test: &str) -> Option<Subject> {
+        crate::pg::installed_or_skip(test).then(Subject::postgres)
+    }
+
     pub fn postgres() -> Subject {
         static SERIAL: AtomicUsize = AtomicUsize::new(0);
         let name = format!("suite_{}_{}", std::process::id(), SERIAL.fetch_add(1, Ordering::Relaxed));

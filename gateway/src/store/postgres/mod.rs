@@ -181,6 +181,8 @@ struct Conn {
 struct Pool {
     /// Where to connect; parsed once from the URL.
     config: ::postgres::Config,
+    /// TLS to the server (`sslmode` other than `disable` in the URL): `super::pg_tls`.
+    tls: Option<super::pg_tls::RustlsConnect>,
     size: usize,
     state: Mutex<PoolState>,
     /// Signalled when a connection is returned or a slot freed.
@@ -220,14 +222,17 @@ impl Pool {
             if state.open < self.size {
                 state.open += 1;
                 drop(state);
-                return match self.config.connect(NoTls) {
+                return match connect_with(&self.config, self.tls.as_ref()) {
                     Ok(client) => {
                         Ok(Pooled { pool: self, conn: Some(Conn { client, statements: HashMap::new() }), lost: false })
                     }
                     Err(e) => {
                         self.lock().open -= 1;
                         self.returned.notify_one();
-                        Err(Failure::Store(StoreError::Unavailable(format!("connect to PostgreSQL: {e}"))))
+                        Err(Failure::Store(StoreError::Unavailable(format!(
+                            "connect to PostgreSQL: {}",
+                            with_causes(&e)
+                        ))))
                     }
                 };
             }
@@ -355,8 +360,7 @@ impl PostgresStore {
             return Err(StoreError::Invalid(format!("PostgreSQL pool size {pool_size} is not in 1..={POOL_SIZE_MAX}")));
         }
         // The URL may carry a password: errors name the problem, never the URL.
-        let mut config =
-            ::postgres::Config::from_str(url).map_err(|e| StoreError::Invalid(format!("PostgreSQL URL: {e}")))?;
+        let (mut config, tls) = parse_url(url)?;
         if config.get_application_name().is_none() {
             config.application_name("rki-gateway");
         }
@@ -366,6 +370,7 @@ impl PostgresStore {
         let store = Self {
             pool: Pool {
                 config,
+                tls,
                 size: pool_size,
                 state: Mutex::new(PoolState { idle: Vec::new(), open: 0 }),
                 returned: Condvar::new(),
@@ -494,11 +499,47 @@ impl PostgresStore {
     /// opening a store: the upgrade tests start from an older schema with it.
     #[doc(hidden)]
     pub fn migrate_to_version(url: &str, version: usize) -> StoreResult<()> {
-        let config =
-            ::postgres::Config::from_str(url).map_err(|e| StoreError::Invalid(format!("PostgreSQL URL: {e}")))?;
-        let mut client =
-            config.connect(NoTls).map_err(|e| StoreError::Backend(format!("connect to PostgreSQL: {e}")))?;
+        let (config, tls) = parse_url(url)?;
+        let mut client = connect_with(&config, tls.as_ref())
+            .map_err(|e| StoreError::Backend(format!("connect to PostgreSQL: {}", with_causes(&e))))?;
         migrate_to(&mut client, version).map_err(StoreError::from)
+    }
+}
+
+/// The URL's connection settings and TLS connector (`sslmode`, `sslrootcert`: `super::pg_tls`).
+fn parse_url(url: &str) -> StoreResult<(::postgres::Config, Option<super::pg_tls::RustlsConnect>)> {
+    let (rest, settings) =
+        super::pg_tls::split_url(url).map_err(|e| StoreError::Invalid(format!("PostgreSQL URL: {e}")))?;
+    let mut config =
+        ::postgres::Config::from_str(&rest).map_err(|e| StoreError::Invalid(format!("PostgreSQL URL: {e}")))?;
+    config.ssl_mode(super::pg_tls::postgres_mode(&settings));
+    let tls = super::pg_tls::connector(&settings).map_err(|e| StoreError::Invalid(format!("PostgreSQL TLS: {e}")))?;
+    Ok((config, tls))
+}
+
+/// An error with its causes (`error performing TLS handshake: invalid peer certificate:
+/// UnknownIssuer`): the client's own message names no cause.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let next = c.to_string();
+        if !text.ends_with(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        cause = c.source();
+    }
+    text
+}
+
+fn connect_with(
+    config: &::postgres::Config,
+    tls: Option<&super::pg_tls::RustlsConnect>,
+) -> Result<Client, ::postgres::Error> {
+    match tls {
+        Some(tls) => config.connect(tls.clone()),
+        None => config.connect(NoTls),
     }
 }
 
@@ -508,8 +549,16 @@ fn transaction<T>(
 ) -> Result<T, Failure> {
     let Conn { client, statements } = conn;
     let mut tx = client.transaction()?;
-    let out = f(&mut Session { client: &mut tx, statements })?;
-    tx.commit().map_err(|e| match Failure::from(e) {
+    let out = match f(&mut Session { client: &mut tx, statements }) {
+        Ok(out) => out,
+        Err(e) => {
+            crash::finished(false);
+            return Err(e);
+        }
+    };
+    let committed = tx.commit();
+    crash::finished(committed.is_ok());
+    committed.map_err(|e| match Failure::from(e) {
         // The COMMIT may or may not have taken effect: not safe to run again. The session is
         // dropped all the same.
         Failure::Transient { reason, session_lost } if session_lost => {
@@ -619,6 +668,7 @@ fn states_that_can_become(next: ExecutionState) -> Vec<&'static str> {
 
 /// Appends an audit entry inside the caller's transaction.
 fn audit_in(s: &mut Tx<'_, '_>, e: &AuditEntry) -> Result<(), Failure> {
+    crash::audited(&e.action);
     let details = e.details.to_string();
     s.execute(
         "INSERT INTO audit (at, org_id, actor, token_id, action, object, details) VALUES ($1, $2, $3, $4, $5, $6, $7)",

@@ -147,8 +147,17 @@ impl SqliteStore {
     fn write<T>(&self, f: impl FnOnce(&Transaction<'_>) -> StoreResult<T>) -> StoreResult<T> {
         let mut conn = self.writer.lock().map_err(|_| StoreError::Backend("writer lock poisoned".into()))?;
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(backend)?;
-        let out = f(&tx)?;
-        tx.commit().map_err(backend)?;
+        let out = f(&tx);
+        let out = match out {
+            Ok(out) => out,
+            Err(e) => {
+                crash::finished(false);
+                return Err(e);
+            }
+        };
+        let committed = tx.commit().map_err(backend);
+        crash::finished(committed.is_ok());
+        committed?;
         Ok(out)
     }
 
@@ -449,6 +458,7 @@ fn end_execution(tx: &Transaction<'_>, ending: &Ending) -> StoreResult<bool> {
 
 /// Appends an audit entry inside the caller's transaction.
 fn audit_in(tx: &Transaction<'_>, e: &AuditEntry) -> StoreResult<()> {
+    crash::audited(&e.action);
     tx.prepare_cached(
         "INSERT INTO audit (at, org_id, actor, token_id, action, object, details) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
     )
