@@ -37,7 +37,8 @@ pub struct Config {
     /// `"embedded"` (default: the gateway's own MQTT endpoint) or a table for an external broker.
     pub broker: BrokerConfig,
     /// `"sqlite"` (default: `<data_dir>/rki.sqlite`) or a PostgreSQL URL
-    /// (`postgres://user:password@host:port/database`).
+    /// (`postgres://user:password@host:port/database`, optionally `?sslmode=…&sslrootcert=…`:
+    /// [`crate::store::pg_tls`]).
     pub store: String,
     /// Connections to PostgreSQL.
     pub store_pool_size: usize,
@@ -120,6 +121,25 @@ pub struct ExternalBroker {
     pub persistent_session: Option<bool>,
     /// Keep a Mosquitto password file and ACL file in step with the device registry.
     pub mosquitto_sync: Option<MosquittoSync>,
+    /// Manage the broker's clients and roles through Mosquitto's dynamic security plugin
+    /// (`$CONTROL/dynamic-security/v1`), on every node. Use it or `mosquitto_sync`: with both,
+    /// the files are written too, for a Mosquitto that does not load the plugin.
+    pub dynsec: Option<Box<Dynsec>>,
+}
+
+/// The gateway's admin identity at Mosquitto's dynamic security plugin: the only identity
+/// allowed `$CONTROL`. Its password is read from a file (mode 0600, the same on every node),
+/// never from the configuration text, and `rki-gateway dynsec-init` generates it.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Dynsec {
+    #[serde(default = "default_dynsec_admin")]
+    pub admin_username: String,
+    pub admin_password_file: PathBuf,
+}
+
+fn default_dynsec_admin() -> String {
+    "rki-admin".into()
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -225,6 +245,7 @@ impl Config {
                     shared_group: None,
                     persistent_session: None,
                     mosquitto_sync: None,
+                    dynsec: None,
                 },
             };
             external.url = url;
@@ -299,7 +320,12 @@ impl Config {
                     "broker = {name:?}: expected \"embedded\" or a table with url = \"mqtt://host:port\""
                 ));
             }
-            BrokerConfig::External(e) => crate::external::parse_url(&e.url).map(|_| ())?,
+            BrokerConfig::External(e) => {
+                crate::external::parse_url(&e.url)?;
+                if e.dynsec.is_some() && e.username.is_none() {
+                    return Err("broker.dynsec needs broker.username (the gateway's own identity)".into());
+                }
+            }
             BrokerConfig::Named(_) => {}
         }
         if !(self.store == "sqlite" || self.store.starts_with("postgres://") || self.store.starts_with("postgresql://"))

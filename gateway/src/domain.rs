@@ -1,4 +1,4 @@
-//! The domain vocabulary of `DESIGN.md` §2: execution states and their allowed transitions, task
+//! The domain vocabulary of ARCHITECTURE.md ("Domain"): execution states and their allowed transitions, task
 //! expiry bounds, readiness reasons. One home per concept.
 
 use std::fmt;

@@ -21,6 +21,9 @@ use crate::metrics as m;
 const REQUEST_QUEUE_LEN: usize = 65_536;
 /// QoS 1 publishes in flight on the gateway's connection.
 const INFLIGHT_MAX: u16 = 1000;
+/// Longest wait for the dynamic security plugin to confirm a device's new password before its
+/// CreateKeyAnswer goes out anyway (the terminal then retries its CONNECT until the put lands).
+const BROKER_PASSWORD_WAIT_MAX: Duration = Duration::from_secs(10);
 
 /// The filters the gateway subscribes to, shared across nodes when a group is set.
 pub fn filters(shared_group: Option<&str>) -> Vec<String> {
@@ -53,6 +56,9 @@ pub fn persistent_session(config: &ExternalBroker, shared_store: bool) -> bool {
 
 struct ClientOutbound {
     tx: mpsc::UnboundedSender<(String, Vec<u8>)>,
+    /// The admin link to Mosquitto's dynamic security plugin, when the broker keeps its own
+    /// registry: new passwords go there (the file mode and other brokers read the store).
+    dynsec: Option<crate::dynsec::Admin>,
 }
 
 impl Outbound for ClientOutbound {
@@ -61,10 +67,29 @@ impl Outbound for ClientOutbound {
             error!("broker client closed; publish dropped (the retry timer will re-deliver)");
         }
     }
+
+    fn broker_passwords(
+        &self,
+        changes: Vec<(crate::dynsec::BrokerIdentity, rki_protocol::secret::SecretBytes)>,
+    ) -> futures_util::future::BoxFuture<'static, ()> {
+        match self.dynsec.clone() {
+            // The put goes on in its own task; the caller (a CreateKeyAnswer held back, its
+            // inbound shard with it) waits for it at most BROKER_PASSWORD_WAIT_MAX.
+            Some(admin) => Box::pin(async move {
+                let put = tokio::spawn(async move { admin.put_identities(changes).await });
+                if tokio::time::timeout(BROKER_PASSWORD_WAIT_MAX, put).await.is_err() {
+                    warn!("the broker has not confirmed new credentials in time; going on without");
+                }
+            }),
+            None => Box::pin(std::future::ready(())),
+        }
+    }
 }
 
 pub struct ExternalLink {
     pub outbound: Arc<dyn Outbound>,
+    /// This node's admin link to the dynamic security plugin (`[broker.dynsec]`).
+    pub dynsec: Option<crate::dynsec::Admin>,
     client: AsyncClient,
     eventloop: Option<EventLoop>,
     publishes: Option<mpsc::UnboundedReceiver<(String, Vec<u8>)>>,
@@ -100,8 +125,10 @@ impl ExternalLink {
         options.set_max_packet_size(64 * 1024, 64 * 1024);
         let (client, eventloop) = AsyncClient::new(options, REQUEST_QUEUE_LEN);
         let (tx, rx) = mpsc::unbounded_channel();
+        let dynsec = config.dynsec.as_ref().map(|d| crate::dynsec::Admin::connect(config, d)).transpose()?;
         Ok(Self {
-            outbound: Arc::new(ClientOutbound { tx }),
+            outbound: Arc::new(ClientOutbound { tx, dynsec: dynsec.clone() }),
+            dynsec,
             client,
             eventloop: Some(eventloop),
             publishes: Some(rx),
@@ -186,6 +213,7 @@ mod tests {
             shared_group: Some("rki".into()),
             persistent_session: None,
             mosquitto_sync: None,
+            dynsec: None,
         };
         assert!(persistent_session(&config, false), "one node (SQLite), stable id");
         assert!(!persistent_session(&config, true), "several nodes (PostgreSQL)");

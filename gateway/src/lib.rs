@@ -31,6 +31,7 @@ pub mod channel;
 pub mod clock;
 pub mod config;
 pub mod domain;
+pub mod dynsec;
 pub mod engine;
 pub mod external;
 pub mod http;

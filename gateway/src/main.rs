@@ -66,6 +66,18 @@ enum Command {
     /// Write a consistent copy of the SQLite store to FILE (mode 0600), safe while the gateway
     /// runs. The copy holds sealed keys only: back the master key up separately.
     Backup { file: PathBuf },
+    /// With Mosquitto stopped: write the dynamic security plugin's configuration FILE (mode
+    /// 0600): the admin identity of `[broker.dynsec]` (its password file generated if absent), the
+    /// gateway's identity, and with `--from-store` every initialised device and live bootstrap
+    /// identity from their stored hashes (the plugin takes no hash over its API).
+    DynsecInit {
+        file: PathBuf,
+        #[arg(long)]
+        from_store: bool,
+        /// Replace an existing FILE.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -95,6 +107,7 @@ fn main() -> ExitCode {
         Command::InitKeyOwner { label } => init_key_owner(&config, &label),
         Command::RotateMasterKey => rotate_master_key(&config),
         Command::Backup { file } => backup(&config, &file),
+        Command::DynsecInit { file, from_store, force } => dynsec_init(&config, &file, from_store, force),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -196,6 +209,61 @@ fn backup(config: &Config, file: &std::path::Path) -> Result<(), String> {
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+fn dynsec_init(config: &Config, file: &std::path::Path, from_store: bool, force: bool) -> Result<(), String> {
+    use rki_gateway::{dynsec, mosquitto};
+    let broker = config.broker.external().ok_or("dynsec-init needs an external [broker]")?;
+    let settings = broker.dynsec.as_ref().ok_or("dynsec-init needs [broker.dynsec]")?;
+    let gateway_user = broker.username.as_deref().ok_or("dynsec-init needs broker.username")?;
+    let gateway_password = zeroize::Zeroizing::new(
+        broker.password.clone().ok_or("dynsec-init needs the gateway's broker password (RKI_BROKER_PASSWORD)")?,
+    );
+    if file.exists() && !force {
+        return Err(format!("{} exists; nothing written (--force replaces it)", file.display()));
+    }
+    if !settings.admin_password_file.exists() {
+        let password = rki_protocol::secret::SecretBytes::random(32).map_err(|e| e.to_string())?.to_hex_upper();
+        write_private(&settings.admin_password_file, password.as_bytes(), true)?;
+        println!("generated the admin password in {}", settings.admin_password_file.display());
+    }
+    let admin_password = dynsec::read_admin_password(settings)?;
+    let identities = if from_store {
+        let _lock = server::lock_data_dir(config, "rki-gateway dynsec-init")?;
+        let store = server::OpenedStore::open(config)?.as_dyn();
+        dynsec::store_identities(store.as_ref(), now_ms())?
+    } else {
+        Vec::new()
+    };
+    let text = dynsec::seed_file(
+        (&settings.admin_username, &mosquitto::password_hash(admin_password.as_bytes())?),
+        (gateway_user, &mosquitto::password_hash(gateway_password.as_bytes())?),
+        &identities,
+    )?;
+    write_private(file, text.as_bytes(), false)?;
+    println!("wrote {} ({} managed identities); start Mosquitto on it", file.display(), identities.len());
+    Ok(())
+}
+
+/// Writes FILE with mode 0600, through a temporary file renamed over it (`new_only`: never
+/// replacing one).
+fn write_private(file: &std::path::Path, bytes: &[u8], new_only: bool) -> Result<(), String> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let staged = file.with_extension("partial");
+    let mut out = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&staged)
+        .map_err(|e| format!("{}: {e}", staged.display()))?;
+    out.write_all(bytes).and_then(|_| out.sync_all()).map_err(|e| format!("{}: {e}", staged.display()))?;
+    if new_only && file.exists() {
+        let _ = std::fs::remove_file(&staged);
+        return Err(format!("{} appeared meanwhile; nothing written", file.display()));
+    }
+    std::fs::rename(&staged, file).map_err(|e| format!("{}: {e}", file.display()))
 }
 
 /// The process's log: `filter` (`RKI_LOG`), text or JSON lines.

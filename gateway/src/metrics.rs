@@ -28,6 +28,9 @@ pub const STORE_COMMIT_LATENCY_SECONDS: &str = "rki_store_commit_latency_seconds
 pub const STORE_FREE_BYTES: &str = "rki_store_free_bytes";
 pub const STORE_LOCKS_HELD: &str = "rki_store_locks_held";
 pub const BROKER_UP: &str = "rki_broker_up";
+pub const DYNSEC_UP: &str = "rki_dynsec_up";
+pub const DYNSEC_FAILURES_TOTAL: &str = "rki_dynsec_failures_total";
+pub const DYNSEC_MISSING_DEVICES: &str = "rki_dynsec_missing_devices";
 pub const MQTT_CONNECT_REFUSED_TOTAL: &str = "rki_mqtt_connects_refused_total";
 pub const MQTT_CONNECTIONS_MAX: &str = "rki_mqtt_connections_max";
 pub const GUDIDS: &str = "rki_gudids";
@@ -176,6 +179,12 @@ fn describe() {
         STORE_LOCKS_HELD,
         "SQLite: 1 while the gateway holds SQLite's locks on its store (checked in /proc/locks); 0 is an \
          emergency: another process opening the store could delete its write-ahead log."
+    );
+    describe_gauge!(DYNSEC_UP, "1 while this node's admin link to Mosquitto's dynamic security plugin is ready.");
+    describe_counter!(DYNSEC_FAILURES_TOTAL, "Credentials the dynamic security plugin did not take after every retry.");
+    describe_gauge!(
+        DYNSEC_MISSING_DEVICES,
+        "Initialised devices without a client at the dynamic security plugin (last reconcile)."
     );
     describe_gauge!(BROKER_UP, "1 while the MQTT endpoint listens, or the external broker is connected.");
     describe_counter!(MQTT_CONNECT_REFUSED_TOTAL, "MQTT CONNECTs refused, by reason.");

@@ -20,7 +20,7 @@ const SYNC_INTERVAL_MAX: std::time::Duration = std::time::Duration::from_secs(5)
 /// way; Mosquitto re-checks connected clients at a reload, and without this grace it would cut
 /// the terminal off before the answer arrives, leaving a spent GUDID and no key. The identity
 /// opens only that SN's initialisation topics, and the gateway refuses a spent GUDID's CreateKey.
-const SPENT_BOOTSTRAP_GRACE: std::time::Duration = std::time::Duration::from_secs(120);
+pub const SPENT_BOOTSTRAP_GRACE: std::time::Duration = std::time::Duration::from_secs(120);
 /// Salt length Mosquitto uses.
 const SALT_LEN: usize = 12;
 

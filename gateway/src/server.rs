@@ -171,6 +171,9 @@ pub async fn run(config: Config, init: bool) -> Result<(), String> {
             if let Some(sync) = &external.mosquitto_sync {
                 crate::mosquitto::spawn_sync(engine.clone(), sync.clone(), external.clone())?;
             }
+            if let Some(admin) = &link.dynsec {
+                crate::dynsec::spawn_reconcile(admin.clone(), engine.clone());
+            }
             info!(url = %external.url, "using the external MQTT broker; device authentication and ACLs are the broker's");
             engine
         }

@@ -21,7 +21,8 @@ use rki_gateway::keyservice::{KeyService, MasterKey, SoftwareKeyService};
 use rki_gateway::service::orgs;
 use rki_gateway::store::sqlite::SqliteStore;
 use rki_gateway::store::{
-    Actor, Audit, DeviceFilter, GudidRow, ImportRow, KeySourceRow, NewCredentials, Store, Write as StoreWrite,
+    Actor, Audit, Delivery, DeviceFilter, GudidRow, Gudids, ImportRow, KeySourceRow, KeySources, NewCredentials,
+    Registry, Store, Write as StoreWrite,
 };
 use rki_protocol::frame::MacKey;
 use rki_protocol::init::{self, DeviceSecrets, GUDID_VALIDITY_SECONDS};

@@ -134,6 +134,16 @@ struct FleetPushArgs {
     /// The gateways' store: SQLite in the data directory, or a PostgreSQL started here.
     #[arg(long, value_enum, default_value = "sqlite")]
     store: StoreArg,
+    /// With `--broker mosquitto`: how Mosquitto authenticates the terminals, from the password
+    /// and ACL files node 1 rewrites, or through its dynamic security plugin (every node).
+    #[arg(long, value_enum, default_value = "files")]
+    broker_auth: BrokerAuthArg,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum BrokerAuthArg {
+    Files,
+    Dynsec,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -159,6 +169,10 @@ impl FleetPushArgs {
             store: match self.store {
                 StoreArg::Sqlite => StoreKind::Sqlite,
                 StoreArg::Postgres => StoreKind::Postgres,
+            },
+            broker_auth: match self.broker_auth {
+                BrokerAuthArg::Files => rki_tests::BrokerAuth::Files,
+                BrokerAuthArg::Dynsec => rki_tests::BrokerAuth::Dynsec,
             },
         }
     }

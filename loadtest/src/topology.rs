@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use rki_tests::{Cluster, ClusterOptions};
+use rki_tests::{BrokerAuth, Cluster, ClusterOptions};
 use serde_json::json;
 
 use crate::procfs::{self, ProcSample};
@@ -36,11 +36,13 @@ pub struct Topology {
     pub gateways: usize,
     pub broker: BrokerKind,
     pub store: StoreKind,
+    /// How Mosquitto authenticates the terminals (files, or its dynamic security plugin).
+    pub broker_auth: BrokerAuth,
 }
 
 impl Default for Topology {
     fn default() -> Self {
-        Self { gateways: 1, broker: BrokerKind::Embedded, store: StoreKind::Sqlite }
+        Self { gateways: 1, broker: BrokerKind::Embedded, store: StoreKind::Sqlite, broker_auth: BrokerAuth::Files }
     }
 }
 
@@ -70,7 +72,14 @@ impl Topology {
     pub fn label(&self) -> String {
         match self.broker {
             BrokerKind::Embedded => "1 node, embedded broker, sqlite".into(),
-            BrokerKind::Mosquitto => format!("{} node(s), mosquitto, postgres", self.gateways),
+            BrokerKind::Mosquitto => format!(
+                "{} node(s), mosquitto ({}), postgres",
+                self.gateways,
+                match self.broker_auth {
+                    BrokerAuth::Files => "files",
+                    BrokerAuth::Dynsec => "dynsec",
+                }
+            ),
         }
     }
 
@@ -79,14 +88,19 @@ impl Topology {
             "gateways": self.gateways,
             "broker": match self.broker { BrokerKind::Embedded => "embedded", BrokerKind::Mosquitto => "mosquitto" },
             "store": match self.store { StoreKind::Sqlite => "sqlite", StoreKind::Postgres => "postgres" },
+            "broker_auth": match self.broker_auth { BrokerAuth::Files => "files", BrokerAuth::Dynsec => "dynsec" },
         })
     }
 }
 
 /// Starts Mosquitto, PostgreSQL and the nodes.
 pub fn start_cluster(topology: &Topology) -> Result<Cluster> {
-    let cluster = Cluster::start(ClusterOptions { nodes: topology.gateways, ..Default::default() })
-        .map_err(|e| format!("cluster: {e}"))?;
+    let cluster = Cluster::start(ClusterOptions {
+        nodes: topology.gateways,
+        broker_auth: topology.broker_auth,
+        ..Default::default()
+    })
+    .map_err(|e| format!("cluster: {e}"))?;
     Ok(cluster)
 }
 

@@ -1,11 +1,14 @@
 //! Several gateway nodes on one PostgreSQL database and one Mosquitto broker, as
 //! `docs/SCALE-OUT.md` describes: each node its own data directory, HTTP port and MQTT client id,
 //! all in one shared subscription group, all with the same master key file (they share the
-//! sealed keys in the database). The first node bootstraps the store (key owner, `acme`) and
-//! keeps Mosquitto's password and ACL files; the others join with its tokens.
+//! sealed keys in the database). Mosquitto authenticates the terminals either from the password
+//! and ACL files node 1 keeps ([`BrokerAuth::Files`]) or through its dynamic security plugin,
+//! seeded by `rki-gateway dynsec-init` and changed by every node over `$CONTROL`
+//! ([`BrokerAuth::Dynsec`]). The first node bootstraps the store (key owner, `acme`); the others
+//! join with its tokens.
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::pg::PgServer;
 use crate::{free_port, temp_dir, Api, GatewayOptions, GatewayProcess, Mosquitto, TestResult};
@@ -13,11 +16,26 @@ use crate::{free_port, temp_dir, Api, GatewayOptions, GatewayProcess, Mosquitto,
 /// The gateway's own broker identity in a cluster.
 pub const GATEWAY_USER: &str = "rki-gateway";
 pub const GATEWAY_PASSWORD: &str = "gw-secret";
+/// The filters a gateway node subscribes to on the broker (`rki_gateway::external::filters`: device
+/// up, init, backend tasks).
+pub const NODE_SUBSCRIPTIONS: usize = 3;
+
+/// How Mosquitto learns the terminals' credentials and access rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BrokerAuth {
+    /// Password and ACL files that node 1 rewrites (`[broker.mosquitto_sync]`) and Mosquitto
+    /// reloads on SIGHUP.
+    #[default]
+    Files,
+    /// The dynamic security plugin, which every node changes over `$CONTROL` (`[broker.dynsec]`).
+    Dynsec,
+}
 
 /// How a cluster is started.
 #[derive(Debug, Clone)]
 pub struct ClusterOptions {
     pub nodes: usize,
+    pub broker_auth: BrokerAuth,
     /// Top-level TOML lines added to every node's configuration (e.g. `retry_initial_seconds = 2`).
     pub extra_toml: String,
     /// Extra environment for every node.
@@ -26,7 +44,7 @@ pub struct ClusterOptions {
 
 impl Default for ClusterOptions {
     fn default() -> Self {
-        Self { nodes: 3, extra_toml: String::new(), env: Vec::new() }
+        Self { nodes: 3, broker_auth: BrokerAuth::default(), extra_toml: String::new(), env: Vec::new() }
     }
 }
 
@@ -35,9 +53,11 @@ pub struct Cluster {
     pub nodes: Vec<GatewayProcess>,
     pub mosquitto: Mosquitto,
     pub pg: PgServer,
-    /// The master key, Mosquitto's files and its pid file.
+    /// The master key, and Mosquitto's files (password and ACL files, or the plugin's
+    /// configuration and the admin's password file).
     pub shared: PathBuf,
     pub store_url: String,
+    pub broker_auth: BrokerAuth,
 }
 
 impl Cluster {
@@ -49,60 +69,77 @@ impl Cluster {
         let shared = temp_dir("cluster");
         let broker_port = free_port();
         let config = |i: usize| {
-            let sync = if i == 1 {
-                format!(
+            let auth = match (options.broker_auth, i) {
+                (BrokerAuth::Dynsec, _) => {
+                    format!("[broker.dynsec]\nadmin_password_file = \"{}/broker-admin.secret\"\n", shared.display())
+                }
+                (BrokerAuth::Files, 1) => format!(
                     "[broker.mosquitto_sync]\npassword_file = \"{0}/mosq.passwd\"\nacl_file = \"{0}/mosq.acl\"\npid_file = \"{0}/mosq.pid\"\n",
                     shared.display()
-                )
-            } else {
-                String::new()
+                ),
+                (BrokerAuth::Files, _) => String::new(),
             };
             format!(
                 "store = \"{store_url}\"\nmaster_key_file = \"{}/master.key\"\n{}\n\
                  [broker]\nurl = \"mqtt://127.0.0.1:{broker_port}\"\nusername = \"{GATEWAY_USER}\"\n\
-                 password = \"{GATEWAY_PASSWORD}\"\nclient_id = \"rki-gateway-{i}\"\nshared_group = \"rki\"\n{sync}",
+                 password = \"{GATEWAY_PASSWORD}\"\nclient_id = \"rki-gateway-{i}\"\nshared_group = \"rki\"\n{auth}",
                 shared.display(),
                 options.extra_toml
             )
         };
         let node_options =
             |i: usize| GatewayOptions { config_toml: Some(config(i)), env: options.env.clone(), ..Default::default() };
-        let first = GatewayProcess::start(node_options(1))?;
-        let started = Instant::now();
-        while !shared.join("mosq.acl").exists() {
-            if started.elapsed() > Duration::from_secs(10) {
-                return Err(format!("node 1 wrote no ACL file: {}", first.log_tail()).into());
+        let (first, mosquitto) = match options.broker_auth {
+            BrokerAuth::Dynsec => {
+                let mosquitto = seed_and_start_mosquitto(&config(1), &shared, broker_port)?;
+                (GatewayProcess::start(node_options(1))?, mosquitto)
             }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let mosquitto = Mosquitto::start(
-            broker_port,
-            &shared.join("mosq.passwd"),
-            &shared.join("mosq.acl"),
-            &shared.join("mosq.pid"),
-        )?;
+            BrokerAuth::Files => {
+                let first = GatewayProcess::start(node_options(1))?;
+                crate::wait::until("node 1 to write its ACL file", Duration::from_secs(10), || {
+                    shared.join("mosq.acl").exists()
+                })
+                .map_err(|e| format!("{e}: {}", first.log_tail()))?;
+                let mosquitto = Mosquitto::start(
+                    broker_port,
+                    &shared.join("mosq.passwd"),
+                    &shared.join("mosq.acl"),
+                    &shared.join("mosq.pid"),
+                )?;
+                (first, mosquitto)
+            }
+        };
         let mut nodes = vec![first];
         for i in 2..=options.nodes {
             let node = GatewayProcess::join(node_options(i), &nodes[0].key_owner_token, &nodes[0].org_token)?;
             nodes.push(node);
         }
-        let cluster = Cluster { nodes, mosquitto, pg, shared, store_url };
+        let cluster = Cluster { nodes, mosquitto, pg, shared, store_url, broker_auth: options.broker_auth };
         cluster.wait_connected(Duration::from_secs(15))?;
         Ok(cluster)
     }
 
-    /// Waits until every node is connected to the broker (and, a moment later, subscribed).
+    /// Waits until every node is connected to the broker (with the dynamic security plugin, its
+    /// admin link ready too) and subscribed: the broker's log shows each node's subscriptions
+    /// (the plugin's broker logs none; there the subscriptions follow a moment later).
     pub fn wait_connected(&self, timeout: Duration) -> TestResult {
-        let started = Instant::now();
-        for node in &self.nodes {
-            while node.metric("rki_broker_up") < 1.0 {
-                if started.elapsed() > timeout {
-                    return Err(format!("a node is not connected to Mosquitto: {}", node.log_tail()).into());
-                }
-                std::thread::sleep(Duration::from_millis(50));
+        let dynsec = self.broker_auth == BrokerAuth::Dynsec;
+        for (i, node) in self.nodes.iter().enumerate() {
+            if node.pid().is_none() {
+                continue;
+            }
+            crate::wait::until(&format!("node {} to connect to Mosquitto", i + 1), timeout, || {
+                node.metric("rki_broker_up") >= 1.0 && (!dynsec || node.metric("rki_dynsec_up") >= 1.0)
+            })
+            .map_err(|e| format!("{e}: {}", node.log_tail()))?;
+            if !dynsec {
+                self.mosquitto.wait_subscribed(&format!("rki-gateway-{}", i + 1), NODE_SUBSCRIPTIONS, timeout)?;
             }
         }
-        std::thread::sleep(Duration::from_millis(500));
+        if dynsec {
+            // Subscribed a moment after the CONNACK; the plugin's broker logs nothing to wait on.
+            std::thread::sleep(Duration::from_millis(500));
+        }
         Ok(())
     }
 
@@ -131,4 +168,25 @@ impl Drop for Cluster {
             let _ = std::fs::remove_dir_all(&self.shared);
         }
     }
+}
+
+/// Writes the dynamic security plugin's configuration with `rki-gateway dynsec-init` (on the
+/// configuration `toml`, which names the admin password file it generates) into
+/// `dir/dynamic-security.json`, and starts Mosquitto on it.
+pub fn seed_and_start_mosquitto(toml: &str, dir: &std::path::Path, port: u16) -> TestResult<Mosquitto> {
+    let config = dir.join("seed.toml");
+    std::fs::write(&config, toml)?;
+    let file = dir.join("dynamic-security.json");
+    let out = std::process::Command::new(crate::binary("rki-gateway"))
+        .arg("--config")
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(dir.join("seed-data"))
+        .arg("dynsec-init")
+        .arg(&file)
+        .output()?;
+    if !out.status.success() {
+        return Err(format!("dynsec-init: {}", String::from_utf8_lossy(&out.stderr)).into());
+    }
+    Mosquitto::start_dynsec(port, &file)
 }

@@ -16,6 +16,7 @@
 //!   and the independent clients (paho-mqtt, mosquitto_pub/sub) for the endpoint tests.
 //! - [`Mosquitto`], [`pg::PgServer`] and [`Cluster`]: the external broker, a throwaway PostgreSQL,
 //!   and several gateway nodes on both (`docs/SCALE-OUT.md`).
+//! - [`wait`]: bounded waits on a condition, the only way a test waits for something to happen.
 
 use std::io::{BufRead, BufReader};
 use std::net::{Ipv4Addr, TcpListener};
@@ -34,8 +35,9 @@ use serde_json::{json, Value};
 pub mod cluster;
 pub mod mqtt;
 pub mod pg;
+pub mod wait;
 
-pub use cluster::{Cluster, ClusterOptions};
+pub use cluster::{BrokerAuth, Cluster, ClusterOptions};
 
 pub type TestResult<T = ()> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
@@ -283,21 +285,22 @@ impl GatewayProcess {
     }
 
     fn wait_healthy(&mut self, timeout: Duration) -> TestResult {
-        let started = Instant::now();
         let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(2)).build();
-        loop {
+        let url = format!("{}/healthz", self.url());
+        let exited = wait::poll("the gateway to answer /healthz", timeout, || {
             if let Some(child) = self.child.as_mut() {
-                if let Some(status) = child.try_wait()? {
-                    return Err(format!("gateway exited with {status}; log: {}", self.log_tail()).into());
+                match child.try_wait() {
+                    Ok(Some(status)) => return Ok(Some(status.to_string())),
+                    Ok(None) => {}
+                    Err(e) => return Ok(Some(e.to_string())),
                 }
             }
-            if agent.get(&format!("{}/healthz", self.url())).call().is_ok() {
-                return Ok(());
-            }
-            if started.elapsed() > timeout {
-                return Err(format!("gateway not healthy after {timeout:?}; log: {}", self.log_tail()).into());
-            }
-            std::thread::sleep(Duration::from_millis(20));
+            agent.get(&url).call().map(|_| None).map_err(|e| e.to_string())
+        })
+        .map_err(|e| format!("{e}; log: {}", self.log_tail()))?;
+        match exited {
+            Some(status) => Err(format!("gateway exited with {status}; log: {}", self.log_tail()).into()),
+            None => Ok(()),
         }
     }
 
@@ -340,14 +343,36 @@ impl GatewayProcess {
     pub fn terminate(&mut self) -> TestResult<std::process::ExitStatus> {
         let mut child = self.child.take().ok_or("not running")?;
         Command::new("kill").arg("-TERM").arg(child.id().to_string()).status()?;
+        let exited =
+            wait::poll("the gateway to exit after SIGTERM", Duration::from_secs(30), || match child.try_wait() {
+                Ok(Some(status)) => Ok(status),
+                Ok(None) => Err("still running".into()),
+                Err(e) => Err(e.to_string()),
+            });
+        if exited.is_err() {
+            child.kill()?;
+        }
+        exited
+    }
+
+    /// Replaces the extra environment of the next start (e.g. to start again without a crash
+    /// point).
+    pub fn set_env(&mut self, env: Vec<(String, String)>) {
+        self.options.env = env;
+    }
+
+    /// Waits for the process to exit on its own (a crash point), at most `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> TestResult<std::process::ExitStatus> {
+        let mut child = self.child.take().ok_or("not running")?;
         let started = Instant::now();
         loop {
             if let Some(status) = child.try_wait()? {
                 return Ok(status);
             }
-            if started.elapsed() > Duration::from_secs(30) {
+            if started.elapsed() > timeout {
                 child.kill()?;
-                return Err("gateway did not stop within 30 s of SIGTERM".into());
+                child.wait()?;
+                return Err(format!("the gateway did not exit within {timeout:?}").into());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -367,6 +392,36 @@ impl GatewayProcess {
             .and_then(|r| r.into_string().ok())
             .unwrap_or_default();
         metric_value(&text, sample)
+    }
+
+    /// Waits until `sample` of `/metrics` satisfies `condition`; returns its value then.
+    pub fn wait_metric(&self, sample: &str, timeout: Duration, condition: impl Fn(f64) -> bool) -> TestResult<f64> {
+        wait::poll(&format!("{sample} to reach the expected value"), timeout, || {
+            let value = self.metric(sample);
+            if condition(value) {
+                Ok(value)
+            } else {
+                Err(format!("{value}"))
+            }
+        })
+    }
+
+    /// Waits until the admin API shows every one of `sns` online (or, with `online` false,
+    /// offline): the gateway has handled their hellos (or their goodbyes).
+    pub fn wait_online<S: AsRef<str>>(&self, sns: &[S], online: bool) -> TestResult {
+        let api = self.api();
+        for sn in sns {
+            let sn = sn.as_ref();
+            wait::poll(&format!("{sn} to be shown online = {online}"), Duration::from_secs(15), || {
+                let v = api.ok(&format!("/v1/devices/{sn}")).map_err(|e| e.to_string())?;
+                if v["device"]["online"] == online {
+                    Ok(())
+                } else {
+                    Err(v["device"].to_string())
+                }
+            })?;
+        }
+        Ok(())
     }
 
     /// Moves the adjustable clock forward by `days`, which also runs the expiry sweep.
@@ -571,32 +626,26 @@ pub fn create_task(api: &Api, body: &Value) -> TestResult<i64> {
 
 /// Polls a task until `condition` holds for its counts, or the timeout.
 pub fn wait_task(api: &Api, task: i64, timeout: Duration, condition: impl Fn(&Value) -> bool) -> TestResult<Value> {
-    let started = Instant::now();
-    loop {
-        let v = api.ok(&format!("/v1/tasks/{task}"))?;
+    wait::poll(&format!("task {task}'s counts to meet the condition"), timeout, || {
+        let v = api.ok(&format!("/v1/tasks/{task}")).map_err(|e| e.to_string())?;
         if condition(&v["task"]["counts"]) {
-            return Ok(v);
+            Ok(v)
+        } else {
+            Err(v["task"]["counts"].to_string())
         }
-        if started.elapsed() > timeout {
-            return Err(format!("task {task}: condition not met after {timeout:?}: {}", v["task"]["counts"]).into());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    })
 }
 
 /// Polls a task until no execution is open, or the timeout.
 pub fn wait_task_done(api: &Api, task: i64, timeout: Duration) -> TestResult<Value> {
-    let started = Instant::now();
-    loop {
-        let v = api.ok(&format!("/v1/tasks/{task}"))?;
+    wait::poll(&format!("task {task} to be done"), timeout, || {
+        let v = api.ok(&format!("/v1/tasks/{task}")).map_err(|e| e.to_string())?;
         if v["task"]["status"] == "done" {
-            return Ok(v);
+            Ok(v)
+        } else {
+            Err(v["task"]["counts"].to_string())
         }
-        if started.elapsed() > timeout {
-            return Err(format!("task {task} not done after {timeout:?}: {}", v["task"]["counts"]).into());
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    })
 }
 
 /// A hand-driven terminal: initialises with a GUDID like a real one, then sends whatever frames a
@@ -605,9 +654,15 @@ pub struct RawDevice {
     pub sn: String,
     pub secrets: DeviceSecrets,
     pub client: AsyncClient,
-    events: tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>)>,
+    events: Publishes,
     counter: u64,
 }
+
+/// What an MQTT test client receives: every publish, as (topic, payload).
+pub type Publishes = tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>)>;
+
+/// How long a test client waits for its CONNACK and for its SUBACKs.
+const MQTT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Connects an MQTT client and forwards received publishes to a channel.
 pub async fn mqtt_connect(
@@ -615,7 +670,20 @@ pub async fn mqtt_connect(
     client_id: &str,
     password: &str,
     clean: bool,
-) -> TestResult<(AsyncClient, tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>)>)> {
+) -> TestResult<(AsyncClient, Publishes)> {
+    mqtt_connect_subscribed(port, client_id, password, clean, &[]).await
+}
+
+/// Connects an MQTT client, subscribes to `filters` and returns once the broker has acknowledged
+/// every subscription (its SUBACKs, whatever their codes): a publish made after this returns is
+/// routed to the client. Publishes received meanwhile are kept for the channel.
+pub async fn mqtt_connect_subscribed(
+    port: u16,
+    client_id: &str,
+    password: &str,
+    clean: bool,
+    filters: &[String],
+) -> TestResult<(AsyncClient, Publishes)> {
     let mut options = MqttOptions::new(client_id, "127.0.0.1", port);
     options.set_credentials(client_id, password);
     options.set_clean_session(clean);
@@ -624,13 +692,31 @@ pub async fn mqtt_connect(
     let (client, mut eventloop): (AsyncClient, EventLoop) = AsyncClient::new(options, 64);
     // Wait for the CONNACK (or the refusal) before returning.
     let first =
-        tokio::time::timeout(Duration::from_secs(10), eventloop.poll()).await.map_err(|_| "CONNECT timed out")?;
+        tokio::time::timeout(MQTT_HANDSHAKE_TIMEOUT, eventloop.poll()).await.map_err(|_| "CONNECT timed out")?;
     match first {
         Ok(Event::Incoming(Packet::ConnAck(ack))) if ack.code == rumqttc::ConnectReturnCode::Success => {}
         Ok(other) => return Err(format!("CONNECT refused: {other:?}").into()),
         Err(e) => return Err(format!("CONNECT failed: {e}").into()),
     }
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    for filter in filters {
+        client.subscribe(filter.as_str(), QoS::AtLeastOnce).await?;
+    }
+    let deadline = tokio::time::Instant::now() + MQTT_HANDSHAKE_TIMEOUT;
+    let mut acked = 0;
+    while acked < filters.len() {
+        let event = tokio::time::timeout_at(deadline, eventloop.poll()).await.map_err(|_| {
+            format!("{client_id}: {acked} of {} SUBACKs within {MQTT_HANDSHAKE_TIMEOUT:?}", filters.len())
+        })?;
+        match event {
+            Ok(Event::Incoming(Packet::SubAck(_))) => acked += 1,
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                let _ = tx.send((p.topic.clone(), p.payload.to_vec()));
+            }
+            Ok(_) => {}
+            Err(e) => return Err(format!("{client_id}: connection lost while subscribing: {e}").into()),
+        }
+    }
     tokio::spawn(async move {
         loop {
             match eventloop.poll().await {
@@ -653,19 +739,11 @@ impl RawDevice {
         let password = String::from_utf8(secrets.mqtt_password.expose_secret().to_vec())?;
         // An external broker may need a moment to load the new credentials (with several nodes,
         // up to the syncing node's 5 s rewrite when another node handled the CreateKey).
-        let mut attempt = 0;
-        let (client, events) = loop {
-            match mqtt_connect(port, sn, &password, false).await {
-                Ok(c) => break c,
-                Err(e) if attempt >= 100 => return Err(e),
-                Err(_) => {
-                    attempt += 1;
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-        };
-        client.subscribe(topic::device_down(sn), QoS::AtLeastOnce).await?;
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        let down = [topic::device_down(sn)];
+        let (client, events) = wait::poll_async(&format!("the broker to admit {sn}"), Duration::from_secs(15), || {
+            mqtt_connect_subscribed(port, sn, &password, false, &down)
+        })
+        .await?;
         Ok(RawDevice { sn: sn.to_string(), secrets, client, events, counter })
     }
 
@@ -673,9 +751,12 @@ impl RawDevice {
     /// returns the device's secrets, without connecting as the device.
     pub async fn initialise_secrets(port: u16, sn: &str, gudid: &str) -> TestResult<DeviceSecrets> {
         let gudid = Gudid::parse(gudid)?;
-        let (boot, mut rx) = mqtt_connect(port, &format!("init@{sn}"), &bootstrap_password(&gudid, sn), true).await?;
-        boot.subscribe(topic::device_down(sn), QoS::AtLeastOnce).await?;
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // One attempt: a refused bootstrap CONNECT is an answer some tests expect (and count).
+        // Before an external broker, wait for it to admit the identity first
+        // ([`wait_bootstrap_admitted`]).
+        let down = [topic::device_down(sn)];
+        let (boot, mut rx) =
+            mqtt_connect_subscribed(port, &format!("init@{sn}"), &bootstrap_password(&gudid, sn), true, &down).await?;
         let ephemeral = Ephemeral::random()?;
         let counter = now_us();
         let request = Body {
@@ -777,6 +858,23 @@ pub(crate) fn now_us() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
 }
 
+/// Waits until the broker on `port` admits the bootstrap identity of the first and the last of
+/// `gudids` (SN, GUDID text): an external broker loads them from the password file the gateway
+/// rewrites after a provisioning, and the simulated terminals take a refused CONNECT as final.
+pub async fn wait_bootstrap_admitted(port: u16, gudids: &[(String, String)], timeout: Duration) -> TestResult {
+    let ends = [gudids.first(), gudids.last()];
+    for (sn, gudid) in ends.into_iter().flatten() {
+        let password = bootstrap_password(&Gudid::parse(gudid)?, sn);
+        let id = format!("init@{sn}");
+        let (client, _) = wait::poll_async(&format!("the broker to admit {id}"), timeout, || {
+            mqtt_connect(port, &id, &password, true)
+        })
+        .await?;
+        let _ = client.disconnect().await;
+    }
+    Ok(())
+}
+
 /// The bootstrap identity's password for `sn` under `gudid` (PROTOCOL.md §2.2).
 pub fn bootstrap_password(gudid: &Gudid, sn: &str) -> String {
     String::from_utf8_lossy(gudid.bootstrap_password(sn).expose_secret()).into_owned()
@@ -787,14 +885,14 @@ pub fn bootstrap_password(gudid: &Gudid, sn: &str) -> String {
 pub struct RawBootstrap {
     pub sn: String,
     pub client: AsyncClient,
-    events: tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>)>,
+    events: Publishes,
 }
 
 impl RawBootstrap {
     pub async fn connect(port: u16, sn: &str, gudid: &Gudid) -> TestResult<RawBootstrap> {
-        let (client, events) = mqtt_connect(port, &format!("init@{sn}"), &bootstrap_password(gudid, sn), true).await?;
-        client.subscribe(topic::device_down(sn), QoS::AtLeastOnce).await?;
-        tokio::time::sleep(Duration::from_millis(150)).await;
+        let down = [topic::device_down(sn)];
+        let (client, events) =
+            mqtt_connect_subscribed(port, &format!("init@{sn}"), &bootstrap_password(gudid, sn), true, &down).await?;
         Ok(RawBootstrap { sn: sn.to_string(), client, events })
     }
 
@@ -828,16 +926,14 @@ impl RawBootstrap {
 /// A client that asks for `#`: records every publish the endpoint (or a broker) lets it see.
 pub struct Capture {
     pub client: AsyncClient,
-    events: tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>)>,
+    events: Publishes,
     pub seen: Vec<(String, Vec<u8>)>,
 }
 
 impl Capture {
     /// Connects as `client_id` / `password` (any identity the broker admits) and subscribes to `#`.
     pub async fn start(port: u16, client_id: &str, password: &str) -> TestResult<Capture> {
-        let (client, events) = mqtt_connect(port, client_id, password, true).await?;
-        client.subscribe("#", QoS::AtLeastOnce).await?;
-        tokio::time::sleep(Duration::from_millis(150)).await;
+        let (client, events) = mqtt_connect_subscribed(port, client_id, password, true, &["#".to_string()]).await?;
         Ok(Capture { client, events, seen: Vec::new() })
     }
 
@@ -917,6 +1013,39 @@ impl Mosquitto {
         m.wait_listening()
     }
 
+    /// Starts Mosquitto with the dynamic security plugin on `config_file` (the plugin's JSON,
+    /// which must exist: `rki-gateway dynsec-init` writes it), and no password or ACL file.
+    pub fn start_dynsec(port: u16, config_file: &Path) -> TestResult<Mosquitto> {
+        let dir = temp_dir("mosquitto");
+        let conf = dir.join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "user root\nper_listener_settings false\nlistener {port} 127.0.0.1\nallow_anonymous false\n\
+                 plugin {}\nplugin_opt_config_file {}\npersistence false\n\
+                 max_inflight_messages 1000\nmax_queued_messages 100000\nlog_dest file {}\n\
+                 log_type error\nlog_type warning\nlog_type notice\n",
+                Self::dynsec_plugin()?.display(),
+                config_file.display(),
+                dir.join("mosquitto.log").display()
+            ),
+        )?;
+        let child = Self::spawn(&conf)?;
+        let m = Mosquitto { child, port, dir };
+        m.wait_listening()
+    }
+
+    /// Debian's `mosquitto_dynamic_security.so`.
+    pub fn dynsec_plugin() -> TestResult<PathBuf> {
+        for dir in ["/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib", "/usr/local/lib"] {
+            let path = Path::new(dir).join("mosquitto_dynamic_security.so");
+            if path.exists() {
+                return Ok(path);
+            }
+        }
+        Err("mosquitto_dynamic_security.so not found (Debian's `mosquitto` package ships it)".into())
+    }
+
     fn spawn(conf: &Path) -> TestResult<Child> {
         Ok(Command::new(Self::binary()?).arg("-c").arg(conf).stdout(Stdio::null()).stderr(Stdio::null()).spawn()?)
     }
@@ -927,43 +1056,57 @@ impl Mosquitto {
     pub fn terminate_and_restart(&mut self) -> TestResult<Duration> {
         let stopped = Instant::now();
         Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status()?;
-        loop {
-            if self.child.try_wait()?.is_some() {
-                break;
-            }
-            if stopped.elapsed() > MOSQUITTO_STOP_TIMEOUT {
-                return Err(format!("mosquitto did not exit within {MOSQUITTO_STOP_TIMEOUT:?} of SIGTERM").into());
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let child = &mut self.child;
+        wait::poll("mosquitto to exit after SIGTERM", MOSQUITTO_STOP_TIMEOUT, || match child.try_wait() {
+            Ok(Some(_)) => Ok(()),
+            Ok(None) => Err("still running".into()),
+            Err(e) => Err(e.to_string()),
+        })?;
         self.child = Self::spawn(&self.dir.join("mosquitto.conf"))?;
-        let started = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            if let Some(status) = self.child.try_wait()? {
-                return Err(format!("mosquitto exited after a restart: {status}; log: {}", self.log()).into());
-            }
-            if started.elapsed() > Duration::from_secs(10) {
-                return Err("mosquitto did not listen again within 10 s".into());
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        self.wait_port()?;
         Ok(stopped.elapsed())
     }
 
     fn wait_listening(mut self) -> TestResult<Mosquitto> {
-        let m = &mut self;
-        let port = m.port;
-        let started = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if let Some(status) = m.child.try_wait()? {
-                return Err(format!("mosquitto exited: {status}; log: {}", m.log()).into());
-            }
-            if started.elapsed() > Duration::from_secs(10) {
-                return Err("mosquitto did not listen within 10 s".into());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.wait_port()?;
         Ok(self)
+    }
+
+    /// Waits until the broker accepts TCP connections on its port (an error at once if it exits).
+    fn wait_port(&mut self) -> TestResult {
+        let port = self.port;
+        let child = &mut self.child;
+        let exited = wait::poll(&format!("mosquitto to listen on {port}"), Duration::from_secs(10), || {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Ok(Some(status));
+            }
+            std::net::TcpStream::connect(("127.0.0.1", port)).map(|_| None).map_err(|e| e.to_string())
+        })?;
+        match exited {
+            Some(status) => Err(format!("mosquitto exited: {status}; log: {}", self.log()).into()),
+            None => Ok(()),
+        }
+    }
+
+    /// Waits until the client `client_id` (a gateway node) has `count` subscriptions in the
+    /// broker's log (the configuration logs every SUBSCRIBE): from then on, what devices publish
+    /// reaches it.
+    pub fn wait_subscribed(&self, client_id: &str, count: usize, timeout: Duration) -> TestResult {
+        wait::poll(&format!("{client_id} to subscribe {count} time(s) on mosquitto"), timeout, || {
+            let seen = self.subscriptions(client_id);
+            if seen >= count {
+                Ok(())
+            } else {
+                Err(format!("{seen} subscription line(s)"))
+            }
+        })
+    }
+
+    /// How many SUBSCRIBE filters of `client_id` the broker's log shows so far (lines
+    /// `<time>: <client id> <qos> <filter>`; the log survives a restart of the broker).
+    pub fn subscriptions(&self, client_id: &str) -> usize {
+        let needle = format!(": {client_id} ");
+        self.log().lines().filter(|l| l.contains(&needle)).count()
     }
 
     pub fn log(&self) -> String {

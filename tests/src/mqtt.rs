@@ -428,18 +428,10 @@ impl Terminal {
     }
 }
 
-/// Polls `condition` every 20 ms until it holds or `timeout` passes; the error names `what`.
-pub fn wait_for(timeout: Duration, what: &str, mut condition: impl FnMut() -> bool) -> TestResult<Duration> {
-    let started = Instant::now();
-    loop {
-        if condition() {
-            return Ok(started.elapsed());
-        }
-        if started.elapsed() > timeout {
-            return Err(format!("{what}: not within {timeout:?}").into());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+/// Polls `condition` until it holds or `timeout` passes; the error names `what`
+/// ([`crate::wait::until`]).
+pub fn wait_for(timeout: Duration, what: &str, condition: impl FnMut() -> bool) -> TestResult<Duration> {
+    crate::wait::until(what, timeout, condition)
 }
 
 /// Whether the admin API shows `sn` online.
@@ -510,13 +502,13 @@ pub fn run_bounded(mut command: Command, timeout: Duration) -> TestResult<std::p
 
 /// Waits for a child's output, killing it after `timeout` (its output so far is kept).
 pub fn wait_output(mut child: std::process::Child, timeout: Duration) -> TestResult<std::process::Output> {
-    let started = Instant::now();
-    while child.try_wait()?.is_none() {
-        if started.elapsed() > timeout {
-            let _ = child.kill();
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    let exited = crate::wait::poll("a child process to exit", timeout, || match child.try_wait() {
+        Ok(Some(_)) => Ok(()),
+        Ok(None) => Err("running".to_string()),
+        Err(e) => Err(e.to_string()),
+    });
+    if exited.is_err() {
+        let _ = child.kill();
     }
     Ok(child.wait_with_output()?)
 }

@@ -93,6 +93,25 @@ fn free_port() -> Result<u16, String> {
     listener.local_addr().map(|a| a.port()).map_err(|e| format!("probe a free port: {e}"))
 }
 
+/// Whether a test that needs a PostgreSQL server should run here. With the server's binaries
+/// installed: yes. Without them, the fast tier (`cargo test`, which needs nothing but Cargo) skips
+/// it with a note on stderr, while the full tier (`scripts/test`, which sets `RKI_TEST_FULL=1`
+/// after installing PostgreSQL) fails it, naming the package to install: there a missing server
+/// is a broken machine, not a reason to skip.
+pub fn installed_or_skip(test: &str) -> bool {
+    match find_bindir() {
+        Ok(_) => true,
+        Err(missing) if std::env::var_os(FULL_TIER_ENV).is_some() => panic!("{test}: {missing}"),
+        Err(_) => {
+            eprintln!("{test}: skipped, PostgreSQL is not installed (scripts/test installs it and runs this)");
+            false
+        }
+    }
+}
+
+/// Set by `scripts/test`: every service the full tier installs must be there.
+pub const FULL_TIER_ENV: &str = "RKI_TEST_FULL";
+
 impl PgServer {
     /// Creates a cluster in a new temporary directory and starts it on a free loopback port.
     pub fn start() -> Result<Self, String> {
@@ -200,12 +219,14 @@ impl PgServer {
     /// A shell that waits for this process to end, then stops the server and removes its
     /// directory: the cleanup for servers held in statics, which Rust never drops. SIGQUIT is
     /// the immediate shutdown (no checkpoint for a cluster about to be deleted); root may signal
-    /// the server whoever runs it.
+    /// the server whoever runs it. The first loop lives as long as the test process (it is the
+    /// point: the watchdog outlives it by a second at most); the second is bounded (30 s).
     fn spawn_watchdog(&self) -> std::io::Result<Child> {
         let script = format!(
             "while kill -0 {pid} 2>/dev/null; do sleep 1; done; \
              pg=$(head -n 1 '{data}/postmaster.pid' 2>/dev/null); \
-             if [ -n \"$pg\" ]; then kill -QUIT \"$pg\"; while kill -0 \"$pg\" 2>/dev/null; do sleep 0.2; done; fi; \
+             if [ -n \"$pg\" ]; then kill -QUIT \"$pg\"; n=0; \
+             while kill -0 \"$pg\" 2>/dev/null && [ $n -lt 150 ]; do sleep 0.2; n=$((n+1)); done; fi; \
              rm -rf '{dir}'",
             pid = std::process::id(),
             data = self.data().display(),
@@ -222,6 +243,34 @@ impl PgServer {
 
     /// The postmaster's process id (the first line of `postmaster.pid`), for `/proc` readings;
     /// the server's other processes are its children.
+    /// Turns TLS on (`ssl = on`) with this certificate chain and key (PEM), and restarts the
+    /// server; plain connections stay allowed (`pg_hba` trusts loopback either way), so that a
+    /// test can tell which one a client made (`pg_stat_ssl`).
+    pub fn enable_tls(&self, cert_pem: &str, key_pem: &str) -> Result<(), String> {
+        let data = self.data();
+        let write = |name: &str, text: &str| -> Result<(), String> {
+            use std::os::unix::fs::PermissionsExt;
+            let path = data.join(name);
+            std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            if let Some(user) = self.run_as {
+                let (uid, gid) = (id_of("-u", user)?, id_of("-g", user)?);
+                std::os::unix::fs::chown(&path, Some(uid), Some(gid))
+                    .map_err(|e| format!("chown {}: {e}", path.display()))?;
+            }
+            Ok(())
+        };
+        write("server.crt", cert_pem)?;
+        write("server.key", key_pem)?;
+        let conf = data.join("postgresql.conf");
+        let mut text = std::fs::read_to_string(&conf).map_err(|e| format!("{}: {e}", conf.display()))?;
+        text.push_str("\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
+        std::fs::write(&conf, text).map_err(|e| format!("{}: {e}", conf.display()))?;
+        self.stop()?;
+        self.start_again()
+    }
+
     /// Stops the server (fast shutdown: sessions are ended, nothing committed is lost), as an
     /// outage does.
     pub fn stop(&self) -> Result<(), String> {

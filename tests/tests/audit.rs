@@ -33,7 +33,7 @@ fn every_operator_change_is_audited_with_a_readable_object_and_no_key_material()
     for device in fleet.devices() {
         rt.block_on(device.power_off())?;
     }
-    std::thread::sleep(Duration::from_millis(300));
+    gw.wait_online(&devices, false)?;
     api.ok_post("/v1/assignments", &json!({"sns": [devices[0], devices[1]], "key_source": "bdk-test"}))?;
     let task = create_task(&api, &json!({"group": "audited"}))?;
     api.ok_post(&format!("/v1/tasks/{task}/stop"), &json!({}))?;
@@ -82,5 +82,34 @@ fn every_operator_change_is_audited_with_a_readable_object_and_no_key_material()
         "{rival_log:?}"
     );
     rt.block_on(fleet.shutdown());
+    Ok(())
+}
+
+/// The gateway SIGKILLs itself at the crash point named in its environment (`RKI_CRASH_POINT`):
+/// right after an action's transaction committed, where its audit entry used to be written on
+/// its own, or inside that transaction before the commit. After the restart, the action and its
+/// audit entry are both there, or neither is.
+#[test]
+fn an_action_and_its_audit_entry_survive_a_sigkill_together_or_not_at_all() -> TestResult {
+    use std::os::unix::process::ExitStatusExt;
+    for (point, kept) in [("group.create", true), ("group.create@transaction", false)] {
+        let crash = vec![("RKI_CRASH_POINT".to_string(), point.to_string())];
+        let mut gw = GatewayProcess::start(GatewayOptions { env: crash, ..GatewayOptions::default() })?;
+        let api = gw.api();
+        let (status, answer) = api.post("/v1/groups", &json!({"name": "crashed"}));
+        assert_eq!(status, 0, "{point}: the gateway answered instead of dying: {answer}");
+        let exit = gw.wait_exit(Duration::from_secs(10))?;
+        assert_eq!(exit.signal(), Some(9), "{point}: not killed by SIGKILL: {exit:?}");
+        gw.set_env(Vec::new());
+        gw.start_again()?;
+        let groups = api.ok("/v1/groups")?;
+        let exists = groups["groups"].as_array().is_some_and(|g| g.iter().any(|g| g["name"] == "crashed"));
+        let log = entries(&api.ok("/v1/audit")?);
+        let audited = find(&log, "group.create", "group:crashed").is_some();
+        assert_eq!((exists, audited), (kept, kept), "{point}: group there {exists}, audited {audited}: {log:?}");
+        // The store goes on: the group is created again, or is there already.
+        let (status, _) = api.post("/v1/groups", &json!({"name": "crashed"}));
+        assert_eq!(status, if kept { 409 } else { 201 }, "{point}");
+    }
     Ok(())
 }

@@ -13,7 +13,8 @@ use rki_protocol::frame;
 use rki_protocol::message::{Body, Message};
 use rki_protocol::topic;
 use rki_tests::{
-    create_task, free_port, provision, sns, wait_task, GatewayOptions, GatewayProcess, Mosquitto, RawDevice, TestResult,
+    cluster::NODE_SUBSCRIPTIONS, create_task, free_port, provision, sns, wait, wait_bootstrap_admitted, wait_task,
+    GatewayOptions, GatewayProcess, Mosquitto, RawDevice, TestResult,
 };
 use serde_json::json;
 
@@ -82,23 +83,20 @@ fn one_restart_mid_push(run: usize, persistence: Persistence) -> TestResult {
     let rt = common::runtime();
     let port = free_port();
     let gw = GatewayProcess::start(GatewayOptions { config_toml: Some(external_config(port)), ..Default::default() })?;
-    let started = Instant::now();
-    while !gw.dir.join("mosq.acl").exists() {
-        if started.elapsed() > Duration::from_secs(10) {
-            return Err(format!("the gateway wrote no ACL file: {}", gw.log_tail()).into());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait::until("the gateway to write its ACL file", Duration::from_secs(10), || gw.dir.join("mosq.acl").exists())
+        .map_err(|e| format!("{e}: {}", gw.log_tail()))?;
     let (passwd, acl, pid) = (gw.dir.join("mosq.passwd"), gw.dir.join("mosq.acl"), gw.dir.join("mosq.pid"));
     let mut mosquitto = match persistence {
         Persistence::On => Mosquitto::start_persistent(port, &passwd, &acl, &pid)?,
         Persistence::Off => Mosquitto::start(port, &passwd, &acl, &pid)?,
     };
-    std::thread::sleep(Duration::from_millis(1500));
+    // The gateway connects (it retries every second) and subscribes.
+    gw.wait_metric("rki_broker_up", Duration::from_secs(15), |v| v >= 1.0)?;
+    mosquitto.wait_subscribed("rki-gateway-1", NODE_SUBSCRIPTIONS, Duration::from_secs(15))?;
     let api = gw.api();
     let prefix = if persistence == Persistence::On { format!("BR{run:02}X") } else { "BRNOPX".to_string() };
     let provisioned = provision(&gw, &sns(&prefix, DEVICES), "restart")?;
-    std::thread::sleep(Duration::from_millis(500));
+    rt.block_on(wait_bootstrap_admitted(mosquitto.port, &provisioned.gudids, Duration::from_secs(15)))?;
     let mut config = common::fleet_config(mosquitto.port, &provisioned, Knobs::default())?;
     config.brokers = Brokers::one(BrokerAddr::new("127.0.0.1", mosquitto.port));
     let fleet = rt.block_on(common::spawn_fleet(config, Duration::from_secs(90)))?;
@@ -111,17 +109,15 @@ fn one_restart_mid_push(run: usize, persistence: Persistence) -> TestResult {
         Ok::<(), rki_device_sim::DeviceError>(())
     })?;
     let task = create_task(&api, &json!({"group": "restart"}))?;
-    let waited = Instant::now();
-    let at_restart = loop {
-        let succeeded = api.ok(&format!("/v1/tasks/{task}?limit=0"))?["task"]["counts"]["succeeded"].as_i64();
-        if succeeded.unwrap_or(0) >= (DEVICES / 5) as i64 {
-            break succeeded.unwrap_or(0);
+    let at_restart = wait::poll(&format!("run {run}: the push to start"), Duration::from_secs(60), || {
+        let v = api.ok(&format!("/v1/tasks/{task}?limit=0")).map_err(|e| e.to_string())?;
+        let succeeded = v["task"]["counts"]["succeeded"].as_i64().unwrap_or(0);
+        if succeeded >= (DEVICES / 5) as i64 {
+            Ok(succeeded)
+        } else {
+            Err(v["task"]["counts"].to_string())
         }
-        if waited.elapsed() > Duration::from_secs(60) {
-            return Err(format!("run {run}: the push did not start").into());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    })?;
     let down = mosquitto.terminate_and_restart()?;
     let restarted = Instant::now();
     eprintln!("run {run}: Mosquitto restarted ({} ms down) with {at_restart} records", down.as_millis());
@@ -173,14 +169,7 @@ fn online(gw: &GatewayProcess, sn: &str) -> TestResult<bool> {
 }
 
 fn wait_online(gw: &GatewayProcess, sn: &str, wanted: bool) -> TestResult {
-    let started = Instant::now();
-    while online(gw, sn)? != wanted {
-        if started.elapsed() > Duration::from_secs(10) {
-            return Err(format!("{sn} did not become online = {wanted} within 10 s").into());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(())
+    gw.wait_online(&[sn], wanted)
 }
 
 #[test]
@@ -198,13 +187,8 @@ fn a_late_bye_from_before_the_latest_hello_does_not_mark_the_device_offline() ->
     let stale = "rki_rejected_messages_total{kind=\"bye\",reason=\"stale_bye\"}";
     let before = gw.metric(stale);
     rt.block_on(device.publish_raw(&topic::device_up(&sn), earlier_will))?;
-    let started = Instant::now();
-    while gw.metric(stale) <= before {
-        if started.elapsed() > Duration::from_secs(10) {
-            return Err(format!("the late bye was not counted as stale; online = {}", online(&gw, &sn)?).into());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    gw.wait_metric(stale, Duration::from_secs(10), |v| v > before)
+        .map_err(|e| format!("the late bye was not counted as stale ({e}); online = {:?}", online(&gw, &sn)))?;
     assert!(online(&gw, &sn)?, "a bye from before the latest hello took the device offline");
     // The will of the current session carries the counter of its hello: it counts.
     let current_will = Body { party: sn.clone(), counter: device.next_counter(), message: Message::Bye };

@@ -54,6 +54,7 @@ fn a_rogue_terminal_can_neither_see_nor_publish_on_another_terminals_topics() ->
         Body { party: victim.clone(), counter: u64::MAX - 1, message: Message::Unlock(Unlock { unlock_id: 1 }) };
     let _ =
         rt.block_on(rogue.publish_raw(&topic::device_down(victim), frame::seal(&rogue.secrets.signing_key, &unlock)?));
+    // Time passing is the point: nothing may happen within 2 s (there is no event to wait for).
     std::thread::sleep(Duration::from_secs(2));
 
     // Nothing changed: no record, no injection, every victim still locked.

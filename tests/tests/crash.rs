@@ -3,11 +3,11 @@
 mod common;
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rki_device_sim::Knobs;
 use rki_tests::{
-    create_task, expected_kcv, provision, sns, wait_task_done, GatewayOptions, GatewayProcess, TestResult,
+    create_task, expected_kcv, provision, sns, wait_task, wait_task_done, GatewayOptions, GatewayProcess, TestResult,
 };
 use serde_json::json;
 
@@ -24,15 +24,8 @@ fn sigkill_mid_push_of_2000_devices_loses_nothing_and_records_each_device_once()
         Duration::from_secs(120),
     ))?;
     let task = create_task(&api, &json!({"group": "fleet"}))?;
-    let started = Instant::now();
     // Kill once some acks are durable and many are not.
-    loop {
-        let counts = api.ok(&format!("/v1/tasks/{task}"))?["task"]["counts"].clone();
-        if counts["succeeded"].as_i64().unwrap_or(0) >= 1 || started.elapsed() > Duration::from_secs(30) {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_task(&api, task, Duration::from_secs(30), |c| c["succeeded"].as_i64().unwrap_or(0) >= 1)?;
     gw.kill()?;
     let installed_at_kill = fleet.snapshot().keys_installed;
     // The broker restarts with no sessions; devices reconnect and say hello.

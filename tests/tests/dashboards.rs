@@ -360,7 +360,7 @@ fn every_dashboard_and_alert_expression_evaluates_against_a_live_prometheus() ->
     for device in devices.iter_mut().take(2) {
         rt.block_on(device.send(RawDevice::hello(false)))?;
     }
-    std::thread::sleep(Duration::from_millis(300));
+    gw.wait_online(&[&devices[0].sn, &devices[1].sn], true)?;
     let task = create_task(&api, &json!({"group": "shop", "expiry_days": 3}))?;
     rt.block_on(devices[2].send(RawDevice::hello(false)))?;
     for device in devices.iter_mut().take(3) {

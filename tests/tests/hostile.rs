@@ -19,14 +19,8 @@ fn rejected(gw: &GatewayProcess, kind: &str, reason: &str) -> f64 {
 
 /// Polls until the rejection counter reaches `at_least`.
 fn wait_rejected(gw: &GatewayProcess, kind: &str, reason: &str, at_least: f64) -> TestResult {
-    for _ in 0..100 {
-        if rejected(gw, kind, reason) >= at_least {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Err(format!("rki_rejected_messages_total{{kind={kind},reason={reason}}} stayed at {}", rejected(gw, kind, reason))
-        .into())
+    let sample = format!("rki_rejected_messages_total{{kind=\"{kind}\",reason=\"{reason}\"}}");
+    gw.wait_metric(&sample, Duration::from_secs(5), |v| v >= at_least).map(drop)
 }
 
 async fn download(device: &mut RawDevice) -> TestResult<Download> {
@@ -48,7 +42,7 @@ fn hostile_acks_change_nothing_and_are_counted_then_the_honest_ack_succeeds() ->
     let mut b = rt.block_on(RawDevice::initialise(gw.mqtt_port, &sn_b, &gudid_b))?;
     rt.block_on(a.send(RawDevice::hello(false)))?;
     rt.block_on(b.send(RawDevice::hello(false)))?;
-    std::thread::sleep(Duration::from_millis(300));
+    gw.wait_online(&[&sn_a, &sn_b], true)?;
     let task = create_task(&api, &json!({"group": "pair"}))?;
     let da = rt.block_on(download(&mut a))?;
     let db = rt.block_on(download(&mut b))?;
@@ -90,16 +84,8 @@ fn hostile_acks_change_nothing_and_are_counted_then_the_honest_ack_succeeds() ->
         rki_protocol::message::Body { party: sn_a.clone(), counter: b.next_counter(), message: RawDevice::ack(&da) };
     let frame = rki_protocol::frame::seal(&b.secrets.signing_key, &body)?;
     let _ = rt.block_on(b.publish_raw(&topic::device_up(&sn_a), frame));
-    for _ in 0..100 {
-        if gw.metric("rki_mqtt_refusals_total{reason=\"foreign_publish\"}") >= 1.0 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert!(
-        gw.metric("rki_mqtt_refusals_total{reason=\"foreign_publish\"}") >= 1.0,
-        "the foreign publish was not refused"
-    );
+    gw.wait_metric("rki_mqtt_refusals_total{reason=\"foreign_publish\"}", Duration::from_secs(5), |v| v >= 1.0)
+        .map_err(|e| format!("the foreign publish was not refused: {e}"))?;
     assert_eq!(rejected(&gw, "ack", "bad_mac"), bad_mac_before, "the foreign frame reached the engine");
     assert_eq!(api.ok("/v1/records")?["records"].as_array().map(Vec::len), Some(2));
     Ok(())

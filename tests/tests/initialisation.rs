@@ -11,7 +11,7 @@ use rki_protocol::init::Gudid;
 use rki_protocol::message::{Message, RefusalCode};
 use rki_protocol::{tr31, SecretBytes, SymmetricKey};
 use rki_tests::{
-    create_task, provision, sns, wait_task, GatewayOptions, GatewayProcess, RawBootstrap, RawDevice, TestResult,
+    create_task, provision, sns, wait, wait_task, GatewayOptions, GatewayProcess, RawBootstrap, RawDevice, TestResult,
 };
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -81,7 +81,6 @@ fn every_bad_gudid_is_refused_clearly_counted_and_changes_nothing() -> TestResul
     // A GUDID past 72 hours, on the injected clock.
     let mut other_boot = rt.block_on(RawBootstrap::connect(gw.mqtt_port, &other_sn, &Gudid::parse(&other_gudid)?))?;
     gw.advance_days(3)?;
-    std::thread::sleep(Duration::from_millis(10));
     let _ = gw.key_owner().post("/v1/admin/clock", &json!({"advance_seconds": 60}));
     rt.block_on(other_boot.send(RawBootstrap::create_key(&other_sn, &Gudid::parse(&other_gudid)?)?))?;
     assert_eq!(refusal(rt.block_on(other_boot.next(Duration::from_secs(5)))?)?, RefusalCode::GudidExpired);
@@ -103,7 +102,7 @@ fn after_reinitialisation_the_old_key_is_refused_and_the_pending_key_comes_under
     let (sn, gudid) = provisioned.gudids[0].clone();
     let mut old = rt.block_on(RawDevice::initialise(gw.mqtt_port, &sn, &gudid))?;
     rt.block_on(old.send(RawDevice::hello(false)))?;
-    std::thread::sleep(Duration::from_millis(200));
+    gw.wait_online(&[&sn], true)?;
     let task = create_task(&api, &json!({"group": "r"}))?;
     let Message::Download(first) = rt.block_on(old.next_down(Duration::from_secs(5)))? else {
         return Err("no download".into());
@@ -118,13 +117,9 @@ fn after_reinitialisation_the_old_key_is_refused_and_the_pending_key_comes_under
     // (Sent over the new connection: the broker dropped the old session when the new one came.)
     let old_key = old.secrets.signing_key.clone_secret();
     rt.block_on(new.send_with(&old_key, RawDevice::ack(&first)))?;
-    for _ in 0..100 {
-        if gw.metric("rki_rejected_messages_total{kind=\"ack\",reason=\"bad_mac\"}") > before {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert!(gw.metric("rki_rejected_messages_total{kind=\"ack\",reason=\"bad_mac\"}") > before);
+    gw.wait_metric("rki_rejected_messages_total{kind=\"ack\",reason=\"bad_mac\"}", Duration::from_secs(5), |v| {
+        v > before
+    })?;
     assert_eq!(api.ok(&format!("/v1/tasks/{task}"))?["task"]["status"], "unfinished");
     // The pending execution is re-wrapped for the new key-block protection key.
     rt.block_on(new.send(RawDevice::hello(false)))?;
@@ -202,22 +197,28 @@ fn a_full_capture_and_the_gudid_reveal_neither_device_keys_nor_the_injected_key(
     let tap = Tap::start(gw.mqtt_port)?;
     let mut victim = rt.block_on(RawDevice::initialise(tap.port, &sn, &gudid_text))?;
     rt.block_on(victim.send(RawDevice::hello(false)))?;
-    std::thread::sleep(Duration::from_millis(200));
+    gw.wait_online(&[&sn], true)?;
     let task = create_task(&api, &json!({"sns": [sn.clone()]}))?;
     let Message::Download(d) = rt.block_on(victim.next_down(Duration::from_secs(5)))? else {
         return Err("no download".into());
     };
     rt.block_on(victim.send(RawDevice::ack(&d)))?;
     wait_task(&api, task, Duration::from_secs(5), |c| c["succeeded"] == 1)?;
-    std::thread::sleep(Duration::from_millis(300));
-    let captured = tap.publishes();
-    let kinds: Vec<String> = captured
-        .iter()
-        .filter_map(|(_, b)| frame::open(b).ok().map(|u| u.peek().message.kind().as_str().to_string()))
-        .collect();
-    for kind in ["create_key", "create_key_answer", "hello", "download", "ack"] {
-        assert!(kinds.iter().any(|k| k == kind), "the capture misses {kind}: {kinds:?}");
-    }
+    // The relay records what it forwarded: wait until the capture holds every kind of frame.
+    let captured = wait::poll("the tap to have recorded the whole exchange", Duration::from_secs(5), || {
+        let captured = tap.publishes();
+        let kinds: Vec<String> = captured
+            .iter()
+            .filter_map(|(_, b)| frame::open(b).ok().map(|u| u.peek().message.kind().as_str().to_string()))
+            .collect();
+        match ["create_key", "create_key_answer", "hello", "download", "ack"]
+            .iter()
+            .find(|k| !kinds.iter().any(|s| s == *k))
+        {
+            None => Ok(captured),
+            Some(missing) => Err(format!("no {missing} in {kinds:?}")),
+        }
+    })?;
     // The secrets the insider is after.
     let ipek = {
         let bdk = SymmetricKey::tdes_from_hex(rki_tests::TEST_BDK)?;

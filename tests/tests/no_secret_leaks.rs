@@ -102,12 +102,7 @@ fn no_secret_reaches_the_log_the_metrics_the_api_or_the_store() -> TestResult {
     let bdk = SymmetricKey::tdes_from_hex(TEST_BDK)?;
     for device in &mut devices {
         rt.block_on(device.send(RawDevice::hello(false)))?;
-        let path = format!("/v1/devices/{}", device.sn);
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while api.ok(&path)?["device"]["online"] != true {
-            assert!(std::time::Instant::now() < deadline, "{} never came online: {}", device.sn, api.ok(&path)?);
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        gw.wait_online(&[&device.sn], true)?;
     }
     let task = create_task(&api, &json!({"group": "leak"}))?;
     for device in &mut devices {

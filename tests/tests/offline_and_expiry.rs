@@ -23,7 +23,7 @@ fn a_device_powered_off_at_task_creation_gets_its_key_at_power_on() -> TestResul
     ))?;
     let sleeper = &fleet.devices()[0];
     rt.block_on(sleeper.power_off())?;
-    std::thread::sleep(Duration::from_millis(300));
+    gw.wait_online(&[sleeper.sn()], false)?;
     let task = create_task(&api, &json!({"group": "shelf"}))?;
     let t = wait_task(&api, task, Duration::from_secs(20), |c| c["succeeded"] == 2)?;
     assert_eq!(t["task"]["status"], "unfinished", "the powered-off device is still pending");
@@ -136,15 +136,7 @@ fn every_send_is_counted_whether_the_ack_comes_at_once_later_or_not_before_a_sto
         devices.push(device);
     }
     // Every hello handled before the task exists, so its creation is the one send.
-    let started = std::time::Instant::now();
-    for (sn, _) in &provisioned.gudids {
-        while api.ok(&format!("/v1/devices/{sn}"))?["device"]["online"] != true {
-            if started.elapsed() > Duration::from_secs(10) {
-                return Err(format!("{sn} is not online 10 s after its hello").into());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
+    gw.wait_online(&provisioned.sns, true)?;
     let task = create_task(&api, &json!({"group": "sends"}))?;
     let mut downloads = Vec::new();
     for device in devices.iter_mut() {

@@ -87,7 +87,7 @@ fn a_real_prometheus_scrapes_a_push_and_sees_every_series_with_its_value() -> Te
     for device in devices.iter_mut().take(5) {
         rt.block_on(device.send(RawDevice::hello(false)))?;
     }
-    std::thread::sleep(Duration::from_millis(300));
+    gw.wait_online(&devices.iter().take(5).map(|d| d.sn.clone()).collect::<Vec<_>>(), true)?;
     let task = create_task(&api, &json!({"group": "shop", "expiry_days": 1}))?;
     for device in devices.iter_mut().take(5) {
         let d = rt.block_on(download(device))?;

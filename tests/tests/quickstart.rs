@@ -381,6 +381,7 @@ fn the_sample_config_names_every_option_and_loads_as_shipped_and_fully_uncomment
         ("[mqtt]", struct_fields(&source, "MqttConfig")),
         ("[broker]", struct_fields(&source, "ExternalBroker")),
         ("[broker.mosquitto_sync]", struct_fields(&source, "MosquittoSync")),
+        ("[broker.dynsec]", struct_fields(&source, "Dynsec")),
     ];
     assert!(sections[0].1.len() >= 8, "read only {:?} from config.rs", sections[0].1);
     // Each option, in its section: `name = …`, commented out or not, with its comment above.

@@ -8,7 +8,7 @@ use rki_device_sim::Knobs;
 use rki_protocol::message::{Ack, Message};
 use rki_protocol::terminal::InjectionType;
 use rki_tests::{
-    create_task, provision, sns, wait_task, wait_task_done, GatewayOptions, GatewayProcess, RawDevice, TestResult,
+    create_task, provision, sns, wait, wait_task, wait_task_done, GatewayOptions, GatewayProcess, RawDevice, TestResult,
 };
 use serde_json::json;
 
@@ -25,7 +25,9 @@ fn stopping_a_task_mid_push_terminates_the_rest_as_manually_terminated() -> Test
     for device in &fleet.devices()[3..] {
         rt.block_on(device.power_off())?;
     }
-    std::thread::sleep(Duration::from_millis(300));
+    wait::until("the three terminals to be powered off and disconnected", Duration::from_secs(10), || {
+        fleet.devices()[3..].iter().all(|d| !d.status().powered && !d.status().connected)
+    })?;
     let task = create_task(&api, &json!({"group": "stop"}))?;
     wait_task(&api, task, Duration::from_secs(20), |c| c["succeeded"] == 3)?;
     let (status, v) = api.post(&format!("/v1/tasks/{task}/stop"), &json!({}));
@@ -42,6 +44,9 @@ fn stopping_a_task_mid_push_terminates_the_rest_as_manually_terminated() -> Test
     for device in &fleet.devices()[3..] {
         rt.block_on(device.power_on())?;
     }
+    // Back online (their hellos handled), and then a second to act on anything sent: time
+    // passing is the point (nothing may arrive; there is no event to wait for).
+    gw.wait_online(&fleet.devices()[3..].iter().map(|d| d.sn().to_string()).collect::<Vec<_>>(), true)?;
     std::thread::sleep(Duration::from_secs(1));
     for device in &fleet.devices()[3..] {
         assert_eq!(device.status().injections, 0);
@@ -81,12 +86,9 @@ fn unlock_then_a_new_task_injects_again() -> TestResult {
     // Unlock: the device obeys the signed unlock and reports itself unlocked.
     api.ok_post(&format!("/v1/devices/{}/unlock", device.sn()), &json!({}))?;
     rt.block_on(device.wait_for("unlocked", Duration::from_secs(10), |s| !s.locked))?;
-    for _ in 0..100 {
-        if api.ok(&format!("/v1/devices/{}", device.sn()))?["device"]["lock"] == "ready" {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait::until("the API to show the device ready", Duration::from_secs(5), || {
+        api.ok(&format!("/v1/devices/{}", device.sn())).is_ok_and(|v| v["device"]["lock"] == "ready")
+    })?;
     let second = create_task(&api, &json!({"group": "u"}))?;
     let done = wait_task_done(&api, second, Duration::from_secs(20))?;
     assert_eq!(done["task"]["counts"]["succeeded"], 1);

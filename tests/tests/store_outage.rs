@@ -4,10 +4,10 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rki_tests::pg::PgServer;
-use rki_tests::{GatewayOptions, GatewayProcess, TestResult};
+use rki_tests::{wait, GatewayOptions, GatewayProcess, TestResult};
 
 fn import(gw: &GatewayProcess, prefix: &str, n: usize) -> (u16, serde_json::Value) {
     let csv = std::iter::once("sn,model".to_string())
@@ -41,15 +41,12 @@ fn a_postgresql_outage_is_answered_with_503_and_survived_with_nothing_lost() -> 
     assert_eq!(status, 200, "the process itself is alive");
 
     pg.start_again()?;
-    let started = Instant::now();
-    loop {
-        let (status, health) = gw.api().get("/healthz");
-        if status == 200 {
-            break;
+    wait::poll("/healthz to answer 200 after the database returned", Duration::from_secs(30), || {
+        match gw.api().get("/healthz") {
+            (200, _) => Ok(()),
+            (status, health) => Err(format!("{status} {health}")),
         }
-        assert!(started.elapsed() < Duration::from_secs(30), "not healthy 30 s after the database returned: {health}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    })?;
     let v = gw.api().ok("/v1/devices?limit=1")?;
     assert_eq!(v["total"], 50, "{v}");
     let (status, v) = import(&gw, "PGBACK", 50);
@@ -76,14 +73,17 @@ fn acks_during_a_postgresql_outage_are_counted_as_store_unavailable_and_recorded
         Duration::from_secs(60),
     ))?;
     let task = rki_tests::create_task(&api, &serde_json::json!({"group": "fleet"}))?;
-    std::thread::sleep(Duration::from_millis(500));
+    // Every download is out before the database goes down.
+    gw.wait_metric("rki_deliveries_total", Duration::from_secs(20), |v| v >= 40.0)?;
     pg.stop()?;
     // Every ack arrives while the database is down.
-    std::thread::sleep(Duration::from_secs(4));
+    wait::until("every terminal to ack during the outage", Duration::from_secs(30), || {
+        fleet.snapshot().acks_sent >= 40
+    })?;
     let unavailable = gw.metric("rki_rejected_messages_total{kind=\"ack\",reason=\"store_unavailable\"}");
-    let unknown = gw.metric("rki_rejected_messages_total{kind=\"ack\",reason=\"unknown_execution\"}");
     pg.start_again()?;
     let done = rki_tests::wait_task_done(&api, task, Duration::from_secs(90))?;
+    let unknown = gw.metric("rki_rejected_messages_total{kind=\"ack\",reason=\"unknown_execution\"}");
     assert_eq!(done["task"]["counts"]["succeeded"], 40, "{done}");
     assert_eq!(unknown, 0.0, "acks during the outage were taken for unknown executions");
     let records = api.ok(&format!("/v1/records?task={task}"))?["records"].as_array().cloned().unwrap_or_default();

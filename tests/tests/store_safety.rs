@@ -10,7 +10,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use rki_device_sim::Knobs;
-use rki_tests::{create_task, provision, sns, temp_dir, wait_task_done, GatewayOptions, GatewayProcess, TestResult};
+use rki_tests::{
+    create_task, provision, sns, temp_dir, wait_task, wait_task_done, GatewayOptions, GatewayProcess, TestResult,
+};
 use serde_json::{json, Value};
 
 fn store(gw: &GatewayProcess) -> PathBuf {
@@ -143,11 +145,7 @@ fn a_backup_taken_during_a_push_of_2000_terminals_restores_to_a_consistent_store
     ))?;
     let task = create_task(&api, &json!({"group": "fleet"}))?;
     // Back up once some acks are recorded and many are not.
-    let started = Instant::now();
-    while api.ok(&format!("/v1/tasks/{task}"))?["task"]["counts"]["succeeded"].as_i64().unwrap_or(0) < 1 {
-        assert!(started.elapsed() < Duration::from_secs(60), "no ack within 60 s");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_task(&api, task, Duration::from_secs(60), |c| c["succeeded"].as_i64().unwrap_or(0) >= 1)?;
     let copy = gw.dir.join("backup.sqlite");
     let out = gw.offline(&["backup", copy.to_str().ok_or("path")?])?;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

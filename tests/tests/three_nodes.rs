@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 use rki_device_sim::{BrokerAddr, Brokers, Fleet, Knobs};
 use rki_protocol::message::Message;
 use rki_tests::{
-    create_task, expected_kcv, provision, sns, wait_task_done, Cluster, ClusterOptions, RawDevice, TestResult,
+    create_task, expected_kcv, provision, sns, wait_task, wait_task_done, Cluster, ClusterOptions, RawDevice,
+    TestResult,
 };
 use serde_json::json;
 
@@ -40,8 +41,8 @@ fn cluster_with_fleet(
     let cluster = Cluster::start(ClusterOptions { extra_toml: extra_toml.into(), ..Default::default() })?;
     let provisioned = provision(&cluster.nodes[0], &sns(prefix, DEVICES), "fleet")?;
     // Node 1 rewrites Mosquitto's files on the import (the bootstrap identities).
-    std::thread::sleep(Duration::from_millis(800));
     let port = cluster.mosquitto.port;
+    rt.block_on(rki_tests::wait_bootstrap_admitted(port, &provisioned.gudids, Duration::from_secs(15)))?;
     let mut config = common::fleet_config(port, &provisioned, knobs)?;
     config.brokers = Brokers::one(BrokerAddr::new("127.0.0.1", port));
     let fleet = rt.block_on(common::spawn_fleet(config, Duration::from_secs(120)))?;
@@ -127,8 +128,11 @@ fn three_nodes_inject_every_terminal_exactly_once_and_each_counts_its_own() -> T
     assert_eq!(done["task"]["counts"]["succeeded"], DEVICES, "{}", done["task"]["counts"]);
     check_exactly_once(&cluster, task, &provisioned, &fleet)?;
 
-    // Metrics are per node: each counts the acks it recorded, and they add up to the fleet.
-    std::thread::sleep(Duration::from_millis(300));
+    // Metrics are per node: each counts the acks it recorded (once its batch is durable), and
+    // they add up to the fleet.
+    rki_tests::wait::until("the nodes' succeeded acks to add up to the fleet", Duration::from_secs(10), || {
+        cluster.metric_sum(SUCCEEDED) >= DEVICES as f64
+    })?;
     let per_node: Vec<f64> = cluster.nodes.iter().map(|n| n.metric(SUCCEEDED)).collect();
     let injected: f64 = cluster.metric_sum("rki_keys_injected_total{org=\"acme\"}");
     eprintln!("succeeded acks per node: {per_node:?}; connect {connected:?}, push {push:?}");
@@ -160,18 +164,11 @@ fn a_node_killed_mid_push_loses_nothing_and_the_others_finish() -> TestResult {
     let api = cluster.api(0);
     let task = create_task(&api, &json!({"group": "fleet"}))?;
     // Terminals ack after their delay; kill node 3 once some, not all, are recorded.
-    let started = Instant::now();
-    let at_kill = loop {
-        let counts = api.ok(&format!("/v1/tasks/{task}"))?["task"]["counts"].clone();
-        let succeeded = counts["succeeded"].as_i64().unwrap_or(0);
-        if succeeded >= (DEVICES / 10) as i64 {
-            break succeeded;
-        }
-        if started.elapsed() > Duration::from_secs(60) {
-            return Err(format!("the push did not start: {counts}").into());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let at_kill = wait_task(&api, task, Duration::from_secs(60), |c| {
+        c["succeeded"].as_i64().unwrap_or(0) >= (DEVICES / 10) as i64
+    })?["task"]["counts"]["succeeded"]
+        .as_i64()
+        .unwrap_or(0);
     let node3_at_kill = cluster.nodes[2].metric(SUCCEEDED);
     cluster.nodes[2].kill()?;
     eprintln!("node 3 SIGKILLed with {at_kill} records in the store, {node3_at_kill} of them by node 3");
@@ -199,16 +196,21 @@ fn a_retry_timer_fires_once_across_the_cluster() -> TestResult {
     let cluster =
         Cluster::start(ClusterOptions { extra_toml: "retry_initial_seconds = 1".into(), ..Default::default() })?;
     let provisioned = provision(&cluster.nodes[0], &sns("TRIR", 1), "one")?;
-    std::thread::sleep(Duration::from_millis(800));
+    rt.block_on(rki_tests::wait_bootstrap_admitted(
+        cluster.mosquitto.port,
+        &provisioned.gudids,
+        Duration::from_secs(15),
+    ))?;
     let (sn, gudid) = provisioned.gudids[0].clone();
     let mut device = rt.block_on(RawDevice::initialise(cluster.mosquitto.port, &sn, &gudid))?;
     // Three hellos: the shared subscription hands them to the nodes in turn, so every node holds
     // the device (online) in its cache, as after reconnections.
     for _ in 0..3 {
         rt.block_on(device.send(RawDevice::hello(false)))?;
-        std::thread::sleep(Duration::from_millis(100));
     }
-    std::thread::sleep(Duration::from_millis(500));
+    for node in &cluster.nodes {
+        node.wait_online(&[&sn], true)?;
+    }
     create_task(&cluster.api(0), &json!({"sns": [sn.clone()]}))?;
     // The terminal never acks. Downloads of its one execution, as they arrive for 8 s.
     let mut arrivals = Vec::new();

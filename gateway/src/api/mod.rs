@@ -42,6 +42,7 @@ mod health;
 mod orgs;
 mod records;
 mod tasks;
+pub mod types;
 
 use admin::*;
 pub use auth::Caller;

@@ -71,6 +71,11 @@ impl Engine {
         e: &mut OpenExecution,
         hello_at: Option<Instant>,
     ) -> bool {
+        // The store checks the key type on read; a value it let through is still refused here.
+        let Some(key_type) = KeyType::parse(&e.key_type) else {
+            error!(execution = e.id, key_type = %e.key_type, "cannot deliver: unknown key type");
+            return false;
+        };
         let Some(counter) = self.next_down_counter() else { return false };
         let body = Body {
             party: sn.to_string(),
@@ -78,7 +83,7 @@ impl Engine {
             message: Message::Download(message::Download {
                 execution_id: e.id as u64,
                 slot: KeySlot(e.slot),
-                key_type: KeyType::parse(&e.key_type).unwrap_or(KeyType::Ipek),
+                key_type,
                 key_block: e.key_block.clone(),
                 key_id: e.key_id.clone(),
                 kcv: hex::decode(&e.kcv).unwrap_or_default(),
@@ -116,7 +121,10 @@ impl Engine {
                     continue;
                 }
             };
-            let algorithm = KeyAlgorithm::parse(&source.algorithm).unwrap_or(KeyAlgorithm::Tdes2);
+            let Some(algorithm) = KeyAlgorithm::parse(&source.algorithm) else {
+                error!(execution = e.id, algorithm = %source.algorithm, "re-wrap: unknown key algorithm");
+                continue;
+            };
             let kbpk = if algorithm.is_aes() { kbpk_aes.clone() } else { kbpk_tdes.clone() };
             let keys = self.keys.clone();
             let key_id = e.key_id.clone();

@@ -157,6 +157,9 @@ impl Engine {
         // An external broker learns the new credentials through the registry sync; a device that
         // reconnects before the broker reloaded is refused once and retries.
         self.notify_registry_changed();
+        // The broker knows the new password before the answer that lets the device use it.
+        let identity = crate::dynsec::BrokerIdentity::Device(sn.to_string());
+        self.outbound.broker_passwords(vec![(identity, secrets.mqtt_password.clone_secret())]).await;
         self.outbound.publish(topic::device_down(sn), answer_frame);
         metrics::counter!(m::INITIALISATIONS_TOTAL).increment(1);
         info!(sn, "device initialised");
@@ -189,9 +192,12 @@ impl Engine {
         let expires_at = now + (GUDID_VALIDITY_SECONDS as i64) * 1000;
         let mut texts = Vec::with_capacity(sns.len());
         let mut rows = Vec::with_capacity(sns.len());
+        let mut bootstrap_passwords = Vec::with_capacity(sns.len());
         for sn in sns {
             let gudid =
                 rki_protocol::init::Gudid::random().map_err(|_| EngineError::Internal("no randomness".into()))?;
+            bootstrap_passwords
+                .push((crate::dynsec::BrokerIdentity::Bootstrap(sn.clone()), gudid.bootstrap_password(sn)));
             let bootstrap_hash = crate::mosquitto::password_hash(gudid.bootstrap_password(sn).expose_secret())
                 .map_err(EngineError::Internal)?;
             let sealed_mac_key = self
@@ -208,6 +214,8 @@ impl Engine {
             texts.push(gudid.expose_text());
         }
         let provisioned = self.blocking(move |s| s.provision_gudids(org_id, &rows, now, &actor)).await?;
+        // Not awaited: a large import would hold the API call while the broker saves each change.
+        tokio::spawn(self.outbound.broker_passwords(bootstrap_passwords));
         // An external broker's password file gains the SNs' bootstrap identities now (and loses
         // those of the GUDIDs revoked).
         self.notify_registry_changed();

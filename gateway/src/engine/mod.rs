@@ -113,6 +113,15 @@ pub const TASK_CHUNK: usize = 20_000;
 /// Publishes to the broker. Non-blocking: implementations queue.
 pub trait Outbound: Send + Sync + 'static {
     fn publish(&self, topic: String, payload: Vec<u8>);
+    /// Hands new broker passwords to an external broker that keeps its own registry (Mosquitto's
+    /// dynamic security plugin); resolves once they are applied or given up. The default (the
+    /// embedded endpoint, the file mode) has nothing to do.
+    fn broker_passwords(
+        &self,
+        _changes: Vec<(crate::dynsec::BrokerIdentity, rki_protocol::secret::SecretBytes)>,
+    ) -> futures_util::future::BoxFuture<'static, ()> {
+        Box::pin(std::future::ready(()))
+    }
 }
 
 /// Why a device message was rejected: the metrics label.

@@ -2,12 +2,17 @@
 //! that must survive a crash is here.
 //!
 //! [`Store`] is the narrow interface the engine and the API use. It is synchronous and
-//! object-safe, so the engine holds an `Arc<dyn Store>` and calls it from blocking threads; a
-//! PostgreSQL implementation can follow without touching the engine. [`sqlite::SqliteStore`] is the
-//! embedded default (SQLite in WAL mode with `synchronous = FULL`).
+//! object-safe, so the engine holds an `Arc<dyn Store>` and calls it from blocking threads. It is
+//! the union of six role traits, [`Registry`], [`AuditLog`], [`KeySources`], [`Gudids`],
+//! [`Tasks`] and [`Delivery`], each implemented by both backends in a file of its own:
+//! [`sqlite::SqliteStore`], the embedded default (SQLite in WAL mode with `synchronous = FULL`),
+//! and [`postgres::PostgresStore`], for several gateway nodes on one database.
+//!
+//! What the backends share is here once: the row mappers and column lists (`rows`), and the
+//! migrations runner over the numbered `.sql` files of `gateway/migrations/` (`migrations`).
 //!
 //! Batching of commits is the engine's job (`engine::committer`): it gathers the writes of many
-//! acks and hellos and hands them to [`Store::apply_batch`], one transaction, one fsync.
+//! acks and hellos and hands them to [`Delivery::apply_batch`], one transaction, one fsync.
 //!
 //! Row types here are storage types: they may derive `Serialize`, and hold key material only as
 //! sealed key blocks (TR-31 under the master key), never in the clear.
@@ -15,8 +20,11 @@
 pub mod channel;
 pub mod guard;
 pub mod health;
+mod migrations;
+pub mod pg_tls;
 pub mod postgres;
 mod postgres_channel;
+mod rows;
 pub mod sqlite;
 mod sqlite_channel;
 
@@ -268,7 +276,7 @@ impl GudidRow {
     }
 }
 
-/// A GUDID to provision for one SN ([`Store::provision_gudids`]): only what the store keeps of
+/// A GUDID to provision for one SN ([`Gudids::provision_gudids`]): only what the store keeps of
 /// it (the GUDID itself is shown once to the operator and never stored).
 #[derive(Debug, Clone)]
 pub struct NewGudid {
@@ -363,7 +371,7 @@ impl Audit {
     }
 }
 
-/// Which GUDIDs [`Store::list_gudids`] returns, newest first.
+/// Which GUDIDs [`Gudids::list_gudids`] returns, newest first.
 #[derive(Debug, Clone, Default)]
 pub struct GudidFilter {
     pub sn: Option<String>,
@@ -373,8 +381,53 @@ pub struct GudidFilter {
     pub limit: i64,
 }
 
-/// The audit entry of a GUDID action, as [`Store::provision_gudids`] and
-/// [`Store::revoke_gudid`] write it inside their transaction.
+impl NewGudid {
+    /// The row of this GUDID as [`Gudids::provision_gudids`] stores it: row `id`, for
+    /// `device_id`, provisioned by `actor` at `at`, live.
+    pub(crate) fn provisioned(&self, id: i64, org_id: i64, device_id: i64, actor: &Actor, at: Millis) -> GudidRow {
+        GudidRow {
+            id,
+            org_id,
+            device_id,
+            sn: self.sn.clone(),
+            gudid_id: self.gudid_id.clone(),
+            sealed_mac_key: self.sealed_mac_key.clone(),
+            bootstrap_hash: Some(self.bootstrap_hash.clone()),
+            provisioned_by: actor.label.clone(),
+            provisioned_at: at,
+            expires_at: self.expires_at,
+            used_at: None,
+            revoked_at: None,
+            revoked_by: None,
+        }
+    }
+}
+
+/// The audit entries of one GUDID provisioned as row `id`, in the order
+/// [`Gudids::provision_gudids`] writes them in its transaction: a `gudid.revoke` for each live
+/// GUDID of its SN it replaced (`revoked`), then its `gudid.provision`.
+pub(crate) fn provision_audits(
+    org_id: i64,
+    actor: &Actor,
+    at: Millis,
+    g: &NewGudid,
+    id: i64,
+    revoked: &[i64],
+) -> Vec<AuditEntry> {
+    let mut entries: Vec<AuditEntry> = revoked
+        .iter()
+        .map(|old| {
+            let details = serde_json::json!({"gudid": old, "reason": "replaced", "replaced_by": id});
+            gudid_audit(org_id, actor, at, "gudid.revoke", &g.sn, details)
+        })
+        .collect();
+    let details = serde_json::json!({"gudid": id, "expires_at": g.expires_at, "revoked": revoked});
+    entries.push(gudid_audit(org_id, actor, at, "gudid.provision", &g.sn, details));
+    entries
+}
+
+/// The audit entry of a GUDID action, as [`Gudids::provision_gudids`] and
+/// [`Gudids::revoke_gudid`] write it inside their transaction.
 pub(crate) fn gudid_audit(
     org_id: i64,
     actor: &Actor,
@@ -427,7 +480,7 @@ pub struct TaskRow {
     pub counts: TaskCounts,
 }
 
-#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct TaskCounts {
     pub total: i64,
     pub queued: i64,
@@ -666,7 +719,7 @@ pub struct ImportRow {
     pub model: Option<String>,
 }
 
-/// The inside of [`Store::create_task_with`]'s transaction: what the caller may read and write
+/// The inside of [`Tasks::create_task_with`]'s transaction: what the caller may read and write
 /// while it streams a task's executions in chunks.
 pub trait TaskSink {
     /// What deriving for those of `device_ids` that are initialised needs (any order), read
@@ -692,10 +745,8 @@ pub(crate) fn committed_task(row: TaskRow, inserted: usize) -> StoreResult<TaskR
 
 pub use channel::ChannelStore;
 
-/// The store interface. Every method is one transaction. The backend channel's part is
-/// [`ChannelStore`] (`store/channel.rs`).
-pub trait Store: ChannelStore + Send + Sync {
-    // organizations and tokens
+/// The registry: organizations and their API tokens, devices with their credentials, groups.
+pub trait Registry {
     /// Audited (`audit`, its organization the new one) in the same transaction.
     fn create_org(&self, name: &str, at: Millis, audit: &Audit) -> StoreResult<OrgRow>;
     fn org_by_name(&self, name: &str) -> StoreResult<Option<OrgRow>>;
@@ -712,28 +763,6 @@ pub trait Store: ChannelStore + Send + Sync {
     ) -> StoreResult<TokenRow>;
     fn token_by_hash(&self, hash: &[u8]) -> StoreResult<Option<TokenRow>>;
     fn has_key_owner(&self) -> StoreResult<bool>;
-
-    // audit
-    fn append_audit(&self, entry: &AuditEntry) -> StoreResult<()>;
-    /// Newest first, `limit` entries older than the entry `before` (a page's cursor).
-    fn list_audit(&self, org_id: Option<i64>, limit: i64, before: Option<i64>) -> StoreResult<Vec<AuditEntry>>;
-
-    // key sources
-    fn insert_key_source(&self, row: &KeySourceRow, audit: &Audit) -> StoreResult<KeySourceRow>;
-    fn list_key_sources(&self, org_id: i64) -> StoreResult<Vec<KeySourceRow>>;
-    fn key_source(&self, org_id: i64, id: i64) -> StoreResult<KeySourceRow>;
-    fn key_source_by_name(&self, org_id: i64, name: &str) -> StoreResult<KeySourceRow>;
-    /// Reserves `count` consecutive serials of the key source; returns the first.
-    fn allocate_serials(&self, key_source_id: i64, count: i64) -> StoreResult<i64>;
-
-    // key-encryption keys
-    /// Stores a KEK; a name is unique per organization (`Conflict`).
-    fn insert_kek(&self, row: &KekRow, audit: &Audit) -> StoreResult<KekRow>;
-    /// The KEKs of one organization, or of every organization (`None`), oldest first.
-    fn list_keks(&self, org_id: Option<i64>) -> StoreResult<Vec<KekRow>>;
-    fn kek_by_name(&self, org_id: i64, name: &str) -> StoreResult<KekRow>;
-
-    // devices and groups
     /// All or nothing: on any conflict, nothing is imported and every conflicting line is named.
     /// Audited with `imported` added to the details.
     fn import_devices(&self, org_id: i64, rows: &[ImportRow], at: Millis, audit: &Audit) -> StoreResult<usize>;
@@ -763,11 +792,37 @@ pub trait Store: ChannelStore + Send + Sync {
     fn add_group_members(&self, group_id: i64, device_ids: &[i64], audit: &Audit) -> StoreResult<usize>;
     fn group_member_ids(&self, group_id: i64) -> StoreResult<Vec<i64>>;
     fn device_ids_by_sn(&self, org_id: i64, sns: &[String]) -> StoreResult<Vec<(String, Option<i64>)>>;
+}
 
-    // GUDIDs and initialisation
+/// The audit log, append-only. Most actions write their entry themselves, in their own
+/// transaction ([`Audit`]); this is the log read and the entries of actions outside the store.
+pub trait AuditLog {
+    fn append_audit(&self, entry: &AuditEntry) -> StoreResult<()>;
+    /// Newest first, `limit` entries older than the entry `before` (a page's cursor).
+    fn list_audit(&self, org_id: Option<i64>, limit: i64, before: Option<i64>) -> StoreResult<Vec<AuditEntry>>;
+}
+
+/// Key sources (BDKs) and key-encryption keys, sealed under the master key.
+pub trait KeySources {
+    fn insert_key_source(&self, row: &KeySourceRow, audit: &Audit) -> StoreResult<KeySourceRow>;
+    fn list_key_sources(&self, org_id: i64) -> StoreResult<Vec<KeySourceRow>>;
+    fn key_source(&self, org_id: i64, id: i64) -> StoreResult<KeySourceRow>;
+    fn key_source_by_name(&self, org_id: i64, name: &str) -> StoreResult<KeySourceRow>;
+    /// Reserves `count` consecutive serials of the key source; returns the first.
+    fn allocate_serials(&self, key_source_id: i64, count: i64) -> StoreResult<i64>;
+    /// Stores a KEK; a name is unique per organization (`Conflict`).
+    fn insert_kek(&self, row: &KekRow, audit: &Audit) -> StoreResult<KekRow>;
+    /// The KEKs of one organization, or of every organization (`None`), oldest first.
+    fn list_keks(&self, org_id: Option<i64>) -> StoreResult<Vec<KekRow>>;
+    fn kek_by_name(&self, org_id: i64, name: &str) -> StoreResult<KekRow>;
+}
+
+/// GUDIDs: provisioning, revocation, the bootstrap identities they open, and the initialisation
+/// that spends one.
+pub trait Gudids {
     /// Inserts one GUDID row as given, without revoking or auditing anything: for the store
     /// specs and the load test's fleet build. The API provisions through
-    /// [`Store::provision_gudids`].
+    /// [`Gudids::provision_gudids`].
     fn insert_gudid(&self, row: &GudidRow) -> StoreResult<GudidRow>;
     /// Provisions one GUDID per entry for the organization's devices, all or nothing: if any SN
     /// is not one of the organization's devices, nothing is written and `NotFound` names them.
@@ -807,10 +862,13 @@ pub trait Store: ChannelStore + Send + Sync {
         creds: &NewCredentials,
         at: Millis,
     ) -> StoreResult<DeviceCredentials>;
+}
 
-    // tasks and executions
+/// Download tasks, their executions and records: creating, reading, stopping, billing, and the
+/// counts the metrics sample.
+pub trait Tasks {
     /// Creates a task with `task.executions` and returns it with its executions read back (for
-    /// small tasks and tests; the engine streams through [`Store::create_task_with`]).
+    /// small tasks and tests; the engine streams through [`Tasks::create_task_with`]).
     fn create_task(&self, task: &NewTask) -> StoreResult<(TaskRow, Vec<ExecutionRow>)> {
         let audit = Audit::new(
             &Actor::named(&task.created_by),
@@ -874,6 +932,19 @@ pub trait Store: ChannelStore + Send + Sync {
         Ok(open)
     }
     fn execution(&self, id: i64) -> StoreResult<ExecutionRow>;
+    /// Terminates every open execution of the task, with records. Returns the ended ids.
+    /// Audited with `terminated` added to the details.
+    fn stop_task(&self, org_id: i64, task_id: i64, at: Millis, audit: &Audit) -> StoreResult<Vec<i64>>;
+    fn list_records(&self, org_id: i64, filter: &RecordFilter) -> StoreResult<Vec<RecordRow>>;
+    fn billing(&self, org_id: i64) -> StoreResult<Vec<BillingRow>>;
+    fn count_records_for_execution(&self, execution_id: i64) -> StoreResult<i64>;
+    fn execution_state_counts(&self) -> StoreResult<Vec<(i64, ExecutionState, i64)>>;
+    fn expiring_within(&self, now: Millis, within_ms: i64) -> StoreResult<i64>;
+}
+
+/// The message path: batches of acks and hellos, re-delivery claims, re-wraps, expiry, and the
+/// monotonic marks in `meta` (the downlink counter's high-water mark, the clock's floor).
+pub trait Delivery {
     /// Several gateway nodes: claims up to `limit` open executions due for a (re)delivery, for
     /// this node alone, and returns them. Due: not past the deadline, not claimed in the last
     /// `initial_ms`, and either never sent (created at least `first_ms` ago) or last sent
@@ -893,34 +964,30 @@ pub trait Store: ChannelStore + Send + Sync {
     }
     /// Replaces the key block of an open execution (re-wrap after re-initialisation).
     fn rewrap_execution(&self, id: i64, key_block: &str, generation: i64) -> StoreResult<()>;
-    /// Terminates every open execution of the task, with records. Returns the ended ids.
-    /// Audited with `terminated` added to the details.
-    fn stop_task(&self, org_id: i64, task_id: i64, at: Millis, audit: &Audit) -> StoreResult<Vec<i64>>;
     /// Expires every open execution whose deadline is at or before `now`, with records.
     fn expire_due(&self, now: Millis) -> StoreResult<Vec<(i64, i64)>>;
     fn apply_batch(&self, writes: &[Write]) -> StoreResult<BatchOutcome>;
-
-    // records
-    fn list_records(&self, org_id: i64, filter: &RecordFilter) -> StoreResult<Vec<RecordRow>>;
-    fn billing(&self, org_id: i64) -> StoreResult<Vec<BillingRow>>;
-    fn count_records_for_execution(&self, execution_id: i64) -> StoreResult<i64>;
-
-    // metrics snapshots
-    fn execution_state_counts(&self) -> StoreResult<Vec<(i64, ExecutionState, i64)>>;
-    fn expiring_within(&self, now: Millis, within_ms: i64) -> StoreResult<i64>;
-
     /// Whether several gateway nodes may share this store (PostgreSQL). Their clocks must agree
     /// with each other, so the engine keeps no clock floor in a shared store.
     fn is_shared(&self) -> bool {
         false
     }
-
-    // marks: monotonic values in `meta` (the downlink counter's high-water mark, the clock's floor)
     /// The mark `key`, if one was ever raised.
     fn mark(&self, key: &str) -> StoreResult<Option<i64>>;
     /// Raises the mark `key` to `value` if it is below (never lowers it), durably; returns the
     /// mark after. Several nodes raising one mark at once keep the highest value.
     fn raise_mark(&self, key: &str, value: i64) -> StoreResult<i64>;
+}
+
+/// The store interface: every role under one object-safe trait, so the engine and the API hold
+/// an `Arc<dyn Store>` and call any role's method on it (a `&dyn Store` reaches every supertrait's
+/// methods, and upcasts to `&dyn Registry` and the others). Every method is one transaction.
+/// Implemented for every type that plays all the roles.
+pub trait Store: Registry + KeySources + Gudids + Tasks + Delivery + AuditLog + ChannelStore + Send + Sync {}
+
+impl<T: Registry + KeySources + Gudids + Tasks + Delivery + AuditLog + ChannelStore + Send + Sync + ?Sized> Store
+    for T
+{
 }
 
 /// The `meta` key of the downlink counter's high-water mark: no gateway → device frame ever
@@ -932,4 +999,63 @@ pub const MARK_CLOCK_FLOOR_MS: &str = "clock_floor_ms";
 /// A mark as `meta` stores it (text); a value that is not a number reads as absent.
 pub(crate) fn parse_mark(text: Option<String>) -> Option<i64> {
     text.and_then(|t| t.trim().parse().ok())
+}
+
+/// Crash points for the crash tests: with `RKI_CRASH_POINT=ACTION` in its environment, the
+/// process SIGKILLs itself right after the transaction of the first audited `ACTION` (e.g.
+/// `group.create`) commits; with `ACTION@transaction`, inside that transaction, after its writes
+/// and its audit entry, before the commit. Unset (production), each check is one load of a
+/// `OnceLock`. The tests use it to kill the gateway between an action and what follows it, at
+/// exactly that point rather than by luck.
+pub(crate) mod crash {
+    use std::cell::RefCell;
+    use std::sync::OnceLock;
+
+    /// The action, and whether the point is inside its transaction.
+    fn point() -> Option<&'static (String, bool)> {
+        static POINT: OnceLock<Option<(String, bool)>> = OnceLock::new();
+        POINT
+            .get_or_init(|| {
+                let value = std::env::var("RKI_CRASH_POINT").ok()?;
+                Some(match value.strip_suffix("@transaction") {
+                    Some(action) => (action.to_string(), true),
+                    None => (value, false),
+                })
+            })
+            .as_ref()
+    }
+
+    thread_local! {
+        /// The audited action of the transaction under way on this thread.
+        static AUDITED: RefCell<Option<String>> = const { RefCell::new(None) };
+    }
+
+    /// An audit entry for `action` was written in the transaction under way on this thread.
+    pub(crate) fn audited(action: &str) {
+        let Some((wanted, in_transaction)) = point() else { return };
+        if wanted != action {
+            return;
+        }
+        if *in_transaction {
+            die(action);
+        }
+        AUDITED.with(|a| *a.borrow_mut() = Some(action.to_string()));
+    }
+
+    /// The transaction under way on this thread committed (or failed: nothing to crash after).
+    pub(crate) fn finished(committed: bool) {
+        if point().is_none() {
+            return;
+        }
+        let action = AUDITED.with(|a| a.borrow_mut().take());
+        if let (true, Some(action)) = (committed, action) {
+            die(&action);
+        }
+    }
+
+    fn die(action: &str) -> ! {
+        eprintln!("RKI_CRASH_POINT: killing the process at {action}");
+        let _ = rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::KILL);
+        std::process::abort()
+    }
 }

@@ -15,48 +15,13 @@ use std::collections::BTreeMap;
 use ::postgres::Row;
 
 use super::channel::*;
-use super::postgres::{audit_in, not_found, rows, Failure, PostgresStore, Tx};
-use super::*;
+use super::postgres::{audit_in, not_found, Failure, PostgresStore, Tx};
 
-/// Schema 9 (as SQLite's schema 9): the backend channel's tables.
-pub(super) const MIGRATION: &str = "
-CREATE TABLE backends (
-    id             BIGSERIAL PRIMARY KEY,
-    org_id         BIGINT NOT NULL REFERENCES organizations(id),
-    name           TEXT NOT NULL,
-    sealed_mac_key TEXT NOT NULL,
-    password_hash  TEXT NOT NULL,
-    last_counter   BIGINT NOT NULL DEFAULT 0,
-    created_at     BIGINT NOT NULL,
-    created_by     TEXT NOT NULL,
-    revoked_at     BIGINT,
-    UNIQUE (org_id, name)
-);
-CREATE TABLE backend_requests (
-    backend_id      BIGINT NOT NULL REFERENCES backends(id),
-    request_id      BIGINT NOT NULL,
-    org_id          BIGINT NOT NULL,
-    digest          BYTEA NOT NULL,
-    task_request_id BIGINT,
-    answer          BYTEA,
-    at              BIGINT NOT NULL,
-    PRIMARY KEY (backend_id, request_id)
-);
-CREATE INDEX backend_requests_task ON backend_requests(org_id, task_request_id) WHERE task_request_id IS NOT NULL;
-CREATE INDEX backend_requests_at ON backend_requests(at);
-CREATE TABLE event_streams (
-    org_id   BIGINT PRIMARY KEY REFERENCES organizations(id),
-    last_seq BIGINT NOT NULL
-);
-CREATE TABLE backend_events (
-    org_id  BIGINT NOT NULL,
-    seq     BIGINT NOT NULL,
-    at      BIGINT NOT NULL,
-    payload BYTEA NOT NULL,
-    PRIMARY KEY (org_id, seq)
-);
-CREATE INDEX backend_events_at ON backend_events(at);
-";
+/// Maps every row with `f` (whose failures keep their transient/permanent kind).
+fn rows<T>(rows: Vec<Row>, f: impl Fn(&Row) -> Result<T, Failure>) -> Result<Vec<T>, Failure> {
+    rows.iter().map(f).collect()
+}
+use super::*;
 
 macro_rules! backend_select {
     () => {

@@ -144,6 +144,12 @@ impl Subject {
         Subject { opened, location: Location::Sqlite { dir } }
     }
 
+    /// A PostgreSQL subject, or `None` (with a note) where PostgreSQL is not installed: the
+    /// fast tier runs without it; the full tier (`RKI_TEST_FULL`, set by `scripts/test`) fails.
+    pub fn postgres_or_skip(test: &str) -> Option<Subject> {
+        crate::pg::installed_or_skip(test).then(Subject::postgres)
+    }
+
     pub fn postgres() -> Subject {
         static SERIAL: AtomicUsize = AtomicUsize::new(0);
         let name = format!("suite_{}_{}", std::process::id(), SERIAL.fetch_add(1, Ordering::Relaxed));
@@ -213,7 +219,7 @@ pub fn world(store: &dyn Store, org: &str, devices: usize) -> World {
                 id: 0,
                 org_id: org.id,
                 name: "bdk-1".into(),
-                algorithm: "tdes".into(),
+                algorithm: "tdes2".into(),
                 kcv: "ABCDEF".into(),
                 sealed: "sealed:bdk-1".into(),
                 key_set_id: "FFFF987654".into(),
@@ -274,7 +280,7 @@ pub fn new_task(world: &World, devices: &[usize], created_at: Millis, expires_at
         org_id: world.org.id,
         key_source_id: world.source.id,
         slot: 3,
-        key_type: "tdes_dukpt".into(),
+        key_type: "IPEK".into(),
         created_at,
         expires_at,
         created_by: "ops".into(),

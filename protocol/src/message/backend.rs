@@ -14,7 +14,7 @@ use super::{bytes, limits, short, InvalidBody};
 use crate::terminal::KeySlot;
 use crate::topic::validate_name;
 
-/// Expiry of a task when the order says 0 (`DESIGN.md` §3.7).
+/// Expiry of a task when the order says 0 (ARCHITECTURE.md, "Domain").
 pub const EXPIRY_DAYS_DEFAULT: u16 = 30;
 /// Longest expiry a task may ask for.
 pub const EXPIRY_DAYS_MAX: u16 = 180;
@@ -111,7 +111,7 @@ pub struct NotReady {
     pub reasons: Vec<NotReadyReason>,
 }
 
-/// Why a device is not ready for a new download task (the preview of `DESIGN.md` §3.3).
+/// Why a device is not ready for a new download task (the task preview).
 /// Indices are stable; new reasons are only ever appended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum NotReadyReason {

@@ -1,5 +1,5 @@
 -- Migration 1: the initial schema, in PostgreSQL's dialect. The same tables, columns, keys and
--- indexes as schema.sql (SQLite's migration 1); only the types differ: BIGSERIAL ids, BIGINT
+-- indexes as SQLite's 0001_initial.sql; only the types differ: BIGSERIAL ids, BIGINT
 -- times (milliseconds since the UNIX epoch), BOOLEAN flags, BYTEA blobs.
 CREATE TABLE meta (
     key   TEXT PRIMARY KEY,
