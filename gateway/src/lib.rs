@@ -8,10 +8,13 @@
 //! - [`config`]: defaults, TOML file, `RKI_…` environment, flags.
 //! - [`clock`]: the injected clock (system, or adjustable in tests).
 //! - [`domain`]: execution states and their transitions, task expiry bounds, readiness reasons.
-//! - [`store`]: the [`store::Store`] interface and its SQLite implementation: the source of truth.
+//! - [`store`]: the [`store::Store`] interface (one trait per role) on SQLite and PostgreSQL: the
+//!   source of truth.
 //! - [`keyservice`]: the narrow key-service interface; every clear key lives behind it.
 //! - [`engine`]: inbound device messages, delivery, ack verification, the batched committer,
-//!   retry and expiry sweeps, operator actions.
+//!   retry and expiry sweeps; its per-device decisions are pure (`engine::session`).
+//! - [`service`]: every operator, key-owner and backend action, each audited in its own
+//!   transaction.
 //! - [`mqtt`]: the terminals' MQTT endpoint (3.1.1 and 5.0, optional TLS): identities, access
 //!   rules, sessions and QoS 1 downlinks, routing by SN. The only module that knows MQTT packets.
 //! - [`api`]: the axum admin API, `/metrics`, `/healthz`.
@@ -19,10 +22,10 @@
 //!   through [`service`], and its organization's numbered events.
 //! - [`http`]: the admin HTTP server's connections: a cap, header and body deadlines.
 //! - [`metrics`]: every metric name, once.
-//! - [`bootstrap`]: creating organizations and tokens.
 //! - [`portal`]: the fleet manager's web portal under `/portal/`, static files over the `/v1` API.
-//! - [`external`] and [`mosquitto`]: the gateway as a client of an external broker, and the
-//!   Mosquitto password and ACL files generated from the registry.
+//! - [`external`], [`mosquitto`] and [`dynsec`]: the gateway as a client of an external broker,
+//!   and the broker's credentials: generated password and ACL files, or Mosquitto's dynamic
+//!   security plugin.
 //! - [`sampler`]: periodic gauges read from the store.
 //! - [`server`]: wiring it all together, and graceful shutdown.
 
