@@ -221,16 +221,12 @@ async fn problems_and_headers(request: axum::extract::Request, next: axum::middl
     response
 }
 
+/// A read on a blocking thread, through the service's one helper (it records the store's health).
 async fn blocking<T: Send + 'static>(
     state: &AppState,
     f: impl FnOnce(&dyn Store) -> StoreResult<T> + Send + 'static,
 ) -> ApiResult<T> {
-    let store = state.engine.store.clone();
-    let out = tokio::task::spawn_blocking(move || f(store.as_ref()))
-        .await
-        .map_err(|e| ApiError::from(EngineError::Internal(e.to_string())))?;
-    state.engine.health.record(out.as_ref().map(|_| ()));
-    out.map_err(ApiError::from)
+    Ok(state.service.blocking(f).await?)
 }
 
 /// Refuses every change (any method but GET and HEAD) with 507 `storage_full` while the data

@@ -304,13 +304,13 @@ impl Client {
 
     pub fn get(&self, path: &str) -> Result<Value, String> {
         let text = Self::answer(self.request("GET", path)?.call())?;
-        serde_json::from_str(&text).map_err(|e| format!("bad JSON from the gateway: {e}"))
+        decode(&text)
     }
 
     /// A GET whose answer is one of the API's typed answers ([`rki_gateway::api::types`]).
     pub fn get_as<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, String> {
         let text = Self::answer(self.request("GET", path)?.call())?;
-        serde_json::from_str(&text).map_err(|e| format!("unexpected answer from the gateway: {e}"))
+        decode(&text)
     }
 
     /// A POST of a typed request whose answer is typed.
@@ -321,7 +321,7 @@ impl Client {
     ) -> Result<T, String> {
         let body = serde_json::to_value(body).map_err(|e| e.to_string())?;
         let text = Self::answer(self.request("POST", path)?.send_json(body))?;
-        serde_json::from_str(&text).map_err(|e| format!("unexpected answer from the gateway: {e}"))
+        decode(&text)
     }
 
     pub fn get_text(&self, path: &str) -> Result<String, String> {
@@ -330,7 +330,7 @@ impl Client {
 
     pub fn post(&self, path: &str, body: &Value) -> Result<Value, String> {
         let text = Self::answer(self.request("POST", path)?.send_json(body.clone()))?;
-        serde_json::from_str(&text).map_err(|e| format!("bad JSON from the gateway: {e}"))
+        decode(&text)
     }
 
     /// Posts a JSON body that holds clear components, from its zeroizing buffer (ureq's own
@@ -338,13 +338,18 @@ impl Client {
     pub fn post_secret(&self, path: &str, body: &Zeroizing<String>) -> Result<Value, String> {
         let request = self.request("POST", path)?.set("Content-Type", "application/json");
         let text = Self::answer(request.send_string(body))?;
-        serde_json::from_str(&text).map_err(|e| format!("bad JSON from the gateway: {e}"))
+        decode(&text)
     }
 
     pub fn post_text(&self, path: &str, body: &str) -> Result<Value, String> {
         let text = Self::answer(self.request("POST", path)?.set("Content-Type", "text/csv").send_string(body))?;
-        serde_json::from_str(&text).map_err(|e| format!("bad JSON from the gateway: {e}"))
+        decode(&text)
     }
+}
+
+/// An answer's body as JSON, or as one of the API's typed answers.
+fn decode<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, String> {
+    serde_json::from_str(text).map_err(|e| format!("unexpected answer from the gateway: {e}"))
 }
 
 fn to_json(v: &impl serde::Serialize) -> Result<Value, String> {
