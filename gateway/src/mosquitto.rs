@@ -15,12 +15,16 @@ use sha2::Sha512;
 pub const PBKDF2_ITERATIONS: u32 = 101;
 /// Longest pause between two rewrites of the Mosquitto files.
 const SYNC_INTERVAL_MAX: std::time::Duration = std::time::Duration::from_secs(5);
-/// How long a spent GUDID's bootstrap identity stays in the password file. The gateway spends
-/// the GUDID, rewrites the file and signals Mosquitto while its CreateKeyAnswer is still on the
-/// way; Mosquitto re-checks connected clients at a reload, and without this grace it would cut
-/// the terminal off before the answer arrives, leaving a spent GUDID and no key. The identity
-/// opens only that SN's initialisation topics, and the gateway refuses a spent GUDID's CreateKey.
-pub const SPENT_BOOTSTRAP_GRACE: std::time::Duration = std::time::Duration::from_secs(120);
+/// How long a spent GUDID's bootstrap identity stays in the password file while the device has
+/// not proven its new secrets: the proof window (`store::GUDID_PROOF_WINDOW_MS`). The gateway
+/// spends the GUDID, rewrites the file and signals Mosquitto while its CreateKeyAnswer is still on
+/// the way; Mosquitto re-checks connected clients at a reload, and without it would cut the
+/// terminal off before the answer arrives. A terminal whose answer came too late reconnects
+/// under the same identity and is answered anew. The identity leaves the file once the device
+/// proved its secrets (its first message under them). It opens only that SN's initialisation
+/// topics.
+pub const SPENT_BOOTSTRAP_GRACE: std::time::Duration =
+    std::time::Duration::from_millis(crate::store::GUDID_PROOF_WINDOW_MS as u64);
 /// Salt length Mosquitto uses.
 const SALT_LEN: usize = 12;
 

@@ -307,8 +307,13 @@ impl World {
     /// A terminal initialises with `gudid`: CreateKey in, the answer out, secrets derived on both
     /// sides from the X25519 exchange.
     fn initialise(&self, sn: &str, gudid: &Gudid) -> Terminal {
+        self.initialise_with(sn, gudid, 1)
+    }
+
+    /// [`World::initialise`] with a CreateKey sent under `counter`.
+    fn initialise_with(&self, sn: &str, gudid: &Gudid, counter: u64) -> Terminal {
         let ephemeral = Ephemeral::random().expect("ephemeral key");
-        let request = create_key_frame(sn, gudid, &ephemeral, 1);
+        let request = create_key_frame(sn, gudid, &ephemeral, counter);
         let mark = self.out.mark();
         self.submit(topic::init(sn), request.clone());
         let answer = self.wait_published(mark, &topic::device_down(sn), 1, "the CreateKey answer").remove(0);
@@ -327,7 +332,7 @@ impl World {
             &answer_body,
         )
         .expect("derive the device secrets");
-        Terminal { sn: sn.into(), secrets, counter: 1 }
+        Terminal { sn: sn.into(), secrets, counter }
     }
 
     /// Sends `frame` on the terminal's up topic.
@@ -498,6 +503,31 @@ fn create_key_with_a_live_gudid_is_answered_and_spends_the_gudid() {
     let again = create_key_frame("SUITE001", &gudid, &Ephemeral::random().expect("ephemeral"), 2);
     w.submit(topic::init("SUITE001"), again);
     let refusal = w.wait_published(mark, &topic::device_down("SUITE001"), 1, "the refusal of a spent GUDID");
+    assert_eq!(refusal_code(&refusal[0]), RefusalCode::GudidUsed);
+}
+
+#[test]
+fn a_terminal_whose_answer_came_too_late_initialises_with_the_same_gudid() {
+    let w = World::new();
+    let gudid = w.provision(&["SUITE003"]).remove(0);
+    // The terminal gave up before this answer arrived: it never uses these secrets.
+    let _late = w.initialise_with("SUITE003", &gudid, 1);
+    // Its retry, with the same GUDID and a newer counter, is answered anew.
+    let mut t = w.initialise_with("SUITE003", &gudid, 2);
+    w.flush();
+    let row = w.store.gudid_by_id(&gudid.id()).expect("read the GUDID").expect("the GUDID row");
+    assert!(row.used_at.is_some() && row.proven_at.is_none(), "spent, awaiting the device's proof: {row:?}");
+    // The gateway holds the secrets of the second exchange: the terminal's hello is accepted.
+    w.create_task(&["SUITE003"]);
+    assert_eq!(w.hello(&mut t, false, 1).len(), 1);
+    w.flush();
+    let row = w.store.gudid_by_id(&gudid.id()).expect("read the GUDID").expect("the GUDID row");
+    assert!(row.proven_at.is_some(), "the hello proved the secrets: {row:?}");
+    // Spent for good: a third CreateKey, however new, is refused and answers nothing else.
+    let mark = w.out.mark();
+    let again = create_key_frame("SUITE003", &gudid, &Ephemeral::random().expect("ephemeral"), t.counter + 1);
+    w.submit(topic::init("SUITE003"), again);
+    let refusal = w.wait_published(mark, &topic::device_down("SUITE003"), 1, "the refusal of a proven GUDID");
     assert_eq!(refusal_code(&refusal[0]), RefusalCode::GudidUsed);
 }
 

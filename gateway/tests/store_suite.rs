@@ -54,6 +54,7 @@ suite! {
     serials_allocated_by_two_threads_at_once_are_disjoint_ranges,
     a_gudid_installs_credentials_once_and_a_second_spend_is_a_conflict,
     two_concurrent_spends_of_one_gudid_have_exactly_one_winner,
+    a_spent_gudid_is_answered_anew_until_its_device_proves_its_secrets,
     credentials_exist_only_for_initialised_devices,
     a_task_persists_one_queued_execution_per_device_with_its_counts,
     a_repeated_request_id_finds_the_task_and_cannot_create_another,
@@ -454,6 +455,48 @@ fn two_concurrent_spends_of_one_gudid_have_exactly_one_winner(s: &Subject) {
         let installed = st.credentials(&w.devices[device].sn).must().expect("installed");
         assert_eq!((installed.signing_key.as_str(), installed.generation), (winners[0].signing_key.as_str(), 1));
     }
+}
+
+fn a_spent_gudid_is_answered_anew_until_its_device_proves_its_secrets(s: &Subject) {
+    use rki_gateway::store::GUDID_PROOF_WINDOW_MS;
+    let st = s.store();
+    let w = world(st, "acme", 2);
+    let (first, second) = (w.devices[0].id, w.devices[1].id);
+    let initialise = |gudid: i64, device: i64, tag: &str, counter: u64, at: Millis| {
+        let creds = NewCredentials { counter, ..new_credentials(tag) };
+        let outcome = st.apply_batch(&[Write::Initialise { gudid_row: gudid, device_id: device, creds, at }]).must();
+        outcome.initialised[0].1.as_ref().map(|c| c.signing_key.clone())
+    };
+    let gudid = st.insert_gudid(&new_gudid(&w, 0, 3)).must();
+    assert_eq!(initialise(gudid.id, first, "a", 5, T0 + 10).as_deref(), Some("sealed:sign:a"));
+    // The terminal's answer came too late; it asks again, with a newer counter: answered anew,
+    // and the GUDID keeps its first spending time.
+    assert_eq!(initialise(gudid.id, first, "b", 7, T0 + 20).as_deref(), Some("sealed:sign:b"));
+    // A replay of a CreateKey (a counter not above the last one) is not.
+    assert_eq!(initialise(gudid.id, first, "c", 7, T0 + 30), None, "a replayed CreateKey");
+    assert_eq!(st.credentials("acme-0000").must().map(|c| c.signing_key).as_deref(), Some("sealed:sign:b"));
+    let row = st.gudid_by_id(&gudid.gudid_id).must().expect("the GUDID");
+    assert_eq!((row.used_at, row.proven_at), (Some(T0 + 10), None));
+    assert!(row.awaits_proof(T0 + 30));
+    assert_eq!(st.live_bootstrap_hashes(Some("acme-0000"), T0 + 30, Some(T0)).must().len(), 1, "it opens init@SN");
+    // The device's first message under its secrets proves them: spent for good.
+    st.apply_batch(&[Write::ProveGudid { device_id: first, at: T0 + 40 }]).must();
+    let row = st.gudid_by_id(&gudid.gudid_id).must().expect("the GUDID");
+    assert_eq!((row.used_at, row.proven_at), (Some(T0 + 10), Some(T0 + 40)));
+    assert!(!row.awaits_proof(T0 + 50));
+    assert_eq!(initialise(gudid.id, first, "d", 9, T0 + 50), None, "a proven GUDID");
+    assert!(st.live_bootstrap_hashes(Some("acme-0000"), T0 + 50, Some(T0)).must().is_empty(), "init@SN is closed");
+    // A proof for a device with no unproven GUDID changes nothing.
+    st.apply_batch(&[Write::ProveGudid { device_id: first, at: T0 + 60 }]).must();
+    assert_eq!(st.gudid_by_id(&gudid.gudid_id).must().and_then(|g| g.proven_at), Some(T0 + 40));
+
+    // Unproven, but past the window: spent for good.
+    let late = st.insert_gudid(&new_gudid(&w, 1, 4)).must();
+    assert!(initialise(late.id, second, "e", 5, T0 + 10).is_some());
+    let past = T0 + 10 + GUDID_PROOF_WINDOW_MS;
+    assert!(!st.gudid_by_id(&late.gudid_id).must().expect("the GUDID").awaits_proof(past));
+    assert_eq!(initialise(late.id, second, "f", 7, past), None, "past the proof window");
+    assert_eq!(initialise(late.id, second, "g", 7, past - 1).as_deref(), Some("sealed:sign:g"), "just within it");
 }
 
 fn credentials_exist_only_for_initialised_devices(s: &Subject) {

@@ -6,7 +6,8 @@ use super::*;
 impl Engine {
     /// CONNECT check: `client_id == username == SN` with that device's password, or the bootstrap
     /// identity `init@{SN}` with the bootstrap password of a live GUDID for that SN
-    /// (`Gudid::bootstrap_password`), checked against the hash stored at provisioning.
+    /// (`Gudid::bootstrap_password`), checked against the hash stored at provisioning. A GUDID
+    /// spent by an answer the device has not yet proven still opens it (`GudidRow::awaits_proof`).
     pub fn authenticate(&self, client_id: &str, username: &str, password: &str) -> Result<(), &'static str> {
         if let Some(verdict) = self.authenticate_in_memory(client_id, username, password) {
             return verdict;
@@ -19,7 +20,11 @@ impl Engine {
                 return Err("bad_sn");
             }
             // An unknown SN and an SN without a live GUDID look the same from outside.
-            let live = self.store.live_bootstrap_hashes(Some(sn), self.clock.now_ms(), None).map_err(|_| "store")?;
+            // Live, or spent and awaiting the device's proof: a terminal whose answer came too
+            // late asks again with the same GUDID.
+            let now = self.clock.now_ms();
+            let awaiting_proof = now.saturating_sub(crate::store::GUDID_PROOF_WINDOW_MS);
+            let live = self.store.live_bootstrap_hashes(Some(sn), now, Some(awaiting_proof)).map_err(|_| "store")?;
             if live.is_empty() {
                 return Err("no_live_gudid");
             }

@@ -113,6 +113,14 @@ impl Engine {
             }
             Err(why) => return reject(kind, why),
         };
+        // The device holds the secrets of its latest initialisation: its GUDID is spent for good.
+        let proven = {
+            let mut guard = lock(&hot);
+            std::mem::take(&mut guard.proof_due).then_some(guard.device_id)
+        };
+        if let Some(device_id) = proven {
+            self.queue(Write::ProveGudid { device_id, at: self.clock.now_ms() }, None).await;
+        }
         let proof = verified.proof;
         match session::classify(verified.body, last_counter) {
             Ok(DeviceMessage::Bye { counter }) => self.on_bye(&hot, counter),

@@ -58,7 +58,10 @@ impl Engine {
         if gudid.device_id != device.0 {
             return refuse(RefusalCode::GudidWrongDevice);
         }
-        if gudid.used_at.is_some() {
+        // Spent: refused, unless the device never proved the secrets of that answer and asks
+        // again within the proof window (its answer came too late, or was lost): answered anew.
+        let now = self.clock.now_ms();
+        if gudid.used_at.is_some() && !gudid.awaits_proof(now) {
             return refuse(RefusalCode::GudidUsed);
         }
         // A revoked GUDID is, to the terminal, no longer valid: the same code as an expired one
@@ -66,7 +69,7 @@ impl Engine {
         if gudid.revoked_at.is_some() {
             return refuse_as(RefusalCode::GudidExpired, "gudid_revoked");
         }
-        if self.clock.now_ms() >= gudid.expires_at {
+        if now >= gudid.expires_at {
             return refuse(RefusalCode::GudidExpired);
         }
         if let Err(code) =

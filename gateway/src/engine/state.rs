@@ -47,6 +47,11 @@ pub(super) struct DeviceHot {
     /// `open` holds every open execution the store had for the device when it was loaded; until
     /// then (a device made hot by its first message) [`Engine::hot_device`] reads them.
     pub(super) open_loaded: bool,
+    /// The next message verified under these credentials proves them: the GUDID that gave them,
+    /// if it awaits that proof, is then spent for good (`Write::ProveGudid`). Set whenever the
+    /// credentials are loaded or replaced, so a restart or another node's initialisation cannot
+    /// leave a GUDID re-answerable past its device's first message.
+    pub(super) proof_due: bool,
 }
 
 impl DeviceHot {
@@ -65,6 +70,7 @@ impl DeviceHot {
             unlock_pending: c.unlock_pending,
             open: Vec::new(),
             open_loaded: false,
+            proof_due: true,
         }
     }
 }
@@ -272,6 +278,7 @@ impl Engine {
         h.sealed_kbpk_tdes = creds.kbpk_tdes;
         h.last_counter = h.last_counter.max(creds.last_counter);
         h.unlock_pending = creds.unlock_pending;
+        h.proof_due = true;
         info!(sn, generation = h.generation, "credentials re-read: the device re-initialised through another node");
         true
     }

@@ -39,6 +39,7 @@ const BOTH: (&[Migration], &[Migration]) = migrations!(
     "0007_gudid_custody.sql",
     "0008_task_numbers.sql",
     "0009_backend_channel.sql",
+    "0010_gudid_proof.sql",
 );
 
 pub(crate) const SQLITE: &[Migration] = BOTH.0;

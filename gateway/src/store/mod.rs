@@ -255,12 +255,31 @@ pub struct GudidRow {
     /// whom. A revoked GUDID opens no bootstrap identity and initialises nothing.
     pub revoked_at: Option<Millis>,
     pub revoked_by: Option<String>,
+    /// When the device first proved, by a message verified under its new signing key, that it
+    /// holds the secrets this GUDID's exchange gave it. Until then (and for at most
+    /// [`GUDID_PROOF_WINDOW_MS`] after `used_at`) a retried CreateKey is answered anew.
+    pub proven_at: Option<Millis>,
 }
+
+/// How long after a GUDID's first answer a retried CreateKey with it is answered anew, while the
+/// device has not proven the secrets of an earlier answer: a terminal whose answer came too late
+/// (it gave up, reconnected, and asked again) keeps its GUDID instead of needing a new one typed
+/// in. Bounded, because a GUDID is a bearer secret until it is spent for good.
+pub const GUDID_PROOF_WINDOW_MS: Millis = 10 * 60 * 1000;
 
 impl GudidRow {
     /// Unspent, unrevoked and not expired at `now`: it can still open `init@{SN}` and initialise.
     pub fn is_live(&self, now: Millis) -> bool {
         self.used_at.is_none() && self.revoked_at.is_none() && now < self.expires_at
+    }
+
+    /// Spent, not yet proven by the device, within [`GUDID_PROOF_WINDOW_MS`] of its first answer,
+    /// unrevoked and not expired at `now`: a retried CreateKey with it is answered anew.
+    pub fn awaits_proof(&self, now: Millis) -> bool {
+        self.used_at.is_some_and(|used| now < used.saturating_add(GUDID_PROOF_WINDOW_MS))
+            && self.proven_at.is_none()
+            && self.revoked_at.is_none()
+            && now < self.expires_at
     }
 
     /// `used`, `revoked`, `expired` or `unused` (live), in that order of precedence.
@@ -398,6 +417,7 @@ impl NewGudid {
             provisioned_at: at,
             expires_at: self.expires_at,
             used_at: None,
+            proven_at: None,
             revoked_at: None,
             revoked_by: None,
         }
@@ -664,11 +684,18 @@ pub enum Write {
     },
     End(Ending),
     /// Spends a GUDID and installs the device's new credentials, atomically; skipped (and
-    /// reported as such) if the GUDID was spent meanwhile.
+    /// reported as such) if the GUDID was revoked, or spent meanwhile and not awaiting proof
+    /// ([`GudidRow::awaits_proof`]). A GUDID answered anew keeps its first `used_at`.
     Initialise {
         gudid_row: i64,
         device_id: i64,
         creds: NewCredentials,
+        at: Millis,
+    },
+    /// The device proved the secrets its latest initialisation gave it: its spent, unproven
+    /// GUDID (if any) is spent for good. A no-op for a device with none.
+    ProveGudid {
+        device_id: i64,
         at: Millis,
     },
 }

@@ -121,7 +121,7 @@ macro_rules! group_columns {
 macro_rules! gudid_columns {
     () => {
         "g.id, g.org_id, g.device_id, d.sn, g.gudid_id, COALESCE(g.sealed_mac_key, ''), g.provisioned_by,
-         g.provisioned_at, g.expires_at, g.used_at, g.bootstrap_hash, g.revoked_at, g.revoked_by"
+         g.provisioned_at, g.expires_at, g.used_at, g.bootstrap_hash, g.revoked_at, g.revoked_by, g.proven_at"
     };
 }
 
@@ -287,6 +287,7 @@ pub(crate) fn gudid_row<R: Columns + ?Sized>(r: &R) -> StoreResult<GudidRow> {
         bootstrap_hash: r.get(10)?,
         revoked_at: r.get(11)?,
         revoked_by: r.get(12)?,
+        proven_at: r.get(13)?,
     })
 }
 

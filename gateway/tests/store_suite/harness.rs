@@ -262,6 +262,7 @@ pub fn new_gudid(world: &World, device: usize, tag: u8) -> GudidRow {
         provisioned_at: T0,
         expires_at: T0 + 30 * DAY_MS,
         used_at: None,
+        proven_at: None,
         bootstrap_hash: Some(format!("$7$101$salt{tag}$hash{device}")),
         revoked_at: None,
         revoked_by: None,

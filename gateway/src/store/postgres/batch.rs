@@ -148,9 +148,10 @@ enum Kind {
     Delivered,
     End,
     Initialise,
+    Prove,
 }
 
-const KINDS: usize = 6;
+const KINDS: usize = 7;
 
 /// A row a write touches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -174,6 +175,8 @@ fn order_matters(a: Kind, b: Kind) -> bool {
         | (Report, Initialise)
         // last_counter
         | (Counter, Initialise)
+        // the GUDID a proof spends for good is the one the initialisation before it spent
+        | (Initialise, Prove)
         // state, delivered_at, delivery_count
         | (Delivered, End)
     )
@@ -194,6 +197,8 @@ pub(super) struct Round<'w> {
     ending: HashSet<i64>,
     /// (index in the batch, GUDID row, device, credentials, time), in batch order.
     initialise: Vec<(usize, i64, i64, &'w NewCredentials, Millis)>,
+    /// Device → the first time it proved its secrets in this round.
+    proven: BTreeMap<i64, Millis>,
 }
 
 /// Splits a batch into rounds such that applying the rounds in order, and within a round the kinds
@@ -203,7 +208,8 @@ pub(super) struct Round<'w> {
 /// earlier in a round, the next one otherwise. `device_of` maps executions to their devices,
 /// needed only when a batch holds both reports and device-locking endings.
 pub(super) fn plan_rounds<'w>(writes: &'w [Write], device_of: &HashMap<i64, i64>) -> Vec<Round<'w>> {
-    const ALL: [Kind; KINDS] = [Kind::Report, Kind::Seen, Kind::Counter, Kind::Delivered, Kind::End, Kind::Initialise];
+    const ALL: [Kind; KINDS] =
+        [Kind::Report, Kind::Seen, Kind::Counter, Kind::Delivered, Kind::End, Kind::Initialise, Kind::Prove];
     let mut latest: HashMap<Target, [Option<usize>; KINDS]> = HashMap::new();
     let mut rounds: Vec<Round<'w>> = Vec::new();
     for (index, write) in writes.iter().enumerate() {
@@ -220,6 +226,7 @@ pub(super) fn plan_rounds<'w>(writes: &'w [Write], device_of: &HashMap<i64, i64>
                 (Kind::End, targets)
             }
             Write::Initialise { device_id, .. } => (Kind::Initialise, vec![Target::Device(*device_id)]),
+            Write::ProveGudid { device_id, .. } => (Kind::Prove, vec![Target::Device(*device_id)]),
         };
         let mut round = 0;
         for target in &targets {
@@ -260,10 +267,18 @@ pub(super) fn plan_rounds<'w>(writes: &'w [Write], device_of: &HashMap<i64, i64>
             Write::Initialise { gudid_row, device_id, creds, at } => {
                 r.initialise.push((index, *gudid_row, *device_id, creds, *at));
             }
+            Write::ProveGudid { device_id, at } => {
+                r.proven.entry(*device_id).or_insert(*at);
+            }
         }
     }
     rounds
 }
+
+/// Spends for good the GUDIDs the devices proved (`gudids_device_unproven` finds them).
+const APPLY_PROVEN: &str = "UPDATE gudids g SET proven_at = i.at
+     FROM unnest($1::bigint[], $2::bigint[]) AS i(device_id, at)
+     WHERE g.device_id = i.device_id AND g.used_at IS NOT NULL AND g.proven_at IS NULL";
 
 const APPLY_REPORTS: &str =
     "UPDATE devices d SET model = i.model, rom_version = i.rom_version, app_version = i.app_version,
@@ -332,6 +347,11 @@ pub(super) fn apply_round(
     }
     for (index, gudid_row, device_id, creds, at) in &round.initialise {
         initialised.push((*index, *gudid_row, spend_gudid_in(s, *gudid_row, *device_id, creds, *at)?));
+    }
+    if !round.proven.is_empty() {
+        let devices: Vec<i64> = round.proven.keys().copied().collect();
+        let ats: Vec<i64> = round.proven.values().copied().collect();
+        s.execute(APPLY_PROVEN, &[&devices, &ats])?;
     }
     Ok(())
 }

@@ -8,8 +8,8 @@ impl Gudids for PostgresStore {
             let id = s
                 .query_one(
                     "INSERT INTO gudids (org_id, device_id, gudid_id, mac_key, sealed_mac_key, provisioned_by, provisioned_at,
-                                         expires_at, used_at, bootstrap_hash, revoked_at, revoked_by)
-                     VALUES ($1, $2, $3, '\\x', $4, $5, $6, $7, $8, $9, $10, $11) RETURNING id",
+                                         expires_at, used_at, bootstrap_hash, revoked_at, revoked_by, proven_at)
+                     VALUES ($1, $2, $3, '\\x', $4, $5, $6, $7, $8, $9, $10, $11, $12) RETURNING id",
                     &[
                         &row.org_id,
                         &row.device_id,
@@ -22,6 +22,7 @@ impl Gudids for PostgresStore {
                         &row.bootstrap_hash,
                         &row.revoked_at,
                         &row.revoked_by,
+                        &row.proven_at,
                     ],
                 )?
                 .try_get(0)?;
@@ -130,7 +131,7 @@ impl Gudids for PostgresStore {
                 "SELECT d.sn, g.bootstrap_hash FROM devices d
                  JOIN gudids g ON g.org_id = d.org_id AND g.device_id = d.id
                  WHERE d.sn = $1::text AND g.expires_at > $2
-                   AND (g.used_at IS NULL OR g.used_at > $3)
+                   AND (g.used_at IS NULL OR (g.used_at > $3 AND g.proven_at IS NULL))
                    AND g.revoked_at IS NULL
                    AND g.bootstrap_hash IS NOT NULL
                  ORDER BY g.id DESC"
@@ -138,7 +139,7 @@ impl Gudids for PostgresStore {
             None => {
                 "SELECT d.sn, g.bootstrap_hash FROM gudids g JOIN devices d ON d.id = g.device_id
                  WHERE $1::text IS NULL AND g.expires_at > $2
-                   AND (g.used_at IS NULL OR g.used_at > $3)
+                   AND (g.used_at IS NULL OR (g.used_at > $3 AND g.proven_at IS NULL))
                    AND g.revoked_at IS NULL
                    AND g.bootstrap_hash IS NOT NULL
                  ORDER BY g.id DESC"

@@ -684,9 +684,11 @@ pub(crate) fn audit_in(s: &mut Tx<'_, '_>, e: &AuditEntry) -> Result<(), Failure
     Ok(())
 }
 
-/// Spends the GUDID if unused and unrevoked and installs the credentials; `None` if it was
-/// already spent or revoked. A concurrent spend (or revocation) waits for the first's row lock,
-/// then finds `used_at` (or `revoked_at`) set.
+/// Spends the GUDID if unused (or spent and awaiting proof, `GudidRow::awaits_proof`, by a
+/// CreateKey newer than the one answered: a replay is not answered anew) and unrevoked, and
+/// installs the credentials; `None` if it was spent for good or revoked. A concurrent spend (or
+/// revocation) waits for the first's row locks, then checks the rows again: a revocation, a proof
+/// or a CreateKey no newer than the one answered refuses it.
 fn spend_gudid_in(
     s: &mut Tx<'_, '_>,
     gudid_row: i64,
@@ -694,9 +696,15 @@ fn spend_gudid_in(
     creds: &NewCredentials,
     at: Millis,
 ) -> Result<Option<DeviceCredentials>, Failure> {
+    // The device's row first (every spend locks it before the GUDID's, so two cannot deadlock):
+    // a concurrent spend's counter is then committed before the next statement's snapshot.
+    s.execute("SELECT 1 FROM devices WHERE id = $1 FOR UPDATE", &[&device_id])?;
     let spent = s.execute(
-        "UPDATE gudids SET used_at = $2 WHERE id = $1 AND used_at IS NULL AND revoked_at IS NULL",
-        &[&gudid_row, &at],
+        "UPDATE gudids SET used_at = COALESCE(used_at, $2)
+         WHERE id = $1 AND revoked_at IS NULL
+           AND (used_at IS NULL OR (proven_at IS NULL AND used_at > $3 AND expires_at > $2
+                                    AND $4 > (SELECT last_counter FROM devices WHERE id = gudids.device_id)))",
+        &[&gudid_row, &at, &(at - GUDID_PROOF_WINDOW_MS), &(creds.counter as i64)],
     )?;
     if spent != 1 {
         return Ok(None);

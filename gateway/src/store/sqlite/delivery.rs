@@ -105,6 +105,15 @@ impl Delivery for SqliteStore {
                         let installed = spend_gudid_in(tx, *gudid_row, *device_id, creds, *at)?;
                         outcome.initialised.push((*gudid_row, installed));
                     }
+                    Write::ProveGudid { device_id, at } => {
+                        tx.prepare_cached(
+                            "UPDATE gudids SET proven_at = ?2
+                             WHERE device_id = ?1 AND used_at IS NOT NULL AND proven_at IS NULL",
+                        )
+                        .map_err(backend)?
+                        .execute(params![device_id, at])
+                        .map_err(backend)?;
+                    }
                 }
             }
             let ended: Vec<i64> = outcome.ended.iter().map(|(id, _)| *id).collect();

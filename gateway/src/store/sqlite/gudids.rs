@@ -7,8 +7,8 @@ impl Gudids for SqliteStore {
         self.write(|tx| {
             tx.execute(
                 "INSERT INTO gudids (org_id, device_id, gudid_id, mac_key, sealed_mac_key, provisioned_by, provisioned_at,
-                                     expires_at, used_at, bootstrap_hash, revoked_at, revoked_by)
-                 VALUES (?1, ?2, ?3, X'', ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                                     expires_at, used_at, bootstrap_hash, revoked_at, revoked_by, proven_at)
+                 VALUES (?1, ?2, ?3, X'', ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
                 params![
                     row.org_id,
                     row.device_id,
@@ -20,7 +20,8 @@ impl Gudids for SqliteStore {
                     row.used_at,
                     row.bootstrap_hash,
                     row.revoked_at,
-                    row.revoked_by
+                    row.revoked_by,
+                    row.proven_at
                 ],
             )
             .map_err(backend)?;
@@ -152,7 +153,7 @@ impl Gudids for SqliteStore {
         self.read(|c| {
             // Live: not expired, unspent (or spent after `spent_after`), not revoked.
             let sql = format!(
-                "{sql} AND g.expires_at > ?2 AND (g.used_at IS NULL OR g.used_at > ?3)
+                "{sql} AND g.expires_at > ?2 AND (g.used_at IS NULL OR (g.used_at > ?3 AND g.proven_at IS NULL))
                    AND g.revoked_at IS NULL AND g.bootstrap_hash IS NOT NULL
                  ORDER BY g.id DESC"
             );

@@ -468,8 +468,9 @@ pub(crate) fn audit_in(tx: &Transaction<'_>, e: &AuditEntry) -> StoreResult<()> 
     Ok(())
 }
 
-/// Spends the GUDID if unused and unrevoked and installs the credentials; `None` if it was
-/// already spent or revoked.
+/// Spends the GUDID if unused (or spent and awaiting proof, `GudidRow::awaits_proof`, by a
+/// CreateKey newer than the one answered: a replay is not answered anew) and unrevoked, and
+/// installs the credentials; `None` if it was spent for good or revoked.
 fn spend_gudid_in(
     tx: &Transaction<'_>,
     gudid_row_id: i64,
@@ -478,9 +479,14 @@ fn spend_gudid_in(
     at: Millis,
 ) -> StoreResult<Option<DeviceCredentials>> {
     let spent = tx
-        .prepare_cached("UPDATE gudids SET used_at = ?2 WHERE id = ?1 AND used_at IS NULL AND revoked_at IS NULL")
+        .prepare_cached(
+            "UPDATE gudids SET used_at = COALESCE(used_at, ?2)
+                 WHERE id = ?1 AND revoked_at IS NULL
+                   AND (used_at IS NULL OR (proven_at IS NULL AND used_at > ?3 AND expires_at > ?2
+                                            AND ?4 > (SELECT last_counter FROM devices WHERE id = gudids.device_id)))",
+        )
         .map_err(backend)?
-        .execute(params![gudid_row_id, at])
+        .execute(params![gudid_row_id, at, at - GUDID_PROOF_WINDOW_MS, creds.counter as i64])
         .map_err(backend)?;
     if spent != 1 {
         return Ok(None);
