@@ -148,7 +148,22 @@ pub async fn run(
         Err(_) => return closed("connect_timeout"),
     };
     let version = connect.version;
-    let (identity, _bootstrap_slot) = match admit(&shared, &connect).await {
+    // Counted among the open connections from its CONNECT on: the socket gives back its place
+    // among those awaiting a CONNECT at once, so that a bootstrap CONNECT waiting in line for an
+    // initialisation never stops the accept loop (which would leave every other terminal's
+    // CONNECT, cheap to answer, in the listen backlog).
+    let admitted = match reserve(&shared, &connect) {
+        Ok(identity) => {
+            drop(pending);
+            let admitted = admit(&shared, &connect, identity).await;
+            if admitted.is_err() {
+                shared.open.fetch_sub(1, Ordering::Relaxed);
+            }
+            admitted
+        }
+        Err(refusal) => Err(refusal),
+    };
+    let (identity, _bootstrap_slot) = match admitted {
         Ok(admitted) => admitted,
         Err(refusal) => {
             metrics::counter!(m::MQTT_CONNECT_REFUSED_TOTAL, "reason" => refusal.reason()).increment(1);
@@ -162,13 +177,30 @@ pub async fn run(
             return;
         }
     };
-    let open = shared.open.fetch_add(1, Ordering::Relaxed) + 1;
-    drop(pending);
-    metrics::gauge!(m::MQTT_CONNECTIONS).set(open as f64);
+    metrics::gauge!(m::MQTT_CONNECTIONS).set(shared.open.load(Ordering::Relaxed) as f64);
     let reason = Session::new(&shared, transport, buf, connect, identity, conn).await.serve().await;
     let open = shared.open.fetch_sub(1, Ordering::Relaxed) - 1;
     metrics::gauge!(m::MQTT_CONNECTIONS).set(open as f64);
     closed(reason);
+}
+
+/// The checks of a CONNECT that need nothing but the packet, then a place among the open
+/// connections (given back by the caller if the CONNECT is refused later): the identity it
+/// claims, or why not.
+fn reserve(shared: &Shared, connect: &Connect) -> Result<Identity, ConnectRefusal> {
+    let identity =
+        rules::claimed_identity(&connect.client_id, connect.username.as_deref(), connect.password.is_some())?;
+    if let Some(will) = &connect.will {
+        if !identity.may_will(&will.topic) || will.qos > 1 || (will.retain && connect.version == Version::V5) {
+            return Err(ConnectRefusal::ForeignWill);
+        }
+    }
+    let before = shared.open.fetch_add(1, Ordering::Relaxed);
+    if !rules::admits(before, shared.authenticated_max) {
+        shared.open.fetch_sub(1, Ordering::Relaxed);
+        return Err(ConnectRefusal::OverConnectionBound);
+    }
+    Ok(identity)
 }
 
 /// The CONNECT's verdict: the identity it proved (with, for a bootstrap identity, its place among
@@ -176,9 +208,8 @@ pub async fn run(
 async fn admit<'a>(
     shared: &'a Shared,
     connect: &Connect,
+    identity: Identity,
 ) -> Result<(Identity, Option<BootstrapSlot<'a>>), ConnectRefusal> {
-    let identity =
-        rules::claimed_identity(&connect.client_id, connect.username.as_deref(), connect.password.is_some())?;
     // Before any store read or hash: waiting in line, or a refusal, costs the gateway nothing.
     let slot = match identity {
         Identity::Bootstrap(_) => {
@@ -186,14 +217,6 @@ async fn admit<'a>(
         }
         Identity::Device(_) | Identity::Backend(_) => None,
     };
-    if let Some(will) = &connect.will {
-        if !identity.may_will(&will.topic) || will.qos > 1 || (will.retain && connect.version == Version::V5) {
-            return Err(ConnectRefusal::ForeignWill);
-        }
-    }
-    if !rules::admits(shared.open.load(Ordering::Relaxed), shared.authenticated_max) {
-        return Err(ConnectRefusal::OverConnectionBound);
-    }
     let engine = shared.engine.get().cloned().ok_or(ConnectRefusal::Unavailable("starting"))?;
     let (username, password) =
         (connect.username.as_deref().unwrap_or_default(), connect.password.as_deref().unwrap_or_default());

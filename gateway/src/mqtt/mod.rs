@@ -52,6 +52,12 @@ pub const BOOTSTRAP_SESSIONS_MAX: usize = 512;
 /// terminal's CONNACK timeout (10 s in the simulated fleet), so that a terminal waits in line
 /// rather than backing off for seconds after a refusal.
 const BOOTSTRAP_QUEUE_WAIT: Duration = Duration::from_secs(4);
+/// Bootstrap CONNECTs waiting in line at most. A waiting connection no longer holds a place
+/// among the sockets awaiting a CONNECT (so the accept loop keeps going), but one among the open
+/// connections: this bound keeps a flood of `init@{SN}` CONNECTs, which cost nothing to send, from
+/// taking more than a few seconds' worth of initialisations' places. About two seconds of
+/// initialisations at this machine's rate.
+const BOOTSTRAP_LINE_MAX: usize = 2048;
 /// How often kept sessions past their lifetime are forgotten.
 const SESSION_SWEEP_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -82,6 +88,8 @@ pub struct Shared {
     open: AtomicUsize,
     /// Places of bootstrap connections being checked or open ([`BOOTSTRAP_SESSIONS_MAX`]).
     bootstrapping: tokio::sync::Semaphore,
+    /// Bootstrap CONNECTs waiting for a place ([`BOOTSTRAP_LINE_MAX`]).
+    bootstrap_waiting: AtomicUsize,
     /// Authenticated connections at most (`rules::authenticated_bound`).
     authenticated_max: usize,
     /// One permit per socket accepted and not yet CONNACKed (`rules::pending_bound`).
@@ -99,7 +107,22 @@ type BootstrapSlot<'a> = tokio::sync::SemaphorePermit<'a>;
 impl Shared {
     /// A bootstrap connection's place: at once if one is free, else the first to free up within
     /// [`BOOTSTRAP_QUEUE_WAIT`] (waiters are served in order); `None` past it.
+    /// At most [`BOOTSTRAP_LINE_MAX`] wait at once; one more is refused at once.
     async fn bootstrap_slot(&self) -> Option<BootstrapSlot<'_>> {
+        if let Ok(slot) = self.bootstrapping.try_acquire() {
+            return Some(slot);
+        }
+        /// A place in the line, given back however the wait ends (a dropped future included).
+        struct InLine<'a>(&'a AtomicUsize);
+        impl Drop for InLine<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        let _in_line = InLine(&self.bootstrap_waiting);
+        if self.bootstrap_waiting.fetch_add(1, Ordering::Relaxed) >= BOOTSTRAP_LINE_MAX {
+            return None;
+        }
         tokio::time::timeout(BOOTSTRAP_QUEUE_WAIT, self.bootstrapping.acquire()).await.ok()?.ok()
     }
 
@@ -196,6 +219,7 @@ impl Endpoint {
                 engine: std::sync::OnceLock::new(),
                 open: AtomicUsize::new(0),
                 bootstrapping: tokio::sync::Semaphore::new(BOOTSTRAP_SESSIONS_MAX),
+                bootstrap_waiting: AtomicUsize::new(0),
                 authenticated_max,
                 pending: Arc::new(Semaphore::new(pending)),
                 next_conn_id: AtomicU64::new(1),
