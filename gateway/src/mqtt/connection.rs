@@ -37,16 +37,23 @@ enum Transport {
 }
 
 impl Transport {
-    /// Reads what is there into `buf`, allocating its space only once the socket is readable, so
-    /// that an idle connection holds no read buffer. `Ok(0)`: the peer closed.
+    /// Reads what is there into `buf`, which grows only by the bytes read, so that an idle
+    /// connection holds no read buffer. `Ok(0)`: the peer closed.
     async fn read_some(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
         match self {
+            // Into a chunk on the stack first (it lives between two awaits, not in the task):
+            // readiness can be stale, and a buffer reserved before a read that would block stayed
+            // allocated, 2 KiB per idle connection, until the next packet.
             Transport::Plain(stream) => loop {
                 stream.readable().await?;
-                buf.reserve(READ_CHUNK);
-                match stream.try_read_buf(buf) {
+                let mut chunk = [0u8; READ_CHUNK];
+                match stream.try_read(&mut chunk) {
+                    Ok(n) => {
+                        buf.extend_from_slice(&chunk[..n]);
+                        return Ok(n);
+                    }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                    other => return other,
+                    Err(e) => return Err(e),
                 }
             },
             // rustls may hold decrypted bytes the socket no longer shows as readable.
@@ -142,7 +149,10 @@ pub async fn run(
             }
         }
     };
-    let (mut transport, buf, connect) = match tokio::time::timeout_at(deadline, opened).await {
+    // The opening (a TLS handshake's state above all) and the CONNECT's checks are boxed: a
+    // task's future is as large as its largest state, and every idle connection would otherwise
+    // carry their space for its whole life.
+    let (mut transport, buf, connect) = match tokio::time::timeout_at(deadline, Box::pin(opened)).await {
         Ok(Ok(opened)) => opened,
         Ok(Err(reason)) => return closed(reason),
         Err(_) => return closed("connect_timeout"),
@@ -155,7 +165,7 @@ pub async fn run(
     let admitted = match reserve(&shared, &connect) {
         Ok(identity) => {
             drop(pending);
-            let admitted = admit(&shared, &connect, identity).await;
+            let admitted = Box::pin(admit(&shared, &connect, identity)).await;
             if admitted.is_err() {
                 shared.open.fetch_sub(1, Ordering::Relaxed);
             }
@@ -178,7 +188,8 @@ pub async fn run(
         }
     };
     metrics::gauge!(m::MQTT_CONNECTIONS).set(shared.open.load(Ordering::Relaxed) as f64);
-    let reason = Session::new(&shared, transport, buf, connect, identity, conn).await.serve().await;
+    let session = Box::pin(Session::new(&shared, transport, buf, connect, identity, conn)).await;
+    let reason = session.serve().await;
     let open = shared.open.fetch_sub(1, Ordering::Relaxed) - 1;
     metrics::gauge!(m::MQTT_CONNECTIONS).set(open as f64);
     closed(reason);
@@ -320,7 +331,7 @@ impl<'a> Session<'a> {
     async fn serve(mut self) -> &'static str {
         let reason = self.serve_packets().await;
         let close = match reason {
-            Ok(reason) => return self.end(reason).await,
+            Ok(reason) => return Box::pin(self.end(reason)).await,
             Err(close) => close,
         };
         // What was answered before the close goes out first: above all the CONNACK of a
@@ -329,9 +340,10 @@ impl<'a> Session<'a> {
         self.writer().disconnect(close);
         if !self.out.is_empty() {
             let out = std::mem::take(&mut self.out);
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), self.transport.write_all(&out)).await;
+            let _ =
+                Box::pin(tokio::time::timeout(std::time::Duration::from_secs(1), self.transport.write_all(&out))).await;
         }
-        self.end(close.reason()).await
+        Box::pin(self.end(close.reason())).await
     }
 
     /// Detaches from the session; the device is offline at once unless a newer connection took
@@ -407,7 +419,9 @@ impl<'a> Session<'a> {
         loop {
             match codec::read(self.version, &mut self.buf, self.identity.packet_len_max()) {
                 Ok(packet) => {
-                    if let Some(reason) = self.handle(packet).await? {
+                    // Boxed: handling a packet (the engine's queue above all) is brief, and its
+                    // state need not size every idle connection's task.
+                    if let Some(reason) = Box::pin(self.handle(packet)).await? {
                         return Ok(Some(reason));
                     }
                 }

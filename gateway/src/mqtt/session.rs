@@ -83,9 +83,21 @@ impl ClientState {
 
     /// Removes the downlink `pkid` from the in-flight list; whether it was there.
     pub fn acknowledge(&mut self, pkid: u16) -> bool {
-        match self.inflight.iter().position(|(id, _)| *id == pkid) {
+        let acknowledged = match self.inflight.iter().position(|(id, _)| *id == pkid) {
             Some(index) => self.inflight.remove(index).is_some(),
             None => false,
+        };
+        self.release_if_drained();
+        acknowledged
+    }
+
+    /// Gives back the queues' storage once both are empty: an idle session holds none (they grow
+    /// to a push's burst, then would keep that capacity for the connection's life).
+    pub fn release_if_drained(&mut self) {
+        if self.inflight.is_empty() && self.pending.is_empty() && self.inflight.capacity() + self.pending.capacity() > 0
+        {
+            self.inflight = VecDeque::new();
+            self.pending = VecDeque::new();
         }
     }
 
