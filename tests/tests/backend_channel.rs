@@ -29,7 +29,7 @@ struct Credential {
 
 fn create_backend(gw: &GatewayProcess, name: &str) -> TestResult<Credential> {
     let v = gw.api().ok_post("/v1/backends", &json!({ "name": name }))?;
-    assert_eq!(v["client_id"], format!("backend@acme:{name}"), "{v}");
+    assert_eq!(v["client_id"], format!("backend@acme~{name}"), "{v}");
     let secret = v["secret"].as_str().ok_or("no secret")?.to_string();
     assert_eq!(secret.len(), 64);
     assert!(v["backend"].get("password_hash").is_none() && v["backend"].get("sealed_mac_key").is_none(), "{v}");
@@ -459,9 +459,8 @@ fn sigkill_mid_push_loses_no_event_and_doubles_none() -> TestResult {
 
 /// External-broker mode, two nodes on Mosquitto and PostgreSQL: a request published once reaches
 /// one node through the shared subscription and is answered once; its repeat is answered from the
-/// shared store by whichever node gets it. (Mosquitto's files do not hold backend identities yet,
-/// PROTOCOL.md §12.8: the test publishes the signed frames as the gateway's own broker user; the
-/// gateway trusts the tag, not the MQTT identity.)
+/// shared store by whichever node gets it. (The test publishes the signed frames as the gateway's
+/// own broker user; the gateway trusts the tag, not the MQTT identity.)
 #[test]
 fn with_two_nodes_on_an_external_broker_a_request_is_handled_once() -> TestResult {
     use rki_tests::cluster::{GATEWAY_PASSWORD, GATEWAY_USER};

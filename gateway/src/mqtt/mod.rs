@@ -125,7 +125,11 @@ impl Outbound for MqttOutbound {
     fn publish(&self, topic_name: String, payload: Vec<u8>) {
         if let Some((org, name)) = topic::parse_backend_outbound(&topic_name) {
             return self.publish_to_backend(
-                format!("{}{org}:{name}", rki_protocol::backend::CLIENT_ID_PREFIX),
+                format!(
+                    "{}{org}{}{name}",
+                    rki_protocol::backend::CLIENT_ID_PREFIX,
+                    rki_protocol::backend::CLIENT_ID_SEPARATOR
+                ),
                 topic_name,
                 payload,
             );

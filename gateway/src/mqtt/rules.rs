@@ -15,7 +15,7 @@ pub enum Identity {
     Device(String),
     /// A terminal initialising: `init@{SN}`, proven by a live GUDID's bootstrap password.
     Bootstrap(String),
-    /// An organization's RKI backend: `backend@{org}:{name}` (`docs/PROTOCOL.md` §12.1).
+    /// An organization's RKI backend: `backend@{org}~{name}` (`docs/PROTOCOL.md` §12.1).
     Backend(BackendId),
 }
 
@@ -446,8 +446,8 @@ mod tests {
 
     #[test]
     fn a_backend_identity_reaches_its_own_three_topics_only_and_has_no_will() {
-        let backend = claimed_identity("backend@acme:erp-1", Some("backend@acme:erp-1"), true).expect("a backend");
-        assert_eq!(backend.client_id(), "backend@acme:erp-1");
+        let backend = claimed_identity("backend@acme~erp-1", Some("backend@acme~erp-1"), true).expect("a backend");
+        assert_eq!(backend.client_id(), "backend@acme~erp-1");
         assert!(backend.may_publish("rki/v1/backend/acme/erp-1/req"));
         assert!(!backend.may_will("rki/v1/backend/acme/erp-1/req"), "no will at all");
         for foreign in [
@@ -473,9 +473,10 @@ mod tests {
         assert_eq!(Identity::Device("SN1".into()).packet_len_max(), super::super::codec::PACKET_LEN_MAX);
         let refused = [
             ("backend@acme", Some("backend@acme"), ConnectRefusal::BadClientId),
-            ("backend@acme:e/rp", Some("backend@acme:e/rp"), ConnectRefusal::BadClientId),
-            ("backend@acme:erp", Some("backend@acme:crm"), ConnectRefusal::ClientIdMismatch),
-            ("backend@acme:erp", None, ConnectRefusal::NoCredentials),
+            ("backend@acme~e/rp", Some("backend@acme~e/rp"), ConnectRefusal::BadClientId),
+            ("backend@acme:erp", Some("backend@acme:erp"), ConnectRefusal::BadClientId),
+            ("backend@acme~erp", Some("backend@acme~crm"), ConnectRefusal::ClientIdMismatch),
+            ("backend@acme~erp", None, ConnectRefusal::NoCredentials),
         ];
         for (client_id, user, refusal) in refused {
             assert_eq!(claimed_identity(client_id, user, true), Err(refusal), "{client_id}");

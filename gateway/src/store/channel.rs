@@ -37,6 +37,16 @@ pub struct BackendRow {
     pub password_hash: String,
 }
 
+/// A live backend as the external broker's files and registry need it
+/// ([`ChannelStore::broker_backends`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerBackend {
+    pub org: String,
+    pub name: String,
+    /// `$7$` PBKDF2 hash of the MQTT password.
+    pub password_hash: String,
+}
+
 /// A backend credential to store ([`ChannelStore::create_backend`]).
 #[derive(Debug, Clone)]
 pub struct NewBackend {
@@ -109,6 +119,9 @@ pub trait ChannelStore {
     /// The organization's backends, by name.
     fn list_backends(&self, org_id: i64) -> StoreResult<Vec<BackendRow>>;
     fn backend_by_name(&self, org_id: i64, name: &str) -> StoreResult<Option<BackendRow>>;
+    /// Every backend not revoked, of every organization, as an external broker must know it:
+    /// (organization slug, backend name, `$7$` hash of its MQTT password), by slug and name.
+    fn broker_backends(&self) -> StoreResult<Vec<BrokerBackend>>;
     /// Revokes a backend, audited (`backend.revoke`) in the same transaction. `NotFound` for an
     /// unknown name, `Conflict` if already revoked.
     fn revoke_backend(&self, org_id: i64, name: &str, at: Millis, audit: &Audit) -> StoreResult<BackendRow>;

@@ -224,6 +224,17 @@ impl ChannelStore for PostgresStore {
         })
     }
 
+    fn broker_backends(&self) -> StoreResult<Vec<BrokerBackend>> {
+        self.read(|s| {
+            let found = s.query(
+                "SELECT o.name, b.name, b.password_hash FROM backends b JOIN organizations o ON o.id = b.org_id
+                 WHERE b.revoked_at IS NULL ORDER BY o.name COLLATE \"C\", b.name COLLATE \"C\"",
+                &[],
+            )?;
+            rows(found, |r| Ok(BrokerBackend { org: r.try_get(0)?, name: r.try_get(1)?, password_hash: r.try_get(2)? }))
+        })
+    }
+
     fn backend_by_name(&self, org_id: i64, name: &str) -> StoreResult<Option<BackendRow>> {
         self.read(|s| {
             s.query_opt(concat!(backend_select!(), " WHERE org_id = $1 AND name = $2"), &[&org_id, &name])?

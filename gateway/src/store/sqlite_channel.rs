@@ -179,6 +179,21 @@ impl ChannelStore for SqliteStore {
         self.read(|c| backend_in(c, org_id, name))
     }
 
+    fn broker_backends(&self) -> StoreResult<Vec<BrokerBackend>> {
+        self.read(|c| {
+            let mut stmt = c
+                .prepare(
+                    "SELECT o.name, b.name, b.password_hash FROM backends b JOIN organizations o ON o.id = b.org_id
+                     WHERE b.revoked_at IS NULL ORDER BY o.name, b.name",
+                )
+                .map_err(backend)?;
+            let rows = stmt
+                .query_map([], |r| Ok(BrokerBackend { org: r.get(0)?, name: r.get(1)?, password_hash: r.get(2)? }))
+                .map_err(backend)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(backend)
+        })
+    }
+
     fn revoke_backend(&self, org_id: i64, name: &str, at: Millis, audit: &Audit) -> StoreResult<BackendRow> {
         self.write(|tx| {
             let row = backend_in(tx, org_id, name)?.ok_or_else(|| StoreError::NotFound(format!("backend {name:?}")))?;
