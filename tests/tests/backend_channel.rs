@@ -409,6 +409,35 @@ fn forged_replayed_and_foreign_requests_are_dropped_counted_and_change_nothing()
     Ok(())
 }
 
+/// On the embedded endpoint, revoking a backend closes its live connection at once (not merely at
+/// its next request), counted as `revoked`; another backend of the organization keeps its own.
+#[test]
+fn revoking_a_backend_closes_its_live_connection_at_once() -> TestResult {
+    let rt = common::runtime();
+    let gw = GatewayProcess::start(GatewayOptions::default())?;
+    let doomed = create_backend(&gw, "erp-doomed")?;
+    let kept = create_backend(&gw, "erp-kept")?;
+    rt.block_on(async {
+        let mut d = RawBackend::connect(gw.mqtt_port, &doomed).await?;
+        let mut k = RawBackend::connect(gw.mqtt_port, &kept).await?;
+        d.send(1, Request::QueryTask { task_id: 1 }).await?;
+        d.answer(1, Duration::from_secs(10)).await?;
+        let revoked_at = Instant::now();
+        gw.api().ok_post("/v1/backends/erp-doomed/revoke", &json!({}))?;
+        // The connection ends: the client's event loop stops and its inbox closes.
+        let closed =
+            tokio::time::timeout(Duration::from_secs(2), async { while d.inbox.recv().await.is_some() {} }).await;
+        assert!(closed.is_ok(), "the revoked backend is still connected");
+        eprintln!("closed {:?} after the revocation's API call began", revoked_at.elapsed());
+        assert!(RawBackend::connect(gw.mqtt_port, &doomed).await.is_err(), "a revoked backend reconnects");
+        k.send(1, Request::QueryTask { task_id: 1 }).await?;
+        k.answer(1, Duration::from_secs(10)).await?;
+        TestResult::Ok(())
+    })?;
+    assert_eq!(gw.metric("rki_mqtt_connections_closed_total{reason=\"revoked\"}"), 1.0);
+    Ok(())
+}
+
 #[test]
 fn a_backend_offline_during_the_push_receives_every_event_after_it_reconnects_exactly_once() -> TestResult {
     let rt = common::runtime();

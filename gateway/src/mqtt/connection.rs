@@ -359,6 +359,9 @@ impl<'a> Session<'a> {
     /// A connection that was taken over stops here.
     fn take_downlinks(&mut self) -> Result<(), Close> {
         let mut state = self.client.lock();
+        if state.is_revoked() {
+            return Err(Close::Revoked);
+        }
         if !state.is_current(self.conn) {
             return Err(Close::TakenOver);
         }

@@ -160,6 +160,22 @@ impl Outbound for MqttOutbound {
             metrics::counter!(m::MQTT_DOWNLINKS_DROPPED_TOTAL, "reason" => why.reason()).increment(1);
         }
     }
+
+    /// A revoked backend's live connection closes at once (5.0: DISCONNECT 0x87), and its session
+    /// goes: nothing more is sent to it, and a new CONNECT is refused by the store's verdict.
+    fn broker_revoked(
+        &self,
+        identities: Vec<crate::dynsec::BrokerIdentity>,
+    ) -> futures_util::future::BoxFuture<'static, ()> {
+        for identity in identities {
+            let crate::dynsec::BrokerIdentity::Backend(id) = identity else { continue };
+            let Some((_, client)) = self.shared.clients.remove(&id.client_id()) else { continue };
+            if let Some(wake) = client.evict() {
+                wake.notify_one();
+            }
+        }
+        Box::pin(std::future::ready(()))
+    }
 }
 
 impl MqttOutbound {

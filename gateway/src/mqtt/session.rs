@@ -44,6 +44,8 @@ pub struct ClientState {
     pub subscribed: bool,
     /// How long the session outlives its connection; `None`: it ends with it.
     lifetime: Option<Duration>,
+    /// The identity was revoked ([`Client::evict`]): its connection closes at its next wake-up.
+    revoked: bool,
     /// When a disconnected persistent session is forgotten.
     expires_at: Option<Instant>,
     /// Downlinks not written yet.
@@ -57,6 +59,11 @@ impl ClientState {
     /// Whether `conn` is still the live connection (it was not taken over).
     pub fn is_current(&self, conn: u64) -> bool {
         self.conn.as_ref().is_some_and(|(id, _)| *id == conn)
+    }
+
+    /// Whether the identity was revoked: its connection must close.
+    pub fn is_revoked(&self) -> bool {
+        self.revoked
     }
 
     /// Queues a downlink for the live connection or the kept session.
@@ -144,6 +151,18 @@ impl Client {
         Attached { session_present, replaced }
     }
 
+    /// The identity was revoked: its session is dropped, it takes no more downlinks, and its live
+    /// connection (woken by the returned handle) closes. The entry is then forgotten by the
+    /// caller, so a later connection starts from nothing (and must pass CONNECT first).
+    pub fn evict(&self) -> Option<Arc<Notify>> {
+        let mut state = self.lock();
+        state.reset();
+        state.revoked = true;
+        state.lifetime = None;
+        state.expires_at = None;
+        state.conn.take().map(|(_, wake)| wake)
+    }
+
     /// `conn` ended. Returns whether it was the live connection (not taken over). A persistent
     /// session stays for its lifetime, with its unacknowledged downlinks to send again; a clean
     /// one is dropped.
@@ -220,6 +239,25 @@ mod tests {
         assert!(!old_is_current && new_is_current);
         assert!(!client.detach(1, t0), "the replaced connection's end touches nothing");
         assert!(client.lock().subscribed);
+    }
+
+    #[test]
+    fn an_evicted_client_wakes_its_connection_keeps_nothing_and_takes_nothing() {
+        let t0 = Instant::now();
+        let client = Client::default();
+        let wake = Arc::new(Notify::new());
+        client.attach(1, wake.clone(), false, Some(Duration::from_secs(3600)), t0);
+        client.lock().subscribed = true;
+        assert!(client.lock().queue(down(1), 8).is_ok());
+        let woken = client.evict().expect("the live connection's wake-up");
+        assert!(Arc::ptr_eq(&woken, &wake));
+        let state = client.lock();
+        assert!(state.is_revoked() && !state.is_current(1));
+        assert!(state.pending.is_empty() && !state.subscribed);
+        drop(state);
+        assert_eq!(client.lock().queue(down(2), 8).err(), Some(Dropped::NoSession));
+        assert!(!client.detach(1, t0), "the evicted connection's end touches nothing");
+        assert!(client.lock().is_forgettable(t0));
     }
 
     #[test]
