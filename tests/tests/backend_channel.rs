@@ -77,12 +77,17 @@ struct RawBackend {
 impl RawBackend {
     async fn connect(port: u16, cred: &Credential) -> TestResult<RawBackend> {
         let id = BackendId::new("acme", &cred.name)?;
+        let filters = [topic::backend_reply(id.org(), id.name()), topic::backend_events(id.org(), id.name())];
+        Self::connect_subscribed(port, cred, &filters).await
+    }
+
+    /// Connected, and subscribed to `filters` only (their SUBACKs received).
+    async fn connect_subscribed(port: u16, cred: &Credential, filters: &[String]) -> TestResult<RawBackend> {
+        let id = BackendId::new("acme", &cred.name)?;
         let secret = BackendSecret::parse(&cred.secret)?;
         let password = String::from_utf8(secret.mqtt_password(&id).expose_secret().to_vec())?;
-        let (client, inbox) = mqtt_connect(port, &id.client_id(), &password, true).await?;
-        client.subscribe(topic::backend_reply(id.org(), id.name()), QoS::AtLeastOnce).await?;
-        client.subscribe(topic::backend_events(id.org(), id.name()), QoS::AtLeastOnce).await?;
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (client, inbox) =
+            rki_tests::mqtt_connect_subscribed(port, &id.client_id(), &password, true, filters).await?;
         let counter = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_micros() as u64;
         Ok(RawBackend { key: secret.mac_key(&id), id, client, inbox, counter })
     }
@@ -435,6 +440,57 @@ fn revoking_a_backend_closes_its_live_connection_at_once() -> TestResult {
         TestResult::Ok(())
     })?;
     assert_eq!(gw.metric("rki_mqtt_connections_closed_total{reason=\"revoked\"}"), 1.0);
+    Ok(())
+}
+
+/// The endpoint keeps each of a backend's subscriptions on its own (§12.2): subscribed to its
+/// reply topic only, a backend gets its answers and no event; once subscribed to its events topic
+/// too it gets them (from the store, by asking); unsubscribed from its reply topic, it still gets
+/// events but no answer.
+#[test]
+fn a_backend_subscribed_to_its_replies_only_is_sent_no_events() -> TestResult {
+    let rt = common::runtime();
+    let gw = GatewayProcess::start(GatewayOptions::default())?;
+    let provisioned = provision(&gw, &sns("SUBS", 2), "subs")?;
+    let fleet = rt.block_on(common::spawn_fleet(
+        common::fleet_config(gw.mqtt_port, &provisioned, Knobs::default())?,
+        Duration::from_secs(60),
+    ))?;
+    let cred = create_backend(&gw, "erp-subs")?;
+    let task = rki_tests::create_task(&gw.api(), &json!({"group": "subs"}))?;
+    wait_task_done(&gw.api(), task, Duration::from_secs(60))?;
+    // TaskCreated, two endings, TaskDone.
+    let last = 4;
+    let (reply, events) = (topic::backend_reply("acme", "erp-subs"), topic::backend_events("acme", "erp-subs"));
+    rt.block_on(async {
+        let mut b = RawBackend::connect_subscribed(gw.mqtt_port, &cred, std::slice::from_ref(&reply)).await?;
+        let dropped = || gw.metric("rki_mqtt_downlinks_dropped_total{reason=\"no_session\"}");
+        let dropped_before = dropped();
+        b.send(1, Request::Events { after: 0 }).await?;
+        assert_eq!(b.answer(1, Duration::from_secs(10)).await?, Answer::Events { after: 0, last });
+        assert!(b.no_event_within(Duration::from_secs(1)).await, "an event on a topic it did not subscribe to");
+        assert!(dropped() >= dropped_before + last as f64, "the pushed events were dropped at the session");
+        // Subscribed to its events too: asking again brings them.
+        b.client.subscribe(events.clone(), QoS::AtLeastOnce).await?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let got = b.events(0, Duration::from_secs(10), |e| e.len() >= last as usize).await?;
+        assert_eq!(got.iter().map(|(seq, _)| *seq).collect::<Vec<_>>(), (1..=last).collect::<Vec<_>>());
+        // Unsubscribed from its replies: the events still come, the answers do not.
+        b.client.unsubscribe(reply.clone()).await?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        b.send(900, Request::Events { after: 0 }).await?;
+        let mut seqs = Vec::new();
+        while let Some(message) = b.next(Duration::from_secs(1)).await {
+            match message {
+                Message::BackendEvent(e) => seqs.push(e.seq),
+                Message::BackendAnswer(a) => return Err(format!("an answer after UNSUBSCRIBE: {a:?}").into()),
+                _ => {}
+            }
+        }
+        assert_eq!(seqs, (1..=last).collect::<Vec<_>>());
+        TestResult::Ok(())
+    })?;
+    rt.block_on(fleet.shutdown());
     Ok(())
 }
 

@@ -445,8 +445,8 @@ impl<'a> Session<'a> {
             Inbound::Subscribe { pkid, filters } => {
                 let mut grants = Vec::with_capacity(filters.len());
                 for (filter, qos) in &filters {
-                    if self.identity.may_subscribe(filter) {
-                        self.client.lock().subscribed = true;
+                    if let Some(topic) = self.identity.subscription(filter) {
+                        self.client.lock().subscribed.add(topic);
                         grants.push(Grant::QoS((*qos).min(1)));
                     } else {
                         let wildcard = filter.contains(['#', '+']);
@@ -457,8 +457,9 @@ impl<'a> Session<'a> {
                 self.writer().suback(pkid, &grants);
             }
             Inbound::Unsubscribe { pkid, filters } => {
-                if filters.iter().any(|f| self.identity.may_subscribe(f)) {
-                    self.client.lock().subscribed = false;
+                // Each of its own topics unsubscribed on its own; the others stay.
+                for topic in filters.iter().filter_map(|f| self.identity.subscription(f)) {
+                    self.client.lock().subscribed.remove(topic);
                 }
                 self.writer().unsuback(pkid, filters.len());
             }

@@ -124,6 +124,11 @@ pub struct MqttOutbound {
 impl Outbound for MqttOutbound {
     fn publish(&self, topic_name: String, payload: Vec<u8>) {
         if let Some((org, name)) = topic::parse_backend_outbound(&topic_name) {
+            let kind = if topic_name == topic::backend_events(org, name) {
+                session::Subscription::Events
+            } else {
+                session::Subscription::Reply
+            };
             return self.publish_to_backend(
                 format!(
                     "{}{org}{}{name}",
@@ -131,6 +136,7 @@ impl Outbound for MqttOutbound {
                     rki_protocol::backend::CLIENT_ID_SEPARATOR
                 ),
                 topic_name,
+                kind,
                 payload,
             );
         }
@@ -143,7 +149,11 @@ impl Outbound for MqttOutbound {
         // The device, and the SN's bootstrap identity (a CreateKeyAnswer or a Refusal awaited).
         for client_id in [sn.to_string(), topic::bootstrap_client_id(sn)] {
             let Some(client) = self.shared.clients.get(&client_id).map(|c| c.clone()) else { continue };
-            let queued = client.lock().queue(down.clone(), self.shared.settings.session_messages_max);
+            let queued = client.lock().queue(
+                down.clone(),
+                session::Subscription::Down,
+                self.shared.settings.session_messages_max,
+            );
             match queued {
                 Ok(wake) => {
                     if let Some(wake) = wake {
@@ -180,10 +190,10 @@ impl Outbound for MqttOutbound {
 
 impl MqttOutbound {
     /// A backend's answer or event, to its connection or kept session.
-    fn publish_to_backend(&self, client_id: String, topic_name: String, payload: Vec<u8>) {
+    fn publish_to_backend(&self, client_id: String, topic_name: String, kind: session::Subscription, payload: Vec<u8>) {
         let down = Down { topic: Arc::from(topic_name.as_str()), payload: payload.into() };
         let outcome = match self.shared.clients.get(&client_id).map(|c| c.clone()) {
-            Some(client) => client.lock().queue(down, rules::BACKEND_SESSION_MESSAGES_MAX),
+            Some(client) => client.lock().queue(down, kind, rules::BACKEND_SESSION_MESSAGES_MAX),
             None => Err(session::Dropped::NoSession),
         };
         match outcome {

@@ -8,6 +8,8 @@ use std::time::Duration;
 use rki_protocol::backend::BackendId;
 use rki_protocol::topic;
 
+use super::session::Subscription;
+
 /// Who a connection is, once its CONNECT is accepted.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Identity {
@@ -33,9 +35,19 @@ impl Identity {
     /// (`CreateKeyAnswer` for a bootstrap identity; `Download`, `Unlock` for a device) arrive; a
     /// backend's own reply and events topics, written out.
     pub fn may_subscribe(&self, filter: &str) -> bool {
+        self.subscription(filter).is_some()
+    }
+
+    /// Which of its topics `filter` is, if it may subscribe to it: each has its own flag in the
+    /// session, so a backend subscribed to its reply topic only is sent no event.
+    pub fn subscription(&self, filter: &str) -> Option<Subscription> {
         match self {
-            Identity::Device(sn) | Identity::Bootstrap(sn) => filter == topic::device_down(sn),
-            Identity::Backend(id) => topic::backend_may_subscribe(id.org(), id.name(), filter),
+            Identity::Device(sn) | Identity::Bootstrap(sn) => {
+                (filter == topic::device_down(sn)).then_some(Subscription::Down)
+            }
+            Identity::Backend(id) if filter == topic::backend_reply(id.org(), id.name()) => Some(Subscription::Reply),
+            Identity::Backend(id) if filter == topic::backend_events(id.org(), id.name()) => Some(Subscription::Events),
+            Identity::Backend(_) => None,
         }
     }
 
@@ -458,8 +470,8 @@ mod tests {
         ] {
             assert!(!backend.may_publish(foreign), "{foreign}");
         }
-        assert!(backend.may_subscribe("rki/v1/backend/acme/erp-1/reply"));
-        assert!(backend.may_subscribe("rki/v1/backend/acme/erp-1/events"));
+        assert_eq!(backend.subscription("rki/v1/backend/acme/erp-1/reply"), Some(Subscription::Reply));
+        assert_eq!(backend.subscription("rki/v1/backend/acme/erp-1/events"), Some(Subscription::Events));
         for foreign in [
             "rki/v1/backend/acme/+/events",
             "rki/v1/backend/#",
