@@ -81,6 +81,38 @@ pub struct RequestClaim {
     pub at: Millis,
 }
 
+/// The backend request an action answers (`Audit::answering`): the action's own transaction
+/// writes the answer beside what it changes, so a crash leaves both or neither (§12.5).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answering {
+    pub backend_id: i64,
+    pub request_id: u64,
+    pub answer: PendingAnswer,
+}
+
+/// An answer as the action hands it to the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PendingAnswer {
+    /// `Answer::Stopped` of this task (its number), with the `terminated` the transaction counts.
+    Stopped { task_id: u64 },
+    /// An answer known before the transaction: postcard of an [`Answer`].
+    Encoded(Vec<u8>),
+}
+
+impl Answering {
+    /// The answer's bytes, given what only the transaction knows (`terminated` of a stop).
+    pub(crate) fn encode(&self, terminated: usize) -> StoreResult<Vec<u8>> {
+        match &self.answer {
+            PendingAnswer::Encoded(bytes) => Ok(bytes.clone()),
+            PendingAnswer::Stopped { task_id } => postcard::to_stdvec(&Answer::Stopped {
+                task_id: *task_id,
+                terminated: u32::try_from(terminated).unwrap_or(u32::MAX),
+            })
+            .map_err(|e| StoreError::Backend(format!("answer encoding: {e}"))),
+        }
+    }
+}
+
 /// One kept event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredEvent {
@@ -131,8 +163,9 @@ pub trait ChannelStore {
     /// Records that the request is being carried out, unless it is remembered already: `None`
     /// if this call claimed it, else what is remembered (from an earlier call, or another node).
     fn claim_backend_request(&self, claim: &RequestClaim) -> StoreResult<Option<RememberedRequest>>;
-    /// Writes the answer of a claimed request (a refusal, a stop, an unlock). A `CreateTask`'s
-    /// answer is written by the task's own transaction.
+    /// Writes the answer of a claimed request that changed nothing (a refusal, an unlock of no
+    /// device); a no-op once an answer is there. A `CreateTask`'s, a `StopTask`'s and an
+    /// `Unlock`'s answers are written by the action's own transaction (`Audit::answering`).
     fn remember_backend_answer(&self, backend_id: i64, request_id: u64, answer: &[u8]) -> StoreResult<()>;
     /// Forgets a claim that got no answer (an outage): asking again starts over.
     fn forget_backend_request(&self, backend_id: i64, request_id: u64) -> StoreResult<()>;

@@ -90,6 +90,21 @@ pub(super) fn on_task_created(tx: &Transaction<'_>, task: &NewTask, number: i64,
     Ok(())
 }
 
+/// Hook of the actions that may answer a backend request (`stop_task`, `set_unlock_pending`),
+/// inside their transaction: the remembered answer, if the audit carries one, written only on a
+/// claimed row without an answer yet (the first answer wins).
+pub(super) fn on_answered(tx: &Transaction<'_>, audit: &Audit, terminated: usize) -> StoreResult<()> {
+    let Some(answering) = &audit.answering else { return Ok(()) };
+    let answer = answering.encode(terminated)?;
+    tx.prepare_cached(
+        "UPDATE backend_requests SET answer = ?3 WHERE backend_id = ?1 AND request_id = ?2 AND answer IS NULL",
+    )
+    .map_err(backend)?
+    .execute(params![answering.backend_id, as_sql(answering.request_id), answer])
+    .map_err(backend)?;
+    Ok(())
+}
+
 /// Hook of every ending (`apply_batch`, `stop_task`, `expire_due`), inside its transaction,
 /// after the endings: an `ExecutionEnded` per execution ended, in the order given, then a
 /// `TaskDone` for each task that has no open execution left.
