@@ -4,7 +4,8 @@
 Needs paho-mqtt 2.x and the standard library: the postcard encoding of the few messages used is
 written out by hand below (varints, strings, sequences, enum indices).
 
-It connects as ``backend@{org}:{name}``, asks for the events after the last one it processed
+It connects as ``backend@{org}~{name}`` (to the gateway's own endpoint, or to the external broker
+the gateway keeps the backends' credentials in), asks for the events after the last one it processed
 (``--after``), creates one download task (``CreateTask``, with ``--request-id`` as its
 idempotency key), and prints every event as one JSON line, in ``seq`` order, exactly once,
 acknowledging them, until the task is done. Exit status 0 when the task is done, 1 otherwise.
@@ -183,7 +184,7 @@ class Backend:
         secret = bytes.fromhex(os.environ.get("RKI_BACKEND_SECRET", args.secret or "").strip())
         self.org, self.name = args.org, args.name
         self.key = mac_key(secret, self.org, self.name)
-        self.client_id = f"backend@{self.org}:{self.name}"
+        self.client_id = f"backend@{self.org}~{self.name}"
         self.req = f"rki/v1/backend/{self.org}/{self.name}/req"
         self.reply = f"rki/v1/backend/{self.org}/{self.name}/reply"
         self.events = f"rki/v1/backend/{self.org}/{self.name}/events"

@@ -37,7 +37,7 @@ use tracing::{debug, warn};
 use crate::engine::{EngineError, InboundMessage, Outbound, Target, TaskSpec};
 use crate::metrics as m;
 use crate::service::{Service, ServiceError};
-use crate::store::channel::{RequestClaim, Retention};
+use crate::store::channel::{Answering, PendingAnswer, RequestClaim, Retention};
 use crate::store::Actor;
 
 /// Requests queued for the worker at most; over it a request is dropped (`overloaded`) and the
@@ -312,6 +312,9 @@ impl BackendChannel {
             // stop and an unlock do nothing twice.
         }
         let answer = self.change(a, task_request_id).await;
+        // A task, a stop or an unlock that changed something has its answer written by its own
+        // transaction already (`Audit::answering`): the write below is then a no-op. It stays
+        // for the answers that changed nothing (a refusal, an unlock of no device).
         let (backend_id, request_id) = (a.backend_id, request.request_id);
         let unavailable =
             matches!(&answer, Answer::Refused { code, .. } if *code == BackendRefusalCode::Unavailable.code());
@@ -387,31 +390,57 @@ impl BackendChannel {
                 let Ok(number) = i64::try_from(*task_id) else {
                     return Answer::refused(BackendRefusalCode::NotFound, "no such task");
                 };
-                match self.service.stop_task(a.org_id, number, &actor).await {
+                let answering = Answering {
+                    backend_id: a.backend_id,
+                    request_id: a.request.request_id,
+                    answer: PendingAnswer::Stopped { task_id: *task_id },
+                };
+                match self.service.stop_task_answering(a.org_id, number, &actor, Some(answering)).await {
                     Ok((terminated, _)) => {
                         Answer::Stopped { task_id: *task_id, terminated: u32::try_from(terminated).unwrap_or(u32::MAX) }
                     }
                     Err(e) => refusal_of(e),
                 }
             }
-            Request::Unlock { sns } => {
-                let mut unlocked = 0u32;
-                let mut unknown = Vec::new();
-                for sn in sns {
-                    match self.service.unlock(a.org_id, sn, &actor).await {
-                        Ok(_) => unlocked += 1,
-                        Err(ServiceError::NotFound { .. }) | Err(ServiceError::Engine(EngineError::NotFound(_))) => {
-                            unknown.push(sn.clone())
-                        }
-                        // Not initialised: nothing to unlock.
-                        Err(ServiceError::Engine(EngineError::Conflict(_))) => {}
-                        Err(e) => return refusal_of(e),
-                    }
-                }
-                Answer::Unlocked { unlocked, unknown }
-            }
+            Request::Unlock { sns } => self.unlock(a, sns, &actor).await,
             _ => Answer::refused(BackendRefusalCode::BadRequest, "not a state-changing request"),
         }
+    }
+
+    /// `Unlock`: the devices are sorted out first (not the organization's: `unknown`; not
+    /// initialised: nothing to unlock), so that the answer is known before the writes and goes
+    /// into the last unlock's transaction. Each device's unlock is its own transaction (as from
+    /// the API): a crash part-way leaves no answer, and the repeat unlocks each again, which
+    /// changes nothing twice (the flag is set already).
+    async fn unlock(&self, a: &Accepted, sns: &[String], actor: &Actor) -> Answer {
+        let mut unknown = Vec::new();
+        let mut to_unlock = Vec::new();
+        for sn in sns {
+            match self.service.engine.device(a.org_id, sn).await {
+                Ok(device) if device.initialised => to_unlock.push(sn.clone()),
+                Ok(_) => {}
+                Err(EngineError::NotFound(_)) => unknown.push(sn.clone()),
+                Err(e) => return refusal_of(e.into()),
+            }
+        }
+        let answer = Answer::Unlocked { unlocked: u32::try_from(to_unlock.len()).unwrap_or(u32::MAX), unknown };
+        let Ok(encoded) = postcard::to_stdvec(&answer) else {
+            return Answer::refused(BackendRefusalCode::Unavailable, refusal_reason(BackendRefusalCode::Unavailable));
+        };
+        let last = to_unlock.len().saturating_sub(1);
+        for (i, sn) in to_unlock.iter().enumerate() {
+            let answering = (i == last).then(|| Answering {
+                backend_id: a.backend_id,
+                request_id: a.request.request_id,
+                answer: PendingAnswer::Encoded(encoded.clone()),
+            });
+            if let Err(e) = self.service.unlock_answering(a.org_id, sn, actor, answering).await {
+                // Gone or changed since it was sorted out (nothing deletes a device today): the
+                // request is not answered as planned; asking again sorts the devices out afresh.
+                return refusal_of(e);
+            }
+        }
+        answer
     }
 
     /// `Preview`, `QueryTask`, `Events`: answered afresh each time.

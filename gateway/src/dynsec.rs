@@ -4,10 +4,12 @@
 //! and no reload.
 //!
 //! Layout:
-//! - [`Acl`], [`device_acls`], [`bootstrap_acls`], [`gateway_acls`]: the access rules, once.
+//! - [`Acl`], [`device_acls`], [`bootstrap_acls`], [`backend_acls`], [`gateway_acls`]: the access
+//!   rules, once.
 //! - [`Admin`]: the admin link and its small API, [`Admin::put_client`] and
-//!   [`Admin::remove_client`] ("this identity, this password, these rules"), reusable for other
-//!   identities (the backends'); commands are batched, several per `$CONTROL` message.
+//!   [`Admin::remove_clients`] ("this identity, this password, these rules"), for terminals,
+//!   bootstrap identities and RKI backends alike; commands are batched, several per `$CONTROL`
+//!   message.
 //! - [`reconcile`]: the broker's managed clients against the store, paged, idempotent.
 //! - [`seed_file`]: the plugin's initial configuration (`rki-gateway dynsec-init`).
 //!
@@ -27,6 +29,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use rki_protocol::backend::BackendId;
 use rki_protocol::secret::SecretBytes;
 use rki_protocol::topic;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
@@ -60,6 +63,8 @@ const PUT_ATTEMPTS_MAX: u32 = 4;
 /// Role prefixes of the clients the gateway owns; a client without one is never touched.
 pub const ROLE_DEVICE_PREFIX: &str = "rki-device:";
 pub const ROLE_BOOTSTRAP_PREFIX: &str = "rki-bootstrap:";
+/// The role of a backend is this prefix and its client id: `rki-backend:backend@{org}~{name}`.
+pub const ROLE_BACKEND_PREFIX: &str = "rki-backend:";
 pub const ROLE_GATEWAY: &str = "rki-gateway";
 pub const ROLE_ADMIN: &str = "rki-admin";
 
@@ -120,6 +125,19 @@ pub fn bootstrap_acls(sn: &str) -> Vec<Acl> {
     ]
 }
 
+/// A backend publishes only on its request topic and subscribes to (and receives) only its reply
+/// and events topics, written out (`docs/PROTOCOL.md` §12.1).
+pub fn backend_acls(id: &BackendId) -> Vec<Acl> {
+    let (reply, events) = (topic::backend_reply(id.org(), id.name()), topic::backend_events(id.org(), id.name()));
+    vec![
+        Acl::new(AclKind::PublishClientSend, topic::backend_request(id.org(), id.name())),
+        Acl::new(AclKind::SubscribeLiteral, reply.clone()),
+        Acl::new(AclKind::PublishClientReceive, reply),
+        Acl::new(AclKind::SubscribeLiteral, events.clone()),
+        Acl::new(AclKind::PublishClientReceive, events),
+    ]
+}
+
 /// The gateway reads every device's up and init topics (through its shared subscriptions),
 /// publishes every downlink, and uses the backend tree.
 pub fn gateway_acls() -> Vec<Acl> {
@@ -151,6 +169,8 @@ pub enum BrokerIdentity {
     Device(String),
     /// The bootstrap identity `init@{SN}` of a freshly provisioned GUDID.
     Bootstrap(String),
+    /// An organization's RKI backend: username and client id `backend@{org}~{name}`.
+    Backend(BackendId),
 }
 
 impl BrokerIdentity {
@@ -158,6 +178,7 @@ impl BrokerIdentity {
         match self {
             BrokerIdentity::Device(sn) => sn.clone(),
             BrokerIdentity::Bootstrap(sn) => topic::bootstrap_client_id(sn),
+            BrokerIdentity::Backend(id) => id.client_id(),
         }
     }
 
@@ -165,6 +186,7 @@ impl BrokerIdentity {
         match self {
             BrokerIdentity::Device(sn) => format!("{ROLE_DEVICE_PREFIX}{sn}"),
             BrokerIdentity::Bootstrap(sn) => format!("{ROLE_BOOTSTRAP_PREFIX}{sn}"),
+            BrokerIdentity::Backend(id) => format!("{ROLE_BACKEND_PREFIX}{}", id.client_id()),
         }
     }
 
@@ -172,6 +194,7 @@ impl BrokerIdentity {
         match self {
             BrokerIdentity::Device(sn) => device_acls(sn),
             BrokerIdentity::Bootstrap(sn) => bootstrap_acls(sn),
+            BrokerIdentity::Backend(id) => backend_acls(id),
         }
     }
 
@@ -179,6 +202,9 @@ impl BrokerIdentity {
     fn from_role(role: &str) -> Option<Self> {
         if let Some(sn) = role.strip_prefix(ROLE_DEVICE_PREFIX) {
             return Some(BrokerIdentity::Device(sn.to_string()));
+        }
+        if let Some(client_id) = role.strip_prefix(ROLE_BACKEND_PREFIX) {
+            return BackendId::parse_client_id(client_id).ok().map(BrokerIdentity::Backend);
         }
         role.strip_prefix(ROLE_BOOTSTRAP_PREFIX).map(|sn| BrokerIdentity::Bootstrap(sn.to_string()))
     }
@@ -528,21 +554,28 @@ pub struct Reconciled {
     pub missing_devices: usize,
 }
 
+/// What the store says may have a broker client: initialised SNs, SNs whose bootstrap identity
+/// may exist, backends not revoked.
+#[derive(Debug, Default, Clone)]
+pub struct Owned {
+    pub initialised: HashSet<String>,
+    pub bootstrap_live: HashSet<String>,
+    pub backends: HashSet<BackendId>,
+}
+
 /// The clients that should not exist: a device no longer registered or initialised, a bootstrap
-/// identity whose GUDID is neither live nor spent within the grace. Pure, for the tests.
-pub fn stale_clients(
-    broker: &[(String, Vec<String>)],
-    initialised: &HashSet<String>,
-    bootstrap_live: &HashSet<String>,
-) -> Vec<(String, String)> {
+/// identity whose GUDID is neither live nor spent within the grace, a revoked (or unknown)
+/// backend. Pure, for the tests.
+pub fn stale_clients(broker: &[(String, Vec<String>)], owned: &Owned) -> Vec<(String, String)> {
     let mut stale = Vec::new();
     for (username, roles) in broker {
         for role in roles {
             let keep = match BrokerIdentity::from_role(role) {
-                Some(BrokerIdentity::Device(sn)) => *username != sn || initialised.contains(&sn),
+                Some(BrokerIdentity::Device(sn)) => *username != sn || owned.initialised.contains(&sn),
                 Some(BrokerIdentity::Bootstrap(sn)) => {
-                    *username != topic::bootstrap_client_id(&sn) || bootstrap_live.contains(&sn)
+                    *username != topic::bootstrap_client_id(&sn) || owned.bootstrap_live.contains(&sn)
                 }
+                Some(BrokerIdentity::Backend(id)) => *username != id.client_id() || owned.backends.contains(&id),
                 None => true,
             };
             if !keep {
@@ -562,16 +595,13 @@ pub async fn reconcile(admin: &Admin, engine: &crate::engine::Engine) -> Result<
     let broker = admin.list_clients().await?;
     let managed =
         broker.iter().filter(|(_, roles)| roles.iter().any(|r| BrokerIdentity::from_role(r).is_some())).count();
-    let (initialised, live) = registry(engine).await?;
-    let candidates = stale_clients(&broker, &initialised, &live);
+    let owned = registry(engine).await?;
+    let candidates = stale_clients(&broker, &owned);
     let mut removed = 0;
     if !candidates.is_empty() {
-        let (initialised, live) = registry(engine).await?;
-        let stale = stale_clients(
-            &candidates.iter().map(|(u, r)| (u.clone(), vec![r.clone()])).collect::<Vec<_>>(),
-            &initialised,
-            &live,
-        );
+        let owned = registry(engine).await?;
+        let stale =
+            stale_clients(&candidates.iter().map(|(u, r)| (u.clone(), vec![r.clone()])).collect::<Vec<_>>(), &owned);
         removed = admin.remove_clients(&stale).await?;
     }
     let present: HashSet<&str> = broker
@@ -581,13 +611,13 @@ pub async fn reconcile(admin: &Admin, engine: &crate::engine::Engine) -> Result<
         })
         .map(|(u, _)| u.as_str())
         .collect();
-    let missing_devices = initialised.iter().filter(|sn| !present.contains(sn.as_str())).count();
+    let missing_devices = owned.initialised.iter().filter(|sn| !present.contains(sn.as_str())).count();
     Ok(Reconciled { managed, removed, missing_devices })
 }
 
-/// Initialised SNs, and SNs whose bootstrap identity may exist (a live GUDID, or one spent
-/// within [`crate::mosquitto::SPENT_BOOTSTRAP_GRACE`]).
-async fn registry(engine: &crate::engine::Engine) -> Result<(HashSet<String>, HashSet<String>), String> {
+/// Initialised SNs, SNs whose bootstrap identity may exist (a live GUDID, or one spent within
+/// [`crate::mosquitto::SPENT_BOOTSTRAP_GRACE`]), and live backends.
+async fn registry(engine: &crate::engine::Engine) -> Result<Owned, String> {
     let store = engine.store.clone();
     let now = engine.clock.now_ms();
     tokio::task::spawn_blocking(move || {
@@ -605,7 +635,13 @@ async fn registry(engine: &crate::engine::Engine) -> Result<(HashSet<String>, Ha
             .into_iter()
             .map(|(sn, _)| sn)
             .collect();
-        Ok((initialised, live))
+        let backends: HashSet<BackendId> = store
+            .broker_backends()
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .filter_map(|b| BackendId::new(&b.org, &b.name).ok())
+            .collect();
+        Ok(Owned { initialised, bootstrap_live: live, backends })
     })
     .await
     .map_err(|e| e.to_string())?
@@ -691,8 +727,8 @@ pub fn seed_file(
     serde_json::to_string_pretty(&file).map_err(|e| e.to_string())
 }
 
-/// The store's identities for [`seed_file`]: every initialised device and every SN with a live
-/// GUDID (its newest).
+/// The store's identities for [`seed_file`]: every initialised device, every SN with a live
+/// GUDID (its newest) and every live backend.
 pub fn store_identities(
     store: &dyn crate::store::Store,
     now: crate::clock::Millis,
@@ -708,6 +744,10 @@ pub fn store_identities(
         if seen.insert(sn.clone()) {
             out.push((BrokerIdentity::Bootstrap(sn), hash));
         }
+    }
+    for b in store.broker_backends().map_err(|e| e.to_string())? {
+        let Ok(id) = BackendId::new(&b.org, &b.name) else { continue };
+        out.push((BrokerIdentity::Backend(id), b.password_hash));
     }
     Ok(out)
 }
@@ -734,6 +774,19 @@ mod tests {
         let bootstrap = bootstrap_acls("SN1");
         assert!(bootstrap.contains(&Acl::new(AclKind::PublishClientSend, "SN1/rki/v1/init")));
         assert!(!bootstrap.iter().any(|a| a.topic.ends_with("/up")));
+        let erp = BrokerIdentity::Backend(BackendId::new("acme", "erp-1").expect("names"));
+        assert_eq!(
+            (erp.username(), erp.role()),
+            ("backend@acme~erp-1".into(), "rki-backend:backend@acme~erp-1".into())
+        );
+        assert_eq!(BrokerIdentity::from_role(&erp.role()), Some(erp.clone()));
+        let backend = erp.acls();
+        assert!(backend.contains(&Acl::new(AclKind::PublishClientSend, "rki/v1/backend/acme/erp-1/req")));
+        assert!(backend.contains(&Acl::new(AclKind::SubscribeLiteral, "rki/v1/backend/acme/erp-1/events")));
+        assert!(backend.contains(&Acl::new(AclKind::PublishClientReceive, "rki/v1/backend/acme/erp-1/reply")));
+        assert!(backend
+            .iter()
+            .all(|a| a.topic.starts_with("rki/v1/backend/acme/erp-1/") && !a.topic.contains(['+', '#'])));
         assert!(admin_acls().iter().all(|a| a.topic.starts_with("$CONTROL/")));
         assert!(!gateway_acls().iter().any(|a| a.topic.starts_with("$CONTROL")));
     }
@@ -747,15 +800,22 @@ mod tests {
             ("init@SN3".to_string(), vec!["rki-bootstrap:SN3".to_string()]),
             ("rki-gateway".to_string(), vec![ROLE_GATEWAY.to_string()]),
             ("backend-1".to_string(), vec!["other".to_string()]),
+            ("backend@acme~erp".to_string(), vec!["rki-backend:backend@acme~erp".to_string()]),
+            ("backend@acme~old".to_string(), vec!["rki-backend:backend@acme~old".to_string()]),
         ];
-        let initialised: HashSet<String> = ["SN1".to_string()].into();
-        let live: HashSet<String> = ["SN3".to_string()].into();
-        let stale = stale_clients(&broker, &initialised, &live);
+        let erp = BackendId::new("acme", "erp").expect("names");
+        let owned = Owned {
+            initialised: ["SN1".to_string()].into(),
+            bootstrap_live: ["SN3".to_string()].into(),
+            backends: [erp].into(),
+        };
+        let stale = stale_clients(&broker, &owned);
         assert_eq!(
             stale,
             vec![
                 ("SN2".to_string(), "rki-device:SN2".to_string()),
-                ("init@SN1".to_string(), "rki-bootstrap:SN1".to_string())
+                ("init@SN1".to_string(), "rki-bootstrap:SN1".to_string()),
+                ("backend@acme~old".to_string(), "rki-backend:backend@acme~old".to_string()),
             ]
         );
     }

@@ -84,6 +84,25 @@ impl Outbound for ClientOutbound {
             None => Box::pin(std::future::ready(())),
         }
     }
+
+    fn broker_revoked(
+        &self,
+        identities: Vec<crate::dynsec::BrokerIdentity>,
+    ) -> futures_util::future::BoxFuture<'static, ()> {
+        match self.dynsec.clone() {
+            // A removal that fails here is done by the next reconcile (the store disowns it).
+            Some(admin) => Box::pin(async move {
+                let clients: Vec<(String, String)> = identities.iter().map(|i| (i.username(), i.role())).collect();
+                let removal = tokio::time::timeout(BROKER_PASSWORD_WAIT_MAX, admin.remove_clients(&clients)).await;
+                match removal {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => warn!(error = %e, "the broker did not remove revoked clients; the reconcile will"),
+                    Err(_) => warn!("the broker has not removed revoked clients in time; the reconcile will"),
+                }
+            }),
+            None => Box::pin(std::future::ready(())),
+        }
+    }
 }
 
 pub struct ExternalLink {

@@ -94,7 +94,9 @@ fn register_closed_series() {
     for state in ExecutionState::ALL.into_iter().filter(|s| !s.is_open()) {
         metrics::counter!(EXECUTIONS_ENDED_TOTAL, "state" => state.as_str()).increment(0);
     }
-    for reason in ["connect_timeout", "packet_too_large", "keep_alive", "dropped", "disconnect", "taken_over"] {
+    for reason in
+        ["connect_timeout", "packet_too_large", "keep_alive", "dropped", "disconnect", "taken_over", "revoked"]
+    {
         metrics::counter!(MQTT_CONNECTIONS_CLOSED_TOTAL, "reason" => reason).increment(0);
     }
     for reason in ["foreign_subscribe", "wildcard_subscribe", "foreign_publish", "retain", "qos2"] {

@@ -6,15 +6,23 @@
 //! organization's slug and the name, by one-way, domain-separated derivations bound to both:
 //!
 //! ```text
-//! MQTT user name = client id = "backend@" || org || ":" || name
+//! MQTT user name = client id = "backend@" || org || "~" || name
 //! MQTT password = lower-case hex(HMAC-SHA256(secret, "rki/v1 backend mqtt password" || org || 00 || name))
 //! frame MAC key = HMAC-SHA256(secret, "rki/v1 backend mac key" || org || 00 || name)
 //! ```
 //!
 //! The gateway therefore never needs the secret after it has shown it: it keeps the MAC key
-//! (sealed under its master key) and a hash of the password. `:` and `@` are outside the name
+//! (sealed under its master key) and a hash of the password. `~` and `@` are outside the name
 //! alphabet, and `00` is not a name byte, so neither the client id nor the HMAC input is
 //! ambiguous.
+//!
+//! Why `~` between the organization and the name: the identity must be one string that Mosquitto's
+//! password file (`user:hash`, split at the first `:`), its ACL file (`user …`), its dynamic
+//! security plugin and an MQTT client id all take as it is. `:` breaks the password file; `/`, `+`
+//! and `#` are topic syntax (Mosquitto refuses `%u`/`%c` substitution for ids holding them);
+//! `.`, `_` and `-` are name characters; a second `@` would read as an e-mail address. `~` is
+//! printable ASCII, unreserved in URLs (RFC 3986), needs no quoting mid-word in a shell, and is
+//! not a name character.
 
 use std::fmt;
 
@@ -30,6 +38,8 @@ use crate::topic::{validate_name, NameError};
 pub const BACKEND_SECRET_LEN: usize = 32;
 /// The prefix of a backend's MQTT client id and user name.
 pub const CLIENT_ID_PREFIX: &str = "backend@";
+/// Between the organization and the name in a backend's client id (see the module's doc for why).
+pub const CLIENT_ID_SEPARATOR: char = '~';
 /// The label of [`BackendSecret::mqtt_password`]'s HMAC input.
 pub const MQTT_PASSWORD_LABEL: &[u8] = b"rki/v1 backend mqtt password";
 /// The label of [`BackendSecret::mac_key`]'s HMAC input.
@@ -61,7 +71,7 @@ pub fn request_digest(request: &Request) -> [u8; 32] {
 /// Why a backend client id or secret does not parse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BackendIdError {
-    #[error("a backend client id is backend@{{org}}:{{name}}")]
+    #[error("a backend client id is backend@{{org}}~{{name}}")]
     NotBackend,
     #[error("organization: {0}")]
     Org(NameError),
@@ -85,10 +95,10 @@ impl BackendId {
         Ok(Self { org: org.to_string(), name: name.to_string() })
     }
 
-    /// Parses `backend@{org}:{name}`, the MQTT client id and user name of a backend.
+    /// Parses `backend@{org}~{name}`, the MQTT client id and user name of a backend.
     pub fn parse_client_id(client_id: &str) -> Result<Self, BackendIdError> {
         let rest = client_id.strip_prefix(CLIENT_ID_PREFIX).ok_or(BackendIdError::NotBackend)?;
-        let (org, name) = rest.split_once(':').ok_or(BackendIdError::NotBackend)?;
+        let (org, name) = rest.split_once(CLIENT_ID_SEPARATOR).ok_or(BackendIdError::NotBackend)?;
         Self::new(org, name)
     }
 
@@ -100,9 +110,9 @@ impl BackendId {
         &self.name
     }
 
-    /// `backend@{org}:{name}`: both the MQTT client id and the user name.
+    /// `backend@{org}~{name}`: both the MQTT client id and the user name.
     pub fn client_id(&self) -> String {
-        format!("{CLIENT_ID_PREFIX}{}:{}", self.org, self.name)
+        format!("{CLIENT_ID_PREFIX}{}{CLIENT_ID_SEPARATOR}{}", self.org, self.name)
     }
 
     /// The HMAC input after a label: `org || 00 || name`.
@@ -193,19 +203,23 @@ mod tests {
     #[test]
     fn a_client_id_round_trips_and_parses_unambiguously() {
         let acme = id("acme", "erp-1.prod");
-        assert_eq!(acme.client_id(), "backend@acme:erp-1.prod");
+        assert_eq!(acme.client_id(), "backend@acme~erp-1.prod");
         assert_eq!(acme.to_string(), acme.client_id());
+        assert!(!acme.client_id().contains(':'), "Mosquitto's password file splits a line at ':'");
         assert_eq!(BackendId::parse_client_id(&acme.client_id()), Ok(acme));
         let cases = [
             ("acme", BackendIdError::NotBackend),
             ("init@SN1", BackendIdError::NotBackend),
             ("backend@acme", BackendIdError::NotBackend),
-            ("backend@:erp", BackendIdError::Org(NameError::Empty)),
-            ("backend@acme:", BackendIdError::Name(NameError::Empty)),
-            ("backend@acme:erp:2", BackendIdError::Name(NameError::BadCharacter)),
-            ("backend@ac/me:erp", BackendIdError::Org(NameError::BadCharacter)),
-            ("backend@acme:+", BackendIdError::Name(NameError::BadCharacter)),
-            ("Backend@acme:erp", BackendIdError::NotBackend),
+            ("backend@acme:erp", BackendIdError::NotBackend),
+            ("backend@:erp", BackendIdError::NotBackend),
+            ("backend@~erp", BackendIdError::Org(NameError::Empty)),
+            ("backend@acme~", BackendIdError::Name(NameError::Empty)),
+            ("backend@acme~erp~2", BackendIdError::Name(NameError::BadCharacter)),
+            ("backend@acme~erp:2", BackendIdError::Name(NameError::BadCharacter)),
+            ("backend@ac/me~erp", BackendIdError::Org(NameError::BadCharacter)),
+            ("backend@acme~+", BackendIdError::Name(NameError::BadCharacter)),
+            ("Backend@acme~erp", BackendIdError::NotBackend),
         ];
         for (text, error) in cases {
             assert_eq!(BackendId::parse_client_id(text), Err(error), "{text}");

@@ -16,7 +16,7 @@
 //! - [`message`]: every wire message, postcard-encoded.
 //! - [`frame`]: the signed envelope around every message (HMAC-SHA256 plus counter).
 //! - [`init`]: device initialisation crypto (GUDID, X25519 + HKDF-SHA256 key agreement).
-//! - [`backend`]: an RKI backend's identity (`backend@{org}:{name}`) and the MQTT password and
+//! - [`backend`]: an RKI backend's identity (`backend@{org}~{name}`) and the MQTT password and
 //!   frame MAC key derived from its secret; its messages are in [`message`].
 #![forbid(unsafe_code)]
 

@@ -854,7 +854,8 @@ impl RawDevice {
     }
 }
 
-pub(crate) fn now_us() -> u64 {
+/// Microseconds since the UNIX epoch: a fresh frame counter (PROTOCOL.md §4.4).
+pub fn now_us() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
 }
 

@@ -28,12 +28,41 @@ struct Credential {
 }
 
 fn create_backend(gw: &GatewayProcess, name: &str) -> TestResult<Credential> {
-    let v = gw.api().ok_post("/v1/backends", &json!({ "name": name }))?;
-    assert_eq!(v["client_id"], format!("backend@acme:{name}"), "{v}");
+    create_backend_in(&gw.api(), "acme", name)
+}
+
+/// A backend credential of the organization `org` whose admin `api` is.
+fn create_backend_in(api: &rki_tests::Api, org: &str, name: &str) -> TestResult<Credential> {
+    let v = api.ok_post("/v1/backends", &json!({ "name": name }))?;
+    assert_eq!(v["client_id"], format!("backend@{org}~{name}"), "{v}");
     let secret = v["secret"].as_str().ok_or("no secret")?.to_string();
     assert_eq!(secret.len(), 64);
     assert!(v["backend"].get("password_hash").is_none() && v["backend"].get("sealed_mac_key").is_none(), "{v}");
     Ok(Credential { name: name.to_string(), secret })
+}
+
+impl Credential {
+    fn id(&self, org: &str) -> TestResult<BackendId> {
+        Ok(BackendId::new(org, &self.name)?)
+    }
+
+    /// Its MQTT password (§12.1).
+    fn password(&self, org: &str) -> TestResult<String> {
+        let secret = BackendSecret::parse(&self.secret)?;
+        Ok(String::from_utf8(secret.mqtt_password(&self.id(org)?).expose_secret().to_vec())?)
+    }
+
+    /// Waits until the broker on `port` accepts this backend's CONNECT (an external broker learns
+    /// it from the files node 1 rewrites, within seconds).
+    async fn wait_admitted(&self, org: &str, port: u16) -> TestResult {
+        let (id, password) = (self.id(org)?.client_id(), self.password(org)?);
+        let what = format!("the broker to admit {id}");
+        let (client, _) =
+            rki_tests::wait::poll_async(&what, Duration::from_secs(20), || mqtt_connect(port, &id, &password, true))
+                .await?;
+        let _ = client.disconnect().await;
+        Ok(())
+    }
 }
 
 /// A hand-driven backend: signs what a test asks, forged or not.
@@ -48,12 +77,17 @@ struct RawBackend {
 impl RawBackend {
     async fn connect(port: u16, cred: &Credential) -> TestResult<RawBackend> {
         let id = BackendId::new("acme", &cred.name)?;
+        let filters = [topic::backend_reply(id.org(), id.name()), topic::backend_events(id.org(), id.name())];
+        Self::connect_subscribed(port, cred, &filters).await
+    }
+
+    /// Connected, and subscribed to `filters` only (their SUBACKs received).
+    async fn connect_subscribed(port: u16, cred: &Credential, filters: &[String]) -> TestResult<RawBackend> {
+        let id = BackendId::new("acme", &cred.name)?;
         let secret = BackendSecret::parse(&cred.secret)?;
         let password = String::from_utf8(secret.mqtt_password(&id).expose_secret().to_vec())?;
-        let (client, inbox) = mqtt_connect(port, &id.client_id(), &password, true).await?;
-        client.subscribe(topic::backend_reply(id.org(), id.name()), QoS::AtLeastOnce).await?;
-        client.subscribe(topic::backend_events(id.org(), id.name()), QoS::AtLeastOnce).await?;
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (client, inbox) =
+            rki_tests::mqtt_connect_subscribed(port, &id.client_id(), &password, true, filters).await?;
         let counter = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_micros() as u64;
         Ok(RawBackend { key: secret.mac_key(&id), id, client, inbox, counter })
     }
@@ -224,38 +258,7 @@ fn the_python_example_creates_a_task_for_50_terminals_and_receives_every_outcome
         Duration::from_secs(60),
     ))?;
     let cred = create_backend(&gw, "erp-1")?;
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/examples/backend.py");
-    let out = Command::new("python3")
-        .arg(&script)
-        .args(["--port", &gw.mqtt_port.to_string(), "--org", "acme", "--name", "erp-1", "--group", "warehouse"])
-        .args(["--request-id", "1001", "--timeout", "90"])
-        .env("RKI_BACKEND_SECRET", &cred.secret)
-        .output()?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "backend.py failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    let lines: Vec<Value> = stdout.lines().map(serde_json::from_str).collect::<Result<_, _>>()?;
-    let answer = lines.iter().find(|l| l["answer"].is_string()).ok_or("no answer")?;
-    assert_eq!(answer["answer"], "TaskCreated", "{answer}");
-    assert_eq!(answer["executions"], 50);
-    let task = answer["task_id"].clone();
-    let events: Vec<&Value> = lines.iter().filter(|l| l["seq"].is_u64()).collect();
-    let seqs: Vec<u64> = events.iter().filter_map(|e| e["seq"].as_u64()).collect();
-    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>(), "every seq once, in order");
-    let created: Vec<&&Value> = events.iter().filter(|e| e["event"] == "task_created").collect();
-    assert_eq!(created.len(), 1);
-    assert_eq!((created[0]["backend"].as_str(), created[0]["request_id"].as_u64()), (Some("erp-1"), Some(1001)));
-    let ended: Vec<&&Value> =
-        events.iter().filter(|e| e["event"] == "execution_ended" && e["task_id"] == task).collect();
-    assert_eq!(ended.len(), 50);
-    let sns_ended: HashSet<&str> = ended.iter().filter_map(|e| e["sn"].as_str()).collect();
-    assert_eq!(sns_ended.len(), 50);
-    for e in &ended {
-        assert_eq!((e["outcome"].as_str(), e["meaning"].as_str()), (Some("succeeded"), Some("success")), "{e}");
-        let ksn = e["ksn"].as_str().unwrap_or_default();
-        assert_eq!(e["kcv"].as_str(), Some(rki_tests::expected_kcv(ksn)?.as_str()), "{e}");
-    }
-    let done = events.last().ok_or("no events")?;
-    assert_eq!((done["event"].as_str(), done["succeeded"].as_u64()), (Some("task_done"), Some(50)), "{done}");
+    run_python_example(gw.mqtt_port, &cred, "warehouse", 1001, 50)?;
     // Through the service layer: the task and its audit entry name the backend.
     let audit = gw.api().ok("/v1/audit?limit=20")?;
     let entry = audit["audit"]
@@ -265,6 +268,49 @@ fn the_python_example_creates_a_task_for_50_terminals_and_receives_every_outcome
     assert_eq!(entry["actor"], "backend:erp-1", "{entry}");
     assert!(gw.metric("rki_backend_events_published_total") >= 52.0);
     rt.block_on(fleet.shutdown());
+    Ok(())
+}
+
+/// Runs `docs/examples/backend.py` as the `acme` backend `cred` against the broker on `port`: it
+/// creates a task for `group` as `request_id` and must print `TaskCreated` for `n` executions,
+/// then every event from `seq` 1 on, once each and in order, ending with the task's `TaskDone`
+/// (every execution succeeded, with the KCV the test BDK gives).
+fn run_python_example(port: u16, cred: &Credential, group: &str, request_id: u64, n: usize) -> TestResult {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/examples/backend.py");
+    let out = Command::new("python3")
+        .arg(&script)
+        .args(["--port", &port.to_string(), "--org", "acme", "--name", &cred.name, "--group", group])
+        .args(["--request-id", &request_id.to_string(), "--timeout", "90"])
+        .env("RKI_BACKEND_SECRET", &cred.secret)
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "backend.py failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<Value> = stdout.lines().map(serde_json::from_str).collect::<Result<_, _>>()?;
+    let answer = lines.iter().find(|l| l["answer"].is_string()).ok_or("no answer")?;
+    assert_eq!(answer["answer"], "TaskCreated", "{answer}");
+    assert_eq!(answer["executions"], n);
+    let task = answer["task_id"].clone();
+    let events: Vec<&Value> = lines.iter().filter(|l| l["seq"].is_u64()).collect();
+    let seqs: Vec<u64> = events.iter().filter_map(|e| e["seq"].as_u64()).collect();
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>(), "every seq once, in order");
+    let created: Vec<&&Value> = events.iter().filter(|e| e["event"] == "task_created").collect();
+    assert_eq!(created.len(), 1);
+    assert_eq!(
+        (created[0]["backend"].as_str(), created[0]["request_id"].as_u64()),
+        (Some(cred.name.as_str()), Some(request_id))
+    );
+    let ended: Vec<&&Value> =
+        events.iter().filter(|e| e["event"] == "execution_ended" && e["task_id"] == task).collect();
+    assert_eq!(ended.len(), n);
+    let sns_ended: HashSet<&str> = ended.iter().filter_map(|e| e["sn"].as_str()).collect();
+    assert_eq!(sns_ended.len(), n);
+    for e in &ended {
+        assert_eq!((e["outcome"].as_str(), e["meaning"].as_str()), (Some("succeeded"), Some("success")), "{e}");
+        let ksn = e["ksn"].as_str().unwrap_or_default();
+        assert_eq!(e["kcv"].as_str(), Some(rki_tests::expected_kcv(ksn)?.as_str()), "{e}");
+    }
+    let done = events.last().ok_or("no events")?;
+    assert_eq!((done["event"].as_str(), done["succeeded"].as_u64()), (Some("task_done"), Some(n as u64)), "{done}");
     Ok(())
 }
 
@@ -368,6 +414,86 @@ fn forged_replayed_and_foreign_requests_are_dropped_counted_and_change_nothing()
     Ok(())
 }
 
+/// On the embedded endpoint, revoking a backend closes its live connection at once (not merely at
+/// its next request), counted as `revoked`; another backend of the organization keeps its own.
+#[test]
+fn revoking_a_backend_closes_its_live_connection_at_once() -> TestResult {
+    let rt = common::runtime();
+    let gw = GatewayProcess::start(GatewayOptions::default())?;
+    let doomed = create_backend(&gw, "erp-doomed")?;
+    let kept = create_backend(&gw, "erp-kept")?;
+    rt.block_on(async {
+        let mut d = RawBackend::connect(gw.mqtt_port, &doomed).await?;
+        let mut k = RawBackend::connect(gw.mqtt_port, &kept).await?;
+        d.send(1, Request::QueryTask { task_id: 1 }).await?;
+        d.answer(1, Duration::from_secs(10)).await?;
+        let revoked_at = Instant::now();
+        gw.api().ok_post("/v1/backends/erp-doomed/revoke", &json!({}))?;
+        // The connection ends: the client's event loop stops and its inbox closes.
+        let closed =
+            tokio::time::timeout(Duration::from_secs(2), async { while d.inbox.recv().await.is_some() {} }).await;
+        assert!(closed.is_ok(), "the revoked backend is still connected");
+        eprintln!("closed {:?} after the revocation's API call began", revoked_at.elapsed());
+        assert!(RawBackend::connect(gw.mqtt_port, &doomed).await.is_err(), "a revoked backend reconnects");
+        k.send(1, Request::QueryTask { task_id: 1 }).await?;
+        k.answer(1, Duration::from_secs(10)).await?;
+        TestResult::Ok(())
+    })?;
+    assert_eq!(gw.metric("rki_mqtt_connections_closed_total{reason=\"revoked\"}"), 1.0);
+    Ok(())
+}
+
+/// The endpoint keeps each of a backend's subscriptions on its own (§12.2): subscribed to its
+/// reply topic only, a backend gets its answers and no event; once subscribed to its events topic
+/// too it gets them (from the store, by asking); unsubscribed from its reply topic, it still gets
+/// events but no answer.
+#[test]
+fn a_backend_subscribed_to_its_replies_only_is_sent_no_events() -> TestResult {
+    let rt = common::runtime();
+    let gw = GatewayProcess::start(GatewayOptions::default())?;
+    let provisioned = provision(&gw, &sns("SUBS", 2), "subs")?;
+    let fleet = rt.block_on(common::spawn_fleet(
+        common::fleet_config(gw.mqtt_port, &provisioned, Knobs::default())?,
+        Duration::from_secs(60),
+    ))?;
+    let cred = create_backend(&gw, "erp-subs")?;
+    let task = rki_tests::create_task(&gw.api(), &json!({"group": "subs"}))?;
+    wait_task_done(&gw.api(), task, Duration::from_secs(60))?;
+    // TaskCreated, two endings, TaskDone.
+    let last = 4;
+    let (reply, events) = (topic::backend_reply("acme", "erp-subs"), topic::backend_events("acme", "erp-subs"));
+    rt.block_on(async {
+        let mut b = RawBackend::connect_subscribed(gw.mqtt_port, &cred, std::slice::from_ref(&reply)).await?;
+        let dropped = || gw.metric("rki_mqtt_downlinks_dropped_total{reason=\"no_session\"}");
+        let dropped_before = dropped();
+        b.send(1, Request::Events { after: 0 }).await?;
+        assert_eq!(b.answer(1, Duration::from_secs(10)).await?, Answer::Events { after: 0, last });
+        assert!(b.no_event_within(Duration::from_secs(1)).await, "an event on a topic it did not subscribe to");
+        assert!(dropped() >= dropped_before + last as f64, "the pushed events were dropped at the session");
+        // Subscribed to its events too: asking again brings them.
+        b.client.subscribe(events.clone(), QoS::AtLeastOnce).await?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let got = b.events(0, Duration::from_secs(10), |e| e.len() >= last as usize).await?;
+        assert_eq!(got.iter().map(|(seq, _)| *seq).collect::<Vec<_>>(), (1..=last).collect::<Vec<_>>());
+        // Unsubscribed from its replies: the events still come, the answers do not.
+        b.client.unsubscribe(reply.clone()).await?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        b.send(900, Request::Events { after: 0 }).await?;
+        let mut seqs = Vec::new();
+        while let Some(message) = b.next(Duration::from_secs(1)).await {
+            match message {
+                Message::BackendEvent(e) => seqs.push(e.seq),
+                Message::BackendAnswer(a) => return Err(format!("an answer after UNSUBSCRIBE: {a:?}").into()),
+                _ => {}
+            }
+        }
+        assert_eq!(seqs, (1..=last).collect::<Vec<_>>());
+        TestResult::Ok(())
+    })?;
+    rt.block_on(fleet.shutdown());
+    Ok(())
+}
+
 #[test]
 fn a_backend_offline_during_the_push_receives_every_event_after_it_reconnects_exactly_once() -> TestResult {
     let rt = common::runtime();
@@ -459,68 +585,116 @@ fn sigkill_mid_push_loses_no_event_and_doubles_none() -> TestResult {
 
 /// External-broker mode, two nodes on Mosquitto and PostgreSQL: a request published once reaches
 /// one node through the shared subscription and is answered once; its repeat is answered from the
-/// shared store by whichever node gets it. (Mosquitto's files do not hold backend identities yet,
-/// PROTOCOL.md §12.8: the test publishes the signed frames as the gateway's own broker user; the
-/// gateway trusts the tag, not the MQTT identity.)
+/// shared store by whichever node gets it. The backend connects to Mosquitto as itself, admitted
+/// by the password and ACL files node 1 writes.
 #[test]
 fn with_two_nodes_on_an_external_broker_a_request_is_handled_once() -> TestResult {
-    use rki_tests::cluster::{GATEWAY_PASSWORD, GATEWAY_USER};
     let rt = common::runtime();
     let cluster = rki_tests::Cluster::start(rki_tests::ClusterOptions { nodes: 2, ..Default::default() })?;
-    let v = cluster.api(0).ok_post("/v1/backends", &json!({ "name": "erp-ext" }))?;
-    let secret = BackendSecret::parse(v["secret"].as_str().ok_or("no secret")?)?;
-    let id = BackendId::new("acme", "erp-ext")?;
-    let key = secret.mac_key(&id);
+    let cred = create_backend(&cluster.nodes[0], "erp-ext")?;
     let port = cluster.mosquitto.port;
     rt.block_on(async {
-        let options = {
-            let mut o = rumqttc::MqttOptions::new("backend-test-publisher", "127.0.0.1", port);
-            o.set_credentials(GATEWAY_USER, GATEWAY_PASSWORD);
-            o
-        };
-        let (client, mut events) = rumqttc::AsyncClient::new(options, 64);
-        let (tx, mut inbox) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            while let Ok(event) = events.poll().await {
-                if let rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) = event {
-                    let _ = tx.send(p.payload.to_vec());
-                }
-            }
-        });
-        client.subscribe(topic::backend_reply("acme", "erp-ext"), QoS::AtLeastOnce).await?;
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let mut counter = 1_700_000_000_000_000u64;
-        let mut send = |request_id: u64, request: Request| {
-            counter += 1;
-            let body = Body {
-                party: "acme".into(),
-                counter,
-                message: Message::BackendRequest(BackendRequest { request_id, request }),
-            };
-            frame::seal(&key, &body)
-        };
+        cred.wait_admitted("acme", port).await?;
+        let mut b = RawBackend::connect(port, &cred).await?;
         let unlock = Request::Unlock { sns: vec!["NOT-A-DEVICE".into()] };
         let requests = [(1, Request::QueryTask { task_id: 1 }), (2, unlock.clone()), (2, unlock)];
         let mut answers = Vec::new();
         for (request_id, request) in requests {
-            client
-                .publish(topic::backend_request("acme", "erp-ext"), QoS::AtLeastOnce, false, send(request_id, request)?)
-                .await?;
-            let bytes = tokio::time::timeout(Duration::from_secs(10), inbox.recv()).await?.ok_or("closed")?;
-            let verified = frame::open_backend(&bytes)?.verify(&key).map_err(|e| format!("{e}"))?;
-            let Message::BackendAnswer(a) = verified.body.message else { return Err("not an answer".into()) };
-            answers.push(a);
+            b.send(request_id, request).await?;
+            answers.push(b.answer(request_id, Duration::from_secs(10)).await?);
         }
-        assert!(
-            matches!(answers[0].answer, Answer::Refused { code, .. } if code == BackendRefusalCode::NotFound.code())
-        );
-        assert_eq!(answers[1].answer, Answer::Unlocked { unlocked: 0, unknown: vec!["NOT-A-DEVICE".into()] });
+        assert!(matches!(answers[0], Answer::Refused { code, .. } if code == BackendRefusalCode::NotFound.code()));
+        assert_eq!(answers[1], Answer::Unlocked { unlocked: 0, unknown: vec!["NOT-A-DEVICE".into()] });
         assert_eq!(answers[2], answers[1], "the repeat gets the first answer");
-        assert!(tokio::time::timeout(Duration::from_secs(2), inbox.recv()).await.is_err(), "one answer each");
+        assert!(b.next(Duration::from_secs(2)).await.is_none(), "one answer each");
         TestResult::Ok(())
     })?;
     let handled = |request: &str| cluster.metric_sum(&format!("rki_backend_requests_total{{request=\"{request}\"}}"));
     assert_eq!((handled("query_task"), handled("unlock")), (1.0, 2.0), "each request handled by one node");
     assert_eq!(cluster.metric_sum("rki_backend_requests_refused_total{reason=\"replay\"}"), 0.0);
+    Ok(())
+}
+
+/// External-broker mode on Mosquitto's files (two nodes, PostgreSQL): the Python example connects
+/// to Mosquitto as the backend identity itself, creates a task for simulated terminals and gets
+/// every execution's ending and `TaskDone` as they happen. Mosquitto confines each backend to its
+/// own topics: a backend of another organization neither receives nor publishes anything of
+/// `acme`'s. A revoked backend is refused at its next CONNECT.
+#[test]
+fn through_mosquitto_a_backend_connects_as_itself_is_confined_and_is_refused_once_revoked() -> TestResult {
+    let rt = common::runtime();
+    let cluster = rki_tests::Cluster::start(rki_tests::ClusterOptions { nodes: 2, ..Default::default() })?;
+    let port = cluster.mosquitto.port;
+    let provisioned = provision(&cluster.nodes[0], &sns("MQB", 20), "mqb")?;
+    rt.block_on(rki_tests::wait_bootstrap_admitted(port, &provisioned.gudids, Duration::from_secs(15)))?;
+    let fleet = rt.block_on(common::spawn_fleet(
+        common::fleet_config(port, &provisioned, Knobs::default())?,
+        Duration::from_secs(60),
+    ))?;
+    // Created through node 2: node 1, which writes Mosquitto's files, learns it from the store.
+    let cred = create_backend(&cluster.nodes[1], "erp-mq")?;
+    rt.block_on(cred.wait_admitted("acme", port))?;
+    run_python_example(port, &cred, "mqb", 3001, 20)?;
+    assert!(cluster.metric_sum("rki_backend_events_published_total") >= 22.0);
+
+    // Another organization's backend, on the same broker.
+    let globex = rki_tests::Api::new(&cluster.nodes[0].url(), &cluster.nodes[0].init_org("globex")?);
+    let other = create_backend_in(&globex, "globex", "erp-g")?;
+    let other_id = other.id("globex")?;
+    rt.block_on(async {
+        other.wait_admitted("globex", port).await?;
+        let acme = |leaf: &str| format!("rki/v1/backend/acme/erp-mq/{leaf}");
+        let spying = [acme("reply"), acme("events"), "rki/v1/backend/acme/#".into(), "#".into()];
+        let (spy, mut seen) =
+            rki_tests::mqtt_connect_subscribed(port, &other_id.client_id(), &other.password("globex")?, true, &spying)
+                .await?;
+        // acme's backend asks something: its answer goes by acme's reply topic.
+        let mut b = RawBackend::connect(port, &cred).await?;
+        b.send(1, Request::QueryTask { task_id: 1 }).await?;
+        assert!(matches!(b.answer(1, Duration::from_secs(10)).await?, Answer::TaskState { .. }));
+        b.send(2, Request::Events { after: 0 }).await?;
+        assert!(matches!(b.answer(2, Duration::from_secs(10)).await?, Answer::Events { after: 0, .. }));
+        let leaked = tokio::time::timeout(Duration::from_secs(1), seen.recv()).await;
+        assert!(leaked.is_err(), "globex's backend received acme's traffic: {leaked:?}");
+        // Publishing on acme's request topic: the broker drops it, no node sees it. The same
+        // bytes on its own topic reach a node (and are dropped there as a bad frame).
+        let bad_frames = || cluster.metric_sum("rki_backend_requests_refused_total{reason=\"bad_frame\"}");
+        let before = bad_frames();
+        spy.publish(acme("req"), QoS::AtLeastOnce, false, vec![1, 2, 3]).await?;
+        // Time passing is the point: nothing must arrive (there is no event to wait for).
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        assert_eq!(bad_frames(), before, "a foreign request topic reached the gateway");
+        let own = topic::backend_request("globex", "erp-g");
+        spy.publish(own, QoS::AtLeastOnce, false, vec![1, 2, 3]).await?;
+        rki_tests::wait::poll_async("globex's own request to reach a node", Duration::from_secs(10), || async {
+            if bad_frames() > before {
+                Ok(())
+            } else {
+                Err("not yet")
+            }
+        })
+        .await?;
+        TestResult::Ok(())
+    })?;
+
+    // Revoked through node 2; node 1 rewrites the files within its 5 s.
+    cluster.api(1).ok_post("/v1/backends/erp-mq/revoke", &json!({}))?;
+    let (id, password) = (cred.id("acme")?.client_id(), cred.password("acme")?);
+    rt.block_on(rki_tests::wait::poll_async(
+        "Mosquitto to refuse the revoked backend",
+        Duration::from_secs(20),
+        || {
+            let (id, password) = (id.clone(), password.clone());
+            async move {
+                match mqtt_connect(port, &id, &password, true).await {
+                    Ok(_) => Err("still admitted".to_string()),
+                    Err(e) => Ok(e.to_string()),
+                }
+            }
+        },
+    ))?;
+    // The other organization's backend is untouched.
+    rt.block_on(other.wait_admitted("globex", port))?;
+    rt.block_on(fleet.shutdown());
     Ok(())
 }

@@ -1,17 +1,20 @@
 //! The gateway as a client of a real Mosquitto 2 with its dynamic security plugin, whose clients
-//! and roles (managed by the gateway over `$CONTROL`) confine every terminal to its own topics.
+//! and roles (managed by the gateway over `$CONTROL`) confine every terminal, and every RKI
+//! backend, to its own topics.
 
 mod common;
 
 use std::time::Duration;
 
 use rki_device_sim::{BrokerAddr, Brokers, Knobs};
-use rki_protocol::message::Message;
+use rki_protocol::backend::{BackendId, BackendSecret};
+use rki_protocol::frame::MacKey;
+use rki_protocol::message::{BackendAnswer, BackendRequest, Body, Message, Request};
 use rki_protocol::topic;
 use rki_tests::cluster::seed_and_start_mosquitto;
 use rki_tests::{
-    create_task, expected_kcv, free_port, provision, sns, temp_dir, wait, wait_bootstrap_admitted, wait_task_done,
-    GatewayOptions, GatewayProcess, Mosquitto, RawDevice, TestResult,
+    create_task, expected_kcv, free_port, mqtt_connect, mqtt_connect_subscribed, provision, sns, temp_dir, wait,
+    wait_bootstrap_admitted, wait_task_done, GatewayOptions, GatewayProcess, Mosquitto, RawDevice, TestResult,
 };
 use rumqttc::QoS;
 use serde_json::json;
@@ -109,5 +112,78 @@ fn mosquitto_refuses_a_terminal_the_topics_of_another() -> TestResult {
     // B's own ack goes through.
     rt.block_on(b.send(RawDevice::ack(&d)))?;
     wait_task_done(&api, task, Duration::from_secs(10))?;
+    Ok(())
+}
+
+/// A backend on the dynamic security plugin (`docs/PROTOCOL.md` §12.8): the node creates its
+/// client and role before the API answers, so its first CONNECT is accepted; the plugin confines
+/// it to its own topics; its revocation deletes the client, which ends its live connection, and
+/// every later CONNECT is refused.
+#[test]
+fn on_the_plugin_a_backend_is_admitted_at_once_confined_and_cut_off_by_its_revocation() -> TestResult {
+    Mosquitto::binary()?;
+    let rt = common::runtime();
+    let (gw, mosquitto) = gateway_and_mosquitto()?;
+    let port = mosquitto.port;
+    let backend = |name: &str| -> TestResult<(BackendId, String, MacKey)> {
+        let v = gw.api().ok_post("/v1/backends", &json!({ "name": name }))?;
+        let secret = BackendSecret::parse(v["secret"].as_str().ok_or("no secret")?)?;
+        let id = BackendId::new("acme", name)?;
+        let password = String::from_utf8(secret.mqtt_password(&id).expose_secret().to_vec())?;
+        Ok((id.clone(), password, secret.mac_key(&id)))
+    };
+    let (erp, erp_password, erp_key) = backend("erp-d")?;
+    let (crm, crm_password, crm_key) = backend("crm-d")?;
+    rt.block_on(async {
+        let own = |id: &BackendId| {
+            vec![topic::backend_reply(id.org(), id.name()), topic::backend_events(id.org(), id.name())]
+        };
+        // erp-d also tries crm-d's topics and everything else.
+        let mut erp_filters = own(&erp);
+        erp_filters.extend(own(&crm));
+        erp_filters.extend(["rki/v1/backend/acme/#".to_string(), "#".to_string()]);
+        let (erp_client, mut erp_inbox) =
+            mqtt_connect_subscribed(port, &erp.client_id(), &erp_password, true, &erp_filters).await?;
+        let (crm_client, mut crm_inbox) =
+            mqtt_connect_subscribed(port, &crm.client_id(), &crm_password, true, &own(&crm)).await?;
+        // crm-d asks; the answer reaches crm-d, and nothing of it reaches erp-d.
+        let query = |key: &MacKey, request_id: u64| {
+            let body = Body {
+                party: "acme".into(),
+                counter: rki_tests::now_us(),
+                message: Message::BackendRequest(BackendRequest {
+                    request_id,
+                    request: Request::QueryTask { task_id: 1 },
+                }),
+            };
+            rki_protocol::frame::seal(key, &body)
+        };
+        crm_client
+            .publish(topic::backend_request("acme", "crm-d"), QoS::AtLeastOnce, false, query(&crm_key, 1)?)
+            .await?;
+        let (reply_topic, bytes) =
+            tokio::time::timeout(Duration::from_secs(10), crm_inbox.recv()).await?.ok_or("crm-d disconnected")?;
+        assert_eq!(reply_topic, topic::backend_reply("acme", "crm-d"));
+        let verified = rki_protocol::frame::open_backend(&bytes)?.verify(&crm_key).map_err(|e| format!("{e}"))?;
+        assert!(matches!(verified.body.message, Message::BackendAnswer(BackendAnswer { request_id: 1, .. })));
+        let leaked = tokio::time::timeout(Duration::from_secs(1), erp_inbox.recv()).await;
+        assert!(leaked.is_err(), "erp-d received crm-d's traffic: {leaked:?}");
+        // erp-d's own request is answered through the broker.
+        erp_client
+            .publish(topic::backend_request("acme", "erp-d"), QoS::AtLeastOnce, false, query(&erp_key, 2)?)
+            .await?;
+        let (reply_topic, _) =
+            tokio::time::timeout(Duration::from_secs(10), erp_inbox.recv()).await?.ok_or("erp-d disconnected")?;
+        assert_eq!(reply_topic, topic::backend_reply("acme", "erp-d"));
+        // Revoked: the plugin deletes the client, which ends the live connection at once.
+        gw.api().ok_post("/v1/backends/erp-d/revoke", &json!({}))?;
+        let ended =
+            tokio::time::timeout(Duration::from_secs(10), async { while erp_inbox.recv().await.is_some() {} }).await;
+        assert!(ended.is_ok(), "the revoked backend's connection is still open");
+        assert!(mqtt_connect(port, &erp.client_id(), &erp_password, true).await.is_err(), "a revoked backend connects");
+        // crm-d is untouched.
+        assert!(mqtt_connect(port, &crm.client_id(), &crm_password, true).await.is_ok());
+        TestResult::Ok(())
+    })?;
     Ok(())
 }

@@ -38,7 +38,7 @@ impl Engine {
         }
     }
 
-    /// A backend identity `backend@{org}:{name}` against the hash of its MQTT password. An unknown
+    /// A backend identity `backend@{org}~{name}` against the hash of its MQTT password. An unknown
     /// organization or backend, a revoked one and a wrong password look the same from outside.
     fn authenticate_backend(&self, client_id: &str, password: &str) -> Result<(), &'static str> {
         let id = rki_protocol::backend::BackendId::parse_client_id(client_id).map_err(|_| "bad_sn")?;

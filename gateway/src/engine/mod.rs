@@ -122,6 +122,16 @@ pub trait Outbound: Send + Sync + 'static {
     ) -> futures_util::future::BoxFuture<'static, ()> {
         Box::pin(std::future::ready(()))
     }
+
+    /// Takes revoked identities away from the broker at once: an external broker that keeps its
+    /// own registry deletes their clients (which disconnects them); resolves once done or given
+    /// up. The default (the file mode: the next rewrite drops them) has nothing to do.
+    fn broker_revoked(
+        &self,
+        _identities: Vec<crate::dynsec::BrokerIdentity>,
+    ) -> futures_util::future::BoxFuture<'static, ()> {
+        Box::pin(std::future::ready(()))
+    }
 }
 
 /// Why a device message was rejected: the metrics label.
@@ -469,6 +479,26 @@ impl Engine {
     /// Signals that devices were registered or (re)initialised.
     pub fn notify_registry_changed(&self) {
         self.registry.notify_one();
+    }
+
+    /// A backend credential was created: the broker learns its password and access rules
+    /// (dynamic security: before this returns, or given up; the file mode: at the rewrite woken
+    /// now). `password` is the clear MQTT password, which only the creation holds.
+    pub async fn backend_created(
+        &self,
+        id: &rki_protocol::backend::BackendId,
+        password: rki_protocol::secret::SecretBytes,
+    ) {
+        self.notify_registry_changed();
+        let identity = crate::dynsec::BrokerIdentity::Backend(id.clone());
+        self.outbound.broker_passwords(vec![(identity, password)]).await;
+    }
+
+    /// A backend credential was revoked (the store says so already): the broker forgets it and
+    /// its live connection ends.
+    pub async fn backend_revoked(&self, id: &rki_protocol::backend::BackendId) {
+        self.notify_registry_changed();
+        self.outbound.broker_revoked(vec![crate::dynsec::BrokerIdentity::Backend(id.clone())]).await;
     }
 
     /// Waits for the next registry change.

@@ -414,6 +414,7 @@ impl Writer<'_> {
             Close::Malformed => R::MalformedPacket,
             Close::Protocol => R::ProtocolError,
             Close::ShuttingDown => R::ServerShuttingDown,
+            Close::Revoked => R::NotAuthorized,
         };
         match self.version {
             Version::V4 => true,
@@ -448,6 +449,8 @@ pub enum Close {
     Malformed,
     Protocol,
     ShuttingDown,
+    /// The identity's credential was revoked while it was connected.
+    Revoked,
 }
 
 impl Close {
@@ -463,6 +466,7 @@ impl Close {
             Close::Malformed => "malformed",
             Close::Protocol => "protocol_error",
             Close::ShuttingDown => "shutting_down",
+            Close::Revoked => "revoked",
         }
     }
 }

@@ -394,6 +394,9 @@ impl<'a> Session<'a> {
     /// A connection that was taken over stops here.
     fn take_downlinks(&mut self) -> Result<(), Close> {
         let mut state = self.client.lock();
+        if state.is_revoked() {
+            return Err(Close::Revoked);
+        }
         if !state.is_current(self.conn) {
             return Err(Close::TakenOver);
         }
@@ -479,8 +482,8 @@ impl<'a> Session<'a> {
             Inbound::Subscribe { pkid, filters } => {
                 let mut grants = Vec::with_capacity(filters.len());
                 for (filter, qos) in &filters {
-                    if self.identity.may_subscribe(filter) {
-                        self.client.lock().subscribed = true;
+                    if let Some(topic) = self.identity.subscription(filter) {
+                        self.client.lock().subscribed.add(topic);
                         grants.push(Grant::QoS((*qos).min(1)));
                     } else {
                         let wildcard = filter.contains(['#', '+']);
@@ -491,8 +494,9 @@ impl<'a> Session<'a> {
                 self.writer().suback(pkid, &grants);
             }
             Inbound::Unsubscribe { pkid, filters } => {
-                if filters.iter().any(|f| self.identity.may_subscribe(f)) {
-                    self.client.lock().subscribed = false;
+                // Each of its own topics unsubscribed on its own; the others stay.
+                for topic in filters.iter().filter_map(|f| self.identity.subscription(f)) {
+                    self.client.lock().subscribed.remove(topic);
                 }
                 self.writer().unsuback(pkid, filters.len());
             }

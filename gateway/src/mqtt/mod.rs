@@ -147,9 +147,19 @@ pub struct MqttOutbound {
 impl Outbound for MqttOutbound {
     fn publish(&self, topic_name: String, payload: Vec<u8>) {
         if let Some((org, name)) = topic::parse_backend_outbound(&topic_name) {
+            let kind = if topic_name == topic::backend_events(org, name) {
+                session::Subscription::Events
+            } else {
+                session::Subscription::Reply
+            };
             return self.publish_to_backend(
-                format!("{}{org}:{name}", rki_protocol::backend::CLIENT_ID_PREFIX),
+                format!(
+                    "{}{org}{}{name}",
+                    rki_protocol::backend::CLIENT_ID_PREFIX,
+                    rki_protocol::backend::CLIENT_ID_SEPARATOR
+                ),
                 topic_name,
+                kind,
                 payload,
             );
         }
@@ -162,7 +172,11 @@ impl Outbound for MqttOutbound {
         // The device, and the SN's bootstrap identity (a CreateKeyAnswer or a Refusal awaited).
         for client_id in [sn.to_string(), topic::bootstrap_client_id(sn)] {
             let Some(client) = self.shared.clients.get(&client_id).map(|c| c.clone()) else { continue };
-            let queued = client.lock().queue(down.clone(), self.shared.settings.session_messages_max);
+            let queued = client.lock().queue(
+                down.clone(),
+                session::Subscription::Down,
+                self.shared.settings.session_messages_max,
+            );
             match queued {
                 Ok(wake) => {
                     if let Some(wake) = wake {
@@ -179,14 +193,30 @@ impl Outbound for MqttOutbound {
             metrics::counter!(m::MQTT_DOWNLINKS_DROPPED_TOTAL, "reason" => why.reason()).increment(1);
         }
     }
+
+    /// A revoked backend's live connection closes at once (5.0: DISCONNECT 0x87), and its session
+    /// goes: nothing more is sent to it, and a new CONNECT is refused by the store's verdict.
+    fn broker_revoked(
+        &self,
+        identities: Vec<crate::dynsec::BrokerIdentity>,
+    ) -> futures_util::future::BoxFuture<'static, ()> {
+        for identity in identities {
+            let crate::dynsec::BrokerIdentity::Backend(id) = identity else { continue };
+            let Some((_, client)) = self.shared.clients.remove(&id.client_id()) else { continue };
+            if let Some(wake) = client.evict() {
+                wake.notify_one();
+            }
+        }
+        Box::pin(std::future::ready(()))
+    }
 }
 
 impl MqttOutbound {
     /// A backend's answer or event, to its connection or kept session.
-    fn publish_to_backend(&self, client_id: String, topic_name: String, payload: Vec<u8>) {
+    fn publish_to_backend(&self, client_id: String, topic_name: String, kind: session::Subscription, payload: Vec<u8>) {
         let down = Down { topic: Arc::from(topic_name.as_str()), payload: payload.into() };
         let outcome = match self.shared.clients.get(&client_id).map(|c| c.clone()) {
-            Some(client) => client.lock().queue(down, rules::BACKEND_SESSION_MESSAGES_MAX),
+            Some(client) => client.lock().queue(down, kind, rules::BACKEND_SESSION_MESSAGES_MAX),
             None => Err(session::Dropped::NoSession),
         };
         match outcome {

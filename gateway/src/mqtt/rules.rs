@@ -8,6 +8,8 @@ use std::time::Duration;
 use rki_protocol::backend::BackendId;
 use rki_protocol::topic;
 
+use super::session::Subscription;
+
 /// Who a connection is, once its CONNECT is accepted.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Identity {
@@ -15,7 +17,7 @@ pub enum Identity {
     Device(String),
     /// A terminal initialising: `init@{SN}`, proven by a live GUDID's bootstrap password.
     Bootstrap(String),
-    /// An organization's RKI backend: `backend@{org}:{name}` (`docs/PROTOCOL.md` §12.1).
+    /// An organization's RKI backend: `backend@{org}~{name}` (`docs/PROTOCOL.md` §12.1).
     Backend(BackendId),
 }
 
@@ -33,9 +35,19 @@ impl Identity {
     /// (`CreateKeyAnswer` for a bootstrap identity; `Download`, `Unlock` for a device) arrive; a
     /// backend's own reply and events topics, written out.
     pub fn may_subscribe(&self, filter: &str) -> bool {
+        self.subscription(filter).is_some()
+    }
+
+    /// Which of its topics `filter` is, if it may subscribe to it: each has its own flag in the
+    /// session, so a backend subscribed to its reply topic only is sent no event.
+    pub fn subscription(&self, filter: &str) -> Option<Subscription> {
         match self {
-            Identity::Device(sn) | Identity::Bootstrap(sn) => filter == topic::device_down(sn),
-            Identity::Backend(id) => topic::backend_may_subscribe(id.org(), id.name(), filter),
+            Identity::Device(sn) | Identity::Bootstrap(sn) => {
+                (filter == topic::device_down(sn)).then_some(Subscription::Down)
+            }
+            Identity::Backend(id) if filter == topic::backend_reply(id.org(), id.name()) => Some(Subscription::Reply),
+            Identity::Backend(id) if filter == topic::backend_events(id.org(), id.name()) => Some(Subscription::Events),
+            Identity::Backend(_) => None,
         }
     }
 
@@ -446,8 +458,8 @@ mod tests {
 
     #[test]
     fn a_backend_identity_reaches_its_own_three_topics_only_and_has_no_will() {
-        let backend = claimed_identity("backend@acme:erp-1", Some("backend@acme:erp-1"), true).expect("a backend");
-        assert_eq!(backend.client_id(), "backend@acme:erp-1");
+        let backend = claimed_identity("backend@acme~erp-1", Some("backend@acme~erp-1"), true).expect("a backend");
+        assert_eq!(backend.client_id(), "backend@acme~erp-1");
         assert!(backend.may_publish("rki/v1/backend/acme/erp-1/req"));
         assert!(!backend.may_will("rki/v1/backend/acme/erp-1/req"), "no will at all");
         for foreign in [
@@ -458,8 +470,8 @@ mod tests {
         ] {
             assert!(!backend.may_publish(foreign), "{foreign}");
         }
-        assert!(backend.may_subscribe("rki/v1/backend/acme/erp-1/reply"));
-        assert!(backend.may_subscribe("rki/v1/backend/acme/erp-1/events"));
+        assert_eq!(backend.subscription("rki/v1/backend/acme/erp-1/reply"), Some(Subscription::Reply));
+        assert_eq!(backend.subscription("rki/v1/backend/acme/erp-1/events"), Some(Subscription::Events));
         for foreign in [
             "rki/v1/backend/acme/+/events",
             "rki/v1/backend/#",
@@ -473,9 +485,10 @@ mod tests {
         assert_eq!(Identity::Device("SN1".into()).packet_len_max(), super::super::codec::PACKET_LEN_MAX);
         let refused = [
             ("backend@acme", Some("backend@acme"), ConnectRefusal::BadClientId),
-            ("backend@acme:e/rp", Some("backend@acme:e/rp"), ConnectRefusal::BadClientId),
-            ("backend@acme:erp", Some("backend@acme:crm"), ConnectRefusal::ClientIdMismatch),
-            ("backend@acme:erp", None, ConnectRefusal::NoCredentials),
+            ("backend@acme~e/rp", Some("backend@acme~e/rp"), ConnectRefusal::BadClientId),
+            ("backend@acme:erp", Some("backend@acme:erp"), ConnectRefusal::BadClientId),
+            ("backend@acme~erp", Some("backend@acme~crm"), ConnectRefusal::ClientIdMismatch),
+            ("backend@acme~erp", None, ConnectRefusal::NoCredentials),
         ];
         for (client_id, user, refusal) in refused {
             assert_eq!(claimed_identity(client_id, user, true), Err(refusal), "{client_id}");

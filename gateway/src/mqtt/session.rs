@@ -18,10 +18,55 @@ pub struct Down {
     pub payload: Bytes,
 }
 
+/// A topic an identity may subscribe to; each has its own flag in [`Subscriptions`]. A terminal
+/// and a bootstrap identity have one (their down topic), a backend two (`docs/PROTOCOL.md` §12.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Subscription {
+    /// `{SN}/rki/v1/down`.
+    Down,
+    /// `rki/v1/backend/{org}/{name}/reply`: the answers.
+    Reply,
+    /// `rki/v1/backend/{org}/{name}/events`: the events.
+    Events,
+}
+
+impl Subscription {
+    fn bit(self) -> u8 {
+        match self {
+            Subscription::Down => 1,
+            Subscription::Reply => 2,
+            Subscription::Events => 4,
+        }
+    }
+}
+
+/// The topics a session is subscribed to, one flag each (a byte: sessions are per terminal, and
+/// an idle terminal's memory is counted).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Subscriptions(u8);
+
+impl Subscriptions {
+    pub fn contains(self, topic: Subscription) -> bool {
+        self.0 & topic.bit() != 0
+    }
+
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    pub fn add(&mut self, topic: Subscription) {
+        self.0 |= topic.bit();
+    }
+
+    pub fn remove(&mut self, topic: Subscription) {
+        self.0 &= !topic.bit();
+    }
+}
+
 /// Why a downlink was not queued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dropped {
-    /// No subscription to its topic, live or kept.
+    /// No subscription to its topic, live or kept (another of the identity's topics does not count).
     NoSession,
     /// The session holds its maximum of unacknowledged downlinks.
     SessionFull,
@@ -40,10 +85,12 @@ impl Dropped {
 pub struct ClientState {
     /// The live connection's id and its wake-up, if connected.
     conn: Option<(u64, Arc<Notify>)>,
-    /// Subscribed to its down topic.
-    pub subscribed: bool,
+    /// The topics it is subscribed to: a downlink goes out only on one of them.
+    pub subscribed: Subscriptions,
     /// How long the session outlives its connection; `None`: it ends with it.
     lifetime: Option<Duration>,
+    /// The identity was revoked ([`Client::evict`]): its connection closes at its next wake-up.
+    revoked: bool,
     /// When a disconnected persistent session is forgotten.
     expires_at: Option<Instant>,
     /// Downlinks not written yet.
@@ -59,9 +106,20 @@ impl ClientState {
         self.conn.as_ref().is_some_and(|(id, _)| *id == conn)
     }
 
-    /// Queues a downlink for the live connection or the kept session.
-    pub fn queue(&mut self, down: Down, messages_max: usize) -> Result<Option<Arc<Notify>>, Dropped> {
-        if !self.subscribed || (self.conn.is_none() && self.lifetime.is_none()) {
+    /// Whether the identity was revoked: its connection must close.
+    pub fn is_revoked(&self) -> bool {
+        self.revoked
+    }
+
+    /// Queues a downlink on `topic` for the live connection or the kept session, if it is
+    /// subscribed to that topic.
+    pub fn queue(
+        &mut self,
+        down: Down,
+        topic: Subscription,
+        messages_max: usize,
+    ) -> Result<Option<Arc<Notify>>, Dropped> {
+        if !self.subscribed.contains(topic) || (self.conn.is_none() && self.lifetime.is_none()) {
             return Err(Dropped::NoSession);
         }
         if self.pending.len() + self.inflight.len() >= messages_max {
@@ -102,12 +160,12 @@ impl ClientState {
     }
 
     fn has_session(&self, now: Instant) -> bool {
-        (self.subscribed || !self.inflight.is_empty() || !self.pending.is_empty())
+        (!self.subscribed.is_empty() || !self.inflight.is_empty() || !self.pending.is_empty())
             && self.expires_at.is_none_or(|at| at > now)
     }
 
     fn reset(&mut self) {
-        self.subscribed = false;
+        self.subscribed = Subscriptions::default();
         self.pending.clear();
         self.inflight.clear();
     }
@@ -156,6 +214,18 @@ impl Client {
         Attached { session_present, replaced }
     }
 
+    /// The identity was revoked: its session is dropped, it takes no more downlinks, and its live
+    /// connection (woken by the returned handle) closes. The entry is then forgotten by the
+    /// caller, so a later connection starts from nothing (and must pass CONNECT first).
+    pub fn evict(&self) -> Option<Arc<Notify>> {
+        let mut state = self.lock();
+        state.reset();
+        state.revoked = true;
+        state.lifetime = None;
+        state.expires_at = None;
+        state.conn.take().map(|(_, wake)| wake)
+    }
+
     /// `conn` ended. Returns whether it was the live connection (not taken over). A persistent
     /// session stays for its lifetime, with its unacknowledged downlinks to send again; a clean
     /// one is dropped.
@@ -187,17 +257,17 @@ mod tests {
         let client = Client::default();
         let hour = Some(Duration::from_secs(3600));
         assert!(!client.attach(1, Arc::new(Notify::new()), true, hour, t0).session_present, "nothing to resume");
-        client.lock().subscribed = true;
-        assert!(client.lock().queue(down(1), 8).is_ok());
+        client.lock().subscribed.add(Subscription::Down);
+        assert!(client.lock().queue(down(1), Subscription::Down, 8).is_ok());
         let pkid = client.lock().next_pkid();
         let first = client.lock().pending.pop_front().expect("queued");
         client.lock().inflight.push_back((pkid, first));
         assert!(client.detach(1, t0));
         // Disconnected, the session still takes downlinks, up to its bound.
         for n in 2..=8 {
-            assert!(client.lock().queue(down(n), 8).is_ok());
+            assert!(client.lock().queue(down(n), Subscription::Down, 8).is_ok());
         }
-        assert_eq!(client.lock().queue(down(9), 8).err(), Some(Dropped::SessionFull));
+        assert_eq!(client.lock().queue(down(9), Subscription::Down, 8).err(), Some(Dropped::SessionFull));
         let resumed = client.attach(2, Arc::new(Notify::new()), true, hour, t0 + Duration::from_secs(60));
         assert!(resumed.session_present && resumed.replaced.is_none());
         {
@@ -212,9 +282,9 @@ mod tests {
         assert!(!clean.session_present);
         assert!(client.lock().pending.is_empty());
         // A clean session drops everything with its connection.
-        client.lock().subscribed = true;
-        assert!(client.detach(3, t0) && !client.lock().subscribed);
-        assert_eq!(client.lock().queue(down(1), 8).err(), Some(Dropped::NoSession));
+        client.lock().subscribed.add(Subscription::Down);
+        assert!(client.detach(3, t0) && client.lock().subscribed.is_empty());
+        assert_eq!(client.lock().queue(down(1), Subscription::Down, 8).err(), Some(Dropped::NoSession));
     }
 
     #[test]
@@ -223,7 +293,7 @@ mod tests {
         let client = Client::default();
         let old_wake = Arc::new(Notify::new());
         client.attach(1, old_wake.clone(), false, None, t0);
-        client.lock().subscribed = true;
+        client.lock().subscribed.add(Subscription::Down);
         let attached = client.attach(2, Arc::new(Notify::new()), true, None, t0);
         assert!(attached.session_present, "the live session is resumed");
         assert!(attached.replaced.is_some_and(|w| Arc::ptr_eq(&w, &old_wake)));
@@ -231,7 +301,44 @@ mod tests {
         let new_is_current = client.lock().is_current(2);
         assert!(!old_is_current && new_is_current);
         assert!(!client.detach(1, t0), "the replaced connection's end touches nothing");
-        assert!(client.lock().subscribed);
+        assert!(client.lock().subscribed.contains(Subscription::Down));
+    }
+
+    #[test]
+    fn an_evicted_client_wakes_its_connection_keeps_nothing_and_takes_nothing() {
+        let t0 = Instant::now();
+        let client = Client::default();
+        let wake = Arc::new(Notify::new());
+        client.attach(1, wake.clone(), false, Some(Duration::from_secs(3600)), t0);
+        client.lock().subscribed.add(Subscription::Down);
+        assert!(client.lock().queue(down(1), Subscription::Down, 8).is_ok());
+        let woken = client.evict().expect("the live connection's wake-up");
+        assert!(Arc::ptr_eq(&woken, &wake));
+        let state = client.lock();
+        assert!(state.is_revoked() && !state.is_current(1));
+        assert!(state.pending.is_empty() && state.subscribed.is_empty());
+        drop(state);
+        assert_eq!(client.lock().queue(down(2), Subscription::Down, 8).err(), Some(Dropped::NoSession));
+        assert!(!client.detach(1, t0), "the evicted connection's end touches nothing");
+        assert!(client.lock().is_forgettable(t0));
+    }
+
+    #[test]
+    fn a_downlink_goes_only_to_a_topic_the_session_is_subscribed_to() {
+        let t0 = Instant::now();
+        let client = Client::default();
+        client.attach(1, Arc::new(Notify::new()), false, None, t0);
+        client.lock().subscribed.add(Subscription::Reply);
+        let mut state = client.lock();
+        assert!(state.queue(down(1), Subscription::Reply, 8).is_ok());
+        assert_eq!(state.queue(down(2), Subscription::Events, 8).err(), Some(Dropped::NoSession));
+        state.subscribed.add(Subscription::Events);
+        state.subscribed.remove(Subscription::Reply);
+        assert_eq!(state.queue(down(3), Subscription::Reply, 8).err(), Some(Dropped::NoSession));
+        assert!(state.queue(down(4), Subscription::Events, 8).is_ok());
+        assert_eq!(state.pending.iter().map(|d| d.payload[0]).collect::<Vec<_>>(), [1, 4]);
+        state.subscribed.remove(Subscription::Events);
+        assert!(state.subscribed.is_empty());
     }
 
     #[test]

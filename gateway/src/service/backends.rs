@@ -15,7 +15,7 @@ use crate::store::channel::{BackendRow, NewBackend};
 /// A backend as created: its row and its secret's text form, shown once.
 pub struct NewBackendCredential {
     pub backend: BackendRow,
-    /// `backend@{org}:{name}`.
+    /// `backend@{org}~{name}`.
     pub client_id: String,
     /// 64 lower-case hex digits. Never stored, never logged.
     pub secret: Zeroizing<String>,
@@ -52,6 +52,9 @@ impl Service {
         };
         let audit = self.audit(actor, Some(org), "backend.create", format!("backend:{name}"), json!({}));
         let backend = self.blocking(move |s| s.create_backend(&new, &audit)).await?;
+        // Committed and audited: now the broker learns it (an external one; the embedded
+        // endpoint reads the store at CONNECT).
+        self.engine.backend_created(&id, password).await;
         Ok(NewBackendCredential { backend, client_id: id.client_id(), secret: secret.expose_text() })
     }
 
@@ -60,11 +63,18 @@ impl Service {
         self.blocking(move |s| s.list_backends(org)).await
     }
 
-    /// Revokes a backend (`backend.revoke`): it can no longer connect, and its requests are
-    /// dropped as from an unknown backend.
+    /// Revokes a backend (`backend.revoke`): it can no longer connect, its live connection is
+    /// closed (the embedded endpoint at once; an external broker as its mode allows), and its
+    /// requests are dropped as from an unknown backend.
     pub async fn revoke_backend(&self, org: i64, name: &str, actor: &Actor) -> ServiceResult<BackendRow> {
+        let org_row = self.blocking(move |s| s.org(org)).await?;
+        // Not a name: no such backend (nothing was ever created under it).
+        let id =
+            BackendId::new(&org_row.name, name).map_err(|_| ServiceError::not_found(format!("backend {name:?}")))?;
         let audit = self.audit(actor, Some(org), "backend.revoke", format!("backend:{name}"), json!({}));
         let (name, at) = (name.to_string(), self.now());
-        self.blocking(move |s| s.revoke_backend(org, &name, at, &audit)).await
+        let row = self.blocking(move |s| s.revoke_backend(org, &name, at, &audit)).await?;
+        self.engine.backend_revoked(&id).await;
+        Ok(row)
     }
 }

@@ -38,8 +38,23 @@ impl Service {
     /// Stops the organization's task number `number`: its open executions end "manually
     /// terminated" (`task.stop`, audited in the same transaction). Returns how many, and the task.
     pub async fn stop_task(&self, org: i64, number: i64, actor: &Actor) -> ServiceResult<(usize, TaskRow)> {
+        self.stop_task_answering(org, number, actor, None).await
+    }
+
+    /// [`Service::stop_task`] for a backend's request: `answering` is remembered in the stop's
+    /// own transaction (`docs/PROTOCOL.md` §12.5).
+    pub async fn stop_task_answering(
+        &self,
+        org: i64,
+        number: i64,
+        actor: &Actor,
+        answering: Option<crate::store::channel::Answering>,
+    ) -> ServiceResult<(usize, TaskRow)> {
         let id = self.task_id(org, number).await?;
-        let audit = self.audit(actor, Some(org), "task.stop", format!("task:{number}"), json!({}));
+        let mut audit = self.audit(actor, Some(org), "task.stop", format!("task:{number}"), json!({}));
+        if let Some(answering) = answering {
+            audit = audit.answering(answering);
+        }
         let terminated = self.engine.stop_task(org, id, &audit).await?;
         let task = self.blocking(move |s| s.task(org, id)).await?;
         Ok((terminated, task))
@@ -48,7 +63,22 @@ impl Service {
     /// Asks a device to unlock (`device.unlock`, audited with the flag that keeps asking): now
     /// if it is online, else at its next hello. The device confirms by reporting itself unlocked.
     pub async fn unlock(&self, org: i64, sn: &str, actor: &Actor) -> ServiceResult<UnlockSent> {
-        let audit = self.audit(actor, Some(org), "device.unlock", format!("device:{sn}"), json!({}));
+        self.unlock_answering(org, sn, actor, None).await
+    }
+
+    /// [`Service::unlock`] for a backend's request: `answering` is remembered in the unlock's own
+    /// transaction (`docs/PROTOCOL.md` §12.5).
+    pub async fn unlock_answering(
+        &self,
+        org: i64,
+        sn: &str,
+        actor: &Actor,
+        answering: Option<crate::store::channel::Answering>,
+    ) -> ServiceResult<UnlockSent> {
+        let mut audit = self.audit(actor, Some(org), "device.unlock", format!("device:{sn}"), json!({}));
+        if let Some(answering) = answering {
+            audit = audit.answering(answering);
+        }
         let online = self.engine.unlock(org, sn, &audit).await?;
         Ok(if online { UnlockSent::Now } else { UnlockSent::OnNextHello })
     }

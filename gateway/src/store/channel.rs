@@ -37,6 +37,16 @@ pub struct BackendRow {
     pub password_hash: String,
 }
 
+/// A live backend as the external broker's files and registry need it
+/// ([`ChannelStore::broker_backends`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerBackend {
+    pub org: String,
+    pub name: String,
+    /// `$7$` PBKDF2 hash of the MQTT password.
+    pub password_hash: String,
+}
+
 /// A backend credential to store ([`ChannelStore::create_backend`]).
 #[derive(Debug, Clone)]
 pub struct NewBackend {
@@ -69,6 +79,38 @@ pub struct RequestClaim {
     /// this row and writes the answer beside the task.
     pub task_request_id: Option<i64>,
     pub at: Millis,
+}
+
+/// The backend request an action answers (`Audit::answering`): the action's own transaction
+/// writes the answer beside what it changes, so a crash leaves both or neither (§12.5).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answering {
+    pub backend_id: i64,
+    pub request_id: u64,
+    pub answer: PendingAnswer,
+}
+
+/// An answer as the action hands it to the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PendingAnswer {
+    /// `Answer::Stopped` of this task (its number), with the `terminated` the transaction counts.
+    Stopped { task_id: u64 },
+    /// An answer known before the transaction: postcard of an [`Answer`].
+    Encoded(Vec<u8>),
+}
+
+impl Answering {
+    /// The answer's bytes, given what only the transaction knows (`terminated` of a stop).
+    pub(crate) fn encode(&self, terminated: usize) -> StoreResult<Vec<u8>> {
+        match &self.answer {
+            PendingAnswer::Encoded(bytes) => Ok(bytes.clone()),
+            PendingAnswer::Stopped { task_id } => postcard::to_stdvec(&Answer::Stopped {
+                task_id: *task_id,
+                terminated: u32::try_from(terminated).unwrap_or(u32::MAX),
+            })
+            .map_err(|e| StoreError::Backend(format!("answer encoding: {e}"))),
+        }
+    }
 }
 
 /// One kept event.
@@ -109,6 +151,9 @@ pub trait ChannelStore {
     /// The organization's backends, by name.
     fn list_backends(&self, org_id: i64) -> StoreResult<Vec<BackendRow>>;
     fn backend_by_name(&self, org_id: i64, name: &str) -> StoreResult<Option<BackendRow>>;
+    /// Every backend not revoked, of every organization, as an external broker must know it:
+    /// (organization slug, backend name, `$7$` hash of its MQTT password), by slug and name.
+    fn broker_backends(&self) -> StoreResult<Vec<BrokerBackend>>;
     /// Revokes a backend, audited (`backend.revoke`) in the same transaction. `NotFound` for an
     /// unknown name, `Conflict` if already revoked.
     fn revoke_backend(&self, org_id: i64, name: &str, at: Millis, audit: &Audit) -> StoreResult<BackendRow>;
@@ -118,8 +163,9 @@ pub trait ChannelStore {
     /// Records that the request is being carried out, unless it is remembered already: `None`
     /// if this call claimed it, else what is remembered (from an earlier call, or another node).
     fn claim_backend_request(&self, claim: &RequestClaim) -> StoreResult<Option<RememberedRequest>>;
-    /// Writes the answer of a claimed request (a refusal, a stop, an unlock). A `CreateTask`'s
-    /// answer is written by the task's own transaction.
+    /// Writes the answer of a claimed request that changed nothing (a refusal, an unlock of no
+    /// device); a no-op once an answer is there. A `CreateTask`'s, a `StopTask`'s and an
+    /// `Unlock`'s answers are written by the action's own transaction (`Audit::answering`).
     fn remember_backend_answer(&self, backend_id: i64, request_id: u64, answer: &[u8]) -> StoreResult<()>;
     /// Forgets a claim that got no answer (an outage): asking again starts over.
     fn forget_backend_request(&self, backend_id: i64, request_id: u64) -> StoreResult<()>;

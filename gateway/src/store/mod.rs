@@ -344,6 +344,10 @@ pub struct Audit {
     /// terminated).
     pub details: serde_json::Value,
     pub at: Millis,
+    /// The backend request this action answers, if a backend asked for it: the store that writes
+    /// the entry writes the answer in the same transaction (`docs/PROTOCOL.md` §12.5). Only
+    /// `Tasks::stop_task` and `Registry::set_unlock_pending` take one; the others ignore it.
+    pub answering: Option<channel::Answering>,
 }
 
 impl Audit {
@@ -355,7 +359,12 @@ impl Audit {
         details: serde_json::Value,
         at: Millis,
     ) -> Self {
-        Self { actor: actor.clone(), org_id, action, object: object.into(), details, at }
+        Self { actor: actor.clone(), org_id, action, object: object.into(), details, at, answering: None }
+    }
+
+    /// The same action, answering the backend request `answering` in its transaction.
+    pub fn answering(self, answering: channel::Answering) -> Self {
+        Self { answering: Some(answering), ..self }
     }
 
     /// The entry as the store writes it: `object` and `org_id` when the transaction decides them,

@@ -69,6 +69,19 @@ fn lock_stream(s: &mut Tx<'_, '_>, org_id: i64) -> Result<Option<i64>, Failure> 
         .transpose()?)
 }
 
+/// Hook of the actions that may answer a backend request (`stop_task`, `set_unlock_pending`),
+/// inside their transaction: the remembered answer, if the audit carries one, written only on a
+/// claimed row without an answer yet (the first answer wins).
+pub(super) fn on_answered(s: &mut Tx<'_, '_>, audit: &Audit, terminated: usize) -> Result<(), Failure> {
+    let Some(answering) = &audit.answering else { return Ok(()) };
+    let answer = answering.encode(terminated)?;
+    s.execute(
+        "UPDATE backend_requests SET answer = $3 WHERE backend_id = $1 AND request_id = $2 AND answer IS NULL",
+        &[&answering.backend_id, &as_sql(answering.request_id), &answer],
+    )?;
+    Ok(())
+}
+
 /// Hook of `create_task_with`, last in its transaction: the answer of the backend request that
 /// asked for the task, and the `TaskCreated` event.
 pub(super) fn on_task_created(
@@ -221,6 +234,17 @@ impl ChannelStore for PostgresStore {
             let found =
                 s.query(concat!(backend_select!(), " WHERE org_id = $1 ORDER BY name COLLATE \"C\""), &[&org_id])?;
             rows(found, backend_row)
+        })
+    }
+
+    fn broker_backends(&self) -> StoreResult<Vec<BrokerBackend>> {
+        self.read(|s| {
+            let found = s.query(
+                "SELECT o.name, b.name, b.password_hash FROM backends b JOIN organizations o ON o.id = b.org_id
+                 WHERE b.revoked_at IS NULL ORDER BY o.name COLLATE \"C\", b.name COLLATE \"C\"",
+                &[],
+            )?;
+            rows(found, |r| Ok(BrokerBackend { org: r.try_get(0)?, name: r.try_get(1)?, password_hash: r.try_get(2)? }))
         })
     }
 

@@ -90,6 +90,21 @@ pub(super) fn on_task_created(tx: &Transaction<'_>, task: &NewTask, number: i64,
     Ok(())
 }
 
+/// Hook of the actions that may answer a backend request (`stop_task`, `set_unlock_pending`),
+/// inside their transaction: the remembered answer, if the audit carries one, written only on a
+/// claimed row without an answer yet (the first answer wins).
+pub(super) fn on_answered(tx: &Transaction<'_>, audit: &Audit, terminated: usize) -> StoreResult<()> {
+    let Some(answering) = &audit.answering else { return Ok(()) };
+    let answer = answering.encode(terminated)?;
+    tx.prepare_cached(
+        "UPDATE backend_requests SET answer = ?3 WHERE backend_id = ?1 AND request_id = ?2 AND answer IS NULL",
+    )
+    .map_err(backend)?
+    .execute(params![answering.backend_id, as_sql(answering.request_id), answer])
+    .map_err(backend)?;
+    Ok(())
+}
+
 /// Hook of every ending (`apply_batch`, `stop_task`, `expire_due`), inside its transaction,
 /// after the endings: an `ExecutionEnded` per execution ended, in the order given, then a
 /// `TaskDone` for each task that has no open execution left.
@@ -177,6 +192,21 @@ impl ChannelStore for SqliteStore {
 
     fn backend_by_name(&self, org_id: i64, name: &str) -> StoreResult<Option<BackendRow>> {
         self.read(|c| backend_in(c, org_id, name))
+    }
+
+    fn broker_backends(&self) -> StoreResult<Vec<BrokerBackend>> {
+        self.read(|c| {
+            let mut stmt = c
+                .prepare(
+                    "SELECT o.name, b.name, b.password_hash FROM backends b JOIN organizations o ON o.id = b.org_id
+                     WHERE b.revoked_at IS NULL ORDER BY o.name, b.name",
+                )
+                .map_err(backend)?;
+            let rows = stmt
+                .query_map([], |r| Ok(BrokerBackend { org: r.get(0)?, name: r.get(1)?, password_hash: r.get(2)? }))
+                .map_err(backend)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(backend)
+        })
     }
 
     fn revoke_backend(&self, org_id: i64, name: &str, at: Millis, audit: &Audit) -> StoreResult<BackendRow> {

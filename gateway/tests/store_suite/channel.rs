@@ -290,3 +290,72 @@ pub fn old_events_and_requests_are_pruned_and_the_oldest_kept_is_reported(s: &Su
     task(st, &w, &[0]);
     assert_eq!(st.event_bounds(w.org.id).must().last, 16);
 }
+
+/// A backend's `StopTask` and `Unlock` (§12.5): the answer is written by the action's own
+/// transaction, on the claimed row only, and never over a first answer.
+pub fn a_stop_and_an_unlock_remember_their_answer_in_their_own_transaction(s: &Subject) {
+    let st = s.store();
+    let w = world(st, "acme", 3);
+    let erp = st.create_backend(&new_backend(&w, "erp"), &backend_audit("backend.create")).must();
+    let claim = |request_id: u64| RequestClaim {
+        org_id: w.org.id,
+        backend_id: erp.id,
+        request_id,
+        digest: vec![1; 32],
+        task_request_id: None,
+        at: T0,
+    };
+    let answering = |request_id: u64, answer: PendingAnswer| Answering { backend_id: erp.id, request_id, answer };
+    let remembered = |request_id: u64| {
+        st.claim_backend_request(&claim(request_id))
+            .must()
+            .and_then(|r| r.answer)
+            .map(|bytes| postcard::from_bytes::<Answer>(&bytes).expect("an answer"))
+    };
+    let (t, _) = task(st, &w, &[0, 1]);
+    let stopped = PendingAnswer::Stopped { task_id: t.number as u64 };
+    assert_eq!(st.claim_backend_request(&claim(1)).must(), None);
+    // A stop that fails writes nothing: no answer either.
+    let missing =
+        st.stop_task(w.org.id, t.id + 1000, T0 + 1, &audit("task.stop").answering(answering(1, stopped.clone())));
+    assert!(matches!(missing, Err(StoreError::NotFound(_))), "{missing:?}");
+    assert_eq!(remembered(1), None);
+    st.stop_task(w.org.id, t.id, T0 + 1, &audit("task.stop").answering(answering(1, stopped.clone()))).must();
+    assert_eq!(remembered(1), Some(Answer::Stopped { task_id: t.number as u64, terminated: 2 }), "counted inside");
+    // The repeat stops nothing and keeps the first answer.
+    st.stop_task(w.org.id, t.id, T0 + 2, &audit("task.stop").answering(answering(1, stopped))).must();
+    assert_eq!(remembered(1), Some(Answer::Stopped { task_id: t.number as u64, terminated: 2 }));
+    // An unlock's answer, known before its transaction, is written by it.
+    let unlocked = Answer::Unlocked { unlocked: 1, unknown: vec!["NOT-MINE".into()] };
+    let bytes = postcard::to_stdvec(&unlocked).expect("encode");
+    assert_eq!(st.claim_backend_request(&claim(2)).must(), None);
+    let unlock = audit("device.unlock").answering(answering(2, PendingAnswer::Encoded(bytes.clone())));
+    st.set_unlock_pending(w.devices[2].id, true, Some(&unlock)).must();
+    assert_eq!(remembered(2), Some(unlocked));
+    assert!(st.device_by_id(w.devices[2].id).must().unlock_pending);
+    // No claim, no answer: the claim comes first, and an action never creates one.
+    let unclaimed = audit("device.unlock").answering(answering(3, PendingAnswer::Encoded(bytes)));
+    st.set_unlock_pending(w.devices[1].id, true, Some(&unclaimed)).must();
+    assert_eq!(st.claim_backend_request(&claim(3)).must(), None, "request 3 was not remembered");
+}
+
+/// What an external broker must know of the backends: the live ones of every organization, with
+/// their organization's slug and password hash.
+pub fn the_broker_knows_live_backends_of_every_organization_and_no_revoked_one(s: &Subject) {
+    let st = s.store();
+    let acme = world(st, "acme", 0);
+    let globex = world(st, "globex", 0);
+    st.create_backend(&new_backend(&acme, "erp"), &backend_audit("backend.create")).must();
+    st.create_backend(&new_backend(&acme, "crm"), &backend_audit("backend.create")).must();
+    st.create_backend(&new_backend(&globex, "erp"), &backend_audit("backend.create")).must();
+    st.revoke_backend(acme.org.id, "crm", T0, &backend_audit("backend.revoke")).must();
+    let known: Vec<(String, String, String)> =
+        st.broker_backends().must().into_iter().map(|b| (b.org, b.name, b.password_hash)).collect();
+    assert_eq!(
+        known,
+        [
+            ("acme".to_string(), "erp".to_string(), "$7$101$salt$erp".to_string()),
+            ("globex".to_string(), "erp".to_string(), "$7$101$salt$erp".to_string()),
+        ]
+    );
+}

@@ -228,6 +228,7 @@ impl Registry for PostgresStore {
             s.execute("UPDATE devices SET unlock_pending = $2 WHERE id = $1", &[&device_id, &pending])?;
             if let Some(audit) = audit {
                 audit_in(s, &audit.entry(None, None, &[]))?;
+                crate::store::postgres_channel::on_answered(s, audit, 0)?;
             }
             Ok(())
         })

@@ -261,6 +261,7 @@ impl Tasks for PostgresStore {
             crate::store::postgres_channel::on_executions_ended(s, &ids)?;
             s.execute("UPDATE tasks SET stopped_at = COALESCE(stopped_at, $2) WHERE id = $1", &[&task_id, &at])?;
             audit_in(s, &audit.entry(None, None, &[("terminated", ids.len().into())]))?;
+            crate::store::postgres_channel::on_answered(s, audit, ids.len())?;
             Ok(ids)
         })
     }

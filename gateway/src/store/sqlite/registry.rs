@@ -253,6 +253,7 @@ impl Registry for SqliteStore {
                 .map_err(backend)?;
             if let Some(audit) = audit {
                 audit_in(tx, &audit.entry(None, None, &[]))?;
+                crate::store::sqlite_channel::on_answered(tx, audit, 0)?;
             }
             Ok(())
         })

@@ -318,6 +318,7 @@ impl Tasks for SqliteStore {
             tx.execute("UPDATE tasks SET stopped_at = COALESCE(stopped_at, ?2) WHERE id = ?1", params![task_id, at])
                 .map_err(backend)?;
             audit_in(tx, &audit.entry(None, None, &[("terminated", ids.len().into())]))?;
+            crate::store::sqlite_channel::on_answered(tx, audit, ids.len())?;
             Ok(ids)
         })
     }
