@@ -117,6 +117,19 @@ pub fn open_checked(config: &Config, init: bool) -> Result<(OpenedStore, MasterK
 pub async fn run(config: Config, init: bool) -> Result<(), String> {
     let fd_limit = raise_fd_limit();
     let _data_dir_lock = lock_data_dir(&config, "the running gateway (rki-gateway run)")?;
+    // The endpoint's sockets are bound before the store opens: a terminal reconnecting while the
+    // gateway starts waits in the listen backlog for its CONNACK instead of being refused and
+    // backing off (a reconnect storm after a restart).
+    let tls_files = match (&config.mqtt.tls_addr, &config.mqtt.tls_cert, &config.mqtt.tls_key) {
+        (Some(addr), Some(cert), Some(key)) => Some((*addr, cert.clone(), key.clone())),
+        _ => None,
+    };
+    let listeners = match config.broker.external() {
+        None => {
+            Some(crate::mqtt::Endpoint::bind(Some(config.mqtt_addr), tls_files.as_ref().map(|(addr, _, _)| *addr))?)
+        }
+        Some(_) => None,
+    };
     // PostgreSQL's synchronous client runs its own runtime: never on an async thread.
     let (store, master) = tokio::task::block_in_place(|| open_checked(&config, init))?;
     let keys = Arc::new(SoftwareKeyService::new(master));
@@ -151,11 +164,9 @@ pub async fn run(config: Config, init: bool) -> Result<(), String> {
             let engine = Engine::start_with(store_dyn, keys, clock, endpoint.outbound(), options)
                 .await
                 .map_err(|e| e.to_string())?;
-            let tls = match (m.tls_addr, &m.tls_cert, &m.tls_key) {
-                (Some(addr), Some(cert), Some(key)) => Some((addr, cert.as_path(), key.as_path())),
-                _ => None,
-            };
-            endpoint.serve(engine.clone(), Some(config.mqtt_addr), tls).await?;
+            let listeners = listeners.ok_or("the MQTT endpoint's sockets are not bound")?;
+            let tls = tls_files.as_ref().map(|(_, cert, key)| (cert.as_path(), key.as_path()));
+            endpoint.serve(engine.clone(), listeners, tls).await?;
             engine
         }
         Some(external) => {

@@ -173,6 +173,7 @@ fn build_fleet(dir: &Path, n: usize) -> Result<()> {
                 provisioned_at: now,
                 expires_at: now + GUDID_VALIDITY_SECONDS as i64 * 1000,
                 used_at: None,
+                proven_at: None,
                 bootstrap_hash: None,
                 revoked_at: None,
                 revoked_by: None,

@@ -264,24 +264,29 @@ impl Endpoint {
         Arc::new(MqttOutbound { shared: self.shared.clone() })
     }
 
-    /// Binds the plain listener on `plain` and, with a certificate, the TLS one on `tls`, and serves
-    /// both with `engine`. Returns the bound addresses (a port of 0 picks one).
+    /// Binds the plain listener on `plain` and the TLS one on `tls`, without serving them yet:
+    /// the gateway binds before it opens its store, so that terminals reconnecting while it
+    /// starts wait in the listen backlog instead of being refused and backing off.
+    pub fn bind(plain: Option<SocketAddr>, tls: Option<SocketAddr>) -> Result<Listeners, String> {
+        Ok(Listeners { plain: plain.map(listen).transpose()?, tls: tls.map(listen).transpose()? })
+    }
+
+    /// Serves `listeners` with `engine`, the TLS one with the certificate and key given.
+    /// Returns the bound addresses (a port of 0 picks one).
     pub async fn serve(
         &self,
         engine: Arc<Engine>,
-        plain: Option<SocketAddr>,
-        tls: Option<(SocketAddr, &Path, &Path)>,
+        listeners: Listeners,
+        tls_files: Option<(&Path, &Path)>,
     ) -> Result<Vec<SocketAddr>, String> {
         let _ = self.shared.engine.set(engine);
         let mut bound = Vec::new();
-        if let Some(addr) = plain {
-            let listener = listen(addr)?;
+        if let Some(listener) = listeners.plain {
             bound.push(listener.local_addr().map_err(|e| e.to_string())?);
             tokio::spawn(accept_loop(listener, self.shared.clone(), None));
         }
-        if let Some((addr, cert, key)) = tls {
+        if let (Some(listener), Some((cert, key))) = (listeners.tls, tls_files) {
             let acceptor = connection::tls_acceptor(cert, key)?;
-            let listener = listen(addr)?;
             bound.push(listener.local_addr().map_err(|e| e.to_string())?);
             tokio::spawn(accept_loop(listener, self.shared.clone(), Some(acceptor)));
         }
@@ -295,6 +300,12 @@ impl Endpoint {
         );
         Ok(bound)
     }
+}
+
+/// The endpoint's listening sockets, bound and not yet served ([`Endpoint::bind`]).
+pub struct Listeners {
+    plain: Option<TcpListener>,
+    tls: Option<TcpListener>,
 }
 
 /// A listening socket with the endpoint's backlog.
