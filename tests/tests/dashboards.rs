@@ -22,13 +22,14 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use rki_gateway::api::types::TaskRequest;
 use rki_protocol::frame::MacKey;
 use rki_protocol::message::{Ack, Message};
 use rki_protocol::terminal::{InjectionType, KeySlot};
 use rki_protocol::SecretBytes;
 use rki_tests::{
-    create_task, mqtt_connect, provision, sns, temp_dir, wait_task, GatewayOptions, GatewayProcess, RawDevice,
-    TestResult,
+    create_task, for_group, mqtt_connect, provision, sns, temp_dir, wait_task, GatewayOptions, GatewayProcess,
+    RawDevice, TestResult,
 };
 use serde_json::{json, Value};
 
@@ -361,7 +362,7 @@ fn every_dashboard_and_alert_expression_evaluates_against_a_live_prometheus() ->
         rt.block_on(device.send(RawDevice::hello(false)))?;
     }
     gw.wait_online(&[&devices[0].sn, &devices[1].sn], true)?;
-    let task = create_task(&api, &json!({"group": "shop", "expiry_days": 3}))?;
+    let task = create_task(&api, &TaskRequest { expiry_days: Some(3), ..for_group("shop") })?.task.id;
     rt.block_on(devices[2].send(RawDevice::hello(false)))?;
     for device in devices.iter_mut().take(3) {
         let Message::Download(d) = rt.block_on(device.next_down(Duration::from_secs(10)))? else {
@@ -377,7 +378,7 @@ fn every_dashboard_and_alert_expression_evaluates_against_a_live_prometheus() ->
         };
         rt.block_on(device.send(Message::Ack(ack)))?;
     }
-    wait_task(&api, task, Duration::from_secs(10), |c| c["succeeded"] == 3)?;
+    wait_task(&api, task, Duration::from_secs(10), |c| c.succeeded == 3)?;
     let forger = MacKey::new(SecretBytes::from_slice(&[7u8; 32]))?;
     let forged = Ack {
         execution_id: 1,

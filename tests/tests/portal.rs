@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use rki_gateway::api::types::TaskList;
 use rki_tests::{authorize_test_bdk, binary, temp_dir, GatewayOptions, GatewayProcess, TestResult, TEST_BDK};
 
 /// The whole browser run, with the terminals' deliberate ack delays, takes well under a minute.
@@ -169,10 +170,9 @@ fn a_fleet_manager_pushes_keys_through_the_portal_in_headless_chromium() -> Test
 
     // What the page did, read back through the API.
     let api = gw.api();
-    let tasks = api.ok("/v1/tasks?status=done")?;
-    let outcomes: Vec<&str> =
-        tasks["tasks"].as_array().into_iter().flatten().filter_map(|t| t["outcome"].as_str()).collect();
-    assert_eq!(outcomes, ["manually terminated", "finished with failures"], "{tasks}");
+    let tasks: TaskList = api.ok_as("/v1/tasks?status=done")?;
+    let outcomes: Vec<&str> = tasks.tasks.iter().map(|t| t.outcome.as_str()).collect();
+    assert_eq!(outcomes, ["manually terminated", "finished with failures"], "{tasks:?}");
     let records = api.ok("/v1/records")?;
     let mut results: Vec<(String, String)> = records["records"]
         .as_array()

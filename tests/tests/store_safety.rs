@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use rki_device_sim::Knobs;
 use rki_tests::{
-    create_task, provision, sns, temp_dir, wait_task, wait_task_done, GatewayOptions, GatewayProcess, TestResult,
+    create_task, for_group, provision, sns, task_detail, temp_dir, wait, wait_task, wait_task_done, GatewayOptions,
+    GatewayProcess, TestResult,
 };
 use serde_json::{json, Value};
 
@@ -143,14 +144,14 @@ fn a_backup_taken_during_a_push_of_2000_terminals_restores_to_a_consistent_store
         common::fleet_config(gw.mqtt_port, &provisioned, knobs)?,
         Duration::from_secs(120),
     ))?;
-    let task = create_task(&api, &json!({"group": "fleet"}))?;
+    let task = create_task(&api, &for_group("fleet"))?.task.id;
     // Back up once some acks are recorded and many are not.
-    wait_task(&api, task, Duration::from_secs(60), |c| c["succeeded"].as_i64().unwrap_or(0) >= 1)?;
+    wait_task(&api, task, Duration::from_secs(60), |c| c.succeeded >= 1)?;
     let copy = gw.dir.join("backup.sqlite");
     let out = gw.offline(&["backup", copy.to_str().ok_or("path")?])?;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let done = wait_task_done(&api, task, Duration::from_secs(120))?;
-    assert_eq!(done["task"]["counts"]["succeeded"], 2000, "{done}");
+    assert_eq!(done.task.counts.succeeded, 2000, "{:?}", done.task);
     drop(fleet);
 
     // The copy: sound, private, and a snapshot of the live store.
@@ -197,18 +198,14 @@ fn a_backup_taken_during_a_push_of_2000_terminals_restores_to_a_consistent_store
         .stderr(std::process::Stdio::null())
         .spawn()?;
     let api = rki_tests::Api::new(&format!("http://127.0.0.1:{http}"), &gw.org_token);
-    let started = Instant::now();
-    let restored_task = loop {
-        let (status, v) = api.get(&format!("/v1/tasks/{task}"));
-        if status == 200 {
-            break v;
-        }
-        assert!(started.elapsed() < Duration::from_secs(30), "the restored store did not serve: {status} {v}");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let restored_task =
+        wait::poll(&format!("the restored store to serve task {task}"), Duration::from_secs(30), || {
+            task_detail(&api, task).map_err(|e| e.to_string())
+        });
     let _ = child.kill();
     let _ = child.wait();
-    assert_eq!(restored_task["task"]["counts"]["succeeded"].as_u64(), Some(in_backup.len() as u64), "{restored_task}");
+    let restored_task = restored_task?;
+    assert_eq!(restored_task.task.counts.succeeded, in_backup.len() as i64, "{:?}", restored_task.task);
     Ok(())
 }
 
