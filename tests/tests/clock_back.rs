@@ -9,7 +9,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rki_device_sim::Knobs;
 use rki_gateway::api::types::Execution;
@@ -34,21 +34,17 @@ fn record_times(api: &Api, task: i64) -> TestResult<Vec<i64>> {
     Ok(records.iter().filter_map(|r| r["at"].as_i64()).collect())
 }
 
+/// Waits until every one of `sns` satisfies `condition` as the API shows it, 30 s for all.
 fn wait_devices(api: &Api, sns: &[String], what: &str, condition: impl Fn(&Value) -> bool) -> TestResult {
-    let started = Instant::now();
-    for sn in sns {
-        loop {
-            let v = api.ok(&format!("/v1/devices/{sn}"))?;
-            if condition(&v["device"]) {
-                break;
+    wait::poll(&format!("{} devices to be {what}", sns.len()), Duration::from_secs(30), || {
+        for sn in sns {
+            let v = api.ok(&format!("/v1/devices/{sn}")).map_err(|e| e.to_string())?;
+            if !condition(&v["device"]) {
+                return Err(format!("{sn}: {}", v["device"]));
             }
-            if started.elapsed() > Duration::from_secs(30) {
-                return Err(format!("{sn}: not {what} within 30 s: {}", v["device"]).into());
-            }
-            std::thread::sleep(Duration::from_millis(50));
         }
-    }
-    Ok(())
+        Ok(())
+    })
 }
 
 /// How the clock comes back behind the time the terminals last saw.

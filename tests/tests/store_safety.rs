@@ -7,7 +7,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rki_device_sim::Knobs;
 use rki_tests::{
@@ -85,11 +85,13 @@ fn another_process_opening_the_store_beside_the_gateway_leaves_its_wal_and_locks
     assert!(sidecar(&db, "-wal").exists(), "the other process's close deleted the gateway's WAL");
     // Read /proc/locks a few times, as the gateway's own guard does: a reader of the gateway may
     // be between two transactions at the instant of one reading.
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while posix_locks_of(pid, &db)? < 1 {
-        assert!(Instant::now() < deadline, "the gateway's locks are gone");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait::poll("the gateway's lock on the store in /proc/locks", Duration::from_secs(2), || {
+        match posix_locks_of(pid, &db) {
+            Ok(0) => Err("no lock in /proc/locks".to_string()),
+            Ok(_) => Ok(()),
+            Err(e) => Err(e.to_string()),
+        }
+    })?;
     let (status, v) = import(&gw, "LOCK", 500);
     assert_eq!(status, 200, "{v}");
     // No flush, no goodbye: every import must be in the WAL the gateway really writes.
@@ -361,18 +363,19 @@ fn a_new_store_beside_an_existing_master_key_starts_with_init() -> TestResult {
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()?;
-    let started = Instant::now();
-    let healthy = loop {
+    // Until it answers /healthz; an exit ends the wait at once.
+    let started = wait::poll("the gateway to answer /healthz on a new store", Duration::from_secs(30), || {
         if ureq::get(&format!("http://127.0.0.1:{http}/healthz")).call().is_ok() {
-            break true;
+            return Ok(Ok(()));
         }
-        if child.try_wait()?.is_some() || started.elapsed() > Duration::from_secs(30) {
-            break false;
+        match child.try_wait() {
+            Ok(Some(status)) => Ok(Err(format!("it exited with {status}"))),
+            Ok(None) => Err("no answer yet".to_string()),
+            Err(e) => Ok(Err(e.to_string())),
         }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    });
     let _ = child.kill();
     let _ = child.wait();
-    assert!(healthy, "--init did not start a new store");
+    assert!(matches!(started, Ok(Ok(()))), "--init did not start a new store: {started:?}");
     Ok(())
 }
