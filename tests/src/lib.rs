@@ -372,18 +372,16 @@ impl GatewayProcess {
     /// Waits for the process to exit on its own (a crash point), at most `timeout`.
     pub fn wait_exit(&mut self, timeout: Duration) -> TestResult<std::process::ExitStatus> {
         let mut child = self.child.take().ok_or("not running")?;
-        let started = Instant::now();
-        loop {
-            if let Some(status) = child.try_wait()? {
-                return Ok(status);
-            }
-            if started.elapsed() > timeout {
-                child.kill()?;
-                child.wait()?;
-                return Err(format!("the gateway did not exit within {timeout:?}").into());
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        let exited = wait::poll("the gateway to exit on its own", timeout, || match child.try_wait() {
+            Ok(Some(status)) => Ok(status),
+            Ok(None) => Err("still running".into()),
+            Err(e) => Err(e.to_string()),
+        });
+        if exited.is_err() {
+            child.kill()?;
+            child.wait()?;
         }
+        exited
     }
 
     /// Starts the process again on the same data directory and ports.
