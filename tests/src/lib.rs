@@ -8,7 +8,12 @@
 //!
 //! ## Layout
 //! - [`GatewayProcess`]: start, SIGKILL, SIGTERM, restart; `/metrics` readings.
-//! - [`Api`]: a tiny JSON client with a bearer token.
+//! - [`Api`]: a tiny JSON client with a bearer token; [`Api::ok_as`] reads one of the API's typed
+//!   answers (`rki_gateway::api::types`), as the gateway writes them and `rkictl` reads them.
+//! - [`create_task`], [`task_detail`], [`preview`], [`stop_task`], [`wait_task`],
+//!   [`wait_task_done`]: the task routes, typed, so that a renamed field fails to compile instead
+//!   of reading as null. A test that checks the raw JSON of an answer (its field names) reads it
+//!   with [`Api::ok`].
 //! - [`provision`]: key ceremony, device import, group, assignment, GUDIDs in one call.
 //! - [`RawDevice`]: a hand-driven terminal for forged, replayed and malformed messages.
 //! - [`expected_kcv`]: the KCV of an IPEK derived independently from the BDK and a KSN.
@@ -25,11 +30,14 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use rki_gateway::api::types::{Preview, PreviewAnswer, TaskCounts, TaskCreated, TaskDetail, TaskRequest, TaskStopped};
 use rki_protocol::frame::{self, MacKey};
 use rki_protocol::init::{self, DeviceSecrets, Ephemeral, Gudid};
 use rki_protocol::message::{Body, CreateKey, Message};
 use rki_protocol::{topic, KcvLen, SymmetricKey};
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 use serde_json::{json, Value};
 
 pub mod cluster;
@@ -364,18 +372,16 @@ impl GatewayProcess {
     /// Waits for the process to exit on its own (a crash point), at most `timeout`.
     pub fn wait_exit(&mut self, timeout: Duration) -> TestResult<std::process::ExitStatus> {
         let mut child = self.child.take().ok_or("not running")?;
-        let started = Instant::now();
-        loop {
-            if let Some(status) = child.try_wait()? {
-                return Ok(status);
-            }
-            if started.elapsed() > timeout {
-                child.kill()?;
-                child.wait()?;
-                return Err(format!("the gateway did not exit within {timeout:?}").into());
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        let exited = wait::poll("the gateway to exit on its own", timeout, || match child.try_wait() {
+            Ok(Some(status)) => Ok(status),
+            Ok(None) => Err("still running".into()),
+            Err(e) => Err(e.to_string()),
+        });
+        if exited.is_err() {
+            child.kill()?;
+            child.wait()?;
         }
+        exited
     }
 
     /// Starts the process again on the same data directory and ports.
@@ -545,6 +551,22 @@ impl Api {
             (s, v) => Err(format!("POST {path}: {s} {v}").into()),
         }
     }
+
+    /// GET that must answer 200 with one of the API's typed answers
+    /// (`rki_gateway::api::types`).
+    pub fn ok_as<T: DeserializeOwned>(&self, path: &str) -> TestResult<T> {
+        typed(&format!("GET {path}"), &self.ok(path)?)
+    }
+
+    /// POST of a typed request that must answer 200 or 201 with a typed answer.
+    pub fn ok_post_as<T: DeserializeOwned>(&self, path: &str, body: &impl Serialize) -> TestResult<T> {
+        typed(&format!("POST {path}"), &self.ok_post(path, &serde_json::to_value(body)?)?)
+    }
+}
+
+/// An answer decoded as `T`; the error names the request and shows the answer.
+fn typed<T: DeserializeOwned>(request: &str, answer: &Value) -> TestResult<T> {
+    T::deserialize(answer).map_err(|e| format!("{request}: unexpected answer ({e}): {answer}").into())
 }
 
 /// What [`provision`] set up.
@@ -618,34 +640,70 @@ pub fn expected_kcv(ksn_hex: &str) -> TestResult<String> {
     Ok(ipek.kcv(KcvLen::Three).to_hex())
 }
 
-/// Creates a task and returns its id.
-pub fn create_task(api: &Api, body: &Value) -> TestResult<i64> {
-    let v = api.ok_post("/v1/tasks", body)?;
-    v["task"]["id"].as_i64().ok_or_else(|| format!("no task id in {v}").into())
+/// A task request for the group `group`, the rest by default; e.g.
+/// `TaskRequest { expiry_days: Some(3), ..for_group("shop") }`.
+pub fn for_group(group: &str) -> TaskRequest {
+    TaskRequest { group: Some(group.to_string()), ..Default::default() }
+}
+
+/// A task request for the devices `sns`, the rest by default.
+pub fn for_sns<S: AsRef<str>>(sns: &[S]) -> TaskRequest {
+    TaskRequest { sns: Some(sns.iter().map(|sn| sn.as_ref().to_string()).collect()), ..Default::default() }
+}
+
+/// `POST /v1/tasks`: the task created and the preview it was made from.
+pub fn create_task(api: &Api, request: &TaskRequest) -> TestResult<TaskCreated> {
+    api.ok_post_as("/v1/tasks", request)
+}
+
+/// `POST /v1/tasks/preview`: which devices of `request`'s target are ready.
+pub fn preview(api: &Api, request: &TaskRequest) -> TestResult<Preview> {
+    Ok(api.ok_post_as::<PreviewAnswer>("/v1/tasks/preview", request)?.preview)
+}
+
+/// `GET /v1/tasks/{task}`: the task and its executions.
+pub fn task_detail(api: &Api, task: i64) -> TestResult<TaskDetail> {
+    api.ok_as(&format!("/v1/tasks/{task}"))
+}
+
+/// `POST /v1/tasks/{task}/stop`.
+pub fn stop_task(api: &Api, task: i64) -> TestResult<TaskStopped> {
+    api.ok_post_as(&format!("/v1/tasks/{task}/stop"), &json!({}))
 }
 
 /// Polls a task until `condition` holds for its counts, or the timeout.
-pub fn wait_task(api: &Api, task: i64, timeout: Duration, condition: impl Fn(&Value) -> bool) -> TestResult<Value> {
-    wait::poll(&format!("task {task}'s counts to meet the condition"), timeout, || {
-        let v = api.ok(&format!("/v1/tasks/{task}")).map_err(|e| e.to_string())?;
-        if condition(&v["task"]["counts"]) {
-            Ok(v)
-        } else {
-            Err(v["task"]["counts"].to_string())
-        }
-    })
+pub fn wait_task(
+    api: &Api,
+    task: i64,
+    timeout: Duration,
+    condition: impl Fn(&TaskCounts) -> bool,
+) -> TestResult<TaskDetail> {
+    poll_task(api, task, &format!("task {task}'s counts to meet the condition"), timeout, |t| condition(&t.task.counts))
 }
 
 /// Polls a task until no execution is open, or the timeout.
-pub fn wait_task_done(api: &Api, task: i64, timeout: Duration) -> TestResult<Value> {
-    wait::poll(&format!("task {task} to be done"), timeout, || {
-        let v = api.ok(&format!("/v1/tasks/{task}")).map_err(|e| e.to_string())?;
-        if v["task"]["status"] == "done" {
-            Ok(v)
-        } else {
-            Err(v["task"]["counts"].to_string())
+pub fn wait_task_done(api: &Api, task: i64, timeout: Duration) -> TestResult<TaskDetail> {
+    poll_task(api, task, &format!("task {task} to be done"), timeout, |t| t.task.status == "done")
+}
+
+/// Polls `GET /v1/tasks/{task}` until `holds`. An error status is polled again (a gateway
+/// restarting, a store coming back); an answer that does not decode fails at once.
+fn poll_task(
+    api: &Api,
+    task: i64,
+    what: &str,
+    timeout: Duration,
+    holds: impl Fn(&TaskDetail) -> bool,
+) -> TestResult<TaskDetail> {
+    let path = format!("/v1/tasks/{task}");
+    wait::poll(what, timeout, || {
+        let answer = api.ok(&path).map_err(|e| e.to_string())?;
+        match typed::<TaskDetail>(&format!("GET {path}"), &answer) {
+            Ok(detail) if holds(&detail) => Ok(Ok(detail)),
+            Ok(detail) => Err(format!("{:?}", detail.task.counts)),
+            Err(undecodable) => Ok(Err(undecodable)),
         }
-    })
+    })?
 }
 
 /// A hand-driven terminal: initialises with a GUDID like a real one, then sends whatever frames a

@@ -7,7 +7,9 @@
 //! ([`ATTEMPTS_MAX`]), so that a probe that returns at once cannot spin forever either.
 //!
 //! The polls start every [`FIRST_INTERVAL`] and back off by doubling to [`MAX_INTERVAL`]: a quick
-//! condition is seen within milliseconds, a slow one costs little CPU on a 2-core CI machine.
+//! condition is seen within milliseconds, a slow one costs little CPU on a 2-core CI machine. A
+//! probe that costs more than a request (a batch of queries, a process) backs off further, to the
+//! pause its caller names ([`poll_paced`]).
 //!
 //! A fixed sleep stays only where time passing is the point of the test ("nothing happens within
 //! X", a keep-alive or CONNECT deadline), and it says so in a comment.
@@ -29,10 +31,22 @@ pub const ATTEMPTS_MAX: u32 = 6_000;
 pub fn poll<T, E: std::fmt::Display>(
     what: &str,
     timeout: Duration,
+    probe: impl FnMut() -> Result<T, E>,
+) -> TestResult<T> {
+    poll_paced(what, timeout, MAX_INTERVAL, probe)
+}
+
+/// [`poll`] whose pauses double up to `pause_max` rather than [`MAX_INTERVAL`]: for a probe that
+/// costs (every panel of a dashboard queried, a command run again), polled about that often once
+/// the first quick looks are over. Bounded by `timeout` and [`ATTEMPTS_MAX`] all the same.
+pub fn poll_paced<T, E: std::fmt::Display>(
+    what: &str,
+    timeout: Duration,
+    pause_max: Duration,
     mut probe: impl FnMut() -> Result<T, E>,
 ) -> TestResult<T> {
     let started = Instant::now();
-    let mut interval = FIRST_INTERVAL;
+    let mut interval = FIRST_INTERVAL.min(pause_max);
     let mut last = String::from("not polled");
     for _ in 0..ATTEMPTS_MAX {
         match probe() {
@@ -44,7 +58,7 @@ pub fn poll<T, E: std::fmt::Display>(
             break;
         }
         std::thread::sleep(interval.min(left));
-        interval = (interval * 2).min(MAX_INTERVAL);
+        interval = (interval * 2).min(pause_max);
     }
     Err(format!("waited {:.1?} for {what}; last seen: {last}", started.elapsed()).into())
 }
@@ -108,5 +122,18 @@ mod tests {
         let text = err.to_string();
         assert!(text.contains("the moon to turn blue") && text.contains("grey after"), "{text}");
         assert!(polls > 2 && polls < 100, "{polls} polls");
+    }
+
+    #[test]
+    fn a_paced_poll_backs_off_beyond_the_default_pause_to_the_one_it_is_given() {
+        let mut at = Vec::new();
+        let pause_max = Duration::from_millis(300);
+        let _ = poll_paced::<(), &str>("nothing", Duration::from_millis(1200), pause_max, || {
+            at.push(Instant::now());
+            Err("not yet")
+        });
+        let longest = at.windows(2).map(|w| w[1] - w[0]).max().unwrap_or_default();
+        assert!(longest >= Duration::from_millis(250), "longest pause {longest:?}, {} polls", at.len());
+        assert!(at.len() > 4 && at.len() < 20, "{} polls", at.len());
     }
 }

@@ -9,7 +9,11 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use rki_tests::{provision, sns, wait, GatewayOptions, GatewayProcess, RawDevice, TestResult};
+use rki_gateway::api::types::TaskList;
+use rki_tests::{
+    create_task, for_group, for_sns, provision, sns, stop_task, task_detail, wait, GatewayOptions, GatewayProcess,
+    RawDevice, TestResult,
+};
 use serde_json::{json, Value};
 
 /// Whether the server has closed `stream` (EOF or reset), waiting at most `within`.
@@ -240,8 +244,8 @@ fn task_ids_are_numbered_per_organization_and_lists_page_with_a_cursor() -> Test
     let _acme_device = rt.block_on(RawDevice::initialise(gw.mqtt_port, &sn, &gudid))?;
     let mut acme_tasks = Vec::new();
     for _ in 0..3 {
-        let task = rki_tests::create_task(&acme, &json!({"group": "g"}))?;
-        acme.ok_post(&format!("/v1/tasks/{task}/stop"), &json!({}))?;
+        let task = create_task(&acme, &for_group("g"))?.task.id;
+        stop_task(&acme, task)?;
         acme_tasks.push(task);
     }
     assert_eq!(acme_tasks, [1, 2, 3]);
@@ -255,7 +259,7 @@ fn task_ids_are_numbered_per_organization_and_lists_page_with_a_cursor() -> Test
         .ok_or("no GUDID")?
         .to_string();
     let _globex_device = rt.block_on(RawDevice::initialise(gw.mqtt_port, "GLOBEX-1", &gudid))?;
-    let theirs = rki_tests::create_task(&globex, &json!({"sns": ["GLOBEX-1"]}))?;
+    let theirs = create_task(&globex, &for_sns(&["GLOBEX-1"]))?.task.id;
     assert_eq!(theirs, 1, "globex's first task is its number 1, whatever acme did before");
     // Number 2 exists only in acme: globex gets the answer of a task that never existed.
     let (status, v) = globex.get("/v1/tasks/2");
@@ -264,19 +268,17 @@ fn task_ids_are_numbered_per_organization_and_lists_page_with_a_cursor() -> Test
     assert_eq!(status, 404);
     let (status, _) = globex.get("/v1/records?task=2");
     assert_eq!(status, 404);
-    let task = globex.ok("/v1/tasks/1")?;
-    assert_eq!(task["task"]["id"], 1);
-    assert_eq!(task["executions"][0]["task_id"], 1, "{task}");
+    let task = task_detail(&globex, 1)?;
+    assert_eq!(task.task.id, 1);
+    assert_eq!(task.executions.first().map(|e| e.task_id), Some(1), "{task:?}");
     // Pages: newest first, then below the cursor.
-    let first = acme.ok("/v1/tasks?limit=2")?;
-    let ids = |v: &Value| -> Vec<i64> {
-        v["tasks"].as_array().map(|a| a.iter().filter_map(|t| t["id"].as_i64()).collect()).unwrap_or_default()
-    };
+    let first: TaskList = acme.ok_as("/v1/tasks?limit=2")?;
+    let ids = |list: &TaskList| -> Vec<i64> { list.tasks.iter().map(|t| t.id).collect() };
     assert_eq!(ids(&first), [3, 2]);
-    let cursor = first["next_cursor"].as_i64().ok_or("no next_cursor")?;
-    let second = acme.ok(&format!("/v1/tasks?limit=2&cursor={cursor}"))?;
+    let cursor = first.next_cursor.ok_or("no next_cursor")?;
+    let second: TaskList = acme.ok_as(&format!("/v1/tasks?limit=2&cursor={cursor}"))?;
     assert_eq!(ids(&second), [1]);
-    assert!(second["next_cursor"].is_null(), "{second}");
+    assert!(second.next_cursor.is_none(), "{second:?}");
     let (status, v) = acme.get("/v1/tasks?limit=1001");
     assert_eq!((status, v["code"].as_str()), (400, Some("bad_limit")), "{v}");
     let audit = acme.ok("/v1/audit?limit=2")?;

@@ -7,7 +7,9 @@ mod common;
 use std::time::Duration;
 
 use rki_device_sim::Knobs;
-use rki_tests::{create_task, provision, sns, GatewayOptions, GatewayProcess, TestResult, TEST_BDK};
+use rki_tests::{
+    create_task, for_group, provision, sns, stop_task, GatewayOptions, GatewayProcess, TestResult, TEST_BDK,
+};
 use serde_json::{json, Value};
 
 fn entries(v: &Value) -> Vec<Value> {
@@ -35,8 +37,8 @@ fn every_operator_change_is_audited_with_a_readable_object_and_no_key_material()
     }
     gw.wait_online(&devices, false)?;
     api.ok_post("/v1/assignments", &json!({"sns": [devices[0], devices[1]], "key_source": "bdk-test"}))?;
-    let task = create_task(&api, &json!({"group": "audited"}))?;
-    api.ok_post(&format!("/v1/tasks/{task}/stop"), &json!({}))?;
+    let task = create_task(&api, &for_group("audited"))?.task.id;
+    stop_task(&api, task)?;
     api.ok_post(&format!("/v1/devices/{}/unlock", devices[2]), &json!({}))?;
 
     let log = entries(&api.ok("/v1/audit")?);

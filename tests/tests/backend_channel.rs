@@ -10,6 +10,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use rki_device_sim::Knobs;
+use rki_gateway::api::types::{Task, TaskList};
 use rki_protocol::backend::{BackendId, BackendSecret};
 use rki_protocol::frame::{self, MacKey};
 use rki_protocol::message::{
@@ -17,7 +18,10 @@ use rki_protocol::message::{
 };
 use rki_protocol::terminal::KeySlot;
 use rki_protocol::topic;
-use rki_tests::{binary, mqtt_connect, provision, sns, wait_task_done, GatewayOptions, GatewayProcess, TestResult};
+use rki_tests::{
+    binary, create_task, for_group, mqtt_connect, provision, sns, wait_task, wait_task_done, GatewayOptions,
+    GatewayProcess, TestResult,
+};
 use rumqttc::{AsyncClient, QoS};
 use serde_json::{json, Value};
 
@@ -201,8 +205,8 @@ fn order(target: TaskTarget) -> TaskOrder {
     TaskOrder { target, key_source: String::new(), slot: KeySlot(1), expiry_days: 0 }
 }
 
-fn tasks(gw: &GatewayProcess) -> TestResult<Vec<Value>> {
-    Ok(gw.api().ok("/v1/tasks")?["tasks"].as_array().cloned().unwrap_or_default())
+fn tasks(gw: &GatewayProcess) -> TestResult<Vec<Task>> {
+    Ok(gw.api().ok_as::<TaskList>("/v1/tasks")?.tasks)
 }
 
 /// Checks the sequence an exactly-once backend saw for one task of `n` executions: contiguous
@@ -457,7 +461,7 @@ fn a_backend_subscribed_to_its_replies_only_is_sent_no_events() -> TestResult {
         Duration::from_secs(60),
     ))?;
     let cred = create_backend(&gw, "erp-subs")?;
-    let task = rki_tests::create_task(&gw.api(), &json!({"group": "subs"}))?;
+    let task = create_task(&gw.api(), &for_group("subs"))?.task.id;
     wait_task_done(&gw.api(), task, Duration::from_secs(60))?;
     // TaskCreated, two endings, TaskDone.
     let last = 4;
@@ -505,7 +509,7 @@ fn a_backend_offline_during_the_push_receives_every_event_after_it_reconnects_ex
     ))?;
     let cred = create_backend(&gw, "erp-off")?;
     // An operator's task, pushed while no backend is connected.
-    let task = rki_tests::create_task(&gw.api(), &json!({"group": "off"}))?;
+    let task = create_task(&gw.api(), &for_group("off"))?.task.id;
     wait_task_done(&gw.api(), task, Duration::from_secs(60))?;
     // `rkictl backend watch` catches up from the start, acknowledging as it goes.
     let out = Command::new(binary("rkictl"))
@@ -558,18 +562,12 @@ fn sigkill_mid_push_loses_no_event_and_doubles_none() -> TestResult {
             other => Err(format!("{other:?}").into()),
         }
     })?;
-    let started = Instant::now();
-    loop {
-        let counts = gw.api().ok(&format!("/v1/tasks/{task}"))?["task"]["counts"].clone();
-        if counts["succeeded"].as_i64().unwrap_or(0) >= 1 || started.elapsed() > Duration::from_secs(30) {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    // Killed once some acks are recorded and many are not.
+    wait_task(&gw.api(), task as i64, Duration::from_secs(30), |c| c.succeeded >= 1)?;
     gw.kill()?;
     gw.restart()?;
     let done = wait_task_done(&gw.api(), task as i64, Duration::from_secs(120))?;
-    assert_eq!(done["task"]["counts"]["succeeded"], 300, "{}", done["task"]["counts"]);
+    assert_eq!(done.task.counts.succeeded, 300, "{:?}", done.task.counts);
     // The backend reads everything from the start: exactly the store's endings, once each.
     rt.block_on(async {
         let mut b = RawBackend::connect(gw.mqtt_port, &cred).await?;

@@ -9,14 +9,14 @@ mod common;
 use std::time::{Duration, Instant};
 
 use rki_device_sim::{BrokerAddr, Brokers, Knobs};
+use rki_gateway::api::types::TaskDetail;
 use rki_protocol::frame;
 use rki_protocol::message::{Body, Message};
 use rki_protocol::topic;
 use rki_tests::{
-    cluster::NODE_SUBSCRIPTIONS, create_task, free_port, provision, sns, wait, wait_bootstrap_admitted, wait_task,
-    GatewayOptions, GatewayProcess, Mosquitto, RawDevice, TestResult,
+    cluster::NODE_SUBSCRIPTIONS, create_task, for_group, free_port, provision, sns, wait, wait_bootstrap_admitted,
+    wait_task, GatewayOptions, GatewayProcess, Mosquitto, RawDevice, TestResult,
 };
-use serde_json::json;
 
 /// Terminals in the push.
 const DEVICES: usize = 500;
@@ -108,23 +108,21 @@ fn one_restart_mid_push(run: usize, persistence: Persistence) -> TestResult {
         }
         Ok::<(), rki_device_sim::DeviceError>(())
     })?;
-    let task = create_task(&api, &json!({"group": "restart"}))?;
+    let task = create_task(&api, &for_group("restart"))?.task.id;
     let at_restart = wait::poll(&format!("run {run}: the push to start"), Duration::from_secs(60), || {
-        let v = api.ok(&format!("/v1/tasks/{task}?limit=0")).map_err(|e| e.to_string())?;
-        let succeeded = v["task"]["counts"]["succeeded"].as_i64().unwrap_or(0);
+        let v: TaskDetail = api.ok_as(&format!("/v1/tasks/{task}?limit=0")).map_err(|e| e.to_string())?;
+        let succeeded = v.task.counts.succeeded;
         if succeeded >= (DEVICES / 5) as i64 {
             Ok(succeeded)
         } else {
-            Err(v["task"]["counts"].to_string())
+            Err(format!("{:?}", v.task.counts))
         }
     })?;
     let down = mosquitto.terminate_and_restart()?;
     let restarted = Instant::now();
     eprintln!("run {run}: Mosquitto restarted ({} ms down) with {at_restart} records", down.as_millis());
     assert!(at_restart < DEVICES as i64, "run {run}: the push was over before the restart");
-    let done = wait_task(&api, task, RECORDS_AFTER_RESTART_TIMEOUT, |counts| {
-        counts["succeeded"].as_i64() == Some(DEVICES as i64)
-    });
+    let done = wait_task(&api, task, RECORDS_AFTER_RESTART_TIMEOUT, |counts| counts.succeeded == DEVICES as i64);
     // Every terminal that installed a key (all of them, in the end) has exactly one record.
     let installed: Vec<String> =
         fleet.devices().iter().filter(|d| d.status().injections > 0).map(|d| d.sn().to_string()).collect();

@@ -9,11 +9,13 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rki_device_sim::Knobs;
+use rki_gateway::api::types::Execution;
 use rki_tests::{
-    create_task, provision, sns, wait_task, wait_task_done, Api, GatewayOptions, GatewayProcess, TestResult,
+    create_task, for_group, provision, sns, task_detail, wait, wait_task, wait_task_done, Api, GatewayOptions,
+    GatewayProcess, TestResult,
 };
 use serde_json::{json, Value};
 
@@ -32,21 +34,17 @@ fn record_times(api: &Api, task: i64) -> TestResult<Vec<i64>> {
     Ok(records.iter().filter_map(|r| r["at"].as_i64()).collect())
 }
 
+/// Waits until every one of `sns` satisfies `condition` as the API shows it, 30 s for all.
 fn wait_devices(api: &Api, sns: &[String], what: &str, condition: impl Fn(&Value) -> bool) -> TestResult {
-    let started = Instant::now();
-    for sn in sns {
-        loop {
-            let v = api.ok(&format!("/v1/devices/{sn}"))?;
-            if condition(&v["device"]) {
-                break;
+    wait::poll(&format!("{} devices to be {what}", sns.len()), Duration::from_secs(30), || {
+        for sn in sns {
+            let v = api.ok(&format!("/v1/devices/{sn}")).map_err(|e| e.to_string())?;
+            if !condition(&v["device"]) {
+                return Err(format!("{sn}: {}", v["device"]));
             }
-            if started.elapsed() > Duration::from_secs(30) {
-                return Err(format!("{sn}: not {what} within 30 s: {}", v["device"]).into());
-            }
-            std::thread::sleep(Duration::from_millis(50));
         }
-    }
-    Ok(())
+        Ok(())
+    })
 }
 
 /// How the clock comes back behind the time the terminals last saw.
@@ -80,9 +78,9 @@ fn ahead_then_restarted_behind(set_back: SetBack, prefix: &str) -> TestResult {
     ))?;
     // 20 days ahead: the terminals accept counters of that time.
     step_clock(&gw, 20 * DAY_SECONDS)?;
-    let first = create_task(&api, &json!({"group": "clock"}))?;
+    let first = create_task(&api, &for_group("clock"))?.task.id;
     let done = wait_task_done(&api, first, Duration::from_secs(30))?;
-    assert_eq!(done["task"]["counts"]["succeeded"], 4, "{}", done["task"]["counts"]);
+    assert_eq!(done.task.counts.succeeded, 4, "{:?}", done.task.counts);
     let first_times = record_times(&api, first)?;
     match set_back {
         SetBack::StepBack => {
@@ -103,9 +101,9 @@ fn ahead_then_restarted_behind(set_back: SetBack, prefix: &str) -> TestResult {
         api.ok_post(&format!("/v1/devices/{sn}/unlock"), &json!({}))?;
     }
     wait_devices(&api, &provisioned.sns, "unlocked", |d| d["locked"] == false && d["unlock_pending"] == false)?;
-    let second = create_task(&api, &json!({"group": "clock"}))?;
+    let second = create_task(&api, &for_group("clock"))?.task.id;
     let done = wait_task_done(&api, second, Duration::from_secs(30))?;
-    assert_eq!(done["task"]["counts"]["succeeded"], 4, "{}", done["task"]["counts"]);
+    assert_eq!(done.task.counts.succeeded, 4, "{:?}", done.task.counts);
     for d in fleet.devices() {
         let status = d.status();
         assert_eq!(status.rejected.replay, 0, "{}: a frame refused as a replay", d.sn());
@@ -125,19 +123,15 @@ fn ahead_then_restarted_behind(set_back: SetBack, prefix: &str) -> TestResult {
 }
 
 /// Waits until `n` executions of the task show a refusal; returns the executions.
-fn wait_refused(api: &Api, task: i64, n: usize) -> TestResult<Vec<Value>> {
-    let started = Instant::now();
-    loop {
-        let v = api.ok(&format!("/v1/tasks/{task}"))?;
-        let executions = v["executions"].as_array().cloned().unwrap_or_default();
-        if executions.iter().filter(|e| e["last_refusal"].is_object()).count() >= n {
-            return Ok(executions);
+fn wait_refused(api: &Api, task: i64, n: usize) -> TestResult<Vec<Execution>> {
+    wait::poll(&format!("a refusal on {n} executions of task {task}"), Duration::from_secs(20), || {
+        let v = task_detail(api, task).map_err(|e| e.to_string())?;
+        if v.executions.iter().filter(|e| e.last_refusal.is_some()).count() >= n {
+            Ok(v.executions)
+        } else {
+            Err(format!("{:?}", v.executions))
         }
-        if started.elapsed() > Duration::from_secs(20) {
-            return Err(format!("task {task}: no refusal on {n} executions within 20 s: {v}").into());
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    })
 }
 
 #[test]
@@ -157,16 +151,15 @@ fn a_terminal_refusing_a_replayed_download_shows_on_the_execution_and_a_retry_re
         let config = common::fleet_config(gw.mqtt_port, &provisioned, knobs)?;
         fleets.push(rt.block_on(common::spawn_fleet(config, Duration::from_secs(30)))?);
     }
-    let far = create_task(&api, &json!({"group": "far"}))?;
+    let far = create_task(&api, &for_group("far"))?.task.id;
     let refused = wait_refused(&api, far, 2)?;
     for e in &refused {
-        let refusal = &e["last_refusal"];
+        let refusal = e.last_refusal.as_ref().ok_or_else(|| format!("no refusal: {e:?}"))?;
         // Open: `queued` until the send's deferred `Delivered` write (up to a second), then `delivered`.
-        assert!(e["state"] == "queued" || e["state"] == "delivered", "{e}");
-        assert_eq!(refusal["code"], "replay", "{e}");
-        assert_eq!(refusal["frame"], "download", "{e}");
-        let (refused_counter, accepted) = (refusal["refused_counter"].as_u64(), refusal["accepted_counter"].as_u64());
-        assert!(refused_counter < accepted, "{e}");
+        assert!(e.state == "queued" || e.state == "delivered", "{e:?}");
+        assert_eq!(refusal.code, "replay", "{e:?}");
+        assert_eq!(refusal.frame, "download", "{e:?}");
+        assert!(refusal.refused_counter < refusal.accepted_counter, "{e:?}");
     }
     assert!(gw.metric("rki_device_refusals_total{frame=\"download\",code=\"replay\"}") >= 2.0);
     for d in fleets[0].devices() {
@@ -175,18 +168,18 @@ fn a_terminal_refusing_a_replayed_download_shows_on_the_execution_and_a_retry_re
     }
     // One day ahead: refused once, then re-delivered above the terminal's counter. The retry
     // (first after 15 s) is fired by moving the clock, not by waiting.
-    let near = create_task(&api, &json!({"group": "near"}))?;
+    let near = create_task(&api, &for_group("near"))?.task.id;
     wait_refused(&api, near, 2)?;
     step_clock(&gw, 20)?;
     let done = wait_task_done(&api, near, Duration::from_secs(20))?;
-    assert_eq!(done["task"]["counts"]["succeeded"], 2, "{}", done["task"]["counts"]);
-    for e in done["executions"].as_array().cloned().unwrap_or_default() {
-        assert!(e["last_refusal"].is_null(), "an ended execution keeps no refusal: {e}");
+    assert_eq!(done.task.counts.succeeded, 2, "{:?}", done.task.counts);
+    for e in &done.executions {
+        assert!(e.last_refusal.is_none(), "an ended execution keeps no refusal: {e:?}");
     }
     // The far ones stay refused and visible, delivered and never acked.
-    let v = wait_task(&api, far, Duration::from_secs(10), |counts| counts["delivered"] == 2)?;
-    for e in v["executions"].as_array().cloned().unwrap_or_default() {
-        assert_eq!(e["last_refusal"]["code"], "replay", "{e}");
+    let v = wait_task(&api, far, Duration::from_secs(10), |counts| counts.delivered == 2)?;
+    for e in &v.executions {
+        assert_eq!(e.last_refusal.as_ref().map(|r| r.code.as_str()), Some("replay"), "{e:?}");
     }
     for fleet in fleets {
         rt.block_on(fleet.shutdown());

@@ -11,7 +11,7 @@ use rki_protocol::frame;
 use rki_protocol::message::{Body, Message, Unlock};
 use rki_protocol::topic;
 use rki_tests::{
-    bootstrap_password, create_task, provision, sns, wait_task_done, Capture, GatewayOptions, GatewayProcess,
+    bootstrap_password, create_task, for_sns, provision, sns, wait_task_done, Capture, GatewayOptions, GatewayProcess,
     RawDevice, TestResult,
 };
 use serde_json::json;
@@ -39,7 +39,7 @@ fn a_rogue_terminal_can_neither_see_nor_publish_on_another_terminals_topics() ->
         common::fleet_config(gw.mqtt_port, &victims, Knobs::default())?,
         Duration::from_secs(30),
     ))?;
-    let task = create_task(&api, &json!({"sns": victims.sns}))?;
+    let task = create_task(&api, &for_sns(&victims.sns))?.task.id;
     wait_task_done(&api, task, Duration::from_secs(30))?;
     let captured = rt.block_on(capture.drain(Duration::from_millis(500))).to_vec();
     assert!(captured.is_empty(), "the endpoint let a `#` subscription see {} messages", captured.len());

@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use rki_device_sim::Knobs;
 use rki_tests::{
-    create_task, expected_kcv, provision, sns, wait_task, wait_task_done, GatewayOptions, GatewayProcess, TestResult,
+    create_task, expected_kcv, for_group, provision, sns, wait_task, wait_task_done, GatewayOptions, GatewayProcess,
+    TestResult,
 };
-use serde_json::json;
 
 #[test]
 fn sigkill_mid_push_of_2000_devices_loses_nothing_and_records_each_device_once() -> TestResult {
@@ -23,15 +23,15 @@ fn sigkill_mid_push_of_2000_devices_loses_nothing_and_records_each_device_once()
         common::fleet_config(gw.mqtt_port, &provisioned, knobs)?,
         Duration::from_secs(120),
     ))?;
-    let task = create_task(&api, &json!({"group": "fleet"}))?;
+    let task = create_task(&api, &for_group("fleet"))?.task.id;
     // Kill once some acks are durable and many are not.
-    wait_task(&api, task, Duration::from_secs(30), |c| c["succeeded"].as_i64().unwrap_or(0) >= 1)?;
+    wait_task(&api, task, Duration::from_secs(30), |c| c.succeeded >= 1)?;
     gw.kill()?;
     let installed_at_kill = fleet.snapshot().keys_installed;
     // The broker restarts with no sessions; devices reconnect and say hello.
     gw.restart()?;
     let done = wait_task_done(&api, task, Duration::from_secs(120))?;
-    assert_eq!(done["task"]["counts"]["succeeded"], 2000, "{}", done["task"]["counts"]);
+    assert_eq!(done.task.counts.succeeded, 2000, "{:?}", done.task.counts);
     let records = api.ok(&format!("/v1/records?task={task}"))?["records"].as_array().cloned().unwrap_or_default();
     assert_eq!(records.len(), 2000);
     let mut per_sn: HashMap<String, usize> = HashMap::new();

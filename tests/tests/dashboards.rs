@@ -20,15 +20,16 @@ mod prometheus_support;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use rki_gateway::api::types::TaskRequest;
 use rki_protocol::frame::MacKey;
 use rki_protocol::message::{Ack, Message};
 use rki_protocol::terminal::{InjectionType, KeySlot};
 use rki_protocol::SecretBytes;
 use rki_tests::{
-    create_task, mqtt_connect, provision, sns, temp_dir, wait_task, GatewayOptions, GatewayProcess, RawDevice,
-    TestResult,
+    create_task, for_group, mqtt_connect, provision, sns, temp_dir, wait, wait_task, GatewayOptions, GatewayProcess,
+    RawDevice, TestResult,
 };
 use serde_json::{json, Value};
 
@@ -361,7 +362,7 @@ fn every_dashboard_and_alert_expression_evaluates_against_a_live_prometheus() ->
         rt.block_on(device.send(RawDevice::hello(false)))?;
     }
     gw.wait_online(&[&devices[0].sn, &devices[1].sn], true)?;
-    let task = create_task(&api, &json!({"group": "shop", "expiry_days": 3}))?;
+    let task = create_task(&api, &TaskRequest { expiry_days: Some(3), ..for_group("shop") })?.task.id;
     rt.block_on(devices[2].send(RawDevice::hello(false)))?;
     for device in devices.iter_mut().take(3) {
         let Message::Download(d) = rt.block_on(device.next_down(Duration::from_secs(10)))? else {
@@ -377,7 +378,7 @@ fn every_dashboard_and_alert_expression_evaluates_against_a_live_prometheus() ->
         };
         rt.block_on(device.send(Message::Ack(ack)))?;
     }
-    wait_task(&api, task, Duration::from_secs(10), |c| c["succeeded"] == 3)?;
+    wait_task(&api, task, Duration::from_secs(10), |c| c.succeeded == 3)?;
     let forger = MacKey::new(SecretBytes::from_slice(&[7u8; 32]))?;
     let forged = Ack {
         execution_id: 1,
@@ -393,23 +394,25 @@ fn every_dashboard_and_alert_expression_evaluates_against_a_live_prometheus() ->
     assert!(rt.block_on(mqtt_connect(gw.mqtt_port, "NOSUCHSN", "x", false)).is_err());
     assert_eq!(api.get("/v1/tasks/999999").0, 404);
 
-    // Rates need two samples of a series inside their window, and the sampler runs every 5 s.
-    let started = Instant::now();
-    let mut empty: Vec<String>;
-    loop {
-        empty = Vec::new();
-        for (place, expr) in all.iter().filter(|(place, _)| place.starts_with("panel")) {
-            let result = prometheus.query(expr).map_err(|e| format!("{place}: {e}"))?;
-            if result.is_empty() {
-                empty.push(format!("{place}: {expr}"));
+    // Rates need two samples of a series inside their window, and the sampler runs every 5 s. Each
+    // poll queries every panel: about once a second. A query Prometheus refuses fails at once.
+    let panels =
+        wait::poll_paced("data in every dashboard panel", Duration::from_secs(40), Duration::from_secs(1), || {
+            let mut empty = Vec::new();
+            for (place, expr) in all.iter().filter(|(place, _)| place.starts_with("panel")) {
+                match prometheus.query(expr) {
+                    Ok(result) if result.is_empty() => empty.push(format!("{place}: {expr}")),
+                    Ok(_) => {}
+                    Err(e) => return Ok(Err(format!("{place}: {e}"))),
+                }
             }
-        }
-        if empty.is_empty() || started.elapsed() > Duration::from_secs(40) {
-            break;
-        }
-        std::thread::sleep(Duration::from_secs(1));
-    }
-    assert!(empty.is_empty(), "dashboard expressions with no data after a push:\n{}", empty.join("\n"));
+            if empty.is_empty() {
+                Ok(Ok(()))
+            } else {
+                Err(format!("dashboard expressions with no data after a push:\n{}", empty.join("\n")))
+            }
+        });
+    panels??;
     // Alert expressions evaluate without error (most are rightly empty: nothing is wrong).
     for (place, expr) in all.iter().filter(|(place, _)| place.starts_with("alert")) {
         prometheus.query(expr).map_err(|e| format!("{place}: {e}"))?;

@@ -6,9 +6,9 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use rki_tests::{mqtt_connect, provision, sns, BrokerAuth, Cluster, ClusterOptions, RawDevice, TestResult};
+use rki_tests::{mqtt_connect, provision, sns, wait, BrokerAuth, Cluster, ClusterOptions, RawDevice, TestResult};
 use serde_json::json;
 
 const TERMINALS: usize = 60;
@@ -17,16 +17,14 @@ const TERMINALS: usize = 60;
 /// bootstrap identity is pushed to the broker just after provisioning, so its first CONNECT may
 /// come a moment too early and is retried; the device's own CONNECT is not.
 async fn initialise(port: u16, sn: &str, gudid: &str) -> TestResult<rki_protocol::init::DeviceSecrets> {
-    let started = Instant::now();
-    loop {
+    wait::poll_async(&format!("the broker to admit init@{sn}"), Duration::from_secs(20), || async {
         match RawDevice::initialise_secrets(port, sn, gudid).await {
-            Ok(secrets) => return Ok(secrets),
-            Err(e) if e.to_string().contains("NotAuthorized") && started.elapsed() < Duration::from_secs(20) => {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(e) => return Err(e),
+            Ok(secrets) => Ok(Ok(secrets)),
+            Err(e) if e.to_string().contains("NotAuthorized") => Err(e.to_string()),
+            Err(e) => Ok(Err(e)),
         }
-    }
+    })
+    .await?
 }
 
 fn password(secrets: &rki_protocol::init::DeviceSecrets) -> TestResult<String> {
@@ -89,11 +87,15 @@ fn terminals_initialised_through_every_node_connect_at_once_and_a_reinitialised_
         "UPDATE device_credentials SET broker_password_hash = NULL WHERE device_id = (SELECT id FROM devices WHERE sn = $1)",
         &[gone],
     )?;
-    let started = Instant::now();
-    while rt.block_on(mqtt_connect(port, gone, &password(gone_secrets)?, true)).is_ok() {
-        assert!(started.elapsed() < Duration::from_secs(40), "{gone}: still accepted after the reconcile");
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    // Each look is a CONNECT that stays open when accepted: about two a second.
+    let gone_password = password(gone_secrets)?;
+    let refused = format!("the broker to refuse {gone} after the reconcile");
+    wait::poll_paced(&refused, Duration::from_secs(40), Duration::from_millis(500), || {
+        match rt.block_on(mqtt_connect(port, gone, &gone_password, true)) {
+            Ok(_) => Err("still accepted"),
+            Err(_) => Ok(()),
+        }
+    })?;
     let (kept, kept_secrets) = &devices[TERMINALS - 2];
     rt.block_on(mqtt_connect(port, kept, &password(kept_secrets)?, true))?;
     Ok(())

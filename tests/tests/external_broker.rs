@@ -13,8 +13,9 @@ use rki_protocol::message::{BackendAnswer, BackendRequest, Body, Message, Reques
 use rki_protocol::topic;
 use rki_tests::cluster::seed_and_start_mosquitto;
 use rki_tests::{
-    create_task, expected_kcv, free_port, mqtt_connect, mqtt_connect_subscribed, provision, sns, temp_dir, wait,
-    wait_bootstrap_admitted, wait_task_done, GatewayOptions, GatewayProcess, Mosquitto, RawDevice, TestResult,
+    create_task, expected_kcv, for_group, for_sns, free_port, mqtt_connect, mqtt_connect_subscribed, provision, sns,
+    task_detail, temp_dir, wait, wait_bootstrap_admitted, wait_task_done, GatewayOptions, GatewayProcess, Mosquitto,
+    RawDevice, TestResult,
 };
 use rumqttc::QoS;
 use serde_json::json;
@@ -56,9 +57,9 @@ fn a_push_through_mosquitto_injects_every_device_once() -> TestResult {
     let mut config = common::fleet_config(mosquitto.port, &provisioned, Knobs::default())?;
     config.brokers = Brokers::one(BrokerAddr::new("127.0.0.1", mosquitto.port));
     let fleet = rt.block_on(common::spawn_fleet(config, Duration::from_secs(60)))?;
-    let task = create_task(&api, &json!({"group": "mq"}))?;
+    let task = create_task(&api, &for_group("mq"))?.task.id;
     let done = wait_task_done(&api, task, Duration::from_secs(60))?;
-    assert_eq!(done["task"]["counts"]["succeeded"], 50, "{}", done["task"]["counts"]);
+    assert_eq!(done.task.counts.succeeded, 50, "{:?}", done.task.counts);
     for r in api.ok(&format!("/v1/records?task={task}"))?["records"].as_array().cloned().unwrap_or_default() {
         assert_eq!(r["kcv"].as_str(), Some(expected_kcv(r["key_id"].as_str().unwrap_or_default())?.as_str()));
     }
@@ -86,7 +87,7 @@ fn mosquitto_refuses_a_terminal_the_topics_of_another() -> TestResult {
     rt.block_on(a.client.subscribe("#", QoS::AtLeastOnce))?;
     rt.block_on(b.send(RawDevice::hello(false)))?;
     gw.wait_online(&[&b_sn], true)?;
-    let task = create_task(&api, &json!({"sns": [b_sn.clone()]}))?;
+    let task = create_task(&api, &for_sns(&[&b_sn]))?.task.id;
     let Message::Download(d) = rt.block_on(b.next_down(Duration::from_secs(10)))? else {
         return Err("no download for B".into());
     };
@@ -108,7 +109,7 @@ fn mosquitto_refuses_a_terminal_the_topics_of_another() -> TestResult {
         before,
         "the forged publish reached the gateway"
     );
-    assert_eq!(api.ok(&format!("/v1/tasks/{task}"))?["task"]["status"], "unfinished");
+    assert_eq!(task_detail(&api, task)?.task.status, "unfinished");
     // B's own ack goes through.
     rt.block_on(b.send(RawDevice::ack(&d)))?;
     wait_task_done(&api, task, Duration::from_secs(10))?;

@@ -5,10 +5,11 @@ mod common;
 use std::time::Duration;
 
 use rki_device_sim::Knobs;
+use rki_gateway::api::types::TaskDetail;
 use rki_tests::{
-    create_task, expected_kcv, provision, sns, wait_task_done, GatewayOptions, GatewayProcess, TestResult,
+    create_task, expected_kcv, for_group, preview, provision, sns, wait_task_done, GatewayOptions, GatewayProcess,
+    TestResult,
 };
-use serde_json::json;
 
 #[test]
 fn a_group_of_200_devices_gets_one_verified_key_each_and_ends_locked() -> TestResult {
@@ -22,27 +23,23 @@ fn a_group_of_200_devices_gets_one_verified_key_each_and_ends_locked() -> TestRe
         Duration::from_secs(60),
     ))?;
     // Every device reported its firmware through its hello: all are ready.
-    let preview = api.ok_post("/v1/tasks/preview", &json!({"group": "warehouse"}))?;
-    assert_eq!(preview["preview"]["ready"].as_array().map(Vec::len), Some(200), "{preview}");
-    let task = create_task(&api, &json!({"group": "warehouse"}))?;
+    let preview = preview(&api, &for_group("warehouse"))?;
+    assert_eq!(preview.ready.len(), 200, "{preview:?}");
+    let task = create_task(&api, &for_group("warehouse"))?.task.id;
     let done = wait_task_done(&api, task, Duration::from_secs(60))?;
-    assert_eq!(done["task"]["counts"]["succeeded"], 200, "{}", done["task"]);
-    assert_eq!(done["task"]["outcome"], "succeeded");
+    assert_eq!(done.task.counts.succeeded, 200, "{:?}", done.task);
+    assert_eq!(done.task.outcome, "succeeded");
     rt.block_on(fleet.wait_keys_installed(200, Duration::from_secs(10))).map_err(|e| format!("{e:?}"))?;
     // The task's devices: every one by default, a page with limit/offset, none with limit=0.
-    let all = done["executions"].as_array().cloned().unwrap_or_default();
-    assert_eq!((all.len(), done["executions_total"].as_i64()), (200, Some(200)));
-    let counts_only = api.ok(&format!("/v1/tasks/{task}?limit=0"))?;
-    assert_eq!(counts_only["executions"], json!([]));
-    assert_eq!(
-        (counts_only["executions_total"].as_i64(), counts_only["task"]["counts"].clone()),
-        (Some(200), done["task"]["counts"].clone())
-    );
-    let page = api.ok(&format!("/v1/tasks/{task}?limit=3&offset=198"))?;
-    let page_ids: Vec<&serde_json::Value> =
-        page["executions"].as_array().map(|a| a.iter().map(|e| &e["id"]).collect()).unwrap_or_default();
-    assert_eq!(page_ids, vec![&all[198]["id"], &all[199]["id"]], "the last two of 200 from offset 198");
-    assert_eq!(page["executions_offset"], 198);
+    let all = &done.executions;
+    assert_eq!((all.len(), done.executions_total), (200, 200));
+    let counts_only: TaskDetail = api.ok_as(&format!("/v1/tasks/{task}?limit=0"))?;
+    assert!(counts_only.executions.is_empty(), "{:?}", counts_only.executions);
+    assert_eq!((counts_only.executions_total, &counts_only.task.counts), (200, &done.task.counts));
+    let page: TaskDetail = api.ok_as(&format!("/v1/tasks/{task}?limit=3&offset=198"))?;
+    let page_ids: Vec<i64> = page.executions.iter().map(|e| e.id).collect();
+    assert_eq!(page_ids, vec![all[198].id, all[199].id], "the last two of 200 from offset 198");
+    assert_eq!(page.executions_offset, 198);
 
     let records = api.ok(&format!("/v1/records?task={task}"))?;
     let records = records["records"].as_array().cloned().unwrap_or_default();

@@ -5,11 +5,13 @@ mod common;
 
 use std::time::Duration;
 
+use rki_gateway::api::types::TaskCounts;
 use rki_protocol::frame::MacKey;
 use rki_protocol::message::{Download, Message};
 use rki_protocol::{topic, SecretBytes};
 use rki_tests::{
-    create_task, mqtt_connect, provision, sns, wait_task, GatewayOptions, GatewayProcess, RawDevice, TestResult,
+    create_task, for_group, mqtt_connect, provision, sns, task_detail, wait_task, GatewayOptions, GatewayProcess,
+    RawDevice, TestResult,
 };
 use serde_json::json;
 
@@ -43,10 +45,10 @@ fn hostile_acks_change_nothing_and_are_counted_then_the_honest_ack_succeeds() ->
     rt.block_on(a.send(RawDevice::hello(false)))?;
     rt.block_on(b.send(RawDevice::hello(false)))?;
     gw.wait_online(&[&sn_a, &sn_b], true)?;
-    let task = create_task(&api, &json!({"group": "pair"}))?;
+    let task = create_task(&api, &for_group("pair"))?.task.id;
     let da = rt.block_on(download(&mut a))?;
     let db = rt.block_on(download(&mut b))?;
-    let open = |c: &serde_json::Value| c["succeeded"] == 0 && c["failed"] == 0;
+    let open = |c: &TaskCounts| c.succeeded == 0 && c.failed == 0;
 
     // A forged ack: right content, wrong key.
     let forger = MacKey::new(SecretBytes::from_slice(&[7u8; 32]))?;
@@ -63,17 +65,17 @@ fn hostile_acks_change_nothing_and_are_counted_then_the_honest_ack_succeeds() ->
     wait_rejected(&gw, "device", "malformed", 1.0)?;
     rt.block_on(a.publish_raw(&topic::device_up(&sn_a), vec![1u8; 5000]))?;
     wait_rejected(&gw, "device", "oversized", 1.0)?;
-    let counts = api.ok(&format!("/v1/tasks/{task}"))?["task"]["counts"].clone();
-    assert!(open(&counts), "a rejected ack changed state: {counts}");
+    let counts = task_detail(&api, task)?.task.counts;
+    assert!(open(&counts), "a rejected ack changed state: {counts:?}");
     assert_eq!(api.ok("/v1/records")?["records"].as_array().map(Vec::len), Some(0));
 
     // The honest ack succeeds; replaying its exact bytes is refused and changes nothing.
     let honest = rt.block_on(a.send(RawDevice::ack(&da)))?;
-    wait_task(&api, task, Duration::from_secs(5), |c| c["succeeded"] == 1)?;
+    wait_task(&api, task, Duration::from_secs(5), |c| c.succeeded == 1)?;
     rt.block_on(a.publish_raw(&topic::device_up(&sn_a), honest))?;
     wait_rejected(&gw, "ack", "replay", 1.0)?;
     rt.block_on(b.send(RawDevice::ack(&db)))?;
-    wait_task(&api, task, Duration::from_secs(5), |c| c["succeeded"] == 2)?;
+    wait_task(&api, task, Duration::from_secs(5), |c| c.succeeded == 2)?;
     let records = api.ok(&format!("/v1/records?task={task}"))?;
     assert_eq!(records["records"].as_array().map(Vec::len), Some(2), "exactly one record per device");
 

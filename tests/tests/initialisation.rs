@@ -11,7 +11,8 @@ use rki_protocol::init::Gudid;
 use rki_protocol::message::{Message, RefusalCode};
 use rki_protocol::{tr31, SecretBytes, SymmetricKey};
 use rki_tests::{
-    create_task, provision, sns, wait, wait_task, GatewayOptions, GatewayProcess, RawBootstrap, RawDevice, TestResult,
+    create_task, for_group, for_sns, provision, sns, task_detail, wait, wait_task, GatewayOptions, GatewayProcess,
+    RawBootstrap, RawDevice, TestResult,
 };
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -106,7 +107,7 @@ fn after_reinitialisation_the_old_key_is_refused_and_the_pending_key_comes_under
     let mut old = rt.block_on(RawDevice::initialise(gw.mqtt_port, &sn, &gudid))?;
     rt.block_on(old.send(RawDevice::hello(false)))?;
     gw.wait_online(&[&sn], true)?;
-    let task = create_task(&api, &json!({"group": "r"}))?;
+    let task = create_task(&api, &for_group("r"))?.task.id;
     let Message::Download(first) = rt.block_on(old.next_down(Duration::from_secs(5)))? else {
         return Err("no download".into());
     };
@@ -123,7 +124,7 @@ fn after_reinitialisation_the_old_key_is_refused_and_the_pending_key_comes_under
     gw.wait_metric("rki_rejected_messages_total{kind=\"ack\",reason=\"bad_mac\"}", Duration::from_secs(5), |v| {
         v > before
     })?;
-    assert_eq!(api.ok(&format!("/v1/tasks/{task}"))?["task"]["status"], "unfinished");
+    assert_eq!(task_detail(&api, task)?.task.status, "unfinished");
     // The pending execution is re-wrapped for the new key-block protection key.
     rt.block_on(new.send(RawDevice::hello(false)))?;
     let Message::Download(second) = rt.block_on(new.next_down(Duration::from_secs(10)))? else {
@@ -134,7 +135,7 @@ fn after_reinitialisation_the_old_key_is_refused_and_the_pending_key_comes_under
     assert!(tr31::unwrap(&new.secrets.kbpk_tdes, &second.key_block).is_ok(), "new KBPK opens the new block");
     assert!(tr31::unwrap(&old.secrets.kbpk_tdes, &second.key_block).is_err(), "old KBPK does not");
     rt.block_on(new.send(RawDevice::ack(&second)))?;
-    wait_task(&api, task, Duration::from_secs(5), |c| c["succeeded"] == 1)?;
+    wait_task(&api, task, Duration::from_secs(5), |c| c.succeeded == 1)?;
     Ok(())
 }
 
@@ -201,12 +202,12 @@ fn a_full_capture_and_the_gudid_reveal_neither_device_keys_nor_the_injected_key(
     let mut victim = rt.block_on(RawDevice::initialise(tap.port, &sn, &gudid_text))?;
     rt.block_on(victim.send(RawDevice::hello(false)))?;
     gw.wait_online(&[&sn], true)?;
-    let task = create_task(&api, &json!({"sns": [sn.clone()]}))?;
+    let task = create_task(&api, &for_sns(&[&sn]))?.task.id;
     let Message::Download(d) = rt.block_on(victim.next_down(Duration::from_secs(5)))? else {
         return Err("no download".into());
     };
     rt.block_on(victim.send(RawDevice::ack(&d)))?;
-    wait_task(&api, task, Duration::from_secs(5), |c| c["succeeded"] == 1)?;
+    wait_task(&api, task, Duration::from_secs(5), |c| c.succeeded == 1)?;
     // The relay records what it forwarded: wait until the capture holds every kind of frame.
     let captured = wait::poll("the tap to have recorded the whole exchange", Duration::from_secs(5), || {
         let captured = tap.publishes();

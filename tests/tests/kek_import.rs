@@ -16,8 +16,8 @@ use std::time::Duration;
 use rki_device_sim::Knobs;
 use rki_protocol::{KcvLen, SymmetricKey};
 use rki_tests::{
-    binary, create_task, expected_kcv, provision, sns, temp_dir, wait_task_done, GatewayOptions, GatewayProcess,
-    TestResult, TEST_BDK,
+    binary, create_task, expected_kcv, for_sns, provision, sns, temp_dir, wait_task_done, GatewayOptions,
+    GatewayProcess, TestResult, TEST_BDK,
 };
 use serde_json::{json, Value};
 
@@ -197,10 +197,10 @@ fn bdks_imported_under_a_kek_from_rkictl_and_psec_blocks_give_terminals_the_righ
     ))?;
     let mut records = Vec::new();
     for (half, source) in [(&devices[..5], "bdk-test"), (&devices[5..], "bdk-psec")] {
-        let task = create_task(&api, &json!({"sns": half}))?;
+        let task = create_task(&api, &for_sns(half))?.task.id;
         let done = wait_task_done(&api, task, Duration::from_secs(60))?;
-        assert_eq!(done["task"]["counts"]["succeeded"], 5, "{}", done["task"]);
-        assert_eq!(done["task"]["key_source"], source);
+        assert_eq!(done.task.counts.succeeded, 5, "{:?}", done.task);
+        assert_eq!(done.task.key_source, source);
         let v = api.ok(&format!("/v1/records?task={task}"))?;
         records.extend(v["records"].as_array().cloned().unwrap_or_default());
     }

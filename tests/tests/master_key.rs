@@ -7,7 +7,9 @@ use std::time::Duration;
 use rki_device_sim::Knobs;
 use rki_protocol::tr31::{self, Header};
 use rki_protocol::{KcvLen, SecretBytes, SymmetricKey};
-use rki_tests::{create_task, provision, sns, wait_task_done, GatewayOptions, GatewayProcess, TestResult, TEST_BDK};
+use rki_tests::{
+    create_task, for_group, provision, sns, wait_task_done, GatewayOptions, GatewayProcess, TestResult, TEST_BDK,
+};
 use serde_json::json;
 
 /// A two-key TDES KEK, entered as itself and an all-zero component.
@@ -53,9 +55,9 @@ fn rotating_the_master_key_keeps_every_key_usable_and_a_wrong_key_is_refused_at_
 
     // With the new key: the devices' signing keys and the BDK still work end to end.
     gw.start_again()?;
-    let task = create_task(&api, &json!({"group": "rot"}))?;
+    let task = create_task(&api, &for_group("rot"))?.task.id;
     let done = wait_task_done(&api, task, Duration::from_secs(60))?;
-    assert_eq!(done["task"]["counts"]["succeeded"], 3);
+    assert_eq!(done.task.counts.succeeded, 3);
     // The KEK, re-sealed, still unwraps a BDK block.
     let kek = SymmetricKey::tdes_from_hex(KEK)?;
     let header = Header::parse("B0000B0TX00N0000")?;

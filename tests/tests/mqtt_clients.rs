@@ -10,7 +10,9 @@ use std::time::Duration;
 use rki_protocol::message::Message;
 use rki_protocol::topic;
 use rki_tests::mqtt::{device_online, mosquitto_client, paho, run_bounded, wait_for, Raw, Terminal};
-use rki_tests::{create_task, provision, sns, wait_task, GatewayOptions, GatewayProcess, RawDevice, TestResult};
+use rki_tests::{
+    create_task, for_sns, provision, sns, wait_task, GatewayOptions, GatewayProcess, RawDevice, TestResult,
+};
 use rumqttc::mqttbytes::{v4, QoS};
 use serde_json::{json, Value};
 
@@ -221,7 +223,7 @@ fn mosquitto_clients_are_refused_with_their_code_and_a_terminal_reads_and_acks_i
         gw.metric("rki_mqtt_connections_closed_total{reason=\"taken_over\"}") > taken_over
     })?;
     assert!(raw.closed(), "the replaced connection stayed open");
-    let task = create_task(&api, &json!({"sns": [sn]}))?;
+    let task = create_task(&api, &for_sns(&[&sn]))?.task.id;
     let out = rki_tests::mqtt::wait_output(sub, Duration::from_secs(25))?;
     assert!(out.status.success(), "mosquitto_sub read no download: {}", text(&out));
     let payload = hex::decode(String::from_utf8_lossy(&out.stdout).trim())?;
@@ -235,7 +237,7 @@ fn mosquitto_clients_are_refused_with_their_code_and_a_terminal_reads_and_acks_i
     cmd.args(["-t", &terminal.up(), "-q", "1", "-f"]).arg(&ack_file);
     let out = run_bounded(cmd, wait)?;
     assert!(out.status.success(), "mosquitto_pub of the ack: {}", text(&out));
-    wait_task(&api, task, Duration::from_secs(10), |c| c["succeeded"] == 1)?;
+    wait_task(&api, task, Duration::from_secs(10), |c| c.succeeded == 1)?;
     assert!(matches!(terminal.open(&payload)?, Message::Download(_)));
     Ok(())
 }

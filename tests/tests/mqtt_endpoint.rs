@@ -11,12 +11,12 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use rki_tests::mqtt::{device_online, v5_qos, wait_for, Got, Raw, Terminal};
 use rki_tests::{
-    bootstrap_password, create_task, provision, sns, GatewayOptions, GatewayProcess, RawDevice, TestResult,
+    bootstrap_password, create_task, for_group, for_sns, provision, sns, task_detail, wait_task, GatewayOptions,
+    GatewayProcess, RawDevice, TestResult,
 };
 use rumqttc::mqttbytes::v4;
 use rumqttc::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5;
-use serde_json::json;
 
 fn v4_code(raw: &mut Raw) -> TestResult<v4::ConnectReturnCode> {
     match raw.next_v4()? {
@@ -317,7 +317,7 @@ fn a_persistent_session_is_present_after_a_reconnect_and_sends_the_unacknowledge
     let mut raw_b = online_v5(&gw, &mut b, false, 30, Some(300))?;
 
     // A download for each; neither is acknowledged.
-    let task = create_task(&gw.api(), &json!({"group": "sess"}))?;
+    let task = create_task(&gw.api(), &for_group("sess"))?.task.id;
     let first_a = publish_v4(&mut raw_a, "a's download")?;
     let first_b = publish_v5(&mut raw_b, "b's download")?;
     assert!(!first_a.dup && !first_b.dup, "a first delivery with DUP set");
@@ -380,8 +380,8 @@ fn a_persistent_session_is_present_after_a_reconnect_and_sends_the_unacknowledge
     let mut raw_b = Raw::open(gw.mqtt_port)?;
     raw_b.connect_v5_session(&b.sn, Some(b.login()), false, 30, Some(300))?;
     assert!(!raw_b.connack_v5()?.session_present, "5.0: a session without expiry outlived its connection");
-    let counts = gw.api().ok(&format!("/v1/tasks/{task}"))?["task"]["counts"].clone();
-    assert_eq!(counts["succeeded"], 0, "no ack was sent: {counts}");
+    let counts = task_detail(&gw.api(), task)?.task.counts;
+    assert_eq!(counts.succeeded, 0, "no ack was sent: {counts:?}");
     Ok(())
 }
 
@@ -460,7 +460,7 @@ fn a_takeover_needs_valid_credentials_and_a_refused_one_never_touches_the_live_c
     assert_eq!(raw.connack_v5()?.code, v5::ConnectReturnCode::BadUserNamePassword);
     // The live connection was not touched: still online, still served, and it gets the download.
     assert!(device_online(&gw, &sn)?, "a refused CONNECT put the device offline");
-    let task = create_task(&gw.api(), &json!({"sns": [sn]}))?;
+    let task = create_task(&gw.api(), &for_sns(&[&sn]))?.task.id;
     let first = publish_v5(&mut old, "the download on the live connection")?;
     terminal.download(&first.payload)?;
     assert_eq!(gw.metric("rki_mqtt_connections_closed_total{reason=\"taken_over\"}"), taken_over);
@@ -483,7 +483,7 @@ fn a_takeover_needs_valid_credentials_and_a_refused_one_never_touches_the_live_c
     new.puback_v4(again.pkid)?;
     let ack = terminal.seal(RawDevice::ack(&terminal.download(&again.payload)?))?;
     new.publish_v4(&terminal.up(), QoS::AtLeastOnce, 3, &ack, false)?;
-    rki_tests::wait_task(&gw.api(), task, Duration::from_secs(10), |c| c["succeeded"] == 1)?;
+    wait_task(&gw.api(), task, Duration::from_secs(10), |c| c.succeeded == 1)?;
 
     // init@SN: a newcomer without the GUDID is refused, and the first connection completes its
     // exchange.

@@ -12,10 +12,9 @@ use std::time::{Duration, Instant};
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
 use rki_tests::mqtt::{device_online, mosquitto_client, run_bounded, tls_client_config, wait_for, Raw, Terminal};
-use rki_tests::{create_task, free_port, provision, sns, temp_dir, wait_task, GatewayOptions, GatewayProcess};
+use rki_tests::{create_task, for_sns, free_port, provision, sns, temp_dir, wait_task, GatewayOptions, GatewayProcess};
 use rki_tests::{RawDevice, TestResult};
 use rumqttc::mqttbytes::{v4, QoS};
-use serde_json::json;
 
 /// The CONNECT deadline of these tests (ms): long enough for 100 TLS clients on a busy machine.
 const CONNECT_TIMEOUT_MS: u64 = 4000;
@@ -78,7 +77,7 @@ fn over_tls_a_terminal_is_served_and_stalled_handshakes_block_no_one_until_the_d
     raw.subscribe_v4_granted(1, &terminal.down())?;
     raw.publish_v4(&terminal.up(), QoS::AtLeastOnce, 2, &terminal.hello()?, false)?;
     wait_for(Duration::from_secs(5), "the device online over TLS", || device_online(&gw, &sn).unwrap_or(false))?;
-    let task = create_task(&gw.api(), &json!({"sns": [sn]}))?;
+    let task = create_task(&gw.api(), &for_sns(&[&sn]))?.task.id;
     let download =
         match raw.read_v4_until(Duration::from_secs(10), "the download", |p| matches!(p, v4::Packet::Publish(_)))? {
             v4::Packet::Publish(p) => {
@@ -89,7 +88,7 @@ fn over_tls_a_terminal_is_served_and_stalled_handshakes_block_no_one_until_the_d
         };
     let ack = terminal.seal(RawDevice::ack(&download))?;
     raw.publish_v4(&terminal.up(), QoS::AtLeastOnce, 3, &ack, false)?;
-    wait_task(&gw.api(), task, Duration::from_secs(10), |c| c["succeeded"] == 1)?;
+    wait_task(&gw.api(), task, Duration::from_secs(10), |c| c.succeeded == 1)?;
     raw.drop_connection();
 
     // mosquitto_sub (OpenSSL) trusting the CA: its own down topic granted, `#` denied. Trusting

@@ -13,8 +13,8 @@ use rki_protocol::init::Gudid;
 use rki_protocol::message::Message;
 use rki_protocol::{KcvLen, SymmetricKey};
 use rki_tests::{
-    binary, create_task, provision, sns, wait_task_done, GatewayOptions, GatewayProcess, RawDevice, TestResult,
-    COMPONENT_2, TEST_BDK,
+    binary, create_task, for_group, provision, sns, wait_task_done, GatewayOptions, GatewayProcess, RawDevice,
+    TestResult, COMPONENT_2, TEST_BDK,
 };
 use serde_json::json;
 
@@ -104,7 +104,7 @@ fn no_secret_reaches_the_log_the_metrics_the_api_or_the_store() -> TestResult {
         rt.block_on(device.send(RawDevice::hello(false)))?;
         gw.wait_online(&[&device.sn], true)?;
     }
-    let task = create_task(&api, &json!({"group": "leak"}))?;
+    let task = create_task(&api, &for_group("leak"))?.task.id;
     for device in &mut devices {
         let Message::Download(d) = rt.block_on(device.next_down(Duration::from_secs(20)))? else {
             return Err("the first downlink is not a Download".into());
@@ -114,7 +114,7 @@ fn no_secret_reaches_the_log_the_metrics_the_api_or_the_store() -> TestResult {
         rt.block_on(device.send(RawDevice::ack(&d)))?;
     }
     let done = wait_task_done(&api, task, Duration::from_secs(30))?;
-    assert_eq!(done["task"]["counts"]["succeeded"], 2, "{done}");
+    assert_eq!(done.task.counts.succeeded, 2, "{:?}", done.task);
     secrets.push(("organization token".into(), gw.org_token.as_bytes().to_vec()));
     secrets.push(("key owner token".into(), gw.key_owner_token.as_bytes().to_vec()));
 

@@ -10,9 +10,10 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use rki_tests::{authorize_test_bdk, binary, temp_dir, GatewayOptions, GatewayProcess, TestResult, TEST_BDK};
+use rki_gateway::api::types::TaskList;
+use rki_tests::{authorize_test_bdk, binary, temp_dir, wait, GatewayOptions, GatewayProcess, TestResult, TEST_BDK};
 
 /// The whole browser run, with the terminals' deliberate ack delays, takes well under a minute.
 const BROWSER_RUN_MAX: Duration = Duration::from_secs(300);
@@ -145,17 +146,18 @@ fn a_fleet_manager_pushes_keys_through_the_portal_in_headless_chromium() -> Test
         .env("SCREENSHOT_DIR", &screenshots)
         .stdin(Stdio::null())
         .spawn()?;
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait()? {
-            break status;
-        }
-        if started.elapsed() > BROWSER_RUN_MAX {
+    let finished = wait::poll("the browser test to finish", BROWSER_RUN_MAX, || match child.try_wait() {
+        Ok(Some(status)) => Ok(status),
+        Ok(None) => Err("still running".to_string()),
+        Err(e) => Err(e.to_string()),
+    });
+    let status = match finished {
+        Ok(status) => status,
+        Err(e) => {
             child.kill()?;
             child.wait()?;
-            return Err(format!("the browser test did not finish within {BROWSER_RUN_MAX:?}").into());
+            return Err(e);
         }
-        std::thread::sleep(Duration::from_millis(200));
     };
     if !status.success() {
         return Err(format!(
@@ -169,10 +171,9 @@ fn a_fleet_manager_pushes_keys_through_the_portal_in_headless_chromium() -> Test
 
     // What the page did, read back through the API.
     let api = gw.api();
-    let tasks = api.ok("/v1/tasks?status=done")?;
-    let outcomes: Vec<&str> =
-        tasks["tasks"].as_array().into_iter().flatten().filter_map(|t| t["outcome"].as_str()).collect();
-    assert_eq!(outcomes, ["manually terminated", "finished with failures"], "{tasks}");
+    let tasks: TaskList = api.ok_as("/v1/tasks?status=done")?;
+    let outcomes: Vec<&str> = tasks.tasks.iter().map(|t| t.outcome.as_str()).collect();
+    assert_eq!(outcomes, ["manually terminated", "finished with failures"], "{tasks:?}");
     let records = api.ok("/v1/records")?;
     let mut results: Vec<(String, String)> = records["records"]
         .as_array()

@@ -19,14 +19,15 @@ mod prometheus_support;
 use std::process::Command;
 use std::time::Duration;
 
+use rki_gateway::api::types::TaskRequest;
 use rki_protocol::frame::MacKey;
 use rki_protocol::message::{Ack, Download, Message};
 use rki_protocol::terminal::InjectionType;
 use rki_protocol::SecretBytes;
 use rki_tests::{
-    create_task, mqtt_connect, provision, sns, wait_task, GatewayOptions, GatewayProcess, RawDevice, TestResult,
+    create_task, for_group, mqtt_connect, provision, sns, stop_task, task_detail, wait_task, GatewayOptions,
+    GatewayProcess, RawDevice, TestResult,
 };
-use serde_json::json;
 
 use prometheus_support::{deploy_dir, prometheus_tools, run_ok, Prometheus};
 
@@ -88,12 +89,12 @@ fn a_real_prometheus_scrapes_a_push_and_sees_every_series_with_its_value() -> Te
         rt.block_on(device.send(RawDevice::hello(false)))?;
     }
     gw.wait_online(&devices.iter().take(5).map(|d| d.sn.clone()).collect::<Vec<_>>(), true)?;
-    let task = create_task(&api, &json!({"group": "shop", "expiry_days": 1}))?;
+    let task = create_task(&api, &TaskRequest { expiry_days: Some(1), ..for_group("shop") })?.task.id;
     for device in devices.iter_mut().take(5) {
         let d = rt.block_on(download(device))?;
         rt.block_on(device.send(RawDevice::ack(&d)))?;
     }
-    wait_task(&api, task, Duration::from_secs(10), |c| c["succeeded"] == 5)?;
+    wait_task(&api, task, Duration::from_secs(10), |c| c.succeeded == 5)?;
 
     // Hostile and mistaken input, each counted: a used GUDID, a CONNECT of a device that never
     // initialised, a bad API call.
@@ -166,7 +167,7 @@ fn a_real_prometheus_scrapes_a_push_and_sees_every_series_with_its_value() -> Te
         rt.block_on(devices[0].send_with(&forger, forged.clone()))?;
     }
     prometheus.expect("rki_rejected_messages_total{kind=\"ack\",reason=\"bad_mac\"}", 9.0)?;
-    assert_eq!(api.ok(&format!("/v1/tasks/{task}"))?["task"]["counts"]["succeeded"], 5, "a forged ack changed state");
+    assert_eq!(task_detail(&api, task)?.task.counts.succeeded, 5, "a forged ack changed state");
 
     // The alerts: rejections fire at once; the never-seen ones wait for their `for` (pending).
     prometheus.expect_alert("RkiAckRejectionsRising", &["firing"])?;
@@ -187,7 +188,7 @@ fn a_real_prometheus_scrapes_a_push_and_sees_every_series_with_its_value() -> Te
     assert!(evaluated >= 10, "only {evaluated} rules loaded");
 
     // Stopping the task moves it to done, and its executions leave the progress gauge.
-    api.ok_post(&format!("/v1/tasks/{task}/stop"), &json!({}))?;
+    stop_task(&api, task)?;
     for (promql, expected) in [
         (format!("rki_tasks{{{org},status=\"done\"}}"), 1.0),
         (format!("rki_tasks{{{org},status=\"unfinished\"}}"), 0.0),

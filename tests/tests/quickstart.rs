@@ -15,14 +15,16 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use rki_tests::{binary, free_port, temp_dir, TestResult};
+use rki_tests::{binary, free_port, temp_dir, wait, TestResult};
 
 /// Longest a single command of the transcript may run (`tasks watch` waits for the push).
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
 /// Longest a `run again until` command is repeated.
 const AGAIN_TIMEOUT: Duration = Duration::from_secs(60);
+/// The longest pause between two runs of a `run again until` command (each is a process).
+const AGAIN_PAUSE_MAX: Duration = Duration::from_secs(1);
 /// Hex values the document shows that do not change between runs (the test BDK's KCV and its
 /// components'): compared literally.
 const FIXED_HEX: &[&str] = &["08D7B4", "8CA64D"];
@@ -201,19 +203,24 @@ impl Session {
         self.wait_healthy()
     }
 
+    /// Until the gateway answers `/healthz`; its exit ends the wait at once.
     fn wait_healthy(&mut self) -> TestResult {
-        let started = Instant::now();
         let url = format!("http://127.0.0.1:{}/healthz", self.http_port);
-        while ureq::get(&url).call().is_err() {
-            if let Some(status) = self.gateway.as_mut().and_then(|g| g.try_wait().ok().flatten()) {
-                return Err(format!("the gateway exited with {status}: {}", self.log()).into());
+        let gateway = &mut self.gateway;
+        let exited = wait::poll("the gateway to answer /healthz", Duration::from_secs(30), || {
+            if ureq::get(&url).call().is_ok() {
+                return Ok(None);
             }
-            if started.elapsed() > Duration::from_secs(30) {
-                return Err(format!("the gateway is not healthy after 30 s: {}", self.log()).into());
+            match gateway.as_mut().and_then(|g| g.try_wait().ok().flatten()) {
+                Some(status) => Ok(Some(status)),
+                None => Err("no answer yet"),
             }
-            std::thread::sleep(Duration::from_millis(50));
+        })
+        .map_err(|e| format!("{e}: {}", self.log()))?;
+        match exited {
+            Some(status) => Err(format!("the gateway exited with {status}: {}", self.log()).into()),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     fn log(&self) -> String {
@@ -246,17 +253,18 @@ impl Session {
             .stdout(std::fs::File::create(&out_path)?)
             .stderr(std::fs::File::create(&err_path)?)
             .spawn()?;
-        let started = Instant::now();
-        let status = loop {
-            if let Some(status) = child.try_wait()? {
-                break status;
-            }
-            if started.elapsed() > COMMAND_TIMEOUT {
+        let finished = wait::poll(&format!("`{command}` to finish"), COMMAND_TIMEOUT, || match child.try_wait() {
+            Ok(Some(status)) => Ok(status),
+            Ok(None) => Err("still running".to_string()),
+            Err(e) => Err(e.to_string()),
+        });
+        let status = match finished {
+            Ok(status) => status,
+            Err(e) => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(format!("`{command}` still runs after {COMMAND_TIMEOUT:?}").into());
+                return Err(e);
             }
-            std::thread::sleep(Duration::from_millis(20));
         };
         let stdout = std::fs::read_to_string(&out_path)?;
         let stderr = std::fs::read_to_string(&err_path)?;
@@ -294,16 +302,16 @@ impl Session {
             self.spawn(&step.command)?;
             return Ok(String::new());
         }
-        let started = Instant::now();
-        loop {
-            let out = self.run(&step.command)?;
-            match &step.again_until {
-                Some(text) if !out.lines().any(|l| l.trim() == text) && started.elapsed() < AGAIN_TIMEOUT => {
-                    std::thread::sleep(Duration::from_secs(1));
-                }
-                _ => return Ok(out),
-            }
-        }
+        let Some(text) = &step.again_until else {
+            return self.run(&step.command);
+        };
+        // Run again until a line says `text`; a run that fails ends the wait at once.
+        let what = format!("`{}` to say {text:?}", step.command);
+        wait::poll_paced(&what, AGAIN_TIMEOUT, AGAIN_PAUSE_MAX, || match self.run(&step.command) {
+            Ok(out) if out.lines().any(|l| l.trim() == text) => Ok(Ok(out)),
+            Ok(out) => Err(out),
+            Err(failed) => Ok(Err(failed)),
+        })?
     }
 }
 

@@ -5,10 +5,12 @@ mod common;
 use std::time::Duration;
 
 use rki_device_sim::Knobs;
+use rki_gateway::api::types::{TaskList, TaskStopped};
 use rki_protocol::message::{Ack, Message};
 use rki_protocol::terminal::InjectionType;
 use rki_tests::{
-    create_task, provision, sns, wait, wait_task, wait_task_done, GatewayOptions, GatewayProcess, RawDevice, TestResult,
+    create_task, for_group, preview, provision, sns, stop_task, wait, wait_task, wait_task_done, GatewayOptions,
+    GatewayProcess, RawDevice, TestResult,
 };
 use serde_json::json;
 
@@ -28,15 +30,16 @@ fn stopping_a_task_mid_push_terminates_the_rest_as_manually_terminated() -> Test
     wait::until("the three terminals to be powered off and disconnected", Duration::from_secs(10), || {
         fleet.devices()[3..].iter().all(|d| !d.status().powered && !d.status().connected)
     })?;
-    let task = create_task(&api, &json!({"group": "stop"}))?;
-    wait_task(&api, task, Duration::from_secs(20), |c| c["succeeded"] == 3)?;
+    let task = create_task(&api, &for_group("stop"))?.task.id;
+    wait_task(&api, task, Duration::from_secs(20), |c| c.succeeded == 3)?;
     let (status, v) = api.post(&format!("/v1/tasks/{task}/stop"), &json!({}));
     assert_eq!(status, 200, "{v}");
-    assert_eq!(v["terminated"], 3);
-    assert_eq!(v["task"]["outcome"], "manually terminated");
-    assert_eq!(v["task"]["status"], "done");
-    let done = api.ok("/v1/tasks?status=done")?;
-    assert_eq!(done["tasks"][0]["outcome"], "manually terminated");
+    let stopped: TaskStopped = serde_json::from_value(v)?;
+    assert_eq!(stopped.terminated, 3);
+    assert_eq!(stopped.task.outcome, "manually terminated");
+    assert_eq!(stopped.task.status, "done");
+    let done: TaskList = api.ok_as("/v1/tasks?status=done")?;
+    assert_eq!(done.tasks.first().map(|t| t.outcome.as_str()), Some("manually terminated"), "{done:?}");
     let records = api.ok(&format!("/v1/records?task={task}"))?["records"].as_array().cloned().unwrap_or_default();
     assert_eq!(records.iter().filter(|r| r["result"] == "terminated").count(), 3);
     assert_eq!(records.iter().filter(|r| r["result"] == "succeeded").count(), 3);
@@ -52,7 +55,7 @@ fn stopping_a_task_mid_push_terminates_the_rest_as_manually_terminated() -> Test
         assert_eq!(device.status().injections, 0);
     }
     // Stopping again, or stopping another organization's task, changes nothing.
-    assert_eq!(api.ok_post(&format!("/v1/tasks/{task}/stop"), &json!({}))?["terminated"], 0);
+    assert_eq!(stop_task(&api, task)?.terminated, 0);
     assert_eq!(api.post("/v1/tasks/999999/stop", &json!({})).0, 404);
     rt.block_on(fleet.shutdown());
     Ok(())
@@ -69,16 +72,17 @@ fn unlock_then_a_new_task_injects_again() -> TestResult {
         Duration::from_secs(30),
     ))?;
     let device = &fleet.devices()[0];
-    let first = create_task(&api, &json!({"group": "u"}))?;
+    let first = create_task(&api, &for_group("u"))?.task.id;
     wait_task_done(&api, first, Duration::from_secs(20))?;
     rt.block_on(device.wait_for("locked", Duration::from_secs(5), |s| s.locked))?;
     let first_ksn = api.ok(&format!("/v1/records?task={first}"))?["records"][0]["key_id"].clone();
     // Locked: the preview says so and no task can be created.
-    let preview = api.ok_post("/v1/tasks/preview", &json!({"group": "u"}))?;
-    assert_eq!(preview["preview"]["not_ready"][0]["reasons"][0], "locked", "{preview}");
+    let preview = preview(&api, &for_group("u"))?;
+    let not_ready = preview.not_ready.first().ok_or_else(|| format!("every device ready: {preview:?}"))?;
+    assert_eq!(not_ready.reasons.first().map(String::as_str), Some("locked"), "{preview:?}");
     assert_eq!(
-        preview["preview"]["not_ready"][0]["meanings"][0],
-        "device is locked: a key is already injected; unlock it first"
+        not_ready.meanings.first().map(String::as_str),
+        Some("device is locked: a key is already injected; unlock it first")
     );
     let me = api.ok("/v1/whoami")?;
     assert_eq!((me["role"].as_str(), me["org"]["name"].as_str()), (Some("admin"), Some("acme")));
@@ -89,9 +93,9 @@ fn unlock_then_a_new_task_injects_again() -> TestResult {
     wait::until("the API to show the device ready", Duration::from_secs(5), || {
         api.ok(&format!("/v1/devices/{}", device.sn())).is_ok_and(|v| v["device"]["lock"] == "ready")
     })?;
-    let second = create_task(&api, &json!({"group": "u"}))?;
+    let second = create_task(&api, &for_group("u"))?.task.id;
     let done = wait_task_done(&api, second, Duration::from_secs(20))?;
-    assert_eq!(done["task"]["counts"]["succeeded"], 1);
+    assert_eq!(done.task.counts.succeeded, 1);
     let second_ksn = api.ok(&format!("/v1/records?task={second}"))?["records"][0]["key_id"].clone();
     assert_ne!(first_ksn, second_ksn, "a re-injection gets a new KSN");
     assert_eq!(device.status().injections, 2);
@@ -108,7 +112,7 @@ fn an_injection_over_a_locked_device_is_recorded_as_minus_11208_with_its_meaning
     let (sn, gudid) = provisioned.gudids[0].clone();
     // Initialised, never seen online: the gateway cannot know the terminal is locked.
     let mut device = rt.block_on(RawDevice::initialise(gw.mqtt_port, &sn, &gudid))?;
-    let task = create_task(&api, &json!({"group": "l"}))?;
+    let task = create_task(&api, &for_group("l"))?.task.id;
     rt.block_on(device.send(RawDevice::hello(true)))?;
     let Message::Download(d) = rt.block_on(device.next_down(Duration::from_secs(10)))? else {
         return Err("no download".into());
@@ -123,9 +127,10 @@ fn an_injection_over_a_locked_device_is_recorded_as_minus_11208_with_its_meaning
     };
     rt.block_on(device.send(Message::Ack(ack)))?;
     let done = wait_task_done(&api, task, Duration::from_secs(10))?;
-    assert_eq!(done["task"]["counts"]["failed"], 1);
-    assert_eq!(done["executions"][0]["result"], -11208);
-    assert_eq!(done["executions"][0]["result_meaning"], "device is locked: a key is already injected");
+    assert_eq!(done.task.counts.failed, 1);
+    let execution = done.executions.first().ok_or("no execution")?;
+    assert_eq!(execution.result, Some(-11208));
+    assert_eq!(execution.result_meaning.as_deref(), Some("device is locked: a key is already injected"));
     let record = &api.ok(&format!("/v1/records?task={task}"))?["records"][0];
     assert_eq!(record["result"], "failed");
     assert_eq!(record["error_code"], -11208);

@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use rki_tests::pg::PgServer;
-use rki_tests::{wait, GatewayOptions, GatewayProcess, TestResult};
+use rki_tests::{for_group, wait, GatewayOptions, GatewayProcess, TestResult};
 
 fn import(gw: &GatewayProcess, prefix: &str, n: usize) -> (u16, serde_json::Value) {
     let csv = std::iter::once("sn,model".to_string())
@@ -72,7 +72,7 @@ fn acks_during_a_postgresql_outage_are_counted_as_store_unavailable_and_recorded
         common::fleet_config(gw.mqtt_port, &provisioned, knobs)?,
         Duration::from_secs(60),
     ))?;
-    let task = rki_tests::create_task(&api, &serde_json::json!({"group": "fleet"}))?;
+    let task = rki_tests::create_task(&api, &for_group("fleet"))?.task.id;
     // Every download is out before the database goes down.
     gw.wait_metric("rki_deliveries_total", Duration::from_secs(20), |v| v >= 40.0)?;
     pg.stop()?;
@@ -84,7 +84,7 @@ fn acks_during_a_postgresql_outage_are_counted_as_store_unavailable_and_recorded
     pg.start_again()?;
     let done = rki_tests::wait_task_done(&api, task, Duration::from_secs(90))?;
     let unknown = gw.metric("rki_rejected_messages_total{kind=\"ack\",reason=\"unknown_execution\"}");
-    assert_eq!(done["task"]["counts"]["succeeded"], 40, "{done}");
+    assert_eq!(done.task.counts.succeeded, 40, "{:?}", done.task);
     assert_eq!(unknown, 0.0, "acks during the outage were taken for unknown executions");
     let records = api.ok(&format!("/v1/records?task={task}"))?["records"].as_array().cloned().unwrap_or_default();
     let mut sns: Vec<&str> = records.iter().filter_map(|r| r["sn"].as_str()).collect();

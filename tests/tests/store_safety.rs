@@ -7,11 +7,12 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rki_device_sim::Knobs;
 use rki_tests::{
-    create_task, provision, sns, temp_dir, wait_task, wait_task_done, GatewayOptions, GatewayProcess, TestResult,
+    create_task, for_group, provision, sns, task_detail, temp_dir, wait, wait_task, wait_task_done, GatewayOptions,
+    GatewayProcess, TestResult,
 };
 use serde_json::{json, Value};
 
@@ -84,11 +85,13 @@ fn another_process_opening_the_store_beside_the_gateway_leaves_its_wal_and_locks
     assert!(sidecar(&db, "-wal").exists(), "the other process's close deleted the gateway's WAL");
     // Read /proc/locks a few times, as the gateway's own guard does: a reader of the gateway may
     // be between two transactions at the instant of one reading.
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while posix_locks_of(pid, &db)? < 1 {
-        assert!(Instant::now() < deadline, "the gateway's locks are gone");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait::poll("the gateway's lock on the store in /proc/locks", Duration::from_secs(2), || {
+        match posix_locks_of(pid, &db) {
+            Ok(0) => Err("no lock in /proc/locks".to_string()),
+            Ok(_) => Ok(()),
+            Err(e) => Err(e.to_string()),
+        }
+    })?;
     let (status, v) = import(&gw, "LOCK", 500);
     assert_eq!(status, 200, "{v}");
     // No flush, no goodbye: every import must be in the WAL the gateway really writes.
@@ -143,14 +146,14 @@ fn a_backup_taken_during_a_push_of_2000_terminals_restores_to_a_consistent_store
         common::fleet_config(gw.mqtt_port, &provisioned, knobs)?,
         Duration::from_secs(120),
     ))?;
-    let task = create_task(&api, &json!({"group": "fleet"}))?;
+    let task = create_task(&api, &for_group("fleet"))?.task.id;
     // Back up once some acks are recorded and many are not.
-    wait_task(&api, task, Duration::from_secs(60), |c| c["succeeded"].as_i64().unwrap_or(0) >= 1)?;
+    wait_task(&api, task, Duration::from_secs(60), |c| c.succeeded >= 1)?;
     let copy = gw.dir.join("backup.sqlite");
     let out = gw.offline(&["backup", copy.to_str().ok_or("path")?])?;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let done = wait_task_done(&api, task, Duration::from_secs(120))?;
-    assert_eq!(done["task"]["counts"]["succeeded"], 2000, "{done}");
+    assert_eq!(done.task.counts.succeeded, 2000, "{:?}", done.task);
     drop(fleet);
 
     // The copy: sound, private, and a snapshot of the live store.
@@ -197,18 +200,14 @@ fn a_backup_taken_during_a_push_of_2000_terminals_restores_to_a_consistent_store
         .stderr(std::process::Stdio::null())
         .spawn()?;
     let api = rki_tests::Api::new(&format!("http://127.0.0.1:{http}"), &gw.org_token);
-    let started = Instant::now();
-    let restored_task = loop {
-        let (status, v) = api.get(&format!("/v1/tasks/{task}"));
-        if status == 200 {
-            break v;
-        }
-        assert!(started.elapsed() < Duration::from_secs(30), "the restored store did not serve: {status} {v}");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let restored_task =
+        wait::poll(&format!("the restored store to serve task {task}"), Duration::from_secs(30), || {
+            task_detail(&api, task).map_err(|e| e.to_string())
+        });
     let _ = child.kill();
     let _ = child.wait();
-    assert_eq!(restored_task["task"]["counts"]["succeeded"].as_u64(), Some(in_backup.len() as u64), "{restored_task}");
+    let restored_task = restored_task?;
+    assert_eq!(restored_task.task.counts.succeeded, in_backup.len() as i64, "{:?}", restored_task.task);
     Ok(())
 }
 
@@ -364,18 +363,19 @@ fn a_new_store_beside_an_existing_master_key_starts_with_init() -> TestResult {
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()?;
-    let started = Instant::now();
-    let healthy = loop {
+    // Until it answers /healthz; an exit ends the wait at once.
+    let started = wait::poll("the gateway to answer /healthz on a new store", Duration::from_secs(30), || {
         if ureq::get(&format!("http://127.0.0.1:{http}/healthz")).call().is_ok() {
-            break true;
+            return Ok(Ok(()));
         }
-        if child.try_wait()?.is_some() || started.elapsed() > Duration::from_secs(30) {
-            break false;
+        match child.try_wait() {
+            Ok(Some(status)) => Ok(Err(format!("it exited with {status}"))),
+            Ok(None) => Err("no answer yet".to_string()),
+            Err(e) => Ok(Err(e.to_string())),
         }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    });
     let _ = child.kill();
     let _ = child.wait();
-    assert!(healthy, "--init did not start a new store");
+    assert!(matches!(started, Ok(Ok(()))), "--init did not start a new store: {started:?}");
     Ok(())
 }

@@ -15,10 +15,9 @@ use std::time::{Duration, Instant};
 use rki_device_sim::{BrokerAddr, Brokers, Fleet, Knobs};
 use rki_protocol::message::Message;
 use rki_tests::{
-    create_task, expected_kcv, provision, sns, wait_task, wait_task_done, Cluster, ClusterOptions, RawDevice,
-    TestResult,
+    create_task, expected_kcv, for_group, for_sns, provision, sns, wait_task, wait_task_done, Cluster, ClusterOptions,
+    RawDevice, TestResult,
 };
-use serde_json::json;
 
 const DEVICES: usize = 2_000;
 const SUCCEEDED: &str = "rki_acks_total{result=\"succeeded\"}";
@@ -121,11 +120,11 @@ fn three_nodes_inject_every_terminal_exactly_once_and_each_counts_its_own() -> T
     let (cluster, provisioned, fleet) =
         cluster_with_fleet(&rt, "TRIA", "retry_initial_seconds = 60", Knobs::default())?;
     let connected = started.elapsed();
-    let task = create_task(&cluster.api(0), &json!({"group": "fleet"}))?;
+    let task = create_task(&cluster.api(0), &for_group("fleet"))?.task.id;
     let push = Instant::now();
     let done = wait_task_done(&cluster.api(0), task, Duration::from_secs(120))?;
     let push = push.elapsed();
-    assert_eq!(done["task"]["counts"]["succeeded"], DEVICES, "{}", done["task"]["counts"]);
+    assert_eq!(done.task.counts.succeeded, DEVICES as i64, "{:?}", done.task.counts);
     check_exactly_once(&cluster, task, &provisioned, &fleet)?;
 
     // Metrics are per node: each counts the acks it recorded (once its batch is durable), and
@@ -162,13 +161,10 @@ fn a_node_killed_mid_push_loses_nothing_and_the_others_finish() -> TestResult {
         Ok::<(), rki_device_sim::DeviceError>(())
     })?;
     let api = cluster.api(0);
-    let task = create_task(&api, &json!({"group": "fleet"}))?;
+    let task = create_task(&api, &for_group("fleet"))?.task.id;
     // Terminals ack after their delay; kill node 3 once some, not all, are recorded.
-    let at_kill = wait_task(&api, task, Duration::from_secs(60), |c| {
-        c["succeeded"].as_i64().unwrap_or(0) >= (DEVICES / 10) as i64
-    })?["task"]["counts"]["succeeded"]
-        .as_i64()
-        .unwrap_or(0);
+    let at_kill =
+        wait_task(&api, task, Duration::from_secs(60), |c| c.succeeded >= (DEVICES / 10) as i64)?.task.counts.succeeded;
     let node3_at_kill = cluster.nodes[2].metric(SUCCEEDED);
     cluster.nodes[2].kill()?;
     eprintln!("node 3 SIGKILLed with {at_kill} records in the store, {node3_at_kill} of them by node 3");
@@ -177,7 +173,7 @@ fn a_node_killed_mid_push_loses_nothing_and_the_others_finish() -> TestResult {
         Ok(done) => done,
         Err(e) => return Err(format!("{e}\n{}", diagnose(&cluster, task, &fleet)?).into()),
     };
-    assert_eq!(done["task"]["counts"]["succeeded"], DEVICES, "{}", done["task"]["counts"]);
+    assert_eq!(done.task.counts.succeeded, DEVICES as i64, "{:?}", done.task.counts);
     check_exactly_once(&cluster, task, &provisioned, &fleet)?;
     // The two survivors recorded the rest (node 3's count died with it).
     let survivors = cluster.metric_sum(SUCCEEDED);
@@ -211,7 +207,7 @@ fn a_retry_timer_fires_once_across_the_cluster() -> TestResult {
     for node in &cluster.nodes {
         node.wait_online(&[&sn], true)?;
     }
-    create_task(&cluster.api(0), &json!({"sns": [sn.clone()]}))?;
+    create_task(&cluster.api(0), &for_sns(&[&sn]))?;
     // The terminal never acks. Downloads of its one execution, as they arrive for 8 s.
     let mut arrivals = Vec::new();
     let started = Instant::now();

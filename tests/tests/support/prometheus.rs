@@ -5,9 +5,9 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use rki_tests::{free_port, temp_dir, TestResult};
+use rki_tests::{free_port, temp_dir, wait, TestResult};
 use serde_json::Value;
 
 /// How long a value may take to reach Prometheus: the sampler's 5 s, a 1 s scrape, and slack for
@@ -103,19 +103,22 @@ impl Prometheus {
         Ok(prometheus)
     }
 
+    /// Until Prometheus answers `/-/ready`; its exit ends the wait at once.
     pub fn wait_ready(&mut self) -> TestResult {
-        let started = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                return Err(format!("prometheus exited with {status}: {}", self.log()).into());
+        let (child, agent) = (&mut self.child, &self.agent);
+        let url = format!("{}/-/ready", self.url);
+        let exited = wait::poll("prometheus to be ready", Duration::from_secs(30), || {
+            match child.try_wait() {
+                Ok(Some(status)) => return Ok(Some(status.to_string())),
+                Ok(None) => {}
+                Err(e) => return Ok(Some(e.to_string())),
             }
-            if self.agent.get(&format!("{}/-/ready", self.url)).call().is_ok() {
-                return Ok(());
-            }
-            if started.elapsed() > Duration::from_secs(30) {
-                return Err(format!("prometheus not ready after 30 s: {}", self.log()).into());
-            }
-            std::thread::sleep(Duration::from_millis(100));
+            agent.get(&url).call().map(|_| None).map_err(|e| e.to_string())
+        })
+        .map_err(|e| format!("{e}; log: {}", self.log()))?;
+        match exited {
+            Some(status) => Err(format!("prometheus exited with {status}: {}", self.log()).into()),
+            None => Ok(()),
         }
     }
 
@@ -161,17 +164,10 @@ impl Prometheus {
 
     /// Polls until the query yields `expected`, or fails naming what it saw last.
     pub fn expect(&self, promql: &str, expected: f64) -> TestResult {
-        let started = Instant::now();
-        loop {
+        self.poll(&format!("{promql} to be {expected} in Prometheus"), || {
             let seen = self.value(promql)?;
-            if seen == Some(expected) {
-                return Ok(());
-            }
-            if started.elapsed() > CONVERGE {
-                return Err(format!("{promql}: expected {expected}, Prometheus has {seen:?}").into());
-            }
-            std::thread::sleep(Duration::from_millis(250));
-        }
+            Ok(if seen == Some(expected) { Ok(()) } else { Err(format!("{seen:?}")) })
+        })
     }
 
     /// The state (`pending`, `firing`) of an alert, if it is active.
@@ -186,17 +182,20 @@ impl Prometheus {
     }
 
     pub fn expect_alert(&self, name: &str, states: &[&str]) -> TestResult {
-        let started = Instant::now();
-        loop {
+        self.poll(&format!("alert {name} to be one of {states:?}"), || {
             let state = self.alert_state(name)?;
-            if state.as_deref().is_some_and(|s| states.contains(&s)) {
-                return Ok(());
-            }
-            if started.elapsed() > CONVERGE {
-                return Err(format!("alert {name}: expected one of {states:?}, it is {state:?}").into());
-            }
-            std::thread::sleep(Duration::from_millis(250));
-        }
+            Ok(if state.as_deref().is_some_and(|s| states.contains(&s)) { Ok(()) } else { Err(format!("{state:?}")) })
+        })
+    }
+
+    /// Polls `look` for up to [`CONVERGE`] while it answers `Ok(Err(what it saw))`; an error of
+    /// Prometheus itself (`Err`: a refused query, no answer) ends the wait at once.
+    fn poll(&self, what: &str, mut look: impl FnMut() -> TestResult<Result<(), String>>) -> TestResult {
+        wait::poll(what, CONVERGE, || match look() {
+            Ok(Ok(())) => Ok(Ok(())),
+            Ok(Err(seen)) => Err(seen),
+            Err(e) => Ok(Err(e)),
+        })?
     }
 }
 
