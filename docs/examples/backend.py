@@ -230,6 +230,10 @@ class Backend:
         return ("dropped", {})
 
 
+# Seconds without an answer before a request is sent again.
+RESEND_AFTER_S = 3.0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--host", default="127.0.0.1")
@@ -257,21 +261,35 @@ def main() -> int:
 
     processed = args.after
     events_asked = None  # the request id of the outstanding Events request
+    events_sent = 0.0  # when it was last sent
     next_request_id = args.request_id + 1
 
     def ask_events():
-        nonlocal events_asked, next_request_id
+        nonlocal events_asked, events_sent, next_request_id
         events_asked = next_request_id
         next_request_id += 1
         b.send(events_asked, events_request(processed))
+        events_sent = time.monotonic()
 
     ask_events()
     order = task_order(devices, args.group, args.key_source, args.slot, args.expiry_days)
     b.send(args.request_id, create_task(order))
+    created_sent = time.monotonic()
     task_id, done = None, None
     since_ack, last_ack = 0, time.monotonic()
     deadline = time.monotonic() + args.timeout
     while time.monotonic() < deadline and done is None:
+        # A request without an answer is sent again, with the same request id and a new counter
+        # (PROTOCOL.md section 12.5): it may have been lost, or dropped as a replay when two
+        # gateway nodes handled two of our requests out of order. A repeated CreateTask creates
+        # nothing new; it gets the first answer.
+        now = time.monotonic()
+        if task_id is None and now - created_sent >= RESEND_AFTER_S:
+            b.send(args.request_id, create_task(order))
+            created_sent = now
+        if events_asked is not None and now - events_sent >= RESEND_AFTER_S:
+            b.send(events_asked, events_request(processed))
+            events_sent = now
         got = b.receive(timeout=0.5)
         if got is not None:
             kind, m = got
