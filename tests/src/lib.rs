@@ -372,16 +372,7 @@ impl GatewayProcess {
     /// Waits for the process to exit on its own (a crash point), at most `timeout`.
     pub fn wait_exit(&mut self, timeout: Duration) -> TestResult<std::process::ExitStatus> {
         let mut child = self.child.take().ok_or("not running")?;
-        let exited = wait::poll("the gateway to exit on its own", timeout, || match child.try_wait() {
-            Ok(Some(status)) => Ok(status),
-            Ok(None) => Err("still running".into()),
-            Err(e) => Err(e.to_string()),
-        });
-        if exited.is_err() {
-            child.kill()?;
-            child.wait()?;
-        }
-        exited
+        wait::child_exit("the gateway to exit on its own", timeout, &mut child)
     }
 
     /// Starts the process again on the same data directory and ports.

@@ -36,6 +36,25 @@ pub fn poll<T, E: std::fmt::Display>(
     poll_paced(what, timeout, MAX_INTERVAL, probe)
 }
 
+/// Waits up to `timeout` for `child` to exit and returns its status. Past it, the child is killed
+/// (and reaped), and the error names `what`.
+pub fn child_exit(
+    what: &str,
+    timeout: Duration,
+    child: &mut std::process::Child,
+) -> TestResult<std::process::ExitStatus> {
+    let exited = poll(what, timeout, || match child.try_wait() {
+        Ok(Some(status)) => Ok(status),
+        Ok(None) => Err("still running".to_string()),
+        Err(e) => Err(e.to_string()),
+    });
+    if exited.is_err() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    exited
+}
+
 /// [`poll`] whose pauses double up to `pause_max` rather than [`MAX_INTERVAL`]: for a probe that
 /// costs (every panel of a dashboard queried, a command run again), polled about that often once
 /// the first quick looks are over. Bounded by `timeout` and [`ATTEMPTS_MAX`] all the same.

@@ -146,19 +146,7 @@ fn a_fleet_manager_pushes_keys_through_the_portal_in_headless_chromium() -> Test
         .env("SCREENSHOT_DIR", &screenshots)
         .stdin(Stdio::null())
         .spawn()?;
-    let finished = wait::poll("the browser test to finish", BROWSER_RUN_MAX, || match child.try_wait() {
-        Ok(Some(status)) => Ok(status),
-        Ok(None) => Err("still running".to_string()),
-        Err(e) => Err(e.to_string()),
-    });
-    let status = match finished {
-        Ok(status) => status,
-        Err(e) => {
-            child.kill()?;
-            child.wait()?;
-            return Err(e);
-        }
-    };
+    let status = wait::child_exit("the browser test to finish", BROWSER_RUN_MAX, &mut child)?;
     if !status.success() {
         return Err(format!(
             "the browser test failed ({status}); its steps are above, the failure screenshot in {}; gateway log:\n{}",

@@ -253,19 +253,7 @@ impl Session {
             .stdout(std::fs::File::create(&out_path)?)
             .stderr(std::fs::File::create(&err_path)?)
             .spawn()?;
-        let finished = wait::poll(&format!("`{command}` to finish"), COMMAND_TIMEOUT, || match child.try_wait() {
-            Ok(Some(status)) => Ok(status),
-            Ok(None) => Err("still running".to_string()),
-            Err(e) => Err(e.to_string()),
-        });
-        let status = match finished {
-            Ok(status) => status,
-            Err(e) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(e);
-            }
-        };
+        let status = wait::child_exit(&format!("`{command}` to finish"), COMMAND_TIMEOUT, &mut child)?;
         let stdout = std::fs::read_to_string(&out_path)?;
         let stderr = std::fs::read_to_string(&err_path)?;
         self.transcript.push_str(&format!("$ {command}\n{stdout}"));
