@@ -43,6 +43,7 @@ use serde_json::{json, Value};
 pub mod cluster;
 pub mod mqtt;
 pub mod pg;
+pub mod pki;
 pub mod wait;
 
 pub use cluster::{BrokerAuth, Cluster, ClusterOptions};

@@ -10,8 +10,8 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
 use rki_tests::mqtt::{device_online, mosquitto_client, run_bounded, tls_client_config, wait_for, Raw, Terminal};
+use rki_tests::pki::{self, stranger_ca};
 use rki_tests::{create_task, for_sns, free_port, provision, sns, temp_dir, wait_task, GatewayOptions, GatewayProcess};
 use rki_tests::{RawDevice, TestResult};
 use rumqttc::mqttbytes::{v4, QoS};
@@ -22,29 +22,11 @@ const CONNECT_TIMEOUT_MS: u64 = 4000;
 /// A CA, and a server certificate for `localhost` and 127.0.0.1 signed by it, written to `dir`.
 /// Returns the CA's PEM and the paths of the server's certificate and key.
 fn certificates(dir: &Path) -> TestResult<(String, PathBuf, PathBuf)> {
-    let ca_key = KeyPair::generate()?;
-    let mut ca = CertificateParams::new(Vec::<String>::new())?;
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name.push(DnType::CommonName, "rki-tests CA");
-    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let ca_cert = ca.self_signed(&ca_key)?;
-    let server_key = KeyPair::generate()?;
-    let mut server = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])?;
-    server.distinguished_name.push(DnType::CommonName, "localhost");
-    let server_cert = server.signed_by(&server_key, &ca_cert, &ca_key)?;
+    let pki = pki::server("rki-tests CA", &["localhost", "127.0.0.1"])?;
     let (cert, key) = (dir.join("server.pem"), dir.join("server.key"));
-    std::fs::write(&cert, server_cert.pem())?;
-    std::fs::write(&key, server_key.serialize_pem())?;
-    Ok((ca_cert.pem(), cert, key))
-}
-
-/// Another CA, which signed nothing the gateway holds.
-fn stranger_ca() -> TestResult<String> {
-    let key = KeyPair::generate()?;
-    let mut ca = CertificateParams::new(Vec::<String>::new())?;
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name.push(DnType::CommonName, "another CA");
-    Ok(ca.self_signed(&key)?.pem())
+    std::fs::write(&cert, pki.cert_pem)?;
+    std::fs::write(&key, pki.key_pem)?;
+    Ok((pki.ca_pem, cert, key))
 }
 
 fn text(out: &std::process::Output) -> String {

@@ -8,31 +8,14 @@ mod common;
 
 use std::path::Path;
 
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
 use rki_tests::pg::PgServer;
+use rki_tests::pki::{self, stranger_ca};
 use rki_tests::{temp_dir, GatewayOptions, GatewayProcess, TestResult};
 
 /// A CA and a server certificate for 127.0.0.1 (no DNS name) signed by it: (CA PEM, chain, key).
 fn certificates() -> TestResult<(String, String, String)> {
-    let ca_key = KeyPair::generate()?;
-    let mut ca = CertificateParams::new(Vec::<String>::new())?;
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name.push(DnType::CommonName, "rki-tests database CA");
-    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let ca_cert = ca.self_signed(&ca_key)?;
-    let server_key = KeyPair::generate()?;
-    let mut server = CertificateParams::new(vec!["127.0.0.1".to_string()])?;
-    server.distinguished_name.push(DnType::CommonName, "127.0.0.1");
-    let server_cert = server.signed_by(&server_key, &ca_cert, &ca_key)?;
-    Ok((ca_cert.pem(), server_cert.pem(), server_key.serialize_pem()))
-}
-
-fn stranger_ca() -> TestResult<String> {
-    let key = KeyPair::generate()?;
-    let mut ca = CertificateParams::new(Vec::<String>::new())?;
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name.push(DnType::CommonName, "another CA");
-    Ok(ca.self_signed(&key)?.pem())
+    let pki = pki::server("rki-tests database CA", &["127.0.0.1"])?;
+    Ok((pki.ca_pem, pki.cert_pem, pki.key_pem))
 }
 
 fn gateway(store: &str) -> TestResult<GatewayProcess> {
