@@ -163,17 +163,13 @@ pub async fn run(
     // initialisation never stops the accept loop (which would leave every other terminal's
     // CONNECT, cheap to answer, in the listen backlog).
     let admitted = match reserve(&shared, &connect) {
-        Ok(identity) => {
+        Ok((identity, place)) => {
             drop(pending);
-            let admitted = Box::pin(admit(&shared, &connect, identity)).await;
-            if admitted.is_err() {
-                shared.open.fetch_sub(1, Ordering::Relaxed);
-            }
-            admitted
+            Box::pin(admit(&shared, &connect, identity)).await.map(|(identity, slot)| (identity, slot, place))
         }
         Err(refusal) => Err(refusal),
     };
-    let (identity, _bootstrap_slot) = match admitted {
+    let (identity, _bootstrap_slot, _open_place) = match admitted {
         Ok(admitted) => admitted,
         Err(refusal) => {
             metrics::counter!(m::MQTT_CONNECT_REFUSED_TOTAL, "reason" => refusal.reason()).increment(1);
@@ -190,15 +186,23 @@ pub async fn run(
     metrics::gauge!(m::MQTT_CONNECTIONS).set(shared.open.load(Ordering::Relaxed) as f64);
     let session = Box::pin(Session::new(&shared, transport, buf, connect, identity, conn)).await;
     let reason = session.serve().await;
-    let open = shared.open.fetch_sub(1, Ordering::Relaxed) - 1;
-    metrics::gauge!(m::MQTT_CONNECTIONS).set(open as f64);
     closed(reason);
 }
 
+/// A place among the open connections ([`Shared::open`]), given back when dropped: at a refusal
+/// after [`reserve`], or when the connection ends.
+struct OpenPlace<'a>(&'a Shared);
+
+impl Drop for OpenPlace<'_> {
+    fn drop(&mut self) {
+        let open = self.0.open.fetch_sub(1, Ordering::Relaxed) - 1;
+        metrics::gauge!(m::MQTT_CONNECTIONS).set(open as f64);
+    }
+}
+
 /// The checks of a CONNECT that need nothing but the packet, then a place among the open
-/// connections (given back by the caller if the CONNECT is refused later): the identity it
-/// claims, or why not.
-fn reserve(shared: &Shared, connect: &Connect) -> Result<Identity, ConnectRefusal> {
+/// connections: the identity it claims and that place, or why not.
+fn reserve<'a>(shared: &'a Shared, connect: &Connect) -> Result<(Identity, OpenPlace<'a>), ConnectRefusal> {
     let identity =
         rules::claimed_identity(&connect.client_id, connect.username.as_deref(), connect.password.is_some())?;
     if let Some(will) = &connect.will {
@@ -207,11 +211,11 @@ fn reserve(shared: &Shared, connect: &Connect) -> Result<Identity, ConnectRefusa
         }
     }
     let before = shared.open.fetch_add(1, Ordering::Relaxed);
+    let place = OpenPlace(shared);
     if !rules::admits(before, shared.authenticated_max) {
-        shared.open.fetch_sub(1, Ordering::Relaxed);
         return Err(ConnectRefusal::OverConnectionBound);
     }
-    Ok(identity)
+    Ok((identity, place))
 }
 
 /// The CONNECT's verdict: the identity it proved (with, for a bootstrap identity, its place among
