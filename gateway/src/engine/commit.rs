@@ -43,7 +43,10 @@ pub(super) enum Work {
 pub(super) struct Pending {
     pub(super) work: Work,
     pub(super) ack: Option<AckDone>,
-    pub(super) reply: Option<oneshot::Sender<Result<BatchOutcome, StoreError>>>,
+    /// The batch's outcome, shared by every write that waits for it: a batch of 500
+    /// initialisations answered each with its own copy of the 500 new credentials (quadratic in
+    /// the batch, in allocations as in CPU).
+    pub(super) reply: Option<oneshot::Sender<Result<Arc<BatchOutcome>, StoreError>>>,
 }
 
 /// Gathers queued writes into batches: one transaction, one fsync per batch.
@@ -72,7 +75,7 @@ pub(super) async fn committer(engine: Arc<Engine>, mut rx: mpsc::Receiver<Pendin
             writes.iter().filter_map(|w| if let Write::End(e) = w { Some(e.execution_id) } else { None }).collect();
         let result = tokio::task::spawn_blocking(move || store.apply_batch(&writes)).await;
         let result = match result {
-            Ok(Ok(outcome)) => Ok(outcome),
+            Ok(Ok(outcome)) => Ok(Arc::new(outcome)),
             Ok(Err(e)) => Err(e),
             Err(e) => Err(StoreError::Backend(e.to_string())),
         };
@@ -205,7 +208,7 @@ impl Engine {
 
     /// Queues writes and waits until they are durable; returns the outcome of the batch that
     /// carried the last one.
-    pub(super) async fn write_durably(&self, writes: Vec<Write>) -> EngineResult<BatchOutcome> {
+    pub(super) async fn write_durably(&self, writes: Vec<Write>) -> EngineResult<Arc<BatchOutcome>> {
         self.commit_durably(writes.into_iter().map(Work::Write).collect()).await
     }
 
@@ -214,7 +217,7 @@ impl Engine {
         self.commit_durably(vec![Work::Barrier]).await.map(|_| ())
     }
 
-    async fn commit_durably(&self, work: Vec<Work>) -> EngineResult<BatchOutcome> {
+    async fn commit_durably(&self, work: Vec<Work>) -> EngineResult<Arc<BatchOutcome>> {
         let mut last = None;
         let n = work.len();
         for (i, work) in work.into_iter().enumerate() {
@@ -234,7 +237,7 @@ impl Engine {
             Some(rx) => {
                 rx.await.map_err(|_| EngineError::Internal("committer stopped".into()))?.map_err(EngineError::from)
             }
-            None => Ok(BatchOutcome::default()),
+            None => Ok(Arc::default()),
         }
     }
 

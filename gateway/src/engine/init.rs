@@ -131,9 +131,9 @@ impl Engine {
             .map_err(|_| RefusalCode::Malformed)?;
         let stored = outcome
             .initialised
-            .into_iter()
+            .iter()
             .find(|(row, _)| *row == row_id)
-            .and_then(|(_, creds)| creds)
+            .and_then(|(_, creds)| creds.clone())
             .ok_or(RefusalCode::GudidUsed)?;
         // The old signing key is invalid from here on.
         let hot = Arc::new(Mutex::new(DeviceHot::from_credentials(&stored)));
