@@ -108,9 +108,13 @@ impl Engine {
 
     /// Re-wraps executions whose key block was made for an older initialisation of the device.
     pub(super) async fn rewrap(&self, sn: &str, hot: &Arc<Mutex<DeviceHot>>, stale: Vec<OpenExecution>) {
-        let (generation, kbpk_aes, kbpk_tdes) = {
-            let h = lock(hot);
-            (h.generation, h.sealed_kbpk_aes.clone(), h.sealed_kbpk_tdes.clone())
+        let generation = lock(hot).generation;
+        let owned = sn.to_string();
+        let (kbpk_aes, kbpk_tdes) = match self.blocking(move |s| s.credentials(&owned)).await {
+            Ok(Some(creds)) if creds.generation == generation => (creds.kbpk_aes, creds.kbpk_tdes),
+            // Re-initialised meanwhile: the next hello re-wraps for the newer credentials.
+            Ok(_) => return warn!(sn, generation, "re-wrap: the device's credentials changed; not re-wrapped"),
+            Err(err) => return error!(sn, error = %err, "re-wrap: the device's credentials are unreadable"),
         };
         for e in stale {
             let (org, ks) = (e.org_id, e.key_source_id);

@@ -30,9 +30,10 @@ pub(super) struct DeviceHot {
     pub(super) sealed_signing_key: String,
     /// Unsealed on first use.
     pub(super) signing_key: Option<MacKey>,
+    /// The initialisation these credentials come from. The device's sealed key-block protection
+    /// keys are not kept here: they are needed only to re-wrap a download made for an older
+    /// initialisation, which reads them from the store (about 350 bytes per idle terminal).
     pub(super) generation: i64,
-    pub(super) sealed_kbpk_aes: String,
-    pub(super) sealed_kbpk_tdes: String,
     pub(super) last_counter: u64,
     /// The counter of the latest accepted hello: a bye below it is older than the device's
     /// presence (a will published late) and is ignored.
@@ -61,8 +62,6 @@ impl DeviceHot {
             sealed_signing_key: c.signing_key.clone(),
             signing_key: None,
             generation: c.generation,
-            sealed_kbpk_aes: c.kbpk_aes.clone(),
-            sealed_kbpk_tdes: c.kbpk_tdes.clone(),
             last_counter: c.last_counter,
             hello_counter: 0,
             online: false,
@@ -274,8 +273,6 @@ impl Engine {
         h.sealed_signing_key = creds.signing_key;
         h.signing_key = None;
         h.generation = creds.generation;
-        h.sealed_kbpk_aes = creds.kbpk_aes;
-        h.sealed_kbpk_tdes = creds.kbpk_tdes;
         h.last_counter = h.last_counter.max(creds.last_counter);
         h.unlock_pending = creds.unlock_pending;
         h.proof_due = true;
