@@ -112,14 +112,49 @@ fn refused_by_rule(reason: &'static str) {
 /// One connection, from the accept to its end.
 /// `pending`: the socket's place among those awaiting their CONNACK, given back once it has one
 /// (or closes).
-pub async fn run(
+///
+/// The task's future is as large as its largest state, kept for the connection's life, so only
+/// the idle state is unboxed: everything up to the CONNACK (a TLS handshake's state above all,
+/// the CONNECT and the transport waiting on the CONNECT's checks), the handling of a packet and
+/// the close are boxed and freed when done. The arguments are boxed too: an async fn keeps its
+/// arguments in its future for its whole life, beside what it moves them into.
+pub fn run(
     shared: Arc<Shared>,
     stream: TcpStream,
     peer: SocketAddr,
     tls: Option<TlsAcceptor>,
     conn: u64,
     pending: OwnedSemaphorePermit,
-) {
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let opening = Box::new(Opening { stream, peer, tls, conn, pending });
+    async move {
+        let Some((mut session, _open_place, _bootstrap_slot)) = Box::pin(accept(&shared, opening)).await else {
+            return;
+        };
+        let reason = session.serve_packets().await;
+        closed(Box::pin(session.close(reason)).await);
+    }
+}
+
+/// A connection's socket before its CONNECT, with what came with it from the accept loop.
+struct Opening {
+    stream: TcpStream,
+    peer: SocketAddr,
+    tls: Option<TlsAcceptor>,
+    conn: u64,
+    /// See [`run`].
+    pending: OwnedSemaphorePermit,
+}
+
+/// The TLS handshake (if any) and the CONNECT under one deadline, its checks, and the CONNACK:
+/// the accepted session, with its place among the open connections (and, for a bootstrap
+/// identity, among the initialisations), both held until the connection ends; `None` once
+/// refused or closed (counted).
+async fn accept<'a>(
+    shared: &'a Shared,
+    opening: Box<Opening>,
+) -> Option<(Session<'a>, OpenPlace<'a>, Option<BootstrapSlot<'a>>)> {
+    let Opening { stream, peer, tls, conn, pending } = *opening;
     let deadline = tokio::time::Instant::now() + shared.settings.connect_timeout;
     let opened = async {
         let mut transport = match tls {
@@ -149,27 +184,30 @@ pub async fn run(
             }
         }
     };
-    // The opening (a TLS handshake's state above all) and the CONNECT's checks are boxed: a
-    // task's future is as large as its largest state, and every idle connection would otherwise
-    // carry their space for its whole life.
-    let (mut transport, buf, connect) = match tokio::time::timeout_at(deadline, Box::pin(opened)).await {
+    let (mut transport, buf, connect) = match tokio::time::timeout_at(deadline, opened).await {
         Ok(Ok(opened)) => opened,
-        Ok(Err(reason)) => return closed(reason),
-        Err(_) => return closed("connect_timeout"),
+        Ok(Err(reason)) => {
+            closed(reason);
+            return None;
+        }
+        Err(_) => {
+            closed("connect_timeout");
+            return None;
+        }
     };
     let version = connect.version;
     // Counted among the open connections from its CONNECT on: the socket gives back its place
     // among those awaiting a CONNECT at once, so that a bootstrap CONNECT waiting in line for an
     // initialisation never stops the accept loop (which would leave every other terminal's
     // CONNECT, cheap to answer, in the listen backlog).
-    let admitted = match reserve(&shared, &connect) {
+    let admitted = match reserve(shared, &connect) {
         Ok((identity, place)) => {
             drop(pending);
-            Box::pin(admit(&shared, &connect, identity)).await.map(|(identity, slot)| (identity, slot, place))
+            admit(shared, &connect, identity).await.map(|(identity, slot)| (identity, slot, place))
         }
         Err(refusal) => Err(refusal),
     };
-    let (identity, _bootstrap_slot, _open_place) = match admitted {
+    let (identity, bootstrap_slot, open_place) = match admitted {
         Ok(admitted) => admitted,
         Err(refusal) => {
             metrics::counter!(m::MQTT_CONNECT_REFUSED_TOTAL, "reason" => refusal.reason()).increment(1);
@@ -180,13 +218,12 @@ pub async fn run(
             Writer { version, out: &mut out }.connack_refused(refusal.v4_code(), refusal.v5_code());
             let _ = tokio::time::timeout_at(deadline, transport.write_all(&out)).await;
             transport.shutdown().await;
-            return;
+            return None;
         }
     };
     metrics::gauge!(m::MQTT_CONNECTIONS).set(shared.open.load(Ordering::Relaxed) as f64);
-    let session = Box::pin(Session::new(&shared, transport, buf, connect, identity, conn)).await;
-    let reason = session.serve().await;
-    closed(reason);
+    let session = Session::new(shared, transport, buf, connect, identity, conn).await;
+    Some((session, open_place, bootstrap_slot))
 }
 
 /// A place among the open connections ([`Shared::open`]), given back when dropped: at a refusal
@@ -331,11 +368,12 @@ impl<'a> Session<'a> {
         Writer { version: self.version, out: &mut self.out }
     }
 
-    /// Runs until the connection ends; returns why, for `rki_mqtt_connections_closed_total`.
-    async fn serve(mut self) -> &'static str {
-        let reason = self.serve_packets().await;
+    /// Ends the connection after [`Session::serve_packets`]; returns why, for
+    /// `rki_mqtt_connections_closed_total`: `Ok(reason)`, the client left or the socket dropped; `Err(close)`,
+    /// the server closes it, saying why where the version can.
+    async fn close(mut self, reason: Result<&'static str, Close>) -> &'static str {
         let close = match reason {
-            Ok(reason) => return Box::pin(self.end(reason)).await,
+            Ok(reason) => return self.end(reason).await,
             Err(close) => close,
         };
         // What was answered before the close goes out first: above all the CONNACK of a
@@ -344,10 +382,9 @@ impl<'a> Session<'a> {
         self.writer().disconnect(close);
         if !self.out.is_empty() {
             let out = std::mem::take(&mut self.out);
-            let _ =
-                Box::pin(tokio::time::timeout(std::time::Duration::from_secs(1), self.transport.write_all(&out))).await;
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), self.transport.write_all(&out)).await;
         }
-        Box::pin(self.end(close.reason())).await
+        self.end(close.reason()).await
     }
 
     /// Detaches from the session; the device is offline at once unless a newer connection took
