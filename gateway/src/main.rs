@@ -22,7 +22,15 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// process allocates, so an idle gateway kept a burst's pages for good (4 to 7 KB per connected
 /// terminal, measured with jemalloc's statistics at 5,000). A background thread now gives back
 /// pages unused for a second.
-const MALLOC_CONF: [u8; 60] = *b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0\0";
+///
+/// Each thread's cache keeps what the thread freed last, and a thread that goes idle keeps it:
+/// after a connect storm the threads' caches held 36 MB (`tcache_bytes`, 5,000 terminals, while
+/// the committer still copied each batch's outcome for every write). Only objects of 4 KiB and
+/// under are now cached per thread (32 KiB by default), and half as many of each size
+/// (`lg_tcache_nslots_mul:-1`): 19,000 idle terminals, 3,106 and 2,951 bytes each against 3,403
+/// to 4,149 with the defaults, the gateway's CPU for the run unchanged.
+const MALLOC_CONF: [u8; 100] =
+    *b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0,tcache_max:4096,lg_tcache_nslots_mul:-1\0";
 #[allow(non_upper_case_globals, unsafe_code)]
 #[export_name = "_rjem_malloc_conf"]
 static malloc_conf: Option<&'static u8> = Some(&MALLOC_CONF[0]);
