@@ -24,6 +24,29 @@ impl Engine {
         self.coordination == Coordination::Shared
     }
 
+    /// Several nodes: the store wakes this node's sweep whenever a task is created, on any node
+    /// ([`Store::watch_due`]), so that every node starts claiming the new executions at once and
+    /// publishes its share of them, instead of the creating node publishing them all before the
+    /// others' next tick. Until the engine is dropped.
+    pub(super) fn watch_due(self: &Arc<Self>) -> EngineResult<()> {
+        let me = Arc::downgrade(self);
+        metrics::gauge!(m::STORE_LISTENER_UP).set(0.0);
+        self.store.watch_due(Box::new(move |signal| {
+            let Some(engine) = me.upgrade() else { return false };
+            match signal {
+                DueSignal::Listening => metrics::gauge!(m::STORE_LISTENER_UP).set(1.0),
+                DueSignal::Lost => {
+                    metrics::gauge!(m::STORE_LISTENER_UP).set(0.0);
+                    return true;
+                }
+                DueSignal::Due => {}
+            }
+            engine.sweep_now.notify_one();
+            true
+        }))?;
+        Ok(())
+    }
+
     /// Several nodes: delivers the executions this node claimed in the store (see
     /// [`Store::claim_redeliveries`]): new ones at once, unacked ones after their backoff, whoever
     /// delivered them before. Each claim is this node's alone, so every retry fires once across
@@ -34,17 +57,15 @@ impl Engine {
         loop {
             let now = self.clock.now_ms();
             let initial = self.retry_initial_ms();
-            let claimed = match self
-                .blocking(move |s| s.claim_redeliveries(now, 0, initial, RETRY_MAX_MS, CLAIM_BATCH_MAX))
-                .await
-            {
-                Ok(rows) => rows,
-                Err(e) => {
-                    warn!(error = %e, "re-delivery claim failed");
-                    return sent;
-                }
-            };
-            let full = claimed.len() as i64 >= CLAIM_BATCH_MAX;
+            let claimed =
+                match self.blocking(move |s| s.claim_redeliveries(now, 0, initial, RETRY_MAX_MS, CLAIM_CHUNK)).await {
+                    Ok(rows) => rows,
+                    Err(e) => {
+                        warn!(error = %e, "re-delivery claim failed");
+                        return sent;
+                    }
+                };
+            let full = claimed.len() as i64 >= CLAIM_CHUNK;
             sent += self.deliver_claimed(now, claimed).await;
             if !full {
                 return sent;

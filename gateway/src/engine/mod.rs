@@ -85,7 +85,7 @@ const DELIVERED_WRITE_DELAY_MS: i64 = 1_000;
 /// How often the deferred `Delivered` writes are looked at.
 const DELIVERED_WRITE_TICK: Duration = Duration::from_millis(200);
 /// Executions one claim of the cluster sweep takes at most (it claims again while they come full).
-const CLAIM_BATCH_MAX: i64 = 2_000;
+const CLAIM_CHUNK: i64 = 250;
 /// Initialisations handled at once.
 const INIT_CONCURRENCY_MAX: usize = 256;
 /// Downlink counters reserved ahead in the store: a new high-water mark is written only when
@@ -318,8 +318,8 @@ pub struct Engine {
     me: std::sync::OnceLock<std::sync::Weak<Engine>>,
     /// Woken when devices are registered or (re)initialised (the external broker's ACL sync).
     registry: tokio::sync::Notify,
-    /// Wakes the sweeper at once (several nodes: a task was created here, deliver it now rather
-    /// than at the next tick).
+    /// Wakes the sweeper at once (several nodes: a task was created here or, as the store tells
+    /// [`Engine::watch_due`], on another node: deliver its share now rather than at the next tick).
     sweep_now: tokio::sync::Notify,
     /// Whether other gateway nodes share the store ([`Coordination`]); fixed when the engine is
     /// built, before any worker runs.
@@ -422,6 +422,9 @@ impl Engine {
         }
         tokio::spawn(sweeper(engine.clone()));
         tokio::spawn(delivered_writer(engine.clone()));
+        if engine.is_shared() {
+            engine.watch_due()?;
+        }
         Ok(engine)
     }
 

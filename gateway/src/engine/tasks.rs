@@ -296,9 +296,10 @@ impl Engine {
                 online.push((sn, hot));
             }
         }
-        // Several nodes: the devices online here are a third of the fleet at best; the cluster
-        // sweep of whichever node claims them delivers the new executions to every device (within
-        // a sweep interval), and delivering here too would send those twice.
+        // Several nodes: the devices online here are a third of the fleet at best. Every node's
+        // sweep, woken by the store's notification of the commit (this one's at once, here),
+        // claims the new executions in chunks and delivers its share of them; delivering here
+        // too would send those twice.
         if self.is_shared() {
             online.clear();
             self.sweep_now.notify_one();

@@ -200,6 +200,21 @@ pub trait Tasks {
     fn expiring_within(&self, now: Millis, within_ms: i64) -> StoreResult<i64>;
 }
 
+/// What [`Delivery::watch_due`] tells its watcher.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DueSignal {
+    /// Listening (again): whatever became due while it was not is found by a sweep now. Also
+    /// repeated after a quiet while, when the connection was checked.
+    Listening,
+    /// Work became due at once on some node (a task was created).
+    Due,
+    /// The listening connection is lost; it is opened again with a doubling pause.
+    Lost,
+}
+
+/// The watcher [`Delivery::watch_due`] calls; it returns false to stop watching.
+pub type DueWatch = Box<dyn Fn(DueSignal) -> bool + Send + Sync>;
+
 /// The message path: batches of acks and hellos, re-delivery claims, re-wraps, expiry, and the
 /// monotonic marks in `meta` (the downlink counter's high-water mark, the clock's floor).
 pub trait Delivery {
@@ -219,6 +234,17 @@ pub trait Delivery {
         _limit: i64,
     ) -> StoreResult<Vec<ExecutionRow>> {
         Ok(Vec::new())
+    }
+    /// Several gateway nodes: calls `watch` from a thread of its own whenever work became due at
+    /// once on any node (a task's executions, when its creation commits: never before, never if
+    /// it rolls back), so that every node's sweep claims its share then rather than at its next
+    /// tick; and with [`DueSignal::Listening`] each time it starts listening (a notification may
+    /// have gone by unheard before) and [`DueSignal::Lost`] when it stops, until it listens
+    /// again. A lost signal only delays: the sweep's tick still claims what is due. Returns at
+    /// once; watches until `watch` returns false. (The default watches nothing: one node with
+    /// its own store knows its tasks.)
+    fn watch_due(&self, _watch: DueWatch) -> StoreResult<()> {
+        Ok(())
     }
     /// Replaces the key block of an open execution (re-wrap after re-initialisation).
     fn rewrap_execution(&self, id: i64, key_block: &str, generation: i64) -> StoreResult<()>;

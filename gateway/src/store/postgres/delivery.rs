@@ -17,6 +17,10 @@ impl Delivery for PostgresStore {
         })
     }
 
+    fn watch_due(&self, watch: DueWatch) -> StoreResult<()> {
+        listen::spawn_due_listener(&self.pool.config, self.pool.tls.clone(), watch)
+    }
+
     fn rewrap_execution(&self, id: i64, key_block: &str, generation: i64) -> StoreResult<()> {
         self.write(|s| {
             s.execute(

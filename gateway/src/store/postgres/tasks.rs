@@ -131,6 +131,7 @@ impl Tasks for PostgresStore {
                     let facts = [("executions", serde_json::Value::from(inserted))];
                     audit_in(s, &audit.entry(Some(format!("task:{number}")), None, &facts))?;
                     crate::store::postgres_channel::on_task_created(s, task, number, inserted)?;
+                    listen::notify_due(s, task_id)?;
                     Ok((task_id, inserted))
                 }
                 (Err(_), Some(failure)) => Err(failure),
