@@ -1648,6 +1648,53 @@ fn postgres_redelivery_claims_fire_once_per_execution_across_nodes() {
     assert!(st.claim_redeliveries(T0 + DAY_MS, 10, INITIAL, MAX, 10_000).must().is_empty());
 }
 
+/// Every node learns of a new task from the store (`watch_due`, PostgreSQL's `NOTIFY` heard on a
+/// connection of its own): the watcher hears that it listens, then one `Due` when a task's creation
+/// commits; nothing while the creating transaction is still open, and nothing from a creation
+/// that rolls back. A watcher that wants no more is left alone.
+#[test]
+fn postgres_watchers_hear_of_a_task_when_its_creation_commits_never_before_nor_on_a_rollback() {
+    use std::sync::mpsc::{channel, RecvTimeoutError};
+    use std::time::Duration;
+    const HEARD_WITHIN: Duration = Duration::from_secs(10);
+    // How long a notification would take at most to reach a listener on this machine, had one
+    // been sent: waiting for nothing to arrive is the point here.
+    const SILENCE: Duration = Duration::from_millis(500);
+    let Some(s) = Subject::postgres_or_skip("postgres_watchers_hear_of_a_task_when_its_creation_commits") else {
+        return;
+    };
+    let st = s.store();
+    let w = world(st, "acme", 4);
+    let (heard, signals) = channel();
+    st.watch_due(Box::new(move |signal| heard.send(signal).is_ok())).must();
+    assert_eq!(signals.recv_timeout(HEARD_WITHIN), Ok(DueSignal::Listening), "the watcher listens");
+    // A creation that fails after its executions are in: rolled back, never heard.
+    let failed = st.create_task_with(&new_task(&w, &[0, 1], T0, T0 + DAY_MS), &audit("task.create"), &mut |_| {
+        Err(StoreError::Invalid("a derivation failed".into()))
+    });
+    assert!(failed.is_err());
+    // A creation that commits: nothing heard while its transaction is open (after its
+    // notification was issued), then one `Due` once it commits.
+    let mut silent_while_open = None;
+    let created = st
+        .create_task_with(&new_task(&w, &[2, 3], T0, T0 + DAY_MS), &audit("task.create"), &mut |_| {
+            silent_while_open = Some(signals.recv_timeout(SILENCE));
+            Ok(())
+        })
+        .must();
+    assert_eq!(
+        silent_while_open,
+        Some(Err(RecvTimeoutError::Timeout)),
+        "nothing heard before the commit, nor from the rolled-back creation"
+    );
+    assert_eq!(created.counts.total, 2);
+    assert_eq!(signals.recv_timeout(HEARD_WITHIN), Ok(DueSignal::Due), "heard once committed");
+    assert_eq!(signals.recv_timeout(SILENCE), Err(RecvTimeoutError::Timeout), "heard once");
+    // The watcher goes; a later creation finds it gone and stops the listener (nothing panics).
+    drop(signals);
+    st.create_task_with(&new_task(&w, &[0], T0, T0 + DAY_MS), &audit("task.create"), &mut |_| Ok(())).must();
+}
+
 /// A database written by a gateway of schema version 3 (credentials in the device row): after
 /// the upgrade to 4 the initialised device keeps its credentials, and the other device stays
 /// uninitialised.

@@ -121,6 +121,9 @@ impl Tasks for PostgresStore {
                     ],
                 )?
                 .try_get(0)?;
+            // Every node's sweep is woken when, and only if, this transaction commits (PostgreSQL
+            // holds the notification until then).
+            listen::notify_due(s, task_id)?;
             let mut sink = PostgresTaskSink { s, task, task_id, inserted: 0, failure: None };
             // A failure inside the sink is kept whole, so a transient one retries the transaction.
             let filled = sink.insert(&task.executions).map(|_| ()).and_then(|()| fill(&mut sink));
@@ -131,7 +134,6 @@ impl Tasks for PostgresStore {
                     let facts = [("executions", serde_json::Value::from(inserted))];
                     audit_in(s, &audit.entry(Some(format!("task:{number}")), None, &facts))?;
                     crate::store::postgres_channel::on_task_created(s, task, number, inserted)?;
-                    listen::notify_due(s, task_id)?;
                     Ok((task_id, inserted))
                 }
                 (Err(_), Some(failure)) => Err(failure),
