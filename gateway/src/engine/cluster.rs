@@ -51,21 +51,29 @@ impl Engine {
     /// [`Store::claim_redeliveries`]): new ones at once, unacked ones after their backoff, whoever
     /// delivered them before. Each claim is this node's alone, so every retry fires once across
     /// the cluster, and the executions of a node that died (its acks lost with it) are taken
-    /// over by the others. Returns how many downloads went out.
+    /// over by the others. Claims [`CLAIM_CHUNK`] at a time, each after the last one's highest
+    /// id, publishing each chunk before the next claim, until one comes back short: every node
+    /// woken by a new task does the same at once, so their claims interleave and each publishes
+    /// a share of the task. Returns how many downloads went out.
     pub async fn cluster_sweep(&self) -> usize {
         let mut sent = 0;
+        let mut after = 0;
         loop {
             let now = self.clock.now_ms();
             let initial = self.retry_initial_ms();
-            let claimed =
-                match self.blocking(move |s| s.claim_redeliveries(now, 0, initial, RETRY_MAX_MS, CLAIM_CHUNK)).await {
-                    Ok(rows) => rows,
-                    Err(e) => {
-                        warn!(error = %e, "re-delivery claim failed");
-                        return sent;
-                    }
-                };
+            let claimed = match self
+                .blocking(move |s| s.claim_redeliveries(now, 0, initial, RETRY_MAX_MS, CLAIM_CHUNK, after))
+                .await
+            {
+                Ok(rows) => rows,
+                Err(e) => {
+                    warn!(error = %e, "re-delivery claim failed");
+                    return sent;
+                }
+            };
             let full = claimed.len() as i64 >= CLAIM_CHUNK;
+            // The rows come in id order; the next claim starts after the last.
+            after = claimed.iter().map(|r| r.id).max().unwrap_or(after);
             sent += self.deliver_claimed(now, claimed).await;
             if !full {
                 return sent;

@@ -224,6 +224,10 @@ pub trait Delivery {
     /// `initial_ms × 2^(sends − 1)` (at most `max_ms`) ago. A claim holds the execution for
     /// `initial_ms`; the delivery write that follows restarts its backoff. Two nodes claiming at
     /// once get disjoint sets, so a retry timer fires once per execution across the cluster.
+    /// Only executions whose id is above `after`, in id order: a sweep's next claim starts where
+    /// its last one ended (the highest id it got), so that a large task is claimed in small
+    /// chunks without each claim reading again the rows claimed before it; what it passed over
+    /// (rows other nodes held at that moment) is found by its next sweep, from `after` = 0.
     /// (The default claims nothing: one node with its own store retries from its own timers.)
     fn claim_redeliveries(
         &self,
@@ -232,6 +236,7 @@ pub trait Delivery {
         _initial_ms: i64,
         _max_ms: i64,
         _limit: i64,
+        _after: i64,
     ) -> StoreResult<Vec<ExecutionRow>> {
         Ok(Vec::new())
     }

@@ -10,9 +10,10 @@ impl Delivery for PostgresStore {
         initial_ms: i64,
         max_ms: i64,
         limit: i64,
+        after: i64,
     ) -> StoreResult<Vec<ExecutionRow>> {
         self.write(|s| {
-            let found = s.query(CLAIM_REDELIVERIES, &[&now, &first_ms, &initial_ms, &max_ms, &limit])?;
+            let found = s.query(CLAIM_REDELIVERIES, &[&now, &first_ms, &initial_ms, &max_ms, &limit, &after])?;
             rows(found, execution_row)
         })
     }
