@@ -1659,8 +1659,9 @@ fn postgres_redelivery_claims_fire_once_per_execution_across_nodes() {
 
 /// Every node learns of a new task from the store (`watch_due`, PostgreSQL's `NOTIFY` heard on a
 /// connection of its own): the watcher hears that it listens, then one `Due` when a task's creation
-/// commits; nothing while the creating transaction is still open, and nothing from a creation
-/// that rolls back. A watcher that wants no more is left alone.
+/// commits, with the task's open executions and the nodes listening; nothing while the creating
+/// transaction is still open, and nothing from a creation that rolls back. A watcher that wants
+/// no more is left alone.
 #[test]
 fn postgres_watchers_hear_of_a_task_when_its_creation_commits_never_before_nor_on_a_rollback() {
     use std::sync::mpsc::{channel, RecvTimeoutError};
@@ -1697,7 +1698,9 @@ fn postgres_watchers_hear_of_a_task_when_its_creation_commits_never_before_nor_o
         "nothing heard before the commit, nor from the rolled-back creation"
     );
     assert_eq!(created.counts.total, 2);
-    assert_eq!(signals.recv_timeout(HEARD_WITHIN), Ok(DueSignal::Due), "heard once committed");
+    // Its two open executions, and one node listening: this watcher.
+    let due = DueSignal::Due { executions: 2, nodes: 1 };
+    assert_eq!(signals.recv_timeout(HEARD_WITHIN), Ok(due), "heard once committed");
     assert_eq!(signals.recv_timeout(SILENCE), Err(RecvTimeoutError::Timeout), "heard once");
     // The watcher goes; a later creation finds it gone and stops the listener (nothing panics).
     drop(signals);

@@ -146,7 +146,7 @@ fn three_nodes_inject_every_terminal_exactly_once_and_each_counts_its_own() -> T
     // One download per execution across the cluster: the new executions are claimed by one node
     // each (the node that created the task does not deliver them itself as well). And every node
     // published its share, not only node 1 that created the task: woken by the store's
-    // notification, the three claim small chunks in turn.
+    // notification, each claims a third of the task at once.
     let published: Vec<f64> = cluster.nodes.iter().map(|n| n.metric(DELIVERIES)).collect();
     eprintln!("downloads published per node: {published:?}");
     assert_eq!(published.iter().sum::<f64>(), DEVICES as f64, "downloads published by the three nodes");

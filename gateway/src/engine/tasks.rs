@@ -297,12 +297,14 @@ impl Engine {
             }
         }
         // Several nodes: the devices online here are a third of the fleet at best. Every node's
-        // sweep, woken by the store's notification of the commit (this one's at once, here),
-        // claims the new executions in chunks and delivers its share of them; delivering here
-        // too would send those twice.
+        // sweep, woken by the store's notification of the commit, claims its share of the new
+        // executions and delivers them; delivering here too would send those twice. Without
+        // the notification (this node's listener down), this node claims them all at once.
         if self.is_shared() {
             online.clear();
-            self.sweep_now.notify_one();
+            if !self.due_listening.load(Ordering::Relaxed) {
+                self.wake_to_claim_all();
+            }
         }
         let began = Instant::now();
         let terminals = online.len();

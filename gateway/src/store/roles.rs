@@ -203,11 +203,14 @@ pub trait Tasks {
 /// What [`Delivery::watch_due`] tells its watcher.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DueSignal {
-    /// Listening (again): whatever became due while it was not is found by a sweep now. Also
-    /// repeated after a quiet while, when the connection was checked.
+    /// Listening (again): whatever became due while it was not is found by a sweep now.
     Listening,
-    /// Work became due at once on some node (a task was created).
-    Due,
+    /// A task was created, on some node: `executions` of it are open, and `nodes` nodes listen
+    /// for it (this one included), so each may claim about `executions / nodes` of them. Either
+    /// is 0 when it could not be read.
+    Due { executions: i64, nodes: i64 },
+    /// Still listening after a quiet while (the connection was checked): nothing to do.
+    Quiet,
     /// The listening connection is lost; it is opened again with a doubling pause.
     Lost,
 }
@@ -240,14 +243,15 @@ pub trait Delivery {
     ) -> StoreResult<Vec<ExecutionRow>> {
         Ok(Vec::new())
     }
-    /// Several gateway nodes: calls `watch` from a thread of its own whenever work became due at
-    /// once on any node (a task's executions, when its creation commits: never before, never if
-    /// it rolls back), so that every node's sweep claims its share then rather than at its next
-    /// tick; and with [`DueSignal::Listening`] each time it starts listening (a notification may
-    /// have gone by unheard before) and [`DueSignal::Lost`] when it stops, until it listens
-    /// again. A lost signal only delays: the sweep's tick still claims what is due. Returns at
-    /// once; watches until `watch` returns false. (The default watches nothing: one node with
-    /// its own store knows its tasks.)
+    /// Several gateway nodes: calls `watch` from a thread of its own with [`DueSignal::Due`]
+    /// whenever a task is created, on any node, when its creation commits (never before, never if
+    /// it rolls back), with the task's open executions and the number of nodes watching, so that
+    /// every node claims its share of them at once rather than at its next tick; with
+    /// [`DueSignal::Listening`] each time it starts listening (a notification may have gone by
+    /// unheard before) and [`DueSignal::Lost`] when it stops, until it listens again. A lost
+    /// signal only delays: the sweep's tick still claims what is due. Returns at once; watches
+    /// until `watch` returns false. (The default watches nothing: one node with its own store
+    /// knows its tasks.)
     fn watch_due(&self, _watch: DueWatch) -> StoreResult<()> {
         Ok(())
     }

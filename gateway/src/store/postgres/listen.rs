@@ -4,16 +4,26 @@
 //! PostgreSQL delivers it to every session listening on the channel when, and only if, that
 //! transaction commits. Each node listens on a connection of its own, outside the pool
 //! ([`spawn_due_listener`]): a pooled connection is lent to one caller at a time, while a listener
-//! must be read all the time. A notification carries nothing a node needs (the task's id, for a
-//! reader of the server's log): it only wakes the node's sweep, which claims in the store as it
-//! does on its tick, so a lost or duplicated notification costs a delay or an empty claim, never
-//! a download sent twice.
+//! must be read all the time. The notification names the task; the listener reads, on its own
+//! connection, how many of its executions are open and how many nodes listen (the listening
+//! sessions, by their `application_name`: a node's listener is its presence, and ends with its
+//! process), so that each node can claim its share. It only wakes the node's sweep, which claims
+//! in the store as it does on its tick, so a lost or duplicated notification costs a delay or an
+//! empty claim, never a download sent twice.
 
 use super::*;
 
 /// The channel of [`notify_due`]. Not a secret and not per organization: every node sweeps every
 /// organization's executions.
 const DUE_CHANNEL: &str = "rki_due";
+/// The `application_name` of every node's listening session, by which the nodes are counted.
+const LISTENER_NAME: &str = "rki-gateway-listen";
+/// The notification's payload: `task:` and the task's id.
+const TASK_PAYLOAD_PREFIX: &str = "task:";
+/// A task's open executions and the nodes listening, read when its notification arrives.
+const DUE_COUNTS: &str =
+    "SELECT (SELECT count(*) FROM executions WHERE task_id = $1 AND state IN ('queued', 'delivered')),
+        (SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND application_name = $2)";
 /// A listener that heard nothing for this long checks that its connection still answers (a
 /// server gone without closing the socket would otherwise leave it deaf until the kernel gives
 /// up); the TCP keepalives below end such a connection too.
@@ -31,7 +41,7 @@ const LISTEN_BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// executions are committed (PostgreSQL holds the notification until the commit, and drops it
 /// on a rollback).
 pub(super) fn notify_due(s: &mut Tx<'_, '_>, task_id: i64) -> Result<(), Failure> {
-    let payload = format!("task:{task_id}");
+    let payload = format!("{TASK_PAYLOAD_PREFIX}{task_id}");
     s.execute("SELECT pg_notify($1, $2)", &[&DUE_CHANNEL, &payload])?;
     Ok(())
 }
@@ -45,7 +55,7 @@ pub(super) fn spawn_due_listener(
     watch: DueWatch,
 ) -> StoreResult<()> {
     let mut config = config.clone();
-    config.application_name("rki-gateway-listen");
+    config.application_name(LISTENER_NAME);
     config.keepalives(true).keepalives_idle(LISTEN_KEEPALIVE_IDLE).tcp_user_timeout(LISTEN_TCP_USER_TIMEOUT);
     std::thread::Builder::new()
         .name("rki-due-listen".into())
@@ -96,10 +106,18 @@ fn hear(client: &mut Client, watch: &DueWatch) -> Heard {
     loop {
         let next = client.notifications().timeout_iter(LISTEN_CHECK_INTERVAL).next();
         match next {
-            // Several in a row wake the sweep once or twice (the wake-ups do not queue up): it
-            // claims whatever is due, of every task.
-            Ok(Some(_)) => {
-                if !watch(DueSignal::Due) {
+            // Several in a row wake the sweep once or twice (the wake-ups do not queue up): the
+            // shares add up.
+            Ok(Some(notification)) => {
+                let signal = match due_counts(client, notification.payload()) {
+                    Ok((executions, nodes)) => DueSignal::Due { executions, nodes },
+                    Err(e) if e.is_closed() => return Heard::Lost(describe(&e)),
+                    Err(e) => {
+                        tracing::warn!(error = %describe(&e), "cannot count a new task's executions; this node claims them all");
+                        DueSignal::Due { executions: 0, nodes: 0 }
+                    }
+                };
+                if !watch(signal) {
                     return Heard::Stop;
                 }
             }
@@ -109,11 +127,21 @@ fn hear(client: &mut Client, watch: &DueWatch) -> Heard {
                 if let Err(e) = client.batch_execute("SELECT 1") {
                     return Heard::Lost(describe(&e));
                 }
-                if !watch(DueSignal::Listening) {
+                if !watch(DueSignal::Quiet) {
                     return Heard::Stop;
                 }
             }
             Err(e) => return Heard::Lost(describe(&e)),
         }
     }
+}
+
+/// The open executions of the notified task (0 for a payload that names none) and the nodes
+/// listening.
+fn due_counts(client: &mut Client, payload: &str) -> Result<(i64, i64), ::postgres::Error> {
+    let Some(task_id) = payload.strip_prefix(TASK_PAYLOAD_PREFIX).and_then(|id| id.parse::<i64>().ok()) else {
+        return Ok((0, 0));
+    };
+    let row = client.query_one(DUE_COUNTS, &[&task_id, &LISTENER_NAME])?;
+    Ok((row.try_get(0)?, row.try_get(1)?))
 }
