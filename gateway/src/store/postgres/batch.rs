@@ -118,9 +118,9 @@ pub(super) const EXPIRE_DUE: &str = end_and_record!(
 /// locked with `SKIP LOCKED` and marked claimed in the same statement, so a row another node is
 /// claiming is left to it and a row it claimed is not due any more. `$1` now, `$2` first, `$3`
 /// initial, `$4` max, `$5` limit, `$6` after. `id > $6` lets the planner start an index scan in
-/// id order where the sweep's last claim ended: measured on 100,000 due executions claimed 100 at
-/// a time, 2.6 s for all the claims with it and 47 s without (each claim read the claimed rows
-/// again).
+/// id order where the sweep's last claim ended, instead of reading again the rows claimed before:
+/// measured on 100,000 due executions (PostgreSQL 15, one session), all the claims took 2.0 s
+/// with it and 5.6 s without at 2,000 a claim, 2.6 s and 47 s at 100 a claim.
 pub(super) const CLAIM_REDELIVERIES: &str = concat!(
     "WITH due AS (
          SELECT id FROM executions
