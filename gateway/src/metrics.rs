@@ -28,6 +28,7 @@ pub const STORE_COMMIT_LATENCY_SECONDS: &str = "rki_store_commit_latency_seconds
 pub const STORE_FREE_BYTES: &str = "rki_store_free_bytes";
 pub const STORE_LOCKS_HELD: &str = "rki_store_locks_held";
 pub const BROKER_UP: &str = "rki_broker_up";
+pub const STORE_LISTENER_UP: &str = "rki_store_listener_up";
 pub const DYNSEC_UP: &str = "rki_dynsec_up";
 pub const DYNSEC_FAILURES_TOTAL: &str = "rki_dynsec_failures_total";
 pub const DYNSEC_MISSING_DEVICES: &str = "rki_dynsec_missing_devices";
@@ -189,6 +190,11 @@ fn describe() {
         "Initialised devices without a client at the dynamic security plugin (last reconcile)."
     );
     describe_gauge!(BROKER_UP, "1 while the MQTT endpoint listens, or the external broker is connected.");
+    describe_gauge!(
+        STORE_LISTENER_UP,
+        "Several nodes (PostgreSQL): 1 while this node listens for the tasks other nodes create; 0 while it \
+         does not, and finds them at its sweep's next tick (a second at most)."
+    );
     describe_counter!(MQTT_CONNECT_REFUSED_TOTAL, "MQTT CONNECTs refused, by reason.");
     describe_gauge!(MQTT_CONNECTIONS_MAX, "The MQTT endpoint's connection bound (from the open-file limit).");
     describe_gauge!(GUDIDS, "GUDIDs by state (unused, used, expired), by organization.");

@@ -1582,9 +1582,11 @@ fn postgres_refuses_truncate_of_the_append_only_tables() {
     }
 }
 
-/// The cluster sweep's claims: two nodes claiming at once get disjoint sets covering every due
-/// execution; a claim holds an execution for the initial backoff; a delivery restarts its backoff,
-/// which doubles with the deliveries; ended and expired executions are never claimed.
+/// The cluster sweep's claims: two nodes claiming at once, in small chunks each after its last
+/// one's highest id, get disjoint sets covering every due execution; a claim after an id takes
+/// only the executions above it; a claim holds an execution for the initial backoff; a delivery
+/// restarts its backoff, which doubles with the deliveries; ended and expired executions are
+/// never claimed.
 #[test]
 fn postgres_redelivery_claims_fire_once_per_execution_across_nodes() {
     const DEVICES: usize = 300;
@@ -1597,15 +1599,17 @@ fn postgres_redelivery_claims_fire_once_per_execution_across_nodes() {
     let w = world(st, "acme", DEVICES);
     let (_, executions) = st.create_task(&new_task(&w, &(0..DEVICES).collect::<Vec<_>>(), T0, T0 + DAY_MS)).must();
     // Not due before `first` after creation.
-    assert!(st.claim_redeliveries(T0, 10, INITIAL, MAX, 10_000).must().is_empty());
+    assert!(st.claim_redeliveries(T0, 10, INITIAL, MAX, 10_000, 0).must().is_empty());
     // Two nodes, small batches, at once: every execution claimed exactly once.
     let claimed: Vec<i64> = std::thread::scope(|scope| {
         let nodes: Vec<_> = (0..2)
             .map(|_| {
                 scope.spawn(|| {
-                    let mut mine = Vec::new();
+                    // As a node's sweep does: each claim after the last one's highest id.
+                    let mut mine: Vec<i64> = Vec::new();
                     loop {
-                        let batch = st.claim_redeliveries(T0 + 10, 10, INITIAL, MAX, 7).must();
+                        let after = mine.last().copied().unwrap_or(0);
+                        let batch = st.claim_redeliveries(T0 + 10, 10, INITIAL, MAX, 7, after).must();
                         if batch.is_empty() {
                             return mine;
                         }
@@ -1618,9 +1622,14 @@ fn postgres_redelivery_claims_fire_once_per_execution_across_nodes() {
     });
     assert_eq!(claimed.len(), DEVICES, "each execution claimed once");
     assert_eq!(claimed.iter().collect::<HashSet<_>>().len(), DEVICES);
-    // Held for INITIAL; then due again if no delivery was written.
-    assert!(st.claim_redeliveries(T0 + 10 + INITIAL - 1, 10, INITIAL, MAX, 10_000).must().is_empty());
-    assert_eq!(st.claim_redeliveries(T0 + 10 + INITIAL, 10, INITIAL, MAX, 10_000).must().len(), DEVICES);
+    // Held for INITIAL; then due again if no delivery was written. A claim after an id takes
+    // only the executions above it, in id order.
+    assert!(st.claim_redeliveries(T0 + 10 + INITIAL - 1, 10, INITIAL, MAX, 10_000, 0).must().is_empty());
+    let after = executions[DEVICES - 3].id;
+    let tail: Vec<i64> =
+        st.claim_redeliveries(T0 + 10 + INITIAL, 10, INITIAL, MAX, 10_000, after).must().iter().map(|e| e.id).collect();
+    assert_eq!(tail, [executions[DEVICES - 2].id, executions[DEVICES - 1].id]);
+    assert_eq!(st.claim_redeliveries(T0 + 10 + INITIAL, 10, INITIAL, MAX, 10_000, 0).must().len(), DEVICES - 2);
     // Deliveries restart the backoff: the first one waits INITIAL, the second 2 × INITIAL.
     let (a, b, c) = (executions[0].id, executions[1].id, executions[2].id);
     let at = T0 + 10_000;
@@ -1632,7 +1641,7 @@ fn postgres_redelivery_claims_fire_once_per_execution_across_nodes() {
     ])
     .must();
     let due = |now: i64| -> Vec<i64> {
-        st.claim_redeliveries(now, 10, INITIAL, MAX, 10_000)
+        st.claim_redeliveries(now, 10, INITIAL, MAX, 10_000, 0)
             .must()
             .into_iter()
             .map(|e| e.id)
@@ -1645,7 +1654,57 @@ fn postgres_redelivery_claims_fire_once_per_execution_across_nodes() {
     // ended one never.
     assert_eq!(due(at + 2 * INITIAL), vec![a, b]);
     // Past the deadline nothing is claimed: expiry's business.
-    assert!(st.claim_redeliveries(T0 + DAY_MS, 10, INITIAL, MAX, 10_000).must().is_empty());
+    assert!(st.claim_redeliveries(T0 + DAY_MS, 10, INITIAL, MAX, 10_000, 0).must().is_empty());
+}
+
+/// Every node learns of a new task from the store (`watch_due`, PostgreSQL's `NOTIFY` heard on a
+/// connection of its own): the watcher hears that it listens, then one `Due` when a task's creation
+/// commits, with the task's open executions and the nodes listening; nothing while the creating
+/// transaction is still open, and nothing from a creation that rolls back. A watcher that wants
+/// no more is left alone.
+#[test]
+fn postgres_watchers_hear_of_a_task_when_its_creation_commits_never_before_nor_on_a_rollback() {
+    use std::sync::mpsc::{channel, RecvTimeoutError};
+    use std::time::Duration;
+    const HEARD_WITHIN: Duration = Duration::from_secs(10);
+    // How long a notification would take at most to reach a listener on this machine, had one
+    // been sent: waiting for nothing to arrive is the point here.
+    const SILENCE: Duration = Duration::from_millis(500);
+    let Some(s) = Subject::postgres_or_skip("postgres_watchers_hear_of_a_task_when_its_creation_commits") else {
+        return;
+    };
+    let st = s.store();
+    let w = world(st, "acme", 4);
+    let (heard, signals) = channel();
+    st.watch_due(Box::new(move |signal| heard.send(signal).is_ok())).must();
+    assert_eq!(signals.recv_timeout(HEARD_WITHIN), Ok(DueSignal::Listening), "the watcher listens");
+    // A creation that fails after its executions are in: rolled back, never heard.
+    let failed = st.create_task_with(&new_task(&w, &[0, 1], T0, T0 + DAY_MS), &audit("task.create"), &mut |_| {
+        Err(StoreError::Invalid("a derivation failed".into()))
+    });
+    assert!(failed.is_err());
+    // A creation that commits: nothing heard while its transaction is open (after its
+    // notification was issued), then one `Due` once it commits.
+    let mut silent_while_open = None;
+    let created = st
+        .create_task_with(&new_task(&w, &[2, 3], T0, T0 + DAY_MS), &audit("task.create"), &mut |_| {
+            silent_while_open = Some(signals.recv_timeout(SILENCE));
+            Ok(())
+        })
+        .must();
+    assert_eq!(
+        silent_while_open,
+        Some(Err(RecvTimeoutError::Timeout)),
+        "nothing heard before the commit, nor from the rolled-back creation"
+    );
+    assert_eq!(created.counts.total, 2);
+    // Its two open executions, and one node listening: this watcher.
+    let due = DueSignal::Due { executions: 2, nodes: 1 };
+    assert_eq!(signals.recv_timeout(HEARD_WITHIN), Ok(due), "heard once committed");
+    assert_eq!(signals.recv_timeout(SILENCE), Err(RecvTimeoutError::Timeout), "heard once");
+    // The watcher goes; a later creation finds it gone and stops the listener (nothing panics).
+    drop(signals);
+    st.create_task_with(&new_task(&w, &[0], T0, T0 + DAY_MS), &audit("task.create"), &mut |_| Ok(())).must();
 }
 
 /// A database written by a gateway of schema version 3 (credentials in the device row): after

@@ -19,23 +19,107 @@ pub enum Coordination {
     Shared,
 }
 
+/// What one sweep of a node sharing the store claims.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sweep {
+    /// The sweeper's tick: what is due, but not the never-sent executions of a task created less
+    /// than [`TICK_CLAIMS_NEW_AFTER_MS`] ago (the woken nodes' shares).
+    Tick,
+    /// Woken by new tasks: what is due, new executions included, up to this node's shares of
+    /// them.
+    Share(i64),
+    /// Woken to claim whatever is due, new executions included (the listener came up, or a task
+    /// was created here while it was down).
+    All,
+}
+
 impl Engine {
     pub(super) fn is_shared(&self) -> bool {
         self.coordination == Coordination::Shared
     }
 
-    /// Several nodes: delivers the executions this node claimed in the store (see
+    /// Several nodes: the store wakes this node's sweep whenever a task is created, on any node
+    /// ([`Store::watch_due`]), with the task's size and the number of nodes listening, so that
+    /// every node claims its share of the new executions at once (the work of publishing them is
+    /// spread, and the claims, made before the first acks come back, do not queue behind their
+    /// commits), instead of the creating node publishing them all before the others' next tick.
+    /// Until the engine is dropped.
+    pub(super) fn watch_due(self: &Arc<Self>) -> EngineResult<()> {
+        let me = Arc::downgrade(self);
+        metrics::gauge!(m::STORE_LISTENER_UP).set(0.0);
+        self.store.watch_due(Box::new(move |signal| {
+            let Some(engine) = me.upgrade() else { return false };
+            match signal {
+                DueSignal::Listening => {
+                    engine.due_listening.store(true, Ordering::Relaxed);
+                    metrics::gauge!(m::STORE_LISTENER_UP).set(1.0);
+                    // A task created while this node was not listening: claim what is due.
+                    engine.wake_to_claim_all();
+                }
+                DueSignal::Due { executions, nodes } => engine.wake_for_share(executions, nodes),
+                DueSignal::Quiet => {}
+                DueSignal::Lost => {
+                    engine.due_listening.store(false, Ordering::Relaxed);
+                    metrics::gauge!(m::STORE_LISTENER_UP).set(0.0);
+                }
+            }
+            true
+        }))?;
+        Ok(())
+    }
+
+    /// A task of `executions` open executions was created, and `nodes` nodes heard of it: this
+    /// node claims its share, `executions / nodes` rounded up, at once. If the store could not
+    /// say, it claims whatever is due.
+    fn wake_for_share(&self, executions: i64, nodes: i64) {
+        if executions < 0 || nodes <= 0 {
+            return self.wake_to_claim_all();
+        }
+        let share = (executions + nodes - 1) / nodes;
+        if share > 0 {
+            self.due_share.fetch_add(share, Ordering::Relaxed);
+            self.sweep_now.notify_one();
+        }
+    }
+
+    /// Wakes the sweep to claim whatever is due, new executions included, with no share.
+    pub(super) fn wake_to_claim_all(&self) {
+        self.due_claim_all.store(true, Ordering::Relaxed);
+        self.sweep_now.notify_one();
+    }
+
+    /// What a wake-up of the sweeper is to claim: the shares gathered since the last one (a
+    /// wake-up whose share an earlier sweep took claims nothing more).
+    pub(super) fn take_wake(&self) -> Sweep {
+        let share = self.due_share.swap(0, Ordering::Relaxed);
+        if self.due_claim_all.swap(false, Ordering::Relaxed) {
+            Sweep::All
+        } else {
+            Sweep::Share(share)
+        }
+    }
+
+    /// Several nodes: delivers the executions this node claims in the store (see
     /// [`Store::claim_redeliveries`]): new ones at once, unacked ones after their backoff, whoever
     /// delivered them before. Each claim is this node's alone, so every retry fires once across
     /// the cluster, and the executions of a node that died (its acks lost with it) are taken
-    /// over by the others. Returns how many downloads went out.
-    pub async fn cluster_sweep(&self) -> usize {
+    /// over by the others. Claims up to [`CLAIM_BATCH_MAX`] at a time, each after the last one's
+    /// highest id, until a claim comes back short or, woken by a new task, this node has its
+    /// share. Returns how many downloads went out.
+    pub async fn cluster_sweep(&self, sweep: Sweep) -> usize {
+        let (first_ms, mut left) = match sweep {
+            Sweep::Tick => (TICK_CLAIMS_NEW_AFTER_MS, i64::MAX),
+            Sweep::Share(share) => (0, share),
+            Sweep::All => (0, i64::MAX),
+        };
         let mut sent = 0;
-        loop {
+        let mut after = 0;
+        while left > 0 {
             let now = self.clock.now_ms();
             let initial = self.retry_initial_ms();
+            let limit = left.min(CLAIM_BATCH_MAX);
             let claimed = match self
-                .blocking(move |s| s.claim_redeliveries(now, 0, initial, RETRY_MAX_MS, CLAIM_BATCH_MAX))
+                .blocking(move |s| s.claim_redeliveries(now, first_ms, initial, RETRY_MAX_MS, limit, after))
                 .await
             {
                 Ok(rows) => rows,
@@ -44,12 +128,16 @@ impl Engine {
                     return sent;
                 }
             };
-            let full = claimed.len() as i64 >= CLAIM_BATCH_MAX;
+            let got = claimed.len() as i64;
+            // The rows come in id order; the next claim starts after the last.
+            after = claimed.iter().map(|r| r.id).max().unwrap_or(after);
             sent += self.deliver_claimed(now, claimed).await;
-            if !full {
-                return sent;
+            if got < limit {
+                break;
             }
+            left -= got;
         }
+        sent
     }
 
     pub(super) async fn deliver_claimed(&self, now: Millis, claimed: Vec<ExecutionRow>) -> usize {

@@ -10,15 +10,19 @@ pub(super) async fn sweeper(engine: Arc<Engine>) {
     let mut ticks: u64 = 0;
     let mut expired_at: u64 = 0;
     loop {
-        tokio::select! {
-            _ = ticker.tick() => ticks += 1,
+        let woken = tokio::select! {
+            _ = ticker.tick() => {
+                ticks += 1;
+                false
+            }
             // No expiry on these wake-ups: it keeps its every-5-ticks pace.
-            _ = engine.sweep_now.notified() => {}
-        }
+            _ = engine.sweep_now.notified() => true,
+        };
         engine.restore_unrecorded_endings().await;
         engine.persist_clock_floor().await;
         if engine.is_shared() {
-            engine.cluster_sweep().await;
+            let sweep = if woken { engine.take_wake() } else { Sweep::Tick };
+            engine.cluster_sweep(sweep).await;
         } else {
             engine.retry_sweep().await;
         }

@@ -57,7 +57,7 @@ mod tasks;
 #[cfg(test)]
 mod tests;
 
-pub use cluster::Coordination;
+pub use cluster::{Coordination, Sweep};
 use commit::*;
 use delivery::*;
 use inbound::*;
@@ -84,8 +84,15 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 const DELIVERED_WRITE_DELAY_MS: i64 = 1_000;
 /// How often the deferred `Delivered` writes are looked at.
 const DELIVERED_WRITE_TICK: Duration = Duration::from_millis(200);
-/// Executions one claim of the cluster sweep takes at most (it claims again while they come full).
+/// Executions one claim of the cluster sweep takes at most; it claims again, after the last one's
+/// highest id, while they come full (and, woken by a new task, until it has its share).
 const CLAIM_BATCH_MAX: i64 = 2_000;
+/// Several nodes: how long after a task's creation the sweep's tick leaves its executions that
+/// were never sent to the nodes the task's notification woke, each claiming its share at once
+/// (a tick falling between the commit and their claims would take the shares of the nodes not
+/// yet there). After it, a tick claims what is left: the share of a node that died or did not
+/// hear, a task whose notification was lost.
+const TICK_CLAIMS_NEW_AFTER_MS: i64 = 2_000;
 /// Initialisations handled at once.
 const INIT_CONCURRENCY_MAX: usize = 256;
 /// Downlink counters reserved ahead in the store: a new high-water mark is written only when
@@ -318,9 +325,17 @@ pub struct Engine {
     me: std::sync::OnceLock<std::sync::Weak<Engine>>,
     /// Woken when devices are registered or (re)initialised (the external broker's ACL sync).
     registry: tokio::sync::Notify,
-    /// Wakes the sweeper at once (several nodes: a task was created here, deliver it now rather
-    /// than at the next tick).
+    /// Wakes the sweeper at once (several nodes: a task was created, as the store tells
+    /// [`Engine::watch_due`]: claim this node's share of it now rather than at the next tick).
     sweep_now: tokio::sync::Notify,
+    /// Several nodes: executions this node is to claim at its next wake-up (its shares of the
+    /// tasks created since), and whether it is to claim whatever is due instead (the store's
+    /// listener came up, or cannot say how much is this node's).
+    due_share: AtomicI64,
+    due_claim_all: AtomicBool,
+    /// Several nodes: whether the store's listener is up. While it is not, a task created here
+    /// wakes this node's sweep itself, which then claims all of it.
+    due_listening: AtomicBool,
     /// Whether other gateway nodes share the store ([`Coordination`]); fixed when the engine is
     /// built, before any worker runs.
     coordination: Coordination,
@@ -407,6 +422,9 @@ impl Engine {
             me: std::sync::OnceLock::new(),
             registry: tokio::sync::Notify::new(),
             sweep_now: tokio::sync::Notify::new(),
+            due_share: AtomicI64::new(0),
+            due_claim_all: AtomicBool::new(false),
+            due_listening: AtomicBool::new(false),
             coordination: options.coordination,
             retry_initial_ms: options.retry_initial_ms.clamp(1000, RETRY_MAX_MS),
             unwritten: Mutex::new(UnwrittenSends::default()),
@@ -422,6 +440,9 @@ impl Engine {
         }
         tokio::spawn(sweeper(engine.clone()));
         tokio::spawn(delivered_writer(engine.clone()));
+        if engine.is_shared() {
+            engine.watch_due()?;
+        }
         Ok(engine)
     }
 

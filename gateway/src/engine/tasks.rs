@@ -296,12 +296,15 @@ impl Engine {
                 online.push((sn, hot));
             }
         }
-        // Several nodes: the devices online here are a third of the fleet at best; the cluster
-        // sweep of whichever node claims them delivers the new executions to every device (within
-        // a sweep interval), and delivering here too would send those twice.
+        // Several nodes: the devices online here are a third of the fleet at best. Every node's
+        // sweep, woken by the store's notification of the commit, claims its share of the new
+        // executions and delivers them; delivering here too would send those twice. Without
+        // the notification (this node's listener down), this node claims them all at once.
         if self.is_shared() {
             online.clear();
-            self.sweep_now.notify_one();
+            if !self.due_listening.load(Ordering::Relaxed) {
+                self.wake_to_claim_all();
+            }
         }
         let began = Instant::now();
         let terminals = online.len();

@@ -200,6 +200,24 @@ pub trait Tasks {
     fn expiring_within(&self, now: Millis, within_ms: i64) -> StoreResult<i64>;
 }
 
+/// What [`Delivery::watch_due`] tells its watcher.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DueSignal {
+    /// Listening (again): whatever became due while it was not is found by a sweep now.
+    Listening,
+    /// A task was created, on some node: `executions` of it are open, and `nodes` nodes listen
+    /// for it (this one included), so each may claim about `executions / nodes` of them. Either
+    /// is 0 when it could not be read.
+    Due { executions: i64, nodes: i64 },
+    /// Still listening after a quiet while (the connection was checked): nothing to do.
+    Quiet,
+    /// The listening connection is lost; it is opened again with a doubling pause.
+    Lost,
+}
+
+/// The watcher [`Delivery::watch_due`] calls; it returns false to stop watching.
+pub type DueWatch = Box<dyn Fn(DueSignal) -> bool + Send + Sync>;
+
 /// The message path: batches of acks and hellos, re-delivery claims, re-wraps, expiry, and the
 /// monotonic marks in `meta` (the downlink counter's high-water mark, the clock's floor).
 pub trait Delivery {
@@ -209,6 +227,10 @@ pub trait Delivery {
     /// `initial_ms × 2^(sends − 1)` (at most `max_ms`) ago. A claim holds the execution for
     /// `initial_ms`; the delivery write that follows restarts its backoff. Two nodes claiming at
     /// once get disjoint sets, so a retry timer fires once per execution across the cluster.
+    /// Only executions whose id is above `after`, in id order: a sweep's next claim starts where
+    /// its last one ended (the highest id it got), so that a large task is claimed in small
+    /// chunks without each claim reading again the rows claimed before it; what it passed over
+    /// (rows other nodes held at that moment) is found by its next sweep, from `after` = 0.
     /// (The default claims nothing: one node with its own store retries from its own timers.)
     fn claim_redeliveries(
         &self,
@@ -217,8 +239,21 @@ pub trait Delivery {
         _initial_ms: i64,
         _max_ms: i64,
         _limit: i64,
+        _after: i64,
     ) -> StoreResult<Vec<ExecutionRow>> {
         Ok(Vec::new())
+    }
+    /// Several gateway nodes: calls `watch` from a thread of its own with [`DueSignal::Due`]
+    /// whenever a task is created, on any node, when its creation commits (never before, never if
+    /// it rolls back), with the task's open executions and the number of nodes watching, so that
+    /// every node claims its share of them at once rather than at its next tick; with
+    /// [`DueSignal::Listening`] each time it starts listening (a notification may have gone by
+    /// unheard before) and [`DueSignal::Lost`] when it stops, until it listens again. A lost
+    /// signal only delays: the sweep's tick still claims what is due. Returns at once; watches
+    /// until `watch` returns false. (The default watches nothing: one node with its own store
+    /// knows its tasks.)
+    fn watch_due(&self, _watch: DueWatch) -> StoreResult<()> {
+        Ok(())
     }
     /// Replaces the key block of an open execution (re-wrap after re-initialisation).
     fn rewrap_execution(&self, id: i64, key_block: &str, generation: i64) -> StoreResult<()>;

@@ -10,11 +10,16 @@ impl Delivery for PostgresStore {
         initial_ms: i64,
         max_ms: i64,
         limit: i64,
+        after: i64,
     ) -> StoreResult<Vec<ExecutionRow>> {
         self.write(|s| {
-            let found = s.query(CLAIM_REDELIVERIES, &[&now, &first_ms, &initial_ms, &max_ms, &limit])?;
+            let found = s.query(CLAIM_REDELIVERIES, &[&now, &first_ms, &initial_ms, &max_ms, &limit, &after])?;
             rows(found, execution_row)
         })
+    }
+
+    fn watch_due(&self, watch: DueWatch) -> StoreResult<()> {
+        listen::spawn_due_listener(&self.pool.config, self.pool.tls.clone(), watch)
     }
 
     fn rewrap_execution(&self, id: i64, key_block: &str, generation: i64) -> StoreResult<()> {

@@ -38,7 +38,8 @@
 //! **Layout.** This file holds the errors, the pool, the sessions, opening and migrating; `batch`
 //! the statements that end executions and the rounds of a batch; each role of [`Store`] is
 //! implemented in a file of its own: `registry` (with the audit log), `key_sources`, `gudids`,
-//! `tasks` and `delivery`. Rows are read by the shared mappers of `store::rows`.
+//! `tasks` and `delivery`; `listen` tells every node when a task is created (`NOTIFY`/`LISTEN`).
+//! Rows are read by the shared mappers of `store::rows`.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::str::FromStr;
@@ -739,6 +740,7 @@ mod batch;
 mod delivery;
 mod gudids;
 mod key_sources;
+mod listen;
 mod registry;
 mod tasks;
 

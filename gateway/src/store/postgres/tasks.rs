@@ -121,6 +121,9 @@ impl Tasks for PostgresStore {
                     ],
                 )?
                 .try_get(0)?;
+            // Every node's sweep is woken when, and only if, this transaction commits (PostgreSQL
+            // holds the notification until then).
+            listen::notify_due(s, task_id)?;
             let mut sink = PostgresTaskSink { s, task, task_id, inserted: 0, failure: None };
             // A failure inside the sink is kept whole, so a transient one retries the transaction.
             let filled = sink.insert(&task.executions).map(|_| ()).and_then(|()| fill(&mut sink));
