@@ -1,8 +1,8 @@
 //! PostgreSQL: telling every node at once that work is due, with `NOTIFY` and `LISTEN`.
 //!
-//! The transaction that creates a task ends with `pg_notify('rki_due', …)` ([`notify_due`]);
-//! PostgreSQL delivers it to every session listening on the channel when, and only if, that
-//! transaction commits. Each node listens on a connection of its own, outside the pool
+//! The transaction that creates a task issues `pg_notify('rki_due', 'task:{id}')` ([`notify_due`],
+//! right after the task's row); PostgreSQL delivers it to every session listening on the channel
+//! when, and only if, that transaction commits. Each node listens on a connection of its own, outside the pool
 //! ([`spawn_due_listener`]): a pooled connection is lent to one caller at a time, while a listener
 //! must be read all the time. The notification names the task; the listener reads, on its own
 //! connection, how many of its executions are open and how many nodes listen (the listening
