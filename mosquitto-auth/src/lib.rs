@@ -1,0 +1,249 @@
+//! `librki_mosquitto_auth.so`: a Mosquitto 2.0 plugin (plugin interface version 5) that
+//! authenticates the RKI identities from the gateway's PostgreSQL store at each CONNECT and
+//! confines each to its own topics, so that no gateway node rewrites a file or talks `$CONTROL`
+//! and a fleet of any size costs the broker one indexed query and one PBKDF2 per CONNECT
+//! (docs/SCALE-OUT.md, "Mosquitto authenticating from the store").
+//!
+//! ```text
+//! plugin /usr/lib/rki/librki_mosquitto_auth.so
+//! plugin_opt_store_url_file /etc/mosquitto/rki-store.url     # postgres://rki_broker:…@db/rki?sslmode=…, 0600
+//! plugin_opt_defer_usernames rki-gateway                     # decided by password_file and acl_file
+//! password_file /etc/mosquitto/rki-gateway.passwd
+//! acl_file /etc/mosquitto/rki-gateway.acl
+//! ```
+//!
+//! Layout:
+//! - [`identity`]: whose user name it is (a terminal `{SN}`, `init@{SN}`, `backend@{org}~{name}`,
+//!   a name left to Mosquitto's files, or nobody's), parsed without allocating.
+//! - [`acl`]: the access rules, a pure function of (identity, topic, access).
+//! - [`auth`]: the decision at CONNECT, given where the current hashes come from.
+//! - [`store`]: where they come from: the `rki_broker_credentials` view, on a connection owned by
+//!   the plugin's worker thread, so that the broker thread never waits on the network for long.
+//! - [`log`]: what may reach Mosquitto's log, and how often.
+//! - `ffi`: the C interface (`mosquitto_plugin_version`, `_init`, `_cleanup` and the two
+//!   callbacks); the only module with `unsafe`, and every callback's body runs under
+//!   `catch_unwind` (a panic denies).
+//!
+//! Architecture invariant: only `ffi` knows Mosquitto's types and only [`store`] knows SQL; the
+//! rest is plain Rust over byte strings, tested without a broker. Nothing is cached between
+//! CONNECTs: a hash the store replaced never opens the broker again.
+
+pub mod acl;
+pub mod auth;
+pub mod identity;
+pub mod log;
+pub mod store;
+
+// The C interface refers to symbols that only the Mosquitto executable defines: it is left out of
+// the unit tests' executable, which has no Mosquitto to resolve them.
+#[cfg(not(test))]
+mod ffi;
+
+use std::cell::RefCell;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use auth::{Connect, Credentials, Decision, Refusal};
+use identity::{owner, Deferred, Owner};
+
+/// The `plugin_opt_*` lines (Mosquitto hands them over without the prefix).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Options {
+    /// `store_url_file`: a file holding the store URL (with the database password), mode 0600.
+    pub store_url_file: PathBuf,
+    /// `defer_usernames`: names decided by Mosquitto's `password_file` and `acl_file`.
+    pub deferred: Deferred,
+}
+
+impl Options {
+    /// An unknown option is an error (a typo must not leave the broker half-configured).
+    pub fn parse(pairs: &[(String, String)]) -> Result<Options, String> {
+        let mut store_url_file = None;
+        let mut deferred = Deferred::default();
+        for (key, value) in pairs {
+            match key.as_str() {
+                "store_url_file" => store_url_file = Some(PathBuf::from(value)),
+                "defer_usernames" => deferred = Deferred::parse(value)?,
+                other => return Err(format!("unknown option plugin_opt_{other}")),
+            }
+        }
+        let store_url_file = store_url_file.ok_or("plugin_opt_store_url_file is required")?;
+        Ok(Options { store_url_file, deferred })
+    }
+}
+
+/// Mosquitto's answer to an access check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AclVerdict {
+    Allow,
+    Deny,
+    /// Not one of ours: `acl_file` decides.
+    Defer,
+}
+
+/// A line for Mosquitto's log, with its weight.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogLine {
+    Warning(String),
+    Notice(String),
+}
+
+/// The plugin's state: Mosquitto hands a pointer to it to every callback, always on its one
+/// thread. The store link and the log throttle sit in `RefCell`s so that a callback needs only a
+/// shared reference: the broker may call the access check from inside the plugin's own log call
+/// (a `log_dest topic` publishes log lines), and two `&mut` would then overlap.
+pub struct Plugin {
+    deferred: Deferred,
+    credentials: RefCell<Box<dyn Credentials>>,
+    log: RefCell<LogState>,
+}
+
+#[derive(Debug, Default)]
+struct LogState {
+    throttle: log::Throttle,
+    /// The last lookup failed: the next one that succeeds says so once.
+    store_down: bool,
+}
+
+impl Plugin {
+    pub fn new(deferred: Deferred, credentials: Box<dyn Credentials>) -> Plugin {
+        Plugin { deferred, credentials: RefCell::new(credentials), log: RefCell::new(LogState::default()) }
+    }
+
+    /// Reads the URL file and starts the store link.
+    pub fn start(options: &Options) -> Result<(Plugin, String), String> {
+        let url = store::read_url_file(&options.store_url_file)?;
+        let settings = store::Settings::from_url(&url)?;
+        let described = settings.describe();
+        let link = store::StoreLink::start(settings)?;
+        Ok((Plugin::new(options.deferred.clone(), Box::new(link)), described))
+    }
+
+    /// A CONNECT: the decision, and a line for the log if one is due.
+    pub fn on_connect(&self, connect: Connect<'_>, now: Instant) -> (Decision, Option<LogLine>) {
+        let decision = match self.credentials.try_borrow_mut() {
+            Ok(mut credentials) => auth::decide(connect, &self.deferred, credentials.as_mut()),
+            // Not reachable (the broker does not authenticate from inside a CONNECT); refused.
+            Err(_) => Decision::Refuse(Refusal::Store(auth::StoreUnavailable("re-entered".into()))),
+        };
+        let line = self.log_line(&decision, connect.username.unwrap_or_default(), now);
+        (decision, line)
+    }
+
+    fn log_line(&self, decision: &Decision, username: &[u8], now: Instant) -> Option<LogLine> {
+        let Ok(mut state) = self.log.try_borrow_mut() else { return None };
+        let store_failed = matches!(decision, Decision::Refuse(Refusal::Store(_)));
+        let store_answered =
+            matches!(decision, Decision::Allow | Decision::Refuse(Refusal::NoCredentials | Refusal::WrongPassword));
+        if store_answered && state.store_down {
+            state.store_down = false;
+            return Some(LogLine::Notice("rki-auth: the store answers again; CONNECTs are checked".into()));
+        }
+        let Decision::Refuse(refusal) = decision else { return None };
+        let held_back = state.throttle.admit(now)?;
+        let more = if held_back > 0 { format!(" ({held_back} more since the last line)") } else { String::new() };
+        if store_failed {
+            state.store_down = true;
+            let Refusal::Store(why) = refusal else { return None };
+            return Some(LogLine::Warning(format!("rki-auth: store unavailable, CONNECTs refused: {}{more}", why.0)));
+        }
+        Some(LogLine::Notice(format!("rki-auth: refused \"{}\": {}{more}", log::escaped(username), refusal.label())))
+    }
+
+    /// An access check, for every publish, delivery and subscription.
+    pub fn on_acl(&self, username: Option<&[u8]>, topic: Option<&[u8]>, access: i32) -> AclVerdict {
+        let Some(username) = username else { return AclVerdict::Deny };
+        let identity = match owner(username, &self.deferred) {
+            Owner::Mosquitto => return AclVerdict::Defer,
+            Owner::Nobody => return AclVerdict::Deny,
+            Owner::Plugin(identity) => identity,
+        };
+        let (Some(topic), Some(access)) =
+            (topic.and_then(|t| std::str::from_utf8(t).ok()), acl::Access::from_mosquitto(access))
+        else {
+            return AclVerdict::Deny;
+        };
+        if acl::allowed(identity, topic, access) {
+            AclVerdict::Allow
+        } else {
+            AclVerdict::Deny
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::auth::StoreUnavailable;
+
+    struct Scripted(Vec<Result<Vec<String>, StoreUnavailable>>);
+
+    impl Credentials for Scripted {
+        fn hashes(&mut self, _: &str) -> Result<Vec<String>, StoreUnavailable> {
+            if self.0.is_empty() {
+                Ok(Vec::new())
+            } else {
+                self.0.remove(0)
+            }
+        }
+    }
+
+    fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
+        list.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn options_need_the_url_file_and_refuse_unknown_keys() {
+        let options =
+            Options::parse(&pairs(&[("store_url_file", "/etc/u"), ("defer_usernames", "rki-gateway")])).expect("ok");
+        assert_eq!(options.store_url_file, PathBuf::from("/etc/u"));
+        assert_eq!(owner(b"rki-gateway", &options.deferred), Owner::Mosquitto);
+        assert!(Options::parse(&pairs(&[("defer_usernames", "gw")])).is_err());
+        assert!(Options::parse(&pairs(&[("store_url_file", "/etc/u"), ("store_url", "postgres://")])).is_err());
+    }
+
+    #[test]
+    fn access_checks_defer_the_listed_names_and_deny_the_unknown() {
+        let plugin = Plugin::new(Deferred::parse("rki-gateway").expect("list"), Box::new(Scripted(Vec::new())));
+        let check = |u: Option<&[u8]>, t: &[u8], a: i32| plugin.on_acl(u, Some(t), a);
+        assert_eq!(check(Some(b"SN1"), b"SN1/rki/v1/up", 2), AclVerdict::Allow);
+        assert_eq!(check(Some(b"SN1"), b"SN1/rki/v1/up", 1), AclVerdict::Deny);
+        assert_eq!(check(Some(b"SN1"), b"SN1/rki/v1/up", 3), AclVerdict::Deny, "not an access value");
+        assert_eq!(check(Some(b"SN1"), b"SN1/rki/v1/\xff", 2), AclVerdict::Deny);
+        assert_eq!(check(Some(b"rki-gateway"), b"+/rki/v1/#", 4), AclVerdict::Defer);
+        assert_eq!(check(Some(b"SN/1"), b"SN/1/rki/v1/up", 2), AclVerdict::Deny);
+        assert_eq!(check(None, b"SN1/rki/v1/up", 2), AclVerdict::Deny);
+        assert_eq!(plugin.on_acl(Some(b"SN1"), None, 2), AclVerdict::Deny);
+    }
+
+    #[test]
+    fn the_log_says_once_a_second_why_and_when_the_store_is_back() {
+        let hash = rki_gateway::mosquitto::password_hash(b"pw").expect("hash");
+        let down = || Err(StoreUnavailable("connection refused".into()));
+        let plugin = Plugin::new(
+            Deferred::default(),
+            Box::new(Scripted(vec![down(), down(), down(), Ok(vec![hash.clone()]), Ok(vec![hash])])),
+        );
+        let c = Connect { username: Some(b"SN1"), client_id: Some(b"SN1"), password: Some(b"pw") };
+        let t0 = Instant::now();
+        let (d, line) = plugin.on_connect(c, t0);
+        assert!(matches!(d, Decision::Refuse(Refusal::Store(_))));
+        assert_eq!(
+            line,
+            Some(LogLine::Warning("rki-auth: store unavailable, CONNECTs refused: connection refused".into()))
+        );
+        assert_eq!(plugin.on_connect(c, t0 + Duration::from_millis(10)).1, None, "held back");
+        let (_, line) = plugin.on_connect(c, t0 + Duration::from_secs(1));
+        assert!(matches!(line, Some(LogLine::Warning(l)) if l.ends_with("(1 more since the last line)")));
+        let (d, line) = plugin.on_connect(c, t0 + Duration::from_secs(1));
+        assert_eq!(d, Decision::Allow);
+        assert!(matches!(line, Some(LogLine::Notice(l)) if l.contains("answers again")));
+        assert_eq!(plugin.on_connect(c, t0 + Duration::from_secs(5)), (Decision::Allow, None));
+        // A refusal names the client by an escaped prefix only; never the password.
+        let bad = Connect { username: Some(b"SN\n1"), client_id: Some(b"SN\n1"), password: Some(b"secret") };
+        let (_, line) = plugin.on_connect(bad, t0 + Duration::from_secs(9));
+        assert_eq!(line, Some(LogLine::Notice("rki-auth: refused \"SN\\x0a1\": not an RKI identity".into())));
+    }
+}
