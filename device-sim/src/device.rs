@@ -46,6 +46,11 @@ const PACKET_LEN_MAX: usize = frame::FRAME_LEN_MAX + 512;
 const COMMAND_CHANNEL_CAP: usize = 4;
 /// How long a polite DISCONNECT may take to go out.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long after an initialisation the terminal may initialise again with the same GUDID when
+/// the broker refuses its secrets (docs/PROTOCOL.md §7.5: the gateway answers a GUDID anew for 10
+/// minutes after its first answer, until the terminal has used the secrets of one); a minute less,
+/// for the clocks' difference and the answer's travel.
+const REINITIALISE_WINDOW: Duration = Duration::from_secs(9 * 60);
 
 /// Why a device operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -138,6 +143,7 @@ impl Device {
             power_on_at: None,
             knobs,
             pending_gudid: gudid,
+            unproven_gudid: None,
             commands: command_rx,
             status: status_tx,
             counters: counters.clone(),
@@ -335,6 +341,8 @@ enum SessionEnd {
     Offline(Duration),
     /// The connection failed or was lost.
     Lost,
+    /// The broker refused the CONNECT for its credentials.
+    SecretsRefused,
     Reinitialise(Gudid, oneshot::Sender<Result<(), DeviceError>>),
     Shutdown,
 }
@@ -445,6 +453,12 @@ struct Terminal {
     power_on_at: Option<Instant>,
     /// A GUDID to initialise with at power-on, from the configuration.
     pending_gudid: Option<Gudid>,
+    /// The configured GUDID the terminal initialised with, and when, until a session under its
+    /// secrets gets ready (its hello then proves them): if the broker refuses those secrets
+    /// meanwhile, they are an earlier answer's (a late answer to a CreateKey the terminal had
+    /// given up on, taken for the answer to its retry), and the terminal initialises again with
+    /// the same GUDID, as PROTOCOL.md §7.5 says.
+    unproven_gudid: Option<(Gudid, Instant)>,
     commands: mpsc::Receiver<Command>,
     status: watch::Sender<DeviceStatus>,
     counters: Arc<FleetCounters>,
@@ -482,7 +496,9 @@ impl Terminal {
                         // A GUDID from the configuration is retried, with a backoff, while the
                         // failure is the network's; a refusal by the gateway is final.
                         let outcome = Box::pin(self.initialise(&gudid)).await;
-                        if outcome.as_ref().is_err_and(DeviceError::is_transient) {
+                        if outcome.is_ok() {
+                            self.unproven_gudid = Some((gudid, Instant::now()));
+                        } else if outcome.as_ref().is_err_and(DeviceError::is_transient) {
                             self.pending_gudid = Some(gudid);
                             if self.back_off().await {
                                 break;
@@ -522,6 +538,12 @@ impl Terminal {
                         break;
                     }
                 }
+                SessionEnd::SecretsRefused => {
+                    if self.back_off().await {
+                        break;
+                    }
+                    self.initialise_again().await;
+                }
                 SessionEnd::Reinitialise(gudid, reply) => {
                     let outcome = Box::pin(self.initialise(&gudid)).await;
                     let _ = reply.send(outcome);
@@ -539,6 +561,20 @@ impl Terminal {
         // Answered last, so that a caller sees the counters settled.
         if let Some(reply) = self.shutdown_reply.take() {
             let _ = reply.send(());
+        }
+    }
+
+    /// After the broker refused the terminal's secrets: initialises again with the GUDID they came
+    /// from, if it is recent enough for the gateway to answer anew (§7.5). A refusal of that
+    /// CreateKey (the GUDID spent for good) ends the retries; a network failure keeps them.
+    async fn initialise_again(&mut self) {
+        let Some((gudid, at)) = self.unproven_gudid.take() else { return };
+        if !may_initialise_again(at.elapsed()) {
+            return;
+        }
+        let outcome = Box::pin(self.initialise(&gudid)).await;
+        if outcome.is_ok() || outcome.as_ref().is_err_and(DeviceError::is_transient) {
+            self.unproven_gudid = Some((gudid, at));
         }
     }
 
@@ -879,6 +915,8 @@ impl Terminal {
                         }
                         if !connected {
                             connected = true;
+                            // The hello about to go proves the secrets: the GUDID is spent for good.
+                            self.unproven_gudid = None;
                             self.reconnect_delay = None;
                             self.counters.add(&self.counters.connected, 1);
                             self.status.send_modify(|s| {
@@ -906,6 +944,9 @@ impl Terminal {
                     Err(error) => {
                         self.count_connect_failure(&error);
                         self.error(connection_error(&self.broker, &error));
+                        if !connected && secrets_refused(&error) {
+                            break SessionEnd::SecretsRefused;
+                        }
                         break SessionEnd::Lost;
                     }
                 },
@@ -1237,6 +1278,22 @@ fn connect_failure(error: &ConnectionError) -> Option<ConnectFailure> {
     }
 }
 
+/// Whether the broker refused a CONNECT for its user name or password.
+fn secrets_refused(error: &ConnectionError) -> bool {
+    matches!(
+        error,
+        ConnectionError::ConnectionRefused(
+            rumqttc::ConnectReturnCode::NotAuthorized | rumqttc::ConnectReturnCode::BadUserNamePassword
+        )
+    )
+}
+
+/// Whether a terminal refused at CONNECT may initialise again with the GUDID it initialised with
+/// `since` ago.
+fn may_initialise_again(since: Duration) -> bool {
+    since < REINITIALISE_WINDOW
+}
+
 fn connection_error(broker: &BrokerAddr, error: &ConnectionError) -> String {
     match error {
         ConnectionError::ConnectionRefused(code) => {
@@ -1249,6 +1306,26 @@ fn connection_error(broker: &BrokerAddr, error: &ConnectionError) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refused_secrets_are_told_apart_and_initialised_again_within_the_window_only() {
+        use rumqttc::ConnectReturnCode as Code;
+        for code in [Code::NotAuthorized, Code::BadUserNamePassword] {
+            assert!(secrets_refused(&ConnectionError::ConnectionRefused(code)), "{code:?}");
+        }
+        for other in [
+            ConnectionError::ConnectionRefused(Code::ServiceUnavailable),
+            ConnectionError::ConnectionRefused(Code::BadClientId),
+            ConnectionError::NetworkTimeout,
+            ConnectionError::Io(std::io::Error::from(std::io::ErrorKind::ConnectionRefused)),
+        ] {
+            assert!(!secrets_refused(&other), "{other:?}");
+        }
+        assert!(may_initialise_again(Duration::ZERO));
+        assert!(may_initialise_again(REINITIALISE_WINDOW - Duration::from_millis(1)));
+        assert!(!may_initialise_again(REINITIALISE_WINDOW));
+        assert!(REINITIALISE_WINDOW < Duration::from_secs(10 * 60), "inside the gateway's proof window");
+    }
 
     #[test]
     fn a_refused_or_timed_out_connect_is_told_apart_from_other_failures() {
