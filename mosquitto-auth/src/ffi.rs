@@ -130,6 +130,7 @@ fn log_line(line: LogLine) {
     match line {
         LogLine::Warning(text) => log(MOSQ_LOG_WARNING, &text),
         LogLine::Notice(text) => log(MOSQ_LOG_NOTICE, &text),
+        LogLine::Info(text) => log(MOSQ_LOG_INFO, &text),
     }
 }
 
@@ -298,10 +299,8 @@ unsafe extern "C" fn on_basic_auth(_event: c_int, event_data: *mut c_void, userd
                 client_id: if event.client.is_null() { None } else { bytes(mosquitto_client_id(event.client)) },
             }
         };
-        let (decision, line) = registered.plugin.on_connect(connect, Instant::now());
-        if let Some(line) = line {
-            log_line(line);
-        }
+        let (decision, lines) = registered.plugin.on_connect(connect, Instant::now());
+        lines.into_iter().for_each(log_line);
         match decision {
             Decision::Allow => MOSQ_ERR_SUCCESS,
             Decision::Defer => MOSQ_ERR_PLUGIN_DEFER,

@@ -86,6 +86,7 @@ pub enum AclVerdict {
 pub enum LogLine {
     Warning(String),
     Notice(String),
+    Info(String),
 }
 
 /// The plugin's state: Mosquitto hands a pointer to it to every callback, always on its one
@@ -101,6 +102,7 @@ pub struct Plugin {
 #[derive(Debug, Default)]
 struct LogState {
     throttle: log::Throttle,
+    cost: log::ConnectCost,
     /// The last lookup failed: the next one that succeeds says so once.
     store_down: bool,
 }
@@ -120,14 +122,23 @@ impl Plugin {
     }
 
     /// A CONNECT: the decision, and a line for the log if one is due.
-    pub fn on_connect(&self, connect: Connect<'_>, now: Instant) -> (Decision, Option<LogLine>) {
+    /// A CONNECT: the decision, and the lines for the log that are due (`now` is when the check
+    /// started; its cost is measured here).
+    pub fn on_connect(&self, connect: Connect<'_>, now: Instant) -> (Decision, Vec<LogLine>) {
         let decision = match self.credentials.try_borrow_mut() {
             Ok(mut credentials) => auth::decide(connect, &self.deferred, credentials.as_mut()),
             // Not reachable (the broker does not authenticate from inside a CONNECT); refused.
             Err(_) => Decision::Refuse(Refusal::Store(auth::StoreUnavailable("re-entered".into()))),
         };
-        let line = self.log_line(&decision, connect.username.unwrap_or_default(), now);
-        (decision, line)
+        let mut lines: Vec<LogLine> =
+            self.log_line(&decision, connect.username.unwrap_or_default(), now).into_iter().collect();
+        if decision != Decision::Defer {
+            let ended = Instant::now().max(now);
+            if let Ok(mut state) = self.log.try_borrow_mut() {
+                lines.extend(state.cost.add(ended - now, ended).map(LogLine::Info));
+            }
+        }
+        (decision, lines)
     }
 
     fn log_line(&self, decision: &Decision, username: &[u8], now: Instant) -> Option<LogLine> {
@@ -228,22 +239,26 @@ mod tests {
         );
         let c = Connect { username: Some(b"SN1"), client_id: Some(b"SN1"), password: Some(b"pw") };
         let t0 = Instant::now();
-        let (d, line) = plugin.on_connect(c, t0);
+        // The cost line is left out here (it depends on the real time the checks take).
+        let lines = |(decision, lines): (Decision, Vec<LogLine>)| {
+            (decision, lines.into_iter().filter(|l| !matches!(l, LogLine::Info(_))).collect::<Vec<_>>())
+        };
+        let (d, line) = lines(plugin.on_connect(c, t0));
         assert!(matches!(d, Decision::Refuse(Refusal::Store(_))));
         assert_eq!(
             line,
-            Some(LogLine::Warning("rki-auth: store unavailable, CONNECTs refused: connection refused".into()))
+            [LogLine::Warning("rki-auth: store unavailable, CONNECTs refused: connection refused".into())]
         );
-        assert_eq!(plugin.on_connect(c, t0 + Duration::from_millis(10)).1, None, "held back");
-        let (_, line) = plugin.on_connect(c, t0 + Duration::from_secs(1));
-        assert!(matches!(line, Some(LogLine::Warning(l)) if l.ends_with("(1 more since the last line)")));
-        let (d, line) = plugin.on_connect(c, t0 + Duration::from_secs(1));
+        assert_eq!(lines(plugin.on_connect(c, t0 + Duration::from_millis(10))).1, [], "held back");
+        let (_, line) = lines(plugin.on_connect(c, t0 + Duration::from_secs(1)));
+        assert!(matches!(&line[..], [LogLine::Warning(l)] if l.ends_with("(1 more since the last line)")));
+        let (d, line) = lines(plugin.on_connect(c, t0 + Duration::from_secs(1)));
         assert_eq!(d, Decision::Allow);
-        assert!(matches!(line, Some(LogLine::Notice(l)) if l.contains("answers again")));
-        assert_eq!(plugin.on_connect(c, t0 + Duration::from_secs(5)), (Decision::Allow, None));
+        assert!(matches!(&line[..], [LogLine::Notice(l)] if l.contains("answers again")));
+        assert_eq!(lines(plugin.on_connect(c, t0 + Duration::from_secs(5))), (Decision::Allow, vec![]));
         // A refusal names the client by an escaped prefix only; never the password.
         let bad = Connect { username: Some(b"SN\n1"), client_id: Some(b"SN\n1"), password: Some(b"secret") };
-        let (_, line) = plugin.on_connect(bad, t0 + Duration::from_secs(9));
-        assert_eq!(line, Some(LogLine::Notice("rki-auth: refused \"SN\\x0a1\": not an RKI identity".into())));
+        let (_, line) = lines(plugin.on_connect(bad, t0 + Duration::from_secs(9)));
+        assert_eq!(line, [LogLine::Notice("rki-auth: refused \"SN\\x0a1\": not an RKI identity".into())]);
     }
 }
