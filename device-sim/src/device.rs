@@ -572,7 +572,13 @@ impl Terminal {
         if !may_initialise_again(at.elapsed()) {
             return;
         }
+        // The reconnect delay keeps growing across these attempts (an initialisation resets it):
+        // once the pause between two bootstrap sessions is longer than the gateway takes to
+        // answer, a late answer falls between them, to no subscriber, and cannot be taken for
+        // the next CreateKey's.
+        let delay = self.reconnect_delay;
         let outcome = Box::pin(self.initialise(&gudid)).await;
+        self.reconnect_delay = delay;
         if outcome.is_ok() || outcome.as_ref().is_err_and(DeviceError::is_transient) {
             self.unproven_gudid = Some((gudid, at));
         }
