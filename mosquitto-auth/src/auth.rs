@@ -57,7 +57,10 @@ impl Refusal {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
-    Allow,
+    /// Admitted: the password matched this current hash.
+    Allow {
+        hash: String,
+    },
     /// Not ours: Mosquitto's `password_file` decides (`MOSQ_ERR_PLUGIN_DEFER`).
     Defer,
     Refuse(Refusal),
@@ -93,14 +96,15 @@ pub fn decide(connect: Connect<'_>, deferred: &Deferred, credentials: &mut dyn C
         return Decision::Refuse(Refusal::NoCredentials);
     }
     // Every hash is checked (no early exit), so the time does not say which one matched.
-    let matched = hashes
-        .iter()
-        .take(HASHES_PER_IDENTITY_MAX)
-        .fold(false, |found, hash| rki_gateway::mosquitto::verify_password_hash(password, hash) | found);
-    if matched {
-        Decision::Allow
-    } else {
-        Decision::Refuse(Refusal::WrongPassword)
+    let mut matched = None;
+    for hash in hashes.into_iter().take(HASHES_PER_IDENTITY_MAX) {
+        if rki_gateway::mosquitto::verify_password_hash(password, &hash) {
+            matched = Some(hash);
+        }
+    }
+    match matched {
+        Some(hash) => Decision::Allow { hash },
+        None => Decision::Refuse(Refusal::WrongPassword),
     }
 }
 
@@ -156,10 +160,10 @@ mod tests {
     fn each_identity_connects_with_its_current_password_only() {
         let mut table = store();
         let cases: &[(Connect<'_>, Decision)] = &[
-            (connect("SN1", "SN1", "sn1-pw"), Decision::Allow),
-            (connect("init@SN2", "init@SN2", "new-gudid"), Decision::Allow),
-            (connect("init@SN2", "init@SN2", "old-gudid"), Decision::Allow),
-            (connect("backend@acme~erp", "backend@acme~erp", "erp-pw"), Decision::Allow),
+            (connect("SN1", "SN1", "sn1-pw"), allow()),
+            (connect("init@SN2", "init@SN2", "new-gudid"), allow()),
+            (connect("init@SN2", "init@SN2", "old-gudid"), allow()),
+            (connect("backend@acme~erp", "backend@acme~erp", "erp-pw"), allow()),
             (connect("SN1", "SN1", "SN1-pw"), Decision::Refuse(Refusal::WrongPassword)),
             (connect("SN1", "SN1", ""), Decision::Refuse(Refusal::WrongPassword)),
             (connect("SN1", "SN2", "sn1-pw"), Decision::Refuse(Refusal::ClientIdMismatch)),
@@ -174,7 +178,7 @@ mod tests {
             (connect("#", "#", "x"), Decision::Refuse(Refusal::NotAnIdentity)),
         ];
         for (c, expected) in cases {
-            assert_eq!(decide(*c, &gateway(), &mut table), *expected, "{c:?}");
+            assert_eq!(simple(decide(*c, &gateway(), &mut table)), *expected, "{c:?}");
         }
     }
 
@@ -196,25 +200,35 @@ mod tests {
         }
         assert_eq!(table.lookups, 0, "nothing malformed reaches the store");
         // The gateway's own name never reaches the store either.
-        assert_eq!(decide(connect("rki-gateway", "x", "y"), &gateway(), &mut table), Decision::Defer);
+        assert_eq!(simple(decide(connect("rki-gateway", "x", "y"), &gateway(), &mut table)), Decision::Defer);
         assert_eq!(table.lookups, 0);
     }
 
     #[test]
     fn a_replaced_hash_refuses_the_old_password_at_the_next_connect() {
         let mut table = store();
-        assert_eq!(decide(connect("SN1", "SN1", "sn1-pw"), &gateway(), &mut table), Decision::Allow);
+        assert_eq!(simple(decide(connect("SN1", "SN1", "sn1-pw"), &gateway(), &mut table)), allow());
         table.rows.insert("SN1".to_string(), vec![hash("sn1-new")]);
         assert_eq!(
             decide(connect("SN1", "SN1", "sn1-pw"), &gateway(), &mut table),
             Decision::Refuse(Refusal::WrongPassword)
         );
-        assert_eq!(decide(connect("SN1", "SN1", "sn1-new"), &gateway(), &mut table), Decision::Allow);
+        assert_eq!(simple(decide(connect("SN1", "SN1", "sn1-new"), &gateway(), &mut table)), allow());
         table.rows.remove("init@SN2");
         assert_eq!(
             decide(connect("init@SN2", "init@SN2", "new-gudid"), &gateway(), &mut table),
             Decision::Refuse(Refusal::NoCredentials)
         );
+    }
+
+    #[test]
+    fn the_hash_that_matched_is_the_one_admitted() {
+        let mut table = store();
+        let hashes = table.rows["init@SN2"].clone();
+        for (password, hash) in [("old-gudid", &hashes[0]), ("new-gudid", &hashes[1])] {
+            let decision = decide(connect("init@SN2", "init@SN2", password), &gateway(), &mut table);
+            assert_eq!(decision, Decision::Allow { hash: hash.clone() }, "{password}");
+        }
     }
 
     #[test]
@@ -224,7 +238,7 @@ mod tests {
         assert_eq!(refused, Decision::Refuse(Refusal::Store(StoreUnavailable("connection refused".into()))));
         assert_eq!(refused_label(&refused), "store unavailable");
         // Mosquitto's own identities do not depend on the store.
-        assert_eq!(decide(connect("rki-gateway", "gw-1", "x"), &gateway(), &mut table), Decision::Defer);
+        assert_eq!(simple(decide(connect("rki-gateway", "gw-1", "x"), &gateway(), &mut table)), Decision::Defer);
     }
 
     #[test]
@@ -234,11 +248,23 @@ mod tests {
         hashes.push(hash("late"));
         rows.insert("SN1".to_string(), hashes);
         let mut table = Table { rows, ..Table::default() };
-        assert_eq!(decide(connect("SN1", "SN1", "a"), &gateway(), &mut table), Decision::Allow);
+        assert_eq!(simple(decide(connect("SN1", "SN1", "a"), &gateway(), &mut table)), allow());
         assert_eq!(
             decide(connect("SN1", "SN1", "late"), &gateway(), &mut table),
             Decision::Refuse(Refusal::WrongPassword)
         );
+    }
+
+    fn allow() -> Decision {
+        Decision::Allow { hash: String::new() }
+    }
+
+    /// The decision without the matched hash, for the tables.
+    fn simple(decision: Decision) -> Decision {
+        match decision {
+            Decision::Allow { .. } => allow(),
+            other => other,
+        }
     }
 
     fn refused_label(decision: &Decision) -> &'static str {

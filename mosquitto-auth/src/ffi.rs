@@ -28,8 +28,11 @@ use crate::{AclVerdict, LogLine, Options, Plugin};
 const MOSQ_PLUGIN_VERSION: c_int = 5;
 
 /// `enum mosquitto_plugin_event`.
+const MOSQ_EVT_RELOAD: c_int = 1;
 const MOSQ_EVT_ACL_CHECK: c_int = 2;
 const MOSQ_EVT_BASIC_AUTH: c_int = 3;
+const MOSQ_EVT_TICK: c_int = 9;
+const MOSQ_EVT_DISCONNECT: c_int = 10;
 
 /// `enum mosq_err_t`.
 const MOSQ_ERR_SUCCESS: c_int = 0;
@@ -90,6 +93,15 @@ struct EvtAclCheck {
     _future2: [*mut c_void; 4],
 }
 
+/// `struct mosquitto_evt_disconnect`.
+#[repr(C)]
+struct EvtDisconnect {
+    _future: *mut c_void,
+    client: *mut Client,
+    _reason: c_int,
+    _future2: [*mut c_void; 4],
+}
+
 /// `MOSQ_FUNC_generic_callback`.
 type GenericCallback = unsafe extern "C" fn(event: c_int, event_data: *mut c_void, userdata: *mut c_void) -> c_int;
 
@@ -110,6 +122,18 @@ extern "C" {
     fn mosquitto_client_id(client: *const Client) -> *const c_char;
     fn mosquitto_client_username(client: *const Client) -> *const c_char;
     fn mosquitto_log_printf(level: c_int, fmt: *const c_char, ...);
+    fn mosquitto_kick_client_by_username(username: *const c_char, with_will: bool) -> c_int;
+}
+
+/// The events the plugin handles, and its callback for each.
+fn callbacks() -> [(c_int, GenericCallback); 5] {
+    [
+        (MOSQ_EVT_BASIC_AUTH, on_basic_auth),
+        (MOSQ_EVT_ACL_CHECK, on_acl_check),
+        (MOSQ_EVT_RELOAD, on_reload),
+        (MOSQ_EVT_TICK, on_tick),
+        (MOSQ_EVT_DISCONNECT, on_disconnect),
+    ]
 }
 
 /// What `mosquitto_plugin_init` hands to the callbacks and gets back at cleanup.
@@ -195,9 +219,7 @@ pub unsafe extern "C" fn mosquitto_plugin_init(
         return MOSQ_ERR_INVAL;
     }
     let registered = Box::into_raw(Box::new(Registered { plugin, identifier }));
-    for (event, callback) in
-        [(MOSQ_EVT_BASIC_AUTH, on_basic_auth as GenericCallback), (MOSQ_EVT_ACL_CHECK, on_acl_check)]
-    {
+    for (event, callback) in callbacks() {
         // SAFETY: Mosquitto's identifier; the callback lives as long as the library; the user
         // data lives until the cleanup unregisters the callbacks.
         let rc = unsafe {
@@ -252,9 +274,7 @@ pub unsafe extern "C" fn mosquitto_plugin_cleanup(userdata: *mut c_void, _option
 unsafe fn unregister(registered: *mut Registered) {
     // SAFETY: per the function's contract.
     let identifier = unsafe { (*registered).identifier };
-    for (event, callback) in
-        [(MOSQ_EVT_BASIC_AUTH, on_basic_auth as GenericCallback), (MOSQ_EVT_ACL_CHECK, on_acl_check)]
-    {
+    for (event, callback) in callbacks() {
         // SAFETY: Mosquitto's identifier and the callback registered with it (an unregistered
         // one is reported as not found, which is fine here).
         let _ = unsafe { mosquitto_callback_unregister(identifier, event, callback, std::ptr::null()) };
@@ -299,10 +319,10 @@ unsafe extern "C" fn on_basic_auth(_event: c_int, event_data: *mut c_void, userd
                 client_id: if event.client.is_null() { None } else { bytes(mosquitto_client_id(event.client)) },
             }
         };
-        let (decision, lines) = registered.plugin.on_connect(connect, Instant::now());
+        let (decision, lines) = registered.plugin.on_connect(event.client as usize, connect, Instant::now());
         lines.into_iter().for_each(log_line);
         match decision {
-            Decision::Allow => MOSQ_ERR_SUCCESS,
+            Decision::Allow { .. } => MOSQ_ERR_SUCCESS,
             Decision::Defer => MOSQ_ERR_PLUGIN_DEFER,
             Decision::Refuse(_) => MOSQ_ERR_AUTH,
         }
@@ -331,4 +351,52 @@ unsafe extern "C" fn on_acl_check(_event: c_int, event_data: *mut c_void, userda
         }
     }));
     verdict.unwrap_or(MOSQ_ERR_ACL_DENIED)
+}
+
+/// `MOSQ_EVT_RELOAD`: a SIGHUP; Mosquitto re-checks every connected client next.
+unsafe extern "C" fn on_reload(_event: c_int, _event_data: *mut c_void, userdata: *mut c_void) -> c_int {
+    let _ = catch_unwind(AssertUnwindSafe(|| {
+        if userdata.is_null() {
+            return;
+        }
+        // SAFETY: our user data, live until the cleanup.
+        let registered = unsafe { &*userdata.cast::<Registered>() };
+        log_line(registered.plugin.on_reload());
+    }));
+    // Not a verdict: the reload goes on, with the other plugins' reload callbacks.
+    MOSQ_ERR_PLUGIN_DEFER
+}
+
+/// `MOSQ_EVT_TICK`: once per turn of the broker's loop.
+unsafe extern "C" fn on_tick(_event: c_int, _event_data: *mut c_void, userdata: *mut c_void) -> c_int {
+    let _ = catch_unwind(AssertUnwindSafe(|| {
+        if userdata.is_null() {
+            return;
+        }
+        // SAFETY: our user data, live until the cleanup.
+        let registered = unsafe { &*userdata.cast::<Registered>() };
+        let (kick, lines) = registered.plugin.on_tick(Instant::now());
+        lines.into_iter().for_each(log_line);
+        for username in kick {
+            let Ok(name) = CString::new(username) else { continue };
+            // SAFETY: a NUL-terminated user name, alive for the call; Mosquitto disconnects the
+            // clients of that name (without their wills).
+            let _ = unsafe { mosquitto_kick_client_by_username(name.as_ptr(), false) };
+        }
+    }));
+    MOSQ_ERR_SUCCESS
+}
+
+/// `MOSQ_EVT_DISCONNECT`: a connection ended; its context is freed after this.
+unsafe extern "C" fn on_disconnect(_event: c_int, event_data: *mut c_void, userdata: *mut c_void) -> c_int {
+    let _ = catch_unwind(AssertUnwindSafe(|| {
+        if event_data.is_null() || userdata.is_null() {
+            return;
+        }
+        // SAFETY: Mosquitto passes a `struct mosquitto_evt_disconnect` for this event, valid for
+        // the call, and our user data, live until the cleanup.
+        let (event, registered) = unsafe { (&*event_data.cast::<EvtDisconnect>(), &*userdata.cast::<Registered>()) };
+        registered.plugin.on_disconnect(event.client as usize);
+    }));
+    MOSQ_ERR_SUCCESS
 }

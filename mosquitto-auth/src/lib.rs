@@ -17,6 +17,8 @@
 //!   a name left to Mosquitto's files, or nobody's), parsed without allocating.
 //! - [`acl`]: the access rules, a pure function of (identity, topic, access).
 //! - [`auth`]: the decision at CONNECT, given where the current hashes come from.
+//! - [`admitted`]: the clients admitted and still connected: a reload's re-check of them needs no
+//!   store, and a connected backend whose hash the store dropped is disconnected.
 //! - [`store`]: where they come from: the `rki_broker_credentials` view, on a connection owned by
 //!   the plugin's worker thread, so that the broker thread never waits on the network for long.
 //! - [`log`]: what may reach Mosquitto's log, and how often.
@@ -29,6 +31,7 @@
 //! CONNECTs: a hash the store replaced never opens the broker again.
 
 pub mod acl;
+pub mod admitted;
 pub mod auth;
 pub mod identity;
 pub mod log;
@@ -96,6 +99,7 @@ pub enum LogLine {
 pub struct Plugin {
     deferred: Deferred,
     credentials: RefCell<Box<dyn Credentials>>,
+    admitted: RefCell<admitted::Admitted>,
     log: RefCell<LogState>,
 }
 
@@ -109,7 +113,12 @@ struct LogState {
 
 impl Plugin {
     pub fn new(deferred: Deferred, credentials: Box<dyn Credentials>) -> Plugin {
-        Plugin { deferred, credentials: RefCell::new(credentials), log: RefCell::new(LogState::default()) }
+        Plugin {
+            deferred,
+            credentials: RefCell::new(credentials),
+            admitted: RefCell::new(admitted::Admitted::default()),
+            log: RefCell::new(LogState::default()),
+        }
     }
 
     /// Reads the URL file and starts the store link.
@@ -121,17 +130,23 @@ impl Plugin {
         Ok((Plugin::new(options.deferred.clone(), Box::new(link)), described))
     }
 
-    /// A CONNECT: the decision, and a line for the log if one is due.
-    /// A CONNECT: the decision, and the lines for the log that are due (`now` is when the check
-    /// started; its cost is measured here).
-    pub fn on_connect(&self, connect: Connect<'_>, now: Instant) -> (Decision, Vec<LogLine>) {
+    /// A CONNECT of the connection `client` (the address of Mosquitto's context), or a reload's
+    /// re-check of it: the decision, and the lines for the log that are due (`now` is when the
+    /// check started; its cost is measured here).
+    pub fn on_connect(&self, client: usize, connect: Connect<'_>, now: Instant) -> (Decision, Vec<LogLine>) {
+        let username = connect.username.unwrap_or_default();
+        if self.admitted.try_borrow().is_ok_and(|a| a.is_recheck(client, username)) {
+            return (Decision::Allow { hash: String::new() }, Vec::new());
+        }
         let decision = match self.credentials.try_borrow_mut() {
             Ok(mut credentials) => auth::decide(connect, &self.deferred, credentials.as_mut()),
             // Not reachable (the broker does not authenticate from inside a CONNECT); refused.
             Err(_) => Decision::Refuse(Refusal::Store(auth::StoreUnavailable("re-entered".into()))),
         };
-        let mut lines: Vec<LogLine> =
-            self.log_line(&decision, connect.username.unwrap_or_default(), now).into_iter().collect();
+        if let (Decision::Allow { hash }, Ok(mut admitted)) = (&decision, self.admitted.try_borrow_mut()) {
+            admitted.admit(client, username, hash.clone());
+        }
+        let mut lines: Vec<LogLine> = self.log_line(&decision, username, now).into_iter().collect();
         if decision != Decision::Defer {
             let ended = Instant::now().max(now);
             if let Ok(mut state) = self.log.try_borrow_mut() {
@@ -141,11 +156,61 @@ impl Plugin {
         (decision, lines)
     }
 
+    /// The connection `client` ended (`MOSQ_EVT_DISCONNECT`).
+    pub fn on_disconnect(&self, client: usize) {
+        if let Ok(mut admitted) = self.admitted.try_borrow_mut() {
+            admitted.gone(client);
+        }
+    }
+
+    /// A reload starts (`MOSQ_EVT_RELOAD`): Mosquitto re-checks its connected clients next.
+    pub fn on_reload(&self) -> LogLine {
+        let count = match self.admitted.try_borrow_mut() {
+            Ok(mut admitted) => {
+                admitted.reload_started();
+                admitted.len()
+            }
+            Err(_) => 0,
+        };
+        LogLine::Info(format!("rki-auth: reload; the {count} clients admitted on their connection stay admitted"))
+    }
+
+    /// The broker's loop turned (`MOSQ_EVT_TICK`): the reload, if any, is over; connected backends
+    /// are looked up again when due. Returns the user names to disconnect, and lines for the log.
+    pub fn on_tick(&self, now: Instant) -> (Vec<String>, Vec<LogLine>) {
+        let due = match self.admitted.try_borrow_mut() {
+            Ok(mut admitted) => {
+                admitted.tick();
+                admitted.backends_due(now, &self.deferred)
+            }
+            Err(_) => return (Vec::new(), Vec::new()),
+        };
+        let Ok(mut credentials) = self.credentials.try_borrow_mut() else { return (Vec::new(), Vec::new()) };
+        let mut kick = Vec::new();
+        let mut lines = Vec::new();
+        for (username, hash) in due {
+            // A store that cannot answer disconnects nobody.
+            if let Ok(current) = credentials.hashes(&username) {
+                if !current.contains(&hash) {
+                    let line = format!(
+                        "rki-auth: disconnecting \"{}\": its credentials are gone",
+                        log::escaped(username.as_bytes())
+                    );
+                    lines.push(LogLine::Notice(line));
+                    kick.push(username);
+                }
+            }
+        }
+        (kick, lines)
+    }
+
     fn log_line(&self, decision: &Decision, username: &[u8], now: Instant) -> Option<LogLine> {
         let Ok(mut state) = self.log.try_borrow_mut() else { return None };
         let store_failed = matches!(decision, Decision::Refuse(Refusal::Store(_)));
-        let store_answered =
-            matches!(decision, Decision::Allow | Decision::Refuse(Refusal::NoCredentials | Refusal::WrongPassword));
+        let store_answered = matches!(
+            decision,
+            Decision::Allow { .. } | Decision::Refuse(Refusal::NoCredentials | Refusal::WrongPassword)
+        );
         if store_answered && state.store_down {
             state.store_down = false;
             return Some(LogLine::Notice("rki-auth: the store answers again; CONNECTs are checked".into()));
@@ -243,22 +308,70 @@ mod tests {
         let lines = |(decision, lines): (Decision, Vec<LogLine>)| {
             (decision, lines.into_iter().filter(|l| !matches!(l, LogLine::Info(_))).collect::<Vec<_>>())
         };
-        let (d, line) = lines(plugin.on_connect(c, t0));
+        let (d, line) = lines(plugin.on_connect(1, c, t0));
         assert!(matches!(d, Decision::Refuse(Refusal::Store(_))));
         assert_eq!(
             line,
             [LogLine::Warning("rki-auth: store unavailable, CONNECTs refused: connection refused".into())]
         );
-        assert_eq!(lines(plugin.on_connect(c, t0 + Duration::from_millis(10))).1, [], "held back");
-        let (_, line) = lines(plugin.on_connect(c, t0 + Duration::from_secs(1)));
+        assert_eq!(lines(plugin.on_connect(1, c, t0 + Duration::from_millis(10))).1, [], "held back");
+        let (_, line) = lines(plugin.on_connect(1, c, t0 + Duration::from_secs(1)));
         assert!(matches!(&line[..], [LogLine::Warning(l)] if l.ends_with("(1 more since the last line)")));
-        let (d, line) = lines(plugin.on_connect(c, t0 + Duration::from_secs(1)));
-        assert_eq!(d, Decision::Allow);
+        let (d, line) = lines(plugin.on_connect(1, c, t0 + Duration::from_secs(1)));
+        assert!(matches!(d, Decision::Allow { .. }));
         assert!(matches!(&line[..], [LogLine::Notice(l)] if l.contains("answers again")));
-        assert_eq!(lines(plugin.on_connect(c, t0 + Duration::from_secs(5))), (Decision::Allow, vec![]));
+        let (d, line) = lines(plugin.on_connect(1, c, t0 + Duration::from_secs(5)));
+        assert!(matches!(d, Decision::Allow { .. }) && line.is_empty());
         // A refusal names the client by an escaped prefix only; never the password.
         let bad = Connect { username: Some(b"SN\n1"), client_id: Some(b"SN\n1"), password: Some(b"secret") };
-        let (_, line) = lines(plugin.on_connect(bad, t0 + Duration::from_secs(9)));
+        let (_, line) = lines(plugin.on_connect(2, bad, t0 + Duration::from_secs(9)));
         assert_eq!(line, [LogLine::Notice("rki-auth: refused \"SN\\x0a1\": not an RKI identity".into())]);
+    }
+
+    #[test]
+    fn a_reloads_recheck_of_an_admitted_connection_needs_no_store() {
+        let hash = rki_gateway::mosquitto::password_hash(b"pw").expect("hash");
+        let down = || Err(StoreUnavailable("connection refused".into()));
+        let plugin = Plugin::new(Deferred::default(), Box::new(Scripted(vec![Ok(vec![hash]), down(), down()])));
+        let c = Connect { username: Some(b"SN1"), client_id: Some(b"SN1"), password: Some(b"pw") };
+        let t0 = Instant::now();
+        assert!(matches!(plugin.on_connect(7, c, t0).0, Decision::Allow { .. }));
+        assert!(matches!(plugin.on_reload(), LogLine::Info(l) if l.contains("the 1 clients")));
+        // The store is down: the connection admitted before stays; another one is refused.
+        assert!(matches!(plugin.on_connect(7, c, t0).0, Decision::Allow { .. }), "re-checked without the store");
+        assert!(matches!(plugin.on_connect(8, c, t0).0, Decision::Refuse(Refusal::Store(_))), "a new connection");
+        plugin.on_tick(t0);
+        assert!(matches!(plugin.on_connect(7, c, t0).0, Decision::Refuse(_)), "after the reload, a CONNECT again");
+        plugin.on_disconnect(7);
+        plugin.on_reload();
+        assert!(matches!(plugin.on_connect(7, c, t0).0, Decision::Refuse(_)), "a connection that ended");
+    }
+
+    #[test]
+    fn a_connected_backend_whose_hash_the_store_dropped_is_disconnected() {
+        let old = rki_gateway::mosquitto::password_hash(b"old").expect("hash");
+        let new = rki_gateway::mosquitto::password_hash(b"new").expect("hash");
+        let plugin = Plugin::new(
+            Deferred::default(),
+            Box::new(Scripted(vec![
+                Ok(vec![old.clone()]),
+                Ok(vec![old.clone()]),
+                Err(StoreUnavailable("down".into())),
+                Ok(vec![new]),
+            ])),
+        );
+        let erp = Connect {
+            username: Some(b"backend@acme~erp"),
+            client_id: Some(b"backend@acme~erp"),
+            password: Some(b"old"),
+        };
+        let t0 = Instant::now();
+        assert!(matches!(plugin.on_connect(1, erp, t0).0, Decision::Allow { .. }));
+        assert!(plugin.on_tick(t0).0.is_empty(), "still its hash");
+        assert!(plugin.on_tick(t0 + Duration::from_secs(1)).0.is_empty(), "not due");
+        assert!(plugin.on_tick(t0 + admitted::BACKEND_CHECK_INTERVAL).0.is_empty(), "the store is down");
+        let (kick, lines) = plugin.on_tick(t0 + admitted::BACKEND_CHECK_INTERVAL * 2);
+        assert_eq!(kick, ["backend@acme~erp"], "created anew with another secret");
+        assert!(matches!(&lines[..], [LogLine::Notice(l)] if l.contains("credentials are gone")));
     }
 }

@@ -224,6 +224,8 @@ fn each_identity_reaches_only_its_own_topics_and_no_stale_or_malformed_one_gets_
     assert_eq!(backend.subscribe_v4_granted(30, &reply)?, [SubscribeReasonCode::Success(QoS::AtLeastOnce)]);
     api.ok_post("/v1/backends/erp/revoke", &json!({}))?;
     assert!(rt.block_on(mqtt_connect(port, &id.client_id(), &backend_password, true)).is_err(), "revoked, admitted");
+    // Its live connection ends too (the plugin looks connected backends up every 5 s).
+    assert!(backend.closed_within(Duration::from_secs(15)), "a revoked backend stays connected");
 
     // Malformed CONNECTs: refused, and the broker serves on.
     let huge = vec![b'S'; 64 * 1024];
@@ -272,14 +274,26 @@ fn a_database_outage_refuses_connects_at_once_and_the_broker_serves_on_until_it_
         assert!(rt.block_on(mqtt_connect(port, &two, &two_password, true)).is_err(), "admitted without the store");
         assert!(started.elapsed() < Duration::from_secs(3), "a refusal took {:?}", started.elapsed());
     }
-    // Connected clients are served: the gateway's identity (Mosquitto's files) reaches terminal one.
-    rt.block_on(async {
-        let (gw, _) = mqtt_connect(port, GATEWAY_USER, GATEWAY_PASSWORD, true).await?;
-        gw.publish(down_one.as_str(), rumqttc::QoS::AtLeastOnce, false, b"still here".to_vec()).await?;
-        let got = tokio::time::timeout(Duration::from_secs(10), one_inbox.recv()).await?;
-        assert_eq!(got, Some((down_one.clone(), b"still here".to_vec())));
-        TestResult::Ok(())
+    // Connected clients are served: the gateway's identity (Mosquitto's files) reaches terminal
+    // one, before and after a reload (SIGHUP: Mosquitto checks every connected client again, and
+    // the plugin keeps those it admitted on their connection, without the store).
+    let (gw, _) = rt.block_on(mqtt_connect(port, GATEWAY_USER, GATEWAY_PASSWORD, true))?;
+    let mut reach_one = |text: &'static [u8]| {
+        rt.block_on(async {
+            gw.publish(down_one.as_str(), rumqttc::QoS::AtLeastOnce, false, text.to_vec()).await?;
+            let got = tokio::time::timeout(Duration::from_secs(10), one_inbox.recv()).await?;
+            assert_eq!(got, Some((down_one.clone(), text.to_vec())));
+            TestResult::Ok(())
+        })
+    };
+    reach_one(b"still here")?;
+    let hup = std::process::Command::new("kill").arg("-HUP").arg(cluster.mosquitto.pid().to_string()).status()?;
+    assert!(hup.success());
+    wait::until("the broker to reload", Duration::from_secs(10), || {
+        cluster.mosquitto.log().contains("rki-auth: reload")
     })?;
+    reach_one(b"after the reload")?;
+    assert!(rt.block_on(mqtt_connect(port, &two, &two_password, true)).is_err(), "admitted after the reload");
 
     cluster.pg.start_again()?;
     wait::poll_paced(
