@@ -374,4 +374,21 @@ mod tests {
         assert_eq!(kick, ["backend@acme~erp"], "created anew with another secret");
         assert!(matches!(&lines[..], [LogLine::Notice(l)] if l.contains("credentials are gone")));
     }
+
+    #[test]
+    fn the_deploy_sample_configures_the_plugin_and_defers_the_gateway() {
+        let sample = include_str!("../../deploy/mosquitto-store-auth.conf");
+        let pairs: Vec<(String, String)> = sample
+            .lines()
+            .filter_map(|l| l.strip_prefix("plugin_opt_"))
+            .filter_map(|l| l.split_once(' '))
+            .map(|(k, v)| (k.to_string(), v.trim().to_string()))
+            .collect();
+        let options = Options::parse(&pairs).expect("the sample's options");
+        assert_eq!(owner(b"rki-gateway", &options.deferred), Owner::Mosquitto);
+        assert!(sample.contains("\nplugin /usr/lib/rki/librki_mosquitto_auth.so\n"));
+        assert!(sample.contains("\nper_listener_settings false\n"));
+        let acl = rki_gateway::mosquitto::gateway_acl("rki-gateway");
+        assert!(sample.contains(&format!("printf '{}'", acl.replace('\n', "\\n"))), "the sample's ACL file: {acl}");
+    }
 }
