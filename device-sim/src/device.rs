@@ -1140,6 +1140,9 @@ impl Terminal {
         let mac_key = gudid.mac_key();
         let mut ephemeral = None;
         let mut create_key_body = Vec::new();
+        // The counter of the CreateKey sent on this connection: a refusal of another one (an
+        // earlier attempt's, answered late) is not this attempt's.
+        let mut create_key_counter = None;
         let secrets = loop {
             let event = event_loop.poll().await.map_err(|e| {
                 self.count_connect_failure(&e);
@@ -1156,9 +1159,11 @@ impl Terminal {
                         return Err(DeviceError::Mqtt(format!("subscription to {down_topic} refused")));
                     }
                     let own = Ephemeral::random()?;
+                    let counter = self.up.next_counter();
+                    create_key_counter = Some(counter);
                     let body = Body {
                         party: sn.clone(),
-                        counter: self.up.next_counter(),
+                        counter,
                         message: Message::CreateKey(CreateKey {
                             gudid_id: gudid.id(),
                             x_pos_device_id: self.state.x_pos_device_id.clone(),
@@ -1173,7 +1178,7 @@ impl Terminal {
                         .map_err(|e| DeviceError::Mqtt(e.to_string()))?;
                 }
                 Event::Incoming(Packet::Publish(publish)) if publish.topic == down_topic => {
-                    match self.on_answer(gudid, &publish.payload) {
+                    match self.on_answer(gudid, &publish.payload, create_key_counter) {
                         Answer::Ignored(rejection) => self.reject(rejection),
                         Answer::Refused(code) => return Err(DeviceError::InitRefused(code)),
                         Answer::Accepted { gateway_public, answer_body } => {
@@ -1199,8 +1204,9 @@ impl Terminal {
         Ok(secrets)
     }
 
-    /// Reads a frame on the down topic during initialisation.
-    fn on_answer(&self, gudid: &Gudid, bytes: &[u8]) -> Answer {
+    /// Reads a frame on the down topic during initialisation; `sent` is the counter of the
+    /// CreateKey this connection sent (PROTOCOL.md §7.3: a refusal names the request it refuses).
+    fn on_answer(&self, gudid: &Gudid, bytes: &[u8], sent: Option<u64>) -> Answer {
         let Ok(unverified) = frame::open(bytes) else {
             return Answer::Ignored(Rejection::Malformed);
         };
@@ -1228,7 +1234,10 @@ impl Terminal {
                     .and_then(|u| u.verify(&gudid.mac_key()).ok())
                     .or_else(|| unverified.verify(&frame::MacKey::public_refusal_key()).ok());
                 match verified.map(|v| v.body.message) {
-                    Some(Message::Refusal(refusal)) => Answer::Refused(refusal.code.as_str()),
+                    Some(Message::Refusal(refusal)) if Some(refusal.request_counter) == sent => {
+                        Answer::Refused(refusal.code.as_str())
+                    }
+                    Some(Message::Refusal(_)) => Answer::Ignored(Rejection::Unexpected),
                     _ => Answer::Ignored(Rejection::BadTag),
                 }
             }
