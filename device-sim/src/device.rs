@@ -51,6 +51,11 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// minutes after its first answer, until the terminal has used the secrets of one); a minute less,
 /// for the clocks' difference and the answer's travel.
 const REINITIALISE_WINDOW: Duration = Duration::from_secs(9 * 60);
+/// How long the broker may refuse fresh secrets before the terminal takes them for wrong: a broker
+/// that learns credentials from a file one node rewrites knows a new password up to 5 s later
+/// (docs/SCALE-OUT.md), and a terminal that initialised again meanwhile would only change its
+/// password under the broker's feet once more.
+const SECRETS_REFUSED_FOR: Duration = Duration::from_secs(15);
 
 /// Why a device operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -453,12 +458,12 @@ struct Terminal {
     power_on_at: Option<Instant>,
     /// A GUDID to initialise with at power-on, from the configuration.
     pending_gudid: Option<Gudid>,
-    /// The configured GUDID the terminal initialised with, and when, until a session under its
-    /// secrets gets ready (its hello then proves them): if the broker refuses those secrets
-    /// meanwhile, they are an earlier answer's (a late answer to a CreateKey the terminal had
-    /// given up on, taken for the answer to its retry), and the terminal initialises again with
-    /// the same GUDID, as PROTOCOL.md §7.5 says.
-    unproven_gudid: Option<(Gudid, Instant)>,
+    /// The configured GUDID the terminal initialised with, until a session under its secrets
+    /// gets ready (its hello then proves them): if the broker keeps refusing those secrets
+    /// ([`SECRETS_REFUSED_FOR`]), they are an earlier answer's (a late answer to a CreateKey the
+    /// terminal had given up on, taken for the answer to its retry), and the terminal initialises
+    /// again with the same GUDID, as PROTOCOL.md §7.5 says.
+    unproven_gudid: Option<Unproven>,
     commands: mpsc::Receiver<Command>,
     status: watch::Sender<DeviceStatus>,
     counters: Arc<FleetCounters>,
@@ -497,7 +502,8 @@ impl Terminal {
                         // failure is the network's; a refusal by the gateway is final.
                         let outcome = Box::pin(self.initialise(&gudid)).await;
                         if outcome.is_ok() {
-                            self.unproven_gudid = Some((gudid, Instant::now()));
+                            let now = Instant::now();
+                            self.unproven_gudid = Some(Unproven { gudid, first_answer: now, secrets_since: now });
                         } else if outcome.as_ref().is_err_and(DeviceError::is_transient) {
                             self.pending_gudid = Some(gudid);
                             if self.back_off().await {
@@ -568,10 +574,16 @@ impl Terminal {
     /// from, if it is recent enough for the gateway to answer anew (§7.5). A refusal of that
     /// CreateKey (the GUDID spent for good) ends the retries; a network failure keeps them.
     async fn initialise_again(&mut self) {
-        let Some((gudid, at)) = self.unproven_gudid.take() else { return };
-        if !may_initialise_again(at.elapsed()) {
-            return;
+        let Some(unproven) = self.unproven_gudid.take() else { return };
+        match initialise_again_when(unproven.first_answer.elapsed(), unproven.secrets_since.elapsed()) {
+            Reinitialise::Never => return,
+            Reinitialise::NotYet => {
+                self.unproven_gudid = Some(unproven);
+                return;
+            }
+            Reinitialise::Now => {}
         }
+        let Unproven { gudid, first_answer, .. } = unproven;
         // The reconnect delay keeps growing across these attempts (an initialisation resets it):
         // once the pause between two bootstrap sessions is longer than the gateway takes to
         // answer, a late answer falls between them, to no subscriber, and cannot be taken for
@@ -580,7 +592,8 @@ impl Terminal {
         let outcome = Box::pin(self.initialise(&gudid)).await;
         self.reconnect_delay = delay;
         if outcome.is_ok() || outcome.as_ref().is_err_and(DeviceError::is_transient) {
-            self.unproven_gudid = Some((gudid, at));
+            let secrets_since = if outcome.is_ok() { Instant::now() } else { unproven.secrets_since };
+            self.unproven_gudid = Some(Unproven { gudid, first_answer, secrets_since });
         }
     }
 
@@ -1303,10 +1316,34 @@ fn secrets_refused(error: &ConnectionError) -> bool {
     )
 }
 
-/// Whether a terminal refused at CONNECT may initialise again with the GUDID it initialised with
-/// `since` ago.
-fn may_initialise_again(since: Duration) -> bool {
-    since < REINITIALISE_WINDOW
+/// A configured GUDID whose secrets no session has used yet.
+struct Unproven {
+    gudid: Gudid,
+    /// The first initialisation with it: the gateway answers it anew for 10 minutes from then.
+    first_answer: Instant,
+    /// The latest initialisation: when the secrets now held were derived.
+    secrets_since: Instant,
+}
+
+/// What a terminal refused at CONNECT does with its unproven GUDID.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reinitialise {
+    /// Initialise again with it.
+    Now,
+    /// Retry the CONNECT: the broker may not know the secrets yet.
+    NotYet,
+    /// Too late for the gateway to answer it anew: keep retrying the CONNECT only.
+    Never,
+}
+
+fn initialise_again_when(since_first_answer: Duration, since_secrets: Duration) -> Reinitialise {
+    if since_first_answer >= REINITIALISE_WINDOW {
+        Reinitialise::Never
+    } else if since_secrets < SECRETS_REFUSED_FOR {
+        Reinitialise::NotYet
+    } else {
+        Reinitialise::Now
+    }
 }
 
 fn connection_error(broker: &BrokerAddr, error: &ConnectionError) -> String {
@@ -1336,10 +1373,20 @@ mod tests {
         ] {
             assert!(!secrets_refused(&other), "{other:?}");
         }
-        assert!(may_initialise_again(Duration::ZERO));
-        assert!(may_initialise_again(REINITIALISE_WINDOW - Duration::from_millis(1)));
-        assert!(!may_initialise_again(REINITIALISE_WINDOW));
+        let ms = Duration::from_millis;
+        let cases = [
+            (Duration::ZERO, Duration::ZERO, Reinitialise::NotYet),
+            (SECRETS_REFUSED_FOR - ms(1), SECRETS_REFUSED_FOR - ms(1), Reinitialise::NotYet),
+            (SECRETS_REFUSED_FOR, SECRETS_REFUSED_FOR, Reinitialise::Now),
+            (REINITIALISE_WINDOW - ms(1), SECRETS_REFUSED_FOR, Reinitialise::Now),
+            (REINITIALISE_WINDOW - ms(1), ms(5), Reinitialise::NotYet),
+            (REINITIALISE_WINDOW, REINITIALISE_WINDOW, Reinitialise::Never),
+        ];
+        for (first, secrets, expected) in cases {
+            assert_eq!(initialise_again_when(first, secrets), expected, "{first:?} {secrets:?}");
+        }
         assert!(REINITIALISE_WINDOW < Duration::from_secs(10 * 60), "inside the gateway's proof window");
+        assert!(SECRETS_REFUSED_FOR > Duration::from_secs(5), "longer than the file mode's rewrite");
     }
 
     #[test]
