@@ -46,6 +46,16 @@ const PACKET_LEN_MAX: usize = frame::FRAME_LEN_MAX + 512;
 const COMMAND_CHANNEL_CAP: usize = 4;
 /// How long a polite DISCONNECT may take to go out.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long after an initialisation the terminal may initialise again with the same GUDID when
+/// the broker refuses its secrets (docs/PROTOCOL.md §7.5: the gateway answers a GUDID anew for 10
+/// minutes after its first answer, until the terminal has used the secrets of one); a minute less,
+/// for the clocks' difference and the answer's travel.
+const REINITIALISE_WINDOW: Duration = Duration::from_secs(9 * 60);
+/// How long the broker may refuse fresh secrets before the terminal takes them for wrong: a broker
+/// that learns credentials from a file one node rewrites knows a new password up to 5 s later
+/// (docs/SCALE-OUT.md), and a terminal that initialised again meanwhile would only change its
+/// password under the broker's feet once more.
+const SECRETS_REFUSED_FOR: Duration = Duration::from_secs(15);
 
 /// Why a device operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -138,6 +148,7 @@ impl Device {
             power_on_at: None,
             knobs,
             pending_gudid: gudid,
+            unproven_gudid: None,
             commands: command_rx,
             status: status_tx,
             counters: counters.clone(),
@@ -335,6 +346,8 @@ enum SessionEnd {
     Offline(Duration),
     /// The connection failed or was lost.
     Lost,
+    /// The broker refused the CONNECT for its credentials.
+    SecretsRefused,
     Reinitialise(Gudid, oneshot::Sender<Result<(), DeviceError>>),
     Shutdown,
 }
@@ -445,6 +458,12 @@ struct Terminal {
     power_on_at: Option<Instant>,
     /// A GUDID to initialise with at power-on, from the configuration.
     pending_gudid: Option<Gudid>,
+    /// The configured GUDID the terminal initialised with, until a session under its secrets
+    /// gets ready (its hello then proves them): if the broker keeps refusing those secrets
+    /// ([`SECRETS_REFUSED_FOR`]), they are an earlier answer's (a late answer to a CreateKey the
+    /// terminal had given up on, taken for the answer to its retry), and the terminal initialises
+    /// again with the same GUDID, as PROTOCOL.md §7.5 says.
+    unproven_gudid: Option<Unproven>,
     commands: mpsc::Receiver<Command>,
     status: watch::Sender<DeviceStatus>,
     counters: Arc<FleetCounters>,
@@ -482,7 +501,10 @@ impl Terminal {
                         // A GUDID from the configuration is retried, with a backoff, while the
                         // failure is the network's; a refusal by the gateway is final.
                         let outcome = Box::pin(self.initialise(&gudid)).await;
-                        if outcome.as_ref().is_err_and(DeviceError::is_transient) {
+                        if outcome.is_ok() {
+                            let now = Instant::now();
+                            self.unproven_gudid = Some(Unproven { gudid, first_answer: now, secrets_since: now });
+                        } else if outcome.as_ref().is_err_and(DeviceError::is_transient) {
                             self.pending_gudid = Some(gudid);
                             if self.back_off().await {
                                 break;
@@ -522,6 +544,12 @@ impl Terminal {
                         break;
                     }
                 }
+                SessionEnd::SecretsRefused => {
+                    if self.back_off().await {
+                        break;
+                    }
+                    self.initialise_again().await;
+                }
                 SessionEnd::Reinitialise(gudid, reply) => {
                     let outcome = Box::pin(self.initialise(&gudid)).await;
                     let _ = reply.send(outcome);
@@ -539,6 +567,33 @@ impl Terminal {
         // Answered last, so that a caller sees the counters settled.
         if let Some(reply) = self.shutdown_reply.take() {
             let _ = reply.send(());
+        }
+    }
+
+    /// After the broker refused the terminal's secrets: initialises again with the GUDID they came
+    /// from, if it is recent enough for the gateway to answer anew (§7.5). A refusal of that
+    /// CreateKey (the GUDID spent for good) ends the retries; a network failure keeps them.
+    async fn initialise_again(&mut self) {
+        let Some(unproven) = self.unproven_gudid.take() else { return };
+        match initialise_again_when(unproven.first_answer.elapsed(), unproven.secrets_since.elapsed()) {
+            Reinitialise::Never => return,
+            Reinitialise::NotYet => {
+                self.unproven_gudid = Some(unproven);
+                return;
+            }
+            Reinitialise::Now => {}
+        }
+        let Unproven { gudid, first_answer, .. } = unproven;
+        // The reconnect delay keeps growing across these attempts (an initialisation resets it):
+        // once the pause between two bootstrap sessions is longer than the gateway takes to
+        // answer, a late answer falls between them, to no subscriber, and cannot be taken for
+        // the next CreateKey's.
+        let delay = self.reconnect_delay;
+        let outcome = Box::pin(self.initialise(&gudid)).await;
+        self.reconnect_delay = delay;
+        if outcome.is_ok() || outcome.as_ref().is_err_and(DeviceError::is_transient) {
+            let secrets_since = if outcome.is_ok() { Instant::now() } else { unproven.secrets_since };
+            self.unproven_gudid = Some(Unproven { gudid, first_answer, secrets_since });
         }
     }
 
@@ -879,6 +934,8 @@ impl Terminal {
                         }
                         if !connected {
                             connected = true;
+                            // The hello about to go proves the secrets: the GUDID is spent for good.
+                            self.unproven_gudid = None;
                             self.reconnect_delay = None;
                             self.counters.add(&self.counters.connected, 1);
                             self.status.send_modify(|s| {
@@ -906,6 +963,9 @@ impl Terminal {
                     Err(error) => {
                         self.count_connect_failure(&error);
                         self.error(connection_error(&self.broker, &error));
+                        if !connected && secrets_refused(&error) {
+                            break SessionEnd::SecretsRefused;
+                        }
                         break SessionEnd::Lost;
                     }
                 },
@@ -1093,6 +1153,9 @@ impl Terminal {
         let mac_key = gudid.mac_key();
         let mut ephemeral = None;
         let mut create_key_body = Vec::new();
+        // The counter of the CreateKey sent on this connection: a refusal of another one (an
+        // earlier attempt's, answered late) is not this attempt's.
+        let mut create_key_counter = None;
         let secrets = loop {
             let event = event_loop.poll().await.map_err(|e| {
                 self.count_connect_failure(&e);
@@ -1109,9 +1172,11 @@ impl Terminal {
                         return Err(DeviceError::Mqtt(format!("subscription to {down_topic} refused")));
                     }
                     let own = Ephemeral::random()?;
+                    let counter = self.up.next_counter();
+                    create_key_counter = Some(counter);
                     let body = Body {
                         party: sn.clone(),
-                        counter: self.up.next_counter(),
+                        counter,
                         message: Message::CreateKey(CreateKey {
                             gudid_id: gudid.id(),
                             x_pos_device_id: self.state.x_pos_device_id.clone(),
@@ -1126,7 +1191,7 @@ impl Terminal {
                         .map_err(|e| DeviceError::Mqtt(e.to_string()))?;
                 }
                 Event::Incoming(Packet::Publish(publish)) if publish.topic == down_topic => {
-                    match self.on_answer(gudid, &publish.payload) {
+                    match self.on_answer(gudid, &publish.payload, create_key_counter) {
                         Answer::Ignored(rejection) => self.reject(rejection),
                         Answer::Refused(code) => return Err(DeviceError::InitRefused(code)),
                         Answer::Accepted { gateway_public, answer_body } => {
@@ -1152,8 +1217,9 @@ impl Terminal {
         Ok(secrets)
     }
 
-    /// Reads a frame on the down topic during initialisation.
-    fn on_answer(&self, gudid: &Gudid, bytes: &[u8]) -> Answer {
+    /// Reads a frame on the down topic during initialisation; `sent` is the counter of the
+    /// CreateKey this connection sent (PROTOCOL.md §7.3: a refusal names the request it refuses).
+    fn on_answer(&self, gudid: &Gudid, bytes: &[u8], sent: Option<u64>) -> Answer {
         let Ok(unverified) = frame::open(bytes) else {
             return Answer::Ignored(Rejection::Malformed);
         };
@@ -1181,7 +1247,10 @@ impl Terminal {
                     .and_then(|u| u.verify(&gudid.mac_key()).ok())
                     .or_else(|| unverified.verify(&frame::MacKey::public_refusal_key()).ok());
                 match verified.map(|v| v.body.message) {
-                    Some(Message::Refusal(refusal)) => Answer::Refused(refusal.code.as_str()),
+                    Some(Message::Refusal(refusal)) if Some(refusal.request_counter) == sent => {
+                        Answer::Refused(refusal.code.as_str())
+                    }
+                    Some(Message::Refusal(_)) => Answer::Ignored(Rejection::Unexpected),
                     _ => Answer::Ignored(Rejection::BadTag),
                 }
             }
@@ -1237,6 +1306,46 @@ fn connect_failure(error: &ConnectionError) -> Option<ConnectFailure> {
     }
 }
 
+/// Whether the broker refused a CONNECT for its user name or password.
+fn secrets_refused(error: &ConnectionError) -> bool {
+    matches!(
+        error,
+        ConnectionError::ConnectionRefused(
+            rumqttc::ConnectReturnCode::NotAuthorized | rumqttc::ConnectReturnCode::BadUserNamePassword
+        )
+    )
+}
+
+/// A configured GUDID whose secrets no session has used yet.
+struct Unproven {
+    gudid: Gudid,
+    /// The first initialisation with it: the gateway answers it anew for 10 minutes from then.
+    first_answer: Instant,
+    /// The latest initialisation: when the secrets now held were derived.
+    secrets_since: Instant,
+}
+
+/// What a terminal refused at CONNECT does with its unproven GUDID.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reinitialise {
+    /// Initialise again with it.
+    Now,
+    /// Retry the CONNECT: the broker may not know the secrets yet.
+    NotYet,
+    /// Too late for the gateway to answer it anew: keep retrying the CONNECT only.
+    Never,
+}
+
+fn initialise_again_when(since_first_answer: Duration, since_secrets: Duration) -> Reinitialise {
+    if since_first_answer >= REINITIALISE_WINDOW {
+        Reinitialise::Never
+    } else if since_secrets < SECRETS_REFUSED_FOR {
+        Reinitialise::NotYet
+    } else {
+        Reinitialise::Now
+    }
+}
+
 fn connection_error(broker: &BrokerAddr, error: &ConnectionError) -> String {
     match error {
         ConnectionError::ConnectionRefused(code) => {
@@ -1249,6 +1358,36 @@ fn connection_error(broker: &BrokerAddr, error: &ConnectionError) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refused_secrets_are_told_apart_and_initialised_again_within_the_window_only() {
+        use rumqttc::ConnectReturnCode as Code;
+        for code in [Code::NotAuthorized, Code::BadUserNamePassword] {
+            assert!(secrets_refused(&ConnectionError::ConnectionRefused(code)), "{code:?}");
+        }
+        for other in [
+            ConnectionError::ConnectionRefused(Code::ServiceUnavailable),
+            ConnectionError::ConnectionRefused(Code::BadClientId),
+            ConnectionError::NetworkTimeout,
+            ConnectionError::Io(std::io::Error::from(std::io::ErrorKind::ConnectionRefused)),
+        ] {
+            assert!(!secrets_refused(&other), "{other:?}");
+        }
+        let ms = Duration::from_millis;
+        let cases = [
+            (Duration::ZERO, Duration::ZERO, Reinitialise::NotYet),
+            (SECRETS_REFUSED_FOR - ms(1), SECRETS_REFUSED_FOR - ms(1), Reinitialise::NotYet),
+            (SECRETS_REFUSED_FOR, SECRETS_REFUSED_FOR, Reinitialise::Now),
+            (REINITIALISE_WINDOW - ms(1), SECRETS_REFUSED_FOR, Reinitialise::Now),
+            (REINITIALISE_WINDOW - ms(1), ms(5), Reinitialise::NotYet),
+            (REINITIALISE_WINDOW, REINITIALISE_WINDOW, Reinitialise::Never),
+        ];
+        for (first, secrets, expected) in cases {
+            assert_eq!(initialise_again_when(first, secrets), expected, "{first:?} {secrets:?}");
+        }
+        assert!(REINITIALISE_WINDOW < Duration::from_secs(10 * 60), "inside the gateway's proof window");
+        assert!(SECRETS_REFUSED_FOR > Duration::from_secs(5), "longer than the file mode's rewrite");
+    }
 
     #[test]
     fn a_refused_or_timed_out_connect_is_told_apart_from_other_failures() {

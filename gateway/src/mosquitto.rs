@@ -165,12 +165,7 @@ pub fn acl_file(gateway_user: &str, devices: &[BrokerDevice], backends: &[Broker
         topic::device_down("%u"),
         topic::device_up("%u")
     );
-    let _ = writeln!(
-        out,
-        "user {gateway_user}\ntopic readwrite {}\ntopic readwrite {}\n",
-        topic::FILTER_ALL_DEVICES,
-        topic::FILTER_ALL_BACKEND
-    );
+    let _ = writeln!(out, "{}", gateway_acl(gateway_user));
     for d in devices {
         let _ = writeln!(
             out,
@@ -193,6 +188,17 @@ pub fn acl_file(gateway_user: &str, devices: &[BrokerDevice], backends: &[Broker
         );
     }
     out
+}
+
+/// The gateway's own lines of an ACL file: its message identity reads and writes the RKI tree
+/// (devices and backends). With the store plugin (`mosquitto-auth/`, which decides every other
+/// identity), they are the whole ACL file.
+pub fn gateway_acl(gateway_user: &str) -> String {
+    format!(
+        "user {gateway_user}\ntopic readwrite {}\ntopic readwrite {}\n",
+        topic::FILTER_ALL_DEVICES,
+        topic::FILTER_ALL_BACKEND
+    )
 }
 
 /// Rewrites the Mosquitto files from the registry whenever it changes (an import, an

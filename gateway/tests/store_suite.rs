@@ -93,6 +93,7 @@ suite! {
     a_request_is_claimed_once_per_backend_and_its_answer_remembered,
     a_stop_and_an_unlock_remember_their_answer_in_their_own_transaction,
     the_broker_knows_live_backends_of_every_organization_and_no_revoked_one,
+    the_broker_credentials_view_holds_exactly_the_identities_a_broker_may_admit,
     events_follow_tasks_and_endings_in_their_own_transactions_without_holes,
     two_batches_ending_one_tasks_last_executions_at_once_write_one_task_done,
     old_events_and_requests_are_pruned_and_the_oldest_kept_is_reported,

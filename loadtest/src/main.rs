@@ -134,8 +134,9 @@ struct FleetPushArgs {
     /// The gateways' store: SQLite in the data directory, or a PostgreSQL started here.
     #[arg(long, value_enum, default_value = "sqlite")]
     store: StoreArg,
-    /// With `--broker mosquitto`: how Mosquitto authenticates the terminals, from the password
-    /// and ACL files node 1 rewrites, or through its dynamic security plugin (every node).
+    /// With `--broker mosquitto`: how Mosquitto authenticates the terminals: from the password
+    /// and ACL files node 1 rewrites, through its dynamic security plugin (every node), or from
+    /// PostgreSQL at each CONNECT through the store plugin (`librki_mosquitto_auth.so`).
     #[arg(long, value_enum, default_value = "files")]
     broker_auth: BrokerAuthArg,
 }
@@ -144,6 +145,7 @@ struct FleetPushArgs {
 enum BrokerAuthArg {
     Files,
     Dynsec,
+    Store,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -173,6 +175,7 @@ impl FleetPushArgs {
             broker_auth: match self.broker_auth {
                 BrokerAuthArg::Files => rki_tests::BrokerAuth::Files,
                 BrokerAuthArg::Dynsec => rki_tests::BrokerAuth::Dynsec,
+                BrokerAuthArg::Store => rki_tests::BrokerAuth::Store,
             },
         }
     }

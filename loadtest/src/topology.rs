@@ -36,7 +36,8 @@ pub struct Topology {
     pub gateways: usize,
     pub broker: BrokerKind,
     pub store: StoreKind,
-    /// How Mosquitto authenticates the terminals (files, or its dynamic security plugin).
+    /// How Mosquitto authenticates the terminals (files, its dynamic security plugin, or the
+    /// store plugin reading PostgreSQL).
     pub broker_auth: BrokerAuth,
 }
 
@@ -72,14 +73,9 @@ impl Topology {
     pub fn label(&self) -> String {
         match self.broker {
             BrokerKind::Embedded => "1 node, embedded broker, sqlite".into(),
-            BrokerKind::Mosquitto => format!(
-                "{} node(s), mosquitto ({}), postgres",
-                self.gateways,
-                match self.broker_auth {
-                    BrokerAuth::Files => "files",
-                    BrokerAuth::Dynsec => "dynsec",
-                }
-            ),
+            BrokerKind::Mosquitto => {
+                format!("{} node(s), mosquitto ({}), postgres", self.gateways, self.broker_auth.name())
+            }
         }
     }
 
@@ -88,7 +84,7 @@ impl Topology {
             "gateways": self.gateways,
             "broker": match self.broker { BrokerKind::Embedded => "embedded", BrokerKind::Mosquitto => "mosquitto" },
             "store": match self.store { StoreKind::Sqlite => "sqlite", StoreKind::Postgres => "postgres" },
-            "broker_auth": match self.broker_auth { BrokerAuth::Files => "files", BrokerAuth::Dynsec => "dynsec" },
+            "broker_auth": self.broker_auth.name(),
         })
     }
 }

@@ -81,6 +81,16 @@ pub enum BackendIdError {
     BadSecret,
 }
 
+/// The `{org}` and `{name}` of a backend's client id `backend@{org}~{name}`, both checked names,
+/// borrowed: what a broker's access check needs on every message, without allocating.
+pub fn client_id_parts(client_id: &str) -> Result<(&str, &str), BackendIdError> {
+    let rest = client_id.strip_prefix(CLIENT_ID_PREFIX).ok_or(BackendIdError::NotBackend)?;
+    let (org, name) = rest.split_once(CLIENT_ID_SEPARATOR).ok_or(BackendIdError::NotBackend)?;
+    validate_name(org).map_err(BackendIdError::Org)?;
+    validate_name(name).map_err(BackendIdError::Name)?;
+    Ok((org, name))
+}
+
 /// A backend identity: the organization's slug and the credential's name, both valid names.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct BackendId {
@@ -97,8 +107,7 @@ impl BackendId {
 
     /// Parses `backend@{org}~{name}`, the MQTT client id and user name of a backend.
     pub fn parse_client_id(client_id: &str) -> Result<Self, BackendIdError> {
-        let rest = client_id.strip_prefix(CLIENT_ID_PREFIX).ok_or(BackendIdError::NotBackend)?;
-        let (org, name) = rest.split_once(CLIENT_ID_SEPARATOR).ok_or(BackendIdError::NotBackend)?;
+        let (org, name) = client_id_parts(client_id)?;
         Self::new(org, name)
     }
 

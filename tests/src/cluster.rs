@@ -1,11 +1,12 @@
 //! Several gateway nodes on one PostgreSQL database and one Mosquitto broker, as
 //! `docs/SCALE-OUT.md` describes: each node its own data directory, HTTP port and MQTT client id,
 //! all in one shared subscription group, all with the same master key file (they share the
-//! sealed keys in the database). Mosquitto authenticates the terminals either from the password
-//! and ACL files node 1 keeps ([`BrokerAuth::Files`]) or through its dynamic security plugin,
-//! seeded by `rki-gateway dynsec-init` and changed by every node over `$CONTROL`
-//! ([`BrokerAuth::Dynsec`]). The first node bootstraps the store (key owner, `acme`); the others
-//! join with its tokens.
+//! sealed keys in the database). Mosquitto authenticates the terminals from the password and ACL
+//! files node 1 keeps ([`BrokerAuth::Files`]), through its dynamic security plugin, seeded by
+//! `rki-gateway dynsec-init` and changed by every node over `$CONTROL` ([`BrokerAuth::Dynsec`]),
+//! or from the store itself, through the project's plugin `librki_mosquitto_auth.so`, under a
+//! database role that may read the `rki_broker_credentials` view only ([`BrokerAuth::Store`]).
+//! The first node bootstraps the store (key owner, `acme`); the others join with its tokens.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -29,7 +30,26 @@ pub enum BrokerAuth {
     Files,
     /// The dynamic security plugin, which every node changes over `$CONTROL` (`[broker.dynsec]`).
     Dynsec,
+    /// The store plugin (`mosquitto-auth/`): Mosquitto reads PostgreSQL at each CONNECT; the
+    /// nodes have no broker-auth section at all. The password and ACL files hold the gateway's
+    /// identity only.
+    Store,
 }
+
+impl BrokerAuth {
+    /// The name `rki-loadtest --broker-auth` and its JSON use.
+    pub fn name(self) -> &'static str {
+        match self {
+            BrokerAuth::Files => "files",
+            BrokerAuth::Dynsec => "dynsec",
+            BrokerAuth::Store => "store",
+        }
+    }
+}
+
+/// The database role of the store plugin: it may read the `rki_broker_credentials` view and
+/// nothing else.
+pub const BROKER_DB_ROLE: &str = "rki_broker";
 
 /// How a cluster is started.
 #[derive(Debug, Clone)]
@@ -53,8 +73,8 @@ pub struct Cluster {
     pub nodes: Vec<GatewayProcess>,
     pub mosquitto: Mosquitto,
     pub pg: PgServer,
-    /// The master key, and Mosquitto's files (password and ACL files, or the plugin's
-    /// configuration and the admin's password file).
+    /// The master key, and Mosquitto's files (password and ACL files, the dynamic security
+    /// plugin's configuration and the admin's password file, or the store plugin's URL file).
     pub shared: PathBuf,
     pub store_url: String,
     pub broker_auth: BrokerAuth,
@@ -77,7 +97,7 @@ impl Cluster {
                     "[broker.mosquitto_sync]\npassword_file = \"{0}/mosq.passwd\"\nacl_file = \"{0}/mosq.acl\"\npid_file = \"{0}/mosq.pid\"\n",
                     shared.display()
                 ),
-                (BrokerAuth::Files, _) => String::new(),
+                (BrokerAuth::Files, _) | (BrokerAuth::Store, _) => String::new(),
             };
             format!(
                 "store = \"{store_url}\"\nmaster_key_file = \"{}/master.key\"\n{}\n\
@@ -93,6 +113,13 @@ impl Cluster {
             BrokerAuth::Dynsec => {
                 let mosquitto = seed_and_start_mosquitto(&config(1), &shared, broker_port)?;
                 (GatewayProcess::start(node_options(1))?, mosquitto)
+            }
+            BrokerAuth::Store => {
+                // Node 1 creates the schema (the view among it) before the plugin's role can be
+                // granted it.
+                let first = GatewayProcess::start(node_options(1))?;
+                let mosquitto = start_store_auth_mosquitto(&pg, &shared, broker_port)?;
+                (first, mosquitto)
             }
             BrokerAuth::Files => {
                 let first = GatewayProcess::start(node_options(1))?;
@@ -189,4 +216,26 @@ pub fn seed_and_start_mosquitto(toml: &str, dir: &std::path::Path, port: u16) ->
         return Err(format!("dynsec-init: {}", String::from_utf8_lossy(&out.stderr)).into());
     }
     Mosquitto::start_dynsec(port, &file)
+}
+
+/// Lets the store plugin's role read the `rki_broker_credentials` view (and nothing else), writes
+/// its URL file (0600) and the gateway's own password and ACL files into `dir`, and starts
+/// Mosquitto with the plugin. The schema must exist (a node has started).
+pub fn start_store_auth_mosquitto(pg: &PgServer, dir: &std::path::Path, port: u16) -> TestResult<Mosquitto> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut admin = postgres::Client::connect(&pg.url("rki"), postgres::NoTls)?;
+    admin.batch_execute(&format!(
+        "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{BROKER_DB_ROLE}') THEN \
+         CREATE ROLE {BROKER_DB_ROLE} LOGIN; END IF; END $$; \
+         GRANT SELECT ON rki_broker_credentials TO {BROKER_DB_ROLE};"
+    ))?;
+    let url_file = dir.join("rki-store.url");
+    std::fs::write(&url_file, format!("postgres://{BROKER_DB_ROLE}@127.0.0.1:{}/rki\n", pg.port()))?;
+    std::fs::set_permissions(&url_file, std::fs::Permissions::from_mode(0o600))?;
+    let password_file = dir.join("gateway.passwd");
+    let hash = rki_gateway::mosquitto::password_hash(GATEWAY_PASSWORD.as_bytes())?;
+    std::fs::write(&password_file, format!("{GATEWAY_USER}:{hash}\n"))?;
+    let acl_file = dir.join("gateway.acl");
+    std::fs::write(&acl_file, rki_gateway::mosquitto::gateway_acl(GATEWAY_USER))?;
+    Mosquitto::start_store_auth(port, &url_file, GATEWAY_USER, &password_file, &acl_file)
 }

@@ -1086,6 +1086,49 @@ impl Mosquitto {
         m.wait_listening()
     }
 
+    /// Starts Mosquitto with the store plugin (`librki_mosquitto_auth.so`, built beside the
+    /// binaries), which reads the store URL from `url_file`, and a password file and an ACL file
+    /// that hold only the gateway's identity (`defer_usernames`).
+    pub fn start_store_auth(
+        port: u16,
+        url_file: &Path,
+        defer_usernames: &str,
+        password_file: &Path,
+        acl_file: &Path,
+    ) -> TestResult<Mosquitto> {
+        let dir = temp_dir("mosquitto");
+        let conf = dir.join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "user root\nper_listener_settings false\nlistener {port} 127.0.0.1\nallow_anonymous false\n\
+                 plugin {}\nplugin_opt_store_url_file {}\nplugin_opt_defer_usernames {defer_usernames}\n\
+                 password_file {}\nacl_file {}\npersistence false\n\
+                 max_inflight_messages 1000\nmax_queued_messages 100000\nlog_dest file {}\n\
+                 log_type error\nlog_type warning\nlog_type notice\nlog_type information\nlog_type subscribe\n\
+                 log_type unsubscribe\nconnection_messages false\n",
+                Self::store_auth_plugin()?.display(),
+                url_file.display(),
+                password_file.display(),
+                acl_file.display(),
+                dir.join("mosquitto.log").display()
+            ),
+        )?;
+        let child = Self::spawn(&conf)?;
+        let m = Mosquitto { child, port, dir };
+        m.wait_listening()
+    }
+
+    /// The store plugin, as `cargo build --workspace --release` leaves it beside the binaries.
+    pub fn store_auth_plugin() -> TestResult<PathBuf> {
+        let path = binary("librki_mosquitto_auth.so");
+        if path.exists() {
+            Ok(path)
+        } else {
+            Err(format!("{} not found: build it with `cargo build --workspace --release`", path.display()).into())
+        }
+    }
+
     /// Debian's `mosquitto_dynamic_security.so`.
     pub fn dynsec_plugin() -> TestResult<PathBuf> {
         for dir in ["/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib", "/usr/local/lib"] {

@@ -4,80 +4,25 @@
 //! CONNECT; a re-initialisation through any node refuses the old password at once; the
 //! reconcile removes what the store disowns; only the admin identity reaches `$CONTROL`.
 
+#[path = "support/broker_auth.rs"]
+mod broker_auth;
 mod common;
 
 use std::time::Duration;
 
-use rki_tests::{mqtt_connect, provision, sns, wait, BrokerAuth, Cluster, ClusterOptions, RawDevice, TestResult};
+use broker_auth::{initialise, password};
+use rki_tests::{mqtt_connect, provision, sns, wait, BrokerAuth, Cluster, ClusterOptions, TestResult};
 use serde_json::json;
 
 const TERMINALS: usize = 60;
-
-/// Initialises `sn` (the CreateKey goes to whichever node the shared subscription picks); the
-/// bootstrap identity is pushed to the broker just after provisioning, so its first CONNECT may
-/// come a moment too early and is retried; the device's own CONNECT is not.
-async fn initialise(port: u16, sn: &str, gudid: &str) -> TestResult<rki_protocol::init::DeviceSecrets> {
-    wait::poll_async(&format!("the broker to admit init@{sn}"), Duration::from_secs(20), || async {
-        match RawDevice::initialise_secrets(port, sn, gudid).await {
-            Ok(secrets) => Ok(Ok(secrets)),
-            Err(e) if e.to_string().contains("NotAuthorized") => Err(e.to_string()),
-            Err(e) => Ok(Err(e)),
-        }
-    })
-    .await?
-}
-
-fn password(secrets: &rki_protocol::init::DeviceSecrets) -> TestResult<String> {
-    Ok(String::from_utf8(secrets.mqtt_password.expose_secret().to_vec())?)
-}
 
 #[test]
 fn terminals_initialised_through_every_node_connect_at_once_and_a_reinitialised_one_loses_its_old_password(
 ) -> TestResult {
     let rt = common::runtime();
-    let cluster = Cluster::start(ClusterOptions { broker_auth: BrokerAuth::Dynsec, ..Default::default() })?;
+    let (cluster, devices) =
+        broker_auth::initialise_at_once_then_reinitialise(&rt, BrokerAuth::Dynsec, "DYN", TERMINALS)?;
     let port = cluster.mosquitto.port;
-    let provisioned = provision(&cluster.nodes[0], &sns("DYN", TERMINALS), "dyn")?;
-    // Every terminal initialises at once, then connects once as itself: no retry allowed.
-    let results = rt.block_on(async {
-        let tasks: Vec<_> = provisioned
-            .gudids
-            .iter()
-            .cloned()
-            .map(|(sn, gudid)| {
-                tokio::spawn(async move {
-                    let secrets = initialise(port, &sn, &gudid).await.map_err(|e| format!("{sn}: {e}"))?;
-                    let pw = password(&secrets).map_err(|e| e.to_string())?;
-                    mqtt_connect(port, &sn, &pw, true).await.map_err(|e| format!("{sn} refused at once: {e}"))?;
-                    Ok::<(String, rki_protocol::init::DeviceSecrets), String>((sn, secrets))
-                })
-            })
-            .collect();
-        let mut out = Vec::new();
-        for t in tasks {
-            out.push(t.await.map_err(|e| e.to_string())?);
-        }
-        Ok::<_, String>(out)
-    })?;
-    let refused: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
-    assert!(refused.is_empty(), "{} terminals refused, e.g. {:?}", refused.len(), &refused[..refused.len().min(3)]);
-    let mut devices: Vec<(String, rki_protocol::init::DeviceSecrets)> = results.into_iter().flatten().collect();
-    let per_node: Vec<f64> = cluster.nodes.iter().map(|n| n.metric("rki_initialisations_total")).collect();
-    assert_eq!(per_node.iter().sum::<f64>(), TERMINALS as f64, "{per_node:?}");
-    assert!(per_node.iter().all(|n| *n > 0.0), "every node answered some CreateKeys: {per_node:?}");
-
-    // Re-initialisation, the new GUDID provisioned through each node in turn: the old password
-    // is refused at the very next CONNECT, the new one accepted.
-    for (i, (sn, old)) in devices.iter_mut().take(3).enumerate() {
-        let api = cluster.api(i);
-        let v = api.ok_post("/v1/gudids", &json!({"sns": [sn.clone()]}))?;
-        let gudid = v["gudids"][0]["gudid"].as_str().ok_or("no gudid")?.to_string();
-        let new = rt.block_on(initialise(port, sn, &gudid))?;
-        let refused = rt.block_on(mqtt_connect(port, sn, &password(old)?, true));
-        assert!(refused.is_err(), "{sn}: the old password still opens the broker");
-        rt.block_on(mqtt_connect(port, sn, &password(&new)?, true))?;
-        *old = new;
-    }
 
     // A device disowned by the store (deleted behind the gateway's back) loses its client at the
     // next reconcile, whichever node runs it; its neighbours keep theirs.

@@ -1,8 +1,9 @@
 //! Three gateway nodes on one Mosquitto and one PostgreSQL (`docs/SCALE-OUT.md`): 2,000 simulated
 //! terminals, one task created through one node, the work shared by the three through `$share`.
 //! Every terminal is injected once and recorded once, with or without a node SIGKILLed in the
-//! middle of the push; the three publish a fair share of the downloads each; a retry timer fires
-//! once per execution across the cluster.
+//! middle of the push, Mosquitto authenticating from node 1's files or, for the kill, also from
+//! the store through the plugin (`mosquitto-auth/`); the three publish a fair share of the
+//! downloads each; a retry timer fires once per execution across the cluster.
 //!
 //! The tests of this file run one at a time (each starts a PostgreSQL, a Mosquitto, three gateways
 //! and 2,000 terminals; two at once would only contend for this machine's two cores).
@@ -16,11 +17,14 @@ use std::time::{Duration, Instant};
 use rki_device_sim::{BrokerAddr, Brokers, Fleet, Knobs};
 use rki_protocol::message::Message;
 use rki_tests::{
-    create_task, expected_kcv, for_group, for_sns, provision, sns, wait_task, wait_task_done, Cluster, ClusterOptions,
-    RawDevice, TestResult,
+    create_task, expected_kcv, for_group, for_sns, provision, sns, wait_task, wait_task_done, BrokerAuth, Cluster,
+    ClusterOptions, RawDevice, TestResult,
 };
 
 const DEVICES: usize = 2_000;
+/// The fleet of the kill test on the store plugin: enough for an initialisation storm through
+/// the three nodes, small enough to add seconds, not minutes, to the suite.
+const STORE_PLUGIN_DEVICES: usize = 300;
 const SUCCEEDED: &str = "rki_acks_total{result=\"succeeded\"}";
 const DELIVERIES: &str = "rki_deliveries_total";
 /// The least share of a task's downloads each of the three nodes publishes (a third each if the
@@ -33,17 +37,20 @@ fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
     ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// A cluster of three nodes, `DEVICES` terminals provisioned through node 1 and connected to
-/// Mosquitto (initialised, said hello).
+/// A cluster of three nodes on `auth`, `devices` terminals provisioned through node 1 and
+/// connected to Mosquitto (initialised, said hello).
 fn cluster_with_fleet(
     rt: &tokio::runtime::Runtime,
     prefix: &str,
     extra_toml: &str,
     knobs: Knobs,
+    auth: BrokerAuth,
+    devices: usize,
 ) -> TestResult<(Cluster, rki_tests::Provisioned, Fleet)> {
     let _ = rki_device_sim::raise_fd_limit();
-    let cluster = Cluster::start(ClusterOptions { extra_toml: extra_toml.into(), ..Default::default() })?;
-    let provisioned = provision(&cluster.nodes[0], &sns(prefix, DEVICES), "fleet")?;
+    let cluster =
+        Cluster::start(ClusterOptions { extra_toml: extra_toml.into(), broker_auth: auth, ..Default::default() })?;
+    let provisioned = provision(&cluster.nodes[0], &sns(prefix, devices), "fleet")?;
     // Node 1 rewrites Mosquitto's files on the import (the bootstrap identities).
     let port = cluster.mosquitto.port;
     rt.block_on(rki_tests::wait_bootstrap_admitted(port, &provisioned.gudids, Duration::from_secs(15)))?;
@@ -55,6 +62,7 @@ fn cluster_with_fleet(
 
 /// Records per SN of the task, each KCV recomputed here; and the terminals' own injections.
 fn check_exactly_once(cluster: &Cluster, task: i64, provisioned: &rki_tests::Provisioned, fleet: &Fleet) -> TestResult {
+    let devices = provisioned.sns.len();
     let records =
         cluster.api(0).ok(&format!("/v1/records?task={task}"))?["records"].as_array().cloned().unwrap_or_default();
     let mut per_sn: HashMap<String, usize> = HashMap::new();
@@ -69,15 +77,16 @@ fn check_exactly_once(cluster: &Cluster, task: i64, provisioned: &rki_tests::Pro
     let twice: Vec<(&String, &usize)> = per_sn.iter().filter(|(_, n)| **n > 1).collect();
     assert!(lost.is_empty(), "{} devices without a record, e.g. {:?}", lost.len(), &lost[..lost.len().min(5)]);
     assert!(twice.is_empty(), "devices recorded twice: {twice:?}");
-    assert_eq!(records.len(), DEVICES);
+    assert_eq!(records.len(), devices);
     // The database agrees: one record per execution of the task, none for another task.
     let mut sql = cluster.sql()?;
     let row = sql.query_one(
         "SELECT count(*), count(DISTINCT device_id), count(DISTINCT execution_id) FROM records WHERE task_id = $1",
         &[&task],
     )?;
-    let (n, devices, executions): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
-    assert_eq!((n, devices, executions), (DEVICES as i64, DEVICES as i64, DEVICES as i64));
+    let (n, devices_recorded, executions): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+    let (n, recorded, executions): (i64, i64, i64) = (n, devices_recorded, executions);
+    assert_eq!((n, recorded, executions), (devices as i64, devices as i64, devices as i64));
     // Each terminal installed its key once (a repeated download is answered, not installed).
     let twice_injected: Vec<String> = fleet
         .devices()
@@ -123,7 +132,7 @@ fn three_nodes_inject_every_terminal_exactly_once_and_each_counts_its_own() -> T
     let rt = common::runtime();
     // Retries late enough that none is due during the push: every delivery is a first one.
     let (cluster, provisioned, fleet) =
-        cluster_with_fleet(&rt, "TRIA", "retry_initial_seconds = 60", Knobs::default())?;
+        cluster_with_fleet(&rt, "TRIA", "retry_initial_seconds = 60", Knobs::default(), BrokerAuth::Files, DEVICES)?;
     let connected = started.elapsed();
     let task = create_task(&cluster.api(0), &for_group("fleet"))?.task.id;
     let push = Instant::now();
@@ -162,14 +171,36 @@ fn three_nodes_inject_every_terminal_exactly_once_and_each_counts_its_own() -> T
 #[test]
 fn a_node_killed_mid_push_loses_nothing_and_the_others_finish() -> TestResult {
     let _serial = one_at_a_time();
+    kill_a_node_mid_push("TRIB", BrokerAuth::Files, DEVICES)
+}
+
+/// The same with Mosquitto reading the store at each CONNECT (`librki_mosquitto_auth.so`): the
+/// initialisation storm goes through the three nodes with no terminal refused (the plugin logs
+/// every refusal, and its log shows none), and the kill loses nothing.
+#[test]
+fn a_node_killed_mid_push_loses_nothing_with_the_broker_reading_the_store() -> TestResult {
+    let _serial = one_at_a_time();
+    kill_a_node_mid_push("TRIS", BrokerAuth::Store, STORE_PLUGIN_DEVICES)
+}
+
+/// `devices` terminals whose acks are spread over 5 s; node 3 SIGKILLed once a tenth of them are
+/// recorded; the two others finish: every terminal recorded once and injected once.
+fn kill_a_node_mid_push(prefix: &str, auth: BrokerAuth, devices: usize) -> TestResult {
     let rt = common::runtime();
     let (mut cluster, provisioned, fleet) =
-        cluster_with_fleet(&rt, "TRIB", "retry_initial_seconds = 3", Knobs::default())?;
-    // Acks spread over 5 s (terminal i waits i × 2.5 ms), so that the kill falls in the middle of
-    // the push, with node 3 holding acks not yet durable and downloads not yet acked.
+        cluster_with_fleet(&rt, prefix, "retry_initial_seconds = 3", Knobs::default(), auth, devices)?;
+    if auth == BrokerAuth::Store {
+        let log = cluster.mosquitto.log();
+        let refused: Vec<&str> = log.lines().filter(|l| l.contains("rki-auth: refused")).collect();
+        assert!(refused.is_empty(), "terminals refused during the initialisation storm: {refused:?}");
+        assert!(log.contains("rki-auth: authenticating"), "the plugin is loaded: {log}");
+    }
+    // Acks spread over 5 s (terminal i waits i × 5 s / devices), so that the kill falls in the
+    // middle of the push, with node 3 holding acks not yet durable and downloads not yet acked.
+    let step = Duration::from_secs(5) / devices as u32;
     rt.block_on(async {
         for (i, d) in fleet.devices().iter().enumerate() {
-            d.set_ack_delay(Duration::from_micros(2500 * i as u64)).await?;
+            d.set_ack_delay(step * i as u32).await?;
         }
         Ok::<(), rki_device_sim::DeviceError>(())
     })?;
@@ -177,23 +208,23 @@ fn a_node_killed_mid_push_loses_nothing_and_the_others_finish() -> TestResult {
     let task = create_task(&api, &for_group("fleet"))?.task.id;
     // Terminals ack after their delay; kill node 3 once some, not all, are recorded.
     let at_kill =
-        wait_task(&api, task, Duration::from_secs(60), |c| c.succeeded >= (DEVICES / 10) as i64)?.task.counts.succeeded;
+        wait_task(&api, task, Duration::from_secs(60), |c| c.succeeded >= (devices / 10) as i64)?.task.counts.succeeded;
     let node3_at_kill = cluster.nodes[2].metric(SUCCEEDED);
     cluster.nodes[2].kill()?;
     eprintln!("node 3 SIGKILLed with {at_kill} records in the store, {node3_at_kill} of them by node 3");
-    assert!(at_kill < DEVICES as i64, "the push was over before the kill");
+    assert!(at_kill < devices as i64, "the push was over before the kill");
     let done = match wait_task_done(&api, task, Duration::from_secs(90)) {
         Ok(done) => done,
         Err(e) => return Err(format!("{e}\n{}", diagnose(&cluster, task, &fleet)?).into()),
     };
-    assert_eq!(done.task.counts.succeeded, DEVICES as i64, "{:?}", done.task.counts);
+    assert_eq!(done.task.counts.succeeded, devices as i64, "{:?}", done.task.counts);
     check_exactly_once(&cluster, task, &provisioned, &fleet)?;
     // The two survivors recorded the rest (node 3's count died with it).
     let survivors = cluster.metric_sum(SUCCEEDED);
     let published: Vec<f64> = cluster.nodes[..2].iter().map(|n| n.metric(DELIVERIES)).collect();
     eprintln!("succeeded acks recorded by the survivors: {survivors}; downloads they published: {published:?}");
     // Node 3 may have made a few more durable between its last scrape and the kill, no fewer.
-    assert!(survivors + node3_at_kill <= DEVICES as f64, "survivors {survivors}, node 3 {node3_at_kill}");
+    assert!(survivors + node3_at_kill <= devices as f64, "survivors {survivors}, node 3 {node3_at_kill}");
     assert!(survivors > 0.0);
     rt.block_on(fleet.shutdown());
     Ok(())

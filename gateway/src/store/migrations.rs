@@ -40,6 +40,7 @@ const BOTH: (&[Migration], &[Migration]) = migrations!(
     "0008_task_numbers.sql",
     "0009_backend_channel.sql",
     "0010_gudid_proof.sql",
+    "0011_broker_credentials.sql",
 );
 
 pub(crate) const SQLITE: &[Migration] = BOTH.0;
@@ -101,5 +102,15 @@ mod tests {
             }
         }
         assert_eq!(SQLITE.len(), POSTGRES.len(), "the two backends' versions are in step");
+    }
+
+    #[test]
+    fn the_broker_credentials_view_keeps_a_spent_bootstrap_identity_for_the_proof_window() {
+        // The view (migration 11) writes the window out; the gateway's rule names it once.
+        let window = format!("- {}", crate::store::GUDID_PROOF_WINDOW_MS);
+        for migrations in [SQLITE, POSTGRES] {
+            let view = migrations.iter().find(|m| m.file == "0011_broker_credentials.sql").expect("migration 11");
+            assert_eq!(view.sql.matches(&window).count(), 1, "{}", view.file);
+        }
     }
 }

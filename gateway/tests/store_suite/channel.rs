@@ -359,3 +359,64 @@ pub fn the_broker_knows_live_backends_of_every_organization_and_no_revoked_one(s
         ]
     );
 }
+
+/// The view a broker reads at each CONNECT (`rki_broker_credentials`, migration 11) holds exactly
+/// the identities the gateway's own rules admit, with their `$7$` hashes: initialised terminals,
+/// the bootstrap identity of a live GUDID or of one spent within the proof window and not proven
+/// (`live_bootstrap_hashes`, the rule of the file mode and of the MQTT endpoint), live backends.
+/// The view reads the database's clock, so this spec's times are the real time's.
+pub fn the_broker_credentials_view_holds_exactly_the_identities_a_broker_may_admit(s: &Subject) {
+    let st = s.store();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis() as i64;
+    let w = world(st, "acme", 7);
+    let gudid = |device: usize, tag: u8, provisioned_at: i64| {
+        let row = GudidRow { provisioned_at, expires_at: provisioned_at + 3 * DAY_MS, ..new_gudid(&w, device, tag) };
+        st.insert_gudid(&row).must()
+    };
+    let spend = |row: &GudidRow, device: usize, at: i64| {
+        st.spend_gudid(row.id, w.devices[device].id, &new_credentials(&w.devices[device].sn), at).must();
+    };
+    // 0: initialised long ago (its GUDID proven); 1: a live GUDID; 2: an expired one; 3: a revoked
+    // one; 4: spent a second ago, not yet proven; 5: spent 11 minutes ago, never proven; 6: spent
+    // and proven.
+    let g0 = gudid(0, 1, now - 2 * DAY_MS);
+    spend(&g0, 0, now - 2 * DAY_MS + 1);
+    st.apply_batch(&[Write::ProveGudid { device_id: w.devices[0].id, at: now - 2 * DAY_MS + 2 }]).must();
+    gudid(1, 2, now - 1000);
+    gudid(2, 3, now - 3 * DAY_MS - 1);
+    let g3 = gudid(3, 4, now - 1000);
+    st.revoke_gudid(w.org.id, g3.id, now - 500, &Actor::named("ops")).must();
+    let g4 = gudid(4, 5, now - 2000);
+    spend(&g4, 4, now - 1000);
+    let g5 = gudid(5, 6, now - 20 * 60 * 1000);
+    spend(&g5, 5, now - GUDID_PROOF_WINDOW_MS - 60 * 1000);
+    let g6 = gudid(6, 7, now - 2000);
+    spend(&g6, 6, now - 1500);
+    st.apply_batch(&[Write::ProveGudid { device_id: w.devices[6].id, at: now - 1000 }]).must();
+    st.create_backend(&new_backend(&w, "erp"), &backend_audit("backend.create")).must();
+    st.create_backend(&new_backend(&w, "crm"), &backend_audit("backend.create")).must();
+    st.revoke_backend(w.org.id, "crm", now, &backend_audit("backend.revoke")).must();
+
+    let mut view = s.raw_text_pairs("SELECT username, password_hash FROM rki_broker_credentials");
+    view.sort();
+    let mut expected: Vec<(String, String)> = [0, 4, 5, 6]
+        .iter()
+        .map(|&i| (w.devices[i].sn.clone(), format!("$7$hash-{}", w.devices[i].sn)))
+        .chain([1, 4].iter().map(|&i| {
+            (format!("init@{}", w.devices[i].sn), new_gudid(&w, i, i as u8 + 1).bootstrap_hash.expect("hash"))
+        }))
+        .chain([("backend@acme~erp".to_string(), "$7$101$salt$erp".to_string())])
+        .collect();
+    expected.sort();
+    assert_eq!(view, expected);
+    // The same bootstrap identities as the gateway's own rule, at the same moment.
+    let mut live: Vec<(String, String)> = st
+        .live_bootstrap_hashes(None, now, Some(now - GUDID_PROOF_WINDOW_MS))
+        .must()
+        .into_iter()
+        .map(|(sn, hash)| (format!("init@{sn}"), hash))
+        .collect();
+    live.sort();
+    let from_view: Vec<(String, String)> = view.into_iter().filter(|(u, _)| u.starts_with("init@")).collect();
+    assert_eq!(from_view, live);
+}

@@ -202,6 +202,22 @@ impl Subject {
             }
         }
     }
+    /// The rows of a query returning two text columns, read behind the store's back, as a
+    /// broker's read-only role would (the `rki_broker_credentials` view).
+    pub fn raw_text_pairs(&self, sql: &str) -> Vec<(String, String)> {
+        match &self.location {
+            Location::Sqlite { dir } => {
+                let conn = rusqlite::Connection::open(dir.path().join("rki.sqlite")).expect("open");
+                let mut statement = conn.prepare(sql).expect("prepare");
+                let rows = statement.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).expect("query");
+                rows.collect::<Result<_, _>>().expect("rows")
+            }
+            Location::Postgres { url } => {
+                let mut client = ::postgres::Client::connect(url, ::postgres::NoTls).expect("connect");
+                client.query(sql, &[]).expect("query").iter().map(|r| (r.get(0), r.get(1))).collect()
+            }
+        }
+    }
 }
 
 /// An organization with a key source and `devices` registered terminals (SN `{org}-0000`, …).

@@ -515,7 +515,8 @@ impl PostgresStore {
 }
 
 /// The URL's connection settings and TLS connector (`sslmode`, `sslrootcert`: `super::pg_tls`).
-fn parse_url(url: &str) -> StoreResult<(::postgres::Config, Option<super::pg_tls::RustlsConnect>)> {
+/// Also how the Mosquitto plugin (`mosquitto-auth/`) reads its URL, so both take the same URLs.
+pub fn parse_url(url: &str) -> StoreResult<(::postgres::Config, Option<super::pg_tls::RustlsConnect>)> {
     let (rest, settings) =
         super::pg_tls::split_url(url).map_err(|e| StoreError::Invalid(format!("PostgreSQL URL: {e}")))?;
     let mut config =
@@ -527,7 +528,7 @@ fn parse_url(url: &str) -> StoreResult<(::postgres::Config, Option<super::pg_tls
 
 /// An error with its causes (`error performing TLS handshake: invalid peer certificate:
 /// UnknownIssuer`): the client's own message names no cause.
-fn with_causes(e: &dyn std::error::Error) -> String {
+pub fn with_causes(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut cause = e.source();
     while let Some(c) = cause {
@@ -541,7 +542,8 @@ fn with_causes(e: &dyn std::error::Error) -> String {
     text
 }
 
-fn connect_with(
+/// A connection with the URL's TLS connector, or without TLS.
+pub fn connect_with(
     config: &::postgres::Config,
     tls: Option<&super::pg_tls::RustlsConnect>,
 ) -> Result<Client, ::postgres::Error> {
