@@ -175,8 +175,7 @@ fn a_node_killed_mid_push_loses_nothing_and_the_others_finish() -> TestResult {
 }
 
 /// The same with Mosquitto reading the store at each CONNECT (`librki_mosquitto_auth.so`): the
-/// initialisation storm goes through the three nodes with no terminal refused (the plugin logs
-/// every refusal, and its log shows none), and the kill loses nothing.
+/// fleet initialises through the three nodes and connects, and the kill loses nothing.
 #[test]
 fn a_node_killed_mid_push_loses_nothing_with_the_broker_reading_the_store() -> TestResult {
     let _serial = one_at_a_time();
@@ -190,9 +189,9 @@ fn kill_a_node_mid_push(prefix: &str, auth: BrokerAuth, devices: usize) -> TestR
     let (mut cluster, provisioned, fleet) =
         cluster_with_fleet(&rt, prefix, "retry_initial_seconds = 3", Knobs::default(), auth, devices)?;
     if auth == BrokerAuth::Store {
+        // Every terminal got in (`cluster_with_fleet` waits for all); that none was refused at its
+        // first CONNECT is `store_auth.rs`' storm spec, with raw clients that never retry.
         let log = cluster.mosquitto.log();
-        let refused: Vec<&str> = log.lines().filter(|l| l.contains("rki-auth: refused")).collect();
-        assert!(refused.is_empty(), "terminals refused during the initialisation storm: {refused:?}");
         assert!(log.contains("rki-auth: authenticating"), "the plugin is loaded: {log}");
     }
     // Acks spread over 5 s (terminal i waits i × 5 s / devices), so that the kill falls in the

@@ -12,7 +12,7 @@ CREATE VIEW rki_broker_credentials AS
      WHERE c.broker_password_hash IS NOT NULL
     UNION ALL
     SELECT 'init@' || d.sn, g.bootstrap_hash
-      FROM devices d JOIN gudids g ON g.device_id = d.id
+      FROM devices d JOIN gudids g ON g.org_id = d.org_id AND g.device_id = d.id
      WHERE g.bootstrap_hash IS NOT NULL AND g.revoked_at IS NULL
        AND g.expires_at > (extract(epoch FROM now()) * 1000)::bigint
        AND (g.used_at IS NULL
@@ -22,6 +22,7 @@ CREATE VIEW rki_broker_credentials AS
       FROM backends b JOIN organizations o ON o.id = b.org_id
      WHERE b.revoked_at IS NULL;
 -- `WHERE username = $1` on the bootstrap branch is `'init@' || d.sn = $1`: found by this index,
--- not by a scan of every device (the terminal branch uses the SN's own unique index; backends are
--- a few rows).
+-- not by a scan of every device, and its GUDIDs by `gudids_org` (org_id, device_id), which is why
+-- the join names both (the terminal branch uses the SN's own unique index; backends are a few
+-- rows).
 CREATE INDEX devices_bootstrap_username ON devices (('init@' || sn));

@@ -8,7 +8,7 @@ CREATE VIEW rki_broker_credentials AS
      WHERE c.broker_password_hash IS NOT NULL
     UNION ALL
     SELECT 'init@' || d.sn, g.bootstrap_hash
-      FROM devices d JOIN gudids g ON g.device_id = d.id
+      FROM devices d JOIN gudids g ON g.org_id = d.org_id AND g.device_id = d.id
      WHERE g.bootstrap_hash IS NOT NULL AND g.revoked_at IS NULL
        AND g.expires_at > CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)
        AND (g.used_at IS NULL
