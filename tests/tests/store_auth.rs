@@ -155,7 +155,8 @@ fn each_identity_reaches_only_its_own_topics_and_no_stale_or_malformed_one_gets_
     // The gateway's identity (Mosquitto's own files) writes to both; A gets its own message and
     // not B's, which was published first (one publisher's messages arrive in order).
     rt.block_on(async {
-        let (_b_client, mut b_inbox) = mqtt_connect_subscribed(port, &b, &b_password, true, &[down_b.clone()]).await?;
+        let (_b_client, mut b_inbox) =
+            mqtt_connect_subscribed(port, &b, &b_password, true, std::slice::from_ref(&down_b)).await?;
         let (gw, _) = mqtt_connect(port, GATEWAY_USER, GATEWAY_PASSWORD, true).await?;
         gw.publish(down_b.as_str(), rumqttc::QoS::AtLeastOnce, false, b"for-b".to_vec()).await?;
         gw.publish(down_a.as_str(), rumqttc::QoS::AtLeastOnce, false, b"for-a".to_vec()).await?;
@@ -265,7 +266,7 @@ fn a_database_outage_refuses_connects_at_once_and_the_broker_serves_on_until_it_
     let two_password = password(&rt.block_on(initialise(port, &two, &two_gudid))?)?;
     let down_one = format!("{one}/rki/v1/down");
     let (_one_client, mut one_inbox) =
-        rt.block_on(mqtt_connect_subscribed(port, &one, &one_password, true, &[down_one.clone()]))?;
+        rt.block_on(mqtt_connect_subscribed(port, &one, &one_password, true, std::slice::from_ref(&down_one)))?;
 
     cluster.pg.stop()?;
     // Every CONNECT is refused, each at once: the broker does not wait on a dead database.
