@@ -1043,10 +1043,7 @@ impl Mosquitto {
         pid_file: &Path,
         persistence: bool,
     ) -> TestResult<Mosquitto> {
-        let dir = temp_dir("mosquitto");
-        let conf = dir.join("mosquitto.conf");
-        std::fs::write(
-            &conf,
+        Self::start_with_conf(port, |dir| {
             format!(
                 "user root\nlistener {port} 127.0.0.1\nallow_anonymous false\npassword_file {}\nacl_file {}\npid_file {}\n\
                  persistence {persistence}\npersistence_location {}/\n\
@@ -1057,33 +1054,35 @@ impl Mosquitto {
                 pid_file.display(),
                 dir.display(),
                 dir.join("mosquitto.log").display()
-            ),
-        )?;
+            )
+        })
+    }
+
+    /// Writes the configuration `conf_text` makes for the broker's own new directory, starts
+    /// Mosquitto on it and waits until it listens on `port`: every `start_*` above and below.
+    fn start_with_conf(port: u16, conf_text: impl FnOnce(&Path) -> String) -> TestResult<Mosquitto> {
+        let dir = temp_dir("mosquitto");
+        let conf = dir.join("mosquitto.conf");
+        std::fs::write(&conf, conf_text(&dir))?;
         let child = Self::spawn(&conf)?;
-        let m = Mosquitto { child, port, dir };
-        m.wait_listening()
+        Mosquitto { child, port, dir }.wait_listening()
     }
 
     /// Starts Mosquitto with the dynamic security plugin on `config_file` (the plugin's JSON,
     /// which must exist: `rki-gateway dynsec-init` writes it), and no password or ACL file.
     pub fn start_dynsec(port: u16, config_file: &Path) -> TestResult<Mosquitto> {
-        let dir = temp_dir("mosquitto");
-        let conf = dir.join("mosquitto.conf");
-        std::fs::write(
-            &conf,
+        let plugin = Self::dynsec_plugin()?;
+        Self::start_with_conf(port, |dir| {
             format!(
                 "user root\nper_listener_settings false\nlistener {port} 127.0.0.1\nallow_anonymous false\n\
                  plugin {}\nplugin_opt_config_file {}\npersistence false\n\
                  max_inflight_messages 1000\nmax_queued_messages 100000\nlog_dest file {}\n\
                  log_type error\nlog_type warning\nlog_type notice\n",
-                Self::dynsec_plugin()?.display(),
+                plugin.display(),
                 config_file.display(),
                 dir.join("mosquitto.log").display()
-            ),
-        )?;
-        let child = Self::spawn(&conf)?;
-        let m = Mosquitto { child, port, dir };
-        m.wait_listening()
+            )
+        })
     }
 
     /// Starts Mosquitto with the store plugin (`librki_mosquitto_auth.so`, built beside the
@@ -1096,10 +1095,8 @@ impl Mosquitto {
         password_file: &Path,
         acl_file: &Path,
     ) -> TestResult<Mosquitto> {
-        let dir = temp_dir("mosquitto");
-        let conf = dir.join("mosquitto.conf");
-        std::fs::write(
-            &conf,
+        let plugin = Self::store_auth_plugin()?;
+        Self::start_with_conf(port, |dir| {
             format!(
                 "user root\nper_listener_settings false\nlistener {port} 127.0.0.1\nallow_anonymous false\n\
                  plugin {}\nplugin_opt_store_url_file {}\nplugin_opt_defer_usernames {defer_usernames}\n\
@@ -1107,16 +1104,13 @@ impl Mosquitto {
                  max_inflight_messages 1000\nmax_queued_messages 100000\nlog_dest file {}\n\
                  log_type error\nlog_type warning\nlog_type notice\nlog_type information\nlog_type subscribe\n\
                  log_type unsubscribe\nconnection_messages false\n",
-                Self::store_auth_plugin()?.display(),
+                plugin.display(),
                 url_file.display(),
                 password_file.display(),
                 acl_file.display(),
                 dir.join("mosquitto.log").display()
-            ),
-        )?;
-        let child = Self::spawn(&conf)?;
-        let m = Mosquitto { child, port, dir };
-        m.wait_listening()
+            )
+        })
     }
 
     /// The store plugin, as `cargo build --workspace --release` leaves it beside the binaries.
