@@ -380,6 +380,7 @@ fn drive(
 
     // Push: a download to every terminal that said hello, then wait for every ack.
     progress.set_phase("push");
+    let own_before = procfs::sample(std::process::id()).map(|s| s.cpu_seconds).unwrap_or(0.0);
     let push_started = Instant::now();
     if let Ok(mut started) = backend.push_started.lock() {
         *started = Some(push_started);
@@ -401,6 +402,8 @@ fn drive(
     }
     summary.push_seconds = round3(push_started.elapsed().as_secs_f64());
     summary.keys_per_second = round3(n as f64 / summary.push_seconds.max(1e-9));
+    let own_after = procfs::sample(std::process::id()).map(|s| s.cpu_seconds).unwrap_or(0.0);
+    summary.extra.insert("loadtest_cpu_seconds_push".into(), json!(round3(own_after - own_before)));
     let after = procfs::sample(pid).unwrap_or_default();
     summary.gateway_cpu_seconds_push = round3(after.cpu_seconds - idle.cpu_seconds);
     summary.threads_push = ThreadCpu::list(procfs::thread_delta(&threads_connected, &procfs::threads(pid)));

@@ -275,6 +275,8 @@ fn drive(
     let profiler = if matches!(scenario, Scenario::FleetPush) { start_profile(options, pid, "push") } else { None };
     let base = fleet.snapshot();
     let histograms_before = read_histograms(&urls);
+    // The terminals' CPU from the push's first moment: they ack while the task is still created.
+    let own_before = procfs::sample(std::process::id()).map(|s| s.cpu_seconds).unwrap_or(0.0);
     let push_started = Instant::now();
     // Latencies count from the creation request, on the system clock the gateway also stamps its
     // records with (same machine); the task's own `created_at` comes after derivation.
@@ -313,7 +315,6 @@ fn drive(
             summary.extra.insert("churn_events".into(), json!(events));
         }
     }
-    let own_before = procfs::sample(std::process::id()).map(|s| s.cpu_seconds).unwrap_or(0.0);
     let mut timeline = Vec::new();
     let base = if matches!(scenario, Scenario::ReconnectStorm) { fleet.snapshot() } else { base };
     let counts = wait_push(api, &fleet, task, n, waited_from, options.phase_timeout, progress, base, &mut timeline)?;
