@@ -301,6 +301,7 @@ impl FakeGateway {
             counter: self.next_counter(),
             message: Message::CreateKeyAnswer(CreateKeyAnswer {
                 gudid_id: request.gudid_id,
+                request_counter,
                 gateway_public: own.public(),
             }),
         };
