@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use rki_protocol::frame;
 use rki_protocol::init::{derive_device_secrets, DeviceSecrets, Ephemeral, Gudid};
-use rki_protocol::message::{Ack, Body, CreateKey, Hello, Message, SlotStatus};
+use rki_protocol::message::{Ack, Body, CreateKey, Hello, Message, RefusalCode, SlotStatus};
 use rki_protocol::terminal::{KeySlot, TerminalError};
 use rki_protocol::topic;
 use rumqttc::{
@@ -30,6 +30,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use crate::app::{self, Decision, DownCommand, ForceError, Rejection};
+use crate::bootstrap::{read_init_frame, InitFrame, SentCreateKeys};
 use crate::config::{BrokerAddr, ConfigError, DeviceConfig, Knobs, StateStore};
 use crate::counter::UpCounter;
 use crate::state::{self, StorageError, TerminalState};
@@ -156,6 +157,7 @@ impl Device {
             jitter: Jitter::seeded(&sn),
             shutdown_reply: None,
             will_counter: None,
+            create_keys: SentCreateKeys::default(),
         };
         if fresh {
             terminal.persist().await?;
@@ -460,9 +462,9 @@ struct Terminal {
     pending_gudid: Option<Gudid>,
     /// The configured GUDID the terminal initialised with, until a session under its secrets
     /// gets ready (its hello then proves them): if the broker keeps refusing those secrets
-    /// ([`SECRETS_REFUSED_FOR`]), they are an earlier answer's (a late answer to a CreateKey the
-    /// terminal had given up on, taken for the answer to its retry), and the terminal initialises
-    /// again with the same GUDID, as PROTOCOL.md §7.5 says.
+    /// ([`SECRETS_REFUSED_FOR`]), they are not the newest answer's (the gateway answered an
+    /// earlier CreateKey, whose answer the terminal derived, and then its retry too), and the
+    /// terminal initialises again with the same GUDID, as PROTOCOL.md §7.5 says.
     unproven_gudid: Option<Unproven>,
     commands: mpsc::Receiver<Command>,
     status: watch::Sender<DeviceStatus>,
@@ -474,6 +476,10 @@ struct Terminal {
     shutdown_reply: Option<oneshot::Sender<()>>,
     /// The counter of the current session's last will, for its first hello.
     will_counter: Option<u64>,
+    /// The CreateKeys of the current initialisation (one GUDID, across its retries), each with
+    /// its ephemeral key and body: a late answer to an earlier one is derived with that one's
+    /// (PROTOCOL.md §7.3). Bounded in number and age; emptied once the initialisation ends.
+    create_keys: SentCreateKeys,
 }
 
 impl Terminal {
@@ -586,8 +592,8 @@ impl Terminal {
         let Unproven { gudid, first_answer, .. } = unproven;
         // The reconnect delay keeps growing across these attempts (an initialisation resets it):
         // once the pause between two bootstrap sessions is longer than the gateway takes to
-        // answer, a late answer falls between them, to no subscriber, and cannot be taken for
-        // the next CreateKey's.
+        // answer, a late answer falls between them, to no subscriber, and the next CreateKey's
+        // answer is the newest.
         let delay = self.reconnect_delay;
         let outcome = Box::pin(self.initialise(&gudid)).await;
         self.reconnect_delay = delay;
@@ -1115,10 +1121,22 @@ impl Terminal {
     /// The bootstrap exchange, within the initialisation timeout, then persisting the secrets.
     async fn initialise(&mut self, gudid: &Gudid) -> Result<(), DeviceError> {
         let timeout = self.knobs.init_timeout;
-        let outcome = match tokio::time::timeout(timeout, self.create_key(gudid)).await {
+        self.create_keys.begin(gudid, Instant::now());
+        // A refusal of this attempt's CreateKey while an earlier one may still be answered: kept
+        // until the wait is over, and reported only if no answer came (PROTOCOL.md §7.3 step 4).
+        let mut refused = None;
+        let outcome = match tokio::time::timeout(timeout, self.create_key(gudid, &mut refused)).await {
             Ok(outcome) => outcome,
-            Err(_) => Err(DeviceError::InitTimeout(timeout)),
+            Err(_) => Err(match refused {
+                Some(code) => DeviceError::InitRefused(code.as_str()),
+                None => DeviceError::InitTimeout(timeout),
+            }),
         };
+        // Answered or refused, the initialisation is over and its CreateKeys are of no more use;
+        // after a network failure or a timeout it goes on, and a late answer may still come.
+        if !outcome.as_ref().is_err_and(DeviceError::is_transient) {
+            self.create_keys.clear();
+        }
         let secrets = match outcome {
             Ok(secrets) => secrets,
             Err(error) => {
@@ -1141,8 +1159,14 @@ impl Terminal {
     }
 
     /// CreateKey under the bootstrap identity: subscribe, send, await the answer or a refusal,
-    /// derive the secrets, disconnect.
-    async fn create_key(&mut self, gudid: &Gudid) -> Result<DeviceSecrets, DeviceError> {
+    /// derive the secrets, disconnect. The answer may be to this attempt's CreateKey or to an
+    /// earlier one of the same initialisation ([`Terminal::create_keys`]); a refusal of this one
+    /// while an earlier one may still be answered goes to `refused`, and the wait goes on.
+    async fn create_key(
+        &mut self,
+        gudid: &Gudid,
+        refused: &mut Option<RefusalCode>,
+    ) -> Result<DeviceSecrets, DeviceError> {
         let sn = self.state.sn.clone();
         let client_id = topic::bootstrap_client_id(&sn);
         // The bootstrap password proves, at CONNECT, that the terminal holds a live GUDID for its SN.
@@ -1151,8 +1175,6 @@ impl Terminal {
         let (client, mut event_loop) = self.event_loop(options);
         let down_topic = topic::device_down(&sn);
         let mac_key = gudid.mac_key();
-        let mut ephemeral = None;
-        let mut create_key_body = Vec::new();
         // The counter of the CreateKey sent on this connection: a refusal of another one (an
         // earlier attempt's, answered late) is not this attempt's.
         let mut create_key_counter = None;
@@ -1173,7 +1195,6 @@ impl Terminal {
                     }
                     let own = Ephemeral::random()?;
                     let counter = self.up.next_counter();
-                    create_key_counter = Some(counter);
                     let body = Body {
                         party: sn.clone(),
                         counter,
@@ -1184,18 +1205,29 @@ impl Terminal {
                         }),
                     };
                     let bytes = frame::seal(&mac_key, &body).map_err(|e| DeviceError::Mqtt(e.to_string()))?;
-                    create_key_body = frame::body_bytes_of(&bytes).map(<[u8]>::to_vec).unwrap_or_default();
-                    ephemeral = Some(own);
+                    let create_key_body = frame::body_bytes_of(&bytes).map(<[u8]>::to_vec).unwrap_or_default();
+                    // Kept before it is sent: its answer may come at any time from now on.
+                    self.create_keys.record(counter, own, create_key_body, Instant::now());
+                    create_key_counter = Some(counter);
                     client
                         .try_publish(topic::init(&sn), QoS::AtLeastOnce, false, bytes)
                         .map_err(|e| DeviceError::Mqtt(e.to_string()))?;
                 }
                 Event::Incoming(Packet::Publish(publish)) if publish.topic == down_topic => {
-                    match self.on_answer(gudid, &publish.payload, create_key_counter) {
-                        Answer::Ignored(rejection) => self.reject(rejection),
-                        Answer::Refused(code) => return Err(DeviceError::InitRefused(code)),
-                        Answer::Accepted { gateway_public, answer_body } => {
-                            let Some(own) = ephemeral.take() else {
+                    match read_init_frame(&sn, gudid, &self.create_keys, create_key_counter, &publish.payload) {
+                        InitFrame::Ignored(rejection) => self.reject(rejection),
+                        InitFrame::Refused(code) => {
+                            // Refusals are not authenticated, and an earlier CreateKey may have
+                            // been answered (the gateway refuses the retry of a spent GUDID):
+                            // wait for that answer until the timeout.
+                            let this = create_key_counter.unwrap_or_default();
+                            if !self.create_keys.others_than(this) {
+                                return Err(DeviceError::InitRefused(code.as_str()));
+                            }
+                            *refused = Some(code);
+                        }
+                        InitFrame::Answered { request_counter, gateway_public, answer_body } => {
+                            let Some((own, create_key_body)) = self.create_keys.take(request_counter) else {
                                 self.reject(Rejection::Unexpected);
                                 continue;
                             };
@@ -1216,54 +1248,6 @@ impl Terminal {
         close_politely(&client, &mut event_loop).await;
         Ok(secrets)
     }
-
-    /// Reads a frame on the down topic during initialisation; `sent` is the counter of the
-    /// CreateKey this connection sent (PROTOCOL.md §7.3: a refusal names the request it refuses).
-    fn on_answer(&self, gudid: &Gudid, bytes: &[u8], sent: Option<u64>) -> Answer {
-        let Ok(unverified) = frame::open(bytes) else {
-            return Answer::Ignored(Rejection::Malformed);
-        };
-        if unverified.peek().party != self.state.sn {
-            return Answer::Ignored(Rejection::ForeignParty);
-        }
-        match &unverified.peek().message {
-            Message::CreateKeyAnswer(_) => {
-                let answer_body = unverified.body_bytes().to_vec();
-                let Ok(verified) = unverified.verify(&gudid.mac_key()) else {
-                    return Answer::Ignored(Rejection::BadTag);
-                };
-                match verified.body.message {
-                    Message::CreateKeyAnswer(answer) if answer.gudid_id == gudid.id() => {
-                        Answer::Accepted { gateway_public: answer.gateway_public, answer_body }
-                    }
-                    _ => Answer::Ignored(Rejection::Unexpected),
-                }
-            }
-            Message::Refusal(_) => {
-                // The gateway cannot know the GUDID it refuses: the public refusal key, or the
-                // GUDID's key when it does.
-                let verified = frame::open(bytes)
-                    .ok()
-                    .and_then(|u| u.verify(&gudid.mac_key()).ok())
-                    .or_else(|| unverified.verify(&frame::MacKey::public_refusal_key()).ok());
-                match verified.map(|v| v.body.message) {
-                    Some(Message::Refusal(refusal)) if Some(refusal.request_counter) == sent => {
-                        Answer::Refused(refusal.code.as_str())
-                    }
-                    Some(Message::Refusal(_)) => Answer::Ignored(Rejection::Unexpected),
-                    _ => Answer::Ignored(Rejection::BadTag),
-                }
-            }
-            _ => Answer::Ignored(Rejection::Unexpected),
-        }
-    }
-}
-
-/// A frame received during initialisation.
-enum Answer {
-    Accepted { gateway_public: [u8; 32], answer_body: Vec<u8> },
-    Refused(&'static str),
-    Ignored(Rejection),
 }
 
 /// Sends a DISCONNECT and waits (briefly) until it is written.

@@ -16,6 +16,8 @@
 //!   presence, downloads, unlocks, power and network knobs.
 //! - [`app`]: the key-injection app's decisions, pure: which down frames to accept, what to
 //!   answer a download with, a manual injection.
+//! - [`bootstrap`]: the initialisation's side of it, pure: the CreateKeys one initialisation has
+//!   sent ([`bootstrap::SentCreateKeys`]) and which down frame answers or refuses one.
 //! - [`state`]: what survives a power cycle ([`state::TerminalState`]) and its state file.
 //! - [`counter`]: the time-based, strictly increasing up-frame counter.
 //! - [`status`]: a terminal's [`DeviceStatus`] and a fleet's shared [`FleetCounters`].
@@ -39,6 +41,7 @@
 #![forbid(unsafe_code)]
 
 pub mod app;
+pub mod bootstrap;
 pub mod config;
 pub mod counter;
 pub mod device;

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{FakeGateway, Tag, TestBroker, TestNet};
+use common::{FakeGateway, LateAnswer, Tag, TestBroker, TestNet};
 use rki_device_sim::{Device, DeviceError};
 use rki_protocol::init::Gudid;
 use rki_protocol::message::{Message, Unlock};
@@ -188,4 +188,50 @@ async fn a_refused_gudid_in_the_configuration_is_not_retried() {
     let attempts = net.broker.connects.lock().expect("log").iter().filter(|(id, _, _)| id == "init@INIT0011").count();
     assert_eq!(attempts, 1);
     assert_eq!(device.counters().snapshot().errors, 1);
+}
+
+/// PROTOCOL.md §7.3: the terminal gives up on its CreateKey (A) and retries (B); the gateway had
+/// answered A (spending the GUDID, keeping A's secrets) and refuses B. The late answer to A,
+/// which names A, reaches B's connection before or after B's refusal: the terminal derives it with
+/// A's key pair and body, and connects under the secrets the gateway kept.
+#[tokio::test]
+async fn a_late_answer_to_an_earlier_create_key_gives_the_secrets_the_gateway_kept() {
+    for (sn, order) in [("LATE0001", LateAnswer::BeforeTheRefusal), ("LATE0002", LateAnswer::AfterTheRefusal)] {
+        let net = TestNet::start().await;
+        let mut config = net.config(TestNet::profile(sn));
+        config.knobs.init_timeout = Duration::from_millis(700);
+        let device = Device::spawn(config).await.expect("spawn");
+        let gudid = net.gateway.provision(sn);
+        net.gateway.answer_late(sn, order);
+
+        assert!(matches!(device.initialise(&gudid).await, Err(DeviceError::InitTimeout(_))), "{order:?}: A unanswered");
+        device.initialise(&gudid).await.unwrap_or_else(|e| panic!("{order:?}: the retry ends with A's answer: {e}"));
+
+        // The hello verifies under the signing key the gateway kept, and the broker admitted the
+        // device identity with the password the gateway kept.
+        net.gateway.wait_hellos(sn, 1).await;
+        device.wait_for("connected", common::WAIT, |s| s.connected).await.expect("connected");
+        net.gateway.assert_clean_up_channel(sn);
+        let bootstraps =
+            net.broker.connects.lock().expect("log").iter().filter(|(id, _, _)| *id == format!("init@{sn}")).count();
+        assert_eq!(bootstraps, 2, "{order:?}: CreateKey A, then the retry B");
+        assert_eq!(device.status().rejected.unexpected, 0, "{order:?}: nothing taken for another CreateKey's");
+    }
+}
+
+#[tokio::test]
+async fn an_answer_naming_a_create_key_the_terminal_did_not_send_is_ignored() {
+    let net = TestNet::start().await;
+    let sn = "LATE0003";
+    let mut config = net.config(TestNet::profile(sn));
+    config.knobs.init_timeout = Duration::from_millis(700);
+    let device = Device::spawn(config).await.expect("spawn");
+    let gudid = net.gateway.provision(sn);
+    net.gateway.misname_answers(sn);
+
+    assert!(matches!(device.initialise(&gudid).await, Err(DeviceError::InitTimeout(_))));
+    let status = device.status();
+    assert!(!status.initialised && !status.connected);
+    assert_eq!(status.rejected.unexpected, 1, "the answer, dropped and counted");
+    assert_eq!(net.gateway.hellos(sn), 0);
 }

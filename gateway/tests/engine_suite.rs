@@ -324,6 +324,7 @@ impl World {
             panic!("CreateKey answered with {:?}", verified.body.message);
         };
         assert_eq!(a.gudid_id, gudid.id(), "the answer names the GUDID");
+        assert_eq!(a.request_counter, counter, "the answer names the CreateKey it answers");
         let secrets = init::derive_device_secrets(
             ephemeral,
             &a.gateway_public,

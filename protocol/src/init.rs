@@ -4,8 +4,9 @@
 //! 1. An operator provisions a [`Gudid`] (128 random bits) for one SN. The gateway keeps only
 //!    [`Gudid::id`] (to find it) and [`Gudid::mac_key`] (to check tags), both one-way hashes.
 //! 2. The terminal sends `CreateKey { gudid_id, x_pos_device_id, device_public }` tagged under the
-//!    GUDID's MAC key. The gateway answers `CreateKeyAnswer { gudid_id, gateway_public }`, tagged
-//!    under the same key.
+//!    GUDID's MAC key. The gateway answers `CreateKeyAnswer { gudid_id, request_counter,
+//!    gateway_public }`, tagged under the same key; `request_counter` names the CreateKey answered,
+//!    whose ephemeral key and body the terminal then derives with.
 //! 3. Both sides compute the X25519 shared secret and run HKDF-SHA256 with the GUDID MAC key as
 //!    salt and a hash of both exact body encodings (the transcript) in every `info`, giving the
 //!    [`DeviceSecrets`].

@@ -166,6 +166,10 @@ pub struct CreateKey {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CreateKeyAnswer {
     pub gudid_id: [u8; 32],
+    /// The counter of the CreateKey answered, as a [`Refusal`] names the request it refuses. A
+    /// terminal that retried its CreateKey holds several ephemeral keys: this says which one the
+    /// answer's secrets are agreed with (docs/PROTOCOL.md §7.3).
+    pub request_counter: u64,
     /// The gateway's ephemeral X25519 public key.
     pub gateway_public: [u8; 32],
 }

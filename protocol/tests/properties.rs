@@ -344,9 +344,9 @@ mod frames {
                     Message::CreateKey(CreateKey { gudid_id, x_pos_device_id, device_public })
                 })
                 .boxed(),
-            1 => (any::<[u8; 32]>(), any::<[u8; 32]>())
-                .prop_map(|(gudid_id, gateway_public)| {
-                    Message::CreateKeyAnswer(CreateKeyAnswer { gudid_id, gateway_public })
+            1 => (any::<[u8; 32]>(), any::<u64>(), any::<[u8; 32]>())
+                .prop_map(|(gudid_id, request_counter, gateway_public)| {
+                    Message::CreateKeyAnswer(CreateKeyAnswer { gudid_id, request_counter, gateway_public })
                 })
                 .boxed(),
             2 => (

@@ -340,7 +340,9 @@ fn create_key_layout(body: &Body, m: &CreateKey) -> Layout {
 fn create_key_answer_layout(body: &Body, m: &CreateKeyAnswer) -> Layout {
     let mut l = Layout::default();
     body_head(&mut l, body, 1, "CreateKeyAnswer");
-    l.array("gudid_id", &m.gudid_id).array("gateway_public", &m.gateway_public);
+    l.array("gudid_id", &m.gudid_id)
+        .u64("request_counter", m.request_counter)
+        .array("gateway_public", &m.gateway_public);
     l
 }
 
@@ -434,7 +436,7 @@ fn build() -> Examples {
         Body { party: SN.into(), counter: CREATE_KEY_COUNTER, message: Message::CreateKey(create_key.clone()) };
     ex.message("create_key", &gudid_mac, &create_key_body, create_key_layout(&create_key_body, &create_key));
 
-    let answer = CreateKeyAnswer { gudid_id, gateway_public };
+    let answer = CreateKeyAnswer { gudid_id, request_counter: CREATE_KEY_COUNTER, gateway_public };
     let answer_body = Body {
         party: SN.into(),
         counter: CREATE_KEY_ANSWER_COUNTER,

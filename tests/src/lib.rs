@@ -827,6 +827,9 @@ impl RawDevice {
         let Message::CreateKeyAnswer(a) = verified.body.message else {
             return Err(format!("not an answer: {:?}", verified.body.message).into());
         };
+        if a.request_counter != counter {
+            return Err(format!("the answer names CreateKey {}, not ours ({counter})", a.request_counter).into());
+        }
         let secrets = init::derive_device_secrets(
             ephemeral,
             &a.gateway_public,

@@ -73,13 +73,22 @@ fn every_bad_gudid_is_refused_clearly_counted_and_changes_nothing() -> TestResul
     // GUDID, before the device ever used what the first answer gave it (its answer came too
     // late, say), is answered anew (PROTOCOL.md §7.4); once the device proves its secrets, the
     // GUDID is spent for good (see `a_gudid_is_spent_for_good_once_the_device_proves_its_secrets`).
+    // Each answer names the CreateKey it answers (PROTOCOL.md §7.3).
+    let answered = |message: Message| match message {
+        Message::CreateKeyAnswer(a) => Ok(a.request_counter),
+        other => Err(format!("expected a CreateKeyAnswer, got {other:?}")),
+    };
     let good = RawBootstrap::create_key(&sn, &gudid)?;
+    let good_counter = frame::open(&good)?.peek().counter;
     rt.block_on(boot.send(good.clone()))?;
-    assert!(matches!(rt.block_on(boot.next(Duration::from_secs(5)))?, Message::CreateKeyAnswer(_)));
+    assert_eq!(answered(rt.block_on(boot.next(Duration::from_secs(5)))?)?, good_counter);
     rt.block_on(boot.send(good))?;
     assert_eq!(refusal(rt.block_on(boot.next(Duration::from_secs(5)))?)?, RefusalCode::GudidUsed);
-    rt.block_on(boot.send(RawBootstrap::create_key(&sn, &gudid)?))?;
-    assert!(matches!(rt.block_on(boot.next(Duration::from_secs(5)))?, Message::CreateKeyAnswer(_)));
+    let retry = RawBootstrap::create_key(&sn, &gudid)?;
+    let retry_counter = frame::open(&retry)?.peek().counter;
+    assert!(retry_counter > good_counter);
+    rt.block_on(boot.send(retry))?;
+    assert_eq!(answered(rt.block_on(boot.next(Duration::from_secs(5)))?)?, retry_counter);
     assert_eq!(gudid_status(&gw, &sn)?, vec!["used"]);
 
     // A GUDID past 72 hours, on the injected clock.

@@ -147,6 +147,29 @@ struct Book {
     pushed: HashMap<String, (u64, Vec<u8>)>,
     /// The KCV each execution was derived with.
     expected_kcv: HashMap<u64, Vec<u8>>,
+    /// SNs whose first CreateKey is answered late ([`FakeGateway::answer_late`]), and that
+    /// answer once it is held back.
+    late: HashMap<String, (LateAnswer, Held)>,
+    /// SNs whose answers name another CreateKey than the one answered.
+    misnamed: Vec<String>,
+}
+
+/// How a held-back answer to a terminal's first CreateKey goes out when its retry comes: the
+/// retry is refused (the GUDID is spent), and the late answer comes with the refusal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LateAnswer {
+    BeforeTheRefusal,
+    AfterTheRefusal,
+}
+
+/// Where a late answer is.
+enum Held {
+    /// The first CreateKey has not come yet.
+    Waiting,
+    /// Its answer, held back until the retry.
+    Answer(Vec<u8>),
+    /// Sent: later CreateKeys are handled as usual.
+    Released,
 }
 
 /// The gateway's side of the protocol over a rumqttc client.
@@ -247,6 +270,19 @@ impl FakeGateway {
         book.gudids.insert(gudid.id(), (sn.to_string(), gudid.mac_key(), false));
     }
 
+    /// Answers `sn`'s first CreateKey (spending the GUDID, keeping the secrets of that answer) but
+    /// holds the answer back until the terminal retries; the retry is refused `GudidUsed`, and
+    /// the late answer goes out beside the refusal, in `order`: what a slow gateway does to a
+    /// terminal that gave up waiting (PROTOCOL.md §7.3).
+    pub fn answer_late(&self, sn: &str, order: LateAnswer) {
+        self.book.lock().expect("book").late.insert(sn.to_string(), (order, Held::Waiting));
+    }
+
+    /// Answers `sn`'s CreateKeys naming a counter the terminal never sent.
+    pub fn misname_answers(&self, sn: &str) {
+        self.book.lock().expect("book").misnamed.push(sn.to_string());
+    }
+
     /// Pushes a download on every hello to terminals that have none pending or acked.
     pub fn set_auto_push(&self, on: bool) {
         self.book.lock().expect("book").auto_push = on;
@@ -284,7 +320,25 @@ impl FakeGateway {
                 message: Message::Refusal(Refusal { request_counter, code }),
             };
             let bytes = frame::seal(&MacKey::public_refusal_key(), &body).expect("seal refusal");
-            self.publish_down(sn, bytes);
+            let late = match book.late.get_mut(sn) {
+                Some((order, held @ Held::Answer(_))) => match std::mem::replace(held, Held::Released) {
+                    Held::Answer(answer) => Some((*order, answer)),
+                    _ => None,
+                },
+                _ => None,
+            };
+            drop(book);
+            match late {
+                Some((LateAnswer::BeforeTheRefusal, answer)) => {
+                    self.publish_down(sn, answer);
+                    self.publish_down(sn, bytes);
+                }
+                Some((LateAnswer::AfterTheRefusal, answer)) => {
+                    self.publish_down(sn, bytes);
+                    self.publish_down(sn, answer);
+                }
+                None => self.publish_down(sn, bytes),
+            }
             return;
         }
         let Some((_, mac_key, spent)) = book.gudids.get_mut(&request.gudid_id) else {
@@ -296,11 +350,13 @@ impl FakeGateway {
         *spent = true;
         let mac_key = mac_key.clone_secret();
         let own = Ephemeral::random().expect("ephemeral");
+        let named = if book.misnamed.iter().any(|s| s == sn) { request_counter + 1 } else { request_counter };
         let body = Body {
             party: sn.to_string(),
             counter: self.next_counter(),
             message: Message::CreateKeyAnswer(CreateKeyAnswer {
                 gudid_id: request.gudid_id,
+                request_counter: named,
                 gateway_public: own.public(),
             }),
         };
@@ -315,6 +371,10 @@ impl FakeGateway {
         let record = book.devices.entry(sn.to_string()).or_default();
         record.secrets = Some(secrets);
         record.last_up_counter = 0;
+        if let Some((_, held @ Held::Waiting)) = book.late.get_mut(sn) {
+            *held = Held::Answer(bytes);
+            return;
+        }
         drop(book);
         self.publish_down(sn, bytes);
     }

@@ -96,6 +96,9 @@ impl Engine {
             counter: self.next_down_counter().ok_or(RefusalCode::Malformed)?,
             message: Message::CreateKeyAnswer(message::CreateKeyAnswer {
                 gudid_id: request.gudid_id,
+                // Names the CreateKey answered: a terminal that retried holds several ephemeral
+                // keys, and must agree these secrets with this request's (PROTOCOL.md §7.3).
+                request_counter: counter,
                 gateway_public: ephemeral.public(),
             }),
         };
