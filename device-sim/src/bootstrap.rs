@@ -90,6 +90,12 @@ impl SentCreateKeys {
         self.sent.iter().any(|s| s.counter != counter)
     }
 
+    /// The counter of the newest `CreateKey` kept: the one whose answer the store holds once it
+    /// is answered, since the gateway answers a newer `CreateKey` anew until the GUDID is proven.
+    pub fn newest(&self) -> Option<u64> {
+        self.sent.back().map(|s| s.counter)
+    }
+
     pub fn len(&self) -> usize {
         self.sent.len()
     }

@@ -1122,15 +1122,18 @@ impl Terminal {
     async fn initialise(&mut self, gudid: &Gudid) -> Result<(), DeviceError> {
         let timeout = self.knobs.init_timeout;
         self.create_keys.begin(gudid, Instant::now());
-        // A refusal of this attempt's CreateKey while an earlier one may still be answered: kept
-        // until the wait is over, and reported only if no answer came (PROTOCOL.md §7.3 step 4).
-        let mut refused = None;
-        let outcome = match tokio::time::timeout(timeout, self.create_key(gudid, &mut refused)).await {
+        // What the wait saw that does not end it at once: a refusal of this attempt's CreateKey
+        // while an earlier one may still be answered, an answer to an earlier CreateKey while a
+        // newer one may still be (PROTOCOL.md §7.3 step 4).
+        let mut wait = InitWait::default();
+        let outcome = match tokio::time::timeout(timeout, self.create_key(gudid, &mut wait)).await {
             Ok(outcome) => outcome,
-            Err(_) => Err(match refused {
-                Some(code) => DeviceError::InitRefused(code.as_str()),
-                None => DeviceError::InitTimeout(timeout),
-            }),
+            Err(_) => match (wait.held.take(), wait.refused) {
+                // The newer CreateKey was never answered: the held answer is the one the store has.
+                (Some(held), _) => self.derive_held(gudid, held),
+                (None, Some(code)) => Err(DeviceError::InitRefused(code.as_str())),
+                (None, None) => Err(DeviceError::InitTimeout(timeout)),
+            },
         };
         // Answered or refused, the initialisation is over and its CreateKeys are of no more use;
         // after a network failure or a timeout it goes on, and a late answer may still come.
@@ -1158,15 +1161,22 @@ impl Terminal {
         Ok(())
     }
 
+    /// Derives the secrets of a held answer with the CreateKey it names.
+    fn derive_held(&mut self, gudid: &Gudid, held: HeldAnswer) -> Result<DeviceSecrets, DeviceError> {
+        let Some((own, create_key_body)) = self.create_keys.take(held.request_counter) else {
+            return Err(DeviceError::InitTimeout(self.knobs.init_timeout));
+        };
+        Ok(derive_device_secrets(own, &held.gateway_public, &gudid.mac_key(), &create_key_body, &held.answer_body)?)
+    }
+
     /// CreateKey under the bootstrap identity: subscribe, send, await the answer or a refusal,
     /// derive the secrets, disconnect. The answer may be to this attempt's CreateKey or to an
-    /// earlier one of the same initialisation ([`Terminal::create_keys`]); a refusal of this one
-    /// while an earlier one may still be answered goes to `refused`, and the wait goes on.
-    async fn create_key(
-        &mut self,
-        gudid: &Gudid,
-        refused: &mut Option<RefusalCode>,
-    ) -> Result<DeviceSecrets, DeviceError> {
+    /// earlier one of the same initialisation ([`Terminal::create_keys`]). The gateway answers a
+    /// newer CreateKey anew until the GUDID is proven (PROTOCOL.md §7.5), so the newest one's
+    /// answer is the one the store keeps: an answer to an older one is held in `wait` while the
+    /// newest may still be answered, and used once the newest is refused or the wait is over. A
+    /// refusal of this one while an earlier one may still be answered goes to `wait` too.
+    async fn create_key(&mut self, gudid: &Gudid, wait: &mut InitWait) -> Result<DeviceSecrets, DeviceError> {
         let sn = self.state.sn.clone();
         let client_id = topic::bootstrap_client_id(&sn);
         // The bootstrap password proves, at CONNECT, that the terminal holds a live GUDID for its SN.
@@ -1217,6 +1227,10 @@ impl Terminal {
                     match read_init_frame(&sn, gudid, &self.create_keys, create_key_counter, &publish.payload) {
                         InitFrame::Ignored(rejection) => self.reject(rejection),
                         InitFrame::Refused(code) => {
+                            // The newest CreateKey refused: an earlier one's answer is the one.
+                            if let Some(held) = wait.held.take() {
+                                break self.derive_held(gudid, held)?;
+                            }
                             // Refusals are not authenticated, and an earlier CreateKey may have
                             // been answered (the gateway refuses the retry of a spent GUDID):
                             // wait for that answer until the timeout.
@@ -1224,20 +1238,18 @@ impl Terminal {
                             if !self.create_keys.others_than(this) {
                                 return Err(DeviceError::InitRefused(code.as_str()));
                             }
-                            *refused = Some(code);
+                            wait.refused = Some(code);
                         }
                         InitFrame::Answered { request_counter, gateway_public, answer_body } => {
-                            let Some((own, create_key_body)) = self.create_keys.take(request_counter) else {
-                                self.reject(Rejection::Unexpected);
+                            let held = HeldAnswer { request_counter, gateway_public, answer_body };
+                            let newer_outstanding = self.create_keys.newest().is_some_and(|n| n > request_counter);
+                            if newer_outstanding && wait.refused.is_none() {
+                                if wait.held.as_ref().is_none_or(|h| h.request_counter < request_counter) {
+                                    wait.held = Some(held);
+                                }
                                 continue;
-                            };
-                            break derive_device_secrets(
-                                own,
-                                &gateway_public,
-                                &mac_key,
-                                &create_key_body,
-                                &answer_body,
-                            )?;
+                            }
+                            break self.derive_held(gudid, held)?;
                         }
                     }
                 }
@@ -1248,6 +1260,21 @@ impl Terminal {
         close_politely(&client, &mut event_loop).await;
         Ok(secrets)
     }
+}
+
+/// An answer to a CreateKey older than the newest one sent, held while the newest may still be
+/// answered.
+struct HeldAnswer {
+    request_counter: u64,
+    gateway_public: [u8; 32],
+    answer_body: Vec<u8>,
+}
+
+/// What an initialisation's wait saw that did not end it at once.
+#[derive(Default)]
+struct InitWait {
+    refused: Option<RefusalCode>,
+    held: Option<HeldAnswer>,
 }
 
 /// Sends a DISCONNECT and waits (briefly) until it is written.

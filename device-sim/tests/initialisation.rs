@@ -196,7 +196,12 @@ async fn a_refused_gudid_in_the_configuration_is_not_retried() {
 /// A's key pair and body, and connects under the secrets the gateway kept.
 #[tokio::test]
 async fn a_late_answer_to_an_earlier_create_key_gives_the_secrets_the_gateway_kept() {
-    for (sn, order) in [("LATE0001", LateAnswer::BeforeTheRefusal), ("LATE0002", LateAnswer::AfterTheRefusal)] {
+    for (sn, order) in [
+        ("LATE0001", LateAnswer::BeforeTheRefusal),
+        ("LATE0002", LateAnswer::AfterTheRefusal),
+        // Both answered, the first one's answer first: the store keeps the retry's secrets.
+        ("LATE0004", LateAnswer::BeforeTheRetrysAnswer),
+    ] {
         let net = TestNet::start().await;
         let mut config = net.config(TestNet::profile(sn));
         config.knobs.init_timeout = Duration::from_millis(700);
@@ -205,7 +210,10 @@ async fn a_late_answer_to_an_earlier_create_key_gives_the_secrets_the_gateway_ke
         net.gateway.answer_late(sn, order);
 
         assert!(matches!(device.initialise(&gudid).await, Err(DeviceError::InitTimeout(_))), "{order:?}: A unanswered");
-        device.initialise(&gudid).await.unwrap_or_else(|e| panic!("{order:?}: the retry ends with A's answer: {e}"));
+        device
+            .initialise(&gudid)
+            .await
+            .unwrap_or_else(|e| panic!("{order:?}: the retry ends with the answer the gateway kept: {e}"));
 
         // The hello verifies under the signing key the gateway kept, and the broker admitted the
         // device identity with the password the gateway kept.

@@ -160,6 +160,9 @@ struct Book {
 pub enum LateAnswer {
     BeforeTheRefusal,
     AfterTheRefusal,
+    /// The retry is answered too, replacing the first answer's secrets as the gateway does until
+    /// the GUDID is proven (PROTOCOL.md §7.5); the late first answer goes out just before it.
+    BeforeTheRetrysAnswer,
 }
 
 /// Where a late answer is.
@@ -307,9 +310,10 @@ impl FakeGateway {
         let request_counter = unverified.peek().counter;
         let create_key_body = unverified.body_bytes().to_vec();
         let mut book = self.book.lock().expect("book");
+        let answers_anew = matches!(book.late.get(sn), Some((LateAnswer::BeforeTheRetrysAnswer, Held::Answer(_))));
         let refusal = match book.gudids.get(&request.gudid_id) {
             None => Some(RefusalCode::UnknownGudid),
-            Some((_, _, true)) => Some(RefusalCode::GudidUsed),
+            Some((_, _, true)) if !answers_anew => Some(RefusalCode::GudidUsed),
             Some((owner, _, _)) if owner != sn => Some(RefusalCode::GudidWrongDevice),
             Some(_) => None,
         };
@@ -337,7 +341,7 @@ impl FakeGateway {
                     self.publish_down(sn, bytes);
                     self.publish_down(sn, answer);
                 }
-                None => self.publish_down(sn, bytes),
+                Some((LateAnswer::BeforeTheRetrysAnswer, _)) | None => self.publish_down(sn, bytes),
             }
             return;
         }
@@ -371,11 +375,23 @@ impl FakeGateway {
         let record = book.devices.entry(sn.to_string()).or_default();
         record.secrets = Some(secrets);
         record.last_up_counter = 0;
-        if let Some((_, held @ Held::Waiting)) = book.late.get_mut(sn) {
-            *held = Held::Answer(bytes);
-            return;
-        }
+        let late = match book.late.get_mut(sn) {
+            Some((_, held @ Held::Waiting)) => {
+                *held = Held::Answer(bytes);
+                return;
+            }
+            Some((LateAnswer::BeforeTheRetrysAnswer, held @ Held::Answer(_))) => {
+                match std::mem::replace(held, Held::Released) {
+                    Held::Answer(answer) => Some(answer),
+                    _ => None,
+                }
+            }
+            _ => None,
+        };
         drop(book);
+        if let Some(answer) = late {
+            self.publish_down(sn, answer);
+        }
         self.publish_down(sn, bytes);
     }
 
