@@ -523,7 +523,7 @@ impl Terminal {
                 match next {
                     IdleEnd::Shutdown => break,
                     IdleEnd::Initialise(gudid, reply) => {
-                        let outcome = Box::pin(self.initialise(&gudid)).await;
+                        let outcome = Box::pin(self.initialise_on_command(gudid)).await;
                         let _ = reply.send(outcome);
                     }
                     IdleEnd::Elapsed | IdleEnd::Changed => {}
@@ -557,7 +557,7 @@ impl Terminal {
                     self.initialise_again().await;
                 }
                 SessionEnd::Reinitialise(gudid, reply) => {
-                    let outcome = Box::pin(self.initialise(&gudid)).await;
+                    let outcome = Box::pin(self.initialise_on_command(gudid)).await;
                     let _ = reply.send(outcome);
                 }
             }
@@ -574,6 +574,23 @@ impl Terminal {
         if let Some(reply) = self.shutdown_reply.take() {
             let _ = reply.send(());
         }
+    }
+
+    /// An initialisation someone asked for (a technician typing a GUDID, a test). Its secrets are
+    /// unproven like a configured GUDID's: if the broker keeps refusing them, the terminal
+    /// initialises again with the same GUDID ([`Terminal::initialise_again`]). A terminal whose
+    /// answer the gateway replaced (it answered a retry too) is otherwise stuck for good.
+    async fn initialise_on_command(&mut self, gudid: Gudid) -> Result<(), DeviceError> {
+        let outcome = Box::pin(self.initialise(&gudid)).await;
+        if outcome.is_ok() {
+            let now = Instant::now();
+            let first_answer = match self.unproven_gudid.take() {
+                Some(u) if u.gudid.id() == gudid.id() => u.first_answer,
+                _ => now,
+            };
+            self.unproven_gudid = Some(Unproven { gudid, first_answer, secrets_since: now });
+        }
+        outcome
     }
 
     /// After the broker refused the terminal's secrets: initialises again with the GUDID they came
@@ -628,7 +645,7 @@ impl Terminal {
         match end {
             IdleEnd::Shutdown => return true,
             IdleEnd::Initialise(gudid, reply) => {
-                let outcome = Box::pin(self.initialise(&gudid)).await;
+                let outcome = Box::pin(self.initialise_on_command(gudid)).await;
                 let _ = reply.send(outcome);
             }
             IdleEnd::Elapsed | IdleEnd::Changed => {}

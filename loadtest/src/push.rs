@@ -586,7 +586,17 @@ fn wait_push(
             return Ok(counts);
         }
         if started.elapsed() > timeout {
-            return Err(format!("push not done after {timeout:?}: {counts:?}").into());
+            // The terminals that installed nothing, as they see it: what a stuck key's cause is.
+            let waiting: Vec<String> = fleet
+                .devices()
+                .iter()
+                .filter(|d| d.status().injections == 0)
+                .take(5)
+                .map(|d| format!("{}: {:?}", d.sn(), d.status()))
+                .collect();
+            return Err(
+                format!("push not done after {timeout:?}: {counts:?}; terminals without a key: {waiting:?}").into()
+            );
         }
         std::thread::sleep(POLL_INTERVAL);
     }
