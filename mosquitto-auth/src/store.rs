@@ -1,5 +1,5 @@
 //! The store link: one PostgreSQL connection owned by the plugin, with one prepared statement on
-//! the `rki_broker_credentials` view (migration 11), driven by a worker thread of its own.
+//! the `rki_broker_credentials` view (migrations 11 and 12), driven by a worker thread of its own.
 //!
 //! Why a worker: Mosquitto calls the plugin on its only thread, so whatever the plugin waits for,
 //! every client waits for. A refused connection answers at once, but a database host that
@@ -23,8 +23,22 @@ use rki_gateway::store::postgres as pg;
 
 use crate::auth::{Credentials, StoreUnavailable, HASHES_PER_IDENTITY_MAX};
 
-/// The one query of a CONNECT: an identity's current hashes (the view's rule decides which).
-pub const QUERY: &str = "SELECT password_hash FROM rki_broker_credentials WHERE username = $1 LIMIT 4";
+/// The one query of a CONNECT: an identity's current hashes (the view's rule decides which), found
+/// by kind and SN ([`lookup_key`]) so that the SN's unique index drives it whatever the planner's
+/// statistics say (migration 12: by `username`, a fleet just uploaded was a scan of every GUDID).
+pub const QUERY: &str = "SELECT password_hash FROM rki_broker_credentials WHERE kind = $1 AND name = $2 LIMIT 4";
+
+/// The view's `kind` and `name` of a user name: `init@{SN}` is ('bootstrap', SN),
+/// `backend@{org}~{name}` is ('backend', '{org}~{name}'), any other name a terminal's SN.
+pub fn lookup_key(username: &str) -> (&'static str, &str) {
+    if let Some(sn) = username.strip_prefix("init@") {
+        ("bootstrap", sn)
+    } else if let Some(name) = username.strip_prefix("backend@") {
+        ("backend", name)
+    } else {
+        ("terminal", username)
+    }
+}
 const _: () = assert!(HASHES_PER_IDENTITY_MAX == 4, "the LIMIT of QUERY");
 /// Longest the broker thread waits for one lookup; then the CONNECT is refused.
 pub const ANSWER_WAIT_MAX: Duration = Duration::from_secs(2);
@@ -299,7 +313,8 @@ impl Connection {
             self.health.set(Err("the database closed the connection"));
         }
         let Some((client, statement)) = self.session.as_mut() else { return Err(self.health.unavailable()) };
-        let rows = match client.query(&*statement, &[&username]) {
+        let (kind, name) = lookup_key(username);
+        let rows = match client.query(&*statement, &[&kind, &name]) {
             Ok(rows) => rows,
             Err(e) => {
                 // Whatever failed (the connection, a cancelled statement, a changed schema), the
@@ -314,5 +329,19 @@ impl Connection {
             .map(|row| row.try_get::<_, String>(0))
             .collect::<Result<Vec<String>, _>>()
             .map_err(|e| StoreUnavailable(format!("read credentials: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_identity_is_looked_up_by_the_views_kind_and_name() {
+        assert_eq!(lookup_key("P3-0001"), ("terminal", "P3-0001"));
+        assert_eq!(lookup_key("init@P3-0001"), ("bootstrap", "P3-0001"));
+        assert_eq!(lookup_key("backend@acme~billing"), ("backend", "acme~billing"));
+        // The name is passed as a parameter, never spliced: a hostile one is just a name.
+        assert_eq!(lookup_key("init@x' OR '1'='1"), ("bootstrap", "x' OR '1'='1"));
     }
 }

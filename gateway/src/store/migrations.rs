@@ -41,6 +41,7 @@ const BOTH: (&[Migration], &[Migration]) = migrations!(
     "0009_backend_channel.sql",
     "0010_gudid_proof.sql",
     "0011_broker_credentials.sql",
+    "0012_broker_credentials_by_sn.sql",
 );
 
 pub(crate) const SQLITE: &[Migration] = BOTH.0;

@@ -399,6 +399,14 @@ pub fn the_broker_credentials_view_holds_exactly_the_identities_a_broker_may_adm
 
     let mut view = s.raw_text_pairs("SELECT username, password_hash FROM rki_broker_credentials");
     view.sort();
+    // Each row's kind and name (migration 12, what a broker looks up) say the same as its username.
+    let mut keyed = s.raw_text_pairs(
+        "SELECT CASE kind WHEN 'terminal' THEN name WHEN 'bootstrap' THEN 'init@' || name
+                          WHEN 'backend' THEN 'backend@' || name END, password_hash
+         FROM rki_broker_credentials",
+    );
+    keyed.sort();
+    assert_eq!(keyed, view, "kind and name name each row's identity");
     let mut expected: Vec<(String, String)> = [0, 4, 5, 6]
         .iter()
         .map(|&i| (w.devices[i].sn.clone(), format!("$7$hash-{}", w.devices[i].sn)))
