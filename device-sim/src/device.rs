@@ -1191,8 +1191,8 @@ impl Terminal {
     /// earlier one of the same initialisation ([`Terminal::create_keys`]). The gateway answers a
     /// newer CreateKey anew until the GUDID is proven (PROTOCOL.md §7.5), so the newest one's
     /// answer is the one the store keeps: an answer to an older one is held in `wait` while the
-    /// newest may still be answered, and used once the newest is refused or the wait is over. A
-    /// refusal of this one while an earlier one may still be answered goes to `wait` too.
+    /// newest may still be answered, and used when the wait is over. A refusal of this one while
+    /// an earlier one may still be answered goes to `wait` too.
     async fn create_key(&mut self, gudid: &Gudid, wait: &mut InitWait) -> Result<DeviceSecrets, DeviceError> {
         let sn = self.state.sn.clone();
         let client_id = topic::bootstrap_client_id(&sn);
@@ -1244,23 +1244,22 @@ impl Terminal {
                     match read_init_frame(&sn, gudid, &self.create_keys, create_key_counter, &publish.payload) {
                         InitFrame::Ignored(rejection) => self.reject(rejection),
                         InitFrame::Refused(code) => {
-                            // The newest CreateKey refused: an earlier one's answer is the one.
-                            if let Some(held) = wait.held.take() {
-                                break self.derive_held(gudid, held)?;
-                            }
-                            // Refusals are not authenticated, and an earlier CreateKey may have
-                            // been answered (the gateway refuses the retry of a spent GUDID):
-                            // wait for that answer until the timeout.
+                            // Refusals are not authenticated, and in a cluster one CreateKey may
+                            // be handled twice (at-least-once delivery): one node answers it, the
+                            // other refuses the duplicate (`GudidUsed`), in either order. With an
+                            // earlier CreateKey kept, wait for an answer until the timeout.
                             let this = create_key_counter.unwrap_or_default();
-                            if !self.create_keys.others_than(this) {
+                            if !self.create_keys.others_than(this) && wait.held.is_none() {
                                 return Err(DeviceError::InitRefused(code.as_str()));
                             }
                             wait.refused = Some(code);
                         }
                         InitFrame::Answered { request_counter, gateway_public, answer_body } => {
                             let held = HeldAnswer { request_counter, gateway_public, answer_body };
+                            // Held until the timeout even if the newest was refused: that
+                            // refusal may be of a duplicate of the newest, whose answer still comes.
                             let newer_outstanding = self.create_keys.newest().is_some_and(|n| n > request_counter);
-                            if newer_outstanding && wait.refused.is_none() {
+                            if newer_outstanding {
                                 if wait.held.as_ref().is_none_or(|h| h.request_counter < request_counter) {
                                     wait.held = Some(held);
                                 }

@@ -201,6 +201,8 @@ async fn a_late_answer_to_an_earlier_create_key_gives_the_secrets_the_gateway_ke
         ("LATE0002", LateAnswer::AfterTheRefusal),
         // Both answered, the first one's answer first: the store keeps the retry's secrets.
         ("LATE0004", LateAnswer::BeforeTheRetrysAnswer),
+        // ... and a refusal of a duplicate of the retry between them: the wait goes on.
+        ("LATE0005", LateAnswer::BeforeARefusedDuplicateOfTheRetry),
     ] {
         let net = TestNet::start().await;
         let mut config = net.config(TestNet::profile(sn));

@@ -163,6 +163,9 @@ pub enum LateAnswer {
     /// The retry is answered too, replacing the first answer's secrets as the gateway does until
     /// the GUDID is proven (PROTOCOL.md §7.5); the late first answer goes out just before it.
     BeforeTheRetrysAnswer,
+    /// As [`LateAnswer::BeforeTheRetrysAnswer`], with a refusal of the retry between the two, as
+    /// a second node sends for a duplicate of the retry (at-least-once delivery).
+    BeforeARefusedDuplicateOfTheRetry,
 }
 
 /// Where a late answer is.
@@ -310,7 +313,10 @@ impl FakeGateway {
         let request_counter = unverified.peek().counter;
         let create_key_body = unverified.body_bytes().to_vec();
         let mut book = self.book.lock().expect("book");
-        let answers_anew = matches!(book.late.get(sn), Some((LateAnswer::BeforeTheRetrysAnswer, Held::Answer(_))));
+        let answers_anew = matches!(
+            book.late.get(sn),
+            Some((LateAnswer::BeforeTheRetrysAnswer | LateAnswer::BeforeARefusedDuplicateOfTheRetry, Held::Answer(_)))
+        );
         let refusal = match book.gudids.get(&request.gudid_id) {
             None => Some(RefusalCode::UnknownGudid),
             Some((_, _, true)) if !answers_anew => Some(RefusalCode::GudidUsed),
@@ -341,7 +347,9 @@ impl FakeGateway {
                     self.publish_down(sn, bytes);
                     self.publish_down(sn, answer);
                 }
-                Some((LateAnswer::BeforeTheRetrysAnswer, _)) | None => self.publish_down(sn, bytes),
+                Some((LateAnswer::BeforeTheRetrysAnswer | LateAnswer::BeforeARefusedDuplicateOfTheRetry, _)) | None => {
+                    self.publish_down(sn, bytes)
+                }
             }
             return;
         }
@@ -380,17 +388,29 @@ impl FakeGateway {
                 *held = Held::Answer(bytes);
                 return;
             }
-            Some((LateAnswer::BeforeTheRetrysAnswer, held @ Held::Answer(_))) => {
+            Some((
+                order @ (LateAnswer::BeforeTheRetrysAnswer | LateAnswer::BeforeARefusedDuplicateOfTheRetry),
+                held @ Held::Answer(_),
+            )) => {
+                let order = *order;
                 match std::mem::replace(held, Held::Released) {
-                    Held::Answer(answer) => Some(answer),
+                    Held::Answer(answer) => Some((order, answer)),
                     _ => None,
                 }
             }
             _ => None,
         };
         drop(book);
-        if let Some(answer) = late {
+        if let Some((order, answer)) = late {
             self.publish_down(sn, answer);
+            if order == LateAnswer::BeforeARefusedDuplicateOfTheRetry {
+                let refusal = Body {
+                    party: sn.to_string(),
+                    counter: self.next_counter(),
+                    message: Message::Refusal(Refusal { request_counter, code: RefusalCode::GudidUsed }),
+                };
+                self.publish_down(sn, frame::seal(&MacKey::public_refusal_key(), &refusal).expect("seal refusal"));
+            }
         }
         self.publish_down(sn, bytes);
     }
