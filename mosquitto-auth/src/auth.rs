@@ -17,6 +17,16 @@ pub trait Credentials {
     /// The `$7$` hashes under which `username` may connect now: none for an unknown or
     /// disowned identity. At most [`HASHES_PER_IDENTITY_MAX`] are looked at.
     fn hashes(&mut self, username: &str) -> Result<Vec<String>, StoreUnavailable>;
+
+    /// The current hashes of these terminals, as `(SN, hash)`: an SN with none has no row. The
+    /// store answers them in one query; this default asks one at a time.
+    fn terminal_hashes(&mut self, sns: &[String]) -> Result<Vec<(String, String)>, StoreUnavailable> {
+        let mut out = Vec::new();
+        for sn in sns {
+            out.extend(self.hashes(sn)?.into_iter().map(|h| (sn.clone(), h)));
+        }
+        Ok(out)
+    }
 }
 
 /// The store could not answer (down, too slow, still reconnecting); the text says why, without

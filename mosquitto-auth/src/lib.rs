@@ -144,7 +144,7 @@ impl Plugin {
             Err(_) => Decision::Refuse(Refusal::Store(auth::StoreUnavailable("re-entered".into()))),
         };
         if let (Decision::Allow { hash }, Ok(mut admitted)) = (&decision, self.admitted.try_borrow_mut()) {
-            admitted.admit(client, username, hash.clone());
+            admitted.admit(client, username, hash.clone(), now);
         }
         let mut lines: Vec<LogLine> = self.log_line(&decision, username, now).into_iter().collect();
         if decision != Decision::Defer {
@@ -176,12 +176,14 @@ impl Plugin {
     }
 
     /// The broker's loop turned (`MOSQ_EVT_TICK`): the reload, if any, is over; connected backends
-    /// are looked up again when due. Returns the user names to disconnect, and lines for the log.
+    /// are looked up again when due, and terminals a while after their admission
+    /// ([`admitted::TERMINAL_RECHECKS`]). Returns the user names to disconnect, and lines for the
+    /// log.
     pub fn on_tick(&self, now: Instant) -> (Vec<String>, Vec<LogLine>) {
-        let due = match self.admitted.try_borrow_mut() {
+        let (due, terminals) = match self.admitted.try_borrow_mut() {
             Ok(mut admitted) => {
                 admitted.tick();
-                admitted.backends_due(now, &self.deferred)
+                (admitted.backends_due(now, &self.deferred), admitted.terminals_due(now, &self.deferred))
             }
             Err(_) => return (Vec::new(), Vec::new()),
         };
@@ -199,6 +201,23 @@ impl Plugin {
                     lines.push(LogLine::Notice(line));
                     kick.push(username);
                 }
+            }
+        }
+        if !terminals.is_empty() {
+            let sns: Vec<String> = terminals.iter().map(|(sn, _)| sn.clone()).collect();
+            // A store that cannot answer disconnects nobody.
+            if let Ok(current) = credentials.terminal_hashes(&sns) {
+                let current: std::collections::HashSet<(String, String)> = current.into_iter().collect();
+                let stale: Vec<String> =
+                    terminals.into_iter().filter(|t| !current.contains(t)).map(|(sn, _)| sn).collect();
+                if let Some(first) = stale.first() {
+                    lines.push(LogLine::Notice(format!(
+                        "rki-auth: disconnecting {} terminal(s) admitted with a password the store has since replaced (the first: \"{}\")",
+                        stale.len(),
+                        log::escaped(first.as_bytes())
+                    )));
+                }
+                kick.extend(stale);
             }
         }
         (kick, lines)
@@ -373,6 +392,55 @@ mod tests {
         let (kick, lines) = plugin.on_tick(t0 + admitted::BACKEND_CHECK_INTERVAL * 2);
         assert_eq!(kick, ["backend@acme~erp"], "created anew with another secret");
         assert!(matches!(&lines[..], [LogLine::Notice(l)] if l.contains("credentials are gone")));
+    }
+
+    /// The store as a table the test changes between steps; `None` is a store that is down.
+    #[derive(Clone, Default)]
+    struct Table(std::sync::Arc<std::sync::Mutex<Option<std::collections::HashMap<String, String>>>>);
+
+    impl Table {
+        fn set(&self, rows: Option<&[(&str, &str)]>) {
+            *self.0.lock().expect("table") =
+                rows.map(|r| r.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect());
+        }
+    }
+
+    impl Credentials for Table {
+        fn hashes(&mut self, username: &str) -> Result<Vec<String>, StoreUnavailable> {
+            match &*self.0.lock().expect("table") {
+                Some(rows) => Ok(rows.get(username).cloned().into_iter().collect()),
+                None => Err(StoreUnavailable("down".into())),
+            }
+        }
+    }
+
+    #[test]
+    fn a_terminal_whose_password_was_replaced_after_its_admission_is_disconnected() {
+        let old = rki_gateway::mosquitto::password_hash(b"old").expect("hash");
+        let new = rki_gateway::mosquitto::password_hash(b"new").expect("hash");
+        let kept = rki_gateway::mosquitto::password_hash(b"kept").expect("hash");
+        let table = Table::default();
+        table.set(Some(&[("SN1", &old), ("SN2", &kept)]));
+        let plugin = Plugin::new(Deferred::default(), Box::new(table.clone()));
+        let connect = |name: &'static [u8], pw: &'static [u8]| Connect {
+            username: Some(name),
+            client_id: Some(name),
+            password: Some(pw),
+        };
+        let t0 = Instant::now();
+        assert!(matches!(plugin.on_connect(1, connect(b"SN1", b"old"), t0).0, Decision::Allow { .. }));
+        assert!(matches!(plugin.on_connect(2, connect(b"SN2", b"kept"), t0).0, Decision::Allow { .. }));
+        // Another node initialises SN1 again just after its admission.
+        table.set(Some(&[("SN1", &new), ("SN2", &kept)]));
+        assert!(plugin.on_tick(t0 + Duration::from_secs(1)).0.is_empty(), "not due yet");
+        table.set(None);
+        assert!(plugin.on_tick(t0 + admitted::TERMINAL_RECHECKS[0]).0.is_empty(), "a store that is down kicks nobody");
+        table.set(Some(&[("SN1", &new), ("SN2", &kept)]));
+        let (kick, lines) = plugin.on_tick(t0 + admitted::TERMINAL_RECHECKS[1]);
+        assert_eq!(kick, ["SN1"], "SN1's password was replaced; SN2's is current");
+        assert!(matches!(&lines[..], [LogLine::Notice(l)] if l.contains("1 terminal(s)") && l.contains("\"SN1\"")));
+        table.set(Some(&[("SN2", &new)]));
+        assert!(plugin.on_tick(t0 + Duration::from_secs(3600)).0.is_empty(), "looked up twice, never again");
     }
 
     #[test]

@@ -28,6 +28,11 @@ use crate::auth::{Credentials, StoreUnavailable, HASHES_PER_IDENTITY_MAX};
 /// statistics say (migration 12: by `username`, a fleet just uploaded was a scan of every GUDID).
 pub const QUERY: &str = "SELECT password_hash FROM rki_broker_credentials WHERE kind = $1 AND name = $2 LIMIT 4";
 
+/// The terminals' re-check after admission ([`crate::admitted::TERMINAL_RECHECKS`]): the current
+/// hashes of many SNs in one query, by the same index.
+pub const TERMINALS_QUERY: &str =
+    "SELECT name, password_hash FROM rki_broker_credentials WHERE kind = 'terminal' AND name = ANY($1)";
+
 /// The view's `kind` and `name` of a user name: `init@{SN}` is ('bootstrap', SN),
 /// `backend@{org}~{name}` is ('backend', '{org}~{name}'), any other name a terminal's SN.
 pub fn lookup_key(username: &str) -> (&'static str, &str) {
@@ -113,12 +118,21 @@ pub fn read_url_file(path: &std::path::Path) -> Result<String, String> {
 
 struct Request {
     id: u64,
-    username: String,
+    what: Lookup,
+}
+
+/// What the worker is asked.
+enum Lookup {
+    /// One identity's hashes, at its CONNECT.
+    One(String),
+    /// These terminals' hashes, as (SN, hash).
+    Terminals(Vec<String>),
 }
 
 struct Answer {
     id: u64,
-    result: Result<Vec<String>, StoreUnavailable>,
+    /// (name, hash) pairs; the name is empty for [`Lookup::One`].
+    result: Result<Vec<(String, String)>, StoreUnavailable>,
 }
 
 /// The broker thread's end of the link.
@@ -205,6 +219,17 @@ fn gone() -> StoreUnavailable {
 
 impl Credentials for StoreLink {
     fn hashes(&mut self, username: &str) -> Result<Vec<String>, StoreUnavailable> {
+        Ok(self.ask(Lookup::One(username.to_string()))?.into_iter().map(|(_, hash)| hash).collect())
+    }
+
+    fn terminal_hashes(&mut self, sns: &[String]) -> Result<Vec<(String, String)>, StoreUnavailable> {
+        self.ask(Lookup::Terminals(sns.to_vec()))
+    }
+}
+
+impl StoreLink {
+    /// Hands one lookup to the worker and waits at most [`ANSWER_WAIT_MAX`] for its answer.
+    fn ask(&mut self, what: Lookup) -> Result<Vec<(String, String)>, StoreUnavailable> {
         if !self.health.connected.load(Ordering::Acquire) {
             return Err(self.health.unavailable());
         }
@@ -214,7 +239,7 @@ impl Credentials for StoreLink {
         let id = self.next_id;
         self.next_id += 1;
         let requests = self.requests.as_ref().ok_or_else(gone)?;
-        requests.try_send(Request { id, username: username.to_string() }).map_err(|_| gone())?;
+        requests.try_send(Request { id, what }).map_err(|_| gone())?;
         self.pending = Some(id);
         let deadline = Instant::now() + ANSWER_WAIT_MAX;
         loop {
@@ -265,7 +290,12 @@ fn work(mut connection: Connection, requests: Receiver<Request>, answers: mpsc::
             }
         };
         if let Some(request) = request {
-            let result = connection.lookup(&request.username);
+            let result = match &request.what {
+                Lookup::One(username) => {
+                    connection.lookup(username).map(|hashes| hashes.into_iter().map(|h| (String::new(), h)).collect())
+                }
+                Lookup::Terminals(sns) => connection.lookup_terminals(sns),
+            };
             if answers.send(Answer { id: request.id, result }).is_err() {
                 return;
             }
@@ -279,7 +309,8 @@ fn work(mut connection: Connection, requests: Receiver<Request>, answers: mpsc::
 /// The worker's session: a client and its prepared statement, made again after a failure.
 struct Connection {
     settings: Settings,
-    session: Option<(Client, Statement)>,
+    /// The client, [`QUERY`] and [`TERMINALS_QUERY`], prepared.
+    session: Option<(Client, Statement, Statement)>,
     last_attempt: Option<Instant>,
     health: Arc<Health>,
 }
@@ -294,9 +325,9 @@ impl Connection {
         self.last_attempt = Some(now);
         let connected = pg::connect_with(&self.settings.config, self.settings.tls.as_ref())
             .map_err(|e| format!("connect to PostgreSQL: {}", pg::with_causes(&e)))
-            .and_then(|mut client| match client.prepare(QUERY) {
-                Ok(statement) => Ok((client, statement)),
-                Err(e) => Err(format!("prepare the lookup: {}", pg::with_causes(&e))),
+            .and_then(|mut client| match (client.prepare(QUERY), client.prepare(TERMINALS_QUERY)) {
+                (Ok(one), Ok(terminals)) => Ok((client, one, terminals)),
+                (Err(e), _) | (_, Err(e)) => Err(format!("prepare the lookups: {}", pg::with_causes(&e))),
             });
         match connected {
             Ok(session) => {
@@ -308,11 +339,11 @@ impl Connection {
     }
 
     fn lookup(&mut self, username: &str) -> Result<Vec<String>, StoreUnavailable> {
-        if self.session.as_ref().is_some_and(|(client, _)| client.is_closed()) {
+        if self.session.as_ref().is_some_and(|(client, _, _)| client.is_closed()) {
             self.session = None;
             self.health.set(Err("the database closed the connection"));
         }
-        let Some((client, statement)) = self.session.as_mut() else { return Err(self.health.unavailable()) };
+        let Some((client, statement, _)) = self.session.as_mut() else { return Err(self.health.unavailable()) };
         let (kind, name) = lookup_key(username);
         let rows = match client.query(&*statement, &[&kind, &name]) {
             Ok(rows) => rows,
@@ -328,6 +359,23 @@ impl Connection {
         rows.iter()
             .map(|row| row.try_get::<_, String>(0))
             .collect::<Result<Vec<String>, _>>()
+            .map_err(|e| StoreUnavailable(format!("read credentials: {e}")))
+    }
+
+    fn lookup_terminals(&mut self, sns: &[String]) -> Result<Vec<(String, String)>, StoreUnavailable> {
+        let Some((client, _, statement)) = self.session.as_mut() else { return Err(self.health.unavailable()) };
+        let rows = match client.query(&*statement, &[&sns]) {
+            Ok(rows) => rows,
+            Err(e) => {
+                self.session = None;
+                let why = format!("look up terminals again: {}", pg::with_causes(&e));
+                self.health.set(Err(&why));
+                return Err(StoreUnavailable(why));
+            }
+        };
+        rows.iter()
+            .map(|row| Ok((row.try_get::<_, String>(0)?, row.try_get::<_, String>(1)?)))
+            .collect::<Result<Vec<_>, postgres::Error>>()
             .map_err(|e| StoreUnavailable(format!("read credentials: {e}")))
     }
 }
