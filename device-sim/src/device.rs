@@ -460,11 +460,13 @@ struct Terminal {
     power_on_at: Option<Instant>,
     /// A GUDID to initialise with at power-on, from the configuration.
     pending_gudid: Option<Gudid>,
-    /// The configured GUDID the terminal initialised with, until a session under its secrets
-    /// gets ready (its hello then proves them): if the broker keeps refusing those secrets
+    /// The GUDID the terminal last initialised with (configured or commanded), for the window in
+    /// which the gateway answers it anew: if the broker keeps refusing those secrets
     /// ([`SECRETS_REFUSED_FOR`]), they are not the newest answer's (the gateway answered an
     /// earlier CreateKey, whose answer the terminal derived, and then its retry too), and the
-    /// terminal initialises again with the same GUDID, as PROTOCOL.md §7.5 says.
+    /// terminal initialises again with the same GUDID, as PROTOCOL.md §7.5 says. Kept after the
+    /// first admission too: a newer answer may replace the secrets just after it, and the broker
+    /// then disconnects the terminal.
     unproven_gudid: Option<Unproven>,
     commands: mpsc::Receiver<Command>,
     status: watch::Sender<DeviceStatus>,
@@ -957,8 +959,12 @@ impl Terminal {
                         }
                         if !connected {
                             connected = true;
-                            // The hello about to go proves the secrets: the GUDID is spent for good.
-                            self.unproven_gudid = None;
+                            // An admission is not yet a proof: with several gateway nodes a newer
+                            // initialisation of the GUDID may replace these secrets a moment later,
+                            // and the broker then disconnects this connection. The GUDID is kept
+                            // (for its 10 minutes), so that a refusal from then on initialises
+                            // again; once the hello proved the secrets, the gateway refuses the
+                            // GUDID and nothing changes.
                             self.reconnect_delay = None;
                             self.counters.add(&self.counters.connected, 1);
                             self.status.send_modify(|s| {

@@ -5,7 +5,8 @@
 //! Mosquitto 2.0, real PostgreSQL, real gateway nodes:
 //! - an initialisation storm through three nodes: every terminal admitted at its first CONNECT;
 //!   a re-initialisation through any node refuses the old password at once; a device the store
-//!   disowns is refused at its very next CONNECT;
+//!   disowns is refused at its very next CONNECT; a terminal whose password is replaced just after
+//!   its admission is disconnected at its re-check;
 //! - each identity reaches only its own topics (not another's, not `#`, not `$CONTROL`);
 //!   `init@{SN}` opens only while its GUDID is live and closes once the device proves its
 //!   secrets; a revoked backend is refused at its next CONNECT; malformed CONNECTs are refused
@@ -65,6 +66,25 @@ fn terminals_initialised_through_every_node_connect_at_once_and_a_reinitialised_
     assert!(rt.block_on(mqtt_connect(port, gone, &password(gone_secrets)?, true)).is_err(), "{gone} still admitted");
     let (kept, kept_secrets) = &devices[STORM - 2];
     rt.block_on(mqtt_connect(port, kept, &password(kept_secrets)?, true))?;
+    // A terminal admitted a moment before a newer initialisation replaced its password (another
+    // node answering a newer CreateKey): the plugin looks each admitted terminal up again 10 s
+    // after its admission and disconnects it; one whose password is unchanged stays.
+    let (stale, stale_secrets) = &devices[STORM - 3];
+    let (steady, steady_secrets) = &devices[STORM - 4];
+    let mut stale_link = Raw::open(port)?;
+    stale_link.connect_v4(stale, Some((stale, &password(stale_secrets)?)), true)?;
+    assert_eq!(stale_link.connack_v4()?.code, ConnectReturnCode::Success);
+    let mut steady_link = Raw::open(port)?;
+    steady_link.connect_v4(steady, Some((steady, &password(steady_secrets)?)), true)?;
+    assert_eq!(steady_link.connack_v4()?.code, ConnectReturnCode::Success);
+    cluster.sql()?.execute(
+        "UPDATE device_credentials SET broker_password_hash =
+             (SELECT broker_password_hash FROM device_credentials WHERE device_id = (SELECT id FROM devices WHERE sn = $2))
+         WHERE device_id = (SELECT id FROM devices WHERE sn = $1)",
+        &[stale, kept],
+    )?;
+    assert!(stale_link.closed_within(Duration::from_secs(20)), "{stale} stays connected with a replaced password");
+    assert!(!steady_link.closed_within(Duration::from_secs(2)), "{steady} was disconnected with a current password");
     // The plugin's role reads the view and nothing else.
     let mut broker_role = postgres::Client::connect(
         &format!("host=127.0.0.1 port={} user={BROKER_DB_ROLE} dbname=rki", cluster.pg.port()),
