@@ -35,8 +35,13 @@ pub const BACKEND_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 /// within seconds of the older one's answer (the terminal's own wait for an answer is 10 s).
 pub const TERMINAL_RECHECKS: [Duration; 2] = [Duration::from_secs(10), Duration::from_secs(30)];
 
-/// Most terminals looked up again in one tick (one query): the rest wait for the next tick.
-pub const TERMINAL_RECHECKS_PER_TICK: usize = 1000;
+/// Most terminals looked up again in one query; the rest wait for the next one.
+pub const TERMINAL_RECHECKS_PER_TICK: usize = 500;
+
+/// At most one terminals' re-check query per this. The query runs on the broker's only thread:
+/// in a 19,000-terminal storm, a query of 1,000 SNs on every tick held it long enough that the
+/// gateway nodes' keep-alives expired (all three at once) and a few hellos were lost.
+pub const TERMINAL_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 #[derive(Debug)]
 struct Entry {
@@ -54,6 +59,7 @@ pub struct Admitted {
     /// connected clients.
     reloading: bool,
     last_backend_check: Option<Instant>,
+    last_terminal_check: Option<Instant>,
 }
 
 impl Admitted {
@@ -109,6 +115,9 @@ impl Admitted {
     /// `(SN, hash it connected with)`, at most [`TERMINAL_RECHECKS_PER_TICK`]; each is counted as
     /// looked up.
     pub fn terminals_due(&mut self, now: Instant, deferred: &Deferred) -> Vec<(String, String)> {
+        if self.last_terminal_check.is_some_and(|at| now.saturating_duration_since(at) < TERMINAL_CHECK_INTERVAL) {
+            return Vec::new();
+        }
         let mut due = Vec::new();
         for e in self.by_client.values_mut() {
             if due.len() >= TERMINAL_RECHECKS_PER_TICK {
@@ -123,6 +132,9 @@ impl Admitted {
             };
             e.rechecks += 1;
             due.push((sn.to_string(), e.hash.clone()));
+        }
+        if !due.is_empty() {
+            self.last_terminal_check = Some(now);
         }
         due
     }
@@ -191,6 +203,8 @@ mod tests {
         }
         let later = t0 + TERMINAL_RECHECKS[0];
         assert_eq!(admitted.terminals_due(later, &deferred).len(), TERMINAL_RECHECKS_PER_TICK);
-        assert_eq!(admitted.terminals_due(later, &deferred).len(), 5, "the rest at the next tick");
+        assert!(admitted.terminals_due(later, &deferred).is_empty(), "one query per interval");
+        let next = later + TERMINAL_CHECK_INTERVAL;
+        assert_eq!(admitted.terminals_due(next, &deferred).len(), 5, "the rest at the next one");
     }
 }
