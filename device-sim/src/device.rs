@@ -510,8 +510,7 @@ impl Terminal {
                         // failure is the network's; a refusal by the gateway is final.
                         let outcome = Box::pin(self.initialise(&gudid)).await;
                         if outcome.is_ok() {
-                            let now = Instant::now();
-                            self.unproven_gudid = Some(Unproven { gudid, first_answer: now, secrets_since: now });
+                            self.answered_with(gudid);
                         } else if outcome.as_ref().is_err_and(DeviceError::is_transient) {
                             self.pending_gudid = Some(gudid);
                             if self.back_off().await {
@@ -585,14 +584,20 @@ impl Terminal {
     async fn initialise_on_command(&mut self, gudid: Gudid) -> Result<(), DeviceError> {
         let outcome = Box::pin(self.initialise(&gudid)).await;
         if outcome.is_ok() {
-            let now = Instant::now();
-            let first_answer = match self.unproven_gudid.take() {
-                Some(u) if u.gudid.id() == gudid.id() => u.first_answer,
-                _ => now,
-            };
-            self.unproven_gudid = Some(Unproven { gudid, first_answer, secrets_since: now });
+            self.answered_with(gudid);
         }
         outcome
+    }
+
+    /// The terminal now holds secrets answered for `gudid`, unproven: the gateway's window to
+    /// answer it anew runs from its first answer, kept across answers for the same GUDID.
+    fn answered_with(&mut self, gudid: Gudid) {
+        let now = Instant::now();
+        let first_answer = match self.unproven_gudid.take() {
+            Some(u) if u.gudid.id() == gudid.id() => u.first_answer,
+            _ => now,
+        };
+        self.unproven_gudid = Some(Unproven { gudid, first_answer, secrets_since: now });
     }
 
     /// After the broker refused the terminal's secrets: initialises again with the GUDID they came

@@ -590,9 +590,11 @@ fn wait_push(
             let waiting: Vec<String> = fleet
                 .devices()
                 .iter()
-                .filter(|d| d.status().injections == 0)
+                .filter_map(|d| {
+                    let status = d.status();
+                    (status.injections == 0).then(|| format!("{}: {status:?}", d.sn()))
+                })
                 .take(5)
-                .map(|d| format!("{}: {:?}", d.sn(), d.status()))
                 .collect();
             return Err(
                 format!("push not done after {timeout:?}: {counts:?}; terminals without a key: {waiting:?}").into()

@@ -339,23 +339,8 @@ impl Connection {
     }
 
     fn lookup(&mut self, username: &str) -> Result<Vec<String>, StoreUnavailable> {
-        if self.session.as_ref().is_some_and(|(client, _, _)| client.is_closed()) {
-            self.session = None;
-            self.health.set(Err("the database closed the connection"));
-        }
-        let Some((client, statement, _)) = self.session.as_mut() else { return Err(self.health.unavailable()) };
         let (kind, name) = lookup_key(username);
-        let rows = match client.query(&*statement, &[&kind, &name]) {
-            Ok(rows) => rows,
-            Err(e) => {
-                // Whatever failed (the connection, a cancelled statement, a changed schema), the
-                // next lookup starts from a new session.
-                self.session = None;
-                let why = format!("look up credentials: {}", pg::with_causes(&e));
-                self.health.set(Err(&why));
-                return Err(StoreUnavailable(why));
-            }
-        };
+        let rows = self.query(|(_, one, _)| one, &[&kind, &name], "look up credentials")?;
         rows.iter()
             .map(|row| row.try_get::<_, String>(0))
             .collect::<Result<Vec<String>, _>>()
@@ -363,20 +348,36 @@ impl Connection {
     }
 
     fn lookup_terminals(&mut self, sns: &[String]) -> Result<Vec<(String, String)>, StoreUnavailable> {
-        let Some((client, _, statement)) = self.session.as_mut() else { return Err(self.health.unavailable()) };
-        let rows = match client.query(&*statement, &[&sns]) {
-            Ok(rows) => rows,
-            Err(e) => {
-                self.session = None;
-                let why = format!("look up terminals again: {}", pg::with_causes(&e));
-                self.health.set(Err(&why));
-                return Err(StoreUnavailable(why));
-            }
-        };
+        let rows = self.query(|(_, _, terminals)| terminals, &[&sns], "look up terminals again")?;
         rows.iter()
             .map(|row| Ok((row.try_get::<_, String>(0)?, row.try_get::<_, String>(1)?)))
             .collect::<Result<Vec<_>, postgres::Error>>()
             .map_err(|e| StoreUnavailable(format!("read credentials: {e}")))
+    }
+
+    /// Runs one of the session's prepared statements. Whatever fails (the connection, a cancelled
+    /// statement, a changed schema), the next lookup starts from a new session.
+    fn query(
+        &mut self,
+        statement: fn(&(Client, Statement, Statement)) -> &Statement,
+        params: &[&(dyn postgres::types::ToSql + Sync)],
+        what: &str,
+    ) -> Result<Vec<postgres::Row>, StoreUnavailable> {
+        if self.session.as_ref().is_some_and(|(client, _, _)| client.is_closed()) {
+            self.session = None;
+            self.health.set(Err("the database closed the connection"));
+        }
+        let Some(session) = self.session.as_mut() else { return Err(self.health.unavailable()) };
+        let prepared = statement(session).clone();
+        match session.0.query(&prepared, params) {
+            Ok(rows) => Ok(rows),
+            Err(e) => {
+                self.session = None;
+                let why = format!("{what}: {}", pg::with_causes(&e));
+                self.health.set(Err(&why));
+                Err(StoreUnavailable(why))
+            }
+        }
     }
 }
 
