@@ -55,6 +55,7 @@ suite! {
     a_gudid_installs_credentials_once_and_a_second_spend_is_a_conflict,
     two_concurrent_spends_of_one_gudid_have_exactly_one_winner,
     a_spent_gudid_is_answered_anew_until_its_device_proves_its_secrets,
+    a_proof_racing_a_newer_answer_never_strands_the_device,
     credentials_exist_only_for_initialised_devices,
     a_task_persists_one_queued_execution_per_device_with_its_counts,
     a_repeated_request_id_finds_the_task_and_cannot_create_another,
@@ -482,15 +483,22 @@ fn a_spent_gudid_is_answered_anew_until_its_device_proves_its_secrets(s: &Subjec
     assert_eq!((row.used_at, row.proven_at), (Some(T0 + 10), None));
     assert!(row.awaits_proof(T0 + 30));
     assert_eq!(st.live_bootstrap_hashes(Some("acme-0000"), T0 + 30, Some(T0)).must().len(), 1, "it opens init@SN");
+    // A message verified under the first answer's secrets (generation 1) proves nothing: the
+    // store holds the second's (2), and the terminal must be able to initialise again.
+    assert_eq!(st.credentials("acme-0000").must().map(|c| c.generation), Some(2));
+    st.apply_batch(&[Write::ProveGudid { device_id: first, generation: 1, at: T0 + 35 }]).must();
+    let row = st.gudid_by_id(&gudid.gudid_id).must().expect("the GUDID");
+    assert_eq!((row.used_at, row.proven_at), (Some(T0 + 10), None), "a proof of replaced secrets");
+    assert!(row.awaits_proof(T0 + 36));
     // The device's first message under its secrets proves them: spent for good.
-    st.apply_batch(&[Write::ProveGudid { device_id: first, at: T0 + 40 }]).must();
+    st.apply_batch(&[Write::ProveGudid { device_id: first, generation: 2, at: T0 + 40 }]).must();
     let row = st.gudid_by_id(&gudid.gudid_id).must().expect("the GUDID");
     assert_eq!((row.used_at, row.proven_at), (Some(T0 + 10), Some(T0 + 40)));
     assert!(!row.awaits_proof(T0 + 50));
     assert_eq!(initialise(gudid.id, first, "d", 9, T0 + 50), None, "a proven GUDID");
     assert!(st.live_bootstrap_hashes(Some("acme-0000"), T0 + 50, Some(T0)).must().is_empty(), "init@SN is closed");
     // A proof for a device with no unproven GUDID changes nothing.
-    st.apply_batch(&[Write::ProveGudid { device_id: first, at: T0 + 60 }]).must();
+    st.apply_batch(&[Write::ProveGudid { device_id: first, generation: 2, at: T0 + 60 }]).must();
     assert_eq!(st.gudid_by_id(&gudid.gudid_id).must().and_then(|g| g.proven_at), Some(T0 + 40));
 
     // Unproven, but past the window: spent for good.
@@ -500,6 +508,43 @@ fn a_spent_gudid_is_answered_anew_until_its_device_proves_its_secrets(s: &Subjec
     assert!(!st.gudid_by_id(&late.gudid_id).must().expect("the GUDID").awaits_proof(past));
     assert_eq!(initialise(late.id, second, "f", 7, past), None, "past the proof window");
     assert_eq!(initialise(late.id, second, "g", 7, past - 1).as_deref(), Some("sealed:sign:g"), "just within it");
+}
+
+/// A node verifies a device's message under the first answer's secrets while another node
+/// answers a newer CreateKey of the same device. Whatever the order, the GUDID is spent for good
+/// only if the store still holds the secrets proved; otherwise the device, refused at its next
+/// CONNECT, could never initialise again (three terminals of a 19,000 run through three nodes).
+fn a_proof_racing_a_newer_answer_never_strands_the_device(s: &Subject) {
+    const ROUNDS: usize = 12;
+    let st = s.store();
+    let w = world(st, "acme", ROUNDS);
+    for device in 0..ROUNDS {
+        let gudid = st.insert_gudid(&new_gudid(&w, device, 2)).must();
+        let device_id = w.devices[device].id;
+        let first = NewCredentials { counter: 5, ..new_credentials("a") };
+        let outcome =
+            st.apply_batch(&[Write::Initialise { gudid_row: gudid.id, device_id, creds: first, at: T0 }]).must();
+        assert!(outcome.initialised[0].1.is_some());
+        let (answered, _) = std::thread::scope(|scope| {
+            let answer = scope.spawn(move || {
+                let creds = NewCredentials { counter: 7, ..new_credentials("b") };
+                let write = Write::Initialise { gudid_row: gudid.id, device_id, creds, at: T0 + 10 };
+                st.apply_batch(&[write]).must().initialised[0].1.is_some()
+            });
+            let prove = scope.spawn(move || {
+                st.apply_batch(&[Write::ProveGudid { device_id, generation: 1, at: T0 + 10 }]).must();
+            });
+            (answer.join().expect("answering thread"), prove.join().expect("proving thread"))
+        });
+        let row = st.gudid_by_id(&gudid.gudid_id).must().expect("the GUDID");
+        let held = st.credentials(&w.devices[device].sn).must().expect("initialised");
+        if answered {
+            assert_eq!(held.generation, 2);
+            assert_eq!(row.proven_at, None, "round {device}: proven with the first secrets replaced");
+        } else {
+            assert_eq!((held.generation, row.proven_at), (1, Some(T0 + 10)), "round {device}");
+        }
+    }
 }
 
 fn credentials_exist_only_for_initialised_devices(s: &Subject) {

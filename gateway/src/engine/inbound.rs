@@ -86,26 +86,27 @@ impl Engine {
             Ok(hot) => hot,
             Err(why) => return reject(kind, why),
         };
-        let (key, last_counter) = {
+        let (key, generation, last_counter) = {
             let mut guard = lock(&hot);
             let Some(key) = self.signing_key(&mut guard) else { return reject(kind, Rejection::NotInitialised) };
-            (key, guard.last_counter)
+            (key, guard.generation, guard.last_counter)
         };
-        let verified = match session::verify(unverified, &key) {
-            Ok(v) => v,
+        // The generation of the credentials the message is verified with: what it proves.
+        let (verified, generation) = match session::verify(unverified, &key) {
+            Ok(v) => (v, generation),
             // Several nodes: the device may have re-initialised through another one since this
             // node cached its keys; read them again and check once more.
             Err(_) if self.is_shared() && self.refresh_credentials(sn, &hot).await => {
-                let key = {
+                let (key, generation) = {
                     let mut guard = lock(&hot);
                     let Some(key) = self.signing_key(&mut guard) else {
                         return reject(kind, Rejection::NotInitialised);
                     };
-                    key
+                    (key, guard.generation)
                 };
                 match session::open_frame(sn, payload) {
                     Ok(u) => match session::verify(u, &key) {
-                        Ok(v) => v,
+                        Ok(v) => (v, generation),
                         Err(why) => return reject(kind, why),
                     },
                     Err((kind, why)) => return reject(kind, why),
@@ -113,13 +114,19 @@ impl Engine {
             }
             Err(why) => return reject(kind, why),
         };
-        // The device holds the secrets of its latest initialisation: its GUDID is spent for good.
+        // The device holds the secrets of the initialisation `generation`: its GUDID is spent for
+        // good, unless a newer initialisation has replaced them meanwhile (then the proof is due
+        // for those, and the store ignores one of a generation it no longer has).
         let proven = {
             let mut guard = lock(&hot);
-            std::mem::take(&mut guard.proof_due).then_some(guard.device_id)
+            let due = guard.proof_due && guard.generation == generation;
+            if due {
+                guard.proof_due = false;
+            }
+            due.then_some(guard.device_id)
         };
         if let Some(device_id) = proven {
-            self.queue(Write::ProveGudid { device_id, at: self.clock.now_ms() }, None).await;
+            self.queue(Write::ProveGudid { device_id, generation, at: self.clock.now_ms() }, None).await;
         }
         let proof = verified.proof;
         match session::classify(verified.body, last_counter) {

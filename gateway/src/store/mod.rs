@@ -701,10 +701,14 @@ pub enum Write {
         creds: NewCredentials,
         at: Millis,
     },
-    /// The device proved the secrets its latest initialisation gave it: its spent, unproven
-    /// GUDID (if any) is spent for good. A no-op for a device with none.
+    /// The device proved the secrets of its initialisation `generation`: its spent, unproven
+    /// GUDID (if any) is spent for good, but only while the device's credentials are still of
+    /// that generation. A proof that a newer initialisation (through another node, or a later
+    /// CreateKey) overtook proves nothing: the device holds secrets the store no longer has, and
+    /// must be able to initialise again with its GUDID. A no-op for a device with none.
     ProveGudid {
         device_id: i64,
+        generation: i64,
         at: Millis,
     },
 }

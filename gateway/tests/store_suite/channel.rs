@@ -381,7 +381,7 @@ pub fn the_broker_credentials_view_holds_exactly_the_identities_a_broker_may_adm
     // and proven.
     let g0 = gudid(0, 1, now - 2 * DAY_MS);
     spend(&g0, 0, now - 2 * DAY_MS + 1);
-    st.apply_batch(&[Write::ProveGudid { device_id: w.devices[0].id, at: now - 2 * DAY_MS + 2 }]).must();
+    st.apply_batch(&[Write::ProveGudid { device_id: w.devices[0].id, generation: 1, at: now - 2 * DAY_MS + 2 }]).must();
     gudid(1, 2, now - 1000);
     gudid(2, 3, now - 3 * DAY_MS - 1);
     let g3 = gudid(3, 4, now - 1000);
@@ -392,7 +392,7 @@ pub fn the_broker_credentials_view_holds_exactly_the_identities_a_broker_may_adm
     spend(&g5, 5, now - GUDID_PROOF_WINDOW_MS - 60 * 1000);
     let g6 = gudid(6, 7, now - 2000);
     spend(&g6, 6, now - 1500);
-    st.apply_batch(&[Write::ProveGudid { device_id: w.devices[6].id, at: now - 1000 }]).must();
+    st.apply_batch(&[Write::ProveGudid { device_id: w.devices[6].id, generation: 1, at: now - 1000 }]).must();
     st.create_backend(&new_backend(&w, "erp"), &backend_audit("backend.create")).must();
     st.create_backend(&new_backend(&w, "crm"), &backend_audit("backend.create")).must();
     st.revoke_backend(w.org.id, "crm", now, &backend_audit("backend.revoke")).must();

@@ -201,7 +201,8 @@ pub(super) struct Round<'w> {
     /// (index in the batch, GUDID row, device, credentials, time), in batch order.
     initialise: Vec<(usize, i64, i64, &'w NewCredentials, Millis)>,
     /// Device → the first time it proved its secrets in this round.
-    proven: BTreeMap<i64, Millis>,
+    /// device → (the generation proved, when)
+    proven: BTreeMap<i64, (i64, Millis)>,
 }
 
 /// Splits a batch into rounds such that applying the rounds in order, and within a round the kinds
@@ -270,18 +271,27 @@ pub(super) fn plan_rounds<'w>(writes: &'w [Write], device_of: &HashMap<i64, i64>
             Write::Initialise { gudid_row, device_id, creds, at } => {
                 r.initialise.push((index, *gudid_row, *device_id, creds, *at));
             }
-            Write::ProveGudid { device_id, at } => {
-                r.proven.entry(*device_id).or_insert(*at);
+            Write::ProveGudid { device_id, generation, at } => {
+                let proof = (*generation, *at);
+                r.proven.entry(*device_id).and_modify(|p| *p = (*p).max(proof)).or_insert(proof);
             }
         }
     }
     rounds
 }
 
-/// Spends for good the GUDIDs the devices proved (`gudids_device_unproven` finds them).
-const APPLY_PROVEN: &str = "UPDATE gudids g SET proven_at = i.at
-     FROM unnest($1::bigint[], $2::bigint[]) AS i(device_id, at)
-     WHERE g.device_id = i.device_id AND g.used_at IS NOT NULL AND g.proven_at IS NULL";
+/// Spends for good the GUDIDs the devices proved (`gudids_device_unproven` finds them), each
+/// only while its device's credentials are of the generation proved. The device rows are locked
+/// first, as a spend locks them (`spend_gudid_in`): a spend committed meanwhile is waited for and
+/// its new generation seen (the row is checked again after the wait), and a spend that comes
+/// after waits for this batch and then finds the GUDID proven.
+const APPLY_PROVEN: &str = "WITH still AS (
+         SELECT d.id, i.at FROM devices d
+         JOIN unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS i(device_id, generation, at) ON d.id = i.device_id
+         WHERE d.generation = i.generation
+         ORDER BY d.id FOR SHARE OF d)
+     UPDATE gudids g SET proven_at = still.at FROM still
+     WHERE g.device_id = still.id AND g.used_at IS NOT NULL AND g.proven_at IS NULL";
 
 const APPLY_REPORTS: &str =
     "UPDATE devices d SET model = i.model, rom_version = i.rom_version, app_version = i.app_version,
@@ -353,8 +363,9 @@ pub(super) fn apply_round(
     }
     if !round.proven.is_empty() {
         let devices: Vec<i64> = round.proven.keys().copied().collect();
-        let ats: Vec<i64> = round.proven.values().copied().collect();
-        s.execute(APPLY_PROVEN, &[&devices, &ats])?;
+        let generations: Vec<i64> = round.proven.values().map(|(generation, _)| *generation).collect();
+        let ats: Vec<i64> = round.proven.values().map(|(_, at)| *at).collect();
+        s.execute(APPLY_PROVEN, &[&devices, &generations, &ats])?;
     }
     Ok(())
 }

@@ -105,13 +105,14 @@ impl Delivery for SqliteStore {
                         let installed = spend_gudid_in(tx, *gudid_row, *device_id, creds, *at)?;
                         outcome.initialised.push((*gudid_row, installed));
                     }
-                    Write::ProveGudid { device_id, at } => {
+                    Write::ProveGudid { device_id, generation, at } => {
                         tx.prepare_cached(
                             "UPDATE gudids SET proven_at = ?2
-                             WHERE device_id = ?1 AND used_at IS NOT NULL AND proven_at IS NULL",
+                             WHERE device_id = ?1 AND used_at IS NOT NULL AND proven_at IS NULL
+                               AND (SELECT generation FROM devices WHERE id = ?1) = ?3",
                         )
                         .map_err(backend)?
-                        .execute(params![device_id, at])
+                        .execute(params![device_id, at, generation])
                         .map_err(backend)?;
                     }
                 }
