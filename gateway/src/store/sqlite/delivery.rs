@@ -26,23 +26,22 @@ impl Delivery for SqliteStore {
                 rows.collect::<Result<Vec<_>, _>>().map_err(backend)?
             };
             let mut ended = Vec::with_capacity(due.len());
+            let mut ender = Ender::new(tx)?;
             for (id, _) in &due {
-                let done = end_execution(
-                    tx,
-                    &Ending {
-                        execution_id: *id,
-                        state: ExecutionState::Expired,
-                        result: None,
-                        injection: "auto".into(),
-                        at: now,
-                        lock_device: false,
-                        sends: None,
-                    },
-                )?;
+                let done = ender.end(&Ending {
+                    execution_id: *id,
+                    state: ExecutionState::Expired,
+                    result: None,
+                    injection: "auto".into(),
+                    at: now,
+                    lock_device: false,
+                    sends: None,
+                })?;
                 if done {
                     ended.push(*id);
                 }
             }
+            drop(ender);
             crate::store::sqlite_channel::on_executions_ended(tx, &ended)?;
             Ok(due)
         })
@@ -51,6 +50,9 @@ impl Delivery for SqliteStore {
     fn apply_batch(&self, writes: &[Write]) -> StoreResult<BatchOutcome> {
         self.write(|tx| {
             let mut outcome = BatchOutcome::default();
+            // The message path's statements, each prepared once for the batch (see `Ender`).
+            let mut ender: Option<Ender<'_>> = None;
+            let (mut counter, mut seen, mut delivered) = (None, None, None);
             for w in writes {
                 match w {
                     Write::Report(r) => {
@@ -74,30 +76,33 @@ impl Delivery for SqliteStore {
                         ])
                         .map_err(backend)?;
                     }
-                    Write::Counter { device_id, counter } => {
-                        tx.prepare_cached("UPDATE devices SET last_counter = MAX(last_counter, ?2) WHERE id = ?1")
-                            .map_err(backend)?
-                            .execute(params![device_id, *counter as i64])
+                    Write::Counter { device_id, counter: value } => {
+                        prepared(&mut counter, tx, "UPDATE devices SET last_counter = MAX(last_counter, ?2) WHERE id = ?1")?
+                            .execute(params![device_id, *value as i64])
                             .map_err(backend)?;
                     }
                     Write::Seen { device_id, at } => {
-                        tx.prepare_cached("UPDATE devices SET last_seen = ?2 WHERE id = ?1")
-                            .map_err(backend)?
+                        prepared(&mut seen, tx, "UPDATE devices SET last_seen = ?2 WHERE id = ?1")?
                             .execute(params![device_id, at])
                             .map_err(backend)?;
                     }
                     Write::Delivered { execution_id, at } => {
-                        tx.prepare_cached(
+                        prepared(
+                            &mut delivered,
+                            tx,
                             "UPDATE executions SET state = 'delivered', delivered_at = COALESCE(delivered_at, ?2),
                                     delivery_count = delivery_count + 1
                              WHERE id = ?1 AND state IN ('queued','delivered')",
-                        )
-                        .map_err(backend)?
+                        )?
                         .execute(params![execution_id, at])
                         .map_err(backend)?;
                     }
                     Write::End(ending) => {
-                        if end_execution(tx, ending)? {
+                        let ender = match &mut ender {
+                            Some(ender) => ender,
+                            None => ender.insert(Ender::new(tx)?),
+                        };
+                        if ender.end(ending)? {
                             outcome.ended.push((ending.execution_id, ending.state));
                         }
                     }
@@ -117,6 +122,7 @@ impl Delivery for SqliteStore {
                     }
                 }
             }
+            drop((ender, counter, seen, delivered));
             let ended: Vec<i64> = outcome.ended.iter().map(|(id, _)| *id).collect();
             crate::store::sqlite_channel::on_executions_ended(tx, &ended)?;
             Ok(outcome)
@@ -145,4 +151,16 @@ impl Delivery for SqliteStore {
             Ok(raised)
         })
     }
+}
+
+/// The statement in `slot`, prepared on first use.
+fn prepared<'s, 't>(
+    slot: &'s mut Option<rusqlite::CachedStatement<'t>>,
+    tx: &'t Transaction<'_>,
+    sql: &str,
+) -> StoreResult<&'s mut rusqlite::CachedStatement<'t>> {
+    Ok(match slot {
+        Some(statement) => statement,
+        None => slot.insert(tx.prepare_cached(sql).map_err(backend)?),
+    })
 }
