@@ -45,19 +45,35 @@ const POLL: Duration = Duration::from_millis(5);
 
 // ------------------------------------------------------------------------------------ the world
 
-/// Keeps every publish of the engine, in order.
+/// Keeps every publish of the engine, in order; plays the transport's word on presence for the
+/// SNs a test marks gone (their connection ended), and says nothing for the others.
 #[derive(Default)]
 struct Recorder {
     published: Mutex<Vec<(String, Vec<u8>)>>,
+    gone: Mutex<std::collections::HashSet<String>>,
 }
 
 impl Outbound for Recorder {
     fn publish(&self, topic: String, payload: Vec<u8>) {
         self.published.lock().unwrap_or_else(|e| e.into_inner()).push((topic, payload));
     }
+
+    fn device_connected(&self, sn: &str) -> Option<bool> {
+        self.gone.lock().unwrap_or_else(|e| e.into_inner()).contains(sn).then_some(false)
+    }
 }
 
 impl Recorder {
+    /// The transport says the device `sn`'s connection has ended (`true`) or says nothing.
+    fn set_gone(&self, sn: &str, gone: bool) {
+        let mut set = self.gone.lock().unwrap_or_else(|e| e.into_inner());
+        if gone {
+            set.insert(sn.to_string());
+        } else {
+            set.remove(sn);
+        }
+    }
+
     /// How many publishes so far: a mark to look for new ones from.
     fn mark(&self) -> usize {
         self.published.lock().unwrap_or_else(|e| e.into_inner()).len()
@@ -611,6 +627,34 @@ fn a_hello_delivers_the_open_download_signed_and_wrapped_for_the_device() {
     // Another hello delivers the same download again (the terminal answers it idempotently).
     let again = w.hello(&mut t, false, 1).remove(0);
     assert_eq!((again.execution_id, &again.key_block), (d.execution_id, &d.key_block));
+}
+
+/// A hello handled after the endpoint saw its connection end (it waited in its shard while the
+/// socket closed) marks nothing online and delivers nothing: the endpoint's disconnect, already
+/// handled, does not come again, so the device would stay online, with downloads queued into a
+/// session nobody reads, until its next connection (two flaky end-to-end tests under load).
+#[test]
+fn a_hello_whose_connection_already_ended_marks_nothing_online_and_delivers_nothing() {
+    let w = World::new();
+    let gudid = w.provision(&["SUITE061"]).remove(0);
+    let mut t = w.initialise("SUITE061", &gudid);
+    w.create_task(&["SUITE061"]);
+    let mark = w.out.mark();
+    w.out.set_gone("SUITE061", true);
+    let late = t.seal(hello(false));
+    w.send(&t, late);
+    // Handled once its report is durable (written before any delivery would be).
+    w.wait_until("the late hello's report", || {
+        w.flush();
+        w.device("SUITE061").model.is_some()
+    });
+    w.flush();
+    assert!(!w.engine().is_online("SUITE061"), "a hello of an ended connection marked the device online");
+    assert!(w.out.since(mark, &topic::device_down("SUITE061")).is_empty(), "delivered to an ended connection");
+    // Connected again: its hello delivers, once.
+    w.out.set_gone("SUITE061", false);
+    assert_eq!(w.sentinel(&mut t, mark), 1);
+    assert!(w.engine().is_online("SUITE061"));
 }
 
 #[test]

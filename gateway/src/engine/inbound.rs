@@ -193,13 +193,17 @@ impl Engine {
                 .collect::<Vec<_>>(),
         )
         .unwrap_or_else(|_| "[]".into());
-        let (device_id, stale, unlock) = {
+        let (device_id, stale, unlock, connected) = {
             let mut h = lock(hot);
             h.last_counter = counter;
             h.hello_counter = counter;
             // The device's own word on its presence replaces any doubt after a broker outage.
             h.presence_unsure = false;
-            if !h.online {
+            // Asked under the device's lock: the endpoint ends a connection (detach) before it
+            // takes this lock to mark the device offline, so either the answer here is no, or
+            // that mark comes after this one.
+            let connected = self.outbound.device_connected(sn) != Some(false);
+            if connected && !h.online {
                 h.online = true;
                 self.online.fetch_add(1, Ordering::Relaxed);
                 metrics::gauge!(m::DEVICES_CONNECTED).set(self.online.load(Ordering::Relaxed) as f64);
@@ -211,7 +215,7 @@ impl Engine {
             }
             let generation = h.generation;
             let stale: Vec<OpenExecution> = h.open.iter().filter(|e| e.generation != generation).cloned().collect();
-            (h.device_id, stale, h.unlock_pending && hello.locked)
+            (h.device_id, stale, h.unlock_pending && hello.locked, connected)
         };
         self.queue(Write::Counter { device_id, counter }, None).await;
         self.queue(
@@ -241,6 +245,10 @@ impl Engine {
         };
         if !stale.is_empty() {
             self.rewrap(sn, hot, stale).await;
+        }
+        if !connected {
+            // Gone already: its next connection's hello delivers.
+            return;
         }
         if unlock {
             self.send_unlock(sn, key, device_id);

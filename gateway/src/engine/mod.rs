@@ -120,6 +120,16 @@ pub const TASK_CHUNK: usize = 20_000;
 /// Publishes to the broker. Non-blocking: implementations queue.
 pub trait Outbound: Send + Sync + 'static {
     fn publish(&self, topic: String, payload: Vec<u8>);
+
+    /// Whether the device `sn` has a live connection now, where the transport knows it (the
+    /// embedded endpoint); `None` where it does not (an external broker: presence comes from the
+    /// hellos and the last wills). A hello handled after its connection ended (it waited in its
+    /// shard while the endpoint saw the socket close) must not mark the device online again: the
+    /// endpoint's disconnect, already handled, would never come a second time, and the device
+    /// would stay online, with downloads queued into its kept session, until its next connection.
+    fn device_connected(&self, _sn: &str) -> Option<bool> {
+        None
+    }
     /// Hands new broker passwords to an external broker that keeps its own registry (Mosquitto's
     /// dynamic security plugin); resolves once they are applied or given up. The default (the
     /// embedded endpoint, the file mode) has nothing to do.

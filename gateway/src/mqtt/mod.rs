@@ -147,6 +147,10 @@ pub struct MqttOutbound {
 }
 
 impl Outbound for MqttOutbound {
+    fn device_connected(&self, sn: &str) -> Option<bool> {
+        Some(self.shared.clients.get(sn).is_some_and(|client| client.lock().is_connected()))
+    }
+
     fn publish(&self, topic_name: String, payload: Vec<u8>) {
         if let Some((org, name)) = topic::parse_backend_outbound(&topic_name) {
             let kind = if topic_name == topic::backend_events(org, name) {

@@ -101,6 +101,11 @@ pub struct ClientState {
 }
 
 impl ClientState {
+    /// Whether a connection is live (attached and not yet detached).
+    pub fn is_connected(&self) -> bool {
+        self.conn.is_some()
+    }
+
     /// Whether `conn` is still the live connection (it was not taken over).
     pub fn is_current(&self, conn: u64) -> bool {
         self.conn.as_ref().is_some_and(|(id, _)| *id == conn)
