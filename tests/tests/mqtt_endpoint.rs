@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use rki_tests::mqtt::{device_online, v5_qos, wait_for, Got, Raw, Terminal};
 use rki_tests::{
-    bootstrap_password, create_task, for_group, for_sns, provision, sns, task_detail, wait_task, GatewayOptions,
-    GatewayProcess, RawDevice, TestResult,
+    bootstrap_password, create_task, for_group, for_sns, provision, sns, stop_task, task_detail, wait_task,
+    GatewayOptions, GatewayProcess, RawDevice, TestResult,
 };
 use rumqttc::mqttbytes::v4;
 use rumqttc::mqttbytes::QoS;
@@ -382,6 +382,32 @@ fn a_persistent_session_is_present_after_a_reconnect_and_sends_the_unacknowledge
     assert!(!raw_b.connack_v5()?.session_present, "5.0: a session without expiry outlived its connection");
     let counts = task_detail(&gw.api(), task)?.task.counts;
     assert_eq!(counts.succeeded, 0, "no ack was sent: {counts:?}");
+    Ok(())
+}
+
+/// A persistent session keeps an unacknowledged download for a terminal that went away; stopping
+/// the task takes it out, so the terminal does not install at its next connection a key the
+/// operator has stopped.
+#[test]
+fn a_stopped_tasks_download_is_not_sent_again_from_a_kept_session() -> TestResult {
+    let gw = GatewayProcess::start(GatewayOptions::default())?;
+    let provisioned = provision(&gw, &sns("WDRW", 1), "withdraw")?;
+    let mut t = Terminal::initialise(gw.mqtt_port, &provisioned.gudids[0].0, &provisioned.gudids[0].1)?;
+    let mut raw = online_v4(&gw, &mut t, false, 30)?;
+    let task = create_task(&gw.api(), &for_group("withdraw"))?.task.id;
+    let first = publish_v4(&mut raw, "the download")?;
+    assert!(!first.dup);
+    raw.drop_connection();
+    offline(&gw, &t.sn)?;
+    assert_eq!(stop_task(&gw.api(), task)?.terminated, 1);
+    let mut raw = Raw::open(gw.mqtt_port)?;
+    raw.connect_v4(&t.sn, Some(t.login()), false)?;
+    assert!(raw.connack_v4()?.session_present, "the persistent session is not present");
+    match raw.read_v4(Duration::from_millis(700))? {
+        Got::Silent => {}
+        other => return Err(format!("the stopped task's download came again: {other:?}").into()),
+    }
+    assert_eq!(gw.metric("rki_mqtt_downlinks_dropped_total{reason=\"withdrawn\"}"), 1.0, "counted");
     Ok(())
 }
 

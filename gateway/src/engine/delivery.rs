@@ -95,7 +95,7 @@ impl Engine {
         };
         match frame::seal(key, &body) {
             Ok(bytes) => {
-                self.outbound.publish(topic::device_down(sn), bytes);
+                self.outbound.publish_download(topic::device_down(sn), bytes, e.id);
                 e.last_sent = Some(self.clock.ticks_ms());
                 e.sends = e.sends.saturating_add(1);
                 if hello_at.is_some() {

@@ -130,6 +130,17 @@ pub trait Outbound: Send + Sync + 'static {
     fn device_connected(&self, _sn: &str) -> Option<bool> {
         None
     }
+
+    /// Publishes a `Download` of `execution_id`: as [`Outbound::publish`], tagged so that a
+    /// session kept for a terminal that went away can drop it once the execution has ended.
+    fn publish_download(&self, topic: String, payload: Vec<u8>, _execution_id: i64) {
+        self.publish(topic, payload);
+    }
+
+    /// The execution has ended (stopped, expired): its download is not sent again from a kept
+    /// session. Nothing to do where the transport keeps no session of ours (an external broker's
+    /// are its own: see docs/SECURITY.md).
+    fn withdraw(&self, _sn: &str, _execution_id: i64) {}
     /// Hands new broker passwords to an external broker that keeps its own registry (Mosquitto's
     /// dynamic security plugin); resolves once they are applied or given up. The default (the
     /// embedded endpoint, the file mode) has nothing to do.

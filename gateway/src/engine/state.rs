@@ -301,6 +301,8 @@ impl Engine {
         }
     }
 
+    /// Executions that ended without an ack (stopped, expired): out of the devices' hot state, and
+    /// their downloads out of any session kept for a terminal that went away.
     pub(super) fn forget(&self, execution_ids: &[i64]) {
         for id in execution_ids {
             self.refusals.remove(id);
@@ -308,6 +310,7 @@ impl Engine {
                 if let Some(hot) = self.devices.get(&sn) {
                     lock(&hot).open.retain(|e| e.id != *id);
                 }
+                self.outbound.withdraw(&sn, *id);
             }
         }
     }

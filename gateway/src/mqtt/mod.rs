@@ -169,11 +169,47 @@ impl Outbound for MqttOutbound {
                 payload,
             );
         }
+        self.publish_to_device(topic_name, payload, None);
+    }
+
+    fn publish_download(&self, topic: String, payload: Vec<u8>, execution_id: i64) {
+        self.publish_to_device(topic, payload, Some(execution_id));
+    }
+
+    fn withdraw(&self, sn: &str, execution_id: i64) {
+        let Some(client) = self.shared.clients.get(sn).map(|c| c.clone()) else { return };
+        let dropped = client.lock().withdraw(execution_id);
+        if dropped > 0 {
+            metrics::counter!(m::MQTT_DOWNLINKS_DROPPED_TOTAL, "reason" => "withdrawn").increment(dropped as u64);
+        }
+    }
+
+    /// A revoked backend's live connection closes at once (5.0: DISCONNECT 0x87), and its session
+    /// goes: nothing more is sent to it, and a new CONNECT is refused by the store's verdict.
+    fn broker_revoked(
+        &self,
+        identities: Vec<crate::dynsec::BrokerIdentity>,
+    ) -> futures_util::future::BoxFuture<'static, ()> {
+        for identity in identities {
+            let crate::dynsec::BrokerIdentity::Backend(id) = identity else { continue };
+            let Some((_, client)) = self.shared.clients.remove(&id.client_id()) else { continue };
+            if let Some(wake) = client.evict() {
+                wake.notify_one();
+            }
+        }
+        Box::pin(std::future::ready(()))
+    }
+}
+
+impl MqttOutbound {
+    /// Queues a downlink for the SN its topic names: to its device identity, and to its bootstrap
+    /// identity (a CreateKeyAnswer or a Refusal awaited).
+    fn publish_to_device(&self, topic_name: String, payload: Vec<u8>, execution: Option<i64>) {
         let Some(sn) = topic::parse_device_down(&topic_name) else {
             metrics::counter!(m::MQTT_DOWNLINKS_DROPPED_TOTAL, "reason" => "not_a_device_topic").increment(1);
             return;
         };
-        let down = Down { topic: Arc::from(topic_name.as_str()), payload: payload.into() };
+        let down = Down { topic: Arc::from(topic_name.as_str()), payload: payload.into(), execution };
         let mut outcome = Err(session::Dropped::NoSession);
         // The device, and the SN's bootstrap identity (a CreateKeyAnswer or a Refusal awaited).
         for client_id in [sn.to_string(), topic::bootstrap_client_id(sn)] {
@@ -200,27 +236,9 @@ impl Outbound for MqttOutbound {
         }
     }
 
-    /// A revoked backend's live connection closes at once (5.0: DISCONNECT 0x87), and its session
-    /// goes: nothing more is sent to it, and a new CONNECT is refused by the store's verdict.
-    fn broker_revoked(
-        &self,
-        identities: Vec<crate::dynsec::BrokerIdentity>,
-    ) -> futures_util::future::BoxFuture<'static, ()> {
-        for identity in identities {
-            let crate::dynsec::BrokerIdentity::Backend(id) = identity else { continue };
-            let Some((_, client)) = self.shared.clients.remove(&id.client_id()) else { continue };
-            if let Some(wake) = client.evict() {
-                wake.notify_one();
-            }
-        }
-        Box::pin(std::future::ready(()))
-    }
-}
-
-impl MqttOutbound {
     /// A backend's answer or event, to its connection or kept session.
     fn publish_to_backend(&self, client_id: String, topic_name: String, kind: session::Subscription, payload: Vec<u8>) {
-        let down = Down { topic: Arc::from(topic_name.as_str()), payload: payload.into() };
+        let down = Down { topic: Arc::from(topic_name.as_str()), payload: payload.into(), execution: None };
         let outcome = match self.shared.clients.get(&client_id).map(|c| c.clone()) {
             Some(client) => client.lock().queue(down, kind, rules::BACKEND_SESSION_MESSAGES_MAX),
             None => Err(session::Dropped::NoSession),

@@ -16,6 +16,8 @@ use tokio::sync::Notify;
 pub struct Down {
     pub topic: Arc<str>,
     pub payload: Bytes,
+    /// The execution a `Download` carries: withdrawn from a kept session once it has ended.
+    pub execution: Option<i64>,
 }
 
 /// A topic an identity may subscribe to; each has its own flag in [`Subscriptions`]. A terminal
@@ -132,6 +134,17 @@ impl ClientState {
         }
         self.pending.push_back(down);
         Ok(self.conn.as_ref().map(|(_, wake)| wake.clone()))
+    }
+
+    /// Drops the kept downlinks of an execution that has ended (stopped, expired): a session kept
+    /// for a terminal that went away would otherwise send its download again at the next
+    /// connection, and the terminal install a key the operator has stopped. One already written
+    /// to a live connection is not taken back. How many were dropped.
+    pub fn withdraw(&mut self, execution: i64) -> usize {
+        let before = self.pending.len() + self.inflight.len();
+        self.pending.retain(|down| down.execution != Some(execution));
+        self.inflight.retain(|(_, down)| down.execution != Some(execution));
+        before - self.pending.len() - self.inflight.len()
     }
 
     /// The next packet id not in flight (1 to 65,535).
@@ -253,7 +266,31 @@ mod tests {
     use super::*;
 
     fn down(n: u8) -> Down {
-        Down { topic: Arc::from("SN1/rki/v1/down"), payload: Bytes::from(vec![n]) }
+        Down { topic: Arc::from("SN1/rki/v1/down"), payload: Bytes::from(vec![n]), execution: Some(i64::from(n)) }
+    }
+
+    #[test]
+    fn an_ended_executions_downloads_are_withdrawn_from_the_session_in_flight_or_not() {
+        let client = Client::default();
+        let t0 = Instant::now();
+        client.attach(1, Arc::new(Notify::new()), true, Some(Duration::from_secs(3600)), t0);
+        client.lock().subscribed.add(Subscription::Down);
+        for n in [1, 2, 1, 3] {
+            assert!(client.lock().queue(down(n), Subscription::Down, 8).is_ok());
+        }
+        let mut state = client.lock();
+        let pkid = state.next_pkid();
+        let first = state.pending.pop_front().expect("queued");
+        state.inflight.push_back((pkid, first));
+        let unlock = Down { topic: Arc::from("SN1/rki/v1/down"), payload: Bytes::from_static(b"u"), execution: None };
+        state.pending.push_back(unlock);
+        // Execution 1: once in flight, once pending.
+        assert_eq!(state.withdraw(1), 2);
+        assert_eq!(state.withdraw(1), 0);
+        assert!(state.inflight.is_empty());
+        let left: Vec<Option<i64>> = state.pending.iter().map(|d| d.execution).collect();
+        assert_eq!(left, [Some(2), Some(3), None], "others and untagged downlinks stay, in order");
+        assert!(!state.acknowledge(pkid), "a PUBACK of a withdrawn downlink finds nothing");
     }
 
     #[test]
