@@ -435,6 +435,10 @@ async fn run_link(client: AsyncClient, mut eventloop: rumqttc::EventLoop, mut rx
     let mut slots: HashMap<u64, (u64, usize)> = HashMap::new();
     let mut subscribed = false;
     let mut queue: std::collections::VecDeque<Request> = std::collections::VecDeque::new();
+    // Messages composed and not yet taken by the client's request channel (bounded; this task
+    // also polls the event loop that drains it, so it cannot wait for room): handed over as the
+    // event loop makes room, at the next turn of this loop.
+    let mut outbox: std::collections::VecDeque<Zeroizing<String>> = std::collections::VecDeque::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
@@ -535,8 +539,20 @@ async fn run_link(client: AsyncClient, mut eventloop: rumqttc::EventLoop, mut rx
                     pending.insert(id, Pending { answers: vec![None; n], left: n, done: request.done, deadline });
                 }
                 body.push_str("]}");
-                if let Err(e) = client.try_publish(CONTROL_TOPIC, QoS::AtLeastOnce, false, body.as_bytes().to_vec()) {
-                    error!(error = %e, "dynsec: publish failed");
+                outbox.push_back(body);
+            }
+            while let Some(body) = outbox.front() {
+                match client.try_publish(CONTROL_TOPIC, QoS::AtLeastOnce, false, body.as_bytes().to_vec()) {
+                    Ok(()) => {
+                        outbox.pop_front();
+                    }
+                    // Full (300 terminals' bootstrap identities at once lost 136 of them here
+                    // before): the event loop makes room; the rest goes at the next turn.
+                    Err(rumqttc::ClientError::TryRequest(_)) => break,
+                    Err(e) => {
+                        error!(error = %e, "dynsec: publish failed");
+                        outbox.pop_front();
+                    }
                 }
             }
         }

@@ -2,7 +2,8 @@
 //! terminals, one task created through one node, the work shared by the three through `$share`.
 //! Every terminal is injected once and recorded once, with or without a node SIGKILLed in the
 //! middle of the push, Mosquitto authenticating from node 1's files or, for the kill, also from
-//! the store through the plugin (`mosquitto-auth/`); the three publish a fair share of the
+//! the store through the plugin (`mosquitto-auth/`) and from its dynamic security plugin that
+//! every node changes; the three publish a fair share of the
 //! downloads each; a retry timer fires once per execution across the cluster.
 //!
 //! The tests of this file run one at a time (each starts a PostgreSQL, a Mosquitto, three gateways
@@ -180,6 +181,15 @@ fn a_node_killed_mid_push_loses_nothing_and_the_others_finish() -> TestResult {
 fn a_node_killed_mid_push_loses_nothing_with_the_broker_reading_the_store() -> TestResult {
     let _serial = one_at_a_time();
     kill_a_node_mid_push("TRIS", BrokerAuth::Store, STORE_PLUGIN_DEVICES)
+}
+
+/// The same on Mosquitto's dynamic security plugin, which every node changes over `$CONTROL`
+/// (issue 25's first spec): the fleet initialises through the three nodes, and the kill loses
+/// nothing.
+#[test]
+fn a_node_killed_mid_push_loses_nothing_on_the_dynamic_security_plugin() -> TestResult {
+    let _serial = one_at_a_time();
+    kill_a_node_mid_push("TRID", BrokerAuth::Dynsec, STORE_PLUGIN_DEVICES)
 }
 
 /// `devices` terminals whose acks are spread over 5 s; node 3 SIGKILLed once a tenth of them are
