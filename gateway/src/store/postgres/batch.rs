@@ -200,8 +200,7 @@ pub(super) struct Round<'w> {
     ending: HashSet<i64>,
     /// (index in the batch, GUDID row, device, credentials, time), in batch order.
     initialise: Vec<(usize, i64, i64, &'w NewCredentials, Millis)>,
-    /// Device → the first time it proved its secrets in this round.
-    /// device → (the generation proved, when)
+    /// Device → the newest generation it proved in this round, and when.
     proven: BTreeMap<i64, (i64, Millis)>,
 }
 

@@ -98,11 +98,7 @@ impl Delivery for SqliteStore {
                         .map_err(backend)?;
                     }
                     Write::End(ending) => {
-                        let ender = match &mut ender {
-                            Some(ender) => ender,
-                            None => ender.insert(Ender::new(tx)?),
-                        };
-                        if ender.end(ending)? {
+                        if lazily(&mut ender, || Ender::new(tx))?.end(ending)? {
                             outcome.ended.push((ending.execution_id, ending.state));
                         }
                     }
@@ -159,8 +155,13 @@ fn prepared<'s, 't>(
     tx: &'t Transaction<'_>,
     sql: &str,
 ) -> StoreResult<&'s mut rusqlite::CachedStatement<'t>> {
+    lazily(slot, || tx.prepare_cached(sql).map_err(backend))
+}
+
+/// What `slot` holds, made by `make` on first use.
+fn lazily<T>(slot: &mut Option<T>, make: impl FnOnce() -> StoreResult<T>) -> StoreResult<&mut T> {
     Ok(match slot {
-        Some(statement) => statement,
-        None => slot.insert(tx.prepare_cached(sql).map_err(backend)?),
+        Some(made) => made,
+        None => slot.insert(make()?),
     })
 }
