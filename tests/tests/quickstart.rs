@@ -8,8 +8,8 @@
 //!   shape and runs of spaces are collapsed;
 //! - `127.0.0.1:8080` and `127.0.0.1:1883` in a command become the test gateway's addresses;
 //! - a command ending in `&` runs in the background until the test ends;
-//! - a command with the comment `# run again until it says TEXT` is repeated until a line of its
-//!   output is TEXT.
+//! - a command with the comment `# run again until it prints this` is repeated until its output
+//!   is the one in the document (as compared above).
 //!
 //! Environment variables persist from one command to the next, as in one shell.
 
@@ -41,7 +41,8 @@ struct Step {
     command: String,
     expected: Vec<String>,
     background: bool,
-    again_until: Option<String>,
+    /// Repeated until its output is `expected` (the comment `# run again until it prints this`).
+    again: bool,
 }
 
 fn steps(doc: &str) -> Vec<Step> {
@@ -60,15 +61,13 @@ fn steps(doc: &str) -> Vec<Step> {
                 Some((code, comment)) => (code.trim_end(), Some(comment)),
                 None => (command, None),
             };
-            let again_until = comment
-                .and_then(|c| c.split_once("until it says "))
-                .map(|(_, rest)| rest.split(" (").next().unwrap_or(rest).trim().to_string());
+            let again = comment.is_some_and(|c| c.contains("run again until it prints this"));
             out.push(Step {
                 line: i + 1,
                 command: code.strip_suffix(" &").unwrap_or(code).to_string(),
                 expected: Vec::new(),
                 background: code.ends_with(" &"),
-                again_until,
+                again,
             });
         } else if let Some(step) = out.last_mut() {
             step.expected.push(line.to_string());
@@ -126,6 +125,20 @@ fn normalize(line: &str) -> String {
         .map(|w| w.split(',').map(normalize_word).collect::<Vec<_>>().join(","))
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// A command's output as compared with the document: lines normalized, trailing blank lines
+/// dropped (they are invisible in the document).
+fn compared(out: &str) -> Vec<String> {
+    compared_lines(out.lines())
+}
+
+fn compared_lines<S: AsRef<str>>(lines: impl IntoIterator<Item = S>) -> Vec<String> {
+    let mut lines: Vec<String> = lines.into_iter().map(|l| normalize(l.as_ref())).collect();
+    while lines.last().is_some_and(|l| l.is_empty()) {
+        lines.pop();
+    }
+    lines
 }
 
 #[test]
@@ -290,13 +303,13 @@ impl Session {
             self.spawn(&step.command)?;
             return Ok(String::new());
         }
-        let Some(text) = &step.again_until else {
+        if !step.again {
             return self.run(&step.command);
-        };
-        // Run again until a line says `text`; a run that fails ends the wait at once.
-        let what = format!("`{}` to say {text:?}", step.command);
+        }
+        // Run again until it prints what the document shows; a run that fails ends the wait.
+        let what = format!("`{}` to print what docs/QUICKSTART.md shows", step.command);
         wait::poll_paced(&what, AGAIN_TIMEOUT, AGAIN_PAUSE_MAX, || match self.run(&step.command) {
-            Ok(out) if out.lines().any(|l| l.trim() == text) => Ok(Ok(out)),
+            Ok(out) if compared(&out) == compared_lines(&step.expected) => Ok(Ok(out)),
             Ok(out) => Err(out),
             Err(failed) => Ok(Err(failed)),
         })?
@@ -329,15 +342,8 @@ fn the_quickstart_transcript_runs_as_written_and_prints_what_it_shows() -> TestR
         let out = session
             .step(step)
             .map_err(|e| format!("docs/QUICKSTART.md:{}: {e}\n\n{}", step.line, session.transcript))?;
-        // Trailing blank lines are invisible in the document: they do not count.
-        let trim = |mut lines: Vec<String>| {
-            while lines.last().is_some_and(|l| l.is_empty()) {
-                lines.pop();
-            }
-            lines
-        };
-        let actual = trim(out.lines().map(normalize).collect());
-        let expected = trim(step.expected.iter().map(|l| normalize(l)).collect());
+        let actual = compared(&out);
+        let expected = compared_lines(&step.expected);
         assert_eq!(
             actual, expected,
             "docs/QUICKSTART.md:{}: `{}` printed something else.\nFull output:\n{out}",
