@@ -68,6 +68,7 @@ suite! {
     two_batches_ending_one_execution_at_once_record_it_once,
     an_initialise_write_spends_its_gudid_once_within_a_batch,
     device_writes_of_a_batch_take_effect_in_batch_order,
+    an_acks_counter_is_durable_with_its_ending_whether_or_not_the_ending_applies,
     rewrap_replaces_the_key_block_of_open_executions_only,
     stopping_a_task_terminates_its_open_executions_with_records_once,
     expiry_ends_only_the_executions_past_their_deadline,
@@ -815,6 +816,46 @@ fn an_initialise_write_spends_its_gudid_once_within_a_batch(s: &Subject) {
     assert!(outcome.initialised[1].1.is_none(), "the second finds the GUDID spent");
     let now = st.credentials("acme-0000").must().expect("initialised");
     assert_eq!((now.signing_key.as_str(), now.last_counter, now.generation), ("sealed:sign:one", 99, 1));
+}
+
+/// An ack queues its counter, then its ending: the counter is durable in the same batch whether
+/// the ending locks the device, fails without locking it, or is skipped (the execution was no
+/// longer open); a lower counter never lowers it; an ack of another device in between changes
+/// nothing of this one's.
+fn an_acks_counter_is_durable_with_its_ending_whether_or_not_the_ending_applies(s: &Subject) {
+    let st = s.store();
+    let w = world(st, "acme", 3);
+    let (_, executions) = task(st, &w, &[0, 1, 2]);
+    for d in 0..3 {
+        initialise(st, &w, d);
+    }
+    let (d0, d1, d2) = (w.devices[0].id, w.devices[1].id, w.devices[2].id);
+    let counter = |d: i64| st.credentials_for(&[d]).must()[0].last_counter;
+    let outcome = st
+        .apply_batch(&[
+            Write::Counter { device_id: d0, counter: 40 },
+            Write::Counter { device_id: d1, counter: 7 },
+            Write::End(ending(executions[0].id, ExecutionState::Succeeded, T0 + 2)),
+            Write::Counter { device_id: d2, counter: 12 },
+            Write::End(ending(executions[2].id, ExecutionState::Failed, T0 + 3)),
+            Write::End(ending(executions[1].id, ExecutionState::Succeeded, T0 + 4)),
+            // A later, lower counter of device 0 in the same batch lowers nothing.
+            Write::Counter { device_id: d0, counter: 39 },
+        ])
+        .must();
+    assert_eq!(outcome.ended.len(), 3);
+    assert_eq!((counter(d0), counter(d1), counter(d2)), (40, 7, 12));
+    let locked = |d: i64| st.device_by_id(d).must().locked;
+    assert_eq!((locked(d0), locked(d1), locked(d2)), (true, true, false));
+    // Ended already: the ending is skipped, its counter is still written.
+    let outcome = st
+        .apply_batch(&[
+            Write::Counter { device_id: d0, counter: 41 },
+            Write::End(ending(executions[0].id, ExecutionState::Succeeded, T0 + 5)),
+        ])
+        .must();
+    assert!(outcome.ended.is_empty());
+    assert_eq!(counter(d0), 41);
 }
 
 fn device_writes_of_a_batch_take_effect_in_batch_order(s: &Subject) {
@@ -1570,18 +1611,36 @@ fn random_write(rng: &mut Rng, w: &World, executions: &[ExecutionRow], gudids: &
 
 type Ended = Vec<(i64, ExecutionState)>;
 
-#[test]
-fn postgres_applies_random_batches_exactly_as_sqlite_applies_them_write_by_write() {
+/// How a subject of [`random_batches_agree`] applies a batch.
+type Apply = fn(&dyn Store, &[Write]) -> BatchOutcome;
+
+/// The whole batch in one transaction.
+fn whole(st: &dyn Store, writes: &[Write]) -> BatchOutcome {
+    st.apply_batch(writes).must()
+}
+
+/// Each write in a batch of its own: the meaning a batch must keep.
+fn one_by_one(st: &dyn Store, writes: &[Write]) -> BatchOutcome {
+    let mut all = BatchOutcome::default();
+    for w in writes {
+        let o = st.apply_batch(std::slice::from_ref(w)).must();
+        all.ended.extend(o.ended);
+        all.initialised.extend(o.initialised);
+    }
+    all
+}
+
+/// Random batches of every kind of write, on the same world in two subjects, each applying them
+/// its way: after each batch, the same outcome and the same rows.
+fn random_batches_agree(subjects: [(Subject, Apply); 2]) {
     const DEVICES: usize = 6;
     const BATCHES: usize = 60;
     const WRITES_MAX: usize = 40;
-    let Some(postgres) = Subject::postgres_or_skip("postgres_applies_random_batches") else { return };
-    let subjects = [Subject::sqlite(), postgres];
-    let worlds: Vec<World> = subjects.iter().map(|s| world(s.store(), "acme", DEVICES)).collect();
+    let worlds: Vec<World> = subjects.iter().map(|(s, _)| world(s.store(), "acme", DEVICES)).collect();
     let mut tasks = Vec::new();
     let mut executions = Vec::new();
     let mut gudids = Vec::new();
-    for (s, w) in subjects.iter().zip(&worlds) {
+    for ((s, _), w) in subjects.iter().zip(&worlds) {
         let st = s.store();
         let (a, ea) = task(st, w, &(0..DEVICES).collect::<Vec<_>>());
         let (b, eb) = task(st, w, &[0, 1, 2]);
@@ -1594,7 +1653,7 @@ fn postgres_applies_random_batches_exactly_as_sqlite_applies_them_write_by_write
                 .collect::<Vec<_>>(),
         );
     }
-    assert_eq!(tasks[0], tasks[1], "both backends number rows alike");
+    assert_eq!(tasks[0], tasks[1], "both subjects number rows alike");
     let gudid_ids: Vec<Vec<u8>> = gudids[0].iter().map(|g| g.gudid_id.clone()).collect();
     let mut rng = Rng(0x5EED_0FBA_7C4E_5EED);
     for batch in 0..BATCHES {
@@ -1604,19 +1663,32 @@ fn postgres_applies_random_batches_exactly_as_sqlite_applies_them_write_by_write
             .collect();
         let outcomes: Vec<(Ended, Vec<String>)> = subjects
             .iter()
-            .map(|s| {
-                let o = s.store().apply_batch(&writes).must();
+            .map(|(s, apply)| {
+                let o = apply(s.store(), &writes);
                 (o.ended, o.initialised.into_iter().map(|(row, c)| format!("{row} {c:?}")).collect())
             })
             .collect();
         assert_eq!(outcomes[0], outcomes[1], "batch {batch} outcome: {writes:#?}");
         let snapshots: Vec<Vec<String>> =
-            subjects.iter().zip(&worlds).map(|(s, w)| snapshot(s.store(), w, &tasks[0], &gudid_ids)).collect();
-        for (sqlite, postgres) in snapshots[0].iter().zip(&snapshots[1]) {
-            assert_eq!(sqlite, postgres, "after batch {batch}: {writes:#?}");
+            subjects.iter().zip(&worlds).map(|((s, _), w)| snapshot(s.store(), w, &tasks[0], &gudid_ids)).collect();
+        for (first, second) in snapshots[0].iter().zip(&snapshots[1]) {
+            assert_eq!(first, second, "after batch {batch}: {writes:#?}");
         }
         assert_eq!(snapshots[0].len(), snapshots[1].len());
     }
+}
+
+/// SQLite's batch keeps the meaning of its writes applied one by one: the reference for any
+/// reordering or merging of writes inside a batch.
+#[test]
+fn sqlite_applies_random_batches_as_it_applies_them_write_by_write() {
+    random_batches_agree([(Subject::sqlite(), one_by_one), (Subject::sqlite(), whole)]);
+}
+
+#[test]
+fn postgres_applies_random_batches_exactly_as_sqlite_applies_them_write_by_write() {
+    let Some(postgres) = Subject::postgres_or_skip("postgres_applies_random_batches") else { return };
+    random_batches_agree([(Subject::sqlite(), one_by_one), (postgres, whole)]);
 }
 
 #[test]
