@@ -167,7 +167,8 @@ impl Gudids for SqliteStore {
 
     fn gudid_by_id(&self, gudid_id: &[u8]) -> StoreResult<Option<GudidRow>> {
         self.read(|c| {
-            c.query_row(
+            cached_row(
+                c,
                 &format!(
                     "SELECT {GUDID_COLUMNS} FROM gudids g JOIN devices d ON d.id = g.device_id WHERE g.gudid_id = ?1"
                 ),

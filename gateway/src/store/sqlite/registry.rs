@@ -29,7 +29,7 @@ impl Registry for SqliteStore {
 
     fn org(&self, id: i64) -> StoreResult<OrgRow> {
         self.read(|c| {
-            c.query_row(concat!("SELECT ", org_columns!(), " FROM organizations WHERE id = ?1"), [id], |r| {
+            cached_row(c, concat!("SELECT ", org_columns!(), " FROM organizations WHERE id = ?1"), [id], |r| {
                 mapped(r, org_row)
             })
             .map_err(backend)
@@ -68,7 +68,7 @@ impl Registry for SqliteStore {
 
     fn token_by_hash(&self, hash: &[u8]) -> StoreResult<Option<TokenRow>> {
         self.read(|c| {
-            c.query_row(concat!("SELECT ", token_columns!(), " FROM tokens WHERE token_hash = ?1"), [hash], |r| {
+            cached_row(c, concat!("SELECT ", token_columns!(), " FROM tokens WHERE token_hash = ?1"), [hash], |r| {
                 mapped(r, token_row)
             })
             .optional()
@@ -140,7 +140,8 @@ impl Registry for SqliteStore {
 
     fn device(&self, org_id: i64, sn: &str) -> StoreResult<DeviceRow> {
         self.read(|c| {
-            c.query_row(
+            cached_row(
+                c,
                 &format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE org_id = ?1 AND sn = ?2"),
                 params![org_id, sn],
                 |r| mapped(r, device_row),
@@ -151,8 +152,10 @@ impl Registry for SqliteStore {
 
     fn device_by_id(&self, id: i64) -> StoreResult<DeviceRow> {
         self.read(|c| {
-            c.query_row(&format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE id = ?1"), [id], |r| mapped(r, device_row))
-                .map_err(or_not_found(format!("device #{id}")))
+            cached_row(c, &format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE id = ?1"), [id], |r| {
+                mapped(r, device_row)
+            })
+            .map_err(or_not_found(format!("device #{id}")))
         })
     }
 
@@ -175,7 +178,7 @@ impl Registry for SqliteStore {
 
     fn device_org_by_sn(&self, sn: &str) -> StoreResult<Option<(i64, i64)>> {
         self.read(|c| {
-            c.query_row("SELECT id, org_id FROM devices WHERE sn = ?1", [sn], |r| Ok((r.get(0)?, r.get(1)?)))
+            cached_row(c, "SELECT id, org_id FROM devices WHERE sn = ?1", [sn], |r| Ok((r.get(0)?, r.get(1)?)))
                 .optional()
                 .map_err(backend)
         })
@@ -197,7 +200,7 @@ impl Registry for SqliteStore {
 
     fn credentials(&self, sn: &str) -> StoreResult<Option<DeviceCredentials>> {
         self.read(|c| {
-            c.query_row(&format!("{SELECT_CREDENTIALS} WHERE d.sn = ?1"), [sn], |r| mapped(r, credentials_row))
+            cached_row(c, &format!("{SELECT_CREDENTIALS} WHERE d.sn = ?1"), [sn], |r| mapped(r, credentials_row))
                 .optional()
                 .map_err(backend)
         })

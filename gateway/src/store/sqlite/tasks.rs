@@ -273,7 +273,7 @@ impl Tasks for SqliteStore {
 
     fn execution(&self, id: i64) -> StoreResult<ExecutionRow> {
         self.read(|c| {
-            c.query_row(&format!("SELECT {EXECUTION_COLUMNS} FROM {EXECUTION_FROM} WHERE e.id = ?1"), [id], |r| {
+            cached_row(c, &format!("SELECT {EXECUTION_COLUMNS} FROM {EXECUTION_FROM} WHERE e.id = ?1"), [id], |r| {
                 mapped(r, execution_row)
             })
             .map_err(or_not_found(format!("execution {id}")))
