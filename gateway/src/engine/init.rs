@@ -47,17 +47,21 @@ impl Engine {
         if unverified.verify(&mac_key).is_err() {
             return refuse(RefusalCode::BadTag);
         }
-        let owned = sn.to_string();
-        let device = match self.blocking(move |s| s.device_org_by_sn(&owned)).await {
-            Ok(Some(d)) => d,
-            _ => return refuse(RefusalCode::UnknownDevice),
-        };
-        if gudid.org_id != device.1 {
-            return refuse_as(RefusalCode::GudidWrongDevice, "gudid_foreign_org");
-        }
-        if gudid.device_id != device.0 {
+        // The GUDID's row names its device's SN: when it is the sender's, the device is the
+        // GUDID's and so is its organization, without a second store read. Otherwise the
+        // sender's SN is looked up, to refuse with the code that says why.
+        if gudid.sn != sn {
+            let owned = sn.to_string();
+            let device = match self.blocking(move |s| s.device_org_by_sn(&owned)).await {
+                Ok(Some(d)) => d,
+                _ => return refuse(RefusalCode::UnknownDevice),
+            };
+            if gudid.org_id != device.1 {
+                return refuse_as(RefusalCode::GudidWrongDevice, "gudid_foreign_org");
+            }
             return refuse(RefusalCode::GudidWrongDevice);
         }
+        let device = (gudid.device_id, gudid.org_id);
         // Spent: refused, unless the device never proved the secrets of that answer and asks
         // again within the proof window (its answer came too late, or was lost): answered anew.
         let now = self.clock.now_ms();
