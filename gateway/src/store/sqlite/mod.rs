@@ -125,8 +125,9 @@ const WRITER_CACHE_KIB: u32 = 65536;
 /// memory that grew to the whole database in every reader (4 × 35 MB at 19,000 terminals).
 const READER_CACHE_KIB: u32 = 2048;
 
-/// Prepared statements each connection keeps (rusqlite's default is 16): the writer's batch
-/// alone runs more distinct statements than that, and a statement evicted is parsed again.
+/// Prepared statements each connection keeps (rusqlite's default is 16). The writer's batch runs
+/// up to 14 distinct ones, and task creation, the sweeps and the channel more beside them; a
+/// reader serves the message path and the admin API alike. A statement evicted is parsed again.
 const STATEMENT_CACHE: usize = 64;
 
 /// `query_row` through the connection's statement cache. rusqlite's `Connection::query_row`
