@@ -61,7 +61,6 @@ impl Engine {
             }
             return refuse(RefusalCode::GudidWrongDevice);
         }
-        let device = (gudid.device_id, gudid.org_id);
         // Spent: refused, unless the device never proved the secrets of that answer and asks
         // again within the proof window (its answer came too late, or was lost): answered anew.
         let now = self.clock.now_ms();
@@ -77,7 +76,7 @@ impl Engine {
             return refuse(RefusalCode::GudidExpired);
         }
         if let Err(code) =
-            self.answer_create_key(sn, &gudid, device.0, &mac_key, &request, counter, &create_key_body).await
+            self.answer_create_key(sn, &gudid, gudid.device_id, &mac_key, &request, counter, &create_key_body).await
         {
             refuse(code)
         }
