@@ -25,24 +25,8 @@ impl Delivery for SqliteStore {
                 let rows = stmt.query_map([now], |r| Ok((r.get(0)?, r.get(1)?))).map_err(backend)?;
                 rows.collect::<Result<Vec<_>, _>>().map_err(backend)?
             };
-            let mut ended = Vec::with_capacity(due.len());
-            let mut ender = Ender::new(tx)?;
-            for (id, _) in &due {
-                let done = ender.end(&Ending {
-                    execution_id: *id,
-                    state: ExecutionState::Expired,
-                    result: None,
-                    injection: "auto".into(),
-                    at: now,
-                    lock_device: false,
-                    sends: None,
-                })?;
-                if done {
-                    ended.push(*id);
-                }
-            }
-            drop(ender);
-            crate::store::sqlite_channel::on_executions_ended(tx, &ended)?;
+            let ids: Vec<i64> = due.iter().map(|(id, _)| *id).collect();
+            end_without_ack(tx, &ids, ExecutionState::Expired, now)?;
             Ok(due)
         })
     }

@@ -427,6 +427,35 @@ fn credentials_in(c: &Connection, ids: &[i64]) -> StoreResult<Vec<DeviceCredenti
     Ok(out)
 }
 
+/// Ends each of `ids` still open in `state` without an ack (expired, terminated), writes its
+/// record and the channel's events, in the caller's transaction; the ids it ended.
+pub(super) fn end_without_ack(
+    tx: &Transaction<'_>,
+    ids: &[i64],
+    state: ExecutionState,
+    at: Millis,
+) -> StoreResult<Vec<i64>> {
+    let mut ended = Vec::with_capacity(ids.len());
+    let mut ender = Ender::new(tx)?;
+    for id in ids {
+        let ending = Ending {
+            execution_id: *id,
+            state,
+            result: None,
+            injection: "auto".into(),
+            at,
+            lock_device: false,
+            sends: None,
+        };
+        if ender.end(&ending)? {
+            ended.push(*id);
+        }
+    }
+    drop(ender);
+    crate::store::sqlite_channel::on_executions_ended(tx, &ended)?;
+    Ok(ended)
+}
+
 /// Ends open executions and writes their records, in the caller's transaction: its statements
 /// are prepared once for the transaction, not looked up in rusqlite's statement cache at each
 /// ending (each lookup hashes the SQL text: a tenth of the committer's time in a push).

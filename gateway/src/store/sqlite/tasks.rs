@@ -296,24 +296,7 @@ impl Tasks for SqliteStore {
                 let rows = stmt.query_map([task_id], |r| r.get(0)).map_err(backend)?;
                 rows.collect::<Result<Vec<_>, _>>().map_err(backend)?
             };
-            let mut ended = Vec::with_capacity(ids.len());
-            let mut ender = Ender::new(tx)?;
-            for id in &ids {
-                let done = ender.end(&Ending {
-                    execution_id: *id,
-                    state: ExecutionState::Terminated,
-                    result: None,
-                    injection: "auto".into(),
-                    at,
-                    lock_device: false,
-                    sends: None,
-                })?;
-                if done {
-                    ended.push(*id);
-                }
-            }
-            drop(ender);
-            crate::store::sqlite_channel::on_executions_ended(tx, &ended)?;
+            end_without_ack(tx, &ids, ExecutionState::Terminated, at)?;
             tx.execute("UPDATE tasks SET stopped_at = COALESCE(stopped_at, ?2) WHERE id = ?1", params![task_id, at])
                 .map_err(backend)?;
             audit_in(tx, &audit.entry(None, None, &[("terminated", ids.len().into())]))?;
