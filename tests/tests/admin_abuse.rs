@@ -291,3 +291,60 @@ fn task_ids_are_numbered_per_organization_and_lists_page_with_a_cursor() -> Test
     assert!(entries.iter().any(|e| e["object"] == "task:3"), "the audit names the organization's number: {entries:?}");
     Ok(())
 }
+
+/// One answer read from a raw HTTP/1.1 connection: its status line and body.
+fn read_answer(stream: &mut TcpStream) -> TestResult<(String, String)> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match stream.read(&mut byte)? {
+            0 => return Err(format!("closed after {:?}", String::from_utf8_lossy(&head)).into()),
+            _ => head.push(byte[0]),
+        }
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:").and_then(|v| v.trim().parse().ok()))
+        .ok_or_else(|| format!("no content-length: {head}"))?;
+    let mut body = vec![0u8; length];
+    stream.read_exact(&mut body)?;
+    Ok((head.lines().next().unwrap_or_default().to_string(), String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// A refusal answered before the request's body has arrived (a wrong token, a route that refuses
+/// whatever it is sent, no such route) leaves the connection open for the next request: the body
+/// is read first. Otherwise the server closes a kept-alive connection that the client's pool
+/// hands to its next POST, which fails with a network error.
+#[test]
+fn a_refusal_before_the_body_arrives_keeps_the_connection_for_the_next_request() -> TestResult {
+    let gw = GatewayProcess::start(GatewayOptions::default())?;
+    let auth = format!("Bearer {}", gw.org_token);
+    let body = "sn\nCLAIM0001\n";
+    let cases = [
+        ("/v1/devices/import", auth.as_str(), "403"),
+        ("/v1/devices/import", "Bearer wrong", "401"),
+        ("/v1/no/such/route", auth.as_str(), "404"),
+        ("/v1/groups", auth.as_str(), "400"),
+    ];
+    for (path, token, status) in cases {
+        let mut raw = TcpStream::connect(format!("127.0.0.1:{}", gw.http_port))?;
+        raw.set_read_timeout(Some(Duration::from_secs(10)))?;
+        raw.write_all(
+            format!(
+                "POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: {token}\r\nContent-Type: text/csv\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            )
+            .as_bytes(),
+        )?;
+        // The body follows the head late, as from a client that writes them apart.
+        std::thread::sleep(Duration::from_millis(300));
+        raw.write_all(body.as_bytes())?;
+        let (line, answer) = read_answer(&mut raw)?;
+        assert!(line.starts_with(&format!("http/1.1 {status}")), "{path}: {line} {answer}");
+        raw.write_all(format!("GET /v1/whoami HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\n\r\n").as_bytes())?;
+        let (line, answer) = read_answer(&mut raw).map_err(|e| format!("{path}: the next request: {e}"))?;
+        assert!(line.starts_with("http/1.1 200"), "{path}: the next request: {line} {answer}");
+    }
+    Ok(())
+}

@@ -141,11 +141,12 @@ pub fn router(state: Arc<AppState>, with_metrics: bool) -> Router {
         .merge(crate::portal::router())
         .fallback(no_such_route)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), refuse_changes_without_space))
+        .layer(axum::middleware::from_fn(whole_body))
         .layer(axum::extract::DefaultBodyLimit::max(BODY_BYTES_MAX))
         // Refuses a declared Content-Length over the limit at once, before any of the body is
         // read; DefaultBodyLimit alone would wait for the bytes (a chunked body still meets it).
         .layer(tower_http::limit::RequestBodyLimitLayer::new(BODY_BYTES_MAX))
-        .layer(axum::middleware::from_fn_with_state(state.clone(), refuse_changes_without_space))
         .layer(axum::middleware::from_fn(problems_and_headers))
         .with_state(state)
 }
@@ -180,6 +181,22 @@ fn escaped_prefix(text: &str) -> String {
         out.push('…');
     }
     out
+}
+
+/// Reads the whole request body (within [`BODY_BYTES_MAX`]) before anything answers. A refusal
+/// that does not need the body (a wrong token, a route that refuses whatever it is sent, a full
+/// disk) would otherwise be sent while the body is still on its way, and hyper then closes the
+/// kept-alive connection rather than wait for it: the client's pool hands that connection to its
+/// next request, which fails with a network error instead of an answer.
+async fn whole_body(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    use axum::extract::FromRequest;
+    let (parts, body) = request.into_parts();
+    // Through the `Bytes` extractor, so a body over the limit or too slow is refused as any
+    // handler would refuse it.
+    match Bytes::from_request(axum::extract::Request::from_parts(parts.clone(), body), &()).await {
+        Ok(bytes) => next.run(axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes))).await,
+        Err(rejection) => rejection.into_response(),
+    }
 }
 
 /// Largest error body turned into problem+json detail (axum's rejections are short texts).
