@@ -207,18 +207,12 @@ pub async fn run(config: Config, init: bool) -> Result<(), String> {
     );
     if sqlite {
         // Everything that could touch the store's descriptors has started: nothing may have
-        // released SQLite's locks (see `store::guard`).
-        // Asked a few times: a lock being re-taken by a connection between two statements is
-        // not a lost one.
-        let mut held = crate::store::guard::check_sqlite_locks_held(&config.store_path());
-        for _ in 0..10 {
-            if held.is_ok() {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            held = crate::store::guard::check_sqlite_locks_held(&config.store_path());
-        }
-        held?;
+        // released SQLite's locks (see `store::guard`; a lock counts as lost only when several
+        // readings of /proc/locks miss it).
+        let path = config.store_path();
+        tokio::task::spawn_blocking(move || crate::store::guard::check_sqlite_locks_held(&path))
+            .await
+            .map_err(|e| format!("the lock check: {e}"))??;
         metrics::gauge!(crate::metrics::STORE_LOCKS_HELD).set(1.0);
     }
     crate::sampler::spawn(engine.clone(), config.store_path(), sqlite);

@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -36,10 +37,19 @@ fn lock_id(path: &Path) -> TestResult<String> {
     Ok(format!("{major:02x}:{minor:02x}:{}", md.ino()))
 }
 
+/// `/proc/locks` in one `read` call: the kernel lists the table afresh at each call, so a lock
+/// taken or released by another process between two calls can shift a line out of the reading
+/// (the gateway's guard reads it the same way: `store::guard`).
+fn lock_table() -> TestResult<String> {
+    let mut table = Vec::with_capacity(64 * 1024);
+    std::fs::File::open("/proc/locks")?.read_to_end(&mut table)?;
+    Ok(String::from_utf8(table)?)
+}
+
 /// POSIX locks `/proc/locks` lists for process `pid` on `path`.
 fn posix_locks_of(pid: u32, path: &Path) -> TestResult<usize> {
     let id = lock_id(path)?;
-    let table = std::fs::read_to_string("/proc/locks")?;
+    let table = lock_table()?;
     Ok(table
         .lines()
         .filter(|l| !l.contains("->"))
@@ -48,6 +58,19 @@ fn posix_locks_of(pid: u32, path: &Path) -> TestResult<usize> {
             f.len() > 5 && f[1] == "POSIX" && f[4] == pid.to_string() && f[5] == id
         })
         .count())
+}
+
+/// Whether `pid` holds a POSIX lock on `path`, reading `/proc/locks` for up to 2 s, as the
+/// gateway's own guard does: one reading can miss a held lock when other processes' locks
+/// change meanwhile (the CI saw it once, beside the other tests' gateways).
+fn holds_locks(pid: u32, path: &Path) -> TestResult {
+    wait::poll(&format!("a lock of the gateway on {} in /proc/locks", path.display()), Duration::from_secs(2), || {
+        match posix_locks_of(pid, path) {
+            Ok(0) => Err(lock_table().unwrap_or_else(|e| e.to_string())),
+            Ok(_) => Ok(()),
+            Err(e) => Err(e.to_string()),
+        }
+    })
 }
 
 fn import(gw: &GatewayProcess, prefix: &str, n: usize) -> (u16, Value) {
@@ -69,12 +92,8 @@ fn another_process_opening_the_store_beside_the_gateway_leaves_its_wal_and_locks
     let db = store(&gw);
     let pid = gw.pid().ok_or("no pid")?;
     // The gateway holds SQLite's shared locks on the database and on its shared memory.
-    assert!(
-        posix_locks_of(pid, &db)? >= 1,
-        "no lock of the gateway on the database: {}",
-        std::fs::read_to_string("/proc/locks")?
-    );
-    assert!(posix_locks_of(pid, &sidecar(&db, "-shm"))? >= 1, "no lock of the gateway on -shm");
+    holds_locks(pid, &db)?;
+    holds_locks(pid, &sidecar(&db, "-shm"))?;
     // A second process (this test) opens the store, reads, and closes it: it must not take itself
     // for the last connection, so the WAL stays.
     {
@@ -83,15 +102,7 @@ fn another_process_opening_the_store_beside_the_gateway_leaves_its_wal_and_locks
         assert!(n >= 1);
     }
     assert!(sidecar(&db, "-wal").exists(), "the other process's close deleted the gateway's WAL");
-    // Read /proc/locks a few times, as the gateway's own guard does: a reader of the gateway may
-    // be between two transactions at the instant of one reading.
-    wait::poll("the gateway's lock on the store in /proc/locks", Duration::from_secs(2), || {
-        match posix_locks_of(pid, &db) {
-            Ok(0) => Err("no lock in /proc/locks".to_string()),
-            Ok(_) => Ok(()),
-            Err(e) => Err(e.to_string()),
-        }
-    })?;
+    holds_locks(pid, &db)?;
     let (status, v) = import(&gw, "LOCK", 500);
     assert_eq!(status, 200, "{v}");
     // No flush, no goodbye: every import must be in the WAL the gateway really writes.

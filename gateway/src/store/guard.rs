@@ -69,11 +69,37 @@ impl DataDirLock {
     }
 }
 
+/// Readings of `/proc/locks` that must all miss a lock before it counts as lost.
+pub const LOCK_READINGS: u32 = 5;
+/// The pause between two readings after a miss.
+const LOCK_READING_PAUSE: std::time::Duration = std::time::Duration::from_millis(20);
+/// The buffer `/proc/locks` is read into: the kernel lists its table anew at each `read` call
+/// (see [`read_lock_table`]), so one call must take what one listing gives.
+const LOCK_TABLE_BUFFER: usize = 64 * 1024;
+
 /// Requires that this process holds SQLite's shared locks on `db` and on its `-shm` file, read
 /// from `/proc/locks` (which opens nothing of the store). A gateway without them would let any
-/// other process that opens the store delete its WAL.
+/// other process that opens the store delete its WAL. A lock counts as lost only when
+/// [`LOCK_READINGS`] readings in a row miss it, [`LOCK_READING_PAUSE`] apart: a reading can miss a
+/// held lock (see [`read_lock_table`]), a lost lock is missed by every one. Blocks for up to
+/// 80 ms when a lock is missing: call it off the async workers.
 pub fn check_sqlite_locks_held(db: &Path) -> Result<(), String> {
-    let table = std::fs::read_to_string("/proc/locks").map_err(|e| format!("/proc/locks: {e}"))?;
+    let mut reading = 1;
+    loop {
+        match check_sqlite_locks_once(db) {
+            Err(e) if reading < LOCK_READINGS => {
+                tracing::debug!(reading, error = %e, "a reading of /proc/locks missed the store's lock; reading again");
+                std::thread::sleep(LOCK_READING_PAUSE);
+                reading += 1;
+            }
+            result => return result,
+        }
+    }
+}
+
+/// One reading of [`check_sqlite_locks_held`].
+fn check_sqlite_locks_once(db: &Path) -> Result<(), String> {
+    let table = read_lock_table()?;
     let pid = std::process::id();
     let shm = shm_path(db);
     for file in [db, shm.as_path()] {
@@ -87,6 +113,21 @@ pub fn check_sqlite_locks_held(db: &Path) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// The text of `/proc/locks`, read in as few calls as the kernel allows. Each `read` call lists
+/// the table afresh from the line number where the previous call stopped, so a lock that
+/// another process takes or releases between two calls shifts the lines, and one is skipped.
+/// `std::fs::read_to_string` starts with a 32-byte read and grows its buffer: beside two
+/// processes taking and releasing locks in a loop, one reading in eight missed a held lock. Read
+/// with a 64 KiB buffer, none did (200,000 readings each). The kernel still lists at most a page
+/// per call, so on a host with a larger table a reading can miss a lock: hence the readings
+/// again in [`check_sqlite_locks_held`].
+fn read_lock_table() -> Result<String, String> {
+    use std::io::Read;
+    let mut table = Vec::with_capacity(LOCK_TABLE_BUFFER);
+    File::open("/proc/locks").and_then(|mut f| f.read_to_end(&mut table)).map_err(|e| format!("/proc/locks: {e}"))?;
+    String::from_utf8(table).map_err(|_| "/proc/locks: not UTF-8".to_string())
 }
 
 fn shm_path(db: &Path) -> PathBuf {
@@ -196,6 +237,55 @@ mod tests {
         drop(File::open(&db).expect("open the database file"));
         let err = check_sqlite_locks_held(&db).expect_err("the close dropped the process's locks");
         assert!(err.contains("no longer holds"), "{err}");
+        drop(conn);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Locks taken and released meanwhile shift the lines of `/proc/locks` between two `read`
+    /// calls; read in small pieces (as `read_to_string` does), one reading in eight missed the
+    /// held lock here, and the guard reported it lost.
+    #[test]
+    fn locks_taken_and_released_beside_the_check_never_make_a_held_lock_look_lost() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        const CHECKS: usize = 2_000;
+        const CHURNERS: usize = 2;
+        let dir = std::env::temp_dir().join(format!("rki-guard-churn-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let db = dir.join("t.sqlite");
+        let conn = rusqlite::Connection::open(&db).expect("open");
+        conn.execute_batch("PRAGMA journal_mode = WAL; CREATE TABLE a(x); INSERT INTO a VALUES (1);").expect("wal");
+        conn.execute_batch("BEGIN; SELECT x FROM a;").expect("read");
+        let done = Arc::new(AtomicBool::new(false));
+        let churners: Vec<_> = (0..CHURNERS)
+            .map(|t| {
+                let files: Vec<File> =
+                    (0..5).map(|i| File::create(dir.join(format!("churn-{t}-{i}"))).expect("churn file")).collect();
+                let done = done.clone();
+                std::thread::spawn(move || {
+                    use rustix::fs::{flock, FlockOperation};
+                    // Bounded: stops with the checks, or after 10 million rounds.
+                    for _ in 0..10_000_000 {
+                        if done.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        for f in &files {
+                            flock(f, FlockOperation::LockExclusive).expect("flock");
+                        }
+                        for f in &files {
+                            flock(f, FlockOperation::Unlock).expect("unlock");
+                        }
+                    }
+                })
+            })
+            .collect();
+        let lost = (0..CHECKS).filter(|_| check_sqlite_locks_held(&db).is_err()).count();
+        done.store(true, Ordering::Relaxed);
+        for c in churners {
+            c.join().expect("churner");
+        }
+        assert_eq!(lost, 0, "{lost} of {CHECKS} checks took a held lock for lost");
         drop(conn);
         let _ = std::fs::remove_dir_all(&dir);
     }
