@@ -120,7 +120,8 @@ fn check_sqlite_locks_once(db: &Path) -> Result<(), String> {
 /// another process takes or releases between two calls shifts the lines, and one is skipped.
 /// `std::fs::read_to_string` starts with a 32-byte read and grows its buffer: beside two
 /// processes taking and releasing locks in a loop, one reading in eight missed a held lock. Read
-/// with a 64 KiB buffer, none did (200,000 readings each). The kernel still lists at most a page
+/// into a 64 KiB buffer (std then asks for 8 KiB a call, more than the kernel's page), none did
+/// (200,000 readings each). The kernel still lists at most a page
 /// per call, so on a host with a larger table a reading can miss a lock: hence the readings
 /// again in [`check_sqlite_locks_held`].
 fn read_lock_table() -> Result<String, String> {
