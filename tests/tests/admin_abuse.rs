@@ -297,6 +297,9 @@ fn read_answer(stream: &mut TcpStream) -> TestResult<(String, String)> {
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
+        if head.len() > 16 * 1024 {
+            return Err(format!("a head of over 16 KiB: {:?}", String::from_utf8_lossy(&head)).into());
+        }
         match stream.read(&mut byte)? {
             0 => return Err(format!("closed after {:?}", String::from_utf8_lossy(&head)).into()),
             _ => head.push(byte[0]),
