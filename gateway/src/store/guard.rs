@@ -223,16 +223,22 @@ mod tests {
         assert!(!holds_posix_lock("garbage\n\n1:\n", 11508, shm), "garbage");
     }
 
-    #[test]
-    fn a_store_open_in_this_process_holds_its_locks_and_a_closed_duplicate_drops_them() {
-        let dir = std::env::temp_dir().join(format!("rki-guard-{}", std::process::id()));
+    /// A fresh directory `{prefix}-{pid}` with a WAL store in it, and a connection holding a read
+    /// transaction open: SQLite's shared lock on the database file for certain.
+    fn store_held_open(prefix: &str) -> (PathBuf, PathBuf, rusqlite::Connection) {
+        let dir = std::env::temp_dir().join(format!("{prefix}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("dir");
         let db = dir.join("t.sqlite");
         let conn = rusqlite::Connection::open(&db).expect("open");
         conn.execute_batch("PRAGMA journal_mode = WAL; CREATE TABLE a(x); INSERT INTO a VALUES (1);").expect("wal");
-        // A read transaction held open: SQLite's shared lock on the database file for certain.
         conn.execute_batch("BEGIN; SELECT x FROM a;").expect("read");
+        (dir, db, conn)
+    }
+
+    #[test]
+    fn a_store_open_in_this_process_holds_its_locks_and_a_closed_duplicate_drops_them() {
+        let (dir, db, conn) = store_held_open("rki-guard");
         assert_eq!(check_sqlite_locks_held(&db), Ok(()));
         // The defect this guards against: a second descriptor of the file, closed.
         drop(File::open(&db).expect("open the database file"));
@@ -251,13 +257,7 @@ mod tests {
         use std::sync::Arc;
         const CHECKS: usize = 2_000;
         const CHURNERS: usize = 2;
-        let dir = std::env::temp_dir().join(format!("rki-guard-churn-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("dir");
-        let db = dir.join("t.sqlite");
-        let conn = rusqlite::Connection::open(&db).expect("open");
-        conn.execute_batch("PRAGMA journal_mode = WAL; CREATE TABLE a(x); INSERT INTO a VALUES (1);").expect("wal");
-        conn.execute_batch("BEGIN; SELECT x FROM a;").expect("read");
+        let (dir, db, conn) = store_held_open("rki-guard-churn");
         let done = Arc::new(AtomicBool::new(false));
         let churners: Vec<_> = (0..CHURNERS)
             .map(|t| {
