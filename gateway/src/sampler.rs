@@ -371,11 +371,7 @@ async fn run(engine: Arc<Engine>, store_path: PathBuf, sqlite: bool) {
             metrics::gauge!(m::STORE_FREE_BYTES).set(free as f64);
         }
         if sqlite {
-            // Off the async workers: a reading that misses the lock is repeated after a pause.
-            let path = store_path.clone();
-            let held = tokio::task::spawn_blocking(move || crate::store::guard::check_sqlite_locks_held(&path))
-                .await
-                .unwrap_or_else(|e| Err(format!("the lock check: {e}")));
+            let held = crate::store::guard::check_sqlite_locks_held_off_workers(store_path.clone()).await;
             if let Err(e) = &held {
                 error!(error = %e, "the store's locks are lost: restart the gateway now");
             }

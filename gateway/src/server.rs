@@ -209,10 +209,7 @@ pub async fn run(config: Config, init: bool) -> Result<(), String> {
         // Everything that could touch the store's descriptors has started: nothing may have
         // released SQLite's locks (see `store::guard`; a lock counts as lost only when several
         // readings of /proc/locks miss it).
-        let path = config.store_path();
-        tokio::task::spawn_blocking(move || crate::store::guard::check_sqlite_locks_held(&path))
-            .await
-            .map_err(|e| format!("the lock check: {e}"))??;
+        crate::store::guard::check_sqlite_locks_held_off_workers(config.store_path()).await?;
         metrics::gauge!(crate::metrics::STORE_LOCKS_HELD).set(1.0);
     }
     crate::sampler::spawn(engine.clone(), config.store_path(), sqlite);

@@ -97,6 +97,13 @@ pub fn check_sqlite_locks_held(db: &Path) -> Result<(), String> {
     }
 }
 
+/// [`check_sqlite_locks_held`] on a blocking thread, for the async callers (start-up, sampler).
+pub async fn check_sqlite_locks_held_off_workers(db: PathBuf) -> Result<(), String> {
+    tokio::task::spawn_blocking(move || check_sqlite_locks_held(&db))
+        .await
+        .unwrap_or_else(|e| Err(format!("the lock check: {e}")))
+}
+
 /// One reading of [`check_sqlite_locks_held`].
 fn check_sqlite_locks_once(db: &Path) -> Result<(), String> {
     let table = read_lock_table()?;
